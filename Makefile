@@ -1,0 +1,35 @@
+# The two set-up commands of the README, both idempotent from a clean clone:
+#   make demo   create .venv and run the main job on the embedded default (the `local` profile)
+#   make test   create .venv, start the real local Slurm cluster, run the whole test suite
+# .ci/run calls `make test`.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch 2.13.0+cpu lies on local disk on the project's machines; installing it first keeps pip from
+# resolving a multi-GB CUDA build for deepspeed. On a GPU cluster set TORCH_SPEC to your CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast slurm-up slurm-down clean
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(BIN)/clusterctl profiles show local
+	$(BIN)/clusterctl profiles list
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Only the fast unit tests (no training, no Slurm).
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

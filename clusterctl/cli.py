@@ -1,0 +1,60 @@
+"""The clusterctl command line: one typer app, one module per command group.
+
+The root group turns a `UserError` from any command into one line on stderr and exit code 2;
+`--debug` shows the traceback instead. Heavy modules (torch, deepspeed, webdataset) are imported
+only inside the commands that train.
+"""
+
+from __future__ import annotations
+
+import typer
+from typer.core import TyperGroup
+
+from clusterctl import __version__
+from clusterctl.cmd_profiles import app as profiles_app
+from vltrain.errors import UserError
+
+_state = {"debug": False}
+
+
+class _Group(TyperGroup):
+    """Root group: the single place where user errors become one line and exit code 2."""
+
+    def invoke(self, ctx):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if _state["debug"]:
+                raise
+            from clusterctl.output import err_console
+
+            err_console.print(f"error: {e}", markup=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    help="Plan, submit, watch and account vision-language pre-training runs on Slurm.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+)
+app.add_typer(profiles_app, name="profiles")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"clusterctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+def main() -> None:
+    app(prog_name="clusterctl")
