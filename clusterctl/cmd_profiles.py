@@ -13,8 +13,11 @@ from vltrain.errors import UserError
 app = typer.Typer(help="List, show and validate cluster profiles.", no_args_is_help=True)
 
 
-def _fabric(p) -> str:
-    names = {"nvlink": "NVLink", "pcie": "PCIe", "infiniband": "InfiniBand", "roce": "RoCE", "ethernet": "Ethernet", "none": "-"}
+_FABRIC = {"nvlink": "NVLink", "pcie": "PCIe", "infiniband": "InfiniBand", "roce": "RoCE", "ethernet": "Ethernet", "none": "-"}
+_SHORT = _FABRIC | {"infiniband": "IB", "ethernet": "Eth"}
+
+
+def _fabric(p, names: dict[str, str] = _FABRIC) -> str:
     return f"{names[p.interconnect.intra_node]} + {names[p.interconnect.inter_node]}"
 
 
@@ -28,7 +31,7 @@ def list_(json_: bool = typer.Option(False, "--json", help="Print JSON instead o
             rows.append({"name": p.name, "path": str(path), "shadowed": shadowed, "valid": True,
                          "executor": p.executor, "nodes": p.nodes.count, "gpus_per_node": p.nodes.gpus_per_node,
                          "world_size": p.world_size, "gpu": p.gpu.model, "gpu_memory_gib": p.gpu.memory_gib,
-                         "fabric": _fabric(p), "country": p.site.country_iso, "seed": p.seed})
+                         "fabric": _fabric(p), "fabric_short": _fabric(p, _SHORT), "country": p.site.country_iso, "seed": p.seed})
         except UserError as e:
             rows.append({"name": path.stem, "path": str(path), "shadowed": shadowed, "valid": False, "error": str(e)})
     if json_:
@@ -36,16 +39,17 @@ def list_(json_: bool = typer.Option(False, "--json", help="Print JSON instead o
         return
     from rich.table import Table
 
-    t = Table(title="cluster profiles", title_justify="left")
-    for col in ("name", "executor", "nodes", "GPUs", "GPU", "fabric", "country", "seed", "path"):
-        t.add_column(col, justify="right" if col in ("nodes", "GPUs") else "left")
+    t = Table(title="cluster profiles", title_justify="left", caption="JSON (--json) gives each file's path")
+    for col in ("name", "exec", "GPUs", "GPU", "fabric", "site", "seed"):
+        t.add_column(col, justify="right" if col == "GPUs" else "left", no_wrap=col in ("name", "GPUs"))
     for r in rows:
         style = "dim" if r["shadowed"] else None
+        name = r["name"] + (" (shadowed)" if r["shadowed"] else "")
         if not r["valid"]:
-            t.add_row(r["name"], "[red]invalid[/red]", "", "", "", "", "", "", r["path"], style=style)
+            t.add_row(name, "[red]invalid[/red]", "", "", "", "", "", style=style)
             continue
-        t.add_row(r["name"], r["executor"], str(r["nodes"]), str(r["world_size"]), r["gpu"], r["fabric"],
-                  r["country"], r["seed"] or "", r["path"] + (" (shadowed)" if r["shadowed"] else ""), style=style)
+        t.add_row(name, r["executor"], f"{r['nodes']}x{r['gpus_per_node']}", r["gpu"], r["fabric_short"],
+                  r["country"], r["seed"] or "", style=style)
     console.print(t)
     bad = [r for r in rows if not r["valid"]]
     for r in bad:
@@ -56,7 +60,7 @@ def list_(json_: bool = typer.Option(False, "--json", help="Print JSON instead o
 def show(name: str = typer.Argument(..., help="Profile name or path."),
          json_: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """One profile with its derived figures (world size, aggregate PFLOP/s, power, memory)."""
-    p = load_profile(name)
+    p = load_profile(name, flag="NAME")
     if json_:
         print_json(p.to_dict())
         return

@@ -280,23 +280,24 @@ def search_dirs(cwd: Path | None = None) -> list[Path]:
     return out
 
 
-def find_profile(name_or_path: str) -> Path:
+def find_profile(name_or_path: str, flag: str = "--profile") -> Path:
     """A profile's file, by path (contains '/' or ends in .toml) or by name in the search dirs."""
     if "/" in name_or_path or name_or_path.endswith(".toml"):
         return Path(name_or_path)
     if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,63}", name_or_path):
-        raise UserError(f"--profile: {name_or_path!r} is not a profile name; allowed: lower-case letters, digits, '_', '-', or a path to a .toml file")
+        raise UserError(f"{flag}: {name_or_path!r} is not a profile name; allowed: lower-case letters, digits, '_', '-', or a path to a .toml file")
     dirs = search_dirs()
     for d in dirs:
         p = d / f"{name_or_path}.toml"
         if p.is_file():
             return p
     known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
-    raise UserError(f"--profile: no profile named {name_or_path!r}; allowed: {', '.join(known) or 'none found'} (searched {', '.join(map(str, dirs))})")
+    raise UserError(f"{flag}: no profile named {name_or_path!r}; allowed: {', '.join(known) or 'none found'} (searched {', '.join(map(str, dirs))})")
 
 
-def load_profile(name_or_path: str) -> ClusterProfile:
-    return read_profile(find_profile(name_or_path))
+def load_profile(name_or_path: str, flag: str = "--profile") -> ClusterProfile:
+    """Find and validate a profile; `flag` names the option in error messages."""
+    return read_profile(find_profile(name_or_path, flag))
 
 
 def discover() -> list[tuple[Path, bool]]:

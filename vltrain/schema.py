@@ -80,6 +80,8 @@ def _describe(value: Any) -> str:
         return "a table"
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, float):
+        return f"{value:g}"
     return str(value)
 
 

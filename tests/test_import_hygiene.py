@@ -1,0 +1,44 @@
+"""Commands that do not train must not import torch, deepspeed or webdataset (CLI start-up)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+HEAVY = ("torch", "deepspeed", "webdataset")
+
+# Each entry is a command line that must stay light. Grows as commands land.
+LIGHT_COMMANDS = [
+    ["--help"],
+    ["profiles", "list"],
+    ["profiles", "show", "a100x64"],
+    ["profiles", "validate"],
+]
+
+PROBE = """
+import json, sys
+from typer.testing import CliRunner
+from clusterctl.cli import app
+r = CliRunner().invoke(app, sys.argv[1:])
+print(json.dumps({"exit": r.exit_code, "heavy": [m for m in %r if m in sys.modules]}))
+""" % (HEAVY,)
+
+
+@pytest.mark.parametrize("argv", LIGHT_COMMANDS, ids=[" ".join(a) for a in LIGHT_COMMANDS])
+def test_light_command_imports_no_heavy_module(argv):
+    r = subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == [], f"{argv} imported {result['heavy']}"
+
+
+def test_probe_detects_heavy_imports():
+    """The probe itself can fail: importing the trainer's engine pulls torch."""
+    code = "import sys, vltrain.config; import torch; print([m for m in %r if m in sys.modules])" % (HEAVY,)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "torch" in r.stdout
