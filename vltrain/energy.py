@@ -1,0 +1,81 @@
+"""Energy and carbon measured during training: one codecarbon tracker per node, never per rank.
+
+Known ways trackers get this wrong, and what this module does about each:
+- one tracker per rank counts a node N times -> only local rank 0 runs a tracker (`machine` mode
+  measures the whole node);
+- all GPUs of a node are counted when one is allocated -> `gpu_ids` = the allocated devices;
+- a killed job loses its energy -> the tracker flushes every `flush_every_s` seconds ("update" mode
+  rewrites one cumulative row, so the file always holds the total up to the last flush);
+- requeued attempts overwrite each other -> each attempt writes its own file
+  `energy/node<NNN>-<attempt>.csv`; reports sum the files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def attempt_tag(env: dict[str, str] | None = None) -> str:
+    """A name unique to this attempt of the run: Slurm job id + restart count, or the local pid."""
+    env = dict(os.environ if env is None else env)
+    job = env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or f"pid{os.getpid()}"
+    restart = env.get("SLURM_RESTART_COUNT", "0")
+    return f"job{job}-r{restart}-{int(time.time())}"
+
+
+def energy_file(run_dir: Path, node_rank: int, tag: str) -> Path:
+    return Path(run_dir) / "energy" / f"node{node_rank:03d}-{tag}.csv"
+
+
+class NodeEnergy:
+    """codecarbon's offline tracker for one node; a do-nothing sink on every other rank."""
+
+    def __init__(self, run_dir: Path, *, local_rank: int, node_rank: int, country: str, pue: float = 1.0,
+                 gpu_ids: list[int] | None = None, flush_every_s: float = 60.0, measure_power_secs: float = 15.0,
+                 tag: str | None = None) -> None:
+        self.enabled = local_rank == 0
+        self.path = energy_file(Path(run_dir), node_rank, tag or attempt_tag())
+        self._flush_every_s = flush_every_s
+        self._last_flush = 0.0
+        self._tracker = None
+        if not self.enabled:
+            return
+        os.environ.setdefault("CODECARBON_LOG_LEVEL", "error")  # must precede the import to silence it
+        from codecarbon import OfflineEmissionsTracker
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tracker = OfflineEmissionsTracker(
+            country_iso_code=country, pue=pue, output_dir=str(self.path.parent), output_file=self.path.name,
+            on_csv_write="update", measure_power_secs=measure_power_secs, log_level="error",
+            project_name=Path(run_dir).name, gpu_ids=gpu_ids, tracking_mode="machine", allow_multiple_runs=True,
+        )
+
+    def start(self) -> None:
+        if self._tracker is not None:
+            self._tracker.start()
+            self._last_flush = time.monotonic()
+
+    def maybe_flush(self, force: bool = False) -> None:
+        """Persist the running total (cheap to call every step; writes at most every flush_every_s)."""
+        if self._tracker is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last_flush >= self._flush_every_s:
+            self._tracker.flush()
+            self._last_flush = now
+
+    def stop(self) -> None:
+        if self._tracker is not None:
+            self._tracker.stop()
+            self._tracker = None
+
+
+def visible_gpu_ids() -> list[int] | None:
+    """The GPUs this job was given (CUDA_VISIBLE_DEVICES), so codecarbon counts only those."""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    try:
+        return [int(x) for x in raw.split(",") if x.strip()] or None
+    except ValueError:  # UUID-style device names: let codecarbon see all GPUs rather than guess
+        return None
