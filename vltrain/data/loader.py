@@ -1,0 +1,192 @@
+"""The training/eval data loader: deterministic order, rank and worker split, exact resume.
+
+Contract (docs/data.md, "Order and resume"):
+- Epoch e's order is a pure function of (seed, e): a seeded permutation of the shards, cut into
+  blocks of whole shards holding at least `shuffle_buffer` samples, each block shuffled by its own
+  seeded permutation (shuffle_buffer <= a shard's size is a within-shard shuffle; 0 keeps tar order).
+- Ranks interleave: rank r takes epoch positions r, r+W, r+2W, ...  Training drops the last N mod W
+  positions of each epoch (a different tail each epoch) so every rank has N // W samples and takes
+  the same number of steps; evaluation (train=False) keeps tar order and drops nothing.
+- A rank's samples form one stream across epochs; batch n is stream items [nB, (n+1)B), so a batch
+  may straddle an epoch boundary. DataLoader worker w builds batches n = w, w+k, ... and torch
+  returns them round-robin, so the batch sequence does not depend on the worker count.
+- The position is (epoch, samples of this epoch the rank has consumed), counted as batches are
+  handed out. Resuming recomputes the order and seeks by tar offset: skipped samples are not read.
+- Augmentation draws from a generator seeded by (seed, epoch, key).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from vltrain.config import DataConfig
+from vltrain.data.shards import ShardIndex, image_ext, index_shard, read_member, resolve_shards
+from vltrain.data.transforms import ImageTransform
+from vltrain.errors import UserError
+
+STATE_VERSION = 1
+_SHARD_PERM, _BLOCK_PERM, _AUGMENT = 0, 1, 2  # stream tags: independent seeded generators
+
+
+def key_digest(key: str) -> int:
+    """A stable 64-bit number for a sample key (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+class EpochOrder:
+    """Epoch position -> (shard, sample in shard), without materialising the whole epoch's order."""
+
+    def __init__(self, sizes: list[int], seed: int, epoch: int, shuffle: bool, block_samples: int):
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle and block_samples > 0
+        order = np.random.default_rng([seed, epoch, _SHARD_PERM]).permutation(len(sizes)) if shuffle else range(len(sizes))
+        self.blocks: list[list[int]] = [[]]
+        filled = 0
+        for shard in order:
+            if filled >= max(block_samples, 1) and self.blocks[-1]:
+                self.blocks.append([])
+                filled = 0
+            self.blocks[-1].append(int(shard))
+            filled += sizes[shard]
+        self.sizes = sizes
+        self.starts = [0, *itertools.accumulate(sum(sizes[s] for s in b) for b in self.blocks)]
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cached is None or self._cached[0] != b:
+            shards = np.concatenate([np.full(self.sizes[s], s) for s in self.blocks[b]])
+            local = np.concatenate([np.arange(self.sizes[s]) for s in self.blocks[b]])
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, self.epoch, _BLOCK_PERM, b]).permutation(len(shards))
+                shards, local = shards[perm], local[perm]
+            self._cached = (b, shards, local)
+        return self._cached[1], self._cached[2]
+
+    def __getitem__(self, pos: int) -> tuple[int, int]:
+        b = bisect.bisect_right(self.starts, pos) - 1
+        shards, local = self._block(b)
+        return int(shards[pos - self.starts[b]]), int(local[pos - self.starts[b]])
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """The batches of one rank from a start position; each DataLoader worker builds every k-th batch."""
+
+    def __init__(self, index: list[ShardIndex], plan: dict[str, Any], transform: ImageTransform, tokenizer, max_len: int):
+        super().__init__()
+        self.index, self.plan, self.transform, self.tokenizer, self.max_len = index, plan, transform, tokenizer, max_len
+        self.sizes = [len(s) for s in index]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        p = self.plan
+        handles: OrderedDict[str, Any] = OrderedDict()
+        orders: dict[int, EpochOrder] = {}
+        try:
+            for n in itertools.count(worker, workers):
+                first = p["start"] + n * p["batch_size"]
+                last = first + p["batch_size"]
+                if not p["train"]:
+                    last = min(last, p["per_rank"])
+                    if first >= last:
+                        return
+                items = []
+                for s in range(first, last):
+                    epoch, k = divmod(s, p["per_rank"])
+                    if epoch not in orders:
+                        orders = {epoch: EpochOrder(self.sizes, p["seed"], epoch, p["train"], p["block"])}
+                    items.append((epoch, *orders[epoch][k * p["world_size"] + p["rank"]]))
+                yield self._batch(items, handles)
+        finally:
+            for h in handles.values():
+                h.close()
+
+    def _read(self, handles: OrderedDict, path: str, where: tuple[int, int]) -> bytes:
+        if path not in handles:
+            if len(handles) >= 8:  # a few open shards per worker: blocks span shards, the order is local
+                handles.popitem(last=False)[1].close()
+            handles[path] = open(path, "rb")
+        handles.move_to_end(path)
+        return read_member(handles[path], where)
+
+    def _batch(self, items: list[tuple[int, int, int]], handles: OrderedDict) -> dict[str, Any]:
+        images, texts, keys = [], [], []
+        for epoch, shard, i in items:
+            idx = self.index[shard]
+            members, key = idx.members[i], idx.keys[i]
+            text = self._read(handles, idx.path, members["txt"]).decode("utf-8").strip()
+            rng = np.random.default_rng([self.plan["seed"], epoch, _AUGMENT, key_digest(key)])
+            image, text = self.transform(self._read(handles, idx.path, members[image_ext(members)]), text, rng)
+            images.append(image)
+            texts.append(text)
+            keys.append(key)
+        input_ids, attention_mask = self.tokenizer.encode_batch(texts, self.max_len)
+        return {"images": torch.from_numpy(np.stack(images)), "input_ids": input_ids,
+                "attention_mask": attention_mask, "keys": keys, "captions": texts}
+
+
+class ShardLoader:
+    """Batches {"images", "input_ids", "attention_mask", "keys", "captions"} for one rank.
+
+    train=True never ends (epoch after epoch); train=False is one pass in tar order, after which the
+    position returns to the start. Call load_state_dict before iterating; one iterator at a time.
+    """
+
+    def __init__(self, shards: str, *, rank: int, world_size: int, batch_size: int, seed: int, image_size: int,
+                 tokenizer, max_len: int, train: bool, data_cfg: DataConfig | None = None, workers: int | None = None):
+        cfg = data_cfg or DataConfig()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if batch_size < 1:
+            raise UserError(f"batch size: {batch_size}; allowed: 1 or more samples")
+        self.index = [s for s in (index_shard(p) for p in resolve_shards(shards)) if len(s)]
+        self.num_samples = sum(len(s) for s in self.index)
+        self.rank, self.world_size, self.batch_size, self.seed, self.train = rank, world_size, batch_size, seed, train
+        self.samples_per_epoch = self.num_samples // world_size if train else len(range(rank, self.num_samples, world_size))
+        if self.samples_per_epoch == 0:
+            raise UserError(f"data.shards: {shards} holds {self.num_samples} samples, fewer than the {world_size} ranks; "
+                            f"allowed: at least one sample per rank")
+        self.workers = cfg.workers if workers is None else workers
+        self.block = cfg.shuffle_buffer
+        self.transform = ImageTransform(image_size, train, cfg.random_crop, cfg.hflip, cfg.randaugment)
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self.epoch, self.position = 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("seed", "world_size", "num_samples"):
+            if state.get(name) != getattr(self, name):
+                raise UserError(f"checkpoint data state: {name} is {state.get(name)} but this run has "
+                                f"{getattr(self, name)}; allowed: resume with the same data, seed and world size")
+        if not 0 <= state["position"] < self.samples_per_epoch:
+            raise UserError(f"checkpoint data state: position {state['position']} outside this rank's "
+                            f"{self.samples_per_epoch} samples per epoch; allowed: a state from this loader")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self):
+        plan = {"start": self.epoch * self.samples_per_epoch + self.position, "batch_size": self.batch_size,
+                "per_rank": self.samples_per_epoch, "train": self.train, "seed": self.seed, "block": self.block,
+                "rank": self.rank, "world_size": self.world_size}
+        dataset = _Batches(self.index, plan, self.transform, self.tokenizer, self.max_len)
+        if self.workers:
+            batches = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.workers))
+        else:
+            batches = iter(dataset)
+        for batch in batches:  # the position moves only when a batch is handed out, not when prefetched
+            consumed = self.epoch * self.samples_per_epoch + self.position + len(batch["keys"])
+            self.epoch, self.position = divmod(consumed, self.samples_per_epoch)
+            yield batch
+        if not self.train:
+            self.epoch, self.position = 0, 0

@@ -1,0 +1,143 @@
+"""SentencePiece tokenizer: training on captions, loading, batch encoding with the agreed special ids.
+
+Ids: pad=0, unk=1, bos=2, eos=3 and the user-defined "<mask>" = 4 (docs/data.md). The model type is
+BPE (as in LLaMA's SentencePiece tokenizer) rather than SentencePiece's default unigram: on a
+narrow corpus such as the synthetic captions, unigram cannot grow past about one piece per distinct
+word (~260 here), while BPE keeps its intermediate merges and trains a ~1000-piece vocabulary.
+torch is imported only by `encode_batch`, so training a tokenizer stays light.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from vltrain.errors import UserError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
+MASK_PIECE = "<mask>"
+MAX_SENTENCES = 2_000_000  # sentences SentencePiece samples from a larger corpus (its own default is 1M)
+
+
+class Tokenizer:
+    """A loaded SentencePiece model; picklable (it carries its serialized proto) for DataLoader workers."""
+
+    def __init__(self, model_proto: bytes, path: str = "<memory>"):
+        import sentencepiece as spm
+
+        self.path = path
+        self._proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        ids = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.piece_to_id(MASK_PIECE))
+        if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID):
+            raise UserError(f"data.tokenizer: {path} has special ids {ids} for pad/unk/bos/eos/<mask>; "
+                            f"allowed: a model from `vltrain tokenizer train` (0, 1, 2, 3, 4)")
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id, self.mask_id = ids
+        self.vocab_size = self.sp.get_piece_size()
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        try:
+            proto = Path(path).read_bytes()
+        except OSError:
+            raise UserError(f"data.tokenizer: {path} cannot be read; allowed: a SentencePiece .model file "
+                            f"from `vltrain tokenizer train`") from None
+        try:
+            return cls(proto, str(path))
+        except (RuntimeError, OSError):
+            raise UserError(f"data.tokenizer: {path} is not a SentencePiece model; allowed: a .model file "
+                            f"from `vltrain tokenizer train`") from None
+
+    def __getstate__(self) -> dict:
+        return {"model_proto": self._proto, "path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_proto"], state["path"])
+
+    def encode(self, text: str) -> list[int]:
+        """Pieces only, without bos/eos."""
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str], max_len: int, pad_to_max: bool = False):
+        """(ids int64 [B,T], mask bool [B,T]): bos + pieces + eos, cut to max_len keeping eos, right-padded.
+
+        T is the longest row (at most max_len), or max_len with pad_to_max (fixed shapes).
+        """
+        import torch
+
+        if max_len < 3:
+            raise ValueError(f"max_len {max_len} leaves no room for a token between bos and eos")
+        rows = [[self.bos_id, *pieces[: max_len - 2], self.eos_id] for pieces in self.sp.encode(list(texts))]
+        width = max_len if pad_to_max else max((len(r) for r in rows), default=2)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return ids, ids != self.pad_id
+
+    def decode(self, ids) -> str:
+        """Text of a row of ids: stops at the first eos; pad, bos and <mask> are dropped."""
+        out = []
+        for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
+            if i == self.eos_id:
+                break
+            if i not in (self.pad_id, self.bos_id, self.mask_id):
+                out.append(int(i))
+        return self.sp.decode(out)
+
+
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_TOO_LOW = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path, seed: int = 0) -> Tokenizer:
+    """Train a BPE SentencePiece model on texts and write it atomically to out_path.
+
+    A vocabulary the corpus cannot fill is a one-line UserError naming the largest size that fits
+    (SentencePiece finds this in well under a second on caption corpora, before the merges run).
+    """
+    import sentencepiece as spm
+
+    lines = (line for line in (t.replace("\n", " ").strip() for t in texts) if line)
+    first = next(lines, None)  # streamed: SentencePiece samples at most MAX_SENTENCES itself
+    if first is None:
+        raise UserError("--shards: no captions found; allowed: shards with KEY.txt captions")
+    if vocab_size < 8:
+        raise UserError(f"--vocab-size: {vocab_size}; allowed: at least 8")
+    buf = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=itertools.chain([first], lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=[MASK_PIECE],
+            character_coverage=0.9995, input_sentence_size=MAX_SENTENCES, shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:
+        msg = str(e)
+        if m := _TOO_HIGH.search(msg):
+            raise UserError(f"--vocab-size: {vocab_size} is too large for this corpus; allowed: at most {m.group(2)}") from None
+        if m := _TOO_LOW.search(msg):
+            raise UserError(f"--vocab-size: {vocab_size} is too small for this corpus; allowed: at least {m.group(2)}") from None
+        raise
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, out)
+    return Tokenizer(buf.getvalue(), str(out))
+
+
+def shard_captions(shards: str | Path) -> Iterator[str]:
+    """Captions (KEY.txt) of the shards, streamed without reading the images' bytes into samples."""
+    from vltrain.data.shards import iter_samples, resolve_shards
+
+    for sample in iter_samples(resolve_shards(shards, what="--shards"), select=lambda name: name.endswith(".txt")):
+        if "txt" in sample:
+            yield sample["txt"].decode("utf-8")
+
+
+def train_tokenizer_from_shards(shards: str | Path, vocab_size: int, out_path: str | Path, seed: int = 0) -> Tokenizer:
+    return train_tokenizer(shard_captions(shards), vocab_size, out_path, seed=seed)
