@@ -212,8 +212,6 @@ def _split_counts(n: int, shards: int) -> list[int]:
 def _write_split(out: Path, n: int, shards: int, seed: int, split: int, first_key: int, image_size: int) -> list[str]:
     from vltrain.data.shards import ShardWriter
 
-    if n < 1 or shards < 1 or shards > n:
-        raise UserError(f"--shards: {shards} shards for {n} samples; allowed: 1 to {max(n, 1)} shards and at least 1 sample")
     paths, index = [], 0
     for k, count in enumerate(_split_counts(n, shards)):
         with ShardWriter(out / f"{k:05d}.tar") as writer:
@@ -241,6 +239,10 @@ def write_synthetic_shards(out_dir: str | Path, n: int, shards: int, seed: int, 
         raise UserError(f"--image-size: {image_size}; allowed: 16 to 1024")
     if holdout < 0:
         raise UserError(f"--holdout: {holdout}; allowed: 0 or more samples")
+    if n < 1:
+        raise UserError(f"--n: {n}; allowed: at least 1 sample")
+    if not 1 <= shards <= n:
+        raise UserError(f"--shards: {shards} shards for {n} samples; allowed: 1 to {n}")
     for d in (out, out / "eval"):
         if d.is_dir() and any(d.glob("*.tar")):
             raise UserError(f"--out: {d} already holds shards; allowed: a new or empty directory")
