@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 
 from clusterctl import __version__
 from clusterctl.cmd_profiles import app as profiles_app
+from clusterctl.cmd_status import status
 from vltrain.errors import UserError
 
 _state = {"debug": False}
@@ -40,6 +41,7 @@ app = typer.Typer(
     add_completion=True,
 )
 app.add_typer(profiles_app, name="profiles")
+app.command("status")(status)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,135 @@
+"""Parsing of recorded squeue / sacct / scontrol output, odd states included (pure, no Slurm needed)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clusterctl import slurm
+from vltrain.errors import UserError
+
+FIX = Path(__file__).parent / "fixtures" / "slurm"
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("CANCELLED by 0", "CANCELLED"), ("CANCELLED+", "CANCELLED"), ("cancelled by 1000", "CANCELLED"),
+    ("NODE_FAIL", "NODE_FAIL"), ("BOOT_FAIL", "NODE_FAIL"), ("PREEMPTED", "PREEMPTED"),
+    ("REQUEUE_HOLD", "REQUEUED"), ("REQUEUE_FED", "REQUEUED"), ("REQUEUED", "REQUEUED"),
+    ("COMPLETING", "COMPLETING"), ("CONFIGURING", "RUNNING"), ("OUT_OF_MEMORY", "FAILED"),
+    ("DEADLINE", "TIMEOUT"), ("TIMEOUT", "TIMEOUT"), ("PD", "PENDING"), ("R", "RUNNING"), ("CG", "COMPLETING"),
+    ("  COMPLETED  ", "COMPLETED"), ("", "UNKNOWN"), ("SOME_FUTURE_STATE", "UNKNOWN"), ("STOPPED", "SUSPENDED"),
+])
+def test_normalize_state(raw, want):
+    assert slurm.normalize_state(raw) == want
+
+
+def test_state_sets_partition_the_vocabulary():
+    assert set(slurm.ACTIVE).isdisjoint(slurm.FINAL)
+    assert set(slurm.STATES) == set(slurm.ACTIVE) | set(slurm.FINAL) | {"UNKNOWN"}
+    assert {"PENDING", "RUNNING", "REQUEUED", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED",
+            "NODE_FAIL"} <= set(slurm.STATES)
+    assert not slurm.is_final("UNKNOWN")  # an unknown state is polled again, never taken as finished
+
+
+@pytest.mark.parametrize("text, want", [
+    ("0:00", 0), ("05:07", 307), ("3:00:00", 10800), ("1-02:03:04", 93784), ("00:00:01.500", 1),
+    ("INVALID", None), ("UNLIMITED", None), ("", None), ("Partition_Limit", None),
+])
+def test_parse_duration(text, want):
+    assert slurm.parse_duration(text) == want
+
+
+@given(st.integers(min_value=0, max_value=400 * 86400))
+def test_duration_round_trip(seconds):
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    text = (f"{d}-" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+    assert slurm.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["Unknown", "None", "N/A", "", "(null)"])
+def test_parse_time_unknowns(text):
+    assert slurm.parse_time(text) is None
+
+
+@pytest.mark.parametrize("text, want", [
+    ("billing=8,cpu=8,gres/gpu=16,node=2", 16), ("cpu=1,node=1,gres/gpu:a100=4,gres/gpu:h100=2", 6),
+    ("cpu=4,mem=16000M,node=2,billing=4", None), ("", None), ("gres/gpu=2,gres/gpu:a100=2", 2),
+])
+def test_tres_gpus(text, want):
+    assert slurm.tres_gpus(text) == want
+
+
+def test_parse_squeue_odd_states():
+    rows = slurm.parse_squeue((FIX / "squeue_odd.txt").read_text())
+    assert "squeue: warning" not in " ".join(rows)  # a non-row line is skipped, not misread
+    assert rows["101"].state == "PENDING" and rows["101"].start is None and rows["101"].node_list is None
+    r = rows["102"]
+    assert (r.state, r.elapsed_s, r.start, r.node_list, r.alloc_gpus) == ("RUNNING", 93784, ts("2024-05-01T10:00:00"), "a[1-2]", 2)
+    assert rows["103"].restarts == 2 and rows["103"].reason == "BeginTime"
+    assert rows["104_3"].alloc_gpus == 6 and rows["104_3"].elapsed_s == 307
+    assert rows["104_[4-9]"].state == "PENDING"
+    assert rows["105"].state == "REQUEUED" and rows["105"].raw_state == "REQUEUE_HOLD" and rows["105"].start is None
+    assert [rows[j].state for j in ("106", "107", "108", "109", "110+0", "111", "112", "113", "114")] == [
+        "COMPLETING", "CANCELLED", "NODE_FAIL", "PREEMPTED", "RUNNING", "RUNNING", "SUSPENDED", "FAILED", "UNKNOWN"]
+
+
+def test_parse_sacct_duplicates_steps_and_odd_states():
+    rows = slurm.parse_sacct((FIX / "sacct_odd.txt").read_text())
+    assert not any("." in j for j in rows)  # the .batch step is not a job
+    r = rows["201"]  # requeued twice (-D): last attempt wins, elapsed adds up
+    assert (r.state, r.attempts, r.elapsed_s, r.alloc_gpus) == ("COMPLETED", 3, 220.0, 2)
+    assert (r.start, r.end, r.exit_code) == (ts("2024-05-01T10:03:00"), ts("2024-05-01T10:05:00"), "0:0")
+    assert rows["202"].state == "CANCELLED" and rows["202"].raw_state == "CANCELLED by 0"
+    assert rows["203"].state == "CANCELLED" and rows["203"].start is None and rows["203"].node_list is None
+    assert rows["204"].state == "FAILED" and rows["204"].exit_code == "1:0"
+    assert rows["205"].state == "TIMEOUT" and rows["205"].elapsed_s == 86410 and rows["205"].alloc_gpus == 64
+    assert rows["206"].state == "NODE_FAIL" and rows["206"].alloc_gpus == 8
+    assert rows["207"].state == "PENDING" and rows["207"].start is None and rows["207"].end is None
+    assert rows["208_1"].state == "COMPLETED" and rows["208_[2-5]"].state == "PENDING"
+    assert rows["209+0"].elapsed_s == 30  # blank ElapsedRaw: falls back to Elapsed
+    assert rows["209+1"].state == "RUNNING" and rows["209+1"].end is None
+    assert [rows[j].state for j in ("210", "211", "212", "213")] == ["FAILED", "NODE_FAIL", "TIMEOUT", "REQUEUED"]
+
+
+def test_parse_scontrol_restarts():
+    counts = slurm.parse_scontrol_restarts((FIX / "scontrol_odd.txt").read_text())
+    # 301: the real Restarts=2 (not the one inside WorkDir); 302_1: array task; 304: a Reason can't fake it
+    assert counts == {"301": 2, "302_1": 0, "304": 1}
+
+
+@pytest.mark.parametrize("stderr, want", [
+    ("sbatch: error: Batch job submission failed: Invalid partition name specified\n",
+     "Batch job submission failed: Invalid partition name specified"),
+    ("sbatch: error: invalid partition specified: nope\nsbatch: error: Batch job submission failed: Invalid partition name specified\n",
+     "invalid partition specified: nope Batch job submission failed: Invalid partition name specified"),
+    ("Traceback ...\nsomething\n  sbatch: error: Batch job submission failed: Requested node configuration is not available\n",
+     "Batch job submission failed: Requested node configuration is not available"),
+    ("plain failure line\n", "plain failure line"),
+    ("", "no error message"),
+])
+def test_sbatch_error_line(stderr, want):
+    assert slurm.sbatch_error_line(stderr) == want
+    assert "\n" not in slurm.sbatch_error_line(stderr)
+
+
+@pytest.mark.parametrize("bad", ["12;rm -rf /", "-1", "--all", "12 13", "abc", ""])
+def test_job_ids_are_checked_before_any_call(bad):
+    with pytest.raises(UserError, match="job id"):
+        slurm.squeue([bad])
+    with pytest.raises(UserError, match="job id"):
+        slurm.scancel(bad)
+
+
+def test_bad_signal_name_refused():
+    with pytest.raises(UserError, match="--signal"):
+        slurm.scancel("12", signal="USR2; reboot")
