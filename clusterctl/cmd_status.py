@@ -69,18 +69,19 @@ def job_changes(job: JobRecord, q: slurm.QueueRow | None, a: slurm.AcctRow | Non
 
 
 def run_state(run: RunRecord, jobs: list[JobRecord]) -> str:
-    """A run is where its latest job is; a job pending again after a Slurm requeue is REQUEUED."""
-    if not jobs:
+    """A run is where its latest job is; a job pending again after a Slurm requeue is REQUEUED.
+    A job nobody has reported on yet (SUBMITTED) leaves the run's recorded state as it is."""
+    if not jobs or jobs[-1].state == "SUBMITTED":
         return run.state
     last = jobs[-1]
     if last.state == slurm.PENDING and last.requeues > 0:
         return slurm.REQUEUED
-    return "PENDING" if last.state == "SUBMITTED" and run.executor == "slurm" else last.state
+    return last.state
 
 
 def summarize(run: RunRecord, jobs: list[JobRecord], metrics: dict[str, Any] | None, resumes: int,
               now: float) -> dict[str, Any]:
-    """One status row (JSON-able) from registry records and the last metrics line."""
+    """One status row (JSON-able) from refreshed registry records and the last metrics line."""
     m = metrics or {}
     step = _num(m.get("step"))
     loss = _num(m.get("loss", m.get("loss/total", m.get("train/loss"))))
@@ -92,7 +93,7 @@ def summarize(run: RunRecord, jobs: list[JobRecord], metrics: dict[str, Any] | N
             e = max(0.0, now - j.started_at)
         elapsed += e or 0.0
         gpu_s += (e or 0.0) * (j.alloc_gpus or run.gpus)
-    state = run_state(run, jobs)
+    state = run.state
     batch = _num(run.plan.get("global_batch", run.config.get("global_batch")))
     eta = None
     if state == slurm.RUNNING and step is not None and sps and batch:
@@ -275,12 +276,13 @@ def _refresh(reg: Registry, runs: list[RunRecord], timeout: float | None, now: f
             outcome = submitit_outcome(run.run_dir, job.job_id)[0] if answered and q is None and a is None else None
             change = job_changes(job, q, a, now, outcome) if answered else {}
         if change:
-            updates.append((job.job_id, run.run_id, change))
+            updates.append((job.job_id, run.run_id, change, job.state))
             for k, v in change.items():
                 setattr(job, k, v)
     reg.update_jobs(updates)
     states = {r.run_id: run_state(r, jobs[r.run_id]) if r.state in ACTIVE_STATES else r.state for r in runs}
-    reg.set_run_states({r.run_id: s for r in runs if (s := states[r.run_id]) != r.state})
+    changed = {r.run_id: s for r in runs if (s := states[r.run_id]) != r.state}
+    reg.set_run_states(changed, if_states={r.run_id: r.state for r in runs if r.run_id in changed})
     return states, jobs, view
 
 

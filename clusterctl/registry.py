@@ -212,11 +212,16 @@ class Registry:
     def set_run_state(self, run_id: str, state: str) -> None:
         self.set_run_states({run_id: state})
 
-    def set_run_states(self, states: dict[str, str]) -> None:
-        """Several runs' states in one transaction (status refreshes all shown runs at once)."""
-        if states:
-            with self._write() as c:
+    def set_run_states(self, states: dict[str, str], if_states: dict[str, str] | None = None) -> None:
+        """Several runs' states in one transaction; with `if_states`, only runs still in that state."""
+        if not states:
+            return
+        with self._write() as c:
+            if if_states is None:
                 c.executemany("UPDATE runs SET state = ? WHERE run_id = ?", [(s, r) for r, s in states.items()])
+            else:
+                c.executemany("UPDATE runs SET state = ? WHERE run_id = ? AND state = ?",
+                              [(s, r, if_states[r]) for r, s in states.items()])
 
     def delete_run(self, run_id: str) -> None:
         """Remove a run that never got submitted (submit's clean-up after a failure)."""
@@ -283,21 +288,26 @@ class Registry:
         when a test cluster's state is wiped)."""
         self.update_jobs([(job_id, run_id, fields_)])
 
-    def update_jobs(self, updates: Iterable[tuple[str, str | None, dict[str, Any]]]) -> None:
-        """Many `(job_id, run_id or None, fields)` updates in one transaction."""
+    def update_jobs(self, updates: Iterable[tuple]) -> None:
+        """Many `(job_id, run_id or None, fields[, if_state])` updates in one transaction.
+
+        With `if_state`, the row changes only if its state is still that one: a status refresh
+        computed from an older read never undoes a newer write (a cancel, a retry)."""
         stmts = []
-        for job_id, run_id, f in updates:
+        for job_id, run_id, f, *guard in updates:
             bad = set(f) - _JOB_UPDATABLE
             if bad:
                 raise UserError(f"registry: job fields {sorted(bad)} cannot be set; allowed: {sorted(_JOB_UPDATABLE)}")
             if not f:
                 continue
             sets = ", ".join(f"{k} = ?" for k in f)
+            cond, args = ("state = ? AND ", [guard[0]]) if guard else ("", [])
             if run_id is None:
-                stmts.append((f"UPDATE jobs SET {sets} WHERE id = (SELECT max(id) FROM jobs WHERE job_id = ?)",
-                              [*f.values(), str(job_id)]))
+                stmts.append((f"UPDATE jobs SET {sets} WHERE {cond}id = (SELECT max(id) FROM jobs WHERE job_id = ?)",
+                              [*f.values(), *args, str(job_id)]))
             else:
-                stmts.append((f"UPDATE jobs SET {sets} WHERE run_id = ? AND job_id = ?", [*f.values(), run_id, str(job_id)]))
+                stmts.append((f"UPDATE jobs SET {sets} WHERE {cond}run_id = ? AND job_id = ?",
+                              [*f.values(), *args, run_id, str(job_id)]))
         if stmts:
             with self._write() as c:
                 for sql, args in stmts:
