@@ -226,8 +226,9 @@ def local_changes(run: RunRecord, job: JobRecord, now: float) -> dict[str, Any]:
 
 # --- Slurm + registry (edge) --------------------------------------------------------------------
 
-def query_slurm(job_ids: list[str], timeout: float) -> SlurmView:
-    """squeue and sacct for all `job_ids`, side by side (one call each), with what failed noted."""
+def query_slurm(job_ids: list[str], timeout: float, since: float | None = None) -> SlurmView:
+    """squeue and sacct for all `job_ids`, side by side (one call each), with what failed noted.
+    `since`: the earliest submission among them (sacct ignores older jobs that reused an id)."""
     view = SlurmView()
     if not job_ids:
         return view
@@ -241,7 +242,10 @@ def query_slurm(job_ids: list[str], timeout: float) -> SlurmView:
         except (UserError, OSError, ValueError) as e:  # Slurm*Unavailable, odd bytes, no permission
             errors[attr] = str(e).split("; allowed:")[0]
 
-    threads = [threading.Thread(target=ask, args=a, daemon=True) for a in (("queue", slurm.squeue), ("acct", slurm.sacct))]
+    def acct(ids: list[str], t: float) -> dict[str, slurm.AcctRow]:
+        return slurm.sacct(ids, t, since=since)
+
+    threads = [threading.Thread(target=ask, args=a, daemon=True) for a in (("queue", slurm.squeue), ("acct", acct))]
     for t in threads:
         t.start()
     for t in threads:
@@ -270,8 +274,9 @@ def _refresh(reg: Registry, runs: list[RunRecord], timeout: float | None, now: f
     now = time.time() if now is None else now
     jobs = reg.jobs_for(r.run_id for r in runs)
     live = [(r, j) for r in runs if r.state in ACTIVE_STATES for j in jobs[r.run_id] if j.state not in slurm.FINAL]
-    slurm_ids = sorted({j.job_id for r, j in live if r.executor == "slurm"})
-    view = query_slurm(slurm_ids, slurm.slurm_timeout() if timeout is None else timeout)
+    slurm_jobs = [j for r, j in live if r.executor == "slurm"]
+    since = min((j.submitted_at for j in slurm_jobs), default=now) - 300  # slack for clock skew
+    view = query_slurm(sorted({j.job_id for j in slurm_jobs}), slurm.slurm_timeout() if timeout is None else timeout, since)
     updates = []
     for run, job in live:
         if run.executor == "local":

@@ -274,13 +274,19 @@ def squeue(job_ids: list[str], timeout: float = 10) -> dict[str, QueueRow]:
     return parse_squeue(r.stdout)
 
 
-def sacct(job_ids: list[str], timeout: float = 10) -> dict[str, AcctRow]:
-    """Accounting rows for `job_ids` (every attempt, -D), in one call."""
+def sacct(job_ids: list[str], timeout: float = 10, since: float | None = None) -> dict[str, AcctRow]:
+    """Accounting rows for `job_ids` (every attempt, -D), in one call.
+
+    `since` (epoch; pass the earliest submission time) keeps out older jobs that had the same id:
+    a test cluster whose state was wiped hands out ids from 1 again while slurmdbd remembers."""
     ids = _check_ids(job_ids)
     if not ids:
         return {}
+    argv = ["sacct", "-X", "-D", "-P", "-n", f"--format={','.join(SACCT_FIELDS)}", "-j", ",".join(ids)]
+    if since is not None:
+        argv += ["-S", datetime.fromtimestamp(since).strftime("%Y-%m-%dT%H:%M:%S")]
     try:
-        r = run(["sacct", "-X", "-D", "-P", "-n", f"--format={','.join(SACCT_FIELDS)}", "-j", ",".join(ids)], timeout)
+        r = run(argv, timeout)
     except FileNotFoundError:
         raise AccountingUnavailable("sacct: not found on PATH") from None
     except TimeoutError:

@@ -86,6 +86,8 @@ def test_one_batched_call_each_and_registry_updated(world):
     for c in log:  # every non-final job in ONE -j list; finished ones (204, 999) not asked about
         ids = c.split("-j ")[1].split()[0].split(",")
         assert sorted(ids) == ["101", "102", "103", "201", "202", "205"]
+    (acct_call,) = [c for c in log if c.startswith("sacct")]
+    assert " -D " in acct_call and " -S " in acct_call  # every attempt; no older job that reused an id
     assert data["source"] == "squeue+sacct" and data["notes"] == []
     by = {r["run_id"]: r for r in data["runs"]}
     assert by["pend-1"]["state"] == "PENDING"
