@@ -50,8 +50,8 @@ def job_changes(job: JobRecord, q: slurm.QueueRow | None, a: slurm.AcctRow | Non
         new["state"] = a.state
     elif outcome is not None:
         new["state"] = outcome
-    elif now - job.submitted_at > SACCT_LAG_S and (q is None and a is None) and job.state not in slurm.FINAL:
-        new["state"] = slurm.UNKNOWN
+    elif q is None and now - job.submitted_at > SACCT_LAG_S and job.state not in slurm.FINAL:
+        new["state"] = slurm.UNKNOWN  # neither knows it and it is too old to be accounting lag
     restarts = max([job.requeues] + ([q.restarts] if q else []) + ([a.attempts - 1] if a else []))
     new["requeues"] = restarts
     if a is not None:
@@ -110,7 +110,8 @@ def summarize(run: RunRecord, jobs: list[JobRecord], metrics: dict[str, Any] | N
 
 
 def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    """A number from a metrics line, or None (missing, null, text, or a bool)."""
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def last_json_line(buf: bytes, complete_first: bool) -> dict[str, Any] | None:

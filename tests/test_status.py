@@ -251,3 +251,59 @@ def test_unknown_run_is_one_line_error(tmp_path):
     r = run_cli("status", "nope", env={"CLUSTERCTL_REGISTRY": str(tmp_path / "r.db")})
     assert r.returncode == 2 and r.stderr.strip().startswith("error: RUN: no run matches 'nope'")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# --- against the real local cluster (scripts/slurm-local.sh) ------------------------------------
+
+def _slurm_up() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _sbatch(*args: str) -> str:
+    r = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "-e", "/dev/null", *args],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+@pytest.mark.slurm
+def test_status_against_real_slurm(tmp_path):
+    """Real jobs (completed, failed, cancelled, running) on the local cluster; wrappers around the
+    real squeue/sacct log each call: one of each per status invocation, states as Slurm says."""
+    if not _slurm_up():
+        pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
+    ok = _sbatch("--wrap", "sleep 1")
+    bad = _sbatch("--wrap", "exit 3")
+    gone = _sbatch("--begin=now+1hour", "--wrap", "true")
+    live = _sbatch("--wrap", "sleep 120")
+    subprocess.run(["scancel", gone], check=True, timeout=30)
+    reg = Registry(tmp_path / "r.db")
+    for name, jid in (("ok", ok), ("bad", bad), ("gone", gone), ("live", live)):
+        add(reg, name, [jid])
+    reg.close()
+    bin_dir = tmp_path / "bin"
+    for tool in ("squeue", "sacct"):
+        shim(bin_dir, tool, f'exec {subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip()} "$@"')
+    env = {"CLUSTERCTL_REGISTRY": str(tmp_path / "r.db"), "SHIM_LOG": str(tmp_path / "calls.log"),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    want = {"ok": "COMPLETED", "bad": "FAILED", "gone": "CANCELLED", "live": "RUNNING"}
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            before = len(calls(tmp_path))
+            data = status_json(env, "--all")
+            new = [c.split()[0] for c in calls(tmp_path)[before:]]
+            assert sorted(new) == ["sacct", "squeue"]  # one call each, every time
+            got = {r["run_id"]: r["state"] for r in data["runs"]}
+            if got == want or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert got == want, data
+        assert data["source"] == "squeue+sacct", data["notes"]
+        by = {r["run_id"]: r for r in data["runs"]}
+        assert by["bad"]["exit_code"] == "3:0" and by["ok"]["elapsed_s"] >= 1
+    finally:
+        subprocess.run(["scancel", live], timeout=30)
