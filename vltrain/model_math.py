@@ -1,0 +1,159 @@
+"""Closed-form size, compute and activation memory of `vltrain.model.VLModel` (pure, torch-free).
+
+The planner (clusterctl plan/estimate) imports this on its fast path, so it must not import torch.
+`param_count` is exact: tests/test_presets.py checks it against the model built on the meta device
+for every preset, so a change to the model that is not mirrored here fails a test.
+
+Architecture being counted (see vltrain/model/): pre-norm transformer blocks with biased linears and
+a GELU MLP of width int(mlp_ratio * width).
+  vision  : Conv2d patch embedding, cls token, learned positions (none with RoPE), ViT blocks, norm
+  text    : token embedding (shared with the decoder and tied to both LM heads), learned positions
+            (shared by encoder and decoder; none with RoPE), `text_layers` self-attention blocks, and
+            the norm of the unimodal output that feeds the contrastive head
+  fusion  : `fusion_layers` blocks (self-attn + cross-attn to image features + MLP), final norm (MLM)
+  decoder : `decoder_layers` causal blocks (self-attn + cross-attn + MLP), final norm (LM head tied)
+  heads   : image and text contrastive projections (no bias), the learnable temperature
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vltrain.config import ModelConfig
+
+
+def mlp_hidden(cfg: ModelConfig, width: int) -> int:
+    """MLP hidden size; the model uses this same function so the two never disagree."""
+    return int(cfg.mlp_ratio * width)
+
+
+# ---------------------------------------------------------------- parameters
+def _linear(n_in: int, n_out: int, bias: bool = True) -> int:
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def _norm(cfg: ModelConfig, width: int) -> int:
+    return 2 * width if cfg.norm == "layernorm" else width  # LayerNorm: weight + bias; RMSNorm: weight
+
+
+def _self_block(cfg: ModelConfig, w: int) -> int:
+    attn = _linear(w, 3 * w) + _linear(w, w)  # fused qkv + output projection
+    mlp = _linear(w, mlp_hidden(cfg, w)) + _linear(mlp_hidden(cfg, w), w)
+    return 2 * _norm(cfg, w) + attn + mlp
+
+
+def _cross_block(cfg: ModelConfig, w: int, kv_w: int) -> int:
+    cross = _linear(w, w) + _linear(kv_w, 2 * w) + _linear(w, w)  # q from text, k/v from image, output
+    return _self_block(cfg, w) + _norm(cfg, w) + cross
+
+
+def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per part: vision, text, fusion, decoder, heads (sums to `param_count`)."""
+    wv, wt, learned = cfg.vision_width, cfg.text_width, cfg.pos_embedding == "learned"
+    n_tok = cfg.num_patches + 1  # patches + cls
+    vision = (
+        _linear(3 * cfg.patch_size**2, wv)  # patch embedding (a conv with kernel = stride = patch)
+        + wv  # cls token
+        + (n_tok * wv if learned else 0)
+        + cfg.vision_layers * _self_block(cfg, wv)
+        + _norm(cfg, wv)
+    )
+    text = (
+        cfg.vocab_size * wt
+        + (cfg.max_text_len * wt if learned else 0)
+        + cfg.text_layers * _self_block(cfg, wt)
+        + _norm(cfg, wt)
+    )
+    fusion = cfg.fusion_layers * _cross_block(cfg, wt, wv) + _norm(cfg, wt)
+    decoder = cfg.decoder_layers * _cross_block(cfg, wt, wv) + _norm(cfg, wt)
+    heads = wv * cfg.embed_dim + wt * cfg.embed_dim + 1  # projections + logit_scale
+    return {"vision": vision, "text": text, "fusion": fusion, "decoder": decoder, "heads": heads}
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Total trainable parameters (tied weights counted once), equal to the model's numel sum."""
+    return sum(param_breakdown(cfg).values())
+
+
+# ---------------------------------------------------------------- forward FLOPs
+# Matmul FLOPs only, 2*m*n*k per (m x k) @ (k x n) product, as in Kaplan et al. 2020 and Narayanan
+# et al. 2021: norms, softmax, GELU and embedding look-ups are O(s*h) and left out. Attention counts
+# QK^T and AV in full (4*s*s_kv*h) even for the causal decoder, which is what SDPA's math and
+# FlopCounterMode count; flash kernels skip half of the causal part.
+def _attn_flops(s: int, s_kv: int, w: int, kv_w: int, fused_qkv: bool) -> float:
+    if fused_qkv:
+        proj = 2 * s * w * 3 * w
+    else:
+        proj = 2 * s * w * w + 2 * s_kv * kv_w * 2 * w
+    return proj + 4 * s * s_kv * w + 2 * s * w * w  # projections, QK^T + AV, output projection
+
+
+def _mlp_flops(cfg: ModelConfig, s: int, w: int) -> float:
+    return 2 * 2 * s * w * mlp_hidden(cfg, w)
+
+
+def forward_flops_per_sample(cfg: ModelConfig, text_len: int | None = None) -> float:
+    """Matmul FLOPs of one sample's training forward (all three losses).
+
+    The text encoder's unimodal blocks run twice (clean text for the contrastive loss, masked text
+    for MLM, as in ALBEF); fusion and decoder blocks run once; the MLM and LM heads produce logits at
+    every text position. The B x B contrastive similarity (2*B*embed_dim per sample) depends on the
+    batch and is left out.
+    """
+    t = text_len or cfg.max_text_len
+    wv, wt = cfg.vision_width, cfg.text_width
+    sv = cfg.num_patches + 1
+    vision = 2 * cfg.num_patches * 3 * cfg.patch_size**2 * wv + cfg.vision_layers * (
+        _attn_flops(sv, sv, wv, wv, True) + _mlp_flops(cfg, sv, wv)
+    )
+    self_text = _attn_flops(t, t, wt, wt, True) + _mlp_flops(cfg, t, wt)
+    cross_text = self_text + _attn_flops(t, sv, wt, wv, False)
+    text = 2 * cfg.text_layers * self_text
+    fusion = cfg.fusion_layers * cross_text
+    decoder = cfg.decoder_layers * cross_text
+    heads = 2 * wv * cfg.embed_dim + 2 * wt * cfg.embed_dim + 2 * (2 * t * wt * cfg.vocab_size)
+    return float(vision + text + fusion + decoder + heads)
+
+
+# ---------------------------------------------------------------- activation memory
+# Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 2):
+# a transformer layer keeps s*b*h*(34 + 5*a*s/h) bytes for backward with 2-byte activations and
+# 1-byte dropout masks. Split by sub-layer: attention 11*sbh + 5*a*s^2*b, MLP 19*sbh (i.e. (3+4r)*sbh
+# for MLP ratio r), two norms 4*sbh. A cross-attention sub-layer keeps its norm input and query
+# input (4*sbh), Q, context and mask (5*sbh), K and V of the image tokens (4*s_kv*h) and the scores
+# (5*a*s*s_kv). We keep the paper's byte counts (dropout masks included) as a safe upper bound and
+# scale them by bytes_per_el / 2. Per sample, so b = 1.
+def _self_layer_bytes(cfg: ModelConfig, s: int, w: int, heads: int) -> float:
+    r = mlp_hidden(cfg, w) / w
+    return s * w * (11 + 3 + 4 * r + 4) + 5 * heads * s * s
+
+
+def _cross_layer_bytes(cfg: ModelConfig, s: int, s_kv: int, w: int, heads: int) -> float:
+    cross = 9 * s * w + 4 * s_kv * w + 5 * heads * s * s_kv
+    return _self_layer_bytes(cfg, s, w, heads) + cross
+
+
+def activation_bytes_per_sample(cfg: ModelConfig, checkpointing: bool, bytes_per_el: int = 2) -> float:
+    """Activation memory kept for backward by one sample's forward (all three losses).
+
+    Without checkpointing: every block's working set. With checkpointing (every block wrapped):
+    each block's input (s*h elements) plus one block's working set, the largest, recomputed during
+    its backward. Both add the image features the cross-attention blocks read and the MLM/LM logits
+    (bytes_per_el each, plus an fp32 copy for the cross-entropy).
+    """
+    t, sv = cfg.max_text_len, cfg.num_patches + 1
+    wv, wt = cfg.vision_width, cfg.text_width
+    scale = bytes_per_el / 2  # the paper's constants are bytes at 2 bytes per element
+    layers = (
+        [(sv * wv, _self_layer_bytes(cfg, sv, wv, cfg.vision_heads))] * cfg.vision_layers
+        + [(t * wt, _self_layer_bytes(cfg, t, wt, cfg.text_heads))] * (2 * cfg.text_layers)
+        + [(t * wt, _cross_layer_bytes(cfg, t, sv, wt, cfg.text_heads))] * (cfg.fusion_layers + cfg.decoder_layers)
+    )
+    if checkpointing:
+        held = sum(inp for inp, _ in layers) * bytes_per_el + max(work for _, work in layers) * scale
+    else:
+        held = sum(work for _, work in layers) * scale
+    image_features = sv * wv * bytes_per_el
+    logits = 2 * t * cfg.vocab_size * (bytes_per_el + 4)
+    return float(held + image_features + logits)
