@@ -1,0 +1,73 @@
+"""Token embedding (shared with the decoder) and the bidirectional text encoder with its fusion blocks.
+
+ALBEF-style split (Li et al. 2021): blocks 0..text_layers-1 see text only (their output feeds the
+contrastive loss); the last `fusion_layers` blocks add cross-attention to the image features and
+feed the masked-LM head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vltrain.config import ModelConfig
+from vltrain.errors import UserError
+from vltrain.model.layers import Block, make_norm, rope_tables
+from vltrain.model_math import mlp_hidden
+
+
+class TextEmbedding(nn.Module):
+    """Token embedding (its weight is also the LM and MLM output matrix) plus learned positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, cfg.text_width)) if cfg.pos_embedding == "learned" else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> [B, T, Dt]"""
+        if ids.shape[1] > self.cfg.max_text_len:
+            raise UserError(f"input_ids: {ids.shape[1]} tokens exceed model.max_text_len {self.cfg.max_text_len}; "
+                            f"allowed: at most {self.cfg.max_text_len}")
+        x = self.tok(ids)
+        return x + self.pos[:, : ids.shape[1]] if self.pos is not None else x
+
+    def rope(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.pos is not None:
+            return None
+        return rope_tables(torch.arange(length, device=device)[:, None], self.cfg.text_width // self.cfg.text_heads)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, T, Dt] -> [B, T, V] with the tied embedding matrix."""
+        return h @ self.tok.weight.t()
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        w, hid = cfg.text_width, mlp_hidden(cfg, cfg.text_width)
+        self.blocks = nn.ModuleList(Block(w, cfg.text_heads, hid, cfg.norm) for _ in range(cfg.text_layers))
+        self.unimodal_norm = make_norm(cfg.norm, w)
+        self.fusion = nn.ModuleList(
+            Block(w, cfg.text_heads, hid, cfg.norm, kv_width=cfg.vision_width) for _ in range(cfg.fusion_layers)
+        )
+        self.norm = make_norm(cfg.norm, w)
+
+    @staticmethod
+    def key_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+        return attention_mask[:, None, None, :]  # [B, 1, 1, T]: padding keys are not attended
+
+    def unimodal(self, x, attention_mask, rope=None) -> torch.Tensor:
+        """x [B, T, Dt] embedded text -> [B, T, Dt] un-normed output of the text-only blocks."""
+        mask = self.key_mask(attention_mask)
+        for block in self.blocks:
+            x = block(x, attn_mask=mask, rope=rope)
+        return x
+
+    def fuse(self, x, image, attention_mask, rope=None) -> torch.Tensor:
+        """x [B, T, Dt] unimodal output, image [B, 1+N, Dv] -> [B, T, Dt] normed fused output."""
+        mask = self.key_mask(attention_mask)
+        for block in self.fusion:
+            x = block(x, context=image, attn_mask=mask, rope=rope)
+        return self.norm(x)
