@@ -52,7 +52,7 @@ def job_changes(job: JobRecord, q: slurm.QueueRow | None, a: slurm.AcctRow | Non
         new["state"] = outcome
     elif q is None and now - job.submitted_at > SACCT_LAG_S and job.state not in slurm.FINAL:
         new["state"] = slurm.UNKNOWN  # neither knows it and it is too old to be accounting lag
-    restarts = max([job.requeues] + ([q.restarts] if q else []) + ([a.attempts - 1] if a else []))
+    restarts = max([job.requeues] + ([q.restarts] if q else []) + ([a.requeues] if a else []))
     new["requeues"] = restarts
     if a is not None:
         new |= {"started_at": a.start, "ended_at": a.end, "elapsed_s": a.elapsed_s, "exit_code": a.exit_code}

@@ -6,9 +6,11 @@ and array / heterogeneous job ids look like 123_4 or 123+0. Every call here is b
 for all job ids), killed with its whole process group on time-out, and turned into one typed error.
 Parsers take the text Slurm printed and return plain rows, so they are tested on recorded output.
 
-Formats (Slurm 22.05): squeue --json needs a data_parser plugin that is not always installed, so we
-use squeue -O with '|' as the field suffix; sacct -P is pipe-delimited by design. squeue's -O field
-RestartCnt gives the requeue count (sacct 22.05 has no Restarts field); sacct -D lists every attempt.
+Formats: `squeue --json` in 22.05 ignores -j and -t (it dumps every job, ~3.5 KB each) and its
+schema changes with each Slurm release, so we use `squeue -O Field:|,...` (no padding, '|' after each
+field; checked on 22.05.8) and `sacct -P` (pipe-delimited by design). squeue's RestartCnt is the
+requeue count (sacct 22.05 has no Restarts field); sacct -D lists every attempt of a requeued job.
+JobArrayID (not JobID) gives array tasks as 123_4, the form submitit and sacct use.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ _ALIASES = {
     "NODE_FAIL": NODE_FAIL, "NF": NODE_FAIL, "BOOT_FAIL": NODE_FAIL, "BF": NODE_FAIL,
 }
 
-SQUEUE_FIELDS = ("JobID", "State", "TimeUsed", "StartTime", "NodeList", "tres-alloc", "RestartCnt", "Reason")
+SQUEUE_FIELDS = ("JobArrayID", "State", "TimeUsed", "StartTime", "NodeList", "tres-alloc", "RestartCnt", "Reason")
 SACCT_FIELDS = ("JobID", "State", "Elapsed", "ElapsedRaw", "Start", "End", "AllocTRES", "NodeList", "ExitCode")
 JOB_ID = re.compile(r"^\d+(?:_\d+)?(?:\+\d+)?$")
 
@@ -89,7 +91,8 @@ class AcctRow:
     alloc_gpus: int | None
     node_list: str | None
     exit_code: str | None
-    attempts: int  # rows with this id; a requeued job has one per run
+    attempts: int  # rows with this id: one per start (a requeued, pending job has no row for the next)
+    requeues: int  # attempts that ended in a requeue
 
 
 # --- pure parsing -----------------------------------------------------------------------------
@@ -172,8 +175,9 @@ def parse_squeue(text: str) -> dict[str, QueueRow]:
 def parse_sacct(text: str) -> dict[str, AcctRow]:
     """Rows of `sacct -X -D -P -n --format=<SACCT_FIELDS>` keyed by job id.
 
-    With -D a requeued job has one row per attempt, oldest first: the last row is the current
-    state, the elapsed times add up to the time the job held its allocation.
+    With -D a requeued job has one row per attempt (interleaved with other jobs' rows; recorded on
+    22.05): ordered by start, the last is the current state, and the elapsed times add up to the
+    time the job held its allocation. While it waits to restart, its last row reads REQUEUED.
     """
     grouped: dict[str, list[list[str]]] = {}
     for line in text.splitlines():
@@ -183,13 +187,15 @@ def parse_sacct(text: str) -> dict[str, AcctRow]:
         grouped.setdefault(parts[0].strip(), []).append([p.strip() for p in parts])
     rows: dict[str, AcctRow] = {}
     for job_id, attempts in grouped.items():
+        attempts.sort(key=lambda a: parse_time(a[4]) or float("inf"))  # stable; not started: last
         _, state, elapsed, elapsed_raw, start, end, tres, nodes, exit_code = attempts[-1][: len(SACCT_FIELDS)]
         secs = [_int(a[3]) if _int(a[3]) is not None else parse_duration(a[2]) for a in attempts]
         known = [s for s in secs if s is not None]
         rows[job_id] = AcctRow(job_id=job_id, state=normalize_state(state), raw_state=state,
                                elapsed_s=float(sum(known)) if known else None, start=parse_time(start),
                                end=parse_time(end), alloc_gpus=tres_gpus(tres), node_list=_none(nodes),
-                               exit_code=_none(exit_code), attempts=len(attempts))
+                               exit_code=_none(exit_code), attempts=len(attempts),
+                               requeues=max(len(attempts) - 1, sum(normalize_state(a[1]) == REQUEUED for a in attempts)))
     return rows
 
 
@@ -207,11 +213,14 @@ def parse_scontrol_restarts(text: str) -> dict[str, int]:
     return out
 
 
-def error_line(stderr: str, tool: str) -> str:
-    """Slurm's own error as one clean line: 'sbatch: error: X' lines, prefixes dropped, joined."""
+def error_line(stderr: str, tool: str, last: bool = False) -> str:
+    """Slurm's own error as one clean line: 'sbatch: error: X' lines, prefixes dropped, joined
+    (or only the `last`, the most specific one when a client retries a connection)."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     errors = [re.sub(rf"^{re.escape(tool)}:\s*(error:\s*)?", "", ln) for ln in lines if re.match(rf"^{re.escape(tool)}:", ln)]
     errors = [e for e in errors if e] or lines[-1:] or ["no error message"]
+    if last:
+        errors = errors[-1:]
     return " ".join(dict.fromkeys(" ".join(e.split()) for e in errors))
 
 
@@ -270,7 +279,7 @@ def squeue(job_ids: list[str], timeout: float = 10) -> dict[str, QueueRow]:
     if r.returncode != 0:
         if "Invalid job id" in r.stderr:
             return {}  # every id has left the controller's memory: not an outage
-        raise SlurmUnavailable(f"squeue: {error_line(r.stderr, 'squeue')}")
+        raise SlurmUnavailable(f"squeue: {error_line(r.stderr, 'squeue', last=True)}")
     return parse_squeue(r.stdout)
 
 
@@ -292,7 +301,7 @@ def sacct(job_ids: list[str], timeout: float = 10, since: float | None = None) -
     except TimeoutError:
         raise AccountingUnavailable(f"sacct: slurmdbd did not answer within {timeout:g} s") from None
     if r.returncode != 0:
-        raise AccountingUnavailable(f"sacct: {error_line(r.stderr, 'sacct')}")
+        raise AccountingUnavailable(f"sacct: {error_line(r.stderr, 'sacct', last=True)}")
     return parse_sacct(r.stdout)
 
 

@@ -87,7 +87,7 @@ def test_parse_sacct_duplicates_steps_and_odd_states():
     rows = slurm.parse_sacct((FIX / "sacct_odd.txt").read_text())
     assert not any("." in j for j in rows)  # the .batch step is not a job
     r = rows["201"]  # requeued twice (-D): last attempt wins, elapsed adds up
-    assert (r.state, r.attempts, r.elapsed_s, r.alloc_gpus) == ("COMPLETED", 3, 220.0, 2)
+    assert (r.state, r.attempts, r.requeues, r.elapsed_s, r.alloc_gpus) == ("COMPLETED", 3, 2, 220.0, 2)
     assert (r.start, r.end, r.exit_code) == (ts("2024-05-01T10:03:00"), ts("2024-05-01T10:05:00"), "0:0")
     assert rows["202"].state == "CANCELLED" and rows["202"].raw_state == "CANCELLED by 0"
     assert rows["203"].state == "CANCELLED" and rows["203"].start is None and rows["203"].node_list is None
@@ -99,6 +99,7 @@ def test_parse_sacct_duplicates_steps_and_odd_states():
     assert rows["209+0"].elapsed_s == 30  # blank ElapsedRaw: falls back to Elapsed
     assert rows["209+1"].state == "RUNNING" and rows["209+1"].end is None
     assert [rows[j].state for j in ("210", "211", "212", "213")] == ["FAILED", "NODE_FAIL", "TIMEOUT", "REQUEUED"]
+    assert rows["213"].requeues == 1 and rows["204"].requeues == 0
 
 
 def test_parse_scontrol_restarts():
@@ -133,3 +134,48 @@ def test_job_ids_are_checked_before_any_call(bad):
 def test_bad_signal_name_refused():
     with pytest.raises(UserError, match="--signal"):
         slurm.scancel("12", signal="USR2; reboot")
+
+
+# --- recorded on the local cluster (Slurm 22.05.8): completed, failed (exit 3), cancelled while
+# held, a 2-node GPU job requeued twice and now pending, a 3-task array, a time-out ---------------
+
+def test_real_squeue_22_05():
+    rows = slurm.parse_squeue((FIX / "squeue_real_22.05.txt").read_text())
+    assert {j: r.state for j, r in rows.items()} == {
+        "1": "COMPLETED", "2": "FAILED", "3": "CANCELLED", "4": "PENDING", "5_1": "RUNNING", "5_2": "RUNNING",
+        "5_3": "RUNNING", "8": "TIMEOUT"}
+    r = rows["4"]
+    assert (r.restarts, r.reason, r.alloc_gpus, r.node_list, r.elapsed_s) == (2, "BeginTime", 4, None, 0)
+    assert rows["5_2"].elapsed_s == 131 and rows["5_2"].node_list == "c1" and rows["5_2"].alloc_gpus is None
+    assert rows["8"].reason == "TimeLimit" and rows["8"].start == ts("2026-11-22T17:52:40")
+
+
+def test_real_sacct_22_05():
+    rows = slurm.parse_sacct((FIX / "sacct_real_22.05.txt").read_text())
+    assert {j: r.state for j, r in rows.items()} == {
+        "1": "COMPLETED", "2": "FAILED", "3": "CANCELLED", "4": "REQUEUED", "5_1": "RUNNING", "5_2": "RUNNING",
+        "5_3": "RUNNING", "8": "TIMEOUT"}
+    r = rows["4"]  # two REQUEUED rows, interleaved with the array's rows
+    assert (r.attempts, r.requeues, r.elapsed_s, r.alloc_gpus, r.start) == (2, 2, 86.0, 4, ts("2026-11-22T17:53:16"))
+    assert rows["2"].exit_code == "3:0" and rows["3"].raw_state == "CANCELLED by 0" and rows["3"].node_list is None
+    assert rows["5_1"].end is None and rows["8"].elapsed_s == 66
+
+
+def test_real_scontrol_22_05():
+    counts = slurm.parse_scontrol_restarts((FIX / "scontrol_real_22.05.txt").read_text())
+    assert counts == {"1": 0, "2": 0, "3": 0, "4": 2, "5_1": 0, "5_2": 0, "5_3": 0, "8": 0}
+
+
+@pytest.mark.parametrize("stderr, want", [  # recorded on 22.05.8
+    ("sacct: error: slurm_persist_conn_open_without_init: failed to open persistent connection to host:localhost:16819: "
+     "Connection refused\nsacct: error: Sending PersistInit msg: Connection refused\n"
+     "sacct: error: Problem talking to the database: Connection refused\n", "Problem talking to the database: Connection refused"),
+    ("sacct: error: Slurm accounting storage is disabled\n", "Slurm accounting storage is disabled"),
+])
+def test_sacct_error_is_its_last_line(stderr, want):
+    assert slurm.error_line(stderr, "sacct", last=True) == want
+
+
+def test_scancel_error_line():
+    assert slurm.error_line("scancel: error: Kill job error on job id 2: Invalid job id specified\n", "scancel") == (
+        "Kill job error on job id 2: Invalid job id specified")

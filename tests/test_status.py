@@ -209,7 +209,7 @@ def test_tail_json_reads_only_the_end(tmp_path):
 def test_job_changes_and_run_state():
     job = JobRecord(job_id="7", run_id="r", attempt=1, kind="submit", submitted_at=OLD, state="RUNNING", elapsed_s=50.0)
     q = slurm.QueueRow("7", "PENDING", "PENDING", 0.0, None, None, None, 1, "BeginTime")
-    a = slurm.AcctRow("7", "RUNNING", "RUNNING", 80.0, 1.0, None, 8, "a1", "0:0", 2)  # lags behind squeue
+    a = slurm.AcctRow("7", "RUNNING", "RUNNING", 80.0, 1.0, None, 8, "a1", "0:0", 2, 1)  # lags behind squeue
     ch = cmd_status.job_changes(job, q, a, time.time())
     assert ch == {"state": "PENDING", "requeues": 1, "started_at": 1.0, "elapsed_s": 80.0, "exit_code": "0:0",
                   "alloc_gpus": 8, "node_list": "a1"}
