@@ -1,0 +1,107 @@
+"""Split a global batch into micro batch x accumulation x data-parallel ranks, exactly.
+
+Pure arithmetic shared by the planner (clusterctl plan/submit) and the trainer, so the batch a run
+trains with is the batch it was planned with. The seeds fix the global batch (2048 or 8192) and the
+cluster fixes the data-parallel degree; what is left to choose is how many samples each rank pushes
+through the model at once (micro batch) and how many micro steps it accumulates before an optimizer
+step. Fewer accumulation steps means fewer, larger kernels, so without a fixed value we take the
+largest micro batch that fits in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vltrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    micro_batch: int
+    accumulation: int
+    data_parallel: int
+    global_batch: int
+
+    @property
+    def per_rank(self) -> int:
+        """Samples each data-parallel rank contributes to one optimizer step."""
+        return self.micro_batch * self.accumulation
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def nearest_multiples(n: int, unit: int, count: int = 2) -> list[int]:
+    """Valid global batches (multiples of `unit`) nearest to n, below then above."""
+    below = (n // unit) * unit
+    out = [below - unit * i for i in range(count - 1, -1, -1) if below - unit * i > 0]
+    out = [b for b in out if b != n]
+    above = [below + unit * i for i in range(1, count + 1)]
+    return out + [b for b in above if b != n][:count]
+
+
+def split_batch(
+    global_batch: int,
+    data_parallel: int,
+    micro_batch: int | None = None,
+    accumulation: int | None = None,
+    max_micro_batch: int | None = None,
+) -> BatchSplit:
+    """micro x accumulation x data_parallel == global_batch, or a one-line UserError saying what would work.
+
+    `max_micro_batch` is the memory limit (largest micro batch that fits); with neither micro batch
+    nor accumulation fixed the largest valid micro batch under it is chosen.
+    """
+    if global_batch < 1:
+        raise UserError(f"--global-batch: {global_batch} is not valid; allowed: a positive integer")
+    if data_parallel < 1:
+        raise UserError(f"data-parallel degree: {data_parallel} is not valid; allowed: a positive integer")
+    if global_batch % data_parallel:
+        near = ", ".join(map(str, nearest_multiples(global_batch, data_parallel)))
+        raise UserError(
+            f"--global-batch: {global_batch} is not divisible by the {data_parallel} data-parallel ranks; "
+            f"allowed: a multiple of {data_parallel}, e.g. {near}"
+        )
+    per_rank = global_batch // data_parallel
+    choices = divisors(per_rank)
+    shown = ", ".join(map(str, choices[:12])) + (", ..." if len(choices) > 12 else "")
+    if micro_batch is not None and accumulation is not None:
+        if micro_batch * accumulation != per_rank:
+            raise UserError(
+                f"--micro-batch {micro_batch} x --accum {accumulation} x {data_parallel} ranks = "
+                f"{micro_batch * accumulation * data_parallel}, not the global batch {global_batch}; "
+                f"allowed: micro x accum = {per_rank} per rank"
+            )
+    elif micro_batch is not None:
+        if micro_batch < 1 or per_rank % micro_batch:
+            raise UserError(
+                f"--micro-batch: {micro_batch} does not divide the {per_rank} samples per rank "
+                f"(global batch {global_batch} / {data_parallel} ranks); allowed: {shown}"
+            )
+        accumulation = per_rank // micro_batch
+    elif accumulation is not None:
+        if accumulation < 1 or per_rank % accumulation:
+            raise UserError(
+                f"--accum: {accumulation} does not divide the {per_rank} samples per rank "
+                f"(global batch {global_batch} / {data_parallel} ranks); allowed: {shown}"
+            )
+        micro_batch = per_rank // accumulation
+    else:
+        limit = per_rank if max_micro_batch is None else max_micro_batch
+        fitting = [d for d in choices if d <= limit]
+        if not fitting:
+            raise UserError(
+                f"--global-batch: not even a micro batch of 1 fits in GPU memory (limit {max_micro_batch}); "
+                f"allowed: more GPUs, a higher ZeRO stage, activation checkpointing, or a smaller model"
+            )
+        micro_batch = fitting[-1]
+        accumulation = per_rank // micro_batch
+    if max_micro_batch is not None and micro_batch > max_micro_batch:
+        fit = [d for d in choices if d <= max_micro_batch]
+        raise UserError(
+            f"--micro-batch: {micro_batch} does not fit in GPU memory (at most {max_micro_batch} per GPU); "
+            f"allowed: {', '.join(map(str, fit)) or 'none - more GPUs or a higher ZeRO stage'}"
+        )
+    return BatchSplit(micro_batch, accumulation, data_parallel, global_batch)
