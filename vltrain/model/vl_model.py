@@ -39,7 +39,9 @@ class VLModel(nn.Module):
         self.decoder = TextDecoder(cfg)
         self.image_proj = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.loss_cfg.init_temperature)))
+        # Shape [1], not a 0-dim scalar: DeepSpeed 0.19's _broadcast_model views every parameter as
+        # uint8, which a 0-dim tensor cannot do ("self.dim() cannot be 0 to view Float as Byte").
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / self.loss_cfg.init_temperature)]))
         self.apply(self._init)
         for p in (self.vision.cls, self.vision.pos, self.embed.pos):
             if p is not None:
