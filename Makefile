@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: venv
-	$(BIN)/clusterctl profiles show local
 	$(BIN)/clusterctl profiles list
+	$(BIN)/clusterctl plan --profile a100x64 --model crossmodal-xl --global-batch 8192 --activation-checkpointing
+	$(BIN)/clusterctl estimate --profile a100x64 --duration 6w
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

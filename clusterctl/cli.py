@@ -11,6 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from clusterctl import __version__
+from clusterctl import cmd_plan
 from clusterctl.cmd_profiles import app as profiles_app
 from clusterctl.cmd_status import status
 from vltrain.errors import UserError
@@ -42,6 +43,8 @@ app = typer.Typer(
 )
 app.add_typer(profiles_app, name="profiles")
 app.command("status")(status)
+app.command("plan")(cmd_plan.plan)
+app.command("estimate")(cmd_plan.estimate)
 
 
 def _version(value: bool) -> None:

@@ -18,6 +18,9 @@ LIGHT_COMMANDS = [
     ["profiles", "list"],
     ["profiles", "show", "a100x64"],
     ["profiles", "validate"],
+    ["status"],
+    ["plan", "--profile", "a100x64", "--model", "crossmodal-xl", "--global-batch", "8192", "--activation-checkpointing"],
+    ["estimate", "--profile", "a100x32", "--duration", "6w", "--json"],
 ]
 
 PROBE = """

@@ -59,10 +59,13 @@ def split_batch(
     if data_parallel < 1:
         raise UserError(f"data-parallel degree: {data_parallel} is not valid; allowed: a positive integer")
     if global_batch % data_parallel:
-        near = ", ".join(map(str, nearest_multiples(global_batch, data_parallel)))
+        near = nearest_multiples(global_batch, data_parallel)
+        best = min(near, key=lambda b: (abs(b - global_batch), -b))
+        micro = ", ".join(map(str, divisors(best // data_parallel)))
         raise UserError(
             f"--global-batch: {global_batch} is not divisible by the {data_parallel} data-parallel ranks; "
-            f"allowed: a multiple of {data_parallel}, e.g. {near}"
+            f"allowed: a multiple of {data_parallel}, e.g. {', '.join(map(str, near))} "
+            f"(with {best}: micro batch {micro} per GPU)"
         )
     per_rank = global_batch // data_parallel
     choices = divisors(per_rank)

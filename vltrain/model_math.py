@@ -158,3 +158,14 @@ def activation_bytes_per_sample(cfg: ModelConfig, checkpointing: bool, bytes_per
     image_features = sv * wv * bytes_per_el
     logits = 2 * t * cfg.vocab_size * (bytes_per_el + 4)
     return float(held + image_features + logits)
+
+
+def largest_layer_params(cfg: ModelConfig) -> int:
+    """Parameters of the largest single module ZeRO-3 gathers at once (a block or the token embedding)."""
+    wv, wt = cfg.vision_width, cfg.text_width
+    return max(
+        _self_block(cfg, wv),
+        _self_block(cfg, wt),
+        _cross_block(cfg, wt, wv),
+        cfg.vocab_size * wt,  # token embedding, tied to the LM head
+    )

@@ -135,9 +135,9 @@ PAPER_TOTALS: dict[str, tuple[str, float]] = {
 }
 
 
-def get_preset(name: str) -> ModelConfig:
-    """The preset's ModelConfig, or a one-line UserError naming the allowed presets."""
+def get_preset(name: str, flag: str = "model") -> ModelConfig:
+    """The preset's ModelConfig, or a one-line UserError naming the flag and the allowed presets."""
     try:
         return PRESETS[name]()
     except KeyError:
-        raise UserError(f"model: unknown preset {name!r}; allowed: {', '.join(PRESETS)}") from None
+        raise UserError(f"{flag}: unknown preset {name!r}; allowed: {', '.join(PRESETS)}") from None
