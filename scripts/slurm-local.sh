@@ -310,7 +310,7 @@ cmd_status() {
                "$RUN/slurmdbd.pid slurmdbd slurmdbd" "$RUN/slurmctld.pid slurmctld slurmctld" \
                "$RUN/slurmd-a1.pid slurmd slurmd-a1" "$RUN/slurmd-a2.pid slurmd slurmd-a2"; do
         read -r pf comm label <<<"$row"
-        if [ ! -x "$(dirname "$pf")" ] || { [ -e "$pf" ] && [ ! -r "$pf" ]; }; then printf '  %-10s unknown (cannot read %s)\n' "$label" "$pf"
+        if { [ -d "${pf%/*}" ] && [ ! -x "${pf%/*}" ]; } || { [ -e "$pf" ] && [ ! -r "$pf" ]; }; then printf '  %-10s unknown (cannot read %s)\n' "$label" "$pf"
         elif pid_alive "$pf" "$comm"; then printf '  %-10s running (pid %s)\n' "$label" "$(cat "$pf")"
         else printf '  %-10s stopped\n' "$label"; fi
     done
