@@ -11,7 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from clusterctl import __version__
-from clusterctl import cmd_plan
+from clusterctl import cmd_plan, cmd_runs
 from clusterctl.cmd_profiles import app as profiles_app
 from clusterctl.cmd_status import status
 from vltrain.errors import UserError
@@ -45,6 +45,10 @@ app.add_typer(profiles_app, name="profiles")
 app.command("status")(status)
 app.command("plan")(cmd_plan.plan)
 app.command("estimate")(cmd_plan.estimate)
+app.command("submit")(cmd_runs.submit)
+app.command("logs")(cmd_runs.logs)
+app.command("cancel")(cmd_runs.cancel)
+app.command("resume")(cmd_runs.resume)
 
 
 def _version(value: bool) -> None:

@@ -49,12 +49,12 @@ def plan(
     if json_:
         print_json(d)
     else:
-        _print_plan(d)
+        print_plan(d)
     if not p.memory.fits:
         raise typer.Exit(1)
 
 
-def _print_plan(d: dict) -> None:
+def print_plan(d: dict) -> None:
     from rich.table import Table
 
     m = d["memory"]

@@ -125,7 +125,7 @@ def make_executor(spec: LaunchSpec):
     import submitit
 
     if spec.executor == "local":
-        ex = submitit.LocalExecutor(folder=spec.folder, max_num_timeout=spec.max_num_timeout)
+        ex = submitit.LocalExecutor(folder=str(Path(spec.folder) / "%j"), max_num_timeout=spec.max_num_timeout)
     else:
         try:
             ex = submitit.SlurmExecutor(folder=str(Path(spec.folder) / "%j"), max_num_timeout=spec.max_num_timeout)
@@ -146,3 +146,8 @@ def submit(spec: LaunchSpec, fn: Any) -> Any:
         from clusterctl.slurm import sbatch_error_line
 
         raise UserError(f"sbatch: {sbatch_error_line(str(e))}") from None
+    finally:
+        try:  # submitit leaves an empty directory literally named '%j' behind
+            (Path(spec.folder) / "%j").rmdir()
+        except OSError:
+            pass

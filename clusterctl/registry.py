@@ -223,6 +223,13 @@ class Registry:
                 c.executemany("UPDATE runs SET state = ? WHERE run_id = ? AND state = ?",
                               [(s, r, if_states[r]) for r, s in states.items()])
 
+    def claim_run(self, run_id: str, from_state: str, to_state: str) -> bool:
+        """Move a run from one state to another only if it is still in the first; True if this call did.
+        Lets one of many concurrent CLI processes, and only one, act on a state (e.g. retry a failure)."""
+        with self._write() as c:
+            cur = c.execute("UPDATE runs SET state = ? WHERE run_id = ? AND state = ?", (to_state, run_id, from_state))
+            return cur.rowcount == 1
+
     def delete_run(self, run_id: str) -> None:
         """Remove a run that never got submitted (submit's clean-up after a failure)."""
         with self._write() as c:

@@ -1,0 +1,118 @@
+"""submit / logs / cancel / resume without a cluster: dry runs, bad input, retry decisions."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from clusterctl.registry import JobRecord, Registry, RunRecord
+from clusterctl.retry import cluster_failure, should_retry
+from tests.conftest import run_cli
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs")}
+
+
+def _job(state, exit_code=None, kind="submit", n=1):
+    return JobRecord(job_id=str(100 + n), run_id="r", attempt=n, kind=kind, submitted_at=0.0, state=state, exit_code=exit_code)
+
+
+def _run(state="FAILED", max_retries=2):
+    return RunRecord("r", "r", "p", "slurm", "/x", 0.0, "u", 2, 10, state, plan={"max_retries": max_retries})
+
+
+@pytest.mark.parametrize(
+    "state, code, expected",
+    [
+        ("NODE_FAIL", None, True),
+        ("FAILED", "75:0", True),  # the trainer's "lost the communicator" code
+        ("FAILED", "137:0", True),
+        ("FAILED", "0:9", True),  # killed by SIGKILL
+        ("FAILED", "143:0", True),
+        ("FAILED", "1:0", False),  # a Python exception in user code
+        ("FAILED", "2:0", False),  # a bad config
+        ("FAILED", None, False),
+        ("TIMEOUT", "0:0", False),  # submitit requeues time-outs itself
+        ("CANCELLED", "0:15", False),  # the user cancelled it
+        ("COMPLETED", "0:0", False),
+    ],
+)
+def test_cluster_failures_are_told_from_user_failures(state, code, expected):
+    assert cluster_failure(_job(state, code)) is expected
+
+
+def test_retries_stop_at_max_retries():
+    first = _job("FAILED", "1:0", "submit", 1)
+    assert not should_retry(_run(), [first])
+    jobs = [_job("NODE_FAIL", None, "submit", 1)]
+    assert should_retry(_run(max_retries=2), jobs)
+    jobs += [_job("FAILED", "137:0", "retry", 2)]
+    assert should_retry(_run(max_retries=2), jobs)
+    jobs += [_job("FAILED", "75:0", "retry", 3)]
+    assert not should_retry(_run(max_retries=2), jobs)  # two retries used
+    assert not should_retry(_run(max_retries=0), jobs[:1])
+    assert not should_retry(_run(state="CANCELLED"), jobs[:1])
+
+
+def test_only_one_process_claims_a_failed_run(tmp_path):
+    reg = Registry(tmp_path / "r.db")
+    reg.add_run(_run())
+
+    def claim(_):
+        return Registry(tmp_path / "r.db").claim_run("r", "FAILED", "SUBMITTING")
+
+    with ThreadPoolExecutor(8) as ex:
+        wins = list(ex.map(claim, range(16)))
+    assert sum(wins) == 1 and reg.get_run("r").state == "SUBMITTING"
+
+
+def test_dry_run_prints_plan_and_sbatch_and_creates_nothing(tmp_path, env):
+    r = run_cli("submit", "--profile", "a100x64", "--model", "crossmodal-xl", "--global-batch", "8192",
+                "--set", "activation_checkpointing=true", "--dry-run", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=8" in r.stdout and "#SBATCH --gpus-per-node=8" in r.stdout
+    assert "export NCCL_IB_HCA=mlx5" in r.stdout and "#SBATCH --signal=USR2@" in r.stdout
+    assert "accumulation 8" in r.stdout
+    assert not (tmp_path / "runs").exists()
+    assert Registry(tmp_path / "reg.db").count_runs() == 0
+
+
+def test_dry_run_json(env):
+    r = run_cli("submit", "--profile", "slurm-local", "--dry-run", "--json", "--name", "t1", env=env)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["executor"] == "slurm" and d["plan"]["world_size"] == 2
+    assert d["plan"]["micro_batch"] * d["plan"]["accumulation"] * d["plan"]["data_parallel"] == d["plan"]["global_batch"]
+    assert "#SBATCH --partition=debug" in d["sbatch"]
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (("--profile", "nope"), "error: --profile: "),
+        (("--profile", "local", "--set", "optim.lr"), "error: --set: 'optim.lr' is not key=value"),
+        (("--profile", "local", "--set", "optim.lr=-1"), "error: <defaults>: optim.lr: "),
+        (("--profile", "local", "--model", "huge"), "error: <defaults>: model: unknown preset 'huge'"),
+        (("--profile", "local", "--name", "a;rm -rf /"), "error: --name: 'a;rm -rf /' is not a valid job name"),
+        (("--profile", "local", "--global-batch", "7", "--set", "accumulation=2"), "error: --accum: 2 does not divide"),
+        (("--profile", "local", "--config", "/nonexistent.toml"), "error: /nonexistent.toml: no such file"),
+    ],
+)
+def test_submit_bad_input_is_one_line_and_leaves_nothing(tmp_path, env, args, msg):
+    r = run_cli("submit", *args, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.startswith(msg), r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_logs_and_cancel_of_unknown_run(env):
+    for cmd in (("logs", "ghost"), ("cancel", "ghost"), ("resume", "ghost")):
+        r = run_cli(*cmd, env=env)
+        assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
+        assert "ghost" in r.stderr
