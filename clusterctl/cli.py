@@ -13,6 +13,7 @@ from typer.core import TyperGroup
 from clusterctl import __version__
 from clusterctl import cmd_plan, cmd_runs
 from clusterctl.cmd_profiles import app as profiles_app
+from clusterctl.cmd_report import app as report_app
 from clusterctl.cmd_status import status
 from vltrain.errors import UserError
 
@@ -42,6 +43,7 @@ app = typer.Typer(
     add_completion=True,
 )
 app.add_typer(profiles_app, name="profiles")
+app.add_typer(report_app, name="report")
 app.command("status")(status)
 app.command("plan")(cmd_plan.plan)
 app.command("estimate")(cmd_plan.estimate)

@@ -63,14 +63,14 @@ def run_profile(run):
     return parse_profile(data, str(path))
 
 
-def submit_attempt(reg, run, profile, kind: str) -> str:
+def submit_attempt(reg, run, profile, kind: str, hold: bool = False) -> str:
     """Submit one attempt of `run` (first submission, resume or retry); returns the job id."""
     from clusterctl.launcher import launch_spec, submit as submit_job
     from clusterctl.rundir import write_json
     from vltrain.loop import TrainJob
 
     run_dir = Path(run.run_dir)
-    spec = launch_spec(profile, run_dir, run.name)
+    spec = launch_spec(profile, run_dir, run.name, hold=hold)
     write_json(run_dir / "launch.json", dataclasses.asdict(spec))
     job = submit_job(spec, TrainJob(str(run_dir)))
     reg.add_job(run.run_id, str(job.job_id), kind)
@@ -90,6 +90,7 @@ def submit(
     max_retries: int = typer.Option(2, "--max-retries", min=0, max=100, help="Resubmissions after cluster failures (node failure, exit 75/137/143)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the sbatch script; submit nothing."),
     watch: bool = typer.Option(False, "--watch", help="Follow the run in the live view after submitting."),
+    hold: bool = typer.Option(False, "--hold", help="Submit held (sbatch --hold); start it with scontrol release."),
     wait: bool = typer.Option(False, "--wait", help="Stream rank 0's log until the run ends; exit 0 only if it completed."),
     json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -106,7 +107,7 @@ def submit(
     run_id = reg.new_run_id(run_name)
     run_dir = runs_root() / run_id
     if dry_run:
-        spec = launch_spec(prof, run_dir, run_name)
+        spec = launch_spec(prof, run_dir, run_name, hold=hold)
         if json_:
             print_json({"plan": plan, "executor": spec.executor, "run_dir": str(run_dir),
                         "sbatch": render_sbatch(spec) if spec.executor == "slurm" else None, "env": spec.env})
@@ -132,7 +133,7 @@ def submit(
 
         write_json(run_dir / "ds_config.json", deepspeed_config(cfg, cfg.micro_batch, cfg.accumulation, prof.world_size))
         reg.add_run(run)
-        job_id = submit_attempt(reg, run, prof, "submit")
+        job_id = submit_attempt(reg, run, prof, "submit", hold=hold)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written: no directory, no registry row
         reg.delete_run(run_id)

@@ -323,6 +323,12 @@ def status(
     reg = Registry()
     runs = [reg.get_run(run)] if run else reg.list_runs() if all_ else reg.active_and_recent(RECENT_FINISHED)
     data = collect(reg, runs)
+    failed = [r for r in runs if r.state in ("FAILED", "NODE_FAIL")]
+    if failed:  # cluster failures get their retry here (clusterctl has no daemon; see clusterctl/retry.py)
+        from clusterctl.retry import reconcile
+
+        for run_id, job_id in reconcile(reg, failed):
+            data["notes"].append(f"{run_id}: retried as job {job_id} after a cluster failure")
     if json_:
         from clusterctl.output import print_json
 

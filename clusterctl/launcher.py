@@ -62,14 +62,16 @@ def trainer_env(profile: ClusterProfile, run_dir: Path) -> dict[str, str]:
     return env
 
 
-def launch_spec(profile: ClusterProfile, run_dir: Path, job_name: str) -> LaunchSpec:
-    """The submitit parameters for one attempt of a run on `profile` (pure)."""
+def launch_spec(profile: ClusterProfile, run_dir: Path, job_name: str, hold: bool = False) -> LaunchSpec:
+    """The submitit parameters for one attempt of a run on `profile` (pure); `hold`: sbatch --hold."""
     check_job_name(job_name)
     env = trainer_env(profile, run_dir)
     setup = [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     folder = str(run_dir / "submitit")
     n = profile.nodes
     if profile.executor == "local":
+        if hold:
+            raise UserError(f"--hold: the {profile.name!r} profile runs a local process; allowed: --hold with a Slurm profile")
         params: dict[str, Any] = {
             "tasks_per_node": n.gpus_per_node,
             "gpus_per_node": n.gpus_per_node if profile.gpu.kind == "cuda" else 0,
@@ -90,7 +92,7 @@ def launch_spec(profile: ClusterProfile, run_dir: Path, job_name: str) -> Launch
         "time": max(1, int(profile.time_limit_min or 1)),
         "signal_delay_s": s.signal_delay_s,
         "setup": setup,
-        "additional_parameters": {"requeue": True} | dict(s.extra),
+        "additional_parameters": {"requeue": True} | ({"hold": True} if hold else {}) | dict(s.extra),
     }
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(s, key):

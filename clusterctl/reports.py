@@ -176,3 +176,35 @@ def usage_dict(u: RunUsage) -> dict[str, Any]:
     d = asdict(u)
     d["carbon_intensity_g_per_kwh"] = u.intensity
     return d
+
+
+def parse_timeline(text: str) -> list[tuple[float, float, float]]:
+    """(time, cumulative kWh, cumulative kg CO2) points of one node-attempt timeline file."""
+    import json
+
+    out = []
+    for line in text.splitlines():
+        try:
+            d = json.loads(line)
+            out.append((float(d["time"]), float(d["energy_kwh"]), float(d["co2_kg"])))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    return out
+
+
+def merge_timelines(files: list[list[tuple[float, float, float]]]) -> list[tuple[float, float, float]]:
+    """Run totals over time from per-node, per-attempt cumulative series: at each point in time the
+    run's total is the sum over files of each file's latest value so far (attempts add, never overwrite)."""
+    events = sorted((t, i, e, c) for i, pts in enumerate(files) for t, e, c in pts)
+    latest: dict[int, tuple[float, float]] = {}
+    out = []
+    for t, i, e, c in events:
+        latest[i] = (e, c)
+        out.append((t, sum(v[0] for v in latest.values()), sum(v[1] for v in latest.values())))
+    return out
+
+
+def read_timeline(run_dir: Path) -> list[tuple[float, float, float]]:
+    """The run's cumulative energy over time (edge: reads the timeline files of every node-attempt)."""
+    files = [parse_timeline(p.read_text()) for p in sorted((Path(run_dir) / "energy").glob("node*-*.timeline.jsonl"))]
+    return merge_timelines(files)

@@ -12,6 +12,8 @@ Known ways trackers get this wrong, and what this module does about each:
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import time
 from pathlib import Path
@@ -65,11 +67,30 @@ class NodeEnergy:
         if force or now - self._last_flush >= self._flush_every_s:
             self._tracker.flush()
             self._last_flush = now
+            self._append_timeline()
 
     def stop(self) -> None:
         if self._tracker is not None:
             self._tracker.stop()
             self._tracker = None
+            self._append_timeline()
+
+    @property
+    def timeline_path(self) -> Path:
+        return self.path.with_suffix(".timeline.jsonl")
+
+    def _append_timeline(self) -> None:
+        """One line per flush with the cumulative total, for the energy-over-time plots: codecarbon's
+        'update' mode keeps only the latest row, so the history is recorded here."""
+        try:
+            rows = list(csv.DictReader(self.path.read_text().splitlines()))
+            row = rows[-1]
+            line = {"time": time.time(), "energy_kwh": float(row["energy_consumed"]),
+                    "co2_kg": float(row["emissions"]), "duration_s": float(row["duration"])}
+        except (OSError, IndexError, KeyError, ValueError):
+            return
+        with self.timeline_path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def visible_gpu_ids() -> list[int] | None:
