@@ -50,7 +50,26 @@ def build_run(profile_name: str, config: Path | None, overrides: dict[str, Any])
     profile = load_profile(profile_name, flag="--profile")
     cfg = load_train_config(config, overrides)
     plan, resolved = plan_for_run(profile, cfg)
-    return profile, resolved, plan.to_dict() | {"steps": resolved.steps}
+    return profile, resolved, plan.to_dict() | {"steps": resolved.steps, "estimate": run_estimate(profile, plan, resolved.steps)}
+
+
+def run_estimate(profile, plan, steps: int) -> dict[str, Any]:
+    """Time, GPU-hours, kWh and CO2 the plan implies for the whole run, stored beside what gets measured."""
+    from clusterctl.carbon import country_intensity
+    from clusterctl.estimates import Setup, Work, estimate
+    from clusterctl.planning import DEFAULT_MFU
+
+    site = profile.site
+    if site.carbon_intensity_g_per_kwh is not None:
+        intensity, source = site.carbon_intensity_g_per_kwh, f"profile {profile.name}"
+    else:
+        gi = country_intensity(site.country_iso)
+        intensity, source = gi.g_per_kwh, gi.source
+    setup = Setup(gpus=plan.world_size, peak_tflops=profile.gpu.peak_bf16_tflops, power_w=profile.gpu.power_w,
+                  pue=site.pue, carbon_intensity_g_per_kwh=intensity, intensity_source=source, nodes=profile.nodes.count)
+    flops = steps * plan.split.global_batch * plan.flops_per_sample
+    e = estimate(setup, Work(flops=flops, describe=f"{steps} steps x {plan.split.global_batch} samples"), DEFAULT_MFU)
+    return {k: getattr(e, k) for k in ("hours", "gpu_hours", "energy_kwh", "co2_kg", "mfu", "carbon_intensity_g_per_kwh", "intensity_source")}
 
 
 def run_profile(run):
