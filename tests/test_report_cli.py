@@ -110,7 +110,7 @@ def _valid_png(path, min_bytes=10_000):
     with Image.open(path) as im:
         w, h = im.size
         assert w > 300 and h > 200
-        assert len(set(im.convert("L").getdata())) > 10  # not a blank canvas
+        assert len(im.convert("L").getcolors(maxcolors=1 << 16) or range(11)) > 10  # not a blank canvas
 
 
 def test_energy_plot(world, tmp_path):
