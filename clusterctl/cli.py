@@ -11,7 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from clusterctl import __version__
-from clusterctl import cmd_plan, cmd_runs
+from clusterctl import cmd_plan, cmd_runs, cmd_watch
 from clusterctl.cmd_profiles import app as profiles_app
 from clusterctl.cmd_report import app as report_app
 from clusterctl.cmd_status import status
@@ -51,6 +51,7 @@ app.command("submit")(cmd_runs.submit)
 app.command("logs")(cmd_runs.logs)
 app.command("cancel")(cmd_runs.cancel)
 app.command("resume")(cmd_runs.resume)
+app.command("watch")(cmd_watch.watch)
 
 
 def _version(value: bool) -> None:

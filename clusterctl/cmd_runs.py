@@ -166,7 +166,7 @@ def submit(
     if watch:
         from clusterctl.cmd_watch import watch_runs
 
-        watch_runs([run_id])
+        raise typer.Exit(watch_runs([run_id]))
     elif wait:
         final = follow_log(reg, reg.get_run(run_id), rank=0, stderr=False)
         _print_outcome(reg.get_run(run_id), final)

@@ -1,0 +1,76 @@
+"""Pure parts of the live view: sparklines, incremental tails, panels that fit 80 columns."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+
+from clusterctl.watch_view import RunView, Tail, plain_line, run_panel, sparkline, summary_lines
+
+
+def test_sparkline_scales_between_min_and_max():
+    assert sparkline([1, 2, 3, 4, 5, 6, 7, 8]) == "▁▂▃▄▅▆▇█"
+    assert sparkline([5, 5, 5]) == "▁▁▁"
+    assert sparkline([]) == ""
+    assert len(sparkline(list(range(100)), width=10)) == 10
+    assert sparkline([3.0, float("nan"), 1.0]) == "█▁"
+
+
+def test_tail_reads_only_new_complete_lines(tmp_path):
+    p = tmp_path / "m.jsonl"
+    t = Tail(p)
+    assert t.lines() == []  # the file does not exist yet
+    p.write_text('{"step": 1}\n{"step": 2')
+    assert t.lines() == ['{"step": 1}']
+    assert t.offset == p.stat().st_size  # nothing will be read twice
+    with p.open("a") as f:
+        f.write('}\n{"step": 3}\n')
+    assert t.lines() == ['{"step": 2}', '{"step": 3}']
+    assert t.lines() == []
+    p.write_text("new attempt\n")  # truncated: start over
+    assert t.lines() == ["new attempt"]
+
+
+def test_tail_never_reads_more_than_asked(tmp_path):
+    p = tmp_path / "big.log"
+    p.write_text("x" * 5000 + "\nlast line\n")
+    t = Tail(p)
+    assert t.lines(max_bytes=100) == ["last line"]
+
+
+def _row(**kw):
+    return {"run_id": "tiny-20261122-120000-ab12", "name": "tiny", "state": "RUNNING", "job_id": "42",
+            "node_list": "a[1-2]", "requeues": 1, "step": 30, "total_steps": 100, "eta_s": 95.0,
+            "gpu_hours": 0.0123, "elapsed_s": 300.0} | kw
+
+
+def _view():
+    v = RunView(Tail("/nonexistent"), Tail("/nonexistent"))
+    v.feed_metrics([json.dumps({"step": s, "loss": 10 - s / 10, "itc": 3.0 - s / 50, "mlm": 4.0, "caption": 3.0,
+                                "samples_per_s": 120.5, "mfu": 0.31}) for s in range(1, 31)] + ["{broken"])
+    v.feed_log(["step 30/100 | loss 7.0000", ""])
+    v.energy_kwh, v.co2_kg = 0.0042, 0.00024
+    return v
+
+
+def test_panel_fits_80_columns_and_shows_the_essentials():
+    console = Console(width=80, record=True, color_system=None)
+    console.print(run_panel(_row(), _view(), width=80))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert len(lines) <= 8  # three runs fit in 24 rows
+    for expected in ("RUNNING", "job 42", "a[1-2]", "requeues 1", "30/100", "ETA 1:35", "loss", "itc",
+                     "120.5 samples/s", "MFU 31.0%", "GPU-h", "kWh", "step 30/100"):
+        assert expected in text, expected
+
+
+def test_plain_line_and_summary():
+    v = _view()
+    line = plain_line(_row(), v)
+    assert line.startswith("tiny-20261122-120000-ab12 RUNNING step 30/100 loss 7.0000 requeues 1")
+    out = summary_lines([_row(state="COMPLETED")], {"tiny-20261122-120000-ab12": v}, {"tiny-20261122-120000-ab12": {"i2t R@1": 0.5}})
+    assert out[0] == "1 run(s) finished"
+    assert "COMPLETED" in out[1] and "final loss 7.0000" in out[1]
+    assert "i2t R@1 0.500" in out[-1]
