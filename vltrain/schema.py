@@ -101,6 +101,8 @@ def _coerce(tp: Any, value: Any, spec: Spec, where: str, name: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if isinstance(value, Mapping):  # a table picks the dataclass arm (e.g. model: preset name | [model])
+            args = [a for a in args if dataclasses.is_dataclass(a)] or args
         return _coerce(args[0], value, spec, where, name)
 
     def fail(problem: str, allowed: str) -> UserError:
