@@ -1,0 +1,142 @@
+"""The vltrain command line: train, eval, data (synth, dedup), tokenizer (train).
+
+`vltrain train` runs on every rank under torchrun, srun or a plain `python`; clusterctl instead
+submits `vltrain.loop.TrainJob`, the same loop. A `UserError` becomes one line `error: ...` on stderr
+and exit code 2 (`--debug` shows the traceback). torch, deepspeed and webdataset are imported inside
+the commands that need them, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from vltrain.errors import UserError
+
+_state = {"debug": False}
+
+
+class _Group(TyperGroup):
+    """Root group: the one place where user errors become one line and exit code 2."""
+
+    def invoke(self, ctx):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if _state["debug"]:
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+
+
+app = typer.Typer(cls=_Group, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="vltrain: vision-language pre-training on DeepSpeed ZeRO (CPU or CUDA).")
+data_app = typer.Typer(no_args_is_help=True, help="Image-text shards: synthetic data, deduplication.")
+tok_app = typer.Typer(no_args_is_help=True, help="SentencePiece tokenizer.")
+app.add_typer(data_app, name="data")
+app.add_typer(tok_app, name="tokenizer")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    _state["debug"] = debug
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """--set key=value pairs; the value is a TOML literal (3e-4, true, "x", [0.9, 0.95]) or a bare string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set: {item!r} is not key=value; allowed: e.g. --set optim.lr=3e-4")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(None, "--config", "-c", help="Train config TOML (default: built-in defaults)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run directory: metrics, events, checkpoints, eval.json."),
+    set_: list[str] = typer.Option([], "--set", help="Config override key=value, repeatable (e.g. optim.lr=3e-4)."),
+    stop_after: int = typer.Option(None, "--stop-after", min=1, help="End this attempt after N steps, with a checkpoint."),
+    local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher; ignored."),
+) -> None:
+    """Train (or resume from the newest complete checkpoint in --run-dir)."""
+    from vltrain.config import load_train_config
+
+    cfg = load_train_config(config, parse_overrides(set_))
+    from vltrain.loop import train as run
+
+    run(cfg, run_dir, stop_after=stop_after)
+
+
+@app.command("eval")
+def eval_(run_dir: Path = typer.Option(..., "--run-dir", help="Run directory with a complete checkpoint.")) -> None:
+    """Recall@1/5/10 (image->text, text->image) and CIDEr-D on the held-out shards; writes eval.json."""
+    from vltrain.evaluate import evaluate_run
+
+    r = evaluate_run(run_dir)
+    typer.echo(f"step {r['step']} ({r['checkpoint']}), {r['n']} held-out pairs, chance R@1 {r['chance_r1']:.4f}")
+    for way in ("i2t", "t2i"):
+        typer.echo(f"  {way}  " + "  ".join(f"{k} {v:.3f}" for k, v in r[way].items()))
+    typer.echo(f"  CIDEr-D {r['cider']:.3f} on {r['caption_samples']} generated captions")
+    typer.echo(f"wrote {Path(run_dir) / 'eval.json'}")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="Output directory (new or empty)."),
+    n: int = typer.Option(..., "--n", help="Training samples."),
+    shards: int = typer.Option(..., "--shards", help="Training shards."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed writes byte-identical shards."),
+    holdout: int = typer.Option(500, "--holdout", help="Held-out samples written to OUT/eval (0 = none)."),
+    image_size: int = typer.Option(64, "--image-size", help="Image side in pixels."),
+) -> None:
+    """Procedural scenes of coloured shapes with captions that describe them (img2dataset layout)."""
+    from vltrain.data.synth import write_synthetic_shards
+
+    s = write_synthetic_shards(out, n=n, shards=shards, seed=seed, image_size=image_size, holdout=holdout)
+    typer.echo(f"wrote {s['samples']} samples in {len(s['shards'])} shards to {s['out']}"
+               + (f", {s['eval_samples']} held out in {s['eval_out']}" if s["eval_samples"] else ""))
+
+
+@data_app.command("dedup")
+def data_dedup(
+    in_: Path = typer.Option(..., "--in", help="Input shards (directory, brace pattern or tar)."),
+    out: Path = typer.Option(..., "--out", help="Output directory (new or empty)."),
+    json_: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Copy shards without exact-duplicate images (SHA-256 of the image bytes; first occurrence kept)."""
+    from vltrain.data.dedup import dedup_shards
+
+    s = dedup_shards(in_, out)
+    if json_:
+        typer.echo(json.dumps(s, indent=2, default=str))
+    else:
+        typer.echo(f"kept {s['kept']} of {s['samples']} samples; removed {s['removed']} exact duplicates -> {out}")
+
+
+@tok_app.command("train")
+def tokenizer_train(
+    shards: Path = typer.Option(..., "--shards", help="Shards whose captions (KEY.txt) to train on."),
+    vocab_size: int = typer.Option(..., "--vocab-size", help="Vocabulary size (the model's vocab_size)."),
+    out: Path = typer.Option(..., "--out", help="Output .model file (written atomically)."),
+    seed: int = typer.Option(0, "--seed", help="SentencePiece sampling seed."),
+) -> None:
+    """Train a SentencePiece BPE model with pad=0, unk=1, bos=2, eos=3, <mask>=4."""
+    from vltrain.tokenizer import train_tokenizer_from_shards
+
+    tok = train_tokenizer_from_shards(shards, vocab_size, out, seed=seed)
+    typer.echo(f"wrote {out} ({tok.vocab_size} pieces)")
+
+
+def main() -> None:
+    app(prog_name="vltrain")

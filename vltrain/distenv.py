@@ -1,0 +1,121 @@
+"""Who am I in the job: rank, world size, local rank, node and rendezvous address, from the launcher.
+
+One trainer, four launchers, each describing the job in its own environment variables:
+  torchrun             RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+  submitit (Slurm or   submitit.JobEnvironment (SLURM_* or SUBMITIT_LOCAL_*); master = first host
+  its local executor)
+  srun without submitit SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID, SLURM_JOB_NODELIST
+  a plain `python`     a single process on 127.0.0.1 and a free port
+`detect` is pure (an env mapping in, a DistEnv out); `export` writes the torch.distributed variables
+that deepspeed.init_distributed reads (without them it tries MPI discovery and fails on mpi4py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from vltrain.errors import UserError
+
+PORT_BASE, PORT_SPAN = 20000, 20000  # rendezvous ports derived from the job id fall in [20000, 40000)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun" | "submitit-slurm" | "submitit-local" | "slurm" | "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def port_for_job(job_id: str) -> int:
+    """The same port on every rank of a job (and of its requeued attempts), different across jobs."""
+    digits = "".join(c for c in job_id if c.isdigit()) or "0"
+    return PORT_BASE + int(digits) % PORT_SPAN
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise UserError(f"environment: {name} is not set; allowed: run under torchrun, srun or submitit")
+        return default
+    try:
+        return int(raw.split("(")[0])  # SLURM_TASKS_PER_NODE looks like "4(x2)"
+    except ValueError:
+        raise UserError(f"environment: {name}={raw!r} is not an integer") from None
+
+
+def _first_host(nodelist: str) -> str:
+    """First hostname of a Slurm node list ("gpu[01-04,07],cpu3" -> "gpu01"), via submitit's parser."""
+    if not nodelist:
+        return "127.0.0.1"
+    from submitit.slurm.slurm import _parse_node_list  # the parser submitit's JobEnvironment uses
+
+    return _parse_node_list(nodelist)[0]
+
+
+def detect(env: Mapping[str, str], free_port: int | None = None) -> DistEnv:
+    """The job's layout from its environment (pure). `free_port` is used only for a single process."""
+    if all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        world = _int(env, "WORLD_SIZE")
+        local_world = _int(env, "LOCAL_WORLD_SIZE", world)
+        rank = _int(env, "RANK")
+        return DistEnv(rank, world, _int(env, "LOCAL_RANK", 0), local_world, _int(env, "GROUP_RANK", rank // local_world),
+                       env["MASTER_ADDR"], _int(env, "MASTER_PORT"), "torchrun")
+    executor = env.get("SUBMITIT_EXECUTOR", "")
+    if executor == "local":
+        world = _int(env, "SUBMITIT_LOCAL_NTASKS", 1)
+        return DistEnv(_int(env, "SUBMITIT_LOCAL_GLOBALID", 0), world, _int(env, "SUBMITIT_LOCAL_LOCALID", 0), world,
+                       _int(env, "SUBMITIT_LOCAL_NODEID", 0), "127.0.0.1",
+                       port_for_job(env.get("SUBMITIT_LOCAL_JOB_ID", "0")), "submitit-local")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = _int(env, "SLURM_NTASKS")
+        nodes = _int(env, "SLURM_JOB_NUM_NODES", _int(env, "SLURM_NNODES", 1))
+        job = env.get("SLURM_ARRAY_JOB_ID", "") + env.get("SLURM_ARRAY_TASK_ID", "") or env.get("SLURM_JOB_ID", "0")
+        return DistEnv(_int(env, "SLURM_PROCID"), world, _int(env, "SLURM_LOCALID", 0), max(1, world // nodes),
+                       _int(env, "SLURM_NODEID", 0), _first_host(env.get("SLURM_JOB_NODELIST", "")),
+                       port_for_job(job), "submitit-slurm" if executor == "slurm" else "slurm")
+    return DistEnv(0, 1, 0, 1, 0, "127.0.0.1", free_port or PORT_BASE, "single")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def backend() -> str:
+    """nccl on CUDA, gloo on CPU (DeepSpeed then needs DS_ACCELERATOR=cpu, set by `export`)."""
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def export(dist: DistEnv, environ: dict[str, str] | os._Environ = os.environ) -> None:
+    """Write the torch.distributed variables (and DS_ACCELERATOR=cpu without CUDA) for init_distributed."""
+    environ.update(RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size), LOCAL_RANK=str(dist.local_rank),
+                   LOCAL_WORLD_SIZE=str(dist.local_world_size), MASTER_ADDR=dist.master_addr,
+                   MASTER_PORT=str(dist.master_port))
+    if "DS_ACCELERATOR" not in environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            environ["DS_ACCELERATOR"] = "cpu"
+
+
+def current() -> DistEnv:
+    """This process's layout (a free port is picked only when it runs alone)."""
+    env = dict(os.environ)
+    single = not any(k in env for k in ("RANK", "SUBMITIT_EXECUTOR", "SLURM_PROCID"))
+    return detect(env, free_port() if single else None)

@@ -1,0 +1,168 @@
+"""Held-out evaluation: image-text retrieval Recall@1/5/10 both ways, and CIDEr-D of greedy captions.
+
+CIDEr-D is hand-written (a transcription of coco-caption's `cider_scorer.py`, Vedantam et al. 2015,
+including its quirks) because its maintained home, pycocoevalcap, is a 104 MB wheel (Java jars for
+the PTB tokenizer, METEOR and SPICE) that needs pycocotools, for one 60-line pure-Python function.
+Our captions are tokenised as coco-caption's PTB step does for plain English: lower-case, punctuation
+dropped. The score is corpus-level (document frequencies from the evaluated references), x10 as
+coco-caption reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def recall_at_k(sim, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """sim [N, N] (rows = queries, the true match of row i is column i) -> {"R@k": fraction}.
+
+    The rank of the true match counts the candidates scored strictly higher, so ties do not help.
+    """
+    import torch
+
+    true = sim.diagonal().unsqueeze(1)  # [N, 1]
+    rank = (sim > true).sum(dim=1)  # [N]
+    return {f"R@{k}": float((rank < k).double().mean()) for k in ks}
+
+
+def _ngrams(text: str, n: int) -> Counter:
+    words = text.split()
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def cider_tokenize(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0) -> tuple[float, list[float]]:
+    """CIDEr-D of each candidate against its references; returns (mean, per-candidate scores)."""
+    if len(candidates) != len(references) or not candidates:
+        raise ValueError("cider_d: one list of references per candidate, at least one candidate")
+    cands = [_ngrams(c, n) for c in candidates]
+    refs = [[_ngrams(r, n) for r in rs] for rs in references]
+    df: Counter = Counter()
+    for rs in refs:
+        df.update({g for r in rs for g in r})
+    log_n = math.log(float(len(refs)))
+
+    def vec(counts: Counter):
+        v: list[dict] = [{} for _ in range(n)]
+        norm = [0.0] * n
+        length = 0
+        for g, tf in counts.items():
+            k = len(g) - 1
+            v[k][g] = tf * (log_n - math.log(max(1.0, df[g])))
+            norm[k] += v[k][g] ** 2
+            if k == 1:  # coco-caption counts bigrams as the "length" (a known quirk we keep for comparability)
+                length += tf
+        return v, [math.sqrt(x) for x in norm], length
+
+    scores = []
+    for c, rs in zip(cands, refs):
+        vc, nc, lc = vec(c)
+        total = [0.0] * n
+        for r in rs:
+            vr, nr, lr = vec(r)
+            penalty = math.exp(-((lc - lr) ** 2) / (2 * sigma**2))
+            for k in range(n):
+                val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vc[k].items())
+                if nc[k] and nr[k]:
+                    val /= nc[k] * nr[k]
+                total[k] += val * penalty
+        scores.append(sum(total) / n / len(rs) * 10.0)
+    return sum(scores) / len(scores), scores
+
+
+def default_eval_shards(cfg) -> str:
+    """data.eval_shards, else `<data.shards>/eval` when that directory holds shards (vltrain data synth)."""
+    if cfg.data.eval_shards:
+        return cfg.data.eval_shards
+    d = Path(cfg.data.shards) / "eval"
+    return str(d) if d.is_dir() and any(d.glob("*.tar")) else ""
+
+
+def evaluate(model, cfg, tokenizer, shards: str, *, device=None, dtype=None, batch_size: int = 128,
+             max_caption_samples: int = 1000) -> dict[str, Any]:
+    """Recall@K (i2t, t2i) over all held-out pairs and CIDEr-D over the first `max_caption_samples`.
+
+    Runs on one process; consumes no global RNG (the caller's training RNG stream stays exact).
+    """
+    import torch
+
+    from vltrain.config import resolve_model
+    from vltrain.data.loader import ShardLoader
+
+    mcfg = resolve_model(cfg.model)
+    loader = ShardLoader(shards, rank=0, world_size=1, batch_size=batch_size, seed=cfg.seed, image_size=mcfg.image_size,
+                         tokenizer=tokenizer, max_len=mcfg.max_text_len, train=False, data_cfg=cfg.data, workers=0)
+    device = device or torch.device("cpu")
+    dtype = dtype or next(model.parameters()).dtype
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    img, txt, cands, refs, keys = [], [], [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            images = batch["images"].to(device=device, dtype=dtype)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            img.append(model.encode_image(images).float().cpu())
+            txt.append(model.encode_text(ids, mask).float().cpu())
+            room = max_caption_samples - len(cands)
+            if room > 0:
+                out = model.generate(images[:room], max_len=mcfg.max_text_len - 1)
+                cands += [tokenizer.decode(row) for row in out.cpu()]
+                refs += batch["captions"][:room]
+                keys += batch["keys"][:room]
+    model.train(was_training)
+    image_emb, text_emb = torch.cat(img), torch.cat(txt)
+    sim = image_emb @ text_emb.t()  # [N images, N texts]
+    cider, _ = cider_d([cider_tokenize(c) for c in cands], [[cider_tokenize(r)] for r in refs])
+    n = image_emb.shape[0]
+    return {"n": n, "chance_r1": 1.0 / n, "i2t": recall_at_k(sim), "t2i": recall_at_k(sim.t()), "cider": cider,
+            "caption_samples": len(cands), "shards": shards, "eval_time_s": time.perf_counter() - t0,
+            "examples": [{"key": k, "reference": r, "generated": c} for k, r, c in list(zip(keys, refs, cands))[:5]]}
+
+
+def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:
+    """eval.json in the run directory (atomic), the latest evaluation of the run."""
+    path = Path(run_dir) / "eval.json"
+    tmp = path.with_name(".eval.json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
+    """`vltrain eval --run-dir DIR`: the newest complete checkpoint on the held-out shards, on one process."""
+    import torch
+
+    from vltrain import checkpoint
+    from vltrain.config import load_train_config
+    from vltrain.engine import build_model
+    from vltrain.errors import UserError
+    from vltrain.tokenizer import Tokenizer
+
+    run_dir = Path(run_dir)
+    cfg = load_train_config(run_dir / "config.toml")
+    path = checkpoint.latest(run_dir)
+    if path is None:
+        raise UserError(f"--run-dir: {run_dir} has no complete checkpoint; allowed: a run that saved one")
+    shards = default_eval_shards(cfg)
+    if not shards:
+        raise UserError(f"data.eval_shards: not set and {cfg.data.shards}/eval holds no shards; allowed: held-out shards")
+    model = build_model(cfg)
+    model.load_state_dict(checkpoint.module_state(path))
+    tok_path = cfg.data.tokenizer or str(run_dir / "tokenizer.model")
+    meta = checkpoint.read_meta(path)
+    result = evaluate(model.float(), cfg, Tokenizer.load(tok_path), shards, device=torch.device("cpu"), dtype=torch.float32)
+    result |= {"step": meta["step"], "samples": meta["samples"], "checkpoint": path.name, "time": time.time()}
+    write_eval(run_dir, result)
+    return result

@@ -1,0 +1,400 @@
+"""The training loop and its submitit entry point, `TrainJob(run_dir)`.
+
+Preemption and time-out. submitit installs a SIGUSR2 handler that checkpoints and requeues at
+once, in the middle of whatever the process is doing. `TrainJob` replaces it (and SIGTERM's) with a
+handler that only records the signal; at each optimizer-step boundary all ranks sum the records
+(one all_reduce shared with the loss averages), and if any rank got one they all write a checkpoint,
+log `preempt` or `timeout`, and then run submitit's own handler, whose `checkpoint()` returns the
+resubmission and whose rank 0 requeues (scontrol requeue on Slurm, exit 144 for the local executor).
+SIGTERM (scancel, Slurm preemption without USR2) writes the checkpoint and exits 143; Slurm's own
+preempt-requeue or clusterctl decides what comes next. The requeued job resumes from the newest
+complete checkpoint. A lost peer or communicator error exits 75, which clusterctl retries.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from vltrain.config import TrainConfig, load_train_config, resolve_model
+from vltrain.errors import UserError
+
+EXIT_COMM_ERROR = 75  # EX_TEMPFAIL: clusterctl resubmits (see clusterctl.launcher.CLUSTER_EXIT_CODES)
+_CONTINUE = -1000  # "keep training" in the stop decision that rank 0 broadcasts
+COMM_ERROR_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl",
+                    "timed out", "socket timeout", "rendezvous", "tcpstore", "processgroup")
+
+
+def preempt_signal() -> signal.Signals:
+    """The signal submitit uses for preemption/time-out (SUBMITIT_PREEMPT_SIGNAL, default USR2)."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+class StopRequests:
+    """Records preemption/termination signals; the loop acts on them at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signals = (preempt_signal(), signal.SIGTERM)
+        self.received: list[int] = []
+        self.original: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in self.signals:
+            self.original[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._record)
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.original.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def flags(self) -> list[float]:
+        return [float(self.signals[0] in self.received), float(signal.SIGTERM in self.received)]
+
+
+def is_comm_error(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in COMM_ERROR_WORDS)
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """What clusterctl submits: trains the run in `run_dir` (config.toml there), resuming if it can."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = str(run_dir)
+
+    def __call__(self) -> dict[str, Any]:
+        cfg = load_train_config(Path(self.run_dir) / "config.toml")
+        return train(cfg, self.run_dir)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # The checkpoint itself was written at the step boundary before submitit's handler ran;
+        # the resubmitted job finds it in the run directory.
+        return submitit.helpers.DelayedSubmission(TrainJob(self.run_dir))
+
+
+def batch_split(cfg: TrainConfig, world_size: int):
+    from vltrain.batching import split_batch
+
+    return split_batch(cfg.global_batch, world_size, cfg.micro_batch or None, cfg.accumulation or None)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Per-rank python/numpy/torch RNG (MLM masking differs across ranks; the model init does not)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    s = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; every rank calls it. Returns this rank's summary.
+
+    stop_after: end this attempt with a checkpoint after that many optimizer steps (time slices, tests).
+    """
+    from vltrain import distenv
+    from vltrain.metrics import EventLog, attempt_number
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stops = StopRequests()
+    stops.install()  # first: a signal that arrives during the slow start-up is not lost
+    dist_env = distenv.current()
+    events = EventLog(run_dir, dist_env.is_main, attempt_number(run_dir))
+    session: _Session | None = None
+    try:
+        session = _Session(cfg, run_dir, dist_env, events, stops)
+        return session.run(stop_after)
+    except (UserError, SystemExit) as e:
+        if isinstance(e, UserError):
+            events.emit("error", session.step if session else 0, kind="user", message=str(e))
+        raise
+    except BaseException as e:
+        step = session.step if session else 0
+        if is_comm_error(e):
+            events.emit("error", step, kind="communication", message=str(e)[:500])
+            print(f"vltrain: lost a peer or the communicator ({type(e).__name__}: {str(e)[:300]}); "
+                  f"exit {EXIT_COMM_ERROR}", file=sys.stderr, flush=True)
+            events.close()
+            os._exit(EXIT_COMM_ERROR)  # skip interpreter teardown: tearing down a broken group can hang
+        events.emit("error", step, kind=type(e).__name__, message=str(e)[:500])
+        raise
+    finally:
+        if session is not None:
+            session.close()
+        stops.restore()
+        events.close()
+
+
+class _Session:
+    """One attempt of a run on one rank: validated inputs, process group, engine, loader, sinks."""
+
+    LOSSES = ("loss", "itc", "mlm", "caption")
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dist_env, events, stops: StopRequests) -> None:
+        import torch
+
+        from vltrain import checkpoint
+        from vltrain.data.loader import ShardLoader
+        from vltrain.data.shards import resolve_shards
+        from vltrain.energy import NodeEnergy, visible_gpu_ids
+        from vltrain.engine import build_engine, compute_dtype, init_process_group
+        from vltrain.metrics import JsonlSink, peak_tflops
+
+        self.cfg, self.run_dir, self.dist, self.events, self.stops = cfg, run_dir, dist_env, events, stops
+        self.step = self.samples = 0
+        self.saved_step = -1
+        self.energy = None
+        self.mcfg = resolve_model(cfg.model)
+        self.split = batch_split(cfg, dist_env.world_size)  # checks before anything slow starts
+        if not cfg.data.shards:
+            raise UserError("data.shards: not set; allowed: a directory of .tar shards, a brace pattern or a tar file")
+        resolve_shards(cfg.data.shards)
+        if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
+            raise UserError(f"data.tokenizer: {cfg.data.tokenizer} does not exist; allowed: a model from "
+                            f"`vltrain tokenizer train`, or empty to train one on data.shards into the run directory")
+        self.config_hash = cfg.config_hash()
+        ckpt = checkpoint.latest(run_dir)
+        if ckpt is not None:
+            checkpoint.check_compatible(ckpt, self.config_hash, dist_env.world_size)
+
+        init_process_group(dist_env)
+        self.tokenizer = self._tokenizer()
+        self.engine, _ = build_engine(cfg, self.split.micro_batch, self.split.accumulation, dist_env.world_size)
+        self.device, self.dtype = self.engine.device, compute_dtype(cfg)
+        self.loader = ShardLoader(cfg.data.shards, rank=dist_env.rank, world_size=dist_env.world_size,
+                                  batch_size=self.split.micro_batch, seed=cfg.seed, image_size=self.mcfg.image_size,
+                                  tokenizer=self.tokenizer, max_len=self.mcfg.max_text_len, train=True, data_cfg=cfg.data)
+        seed_rank(cfg.seed, dist_env.rank)
+        self.metrics = JsonlSink(run_dir / "metrics.jsonl", dist_env.is_main)
+        dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        self.peak = peak_tflops(dev_name)
+        self.params = sum(p.numel() for p in self.engine.module.parameters())
+        info = {"world_size": dist_env.world_size, "micro_batch": self.split.micro_batch,
+                "accumulation": self.split.accumulation, "global_batch": cfg.global_batch, "steps": cfg.steps,
+                "params": self.params, "config_hash": self.config_hash, "launcher": dist_env.source,
+                "host": socket.gethostname(), "pid": os.getpid(),
+                "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")}
+        if ckpt is not None:
+            state = checkpoint.load(self.engine, ckpt, dist_env.rank)
+            self.loader.load_state_dict(state["loader"])
+            self.step, self.samples, self.saved_step = state["step"], state["samples"], state["step"]
+            checkpoint.set_rng_state(state["rng"])
+            events.emit("resume", self.step, checkpoint=ckpt.name, **info)
+        else:
+            events.emit("start", 0, **info)
+        self._say(f"vltrain: {self.mcfg.name} {self.params / 1e6:.2f}M params | {dist_env.world_size} rank(s) via "
+                  f"{dist_env.source} | global batch {cfg.global_batch} = {self.split.micro_batch} x "
+                  f"{self.split.accumulation} accum x {dist_env.world_size} | "
+                  f"{'resuming from ' + ckpt.name if ckpt else 'starting'} at step {self.step}/{cfg.steps}")
+        country = os.environ.get("VLTRAIN_COUNTRY")
+        if country:  # clusterctl sets it from the profile's site; one tracker per node (vltrain.energy)
+            self.energy = NodeEnergy(run_dir, local_rank=dist_env.local_rank, node_rank=dist_env.node_rank,
+                                     country=country, pue=float(os.environ.get("VLTRAIN_PUE", "1") or 1),
+                                     gpu_ids=visible_gpu_ids())
+            self.energy.start()
+
+    # ---------------------------------------------------------------- set-up helpers
+    def _say(self, line: str) -> None:
+        if self.dist.is_main:
+            print(line, flush=True)
+
+    def _tokenizer(self):
+        """data.tokenizer, or one trained by rank 0 on the shards' captions into the run directory."""
+        import torch.distributed as dist
+
+        from vltrain.tokenizer import Tokenizer, train_tokenizer_from_shards
+
+        path = Path(self.cfg.data.tokenizer or self.run_dir / "tokenizer.model")
+        error = [None]
+        if self.dist.is_main and not path.is_file():
+            try:
+                train_tokenizer_from_shards(self.cfg.data.shards, self.mcfg.vocab_size, path, seed=self.cfg.seed)
+            except UserError as e:  # "--vocab-size: V is too large for this corpus; allowed: at most N"
+                msg = str(e).replace("--vocab-size", "model.vocab_size")
+                error = [msg.replace("this corpus", f"the captions of {self.cfg.data.shards}")]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(error, src=0)
+        if error[0]:
+            raise UserError(error[0])
+        tok = Tokenizer.load(path)
+        if tok.vocab_size != self.mcfg.vocab_size:
+            raise UserError(f"model.vocab_size: {self.mcfg.vocab_size} but the tokenizer {path} has {tok.vocab_size} "
+                            f"pieces; allowed: equal sizes (vltrain tokenizer train --vocab-size {self.mcfg.vocab_size})")
+        return tok
+
+    # ---------------------------------------------------------------- the loop
+    def run(self, stop_after: int | None) -> dict[str, Any]:
+        import torch
+
+        from vltrain.model_math import forward_flops_per_sample
+
+        cfg, eng, split = self.cfg, self.engine, self.split
+        world = self.dist.world_size
+        flop_factor = 4 if cfg.activation_checkpointing else 3
+        flops_per_sample: dict[int, float] = {}
+        interval = torch.zeros(8, dtype=torch.float64)  # loss sums x4, micro steps, tokens, flops, seconds
+        batches = iter(self.loader)
+        first_step = self.step
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            local = torch.zeros(10, dtype=torch.float64)  # 2 stop flags, 4 loss sums, micro, tokens, flops, seconds
+            for micro in range(split.accumulation):
+                batch = next(batches)
+                mask = batch["attention_mask"]
+                t = mask.shape[1]
+                if t not in flops_per_sample:
+                    flops_per_sample[t] = forward_flops_per_sample(self.mcfg, text_len=t)
+                local[7] += int(mask.sum())
+                local[8] += flops_per_sample[t] * mask.shape[0] * flop_factor
+                out = eng(batch["images"].to(self.device, self.dtype), batch["input_ids"].to(self.device),
+                          mask.to(self.device))
+                eng.backward(out["loss"])
+                if micro == split.accumulation - 1:
+                    lr = eng.get_lr()[0]
+                eng.step()
+                local[2:6] += torch.stack([out[k].detach().float() for k in self.LOSSES]).cpu().double()
+            local[6] = split.accumulation
+            local[9] = time.perf_counter() - t0
+            local[0:2] = torch.tensor(self.stops.flags(), dtype=torch.float64)
+            if world > 1:
+                torch.distributed.all_reduce(local)  # sums over ranks; one collective per step
+            self.step += 1
+            self.samples += cfg.global_batch
+            interval += local[2:]
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps or local[:2].any():
+                self._log(interval, lr)
+                interval.zero_()
+            if self.energy is not None:
+                self.energy.maybe_flush()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.evaluate()
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save("periodic")
+            if local[:2].any():
+                self._stop(int(local[0] > 0))
+            if stop_after is not None and self.step - first_step >= stop_after and self.step < cfg.steps:
+                self.save("stop_after")
+                return {"step": self.step, "samples": self.samples, "finished": False}
+        self.save("final")
+        result = self.evaluate()
+        self.events.emit("finish", self.step, samples=self.samples,
+                         recall_i2t_r1=result["i2t"]["R@1"] if result else None)
+        return {"step": self.step, "samples": self.samples, "finished": True, "eval": result}
+
+    def _log(self, interval, lr: float) -> None:
+        from vltrain.metrics import human_line, memory_gib, mfu
+
+        world = self.dist.world_size
+        micro, tokens, flops, seconds = (float(x) for x in interval[4:8])  # summed over ranks
+        steps = micro / (world * self.split.accumulation)  # optimizer steps in the interval
+        wall = seconds / world  # mean over ranks
+        grad_norm = self.engine.get_global_grad_norm()
+        rec = {"step": self.step, **{k: float(interval[i] / micro) for i, k in enumerate(self.LOSSES)}, "lr": lr,
+               "grad_norm": None if grad_norm is None else float(grad_norm),
+               "samples_per_s": steps * self.cfg.global_batch / wall, "tokens_per_s": tokens / wall,
+               "step_time_s": wall / steps, "mfu": mfu(flops / steps, wall / steps, world, self.peak),
+               "mem_gib": memory_gib(self.device),
+               "samples": self.samples, "time": time.time()}
+        self.metrics.write(rec)
+        self._say(human_line(rec, self.cfg.steps))
+
+    # ---------------------------------------------------------------- checkpoints, evaluation, stops
+    def save(self, reason: str) -> None:
+        from vltrain import checkpoint
+
+        if self.step == self.saved_step:
+            return
+        t0 = time.perf_counter()
+        path = checkpoint.save(self.engine, self.run_dir, step=self.step, samples=self.samples, rank=self.dist.rank,
+                               world_size=self.dist.world_size, config_hash=self.config_hash,
+                               trainer_state={"loader": self.loader.state_dict()}, keep=self.cfg.keep_checkpoints)
+        self.saved_step = self.step
+        self.events.emit("checkpoint", self.step, path=f"checkpoints/{path.name}", reason=reason,
+                         seconds=round(time.perf_counter() - t0, 3))
+
+    def evaluate(self) -> dict[str, Any] | None:
+        """Held-out retrieval and captioning on rank 0 (ZeRO-2 keeps full weights on every rank)."""
+        import torch
+        import torch.distributed as dist
+
+        from vltrain.evaluate import default_eval_shards, evaluate, write_eval
+
+        shards = default_eval_shards(self.cfg)
+        result = None
+        if shards and self.dist.is_main:
+            with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG stream
+                result = evaluate(self.engine.module, self.cfg, self.tokenizer, shards, device=self.device, dtype=self.dtype)
+            result |= {"step": self.step, "samples": self.samples, "time": time.time()}
+            write_eval(self.run_dir, result)
+            self._say(f"eval step {self.step}: i2t R@1 {result['i2t']['R@1']:.3f} R@5 {result['i2t']['R@5']:.3f} "
+                      f"R@10 {result['i2t']['R@10']:.3f} | t2i R@1 {result['t2i']['R@1']:.3f} R@5 {result['t2i']['R@5']:.3f} "
+                      f"R@10 {result['t2i']['R@10']:.3f} | CIDEr-D {result['cider']:.3f} | "
+                      f"{result['n']} pairs (chance R@1 {result['chance_r1']:.4f})")
+        if self.dist.world_size > 1:
+            dist.barrier()
+        return result
+
+    def _stop(self, preempt_signal_seen: int) -> None:
+        """Checkpoint, log, then let submitit's own handler requeue (USR2) or exit (SIGTERM)."""
+        import torch
+        import torch.distributed as dist
+
+        sig = preempt_signal() if preempt_signal_seen else signal.SIGTERM
+        original = self.stops.original.get(sig)
+        timed_out = False
+        checker = getattr(getattr(original, "__self__", None), "has_timed_out", None)
+        if sig != signal.SIGTERM and callable(checker):
+            timed_out = bool(checker())
+        kind = "timeout" if timed_out else "preempt"
+        self.save(kind)
+        self.events.emit(kind, self.step, signal=signal.Signals(sig).name)
+        self._say(f"vltrain: {signal.Signals(sig).name} received; checkpoint at step {self.step} written ({kind})")
+        if self.energy is not None:
+            self.energy.stop()
+            self.energy = None
+        self.stops.restore()
+        code, error = _CONTINUE if original == signal.SIG_IGN else 128 + sig, None
+        if callable(original):
+            try:
+                original(sig, None)  # submitit: rank 0 calls TrainJob.checkpoint, dumps it, requeues, exits
+                code = 128 + sig if sig == signal.SIGTERM else _CONTINUE
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException as e:  # submitit's UncompletedJobError: not requeued (too many time-outs)
+                code, error = 1, e
+        if self.dist.world_size > 1:
+            box = torch.tensor([code], dtype=torch.int64)
+            dist.broadcast(box, src=0)
+            code = int(box)
+        if code == _CONTINUE:
+            self.stops.received.clear()
+            self.stops.install()
+            return
+        if error is not None and self.dist.is_main:
+            raise error
+        sys.exit(code)
+
+    def close(self) -> None:
+        if self.energy is not None:
+            self.energy.stop()
+            self.energy = None
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()

@@ -1,0 +1,128 @@
+"""What a run reports: metrics.jsonl (one line per logged step), events.jsonl (life cycle), stdout lines.
+
+Both files are appended to by rank 0 only, one JSON object per line, flushed at once, so
+`clusterctl status/watch/report` can read them while the run goes and after it was killed; other
+ranks get do-nothing sinks, so the loop never branches on the rank (torchtitan's habit). A requeued
+run appends to the same files; after a crash the steps between the last checkpoint and the crash
+are logged twice, and readers keep the last line per step.
+
+metrics.jsonl keys: step, loss, itc, mlm, caption, lr, grad_norm, samples_per_s, tokens_per_s (real
+text tokens), step_time_s (mean over the logged interval, data loading included), mfu (null without
+a known peak), mem_gib, samples (seen so far, all ranks), time (unix seconds).
+events.jsonl keys: event (start | resume | checkpoint | preempt | timeout | finish | error), step,
+time, attempt, plus event-specific fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by CUDA device name, from the vendors' data sheets (SXM
+# parts where both exist). Override with VLTRAIN_PEAK_TFLOPS (clusterctl sets it from the profile).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
+                    "V100": 125.0, "A6000": 155.0, "MI300X": 1307.0, "MI250X": 383.0}
+
+
+class JsonlSink:
+    """Appends one JSON object per line and flushes it; a no-op when disabled (non-zero ranks)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = Path(path), enabled
+        self._f = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = self.path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record, allow_nan=True) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class EventLog(JsonlSink):
+    def __init__(self, run_dir: Path, enabled: bool, attempt: int) -> None:
+        super().__init__(Path(run_dir) / "events.jsonl", enabled)
+        self.attempt = attempt
+
+    def emit(self, event: str, step: int, **fields: Any) -> None:
+        self.write({"event": event, "step": step, "time": time.time(), "attempt": self.attempt, **fields})
+
+
+def attempt_number(run_dir: Path, env: dict[str, str] | None = None) -> int:
+    """0 for the first attempt; SLURM_RESTART_COUNT on Slurm, else the attempts logged before this one."""
+    env = dict(os.environ if env is None else env)
+    if env.get("SLURM_RESTART_COUNT", "").isdigit():
+        return int(env["SLURM_RESTART_COUNT"])
+    path = Path(run_dir) / "events.jsonl"
+    if not path.exists():
+        return 0
+    count = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            count += json.loads(line).get("event") in ("start", "resume")
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return count
+
+
+def peak_tflops(device_name: str | None, env: dict[str, str] | None = None) -> float | None:
+    """Peak TFLOP/s of one device: VLTRAIN_PEAK_TFLOPS, else the table above, else None (unknown, e.g. CPU)."""
+    env = dict(os.environ if env is None else env)
+    raw = env.get("VLTRAIN_PEAK_TFLOPS", "")
+    if raw:
+        try:
+            value = float(raw)
+            return value if value > 0 else None
+        except ValueError:
+            return None
+    if device_name:
+        for key, value in PEAK_BF16_TFLOPS.items():
+            if key in device_name:
+                return value
+    return None
+
+
+def mfu(flops_per_step: float, step_time_s: float, world_size: int, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s per device over the device peak.
+
+    flops_per_step counts forward x 3 (forward + backward), x 4 with activation checkpointing
+    (the forward runs twice), as in the PaLM paper's MFU; the recomputation is counted as work done.
+    """
+    if not peak or step_time_s <= 0:
+        return None
+    return flops_per_step / step_time_s / world_size / (peak * 1e12)
+
+
+def memory_gib(device) -> float:
+    """Peak accelerator memory allocated (CUDA), else this process's peak resident set (CPU)."""
+    import torch
+
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def human_line(rec: dict[str, Any], total_steps: int) -> str:
+    """The line rank 0 prints per logged step (what `clusterctl logs` shows)."""
+    mfu_s = f" | mfu {rec['mfu'] * 100:.1f}%" if rec.get("mfu") is not None else ""
+    gn = rec.get("grad_norm")
+    return (f"step {rec['step']}/{total_steps} | loss {rec['loss']:.4f} (itc {rec['itc']:.3f} mlm {rec['mlm']:.3f} "
+            f"cap {rec['caption']:.3f}) | lr {rec['lr']:.2e} | gnorm {gn if gn is None else f'{gn:.2f}'} | "
+            f"{rec['samples_per_s']:.0f} samples/s | {rec['step_time_s'] * 1000:.0f} ms/step{mfu_s} | "
+            f"{rec['mem_gib']:.2f} GiB")
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stdout, flush=True)
