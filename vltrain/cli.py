@@ -140,3 +140,7 @@ def tokenizer_train(
 
 def main() -> None:
     app(prog_name="vltrain")
+
+
+if __name__ == "__main__":  # python -m vltrain.cli (torchrun runs it this way)
+    main()

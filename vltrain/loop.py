@@ -13,6 +13,7 @@ complete checkpoint. A lost peer or communicator error exits 75, which clusterct
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -89,6 +90,15 @@ def batch_split(cfg: TrainConfig, world_size: int):
     from vltrain.batching import split_batch
 
     return split_batch(cfg.global_batch, world_size, cfg.micro_batch or None, cfg.accumulation or None)
+
+
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    """<run_dir>/config.toml: the resolved config this attempt trains with (what `vltrain eval` reads)."""
+    import tomli_w
+
+    tmp = run_dir / ".config.toml.tmp"
+    tmp.write_text(tomli_w.dumps(cfg.to_dict()), encoding="utf-8")
+    os.replace(tmp, run_dir / "config.toml")
 
 
 def seed_rank(seed: int, rank: int) -> None:
@@ -171,6 +181,9 @@ class _Session:
             raise UserError(f"data.tokenizer: {cfg.data.tokenizer} does not exist; allowed: a model from "
                             f"`vltrain tokenizer train`, or empty to train one on data.shards into the run directory")
         self.config_hash = cfg.config_hash()
+        if dist_env.is_main:
+            write_config(run_dir, dataclasses.replace(cfg, micro_batch=self.split.micro_batch,
+                                                      accumulation=self.split.accumulation))
         ckpt = checkpoint.latest(run_dir)
         if ckpt is not None:
             checkpoint.check_compatible(ckpt, self.config_hash, dist_env.world_size)
@@ -187,6 +200,8 @@ class _Session:
         dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         self.peak = peak_tflops(dev_name)
         self.params = sum(p.numel() for p in self.engine.module.parameters())
+        self.flop_factor = 4 if cfg.activation_checkpointing else 3  # forward + backward (+ recompute)
+        self.flops_per_sample: dict[int, float] = {}  # by padded text length
         info = {"world_size": dist_env.world_size, "micro_batch": self.split.micro_batch,
                 "accumulation": self.split.accumulation, "global_batch": cfg.global_batch, "steps": cfg.steps,
                 "params": self.params, "config_hash": self.config_hash, "launcher": dist_env.source,
@@ -244,42 +259,19 @@ class _Session:
     def run(self, stop_after: int | None) -> dict[str, Any]:
         import torch
 
-        from vltrain.model_math import forward_flops_per_sample
-
-        cfg, eng, split = self.cfg, self.engine, self.split
-        world = self.dist.world_size
-        flop_factor = 4 if cfg.activation_checkpointing else 3
-        flops_per_sample: dict[int, float] = {}
+        cfg = self.cfg
         interval = torch.zeros(8, dtype=torch.float64)  # loss sums x4, micro steps, tokens, flops, seconds
         batches = iter(self.loader)
         first_step = self.step
         while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            local = torch.zeros(10, dtype=torch.float64)  # 2 stop flags, 4 loss sums, micro, tokens, flops, seconds
-            for micro in range(split.accumulation):
-                batch = next(batches)
-                mask = batch["attention_mask"]
-                t = mask.shape[1]
-                if t not in flops_per_sample:
-                    flops_per_sample[t] = forward_flops_per_sample(self.mcfg, text_len=t)
-                local[7] += int(mask.sum())
-                local[8] += flops_per_sample[t] * mask.shape[0] * flop_factor
-                out = eng(batch["images"].to(self.device, self.dtype), batch["input_ids"].to(self.device),
-                          mask.to(self.device))
-                eng.backward(out["loss"])
-                if micro == split.accumulation - 1:
-                    lr = eng.get_lr()[0]
-                eng.step()
-                local[2:6] += torch.stack([out[k].detach().float() for k in self.LOSSES]).cpu().double()
-            local[6] = split.accumulation
-            local[9] = time.perf_counter() - t0
-            local[0:2] = torch.tensor(self.stops.flags(), dtype=torch.float64)
-            if world > 1:
-                torch.distributed.all_reduce(local)  # sums over ranks; one collective per step
+            local, lr = self.train_step(batches)
+            if self.dist.world_size > 1:
+                torch.distributed.all_reduce(local)  # sums over ranks: stop flags and log values, one collective
             self.step += 1
             self.samples += cfg.global_batch
             interval += local[2:]
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps or local[:2].any():
+            stop = bool(local[:2].any())
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps or stop:
                 self._log(interval, lr)
                 interval.zero_()
             if self.energy is not None:
@@ -288,7 +280,7 @@ class _Session:
                 self.evaluate()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save("periodic")
-            if local[:2].any():
+            if stop:
                 self._stop(int(local[0] > 0))
             if stop_after is not None and self.step - first_step >= stop_after and self.step < cfg.steps:
                 self.save("stop_after")
@@ -298,6 +290,40 @@ class _Session:
         self.events.emit("finish", self.step, samples=self.samples,
                          recall_i2t_r1=result["i2t"]["R@1"] if result else None)
         return {"step": self.step, "samples": self.samples, "finished": True, "eval": result}
+
+    def train_step(self, batches) -> tuple[Any, float]:
+        """One optimizer step (accumulation micro steps) -> (this rank's 10 numbers to reduce, its LR).
+
+        The numbers: 2 stop flags, 4 loss sums, micro steps, real text tokens, model FLOPs, seconds.
+        """
+        import torch
+
+        from vltrain.model_math import forward_flops_per_sample
+
+        eng, accumulation = self.engine, self.split.accumulation
+        t0 = time.perf_counter()
+        local = torch.zeros(10, dtype=torch.float64)
+        losses = []
+        for micro in range(accumulation):
+            batch = next(batches)
+            mask = batch["attention_mask"]
+            t = mask.shape[1]
+            if t not in self.flops_per_sample:
+                self.flops_per_sample[t] = forward_flops_per_sample(self.mcfg, text_len=t) * self.flop_factor
+            local[7] += int(mask.sum())
+            local[8] += self.flops_per_sample[t] * mask.shape[0]
+            out = eng(batch["images"].to(self.device, self.dtype), batch["input_ids"].to(self.device),
+                      mask.to(self.device))
+            eng.backward(out["loss"])
+            if micro == accumulation - 1:
+                lr = eng.get_lr()[0]  # the LR this step uses; engine.step() moves the schedule on
+            eng.step()
+            losses.append(torch.stack([out[k].detach().float() for k in self.LOSSES]))
+        local[2:6] = torch.stack(losses).sum(0).cpu().double()
+        local[6] = accumulation
+        local[9] = time.perf_counter() - t0
+        local[0:2] = torch.tensor(self.stops.flags(), dtype=torch.float64)
+        return local, lr
 
     def _log(self, interval, lr: float) -> None:
         from vltrain.metrics import human_line, memory_gib, mfu

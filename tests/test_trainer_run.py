@@ -1,0 +1,296 @@
+"""The trainer for real on CPU: exact resume (1 and 2 processes), a kill in the middle of a checkpoint,
+preemption under submitit, a lost peer, and the errors that must come before any training.
+
+Every run is a real subprocess (the console script, torchrun or submitit's local executor) on
+synthetic shards; "identical" means bit-identical: float equality of every logged loss and
+torch.equal on every weight of the final checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from tests.conftest import BIN, REPO, run_cli
+
+pytestmark = pytest.mark.slow
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+STEPS_1P, STEPS_2P = 6, 12
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from vltrain.data.synth import write_synthetic_shards
+    from vltrain.tokenizer import train_tokenizer_from_shards
+
+    d = tmp_path_factory.mktemp("trainer-data")
+    write_synthetic_shards(d / "shards", n=256, shards=4, seed=0, image_size=32, holdout=48)
+    train_tokenizer_from_shards(d / "shards", 1000, d / "tok.model")
+    return d
+
+
+def write_config(path: Path, data_dir: Path, **top) -> Path:
+    cfg = {"model": "tiny", "global_batch": 16, "accumulation": 2, "steps": STEPS_1P, "precision": "bf16",
+           "seed": 0, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 2,
+           "data": {"shards": str(data_dir / "shards"), "tokenizer": str(data_dir / "tok.model"), "shuffle_buffer": 64},
+           "optim": {"lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 2}}
+    for k, v in top.items():
+        cfg[k] = cfg[k] | v if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    path.write_text(tomli_w.dumps(cfg))
+    return path
+
+
+def vltrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_cli(*args, prog="vltrain", env=ENV, timeout=timeout)
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
+           "-m", "vltrain.cli", *args]
+    return subprocess.run(cmd, cwd=REPO, env=os.environ | ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    from vltrain.distenv import free_port
+
+    return free_port()
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def trajectory(run_dir: Path) -> dict[int, tuple]:
+    """step -> logged values; a step logged twice (after a crash) keeps its last line."""
+    keys = ("loss", "itc", "mlm", "caption", "lr", "grad_norm", "samples")
+    return {m["step"]: tuple(m[k] for k in keys) for m in jsonl(run_dir / "metrics.jsonl")}
+
+
+def final_weights(run_dir: Path) -> dict:
+    from vltrain import checkpoint
+
+    return checkpoint.module_state(checkpoint.latest(run_dir))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def events(run_dir: Path) -> list[tuple[str, int]]:
+    return [(e["event"], e["step"]) for e in jsonl(run_dir / "events.jsonl")]
+
+
+# ---------------------------------------------------------------- one process
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("full")
+    cfg = write_config(d / "cfg.toml", data)
+    r = vltrain("train", "--config", str(cfg), "--run-dir", str(d / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 6/6 | loss" in r.stdout and "eval step 6: i2t R@1" in r.stdout
+    return d / "run"
+
+
+def test_uninterrupted_run_writes_metrics_events_checkpoints_and_eval(full_run):
+    lines = jsonl(full_run / "metrics.jsonl")
+    assert [m["step"] for m in lines] == list(range(1, STEPS_1P + 1))
+    keys = {"step", "loss", "itc", "mlm", "caption", "lr", "grad_norm", "samples_per_s", "tokens_per_s",
+            "step_time_s", "mfu", "mem_gib", "samples", "time"}
+    assert all(keys == set(m) for m in lines)
+    assert lines[-1]["samples"] == 16 * STEPS_1P
+    assert lines[0]["lr"] == pytest.approx(1e-3) and lines[1]["lr"] == pytest.approx(2e-3)  # warm-up of 2 steps
+    assert events(full_run) == [("start", 0), ("checkpoint", 2), ("checkpoint", 4), ("checkpoint", 6), ("finish", 6)]
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]  # keep 2
+    ev = json.loads((full_run / "eval.json").read_text())
+    assert ev["n"] == 48 and ev["chance_r1"] == pytest.approx(1 / 48) and ev["step"] == STEPS_1P
+    assert set(ev["i2t"]) == set(ev["t2i"]) == {"R@1", "R@5", "R@10"} and ev["cider"] >= 0
+
+
+def test_exact_resume_one_process(full_run, data, tmp_path):
+    cfg = write_config(tmp_path / "cfg.toml", data)
+    run = tmp_path / "run"
+    first = vltrain("train", "--config", str(cfg), "--run-dir", str(run), "--stop-after", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert max(trajectory(run)) == 3 and (run / "checkpoints" / "step_0000003" / "COMPLETE").exists()
+    second = vltrain("train", "--config", str(cfg), "--run-dir", str(run))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from step_0000003 at step 3/6" in second.stdout
+    assert trajectory(run) == trajectory(full_run)
+    assert_same_weights(final_weights(run), final_weights(full_run))
+    resume = [e for e in jsonl(run / "events.jsonl") if e["event"] == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] == 3 and resume[0]["attempt"] == 1
+
+
+KILL_IN_CHECKPOINT = """
+import os, signal, sys
+from vltrain import checkpoint
+from vltrain.config import load_train_config
+from vltrain.loop import train
+
+real, calls = checkpoint.rng_state, []
+def rng_state_then_die():
+    calls.append(1)
+    if len(calls) == 2:  # the checkpoint of step 4: DeepSpeed's files are written, ours are not
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real()
+checkpoint.rng_state = rng_state_then_die
+train(load_train_config(sys.argv[1]), sys.argv[2])
+"""
+
+
+def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(full_run, data, tmp_path):
+    cfg = write_config(tmp_path / "cfg.toml", data)
+    run = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT, str(cfg), str(run)], cwd=REPO,
+                            env=os.environ | ENV, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    tmp = run / "checkpoints" / ".tmp-step_0000004"
+    assert (tmp / "ds").is_dir() and not (tmp / "COMPLETE").exists()
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_0000002"]
+    r = vltrain("train", "--config", str(cfg), "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from step_0000002 at step 2/6" in r.stdout
+    assert not tmp.exists()  # cleaned up by the next save
+    assert trajectory(run) == trajectory(full_run)  # steps 3-4 were logged twice; the last lines match
+    assert_same_weights(final_weights(run), final_weights(full_run))
+
+
+def test_checkpoint_of_another_config_is_refused(full_run, data, tmp_path):
+    cfg = write_config(tmp_path / "cfg.toml", data, optim={"lr": 5e-3})
+    r = vltrain("train", "--config", str(cfg), "--run-dir", str(full_run))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "step_0000006: written by config" in lines[0] and "allowed:" in lines[0]
+
+
+def test_eval_command_reads_the_newest_checkpoint(full_run):
+    r = vltrain("eval", "--run-dir", str(full_run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 6 (step_0000006), 48 held-out pairs" in r.stdout and "i2t  R@1" in r.stdout
+    assert json.loads((full_run / "eval.json").read_text())["checkpoint"] == "step_0000006"
+
+
+def test_vocabulary_larger_than_the_corpus_allows_fails_before_training(data, tmp_path):
+    from dataclasses import asdict
+
+    from vltrain.presets import tiny
+
+    model = asdict(tiny()) | {"vocab_size": 20000, "name": "tiny-big-vocab"}
+    cfg = write_config(tmp_path / "cfg.toml", data, model=model, data={"tokenizer": ""})
+    r = vltrain("train", "--config", str(cfg), "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.vocab_size: 20000 is too large for the captions of")
+    assert "allowed: at most" in lines[0] and not (tmp_path / "run" / "metrics.jsonl").exists()
+    # a tokenizer whose size differs from the model's
+    model = asdict(tiny()) | {"vocab_size": 500}
+    cfg = write_config(tmp_path / "cfg2.toml", data, model=model)
+    r = vltrain("train", "--config", str(cfg), "--run-dir", str(tmp_path / "run2"))
+    assert r.returncode == 2 and "model.vocab_size: 500 but the tokenizer" in r.stderr
+
+
+# ---------------------------------------------------------------- two processes
+
+
+def two_proc_config(path: Path, data: Path) -> Path:
+    return write_config(path, data, steps=STEPS_2P, precision="fp32", checkpoint_every=4)
+
+
+@pytest.fixture(scope="module")
+def full_run_2p(data, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("full2p")
+    r = torchrun(2, "train", "--config", str(two_proc_config(d / "cfg.toml", data)), "--run-dir", str(d / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    start = jsonl(d / "run" / "events.jsonl")[0]
+    assert (start["world_size"], start["micro_batch"], start["accumulation"], start["launcher"]) == (2, 4, 2, "torchrun")
+    return d / "run"
+
+
+def test_exact_resume_two_processes(full_run_2p, data, tmp_path):
+    cfg = two_proc_config(tmp_path / "cfg.toml", data)
+    run = tmp_path / "run"
+    first = torchrun(2, "train", "--config", str(cfg), "--run-dir", str(run), "--stop-after", "5")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(2, "train", "--config", str(cfg), "--run-dir", str(run))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert ("resume", 5) in events(run)
+    assert trajectory(run) == trajectory(full_run_2p)
+    assert_same_weights(final_weights(run), final_weights(full_run_2p))
+
+
+def _wait_for_step(run: Path, step: int, proc_alive, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if trajectory(run) and max(trajectory(run)) >= step:
+            return
+        assert proc_alive(), "the run ended before reaching the step"
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def test_preemption_under_submitit_checkpoints_at_a_step_boundary_requeues_and_resumes(full_run_2p, data, tmp_path):
+    """USR2 to rank 1 only (as Slurm's --signal reaches every task, but late on some): both ranks stop
+    at the same step boundary, rank 0 runs submitit's handler, which requeues; the requeued tasks resume
+    and end exactly where the uninterrupted torchrun run ended."""
+    import psutil
+    import submitit
+
+    from vltrain.loop import TrainJob
+
+    run = tmp_path / "run"
+    run.mkdir()
+    two_proc_config(run / "config.toml", data)
+    ex = submitit.LocalExecutor(folder=str(run / "submitit"))
+    # 60 min: a USR2 this early is a preemption by submitit's rule (a time-out is one near the limit)
+    ex.update_parameters(tasks_per_node=2, timeout_min=60, setup=["export OMP_NUM_THREADS=1"])
+    job = ex.submit(TrainJob(str(run)))
+    _wait_for_step(run, 1, lambda: job.state == "RUNNING")
+    tasks = [p for p in psutil.Process(int(job.job_id)).children(recursive=True)
+             if p.environ().get("SUBMITIT_LOCAL_GLOBALID") == "1"]
+    assert len(tasks) == 1
+    tasks[0].send_signal(signal.SIGUSR2)
+    results = job.results()  # waits for the requeued attempt
+    assert results[0]["finished"] and results[0]["step"] == STEPS_2P
+    ev = jsonl(run / "events.jsonl")
+    stop = next(e for e in ev if e["event"] == "preempt")
+    assert stop["signal"] == "SIGUSR2" and 1 <= stop["step"] < STEPS_2P
+    assert ("checkpoint", stop["step"]) in events(run) and ("resume", stop["step"]) in events(run)
+    assert [e["attempt"] for e in ev if e["event"] in ("start", "resume")] == [0, 1]
+    assert trajectory(run) == trajectory(full_run_2p)
+    assert_same_weights(final_weights(run), final_weights(full_run_2p))
+
+
+def test_lost_peer_exits_75(data, tmp_path):
+    cfg = write_config(tmp_path / "cfg.toml", data, steps=200, checkpoint_every=0)
+    run = tmp_path / "run"
+    port = str(_free_port())
+    procs = [subprocess.Popen([str(BIN / "vltrain"), "train", "--config", str(cfg), "--run-dir", str(run)], cwd=REPO,
+                              env=os.environ | ENV | {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        _wait_for_step(run, 2, lambda: procs[0].poll() is None)
+        procs[1].kill()
+        _, err = procs[0].communicate(timeout=120)
+        assert procs[0].returncode == 75, err[-2000:]
+        assert "lost a peer or the communicator" in err
+        assert jsonl(run / "events.jsonl")[-1]["event"] == "error"
+        assert jsonl(run / "events.jsonl")[-1]["kind"] == "communication"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
