@@ -256,7 +256,8 @@ def test_preemption_under_submitit_checkpoints_at_a_step_boundary_requeues_and_r
     two_proc_config(run / "config.toml", data)
     ex = submitit.LocalExecutor(folder=str(run / "submitit"))
     # 60 min: a USR2 this early is a preemption by submitit's rule (a time-out is one near the limit)
-    ex.update_parameters(tasks_per_node=2, timeout_min=60, setup=["export OMP_NUM_THREADS=1"])
+    ex.update_parameters(tasks_per_node=2, timeout_min=60,
+                         setup=["export OMP_NUM_THREADS=1", "export VLTRAIN_COUNTRY=FRA"])  # energy on
     job = ex.submit(TrainJob(str(run)))
     _wait_for_step(run, 1, lambda: job.state == "RUNNING")
     tasks = [p for p in psutil.Process(int(job.job_id)).children(recursive=True)
@@ -272,6 +273,8 @@ def test_preemption_under_submitit_checkpoints_at_a_step_boundary_requeues_and_r
     assert [e["attempt"] for e in ev if e["event"] in ("start", "resume")] == [0, 1]
     assert trajectory(run) == trajectory(full_run_2p)
     assert_same_weights(final_weights(run), final_weights(full_run_2p))
+    energy = sorted((run / "energy").glob("node000-*.csv"))  # one tracker per node, one file per attempt
+    assert len(energy) == 2 and all("energy_consumed" in p.read_text() for p in energy)
 
 
 def test_lost_peer_exits_75(data, tmp_path):
