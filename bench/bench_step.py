@@ -90,7 +90,7 @@ def main() -> None:
     from vltrain import distenv
     from vltrain.cli import parse_overrides
     from vltrain.config import load_train_config
-    from vltrain.loop import StopRequests, _Session, batch_split
+    from vltrain.loop import StopRequests, Session, batch_split
     from vltrain.metrics import EventLog
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
@@ -107,7 +107,7 @@ def main() -> None:
     os.environ.pop("VLTRAIN_COUNTRY", None)  # no energy tracker in the timed loop
     stops = StopRequests()
     (tmp / "run").mkdir()
-    session = _Session(cfg, tmp / "run", distenv.current(), EventLog(tmp / "run", False, 0), stops)
+    session = Session(cfg, tmp / "run", distenv.current(), EventLog(tmp / "run", False, 0), stops)
     cached = list(itertools.islice(iter(session.loader), 4 * split.accumulation))
     vl_batches, bare_batches = itertools.cycle(cached), itertools.cycle(cached)
 

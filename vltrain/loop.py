@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ class StopRequests:
         self.original: dict[int, Any] = {}
 
     def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only; whoever runs us there handles them
         for sig in self.signals:
             self.original[sig] = signal.getsignal(sig)
             signal.signal(sig, self._record)
@@ -93,12 +96,23 @@ def batch_split(cfg: TrainConfig, world_size: int):
 
 
 def write_config(run_dir: Path, cfg: TrainConfig) -> None:
-    """<run_dir>/config.toml: the resolved config this attempt trains with (what `vltrain eval` reads)."""
+    """<run_dir>/config.toml: the resolved config this attempt trains with (what `vltrain eval` reads).
+
+    Left alone when it already says the same (clusterctl writes it before submitting).
+    """
+    import tomllib
+
     import tomli_w
 
+    path = run_dir / "config.toml"
+    try:
+        if tomllib.loads(path.read_text(encoding="utf-8")) == cfg.to_dict():
+            return
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
     tmp = run_dir / ".config.toml.tmp"
     tmp.write_text(tomli_w.dumps(cfg.to_dict()), encoding="utf-8")
-    os.replace(tmp, run_dir / "config.toml")
+    os.replace(tmp, path)
 
 
 def seed_rank(seed: int, rank: int) -> None:
@@ -128,9 +142,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
     stops.install()  # first: a signal that arrives during the slow start-up is not lost
     dist_env = distenv.current()
     events = EventLog(run_dir, dist_env.is_main, attempt_number(run_dir))
-    session: _Session | None = None
+    session: Session | None = None
     try:
-        session = _Session(cfg, run_dir, dist_env, events, stops)
+        session = Session(cfg, run_dir, dist_env, events, stops)
         return session.run(stop_after)
     except (UserError, SystemExit) as e:
         if isinstance(e, UserError):
@@ -153,7 +167,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
         events.close()
 
 
-class _Session:
+class Session:
     """One attempt of a run on one rank: validated inputs, process group, engine, loader, sinks."""
 
     LOSSES = ("loss", "itc", "mlm", "caption")
