@@ -20,10 +20,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
-demo: venv
-	$(BIN)/clusterctl profiles list
+# The main job: synthetic image-text shards and a SentencePiece tokenizer (made once), then a real
+# tiny pre-training run through `clusterctl submit --profile local` (submitit's local executor),
+# streamed until it ends with held-out Recall@K; then its energy and GPU-hours.
+demo: venv data/synth/tokenizer.model
 	$(BIN)/clusterctl plan --profile a100x64 --model crossmodal-xl --global-batch 8192 --activation-checkpointing
-	$(BIN)/clusterctl estimate --profile a100x64 --duration 6w
+	$(BIN)/clusterctl submit --profile local --config configs/tiny.toml --name demo --wait
+	$(BIN)/clusterctl report energy --run demo
+	$(BIN)/clusterctl report gpu-hours --by profile
+
+data/synth/tokenizer.model: | venv
+	$(BIN)/vltrain data synth --out data/synth --n 4000 --shards 8 --holdout 500 --image-size 32
+	$(BIN)/vltrain tokenizer train --shards data/synth --vocab-size 1000 --out data/synth/tokenizer.model
 
 test: venv slurm-up
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

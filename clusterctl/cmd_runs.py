@@ -48,7 +48,7 @@ def build_run(profile_name: str, config: Path | None, overrides: dict[str, Any])
     from vltrain.config import load_train_config
 
     profile = load_profile(profile_name, flag="--profile")
-    cfg = load_train_config(config, overrides)
+    cfg = absolute_data_paths(load_train_config(config, overrides))
     plan, resolved = plan_for_run(profile, cfg)
     return profile, resolved, plan.to_dict() | {"steps": resolved.steps, "estimate": run_estimate(profile, plan, resolved.steps)}
 
@@ -70,6 +70,16 @@ def run_estimate(profile, plan, steps: int) -> dict[str, Any]:
     flops = steps * plan.split.global_batch * plan.flops_per_sample
     e = estimate(setup, Work(flops=flops, describe=f"{steps} steps x {plan.split.global_batch} samples"), DEFAULT_MFU)
     return {k: getattr(e, k) for k in ("hours", "gpu_hours", "energy_kwh", "co2_kg", "mfu", "carbon_intensity_g_per_kwh", "intensity_source")}
+
+
+def absolute_data_paths(cfg):
+    """Relative data paths are the submitter's (its working directory); jobs start elsewhere."""
+    d = cfg.data
+    fixed = {k: str(Path(v).absolute()) for k in ("shards", "eval_shards", "tokenizer")
+             if (v := getattr(d, k)) and not v.startswith(("/", "s3:", "gs:", "http:", "https:", "pipe:"))}
+    if fixed and d.shards and "{" not in d.shards and not Path(fixed.get("shards", d.shards)).exists():
+        raise UserError(f"data.shards: {d.shards!r} does not exist; allowed: a directory of shards (vltrain data synth --out DIR ...)")
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, **fixed)) if fixed else cfg
 
 
 def run_profile(run):
@@ -178,12 +188,13 @@ def _print_outcome(run, state: str) -> None:
     """One line for the end of a run, with its evaluation when the trainer wrote one."""
     colour = "green" if state == "COMPLETED" else "red"
     console.print(f"run {run.run_id}: [{colour}]{state}[/{colour}]")
-    path = Path(run.run_dir) / "eval.json"
-    if path.exists():
-        ev = json.loads(path.read_text())
-        keys = [k for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "cider", "chance_r1") if k in ev]
-        if keys:
-            console.print("eval: " + "  ".join(f"{k}={ev[k]:.3f}" for k in keys))
+    from clusterctl.cmd_watch import _eval
+
+    ev = _eval(Path(run.run_dir))
+    if ev:
+        chance = json.loads((Path(run.run_dir) / "eval.json").read_text()).get("chance_r1")
+        console.print("held-out eval: " + "  ".join(f"{k} {v:.3f}" for k, v in ev.items())
+                      + (f"  (chance R@1 {chance:.4f})" if isinstance(chance, (int, float)) else ""))
 
 
 def _latest_job(reg, run) -> Any:

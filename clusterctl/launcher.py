@@ -7,6 +7,8 @@ function here that talks to Slurm or starts a process. A dry run is the same pat
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shlex
 import sys
@@ -137,13 +139,30 @@ def make_executor(spec: LaunchSpec):
     return ex
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 (child processes included) to a temporary file for the duration."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def submit(spec: LaunchSpec, fn: Any) -> Any:
     """Submit `fn` (a submitit Checkpointable) and return the submitit job; Slurm errors become one line."""
     ex = make_executor(spec)
     import submitit
 
     try:
-        return ex.submit(fn)
+        with _quiet_stderr():  # submitit lets sbatch write to our stderr; the error says it in one line
+            return ex.submit(fn)
     except submitit.core.utils.FailedJobError as e:
         from clusterctl.slurm import sbatch_error_line
 

@@ -87,11 +87,12 @@ def read_energy(run_dir: Path) -> list[EnergyReading]:
     return out
 
 
-def gpu_hours(gpus: int, jobs: Iterable[Any], now: float) -> tuple[float, str]:
-    """GPU-hours of a run's jobs: Slurm's allocated GPUs x elapsed when known, else registry times x GPUs."""
+def gpu_hours(gpus: int, jobs: Iterable[Any], now: float, accounting: bool = True) -> tuple[float, str]:
+    """GPU-hours of a run's jobs: Slurm's allocated GPUs x elapsed when known, else registry times x GPUs.
+    `accounting=False` (local executor): the times are the registry's own, whatever fields are set."""
     total, sources = 0.0, set()
     for j in jobs:
-        if j.alloc_gpus and j.elapsed_s is not None:
+        if accounting and j.alloc_gpus and j.elapsed_s is not None:
             total += j.alloc_gpus * j.elapsed_s / 3600
             sources.add("sacct")
         elif j.started_at is not None:
@@ -104,7 +105,7 @@ def gpu_hours(gpus: int, jobs: Iterable[Any], now: float) -> tuple[float, str]:
 
 
 def usage_for(run: Any, jobs: list[Any], readings: list[EnergyReading], now: float) -> RunUsage:
-    hours, source = gpu_hours(run.gpus, jobs, now)
+    hours, source = gpu_hours(run.gpus, jobs, now, accounting=getattr(run, "executor", "slurm") != "local")
     u = RunUsage(run_id=run.run_id, name=run.name, profile=run.profile, user=run.user, created_at=run.created_at,
                  gpus=run.gpus, gpu_hours=hours, gpu_hours_source=source, readings=readings,
                  energy_kwh=sum(r.energy_kwh for r in readings), co2_kg=sum(r.co2_kg for r in readings))

@@ -1,0 +1,145 @@
+"""clusterctl against the real local Slurm cluster (scripts/slurm-local.sh, started by `make test`):
+a 2-node tiny training run, a preemption requeue that resumes exactly, cancel, a bad partition,
+and 16 concurrent CLI processes. Marked slurm + slow; they skip when the cluster is not up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from clusterctl.registry import Registry
+from tests.conftest import REPO, run_cli
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def _slurm_up() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    if not _slurm_up():
+        pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "data"
+    for args in (("data", "synth", "--out", str(data), "--n", "1200", "--shards", "4", "--holdout", "64", "--image-size", "32"),
+                 ("tokenizer", "train", "--shards", str(data), "--vocab-size", "1000", "--out", str(data / "tok.model"))):
+        r = run_cli(*args, prog="vltrain", timeout=300)
+        assert r.returncode == 0, r.stderr
+    cfg = root / "train.toml"
+    cfg.write_text(f'model = "tiny"\nglobal_batch = 16\nsteps = 24\nprecision = "fp32"\nlog_every = 1\n'
+                   f'checkpoint_every = 4\nkeep_checkpoints = 2\n[data]\nshards = "{data}"\ntokenizer = "{data / "tok.model"}"\n'
+                   f'[optim]\nlr = 1e-3\nwarmup_steps = 4\n')
+    env = {"CLUSTERCTL_REGISTRY": str(root / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(root / "runs")}
+    return {"root": root, "cfg": cfg, "env": env}
+
+
+def _submit(world, name, *extra):
+    r = run_cli("submit", "--profile", "slurm-local", "--config", str(world["cfg"]), "--name", name, "--json", *extra,
+                env=world["env"])
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _status(world, run_id):
+    r = run_cli("status", run_id, "--json", env=world["env"])
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["runs"][0]
+
+
+def _wait(world, run_id, until=lambda row: row["state"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+          timeout=420):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = _status(world, run_id)
+        if until(row):
+            return row
+        time.sleep(2)
+    pytest.fail(f"{run_id}: still {row['state']} after {timeout} s")
+
+
+def _final_loss(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = {r["step"]: r for r in rows}  # a requeued run logs the steps after its checkpoint twice
+    return last[max(last)]["loss"]
+
+
+@pytest.fixture(scope="module")
+def completed(world):
+    sub = _submit(world, "e2e2n")
+    row = _wait(world, sub["run_id"])
+    return sub, row
+
+
+def test_two_node_training_completes(world, completed):
+    sub, row = completed
+    assert row["state"] == "COMPLETED", row
+    assert row["job_id"] == sub["job_id"] and row["step"] == 24
+    assert row["alloc_gpus"] == 2 and row["gpu_hours"] > 0
+    for rank in (0, 1):
+        r = run_cli("logs", sub["run_id"], "--rank", str(rank), env=world["env"])
+        assert r.returncode == 0 and f"global_rank={rank}(2)" in r.stdout, r.stdout + r.stderr
+    r0 = run_cli("logs", sub["run_id"], env=world["env"]).stdout
+    assert "2 rank(s)" in r0 and "step 24/24" in r0
+
+
+def test_preemption_requeues_and_resumes_exactly(world, completed):
+    sub = _submit(world, "e2epre")
+    run_dir = Path(sub["run_dir"])
+    deadline = time.monotonic() + 300
+    while not list((run_dir / "checkpoints").glob("step_*")):  # a complete checkpoint exists
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(1)
+    subprocess.run(["scancel", "--signal=USR2", sub["job_id"]], check=True, timeout=30)
+    row = _wait(world, sub["run_id"])
+    assert row["state"] == "COMPLETED" and row["requeues"] >= 1, row
+    events = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert "preempt" in events or "timeout" in events
+    assert "resume" in events
+    assert _final_loss(run_dir) == _final_loss(Path(completed[0]["run_dir"]))  # same as the uninterrupted run
+
+
+def test_cancel_and_bad_partition(world, tmp_path):
+    sub = _submit(world, "e2ecancel", "--hold")
+    r = run_cli("cancel", sub["run_id"], env=world["env"])
+    assert r.returncode == 0, r.stderr
+    assert _wait(world, sub["run_id"], timeout=60)["state"] == "CANCELLED"
+    prof = tmp_path / "badpart.toml"
+    prof.write_text((REPO / "cluster_profiles" / "slurm-local.toml").read_text()
+                    .replace('name = "slurm-local"', 'name = "badpart"').replace('partition = "debug"', 'partition = "nope"'))
+    r = run_cli("submit", "--profile", str(prof), "--config", str(world["cfg"]), env=world["env"])
+    assert r.returncode == 2 and r.stderr.startswith("error: sbatch: ") and "partition" in r.stderr.lower(), r.stderr
+    assert r.stderr.strip().count("\n") == 0
+
+
+def test_sixteen_concurrent_cli_processes(world):
+    def work(i):
+        if i % 2:
+            return run_cli("status", "--all", "--json", env=world["env"])
+        return run_cli("submit", "--profile", "slurm-local", "--config", str(world["cfg"]), "--name", f"cc{i}",
+                       "--hold", "--json", env=world["env"])
+
+    with ThreadPoolExecutor(16) as ex:
+        results = list(ex.map(work, range(16)))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results if r.returncode]
+    subs = [json.loads(r.stdout) for i, r in enumerate(results) if i % 2 == 0]
+    for r in results[1::2]:
+        json.loads(r.stdout)  # every status answer is whole JSON
+    reg = Registry(Path(world["env"]["CLUSTERCTL_REGISTRY"]))
+    try:
+        for s in subs:
+            run = reg.get_run(s["run_id"])
+            jobs = reg.jobs(run.run_id)
+            assert [j.job_id for j in jobs] == [s["job_id"]]
+            assert Path(run.run_dir, "config.toml").exists()
+    finally:
+        subprocess.run(["scancel", *[s["job_id"] for s in subs]], timeout=30)
