@@ -1,0 +1,97 @@
+"""`clusterctl watch` for real: under tmux (80x24) against a running local training job, then the
+non-TTY output. Marked slow (it trains); skipped when tmux is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import BIN, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("watch")
+    data = root / "data"
+    for args in (("data", "synth", "--out", str(data), "--n", "1200", "--shards", "4", "--holdout", "64", "--image-size", "32"),
+                 ("tokenizer", "train", "--shards", str(data), "--vocab-size", "1000", "--out", str(data / "tok.model"))):
+        r = run_cli(*args, prog="vltrain", timeout=300)
+        assert r.returncode == 0, r.stderr
+    cfg = root / "train.toml"
+    cfg.write_text(f'model = "tiny"\nglobal_batch = 16\nsteps = 60\nprecision = "fp32"\nlog_every = 1\n'
+                   f'checkpoint_every = 0\n[data]\nshards = "{data}"\ntokenizer = "{data / "tok.model"}"\n')
+    env = {"CLUSTERCTL_REGISTRY": str(root / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(root / "runs")}
+    return {"root": root, "cfg": cfg, "env": env}
+
+
+def _submit(world, name):
+    r = run_cli("submit", "--profile", "local", "--config", str(world["cfg"]), "--name", name, "--json", env=world["env"])
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["run_id"]
+
+
+class Tmux:
+    def __init__(self, name: str, command: str, env: dict[str, str]):
+        self.name = name
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        shell = f"export {exports} PATH={shlex.quote(str(BIN))}:$PATH TERM=xterm-256color; {command}; echo EXIT=$?; echo MODE=$(stty -a | tr ' ;' '\\n\\n' | grep -x -- '-\\?icanon'); sleep 60"
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "80", "-y", "24", shell], check=True, timeout=10)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True, timeout=10).stdout
+
+    def wait_for(self, *texts: str, timeout: float = 240) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.screen()
+            if all(t in s for t in texts):
+                return s
+            time.sleep(0.5)
+        pytest.fail(f"{texts} never appeared; screen:\n{self.screen()}")
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True, timeout=10)
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], timeout=10)
+
+
+def test_watch_under_tmux_until_the_summary(world):
+    run_id = _submit(world, "watched")
+    t = Tmux(f"w{os.getpid()}", f"clusterctl watch {run_id} --interval 0.5", world["env"])
+    try:
+        live = t.wait_for("RUNNING", "/60", "loss", "samples/s", "q quits")
+        assert all(len(line) <= 80 for line in live.splitlines())
+        end = t.wait_for("run(s) finished", "EXIT=", timeout=300)
+        assert "COMPLETED" in end and "final loss" in end and "EXIT=0" in end
+        assert "GPU-h" in end and "kWh" in end
+    finally:
+        t.kill()
+    # not a terminal: plain lines, ends by itself at once for a finished run
+    r = run_cli("watch", run_id, env=world["env"])
+    assert r.returncode == 0, r.stderr
+    assert f"{run_id} COMPLETED step 60/60 loss" in r.stdout and "run(s) finished" in r.stdout
+
+
+def test_q_quits_cleanly_and_leaves_the_run_going(world):
+    run_id = _submit(world, "quitter")
+    t = Tmux(f"q{os.getpid()}", f"clusterctl watch {run_id} --interval 0.5", world["env"])
+    try:
+        t.wait_for("RUNNING", "q quits")
+        t.keys("q")
+        screen = t.wait_for("EXIT=", timeout=30)
+        assert "EXIT=0" in screen and "stopped watching" in screen
+        assert "MODE=icanon" in t.wait_for("MODE=", timeout=10)  # the terminal is back in line mode
+    finally:
+        t.kill()
+    r = run_cli("status", run_id, "--json", env=world["env"])
+    assert json.loads(r.stdout)["runs"][0]["state"] in ("RUNNING", "COMPLETED")
+    run_cli("cancel", run_id, env=world["env"])
