@@ -140,19 +140,24 @@ def make_executor(spec: LaunchSpec):
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
-    """Send file descriptor 2 (child processes included) to a temporary file for the duration."""
-    import tempfile
-
+def _quiet_fds(fds=(2,)):
+    """Point file descriptors (stderr; for a local job also stdout) at /dev/null for the duration.
+    Child processes inherit them: sbatch must not print over our one-line error, and a local job
+    (a long-lived child of this CLI) must not hold the caller's stdout open, or `$(clusterctl submit)`
+    and captured subprocesses would wait for the whole training run. Its logs go to files anyway."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    saved = {fd: os.dup(fd) for fd in fds}
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(null)
 
 
 def submit(spec: LaunchSpec, fn: Any) -> Any:
@@ -161,7 +166,7 @@ def submit(spec: LaunchSpec, fn: Any) -> Any:
     import submitit
 
     try:
-        with _quiet_stderr():  # submitit lets sbatch write to our stderr; the error says it in one line
+        with _quiet_fds((1, 2) if spec.executor == "local" else (2,)):
             return ex.submit(fn)
     except submitit.core.utils.FailedJobError as e:
         from clusterctl.slurm import sbatch_error_line

@@ -26,7 +26,7 @@ def world(tmp_path_factory):
         r = run_cli(*args, prog="vltrain", timeout=300)
         assert r.returncode == 0, r.stderr
     cfg = root / "train.toml"
-    cfg.write_text(f'model = "tiny"\nglobal_batch = 16\nsteps = 60\nprecision = "fp32"\nlog_every = 1\n'
+    cfg.write_text(f'model = "tiny"\nglobal_batch = 16\nsteps = 200\nprecision = "fp32"\nlog_every = 1\n'
                    f'checkpoint_every = 0\n[data]\nshards = "{data}"\ntokenizer = "{data / "tok.model"}"\n')
     env = {"CLUSTERCTL_REGISTRY": str(root / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(root / "runs")}
     return {"root": root, "cfg": cfg, "env": env}
@@ -44,14 +44,19 @@ class Tmux:
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         shell = f"export {exports} PATH={shlex.quote(str(BIN))}:$PATH TERM=xterm-256color; {command}; echo EXIT=$?; echo MODE=$(stty -a | tr ' ;' '\\n\\n' | grep -x -- '-\\?icanon'); sleep 60"
         subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "80", "-y", "24", shell], check=True, timeout=10)
+        self.started = time.monotonic()
 
     def screen(self) -> str:
         return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True, timeout=10).stdout
 
     def wait_for(self, *texts: str, timeout: float = 240) -> str:
         deadline = time.monotonic() + timeout
+        s = ""
         while time.monotonic() < deadline:
-            s = self.screen()
+            r = subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True, timeout=10)
+            if r.returncode:
+                pytest.fail(f"the tmux session ended; last screen:\n{s}\n{r.stderr}")
+            s = r.stdout
             if all(t in s for t in texts):
                 return s
             time.sleep(0.5)
@@ -68,7 +73,7 @@ def test_watch_under_tmux_until_the_summary(world):
     run_id = _submit(world, "watched")
     t = Tmux(f"w{os.getpid()}", f"clusterctl watch {run_id} --interval 0.5", world["env"])
     try:
-        live = t.wait_for("RUNNING", "/60", "loss", "samples/s", "q quits")
+        live = t.wait_for("RUNNING", "/200", "loss", "samples/s", "q quits")
         assert all(len(line) <= 80 for line in live.splitlines())
         end = t.wait_for("run(s) finished", "EXIT=", timeout=300)
         assert "COMPLETED" in end and "final loss" in end and "EXIT=0" in end
@@ -78,7 +83,7 @@ def test_watch_under_tmux_until_the_summary(world):
     # not a terminal: plain lines, ends by itself at once for a finished run
     r = run_cli("watch", run_id, env=world["env"])
     assert r.returncode == 0, r.stderr
-    assert f"{run_id} COMPLETED step 60/60 loss" in r.stdout and "run(s) finished" in r.stdout
+    assert f"{run_id} COMPLETED step 200/200 loss" in r.stdout and "run(s) finished" in r.stdout
 
 
 def test_q_quits_cleanly_and_leaves_the_run_going(world):
