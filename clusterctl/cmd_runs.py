@@ -283,14 +283,25 @@ def cancel(run: str = typer.Argument(..., help="Run id, id prefix or name.")) ->
 
         scancel(job.job_id)
     else:
-        try:
-            os.kill(int(job.job_id), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _terminate_local(int(job.job_id))
     reg.update_job(job.job_id, state="CANCELLED", ended_at=time.time())
     reg.set_run_state(r.run_id, "CANCELLED")
     reg.add_event(r.run_id, "cancel", {"job_id": job.job_id})
     console.print(f"cancelled {r.run_id} (job {job.job_id})")
+
+
+def _terminate_local(pid: int) -> None:
+    """SIGTERM the trainer processes of a local job (they checkpoint and exit), then submitit's
+    controller: the controller alone does not pass the signal on to its children."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for p in [*map(int, children), pid]:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def resume(
