@@ -14,7 +14,6 @@ import shutil
 import signal
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +23,6 @@ from clusterctl.output import console, print_json
 from vltrain.errors import UserError
 
 ACTIVE = {"SUBMITTING", "SUBMITTED", "PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "UNKNOWN"}
-
-
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    """--set key=value, where value is a TOML literal (3e-4, true, "text") or a bare string."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set: {item!r} is not key=value; allowed: e.g. --set optim.lr=3e-4")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        out[key.strip()] = value
-    return out
 
 
 def build_run(profile_name: str, config: Path | None, overrides: dict[str, Any]):
@@ -124,7 +108,9 @@ def submit(
     json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Plan a run for a profile and submit it (Slurm via submitit, or a local process)."""
-    overrides = _parse_set(set_)
+    from vltrain.config import parse_overrides
+
+    overrides = parse_overrides(set_)
     overrides |= {k: v for k, v in (("model", model), ("global_batch", global_batch), ("steps", steps)) if v is not None}
     prof, cfg, plan = build_run(profile, config, overrides)
     from clusterctl.launcher import check_job_name, launch_spec, render_sbatch

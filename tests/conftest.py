@@ -24,3 +24,13 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def tiny_data(root: Path, n: int = 1200, vocab: int = 1000) -> tuple[Path, Path]:
+    """Synthetic shards and a tokenizer for end-to-end runs of the tiny preset, made with the real CLI."""
+    data = root / "data"
+    for args in (("data", "synth", "--out", str(data), "--n", str(n), "--shards", "4", "--holdout", "64", "--image-size", "32"),
+                 ("tokenizer", "train", "--shards", str(data), "--vocab-size", str(vocab), "--out", str(data / "tok.model"))):
+        r = run_cli(*args, prog="vltrain", timeout=300)
+        assert r.returncode == 0, r.stderr
+    return data, data / "tok.model"

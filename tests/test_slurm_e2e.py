@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from clusterctl.registry import Registry
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, tiny_data
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -30,14 +30,10 @@ def world(tmp_path_factory):
     if not _slurm_up():
         pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
     root = tmp_path_factory.mktemp("e2e")
-    data = root / "data"
-    for args in (("data", "synth", "--out", str(data), "--n", "1200", "--shards", "4", "--holdout", "64", "--image-size", "32"),
-                 ("tokenizer", "train", "--shards", str(data), "--vocab-size", "1000", "--out", str(data / "tok.model"))):
-        r = run_cli(*args, prog="vltrain", timeout=300)
-        assert r.returncode == 0, r.stderr
+    data, tok = tiny_data(root)
     cfg = root / "train.toml"
     cfg.write_text(f'model = "tiny"\nglobal_batch = 16\nsteps = 24\nprecision = "fp32"\nlog_every = 1\n'
-                   f'checkpoint_every = 4\nkeep_checkpoints = 2\n[data]\nshards = "{data}"\ntokenizer = "{data / "tok.model"}"\n'
+                   f'checkpoint_every = 4\nkeep_checkpoints = 2\n[data]\nshards = "{data}"\ntokenizer = "{tok}"\n'
                    f'[optim]\nlr = 1e-3\nwarmup_steps = 4\n')
     env = {"CLUSTERCTL_REGISTRY": str(root / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(root / "runs")}
     return {"root": root, "cfg": cfg, "env": env}

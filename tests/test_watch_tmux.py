@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import BIN, run_cli
+from tests.conftest import BIN, run_cli, tiny_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
 
@@ -20,14 +20,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None,
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("watch")
-    data = root / "data"
-    for args in (("data", "synth", "--out", str(data), "--n", "1200", "--shards", "4", "--holdout", "64", "--image-size", "32"),
-                 ("tokenizer", "train", "--shards", str(data), "--vocab-size", "1000", "--out", str(data / "tok.model"))):
-        r = run_cli(*args, prog="vltrain", timeout=300)
-        assert r.returncode == 0, r.stderr
+    data, tok = tiny_data(root)
     cfg = root / "train.toml"
     cfg.write_text(f'model = "tiny"\nglobal_batch = 16\nsteps = 200\nprecision = "fp32"\nlog_every = 1\n'
-                   f'checkpoint_every = 0\n[data]\nshards = "{data}"\ntokenizer = "{data / "tok.model"}"\n')
+                   f'checkpoint_every = 0\n[data]\nshards = "{data}"\ntokenizer = "{tok}"\n')
     env = {"CLUSTERCTL_REGISTRY": str(root / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(root / "runs")}
     return {"root": root, "cfg": cfg, "env": env}
 

@@ -9,13 +9,13 @@ the commands that need them, so `--help` stays fast.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import typer
 from typer.core import TyperGroup
 
+from vltrain.config import parse_overrides
 from vltrain.errors import UserError
 
 _state = {"debug": False}
@@ -45,20 +45,6 @@ app.add_typer(tok_app, name="tokenizer")
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
     _state["debug"] = debug
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """--set key=value pairs; the value is a TOML literal (3e-4, true, "x", [0.9, 0.95]) or a bare string."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set: {item!r} is not key=value; allowed: e.g. --set optim.lr=3e-4")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw
-    return out
 
 
 @app.command()

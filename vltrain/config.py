@@ -180,3 +180,17 @@ def resolve_model(model: str | ModelConfig) -> ModelConfig:
     from vltrain.presets import get_preset
 
     return get_preset(model)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """--set key=value pairs; the value is a TOML literal (3e-4, true, "x", [0.9, 0.95]) or a bare string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set: {item!r} is not key=value; allowed: e.g. --set optim.lr=3e-4")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
