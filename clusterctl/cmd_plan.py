@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from clusterctl.output import console, print_json
+from clusterctl import output
+from clusterctl.output import print_json
 from vltrain.errors import UserError
 
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -58,11 +59,11 @@ def print_plan(d: dict) -> None:
     from rich.table import Table
 
     m = d["memory"]
-    console.print(
+    output.console.print(
         f"[bold]{d['model']}[/bold] ({d['params'] / 1e9:.2f}B params) on [bold]{d['profile']}[/bold]: "
         f"{d['world_size']} GPUs = tp {d['tensor_parallel']} x pp {d['pipeline_parallel']} x dp {d['data_parallel']}"
     )
-    console.print(
+    output.console.print(
         f"global batch {d['global_batch']} = micro batch {d['micro_batch']} x accumulation {d['accumulation']} "
         f"x {d['data_parallel']} data-parallel ranks ({d['samples_per_gpu_per_step']} samples per GPU per step)"
     )
@@ -76,12 +77,12 @@ def print_plan(d: dict) -> None:
                        ("CUDA/NCCL context + DeepSpeed buckets", "buffers_gib"), ("fragmentation (10%)", "fragmentation_gib")):
         t.add_row(label, f"{m[key]:.2f}")
     t.add_row("[bold]total[/bold]", f"[bold]{m['total_gib']:.2f}[/bold] of {m['capacity_gib']:g}")
-    console.print(t)
+    output.console.print(t)
     if m["fits"]:
-        console.print(f"[green]fits[/green]: largest micro batch that fits is {d['max_micro_batch']}; "
+        output.console.print(f"[green]fits[/green]: largest micro batch that fits is {d['max_micro_batch']}; "
                       f"about {d['step_time_s']:.2f} s per optimizer step at {d['mfu_assumed']:.0%} MFU")
     else:
-        console.print("[red]does not fit[/red]: try a higher --zero-stage, --activation-checkpointing, --tp/--pp or more GPUs")
+        output.console.print("[red]does not fit[/red]: try a higher --zero-stage, --activation-checkpointing, --tp/--pp or more GPUs")
 
 
 def estimate(
@@ -226,8 +227,8 @@ def _print_estimate(d: dict) -> None:
     t.add_row("CO2eq", f"{d['co2_kg']:,.0f} kg at {d['carbon_intensity_g_per_kwh']:g} g/kWh ({d['intensity_source']})")
     if d["flops"]:
         t.add_row("training FLOPs", f"{d['flops']:.3g} at MFU {d['mfu']:g}")
-    console.print(t)
+    output.console.print(t)
     for f in d["findings"]:
         colour = "green" if f["verdict"] == "consistent" else "red"
-        console.print(f"claim {f['claim']}: {f['claimed']:,.6g} {f['unit']} vs {f['low']:,.6g}-{f['high']:,.6g} "
+        output.console.print(f"claim {f['claim']}: {f['claimed']:,.6g} {f['unit']} vs {f['low']:,.6g}-{f['high']:,.6g} "
                       f"[{colour}]{f['verdict']}[/{colour}] ({f['why']})", soft_wrap=True)

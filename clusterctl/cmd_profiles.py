@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from clusterctl.output import console, print_json
+from clusterctl import output
+from clusterctl.output import print_json
 from clusterctl.profiles import discover, load_profile, read_profile
 from vltrain.errors import UserError
 
@@ -50,10 +51,10 @@ def list_(json_: bool = typer.Option(False, "--json", help="Print JSON instead o
             continue
         t.add_row(name, r["executor"], f"{r['nodes']}x{r['gpus_per_node']}", r["gpu"], r["fabric_short"],
                   r["country"], r["seed"] or "", style=style)
-    console.print(t)
+    output.console.print(t)
     bad = [r for r in rows if not r["valid"]]
     for r in bad:
-        console.print(f"[red]invalid:[/red] {r['error']}", soft_wrap=True)
+        output.console.print(f"[red]invalid:[/red] {r['error']}", soft_wrap=True)
 
 
 @app.command()
@@ -101,7 +102,7 @@ def show(name: str = typer.Argument(..., help="Profile name or path."),
         rows.append(("seed", p.seed))
     for k, v in rows:
         t.add_row(k, v)
-    console.print(t)
+    output.console.print(t)
 
 
 @app.command()
@@ -110,4 +111,4 @@ def validate(paths: list[Path] = typer.Argument(None, help="Profile files (defau
     targets = list(paths) if paths else [p for p, _ in discover()]
     for path in targets:
         p = read_profile(path)
-        console.print(f"ok  {path}  ({p.name}: {p.world_size} x {p.gpu.model})", markup=False, soft_wrap=True)
+        output.console.print(f"ok  {path}  ({p.name}: {p.world_size} x {p.gpu.model})", markup=False, soft_wrap=True)

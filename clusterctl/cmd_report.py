@@ -15,7 +15,8 @@ from typing import Optional
 
 import typer
 
-from clusterctl.output import console, print_json
+from clusterctl import output
+from clusterctl.output import print_json
 from vltrain.errors import UserError
 
 app = typer.Typer(help="Energy, carbon, GPU-hour and loss reports.", no_args_is_help=True)
@@ -68,14 +69,14 @@ def _report(kind: str, run, profile, since, until, by, json_, csv_, plot) -> Non
     else:
         _print_rows(kind, by, rows)
     if plot is not None and not json_ and not csv_:
-        console.print(f"plot written to {plot}")
+        output.console.print(f"plot written to {plot}")
 
 
 def _print_rows(kind: str, by: str, rows: list[dict]) -> None:
     from rich.table import Table
 
     if not rows:
-        console.print("no runs match: clusterctl submit --profile local")
+        output.console.print("no runs match: clusterctl submit --profile local")
         return
     t = Table(title=f"{kind} by {by}", title_justify="left")
     cols = [("key", by, "left"), ("runs", "runs", "right"), ("gpu_hours", "GPU-h", "right"), ("gpu_hours_source", "source", "left")]
@@ -86,9 +87,9 @@ def _print_rows(kind: str, by: str, rows: list[dict]) -> None:
         t.add_column(head, justify=just)
     for r in rows:
         t.add_row(*[_fmt(r.get(k)) for k, _, _ in cols])
-    console.print(t)
+    output.console.print(t)
     if kind == "energy":
-        console.print("energy: codecarbon, one tracker per node, every attempt summed; GPU-h source: sacct = Slurm accounting, registry = start/end x GPUs")
+        output.console.print("energy: codecarbon, one tracker per node, every attempt summed; GPU-h source: sacct = Slurm accounting, registry = start/end x GPUs")
 
 
 def _fmt(v) -> str:
@@ -154,8 +155,8 @@ def loss(run: str = typer.Argument(..., help="Run id, id prefix or name."),
         print_json({"run_id": r.run_id, "steps": [{k: d.get(k) for k in ("step", *keys)} for d in rows]})
         return
     first, last = rows[0], rows[-1]
-    console.print(f"{r.run_id}: {len(rows)} logged steps, step {first['step']} -> {last['step']}")
+    output.console.print(f"{r.run_id}: {len(rows)} logged steps, step {first['step']} -> {last['step']}")
     for k in keys:
-        console.print(f"  {k:8s} {first[k]:.4f} -> {last[k]:.4f}")
+        output.console.print(f"  {k:8s} {first[k]:.4f} -> {last[k]:.4f}")
     if plot is not None:
-        console.print(f"plot written to {plot}")
+        output.console.print(f"plot written to {plot}")

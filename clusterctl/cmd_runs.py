@@ -19,7 +19,8 @@ from typing import Any
 
 import typer
 
-from clusterctl.output import console, print_json
+from clusterctl import output
+from clusterctl.output import print_json
 from vltrain.errors import UserError
 
 ACTIVE = {"SUBMITTING", "SUBMITTED", "PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "UNKNOWN"}
@@ -131,10 +132,10 @@ def submit(
 
         print_plan(plan)
         if spec.executor == "slurm":
-            console.print("[bold]sbatch script[/bold] (submitit would submit this):")
-            console.print(render_sbatch(spec), markup=False, highlight=False, soft_wrap=True)
+            output.console.print("[bold]sbatch script[/bold] (submitit would submit this):")
+            output.console.print(render_sbatch(spec), markup=False, highlight=False, soft_wrap=True)
         else:
-            console.print(f"local executor: {spec.params['tasks_per_node']} process(es) on this machine, run dir {run_dir}")
+            output.console.print(f"local executor: {spec.params['tasks_per_node']} process(es) on this machine, run dir {run_dir}")
         return
     run_dir.mkdir(parents=True, mode=0o700)
     run = RunRecord(run_id=run_id, name=run_name, profile=prof.name, executor=prof.executor, run_dir=str(run_dir),
@@ -156,9 +157,9 @@ def submit(
     if json_:
         print_json({"run_id": run_id, "job_id": job_id, "run_dir": str(run_dir), "plan": plan})
     else:
-        console.print(f"submitted [bold]{run_id}[/bold] as job {job_id} on {prof.name} ({prof.world_size} x {prof.gpu.model})")
-        console.print(f"  run dir  {run_dir}")
-        console.print(f"  follow   clusterctl status {run_id}   |   clusterctl logs {run_id} --follow")
+        output.console.print(f"submitted [bold]{run_id}[/bold] as job {job_id} on {prof.name} ({prof.world_size} x {prof.gpu.model})")
+        output.console.print(f"  run dir  {run_dir}")
+        output.console.print(f"  follow   clusterctl status {run_id}   |   clusterctl logs {run_id} --follow")
     if watch:
         from clusterctl.cmd_watch import watch_runs
 
@@ -173,13 +174,13 @@ def submit(
 def _print_outcome(run, state: str) -> None:
     """One line for the end of a run, with its evaluation when the trainer wrote one."""
     colour = "green" if state == "COMPLETED" else "red"
-    console.print(f"run {run.run_id}: [{colour}]{state}[/{colour}]")
+    output.console.print(f"run {run.run_id}: [{colour}]{state}[/{colour}]")
     from clusterctl.cmd_watch import _eval
 
     ev = _eval(Path(run.run_dir))
     if ev:
         chance = json.loads((Path(run.run_dir) / "eval.json").read_text()).get("chance_r1")
-        console.print("held-out eval: " + "  ".join(f"{k} {v:.3f}" for k, v in ev.items())
+        output.console.print("held-out eval: " + "  ".join(f"{k} {v:.3f}" for k, v in ev.items())
                       + (f"  (chance R@1 {chance:.4f})" if isinstance(chance, (int, float)) else ""))
 
 
@@ -273,7 +274,7 @@ def cancel(run: str = typer.Argument(..., help="Run id, id prefix or name.")) ->
     reg.update_job(job.job_id, state="CANCELLED", ended_at=time.time())
     reg.set_run_state(r.run_id, "CANCELLED")
     reg.add_event(r.run_id, "cancel", {"job_id": job.job_id})
-    console.print(f"cancelled {r.run_id} (job {job.job_id})")
+    output.console.print(f"cancelled {r.run_id} (job {job.job_id})")
 
 
 def _terminate_local(pid: int) -> None:
@@ -309,4 +310,4 @@ def resume(
     if json_:
         print_json({"run_id": r.run_id, "job_id": job_id, "resume_from": ckpts[-1].name if ckpts else None})
     else:
-        console.print(f"resumed {r.run_id} as job {job_id}, {where}")
+        output.console.print(f"resumed {r.run_id} as job {job_id}, {where}")

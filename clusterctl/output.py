@@ -6,10 +6,25 @@ import json
 import sys
 from typing import Any
 
-from rich.console import Console
+from typing import TYPE_CHECKING
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    console: Console
+    err_console: Console
+
+
+def __getattr__(name: str):
+    """The consoles are made on first use: importing rich.console costs ~25 ms that `status --json`
+    and other plain-text paths never need (module __getattr__, PEP 562)."""
+    if name in ("console", "err_console"):
+        from rich.console import Console
+
+        value = Console(highlight=False, stderr=name == "err_console")
+        globals()[name] = value
+        return value
+    raise AttributeError(name)
 
 
 def print_json(data: Any) -> None:
