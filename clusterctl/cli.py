@@ -8,35 +8,16 @@ only inside the commands that train.
 from __future__ import annotations
 
 import typer
-from typer.core import TyperGroup
 
 from clusterctl import __version__
 from clusterctl import cmd_plan, cmd_runs, cmd_watch
 from clusterctl.cmd_profiles import app as profiles_app
 from clusterctl.cmd_report import app as report_app
 from clusterctl.cmd_status import status
-from vltrain.errors import UserError
-
-_state = {"debug": False}
-
-
-class _Group(TyperGroup):
-    """Root group: the single place where user errors become one line and exit code 2."""
-
-    def invoke(self, ctx):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except UserError as e:
-            if _state["debug"]:
-                raise
-            from clusterctl.output import err_console
-
-            err_console.print(f"error: {e}", markup=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
-
+from vltrain.cligroup import ErrorGroup
 
 app = typer.Typer(
-    cls=_Group,
+    cls=ErrorGroup,
     help="Plan, submit, watch and account vision-language pre-training runs on Slurm.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -65,7 +46,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
 ) -> None:
-    _state["debug"] = debug
+    ErrorGroup.debug = debug
 
 
 def main() -> None:

@@ -13,28 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from typer.core import TyperGroup
 
+from vltrain.cligroup import ErrorGroup
 from vltrain.config import parse_overrides
 from vltrain.errors import UserError
 
-_state = {"debug": False}
-
-
-class _Group(TyperGroup):
-    """Root group: the one place where user errors become one line and exit code 2."""
-
-    def invoke(self, ctx):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except UserError as e:
-            if _state["debug"]:
-                raise
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(e.exit_code) from None
-
-
-app = typer.Typer(cls=_Group, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+app = typer.Typer(cls=ErrorGroup, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="vltrain: vision-language pre-training on DeepSpeed ZeRO (CPU or CUDA).")
 data_app = typer.Typer(no_args_is_help=True, help="Image-text shards: synthetic data, deduplication.")
 tok_app = typer.Typer(no_args_is_help=True, help="SentencePiece tokenizer.")
@@ -44,7 +28,7 @@ app.add_typer(tok_app, name="tokenizer")
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
-    _state["debug"] = debug
+    ErrorGroup.debug = debug
 
 
 @app.command()
