@@ -88,6 +88,18 @@ def test_two_node_training_completes(world, completed):
     assert "2 rank(s)" in r0 and "step 24/24" in r0
 
 
+def test_two_node_run_is_measured_once_per_node_and_accounted_by_sacct(world, completed):
+    sub, _ = completed
+    files = sorted(p.name.split("-")[0] for p in Path(sub["run_dir"], "energy").glob("*.csv"))
+    assert files == ["node000", "node001"]  # one tracker per node, on the node's local rank 0
+    r = run_cli("report", "energy", "--run", sub["run_id"], "--json", env=world["env"])
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)["rows"]
+    assert row["energy_kwh"] > 0 and row["co2_kg"] > 0 and row["energy_source"] == "codecarbon"
+    assert row["gpu_hours_source"] == "sacct" and row["gpu_hours"] > 0
+    assert row["estimated_kwh"] is not None  # the plan's estimate beside the measured figure
+
+
 def test_preemption_requeues_and_resumes_exactly(world, completed):
     sub = _submit(world, "e2epre")
     run_dir = Path(sub["run_dir"])

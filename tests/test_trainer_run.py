@@ -273,8 +273,12 @@ def test_preemption_under_submitit_checkpoints_at_a_step_boundary_requeues_and_r
     assert [e["attempt"] for e in ev if e["event"] in ("start", "resume")] == [0, 1]
     assert trajectory(run) == trajectory(full_run_2p)
     assert_same_weights(final_weights(run), final_weights(full_run_2p))
-    energy = sorted((run / "energy").glob("node000-*.csv"))  # one tracker per node, one file per attempt
-    assert len(energy) == 2 and all("energy_consumed" in p.read_text() for p in energy)
+    # two ranks on one node, two attempts: one tracker per node (local rank 0) and one file per attempt
+    energy = sorted((run / "energy").glob("*.csv"))
+    assert len(energy) == 2 and all(p.name.startswith("node000-") for p in energy)
+    assert all("energy_consumed" in p.read_text() for p in energy)
+    measured_by = [json.loads(line)["rank"] for p in energy for line in p.with_suffix(".timeline.jsonl").read_text().splitlines()]
+    assert measured_by and set(measured_by) == {0}, measured_by  # rank 1 never ran a tracker
 
 
 def test_lost_peer_exits_75(data, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -36,8 +37,10 @@ class NodeEnergy:
 
     def __init__(self, run_dir: Path, *, local_rank: int, node_rank: int, country: str, pue: float = 1.0,
                  gpu_ids: list[int] | None = None, flush_every_s: float = 60.0, measure_power_secs: float = 15.0,
-                 tag: str | None = None) -> None:
+                 tag: str | None = None, rank: int = 0) -> None:
         self.enabled = local_rank == 0
+        self.rank = rank  # the global rank that measures: written to each timeline line, so a test (or a
+        # user) can see that one rank per node measured, not every rank
         self.path = energy_file(Path(run_dir), node_rank, tag or attempt_tag())
         self._flush_every_s = flush_every_s
         self._last_flush = 0.0
@@ -86,7 +89,8 @@ class NodeEnergy:
             rows = list(csv.DictReader(self.path.read_text().splitlines()))
             row = rows[-1]
             line = {"time": time.time(), "energy_kwh": float(row["energy_consumed"]),
-                    "co2_kg": float(row["emissions"]), "duration_s": float(row["duration"])}
+                    "co2_kg": float(row["emissions"]), "duration_s": float(row["duration"]),
+                    "rank": self.rank, "host": socket.gethostname()}
         except (OSError, IndexError, KeyError, ValueError):
             return
         with self.timeline_path.open("a") as f:

@@ -237,7 +237,8 @@ class Session:
         if country:  # clusterctl sets it from the profile's site; one tracker per node (vltrain.energy)
             self.energy = NodeEnergy(run_dir, local_rank=dist_env.local_rank, node_rank=dist_env.node_rank,
                                      country=country, pue=float(os.environ.get("VLTRAIN_PUE", "1") or 1),
-                                     gpu_ids=visible_gpu_ids())
+                                     gpu_ids=visible_gpu_ids(), rank=dist_env.rank,
+                                     flush_every_s=float(os.environ.get("VLTRAIN_ENERGY_FLUSH_S", "60") or 60))
             self.energy.start()
 
     # ---------------------------------------------------------------- set-up helpers
