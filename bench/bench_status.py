@@ -10,8 +10,11 @@ active (running or pending, 1-3 jobs each, a 20,000-line metrics.jsonl per runni
 not be the bottleneck, so `--slurm` picks what squeue/sacct are:
   none   PATH without Slurm's tools: the calls fail at once and status says so (default when no
          cluster answers);
-  local  the real local cluster of scripts/slurm-local.sh (default when `sinfo` answers): one real
-         squeue and one real sacct round trip for the 50 active job ids.
+  local  the real local cluster of scripts/slurm-local.sh (default when `sinfo` answers): the 50
+         active runs' current jobs are real jobs held in its queue (submitted here, cancelled at
+         the end), so status makes one real squeue round trip; sacct is called only for jobs
+         squeue cannot answer for (ended or Slurm-requeued ones; none here: the steady state of
+         runs queued or running). Its ~90 ms round trip to slurmdbd is paid once, when a job ends.
 
     .venv/bin/python bench/bench_status.py [--runs 10000] [--rounds 7] [--slurm auto|none|local]
 """
@@ -32,8 +35,9 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
-def populate(path: Path, runs_dir: Path, n: int, active: int) -> None:
-    """Fill a registry through its public API; the active runs get run directories with metrics."""
+def populate(path: Path, runs_dir: Path, n: int, active: int, live_ids: list[str] | None = None) -> None:
+    """Fill a registry through its public API; the active runs get run directories with metrics.
+    `live_ids`: real Slurm job ids to give the active runs' current jobs (else made-up ids)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from clusterctl.registry import Registry, RunRecord
 
@@ -49,8 +53,12 @@ def populate(path: Path, runs_dir: Path, n: int, active: int) -> None:
         reg.add_run(RunRecord(run_id=run_id, name=f"bench{i % 50}", profile="a100x64", executor="slurm",
                               run_dir=str(run_dir), created_at=now - (n - i) * 60, user="bench", gpus=64,
                               total_steps=100_000, state=state, config=config, plan={"global_batch": 64, "world_size": 64}))
-        for a in range(1 + i % 3 if is_active else 1):
-            job = reg.add_job(run_id, str(100_000 + i * 3 + a), "submit" if a == 0 else "retry", submitted_at=now - 7200)
+        attempts = 1 + i % 3 if is_active else 1
+        for a in range(attempts):
+            job_id = str(100_000 + i * 3 + a)
+            if live_ids and is_active and a == attempts - 1:
+                job_id = live_ids[i - (n - active)]
+            job = reg.add_job(run_id, job_id, "submit" if a == 0 else "retry", submitted_at=now - 7200)
             if not is_active or a < i % 3:
                 reg.update_job(job.job_id, run_id=run_id, state=finals[i % 4] if not is_active else "NODE_FAIL",
                                elapsed_s=3600.0, alloc_gpus=64)
@@ -71,6 +79,18 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     return dt
 
 
+def submit_held(count: int) -> list[str]:
+    """`count` real jobs held in the local cluster's queue (what queued runs look like to squeue)."""
+    ids = []
+    for _ in range(count):
+        r = subprocess.run(["sbatch", "--parsable", "--hold", "-o", "/dev/null", "-J", "bench-status", "--wrap", "true"],
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise SystemExit(f"sbatch failed: {r.stderr.strip()}")
+        ids.append(r.stdout.strip().split(";")[0])
+    return ids
+
+
 def cluster_answers() -> bool:
     try:
         return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=5).returncode == 0
@@ -88,10 +108,11 @@ def main() -> None:
     mode = args.slurm if args.slurm != "auto" else ("local" if cluster_answers() else "none")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-status-"))
+    live_ids = submit_held(args.active) if mode == "local" else None
     try:
         db = tmp / "registry.db"
         t = time.perf_counter()
-        populate(db, tmp / "runs", args.runs, args.active)
+        populate(db, tmp / "runs", args.runs, args.active, live_ids)
         print(f"registry: {args.runs:,} runs ({args.active} active) written in {time.perf_counter() - t:.1f} s")
         nobin = tmp / "nobin"
         nobin.mkdir()
@@ -108,7 +129,7 @@ def main() -> None:
             fl.append(timed(floor, env))
         all_json = timed([*status, "--all", "--json"], env)
         ms, mt = statistics.median(st), statistics.median(ty)
-        print(f"slurm tools: {'the local cluster (real squeue + sacct)' if mode == 'local' else 'none on PATH (calls fail at once)'}")
+        print(f"slurm tools: {'the local cluster (real squeue; the active runs are real held jobs)' if mode == 'local' else 'none on PATH (calls fail at once)'}")
         print(f"{'command':<42} {'median':>9} {'min':>9}   ({args.rounds} rounds, interleaved)")
         label = 'python -c "import typer"'
         print(f"{label:<42} {mt * 1000:>7.0f}ms {min(ty) * 1000:>7.0f}ms")
@@ -119,6 +140,8 @@ def main() -> None:
               f"status / profiles list: {ms / statistics.median(fl):.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if live_ids:
+            subprocess.run(["scancel", *live_ids], timeout=30)
 
 
 if __name__ == "__main__":
