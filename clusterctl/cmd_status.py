@@ -56,7 +56,9 @@ def job_changes(job: JobRecord, q: slurm.QueueRow | None, a: slurm.AcctRow | Non
     restarts = max([job.requeues] + ([q.restarts] if q else []) + ([a.requeues] if a else []))
     new["requeues"] = restarts
     if a is not None:
-        new |= {"started_at": a.start, "ended_at": a.end, "elapsed_s": a.elapsed_s, "exit_code": a.exit_code}
+        new |= {"started_at": a.start, "ended_at": a.end, "elapsed_s": a.elapsed_s}
+        if a.state in slurm.FINAL:  # a running job's row says 0:0; the exit code is known only at the end
+            new["exit_code"] = a.exit_code
     if q is not None:
         if q.start is not None and q.state != slurm.PENDING:
             new["started_at"] = q.start
@@ -66,6 +68,16 @@ def job_changes(job: JobRecord, q: slurm.QueueRow | None, a: slurm.AcctRow | Non
     nodes = (q.node_list if q else None) or (a.node_list if a else None)
     new |= {"alloc_gpus": gpus, "node_list": nodes}
     return {k: v for k, v in new.items() if v is not None and getattr(job, k) != v}
+
+
+def awaiting_accounting(run: RunRecord, job: JobRecord, now: float) -> bool:
+    """Still ask Slurm about this job? Yes while it is not final; and for a Slurm job that ended
+    without its final accounting record yet (no exit code: slurmdbd lags the controller by up to a
+    few seconds), for SACCT_LAG_S more, so its exit code and totals are not lost (retries need the
+    exit code to tell a cluster failure from a user error)."""
+    if job.state not in slurm.FINAL:
+        return run.state in ACTIVE_STATES
+    return run.executor == "slurm" and job.exit_code is None and now - (job.ended_at or job.submitted_at) < SACCT_LAG_S
 
 
 def run_state(run: RunRecord, jobs: list[JobRecord]) -> str:
@@ -282,7 +294,7 @@ def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None,
 def _refresh(reg: Registry, runs: list[RunRecord], timeout: float | None, now: float | None):
     now = time.time() if now is None else now
     jobs = reg.jobs_for(r.run_id for r in runs)
-    live = [(r, j) for r in runs if r.state in ACTIVE_STATES for j in jobs[r.run_id] if j.state not in slurm.FINAL]
+    live = [(r, j) for r in runs for j in jobs[r.run_id] if awaiting_accounting(r, j, now)]
     slurm_jobs = [j for r, j in live if r.executor == "slurm"]
     since = min((j.submitted_at for j in slurm_jobs), default=now) - 300  # slack for clock skew
     view = query_slurm(slurm_jobs, slurm.slurm_timeout() if timeout is None else timeout, since)

@@ -225,8 +225,10 @@ def test_job_changes_and_run_state():
     q = slurm.QueueRow("7", "PENDING", "PENDING", 0.0, None, None, None, 1, "BeginTime")
     a = slurm.AcctRow("7", "RUNNING", "RUNNING", 80.0, 1.0, None, 8, "a1", "0:0", 2, 1)  # lags behind squeue
     ch = cmd_status.job_changes(job, q, a, time.time())
-    assert ch == {"state": "PENDING", "requeues": 1, "started_at": 1.0, "elapsed_s": 80.0, "exit_code": "0:0",
-                  "alloc_gpus": 8, "node_list": "a1"}
+    assert ch == {"state": "PENDING", "requeues": 1, "started_at": 1.0, "elapsed_s": 80.0,
+                  "alloc_gpus": 8, "node_list": "a1"}  # no exit code from a row that is not final
+    ended = dataclasses.replace(a, state="FAILED", exit_code="3:0")
+    assert cmd_status.job_changes(job, dataclasses.replace(q, state="FAILED"), ended, time.time())["exit_code"] == "3:0"
     assert cmd_status.job_changes(job, None, None, time.time()) == {"state": "UNKNOWN"}
     young = JobRecord(job_id="8", run_id="r", attempt=1, kind="submit", submitted_at=time.time(), state="SUBMITTED")
     assert cmd_status.job_changes(young, None, None, time.time()) == {}  # maybe not in accounting yet
@@ -238,6 +240,20 @@ def test_job_changes_and_run_state():
     job.__dict__.update(ch)
     assert cmd_status.run_state(run, [job]) == "REQUEUED"
     assert cmd_status.run_state(run, []) == "RUNNING"
+
+
+def test_an_ended_job_is_asked_about_until_accounting_has_its_exit_code():
+    """squeue reports the end before slurmdbd has the record: keep asking (briefly) for the exit code."""
+    now = time.time()
+    run = RunRecord("r", "r", "p", "slurm", "/x", 0.0, "u", 2, 10, "FAILED")
+    job = JobRecord("7", "r", 1, "submit", now - 30, "FAILED", ended_at=now - 5)
+    assert cmd_status.awaiting_accounting(run, job, now)
+    assert not cmd_status.awaiting_accounting(run, dataclasses.replace(job, exit_code="3:0"), now)
+    assert not cmd_status.awaiting_accounting(run, dataclasses.replace(job, ended_at=now - 600), now)  # gave up
+    local = dataclasses.replace(run, executor="local")
+    assert not cmd_status.awaiting_accounting(local, job, now)  # no accounting to wait for
+    running = dataclasses.replace(job, state="RUNNING", ended_at=None)
+    assert cmd_status.awaiting_accounting(dataclasses.replace(run, state="RUNNING"), running, now)
 
 
 def test_summarize_sums_attempts():
