@@ -166,6 +166,8 @@ def submit(
         raise typer.Exit(watch_runs([run_id]))
     elif wait:
         final = follow_log(reg, reg.get_run(run_id), rank=0, stderr=False)
+        if final in ACTIVE:  # Ctrl-C: stopped waiting, not the run
+            raise typer.Exit(130)
         _print_outcome(reg.get_run(run_id), final)
         if final != "COMPLETED":
             raise typer.Exit(1)
@@ -242,7 +244,9 @@ def follow_log(reg, run, rank: int, stderr: bool, poll_s: float = 1.0) -> str:
             if state not in ACTIVE:
                 return state
             time.sleep(poll_s)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the run is in its own session: it goes on (launcher._own_session)
+        print(f"\nstopped following; {run.run_id} is {state} and goes on (clusterctl cancel {run.name} stops it)",
+              file=sys.stderr, flush=True)
         return state
 
 

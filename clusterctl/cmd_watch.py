@@ -87,7 +87,7 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
     from clusterctl.output import console
     from clusterctl.registry import Registry
     from clusterctl.rundir import task_log
-    from clusterctl.watch_view import FINAL, RunView, Tail, plain_line, run_panel, summary_lines
+    from clusterctl.watch_view import FINAL, RunView, Tail, fits_panels, plain_line, run_panel, runs_table, summary_lines
 
     reg = Registry()
     runs = [reg.get_run(r) for r in run_ids]
@@ -134,7 +134,11 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
                 width = min(console.width, 100)
                 footer = Text(f"{view.source} | refresh {interval:g}s | q quits" + (" | " + "; ".join(view.notes) if view.notes else ""),
                               style="dim", no_wrap=True, overflow="ellipsis")
-                live.update(Group(*[run_panel(row, views[row["run_id"]], width) for row in rows], footer), refresh=True)
+                if fits_panels(len(rows), console.height):
+                    body = [run_panel(row, views[row["run_id"]], width) for row in rows]
+                else:  # more runs than full panels fit: one line each
+                    body = [runs_table(rows, views, width, console.height)]
+                live.update(Group(*body, footer), refresh=True)
             else:
                 for row in rows:
                     line = plain_line(row, views[row["run_id"]])

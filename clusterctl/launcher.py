@@ -160,13 +160,39 @@ def _quiet_fds(fds=(2,)):
         os.close(null)
 
 
+@contextlib.contextmanager
+def _own_session():
+    """Start submitit's local controller in a session of its own. submitit means it to outlive the
+    submitting process, but starts it in the caller's process group: Ctrl-C in the terminal that ran
+    `submit --watch` (SIGINT to the foreground group) or closing that SSH session (SIGHUP) would kill
+    the training run. submitit has no option for it, so its module's view of `subprocess` gets a
+    Popen with start_new_session=True for the duration of the call (and only that module's)."""
+    import functools
+    import subprocess
+    import types
+
+    from submitit.local import local as submitit_local
+
+    saved = submitit_local.subprocess
+    submitit_local.subprocess = types.SimpleNamespace(  # type: ignore[assignment]
+        **{k: getattr(subprocess, k) for k in dir(subprocess) if not k.startswith("__")})
+    submitit_local.subprocess.Popen = functools.partial(subprocess.Popen, start_new_session=True)
+    try:
+        yield
+    finally:
+        submitit_local.subprocess = saved
+
+
 def submit(spec: LaunchSpec, fn: Any) -> Any:
     """Submit `fn` (a submitit Checkpointable) and return the submitit job; Slurm errors become one line."""
     ex = make_executor(spec)
     import submitit
 
     try:
-        with _quiet_fds((1, 2) if spec.executor == "local" else (2,)):
+        if spec.executor == "local":
+            with _quiet_fds((1, 2)), _own_session():
+                return ex.submit(fn)
+        with _quiet_fds((2,)):
             return ex.submit(fn)
     except submitit.core.utils.FailedJobError as e:
         from clusterctl.slurm import sbatch_error_line

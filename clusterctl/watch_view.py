@@ -101,6 +101,11 @@ def _dur(s: float | None) -> str:
     return f"{d}d{h:02d}h" if d else f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _qty(x: float) -> str:
+    """A cost figure at 3 significant digits without exponents: 0.0123, 4.2, 412, 12,480."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def state_style(state: str) -> str:
     return {"RUNNING": "green", "COMPLETED": "bold green", "PENDING": "yellow", "REQUEUED": "yellow",
             "SUBMITTING": "yellow"}.get(state, "red" if state in FINAL else "cyan")
@@ -112,7 +117,7 @@ def stats_line(row: dict[str, Any], v: RunView) -> str:
     mfu = m.get("mfu")
     return (f"{sps:,.1f} samples/s" if isinstance(sps, (int, float)) else "- samples/s") + (
         f" | MFU {mfu * 100:.1f}%" if isinstance(mfu, (int, float)) else "") + (
-        f" | {row.get('gpu_hours', 0.0):.3g} GPU-h | {v.energy_kwh:.3g} kWh | {v.co2_kg * 1000:.3g} g CO2")
+        f" | {_qty(row.get('gpu_hours', 0.0))} GPU-h | {_qty(v.energy_kwh)} kWh | {_qty(v.co2_kg * 1000)} g CO2")
 
 
 def run_panel(row: dict[str, Any], v: RunView, width: int = 80):
@@ -150,6 +155,48 @@ def run_panel(row: dict[str, Any], v: RunView, width: int = 80):
     return Panel(body, title=row["run_id"], title_align="left", padding=(0, 1), width=width)
 
 
+PANEL_LINES = 8  # a run_panel's height with borders and the log line
+
+
+def fits_panels(n_runs: int, height: int) -> bool:
+    """Whether `n_runs` full panels and the footer fit the terminal; else the compact table is drawn."""
+    return n_runs * PANEL_LINES + 1 <= height
+
+
+def runs_table(rows: list[dict[str, Any]], views: dict[str, RunView], width: int = 80, height: int = 24):
+    """Many runs at once: one line each (state, progress, ETA, last loss and its trend, speed, cost),
+    as many as fit above the footer; the ones left out are counted in the last line."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(box=None, padding=(0, 1), expand=False, width=width, show_edge=False)
+    for name, kw in (("RUN", {"ratio": 1, "no_wrap": True, "overflow": "ellipsis", "min_width": 8}),
+                     ("STATE", {"no_wrap": True}), ("STEP", {"justify": "right", "no_wrap": True}),
+                     ("ETA", {"justify": "right", "no_wrap": True}), ("LOSS", {"no_wrap": True}),
+                     ("S/S", {"justify": "right", "no_wrap": True}), ("GPU-H", {"justify": "right", "no_wrap": True}),
+                     ("KWH", {"justify": "right", "no_wrap": True})):
+        t.add_column(name, **kw)
+    room = max(1, height - 3)  # header, footer, and the "more" line
+    for row in rows[:room]:
+        v = views[row["run_id"]]
+        m = v.last
+        step = m.get("step", row.get("step"))
+        hist = list(v.losses["loss"])
+        loss = Text(f"{hist[-1]:.3f} " if hist else "- ")
+        loss.append(sparkline(hist, 6), style="dim")
+        sps = m.get("samples_per_s")
+        t.add_row(row["name"], Text(row["state"], style=state_style(row["state"])),
+                  f"{int(step) if step is not None else '-'}/{row.get('total_steps')}", _dur(row.get("eta_s")), loss,
+                  f"{sps:,.0f}" if isinstance(sps, (int, float)) else "-", _qty(row.get("gpu_hours", 0.0)),
+                  _qty(v.energy_kwh))
+    if len(rows) <= room:
+        return t
+    from rich.console import Group
+
+    more = Text(f"... {len(rows) - room} more (clusterctl watch RUN ... to pick)", style="dim", no_wrap=True)
+    return Group(t, more)
+
+
 def plain_line(row: dict[str, Any], v: RunView) -> str:
     """The non-TTY progress line of a run."""
     m = v.last
@@ -168,7 +215,7 @@ def summary_lines(rows: list[dict[str, Any]], views: dict[str, RunView], evals: 
         loss = f"{m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else "-"
         out.append(f"{row['run_id']}: {row['state']}, step {m.get('step', '-')}/{row.get('total_steps')}, "
                    f"final loss {loss}, requeues {row.get('requeues', 0)}, elapsed {_dur(row.get('elapsed_s'))}")
-        out.append(f"  {row.get('gpu_hours', 0.0):.3g} GPU-h, {v.energy_kwh:.3g} kWh, {v.co2_kg * 1000:.3g} g CO2eq")
+        out.append(f"  {_qty(row.get('gpu_hours', 0.0))} GPU-h, {_qty(v.energy_kwh)} kWh, {_qty(v.co2_kg * 1000)} g CO2eq")
         ev = evals.get(row["run_id"])
         if ev:
             out.append("  eval: " + "  ".join(f"{k} {val:.3f}" for k, val in ev.items()))

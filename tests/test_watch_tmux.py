@@ -96,3 +96,62 @@ def test_q_quits_cleanly_and_leaves_the_run_going(world):
     r = run_cli("status", run_id, "--json", env=world["env"])
     assert json.loads(r.stdout)["runs"][0]["state"] in ("RUNNING", "COMPLETED")
     run_cli("cancel", run_id, env=world["env"])
+
+
+def test_submit_watch_then_ctrl_c_leaves_the_terminal_sane_and_the_run_going(world):
+    """`submit --watch` opens the same view; Ctrl-C (SIGINT to the terminal's foreground process group)
+    stops watching only: the local run, started from that terminal, keeps training."""
+    t = Tmux(f"c{os.getpid()}", f"clusterctl submit --profile local --config {shlex.quote(str(world['cfg']))} "
+                                f"--name ctrlc --watch", world["env"])
+    try:
+        t.wait_for("RUNNING", "/200", "q quits")
+        t.keys("C-c")
+        screen = t.wait_for("EXIT=", timeout=30)
+        assert "EXIT=0" in screen and "stopped watching" in screen
+        assert "MODE=icanon" in t.wait_for("MODE=", timeout=10)
+    finally:
+        t.kill()
+    first, deadline = None, time.monotonic() + 120
+    while True:  # the run goes on training after the watcher's Ctrl-C
+        (row,) = json.loads(run_cli("status", "ctrlc", "--json", env=world["env"]).stdout)["runs"]
+        assert row["state"] in ("RUNNING", "COMPLETED"), row
+        if row["state"] == "COMPLETED" or (first is not None and (row["step"] or 0) > first):
+            break
+        first = row["step"] or 0 if first is None else first
+        assert time.monotonic() < deadline, row
+        time.sleep(1)
+    run_cli("cancel", row["run_id"], env=world["env"])
+
+
+def test_ctrl_c_during_submit_wait_stops_waiting_not_the_run(world):
+    """Ctrl-C reaches the terminal's whole foreground process group: simulated with killpg."""
+    import signal
+
+    p = subprocess.Popen([str(BIN / "clusterctl"), "submit", "--profile", "local", "--config", str(world["cfg"]),
+                          "--name", "waiter", "--wait"], env=os.environ | world["env"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the trainer has logged a step
+            r = run_cli("status", "waiter", "--json", env=world["env"])
+            rows = json.loads(r.stdout)["runs"] if r.returncode == 0 else []
+            if rows and (rows[0]["step"] or 0) >= 1:
+                break
+            assert p.poll() is None and time.monotonic() < deadline, (rows, p.poll())
+            time.sleep(0.5)
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "stopped following" in err and "Traceback" not in err, err
+    first = rows[0]["step"]
+    deadline = time.monotonic() + 120
+    while True:
+        (row,) = json.loads(run_cli("status", "waiter", "--json", env=world["env"]).stdout)["runs"]
+        assert row["state"] in ("RUNNING", "COMPLETED"), row
+        if row["state"] == "COMPLETED" or (row["step"] or 0) > first:
+            break
+        assert time.monotonic() < deadline, row
+        time.sleep(1)
+    run_cli("cancel", "waiter", env=world["env"])

@@ -6,7 +6,7 @@ import json
 
 from rich.console import Console
 
-from clusterctl.watch_view import RunView, Tail, plain_line, run_panel, sparkline, summary_lines
+from clusterctl.watch_view import PANEL_LINES, RunView, Tail, fits_panels, plain_line, run_panel, runs_table, sparkline, summary_lines
 
 
 def test_sparkline_scales_between_min_and_max():
@@ -60,7 +60,7 @@ def test_panel_fits_80_columns_and_shows_the_essentials():
     text = console.export_text()
     lines = text.splitlines()
     assert all(len(line) <= 80 for line in lines)
-    assert len(lines) <= 8  # three runs fit in 24 rows
+    assert len(lines) <= PANEL_LINES and fits_panels(2, 24)  # two runs and the footer fit in 24 rows
     for expected in ("RUNNING", "job 42", "a[1-2]", "requeues 1", "30/100", "ETA 1:35", "loss", "itc",
                      "120.5 samples/s", "MFU 31.0%", "GPU-h", "kWh", "step 30/100"):
         assert expected in text, expected
@@ -74,3 +74,25 @@ def test_plain_line_and_summary():
     assert out[0] == "1 run(s) finished"
     assert "COMPLETED" in out[1] and "final loss 7.0000" in out[1]
     assert "i2t R@1 0.500" in out[-1]
+    big = plain_line(_row(gpu_hours=12480.4), v)  # a 64-GPU week: no exponent notation
+    assert "12,480 GPU-h" in big and "0.0042 kWh" in big
+
+
+def test_many_runs_switch_to_one_line_each_within_80x24():
+    assert not fits_panels(3, 24)
+    rows = [_row(run_id=f"run-{i:02d}", name=f"sweep-lr-{i:02d}", state="RUNNING" if i % 3 else "PENDING", step=10 * i)
+            for i in range(30)]
+    views = {r["run_id"]: _view() for r in rows}
+    console = Console(width=80, height=24, record=True, color_system=None)
+    console.print(runs_table(rows, views, 80, 24))
+    lines = console.export_text().splitlines()
+    assert len(lines) <= 23 and all(len(line) <= 80 for line in lines)  # the footer's line is left free
+    assert lines[0].split()[:4] == ["RUN", "STATE", "STEP", "ETA"]
+    assert "sweep-lr-00" in lines[1] and "PENDING" in lines[1] and "7.000" in lines[1]
+    assert "RUNNING" in lines[2] and "1:35" in lines[2]  # ETA
+    shown = sum("sweep-lr-" in line for line in lines)
+    assert lines[-1].strip().startswith(f"... {30 - shown} more")
+    few = Console(width=80, height=24, record=True, color_system=None)
+    few.print(runs_table(rows[:4], views, 80, 24))
+    text = few.export_text()
+    assert "more" not in text and sum("sweep-lr-" in ln for ln in text.splitlines()) == 4
