@@ -1,38 +1,93 @@
-"""The clusterctl command line: one typer app, one module per command group.
+"""The clusterctl command line: one typer app, one module per command group, imported on use.
 
 The root group turns a `UserError` from any command into one line on stderr and exit code 2;
-`--debug` shows the traceback instead. Heavy modules (torch, deepspeed, webdataset) are imported
-only inside the commands that train.
+`--debug` shows the traceback instead. Each command's module is imported, and its click command
+built, only when that command runs (or when `--help` lists them all): `clusterctl status` pays for
+status alone, not for planning, reports or the live view. Heavy modules (torch, deepspeed,
+webdataset) are imported only inside the commands that train.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, MutableMapping
+
 import typer
 
 from clusterctl import __version__
-from clusterctl import cmd_plan, cmd_runs, cmd_watch
-from clusterctl.cmd_profiles import app as profiles_app
-from clusterctl.cmd_report import app as report_app
-from clusterctl.cmd_status import status
 from vltrain.cligroup import ErrorGroup
 
+# name -> (module, attribute): a command function, or a typer.Typer of subcommands. Help order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "profiles": ("clusterctl.cmd_profiles", "app"),
+    "plan": ("clusterctl.cmd_plan", "plan"),
+    "estimate": ("clusterctl.cmd_plan", "estimate"),
+    "submit": ("clusterctl.cmd_runs", "submit"),
+    "status": ("clusterctl.cmd_status", "status"),
+    "watch": ("clusterctl.cmd_watch", "watch"),
+    "logs": ("clusterctl.cmd_runs", "logs"),
+    "cancel": ("clusterctl.cmd_runs", "cancel"),
+    "resume": ("clusterctl.cmd_runs", "resume"),
+    "report": ("clusterctl.cmd_report", "app"),
+}
+
+
+def build_command(name: str, module: str, attr: str):
+    """The click command for one table entry (imports its module)."""
+    import importlib
+
+    obj = getattr(importlib.import_module(module), attr)
+    if isinstance(obj, typer.Typer):
+        group = typer.main.get_group(obj)
+        group.name = name
+        return group
+    single = typer.Typer(add_completion=False)
+    single.command(name)(obj)
+    return typer.main.get_command(single)
+
+
+class LazyCommands(MutableMapping):
+    """click's `group.commands` mapping, filled on first lookup of each name. Listing the names
+    (typo suggestions, completion of names) imports nothing; listing items (--help) builds all."""
+
+    def __init__(self, table: dict[str, tuple[str, str]], loaded: dict | None = None) -> None:
+        self.table = table
+        self.loaded = dict(loaded or {})
+
+    def __getitem__(self, name: str):
+        if name not in self.loaded:
+            if name not in self.table:
+                raise KeyError(name)
+            self.loaded[name] = build_command(name, *self.table[name])
+        return self.loaded[name]
+
+    def __setitem__(self, name: str, cmd) -> None:
+        self.loaded[name] = cmd
+
+    def __delitem__(self, name: str) -> None:
+        self.loaded.pop(name, None)
+        self.table.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.table
+        yield from (n for n in self.loaded if n not in self.table)
+
+    def __len__(self) -> int:
+        return len(set(self.table) | set(self.loaded))
+
+
+class LazyGroup(ErrorGroup):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = LazyCommands(dict(COMMANDS), self.commands)
+
+
 app = typer.Typer(
-    cls=ErrorGroup,
+    cls=LazyGroup,
     help="Plan, submit, watch and account vision-language pre-training runs on Slurm.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
 )
-app.add_typer(profiles_app, name="profiles")
-app.add_typer(report_app, name="report")
-app.command("status")(status)
-app.command("plan")(cmd_plan.plan)
-app.command("estimate")(cmd_plan.estimate)
-app.command("submit")(cmd_runs.submit)
-app.command("logs")(cmd_runs.logs)
-app.command("cancel")(cmd_runs.cancel)
-app.command("resume")(cmd_runs.resume)
-app.command("watch")(cmd_watch.watch)
 
 
 def _version(value: bool) -> None:
