@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -48,3 +49,14 @@ def test_probe_detects_heavy_imports():
     code = "import sys, vltrain.config; import torch; print([m for m in %r if m in sys.modules])" % (HEAVY,)
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert "torch" in r.stdout
+
+
+def test_a_command_imports_only_its_own_module(tmp_path):
+    """clusterctl/cli.py builds commands on use: `status` never imports planning, runs, watch or reports."""
+    code = ("import sys; from typer.testing import CliRunner; from clusterctl.cli import app; "
+            "r = CliRunner().invoke(app, ['status']); "
+            "print(r.exit_code, sorted(m for m in sys.modules if m.startswith('clusterctl.cmd_')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db")})
+    code_, modules = r.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert code_ == "0" and modules == "['clusterctl.cmd_status']", r.stdout + r.stderr
