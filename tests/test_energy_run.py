@@ -46,11 +46,12 @@ def _train_until_energy_then_kill(cfg: Path, run: Path, known: set[Path]) -> Pat
                 break
             time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
+    assert "[codecarbon" not in err and "codecarbon" not in err.lower(), err[-2000:]  # its logging kept quiet
     return new[0]
 
 

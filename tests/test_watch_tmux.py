@@ -129,7 +129,10 @@ def test_ctrl_c_during_submit_wait_stops_waiting_not_the_run(world):
 
     p = subprocess.Popen([str(BIN / "clusterctl"), "submit", "--profile", "local", "--config", str(world["cfg"]),
                           "--name", "waiter", "--wait"], env=os.environ | world["env"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         # a shell's background job (`make test &`) ignores SIGINT, and children inherit that:
+                         # give clusterctl the default a terminal's foreground job has
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while True:  # until the trainer has logged a step
