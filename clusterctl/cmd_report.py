@@ -72,31 +72,79 @@ def _report(kind: str, run, profile, since, until, by, json_, csv_, plot) -> Non
         output.console.print(f"plot written to {plot}")
 
 
+ENERGY_UNITS = ((1e-3, "MWh"), (1.0, "kWh"), (1e3, "Wh"))  # (factor from kWh, name), largest first
+CO2_UNITS = ((1e-3, "t"), (1.0, "kg"), (1e3, "g"))  # from kg
+
+
+def pick_unit(values: list[float | None], units: tuple[tuple[float, str], ...]) -> tuple[float, str]:
+    """The largest unit in which the biggest value is at least 1 (a 20-step demo reads 2.1 Wh, a
+    pre-training run 13.2 MWh), so each column has one unit and short numbers."""
+    top = max((abs(v) for v in values if isinstance(v, (int, float))), default=0.0)
+    for factor, name in units:
+        if top * factor >= 1:
+            return factor, name
+    return units[-1]
+
+
+SOURCES = {"sacct": "Slurm accounting", "registry": "start/end x GPUs", "none": "no times recorded"}
+
+
 def _print_rows(kind: str, by: str, rows: list[dict]) -> None:
+    """A table that fits 80 columns: numbers are never cut. Columns whose value is the same on every
+    row (GPU-h source, grid intensity, PUE: usually one per profile) move to the line under it."""
+    from rich import box
     from rich.table import Table
 
     if not rows:
         output.console.print("no runs match: clusterctl submit --profile local")
         return
-    t = Table(title=f"{kind} by {by}", title_justify="left")
-    cols = [("key", by, "left"), ("runs", "runs", "right"), ("gpu_hours", "GPU-h", "right"), ("gpu_hours_source", "source", "left")]
+    cols: list[tuple[str, str, float]] = [("runs", "runs", 1.0)] if by != "run" else []
+    cols += [("gpu_hours", "GPU-h", 1.0), ("gpu_hours_source", "GPU-h\nsource", 1.0)]
     if kind == "energy":
-        cols += [("energy_kwh", "kWh", "right"), ("co2_kg", "kg CO2eq", "right"), ("carbon_intensity_g_per_kwh", "g/kWh", "right"),
-                 ("pue", "PUE", "right"), ("estimated_kwh", "plan kWh", "right"), ("estimated_co2_kg", "plan kg", "right")]
-    for _, head, just in cols:
-        t.add_column(head, justify=just)
-    for r in rows:
-        t.add_row(*[_fmt(r.get(k)) for k, _, _ in cols])
+        ef, eu = pick_unit([r.get(k) for r in rows for k in ("energy_kwh", "estimated_kwh")], ENERGY_UNITS)
+        cf, cu = pick_unit([r.get(k) for r in rows for k in ("co2_kg", "estimated_co2_kg")], CO2_UNITS)
+        cols += [("energy_kwh", f"energy\n{eu}", ef), ("co2_kg", f"CO2eq\n{cu}", cf),
+                 ("carbon_intensity_g_per_kwh", "grid\ng/kWh", 1.0), ("pue", "PUE", 1.0),
+                 ("estimated_kwh", f"plan\n{eu}", ef), ("estimated_co2_kg", f"plan\n{cu}", cf)]
+    notes = []
+    for key, head in (("gpu_hours_source", "GPU-h source"), ("carbon_intensity_g_per_kwh", "grid"), ("pue", "PUE")):
+        values = {_fmt(r.get(key)) for r in rows}
+        if len(values) == 1 and any(k == key for k, _, _ in cols):
+            (v,) = values
+            notes.append(f"{head} {v}" + (f" = {SOURCES[v]}" if key == "gpu_hours_source" and v in SOURCES else "")
+                         + (" g/kWh" if key == "carbon_intensity_g_per_kwh" and v != "-" else ""))
+            cols = [c for c in cols if c[0] != key]
+    cells = [[_fmt(r.get("key"))] + [_fmt(_scaled(r.get(k), f)) for k, _, f in cols] for r in rows]
+    t = Table(title=f"{kind} by {by}", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    t.add_column(by, overflow="fold", min_width=8)
+    for i, (_, head, _) in enumerate(cols, start=1):
+        width = max([len(w) for w in head.split()] + [len(c[i]) for c in cells])
+        t.add_column(head, justify="left" if "source" in head else "right", no_wrap=True, min_width=width)
+    for c in cells:
+        t.add_row(*c)
     output.console.print(t)
+    if len(notes) < 3 and not any(n.startswith("GPU-h source") for n in notes):
+        notes.append("GPU-h source: sacct = Slurm accounting, registry = start/end x GPUs")
+    output.console.print(" | ".join(notes), highlight=False)
     if kind == "energy":
-        output.console.print("energy: codecarbon, one tracker per node, every attempt summed; GPU-h source: sacct = Slurm accounting, registry = start/end x GPUs")
+        output.console.print("energy measured by codecarbon, one tracker per node, every attempt summed; "
+                             "plan = the estimate made at submit", highlight=False)
+
+
+def _scaled(v, factor: float):
+    return v * factor if isinstance(v, float) and factor != 1.0 else v
 
 
 def _fmt(v) -> str:
+    """3 significant digits, thousands separators, no exponent for everyday sizes."""
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) >= 0.001 else f"{v:.1e}"
     return str(v)
 
 

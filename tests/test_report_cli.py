@@ -151,3 +151,26 @@ def test_timelines_of_attempts_add_up():
     merged = merge_timelines([a, b])
     assert merged[-1] == pytest.approx((30.0, 3.5, 0.35))
     assert [m[1] for m in merged] == sorted(m[1] for m in merged)  # cumulative never goes down
+
+
+def test_text_table_fits_80_columns_and_never_cuts_a_number(world):
+    r = run_cli("report", "energy", env=world | {"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in r.stdout, r.stdout
+    head = " ".join(lines[:5])
+    assert "kWh" in head and "CO2eq" in head and " g " in head + " "  # one unit per column: 0.2 kg reads 200 g
+    alpha = next(line for line in lines if line.lstrip().startswith("alpha")).split()
+    assert alpha[1:] == ["16", "sacct", "4", "200", "3", "150"]  # 2 x 16 GPUs x 30 min; GPU-h, source, kWh, g CO2eq, plan kWh, plan g
+    assert "registry" in next(line for line in lines if line.lstrip().startswith("beta"))
+    assert "grid 50 g/kWh" in r.stdout and "PUE 1.2" in r.stdout  # the same on every row: said once, below
+
+
+def test_units_follow_the_largest_value():
+    from clusterctl.cmd_report import CO2_UNITS, ENERGY_UNITS, pick_unit
+
+    assert pick_unit([0.0021, None], ENERGY_UNITS) == (1e3, "Wh")
+    assert pick_unit([4.0, 0.5], ENERGY_UNITS) == (1.0, "kWh")
+    assert pick_unit([13_200.0], ENERGY_UNITS) == (1e-3, "MWh")
+    assert pick_unit([0.2], CO2_UNITS) == (1e3, "g") and pick_unit([750.0, 2400.0], CO2_UNITS) == (1e-3, "t")
+    assert pick_unit([], CO2_UNITS) == (1e3, "g")
