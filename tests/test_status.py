@@ -345,3 +345,20 @@ def test_status_against_real_slurm(tmp_path):
         assert {r["run_id"]: r["state"] for r in data["runs"]}["live"] == "RUNNING"
     finally:
         subprocess.run(["scancel", live], timeout=30)
+
+
+def test_listing_fits_a_narrow_terminal_by_hiding_the_least_needed_columns():
+    now = time.time()
+    run = RunRecord("crossmodal-xl-20261123-013850-72f6", "crossmodal-xl", "a100x256", "slurm", "/x", now, "u", 256,
+                    200_000, "RUNNING", plan={"global_batch": 8192})
+    jobs = [JobRecord("12345678", run.run_id, 1, "submit", now - 90_000, "RUNNING", started_at=now - 86_400,
+                      alloc_gpus=256, requeues=2)]
+    row = cmd_status.summarize(run, jobs, {"step": 123_456, "loss": 2.3456, "samples_per_s": 10_234.5}, 0, now)
+    full, hidden = cmd_status.table_lines([row])
+    assert hidden == [] and full[0].split() == [h for h, _ in cmd_status.COLUMNS] and len(full[1]) > 100
+    narrow, hidden = cmd_status.table_lines([row], 80)
+    assert all(len(line) <= 80 for line in narrow), narrow
+    assert hidden == ["SAMPLES/S", "PROFILE", "ELAPSED", "JOB"]  # least needed first; only as many as it takes
+    assert narrow[0].split() == ["RUN", "STATE", "RQ", "STEP", "LOSS", "ETA", "GPU-H"]
+    assert narrow[1].split()[1:] == ["RUNNING", "2", "123,456/200,000", "2.3456", "17h01m", "6,144"]
+    assert run.run_id.startswith(narrow[1].split()[0].rstrip("…"))  # a cut id is still a usable prefix
