@@ -136,16 +136,7 @@ def _scaled(v, factor: float):
 
 
 def _fmt(v) -> str:
-    """3 significant digits, thousands separators, no exponent for everyday sizes."""
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if v == 0:
-            return "0"
-        if abs(v) >= 100:
-            return f"{v:,.0f}"
-        return f"{v:.3g}" if abs(v) >= 0.001 else f"{v:.1e}"
-    return str(v)
+    return output.quantity(v) if isinstance(v, float) or v is None else str(v)
 
 
 _RUN = typer.Option(None, "--run", help="Run id, id prefix or name.")

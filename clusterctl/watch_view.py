@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clusterctl.output import quantity
+
 SPARK = "▁▂▃▄▅▆▇█"
 OBJECTIVES = ("itc", "mlm", "caption")
 HISTORY = 48
@@ -101,11 +103,6 @@ def _dur(s: float | None) -> str:
     return f"{d}d{h:02d}h" if d else f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def _qty(x: float) -> str:
-    """A cost figure at 3 significant digits without exponents: 0.0123, 4.2, 412, 12,480."""
-    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
-
-
 def state_style(state: str) -> str:
     return {"RUNNING": "green", "COMPLETED": "bold green", "PENDING": "yellow", "REQUEUED": "yellow",
             "SUBMITTING": "yellow"}.get(state, "red" if state in FINAL else "cyan")
@@ -117,7 +114,7 @@ def stats_line(row: dict[str, Any], v: RunView) -> str:
     mfu = m.get("mfu")
     return (f"{sps:,.1f} samples/s" if isinstance(sps, (int, float)) else "- samples/s") + (
         f" | MFU {mfu * 100:.1f}%" if isinstance(mfu, (int, float)) else "") + (
-        f" | {_qty(row.get('gpu_hours', 0.0))} GPU-h | {_qty(v.energy_kwh)} kWh | {_qty(v.co2_kg * 1000)} g CO2")
+        f" | {quantity(row.get('gpu_hours', 0.0))} GPU-h | {quantity(v.energy_kwh)} kWh | {quantity(v.co2_kg * 1000)} g CO2")
 
 
 def run_panel(row: dict[str, Any], v: RunView, width: int = 80):
@@ -187,8 +184,8 @@ def runs_table(rows: list[dict[str, Any]], views: dict[str, RunView], width: int
         sps = m.get("samples_per_s")
         t.add_row(row["name"], Text(row["state"], style=state_style(row["state"])),
                   f"{int(step) if step is not None else '-'}/{row.get('total_steps')}", _dur(row.get("eta_s")), loss,
-                  f"{sps:,.0f}" if isinstance(sps, (int, float)) else "-", _qty(row.get("gpu_hours", 0.0)),
-                  _qty(v.energy_kwh))
+                  f"{sps:,.0f}" if isinstance(sps, (int, float)) else "-", quantity(row.get("gpu_hours", 0.0)),
+                  quantity(v.energy_kwh))
     if len(rows) <= room:
         return t
     from rich.console import Group
@@ -215,7 +212,7 @@ def summary_lines(rows: list[dict[str, Any]], views: dict[str, RunView], evals: 
         loss = f"{m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else "-"
         out.append(f"{row['run_id']}: {row['state']}, step {m.get('step', '-')}/{row.get('total_steps')}, "
                    f"final loss {loss}, requeues {row.get('requeues', 0)}, elapsed {_dur(row.get('elapsed_s'))}")
-        out.append(f"  {_qty(row.get('gpu_hours', 0.0))} GPU-h, {_qty(v.energy_kwh)} kWh, {_qty(v.co2_kg * 1000)} g CO2eq")
+        out.append(f"  {quantity(row.get('gpu_hours', 0.0))} GPU-h, {quantity(v.energy_kwh)} kWh, {quantity(v.co2_kg * 1000)} g CO2eq")
         ev = evals.get(row["run_id"])
         if ev:
             out.append("  eval: " + "  ".join(f"{k} {val:.3f}" for k, val in ev.items()))
