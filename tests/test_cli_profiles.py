@@ -87,3 +87,27 @@ def test_user_config_dir_is_searched(cli, tmp_path):
     r = cli("profiles", "show", "mybox", "--json", env={"XDG_CONFIG_HOME": str(cfg)}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["name"] == "mybox"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("prog, args, names", [
+    ("clusterctl", ["watch", "--interval", "0", "x"], "'--interval'"),
+    ("clusterctl", ["status", "--bogus"], "--bogus"),
+    ("clusterctl", ["statu"], "'status'"),  # with the suggestion
+    ("clusterctl", ["logs"], "'run'"),
+    ("clusterctl", ["plan", "--profile", "a100x64", "--global-batch", "many"], "'--global-batch'"),
+    ("vltrain", ["train", "--bogus"], "--bogus"),
+])
+def test_usage_errors_are_one_line_naming_the_flag(cli, prog, args, names):
+    """Parse errors read like every other bad input: one line on stderr, exit 2, no framed block."""
+    r = cli(*args, prog=prog)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and names in r.stderr, r.stderr
+    assert f"(see '{prog}" in r.stderr and "--help')" in r.stderr
+
+
+def test_no_arguments_still_print_the_help(cli):
+    r = cli("profiles")
+    assert r.returncode == 2 and "list" in r.stdout and "validate" in r.stdout and "error" not in r.stderr
