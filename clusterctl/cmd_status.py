@@ -260,6 +260,7 @@ def query_slurm(jobs: list[JobRecord], timeout: float, since: float | None = Non
         return view
     ids = sorted({j.job_id for j in jobs})
     errors: dict[str, str] = {}
+    started = time.monotonic()
     try:
         view.queue = slurm.squeue(ids, timeout)
     except (UserError, OSError, ValueError) as e:  # SlurmUnavailable, odd bytes, no permission
@@ -268,7 +269,8 @@ def query_slurm(jobs: list[JobRecord], timeout: float, since: float | None = Non
         {j.job_id for j in jobs if accounting_needed(j, view.queue.get(j.job_id))})
     if acct_ids:
         try:
-            view.acct = slurm.sacct(acct_ids, timeout, since=since)
+            # what is left of the time-out (at least 2 s): a hung controller must not double the wait
+            view.acct = slurm.sacct(acct_ids, max(2.0, timeout - (time.monotonic() - started)), since=since)
         except (UserError, OSError, ValueError) as e:  # AccountingUnavailable
             errors["acct"] = str(e).split("; allowed:")[0]
     if "queue" in errors:

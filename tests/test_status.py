@@ -362,3 +362,24 @@ def test_listing_fits_a_narrow_terminal_by_hiding_the_least_needed_columns():
     assert narrow[0].split() == ["RUN", "STATE", "RQ", "STEP", "LOSS", "ETA", "GPU-H"]
     assert narrow[1].split()[1:] == ["RUNNING", "2", "123,456/200,000", "2.3456", "17h01m", "6,144"]
     assert run.run_id.startswith(narrow[1].split()[0].rstrip("…"))  # a cut id is still a usable prefix
+
+
+def test_a_hung_controller_does_not_double_the_wait(monkeypatch):
+    """squeue used up most of the time-out: sacct gets what is left (at least 2 s), not a fresh one."""
+    asked = {}
+
+    def squeue(ids, timeout):
+        time.sleep(0.5)
+        raise slurm.SlurmUnavailable(f"squeue: slurmctld did not answer within {timeout:g} s")
+
+    def sacct(ids, timeout, since=None):
+        asked["timeout"] = timeout
+        return {}
+
+    monkeypatch.setattr(slurm, "squeue", squeue)
+    monkeypatch.setattr(slurm, "sacct", sacct)
+    job = JobRecord("7", "r", 1, "submit", OLD, "RUNNING")
+    view = cmd_status.query_slurm([job], 10.0)
+    assert 2.0 <= asked["timeout"] <= 9.5 and view.source == "sacct+registry"
+    cmd_status.query_slurm([job], 1.0)
+    assert asked["timeout"] == 2.0  # the floor: accounting still gets a fair chance
