@@ -169,14 +169,17 @@ def _own_session():
     Popen with start_new_session=True for the duration of the call (and only that module's)."""
     import functools
     import subprocess
-    import types
 
     from submitit.local import local as submitit_local
 
+    class InOwnSession:  # `subprocess` as submitit's local module sees it, but for Popen
+        Popen = functools.partial(subprocess.Popen, start_new_session=True)
+
+        def __getattr__(self, name: str):
+            return getattr(subprocess, name)
+
     saved = submitit_local.subprocess
-    submitit_local.subprocess = types.SimpleNamespace(  # type: ignore[assignment]
-        **{k: getattr(subprocess, k) for k in dir(subprocess) if not k.startswith("__")})
-    submitit_local.subprocess.Popen = functools.partial(subprocess.Popen, start_new_session=True)
+    submitit_local.subprocess = InOwnSession()  # type: ignore[assignment]
     try:
         yield
     finally:
