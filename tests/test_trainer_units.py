@@ -237,3 +237,28 @@ def test_bad_config_values_give_one_line_errors(tmp_path, args, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_energy_flushes_first_soon_then_every_interval(tmp_path, monkeypatch):
+    """The first total lands FIRST_FLUSH_S after the start, then one every flush_every_s."""
+    from vltrain import energy
+
+    clock = [1000.0]
+    monkeypatch.setattr(energy.time, "monotonic", lambda: clock[0])
+    flushes = []
+
+    class Tracker:
+        def start(self):
+            pass
+
+        def flush(self):
+            flushes.append(clock[0])
+
+    ne = energy.NodeEnergy(tmp_path, local_rank=1, node_rank=0, country="FRA", flush_every_s=60.0, tag="t")
+    assert not ne.enabled
+    ne._tracker = Tracker()  # a stand-in for codecarbon's, to drive the schedule alone
+    ne.start()
+    for t in range(0, 200):
+        clock[0] = 1000.0 + t
+        ne.maybe_flush()
+    assert flushes == [1020.0, 1080.0, 1140.0]

@@ -4,7 +4,8 @@ Known ways trackers get this wrong, and what this module does about each:
 - one tracker per rank counts a node N times -> only local rank 0 runs a tracker (`machine` mode
   measures the whole node);
 - all GPUs of a node are counted when one is allocated -> `gpu_ids` = the allocated devices;
-- a killed job loses its energy -> the tracker flushes every `flush_every_s` seconds ("update" mode
+- a killed job loses its energy -> the tracker flushes every `flush_every_s` seconds, the first time
+  after FIRST_FLUSH_S ("update" mode
   rewrites one cumulative row, so the file always holds the total up to the last flush);
 - requeued attempts overwrite each other -> each attempt writes its own file
   `energy/node<NNN>-<attempt>.csv`; reports sum the files.
@@ -57,10 +58,13 @@ class NodeEnergy:
             project_name=Path(run_dir).name, gpu_ids=gpu_ids, tracking_mode="machine", allow_multiple_runs=True,
         )
 
+    FIRST_FLUSH_S = 20.0  # the first total is written this soon (after codecarbon's first reading),
+    # so `clusterctl watch` shows kWh within seconds of the start rather than after a whole interval
+
     def start(self) -> None:
         if self._tracker is not None:
             self._tracker.start()
-            self._last_flush = time.monotonic()
+            self._last_flush = time.monotonic() - max(0.0, self._flush_every_s - self.FIRST_FLUSH_S)
 
     def maybe_flush(self, force: bool = False) -> None:
         """Persist the running total (cheap to call every step; writes at most every flush_every_s)."""
