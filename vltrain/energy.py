@@ -5,8 +5,8 @@ Known ways trackers get this wrong, and what this module does about each:
   measures the whole node);
 - all GPUs of a node are counted when one is allocated -> `gpu_ids` = the allocated devices;
 - a killed job loses its energy -> the tracker flushes every `flush_every_s` seconds, the first time
-  after FIRST_FLUSH_S ("update" mode
-  rewrites one cumulative row, so the file always holds the total up to the last flush);
+  after FIRST_FLUSH_S ("update" mode rewrites one cumulative row, so the file always holds the total
+  up to the last flush);
 - requeued attempts overwrite each other -> each attempt writes its own file
   `energy/node<NNN>-<attempt>.csv`; reports sum the files.
 """
