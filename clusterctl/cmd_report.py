@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from clusterctl import output
-from clusterctl.output import print_json
+from clusterctl.output import CO2_UNITS, ENERGY_UNITS, pick_unit, print_json
 from vltrain.errors import UserError
 
 app = typer.Typer(help="Energy, carbon, GPU-hour and loss reports.", no_args_is_help=True)
@@ -70,20 +70,6 @@ def _report(kind: str, run, profile, since, until, by, json_, csv_, plot) -> Non
         _print_rows(kind, by, rows)
     if plot is not None and not json_ and not csv_:
         output.console.print(f"plot written to {plot}")
-
-
-ENERGY_UNITS = ((1e-3, "MWh"), (1.0, "kWh"), (1e3, "Wh"))  # (factor from kWh, name), largest first
-CO2_UNITS = ((1e-3, "t"), (1.0, "kg"), (1e3, "g"))  # from kg
-
-
-def pick_unit(values: list[float | None], units: tuple[tuple[float, str], ...]) -> tuple[float, str]:
-    """The largest unit in which the biggest value is at least 1 (a 20-step demo reads 2.1 Wh, a
-    pre-training run 13.2 MWh), so each column has one unit and short numbers."""
-    top = max((abs(v) for v in values if isinstance(v, (int, float))), default=0.0)
-    for factor, name in units:
-        if top * factor >= 1:
-            return factor, name
-    return units[-1]
 
 
 SOURCES = {"sacct": "Slurm accounting", "registry": "start/end x GPUs", "none": "no times recorded"}

@@ -22,6 +22,9 @@ import typer
 from vltrain.errors import UserError
 
 
+PLAIN_HEARTBEAT_S = 60.0  # without a terminal: a line per run at least this often, even if it did not move
+
+
 class Keys:
     """Single key presses from a terminal without Enter (cbreak); restores the terminal on exit."""
 
@@ -95,7 +98,7 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
     energy_cache: dict[str, dict] = {r.run_id: {} for r in runs}
     tty = sys.stdout.isatty()
     keys = Keys() if tty else None
-    last_plain: dict[str, str] = {}
+    last_plain: dict[str, tuple] = {}
     live = None
     quit_ = False
     rows: list[dict] = []
@@ -140,11 +143,13 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
                     body = [runs_table(rows, views, width, console.height)]
                 live.update(Group(*body, footer), refresh=True)
             else:
-                for row in rows:
-                    line = plain_line(row, views[row["run_id"]])
-                    if last_plain.get(row["run_id"]) != line:
-                        print(line, flush=True)
-                        last_plain[row["run_id"]] = line
+                for row in rows:  # a line when the run moved (state, step, requeues), else once a minute
+                    v = views[row["run_id"]]
+                    key = (row["state"], v.last.get("step", row.get("step")), row.get("requeues"))
+                    said_key, said_at = last_plain.get(row["run_id"], (None, 0.0))
+                    if key != said_key or now - said_at >= PLAIN_HEARTBEAT_S:
+                        print(plain_line(row, v), flush=True)
+                        last_plain[row["run_id"]] = (key, now)
             if done:
                 break
             key = keys.wait(interval) if keys else (time.sleep(interval) or None)

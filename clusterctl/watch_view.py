@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clusterctl.output import quantity
+from clusterctl.output import ENERGY_UNITS, co2, energy, pick_unit, quantity
 
 SPARK = "▁▂▃▄▅▆▇█"
 OBJECTIVES = ("itc", "mlm", "caption")
@@ -114,7 +114,7 @@ def stats_line(row: dict[str, Any], v: RunView) -> str:
     mfu = m.get("mfu")
     return (f"{sps:,.1f} samples/s" if isinstance(sps, (int, float)) else "- samples/s") + (
         f" | MFU {mfu * 100:.1f}%" if isinstance(mfu, (int, float)) else "") + (
-        f" | {quantity(row.get('gpu_hours', 0.0))} GPU-h | {quantity(v.energy_kwh)} kWh | {quantity(v.co2_kg * 1000)} g CO2")
+        f" | {quantity(row.get('gpu_hours', 0.0))} GPU-h | {energy(v.energy_kwh)} | {co2(v.co2_kg)}")
 
 
 def run_panel(row: dict[str, Any], v: RunView, width: int = 80):
@@ -166,12 +166,13 @@ def runs_table(rows: list[dict[str, Any]], views: dict[str, RunView], width: int
     from rich.table import Table
     from rich.text import Text
 
+    ef, eu = pick_unit([views[r["run_id"]].energy_kwh for r in rows], ENERGY_UNITS)  # one unit for the column
     t = Table(box=None, padding=(0, 1), expand=False, width=width, show_edge=False)
     for name, kw in (("RUN", {"ratio": 1, "no_wrap": True, "overflow": "ellipsis", "min_width": 8}),
                      ("STATE", {"no_wrap": True}), ("STEP", {"justify": "right", "no_wrap": True}),
                      ("ETA", {"justify": "right", "no_wrap": True}), ("LOSS", {"no_wrap": True}),
                      ("S/S", {"justify": "right", "no_wrap": True}), ("GPU-H", {"justify": "right", "no_wrap": True}),
-                     ("KWH", {"justify": "right", "no_wrap": True})):
+                     (eu, {"justify": "right", "no_wrap": True})):
         t.add_column(name, **kw)
     room = max(1, height - 3)  # header, footer, and the "more" line
     for row in rows[:room]:
@@ -185,7 +186,7 @@ def runs_table(rows: list[dict[str, Any]], views: dict[str, RunView], width: int
         t.add_row(row["name"], Text(row["state"], style=state_style(row["state"])),
                   f"{int(step) if step is not None else '-'}/{row.get('total_steps')}", _dur(row.get("eta_s")), loss,
                   f"{sps:,.0f}" if isinstance(sps, (int, float)) else "-", quantity(row.get("gpu_hours", 0.0)),
-                  quantity(v.energy_kwh))
+                  quantity(v.energy_kwh * ef))
     if len(rows) <= room:
         return t
     from rich.console import Group
@@ -212,7 +213,7 @@ def summary_lines(rows: list[dict[str, Any]], views: dict[str, RunView], evals: 
         loss = f"{m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else "-"
         out.append(f"{row['run_id']}: {row['state']}, step {m.get('step', '-')}/{row.get('total_steps')}, "
                    f"final loss {loss}, requeues {row.get('requeues', 0)}, elapsed {_dur(row.get('elapsed_s'))}")
-        out.append(f"  {quantity(row.get('gpu_hours', 0.0))} GPU-h, {quantity(v.energy_kwh)} kWh, {quantity(v.co2_kg * 1000)} g CO2eq")
+        out.append(f"  {quantity(row.get('gpu_hours', 0.0))} GPU-h, {energy(v.energy_kwh)}, {co2(v.co2_kg)}")
         ev = evals.get(row["run_id"])
         if ev:
             out.append("  eval: " + "  ".join(f"{k} {val:.3f}" for k, val in ev.items()))

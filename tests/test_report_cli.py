@@ -167,7 +167,7 @@ def test_text_table_fits_80_columns_and_never_cuts_a_number(world):
 
 
 def test_units_follow_the_largest_value():
-    from clusterctl.cmd_report import CO2_UNITS, ENERGY_UNITS, pick_unit
+    from clusterctl.output import CO2_UNITS, ENERGY_UNITS, pick_unit
 
     assert pick_unit([0.0021, None], ENERGY_UNITS) == (1e3, "Wh")
     assert pick_unit([4.0, 0.5], ENERGY_UNITS) == (1.0, "kWh")

@@ -10,7 +10,7 @@ from clusterctl.registry import Registry
 from tests.conftest import run_cli
 from tests.test_status import add, calls, shim
 
-RUNNING_ROW = "{id}|RUNNING|0:{s:02d}|2024-05-01T10:00:00|a1|cpu=1,node=1,gres/gpu=1|0|None|"
+RUNNING_ROW = "{id}|RUNNING|0:1$n|2024-05-01T10:00:00|a1|cpu=1,node=1,gres/gpu=1|0|None|"  # elapsed grows per call
 ACCT_ROW = "{id}|COMPLETED|00:01:00|60|2024-05-01T10:00:00|2024-05-01T10:01:00|billing=1,cpu=1,gres/gpu=1,node=1|a1|0:0"
 
 
@@ -24,7 +24,7 @@ def test_one_squeue_per_refresh_for_all_runs_and_sacct_once_at_the_end(tmp_path)
     reg.close()
     bin_dir = tmp_path / "bin"
     # squeue lists both jobs running for its first three calls, then neither (they ended)
-    rows = "\n".join(RUNNING_ROW.format(id=j, s=10) for j in ("301", "302"))
+    rows = "\n".join(RUNNING_ROW.format(id=j) for j in ("301", "302"))
     shim(bin_dir, "squeue", f'n=$(/bin/grep -c "^squeue" "$SHIM_LOG"); [ "$n" -le 3 ] && printf "%s\\n" "{rows}"; exit 0')
     acct = "\n".join(ACCT_ROW.format(id=j) for j in ("301", "302"))
     shim(bin_dir, "sacct", f'printf "%s\\n" "{acct}"')
@@ -40,3 +40,8 @@ def test_one_squeue_per_refresh_for_all_runs_and_sacct_once_at_the_end(tmp_path)
     assert all(c.split("-j ")[1].split()[0] == "301,302" for c in squeues)  # both runs in one call
     (sacct,) = [c for c in log if c.startswith("sacct")]  # only once the jobs had left the queue
     assert log.index(sacct) == len(log) - 1 and "-j 301,302" in sacct
+    # without a terminal: a line when a run moves (here: RUNNING, then COMPLETED), not one per refresh
+    # although its GPU-hours grew on every refresh
+    for run_id in ("alpha-1", "beta-2"):
+        states = [line.split()[1] for line in r.stdout.splitlines() if line.startswith(f"{run_id} ")]
+        assert states == ["RUNNING", "COMPLETED"], r.stdout

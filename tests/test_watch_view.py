@@ -62,7 +62,7 @@ def test_panel_fits_80_columns_and_shows_the_essentials():
     assert all(len(line) <= 80 for line in lines)
     assert len(lines) <= PANEL_LINES and fits_panels(2, 24)  # two runs and the footer fit in 24 rows
     for expected in ("RUNNING", "job 42", "a[1-2]", "requeues 1", "30/100", "ETA 1:35", "loss", "itc",
-                     "120.5 samples/s", "MFU 31.0%", "GPU-h", "kWh", "step 30/100"):
+                     "120.5 samples/s", "MFU 31.0%", "GPU-h", "4.2 Wh", "0.24 g CO2eq", "step 30/100"):
         assert expected in text, expected
 
 
@@ -75,7 +75,7 @@ def test_plain_line_and_summary():
     assert "COMPLETED" in out[1] and "final loss 7.0000" in out[1]
     assert "i2t R@1 0.500" in out[-1]
     big = plain_line(_row(gpu_hours=12480.4), v)  # a 64-GPU week: no exponent notation
-    assert "12,480 GPU-h" in big and "0.0042 kWh" in big
+    assert "12,480 GPU-h" in big and "4.2 Wh" in big  # 0.0042 kWh, in the unit that reads best
 
 
 def test_many_runs_switch_to_one_line_each_within_80x24():
