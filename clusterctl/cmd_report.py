@@ -109,7 +109,7 @@ def _print_rows(kind: str, by: str, rows: list[dict]) -> None:
     for c in cells:
         t.add_row(*c)
     output.console.print(t)
-    if len(notes) < 3 and not any(n.startswith("GPU-h source") for n in notes):
+    if any(k == "gpu_hours_source" for k, _, _ in cols):  # the column stayed: say what its values mean
         notes.append("GPU-h source: sacct = Slurm accounting, registry = start/end x GPUs")
     output.console.print(" | ".join(notes), highlight=False)
     if kind == "energy":

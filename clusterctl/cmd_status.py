@@ -2,11 +2,11 @@
 
 At most one squeue and one sacct call per invocation, each for every shown run at once, so the
 answer costs the same however many runs there are: squeue for every job not final in the registry,
-then sacct only for the jobs squeue cannot answer for (left the queue, ended, or requeued);
-runs whose registry state is final are not asked about again. When accounting is unavailable, states come from squeue and the
-registry; when slurmctld does not answer in time, the last known states are shown; the output says
-which (`source` and `notes`). Progress comes from the last line of each run's metrics.jsonl, read
-from the end of the file. What Slurm says is written back to the registry.
+then sacct only for the jobs squeue cannot answer for (left the queue, ended, or requeued); runs
+whose registry state is final are not asked about again. When accounting is unavailable, states
+come from squeue and the registry; when slurmctld does not answer in time, the last known states
+are shown; the output says which (`source` and `notes`). Progress comes from the last line of each
+run's metrics.jsonl, read from the end of the file. What Slurm says is written back to the registry.
 """
 
 from __future__ import annotations
@@ -385,14 +385,17 @@ def table_lines(runs: list[dict[str, Any]], width: int | None = None) -> tuple[l
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     keep = list(range(len(COLUMNS)))
     hidden: list[str] = []
+
+    def over() -> int:  # columns beyond `width` with the columns kept (2 spaces between them)
+        return 0 if width is None else sum(widths[i] for i in keep) + 2 * (len(keep) - 1) - width
+
     for name in DROP_ORDER:
-        if width is None or sum(widths[i] for i in keep) + 2 * (len(keep) - 1) <= width:
+        if over() <= 0:
             break
         keep.remove(next(i for i, (h, _) in enumerate(COLUMNS) if h == name))
         hidden.append(name)
-    over = 0 if width is None else sum(widths[i] for i in keep) + 2 * (len(keep) - 1) - width
-    if over > 0:  # last resort: cut run ids at the end; the prefix left is what commands accept
-        widths[0] = max(12, widths[0] - over)
+    if (excess := over()) > 0:  # last resort: cut run ids at the end; the prefix left is what commands accept
+        widths[0] = max(12, widths[0] - excess)
         for row in cells[1:]:
             if len(row[0]) > widths[0]:
                 row[0] = row[0][: widths[0] - 1] + "…"

@@ -1,8 +1,8 @@
 """`clusterctl watch [RUN ...]` (and `submit --watch`): a live view of runs until they finish.
 
 Each refresh makes one batched squeue call for every watched run (plus one sacct only when a job
-ended or was requeued; clusterctl.cmd_status), reads only the new bytes of each run's metrics.jsonl and rank-0 log (clusterctl.watch_view.Tail), and
-redraws a rich Live view sized for 80x24. `q` or Ctrl-C leaves cleanly (the terminal is restored);
+ended or was requeued; clusterctl.cmd_status), reads only the new bytes of each run's metrics.jsonl
+and rank-0 log (clusterctl.watch_view.Tail), and redraws a rich Live view sized for 80x24. `q` or Ctrl-C leaves cleanly (the terminal is restored);
 when stdout is not a terminal it prints plain progress lines instead. When every watched run has
 finished it prints a one-screen summary and exits (0 if all completed).
 """
