@@ -39,7 +39,8 @@ def populate(path: Path, runs_dir: Path, n: int, active: int, live_ids: list[str
     """Fill a registry through its public API; the active runs get run directories with metrics.
     `live_ids`: real Slurm job ids to give the active runs' current jobs (else made-up ids)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from clusterctl.registry import Registry, RunRecord
+    from clusterctl.runs.registry import Registry
+    from clusterctl.specs import RunRecord
 
     reg = Registry(path)
     now = time.time()

@@ -98,7 +98,7 @@ def main() -> None:
     split = batch_split(cfg, 1)
     cfg = dataclasses.replace(cfg, micro_batch=split.micro_batch, accumulation=split.accumulation,
                               checkpoint_every=0, eval_every=0)
-    from vltrain.config import resolve_model
+    from vltrain.presets import resolve_model
 
     mcfg = resolve_model(cfg.model)
     shards, tok = make_data(tmp, max(256, split.micro_batch * 4), mcfg.image_size)

@@ -22,7 +22,7 @@ from vltrain.data.loader import EpochOrder, ShardLoader
 from vltrain.data.shards import ShardWriter, index_shard, iter_samples, resolve_shards
 from vltrain.data.synth import write_synthetic_shards
 from vltrain.data.transforms import ImageTransform, flip_caption, randaugment
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
 from vltrain.tokenizer import train_tokenizer_from_shards
 
 N, SHARDS, HOLDOUT, SIZE = 121, 3, 24, 32

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from clusterctl.planning import plan_for_run
-from clusterctl.profiles import load_profile
+from clusterctl.planning.plan import plan_for_run
+from clusterctl.planning.profiles import load_profile
 from vltrain.config import TrainConfig, load_train_config
 from vltrain.dsconfig import deepspeed_config, warmup_steps
 

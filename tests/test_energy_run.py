@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl.registry import Registry, RunRecord
+from clusterctl.runs.registry import Registry
+from clusterctl.specs import RunRecord
 from tests.conftest import BIN, REPO, run_cli
 from tests.test_trainer_run import data, write_config  # noqa: F401  (module fixture reused)
 

@@ -1,4 +1,4 @@
-"""Time / GPU-hour / energy / CO2 estimates and claim audits (clusterctl.estimates, `clusterctl estimate`)."""
+"""Time / GPU-hour / energy / CO2 estimates and claim audits (clusterctl.planning.estimates, `clusterctl estimate`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from clusterctl.carbon import country_intensity
-from clusterctl.estimates import Claims, Setup, Work, audit, estimate, parse_duration, token_flops
+from clusterctl.planning.carbon import country_intensity
+from clusterctl.planning.estimates import Claims, Setup, Work, audit, estimate, parse_duration, token_flops
 from tests.conftest import run_cli
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
 
 
 @pytest.mark.parametrize("text, hours", [("6w", 1008), ("42d", 1008), ("1008h", 1008), ("2mo", 1460.97), ("1.5d", 36)])

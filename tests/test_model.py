@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vltrain.config import LossConfig, ModelConfig
-from vltrain.errors import UserError
+from vltrain.config import LossConfig
+from vltrain.model_config import ModelConfig
+from vltrain.common.errors import UserError
 from vltrain.model import VLModel
 from vltrain.model.layers import apply_rope, rope_tables
 from vltrain.model.losses import itc_loss, mask_tokens

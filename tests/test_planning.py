@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusterctl import memory
-from clusterctl.planning import make_plan, plan_for_run, require_fit
-from clusterctl.profiles import load_profile
+from clusterctl.planning import memory
+from clusterctl.planning.plan import make_plan, plan_for_run, require_fit
+from clusterctl.planning.profiles import load_profile
 from tests.conftest import run_cli
 from vltrain.batching import split_batch
 from vltrain.config import TrainConfig
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
 from vltrain.model_math import largest_layer_params, param_count
 from vltrain.presets import get_preset
 
@@ -65,16 +65,16 @@ def test_tp_pp_shrink_the_data_parallel_degree():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (("a100x32", "base", 2047, {}), "--global-batch: 2047 is not divisible by the 32 data-parallel ranks; allowed: a multiple of 32, e.g. 1984, 2016, 2048, 2080 (with 2048: micro batch 1, 2, 4, 8, 16, 32, 64 per GPU)"),
-        (("a100x64", "crossmodal-xl", 8192, {"tp": 3}), "--tp: 3 does not divide the world size 64; allowed: 1, 2, 4, 8, 16, 32, 64"),
-        (("a100x64", "crossmodal-xl", 8192, {"tp": 4, "pp": 32}), "--pp: 32 does not divide the world size 16; allowed: 1, 2, 4, 8, 16"),
-        (("a100x64", "crossmodal-xl", 8192, {"micro_batch": 128}), "--micro-batch: 128 does not fit in GPU memory (at most 2 per GPU); allowed: 1, 2"),
-        (("a100x32", "base", 2048, {"accumulation": 3}), "--accum: 3 does not divide the 64 samples per rank (global batch 2048 / 32 ranks); allowed: 1, 2, 4, 8, 16, 32, 64"),
-        (("a100x32", "base", 2048, {"micro_batch": 8, "accumulation": 4}), "--micro-batch 8 x --accum 4 x 32 ranks = 1024, not the global batch 2048; allowed: micro x accum = 64 per rank"),
-        (("a100x32", "base", 2048, {"zero_stage": 4}), "--zero-stage: 4 is not valid; allowed: 0, 1, 2, 3"),
+        (("a100x32", "base", 2047, {}), "global_batch: 2047 is not divisible by the 32 data-parallel ranks; allowed: a multiple of 32, e.g. 1984, 2016, 2048, 2080 (with 2048: micro batch 1, 2, 4, 8, 16, 32, 64 per GPU)"),
+        (("a100x64", "crossmodal-xl", 8192, {"tp": 3}), "tp: 3 does not divide the world size 64; allowed: 1, 2, 4, 8, 16, 32, 64"),
+        (("a100x64", "crossmodal-xl", 8192, {"tp": 4, "pp": 32}), "pp: 32 does not divide the world size 16; allowed: 1, 2, 4, 8, 16"),
+        (("a100x64", "crossmodal-xl", 8192, {"micro_batch": 128}), "micro_batch: 128 does not fit in GPU memory (at most 2 per GPU); allowed: 1, 2"),
+        (("a100x32", "base", 2048, {"accumulation": 3}), "accumulation: 3 does not divide the 64 samples per rank (global batch 2048 / 32 ranks); allowed: 1, 2, 4, 8, 16, 32, 64"),
+        (("a100x32", "base", 2048, {"micro_batch": 8, "accumulation": 4}), "micro_batch 8 x accumulation 4 x 32 ranks = 1024, not the global batch 2048; allowed: micro x accum = 64 per rank"),
+        (("a100x32", "base", 2048, {"zero_stage": 4}), "zero_stage: 4 is not valid; allowed: 0, 1, 2, 3"),
     ],
 )
-def test_impossible_requests_are_one_line_errors(args, expected):
+def test_impossible_requests_are_one_line_errors_naming_the_fields(args, expected):
     profile, model, gb, kw = args
     with pytest.raises(UserError) as e:
         make_plan(load_profile(profile), get_preset(model), gb, **kw)
@@ -205,6 +205,23 @@ def test_cli_plan_bad_input_is_one_line_exit_2():
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: --global-batch: 2047")
     r = run_cli("plan", "--profile", "a100x32", "--model", "nope", "--global-batch", "2048")
     assert r.returncode == 2 and "'nope'" in r.stderr and "crossmodal-xl" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("plan", "--profile", "a100x32", "--model", "base", "--global-batch", "2048", "--micro-batch", "8", "--accum", "4"),
+     "error: --micro-batch 8 x --accum 4 x 32 ranks = 1024, not the global batch 2048"),
+    (("plan", "--profile", "a100x64", "--model", "base", "--global-batch", "8192", "--tp", "3"),
+     "error: --tp: 3 does not divide the world size 64"),
+    # submit took global_batch as a flag: the flag is named; accumulation came from --set: the field is
+    (("submit", "--profile", "a100x64", "--model", "base", "--global-batch", "100", "--dry-run"),
+     "error: --global-batch: 100 is not divisible by the 64 data-parallel ranks"),
+    (("submit", "--profile", "a100x64", "--model", "base", "--global-batch", "8192", "--set", "accumulation=3",
+      "--dry-run"), "error: accumulation: 3 does not divide the 128 samples per rank"),
+])
+def test_cli_names_the_flags_it_took_and_the_fields_it_did_not(args, expected):
+    """Planning errors name config fields; a command renames those it took as flags (cli.options)."""
+    r = run_cli(*args)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(expected), r.stderr
 
 
 def test_cli_plan_that_does_not_fit_exits_1_with_the_breakdown():

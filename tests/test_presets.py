@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from vltrain.config import ModelConfig
-from vltrain.errors import UserError
+from vltrain.model_config import ModelConfig
+from vltrain.common.errors import UserError
 from vltrain.model import VLModel
 from vltrain.model_math import activation_bytes_per_sample, forward_flops_per_sample, param_breakdown, param_count
 from vltrain.presets import PAPER_TOTALS, PRESETS, get_preset

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl.profiles import (
+from clusterctl.planning.profiles import (
     builtin_dir,
     comm_env,
     find_profile,
@@ -14,7 +14,7 @@ from clusterctl.profiles import (
     read_profile,
     slurm_time_to_minutes,
 )
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
 
 SHIPPED = sorted(p.stem for p in builtin_dir().glob("*.toml"))
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl.registry import SCHEMA_VERSION, Registry, RunRecord, connect, migrate
+from clusterctl.runs.registry import SCHEMA_VERSION, Registry, RunRecord, connect, migrate
 from tests.conftest import run_cli
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
 
 
 def make_run(run_id: str, name: str = "tiny", state: str = "PENDING", created: float | None = None,
@@ -85,11 +85,12 @@ def test_jobs_attempts_updates_and_batched_read(reg):
     assert (jobs["a"][1].state, jobs["a"][1].requeues, jobs["a"][1].alloc_gpus, jobs["a"][1].elapsed_s) == ("NODE_FAIL", 2, 16, 30.5)
     assert jobs["a"][0].state == "SUBMITTED" and jobs["b"][0].state == "RUNNING"
     assert reg.jobs("a") == jobs["a"]
-    with pytest.raises(UserError, match="cannot be set"):
+    # programming errors, not the user's: ordinary exceptions (a traceback), not one-line UserErrors
+    with pytest.raises(ValueError, match="cannot be set"):
         reg.update_job("11", run_id="a", attempt=9)
-    with pytest.raises(UserError, match="kind"):
+    with pytest.raises(ValueError, match="kind"):
         reg.add_job("a", "14", "whatever")
-    with pytest.raises(UserError, match="no run"):
+    with pytest.raises(ValueError, match="no run"):
         reg.add_job("zzz", "14", "submit")
 
 

@@ -10,8 +10,9 @@ import time
 import pytest
 from PIL import Image
 
-from clusterctl.registry import Registry, RunRecord
-from clusterctl.reports import COLUMNS, merge_timelines
+from clusterctl.runs.registry import Registry
+from clusterctl.specs import RunRecord
+from clusterctl.runs.usage import COLUMNS, merge_timelines
 from tests.conftest import REPO, run_cli
 
 HEADER = "timestamp,project_name,run_id,duration,emissions,energy_consumed,country_iso_code,pue\n"
@@ -167,7 +168,7 @@ def test_text_table_fits_80_columns_and_never_cuts_a_number(world):
 
 
 def test_units_follow_the_largest_value():
-    from clusterctl.output import CO2_UNITS, ENERGY_UNITS, pick_unit
+    from clusterctl.render.units import CO2_UNITS, ENERGY_UNITS, pick_unit
 
     assert pick_unit([0.0021, None], ENERGY_UNITS) == (1e3, "Wh")
     assert pick_unit([4.0, 0.5], ENERGY_UNITS) == (1.0, "kWh")

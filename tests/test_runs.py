@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from clusterctl.registry import JobRecord, Registry, RunRecord
-from clusterctl.retry import cluster_failure, should_retry
+from clusterctl.runs.registry import Registry
+from clusterctl.specs import JobRecord, RunRecord
+from clusterctl.runs.retry import cluster_failure, should_retry
 from tests.conftest import run_cli
 
 
@@ -99,7 +100,7 @@ def test_dry_run_json(env):
         (("--profile", "local", "--set", "optim.lr=-1"), "error: <defaults>: optim.lr: "),
         (("--profile", "local", "--model", "huge"), "error: <defaults>: model: unknown preset 'huge'"),
         (("--profile", "local", "--name", "a;rm -rf /"), "error: --name: 'a;rm -rf /' is not a valid job name"),
-        (("--profile", "local", "--global-batch", "7", "--set", "accumulation=2"), "error: --accum: 2 does not divide"),
+        (("--profile", "local", "--global-batch", "7", "--set", "accumulation=2"), "error: accumulation: 2 does not divide"),
         (("--profile", "local", "--config", "/nonexistent.toml"), "error: /nonexistent.toml: no such file"),
     ],
 )

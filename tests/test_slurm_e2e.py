@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl.registry import Registry
+from clusterctl.runs.registry import Registry
 from tests.conftest import REPO, run_cli, tiny_data
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clusterctl import slurm
-from vltrain.errors import UserError
+from clusterctl.backends.slurm import commands, parse
+from clusterctl.specs import ACTIVE_STATES, FINAL_STATES, RunState
+from vltrain.common.errors import UserError
 
 FIX = Path(__file__).parent / "fixtures" / "slurm"
 
@@ -28,15 +29,18 @@ def ts(text: str) -> float:
     ("  COMPLETED  ", "COMPLETED"), ("", "UNKNOWN"), ("SOME_FUTURE_STATE", "UNKNOWN"), ("STOPPED", "SUSPENDED"),
 ])
 def test_normalize_state(raw, want):
-    assert slurm.normalize_state(raw) == want
+    assert parse.normalize_state(raw) == want
 
 
 def test_state_sets_partition_the_vocabulary():
-    assert set(slurm.ACTIVE).isdisjoint(slurm.FINAL)
-    assert set(slurm.STATES) == set(slurm.ACTIVE) | set(slurm.FINAL) | {"UNKNOWN"}
+    assert ACTIVE_STATES.isdisjoint(FINAL_STATES)
+    assert ACTIVE_STATES | FINAL_STATES == set(RunState)
     assert {"PENDING", "RUNNING", "REQUEUED", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED",
-            "NODE_FAIL"} <= set(slurm.STATES)
-    assert not slurm.is_final("UNKNOWN")  # an unknown state is polled again, never taken as finished
+            "NODE_FAIL"} <= set(RunState)
+    assert not RunState.UNKNOWN.is_final()  # an unknown state is polled again, never taken as finished
+    assert not RunState.final("UNKNOWN") and RunState.final("COMPLETED") and not RunState.final("garbage")
+    # every state Slurm's names fold into is in the vocabulary
+    assert {parse.normalize_state(k) for k in parse._ALIASES} <= set(RunState)
 
 
 @pytest.mark.parametrize("text, want", [
@@ -44,7 +48,7 @@ def test_state_sets_partition_the_vocabulary():
     ("INVALID", None), ("UNLIMITED", None), ("", None), ("Partition_Limit", None),
 ])
 def test_parse_duration(text, want):
-    assert slurm.parse_duration(text) == want
+    assert parse.parse_duration(text) == want
 
 
 @given(st.integers(min_value=0, max_value=400 * 86400))
@@ -53,12 +57,12 @@ def test_duration_round_trip(seconds):
     h, rest = divmod(rest, 3600)
     m, s = divmod(rest, 60)
     text = (f"{d}-" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
-    assert slurm.parse_duration(text) == seconds
+    assert parse.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["Unknown", "None", "N/A", "", "(null)"])
 def test_parse_time_unknowns(text):
-    assert slurm.parse_time(text) is None
+    assert parse.parse_time(text) is None
 
 
 @pytest.mark.parametrize("text, want", [
@@ -66,11 +70,11 @@ def test_parse_time_unknowns(text):
     ("cpu=4,mem=16000M,node=2,billing=4", None), ("", None), ("gres/gpu=2,gres/gpu:a100=2", 2),
 ])
 def test_tres_gpus(text, want):
-    assert slurm.tres_gpus(text) == want
+    assert parse.tres_gpus(text) == want
 
 
 def test_parse_squeue_odd_states():
-    rows = slurm.parse_squeue((FIX / "squeue_odd.txt").read_text())
+    rows = parse.parse_squeue((FIX / "squeue_odd.txt").read_text())
     assert "squeue: warning" not in " ".join(rows)  # a non-row line is skipped, not misread
     assert rows["101"].state == "PENDING" and rows["101"].start is None and rows["101"].node_list is None
     r = rows["102"]
@@ -84,7 +88,7 @@ def test_parse_squeue_odd_states():
 
 
 def test_parse_sacct_duplicates_steps_and_odd_states():
-    rows = slurm.parse_sacct((FIX / "sacct_odd.txt").read_text())
+    rows = parse.parse_sacct((FIX / "sacct_odd.txt").read_text())
     assert not any("." in j for j in rows)  # the .batch step is not a job
     r = rows["201"]  # requeued twice (-D): last attempt wins, elapsed adds up
     assert (r.state, r.attempts, r.requeues, r.elapsed_s, r.alloc_gpus) == ("COMPLETED", 3, 2, 220.0, 2)
@@ -103,7 +107,7 @@ def test_parse_sacct_duplicates_steps_and_odd_states():
 
 
 def test_parse_scontrol_restarts():
-    counts = slurm.parse_scontrol_restarts((FIX / "scontrol_odd.txt").read_text())
+    counts = parse.parse_scontrol_restarts((FIX / "scontrol_odd.txt").read_text())
     # 301: the real Restarts=2 (not the one inside WorkDir); 302_1: array task; 304: a Reason can't fake it
     assert counts == {"301": 2, "302_1": 0, "304": 1}
 
@@ -119,28 +123,28 @@ def test_parse_scontrol_restarts():
     ("", "no error message"),
 ])
 def test_sbatch_error_line(stderr, want):
-    assert slurm.sbatch_error_line(stderr) == want
-    assert "\n" not in slurm.sbatch_error_line(stderr)
+    assert parse.sbatch_error_line(stderr) == want
+    assert "\n" not in parse.sbatch_error_line(stderr)
 
 
 @pytest.mark.parametrize("bad", ["12;rm -rf /", "-1", "--all", "12 13", "abc", ""])
 def test_job_ids_are_checked_before_any_call(bad):
     with pytest.raises(UserError, match="job id"):
-        slurm.squeue([bad])
+        commands.squeue([bad])
     with pytest.raises(UserError, match="job id"):
-        slurm.scancel(bad)
+        commands.scancel(bad)
 
 
 def test_bad_signal_name_refused():
     with pytest.raises(UserError, match="--signal"):
-        slurm.scancel("12", signal="USR2; reboot")
+        commands.scancel("12", signal="USR2; reboot")
 
 
 # --- recorded on the local cluster (Slurm 22.05.8): completed, failed (exit 3), cancelled while
 # held, a 2-node GPU job requeued twice and now pending, a 3-task array, a time-out ---------------
 
 def test_real_squeue_22_05():
-    rows = slurm.parse_squeue((FIX / "squeue_real_22.05.txt").read_text())
+    rows = parse.parse_squeue((FIX / "squeue_real_22.05.txt").read_text())
     assert {j: r.state for j, r in rows.items()} == {
         "1": "COMPLETED", "2": "FAILED", "3": "CANCELLED", "4": "PENDING", "5_1": "RUNNING", "5_2": "RUNNING",
         "5_3": "RUNNING", "8": "TIMEOUT"}
@@ -151,7 +155,7 @@ def test_real_squeue_22_05():
 
 
 def test_real_sacct_22_05():
-    rows = slurm.parse_sacct((FIX / "sacct_real_22.05.txt").read_text())
+    rows = parse.parse_sacct((FIX / "sacct_real_22.05.txt").read_text())
     assert {j: r.state for j, r in rows.items()} == {
         "1": "COMPLETED", "2": "FAILED", "3": "CANCELLED", "4": "REQUEUED", "5_1": "RUNNING", "5_2": "RUNNING",
         "5_3": "RUNNING", "8": "TIMEOUT"}
@@ -162,7 +166,7 @@ def test_real_sacct_22_05():
 
 
 def test_real_scontrol_22_05():
-    counts = slurm.parse_scontrol_restarts((FIX / "scontrol_real_22.05.txt").read_text())
+    counts = parse.parse_scontrol_restarts((FIX / "scontrol_real_22.05.txt").read_text())
     assert counts == {"1": 0, "2": 0, "3": 0, "4": 2, "5_1": 0, "5_2": 0, "5_3": 0, "8": 0}
 
 
@@ -173,9 +177,9 @@ def test_real_scontrol_22_05():
     ("sacct: error: Slurm accounting storage is disabled\n", "Slurm accounting storage is disabled"),
 ])
 def test_sacct_error_is_its_last_line(stderr, want):
-    assert slurm.error_line(stderr, "sacct", last=True) == want
+    assert parse.error_line(stderr, "sacct", last=True) == want
 
 
 def test_scancel_error_line():
-    assert slurm.error_line("scancel: error: Kill job error on job id 2: Invalid job id specified\n", "scancel") == (
+    assert parse.error_line("scancel: error: Kill job error on job id 2: Invalid job id specified\n", "scancel") == (
         "Kill job error on job id 2: Invalid job id specified")

@@ -18,8 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl import cmd_status, slurm
-from clusterctl.registry import JobRecord, Registry, RunRecord
+from clusterctl.backends import common, get_backend
+from clusterctl.backends.slurm import backend as slurm_backend
+from clusterctl.backends.slurm import commands, parse
+from clusterctl.render import status_table
+from clusterctl.runs import artifacts, status
+from clusterctl.runs.registry import Registry
+from clusterctl.specs import JobRecord, RunRecord
 from tests.conftest import REPO, run_cli
 
 FIX = Path(__file__).parent / "fixtures" / "slurm"
@@ -186,13 +191,13 @@ def test_local_executor_state_from_submitit_files(tmp_path):
             if payload:
                 (run_dir / "submitit").mkdir(parents=True)
                 (run_dir / "submitit" / f"{pid}_0_result.pkl").write_bytes(pickle.dumps(payload, protocol=4))
-        got = cmd_status.refresh(reg, reg.list_runs(), timeout=1)
+        got = status.refresh(reg, reg.list_runs(), timeout=1).states
         assert got == {"ok": "COMPLETED", "bad": "FAILED", "alive": "RUNNING", "gone": "FAILED"}
         assert reg.jobs("alive")[0].state == "RUNNING"
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert cmd_status.refresh(reg, [reg.get_run("alive")]) == {"alive": "FAILED"}
+    assert status.refresh(reg, [reg.get_run("alive")]).states == {"alive": "FAILED"}
 
 
 # --- pure pieces ---------------------------------------------------------------------------------
@@ -203,43 +208,43 @@ def test_pickle_outcome_reads_without_unpickling(proto):
         def __reduce__(self):
             return (os.system, ("exit 3",))  # would run if unpickled
 
-    assert cmd_status.pickle_outcome(pickle.dumps(("success", Boom()), protocol=proto)[:256]) == "COMPLETED"
-    assert cmd_status.pickle_outcome(pickle.dumps(("error", "tb"), protocol=proto)) == "FAILED"
-    assert cmd_status.pickle_outcome(b"not a pickle") is None
+    assert common.pickle_outcome(pickle.dumps(("success", Boom()), protocol=proto)[:256]) == "COMPLETED"
+    assert common.pickle_outcome(pickle.dumps(("error", "tb"), protocol=proto)) == "FAILED"
+    assert common.pickle_outcome(b"not a pickle") is None
 
 
 def test_tail_json_reads_only_the_end(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 1}\n' + "x" * 3_000_000 + "\n")  # the only valid line is 3 MB back
-    assert cmd_status.tail_json(p, max_bytes=1 << 20) is None  # gave up after 1 MiB: never read it all
-    assert cmd_status.tail_json(p, max_bytes=1 << 23) == {"step": 1}
+    assert artifacts.tail_json(p, max_bytes=1 << 20) is None  # gave up after 1 MiB: never read it all
+    assert artifacts.tail_json(p, max_bytes=1 << 23) == {"step": 1}
     p.write_text("".join(json.dumps({"step": s, "pad": "y" * 500}) + "\n" for s in range(1000)))
-    assert cmd_status.tail_json(p, chunk=100)["step"] == 999  # a line longer than a chunk
-    assert cmd_status.tail_json(tmp_path / "missing.jsonl") is None
+    assert artifacts.tail_json(p, chunk=100)["step"] == 999  # a line longer than a chunk
+    assert artifacts.tail_json(tmp_path / "missing.jsonl") is None
     p.write_text("")
-    assert cmd_status.tail_json(p) is None
+    assert artifacts.tail_json(p) is None
 
 
 def test_job_changes_and_run_state():
     job = JobRecord(job_id="7", run_id="r", attempt=1, kind="submit", submitted_at=OLD, state="RUNNING", elapsed_s=50.0)
-    q = slurm.QueueRow("7", "PENDING", "PENDING", 0.0, None, None, None, 1, "BeginTime")
-    a = slurm.AcctRow("7", "RUNNING", "RUNNING", 80.0, 1.0, None, 8, "a1", "0:0", 2, 1)  # lags behind squeue
-    ch = cmd_status.job_changes(job, q, a, time.time())
+    q = parse.QueueRow("7", "PENDING", "PENDING", 0.0, None, None, None, 1, "BeginTime")
+    a = parse.AcctRow("7", "RUNNING", "RUNNING", 80.0, 1.0, None, 8, "a1", "0:0", 2, 1)  # lags behind squeue
+    ch = slurm_backend.job_changes(job, q, a, time.time())
     assert ch == {"state": "PENDING", "requeues": 1, "started_at": 1.0, "elapsed_s": 80.0,
                   "alloc_gpus": 8, "node_list": "a1"}  # no exit code from a row that is not final
     ended = dataclasses.replace(a, state="FAILED", exit_code="3:0")
-    assert cmd_status.job_changes(job, dataclasses.replace(q, state="FAILED"), ended, time.time())["exit_code"] == "3:0"
-    assert cmd_status.job_changes(job, None, None, time.time()) == {"state": "UNKNOWN"}
+    assert slurm_backend.job_changes(job, dataclasses.replace(q, state="FAILED"), ended, time.time())["exit_code"] == "3:0"
+    assert slurm_backend.job_changes(job, None, None, time.time()) == {"state": "UNKNOWN"}
     young = JobRecord(job_id="8", run_id="r", attempt=1, kind="submit", submitted_at=time.time(), state="SUBMITTED")
-    assert cmd_status.job_changes(young, None, None, time.time()) == {}  # maybe not in accounting yet
+    assert slurm_backend.job_changes(young, None, None, time.time()) == {}  # maybe not in accounting yet
     # without accounting, elapsed only grows (squeue knows the current attempt only)
     running = dataclasses.replace(q, state="RUNNING", elapsed_s=10.0)
-    assert "elapsed_s" not in cmd_status.job_changes(job, running, None, time.time())
-    assert cmd_status.job_changes(job, dataclasses.replace(running, elapsed_s=70.0), None, time.time())["elapsed_s"] == 70.0
+    assert "elapsed_s" not in slurm_backend.job_changes(job, running, None, time.time())
+    assert slurm_backend.job_changes(job, dataclasses.replace(running, elapsed_s=70.0), None, time.time())["elapsed_s"] == 70.0
     run = RunRecord("r", "r", "p", "slurm", "/x", 0.0, "u", 2, 10, "RUNNING")
     job.__dict__.update(ch)
-    assert cmd_status.run_state(run, [job]) == "REQUEUED"
-    assert cmd_status.run_state(run, []) == "RUNNING"
+    assert status.run_state(run, [job]) == "REQUEUED"
+    assert status.run_state(run, []) == "RUNNING"
 
 
 def test_an_ended_job_is_asked_about_until_accounting_has_its_exit_code():
@@ -247,25 +252,25 @@ def test_an_ended_job_is_asked_about_until_accounting_has_its_exit_code():
     now = time.time()
     run = RunRecord("r", "r", "p", "slurm", "/x", 0.0, "u", 2, 10, "FAILED")
     job = JobRecord("7", "r", 1, "submit", now - 30, "FAILED", ended_at=now - 5)
-    assert cmd_status.awaiting_accounting(run, job, now)
-    assert not cmd_status.awaiting_accounting(run, dataclasses.replace(job, exit_code="3:0"), now)
-    assert not cmd_status.awaiting_accounting(run, dataclasses.replace(job, ended_at=now - 600), now)  # gave up
+    assert get_backend(run.executor).needs_poll(run, job, now)
+    assert not get_backend(run.executor).needs_poll(run, dataclasses.replace(job, exit_code="3:0"), now)
+    assert not get_backend(run.executor).needs_poll(run, dataclasses.replace(job, ended_at=now - 600), now)  # gave up
     local = dataclasses.replace(run, executor="local")
-    assert not cmd_status.awaiting_accounting(local, job, now)  # no accounting to wait for
+    assert not get_backend(local.executor).needs_poll(local, job, now)  # no accounting to wait for
     running = dataclasses.replace(job, state="RUNNING", ended_at=None)
-    assert cmd_status.awaiting_accounting(dataclasses.replace(run, state="RUNNING"), running, now)
+    assert get_backend("slurm").needs_poll(dataclasses.replace(run, state="RUNNING"), running, now)
 
 
 def test_summarize_sums_attempts():
     run = RunRecord("r", "r", "p", "slurm", "/x", 0.0, "u", 16, 1000, "RUNNING", plan={"global_batch": 64})
     jobs = [JobRecord("1", "r", 1, "submit", 0.0, "NODE_FAIL", elapsed_s=3600.0, alloc_gpus=16),
             JobRecord("2", "r", 2, "retry", 0.0, "RUNNING", started_at=time.time() - 1800, alloc_gpus=None)]
-    row = cmd_status.summarize(run, jobs, {"step": 400, "loss": 2.5, "samples_per_s": 32.0}, 0, time.time())
+    row = status.summarize(run, jobs, {"step": 400, "loss": 2.5, "samples_per_s": 32.0}, 0, time.time())
     assert row["state"] == "RUNNING" and row["job_id"] == "2" and row["job_ids"] == ["1", "2"]
     assert row["elapsed_s"] == pytest.approx(5400, abs=5)
     assert row["gpu_hours"] == pytest.approx(16 * 1.5, abs=0.05)  # unknown alloc: the run's world size
     assert row["eta_s"] == pytest.approx(600 * 64 / 32.0)
-    assert cmd_status.summarize(run, jobs, None, 0, time.time())["eta_s"] is None
+    assert status.summarize(run, jobs, None, 0, time.time())["eta_s"] is None
 
 
 def test_status_imports_no_heavy_module(tmp_path):
@@ -353,10 +358,10 @@ def test_listing_fits_a_narrow_terminal_by_hiding_the_least_needed_columns():
                     200_000, "RUNNING", plan={"global_batch": 8192})
     jobs = [JobRecord("12345678", run.run_id, 1, "submit", now - 90_000, "RUNNING", started_at=now - 86_400,
                       alloc_gpus=256, requeues=2)]
-    row = cmd_status.summarize(run, jobs, {"step": 123_456, "loss": 2.3456, "samples_per_s": 10_234.5}, 0, now)
-    full, hidden = cmd_status.table_lines([row])
-    assert hidden == [] and full[0].split() == [h for h, _ in cmd_status.COLUMNS] and len(full[1]) > 100
-    narrow, hidden = cmd_status.table_lines([row], 80)
+    row = status.summarize(run, jobs, {"step": 123_456, "loss": 2.3456, "samples_per_s": 10_234.5}, 0, now)
+    full, hidden = status_table.table_lines([row])
+    assert hidden == [] and full[0].split() == [h for h, _ in status_table.COLUMNS] and len(full[1]) > 100
+    narrow, hidden = status_table.table_lines([row], 80)
     assert all(len(line) <= 80 for line in narrow), narrow
     assert hidden == ["SAMPLES/S", "PROFILE", "ELAPSED", "JOB"]  # least needed first; only as many as it takes
     assert narrow[0].split() == ["RUN", "STATE", "RQ", "STEP", "LOSS", "ETA", "GPU-H"]
@@ -370,16 +375,16 @@ def test_a_hung_controller_does_not_double_the_wait(monkeypatch):
 
     def squeue(ids, timeout):
         time.sleep(0.5)
-        raise slurm.SlurmUnavailable(f"squeue: slurmctld did not answer within {timeout:g} s")
+        raise commands.SlurmUnavailable(f"squeue: slurmctld did not answer within {timeout:g} s")
 
     def sacct(ids, timeout, since=None):
         asked["timeout"] = timeout
         return {}
 
-    monkeypatch.setattr(slurm, "squeue", squeue)
-    monkeypatch.setattr(slurm, "sacct", sacct)
+    monkeypatch.setattr(commands, "squeue", squeue)
+    monkeypatch.setattr(commands, "sacct", sacct)
     job = JobRecord("7", "r", 1, "submit", OLD, "RUNNING")
-    view = cmd_status.query_slurm([job], 10.0)
+    view = slurm_backend.query_slurm([job], 10.0)
     assert 2.0 <= asked["timeout"] <= 9.5 and view.source == "sacct+registry"
-    cmd_status.query_slurm([job], 1.0)
+    slurm_backend.query_slurm([job], 1.0)
     assert asked["timeout"] == 2.0  # the floor: accounting still gets a fair chance

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vltrain.data.synth import write_synthetic_shards
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
 from vltrain.tokenizer import Tokenizer, shard_captions, train_tokenizer, train_tokenizer_from_shards
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import run_cli
 from vltrain import checkpoint, distenv, metrics
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
 from vltrain.schedule import lr_at
 
 # ---------------------------------------------------------------- schedule
@@ -228,7 +228,7 @@ def test_parse_overrides():
     (["--set", "model={image_size=30, patch_size=4, vision_width=32, vision_layers=1, vision_heads=2, "
       "text_width=32, text_layers=1, fusion_layers=1, text_heads=2, decoder_layers=1, vocab_size=64}"],
      "not divisible by model.patch_size"),
-    (["--set", "global_batch=10", "--set", "accumulation=4"], "--accum: 4 does not divide"),
+    (["--set", "global_batch=10", "--set", "accumulation=4"], "accumulation: 4 does not divide"),
     (["--set", "data.shards=/nonexistent/shards"], "data.shards"),
 ])
 def test_bad_config_values_give_one_line_errors(tmp_path, args, needle):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clusterctl.registry import Registry
+from clusterctl.runs.registry import Registry
 from tests.conftest import run_cli
 from tests.test_status import add, calls, shim
 

@@ -6,7 +6,7 @@ import json
 
 from rich.console import Console
 
-from clusterctl.watch_view import PANEL_LINES, RunView, Tail, fits_panels, plain_line, run_panel, runs_table, sparkline, summary_lines
+from clusterctl.render.watch_view import PANEL_LINES, RunView, Tail, fits_panels, plain_line, run_panel, runs_table, sparkline, summary_lines
 
 
 def test_sparkline_scales_between_min_and_max():

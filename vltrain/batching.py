@@ -1,7 +1,8 @@
 """Split a global batch into micro batch x accumulation x data-parallel ranks, exactly.
 
 Pure arithmetic shared by the planner (clusterctl plan/submit) and the trainer, so the batch a run
-trains with is the batch it was planned with. The seeds fix the global batch (2048 or 8192) and the
+trains with is the batch it was planned with. Errors name the config fields (global_batch,
+micro_batch, accumulation); a CLI that took them as flags renames them (FieldError.as_flags). The seeds fix the global batch (2048 or 8192) and the
 cluster fixes the data-parallel degree; what is left to choose is how many samples each rank pushes
 through the model at once (micro batch) and how many micro steps it accumulates before an optimizer
 step. Fewer accumulation steps means fewer, larger kernels, so without a fixed value we take the
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vltrain.errors import UserError
+from vltrain.common.errors import FieldError, UserError
+
+
+FIELDS = ("global_batch", "micro_batch", "accumulation")  # the config fields these errors name
 
 
 @dataclass(frozen=True)
@@ -55,56 +59,56 @@ def split_batch(
     nor accumulation fixed the largest valid micro batch under it is chosen.
     """
     if global_batch < 1:
-        raise UserError(f"--global-batch: {global_batch} is not valid; allowed: a positive integer")
+        raise FieldError(f"global_batch: {global_batch} is not valid; allowed: a positive integer", FIELDS)
     if data_parallel < 1:
         raise UserError(f"data-parallel degree: {data_parallel} is not valid; allowed: a positive integer")
     if global_batch % data_parallel:
         near = nearest_multiples(global_batch, data_parallel)
         best = min(near, key=lambda b: (abs(b - global_batch), -b))
         micro = ", ".join(map(str, divisors(best // data_parallel)))
-        raise UserError(
-            f"--global-batch: {global_batch} is not divisible by the {data_parallel} data-parallel ranks; "
+        raise FieldError(
+            f"global_batch: {global_batch} is not divisible by the {data_parallel} data-parallel ranks; "
             f"allowed: a multiple of {data_parallel}, e.g. {', '.join(map(str, near))} "
-            f"(with {best}: micro batch {micro} per GPU)"
+            f"(with {best}: micro batch {micro} per GPU)", FIELDS
         )
     per_rank = global_batch // data_parallel
     choices = divisors(per_rank)
     shown = ", ".join(map(str, choices[:12])) + (", ..." if len(choices) > 12 else "")
     if micro_batch is not None and accumulation is not None:
         if micro_batch * accumulation != per_rank:
-            raise UserError(
-                f"--micro-batch {micro_batch} x --accum {accumulation} x {data_parallel} ranks = "
+            raise FieldError(
+                f"micro_batch {micro_batch} x accumulation {accumulation} x {data_parallel} ranks = "
                 f"{micro_batch * accumulation * data_parallel}, not the global batch {global_batch}; "
-                f"allowed: micro x accum = {per_rank} per rank"
+                f"allowed: micro x accum = {per_rank} per rank", FIELDS
             )
     elif micro_batch is not None:
         if micro_batch < 1 or per_rank % micro_batch:
-            raise UserError(
-                f"--micro-batch: {micro_batch} does not divide the {per_rank} samples per rank "
-                f"(global batch {global_batch} / {data_parallel} ranks); allowed: {shown}"
+            raise FieldError(
+                f"micro_batch: {micro_batch} does not divide the {per_rank} samples per rank "
+                f"(global batch {global_batch} / {data_parallel} ranks); allowed: {shown}", FIELDS
             )
         accumulation = per_rank // micro_batch
     elif accumulation is not None:
         if accumulation < 1 or per_rank % accumulation:
-            raise UserError(
-                f"--accum: {accumulation} does not divide the {per_rank} samples per rank "
-                f"(global batch {global_batch} / {data_parallel} ranks); allowed: {shown}"
+            raise FieldError(
+                f"accumulation: {accumulation} does not divide the {per_rank} samples per rank "
+                f"(global batch {global_batch} / {data_parallel} ranks); allowed: {shown}", FIELDS
             )
         micro_batch = per_rank // accumulation
     else:
         limit = per_rank if max_micro_batch is None else max_micro_batch
         fitting = [d for d in choices if d <= limit]
         if not fitting:
-            raise UserError(
-                f"--global-batch: not even a micro batch of 1 fits in GPU memory (limit {max_micro_batch}); "
-                f"allowed: more GPUs, a higher ZeRO stage, activation checkpointing, or a smaller model"
+            raise FieldError(
+                f"global_batch: not even a micro batch of 1 fits in GPU memory (limit {max_micro_batch}); "
+                f"allowed: more GPUs, a higher ZeRO stage, activation checkpointing, or a smaller model", FIELDS
             )
         micro_batch = fitting[-1]
         accumulation = per_rank // micro_batch
     if max_micro_batch is not None and micro_batch > max_micro_batch:
         fit = [d for d in choices if d <= max_micro_batch]
-        raise UserError(
-            f"--micro-batch: {micro_batch} does not fit in GPU memory (at most {max_micro_batch} per GPU); "
-            f"allowed: {', '.join(map(str, fit)) or 'none - more GPUs or a higher ZeRO stage'}"
+        raise FieldError(
+            f"micro_batch: {micro_batch} does not fit in GPU memory (at most {max_micro_batch} per GPU); "
+            f"allowed: {', '.join(map(str, fit)) or 'none - more GPUs or a higher ZeRO stage'}", FIELDS
         )
     return BatchSplit(micro_batch, accumulation, data_parallel, global_batch)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
+from vltrain.rundir import RunDir
 
 SCHEMA_VERSION = 1
 DS_TAG = "ds"
@@ -35,7 +36,7 @@ _NAME = re.compile(r"step_(\d+)")
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def step_dir_name(step: int) -> str:

@@ -14,9 +14,10 @@ from typing import Any
 
 import typer
 
-from vltrain.cligroup import ErrorGroup
+from vltrain.common.cligroup import ErrorGroup
 from vltrain.config import parse_overrides
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
+from vltrain.rundir import JobEnv, RunDir
 
 app = typer.Typer(cls=ErrorGroup, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="vltrain: vision-language pre-training on DeepSpeed ZeRO (CPU or CUDA).")
@@ -34,7 +35,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 @app.command()
 def train(
     config: Path = typer.Option(None, "--config", "-c", help="Train config TOML (default: built-in defaults)."),
-    run_dir: Path = typer.Option(..., "--run-dir", help="Run directory: metrics, events, checkpoints, eval.json."),
+    run_dir: Path = typer.Option(..., "--run-dir", envvar=JobEnv.RUN_DIR, show_envvar=True, help="Run directory: metrics, events, checkpoints, eval.json."),
     set_: list[str] = typer.Option([], "--set", help="Config override key=value, repeatable (e.g. optim.lr=3e-4)."),
     stop_after: int = typer.Option(None, "--stop-after", min=1, help="End this attempt after N steps, with a checkpoint."),
     local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher; ignored."),
@@ -58,7 +59,7 @@ def eval_(run_dir: Path = typer.Option(..., "--run-dir", help="Run directory wit
     for way in ("i2t", "t2i"):
         typer.echo(f"  {way}  " + "  ".join(f"{k} {v:.3f}" for k, v in r[way].items()))
     typer.echo(f"  CIDEr-D {r['cider']:.3f} on {r['caption_samples']} generated captions")
-    typer.echo(f"wrote {Path(run_dir) / 'eval.json'}")
+    typer.echo(f"wrote {RunDir(run_dir).eval}")
 
 
 @data_app.command("synth")

@@ -4,8 +4,9 @@ One source of truth for the trainer (vltrain) and the planner (clusterctl plan/s
 torch-free: clusterctl imports this module on its fast path. A train config is a TOML file whose
 tables mirror these dataclasses; `load_train_config` validates it with one-line errors.
 
-Model presets live in `vltrain.presets` (named factories, a tiny one for tests, paper-scale ones for
-the seeds) with the analytic parameter count that the planner uses.
+The model's architecture is `vltrain.model_config.ModelConfig`; named sizes of it live in
+`vltrain.presets`, which also resolves a config's `model` (a preset name or a [model] table).
+Imports run one way: config -> presets -> model_config.
 """
 
 from __future__ import annotations
@@ -18,50 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vltrain.errors import UserError
-from vltrain.schema import build, field
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    """Architecture of the vision-language model (see docs/architecture.md, 'Model')."""
-
-    name: str = field("preset name", default="custom")
-    # vision: ViT over image patches
-    image_size: int = field("input image side (px)", default=224, min=16, max=1024)
-    patch_size: int = field("ViT patch side (px)", default=16, min=2, max=64)
-    vision_width: int = field("ViT hidden size", min=8, max=32768)
-    vision_layers: int = field("ViT blocks", min=1, max=256)
-    vision_heads: int = field("ViT attention heads", min=1, max=256)
-    # text: bidirectional encoder; its last `fusion_layers` blocks cross-attend image features
-    text_width: int = field("text hidden size (encoder and decoder)", min=8, max=32768)
-    text_layers: int = field("text encoder blocks (self-attention only)", min=0, max=256)
-    fusion_layers: int = field("text encoder blocks with cross-attention to the image", min=1, max=256)
-    text_heads: int = field("text attention heads", min=1, max=256)
-    # decoder: causal, cross-attends image features, LM head tied to the token embedding
-    decoder_layers: int = field("causal decoder blocks", min=1, max=256)
-    mlp_ratio: float = field("MLP hidden = ratio x width", default=4.0, min=1.0, max=16.0)
-    vocab_size: int = field("tokenizer vocabulary", min=16, max=1_000_000)
-    max_text_len: int = field("tokens per caption incl. bos/eos", default=77, min=8, max=8192)
-    embed_dim: int = field("contrastive embedding size", default=256, min=8, max=8192)
-    pos_embedding: str = field("position encoding", default="learned", choices=("learned", "rope"))
-    norm: str = field("normalisation", default="layernorm", choices=("layernorm", "rmsnorm"))
-
-    def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise UserError(
-                f"model.image_size: {self.image_size} is not divisible by model.patch_size "
-                f"{self.patch_size}; allowed: a multiple of the patch size"
-            )
-        for w, h, what in ((self.vision_width, self.vision_heads, "vision"), (self.text_width, self.text_heads, "text")):
-            if w % h:
-                raise UserError(f"model.{what}_width: {w} is not divisible by model.{what}_heads {h}; allowed: a multiple of the head count")
-            if self.pos_embedding == "rope" and (w // h) % 2:
-                raise UserError(f"model.{what}_heads: head size {w // h} is odd; allowed: an even head size with pos_embedding = 'rope'")
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+from vltrain.common.errors import UserError
+from vltrain.common.schema import build, field
+from vltrain.model_config import ModelConfig
+from vltrain.presets import PRESETS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,8 +105,6 @@ def parse_train_config(data: dict[str, Any], where: str) -> TrainConfig:
         msg = str(e)
         raise UserError(msg if msg.startswith(where) else f"{where}: {msg}") from None
     if isinstance(cfg.model, str):
-        from vltrain.presets import PRESETS
-
         if cfg.model not in PRESETS:
             raise UserError(f"{where}: model: unknown preset {cfg.model!r}; allowed: {', '.join(PRESETS)}")
     return cfg
@@ -171,15 +130,6 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None 
                 raise UserError(f"--set {key}: {p} is not a table")
         node[leaf] = value
     return parse_train_config(data, where)
-
-
-def resolve_model(model: str | ModelConfig) -> ModelConfig:
-    """A preset name or a ModelConfig, as a ModelConfig."""
-    if isinstance(model, ModelConfig):
-        return model
-    from vltrain.presets import get_preset
-
-    return get_preset(model)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
 
 PORT_BASE, PORT_SPAN = 20000, 20000  # rendezvous ports derived from the job id fall in [20000, 40000)
 

@@ -14,6 +14,10 @@ from typing import Any
 
 from vltrain.config import TrainConfig
 
+# DeepSpeed's reduce and all-gather bucket sizes (elements) under ZeRO 1-2; the planner's memory model
+# (clusterctl.planning.memory) counts the same buckets.
+BUCKET_ELEMENTS = 5e8
+
 
 def warmup_steps(cfg: TrainConfig) -> int:
     """Warm-up in optimizer steps, from either warmup_steps or warmup_fraction."""
@@ -28,7 +32,7 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, accumulation: int, worl
     if cfg.zero_stage >= 1:
         # overlap_comm needs CUDA streams; contiguous gradients avoid fragmentation at scale.
         zero.update({"overlap_comm": False, "contiguous_gradients": True,
-                     "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8})
+                     "reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": BUCKET_ELEMENTS})
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,

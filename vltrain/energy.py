@@ -20,6 +20,8 @@ import socket
 import time
 from pathlib import Path
 
+from vltrain.rundir import RunDir
+
 
 def attempt_tag(env: dict[str, str] | None = None) -> str:
     """A name unique to this attempt of the run: Slurm job id + restart count, or the local pid."""
@@ -27,10 +29,6 @@ def attempt_tag(env: dict[str, str] | None = None) -> str:
     job = env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or f"pid{os.getpid()}"
     restart = env.get("SLURM_RESTART_COUNT", "0")
     return f"job{job}-r{restart}-{int(time.time())}"
-
-
-def energy_file(run_dir: Path, node_rank: int, tag: str) -> Path:
-    return Path(run_dir) / "energy" / f"node{node_rank:03d}-{tag}.csv"
 
 
 class NodeEnergy:
@@ -42,7 +40,7 @@ class NodeEnergy:
         self.enabled = local_rank == 0
         self.rank = rank  # the global rank that measures: written to each timeline line, so a test (or a
         # user) can see that one rank per node measured, not every rank
-        self.path = energy_file(Path(run_dir), node_rank, tag or attempt_tag())
+        self.path = RunDir(run_dir).energy_file(node_rank, tag or attempt_tag())
         self._flush_every_s = flush_every_s
         self._last_flush = 0.0
         self._tracker = None

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vltrain.config import TrainConfig, resolve_model
+from vltrain.config import TrainConfig
+from vltrain.presets import resolve_model
 from vltrain.distenv import DistEnv, backend, export
 from vltrain.dsconfig import deepspeed_config, warmup_steps
+from vltrain.rundir import DIST_TIMEOUT_S
 from vltrain.schedule import lr_factor
 
 
@@ -33,7 +35,7 @@ def init_process_group(dist: DistEnv) -> None:
         torch.cuda.set_device(dist.local_rank)
     import deepspeed
 
-    timeout = timedelta(seconds=float(os.environ.get("VLTRAIN_DIST_TIMEOUT_S", 1800)))
+    timeout = timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_S, 1800)))
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, verbose=False, timeout=timeout)
 
 

@@ -18,6 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from vltrain.rundir import RunDir
+
 _PUNCT = re.compile(r"[^\w\s]")
 
 
@@ -97,7 +99,7 @@ def evaluate(model, cfg, tokenizer, shards: str, *, device=None, dtype=None, bat
     """
     import torch
 
-    from vltrain.config import resolve_model
+    from vltrain.presets import resolve_model
     from vltrain.data.loader import ShardLoader
 
     mcfg = resolve_model(cfg.model)
@@ -133,10 +135,10 @@ def evaluate(model, cfg, tokenizer, shards: str, *, device=None, dtype=None, bat
 
 def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:
     """eval.json in the run directory (atomic), the latest evaluation of the run."""
-    path = Path(run_dir) / "eval.json"
-    tmp = path.with_name(".eval.json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    from vltrain.common.atomic import atomic_write
+
+    path = RunDir(run_dir).eval
+    atomic_write(path, json.dumps(result, indent=2) + "\n", mode=None)
     return path
 
 
@@ -147,11 +149,11 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     from vltrain import checkpoint
     from vltrain.config import load_train_config
     from vltrain.engine import build_model
-    from vltrain.errors import UserError
+    from vltrain.common.errors import UserError
     from vltrain.tokenizer import Tokenizer
 
     run_dir = Path(run_dir)
-    cfg = load_train_config(run_dir / "config.toml")
+    cfg = load_train_config(RunDir(run_dir).config)
     path = checkpoint.latest(run_dir)
     if path is None:
         raise UserError(f"--run-dir: {run_dir} has no complete checkpoint; allowed: a run that saved one")
@@ -160,7 +162,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"data.eval_shards: not set and {cfg.data.shards}/eval holds no shards; allowed: held-out shards")
     model = build_model(cfg)
     model.load_state_dict(checkpoint.module_state(path))
-    tok_path = cfg.data.tokenizer or str(run_dir / "tokenizer.model")
+    tok_path = cfg.data.tokenizer or str(RunDir(run_dir).tokenizer)
     meta = checkpoint.read_meta(path)
     result = evaluate(model.float(), cfg, Tokenizer.load(tok_path), shards, device=torch.device("cpu"), dtype=torch.float32)
     result |= {"step": meta["step"], "samples": meta["samples"], "checkpoint": path.name, "time": time.time()}

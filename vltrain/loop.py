@@ -25,10 +25,11 @@ from typing import Any
 
 import submitit
 
-from vltrain.config import TrainConfig, load_train_config, resolve_model
-from vltrain.errors import UserError
+from vltrain.config import TrainConfig, load_train_config
+from vltrain.presets import resolve_model
+from vltrain.common.errors import UserError
+from vltrain.rundir import ENERGY_FLUSH_S, EXIT_COMM_ERROR, JobEnv, RunDir
 
-EXIT_COMM_ERROR = 75  # EX_TEMPFAIL: clusterctl resubmits (see clusterctl.launcher.CLUSTER_EXIT_CODES)
 _CONTINUE = -1000  # "keep training" in the stop decision that rank 0 broadcasts
 COMM_ERROR_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl",
                     "timed out", "socket timeout", "rendezvous", "tcpstore", "processgroup")
@@ -80,7 +81,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.run_dir = str(run_dir)
 
     def __call__(self) -> dict[str, Any]:
-        cfg = load_train_config(Path(self.run_dir) / "config.toml")
+        cfg = load_train_config(RunDir(self.run_dir).config)
         return train(cfg, self.run_dir)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
@@ -104,15 +105,15 @@ def write_config(run_dir: Path, cfg: TrainConfig) -> None:
 
     import tomli_w
 
-    path = run_dir / "config.toml"
+    from vltrain.common.atomic import atomic_write
+
+    path = RunDir(run_dir).config
     try:
         if tomllib.loads(path.read_text(encoding="utf-8")) == cfg.to_dict():
             return
     except (OSError, tomllib.TOMLDecodeError):
         pass
-    tmp = run_dir / ".config.toml.tmp"
-    tmp.write_text(tomli_w.dumps(cfg.to_dict()), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, tomli_w.dumps(cfg.to_dict()), mode=None)
 
 
 def seed_rank(seed: int, rank: int) -> None:
@@ -210,7 +211,7 @@ class Session:
                                   batch_size=self.split.micro_batch, seed=cfg.seed, image_size=self.mcfg.image_size,
                                   tokenizer=self.tokenizer, max_len=self.mcfg.max_text_len, train=True, data_cfg=cfg.data)
         seed_rank(cfg.seed, dist_env.rank)
-        self.metrics = JsonlSink(run_dir / "metrics.jsonl", dist_env.is_main)
+        self.metrics = JsonlSink(RunDir(run_dir).metrics, dist_env.is_main)
         dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         self.peak = peak_tflops(dev_name)
         self.params = sum(p.numel() for p in self.engine.module.parameters())
@@ -233,12 +234,12 @@ class Session:
                   f"{dist_env.source} | global batch {cfg.global_batch} = {self.split.micro_batch} x "
                   f"{self.split.accumulation} accum x {dist_env.world_size} | "
                   f"{'resuming from ' + ckpt.name if ckpt else 'starting'} at step {self.step}/{cfg.steps}")
-        country = os.environ.get("VLTRAIN_COUNTRY")
-        if country:  # clusterctl sets it from the profile's site; one tracker per node (vltrain.energy)
+        job_env = JobEnv.from_env()
+        if job_env.country:  # clusterctl sets it from the profile's site; one tracker per node (vltrain.energy)
             self.energy = NodeEnergy(run_dir, local_rank=dist_env.local_rank, node_rank=dist_env.node_rank,
-                                     country=country, pue=float(os.environ.get("VLTRAIN_PUE", "1") or 1),
+                                     country=job_env.country, pue=job_env.pue,
                                      gpu_ids=visible_gpu_ids(), rank=dist_env.rank,
-                                     flush_every_s=float(os.environ.get("VLTRAIN_ENERGY_FLUSH_S", "60") or 60))
+                                     flush_every_s=float(os.environ.get(ENERGY_FLUSH_S, "60") or 60))
             self.energy.start()
 
     # ---------------------------------------------------------------- set-up helpers
@@ -252,7 +253,7 @@ class Session:
 
         from vltrain.tokenizer import Tokenizer, train_tokenizer_from_shards
 
-        path = Path(self.cfg.data.tokenizer or self.run_dir / "tokenizer.model")
+        path = Path(self.cfg.data.tokenizer or RunDir(self.run_dir).tokenizer)
         error = [None]
         if self.dist.is_main and not path.is_file():
             try:
@@ -368,7 +369,7 @@ class Session:
                                world_size=self.dist.world_size, config_hash=self.config_hash,
                                trainer_state={"loader": self.loader.state_dict()}, keep=self.cfg.keep_checkpoints)
         self.saved_step = self.step
-        self.events.emit("checkpoint", self.step, path=f"checkpoints/{path.name}", reason=reason,
+        self.events.emit("checkpoint", self.step, path=f"{RunDir.CHECKPOINTS}/{path.name}", reason=reason,
                          seconds=round(time.perf_counter() - t0, 3))
 
     def evaluate(self) -> dict[str, Any] | None:

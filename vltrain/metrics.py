@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vltrain.rundir import JobEnv, RunDir
+
 # Dense bf16 tensor-core peaks (TFLOP/s) by CUDA device name, from the vendors' data sheets (SXM
 # parts where both exist). Override with VLTRAIN_PEAK_TFLOPS (clusterctl sets it from the profile).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
@@ -51,7 +53,7 @@ class JsonlSink:
 
 class EventLog(JsonlSink):
     def __init__(self, run_dir: Path, enabled: bool, attempt: int) -> None:
-        super().__init__(Path(run_dir) / "events.jsonl", enabled)
+        super().__init__(RunDir(run_dir).events, enabled)
         self.attempt = attempt
 
     def emit(self, event: str, step: int, **fields: Any) -> None:
@@ -63,7 +65,7 @@ def attempt_number(run_dir: Path, env: dict[str, str] | None = None) -> int:
     env = dict(os.environ if env is None else env)
     if env.get("SLURM_RESTART_COUNT", "").isdigit():
         return int(env["SLURM_RESTART_COUNT"])
-    path = Path(run_dir) / "events.jsonl"
+    path = RunDir(run_dir).events
     if not path.exists():
         return 0
     count = 0
@@ -78,13 +80,8 @@ def attempt_number(run_dir: Path, env: dict[str, str] | None = None) -> int:
 def peak_tflops(device_name: str | None, env: dict[str, str] | None = None) -> float | None:
     """Peak TFLOP/s of one device: VLTRAIN_PEAK_TFLOPS, else the table above, else None (unknown, e.g. CPU)."""
     env = dict(os.environ if env is None else env)
-    raw = env.get("VLTRAIN_PEAK_TFLOPS", "")
-    if raw:
-        try:
-            value = float(raw)
-            return value if value > 0 else None
-        except ValueError:
-            return None
+    if env.get(JobEnv.PEAK_TFLOPS):  # set by clusterctl from the profile: it wins, even when unreadable
+        return JobEnv.from_env(env).peak_tflops
     if device_name:
         for key, value in PEAK_BF16_TFLOPS.items():
             if key in device_name:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vltrain.config import ModelConfig
+    from vltrain.model_config import ModelConfig
 
 
 def mlp_hidden(cfg: ModelConfig, width: int) -> int:

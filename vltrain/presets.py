@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from vltrain.config import ModelConfig
-from vltrain.errors import UserError
+from vltrain.model_config import ModelConfig
+from vltrain.common.errors import UserError
 
 
 def tiny() -> ModelConfig:
@@ -141,3 +141,8 @@ def get_preset(name: str, flag: str = "model") -> ModelConfig:
         return PRESETS[name]()
     except KeyError:
         raise UserError(f"{flag}: unknown preset {name!r}; allowed: {', '.join(PRESETS)}") from None
+
+
+def resolve_model(model: str | ModelConfig) -> ModelConfig:
+    """A train config's `model`, a preset name or a ModelConfig, as a ModelConfig."""
+    return model if isinstance(model, ModelConfig) else get_preset(model)

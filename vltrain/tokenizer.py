@@ -16,7 +16,8 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from vltrain.errors import UserError
+from vltrain.common.atomic import atomic_write
+from vltrain.common.errors import UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
 MASK_PIECE = "<mask>"
@@ -126,10 +127,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path,
             raise UserError(f"--vocab-size: {vocab_size} is too small for this corpus; allowed: at least {m.group(2)}") from None
         raise
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
+    atomic_write(out, buf.getvalue(), mode=None)
     return Tokenizer(buf.getvalue(), str(out))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vltrain.data.shards import IMAGE_EXTS, ShardWriter, iter_samples, resolve_shards
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
 
 
 def dedup_shards(in_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:

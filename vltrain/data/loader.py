@@ -29,7 +29,7 @@ import torch
 from vltrain.config import DataConfig
 from vltrain.data.shards import ShardIndex, image_ext, index_shard, read_member, resolve_shards
 from vltrain.data.transforms import ImageTransform
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
 
 STATE_VERSION = 1
 _SHARD_PERM, _BLOCK_PERM, _AUGMENT = 0, 1, 2  # stream tags: independent seeded generators

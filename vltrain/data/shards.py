@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vltrain.errors import UserError
+from vltrain.common.atomic import atomic_path, atomic_write
+from vltrain.common.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # same split as webdataset's base_plus_ext
@@ -58,12 +59,12 @@ class ShardWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.count = 0
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
 
     def __enter__(self) -> ShardWriter:
         import webdataset as wds
 
-        self._file = open(self._tmp, "wb")
+        self._target = atomic_path(self.path, mode=None)
+        self._file = open(self._target.__enter__(), "wb")
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0, mode=0o644)
         return self
 
@@ -74,15 +75,12 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._tar.close()
         self._file.close()
+        self._target.__exit__(exc_type, exc, tb)  # renames the tar, or removes it after an error
         if exc_type is not None:
-            self._tmp.unlink(missing_ok=True)
             return
-        os.replace(self._tmp, self.path)
         stats = {"count": self.count, "successes": self.count, "failed_to_download": 0, "failed_to_resize": 0}
         stats_path = self.path.with_name(self.path.stem + "_stats.json")
-        tmp = stats_path.with_name(stats_path.name + ".tmp")
-        tmp.write_text(json.dumps(stats, indent=1) + "\n")
-        os.replace(tmp, stats_path)
+        atomic_write(stats_path, json.dumps(stats, indent=1) + "\n", mode=None)
 
 
 def iter_samples(paths: list[Path], select: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:

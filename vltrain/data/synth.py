@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vltrain.errors import UserError
+from vltrain.common.errors import UserError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 70, 230), "yellow": (245, 220, 20),

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vltrain.config import ModelConfig
-from vltrain.errors import UserError
+from vltrain.model_config import ModelConfig
+from vltrain.common.errors import UserError
 from vltrain.model.layers import Block, make_norm, rope_tables
 from vltrain.model_math import mlp_hidden
 

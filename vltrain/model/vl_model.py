@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vltrain.config import LossConfig, ModelConfig
-from vltrain.errors import UserError
+from vltrain.config import LossConfig
+from vltrain.model_config import ModelConfig
+from vltrain.common.errors import UserError
 from vltrain.model import losses
 from vltrain.model.decoder import TextDecoder
 from vltrain.model.layers import Block

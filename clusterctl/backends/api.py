@@ -1,0 +1,67 @@
+"""What every scheduler backend provides (torchx's Scheduler interface, cut to what clusterctl needs).
+
+A backend turns a profile into a launch spec (pure), shows what it would submit (`dryrun`, pure),
+starts a job (`schedule`, the edge), says what happened to jobs (`poll`), and stops one (`cancel`).
+`submit` is `dryrun`'s spec plus `schedule`: a dry run is the same path minus the last call.
+The runs layer (clusterctl.runs) drives backends and never branches on which one it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from clusterctl.planning.profiles import ClusterProfile
+from clusterctl.specs import FINAL_STATES, JobRecord, LaunchSpec, RunRecord, RunState
+
+
+@dataclass
+class Poll:
+    """A backend's answer about some jobs: registry fields that changed, and how it knew.
+
+    `changes[i]` belongs to the i-th (run, job) pair polled; an empty dict is "nothing new". `source`
+    names what was asked ("squeue+sacct"), None when nothing outside the run directory was; `notes`
+    are lines for the user when a source did not answer.
+    """
+
+    changes: list[dict[str, Any]]
+    source: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Backend:
+    """Base of the backends; subclasses set the traits and implement the methods."""
+
+    name: ClassVar[str]
+    initial_state: ClassVar[RunState]  # a run's state right after the backend accepted its job
+    has_accounting: ClassVar[bool]  # elapsed times come from the scheduler (else from the clock)
+    requeues_itself: ClassVar[bool]  # the scheduler restarts jobs (time-out, preemption) under one id
+    renders_script: ClassVar[bool] = False  # dryrun() is the job script the scheduler gets (sbatch)
+
+    def launch_spec(self, profile: ClusterProfile, run_dir: Path, job_name: str, hold: bool = False) -> LaunchSpec:
+        """Everything needed to start one attempt of the run (pure)."""
+        raise NotImplementedError
+
+    def dryrun(self, spec: LaunchSpec) -> str:
+        """What `schedule` would submit, as text a user can read and diff (pure)."""
+        raise NotImplementedError
+
+    def schedule(self, spec: LaunchSpec, fn: Any) -> str:
+        """Start `fn` (a submitit Checkpointable) as a job; returns its id (edge)."""
+        raise NotImplementedError
+
+    def submit(self, spec: LaunchSpec, fn: Any) -> str:
+        return self.schedule(spec, fn)
+
+    def needs_poll(self, run: RunRecord, job: JobRecord, now: float) -> bool:
+        """Ask about this job again? While it is not final and its run is active."""
+        return job.state not in FINAL_STATES and run.state not in FINAL_STATES
+
+    def poll(self, pairs: list[tuple[RunRecord, JobRecord]], now: float, timeout: float | None) -> Poll:
+        """What changed for each job, in as few scheduler calls as possible (one batch for all)."""
+        raise NotImplementedError
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a job; the trainer checkpoints on the way out where the scheduler lets it."""
+        raise NotImplementedError

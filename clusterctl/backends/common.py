@@ -1,0 +1,126 @@
+"""What the submitit-based backends share: job names, the trainer's environment, submission, results.
+
+Both shipped backends start the trainer through submitit (its Slurm and local executors), so they
+share how a job is named, what environment every rank gets (the NCCL/gloo settings of the fabric
+plus vltrain's JobEnv contract), how a submission is made quiet and one-line on error, and how a
+finished job's outcome is read from submitit's result pickle without unpickling it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickletools
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from clusterctl.planning.profiles import ENV_NAME, SAFE_VALUE, SLURM_NAME, SLURM_NAME_DOC, ClusterProfile, comm_env
+from clusterctl.specs import LaunchSpec, RunState
+from vltrain.common.errors import UserError
+from vltrain.rundir import JobEnv, RunDir
+
+
+def check_job_name(name: str) -> str:
+    if not re.fullmatch(SLURM_NAME, name):
+        raise UserError(f"--name: {name!r} is not a valid job name; allowed: {SLURM_NAME_DOC}")
+    return name
+
+
+def trainer_env(profile: ClusterProfile, run_dir: Path) -> dict[str, str]:
+    """Environment for every rank: the fabric's NCCL/gloo settings plus the trainer's own."""
+    env = comm_env(profile)
+    env |= {
+        "PYTHONUNBUFFERED": "1",
+        "CODECARBON_LOG_LEVEL": "error",  # codecarbon overrides logger levels at import; only this works
+    }
+    env |= JobEnv(run_dir=str(run_dir), profile=profile.name, peak_tflops=profile.gpu.peak_bf16_tflops,
+                  country=profile.site.country_iso, pue=profile.site.pue).to_env()
+    if profile.gpu.kind == "cpu":
+        threads = max(1, profile.nodes.cpus_per_node // profile.nodes.gpus_per_node)
+        env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}
+    for k, v in env.items():  # defence in depth: nothing that reaches the script can break a line
+        if not re.fullmatch(ENV_NAME, k) or not re.fullmatch(SAFE_VALUE, v):
+            raise UserError(f"environment: {k}={v!r} is not allowed; allowed: names matching {ENV_NAME}, values without quotes, $, ` or newlines")
+    return env
+
+
+def setup_lines(env: dict[str, str]) -> list[str]:
+    """The job script's `export` lines for `env`, sorted (golden files compare them)."""
+    return [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+
+
+def submitit_folder(run_dir: Path) -> str:
+    return str(RunDir(run_dir).submitit)
+
+
+def submitit_command(folder: str, python: str | None = None) -> str:
+    """The command line submitit runs on each task (as SlurmExecutor._submitit_command_str)."""
+    py = python or shlex.quote(sys.executable)
+    return " ".join([py, "-u -m submitit.core._submit", shlex.quote(folder)])
+
+
+@contextlib.contextmanager
+def quiet_fds(fds=(2,)):
+    """Point file descriptors (stderr; for a local job also stdout) at /dev/null for the duration.
+    Child processes inherit them: sbatch must not print over our one-line error, and a local job
+    (a long-lived child of this CLI) must not hold the caller's stdout open, or `$(clusterctl submit)`
+    and captured subprocesses would wait for the whole training run. Its logs go to files anyway."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in fds}
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(null)
+
+
+def submit_with(executor: Any, spec: LaunchSpec, fn: Any, quiet: tuple[int, ...] = (2,)) -> str:
+    """Submit `fn` with a configured submitit executor; returns the job id. sbatch's refusal becomes
+    one line (its own reason); submitit's empty '%j' folder is removed."""
+    import submitit
+
+    try:
+        with quiet_fds(quiet):
+            return str(executor.submit(fn).job_id)
+    except submitit.core.utils.FailedJobError as e:
+        from clusterctl.backends.slurm.parse import sbatch_error_line
+
+        raise UserError(f"sbatch: {sbatch_error_line(str(e))}") from None
+    finally:
+        try:  # submitit leaves an empty directory literally named '%j' behind
+            (Path(spec.folder) / "%j").rmdir()
+        except OSError:
+            pass
+
+
+def pickle_outcome(head: bytes) -> RunState | None:
+    """submitit's result pickle starts with the string 'success' or 'error': read it without
+    unpickling (no code runs, no torch import)."""
+    try:
+        for _op, arg, _pos in pickletools.genops(io.BytesIO(head)):
+            if isinstance(arg, str):
+                return {"success": RunState.COMPLETED, "error": RunState.FAILED}.get(arg)
+    except Exception:  # truncated or not a pickle: no outcome
+        return None
+    return None
+
+
+def submitit_outcome(run_dir: str, job_id: str) -> tuple[RunState | None, float | None]:
+    """(COMPLETED|FAILED|None, result file mtime) from rank 0's result pickle of `job_id`."""
+    for p in RunDir(run_dir).result_pickles(job_id):
+        try:
+            with p.open("rb") as f:
+                return pickle_outcome(f.read(256)), p.stat().st_mtime
+        except OSError:
+            continue
+    return None, None

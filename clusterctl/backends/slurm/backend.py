@@ -1,0 +1,205 @@
+"""Slurm through submitit: sbatch scripts rendered by submitit, states from squeue and sacct.
+
+`poll` asks at most one squeue and one sacct for every job it is given: squeue for all of them, then
+sacct only for the jobs squeue cannot answer for (left the queue, ended, or requeued). When
+accounting is unavailable, states come from squeue and the registry; when slurmctld does not answer
+in time, the last known states stand; the Poll says which (`source` and `notes`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clusterctl.backends import common
+from clusterctl.backends.api import Backend, Poll
+from clusterctl.backends.slurm import commands as slurm
+from clusterctl.backends.slurm.parse import AcctRow, QueueRow
+from clusterctl.planning.profiles import ClusterProfile
+from clusterctl.specs import FINAL_STATES, JobRecord, LaunchSpec, RunRecord, RunState
+from vltrain.common.errors import ServiceUnavailable, UserError
+
+SACCT_LAG_S = 120  # a job this young may not be in accounting yet: keep its state
+LIVE = (RunState.PENDING, RunState.RUNNING, RunState.COMPLETING, RunState.SUSPENDED)  # squeue says all
+
+
+@dataclass
+class SlurmView:
+    """What Slurm said in this invocation (None: that source did not answer)."""
+
+    queue: dict[str, QueueRow] | None = None
+    acct: dict[str, AcctRow] | None = None
+    source: str = "registry"
+    notes: list[str] = field(default_factory=list)
+
+
+
+# --- pure ---------------------------------------------------------------------------------------
+
+def job_changes(job: JobRecord, q: QueueRow | None, a: AcctRow | None, now: float,
+                outcome: str | None = None) -> dict[str, Any]:
+    """The registry fields of `job` that Slurm's rows change (the controller wins for live state,
+    accounting for times and totals). `outcome`: submitit's result file, for jobs Slurm forgot."""
+    new: dict[str, Any] = {}
+    if q is not None and q.state != RunState.UNKNOWN:
+        new["state"] = q.state
+    elif a is not None:
+        new["state"] = a.state
+    elif outcome is not None:
+        new["state"] = outcome
+    elif q is None and now - job.submitted_at > SACCT_LAG_S and job.state not in FINAL_STATES:
+        new["state"] = RunState.UNKNOWN  # neither knows it and it is too old to be accounting lag
+    restarts = max([job.requeues] + ([q.restarts] if q else []) + ([a.requeues] if a else []))
+    new["requeues"] = restarts
+    if a is not None:
+        new |= {"started_at": a.start, "ended_at": a.end, "elapsed_s": a.elapsed_s}
+        if a.state in FINAL_STATES:  # a running job's row says 0:0; the exit code is known only at the end
+            new["exit_code"] = a.exit_code
+    if q is not None:
+        if q.start is not None and q.state != RunState.PENDING:
+            new["started_at"] = q.start
+        if a is None and q.elapsed_s is not None:  # no accounting: the current attempt only
+            new["elapsed_s"] = max(q.elapsed_s, job.elapsed_s or 0.0)
+    gpus = (a.alloc_gpus if a else None) or (q.alloc_gpus if q else None)
+    nodes = (q.node_list if q else None) or (a.node_list if a else None)
+    new |= {"alloc_gpus": gpus, "node_list": nodes}
+    return {k: v for k, v in new.items() if v is not None and getattr(job, k) != v}
+
+
+def accounting_needed(job: JobRecord, q: QueueRow | None) -> bool:
+    """Does this job need sacct, or does squeue's row say all status shows? squeue is enough for a
+    job pending or running its first attempt (state, start, elapsed, GPUs, nodes); accounting is
+    needed once it left the queue or ended (exit code, final elapsed) and after a requeue (sacct -D
+    sums the elapsed time of every attempt; squeue knows only the current one)."""
+    return (q is None or q.state not in LIVE
+            or q.restarts > 0 or job.requeues > 0)
+
+
+def query_slurm(jobs: list[JobRecord], timeout: float, since: float | None = None) -> SlurmView:
+    """One squeue call for all `jobs`, then one sacct call for those that need accounting (all of
+    them when the controller did not answer), with what failed noted. In the steady state (jobs
+    pending or running) that is squeue alone: a few ms, and no load on slurmdbd, which answers in
+    ~90 ms at best and is what a busy site's admins ask users not to poll.
+    `since`: the earliest submission among them (sacct ignores older jobs that reused an id)."""
+    view = SlurmView()
+    if not jobs:
+        return view
+    ids = sorted({j.job_id for j in jobs})
+    errors: dict[str, str] = {}
+    started = time.monotonic()
+    try:
+        view.queue = slurm.squeue(ids, timeout)
+    except ServiceUnavailable as e:
+        errors["queue"] = e.reason
+    except (UserError, OSError, ValueError) as e:  # odd bytes, no permission
+        errors["queue"] = str(e)
+    acct_ids = ids if view.queue is None else sorted(
+        {j.job_id for j in jobs if accounting_needed(j, view.queue.get(j.job_id))})
+    if acct_ids:
+        try:
+            # what is left of the time-out (at least 2 s): a hung controller must not double the wait
+            view.acct = slurm.sacct(acct_ids, max(2.0, timeout - (time.monotonic() - started)), since=since)
+        except ServiceUnavailable as e:
+            errors["acct"] = e.reason
+        except (UserError, OSError, ValueError) as e:
+            errors["acct"] = str(e)
+    if "queue" in errors:
+        rest = "accounting (sacct) and the registry" if view.acct is not None else "the registry"
+        view.notes.append(f"Slurm controller unavailable ({errors['queue']}): showing the last known states from {rest}")
+    if "acct" in errors:
+        view.notes.append(f"accounting unavailable ({errors['acct']}): " + (
+            "states from squeue and the registry; elapsed time and GPU-hours count only what squeue saw"
+            if view.queue is not None else "no accounting data either"))
+    view.source = "+".join([s for s, v in (("squeue", view.queue), ("sacct", view.acct)) if v is not None] +
+                           (["registry"] if errors else []))
+    return view
+
+
+
+
+# --- the backend --------------------------------------------------------------------------------
+
+class SlurmBackend(Backend):
+    name = "slurm"
+    initial_state = RunState.PENDING
+    has_accounting = True
+    requeues_itself = True
+    renders_script = True
+
+    def launch_spec(self, profile: ClusterProfile, run_dir: Path, job_name: str, hold: bool = False) -> LaunchSpec:
+        """The sbatch parameters (as submitit's SlurmExecutor takes them) for one attempt (pure)."""
+        common.check_job_name(job_name)
+        env = common.trainer_env(profile, run_dir)
+        n, s = profile.nodes, profile.slurm
+        if s is None:  # parse_profile refuses a Slurm profile without its [slurm] table
+            raise UserError(f"--profile: {profile.name!r} has no [slurm] table; allowed: a profile with one")
+        params: dict[str, Any] = {
+            "job_name": job_name,
+            "nodes": n.count,
+            "ntasks_per_node": n.gpus_per_node,
+            "gpus_per_node": n.gpus_per_node,
+            "cpus_per_task": max(1, n.cpus_per_node // n.gpus_per_node),
+            "mem": f"{n.memory_gib}GB",
+            "time": max(1, int(profile.time_limit_min or 1)),
+            "signal_delay_s": s.signal_delay_s,
+            "setup": common.setup_lines(env),
+            "additional_parameters": {"requeue": True} | ({"hold": True} if hold else {}) | dict(s.extra),
+        }
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(s, key):
+                params[key] = getattr(s, key)
+        if s.exclusive:
+            params["exclusive"] = True
+        return LaunchSpec(self.name, common.submitit_folder(run_dir), job_name, params, env)
+
+    def dryrun(self, spec: LaunchSpec, python: str | None = None) -> str:
+        """The exact sbatch script submitit submits for `spec`, rendered by submitit itself (pure).
+
+        Uses submitit's module-level renderer, the same function SlurmExecutor calls; constructing a
+        SlurmExecutor would need `srun` on this machine, and a dry run must work anywhere.
+        """
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        folder = str(Path(spec.folder) / "%j")
+        return _make_sbatch_string(command=common.submitit_command(folder, python), folder=folder, **spec.params)
+
+    def schedule(self, spec: LaunchSpec, fn: Any) -> str:
+        import submitit
+
+        try:
+            ex = submitit.SlurmExecutor(folder=str(Path(spec.folder) / "%j"), max_num_timeout=spec.max_num_timeout)
+        except RuntimeError as e:
+            raise UserError(f"--profile: executor 'slurm' needs Slurm's client tools on this machine ({e}); "
+                            "allowed: a machine with srun/sbatch, or --profile local") from None
+        ex.update_parameters(**spec.params)
+        return common.submit_with(ex, spec, fn, quiet=(2,))
+
+    def needs_poll(self, run: RunRecord, job: JobRecord, now: float) -> bool:
+        """Yes while the job is not final; and for a job that ended without its final accounting
+        record yet (no exit code: slurmdbd lags the controller by up to a few seconds), for
+        SACCT_LAG_S more, so its exit code and totals are not lost (retries need the exit code to
+        tell a cluster failure from a user error)."""
+        if job.state not in FINAL_STATES:
+            return run.state not in FINAL_STATES
+        return job.exit_code is None and now - (job.ended_at or job.submitted_at) < SACCT_LAG_S
+
+    def poll(self, pairs: list[tuple[RunRecord, JobRecord]], now: float, timeout: float | None) -> Poll:
+        jobs = [j for _, j in pairs]
+        since = min((j.submitted_at for j in jobs), default=now) - 300  # slack for clock skew
+        view = query_slurm(jobs, slurm.slurm_timeout() if timeout is None else timeout, since)
+        answered = view.queue is not None or view.acct is not None  # (sacct may not have been asked)
+        changes = []
+        for run, job in pairs:
+            q = view.queue.get(job.job_id) if view.queue is not None else None
+            a = view.acct.get(job.job_id) if view.acct is not None else None
+            outcome = common.submitit_outcome(run.run_dir, job.job_id)[0] if answered and q is None and a is None else None
+            changes.append(job_changes(job, q, a, now, outcome) if answered else {})
+        return Poll(changes, view.source if jobs else None, view.notes)
+
+    def cancel(self, job_id: str) -> None:
+        slurm.scancel(job_id)
+
+
+BACKEND = SlurmBackend()

@@ -1,0 +1,91 @@
+"""`clusterctl submit`: plan a run for a profile and start it (clusterctl.runs.submit).
+
+`--dry-run` stops before the run directory: it prints the plan and what the backend would submit
+(for Slurm, the exact sbatch script). `--wait` and `--watch` follow the run afterwards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from clusterctl.cli.options import GLOBAL_BATCH, JSON, MODEL, PROFILE, SET, fields_as_flags
+from clusterctl.render import output
+from clusterctl.render.output import print_json
+from clusterctl.specs import ACTIVE_STATES, RunState
+
+
+def submit(
+    profile: str = PROFILE,
+    config: Path = typer.Option(None, "--config", "-c", help="Train config TOML (default: built-in defaults)."),
+    model: str = MODEL,
+    global_batch: int = GLOBAL_BATCH,
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps in the run."),
+    name: str = typer.Option(None, "--name", help="Run name (Slurm job name); default: the model preset."),
+    set_: list[str] = SET,
+    max_retries: int = typer.Option(2, "--max-retries", min=0, max=100, help="Resubmissions after cluster failures (node failure, exit 75/137/143)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the sbatch script; submit nothing."),
+    watch: bool = typer.Option(False, "--watch", help="Follow the run in the live view after submitting."),
+    hold: bool = typer.Option(False, "--hold", help="Submit held (sbatch --hold); start it with scontrol release."),
+    wait: bool = typer.Option(False, "--wait", help="Stream rank 0's log until the run ends; exit 0 only if it completed."),
+    json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Plan a run for a profile and submit it (Slurm via submitit, or a local process)."""
+    from clusterctl.runs.registry import Registry
+    from clusterctl.runs.submit import create, dry_run as preview, new_run_dir, prepare
+    from vltrain.config import parse_overrides
+
+    overrides = parse_overrides(set_)
+    flags = {k: v for k, v in (("model", model), ("global_batch", global_batch), ("steps", steps)) if v is not None}
+    with fields_as_flags(set(flags)):
+        p = prepare(profile, config, overrides | flags, name)
+    reg = Registry()
+    run_id, run_dir = new_run_dir(reg, p.name)
+    if dry_run:
+        d = preview(p, run_dir, hold=hold)
+        text = d.pop("text")
+        if json_:
+            print_json(d)
+            return
+        from clusterctl.render.plan_view import print_plan
+
+        print_plan(p.plan)
+        if d["sbatch"] is not None:
+            output.console.print("[bold]sbatch script[/bold] (submitit would submit this):")
+        output.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        return
+    job_id = create(reg, p, run_id, run_dir, max_retries, hold=hold)
+    prof = p.profile
+    if json_:
+        print_json({"run_id": run_id, "job_id": job_id, "run_dir": str(run_dir), "plan": p.plan})
+    else:
+        output.console.print(f"submitted [bold]{run_id}[/bold] as job {job_id} on {prof.name} ({prof.world_size} x {prof.gpu.model})")
+        output.console.print(f"  run dir  {run_dir}")
+        output.console.print(f"  follow   clusterctl status {run_id}   |   clusterctl logs {run_id} --follow")
+    if watch:
+        from clusterctl.cli.live import watch_runs
+
+        raise typer.Exit(watch_runs([run_id]))
+    if wait:
+        from clusterctl.runs.lifecycle import follow_log
+
+        final = follow_log(reg, reg.get_run(run_id), rank=0, stderr=False)
+        if final in ACTIVE_STATES:  # Ctrl-C: stopped waiting, not the run
+            raise typer.Exit(130)
+        _print_outcome(run_id, run_dir, final)
+        if final != RunState.COMPLETED:
+            raise typer.Exit(1)
+
+
+def _print_outcome(run_id: str, run_dir: Path, state: str) -> None:
+    """One line for the end of a run, with its evaluation when the trainer wrote one."""
+    from clusterctl.runs.artifacts import eval_summary, read_eval
+
+    colour = "green" if state == RunState.COMPLETED else "red"
+    output.console.print(f"run {run_id}: [{colour}]{state}[/{colour}]")
+    ev = eval_summary(run_dir)
+    if ev:
+        chance = read_eval(run_dir).get("chance_r1")
+        output.console.print("held-out eval: " + "  ".join(f"{k} {v:.3f}" for k, v in ev.items())
+                             + (f"  (chance R@1 {chance:.4f})" if isinstance(chance, (int, float)) else ""))

@@ -1,0 +1,140 @@
+"""Per-GPU memory of a training step under ZeRO stages 0-3, bf16 mixed precision and AdamW (pure).
+
+Model states follow the ZeRO paper (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward
+Training Trillion Parameter Models", section 3 and figure 1): with Psi parameters on Nd data-parallel
+ranks, mixed-precision Adam keeps
+    2*Psi  bf16 parameters      (sharded by stage 3)
+    2*Psi  bf16 gradients       (sharded by stages 2 and 3)
+    K*Psi  optimizer states, K = 12: fp32 master weights, momentum and variance (sharded by 1, 2, 3)
+so stage 0: (2+2+12)Psi, stage 1: (2+2)Psi + 12Psi/Nd, stage 2: 2Psi + (2+12)Psi/Nd,
+stage 3: (2+2+12)Psi/Nd. With tensor/pipeline parallelism each GPU holds Psi/(tp*pp) of the model
+before ZeRO shards it over the data-parallel ranks.
+
+Activations per micro batch come from `vltrain.model_math.activation_bytes_per_sample`
+(Korthikanti et al. 2022, eq. 2, adapted to each block type), divided by tp (Megatron's sequence
+parallelism splits them); pipeline parallelism with 1F1B keeps about pp micro batches of 1/pp of the
+layers in flight on the first stage, i.e. about one micro batch of the whole model, so no pp factor.
+
+DeepSpeed's own estimators (estimate_zero2/3_model_states_mem_needs) count a little more: an fp32
+copy of the gradient partition (4*Psi/N at stage 2; at stage 3 it replaces the bf16 one, +2*Psi/N)
+and, at stage 3, the largest layer gathered whole (4 bytes per parameter). tests/test_planning.py
+checks that exact difference; at paper scale it is inside the fragmentation allowance below.
+
+Allowance for what neither formula covers, stated here and shown in every breakdown:
+  * CUDA context, cuBLAS workspace and NCCL buffers: 1.5 GiB per GPU (typical on A100/H100);
+  * DeepSpeed's reduce and all-gather buckets for stages 1-2 (5e8 elements each, bf16 = 1.86 GiB),
+    the values vltrain.dsconfig sets;
+  * allocator fragmentation: 10% of everything else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from vltrain.dsconfig import BUCKET_ELEMENTS  # reduce_bucket_size and allgather_bucket_size
+
+GIB = 1024**3
+CONTEXT_GIB = 1.5
+FRAGMENTATION = 0.10
+OPTIMIZER_BYTES_PER_PARAM = 12  # fp32 master + momentum + variance (AdamW)
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    params: float  # bytes per GPU
+    grads: float
+    optimizer: float
+
+
+def model_state_bytes(params: int, zero_stage: int, data_parallel: int, tp: int = 1, pp: int = 1) -> ModelStates:
+    """Bytes of bf16 params, bf16 grads and fp32 AdamW states per GPU (ZeRO paper, see module doc)."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(zero_stage)
+    local = params / (tp * pp)
+    nd = data_parallel
+    p = 2 * local / (nd if zero_stage >= 3 else 1)
+    g = 2 * local / (nd if zero_stage >= 2 else 1)
+    o = OPTIMIZER_BYTES_PER_PARAM * local / (nd if zero_stage >= 1 else 1)
+    return ModelStates(p, g, o)
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Per-GPU memory in GiB, the JSON shape `clusterctl plan --json` prints under "memory"."""
+
+    params_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    activations_per_sample_gib: float
+    buffers_gib: float
+    fragmentation_gib: float
+    total_gib: float
+    capacity_gib: float
+    fits: bool
+
+    def to_dict(self) -> dict[str, float | bool]:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def fixed_overhead_bytes(zero_stage: int) -> float:
+    buckets = 2 * BUCKET_ELEMENTS * 2 if zero_stage in (1, 2) else 0.0
+    return CONTEXT_GIB * GIB + buckets
+
+
+def breakdown(
+    params: int,
+    activation_bytes_per_sample: float,
+    micro_batch: int,
+    *,
+    zero_stage: int,
+    data_parallel: int,
+    capacity_gib: float,
+    tp: int = 1,
+    pp: int = 1,
+) -> MemoryBreakdown:
+    """Memory of one GPU for `micro_batch` samples per micro step; `fits` compares with capacity."""
+    st = model_state_bytes(params, zero_stage, data_parallel, tp, pp)
+    act = activation_bytes_per_sample / tp
+    acts = act * micro_batch
+    buffers = fixed_overhead_bytes(zero_stage)
+    frag = FRAGMENTATION * (st.params + st.grads + st.optimizer + acts)
+    total = st.params + st.grads + st.optimizer + acts + buffers + frag
+    return MemoryBreakdown(
+        params_gib=st.params / GIB,
+        grads_gib=st.grads / GIB,
+        optimizer_gib=st.optimizer / GIB,
+        activations_gib=acts / GIB,
+        activations_per_sample_gib=act / GIB,
+        buffers_gib=buffers / GIB,
+        fragmentation_gib=frag / GIB,
+        total_gib=total / GIB,
+        capacity_gib=float(capacity_gib),
+        fits=total <= capacity_gib * GIB,
+    )
+
+
+def max_micro_batch(
+    params: int,
+    activation_bytes_per_sample: float,
+    *,
+    zero_stage: int,
+    data_parallel: int,
+    capacity_gib: float,
+    tp: int = 1,
+    pp: int = 1,
+) -> int:
+    """Largest micro batch whose breakdown fits (0 when not even the model states fit)."""
+    st = model_state_bytes(params, zero_stage, data_parallel, tp, pp)
+    states = st.params + st.grads + st.optimizer
+    room = capacity_gib * GIB - fixed_overhead_bytes(zero_stage) - (1 + FRAGMENTATION) * states
+    per = (1 + FRAGMENTATION) * activation_bytes_per_sample / tp
+    if room <= 0:
+        return 0
+    m = math.floor(room / per) if per > 0 else 10**9
+    # guard against floating-point edge: step down until the breakdown agrees
+    while m > 0 and not breakdown(params, activation_bytes_per_sample, m, zero_stage=zero_stage,
+                                  data_parallel=data_parallel, capacity_gib=capacity_gib, tp=tp, pp=pp).fits:
+        m -= 1
+    return m

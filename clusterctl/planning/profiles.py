@@ -1,0 +1,343 @@
+"""Cluster profiles: what a cluster is (nodes, GPUs, fabric, Slurm, site), loaded from TOML.
+
+Parsing and validation are pure (`parse_profile`); finding files on disk is the only I/O
+(`find_profile`, `load_profile`, `discover`). Every problem is a one-line `UserError` that names
+the file, the dotted field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clusterctl.specs import EXECUTORS
+from vltrain.common.errors import UserError
+from vltrain.common.schema import build, field
+
+# Names that reach sbatch lines and shell environments: a conservative subset of what Slurm accepts.
+SLURM_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"
+SLURM_NAME_DOC = "1-64 letters, digits, '_', '.', '-', starting with a letter or digit"
+ENV_NAME = r"[A-Z_][A-Z0-9_]{0,127}"
+# Values of environment variables and sbatch options: no newline, quote, backslash, $ or backtick.
+SAFE_VALUE = r"[A-Za-z0-9_.,:=/@%+\- ]{0,256}"
+SAFE_VALUE_DOC = "up to 256 letters, digits, spaces and _.,:=/@%+- (no quotes, $, ` or newlines)"
+
+_TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+_TIME_RES = [
+    (re.compile(r"(\d+)"), ("m",)),
+    (re.compile(r"(\d+):(\d{1,2})"), ("m", "s")),
+    (re.compile(r"(\d+):(\d{1,2}):(\d{1,2})"), ("h", "m", "s")),
+    (re.compile(r"(\d+)-(\d{1,2})"), ("d", "h")),
+    (re.compile(r"(\d+)-(\d{1,2}):(\d{1,2})"), ("d", "h", "m")),
+    (re.compile(r"(\d+)-(\d{1,2}):(\d{1,2}):(\d{1,2})"), ("d", "h", "m", "s")),
+]
+
+
+def slurm_time_to_minutes(text: str) -> float:
+    """Slurm's time-limit formats (sbatch --time) to minutes; ValueError when it is none of them."""
+    for rx, units in _TIME_RES:
+        m = rx.fullmatch(text.strip())
+        if m:
+            parts = dict(zip(units, (int(g) for g in m.groups()), strict=True))
+            if any(parts.get(u, 0) >= 60 for u in ("m", "s") if len(units) > 1 and u != units[0]):
+                raise ValueError(text)
+            if "h" in parts and units[0] != "h" and parts["h"] >= 24:
+                raise ValueError(text)
+            return (
+                parts.get("d", 0) * 1440
+                + parts.get("h", 0) * 60
+                + parts.get("m", 0)
+                + parts.get("s", 0) / 60
+            )
+    raise ValueError(text)
+
+
+def _check_time(text: str) -> str | None:
+    try:
+        minutes = slurm_time_to_minutes(text)
+    except ValueError:
+        return f"{text!r} is not a Slurm time limit"
+    if minutes <= 0:
+        return f"{text!r} is zero"
+    return None
+
+
+def _check_country(code: str) -> str | None:
+    if not re.fullmatch(r"[A-Z]{3}", code):
+        return f"{code!r} is not an ISO 3166 alpha-3 code"
+    try:  # pycountry comes with codecarbon; without it the format check above is what we have
+        import pycountry
+    except ImportError:  # pragma: no cover
+        return None
+    if pycountry.countries.get(alpha_3=code) is None:
+        return f"{code!r} is not an ISO 3166 country"
+    return None
+
+
+def _check_env(env: dict[str, str]) -> str | None:
+    for k, v in env.items():
+        if not re.fullmatch(ENV_NAME, k):
+            return f"{k!r} is not an environment variable name"
+        if not re.fullmatch(SAFE_VALUE, v):
+            return f"{k}={v!r} has characters that are not allowed"
+    return None
+
+
+def _check_extra(opts: dict[str, str]) -> str | None:
+    for k, v in opts.items():
+        if not re.fullmatch(r"[a-z][a-z0-9\-]{0,40}", k):
+            return f"{k!r} is not an sbatch long option name"
+        if k in _MANAGED_SBATCH:
+            return f"{k!r} is set by clusterctl from the profile"
+        if not re.fullmatch(SAFE_VALUE, v):
+            return f"{k}={v!r} has characters that are not allowed"
+    return None
+
+
+_MANAGED_SBATCH = {
+    "nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "mem", "time", "partition",
+    "account", "qos", "constraint", "job-name", "output", "error", "signal", "gres",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Nodes:
+    count: int = field("nodes in the job", min=1, max=100_000)
+    gpus_per_node: int = field("GPUs per node = tasks per node", min=1, max=64)
+    cpus_per_node: int = field("CPU cores per node", min=1, max=4096)
+    memory_gib: int = field("host memory per node (GiB)", min=1, max=65_536)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gpu:
+    model: str = field("GPU model name", pattern=r"[A-Za-z0-9 _.()\-]{1,64}", allowed="1-64 letters, digits, spaces and _.()-")
+    kind: str = field("what the trainer runs on", choices=("cuda", "cpu"), default="cuda")
+    memory_gib: float = field("memory per GPU (GiB)", min=1, max=4096)
+    peak_bf16_tflops: float = field("dense bf16 peak per GPU (TFLOP/s)", min=0.01, max=100_000)
+    power_w: float = field("board power per GPU (W)", min=1, max=5_000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Interconnect:
+    intra_node: str = field("fabric between GPUs of a node", choices=("nvlink", "pcie", "none"))
+    inter_node: str = field("fabric between nodes", choices=("infiniband", "roce", "ethernet", "none"))
+    ib_hcas: str | None = field("NCCL_IB_HCA value, e.g. 'mlx5'", default=None, pattern=SAFE_VALUE, allowed=SAFE_VALUE_DOC)
+    socket_ifname: str | None = field("NCCL/GLOO_SOCKET_IFNAME", default=None, pattern=r"[A-Za-z0-9_.^,=\-]{1,64}", allowed="an interface name list such as 'ib0' or '^lo,docker'")
+    env: dict[str, str] = field("extra environment for every rank", default_factory=dict, check=_check_env, allowed=f"NAME = value with NAME matching {ENV_NAME} and values of {SAFE_VALUE_DOC}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Slurm:
+    partition: str | None = field("Slurm partition", default=None, pattern=SLURM_NAME, allowed=SLURM_NAME_DOC)
+    account: str | None = field("Slurm account", default=None, pattern=SLURM_NAME, allowed=SLURM_NAME_DOC)
+    qos: str | None = field("Slurm QOS", default=None, pattern=SLURM_NAME, allowed=SLURM_NAME_DOC)
+    constraint: str | None = field("node features", default=None, pattern=r"[A-Za-z0-9_.&|,\[\]*\-]{1,128}", allowed="feature names joined by & | , with [] and *")
+    time_limit: str = field("wall-clock limit per job", check=_check_time, allowed=_TIME_FORMATS)
+    signal_delay_s: int = field("seconds before the limit at which USR2 asks for a checkpoint", default=120, min=10, max=3600)
+    exclusive: bool = field("whole nodes", default=True)
+    extra: dict[str, str] = field("more sbatch long options", default_factory=dict, check=_check_extra, allowed=f"option = value with option a lower-case sbatch long option not managed by clusterctl, values of {SAFE_VALUE_DOC}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Site:
+    country_iso: str = field("ISO 3166 alpha-3 country of the site", check=_check_country, allowed="an ISO 3166 alpha-3 code such as FRA, JPN, SGP")
+    pue: float = field("power usage effectiveness", default=1.2, min=1.0, max=3.0)
+    carbon_intensity_g_per_kwh: float | None = field("fixed grid intensity (gCO2eq/kWh)", default=None, min=0, max=2000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterProfile:
+    name: str = field("profile name", pattern=r"[a-z0-9][a-z0-9_\-]{0,63}", allowed="1-64 lower-case letters, digits, '_' and '-'")
+    description: str = field("one paragraph", pattern=r"[^\n\r]{1,2000}", allowed="one line of up to 2000 characters")
+    executor: str = field("where jobs run (a backend in clusterctl/backends)", choices=EXECUTORS)
+    nodes: Nodes = field()
+    gpu: Gpu = field()
+    interconnect: Interconnect = field()
+    site: Site = field()
+    slurm: Slurm | None = field("Slurm settings (required with executor = 'slurm')", default=None)
+    seed: str | None = field("the seed setup this profile reproduces", default=None, pattern=r"[0-9]{3}", allowed="a three-digit seed number")
+
+    # Derived figures -----------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.nodes.count * self.nodes.gpus_per_node
+
+    @property
+    def peak_bf16_pflops(self) -> float:
+        return self.world_size * self.gpu.peak_bf16_tflops / 1000
+
+    @property
+    def gpu_power_kw(self) -> float:
+        return self.world_size * self.gpu.power_w / 1000
+
+    @property
+    def total_gpu_memory_gib(self) -> float:
+        return self.world_size * self.gpu.memory_gib
+
+    @property
+    def time_limit_min(self) -> float | None:
+        return slurm_time_to_minutes(self.slurm.time_limit) if self.slurm else None
+
+    @property
+    def dist_backend(self) -> str:
+        return "nccl" if self.gpu.kind == "cuda" else "gloo"
+
+    def derived(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "peak_bf16_pflops": round(self.peak_bf16_pflops, 3),
+            "gpu_power_kw": round(self.gpu_power_kw, 3),
+            "total_gpu_memory_gib": self.total_gpu_memory_gib,
+            "dist_backend": self.dist_backend,
+            "comm_env": comm_env(self),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"derived": self.derived()}
+
+
+def comm_env(p: ClusterProfile) -> dict[str, str]:
+    """The NCCL/gloo environment that follows from the profile's fabric (pure)."""
+    ic = p.interconnect
+    env: dict[str, str] = {}
+    if p.gpu.kind == "cuda":
+        if ic.intra_node == "nvlink":
+            env["NCCL_P2P_LEVEL"] = "NVL"
+        elif ic.intra_node == "pcie":
+            env["NCCL_P2P_LEVEL"] = "PHB"
+        if ic.inter_node in ("infiniband", "roce"):
+            env["NCCL_IB_DISABLE"] = "0"
+            if ic.ib_hcas:
+                env["NCCL_IB_HCA"] = ic.ib_hcas
+            if ic.inter_node == "roce":
+                env["NCCL_IB_GID_INDEX"] = "3"
+        elif ic.inter_node == "ethernet":
+            env["NCCL_IB_DISABLE"] = "1"
+        if ic.socket_ifname:
+            env["NCCL_SOCKET_IFNAME"] = ic.socket_ifname
+        env["NCCL_ASYNC_ERROR_HANDLING"] = "1"
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
+    elif ic.socket_ifname:
+        env["GLOO_SOCKET_IFNAME"] = ic.socket_ifname
+    env.update(ic.env)
+    return env
+
+
+def parse_profile(data: dict[str, Any], where: str) -> ClusterProfile:
+    """Validate a parsed TOML table as a profile (pure)."""
+    profile: ClusterProfile = build(ClusterProfile, data, where)
+    if profile.executor == "slurm" and profile.slurm is None:
+        raise UserError(f"{where}: slurm: missing; allowed: a [slurm] table with at least time_limit (executor = 'slurm')")
+    if profile.executor == "local" and profile.nodes.count != 1:
+        raise UserError(f"{where}: nodes.count: {profile.nodes.count} is out of range; allowed: 1 with executor = 'local'")
+    return profile
+
+
+def read_profile(path: Path) -> ClusterProfile:
+    """Read and validate one profile file."""
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{where}: cannot read: {e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: invalid TOML: {e}") from None
+    profile = parse_profile(data, where)
+    if profile.name != path.stem:
+        raise UserError(f"{where}: name: {profile.name!r} differs from the file name; allowed: {path.stem!r}")
+    return profile
+
+
+def builtin_dir() -> Path:
+    """The profiles shipped with clusterctl: `clusterctl/cluster_profiles`, a link to the repository's
+    cluster_profiles/ in a checkout, a real directory in an installed wheel."""
+    return Path(__file__).resolve().parents[1] / "cluster_profiles"
+
+
+def search_dirs(cwd: Path | None = None) -> list[Path]:
+    """Where profiles are looked up by name, first match wins."""
+    dirs = [(cwd or Path.cwd()) / "cluster_profiles"]
+    for d in os.environ.get("CLUSTERCTL_PROFILES", "").split(os.pathsep):
+        if d:
+            dirs.append(Path(d))
+    from platformdirs import user_config_dir
+
+    dirs.append(Path(user_config_dir("clusterctl")) / "profiles")
+    dirs.append(builtin_dir())
+    seen, out = set(), []
+    for d in dirs:
+        key = d.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def find_profile(name_or_path: str, flag: str = "--profile") -> Path:
+    """A profile's file, by path (contains '/' or ends in .toml) or by name in the search dirs."""
+    if "/" in name_or_path or name_or_path.endswith(".toml"):
+        return Path(name_or_path)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,63}", name_or_path):
+        raise UserError(f"{flag}: {name_or_path!r} is not a profile name; allowed: lower-case letters, digits, '_', '-', or a path to a .toml file")
+    dirs = search_dirs()
+    for d in dirs:
+        p = d / f"{name_or_path}.toml"
+        if p.is_file():
+            return p
+    known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
+    raise UserError(f"{flag}: no profile named {name_or_path!r}; allowed: {', '.join(known) or 'none found'} (searched {', '.join(map(str, dirs))})")
+
+
+def load_profile(name_or_path: str, flag: str = "--profile") -> ClusterProfile:
+    """Find and validate a profile; `flag` names the option in error messages."""
+    return read_profile(find_profile(name_or_path, flag))
+
+
+def discover() -> list[tuple[Path, bool]]:
+    """Every profile file in the search dirs, with whether an earlier dir shadows it."""
+    seen: set[str] = set()
+    out = []
+    for d in search_dirs():
+        if not d.is_dir():
+            continue
+        for p in sorted(d.glob("*.toml")):
+            out.append((p, p.stem in seen))
+            seen.add(p.stem)
+    return out
+
+
+_FABRIC = {"nvlink": "NVLink", "pcie": "PCIe", "infiniband": "InfiniBand", "roce": "RoCE", "ethernet": "Ethernet", "none": "-"}
+_FABRIC_SHORT = _FABRIC | {"infiniband": "IB", "ethernet": "Eth"}
+
+
+def fabric(p: ClusterProfile, short: bool = False) -> str:
+    """'NVLink + InfiniBand' (short: 'NVLink + IB')."""
+    names = _FABRIC_SHORT if short else _FABRIC
+    return f"{names[p.interconnect.intra_node]} + {names[p.interconnect.inter_node]}"
+
+
+def profile_rows() -> list[dict[str, Any]]:
+    """Every profile found, in search order, as the rows of `profiles list --json`; an invalid file
+    is a row with its one-line error."""
+    rows: list[dict[str, Any]] = []
+    for path, shadowed in discover():
+        try:
+            p = read_profile(path)
+        except UserError as e:
+            rows.append({"name": path.stem, "path": str(path), "shadowed": shadowed, "valid": False, "error": str(e)})
+            continue
+        rows.append({"name": p.name, "path": str(path), "shadowed": shadowed, "valid": True,
+                     "executor": p.executor, "nodes": p.nodes.count, "gpus_per_node": p.nodes.gpus_per_node,
+                     "world_size": p.world_size, "gpu": p.gpu.model, "gpu_memory_gib": p.gpu.memory_gib,
+                     "fabric": fabric(p), "fabric_short": fabric(p, True), "country": p.site.country_iso,
+                     "seed": p.seed})
+    return rows

@@ -1,0 +1,60 @@
+"""The hardware and site an estimate is for: a profile's figures, with overrides (pure but for
+codecarbon's data file). One builder for `estimate` and for the estimate stored with each run, so the
+grid intensity is chosen the same way everywhere: an explicit intensity, else a country's (from
+codecarbon, the figures the energy tracker uses), else the profile's fixed intensity, else its
+country's.
+"""
+
+from __future__ import annotations
+
+from clusterctl.planning.carbon import country_intensity
+from clusterctl.planning.estimates import Setup
+from clusterctl.planning.profiles import ClusterProfile
+from vltrain.common.errors import UserError
+
+GPUS_PER_NODE = 8  # when no profile says otherwise (every seed cluster has 8 per node)
+
+
+def grid_intensity(profile: ClusterProfile | None, country: str | None = None,
+                   carbon_intensity: float | None = None) -> tuple[float, str]:
+    """(g CO2eq per kWh, where it came from); a missing source is a one-line error naming the flags."""
+    if carbon_intensity is not None and country:
+        raise UserError("--carbon-intensity: given together with --country; allowed: one of the two")
+    if carbon_intensity is not None:
+        return positive(carbon_intensity, "--carbon-intensity"), "--carbon-intensity"
+    if country:
+        gi = country_intensity(country)
+    elif profile is not None and profile.site.carbon_intensity_g_per_kwh is not None:
+        return profile.site.carbon_intensity_g_per_kwh, f"profile {profile.name}"
+    elif profile is not None:
+        gi = country_intensity(profile.site.country_iso)
+    else:
+        raise UserError("--country: no grid intensity; allowed: --profile P, --country ISO3 or --carbon-intensity G")
+    return gi.g_per_kwh, f"{gi.source} ({gi.country_iso})"
+
+
+def make_setup(profile: ClusterProfile | None, *, gpus: int | None = None, peak_tflops: float | None = None,
+               power_w: float | None = None, node_power_w: float = 0.0, pue: float | None = None,
+               country: str | None = None, carbon_intensity: float | None = None) -> Setup:
+    """Profile figures with overrides; every missing figure is a one-line error naming its flag."""
+    if gpus is not None and gpus < 1:
+        raise UserError(f"--gpus: {gpus} is not valid; allowed: a positive integer")
+    n = gpus or (profile.world_size if profile else None)
+    if n is None:
+        raise UserError("--gpus: no GPU count; allowed: --profile P or --gpus N")
+    intensity, source = grid_intensity(profile, country, carbon_intensity)
+    pw = power_w if power_w is not None else (profile.gpu.power_w if profile else None)
+    if pw is None:
+        raise UserError("--power-w: no GPU power; allowed: --profile P or --power-w W")
+    peak = peak_tflops if peak_tflops is not None else (profile.gpu.peak_bf16_tflops if profile else 0.0)
+    pue_v = pue if pue is not None else (profile.site.pue if profile else 1.0)
+    per_node = profile.nodes.gpus_per_node if profile else GPUS_PER_NODE
+    return Setup(gpus=n, peak_tflops=peak, power_w=positive(pw, "--power-w"), pue=positive(pue_v, "--pue"),
+                 carbon_intensity_g_per_kwh=intensity, intensity_source=source, nodes=-(-n // per_node),
+                 node_power_w=node_power_w)
+
+
+def positive(v: float, flag: str) -> float:
+    if v <= 0:
+        raise UserError(f"{flag}: {v:g} is not valid; allowed: a positive number")
+    return v

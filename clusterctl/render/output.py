@@ -1,0 +1,30 @@
+"""Where the CLI prints: one rich console for humans, plain JSON for scripts (figures: render.units)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    console: Console
+    err_console: Console
+
+
+def __getattr__(name: str):
+    """The consoles are made on first use: importing rich.console costs ~25 ms that `status --json`
+    and other plain-text paths never need (module __getattr__, PEP 562)."""
+    if name in ("console", "err_console"):
+        from rich.console import Console
+
+        value = Console(highlight=False, stderr=name == "err_console")
+        globals()[name] = value
+        return value
+    raise AttributeError(name)
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output: plain JSON on stdout, no colour, stable key order."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

@@ -1,0 +1,58 @@
+"""`plan` and `estimate` answers as rich tables and lines (data in, console out)."""
+
+from __future__ import annotations
+
+from clusterctl.render import output
+
+
+def print_plan(d: dict) -> None:
+    from rich.table import Table
+
+    m = d["memory"]
+    output.console.print(
+        f"[bold]{d['model']}[/bold] ({d['params'] / 1e9:.2f}B params) on [bold]{d['profile']}[/bold]: "
+        f"{d['world_size']} GPUs = tp {d['tensor_parallel']} x pp {d['pipeline_parallel']} x dp {d['data_parallel']}"
+    )
+    output.console.print(
+        f"global batch {d['global_batch']} = micro batch {d['micro_batch']} x accumulation {d['accumulation']} "
+        f"x {d['data_parallel']} data-parallel ranks ({d['samples_per_gpu_per_step']} samples per GPU per step)"
+    )
+    t = Table(title=f"memory per GPU, ZeRO-{d['zero_stage']}, bf16 + AdamW"
+              + (", activation checkpointing" if d["activation_checkpointing"] else ""), title_justify="left")
+    t.add_column("term")
+    t.add_column("GiB", justify="right")
+    for label, key in (("bf16 parameters", "params_gib"), ("bf16 gradients", "grads_gib"),
+                       ("fp32 master + Adam m, v", "optimizer_gib"),
+                       (f"activations ({d['micro_batch']} x {m['activations_per_sample_gib']:.3f})", "activations_gib"),
+                       ("CUDA/NCCL context + DeepSpeed buckets", "buffers_gib"), ("fragmentation (10%)", "fragmentation_gib")):
+        t.add_row(label, f"{m[key]:.2f}")
+    t.add_row("[bold]total[/bold]", f"[bold]{m['total_gib']:.2f}[/bold] of {m['capacity_gib']:g}")
+    output.console.print(t)
+    if m["fits"]:
+        output.console.print(f"[green]fits[/green]: largest micro batch that fits is {d['max_micro_batch']}; "
+                      f"about {d['step_time_s']:.2f} s per optimizer step at {d['mfu_assumed']:.0%} MFU")
+    else:
+        output.console.print("[red]does not fit[/red]: try a higher --zero-stage, --activation-checkpointing, --tp/--pp or more GPUs")
+
+
+def print_estimate(d: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"estimate: {d['work']}", title_justify="left", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("GPUs", f"{d['gpus']}")
+    t.add_row("wall time", f"{d['hours']:,.1f} h ({d['hours'] / 24:,.1f} days)")
+    t.add_row("GPU-hours", f"{d['gpu_hours']:,.0f}")
+    t.add_row("GPU energy", f"{d['gpu_energy_kwh']:,.0f} kWh ({d['power_w']:g} W x PUE {d['pue']:g})")
+    if d["node_energy_kwh"]:
+        t.add_row("node CPU/RAM allowance", f"{d['node_energy_kwh']:,.0f} kWh")
+    t.add_row("energy", f"{d['energy_kwh']:,.0f} kWh = {d['energy_kwh'] / 1000:,.1f} MWh")
+    t.add_row("CO2eq", f"{d['co2_kg']:,.0f} kg at {d['carbon_intensity_g_per_kwh']:g} g/kWh ({d['intensity_source']})")
+    if d["flops"]:
+        t.add_row("training FLOPs", f"{d['flops']:.3g} at MFU {d['mfu']:g}")
+    output.console.print(t)
+    for f in d["findings"]:
+        colour = "green" if f["verdict"] == "consistent" else "red"
+        output.console.print(f"claim {f['claim']}: {f['claimed']:,.6g} {f['unit']} vs {f['low']:,.6g}-{f['high']:,.6g} "
+                      f"[{colour}]{f['verdict']}[/{colour}] ({f['why']})", soft_wrap=True)

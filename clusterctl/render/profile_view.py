@@ -1,0 +1,68 @@
+"""`profiles list` and `profiles show` as rich tables (data in, console out)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clusterctl.planning.profiles import ClusterProfile, fabric
+from clusterctl.render import output
+
+
+def print_profiles(rows: list[dict[str, Any]]) -> None:
+    """The profiles found (rows of `profiles list --json`), invalid ones with their error below."""
+    from rich.table import Table
+
+    t = Table(title="cluster profiles", title_justify="left", caption="JSON (--json) gives each file's path")
+    for col in ("name", "exec", "GPUs", "GPU", "fabric", "site", "seed"):
+        t.add_column(col, justify="right" if col == "GPUs" else "left", no_wrap=col in ("name", "GPUs"))
+    for r in rows:
+        style = "dim" if r["shadowed"] else None
+        name = r["name"] + (" (shadowed)" if r["shadowed"] else "")
+        if not r["valid"]:
+            t.add_row(name, "[red]invalid[/red]", "", "", "", "", "", style=style)
+            continue
+        t.add_row(name, r["executor"], f"{r['nodes']}x{r['gpus_per_node']}", r["gpu"], r["fabric_short"],
+                  r["country"], r["seed"] or "", style=style)
+    output.console.print(t)
+    for r in rows:
+        if not r["valid"]:
+            output.console.print(f"[red]invalid:[/red] {r['error']}", soft_wrap=True)
+
+
+def print_profile(p: ClusterProfile, country_name: str) -> None:
+    """One profile with its derived figures (world size, aggregate PFLOP/s, power, memory, NCCL env)."""
+    from rich.table import Table
+
+    d = p.derived()
+    t = Table(show_header=False, title=f"{p.name}", title_justify="left", box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("description", p.description),
+        ("executor", p.executor),
+        ("nodes", f"{p.nodes.count} x {p.nodes.gpus_per_node} GPUs, {p.nodes.cpus_per_node} CPUs, {p.nodes.memory_gib} GiB"),
+        ("GPU", f"{p.gpu.model} ({p.gpu.kind}), {p.gpu.memory_gib:g} GiB, {p.gpu.peak_bf16_tflops:g} TFLOP/s bf16, {p.gpu.power_w:g} W"),
+        ("interconnect", fabric(p) + (f" (HCAs {p.interconnect.ib_hcas})" if p.interconnect.ib_hcas else "")),
+        ("world size", f"{d['world_size']} GPUs"),
+        ("aggregate bf16", f"{d['peak_bf16_pflops']:g} PFLOP/s"),
+        ("GPU power", f"{d['gpu_power_kw']:g} kW"),
+        ("GPU memory", f"{d['total_gpu_memory_gib']:g} GiB in total"),
+        ("comm backend", d["dist_backend"]),
+        ("comm env", " ".join(f"{k}={v}" for k, v in d["comm_env"].items()) or "-"),
+    ]
+    if p.slurm:
+        s = p.slurm
+        bits = [f"partition={s.partition or '(default)'}", f"time={s.time_limit}"]
+        bits += [f"{k}={v}" for k, v in (("account", s.account), ("qos", s.qos), ("constraint", s.constraint)) if v]
+        bits += [f"signal=USR2@{s.signal_delay_s}", "exclusive" if s.exclusive else "shared"]
+        bits += [f"--{k}={v}" for k, v in s.extra.items()]
+        rows.append(("slurm", " ".join(bits)))
+    site = f"{country_name} ({p.site.country_iso}), PUE {p.site.pue:g}"
+    if p.site.carbon_intensity_g_per_kwh is not None:
+        site += f", grid {p.site.carbon_intensity_g_per_kwh:g} gCO2eq/kWh"
+    rows.append(("site", site))
+    if p.seed:
+        rows.append(("seed", p.seed))
+    for k, v in rows:
+        t.add_row(k, v)
+    output.console.print(t)

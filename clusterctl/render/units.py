@@ -1,0 +1,60 @@
+"""Figures as people read them: significant digits, one unit per column, durations (pure)."""
+
+from __future__ import annotations
+
+
+def quantity(v: float | None) -> str:
+    """A measured figure as people read it: 3 significant digits, thousands separators from 100 on,
+    no exponent for everyday sizes (0.0123, 4.2, 412, 12,480); '-' when unknown."""
+    if v is None:
+        return "-"
+    if v == 0:
+        return "0"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}" if abs(v) >= 0.001 else f"{v:.1e}"
+
+
+ENERGY_UNITS = ((1e-3, "MWh"), (1.0, "kWh"), (1e3, "Wh"))  # (factor from kWh, name), largest first
+CO2_UNITS = ((1e-3, "t"), (1.0, "kg"), (1e3, "g"))  # from kg
+
+
+def pick_unit(values: list[float | None], units: tuple[tuple[float, str], ...]) -> tuple[float, str]:
+    """The largest unit in which the biggest value is at least 1 (a 20-step demo reads 2.1 Wh, a
+    pre-training run 13.2 MWh), so a column or a line has one unit and short numbers."""
+    top = max((abs(v) for v in values if isinstance(v, (int, float))), default=0.0)
+    for factor, name in units:
+        if top * factor >= 1:
+            return factor, name
+    return units[-1]
+
+
+def energy(kwh: float) -> str:
+    factor, unit = pick_unit([kwh], ENERGY_UNITS)
+    return f"{quantity(kwh * factor)} {unit}"
+
+
+def co2(kg: float) -> str:
+    factor, unit = pick_unit([kg], CO2_UNITS)
+    return f"{quantity(kg * factor)} {unit} CO2eq"
+
+
+def duration(s: float | None, style: str = "units") -> str:
+    """Seconds for a person: '-' when unknown.
+
+    style "units" (tables: status's ELAPSED and ETA): '45s', '12m03s', '3h05m', '2d04h';
+    style "clock" (the live view's ETA and summary): '0:45', '12:03', '3:05:00', '2d04h'.
+    """
+    if s is None:
+        return "-"
+    s = int(s)
+    days, rest = divmod(s, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if style == "clock":
+        return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"

@@ -1,0 +1,213 @@
+"""What `clusterctl watch` shows, as pure functions of plain data, plus the incremental file tails.
+
+`Tail` reads only the bytes appended since its last call (it keeps the offset and any partial last
+line), so watching a weeks-long run never re-reads metrics.jsonl or a log. `run_panel` and
+`summary_lines` turn a status row (clusterctl.runs.status.summarize) and a `RunView` into rich
+renderables or text lines; they do no I/O and are unit-tested.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clusterctl.render.units import ENERGY_UNITS, co2, duration, energy, pick_unit, quantity
+from clusterctl.specs import FINAL_STATES, RunState
+
+SPARK = "▁▂▃▄▅▆▇█"
+OBJECTIVES = ("itc", "mlm", "caption")
+HISTORY = 48
+
+
+def sparkline(values: list[float], width: int = 24) -> str:
+    """The last `width` values as block characters scaled between their min and max."""
+    vals = [v for v in values if isinstance(v, (int, float)) and v == v][-width:]
+    if not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    span = hi - lo or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1) + 0.5))] for v in vals)
+
+
+class Tail:
+    """New complete lines of a growing file since the last call; survives the file not existing yet
+    and a truncation (a new attempt's log): then it starts over from the beginning."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.offset = 0
+        self._partial = b""
+
+    def lines(self, max_bytes: int = 1 << 20) -> list[str]:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return []
+        if size < self.offset:
+            self.offset, self._partial = 0, b""
+        if size == self.offset:
+            return []
+        skip = size - self.offset > max_bytes  # far behind (a first look at a long run): only the end
+        with self.path.open("rb") as f:
+            f.seek(size - max_bytes if skip else self.offset)
+            chunk = f.read(size - f.tell())
+            self.offset = f.tell()
+        if skip:  # the first piece starts mid-line: drop it
+            self._partial, chunk = b"", chunk.split(b"\n", 1)[-1]
+        data = self._partial + chunk
+        *complete, self._partial = data.split(b"\n")
+        return [c.decode("utf-8", "replace") for c in complete]
+
+
+@dataclass
+class RunView:
+    """What the view remembers of one run between refreshes."""
+
+    metrics: Tail
+    log: Tail
+    losses: dict[str, deque] = field(default_factory=lambda: {k: deque(maxlen=HISTORY) for k in ("loss", *OBJECTIVES)})
+    last: dict[str, Any] = field(default_factory=dict)
+    log_lines: deque = field(default_factory=lambda: deque(maxlen=3))
+    energy_kwh: float = 0.0
+    co2_kg: float = 0.0
+
+    def feed_metrics(self, lines: list[str]) -> None:
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(rec, dict) or "step" not in rec:
+                continue
+            self.last = rec
+            for k, hist in self.losses.items():
+                if isinstance(rec.get(k), (int, float)):
+                    hist.append(float(rec[k]))
+
+    def feed_log(self, lines: list[str]) -> None:
+        for line in lines:
+            if line.strip():
+                self.log_lines.append(line.rstrip())
+
+
+STATE_STYLES = {RunState.RUNNING: "green", RunState.COMPLETED: "bold green", RunState.PENDING: "yellow",
+                RunState.REQUEUED: "yellow", RunState.SUBMITTING: "yellow"}
+
+
+def state_style(state: str) -> str:
+    return STATE_STYLES.get(state, "red" if state in FINAL_STATES else "cyan")
+
+
+def stats_line(row: dict[str, Any], v: RunView) -> str:
+    m = v.last
+    sps = m.get("samples_per_s")
+    mfu = m.get("mfu")
+    return (f"{sps:,.1f} samples/s" if isinstance(sps, (int, float)) else "- samples/s") + (
+        f" | MFU {mfu * 100:.1f}%" if isinstance(mfu, (int, float)) else "") + (
+        f" | {quantity(row.get('gpu_hours', 0.0))} GPU-h | {energy(v.energy_kwh)} | {co2(v.co2_kg)}")
+
+
+def run_panel(row: dict[str, Any], v: RunView, width: int = 80):
+    """One run as a rich Panel sized for an 80x24 terminal (7 lines with borders)."""
+    from rich.panel import Panel
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    state = row["state"]
+    head = Text.assemble((row["name"], "bold"), "  ", (state, state_style(state)),
+                         f"  job {row.get('job_id') or '-'}", f"  nodes {row.get('node_list') or '-'}",
+                         f"  requeues {row.get('requeues', 0)}")
+    step = v.last.get("step", row.get("step")) or 0
+    total = row.get("total_steps") or 1
+    bar = Table.grid(expand=True)
+    bar.add_column(ratio=1)
+    bar.add_column(no_wrap=True)
+    bar.add_row(ProgressBar(total=total, completed=min(step, total), width=None),
+                f" {int(step)}/{total} ETA {duration(row.get('eta_s'), 'clock')}")
+    spark = Text()
+    for k in ("loss", *OBJECTIVES):
+        hist = v.losses[k]
+        if hist:
+            spark.append(f"{k} ", style="dim")
+            spark.append(sparkline(list(hist), 10))
+            spark.append(f" {hist[-1]:.3f}  ")
+    body = Table.grid()
+    body.add_row(head)
+    body.add_row(bar)
+    body.add_row(spark if spark.plain else Text("waiting for the first logged step", style="dim"))
+    body.add_row(Text(stats_line(row, v)))
+    for line in list(v.log_lines)[-1:]:
+        body.add_row(Text(line[: width - 4], style="dim", no_wrap=True, overflow="ellipsis"))
+    return Panel(body, title=row["run_id"], title_align="left", padding=(0, 1), width=width)
+
+
+PANEL_LINES = 8  # a run_panel's height with borders and the log line
+
+
+def fits_panels(n_runs: int, height: int) -> bool:
+    """Whether `n_runs` full panels and the footer fit the terminal; else the compact table is drawn."""
+    return n_runs * PANEL_LINES + 1 <= height
+
+
+def runs_table(rows: list[dict[str, Any]], views: dict[str, RunView], width: int = 80, height: int = 24):
+    """Many runs at once: one line each (state, progress, ETA, last loss and its trend, speed, cost),
+    as many as fit above the footer; the ones left out are counted in the last line."""
+    from rich.table import Table
+    from rich.text import Text
+
+    ef, eu = pick_unit([views[r["run_id"]].energy_kwh for r in rows], ENERGY_UNITS)  # one unit for the column
+    t = Table(box=None, padding=(0, 1), expand=False, width=width, show_edge=False)
+    for name, kw in (("RUN", {"ratio": 1, "no_wrap": True, "overflow": "ellipsis", "min_width": 8}),
+                     ("STATE", {"no_wrap": True}), ("STEP", {"justify": "right", "no_wrap": True}),
+                     ("ETA", {"justify": "right", "no_wrap": True}), ("LOSS", {"no_wrap": True}),
+                     ("S/S", {"justify": "right", "no_wrap": True}), ("GPU-H", {"justify": "right", "no_wrap": True}),
+                     (eu, {"justify": "right", "no_wrap": True})):
+        t.add_column(name, **kw)
+    room = max(1, height - 3)  # header, footer, and the "more" line
+    for row in rows[:room]:
+        v = views[row["run_id"]]
+        m = v.last
+        step = m.get("step", row.get("step"))
+        hist = list(v.losses["loss"])
+        loss = Text(f"{hist[-1]:.3f} " if hist else "- ")
+        loss.append(sparkline(hist, 6), style="dim")
+        sps = m.get("samples_per_s")
+        t.add_row(row["name"], Text(row["state"], style=state_style(row["state"])),
+                  f"{int(step) if step is not None else '-'}/{row.get('total_steps')}", duration(row.get("eta_s"), "clock"), loss,
+                  f"{sps:,.0f}" if isinstance(sps, (int, float)) else "-", quantity(row.get("gpu_hours", 0.0)),
+                  quantity(v.energy_kwh * ef))
+    if len(rows) <= room:
+        return t
+    from rich.console import Group
+
+    more = Text(f"... {len(rows) - room} more (clusterctl watch RUN ... to pick)", style="dim", no_wrap=True)
+    return Group(t, more)
+
+
+def plain_line(row: dict[str, Any], v: RunView) -> str:
+    """The non-TTY progress line of a run."""
+    m = v.last
+    loss = f" loss {m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else ""
+    step = m.get("step", row.get("step"))
+    return (f"{row['run_id']} {row['state']} step {int(step) if step is not None else '-'}/{row.get('total_steps')}"
+            f"{loss} requeues {row.get('requeues', 0)} | {stats_line(row, v)}")
+
+
+def summary_lines(rows: list[dict[str, Any]], views: dict[str, RunView], evals: dict[str, dict]) -> list[str]:
+    """The one-screen summary printed when every watched run has finished."""
+    out = [f"{len(rows)} run(s) finished"]
+    for row in rows:
+        v = views[row["run_id"]]
+        m = v.last
+        loss = f"{m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else "-"
+        out.append(f"{row['run_id']}: {row['state']}, step {m.get('step', '-')}/{row.get('total_steps')}, "
+                   f"final loss {loss}, requeues {row.get('requeues', 0)}, elapsed {duration(row.get('elapsed_s'), 'clock')}")
+        out.append(f"  {quantity(row.get('gpu_hours', 0.0))} GPU-h, {energy(v.energy_kwh)}, {co2(v.co2_kg)}")
+        ev = evals.get(row["run_id"])
+        if ev:
+            out.append("  eval: " + "  ".join(f"{k} {val:.3f}" for k, val in ev.items()))
+    return out

@@ -1,0 +1,45 @@
+"""Which failures are the cluster's, not the code's, and may be retried (pure policy).
+
+Slurm requeues a job itself on time-out and preemption (submitit's checkpoint + requeue) and on node
+failure (`--requeue`). What is left is a job that ended FAILED or NODE_FAIL for a cluster reason:
+a node that died under it (NODE_FAIL, or killed by SIGKILL/SIGTERM outside a time-out: exit
+137/143 or signal 9/15) or the trainer's own "lost the rendezvous / communicator" exit code 75.
+Those are resubmitted, up to the run's --max-retries, as a new job that resumes from the newest
+complete checkpoint (clusterctl.runs.lifecycle.reconcile does it); any other failure is the user's
+code and is left alone.
+"""
+
+from __future__ import annotations
+
+from clusterctl.specs import JobRecord, RunRecord, RunState
+from vltrain.rundir import EXIT_COMM_ERROR
+
+# Exit codes that mean "the cluster failed, not the code". 137/143: killed by SIGKILL/SIGTERM outside
+# a time-out (node reboot, OOM-killer on a sick node); 75 (EX_TEMPFAIL): the trainer lost a peer.
+CLUSTER_EXIT_CODES = (EXIT_COMM_ERROR, 137, 143)
+CLUSTER_SIGNALS = (9, 15)
+
+
+def cluster_failure(job: JobRecord) -> bool:
+    """Did this job end because of the cluster? (sacct ExitCode is 'code:signal')."""
+    if job.state == RunState.NODE_FAIL:
+        return True
+    if job.state != RunState.FAILED or not job.exit_code:
+        return False
+    code, _, sig = job.exit_code.partition(":")
+    try:
+        return int(code) in CLUSTER_EXIT_CODES or (sig != "" and int(sig) in CLUSTER_SIGNALS)
+    except ValueError:
+        return False
+
+
+def retries_used(jobs: list[JobRecord]) -> int:
+    return sum(j.kind == "retry" for j in jobs)
+
+
+def should_retry(run: RunRecord, jobs: list[JobRecord]) -> bool:
+    """The latest job failed for a cluster reason and retries are left."""
+    if not jobs or run.state in (RunState.CANCELLED, RunState.COMPLETED):
+        return False
+    max_retries = int((run.plan or {}).get("max_retries", 0))
+    return cluster_failure(jobs[-1]) and retries_used(jobs) < max_retries

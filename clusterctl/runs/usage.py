@@ -1,0 +1,214 @@
+"""GPU-hours, energy and carbon per run, aggregated by run, profile, day, month or user (pure).
+
+Inputs are plain records (registry rows, Slurm accounting, codecarbon CSV rows); the readers of the
+run directory's energy files are the only I/O here. Every figure carries its source, so a report never mixes a measured kWh with
+an estimate without saying so.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vltrain.common.errors import UserError
+from vltrain.rundir import RunDir
+
+BY = ("run", "profile", "day", "month", "user")
+
+# CSV/JSON columns of `clusterctl report energy|gpu-hours` (documented in docs/reports.md).
+COLUMNS = ("key", "runs", "gpu_hours", "gpu_hours_source", "energy_kwh", "co2_kg",
+           "carbon_intensity_g_per_kwh", "pue", "estimated_kwh", "estimated_co2_kg", "energy_source")
+
+
+@dataclass(frozen=True)
+class EnergyReading:
+    """The cumulative total of one codecarbon file: one node during one attempt of a run."""
+
+    node: str
+    attempt: str
+    energy_kwh: float
+    co2_kg: float
+    duration_s: float
+    pue: float
+    country: str
+    timestamp: str
+
+
+@dataclass
+class RunUsage:
+    """What one run used, with where each figure came from."""
+
+    run_id: str
+    name: str
+    profile: str
+    user: str
+    created_at: float
+    gpus: int
+    gpu_hours: float = 0.0
+    gpu_hours_source: str = "none"  # sacct | registry | none
+    energy_kwh: float = 0.0
+    co2_kg: float = 0.0
+    pue: float | None = None
+    readings: list[EnergyReading] = field(default_factory=list)
+    estimated_kwh: float | None = None
+    estimated_co2_kg: float | None = None
+
+    @property
+    def intensity(self) -> float | None:
+        return 1000 * self.co2_kg / self.energy_kwh if self.energy_kwh > 0 else None
+
+
+def parse_energy_csv(text: str, node: str, attempt: str) -> EnergyReading | None:
+    """The last row of a codecarbon emissions CSV (rows are cumulative; 'update' mode keeps one)."""
+    rows = list(csv.DictReader(text.splitlines()))
+    if not rows:
+        return None
+    r = rows[-1]
+    try:
+        return EnergyReading(node=node, attempt=attempt, energy_kwh=float(r["energy_consumed"]),
+                             co2_kg=float(r["emissions"]), duration_s=float(r["duration"]),
+                             pue=float(r.get("pue") or 1.0), country=r.get("country_iso_code", ""),
+                             timestamp=r.get("timestamp", ""))
+    except (KeyError, ValueError):
+        return None
+
+
+def read_energy(run_dir: Path) -> list[EnergyReading]:
+    """Every node-attempt file of a run (edge: reads files)."""
+    out = []
+    for p in RunDir(run_dir).energy_files():
+        node, _, attempt = p.stem.partition("-")
+        reading = parse_energy_csv(p.read_text(), node, attempt)
+        if reading is not None:
+            out.append(reading)
+    return out
+
+
+def gpu_hours(gpus: int, jobs: Iterable[Any], now: float, accounting: bool = True) -> tuple[float, str]:
+    """GPU-hours of a run's jobs: Slurm's allocated GPUs x elapsed when known, else registry times x GPUs.
+    `accounting=False` (local executor): the times are the registry's own, whatever fields are set."""
+    total, sources = 0.0, set()
+    for j in jobs:
+        if accounting and j.alloc_gpus and j.elapsed_s is not None:
+            total += j.alloc_gpus * j.elapsed_s / 3600
+            sources.add("sacct")
+        elif j.started_at is not None:
+            end = j.ended_at or now
+            total += gpus * max(0.0, end - j.started_at) / 3600
+            sources.add("registry")
+    if not sources:
+        return 0.0, "none"
+    return total, "+".join(sorted(sources))
+
+
+def usage_for(run: Any, jobs: list[Any], readings: list[EnergyReading], now: float) -> RunUsage:
+    from clusterctl.backends import get_backend
+
+    hours, source = gpu_hours(run.gpus, jobs, now, accounting=get_backend(run.executor).has_accounting)
+    u = RunUsage(run_id=run.run_id, name=run.name, profile=run.profile, user=run.user, created_at=run.created_at,
+                 gpus=run.gpus, gpu_hours=hours, gpu_hours_source=source, readings=readings,
+                 energy_kwh=sum(r.energy_kwh for r in readings), co2_kg=sum(r.co2_kg for r in readings))
+    if readings:
+        u.pue = readings[-1].pue
+    est = (run.plan or {}).get("estimate") or {}
+    u.estimated_kwh = est.get("energy_kwh")
+    u.estimated_co2_kg = est.get("co2_kg")
+    return u
+
+
+def group_key(u: RunUsage, by: str) -> str:
+    if by not in BY:
+        raise UserError(f"--by: {by!r} is not known; allowed: {', '.join(BY)}")
+    day = dt.datetime.fromtimestamp(u.created_at, dt.timezone.utc)
+    return {"run": u.run_id, "profile": u.profile, "user": u.user,
+            "day": day.strftime("%Y-%m-%d"), "month": day.strftime("%Y-%m")}[by]
+
+
+def aggregate(usages: Iterable[RunUsage], by: str) -> list[dict[str, Any]]:
+    """One row per group, in COLUMNS order; sources joined when a group mixes them."""
+    groups: dict[str, list[RunUsage]] = {}
+    for u in usages:
+        groups.setdefault(group_key(u, by), []).append(u)
+    rows = []
+    for key in sorted(groups):
+        us = groups[key]
+        kwh = sum(u.energy_kwh for u in us)
+        co2 = sum(u.co2_kg for u in us)
+        ests = [u.estimated_kwh for u in us if u.estimated_kwh is not None]
+        est_co2 = [u.estimated_co2_kg for u in us if u.estimated_co2_kg is not None]
+        pues = sorted({u.pue for u in us if u.pue is not None})
+        rows.append({
+            "key": key, "runs": len(us),
+            "gpu_hours": round(sum(u.gpu_hours for u in us), 6),
+            "gpu_hours_source": "+".join(sorted({s for u in us for s in u.gpu_hours_source.split("+")} - {"none"})) or "none",
+            "energy_kwh": round(kwh, 9), "co2_kg": round(co2, 9),
+            "carbon_intensity_g_per_kwh": round(1000 * co2 / kwh, 3) if kwh > 0 else None,
+            "pue": pues[0] if len(pues) == 1 else (None if not pues else "mixed"),
+            "estimated_kwh": round(sum(ests), 6) if ests else None,
+            "estimated_co2_kg": round(sum(est_co2), 6) if est_co2 else None,
+            "energy_source": "codecarbon" if any(u.readings for u in us) else "none",
+        })
+    return rows
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r[k] for k in COLUMNS})
+    return buf.getvalue()
+
+
+def parse_day(text: str, flag: str) -> float:
+    """--since/--until: YYYY-MM-DD (UTC midnight) or YYYY-MM-DDTHH:MM."""
+    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M"):
+        try:
+            return dt.datetime.strptime(text, fmt).replace(tzinfo=dt.timezone.utc).timestamp()
+        except ValueError:
+            pass
+    raise UserError(f"{flag}: {text!r} is not a date; allowed: YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)")
+
+
+def usage_dict(u: RunUsage) -> dict[str, Any]:
+    d = asdict(u)
+    d["carbon_intensity_g_per_kwh"] = u.intensity
+    return d
+
+
+def parse_timeline(text: str) -> list[tuple[float, float, float]]:
+    """(time, cumulative kWh, cumulative kg CO2) points of one node-attempt timeline file."""
+    import json
+
+    out = []
+    for line in text.splitlines():
+        try:
+            d = json.loads(line)
+            out.append((float(d["time"]), float(d["energy_kwh"]), float(d["co2_kg"])))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    return out
+
+
+def merge_timelines(files: list[list[tuple[float, float, float]]]) -> list[tuple[float, float, float]]:
+    """Run totals over time from per-node, per-attempt cumulative series: at each point in time the
+    run's total is the sum over files of each file's latest value so far (attempts add, never overwrite)."""
+    events = sorted((t, i, e, c) for i, pts in enumerate(files) for t, e, c in pts)
+    latest: dict[int, tuple[float, float]] = {}
+    out = []
+    for t, i, e, c in events:
+        latest[i] = (e, c)
+        out.append((t, sum(v[0] for v in latest.values()), sum(v[1] for v in latest.values())))
+    return out
+
+
+def read_timeline(run_dir: Path) -> list[tuple[float, float, float]]:
+    """The run's cumulative energy over time (edge: reads the timeline files of every node-attempt)."""
+    files = [parse_timeline(p.read_text()) for p in RunDir(run_dir).energy_timelines()]
+    return merge_timelines(files)

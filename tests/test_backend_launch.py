@@ -1,0 +1,103 @@
+"""Backends' launch specs: sbatch scripts rendered by the Slurm backend (golden files for every
+shipped profile), the local backend's spec, and injection guards (clusterctl.backends)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from clusterctl.backends import get_backend
+from clusterctl.backends.common import check_job_name, trainer_env
+from clusterctl.planning.profiles import builtin_dir, load_profile, read_profile
+from vltrain.common.errors import UserError
+
+GOLDEN = Path(__file__).parent / "fixtures" / "sbatch"
+SLURM_PROFILES = sorted(p.stem for p in builtin_dir().glob("*.toml") if read_profile(p).executor == "slurm")
+RUN_DIR = Path("/scratch/runs/demo-20260101-000000-abcd")
+PYTHON = "/opt/venv/bin/python"
+
+
+def launch_spec(profile, run_dir, job_name, hold=False):
+    return get_backend(profile.executor).launch_spec(profile, run_dir, job_name, hold=hold)
+
+
+def render_sbatch(spec, python=None):
+    return get_backend("slurm").dryrun(spec, python=python)
+
+
+@pytest.mark.parametrize("name", SLURM_PROFILES)
+def test_sbatch_matches_recorded_file(name):
+    spec = launch_spec(load_profile(name), RUN_DIR, "vltrain-demo")
+    text = render_sbatch(spec, python=PYTHON)
+    golden = GOLDEN / f"{name}.sh"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"re-record with UPDATE_GOLDEN=1 if the change is intended: {golden}"
+
+
+def test_a100x64_script_has_what_the_profile_says():
+    text = render_sbatch(launch_spec(load_profile("a100x64"), RUN_DIR, "xl"), python=PYTHON)
+    for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=16", "#SBATCH --time=2880", "#SBATCH --partition=gpu",
+                 "#SBATCH --signal=USR2@180", "#SBATCH --exclusive", "#SBATCH --requeue",
+                 "export NCCL_IB_HCA=mlx5", "export NCCL_P2P_LEVEL=NVL", "export NCCL_IB_DISABLE=0"):
+        assert line in text.splitlines(), line
+    assert f"{PYTHON} -u -m submitit.core._submit {RUN_DIR}/submitit/%j" in text
+
+
+def test_local_profile_has_no_sbatch_but_a_local_spec():
+    spec = launch_spec(load_profile("local"), RUN_DIR, "demo")
+    assert spec.executor == "local" and spec.params["tasks_per_node"] == 1
+    assert spec.env["DS_ACCELERATOR"] == "cpu"
+    local = get_backend("local")
+    assert not local.renders_script and get_backend("slurm").renders_script
+    assert local.dryrun(spec) == f"local executor: 1 process(es) on this machine, run dir {RUN_DIR}"
+    with pytest.raises(UserError, match="--hold"):
+        launch_spec(load_profile("local"), RUN_DIR, "demo", hold=True)
+
+
+def test_every_executor_a_profile_may_name_has_a_backend():
+    from clusterctl.backends import BACKENDS
+    from clusterctl.backends.api import Backend
+    from clusterctl.specs import EXECUTORS
+
+    assert set(BACKENDS) == set(EXECUTORS)
+    for name in EXECUTORS:
+        backend = get_backend(name)
+        assert isinstance(backend, Backend) and backend.name == name
+
+
+@pytest.mark.parametrize("name", ["x; rm -rf /", "a\nb", "$(id)", "`id`", "-leading", ""])
+def test_bad_job_names_are_refused(name):
+    with pytest.raises(UserError, match="--name"):
+        check_job_name(name)
+
+
+@pytest.mark.parametrize("value", ["INFO\n#SBATCH --x", "$(curl x)", "a'b", 'a"b', "`id`", "a\\b"])
+def test_profile_env_injection_is_refused(tmp_path, value):
+    src = (builtin_dir() / "a100x64.toml").read_text()
+    bad = src.replace('ib_hcas = "mlx5"', 'ib_hcas = "mlx5"\nenv = { NCCL_DEBUG = ' + json.dumps(value) + " }")
+    path = tmp_path / "a100x64.toml"
+    path.write_text(bad)
+    with pytest.raises(UserError, match=r"interconnect\.env"):
+        read_profile(path)
+
+
+def test_every_script_line_is_inert():
+    """Whatever the profile holds, each #SBATCH line is one flag and each export one quoted word."""
+    for name in SLURM_PROFILES:
+        text = render_sbatch(launch_spec(load_profile(name), RUN_DIR, "n"), python=PYTHON)
+        for line in text.splitlines():
+            if line.startswith("#SBATCH"):
+                assert re.fullmatch(r"#SBATCH --[a-z\-]+(=[^\s;|&`$]+)?", line), line
+            if line.startswith("export "):
+                assert re.fullmatch(r"export [A-Z_][A-Z0-9_]*=[^\s;|&`$]+", line), line
+
+
+def test_trainer_env_rejects_unsafe_run_dir():
+    with pytest.raises(UserError, match="CLUSTERCTL_RUN_DIR"):
+        trainer_env(load_profile("local"), Path("/tmp/x$(id)"))
