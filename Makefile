@@ -1,6 +1,6 @@
 # The two set-up commands of the README, both idempotent from a clean clone:
 #   make demo   create .venv and run the main job on the embedded default (the `local` profile)
-#   make test   create .venv, start the real local Slurm cluster, run the whole test suite
+#   make test   create .venv, check format and lint, start the real local Slurm cluster, run the whole test suite
 # .ci/run calls `make test`.
 
 PYTHON ?= python3
@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast slurm-up slurm-down clean
+.PHONY: venv demo test test-fast lint format slurm-up slurm-down clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -33,8 +33,17 @@ data/synth/tokenizer.model: | venv
 	$(BIN)/vltrain data synth --out data/synth --n 4000 --shards 8 --holdout 500 --image-size 32
 	$(BIN)/vltrain tokenizer train --shards data/synth --vocab-size 1000 --out data/synth/tokenizer.model
 
-test: venv slurm-up
+test: venv lint slurm-up
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Formatting and lint rules are in pyproject.toml ([tool.ruff]); `make format` applies them.
+lint: venv
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # Only the fast unit tests (no training, no Slurm).
 test-fast: venv

@@ -51,9 +51,22 @@ def populate(path: Path, runs_dir: Path, n: int, active: int, live_ids: list[str
         state = ("RUNNING" if i % 2 else "PENDING") if is_active else finals[i % 4]
         run_id = f"bench-{i:05d}"
         run_dir = runs_dir / run_id
-        reg.add_run(RunRecord(run_id=run_id, name=f"bench{i % 50}", profile="a100x64", executor="slurm",
-                              run_dir=str(run_dir), created_at=now - (n - i) * 60, user="bench", gpus=64,
-                              total_steps=100_000, state=state, config=config, plan={"global_batch": 64, "world_size": 64}))
+        reg.add_run(
+            RunRecord(
+                run_id=run_id,
+                name=f"bench{i % 50}",
+                profile="a100x64",
+                executor="slurm",
+                run_dir=str(run_dir),
+                created_at=now - (n - i) * 60,
+                user="bench",
+                gpus=64,
+                total_steps=100_000,
+                state=state,
+                config=config,
+                plan={"global_batch": 64, "world_size": 64},
+            )
+        )
         attempts = 1 + i % 3 if is_active else 1
         for a in range(attempts):
             job_id = str(100_000 + i * 3 + a)
@@ -61,8 +74,13 @@ def populate(path: Path, runs_dir: Path, n: int, active: int, live_ids: list[str
                 job_id = live_ids[i - (n - active)]
             job = reg.add_job(run_id, job_id, "submit" if a == 0 else "retry", submitted_at=now - 7200)
             if not is_active or a < i % 3:
-                reg.update_job(job.job_id, run_id=run_id, state=finals[i % 4] if not is_active else "NODE_FAIL",
-                               elapsed_s=3600.0, alloc_gpus=64)
+                reg.update_job(
+                    job.job_id,
+                    run_id=run_id,
+                    state=finals[i % 4] if not is_active else "NODE_FAIL",
+                    elapsed_s=3600.0,
+                    alloc_gpus=64,
+                )
         if is_active and state == "RUNNING":
             run_dir.mkdir(parents=True)
             with (run_dir / "metrics.jsonl").open("w") as f:
@@ -84,8 +102,12 @@ def submit_held(count: int) -> list[str]:
     """`count` real jobs held in the local cluster's queue (what queued runs look like to squeue)."""
     ids = []
     for _ in range(count):
-        r = subprocess.run(["sbatch", "--parsable", "--hold", "-o", "/dev/null", "-J", "bench-status", "--wrap", "true"],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["sbatch", "--parsable", "--hold", "-o", "/dev/null", "-J", "bench-status", "--wrap", "true"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if r.returncode != 0:
             raise SystemExit(f"sbatch failed: {r.stderr.strip()}")
         ids.append(r.stdout.strip().split(";")[0])
@@ -130,15 +152,21 @@ def main() -> None:
             fl.append(timed(floor, env))
         all_json = timed([*status, "--all", "--json"], env)
         ms, mt = statistics.median(st), statistics.median(ty)
-        print(f"slurm tools: {'the local cluster (real squeue; the active runs are real held jobs)' if mode == 'local' else 'none on PATH (calls fail at once)'}")
+        print(
+            f"slurm tools: {'the local cluster (real squeue; the active runs are real held jobs)' if mode == 'local' else 'none on PATH (calls fail at once)'}"
+        )
         print(f"{'command':<42} {'median':>9} {'min':>9}   ({args.rounds} rounds, interleaved)")
         label = 'python -c "import typer"'
         print(f"{label:<42} {mt * 1000:>7.0f}ms {min(ty) * 1000:>7.0f}ms")
-        print(f"{'clusterctl profiles list (reference)':<42} {statistics.median(fl) * 1000:>7.0f}ms {min(fl) * 1000:>7.0f}ms")
+        print(
+            f"{'clusterctl profiles list (reference)':<42} {statistics.median(fl) * 1000:>7.0f}ms {min(fl) * 1000:>7.0f}ms"
+        )
         print(f"{'clusterctl status':<42} {ms * 1000:>7.0f}ms {min(st) * 1000:>7.0f}ms")
         print(f"{'clusterctl status --all --json (once)':<42} {all_json * 1000:>7.0f}ms")
-        print(f"ratio status / import typer: {ms / mt:.2f}x (goal <= 3x); "
-              f"status / profiles list: {ms / statistics.median(fl):.2f}x")
+        print(
+            f"ratio status / import typer: {ms / mt:.2f}x (goal <= 3x); "
+            f"status / profiles list: {ms / statistics.median(fl):.2f}x"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if live_ids:

@@ -50,8 +50,9 @@ def bare_step_fn(cfg, batches):
     model = build_model(cfg)
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
-        lr_factor, peak=o.lr, min_lr=o.min_lr, warmup=warmup_steps(cfg), total=cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, functools.partial(lr_factor, peak=o.lr, min_lr=o.min_lr, warmup=warmup_steps(cfg), total=cfg.steps)
+    )
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     accumulation = cfg.accumulation
 
@@ -90,14 +91,15 @@ def main() -> None:
     from vltrain import distenv
     from vltrain.cli import parse_overrides
     from vltrain.config import load_train_config
-    from vltrain.loop import StopRequests, Session, batch_split
+    from vltrain.loop import Session, StopRequests, batch_split
     from vltrain.metrics import EventLog
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
     cfg = load_train_config(args.config, parse_overrides(args.set))
     split = batch_split(cfg, 1)
-    cfg = dataclasses.replace(cfg, micro_batch=split.micro_batch, accumulation=split.accumulation,
-                              checkpoint_every=0, eval_every=0)
+    cfg = dataclasses.replace(
+        cfg, micro_batch=split.micro_batch, accumulation=split.accumulation, checkpoint_every=0, eval_every=0
+    )
     from vltrain.presets import resolve_model
 
     mcfg = resolve_model(cfg.model)
@@ -122,8 +124,10 @@ def main() -> None:
         vl_times += timed(vl_step, args.steps)
         bare_times += timed(bare, args.steps)
     vl, b = statistics.median(vl_times), statistics.median(bare_times)
-    print(f"tiny preset: {session.params / 1e6:.2f}M params, micro batch {split.micro_batch} x accumulation "
-          f"{split.accumulation}, {cfg.precision}, ZeRO stage {cfg.zero_stage}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print(
+        f"tiny preset: {session.params / 1e6:.2f}M params, micro batch {split.micro_batch} x accumulation "
+        f"{split.accumulation}, {cfg.precision}, ZeRO stage {cfg.zero_stage}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    )
     print(f"bare PyTorch loop : {b * 1000:8.1f} ms/step (median of {len(bare_times)})")
     print(f"vltrain step      : {vl * 1000:8.1f} ms/step (median of {len(vl_times)})")
     print(f"ratio vltrain/bare: {vl / b:.3f}  (goal <= 1.10)")

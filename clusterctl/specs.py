@@ -46,8 +46,9 @@ class RunState(enum.StrEnum):
         return state in FINAL_STATES
 
 
-FINAL_STATES = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED, RunState.TIMEOUT,
-                          RunState.PREEMPTED, RunState.NODE_FAIL})
+FINAL_STATES = frozenset(
+    {RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED, RunState.TIMEOUT, RunState.PREEMPTED, RunState.NODE_FAIL}
+)
 ACTIVE_STATES = frozenset(RunState) - FINAL_STATES
 # Final states whose cause may be the cluster's (clusterctl.runs.retry reads the exit code to decide).
 FAILURE_STATES = frozenset({RunState.FAILED, RunState.NODE_FAIL})

@@ -13,12 +13,18 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120,
-            prog: str = "clusterctl") -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    prog: str = "clusterctl",
+) -> subprocess.CompletedProcess:
     """Run an installed console script as a user would (a real subprocess, no in-process runner)."""
     full_env = os.environ | {"COLUMNS": "120", "NO_COLOR": "1"} | (env or {})
-    return subprocess.run([str(BIN / prog), *args], cwd=cwd or REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / prog), *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -29,8 +35,10 @@ def cli():
 def tiny_data(root: Path, n: int = 1200, vocab: int = 1000) -> tuple[Path, Path]:
     """Synthetic shards and a tokenizer for end-to-end runs of the tiny preset, made with the real CLI."""
     data = root / "data"
-    for args in (("data", "synth", "--out", str(data), "--n", str(n), "--shards", "4", "--holdout", "64", "--image-size", "32"),
-                 ("tokenizer", "train", "--shards", str(data), "--vocab-size", str(vocab), "--out", str(data / "tok.model"))):
+    for args in (
+        ("data", "synth", "--out", str(data), "--n", str(n), "--shards", "4", "--holdout", "64", "--image-size", "32"),
+        ("tokenizer", "train", "--shards", str(data), "--vocab-size", str(vocab), "--out", str(data / "tok.model")),
+    ):
         r = run_cli(*args, prog="vltrain", timeout=300)
         assert r.returncode == 0, r.stderr
     return data, data / "tok.model"

@@ -12,8 +12,15 @@ from tests.conftest import REPO
 
 PACKAGES = ("clusterctl", "vltrain")
 # Lower layers first; a module may import its own layer and the layers below it, never above.
-LAYERS = ("vltrain", "clusterctl.specs", "clusterctl.planning", "clusterctl.backends", "clusterctl.runs",
-          "clusterctl.render", "clusterctl.cli")
+LAYERS = (
+    "vltrain",
+    "clusterctl.specs",
+    "clusterctl.planning",
+    "clusterctl.backends",
+    "clusterctl.runs",
+    "clusterctl.render",
+    "clusterctl.cli",
+)
 NO_UI = ("vltrain", "clusterctl.specs", "clusterctl.planning", "clusterctl.backends", "clusterctl.runs")
 UI_LIBRARIES = ("typer", "rich", "click")
 # vltrain's CLI plumbing is the one place below clusterctl that may use typer (both CLIs share it).
@@ -56,6 +63,7 @@ def imported_names(path: Path) -> set[str]:
 
 def import_graph(modules: dict[str, Path]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """(edges between project modules, every top-level name each module imports)."""
+
     def target(name: str) -> str | None:
         while name and name not in modules:
             name = name.rpartition(".")[0]
@@ -168,9 +176,25 @@ def test_run_states_are_defined_once():
 
 def test_run_directory_names_are_spelled_once():
     """File names of the run directory and the job environment live in vltrain.rundir only."""
-    needles = ('"metrics.jsonl"', '"events.jsonl"', '"eval.json"', '"config.toml"', '"plan.json"', '"launch.json"',
-               '"profile.json"', '"ds_config.json"', '"checkpoints"', '"VLTRAIN_', '"CLUSTERCTL_RUN_DIR"',
-               '"CLUSTERCTL_PROFILE"')
-    offenders = [(mod, n) for mod, path in MODULES.items() if mod != "vltrain.rundir"
-                 for n in needles if n in path.read_text(encoding="utf-8")]
+    needles = (
+        '"metrics.jsonl"',
+        '"events.jsonl"',
+        '"eval.json"',
+        '"config.toml"',
+        '"plan.json"',
+        '"launch.json"',
+        '"profile.json"',
+        '"ds_config.json"',
+        '"checkpoints"',
+        '"VLTRAIN_',
+        '"CLUSTERCTL_RUN_DIR"',
+        '"CLUSTERCTL_PROFILE"',
+    )
+    offenders = [
+        (mod, n)
+        for mod, path in MODULES.items()
+        if mod != "vltrain.rundir"
+        for n in needles
+        if n in path.read_text(encoding="utf-8")
+    ]
     assert offenders == []

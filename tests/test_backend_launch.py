@@ -41,10 +41,20 @@ def test_sbatch_matches_recorded_file(name):
 
 def test_a100x64_script_has_what_the_profile_says():
     text = render_sbatch(launch_spec(load_profile("a100x64"), RUN_DIR, "xl"), python=PYTHON)
-    for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --cpus-per-task=16", "#SBATCH --time=2880", "#SBATCH --partition=gpu",
-                 "#SBATCH --signal=USR2@180", "#SBATCH --exclusive", "#SBATCH --requeue",
-                 "export NCCL_IB_HCA=mlx5", "export NCCL_P2P_LEVEL=NVL", "export NCCL_IB_DISABLE=0"):
+    for line in (
+        "#SBATCH --nodes=8",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=16",
+        "#SBATCH --time=2880",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --signal=USR2@180",
+        "#SBATCH --exclusive",
+        "#SBATCH --requeue",
+        "export NCCL_IB_HCA=mlx5",
+        "export NCCL_P2P_LEVEL=NVL",
+        "export NCCL_IB_DISABLE=0",
+    ):
         assert line in text.splitlines(), line
     assert f"{PYTHON} -u -m submitit.core._submit {RUN_DIR}/submitit/%j" in text
 

@@ -92,14 +92,17 @@ def test_user_config_dir_is_searched(cli, tmp_path):
 import pytest  # noqa: E402
 
 
-@pytest.mark.parametrize("prog, args, names", [
-    ("clusterctl", ["watch", "--interval", "0", "x"], "'--interval'"),
-    ("clusterctl", ["status", "--bogus"], "--bogus"),
-    ("clusterctl", ["statu"], "'status'"),  # with the suggestion
-    ("clusterctl", ["logs"], "'run'"),
-    ("clusterctl", ["plan", "--profile", "a100x64", "--global-batch", "many"], "'--global-batch'"),
-    ("vltrain", ["train", "--bogus"], "--bogus"),
-])
+@pytest.mark.parametrize(
+    "prog, args, names",
+    [
+        ("clusterctl", ["watch", "--interval", "0", "x"], "'--interval'"),
+        ("clusterctl", ["status", "--bogus"], "--bogus"),
+        ("clusterctl", ["statu"], "'status'"),  # with the suggestion
+        ("clusterctl", ["logs"], "'run'"),
+        ("clusterctl", ["plan", "--profile", "a100x64", "--global-batch", "many"], "'--global-batch'"),
+        ("vltrain", ["train", "--bogus"], "--bogus"),
+    ],
+)
 def test_usage_errors_are_one_line_naming_the_flag(cli, prog, args, names):
     """Parse errors read like every other bad input: one line on stderr, exit 2, no framed block."""
     r = cli(*args, prog=prog)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from vltrain.common.errors import UserError
 from vltrain.config import DataConfig
 from vltrain.data import synth
 from vltrain.data.dedup import dedup_shards
@@ -22,7 +23,6 @@ from vltrain.data.loader import EpochOrder, ShardLoader
 from vltrain.data.shards import ShardWriter, index_shard, iter_samples, resolve_shards
 from vltrain.data.synth import write_synthetic_shards
 from vltrain.data.transforms import ImageTransform, flip_caption, randaugment
-from vltrain.common.errors import UserError
 from vltrain.tokenizer import train_tokenizer_from_shards
 
 N, SHARDS, HOLDOUT, SIZE = 121, 3, 24, 32
@@ -38,8 +38,17 @@ def data(tmp_path_factory):
 
 def loader(data, **kw):
     root, _, tok = data
-    args = dict(rank=0, world_size=1, batch_size=8, seed=3, image_size=SIZE, tokenizer=tok, max_len=48, train=True,
-                data_cfg=DataConfig(shuffle_buffer=50))
+    args = dict(
+        rank=0,
+        world_size=1,
+        batch_size=8,
+        seed=3,
+        image_size=SIZE,
+        tokenizer=tok,
+        max_len=48,
+        train=True,
+        data_cfg=DataConfig(shuffle_buffer=50),
+    )
     shards = kw.pop("shards", root)
     args.update(kw)
     return ShardLoader(str(shards), **args)
@@ -58,19 +67,25 @@ def same_batches(a, b):
 
 # ---------------------------------------------------------------- synthetic data
 
+
 def _words(options):
     return "|".join(sorted((re.escape(o) for o in options), key=len, reverse=True))
 
 
 def parse_caption(text: str) -> tuple[list[tuple], str | None]:
     """Groups (count, size, colour, shape, region) and the background named by a caption."""
-    inverse = lambda table: {w: k for k, ws in table.items() for w in ws}  # noqa: E731
+    inverse = lambda table: {w: k for k, ws in table.items() for w in ws}
     colours, sizes = inverse(synth.COLOUR_WORDS), inverse(synth.SIZE_WORDS)
     counts = inverse(synth.COUNT_WORDS) | {"an": 1}
     shapes = {w: k for k, pairs in synth.SHAPE_WORDS.items() for pair in pairs for w in pair}
     regions = {p: k for k, (_, ps) in synth.REGIONS.items() for p in ps}
-    group = re.compile(rf"\b({_words(counts)}) (?:({_words(sizes)}) )?({_words(colours)}) ({_words(shapes)}) ({_words(regions)})\b")
-    found = [(counts[c], sizes.get(s, "medium"), colours[col], shapes[sh], regions[r]) for c, s, col, sh, r in group.findall(text)]
+    group = re.compile(
+        rf"\b({_words(counts)}) (?:({_words(sizes)}) )?({_words(colours)}) ({_words(shapes)}) ({_words(regions)})\b"
+    )
+    found = [
+        (counts[c], sizes.get(s, "medium"), colours[col], shapes[sh], regions[r])
+        for c, s, col, sh, r in group.findall(text)
+    ]
     bg = re.search(rf"\b({_words(inverse(synth.BACKGROUND_WORDS))}) (?:background|backdrop|canvas|paper)\b", text)
     return found, inverse(synth.BACKGROUND_WORDS)[bg.group(1)] if bg else None
 
@@ -86,7 +101,9 @@ def test_synth_is_deterministic_and_seeded(tmp_path):
             assert bytes_a != fc.read()
     # A sample does not depend on how the set is cut into shards.
     d = write_synthetic_shards(tmp_path / "d", 20, 5, seed=1, image_size=32)
-    assert [s["jpg"] for s in iter_samples(resolve_shards(d["out"]))] == [s["jpg"] for s in iter_samples(resolve_shards(a["out"]))]
+    assert [s["jpg"] for s in iter_samples(resolve_shards(d["out"]))] == [
+        s["jpg"] for s in iter_samples(resolve_shards(a["out"]))
+    ]
 
 
 def test_captions_and_images_match_scenes(data):
@@ -98,7 +115,9 @@ def test_captions_and_images_match_scenes(data):
         meta, text = sample["json"], sample["txt"]
         scene = meta["scene"]
         groups, background = parse_caption(text)
-        assert sorted(groups) == sorted((g["count"], g["size"], g["colour"], g["shape"], g["region"]) for g in scene["groups"]), text
+        assert sorted(groups) == sorted(
+            (g["count"], g["size"], g["colour"], g["shape"], g["region"]) for g in scene["groups"]
+        ), text
         assert background in (None, scene["background"]), text
         for g in scene["groups"]:
             assert len(g["cells"]) == g["count"]
@@ -123,7 +142,7 @@ def test_shards_have_img2dataset_layout(data):
         assert len(names) % 3 == 0
         for i in range(0, len(names), 3):
             key = names[i].split(".")[0]
-            assert re.fullmatch(r"\d{9}", key) and names[i:i + 3] == [f"{key}.jpg", f"{key}.json", f"{key}.txt"]
+            assert re.fullmatch(r"\d{9}", key) and names[i : i + 3] == [f"{key}.jpg", f"{key}.json", f"{key}.txt"]
             keys.append(key)
         stats = json.loads(path.with_name(path.stem + "_stats.json").read_text())
         assert stats["count"] == len(names) // 3
@@ -145,6 +164,7 @@ def test_synth_refuses_bad_requests(tmp_path):
 
 
 # ---------------------------------------------------------------- dedup
+
 
 def test_dedup_removes_an_injected_exact_duplicate(data, tmp_path):
     root, _, _ = data
@@ -168,6 +188,7 @@ def test_dedup_removes_an_injected_exact_duplicate(data, tmp_path):
 
 
 # ---------------------------------------------------------------- loader
+
 
 @pytest.mark.parametrize("block", [0, 1, 40, 10_000])
 def test_epoch_order_is_a_permutation(block):
@@ -235,13 +256,13 @@ def test_state_from_another_setup_is_refused(data):
 
 
 def test_eval_is_one_pass_over_every_sample(data):
-    root, summary, _ = data
+    _root, summary, _ = data
     keys = []
     for rank in range(2):
         ld = loader(data, shards=summary["eval_out"], train=False, rank=rank, world_size=2, batch_size=5)
         batches = list(ld)
         assert [len(b["keys"]) for b in batches] == [5, 5, 2]
-        assert list(ld)[0]["keys"] == batches[0]["keys"]  # a second pass starts again
+        assert next(iter(ld))["keys"] == batches[0]["keys"]  # a second pass starts again
         keys.append([k for b in batches for k in b["keys"]])
     assert sorted(keys[0] + keys[1]) == [f"{i:09d}" for i in range(N, N + HOLDOUT)]
     assert keys[0] == sorted(keys[0])
@@ -281,8 +302,10 @@ def test_batch_matches_the_contract(data):
 
 
 def test_flip_caption_and_randaugment():
-    assert flip_caption("a red disk on the left and a star in the top right corner") == \
-        "a red disk on the right and a star in the top left corner"
+    assert (
+        flip_caption("a red disk on the left and a star in the top right corner")
+        == "a red disk on the right and a star in the top left corner"
+    )
     img = Image.new("RGB", (32, 32), (200, 10, 10))
     out = [np.asarray(randaugment(img, np.random.default_rng(s))) for s in (5, 5)]
     assert out[0].shape == (32, 32, 3) and np.array_equal(out[0], out[1])

@@ -38,11 +38,19 @@ def test_deepspeed_rejects_a_split_that_does_not_multiply_out():
 
 def test_optimizer_and_schedule_come_from_the_train_config(tmp_path):
     f = tmp_path / "t.toml"
-    f.write_text('model = "tiny"\nsteps = 200\nprecision = "fp32"\n[optim]\nlr = 5e-4\nmin_lr = 1e-5\n'
-                 'warmup_fraction = 0.05\nbetas = [0.9, 0.98]\nweight_decay = 0.05\ngrad_clip = 0.5\n')
+    f.write_text(
+        'model = "tiny"\nsteps = 200\nprecision = "fp32"\n[optim]\nlr = 5e-4\nmin_lr = 1e-5\n'
+        "warmup_fraction = 0.05\nbetas = [0.9, 0.98]\nweight_decay = 0.05\ngrad_clip = 0.5\n"
+    )
     cfg = load_train_config(f)
     d = deepspeed_config(cfg, 2, 2, 1)
     assert d["bf16"] == {"enabled": False} and d["gradient_clipping"] == 0.5
-    assert d["vltrain"]["optimizer"] == {"type": "AdamW", "lr": 5e-4, "betas": [0.9, 0.98], "eps": 1e-8, "weight_decay": 0.05}
+    assert d["vltrain"]["optimizer"] == {
+        "type": "AdamW",
+        "lr": 5e-4,
+        "betas": [0.9, 0.98],
+        "eps": 1e-8,
+        "weight_decay": 0.05,
+    }
     assert d["vltrain"]["schedule"]["warmup_steps"] == 10 == warmup_steps(cfg)
     assert d["vltrain"]["schedule"]["min_lr"] == 1e-5

@@ -23,8 +23,13 @@ from tests.conftest import BIN, REPO, run_cli
 from tests.test_trainer_run import data, write_config  # noqa: F401  (module fixture reused)
 
 pytestmark = pytest.mark.slow
-ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "VLTRAIN_COUNTRY": "FRA", "VLTRAIN_PUE": "1.2",
-       "VLTRAIN_ENERGY_FLUSH_S": "0.5"}
+ENV = {
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "VLTRAIN_COUNTRY": "FRA",
+    "VLTRAIN_PUE": "1.2",
+    "VLTRAIN_ENERGY_FLUSH_S": "0.5",
+}
 
 
 def _energy_kwh(path: Path) -> float:
@@ -35,14 +40,24 @@ def _energy_kwh(path: Path) -> float:
 def _train_until_energy_then_kill(cfg: Path, run: Path, known: set[Path]) -> Path:
     """Start `vltrain train`, wait until this attempt's tracker file holds a non-zero total and the run
     has a checkpoint to resume from, then SIGKILL it (no handler runs, no final flush)."""
-    proc = subprocess.Popen([str(BIN / "vltrain"), "train", "--config", str(cfg), "--run-dir", str(run)], cwd=REPO,
-                            env=os.environ | ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(BIN / "vltrain"), "train", "--config", str(cfg), "--run-dir", str(run)],
+        cwd=REPO,
+        env=os.environ | ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while True:
             assert proc.poll() is None, f"the run ended early: {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "no energy flushed within 240 s"
-            new = [p for p in (run / "energy").glob("node000-*.csv") if p not in known] if (run / "energy").exists() else []
+            new = (
+                [p for p in (run / "energy").glob("node000-*.csv") if p not in known]
+                if (run / "energy").exists()
+                else []
+            )
             if new and _energy_kwh(new[0]) > 0 and list((run / "checkpoints").glob("step_*")):
                 break
             time.sleep(0.2)
@@ -70,8 +85,21 @@ def test_killed_attempts_keep_their_energy_and_the_report_sums_them(data, tmp_pa
     assert [t["energy_kwh"] for t in timeline] == sorted(t["energy_kwh"] for t in timeline)  # cumulative
 
     reg = Registry(tmp_path / "reg.db")
-    reg.add_run(RunRecord("killed-1", "killed", "local", "local", str(run), time.time() - 60, "ann", 1, 100_000,
-                          "FAILED", plan={"estimate": {"energy_kwh": 1.0, "co2_kg": 0.1}}))
+    reg.add_run(
+        RunRecord(
+            "killed-1",
+            "killed",
+            "local",
+            "local",
+            str(run),
+            time.time() - 60,
+            "ann",
+            1,
+            100_000,
+            "FAILED",
+            plan={"estimate": {"energy_kwh": 1.0, "co2_kg": 0.1}},
+        )
+    )
     reg.close()
     r = run_cli("report", "energy", "--run", "killed", "--json", env={"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db")})
     assert r.returncode == 0, r.stderr

@@ -38,8 +38,16 @@ def test_country_intensity_is_codecarbons():
 
 
 def test_energy_and_co2_follow_the_formulas():
-    s = Setup(gpus=10, peak_tflops=312, power_w=400, pue=1.5, carbon_intensity_g_per_kwh=100, intensity_source="x",
-              nodes=2, node_power_w=500)
+    s = Setup(
+        gpus=10,
+        peak_tflops=312,
+        power_w=400,
+        pue=1.5,
+        carbon_intensity_g_per_kwh=100,
+        intensity_source="x",
+        nodes=2,
+        node_power_w=500,
+    )
     e = estimate(s, Work(hours=10), mfu=0.4)
     assert e.gpu_hours == 100
     assert e.gpu_energy_kwh == pytest.approx(100 * 0.4 * 1.5)
@@ -88,8 +96,26 @@ def test_cli_estimate_a100x32_six_weeks_france():
 
 
 def test_cli_estimate_overrides_and_findings():
-    r = run_cli("estimate", "--gpus", "128", "--power-w", "700", "--pue", "1.1", "--carbon-intensity", "400",
-                "--peak-tflops", "989", "--tokens", "4.2T", "--params", "22B", "--claimed-energy-mwh", "2.1", "--json")
+    r = run_cli(
+        "estimate",
+        "--gpus",
+        "128",
+        "--power-w",
+        "700",
+        "--pue",
+        "1.1",
+        "--carbon-intensity",
+        "400",
+        "--peak-tflops",
+        "989",
+        "--tokens",
+        "4.2T",
+        "--params",
+        "22B",
+        "--claimed-energy-mwh",
+        "2.1",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["carbon_intensity_g_per_kwh"] == 400 and d["pue"] == 1.1
@@ -99,8 +125,18 @@ def test_cli_estimate_overrides_and_findings():
 
 
 def test_cli_estimate_samples_with_model_and_human_output():
-    r = run_cli("estimate", "--profile", "a100x64", "--samples", "1.8B", "--model", "crossmodal-xl",
-                "--activation-checkpointing", "--claimed-duration", "6w")
+    r = run_cli(
+        "estimate",
+        "--profile",
+        "a100x64",
+        "--samples",
+        "1.8B",
+        "--model",
+        "crossmodal-xl",
+        "--activation-checkpointing",
+        "--claimed-duration",
+        "6w",
+    )
     assert r.returncode == 0, r.stderr
     assert "GPU-hours" in r.stdout and "CO2eq" in r.stdout and "claim hours" in r.stdout
 
@@ -110,10 +146,16 @@ def test_cli_estimate_samples_with_model_and_human_output():
     [
         (("--profile", "a100x32"), "error: estimate: nothing to estimate"),
         (("--profile", "a100x32", "--duration", "6x"), "error: --duration: '6x' is not a duration"),
-        (("--profile", "a100x32", "--duration", "6w", "--hours", "3"), "error: --hours: given together with --duration"),
+        (
+            ("--profile", "a100x32", "--duration", "6w", "--hours", "3"),
+            "error: --hours: given together with --duration",
+        ),
         (("--profile", "a100x32", "--samples", "1B"), "error: --samples: needs --model"),
         (("--duration", "6w"), "error: --gpus: no GPU count"),
-        (("--profile", "a100x32", "--duration", "6w", "--country", "FRA", "--carbon-intensity", "50"), "error: --carbon-intensity: given together with --country"),
+        (
+            ("--profile", "a100x32", "--duration", "6w", "--country", "FRA", "--carbon-intensity", "50"),
+            "error: --carbon-intensity: given together with --country",
+        ),
         (("--profile", "a100x32", "--duration", "6w", "--mfu", "1.5"), "error: --mfu: 1.5 is not valid"),
         (("--profile", "a100x32", "--tokens", "lots", "--params", "1B"), "error: --tokens: 'lots' is not a count"),
     ],

@@ -23,7 +23,16 @@ LIGHT_COMMANDS = [
     ["profiles", "show", "a100x64"],
     ["profiles", "validate"],
     ["status"],
-    ["plan", "--profile", "a100x64", "--model", "crossmodal-xl", "--global-batch", "8192", "--activation-checkpointing"],
+    [
+        "plan",
+        "--profile",
+        "a100x64",
+        "--model",
+        "crossmodal-xl",
+        "--global-batch",
+        "8192",
+        "--activation-checkpointing",
+    ],
     ["estimate", "--profile", "a100x32", "--duration", "6w", "--json"],
 ]
 
@@ -53,10 +62,18 @@ def test_probe_detects_heavy_imports():
 
 def test_a_command_imports_only_its_own_module(tmp_path):
     """clusterctl/cli.py builds commands on use: `status` never imports planning, runs, watch or reports."""
-    code = ("import sys; from typer.testing import CliRunner; from clusterctl.cli import app; "
-            "r = CliRunner().invoke(app, ['status']); "
-            "print(r.exit_code, sorted(m for m in sys.modules if m.startswith('clusterctl.cli.cmd_')))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db")})
+    code = (
+        "import sys; from typer.testing import CliRunner; from clusterctl.cli import app; "
+        "r = CliRunner().invoke(app, ['status']); "
+        "print(r.exit_code, sorted(m for m in sys.modules if m.startswith('clusterctl.cli.cmd_')))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db")},
+    )
     code_, modules = r.stdout.strip().splitlines()[-1].split(" ", 1)
     assert code_ == "0" and modules == "['clusterctl.cli.cmd_status']", r.stdout + r.stderr

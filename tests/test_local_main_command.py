@@ -16,8 +16,10 @@ pytestmark = pytest.mark.slow
 def test_submit_local_wait_then_energy_and_gpu_hour_reports(tmp_path):
     data, tok = tiny_data(tmp_path, n=600)
     cfg = tmp_path / "train.toml"
-    cfg.write_text(f'model = "tiny"\nglobal_batch = 16\nsteps = 20\nprecision = "fp32"\nlog_every = 5\n'
-                   f'checkpoint_every = 10\n[data]\nshards = "{data}"\ntokenizer = "{tok}"\n')
+    cfg.write_text(
+        f'model = "tiny"\nglobal_batch = 16\nsteps = 20\nprecision = "fp32"\nlog_every = 5\n'
+        f'checkpoint_every = 10\n[data]\nshards = "{data}"\ntokenizer = "{tok}"\n'
+    )
     env = {"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs")}
 
     r = run_cli("submit", "--profile", "local", "--config", str(cfg), "--name", "demo", "--wait", env=env, timeout=600)

@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vltrain.config import LossConfig
-from vltrain.model_config import ModelConfig
 from vltrain.common.errors import UserError
+from vltrain.config import LossConfig
 from vltrain.model import VLModel
 from vltrain.model.layers import apply_rope, rope_tables
 from vltrain.model.losses import itc_loss, mask_tokens
+from vltrain.model_config import ModelConfig
 
 PAD, BOS, EOS, MASK = 0, 2, 3, 4
 
@@ -83,7 +83,7 @@ def test_overfits_a_fixed_batch_and_generate_reproduces_it():
     model, batch = model_and_batch()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = []
-    for step in range(60):
+    for _step in range(60):
         out = forward(model, batch)
         opt.zero_grad()
         out["loss"].backward()
@@ -113,9 +113,14 @@ def test_activation_checkpointing_same_loss_and_grads(overrides):
     assert len(g0) == len(g1) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g0, g1))
 
 
-@pytest.mark.parametrize("overrides", [
-    {"pos_embedding": "rope"}, {"norm": "rmsnorm"}, {"pos_embedding": "rope", "norm": "rmsnorm", "text_layers": 0},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"pos_embedding": "rope"},
+        {"norm": "rmsnorm"},
+        {"pos_embedding": "rope", "norm": "rmsnorm", "text_layers": 0},
+    ],
+)
 def test_variants_train(overrides):
     model, batch = model_and_batch(**overrides)
     out = forward(model, batch)
@@ -152,7 +157,7 @@ def test_image_size_must_divide_by_patch():
 
 
 def test_wrong_image_size_is_a_user_error():
-    model, batch = model_and_batch()
+    model, _batch = model_and_batch()
     with pytest.raises(UserError, match="images: size"):
         model.encode_image(torch.randn(2, 3, 64, 64))
 
@@ -163,7 +168,9 @@ def test_mask_tokens_spares_specials_and_follows_the_rate():
     ids[:, 0], ids[:, 40], ids[:, 41:] = BOS, EOS, PAD
     mask = ids != PAD
     torch.manual_seed(7)
-    masked, labels = mask_tokens(ids, mask, mask_prob=0.15, mask_id=MASK, vocab_size=1000, special_ids=(PAD, BOS, EOS, MASK))
+    masked, labels = mask_tokens(
+        ids, mask, mask_prob=0.15, mask_id=MASK, vocab_size=1000, special_ids=(PAD, BOS, EOS, MASK)
+    )
     chosen = labels != -100
     assert not chosen[:, [0, 40]].any() and not chosen[:, 41:].any()
     assert (masked[~chosen] == ids[~chosen]).all() and (labels[chosen] == ids[chosen]).all()
@@ -184,8 +191,8 @@ def test_logit_scale_starts_at_the_configured_temperature():
 def _itc_rank(rank: int, world: int, init_file: str, img, txt, scale, result):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     b = img.shape[0] // world
-    i = img[rank * b:(rank + 1) * b].clone().requires_grad_()
-    t = txt[rank * b:(rank + 1) * b].clone().requires_grad_()
+    i = img[rank * b : (rank + 1) * b].clone().requires_grad_()
+    t = txt[rank * b : (rank + 1) * b].clone().requires_grad_()
     loss = itc_loss(i, t, scale)
     loss.backward()
     result[rank] = (loss.detach(), i.grad, t.grad)
@@ -206,5 +213,5 @@ def test_itc_uses_negatives_from_every_rank(tmp_path):
     mp.spawn(_itc_rank, args=(2, str(tmp_path / "init"), img, txt, scale, result), nprocs=2)
     torch.testing.assert_close((result[0][0] + result[1][0]) / 2, full.detach())
     for r in (0, 1):
-        torch.testing.assert_close(result[r][1], 2 * full_i.grad[r * 4:(r + 1) * 4])
-        torch.testing.assert_close(result[r][2], 2 * full_t.grad[r * 4:(r + 1) * 4])
+        torch.testing.assert_close(result[r][1], 2 * full_i.grad[r * 4 : (r + 1) * 4])
+        torch.testing.assert_close(result[r][2], 2 * full_t.grad[r * 4 : (r + 1) * 4])

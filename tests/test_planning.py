@@ -13,8 +13,8 @@ from clusterctl.planning.plan import make_plan, plan_for_run, require_fit
 from clusterctl.planning.profiles import load_profile
 from tests.conftest import run_cli
 from vltrain.batching import split_batch
-from vltrain.config import TrainConfig
 from vltrain.common.errors import UserError
+from vltrain.config import TrainConfig
 from vltrain.model_math import largest_layer_params, param_count
 from vltrain.presets import get_preset
 
@@ -46,8 +46,9 @@ def test_seed_002_is_128_per_gpu_and_accumulates_when_128_does_not_fit():
     assert p.split.per_rank == 128
     assert p.split.micro_batch * p.split.accumulation * p.split.data_parallel == 8192
     # 128 samples at once would not fit, so the planner accumulates and the chosen micro batch fits
-    whole = memory.breakdown(p.params, p.memory.activations_per_sample_gib * memory.GIB, 128, zero_stage=2,
-                             data_parallel=64, capacity_gib=80)
+    whole = memory.breakdown(
+        p.params, p.memory.activations_per_sample_gib * memory.GIB, 128, zero_stage=2, data_parallel=64, capacity_gib=80
+    )
     assert not whole.fits
     assert p.split.accumulation > 1 and p.memory.fits
     # and it is the largest micro batch dividing 128 that fits (fewest accumulation steps)
@@ -65,12 +66,30 @@ def test_tp_pp_shrink_the_data_parallel_degree():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (("a100x32", "base", 2047, {}), "global_batch: 2047 is not divisible by the 32 data-parallel ranks; allowed: a multiple of 32, e.g. 1984, 2016, 2048, 2080 (with 2048: micro batch 1, 2, 4, 8, 16, 32, 64 per GPU)"),
-        (("a100x64", "crossmodal-xl", 8192, {"tp": 3}), "tp: 3 does not divide the world size 64; allowed: 1, 2, 4, 8, 16, 32, 64"),
-        (("a100x64", "crossmodal-xl", 8192, {"tp": 4, "pp": 32}), "pp: 32 does not divide the world size 16; allowed: 1, 2, 4, 8, 16"),
-        (("a100x64", "crossmodal-xl", 8192, {"micro_batch": 128}), "micro_batch: 128 does not fit in GPU memory (at most 2 per GPU); allowed: 1, 2"),
-        (("a100x32", "base", 2048, {"accumulation": 3}), "accumulation: 3 does not divide the 64 samples per rank (global batch 2048 / 32 ranks); allowed: 1, 2, 4, 8, 16, 32, 64"),
-        (("a100x32", "base", 2048, {"micro_batch": 8, "accumulation": 4}), "micro_batch 8 x accumulation 4 x 32 ranks = 1024, not the global batch 2048; allowed: micro x accum = 64 per rank"),
+        (
+            ("a100x32", "base", 2047, {}),
+            "global_batch: 2047 is not divisible by the 32 data-parallel ranks; allowed: a multiple of 32, e.g. 1984, 2016, 2048, 2080 (with 2048: micro batch 1, 2, 4, 8, 16, 32, 64 per GPU)",
+        ),
+        (
+            ("a100x64", "crossmodal-xl", 8192, {"tp": 3}),
+            "tp: 3 does not divide the world size 64; allowed: 1, 2, 4, 8, 16, 32, 64",
+        ),
+        (
+            ("a100x64", "crossmodal-xl", 8192, {"tp": 4, "pp": 32}),
+            "pp: 32 does not divide the world size 16; allowed: 1, 2, 4, 8, 16",
+        ),
+        (
+            ("a100x64", "crossmodal-xl", 8192, {"micro_batch": 128}),
+            "micro_batch: 128 does not fit in GPU memory (at most 2 per GPU); allowed: 1, 2",
+        ),
+        (
+            ("a100x32", "base", 2048, {"accumulation": 3}),
+            "accumulation: 3 does not divide the 64 samples per rank (global batch 2048 / 32 ranks); allowed: 1, 2, 4, 8, 16, 32, 64",
+        ),
+        (
+            ("a100x32", "base", 2048, {"micro_batch": 8, "accumulation": 4}),
+            "micro_batch 8 x accumulation 4 x 32 ranks = 1024, not the global batch 2048; allowed: micro x accum = 64 per rank",
+        ),
         (("a100x32", "base", 2048, {"zero_stage": 4}), "zero_stage: 4 is not valid; allowed: 0, 1, 2, 3"),
     ],
 )
@@ -156,8 +175,9 @@ def test_model_states_against_deepspeed_estimators(model, nodes, per_node):
     assert ours2.params + ours2.grads + ours2.optimizer + 4 * psi / n == pytest.approx(ds2, abs=2)
     ours3 = memory.model_state_bytes(psi, 3, n)
     largest = largest_layer_params(cfg)
-    _, ds3, *_ = estimate_zero3_model_states_mem_needs(psi, largest, per_node, nodes, cpu_offload=False,
-                                                   cpu_offload_params=False)
+    _, ds3, *_ = estimate_zero3_model_states_mem_needs(
+        psi, largest, per_node, nodes, cpu_offload=False, cpu_offload_params=False
+    )
     assert ours3.params + ours3.grads + ours3.optimizer + 2 * psi / n + 4 * largest == pytest.approx(ds3, abs=2)
 
 
@@ -192,8 +212,18 @@ def test_cli_plan_json_keys_and_seed_000():
 
 
 def test_cli_plan_prints_breakdown_and_verdict():
-    r = run_cli("plan", "--profile", "a100x64", "--model", "crossmodal-xl", "--global-batch", "8192",
-                "--zero-stage", "2", "--activation-checkpointing")
+    r = run_cli(
+        "plan",
+        "--profile",
+        "a100x64",
+        "--model",
+        "crossmodal-xl",
+        "--global-batch",
+        "8192",
+        "--zero-stage",
+        "2",
+        "--activation-checkpointing",
+    )
     assert r.returncode == 0, r.stderr
     for text in ("bf16 parameters", "fp32 master + Adam m, v", "activations", "total", "fits", "accumulation"):
         assert text in r.stdout
@@ -207,17 +237,51 @@ def test_cli_plan_bad_input_is_one_line_exit_2():
     assert r.returncode == 2 and "'nope'" in r.stderr and "crossmodal-xl" in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("args, expected", [
-    (("plan", "--profile", "a100x32", "--model", "base", "--global-batch", "2048", "--micro-batch", "8", "--accum", "4"),
-     "error: --micro-batch 8 x --accum 4 x 32 ranks = 1024, not the global batch 2048"),
-    (("plan", "--profile", "a100x64", "--model", "base", "--global-batch", "8192", "--tp", "3"),
-     "error: --tp: 3 does not divide the world size 64"),
-    # submit took global_batch as a flag: the flag is named; accumulation came from --set: the field is
-    (("submit", "--profile", "a100x64", "--model", "base", "--global-batch", "100", "--dry-run"),
-     "error: --global-batch: 100 is not divisible by the 64 data-parallel ranks"),
-    (("submit", "--profile", "a100x64", "--model", "base", "--global-batch", "8192", "--set", "accumulation=3",
-      "--dry-run"), "error: accumulation: 3 does not divide the 128 samples per rank"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            (
+                "plan",
+                "--profile",
+                "a100x32",
+                "--model",
+                "base",
+                "--global-batch",
+                "2048",
+                "--micro-batch",
+                "8",
+                "--accum",
+                "4",
+            ),
+            "error: --micro-batch 8 x --accum 4 x 32 ranks = 1024, not the global batch 2048",
+        ),
+        (
+            ("plan", "--profile", "a100x64", "--model", "base", "--global-batch", "8192", "--tp", "3"),
+            "error: --tp: 3 does not divide the world size 64",
+        ),
+        # submit took global_batch as a flag: the flag is named; accumulation came from --set: the field is
+        (
+            ("submit", "--profile", "a100x64", "--model", "base", "--global-batch", "100", "--dry-run"),
+            "error: --global-batch: 100 is not divisible by the 64 data-parallel ranks",
+        ),
+        (
+            (
+                "submit",
+                "--profile",
+                "a100x64",
+                "--model",
+                "base",
+                "--global-batch",
+                "8192",
+                "--set",
+                "accumulation=3",
+                "--dry-run",
+            ),
+            "error: accumulation: 3 does not divide the 128 samples per rank",
+        ),
+    ],
+)
 def test_cli_names_the_flags_it_took_and_the_fields_it_did_not(args, expected):
     """Planning errors name config fields; a command renames those it took as flags (cli.options)."""
     r = run_cli(*args)
@@ -225,6 +289,8 @@ def test_cli_names_the_flags_it_took_and_the_fields_it_did_not(args, expected):
 
 
 def test_cli_plan_that_does_not_fit_exits_1_with_the_breakdown():
-    r = run_cli("plan", "--profile", "a100x32", "--model", "vl-30b", "--global-batch", "2048", "--zero-stage", "0", "--json")
+    r = run_cli(
+        "plan", "--profile", "a100x32", "--model", "vl-30b", "--global-batch", "2048", "--zero-stage", "0", "--json"
+    )
     assert r.returncode == 1
     assert json.loads(r.stdout)["memory"]["fits"] is False

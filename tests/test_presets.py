@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from vltrain.model_config import ModelConfig
 from vltrain.common.errors import UserError
 from vltrain.model import VLModel
+from vltrain.model_config import ModelConfig
 from vltrain.model_math import activation_bytes_per_sample, forward_flops_per_sample, param_breakdown, param_count
 from vltrain.presets import PAPER_TOTALS, PRESETS, get_preset
 
@@ -23,11 +23,17 @@ TINY_VARIANTS = [{}, {"pos_embedding": "rope", "norm": "rmsnorm"}, {"text_layers
 def _meta_numel(cfg: ModelConfig) -> dict[str, int]:
     with torch.device("meta"):
         m = VLModel(cfg)
-    parts = {"vision": m.vision, "text": (m.embed, m.text.blocks, m.text.unimodal_norm),
-             "fusion": (m.text.fusion, m.text.norm), "decoder": m.decoder,
-             "heads": (m.image_proj, m.text_proj)}
-    count = {k: sum(p.numel() for mod in (v if isinstance(v, tuple) else (v,)) for p in mod.parameters())
-             for k, v in parts.items()}
+    parts = {
+        "vision": m.vision,
+        "text": (m.embed, m.text.blocks, m.text.unimodal_norm),
+        "fusion": (m.text.fusion, m.text.norm),
+        "decoder": m.decoder,
+        "heads": (m.image_proj, m.text_proj),
+    }
+    count = {
+        k: sum(p.numel() for mod in (v if isinstance(v, tuple) else (v,)) for p in mod.parameters())
+        for k, v in parts.items()
+    }
     count["heads"] += m.logit_scale.numel()
     count["total"] = sum(p.numel() for p in m.parameters())
     return count
@@ -60,12 +66,15 @@ def test_crossmodal_xl_split():
     assert abs((b["vision"] + b["fusion"] + b["decoder"] + b["heads"]) / 12.5e9 - 1) < 0.02
 
 
-@pytest.mark.parametrize("name, image, vocab, text_len, extra", [
-    ("crossmodal-xl", 224, 64_000, 77, {}),                                    # seed 002
-    ("vl-30b", 224, 64_000, None, {}),                                         # seed 001
-    ("vl-22b", 336, 65_000, None, {"pos_embedding": "rope", "norm": "rmsnorm"}),  # seed 003
-    ("vl-seed004", 256, 32_000, 1024, {}),                                     # seed 004
-])
+@pytest.mark.parametrize(
+    "name, image, vocab, text_len, extra",
+    [
+        ("crossmodal-xl", 224, 64_000, 77, {}),  # seed 002
+        ("vl-30b", 224, 64_000, None, {}),  # seed 001
+        ("vl-22b", 336, 65_000, None, {"pos_embedding": "rope", "norm": "rmsnorm"}),  # seed 003
+        ("vl-seed004", 256, 32_000, 1024, {}),  # seed 004
+    ],
+)
 def test_seed_facts(name, image, vocab, text_len, extra):
     cfg = get_preset(name)
     assert (cfg.image_size, cfg.vocab_size) == (image, vocab)

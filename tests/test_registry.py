@@ -18,11 +18,28 @@ from tests.conftest import run_cli
 from vltrain.common.errors import UserError
 
 
-def make_run(run_id: str, name: str = "tiny", state: str = "PENDING", created: float | None = None,
-             executor: str = "slurm", run_dir: str = "/nonexistent") -> RunRecord:
-    return RunRecord(run_id=run_id, name=name, profile="slurm-local", executor=executor, run_dir=run_dir,
-                     created_at=time.time() if created is None else created, user="u", gpus=2, total_steps=100,
-                     state=state, config={"model": name, "optim": {"lr": 3e-4}}, plan={"global_batch": 8})
+def make_run(
+    run_id: str,
+    name: str = "tiny",
+    state: str = "PENDING",
+    created: float | None = None,
+    executor: str = "slurm",
+    run_dir: str = "/nonexistent",
+) -> RunRecord:
+    return RunRecord(
+        run_id=run_id,
+        name=name,
+        profile="slurm-local",
+        executor=executor,
+        run_dir=run_dir,
+        created_at=time.time() if created is None else created,
+        user="u",
+        gpus=2,
+        total_steps=100,
+        state=state,
+        config={"model": name, "optim": {"lr": 3e-4}},
+        plan={"global_batch": 8},
+    )
 
 
 @pytest.fixture
@@ -82,7 +99,12 @@ def test_jobs_attempts_updates_and_batched_read(reg):
     reg.update_job("11", state="RUNNING")  # without run_id: the newest job with that id (run b's)
     jobs = reg.jobs_for(["a", "b", "missing"])
     assert [j.kind for j in jobs["a"]] == ["submit", "retry", "resume"] and jobs["missing"] == []
-    assert (jobs["a"][1].state, jobs["a"][1].requeues, jobs["a"][1].alloc_gpus, jobs["a"][1].elapsed_s) == ("NODE_FAIL", 2, 16, 30.5)
+    assert (jobs["a"][1].state, jobs["a"][1].requeues, jobs["a"][1].alloc_gpus, jobs["a"][1].elapsed_s) == (
+        "NODE_FAIL",
+        2,
+        16,
+        30.5,
+    )
     assert jobs["a"][0].state == "SUBMITTED" and jobs["b"][0].state == "RUNNING"
     assert reg.jobs("a") == jobs["a"]
     # programming errors, not the user's: ordinary exceptions (a traceback), not one-line UserErrors
@@ -98,8 +120,10 @@ def test_jobs_for_many_runs_in_one_query(reg):
     ids = [f"r{i:05d}" for i in range(1500)]  # more than SQLite's old 999-variable limit
     for i in ids:
         reg.add_run(make_run(i))
-    reg._conn.executemany("INSERT INTO jobs (job_id, run_id, attempt, kind, submitted_at, state) VALUES (?,?,1,'submit',0,'PENDING')",
-                          [(str(n), i) for n, i in enumerate(ids)])
+    reg._conn.executemany(
+        "INSERT INTO jobs (job_id, run_id, attempt, kind, submitted_at, state) VALUES (?,?,1,'submit',0,'PENDING')",
+        [(str(n), i) for n, i in enumerate(ids)],
+    )
     statements = []
     reg._conn.set_trace_callback(statements.append)
     jobs = reg.jobs_for(ids)
@@ -154,13 +178,18 @@ def test_guarded_updates_never_undo_a_newer_write(reg):
 
 # --- migrations --------------------------------------------------------------------------------
 
+
 def test_migration_from_version_1_keeps_rows(tmp_path):
     path = tmp_path / "old.db"
     conn = connect(path)
     migrate(conn, target=1)  # what an older clusterctl created
-    conn.execute("INSERT INTO runs VALUES ('old-1','old','a100x64','slurm','/r',1.0,'u',64,1000,'RUNNING','{\"a\": 1}','{}')")
-    conn.execute("INSERT INTO jobs (job_id, run_id, attempt, kind, submitted_at, state, elapsed_s) "
-                 "VALUES ('77','old-1',1,'submit',1.0,'RUNNING',12.0)")
+    conn.execute(
+        "INSERT INTO runs VALUES ('old-1','old','a100x64','slurm','/r',1.0,'u',64,1000,'RUNNING','{\"a\": 1}','{}')"
+    )
+    conn.execute(
+        "INSERT INTO jobs (job_id, run_id, attempt, kind, submitted_at, state, elapsed_s) "
+        "VALUES ('77','old-1',1,'submit',1.0,'RUNNING',12.0)"
+    )
     conn.execute("INSERT INTO events (run_id, ts, kind, data) VALUES ('old-1', 1.0, 'submit', '{}')")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     with pytest.raises(sqlite3.OperationalError):  # the v2 columns do not exist yet
@@ -219,14 +248,17 @@ def test_sixteen_processes_write_and_read_at_once(tmp_path):
     ctx = mp.get_context("spawn")
     writers = [ctx.Process(target=_writer, args=(str(path), w, str(tmp_path / "runs"))) for w in range(12)]
     import subprocess
-    import sys
 
     from tests.conftest import BIN, REPO
 
     env = os.environ | {"CLUSTERCTL_REGISTRY": str(path), "PATH": str(tmp_path / "nobin"), "COLUMNS": "200"}
-    loop = ("for i in 1 2 3 4 5; do {cl} status --all --json > {out}.$i || exit 1; done")
-    readers = [subprocess.Popen(["/bin/sh", "-c", loop.format(cl=BIN / "clusterctl", out=tmp_path / f"status{k}")],
-                                cwd=REPO, env=env) for k in range(4)]
+    loop = "for i in 1 2 3 4 5; do {cl} status --all --json > {out}.$i || exit 1; done"
+    readers = [
+        subprocess.Popen(
+            ["/bin/sh", "-c", loop.format(cl=BIN / "clusterctl", out=tmp_path / f"status{k}")], cwd=REPO, env=env
+        )
+        for k in range(4)
+    ]
     for p in writers:
         p.start()
     for p in writers:

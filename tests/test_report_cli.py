@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from clusterctl.runs.registry import Registry
-from clusterctl.specs import RunRecord
 from clusterctl.runs.usage import COLUMNS, merge_timelines
+from clusterctl.specs import RunRecord
 from tests.conftest import REPO, run_cli
 
 HEADER = "timestamp,project_name,run_id,duration,emissions,energy_consumed,country_iso_code,pue\n"
@@ -29,8 +29,21 @@ def world(tmp_path):
         run_dir = tmp_path / "runs" / name
         (run_dir / "energy").mkdir(parents=True)
         created = t0 + offset
-        reg.add_run(RunRecord(name, name, profile, "slurm", str(run_dir), created, "ann" if i < 2 else "bob", 16, 10,
-                              "COMPLETED", plan={"estimate": {"energy_kwh": 3.0, "co2_kg": 0.15}}))
+        reg.add_run(
+            RunRecord(
+                name,
+                name,
+                profile,
+                "slurm",
+                str(run_dir),
+                created,
+                "ann" if i < 2 else "bob",
+                16,
+                10,
+                "COMPLETED",
+                plan={"estimate": {"energy_kwh": 3.0, "co2_kg": 0.15}},
+            )
+        )
         for a in range(attempts):
             job = reg.add_job(name, str(100 + 10 * i + a), "submit", submitted_at=created + a * 100)
             fields = {"state": "COMPLETED", "started_at": created + a * 100, "ended_at": created + a * 100 + 1800}
@@ -39,13 +52,29 @@ def world(tmp_path):
             reg.update_job(job.job_id, **fields)
             for node in range(2):
                 tag = f"node{node:03d}-job{job.job_id}-r0-1"
-                (run_dir / "energy" / f"{tag}.csv").write_text(HEADER + f"x,p,r,1800,0.05,1.0,FRA,1.2\n")
-                lines = [json.dumps({"time": created + a * 100 + s, "energy_kwh": s / 1800, "co2_kg": 0.05 * s / 1800,
-                                     "duration_s": s}) for s in (600, 1200, 1800)]
+                (run_dir / "energy" / f"{tag}.csv").write_text(HEADER + "x,p,r,1800,0.05,1.0,FRA,1.2\n")
+                lines = [
+                    json.dumps(
+                        {
+                            "time": created + a * 100 + s,
+                            "energy_kwh": s / 1800,
+                            "co2_kg": 0.05 * s / 1800,
+                            "duration_s": s,
+                        }
+                    )
+                    for s in (600, 1200, 1800)
+                ]
                 (run_dir / "energy" / f"{tag}.timeline.jsonl").write_text("\n".join(lines) + "\n")
-        (run_dir / "metrics.jsonl").write_text("".join(
-            json.dumps({"step": s, "loss": 9 - s * 0.5, "itc": 3 - s * 0.1, "mlm": 4 - s * 0.2, "caption": 2 - s * 0.1}) + "\n"
-            for s in range(1, 11)) + '{"step": 11, "lo')  # last line cut by a kill
+        (run_dir / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {"step": s, "loss": 9 - s * 0.5, "itc": 3 - s * 0.1, "mlm": 4 - s * 0.2, "caption": 2 - s * 0.1}
+                )
+                + "\n"
+                for s in range(1, 11)
+            )
+            + '{"step": 11, "lo'
+        )  # last line cut by a kill
     return {"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"), "PATH": "/nonexistent"}  # no Slurm clients at all
 
 
@@ -75,7 +104,9 @@ def test_gpu_hours_by_profile_with_sources(world):
     assert rows["slurm-local"]["gpu_hours_source"] == "sacct"
 
 
-@pytest.mark.parametrize("by, keys", [("user", {"ann", "bob"}), ("profile", {"a100x64", "slurm-local"}), ("run", {"alpha", "beta", "gamma"})])
+@pytest.mark.parametrize(
+    "by, keys", [("user", {"ann", "bob"}), ("profile", {"a100x64", "slurm-local"}), ("run", {"alpha", "beta", "gamma"})]
+)
 def test_by(world, by, keys):
     assert {r["key"] for r in _json("energy", "--by", by, env=world)["rows"]} == keys
 
@@ -162,7 +193,14 @@ def test_text_table_fits_80_columns_and_never_cuts_a_number(world):
     head = " ".join(lines[:5])
     assert "kWh" in head and "CO2eq" in head and " g " in head + " "  # one unit per column: 0.2 kg reads 200 g
     alpha = next(line for line in lines if line.lstrip().startswith("alpha")).split()
-    assert alpha[1:] == ["16", "sacct", "4", "200", "3", "150"]  # 2 x 16 GPUs x 30 min; GPU-h, source, kWh, g CO2eq, plan kWh, plan g
+    assert alpha[1:] == [
+        "16",
+        "sacct",
+        "4",
+        "200",
+        "3",
+        "150",
+    ]  # 2 x 16 GPUs x 30 min; GPU-h, source, kWh, g CO2eq, plan kWh, plan g
     assert "registry" in next(line for line in lines if line.lstrip().startswith("beta"))
     assert "grid 50 g/kWh" in r.stdout and "PUE 1.2" in r.stdout  # the same on every row: said once, below
 

@@ -9,6 +9,7 @@ for a few polls and then COMPLETED; every consumer must end on COMPLETED.
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import pytest
 
@@ -25,7 +26,13 @@ class ScriptedBackend(Backend):
     initial_state = RunState.PENDING
     has_accounting = True
     requeues_itself = True
-    script = [RunState.RUNNING, RunState.UNKNOWN, RunState.UNKNOWN, RunState.UNKNOWN, RunState.COMPLETED]
+    script: ClassVar[list[RunState]] = [
+        RunState.RUNNING,
+        RunState.UNKNOWN,
+        RunState.UNKNOWN,
+        RunState.UNKNOWN,
+        RunState.COMPLETED,
+    ]
 
     def __init__(self) -> None:
         self.polls = 0
@@ -48,21 +55,24 @@ def scripted(tmp_path, monkeypatch):
     reg = Registry()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    reg.add_run(RunRecord("r1", "r1", "p", "slurm", str(run_dir), time.time(), "u", 1, 10, RunState.PENDING,
-                          plan={"global_batch": 8}))
+    reg.add_run(
+        RunRecord(
+            "r1", "r1", "p", "slurm", str(run_dir), time.time(), "u", 1, 10, RunState.PENDING, plan={"global_batch": 8}
+        )
+    )
     reg.add_job("r1", "42", "submit")
     return reg, fake
 
 
 def test_unknown_is_active_and_every_state_is_one_or_the_other():
     assert RunState.UNKNOWN in ACTIVE_STATES and not RunState.UNKNOWN.is_final()
-    assert ACTIVE_STATES | FINAL_STATES == set(RunState) and not ACTIVE_STATES & FINAL_STATES
+    assert set(RunState) == ACTIVE_STATES | FINAL_STATES and not ACTIVE_STATES & FINAL_STATES
 
 
 def test_watch_keeps_watching_an_unknown_run_until_it_ends(scripted, capsys):
     from clusterctl.cli.live import watch_runs
 
-    reg, fake = scripted
+    _reg, fake = scripted
     code = watch_runs(["r1"], interval=0.01)
     out = capsys.readouterr().out
     assert "r1 UNKNOWN" in out  # it was shown ...

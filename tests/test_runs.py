@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from clusterctl.runs.registry import Registry
-from clusterctl.specs import JobRecord, RunRecord
 from clusterctl.runs.retry import cluster_failure, should_retry
+from clusterctl.specs import JobRecord, RunRecord
 from tests.conftest import run_cli
 
 
@@ -20,7 +19,9 @@ def env(tmp_path):
 
 
 def _job(state, exit_code=None, kind="submit", n=1):
-    return JobRecord(job_id=str(100 + n), run_id="r", attempt=n, kind=kind, submitted_at=0.0, state=state, exit_code=exit_code)
+    return JobRecord(
+        job_id=str(100 + n), run_id="r", attempt=n, kind=kind, submitted_at=0.0, state=state, exit_code=exit_code
+    )
 
 
 def _run(state="FAILED", max_retries=2):
@@ -73,8 +74,19 @@ def test_only_one_process_claims_a_failed_run(tmp_path):
 
 
 def test_dry_run_prints_plan_and_sbatch_and_creates_nothing(tmp_path, env):
-    r = run_cli("submit", "--profile", "a100x64", "--model", "crossmodal-xl", "--global-batch", "8192",
-                "--set", "activation_checkpointing=true", "--dry-run", env=env)
+    r = run_cli(
+        "submit",
+        "--profile",
+        "a100x64",
+        "--model",
+        "crossmodal-xl",
+        "--global-batch",
+        "8192",
+        "--set",
+        "activation_checkpointing=true",
+        "--dry-run",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert "#SBATCH --nodes=8" in r.stdout and "#SBATCH --gpus-per-node=8" in r.stdout
     assert "export NCCL_IB_HCA=mlx5" in r.stdout and "#SBATCH --signal=USR2@" in r.stdout
@@ -88,7 +100,9 @@ def test_dry_run_json(env):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["executor"] == "slurm" and d["plan"]["world_size"] == 2
-    assert d["plan"]["micro_batch"] * d["plan"]["accumulation"] * d["plan"]["data_parallel"] == d["plan"]["global_batch"]
+    assert (
+        d["plan"]["micro_batch"] * d["plan"]["accumulation"] * d["plan"]["data_parallel"] == d["plan"]["global_batch"]
+    )
     assert "#SBATCH --partition=debug" in d["sbatch"]
 
 
@@ -100,7 +114,10 @@ def test_dry_run_json(env):
         (("--profile", "local", "--set", "optim.lr=-1"), "error: <defaults>: optim.lr: "),
         (("--profile", "local", "--model", "huge"), "error: <defaults>: model: unknown preset 'huge'"),
         (("--profile", "local", "--name", "a;rm -rf /"), "error: --name: 'a;rm -rf /' is not a valid job name"),
-        (("--profile", "local", "--global-batch", "7", "--set", "accumulation=2"), "error: accumulation: 2 does not divide"),
+        (
+            ("--profile", "local", "--global-batch", "7", "--set", "accumulation=2"),
+            "error: accumulation: 2 does not divide",
+        ),
         (("--profile", "local", "--config", "/nonexistent.toml"), "error: /nonexistent.toml: no such file"),
     ],
 )

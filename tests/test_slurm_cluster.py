@@ -21,8 +21,7 @@ NODES = {"a1", "a2"}
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
-                          env=os.environ | (env or {}))
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=os.environ | (env or {}))
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +42,25 @@ def two_node_job(client_env, tmp_path_factory) -> tuple[str, Path]:
     """One 2-node job with one GPU per node, submitted with plain sbatch and waited for."""
     out_dir = tmp_path_factory.mktemp("slurm-job")
     script = out_dir / "job.sh"
-    script.write_text("#!/bin/bash\n"
-                      "srun bash -c 'echo \"$SLURMD_NODENAME $SLURM_PROCID ${CUDA_VISIBLE_DEVICES:-unset} "
-                      "${SLURM_GPUS_ON_NODE:-unset}\"'\n")
-    r = run("sbatch", "--parsable", "--wait", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1",
-            "--time=5", "--job-name=slurm-local-test", f"--output={out_dir / 'out.txt'}", str(script),
-            env=client_env, timeout=180)
+    script.write_text(
+        "#!/bin/bash\n"
+        "srun bash -c 'echo \"$SLURMD_NODENAME $SLURM_PROCID ${CUDA_VISIBLE_DEVICES:-unset} "
+        "${SLURM_GPUS_ON_NODE:-unset}\"'\n"
+    )
+    r = run(
+        "sbatch",
+        "--parsable",
+        "--wait",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=1",
+        "--time=5",
+        "--job-name=slurm-local-test",
+        f"--output={out_dir / 'out.txt'}",
+        str(script),
+        env=client_env,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0], out_dir / "out.txt"
 
@@ -82,11 +94,23 @@ def test_sacct_reports_completed_with_gpu_tres(two_node_job, client_env):
     job_id, _ = two_node_job
     deadline = time.monotonic() + 60  # slurmdbd records the end a moment after sbatch --wait returns
     while True:
-        r = run("sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State,Partition,NNodes,AllocTRES",
-                env=client_env, timeout=15)
+        r = run(
+            "sacct",
+            "-j",
+            job_id,
+            "-X",
+            "-n",
+            "-P",
+            "-o",
+            "JobID,State,Partition,NNodes,AllocTRES",
+            env=client_env,
+            timeout=15,
+        )
         assert r.returncode == 0, r.stderr
         fields = r.stdout.strip().split("|")
-        if (len(fields) == 5 and fields[1] == "COMPLETED" and fields[2]) or time.monotonic() > deadline:  # the partition lags too
+        if (
+            len(fields) == 5 and fields[1] == "COMPLETED" and fields[2]
+        ) or time.monotonic() > deadline:  # the partition lags too
             break
         time.sleep(1)
     jid, state, partition, nnodes, tres = fields

@@ -32,16 +32,28 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data, tok = tiny_data(root)
     cfg = root / "train.toml"
-    cfg.write_text(f'model = "tiny"\nglobal_batch = 16\nsteps = 24\nprecision = "fp32"\nlog_every = 1\n'
-                   f'checkpoint_every = 4\nkeep_checkpoints = 2\n[data]\nshards = "{data}"\ntokenizer = "{tok}"\n'
-                   f'[optim]\nlr = 1e-3\nwarmup_steps = 4\n')
+    cfg.write_text(
+        f'model = "tiny"\nglobal_batch = 16\nsteps = 24\nprecision = "fp32"\nlog_every = 1\n'
+        f'checkpoint_every = 4\nkeep_checkpoints = 2\n[data]\nshards = "{data}"\ntokenizer = "{tok}"\n'
+        f"[optim]\nlr = 1e-3\nwarmup_steps = 4\n"
+    )
     env = {"CLUSTERCTL_REGISTRY": str(root / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(root / "runs")}
     return {"root": root, "cfg": cfg, "env": env}
 
 
 def _submit(world, name, *extra):
-    r = run_cli("submit", "--profile", "slurm-local", "--config", str(world["cfg"]), "--name", name, "--json", *extra,
-                env=world["env"])
+    r = run_cli(
+        "submit",
+        "--profile",
+        "slurm-local",
+        "--config",
+        str(world["cfg"]),
+        "--name",
+        name,
+        "--json",
+        *extra,
+        env=world["env"],
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -52,8 +64,12 @@ def _status(world, run_id):
     return json.loads(r.stdout)["runs"][0]
 
 
-def _wait(world, run_id, until=lambda row: row["state"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
-          timeout=420):
+def _wait(
+    world,
+    run_id,
+    until=lambda row: row["state"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+    timeout=420,
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         row = _status(world, run_id)
@@ -122,8 +138,12 @@ def test_cancel_and_bad_partition(world, tmp_path):
     assert r.returncode == 0, r.stderr
     assert _wait(world, sub["run_id"], timeout=60)["state"] == "CANCELLED"
     prof = tmp_path / "badpart.toml"
-    prof.write_text((REPO / "cluster_profiles" / "slurm-local.toml").read_text()
-                    .replace('name = "slurm-local"', 'name = "badpart"').replace('partition = "debug"', 'partition = "nope"'))
+    prof.write_text(
+        (REPO / "cluster_profiles" / "slurm-local.toml")
+        .read_text()
+        .replace('name = "slurm-local"', 'name = "badpart"')
+        .replace('partition = "debug"', 'partition = "nope"')
+    )
     r = run_cli("submit", "--profile", str(prof), "--config", str(world["cfg"]), env=world["env"])
     assert r.returncode == 2 and r.stderr.startswith("error: sbatch: ") and "partition" in r.stderr.lower(), r.stderr
     assert r.stderr.strip().count("\n") == 0
@@ -133,8 +153,18 @@ def test_sixteen_concurrent_cli_processes(world):
     def work(i):
         if i % 2:
             return run_cli("status", "--all", "--json", env=world["env"])
-        return run_cli("submit", "--profile", "slurm-local", "--config", str(world["cfg"]), "--name", f"cc{i}",
-                       "--hold", "--json", env=world["env"])
+        return run_cli(
+            "submit",
+            "--profile",
+            "slurm-local",
+            "--config",
+            str(world["cfg"]),
+            "--name",
+            f"cc{i}",
+            "--hold",
+            "--json",
+            env=world["env"],
+        )
 
     with ThreadPoolExecutor(16) as ex:
         results = list(ex.map(work, range(16)))

@@ -20,33 +20,70 @@ def ts(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
-@pytest.mark.parametrize("raw, want", [
-    ("CANCELLED by 0", "CANCELLED"), ("CANCELLED+", "CANCELLED"), ("cancelled by 1000", "CANCELLED"),
-    ("NODE_FAIL", "NODE_FAIL"), ("BOOT_FAIL", "NODE_FAIL"), ("PREEMPTED", "PREEMPTED"),
-    ("REQUEUE_HOLD", "REQUEUED"), ("REQUEUE_FED", "REQUEUED"), ("REQUEUED", "REQUEUED"),
-    ("COMPLETING", "COMPLETING"), ("CONFIGURING", "RUNNING"), ("OUT_OF_MEMORY", "FAILED"),
-    ("DEADLINE", "TIMEOUT"), ("TIMEOUT", "TIMEOUT"), ("PD", "PENDING"), ("R", "RUNNING"), ("CG", "COMPLETING"),
-    ("  COMPLETED  ", "COMPLETED"), ("", "UNKNOWN"), ("SOME_FUTURE_STATE", "UNKNOWN"), ("STOPPED", "SUSPENDED"),
-])
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("CANCELLED by 0", "CANCELLED"),
+        ("CANCELLED+", "CANCELLED"),
+        ("cancelled by 1000", "CANCELLED"),
+        ("NODE_FAIL", "NODE_FAIL"),
+        ("BOOT_FAIL", "NODE_FAIL"),
+        ("PREEMPTED", "PREEMPTED"),
+        ("REQUEUE_HOLD", "REQUEUED"),
+        ("REQUEUE_FED", "REQUEUED"),
+        ("REQUEUED", "REQUEUED"),
+        ("COMPLETING", "COMPLETING"),
+        ("CONFIGURING", "RUNNING"),
+        ("OUT_OF_MEMORY", "FAILED"),
+        ("DEADLINE", "TIMEOUT"),
+        ("TIMEOUT", "TIMEOUT"),
+        ("PD", "PENDING"),
+        ("R", "RUNNING"),
+        ("CG", "COMPLETING"),
+        ("  COMPLETED  ", "COMPLETED"),
+        ("", "UNKNOWN"),
+        ("SOME_FUTURE_STATE", "UNKNOWN"),
+        ("STOPPED", "SUSPENDED"),
+    ],
+)
 def test_normalize_state(raw, want):
     assert parse.normalize_state(raw) == want
 
 
 def test_state_sets_partition_the_vocabulary():
     assert ACTIVE_STATES.isdisjoint(FINAL_STATES)
-    assert ACTIVE_STATES | FINAL_STATES == set(RunState)
-    assert {"PENDING", "RUNNING", "REQUEUED", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED",
-            "NODE_FAIL"} <= set(RunState)
+    assert set(RunState) == ACTIVE_STATES | FINAL_STATES
+    assert {
+        "PENDING",
+        "RUNNING",
+        "REQUEUED",
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "PREEMPTED",
+        "NODE_FAIL",
+    } <= set(RunState)
     assert not RunState.UNKNOWN.is_final()  # an unknown state is polled again, never taken as finished
     assert not RunState.final("UNKNOWN") and RunState.final("COMPLETED") and not RunState.final("garbage")
     # every state Slurm's names fold into is in the vocabulary
     assert {parse.normalize_state(k) for k in parse._ALIASES} <= set(RunState)
 
 
-@pytest.mark.parametrize("text, want", [
-    ("0:00", 0), ("05:07", 307), ("3:00:00", 10800), ("1-02:03:04", 93784), ("00:00:01.500", 1),
-    ("INVALID", None), ("UNLIMITED", None), ("", None), ("Partition_Limit", None),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("0:00", 0),
+        ("05:07", 307),
+        ("3:00:00", 10800),
+        ("1-02:03:04", 93784),
+        ("00:00:01.500", 1),
+        ("INVALID", None),
+        ("UNLIMITED", None),
+        ("", None),
+        ("Partition_Limit", None),
+    ],
+)
 def test_parse_duration(text, want):
     assert parse.parse_duration(text) == want
 
@@ -65,10 +102,16 @@ def test_parse_time_unknowns(text):
     assert parse.parse_time(text) is None
 
 
-@pytest.mark.parametrize("text, want", [
-    ("billing=8,cpu=8,gres/gpu=16,node=2", 16), ("cpu=1,node=1,gres/gpu:a100=4,gres/gpu:h100=2", 6),
-    ("cpu=4,mem=16000M,node=2,billing=4", None), ("", None), ("gres/gpu=2,gres/gpu:a100=2", 2),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("billing=8,cpu=8,gres/gpu=16,node=2", 16),
+        ("cpu=1,node=1,gres/gpu:a100=4,gres/gpu:h100=2", 6),
+        ("cpu=4,mem=16000M,node=2,billing=4", None),
+        ("", None),
+        ("gres/gpu=2,gres/gpu:a100=2", 2),
+    ],
+)
 def test_tres_gpus(text, want):
     assert parse.tres_gpus(text) == want
 
@@ -78,13 +121,28 @@ def test_parse_squeue_odd_states():
     assert "squeue: warning" not in " ".join(rows)  # a non-row line is skipped, not misread
     assert rows["101"].state == "PENDING" and rows["101"].start is None and rows["101"].node_list is None
     r = rows["102"]
-    assert (r.state, r.elapsed_s, r.start, r.node_list, r.alloc_gpus) == ("RUNNING", 93784, ts("2024-05-01T10:00:00"), "a[1-2]", 2)
+    assert (r.state, r.elapsed_s, r.start, r.node_list, r.alloc_gpus) == (
+        "RUNNING",
+        93784,
+        ts("2024-05-01T10:00:00"),
+        "a[1-2]",
+        2,
+    )
     assert rows["103"].restarts == 2 and rows["103"].reason == "BeginTime"
     assert rows["104_3"].alloc_gpus == 6 and rows["104_3"].elapsed_s == 307
     assert rows["104_[4-9]"].state == "PENDING"
     assert rows["105"].state == "REQUEUED" and rows["105"].raw_state == "REQUEUE_HOLD" and rows["105"].start is None
     assert [rows[j].state for j in ("106", "107", "108", "109", "110+0", "111", "112", "113", "114")] == [
-        "COMPLETING", "CANCELLED", "NODE_FAIL", "PREEMPTED", "RUNNING", "RUNNING", "SUSPENDED", "FAILED", "UNKNOWN"]
+        "COMPLETING",
+        "CANCELLED",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "RUNNING",
+        "RUNNING",
+        "SUSPENDED",
+        "FAILED",
+        "UNKNOWN",
+    ]
 
 
 def test_parse_sacct_duplicates_steps_and_odd_states():
@@ -112,16 +170,25 @@ def test_parse_scontrol_restarts():
     assert counts == {"301": 2, "302_1": 0, "304": 1}
 
 
-@pytest.mark.parametrize("stderr, want", [
-    ("sbatch: error: Batch job submission failed: Invalid partition name specified\n",
-     "Batch job submission failed: Invalid partition name specified"),
-    ("sbatch: error: invalid partition specified: nope\nsbatch: error: Batch job submission failed: Invalid partition name specified\n",
-     "invalid partition specified: nope Batch job submission failed: Invalid partition name specified"),
-    ("Traceback ...\nsomething\n  sbatch: error: Batch job submission failed: Requested node configuration is not available\n",
-     "Batch job submission failed: Requested node configuration is not available"),
-    ("plain failure line\n", "plain failure line"),
-    ("", "no error message"),
-])
+@pytest.mark.parametrize(
+    "stderr, want",
+    [
+        (
+            "sbatch: error: Batch job submission failed: Invalid partition name specified\n",
+            "Batch job submission failed: Invalid partition name specified",
+        ),
+        (
+            "sbatch: error: invalid partition specified: nope\nsbatch: error: Batch job submission failed: Invalid partition name specified\n",
+            "invalid partition specified: nope Batch job submission failed: Invalid partition name specified",
+        ),
+        (
+            "Traceback ...\nsomething\n  sbatch: error: Batch job submission failed: Requested node configuration is not available\n",
+            "Batch job submission failed: Requested node configuration is not available",
+        ),
+        ("plain failure line\n", "plain failure line"),
+        ("", "no error message"),
+    ],
+)
 def test_sbatch_error_line(stderr, want):
     assert parse.sbatch_error_line(stderr) == want
     assert "\n" not in parse.sbatch_error_line(stderr)
@@ -143,11 +210,19 @@ def test_bad_signal_name_refused():
 # --- recorded on the local cluster (Slurm 22.05.8): completed, failed (exit 3), cancelled while
 # held, a 2-node GPU job requeued twice and now pending, a 3-task array, a time-out ---------------
 
+
 def test_real_squeue_22_05():
     rows = parse.parse_squeue((FIX / "squeue_real_22.05.txt").read_text())
     assert {j: r.state for j, r in rows.items()} == {
-        "1": "COMPLETED", "2": "FAILED", "3": "CANCELLED", "4": "PENDING", "5_1": "RUNNING", "5_2": "RUNNING",
-        "5_3": "RUNNING", "8": "TIMEOUT"}
+        "1": "COMPLETED",
+        "2": "FAILED",
+        "3": "CANCELLED",
+        "4": "PENDING",
+        "5_1": "RUNNING",
+        "5_2": "RUNNING",
+        "5_3": "RUNNING",
+        "8": "TIMEOUT",
+    }
     r = rows["4"]
     assert (r.restarts, r.reason, r.alloc_gpus, r.node_list, r.elapsed_s) == (2, "BeginTime", 4, None, 0)
     assert rows["5_2"].elapsed_s == 131 and rows["5_2"].node_list == "c1" and rows["5_2"].alloc_gpus is None
@@ -157,8 +232,15 @@ def test_real_squeue_22_05():
 def test_real_sacct_22_05():
     rows = parse.parse_sacct((FIX / "sacct_real_22.05.txt").read_text())
     assert {j: r.state for j, r in rows.items()} == {
-        "1": "COMPLETED", "2": "FAILED", "3": "CANCELLED", "4": "REQUEUED", "5_1": "RUNNING", "5_2": "RUNNING",
-        "5_3": "RUNNING", "8": "TIMEOUT"}
+        "1": "COMPLETED",
+        "2": "FAILED",
+        "3": "CANCELLED",
+        "4": "REQUEUED",
+        "5_1": "RUNNING",
+        "5_2": "RUNNING",
+        "5_3": "RUNNING",
+        "8": "TIMEOUT",
+    }
     r = rows["4"]  # two REQUEUED rows, interleaved with the array's rows
     assert (r.attempts, r.requeues, r.elapsed_s, r.alloc_gpus, r.start) == (2, 2, 86.0, 4, ts("2026-11-22T17:53:16"))
     assert rows["2"].exit_code == "3:0" and rows["3"].raw_state == "CANCELLED by 0" and rows["3"].node_list is None
@@ -170,16 +252,23 @@ def test_real_scontrol_22_05():
     assert counts == {"1": 0, "2": 0, "3": 0, "4": 2, "5_1": 0, "5_2": 0, "5_3": 0, "8": 0}
 
 
-@pytest.mark.parametrize("stderr, want", [  # recorded on 22.05.8
-    ("sacct: error: slurm_persist_conn_open_without_init: failed to open persistent connection to host:localhost:16819: "
-     "Connection refused\nsacct: error: Sending PersistInit msg: Connection refused\n"
-     "sacct: error: Problem talking to the database: Connection refused\n", "Problem talking to the database: Connection refused"),
-    ("sacct: error: Slurm accounting storage is disabled\n", "Slurm accounting storage is disabled"),
-])
+@pytest.mark.parametrize(
+    "stderr, want",
+    [  # recorded on 22.05.8
+        (
+            "sacct: error: slurm_persist_conn_open_without_init: failed to open persistent connection to host:localhost:16819: "
+            "Connection refused\nsacct: error: Sending PersistInit msg: Connection refused\n"
+            "sacct: error: Problem talking to the database: Connection refused\n",
+            "Problem talking to the database: Connection refused",
+        ),
+        ("sacct: error: Slurm accounting storage is disabled\n", "Slurm accounting storage is disabled"),
+    ],
+)
 def test_sacct_error_is_its_last_line(stderr, want):
     assert parse.error_line(stderr, "sacct", last=True) == want
 
 
 def test_scancel_error_line():
     assert parse.error_line("scancel: error: Kill job error on job id 2: Invalid job id specified\n", "scancel") == (
-        "Kill job error on job id 2: Invalid job id specified")
+        "Kill job error on job id 2: Invalid job id specified"
+    )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl.backends import common, get_backend
+from clusterctl.backends import get_backend, results
 from clusterctl.backends.slurm import backend as slurm_backend
 from clusterctl.backends.slurm import commands, parse
 from clusterctl.render import status_table
@@ -34,15 +34,35 @@ OLD = time.time() - 3600  # submitted an hour ago: past any accounting lag
 def shim(bin_dir: Path, name: str, body: str) -> None:
     bin_dir.mkdir(parents=True, exist_ok=True)
     p = bin_dir / name
-    p.write_text(f"#!/bin/sh\necho \"{name} $*\" >> \"$SHIM_LOG\"\n{body}\n")
+    p.write_text(f'#!/bin/sh\necho "{name} $*" >> "$SHIM_LOG"\n{body}\n')
     p.chmod(0o755)
 
 
-def add(reg: Registry, run_id: str, job_ids: list[str], state: str = "PENDING", executor: str = "slurm",
-        run_dir: Path | None = None, total_steps: int = 100) -> None:
-    reg.add_run(RunRecord(run_id=run_id, name=run_id.split("-")[0], profile="slurm-local", executor=executor,
-                          run_dir=str(run_dir or Path("/nonexistent") / run_id), created_at=time.time(), user="u",
-                          gpus=2, total_steps=total_steps, state=state, config={}, plan={"global_batch": 8}))
+def add(
+    reg: Registry,
+    run_id: str,
+    job_ids: list[str],
+    state: str = "PENDING",
+    executor: str = "slurm",
+    run_dir: Path | None = None,
+    total_steps: int = 100,
+) -> None:
+    reg.add_run(
+        RunRecord(
+            run_id=run_id,
+            name=run_id.split("-")[0],
+            profile="slurm-local",
+            executor=executor,
+            run_dir=str(run_dir or Path("/nonexistent") / run_id),
+            created_at=time.time(),
+            user="u",
+            gpus=2,
+            total_steps=total_steps,
+            state=state,
+            config={},
+            plan={"global_batch": 8},
+        )
+    )
     for n, j in enumerate(job_ids):
         reg.add_job(run_id, j, "submit" if n == 0 else "retry", submitted_at=OLD)
 
@@ -173,8 +193,15 @@ def test_hung_controller_is_reported_within_the_timeout(world):
     assert data["source"] == "registry"
     assert any("did not answer within 1 s" in n and "last known states" in n for n in data["notes"])
     by = {x["run_id"]: x["state"] for x in data["runs"]}
-    assert by == {"pend-1": "PENDING", "run-2": "RUNNING", "requeued-3": "RUNNING", "done-4": "PENDING",
-                  "cancelled-5": "RUNNING", "retried-6": "PENDING", "old-7": "COMPLETED"}
+    assert by == {
+        "pend-1": "PENDING",
+        "run-2": "RUNNING",
+        "requeued-3": "RUNNING",
+        "done-4": "PENDING",
+        "cancelled-5": "RUNNING",
+        "retried-6": "PENDING",
+        "old-7": "COMPLETED",
+    }
     assert [c.split()[0] for c in calls(tmp)] == ["squeue"]
 
 
@@ -184,7 +211,12 @@ def test_local_executor_state_from_submitit_files(tmp_path):
     try:
         while b"submitit" not in Path(f"/proc/{sleeper.pid}/cmdline").read_bytes():  # until exec is done
             time.sleep(0.01)
-        for rid, payload in (("ok", ("success", 3)), ("bad", ("error", "Traceback ...")), ("alive", None), ("gone", None)):
+        for rid, payload in (
+            ("ok", ("success", 3)),
+            ("bad", ("error", "Traceback ...")),
+            ("alive", None),
+            ("gone", None),
+        ):
             run_dir = tmp_path / rid
             pid = str(sleeper.pid) if rid == "alive" else "999999999"
             add(reg, rid, [pid], state="RUNNING", executor="local", run_dir=run_dir)
@@ -202,15 +234,16 @@ def test_local_executor_state_from_submitit_files(tmp_path):
 
 # --- pure pieces ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("proto", [2, 3, 4, 5])
 def test_pickle_outcome_reads_without_unpickling(proto):
     class Boom:
         def __reduce__(self):
             return (os.system, ("exit 3",))  # would run if unpickled
 
-    assert common.pickle_outcome(pickle.dumps(("success", Boom()), protocol=proto)[:256]) == "COMPLETED"
-    assert common.pickle_outcome(pickle.dumps(("error", "tb"), protocol=proto)) == "FAILED"
-    assert common.pickle_outcome(b"not a pickle") is None
+    assert results.pickle_outcome(pickle.dumps(("success", Boom()), protocol=proto)[:256]) == "COMPLETED"
+    assert results.pickle_outcome(pickle.dumps(("error", "tb"), protocol=proto)) == "FAILED"
+    assert results.pickle_outcome(b"not a pickle") is None
 
 
 def test_tail_json_reads_only_the_end(tmp_path):
@@ -230,17 +263,28 @@ def test_job_changes_and_run_state():
     q = parse.QueueRow("7", "PENDING", "PENDING", 0.0, None, None, None, 1, "BeginTime")
     a = parse.AcctRow("7", "RUNNING", "RUNNING", 80.0, 1.0, None, 8, "a1", "0:0", 2, 1)  # lags behind squeue
     ch = slurm_backend.job_changes(job, q, a, time.time())
-    assert ch == {"state": "PENDING", "requeues": 1, "started_at": 1.0, "elapsed_s": 80.0,
-                  "alloc_gpus": 8, "node_list": "a1"}  # no exit code from a row that is not final
+    assert ch == {
+        "state": "PENDING",
+        "requeues": 1,
+        "started_at": 1.0,
+        "elapsed_s": 80.0,
+        "alloc_gpus": 8,
+        "node_list": "a1",
+    }  # no exit code from a row that is not final
     ended = dataclasses.replace(a, state="FAILED", exit_code="3:0")
-    assert slurm_backend.job_changes(job, dataclasses.replace(q, state="FAILED"), ended, time.time())["exit_code"] == "3:0"
+    assert (
+        slurm_backend.job_changes(job, dataclasses.replace(q, state="FAILED"), ended, time.time())["exit_code"] == "3:0"
+    )
     assert slurm_backend.job_changes(job, None, None, time.time()) == {"state": "UNKNOWN"}
     young = JobRecord(job_id="8", run_id="r", attempt=1, kind="submit", submitted_at=time.time(), state="SUBMITTED")
     assert slurm_backend.job_changes(young, None, None, time.time()) == {}  # maybe not in accounting yet
     # without accounting, elapsed only grows (squeue knows the current attempt only)
     running = dataclasses.replace(q, state="RUNNING", elapsed_s=10.0)
     assert "elapsed_s" not in slurm_backend.job_changes(job, running, None, time.time())
-    assert slurm_backend.job_changes(job, dataclasses.replace(running, elapsed_s=70.0), None, time.time())["elapsed_s"] == 70.0
+    assert (
+        slurm_backend.job_changes(job, dataclasses.replace(running, elapsed_s=70.0), None, time.time())["elapsed_s"]
+        == 70.0
+    )
     run = RunRecord("r", "r", "p", "slurm", "/x", 0.0, "u", 2, 10, "RUNNING")
     job.__dict__.update(ch)
     assert status.run_state(run, [job]) == "REQUEUED"
@@ -263,8 +307,10 @@ def test_an_ended_job_is_asked_about_until_accounting_has_its_exit_code():
 
 def test_summarize_sums_attempts():
     run = RunRecord("r", "r", "p", "slurm", "/x", 0.0, "u", 16, 1000, "RUNNING", plan={"global_batch": 64})
-    jobs = [JobRecord("1", "r", 1, "submit", 0.0, "NODE_FAIL", elapsed_s=3600.0, alloc_gpus=16),
-            JobRecord("2", "r", 2, "retry", 0.0, "RUNNING", started_at=time.time() - 1800, alloc_gpus=None)]
+    jobs = [
+        JobRecord("1", "r", 1, "submit", 0.0, "NODE_FAIL", elapsed_s=3600.0, alloc_gpus=16),
+        JobRecord("2", "r", 2, "retry", 0.0, "RUNNING", started_at=time.time() - 1800, alloc_gpus=None),
+    ]
     row = status.summarize(run, jobs, {"step": 400, "loss": 2.5, "samples_per_s": 32.0}, 0, time.time())
     assert row["state"] == "RUNNING" and row["job_id"] == "2" and row["job_ids"] == ["1", "2"]
     assert row["elapsed_s"] == pytest.approx(5400, abs=5)
@@ -274,11 +320,19 @@ def test_summarize_sums_attempts():
 
 
 def test_status_imports_no_heavy_module(tmp_path):
-    probe = ("import sys, json; from typer.testing import CliRunner; from clusterctl.cli import app; "
-             "r = CliRunner().invoke(app, ['status', '--all']); "
-             "print(json.dumps([r.exit_code, [m for m in ('torch', 'deepspeed', 'webdataset', 'pandas', 'matplotlib') if m in sys.modules]]))")
-    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60,
-                       env=os.environ | {"CLUSTERCTL_REGISTRY": str(tmp_path / "r.db"), "PATH": str(tmp_path)})
+    probe = (
+        "import sys, json; from typer.testing import CliRunner; from clusterctl.cli import app; "
+        "r = CliRunner().invoke(app, ['status', '--all']); "
+        "print(json.dumps([r.exit_code, [m for m in ('torch', 'deepspeed', 'webdataset', 'pandas', 'matplotlib') if m in sys.modules]]))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"CLUSTERCTL_REGISTRY": str(tmp_path / "r.db"), "PATH": str(tmp_path)},
+    )
     assert json.loads(r.stdout.strip().splitlines()[-1]) == [0, []], r.stderr
 
 
@@ -290,6 +344,7 @@ def test_unknown_run_is_one_line_error(tmp_path):
 
 # --- against the real local cluster (scripts/slurm-local.sh) ------------------------------------
 
+
 def _slurm_up() -> bool:
     try:
         return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=5).returncode == 0
@@ -298,8 +353,12 @@ def _slurm_up() -> bool:
 
 
 def _sbatch(*args: str) -> str:
-    r = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "-e", "/dev/null", *args],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["sbatch", "--parsable", "-o", "/dev/null", "-e", "/dev/null", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
 
@@ -322,9 +381,14 @@ def test_status_against_real_slurm(tmp_path):
     reg.close()
     bin_dir = tmp_path / "bin"
     for tool in ("squeue", "sacct"):
-        shim(bin_dir, tool, f'exec {subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip()} "$@"')
-    env = {"CLUSTERCTL_REGISTRY": str(tmp_path / "r.db"), "SHIM_LOG": str(tmp_path / "calls.log"),
-           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        shim(
+            bin_dir, tool, f'exec {subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip()} "$@"'
+        )
+    env = {
+        "CLUSTERCTL_REGISTRY": str(tmp_path / "r.db"),
+        "SHIM_LOG": str(tmp_path / "calls.log"),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
     want = {"ok": "COMPLETED", "bad": "FAILED", "gone": "CANCELLED", "live": "RUNNING"}
     deadline = time.monotonic() + 90
     try:
@@ -354,10 +418,32 @@ def test_status_against_real_slurm(tmp_path):
 
 def test_listing_fits_a_narrow_terminal_by_hiding_the_least_needed_columns():
     now = time.time()
-    run = RunRecord("crossmodal-xl-20261123-013850-72f6", "crossmodal-xl", "a100x256", "slurm", "/x", now, "u", 256,
-                    200_000, "RUNNING", plan={"global_batch": 8192})
-    jobs = [JobRecord("12345678", run.run_id, 1, "submit", now - 90_000, "RUNNING", started_at=now - 86_400,
-                      alloc_gpus=256, requeues=2)]
+    run = RunRecord(
+        "crossmodal-xl-20261123-013850-72f6",
+        "crossmodal-xl",
+        "a100x256",
+        "slurm",
+        "/x",
+        now,
+        "u",
+        256,
+        200_000,
+        "RUNNING",
+        plan={"global_batch": 8192},
+    )
+    jobs = [
+        JobRecord(
+            "12345678",
+            run.run_id,
+            1,
+            "submit",
+            now - 90_000,
+            "RUNNING",
+            started_at=now - 86_400,
+            alloc_gpus=256,
+            requeues=2,
+        )
+    ]
     row = status.summarize(run, jobs, {"step": 123_456, "loss": 2.3456, "samples_per_s": 10_234.5}, 0, now)
     full, hidden = status_table.table_lines([row])
     assert hidden == [] and full[0].split() == [h for h, _ in status_table.COLUMNS] and len(full[1]) > 100

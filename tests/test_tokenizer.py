@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from vltrain.data.synth import write_synthetic_shards
 from vltrain.common.errors import UserError
+from vltrain.data.synth import write_synthetic_shards
 from vltrain.tokenizer import Tokenizer, shard_captions, train_tokenizer, train_tokenizer_from_shards
 
 

@@ -26,12 +26,28 @@ def test_tiny_preset_learns_retrieval_far_above_chance(tmp_path):
 
     write_synthetic_shards(tmp_path / "shards", n=4000, shards=4, seed=0, image_size=32, holdout=HELD_OUT)
     train_tokenizer_from_shards(tmp_path / "shards", 1000, tmp_path / "tok.model")
-    cfg = {"model": "tiny", "global_batch": 64, "steps": 250, "precision": "fp32", "seed": 0, "log_every": 10,
-           "checkpoint_every": 0, "data": {"shards": str(tmp_path / "shards"), "tokenizer": str(tmp_path / "tok.model")},
-           "optim": {"lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 30, "weight_decay": 0.05}}
+    cfg = {
+        "model": "tiny",
+        "global_batch": 64,
+        "steps": 250,
+        "precision": "fp32",
+        "seed": 0,
+        "log_every": 10,
+        "checkpoint_every": 0,
+        "data": {"shards": str(tmp_path / "shards"), "tokenizer": str(tmp_path / "tok.model")},
+        "optim": {"lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 30, "weight_decay": 0.05},
+    }
     (tmp_path / "cfg.toml").write_text(tomli_w.dumps(cfg))
-    r = run_cli("train", "--config", str(tmp_path / "cfg.toml"), "--run-dir", str(tmp_path / "run"), prog="vltrain",
-                env={"OMP_NUM_THREADS": "2"}, timeout=600)
+    r = run_cli(
+        "train",
+        "--config",
+        str(tmp_path / "cfg.toml"),
+        "--run-dir",
+        str(tmp_path / "run"),
+        prog="vltrain",
+        env={"OMP_NUM_THREADS": "2"},
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     chance = 1 / HELD_OUT

@@ -38,10 +38,19 @@ def data(tmp_path_factory) -> Path:
 
 
 def write_config(path: Path, data_dir: Path, **top) -> Path:
-    cfg = {"model": "tiny", "global_batch": 16, "accumulation": 2, "steps": STEPS_1P, "precision": "bf16",
-           "seed": 0, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 2,
-           "data": {"shards": str(data_dir / "shards"), "tokenizer": str(data_dir / "tok.model"), "shuffle_buffer": 64},
-           "optim": {"lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 2}}
+    cfg = {
+        "model": "tiny",
+        "global_batch": 16,
+        "accumulation": 2,
+        "steps": STEPS_1P,
+        "precision": "bf16",
+        "seed": 0,
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "keep_checkpoints": 2,
+        "data": {"shards": str(data_dir / "shards"), "tokenizer": str(data_dir / "tok.model"), "shuffle_buffer": 64},
+        "optim": {"lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 2},
+    }
     for k, v in top.items():
         cfg[k] = cfg[k] | v if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     path.write_text(tomli_w.dumps(cfg))
@@ -53,8 +62,16 @@ def vltrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
-           "-m", "vltrain.cli", *args]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "vltrain.cli",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=os.environ | ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -108,8 +125,22 @@ def full_run(data, tmp_path_factory) -> Path:
 def test_uninterrupted_run_writes_metrics_events_checkpoints_and_eval(full_run):
     lines = jsonl(full_run / "metrics.jsonl")
     assert [m["step"] for m in lines] == list(range(1, STEPS_1P + 1))
-    keys = {"step", "loss", "itc", "mlm", "caption", "lr", "grad_norm", "samples_per_s", "tokens_per_s",
-            "step_time_s", "mfu", "mem_gib", "samples", "time"}
+    keys = {
+        "step",
+        "loss",
+        "itc",
+        "mlm",
+        "caption",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "tokens_per_s",
+        "step_time_s",
+        "mfu",
+        "mem_gib",
+        "samples",
+        "time",
+    }
     assert all(keys == set(m) for m in lines)
     assert lines[-1]["samples"] == 16 * STEPS_1P
     assert lines[0]["lr"] == pytest.approx(1e-3) and lines[1]["lr"] == pytest.approx(2e-3)  # warm-up of 2 steps
@@ -155,8 +186,14 @@ train(load_train_config(sys.argv[1]), sys.argv[2])
 def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(full_run, data, tmp_path):
     cfg = write_config(tmp_path / "cfg.toml", data)
     run = tmp_path / "run"
-    killed = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT, str(cfg), str(run)], cwd=REPO,
-                            env=os.environ | ENV, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_IN_CHECKPOINT, str(cfg), str(run)],
+        cwd=REPO,
+        env=os.environ | ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     tmp = run / "checkpoints" / ".tmp-step_0000004"
     assert (tmp / "ds").is_dir() and not (tmp / "COMPLETE").exists()
@@ -216,7 +253,12 @@ def full_run_2p(data, tmp_path_factory) -> Path:
     r = torchrun(2, "train", "--config", str(two_proc_config(d / "cfg.toml", data)), "--run-dir", str(d / "run"))
     assert r.returncode == 0, r.stderr[-3000:]
     start = jsonl(d / "run" / "events.jsonl")[0]
-    assert (start["world_size"], start["micro_batch"], start["accumulation"], start["launcher"]) == (2, 4, 2, "torchrun")
+    assert (start["world_size"], start["micro_batch"], start["accumulation"], start["launcher"]) == (
+        2,
+        4,
+        2,
+        "torchrun",
+    )
     return d / "run"
 
 
@@ -256,12 +298,16 @@ def test_preemption_under_submitit_checkpoints_at_a_step_boundary_requeues_and_r
     two_proc_config(run / "config.toml", data)
     ex = submitit.LocalExecutor(folder=str(run / "submitit"))
     # 60 min: a USR2 this early is a preemption by submitit's rule (a time-out is one near the limit)
-    ex.update_parameters(tasks_per_node=2, timeout_min=60,
-                         setup=["export OMP_NUM_THREADS=1", "export VLTRAIN_COUNTRY=FRA"])  # energy on
+    ex.update_parameters(
+        tasks_per_node=2, timeout_min=60, setup=["export OMP_NUM_THREADS=1", "export VLTRAIN_COUNTRY=FRA"]
+    )  # energy on
     job = ex.submit(TrainJob(str(run)))
     _wait_for_step(run, 1, lambda: job.state == "RUNNING")
-    tasks = [p for p in psutil.Process(int(job.job_id)).children(recursive=True)
-             if p.environ().get("SUBMITIT_LOCAL_GLOBALID") == "1"]
+    tasks = [
+        p
+        for p in psutil.Process(int(job.job_id)).children(recursive=True)
+        if p.environ().get("SUBMITIT_LOCAL_GLOBALID") == "1"
+    ]
     assert len(tasks) == 1
     tasks[0].send_signal(signal.SIGUSR2)
     results = job.results()  # waits for the requeued attempt
@@ -277,7 +323,9 @@ def test_preemption_under_submitit_checkpoints_at_a_step_boundary_requeues_and_r
     energy = sorted((run / "energy").glob("*.csv"))
     assert len(energy) == 2 and all(p.name.startswith("node000-") for p in energy)
     assert all("energy_consumed" in p.read_text() for p in energy)
-    measured_by = [json.loads(line)["rank"] for p in energy for line in p.with_suffix(".timeline.jsonl").read_text().splitlines()]
+    measured_by = [
+        json.loads(line)["rank"] for p in energy for line in p.with_suffix(".timeline.jsonl").read_text().splitlines()
+    ]
     assert measured_by and set(measured_by) == {0}, measured_by  # rank 1 never ran a tracker
 
 
@@ -285,10 +333,25 @@ def test_lost_peer_exits_75(data, tmp_path):
     cfg = write_config(tmp_path / "cfg.toml", data, steps=200, checkpoint_every=0)
     run = tmp_path / "run"
     port = str(_free_port())
-    procs = [subprocess.Popen([str(BIN / "vltrain"), "train", "--config", str(cfg), "--run-dir", str(run)], cwd=REPO,
-                              env=os.environ | ENV | {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                                                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "vltrain"), "train", "--config", str(cfg), "--run-dir", str(run)],
+            cwd=REPO,
+            env=os.environ
+            | ENV
+            | {
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     try:
         _wait_for_step(run, 2, lambda: procs[0].poll() is None)
         procs[1].kill()

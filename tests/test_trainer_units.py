@@ -27,7 +27,9 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly decreasing
     assert lrs[109] == pytest.approx(1e-5) and lrs[119] == pytest.approx(1e-5)  # floor, and it stays there
     mid = 10 + (109 - 10) / 2
-    assert lr_at(int(mid), **kw) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * (int(mid) - 10) / 99)))
+    assert lr_at(int(mid), **kw) == pytest.approx(
+        1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * (int(mid) - 10) / 99))
+    )
 
 
 def test_schedule_without_warmup_starts_at_peak_and_decays_to_zero():
@@ -40,15 +42,31 @@ def test_schedule_without_warmup_starts_at_peak_and_decays_to_zero():
 
 
 def test_detect_torchrun():
-    d = distenv.detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                        "GROUP_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "29400"})
+    d = distenv.detect(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "GROUP_RANK": "1",
+            "MASTER_ADDR": "node7",
+            "MASTER_PORT": "29400",
+        }
+    )
     assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.node_rank) == (3, 8, 1, 2, 1)
     assert (d.master_addr, d.master_port, d.source) == ("node7", 29400, "torchrun")
 
 
 def test_detect_slurm_under_submitit_and_plain_srun():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
-           "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_ID": "4242",
+    }
     d = distenv.detect(env)
     assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.node_rank) == (5, 16, 1, 8, 1)
     assert d.master_addr == "gpu07" and d.source == "slurm"
@@ -59,8 +77,14 @@ def test_detect_slurm_under_submitit_and_plain_srun():
 
 
 def test_detect_submitit_local_and_single_process():
-    env = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1",
-           "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_JOB_ID": "31337"}
+    env = {
+        "SUBMITIT_EXECUTOR": "local",
+        "SUBMITIT_LOCAL_NTASKS": "2",
+        "SUBMITIT_LOCAL_GLOBALID": "1",
+        "SUBMITIT_LOCAL_LOCALID": "1",
+        "SUBMITIT_LOCAL_NODEID": "0",
+        "SUBMITIT_LOCAL_JOB_ID": "31337",
+    }
     d = distenv.detect(env)
     assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.source) == (1, 2, 1, "127.0.0.1", "submitit-local")
     s = distenv.detect({}, free_port=45678)
@@ -71,7 +95,12 @@ def test_export_sets_what_init_distributed_reads():
     env: dict[str, str] = {}
     distenv.export(distenv.detect({}, free_port=40001), env)
     assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == {
-        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "40001"}
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "40001",
+    }
     assert env["DS_ACCELERATOR"] == "cpu"  # no CUDA on the test machines
 
 
@@ -114,9 +143,13 @@ def test_non_zero_ranks_write_nothing(tmp_path):
 def test_recall_at_k_counts_the_rank_of_the_true_match():
     import torch
 
-    sim = torch.tensor([[0.9, 0.1, 0.2],   # row 0: true match best -> rank 0
-                        [0.8, 0.5, 0.1],   # row 1: one candidate above -> rank 1
-                        [0.9, 0.8, 0.1]])  # row 2: two above -> rank 2
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.2],  # row 0: true match best -> rank 0
+            [0.8, 0.5, 0.1],  # row 1: one candidate above -> rank 1
+            [0.9, 0.8, 0.1],
+        ]
+    )  # row 2: two above -> rank 2
     r = __import__("vltrain.evaluate", fromlist=["recall_at_k"]).recall_at_k(sim, ks=(1, 2, 3))
     assert r == {"R@1": pytest.approx(1 / 3), "R@2": pytest.approx(2 / 3), "R@3": pytest.approx(1.0)}
     tie = torch.ones(3, 3)  # ties with the true match do not count against it
@@ -143,8 +176,17 @@ def test_cider_d():
 def _fake_checkpoint(root, step, complete=True, config_hash="abc", world=1):
     d = root / "checkpoints" / checkpoint.step_dir_name(step)
     d.mkdir(parents=True)
-    (d / "meta.json").write_text(json.dumps({"schema": checkpoint.SCHEMA_VERSION, "step": step, "samples": step,
-                                             "world_size": world, "config_hash": config_hash}))
+    (d / "meta.json").write_text(
+        json.dumps(
+            {
+                "schema": checkpoint.SCHEMA_VERSION,
+                "step": step,
+                "samples": step,
+                "world_size": world,
+                "config_hash": config_hash,
+            }
+        )
+    )
     if complete:
         (d / checkpoint.MARKER).write_text(f"{step}\n")
     return d
@@ -213,8 +255,9 @@ def test_stop_requests_only_record_signals():
 def test_parse_overrides():
     from vltrain.cli import parse_overrides
 
-    assert parse_overrides(["optim.lr=3e-4", "data.shards=/x/y", "optim.betas=[0.9, 0.99]", "activation_checkpointing=true"]) == {
-        "optim.lr": 3e-4, "data.shards": "/x/y", "optim.betas": [0.9, 0.99], "activation_checkpointing": True}
+    assert parse_overrides(
+        ["optim.lr=3e-4", "data.shards=/x/y", "optim.betas=[0.9, 0.99]", "activation_checkpointing=true"]
+    ) == {"optim.lr": 3e-4, "data.shards": "/x/y", "optim.betas": [0.9, 0.99], "activation_checkpointing": True}
     with pytest.raises(UserError, match="not key=value"):
         parse_overrides(["lr"])
 
@@ -222,15 +265,23 @@ def test_parse_overrides():
 # ---------------------------------------------------------------- config errors, before any training
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--set", "model=huge"], "unknown preset 'huge'; allowed: tiny"),
-    (["--set", "optim.lr=-0.001"], "optim.lr"),
-    (["--set", "model={image_size=30, patch_size=4, vision_width=32, vision_layers=1, vision_heads=2, "
-      "text_width=32, text_layers=1, fusion_layers=1, text_heads=2, decoder_layers=1, vocab_size=64}"],
-     "not divisible by model.patch_size"),
-    (["--set", "global_batch=10", "--set", "accumulation=4"], "accumulation: 4 does not divide"),
-    (["--set", "data.shards=/nonexistent/shards"], "data.shards"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "model=huge"], "unknown preset 'huge'; allowed: tiny"),
+        (["--set", "optim.lr=-0.001"], "optim.lr"),
+        (
+            [
+                "--set",
+                "model={image_size=30, patch_size=4, vision_width=32, vision_layers=1, vision_heads=2, "
+                "text_width=32, text_layers=1, fusion_layers=1, text_heads=2, decoder_layers=1, vocab_size=64}",
+            ],
+            "not divisible by model.patch_size",
+        ),
+        (["--set", "global_batch=10", "--set", "accumulation=4"], "accumulation: 4 does not divide"),
+        (["--set", "data.shards=/nonexistent/shards"], "data.shards"),
+    ],
+)
 def test_bad_config_values_give_one_line_errors(tmp_path, args, needle):
     r = run_cli("train", "--run-dir", str(tmp_path / "run"), *args, prog="vltrain")
     assert r.returncode == 2, r.stderr

@@ -9,23 +9,42 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from clusterctl.runs.usage import COLUMNS, aggregate, group_key, gpu_hours, parse_day, parse_energy_csv, to_csv, usage_for
+from clusterctl.runs.usage import (
+    COLUMNS,
+    aggregate,
+    gpu_hours,
+    group_key,
+    parse_day,
+    parse_energy_csv,
+    to_csv,
+    usage_for,
+)
 from vltrain.common.errors import UserError
 
 HEADER = "timestamp,project_name,run_id,duration,emissions,energy_consumed,country_iso_code,pue\n"
 
 
 def _csv(*rows):
-    return HEADER + "".join(f"2026-11-01T00:00:{i:02d},p,r,{d},{co2},{kwh},FRA,1.2\n" for i, (d, co2, kwh) in enumerate(rows))
+    return HEADER + "".join(
+        f"2026-11-01T00:00:{i:02d},p,r,{d},{co2},{kwh},FRA,1.2\n" for i, (d, co2, kwh) in enumerate(rows)
+    )
 
 
 def _ts(day: str) -> float:
-    return dt.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp()
+    return dt.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=dt.UTC).timestamp()
 
 
 def _run(run_id, profile="a", user="ann", day="2026-11-01", gpus=8, estimate=None):
-    return NS(run_id=run_id, name=run_id, profile=profile, user=user, created_at=_ts(day), gpus=gpus,
-              executor="slurm", plan={"estimate": estimate} if estimate else {})
+    return NS(
+        run_id=run_id,
+        name=run_id,
+        profile=profile,
+        user=user,
+        created_at=_ts(day),
+        gpus=gpus,
+        executor="slurm",
+        plan={"estimate": estimate} if estimate else {},
+    )
 
 
 def _job(alloc=None, elapsed=None, start=None, end=None):
@@ -48,9 +67,11 @@ def test_gpu_hours_prefers_sacct_and_says_so():
 
 
 def test_requeued_attempts_sum():
-    readings = [parse_energy_csv(_csv((60, 0.01, 0.2)), "node000", "job7-r0-1"),
-                parse_energy_csv(_csv((30, 0.005, 0.1)), "node000", "job7-r1-2"),
-                parse_energy_csv(_csv((30, 0.005, 0.1)), "node001", "job7-r1-2")]
+    readings = [
+        parse_energy_csv(_csv((60, 0.01, 0.2)), "node000", "job7-r0-1"),
+        parse_energy_csv(_csv((30, 0.005, 0.1)), "node000", "job7-r1-2"),
+        parse_energy_csv(_csv((30, 0.005, 0.1)), "node001", "job7-r1-2"),
+    ]
     u = usage_for(_run("r1"), [_job(alloc=2, elapsed=90)], readings, now=0)
     assert u.energy_kwh == pytest.approx(0.4) and u.co2_kg == pytest.approx(0.02)
     assert u.intensity == pytest.approx(50.0)
@@ -59,7 +80,12 @@ def test_requeued_attempts_sum():
 @pytest.fixture
 def usages():
     runs = [
-        (_run("r1", "a100x64", "ann", "2026-10-30", estimate={"energy_kwh": 1.0, "co2_kg": 0.1}), [_job(alloc=64, elapsed=3600)], 2.0, 0.1),
+        (
+            _run("r1", "a100x64", "ann", "2026-10-30", estimate={"energy_kwh": 1.0, "co2_kg": 0.1}),
+            [_job(alloc=64, elapsed=3600)],
+            2.0,
+            0.1,
+        ),
         (_run("r2", "a100x64", "bob", "2026-11-01"), [_job(alloc=64, elapsed=1800)], 1.0, 0.05),
         (_run("r3", "local", "ann", "2026-11-01"), [_job(start=0, end=3600)], 0.0, 0.0),
     ]

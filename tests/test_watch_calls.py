@@ -4,7 +4,6 @@ ended; Slurm is replaced by logging PATH shims (as in test_status.py), so this r
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from clusterctl.runs.registry import Registry
 from tests.conftest import run_cli
@@ -19,16 +18,24 @@ def test_one_squeue_per_refresh_for_all_runs_and_sacct_once_at_the_end(tmp_path)
     for run_id, job in (("alpha-1", "301"), ("beta-2", "302")):
         run_dir = tmp_path / "runs" / run_id
         run_dir.mkdir(parents=True)
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5 - s / 10}) + "\n" for s in range(1, 21)))
+        (run_dir / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": 5 - s / 10}) + "\n" for s in range(1, 21))
+        )
         add(reg, run_id, [job], state="RUNNING", run_dir=run_dir, total_steps=20)
     reg.close()
     bin_dir = tmp_path / "bin"
     # squeue lists both jobs running for its first three calls, then neither (they ended)
     rows = "\n".join(RUNNING_ROW.format(id=j) for j in ("301", "302"))
-    shim(bin_dir, "squeue", f'n=$(/bin/grep -c "^squeue" "$SHIM_LOG"); [ "$n" -le 3 ] && printf "%s\\n" "{rows}"; exit 0')
+    shim(
+        bin_dir, "squeue", f'n=$(/bin/grep -c "^squeue" "$SHIM_LOG"); [ "$n" -le 3 ] && printf "%s\\n" "{rows}"; exit 0'
+    )
     acct = "\n".join(ACCT_ROW.format(id=j) for j in ("301", "302"))
     shim(bin_dir, "sacct", f'printf "%s\\n" "{acct}"')
-    env = {"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"), "PATH": str(bin_dir), "SHIM_LOG": str(tmp_path / "calls.log")}
+    env = {
+        "CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"),
+        "PATH": str(bin_dir),
+        "SHIM_LOG": str(tmp_path / "calls.log"),
+    }
 
     r = run_cli("watch", "alpha-1", "beta-2", "--interval", "0.2", env=env, timeout=60)
 

@@ -22,14 +22,18 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("watch")
     data, tok = tiny_data(root)
     cfg = root / "train.toml"
-    cfg.write_text(f'model = "tiny"\nglobal_batch = 16\nsteps = 200\nprecision = "fp32"\nlog_every = 1\n'
-                   f'checkpoint_every = 0\n[data]\nshards = "{data}"\ntokenizer = "{tok}"\n')
+    cfg.write_text(
+        f'model = "tiny"\nglobal_batch = 16\nsteps = 200\nprecision = "fp32"\nlog_every = 1\n'
+        f'checkpoint_every = 0\n[data]\nshards = "{data}"\ntokenizer = "{tok}"\n'
+    )
     env = {"CLUSTERCTL_REGISTRY": str(root / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(root / "runs")}
     return {"root": root, "cfg": cfg, "env": env}
 
 
 def _submit(world, name):
-    r = run_cli("submit", "--profile", "local", "--config", str(world["cfg"]), "--name", name, "--json", env=world["env"])
+    r = run_cli(
+        "submit", "--profile", "local", "--config", str(world["cfg"]), "--name", name, "--json", env=world["env"]
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["run_id"]
 
@@ -43,13 +47,17 @@ class Tmux:
         self.started = time.monotonic()
 
     def screen(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True, timeout=10).stdout
+        return subprocess.run(
+            ["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True, timeout=10
+        ).stdout
 
     def wait_for(self, *texts: str, timeout: float = 240) -> str:
         deadline = time.monotonic() + timeout
         s = ""
         while time.monotonic() < deadline:
-            r = subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True, timeout=10)
+            r = subprocess.run(
+                ["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True, timeout=10
+            )
             if r.returncode:
                 pytest.fail(f"the tmux session ended; last screen:\n{s}\n{r.stderr}")
             s = r.stdout
@@ -101,8 +109,11 @@ def test_q_quits_cleanly_and_leaves_the_run_going(world):
 def test_submit_watch_then_ctrl_c_leaves_the_terminal_sane_and_the_run_going(world):
     """`submit --watch` opens the same view; Ctrl-C (SIGINT to the terminal's foreground process group)
     stops watching only: the local run, started from that terminal, keeps training."""
-    t = Tmux(f"c{os.getpid()}", f"clusterctl submit --profile local --config {shlex.quote(str(world['cfg']))} "
-                                f"--name ctrlc --watch", world["env"])
+    t = Tmux(
+        f"c{os.getpid()}",
+        f"clusterctl submit --profile local --config {shlex.quote(str(world['cfg']))} --name ctrlc --watch",
+        world["env"],
+    )
     try:
         t.wait_for("RUNNING", "/200", "q quits")
         t.keys("C-c")
@@ -127,12 +138,27 @@ def test_ctrl_c_during_submit_wait_stops_waiting_not_the_run(world):
     """Ctrl-C reaches the terminal's whole foreground process group: simulated with killpg."""
     import signal
 
-    p = subprocess.Popen([str(BIN / "clusterctl"), "submit", "--profile", "local", "--config", str(world["cfg"]),
-                          "--name", "waiter", "--wait"], env=os.environ | world["env"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         # a shell's background job (`make test &`) ignores SIGINT, and children inherit that:
-                         # give clusterctl the default a terminal's foreground job has
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen(
+        [
+            str(BIN / "clusterctl"),
+            "submit",
+            "--profile",
+            "local",
+            "--config",
+            str(world["cfg"]),
+            "--name",
+            "waiter",
+            "--wait",
+        ],
+        env=os.environ | world["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        # a shell's background job (`make test &`) ignores SIGINT, and children inherit that:
+        # give clusterctl the default a terminal's foreground job has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 120
         while True:  # until the trainer has logged a step

@@ -6,7 +6,17 @@ import json
 
 from rich.console import Console
 
-from clusterctl.render.watch_view import PANEL_LINES, RunView, Tail, fits_panels, plain_line, run_panel, runs_table, sparkline, summary_lines
+from clusterctl.render.watch_view import (
+    PANEL_LINES,
+    RunView,
+    Tail,
+    fits_panels,
+    plain_line,
+    run_panel,
+    runs_table,
+    sparkline,
+    summary_lines,
+)
 
 
 def test_sparkline_scales_between_min_and_max():
@@ -40,15 +50,40 @@ def test_tail_never_reads_more_than_asked(tmp_path):
 
 
 def _row(**kw):
-    return {"run_id": "tiny-20261122-120000-ab12", "name": "tiny", "state": "RUNNING", "job_id": "42",
-            "node_list": "a[1-2]", "requeues": 1, "step": 30, "total_steps": 100, "eta_s": 95.0,
-            "gpu_hours": 0.0123, "elapsed_s": 300.0} | kw
+    return {
+        "run_id": "tiny-20261122-120000-ab12",
+        "name": "tiny",
+        "state": "RUNNING",
+        "job_id": "42",
+        "node_list": "a[1-2]",
+        "requeues": 1,
+        "step": 30,
+        "total_steps": 100,
+        "eta_s": 95.0,
+        "gpu_hours": 0.0123,
+        "elapsed_s": 300.0,
+    } | kw
 
 
 def _view():
     v = RunView(Tail("/nonexistent"), Tail("/nonexistent"))
-    v.feed_metrics([json.dumps({"step": s, "loss": 10 - s / 10, "itc": 3.0 - s / 50, "mlm": 4.0, "caption": 3.0,
-                                "samples_per_s": 120.5, "mfu": 0.31}) for s in range(1, 31)] + ["{broken"])
+    v.feed_metrics(
+        [
+            json.dumps(
+                {
+                    "step": s,
+                    "loss": 10 - s / 10,
+                    "itc": 3.0 - s / 50,
+                    "mlm": 4.0,
+                    "caption": 3.0,
+                    "samples_per_s": 120.5,
+                    "mfu": 0.31,
+                }
+            )
+            for s in range(1, 31)
+        ]
+        + ["{broken"]
+    )
     v.feed_log(["step 30/100 | loss 7.0000", ""])
     v.energy_kwh, v.co2_kg = 0.0042, 0.00024
     return v
@@ -61,8 +96,22 @@ def test_panel_fits_80_columns_and_shows_the_essentials():
     lines = text.splitlines()
     assert all(len(line) <= 80 for line in lines)
     assert len(lines) <= PANEL_LINES and fits_panels(2, 24)  # two runs and the footer fit in 24 rows
-    for expected in ("RUNNING", "job 42", "a[1-2]", "requeues 1", "30/100", "ETA 1:35", "loss", "itc",
-                     "120.5 samples/s", "MFU 31.0%", "GPU-h", "4.2 Wh", "0.24 g CO2eq", "step 30/100"):
+    for expected in (
+        "RUNNING",
+        "job 42",
+        "a[1-2]",
+        "requeues 1",
+        "30/100",
+        "ETA 1:35",
+        "loss",
+        "itc",
+        "120.5 samples/s",
+        "MFU 31.0%",
+        "GPU-h",
+        "4.2 Wh",
+        "0.24 g CO2eq",
+        "step 30/100",
+    ):
         assert expected in text, expected
 
 
@@ -70,7 +119,9 @@ def test_plain_line_and_summary():
     v = _view()
     line = plain_line(_row(), v)
     assert line.startswith("tiny-20261122-120000-ab12 RUNNING step 30/100 loss 7.0000 requeues 1")
-    out = summary_lines([_row(state="COMPLETED")], {"tiny-20261122-120000-ab12": v}, {"tiny-20261122-120000-ab12": {"i2t R@1": 0.5}})
+    out = summary_lines(
+        [_row(state="COMPLETED")], {"tiny-20261122-120000-ab12": v}, {"tiny-20261122-120000-ab12": {"i2t R@1": 0.5}}
+    )
     assert out[0] == "1 run(s) finished"
     assert "COMPLETED" in out[1] and "final loss 7.0000" in out[1]
     assert "i2t R@1 0.500" in out[-1]
@@ -80,8 +131,10 @@ def test_plain_line_and_summary():
 
 def test_many_runs_switch_to_one_line_each_within_80x24():
     assert not fits_panels(3, 24)
-    rows = [_row(run_id=f"run-{i:02d}", name=f"sweep-lr-{i:02d}", state="RUNNING" if i % 3 else "PENDING", step=10 * i)
-            for i in range(30)]
+    rows = [
+        _row(run_id=f"run-{i:02d}", name=f"sweep-lr-{i:02d}", state="RUNNING" if i % 3 else "PENDING", step=10 * i)
+        for i in range(30)
+    ]
     views = {r["run_id"]: _view() for r in rows}
     console = Console(width=80, height=24, record=True, color_system=None)
     console.print(runs_table(rows, views, 80, 24))

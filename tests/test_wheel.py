@@ -33,27 +33,50 @@ def installed(tmp_path_factory):
     which adds their directory but none of its .pth files, so this checkout's editable install is
     not active there."""
     tmp = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"),
-          str(REPO)], cwd=tmp)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(REPO),
+        ],
+        cwd=tmp,
+    )
     (wheel,) = (tmp / "dist").glob("clusterctl-*.whl")
     env_dir = tmp / "venv"
     venv.create(env_dir, with_pip=False)
     py = env_dir / "bin" / "python"
-    site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp).stdout.strip())
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel)],
-         cwd=tmp)
+    site = Path(
+        _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp).stdout.strip()
+    )
+    _run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel)],
+        cwd=tmp,
+    )
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     home = tmp / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLUSTERCTL_", "PYTHON"))} | {
-        "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_DATA_HOME": str(home / ".local")}
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local"),
+    }
     return py, site, env, tmp
 
 
 def test_installed_package_is_the_wheel_not_the_checkout(installed):
     py, site, env, tmp = installed
-    where = _run([str(py), "-c", "import clusterctl, vltrain; print(clusterctl.__file__); print(vltrain.__file__)"],
-                 cwd=tmp, env=env).stdout.split()
+    where = _run(
+        [str(py), "-c", "import clusterctl, vltrain; print(clusterctl.__file__); print(vltrain.__file__)"],
+        cwd=tmp,
+        env=env,
+    ).stdout.split()
     assert all(Path(w).is_relative_to(site) for w in where), where
 
 
@@ -70,5 +93,7 @@ def test_wheel_ships_the_recipes(installed):
     code = "import json; from clusterctl.planning.recipes import builtin_recipes as r; print(json.dumps({k: str(v) for k, v in r().items()}))"
     recipes = json.loads(_run([str(py), "-c", code], cwd=tmp, env=env).stdout)
     assert set(recipes) == {p.stem for p in (REPO / "configs").glob("*.toml")} and "tiny" in recipes
-    assert all(Path(p).is_relative_to(site) and Path(p).read_text() == (REPO / "configs" / f"{k}.toml").read_text()
-               for k, p in recipes.items())
+    assert all(
+        Path(p).is_relative_to(site) and Path(p).read_text() == (REPO / "configs" / f"{k}.toml").read_text()
+        for k, p in recipes.items()
+    )

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from vltrain.common.errors import FieldError, UserError
 
-
 FIELDS = ("global_batch", "micro_batch", "accumulation")  # the config fields these errors name
 
 
@@ -69,7 +68,8 @@ def split_batch(
         raise FieldError(
             f"global_batch: {global_batch} is not divisible by the {data_parallel} data-parallel ranks; "
             f"allowed: a multiple of {data_parallel}, e.g. {', '.join(map(str, near))} "
-            f"(with {best}: micro batch {micro} per GPU)", FIELDS
+            f"(with {best}: micro batch {micro} per GPU)",
+            FIELDS,
         )
     per_rank = global_batch // data_parallel
     choices = divisors(per_rank)
@@ -79,20 +79,23 @@ def split_batch(
             raise FieldError(
                 f"micro_batch {micro_batch} x accumulation {accumulation} x {data_parallel} ranks = "
                 f"{micro_batch * accumulation * data_parallel}, not the global batch {global_batch}; "
-                f"allowed: micro x accum = {per_rank} per rank", FIELDS
+                f"allowed: micro x accum = {per_rank} per rank",
+                FIELDS,
             )
     elif micro_batch is not None:
         if micro_batch < 1 or per_rank % micro_batch:
             raise FieldError(
                 f"micro_batch: {micro_batch} does not divide the {per_rank} samples per rank "
-                f"(global batch {global_batch} / {data_parallel} ranks); allowed: {shown}", FIELDS
+                f"(global batch {global_batch} / {data_parallel} ranks); allowed: {shown}",
+                FIELDS,
             )
         accumulation = per_rank // micro_batch
     elif accumulation is not None:
         if accumulation < 1 or per_rank % accumulation:
             raise FieldError(
                 f"accumulation: {accumulation} does not divide the {per_rank} samples per rank "
-                f"(global batch {global_batch} / {data_parallel} ranks); allowed: {shown}", FIELDS
+                f"(global batch {global_batch} / {data_parallel} ranks); allowed: {shown}",
+                FIELDS,
             )
         micro_batch = per_rank // accumulation
     else:
@@ -101,7 +104,8 @@ def split_batch(
         if not fitting:
             raise FieldError(
                 f"global_batch: not even a micro batch of 1 fits in GPU memory (limit {max_micro_batch}); "
-                f"allowed: more GPUs, a higher ZeRO stage, activation checkpointing, or a smaller model", FIELDS
+                f"allowed: more GPUs, a higher ZeRO stage, activation checkpointing, or a smaller model",
+                FIELDS,
             )
         micro_batch = fitting[-1]
         accumulation = per_rank // micro_batch
@@ -109,6 +113,7 @@ def split_batch(
         fit = [d for d in choices if d <= max_micro_batch]
         raise FieldError(
             f"micro_batch: {micro_batch} does not fit in GPU memory (at most {max_micro_batch} per GPU); "
-            f"allowed: {', '.join(map(str, fit)) or 'none - more GPUs or a higher ZeRO stage'}", FIELDS
+            f"allowed: {', '.join(map(str, fit)) or 'none - more GPUs or a higher ZeRO stage'}",
+            FIELDS,
         )
     return BatchSplit(micro_batch, accumulation, data_parallel, global_batch)

@@ -68,15 +68,21 @@ def check_compatible(path: Path, config_hash: str, world_size: int) -> dict[str,
     """meta.json of `path`, or a one-line UserError when this run cannot resume from it."""
     meta = read_meta(path)
     if meta.get("schema") != SCHEMA_VERSION:
-        raise UserError(f"{path}: checkpoint schema {meta.get('schema')}; allowed: schema {SCHEMA_VERSION} "
-                        f"(written by this vltrain), or a new run directory")
+        raise UserError(
+            f"{path}: checkpoint schema {meta.get('schema')}; allowed: schema {SCHEMA_VERSION} "
+            f"(written by this vltrain), or a new run directory"
+        )
     if meta.get("config_hash") != config_hash:
-        raise UserError(f"{path}: written by config {meta.get('config_hash')} but this run's config is {config_hash}; "
-                        f"allowed: the same model, optimizer, loss, global batch, ZeRO stage, precision and seed, "
-                        f"or a new run directory")
+        raise UserError(
+            f"{path}: written by config {meta.get('config_hash')} but this run's config is {config_hash}; "
+            f"allowed: the same model, optimizer, loss, global batch, ZeRO stage, precision and seed, "
+            f"or a new run directory"
+        )
     if meta.get("world_size") != world_size:
-        raise UserError(f"{path}: written by {meta.get('world_size')} ranks but this run has {world_size}; "
-                        f"allowed: resume with {meta.get('world_size')} ranks, or a new run directory")
+        raise UserError(
+            f"{path}: written by {meta.get('world_size')} ranks but this run has {world_size}; "
+            f"allowed: resume with {meta.get('world_size')} ranks, or a new run directory"
+        )
     return meta
 
 
@@ -108,8 +114,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(engine, run_dir: str | Path, *, step: int, samples: int, rank: int, world_size: int, config_hash: str,
-         trainer_state: dict[str, Any], keep: int) -> Path:
+def save(
+    engine,
+    run_dir: str | Path,
+    *,
+    step: int,
+    samples: int,
+    rank: int,
+    world_size: int,
+    config_hash: str,
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> Path:
     """Collective: every rank calls it at the same step. Returns the final path once it is visible."""
     root = checkpoints_dir(run_dir)
     final = root / step_dir_name(step)
@@ -119,13 +135,27 @@ def save(engine, run_dir: str | Path, *, step: int, samples: int, rank: int, wor
         tmp.mkdir(parents=True)
     _barrier()
     engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-    state = {"schema": SCHEMA_VERSION, "step": step, "samples": samples, "rank": rank, "world_size": world_size,
-             "config_hash": config_hash, "rng": rng_state(), **trainer_state}
+    state = {
+        "schema": SCHEMA_VERSION,
+        "step": step,
+        "samples": samples,
+        "rank": rank,
+        "world_size": world_size,
+        "config_hash": config_hash,
+        "rng": rng_state(),
+        **trainer_state,
+    }
     torch.save(state, tmp / f"trainer_rank{rank:05d}.pt")
     _barrier()  # every rank's files are written
     if rank == 0:
-        meta = {"schema": SCHEMA_VERSION, "step": step, "samples": samples, "world_size": world_size,
-                "config_hash": config_hash, "time": time.time()}
+        meta = {
+            "schema": SCHEMA_VERSION,
+            "step": step,
+            "samples": samples,
+            "world_size": world_size,
+            "config_hash": config_hash,
+            "time": time.time(),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         with (tmp / MARKER).open("w") as f:
             f.write(f"{step}\n")
@@ -151,10 +181,13 @@ def prune(run_dir: str | Path, keep: int) -> None:
 
 def load(engine, path: Path, rank: int) -> dict[str, Any]:
     """Restore model, optimizer and schedule into `engine`; return this rank's trainer state (RNG not yet applied)."""
-    load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    load_path, _ = engine.load_checkpoint(
+        str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if load_path is None:
-        raise UserError(f"{path}: DeepSpeed found no checkpoint under {DS_TAG}/; allowed: a directory written by vltrain")
+        raise UserError(
+            f"{path}: DeepSpeed found no checkpoint under {DS_TAG}/; allowed: a directory written by vltrain"
+        )
     # Our own file (trusted: written by this trainer into the run directory); RNG states need pickle.
     return torch.load(path / f"trainer_rank{rank:05d}.pt", weights_only=False)
 

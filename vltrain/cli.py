@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from vltrain.common.cligroup import ErrorGroup
 from vltrain.config import parse_overrides
-from vltrain.common.errors import UserError
 from vltrain.rundir import JobEnv, RunDir
 
-app = typer.Typer(cls=ErrorGroup, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
-                  help="vltrain: vision-language pre-training on DeepSpeed ZeRO (CPU or CUDA).")
+app = typer.Typer(
+    cls=ErrorGroup,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    help="vltrain: vision-language pre-training on DeepSpeed ZeRO (CPU or CUDA).",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Image-text shards: synthetic data, deduplication.")
 tok_app = typer.Typer(no_args_is_help=True, help="SentencePiece tokenizer.")
 app.add_typer(data_app, name="data")
@@ -35,10 +38,20 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 @app.command()
 def train(
     config: Path = typer.Option(None, "--config", "-c", help="Train config TOML (default: built-in defaults)."),
-    run_dir: Path = typer.Option(..., "--run-dir", envvar=JobEnv.RUN_DIR, show_envvar=True, help="Run directory: metrics, events, checkpoints, eval.json."),
+    run_dir: Path = typer.Option(
+        ...,
+        "--run-dir",
+        envvar=JobEnv.RUN_DIR,
+        show_envvar=True,
+        help="Run directory: metrics, events, checkpoints, eval.json.",
+    ),
     set_: list[str] = typer.Option([], "--set", help="Config override key=value, repeatable (e.g. optim.lr=3e-4)."),
-    stop_after: int = typer.Option(None, "--stop-after", min=1, help="End this attempt after N steps, with a checkpoint."),
-    local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher; ignored."),
+    stop_after: int = typer.Option(
+        None, "--stop-after", min=1, help="End this attempt after N steps, with a checkpoint."
+    ),
+    local_rank: int = typer.Option(
+        None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher; ignored."
+    ),
 ) -> None:
     """Train (or resume from the newest complete checkpoint in --run-dir)."""
     from vltrain.config import load_train_config
@@ -75,8 +88,10 @@ def data_synth(
     from vltrain.data.synth import write_synthetic_shards
 
     s = write_synthetic_shards(out, n=n, shards=shards, seed=seed, image_size=image_size, holdout=holdout)
-    typer.echo(f"wrote {s['samples']} samples in {len(s['shards'])} shards to {s['out']}"
-               + (f", {s['eval_samples']} held out in {s['eval_out']}" if s["eval_samples"] else ""))
+    typer.echo(
+        f"wrote {s['samples']} samples in {len(s['shards'])} shards to {s['out']}"
+        + (f", {s['eval_samples']} held out in {s['eval_out']}" if s["eval_samples"] else "")
+    )
 
 
 @data_app.command("dedup")

@@ -83,7 +83,9 @@ class TrainConfig:
     activation_checkpointing: bool = field("recompute activations in the backward pass", default=False)
     seed: int = field("seed for init, data order and masking", default=0, min=0, max=2**31 - 1)
     log_every: int = field("optimizer steps between metrics lines", default=1, min=1, max=10**6)
-    checkpoint_every: int = field("optimizer steps between checkpoints (0 = only at the end)", default=50, min=0, max=10**9)
+    checkpoint_every: int = field(
+        "optimizer steps between checkpoints (0 = only at the end)", default=50, min=0, max=10**9
+    )
     keep_checkpoints: int = field("complete checkpoints kept", default=3, min=1, max=1000)
     eval_every: int = field("optimizer steps between evaluations (0 = only at the end)", default=0, min=0, max=10**9)
 
@@ -104,9 +106,8 @@ def parse_train_config(data: dict[str, Any], where: str) -> TrainConfig:
     except UserError as e:
         msg = str(e)
         raise UserError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-    if isinstance(cfg.model, str):
-        if cfg.model not in PRESETS:
-            raise UserError(f"{where}: model: unknown preset {cfg.model!r}; allowed: {', '.join(PRESETS)}")
+    if isinstance(cfg.model, str) and cfg.model not in PRESETS:
+        raise UserError(f"{where}: model: unknown preset {cfg.model!r}; allowed: {', '.join(PRESETS)}")
     return cfg
 
 

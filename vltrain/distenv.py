@@ -71,21 +71,43 @@ def detect(env: Mapping[str, str], free_port: int | None = None) -> DistEnv:
         world = _int(env, "WORLD_SIZE")
         local_world = _int(env, "LOCAL_WORLD_SIZE", world)
         rank = _int(env, "RANK")
-        return DistEnv(rank, world, _int(env, "LOCAL_RANK", 0), local_world, _int(env, "GROUP_RANK", rank // local_world),
-                       env["MASTER_ADDR"], _int(env, "MASTER_PORT"), "torchrun")
+        return DistEnv(
+            rank,
+            world,
+            _int(env, "LOCAL_RANK", 0),
+            local_world,
+            _int(env, "GROUP_RANK", rank // local_world),
+            env["MASTER_ADDR"],
+            _int(env, "MASTER_PORT"),
+            "torchrun",
+        )
     executor = env.get("SUBMITIT_EXECUTOR", "")
     if executor == "local":
         world = _int(env, "SUBMITIT_LOCAL_NTASKS", 1)
-        return DistEnv(_int(env, "SUBMITIT_LOCAL_GLOBALID", 0), world, _int(env, "SUBMITIT_LOCAL_LOCALID", 0), world,
-                       _int(env, "SUBMITIT_LOCAL_NODEID", 0), "127.0.0.1",
-                       port_for_job(env.get("SUBMITIT_LOCAL_JOB_ID", "0")), "submitit-local")
+        return DistEnv(
+            _int(env, "SUBMITIT_LOCAL_GLOBALID", 0),
+            world,
+            _int(env, "SUBMITIT_LOCAL_LOCALID", 0),
+            world,
+            _int(env, "SUBMITIT_LOCAL_NODEID", 0),
+            "127.0.0.1",
+            port_for_job(env.get("SUBMITIT_LOCAL_JOB_ID", "0")),
+            "submitit-local",
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         world = _int(env, "SLURM_NTASKS")
         nodes = _int(env, "SLURM_JOB_NUM_NODES", _int(env, "SLURM_NNODES", 1))
         job = env.get("SLURM_ARRAY_JOB_ID", "") + env.get("SLURM_ARRAY_TASK_ID", "") or env.get("SLURM_JOB_ID", "0")
-        return DistEnv(_int(env, "SLURM_PROCID"), world, _int(env, "SLURM_LOCALID", 0), max(1, world // nodes),
-                       _int(env, "SLURM_NODEID", 0), _first_host(env.get("SLURM_JOB_NODELIST", "")),
-                       port_for_job(job), "submitit-slurm" if executor == "slurm" else "slurm")
+        return DistEnv(
+            _int(env, "SLURM_PROCID"),
+            world,
+            _int(env, "SLURM_LOCALID", 0),
+            max(1, world // nodes),
+            _int(env, "SLURM_NODEID", 0),
+            _first_host(env.get("SLURM_JOB_NODELIST", "")),
+            port_for_job(job),
+            "submitit-slurm" if executor == "slurm" else "slurm",
+        )
     return DistEnv(0, 1, 0, 1, 0, "127.0.0.1", free_port or PORT_BASE, "single")
 
 
@@ -104,9 +126,14 @@ def backend() -> str:
 
 def export(dist: DistEnv, environ: dict[str, str] | os._Environ = os.environ) -> None:
     """Write the torch.distributed variables (and DS_ACCELERATOR=cpu without CUDA) for init_distributed."""
-    environ.update(RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size), LOCAL_RANK=str(dist.local_rank),
-                   LOCAL_WORLD_SIZE=str(dist.local_world_size), MASTER_ADDR=dist.master_addr,
-                   MASTER_PORT=str(dist.master_port))
+    environ.update(
+        RANK=str(dist.rank),
+        WORLD_SIZE=str(dist.world_size),
+        LOCAL_RANK=str(dist.local_rank),
+        LOCAL_WORLD_SIZE=str(dist.local_world_size),
+        MASTER_ADDR=dist.master_addr,
+        MASTER_PORT=str(dist.master_port),
+    )
     if "DS_ACCELERATOR" not in environ:
         import torch
 

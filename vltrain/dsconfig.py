@@ -23,7 +23,7 @@ def warmup_steps(cfg: TrainConfig) -> int:
     """Warm-up in optimizer steps, from either warmup_steps or warmup_fraction."""
     if cfg.optim.warmup_steps:
         return min(cfg.optim.warmup_steps, cfg.steps)
-    return int(round(cfg.optim.warmup_fraction * cfg.steps))
+    return round(cfg.optim.warmup_fraction * cfg.steps)
 
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, accumulation: int, world_size: int) -> dict[str, Any]:
@@ -31,8 +31,14 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, accumulation: int, worl
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 1:
         # overlap_comm needs CUDA streams; contiguous gradients avoid fragmentation at scale.
-        zero.update({"overlap_comm": False, "contiguous_gradients": True,
-                     "reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": BUCKET_ELEMENTS})
+        zero.update(
+            {
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+                "reduce_bucket_size": BUCKET_ELEMENTS,
+                "allgather_bucket_size": BUCKET_ELEMENTS,
+            }
+        )
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
@@ -44,10 +50,19 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, accumulation: int, worl
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "vltrain": {
-            "optimizer": {"type": "AdamW", "lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
-                          "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay},
-            "schedule": {"type": "linear_warmup_cosine", "warmup_steps": warmup_steps(cfg),
-                         "total_steps": cfg.steps, "min_lr": cfg.optim.min_lr},
+            "optimizer": {
+                "type": "AdamW",
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+            },
+            "schedule": {
+                "type": "linear_warmup_cosine",
+                "warmup_steps": warmup_steps(cfg),
+                "total_steps": cfg.steps,
+                "min_lr": cfg.optim.min_lr,
+            },
             "activation_checkpointing": cfg.activation_checkpointing,
         },
     }

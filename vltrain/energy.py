@@ -34,9 +34,20 @@ def attempt_tag(env: dict[str, str] | None = None) -> str:
 class NodeEnergy:
     """codecarbon's offline tracker for one node; a do-nothing sink on every other rank."""
 
-    def __init__(self, run_dir: Path, *, local_rank: int, node_rank: int, country: str, pue: float = 1.0,
-                 gpu_ids: list[int] | None = None, flush_every_s: float = 60.0, measure_power_secs: float = 15.0,
-                 tag: str | None = None, rank: int = 0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        local_rank: int,
+        node_rank: int,
+        country: str,
+        pue: float = 1.0,
+        gpu_ids: list[int] | None = None,
+        flush_every_s: float = 60.0,
+        measure_power_secs: float = 15.0,
+        tag: str | None = None,
+        rank: int = 0,
+    ) -> None:
         self.enabled = local_rank == 0
         self.rank = rank  # the global rank that measures: written to each timeline line, so a test (or a
         # user) can see that one rank per node measured, not every rank
@@ -51,9 +62,17 @@ class NodeEnergy:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tracker = OfflineEmissionsTracker(
-            country_iso_code=country, pue=pue, output_dir=str(self.path.parent), output_file=self.path.name,
-            on_csv_write="update", measure_power_secs=measure_power_secs, log_level="error",
-            project_name=Path(run_dir).name, gpu_ids=gpu_ids, tracking_mode="machine", allow_multiple_runs=True,
+            country_iso_code=country,
+            pue=pue,
+            output_dir=str(self.path.parent),
+            output_file=self.path.name,
+            on_csv_write="update",
+            measure_power_secs=measure_power_secs,
+            log_level="error",
+            project_name=Path(run_dir).name,
+            gpu_ids=gpu_ids,
+            tracking_mode="machine",
+            allow_multiple_runs=True,
         )
 
     FIRST_FLUSH_S = 20.0  # the first total is written this soon (after codecarbon's first reading),
@@ -90,9 +109,14 @@ class NodeEnergy:
         try:
             rows = list(csv.DictReader(self.path.read_text().splitlines()))
             row = rows[-1]
-            line = {"time": time.time(), "energy_kwh": float(row["energy_consumed"]),
-                    "co2_kg": float(row["emissions"]), "duration_s": float(row["duration"]),
-                    "rank": self.rank, "host": socket.gethostname()}
+            line = {
+                "time": time.time(),
+                "energy_kwh": float(row["energy_consumed"]),
+                "co2_kg": float(row["emissions"]),
+                "duration_s": float(row["duration"]),
+                "rank": self.rank,
+                "host": socket.gethostname(),
+            }
         except (OSError, IndexError, KeyError, ValueError):
             return
         with self.timeline_path.open("a") as f:

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from vltrain.config import TrainConfig
-from vltrain.presets import resolve_model
 from vltrain.distenv import DistEnv, backend, export
 from vltrain.dsconfig import deepspeed_config, warmup_steps
+from vltrain.presets import resolve_model
 from vltrain.rundir import DIST_TIMEOUT_S
 from vltrain.schedule import lr_factor
 
@@ -77,8 +77,9 @@ def build_engine(cfg: TrainConfig, micro_batch: int, accumulation: int, world_si
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     schedule = functools.partial(lr_factor, peak=o.lr, min_lr=o.min_lr, warmup=warmup_steps(cfg), total=cfg.steps)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                           config=ds_config, dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config, dist_init_required=False
+    )
     return engine, ds_config
 
 

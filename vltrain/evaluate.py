@@ -28,7 +28,6 @@ def recall_at_k(sim, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
 
     The rank of the true match counts the candidates scored strictly higher, so ties do not help.
     """
-    import torch
 
     true = sim.diagonal().unsqueeze(1)  # [N, 1]
     rank = (sim > true).sum(dim=1)  # [N]
@@ -37,14 +36,16 @@ def recall_at_k(sim, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
 
 def _ngrams(text: str, n: int) -> Counter:
     words = text.split()
-    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+    return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
 def cider_tokenize(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0) -> tuple[float, list[float]]:
+def cider_d(
+    candidates: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0
+) -> tuple[float, list[float]]:
     """CIDEr-D of each candidate against its references; returns (mean, per-candidate scores)."""
     if len(candidates) != len(references) or not candidates:
         raise ValueError("cider_d: one list of references per candidate, at least one candidate")
@@ -91,20 +92,40 @@ def default_eval_shards(cfg) -> str:
     return str(d) if d.is_dir() and any(d.glob("*.tar")) else ""
 
 
-def evaluate(model, cfg, tokenizer, shards: str, *, device=None, dtype=None, batch_size: int = 128,
-             max_caption_samples: int = 1000) -> dict[str, Any]:
+def evaluate(
+    model,
+    cfg,
+    tokenizer,
+    shards: str,
+    *,
+    device=None,
+    dtype=None,
+    batch_size: int = 128,
+    max_caption_samples: int = 1000,
+) -> dict[str, Any]:
     """Recall@K (i2t, t2i) over all held-out pairs and CIDEr-D over the first `max_caption_samples`.
 
     Runs on one process; consumes no global RNG (the caller's training RNG stream stays exact).
     """
     import torch
 
-    from vltrain.presets import resolve_model
     from vltrain.data.loader import ShardLoader
+    from vltrain.presets import resolve_model
 
     mcfg = resolve_model(cfg.model)
-    loader = ShardLoader(shards, rank=0, world_size=1, batch_size=batch_size, seed=cfg.seed, image_size=mcfg.image_size,
-                         tokenizer=tokenizer, max_len=mcfg.max_text_len, train=False, data_cfg=cfg.data, workers=0)
+    loader = ShardLoader(
+        shards,
+        rank=0,
+        world_size=1,
+        batch_size=batch_size,
+        seed=cfg.seed,
+        image_size=mcfg.image_size,
+        tokenizer=tokenizer,
+        max_len=mcfg.max_text_len,
+        train=False,
+        data_cfg=cfg.data,
+        workers=0,
+    )
     device = device or torch.device("cpu")
     dtype = dtype or next(model.parameters()).dtype
     was_training = model.training
@@ -128,9 +149,17 @@ def evaluate(model, cfg, tokenizer, shards: str, *, device=None, dtype=None, bat
     sim = image_emb @ text_emb.t()  # [N images, N texts]
     cider, _ = cider_d([cider_tokenize(c) for c in cands], [[cider_tokenize(r)] for r in refs])
     n = image_emb.shape[0]
-    return {"n": n, "chance_r1": 1.0 / n, "i2t": recall_at_k(sim), "t2i": recall_at_k(sim.t()), "cider": cider,
-            "caption_samples": len(cands), "shards": shards, "eval_time_s": time.perf_counter() - t0,
-            "examples": [{"key": k, "reference": r, "generated": c} for k, r, c in list(zip(keys, refs, cands))[:5]]}
+    return {
+        "n": n,
+        "chance_r1": 1.0 / n,
+        "i2t": recall_at_k(sim),
+        "t2i": recall_at_k(sim.t()),
+        "cider": cider,
+        "caption_samples": len(cands),
+        "shards": shards,
+        "eval_time_s": time.perf_counter() - t0,
+        "examples": [{"key": k, "reference": r, "generated": c} for k, r, c in list(zip(keys, refs, cands))[:5]],
+    }
 
 
 def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:
@@ -147,9 +176,9 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     import torch
 
     from vltrain import checkpoint
+    from vltrain.common.errors import UserError
     from vltrain.config import load_train_config
     from vltrain.engine import build_model
-    from vltrain.common.errors import UserError
     from vltrain.tokenizer import Tokenizer
 
     run_dir = Path(run_dir)
@@ -159,12 +188,16 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"--run-dir: {run_dir} has no complete checkpoint; allowed: a run that saved one")
     shards = default_eval_shards(cfg)
     if not shards:
-        raise UserError(f"data.eval_shards: not set and {cfg.data.shards}/eval holds no shards; allowed: held-out shards")
+        raise UserError(
+            f"data.eval_shards: not set and {cfg.data.shards}/eval holds no shards; allowed: held-out shards"
+        )
     model = build_model(cfg)
     model.load_state_dict(checkpoint.module_state(path))
     tok_path = cfg.data.tokenizer or str(RunDir(run_dir).tokenizer)
     meta = checkpoint.read_meta(path)
-    result = evaluate(model.float(), cfg, Tokenizer.load(tok_path), shards, device=torch.device("cpu"), dtype=torch.float32)
+    result = evaluate(
+        model.float(), cfg, Tokenizer.load(tok_path), shards, device=torch.device("cpu"), dtype=torch.float32
+    )
     result |= {"step": meta["step"], "samples": meta["samples"], "checkpoint": path.name, "time": time.time()}
     write_eval(run_dir, result)
     return result

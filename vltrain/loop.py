@@ -25,14 +25,24 @@ from typing import Any
 
 import submitit
 
+from vltrain.common.errors import UserError
 from vltrain.config import TrainConfig, load_train_config
 from vltrain.presets import resolve_model
-from vltrain.common.errors import UserError
 from vltrain.rundir import ENERGY_FLUSH_S, EXIT_COMM_ERROR, JobEnv, RunDir
 
 _CONTINUE = -1000  # "keep training" in the stop decision that rank 0 broadcasts
-COMM_ERROR_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl",
-                    "timed out", "socket timeout", "rendezvous", "tcpstore", "processgroup")
+COMM_ERROR_WORDS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "gloo",
+    "nccl",
+    "timed out",
+    "socket timeout",
+    "rendezvous",
+    "tcpstore",
+    "processgroup",
+)
 
 
 def preempt_signal() -> signal.Signals:
@@ -155,8 +165,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
         step = session.step if session else 0
         if is_comm_error(e):
             events.emit("error", step, kind="communication", message=str(e)[:500])
-            print(f"vltrain: lost a peer or the communicator ({type(e).__name__}: {str(e)[:300]}); "
-                  f"exit {EXIT_COMM_ERROR}", file=sys.stderr, flush=True)
+            print(
+                f"vltrain: lost a peer or the communicator ({type(e).__name__}: {str(e)[:300]}); "
+                f"exit {EXIT_COMM_ERROR}",
+                file=sys.stderr,
+                flush=True,
+            )
             events.close()
             os._exit(EXIT_COMM_ERROR)  # skip interpreter teardown: tearing down a broken group can hang
         events.emit("error", step, kind=type(e).__name__, message=str(e)[:500])
@@ -193,12 +207,16 @@ class Session:
             raise UserError("data.shards: not set; allowed: a directory of .tar shards, a brace pattern or a tar file")
         resolve_shards(cfg.data.shards)
         if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
-            raise UserError(f"data.tokenizer: {cfg.data.tokenizer} does not exist; allowed: a model from "
-                            f"`vltrain tokenizer train`, or empty to train one on data.shards into the run directory")
+            raise UserError(
+                f"data.tokenizer: {cfg.data.tokenizer} does not exist; allowed: a model from "
+                f"`vltrain tokenizer train`, or empty to train one on data.shards into the run directory"
+            )
         self.config_hash = cfg.config_hash()
         if dist_env.is_main:
-            write_config(run_dir, dataclasses.replace(cfg, micro_batch=self.split.micro_batch,
-                                                      accumulation=self.split.accumulation))
+            write_config(
+                run_dir,
+                dataclasses.replace(cfg, micro_batch=self.split.micro_batch, accumulation=self.split.accumulation),
+            )
         ckpt = checkpoint.latest(run_dir)
         if ckpt is not None:
             checkpoint.check_compatible(ckpt, self.config_hash, dist_env.world_size)
@@ -207,9 +225,18 @@ class Session:
         self.tokenizer = self._tokenizer()
         self.engine, _ = build_engine(cfg, self.split.micro_batch, self.split.accumulation, dist_env.world_size)
         self.device, self.dtype = self.engine.device, compute_dtype(cfg)
-        self.loader = ShardLoader(cfg.data.shards, rank=dist_env.rank, world_size=dist_env.world_size,
-                                  batch_size=self.split.micro_batch, seed=cfg.seed, image_size=self.mcfg.image_size,
-                                  tokenizer=self.tokenizer, max_len=self.mcfg.max_text_len, train=True, data_cfg=cfg.data)
+        self.loader = ShardLoader(
+            cfg.data.shards,
+            rank=dist_env.rank,
+            world_size=dist_env.world_size,
+            batch_size=self.split.micro_batch,
+            seed=cfg.seed,
+            image_size=self.mcfg.image_size,
+            tokenizer=self.tokenizer,
+            max_len=self.mcfg.max_text_len,
+            train=True,
+            data_cfg=cfg.data,
+        )
         seed_rank(cfg.seed, dist_env.rank)
         self.metrics = JsonlSink(RunDir(run_dir).metrics, dist_env.is_main)
         dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
@@ -217,11 +244,19 @@ class Session:
         self.params = sum(p.numel() for p in self.engine.module.parameters())
         self.flop_factor = 4 if cfg.activation_checkpointing else 3  # forward + backward (+ recompute)
         self.flops_per_sample: dict[int, float] = {}  # by padded text length
-        info = {"world_size": dist_env.world_size, "micro_batch": self.split.micro_batch,
-                "accumulation": self.split.accumulation, "global_batch": cfg.global_batch, "steps": cfg.steps,
-                "params": self.params, "config_hash": self.config_hash, "launcher": dist_env.source,
-                "host": socket.gethostname(), "pid": os.getpid(),
-                "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")}
+        info = {
+            "world_size": dist_env.world_size,
+            "micro_batch": self.split.micro_batch,
+            "accumulation": self.split.accumulation,
+            "global_batch": cfg.global_batch,
+            "steps": cfg.steps,
+            "params": self.params,
+            "config_hash": self.config_hash,
+            "launcher": dist_env.source,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
+        }
         if ckpt is not None:
             state = checkpoint.load(self.engine, ckpt, dist_env.rank)
             self.loader.load_state_dict(state["loader"])
@@ -230,16 +265,24 @@ class Session:
             events.emit("resume", self.step, checkpoint=ckpt.name, **info)
         else:
             events.emit("start", 0, **info)
-        self._say(f"vltrain: {self.mcfg.name} {self.params / 1e6:.2f}M params | {dist_env.world_size} rank(s) via "
-                  f"{dist_env.source} | global batch {cfg.global_batch} = {self.split.micro_batch} x "
-                  f"{self.split.accumulation} accum x {dist_env.world_size} | "
-                  f"{'resuming from ' + ckpt.name if ckpt else 'starting'} at step {self.step}/{cfg.steps}")
+        self._say(
+            f"vltrain: {self.mcfg.name} {self.params / 1e6:.2f}M params | {dist_env.world_size} rank(s) via "
+            f"{dist_env.source} | global batch {cfg.global_batch} = {self.split.micro_batch} x "
+            f"{self.split.accumulation} accum x {dist_env.world_size} | "
+            f"{'resuming from ' + ckpt.name if ckpt else 'starting'} at step {self.step}/{cfg.steps}"
+        )
         job_env = JobEnv.from_env()
         if job_env.country:  # clusterctl sets it from the profile's site; one tracker per node (vltrain.energy)
-            self.energy = NodeEnergy(run_dir, local_rank=dist_env.local_rank, node_rank=dist_env.node_rank,
-                                     country=job_env.country, pue=job_env.pue,
-                                     gpu_ids=visible_gpu_ids(), rank=dist_env.rank,
-                                     flush_every_s=float(os.environ.get(ENERGY_FLUSH_S, "60") or 60))
+            self.energy = NodeEnergy(
+                run_dir,
+                local_rank=dist_env.local_rank,
+                node_rank=dist_env.node_rank,
+                country=job_env.country,
+                pue=job_env.pue,
+                gpu_ids=visible_gpu_ids(),
+                rank=dist_env.rank,
+                flush_every_s=float(os.environ.get(ENERGY_FLUSH_S, "60") or 60),
+            )
             self.energy.start()
 
     # ---------------------------------------------------------------- set-up helpers
@@ -267,8 +310,10 @@ class Session:
             raise UserError(error[0])
         tok = Tokenizer.load(path)
         if tok.vocab_size != self.mcfg.vocab_size:
-            raise UserError(f"model.vocab_size: {self.mcfg.vocab_size} but the tokenizer {path} has {tok.vocab_size} "
-                            f"pieces; allowed: equal sizes (vltrain tokenizer train --vocab-size {self.mcfg.vocab_size})")
+            raise UserError(
+                f"model.vocab_size: {self.mcfg.vocab_size} but the tokenizer {path} has {tok.vocab_size} "
+                f"pieces; allowed: equal sizes (vltrain tokenizer train --vocab-size {self.mcfg.vocab_size})"
+            )
         return tok
 
     # ---------------------------------------------------------------- the loop
@@ -303,8 +348,9 @@ class Session:
                 return {"step": self.step, "samples": self.samples, "finished": False}
         self.save("final")
         result = self.evaluate()
-        self.events.emit("finish", self.step, samples=self.samples,
-                         recall_i2t_r1=result["i2t"]["R@1"] if result else None)
+        self.events.emit(
+            "finish", self.step, samples=self.samples, recall_i2t_r1=result["i2t"]["R@1"] if result else None
+        )
         return {"step": self.step, "samples": self.samples, "finished": True, "eval": result}
 
     def train_step(self, batches) -> tuple[Any, float]:
@@ -328,8 +374,9 @@ class Session:
                 self.flops_per_sample[t] = forward_flops_per_sample(self.mcfg, text_len=t) * self.flop_factor
             local[7] += int(mask.sum())
             local[8] += self.flops_per_sample[t] * mask.shape[0]
-            out = eng(batch["images"].to(self.device, self.dtype), batch["input_ids"].to(self.device),
-                      mask.to(self.device))
+            out = eng(
+                batch["images"].to(self.device, self.dtype), batch["input_ids"].to(self.device), mask.to(self.device)
+            )
             eng.backward(out["loss"])
             if micro == accumulation - 1:
                 lr = eng.get_lr()[0]  # the LR this step uses; engine.step() moves the schedule on
@@ -349,12 +396,19 @@ class Session:
         steps = micro / (world * self.split.accumulation)  # optimizer steps in the interval
         wall = seconds / world  # mean over ranks
         grad_norm = self.engine.get_global_grad_norm()
-        rec = {"step": self.step, **{k: float(interval[i] / micro) for i, k in enumerate(self.LOSSES)}, "lr": lr,
-               "grad_norm": None if grad_norm is None else float(grad_norm),
-               "samples_per_s": steps * self.cfg.global_batch / wall, "tokens_per_s": tokens / wall,
-               "step_time_s": wall / steps, "mfu": mfu(flops / steps, wall / steps, world, self.peak),
-               "mem_gib": memory_gib(self.device),
-               "samples": self.samples, "time": time.time()}
+        rec = {
+            "step": self.step,
+            **{k: float(interval[i] / micro) for i, k in enumerate(self.LOSSES)},
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "samples_per_s": steps * self.cfg.global_batch / wall,
+            "tokens_per_s": tokens / wall,
+            "step_time_s": wall / steps,
+            "mfu": mfu(flops / steps, wall / steps, world, self.peak),
+            "mem_gib": memory_gib(self.device),
+            "samples": self.samples,
+            "time": time.time(),
+        }
         self.metrics.write(rec)
         self._say(human_line(rec, self.cfg.steps))
 
@@ -365,12 +419,25 @@ class Session:
         if self.step == self.saved_step:
             return
         t0 = time.perf_counter()
-        path = checkpoint.save(self.engine, self.run_dir, step=self.step, samples=self.samples, rank=self.dist.rank,
-                               world_size=self.dist.world_size, config_hash=self.config_hash,
-                               trainer_state={"loader": self.loader.state_dict()}, keep=self.cfg.keep_checkpoints)
+        path = checkpoint.save(
+            self.engine,
+            self.run_dir,
+            step=self.step,
+            samples=self.samples,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            config_hash=self.config_hash,
+            trainer_state={"loader": self.loader.state_dict()},
+            keep=self.cfg.keep_checkpoints,
+        )
         self.saved_step = self.step
-        self.events.emit("checkpoint", self.step, path=f"{RunDir.CHECKPOINTS}/{path.name}", reason=reason,
-                         seconds=round(time.perf_counter() - t0, 3))
+        self.events.emit(
+            "checkpoint",
+            self.step,
+            path=f"{RunDir.CHECKPOINTS}/{path.name}",
+            reason=reason,
+            seconds=round(time.perf_counter() - t0, 3),
+        )
 
     def evaluate(self) -> dict[str, Any] | None:
         """Held-out retrieval and captioning on rank 0 (ZeRO-2 keeps full weights on every rank)."""
@@ -383,13 +450,17 @@ class Session:
         result = None
         if shards and self.dist.is_main:
             with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG stream
-                result = evaluate(self.engine.module, self.cfg, self.tokenizer, shards, device=self.device, dtype=self.dtype)
+                result = evaluate(
+                    self.engine.module, self.cfg, self.tokenizer, shards, device=self.device, dtype=self.dtype
+                )
             result |= {"step": self.step, "samples": self.samples, "time": time.time()}
             write_eval(self.run_dir, result)
-            self._say(f"eval step {self.step}: i2t R@1 {result['i2t']['R@1']:.3f} R@5 {result['i2t']['R@5']:.3f} "
-                      f"R@10 {result['i2t']['R@10']:.3f} | t2i R@1 {result['t2i']['R@1']:.3f} R@5 {result['t2i']['R@5']:.3f} "
-                      f"R@10 {result['t2i']['R@10']:.3f} | CIDEr-D {result['cider']:.3f} | "
-                      f"{result['n']} pairs (chance R@1 {result['chance_r1']:.4f})")
+            self._say(
+                f"eval step {self.step}: i2t R@1 {result['i2t']['R@1']:.3f} R@5 {result['i2t']['R@5']:.3f} "
+                f"R@10 {result['i2t']['R@10']:.3f} | t2i R@1 {result['t2i']['R@1']:.3f} R@5 {result['t2i']['R@5']:.3f} "
+                f"R@10 {result['t2i']['R@10']:.3f} | CIDEr-D {result['cider']:.3f} | "
+                f"{result['n']} pairs (chance R@1 {result['chance_r1']:.4f})"
+            )
         if self.dist.world_size > 1:
             dist.barrier()
         return result

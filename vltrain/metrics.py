@@ -26,8 +26,18 @@ from vltrain.rundir import JobEnv, RunDir
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by CUDA device name, from the vendors' data sheets (SXM
 # parts where both exist). Override with VLTRAIN_PEAK_TFLOPS (clusterctl sets it from the profile).
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
-                    "V100": 125.0, "A6000": 155.0, "MI300X": 1307.0, "MI250X": 383.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "A6000": 155.0,
+    "MI300X": 1307.0,
+    "MI250X": 383.0,
+}
 
 
 class JsonlSink:
@@ -115,10 +125,12 @@ def human_line(rec: dict[str, Any], total_steps: int) -> str:
     """The line rank 0 prints per logged step (what `clusterctl logs` shows)."""
     mfu_s = f" | mfu {rec['mfu'] * 100:.1f}%" if rec.get("mfu") is not None else ""
     gn = rec.get("grad_norm")
-    return (f"step {rec['step']}/{total_steps} | loss {rec['loss']:.4f} (itc {rec['itc']:.3f} mlm {rec['mlm']:.3f} "
-            f"cap {rec['caption']:.3f}) | lr {rec['lr']:.2e} | gnorm {gn if gn is None else f'{gn:.2f}'} | "
-            f"{rec['samples_per_s']:.0f} samples/s | {rec['step_time_s'] * 1000:.0f} ms/step{mfu_s} | "
-            f"{rec['mem_gib']:.2f} GiB")
+    return (
+        f"step {rec['step']}/{total_steps} | loss {rec['loss']:.4f} (itc {rec['itc']:.3f} mlm {rec['mlm']:.3f} "
+        f"cap {rec['caption']:.3f}) | lr {rec['lr']:.2e} | gnorm {gn if gn is None else f'{gn:.2f}'} | "
+        f"{rec['samples_per_s']:.0f} samples/s | {rec['step_time_s'] * 1000:.0f} ms/step{mfu_s} | "
+        f"{rec['mem_gib']:.2f} GiB"
+    )
 
 
 def say(line: str) -> None:

@@ -43,11 +43,18 @@ class ModelConfig:
                 f"model.image_size: {self.image_size} is not divisible by model.patch_size "
                 f"{self.patch_size}; allowed: a multiple of the patch size"
             )
-        for w, h, what in ((self.vision_width, self.vision_heads, "vision"), (self.text_width, self.text_heads, "text")):
+        for w, h, what in (
+            (self.vision_width, self.vision_heads, "vision"),
+            (self.text_width, self.text_heads, "text"),
+        ):
             if w % h:
-                raise UserError(f"model.{what}_width: {w} is not divisible by model.{what}_heads {h}; allowed: a multiple of the head count")
+                raise UserError(
+                    f"model.{what}_width: {w} is not divisible by model.{what}_heads {h}; allowed: a multiple of the head count"
+                )
             if self.pos_embedding == "rope" and (w // h) % 2:
-                raise UserError(f"model.{what}_heads: head size {w // h} is odd; allowed: an even head size with pos_embedding = 'rope'")
+                raise UserError(
+                    f"model.{what}_heads: head size {w // h} is odd; allowed: an even head size with pos_embedding = 'rope'"
+                )
 
     @property
     def num_patches(self) -> int:

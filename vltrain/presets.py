@@ -7,10 +7,10 @@ paper-scale presets land within 1% of the totals their seed papers state.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-from vltrain.model_config import ModelConfig
 from vltrain.common.errors import UserError
+from vltrain.model_config import ModelConfig
 
 
 def tiny() -> ModelConfig:
@@ -21,20 +21,40 @@ def tiny() -> ModelConfig:
     48 tokens, the length docs/data.md names for no truncation of synthetic captions.
     """
     return ModelConfig(
-        name="tiny", image_size=32, patch_size=4,
-        vision_width=96, vision_layers=2, vision_heads=4,
-        text_width=96, text_layers=1, fusion_layers=1, text_heads=4, decoder_layers=1,
-        vocab_size=1000, max_text_len=48, embed_dim=64,
+        name="tiny",
+        image_size=32,
+        patch_size=4,
+        vision_width=96,
+        vision_layers=2,
+        vision_heads=4,
+        text_width=96,
+        text_layers=1,
+        fusion_layers=1,
+        text_heads=4,
+        decoder_layers=1,
+        vocab_size=1000,
+        max_text_len=48,
+        embed_dim=64,
     )
 
 
 def small() -> ModelConfig:
     """~51M parameters for one GPU: ViT-S/16 (Touvron et al. 2021) with a 384-wide text tower."""
     return ModelConfig(
-        name="small", image_size=224, patch_size=16,
-        vision_width=384, vision_layers=12, vision_heads=6,
-        text_width=384, text_layers=4, fusion_layers=2, text_heads=6, decoder_layers=2,
-        vocab_size=32000, max_text_len=64, embed_dim=256,
+        name="small",
+        image_size=224,
+        patch_size=16,
+        vision_width=384,
+        vision_layers=12,
+        vision_heads=6,
+        text_width=384,
+        text_layers=4,
+        fusion_layers=2,
+        text_heads=6,
+        decoder_layers=2,
+        vocab_size=32000,
+        max_text_len=64,
+        embed_dim=256,
     )
 
 
@@ -42,10 +62,20 @@ def base() -> ModelConfig:
     """~267M parameters: ViT-B/16 + BERT-base split 6 unimodal / 6 fusion layers (ALBEF, Li et al.
     2021) and a 6-block captioning decoder (BLIP-style); a single-node baseline."""
     return ModelConfig(
-        name="base", image_size=224, patch_size=16,
-        vision_width=768, vision_layers=12, vision_heads=12,
-        text_width=768, text_layers=6, fusion_layers=6, text_heads=12, decoder_layers=6,
-        vocab_size=32000, max_text_len=64, embed_dim=256,
+        name="base",
+        image_size=224,
+        patch_size=16,
+        vision_width=768,
+        vision_layers=12,
+        vision_heads=12,
+        text_width=768,
+        text_layers=6,
+        fusion_layers=6,
+        text_heads=12,
+        decoder_layers=6,
+        vocab_size=32000,
+        max_text_len=64,
+        embed_dim=256,
     )
 
 
@@ -58,10 +88,20 @@ def crossmodal_xl() -> ModelConfig:
     we count it with the "multimodal fusion layers": 12.42B. Total 30.49B (-0.04%).
     """
     return ModelConfig(
-        name="crossmodal-xl", image_size=224, patch_size=14,
-        vision_width=4096, vision_layers=30, vision_heads=32,
-        text_width=6144, text_layers=39, fusion_layers=6, text_heads=48, decoder_layers=5,
-        vocab_size=64000, max_text_len=77, embed_dim=1024,
+        name="crossmodal-xl",
+        image_size=224,
+        patch_size=14,
+        vision_width=4096,
+        vision_layers=30,
+        vision_heads=32,
+        text_width=6144,
+        text_layers=39,
+        fusion_layers=6,
+        text_heads=48,
+        decoder_layers=5,
+        vocab_size=64000,
+        max_text_len=77,
+        embed_dim=1024,
     )
 
 
@@ -74,10 +114,20 @@ def vl_30b() -> ModelConfig:
     contrastive and MLM objectives the seed pre-trains with. Total 30.51B (+0.03%).
     """
     return ModelConfig(
-        name="vl-30b", image_size=224, patch_size=14,
-        vision_width=2048, vision_layers=30, vision_heads=16,
-        text_width=6144, text_layers=2, fusion_layers=2, text_heads=48, decoder_layers=48,
-        vocab_size=64000, max_text_len=77, embed_dim=1024,
+        name="vl-30b",
+        image_size=224,
+        patch_size=14,
+        vision_width=2048,
+        vision_layers=30,
+        vision_heads=16,
+        text_width=6144,
+        text_layers=2,
+        fusion_layers=2,
+        text_heads=48,
+        decoder_layers=48,
+        vocab_size=64000,
+        max_text_len=77,
+        embed_dim=1024,
     )
 
 
@@ -89,11 +139,22 @@ def vl_22b() -> ModelConfig:
     6 decoder blocks (2.45B each). Total 22.04B (+0.19%).
     """
     return ModelConfig(
-        name="vl-22b", image_size=336, patch_size=14,
-        vision_width=4096, vision_layers=24, vision_heads=32,
-        text_width=5120, text_layers=38, fusion_layers=6, text_heads=40, decoder_layers=6,
-        vocab_size=65000, max_text_len=77, embed_dim=1024,
-        pos_embedding="rope", norm="rmsnorm",
+        name="vl-22b",
+        image_size=336,
+        patch_size=14,
+        vision_width=4096,
+        vision_layers=24,
+        vision_heads=32,
+        text_width=5120,
+        text_layers=38,
+        fusion_layers=6,
+        text_heads=40,
+        decoder_layers=6,
+        vocab_size=65000,
+        max_text_len=77,
+        embed_dim=1024,
+        pos_embedding="rope",
+        norm="rmsnorm",
     )
 
 
@@ -110,10 +171,20 @@ def vl_seed004() -> ModelConfig:
     1,024-token activations.
     """
     return ModelConfig(
-        name="vl-seed004", image_size=256, patch_size=16,
-        vision_width=1024, vision_layers=24, vision_heads=16,
-        text_width=2048, text_layers=24, fusion_layers=6, text_heads=16, decoder_layers=6,
-        vocab_size=32000, max_text_len=1024, embed_dim=512,
+        name="vl-seed004",
+        image_size=256,
+        patch_size=16,
+        vision_width=1024,
+        vision_layers=24,
+        vision_heads=16,
+        text_width=2048,
+        text_layers=24,
+        fusion_layers=6,
+        text_heads=16,
+        decoder_layers=6,
+        vocab_size=32000,
+        max_text_len=1024,
+        embed_dim=512,
     )
 
 

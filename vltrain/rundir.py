@@ -122,9 +122,13 @@ class JobEnv:
     def from_env(cls, env: Mapping[str, str] | None = None) -> JobEnv:
         """The contract as this process sees it; unset or unreadable figures are None / defaults."""
         env = os.environ if env is None else env
-        return cls(run_dir=env.get(cls.RUN_DIR, ""), profile=env.get(cls.PROFILE, ""),
-                   peak_tflops=_positive(env.get(cls.PEAK_TFLOPS, "")), country=env.get(cls.COUNTRY) or None,
-                   pue=_positive(env.get(cls.PUE, "")) or 1.0)
+        return cls(
+            run_dir=env.get(cls.RUN_DIR, ""),
+            profile=env.get(cls.PROFILE, ""),
+            peak_tflops=_positive(env.get(cls.PEAK_TFLOPS, "")),
+            country=env.get(cls.COUNTRY) or None,
+            pue=_positive(env.get(cls.PUE, "")) or 1.0,
+        )
 
 
 # The trainer's exit code for a lost peer or communicator (EX_TEMPFAIL): clusterctl retries it.

@@ -35,8 +35,10 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         ids = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.piece_to_id(MASK_PIECE))
         if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID):
-            raise UserError(f"data.tokenizer: {path} has special ids {ids} for pad/unk/bos/eos/<mask>; "
-                            f"allowed: a model from `vltrain tokenizer train` (0, 1, 2, 3, 4)")
+            raise UserError(
+                f"data.tokenizer: {path} has special ids {ids} for pad/unk/bos/eos/<mask>; "
+                f"allowed: a model from `vltrain tokenizer train` (0, 1, 2, 3, 4)"
+            )
         self.pad_id, self.unk_id, self.bos_id, self.eos_id, self.mask_id = ids
         self.vocab_size = self.sp.get_piece_size()
 
@@ -45,13 +47,17 @@ class Tokenizer:
         try:
             proto = Path(path).read_bytes()
         except OSError:
-            raise UserError(f"data.tokenizer: {path} cannot be read; allowed: a SentencePiece .model file "
-                            f"from `vltrain tokenizer train`") from None
+            raise UserError(
+                f"data.tokenizer: {path} cannot be read; allowed: a SentencePiece .model file "
+                f"from `vltrain tokenizer train`"
+            ) from None
         try:
             return cls(proto, str(path))
         except (RuntimeError, OSError):
-            raise UserError(f"data.tokenizer: {path} is not a SentencePiece model; allowed: a .model file "
-                            f"from `vltrain tokenizer train`") from None
+            raise UserError(
+                f"data.tokenizer: {path} is not a SentencePiece model; allowed: a .model file "
+                f"from `vltrain tokenizer train`"
+            ) from None
 
     def __getstate__(self) -> dict:
         return {"model_proto": self._proto, "path": self.path}
@@ -82,7 +88,7 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """Text of a row of ids: stops at the first eos; pad, bos and <mask> are dropped."""
         out = []
-        for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
+        for i in ids.tolist() if hasattr(ids, "tolist") else ids:
             if i == self.eos_id:
                 break
             if i not in (self.pad_id, self.bos_id, self.mask_id):
@@ -94,8 +100,9 @@ _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a
 _TOO_LOW = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path, seed: int = 0,
-                    character_coverage: float = 1.0) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_path: str | Path, seed: int = 0, character_coverage: float = 1.0
+) -> Tokenizer:
     """Train a BPE SentencePiece model on texts and write it atomically to out_path.
 
     A vocabulary the corpus cannot fill is a one-line UserError naming the largest size that fits
@@ -115,16 +122,31 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path,
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=itertools.chain([first], lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=[MASK_PIECE],
-            character_coverage=character_coverage, input_sentence_size=MAX_SENTENCES, shuffle_input_sentence=True,
-            num_threads=os.cpu_count() or 1, minloglevel=2)
+            sentence_iterator=itertools.chain([first], lines),
+            model_writer=buf,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            user_defined_symbols=[MASK_PIECE],
+            character_coverage=character_coverage,
+            input_sentence_size=MAX_SENTENCES,
+            shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
     except RuntimeError as e:
         msg = str(e)
         if m := _TOO_HIGH.search(msg):
-            raise UserError(f"--vocab-size: {vocab_size} is too large for this corpus; allowed: at most {m.group(2)}") from None
+            raise UserError(
+                f"--vocab-size: {vocab_size} is too large for this corpus; allowed: at most {m.group(2)}"
+            ) from None
         if m := _TOO_LOW.search(msg):
-            raise UserError(f"--vocab-size: {vocab_size} is too small for this corpus; allowed: at least {m.group(2)}") from None
+            raise UserError(
+                f"--vocab-size: {vocab_size} is too small for this corpus; allowed: at least {m.group(2)}"
+            ) from None
         raise
     out = Path(out_path)
     atomic_write(out, buf.getvalue(), mode=None)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from clusterctl.planning.profiles import ClusterProfile
 from clusterctl.specs import FINAL_STATES, JobRecord, LaunchSpec, RunRecord, RunState
+
+if TYPE_CHECKING:  # launching needs the profile; polling (status) does not import planning
+    from clusterctl.planning.profiles import ClusterProfile
 
 
 @dataclass

@@ -1,17 +1,16 @@
-"""What the submitit-based backends share: job names, the trainer's environment, submission, results.
+"""What the submitit-based backends share when they launch: job names, the trainer's environment,
+the submission itself.
 
 Both shipped backends start the trainer through submitit (its Slurm and local executors), so they
 share how a job is named, what environment every rank gets (the NCCL/gloo settings of the fabric
-plus vltrain's JobEnv contract), how a submission is made quiet and one-line on error, and how a
-finished job's outcome is read from submitit's result pickle without unpickling it.
+plus vltrain's JobEnv contract), and how a submission is made quiet and one-line on error. Polling
+needs none of this (backends.results): `status` does not import it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import pickletools
 import re
 import shlex
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterctl.planning.profiles import ENV_NAME, SAFE_VALUE, SLURM_NAME, SLURM_NAME_DOC, ClusterProfile, comm_env
-from clusterctl.specs import LaunchSpec, RunState
+from clusterctl.specs import LaunchSpec
 from vltrain.common.errors import UserError
 from vltrain.rundir import JobEnv, RunDir
 
@@ -37,14 +36,21 @@ def trainer_env(profile: ClusterProfile, run_dir: Path) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         "CODECARBON_LOG_LEVEL": "error",  # codecarbon overrides logger levels at import; only this works
     }
-    env |= JobEnv(run_dir=str(run_dir), profile=profile.name, peak_tflops=profile.gpu.peak_bf16_tflops,
-                  country=profile.site.country_iso, pue=profile.site.pue).to_env()
+    env |= JobEnv(
+        run_dir=str(run_dir),
+        profile=profile.name,
+        peak_tflops=profile.gpu.peak_bf16_tflops,
+        country=profile.site.country_iso,
+        pue=profile.site.pue,
+    ).to_env()
     if profile.gpu.kind == "cpu":
         threads = max(1, profile.nodes.cpus_per_node // profile.nodes.gpus_per_node)
         env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}
     for k, v in env.items():  # defence in depth: nothing that reaches the script can break a line
         if not re.fullmatch(ENV_NAME, k) or not re.fullmatch(SAFE_VALUE, v):
-            raise UserError(f"environment: {k}={v!r} is not allowed; allowed: names matching {ENV_NAME}, values without quotes, $, ` or newlines")
+            raise UserError(
+                f"environment: {k}={v!r} is not allowed; allowed: names matching {ENV_NAME}, values without quotes, $, ` or newlines"
+            )
     return env
 
 
@@ -97,30 +103,5 @@ def submit_with(executor: Any, spec: LaunchSpec, fn: Any, quiet: tuple[int, ...]
 
         raise UserError(f"sbatch: {sbatch_error_line(str(e))}") from None
     finally:
-        try:  # submitit leaves an empty directory literally named '%j' behind
+        with contextlib.suppress(OSError):  # submitit leaves an empty directory literally named '%j' behind
             (Path(spec.folder) / "%j").rmdir()
-        except OSError:
-            pass
-
-
-def pickle_outcome(head: bytes) -> RunState | None:
-    """submitit's result pickle starts with the string 'success' or 'error': read it without
-    unpickling (no code runs, no torch import)."""
-    try:
-        for _op, arg, _pos in pickletools.genops(io.BytesIO(head)):
-            if isinstance(arg, str):
-                return {"success": RunState.COMPLETED, "error": RunState.FAILED}.get(arg)
-    except Exception:  # truncated or not a pickle: no outcome
-        return None
-    return None
-
-
-def submitit_outcome(run_dir: str, job_id: str) -> tuple[RunState | None, float | None]:
-    """(COMPLETED|FAILED|None, result file mtime) from rank 0's result pickle of `job_id`."""
-    for p in RunDir(run_dir).result_pickles(job_id):
-        try:
-            with p.open("rb") as f:
-                return pickle_outcome(f.read(256)), p.stat().st_mtime
-        except OSError:
-            continue
-    return None, None

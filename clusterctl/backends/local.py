@@ -13,13 +13,15 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from clusterctl.backends import common
+from clusterctl.backends import results
 from clusterctl.backends.api import Backend, Poll
-from clusterctl.planning.profiles import ClusterProfile
 from clusterctl.specs import FINAL_STATES, JobRecord, LaunchSpec, RunRecord, RunState
 from vltrain.common.errors import UserError
+
+if TYPE_CHECKING:  # launching needs the profile; polling (status) does not import planning
+    from clusterctl.planning.profiles import ClusterProfile
 
 
 @contextlib.contextmanager
@@ -62,7 +64,7 @@ def pid_alive(pid: str) -> bool:
 
 def local_changes(run: RunRecord, job: JobRecord, now: float) -> dict[str, Any]:
     """State of a local-executor job (job id = pid of submitit's controller) from its files."""
-    outcome, mtime = common.submitit_outcome(run.run_dir, job.job_id)
+    outcome, mtime = results.submitit_outcome(run.run_dir, job.job_id)
     if outcome is not None:
         new = {"state": outcome, "ended_at": mtime, "elapsed_s": max(0.0, (mtime or now) - job.submitted_at)}
     elif pid_alive(job.job_id):
@@ -83,10 +85,8 @@ def terminate(pid: int) -> None:
     except OSError:
         children = []
     for p in [*map(int, children), pid]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 class LocalBackend(Backend):
@@ -96,9 +96,13 @@ class LocalBackend(Backend):
     requeues_itself = False  # a preempted local run is resumed by the trainer (counted as resumes)
 
     def launch_spec(self, profile: ClusterProfile, run_dir: Path, job_name: str, hold: bool = False) -> LaunchSpec:
+        from clusterctl.backends import common
+
         common.check_job_name(job_name)
         if hold:
-            raise UserError(f"--hold: the {profile.name!r} profile runs a local process; allowed: --hold with a Slurm profile")
+            raise UserError(
+                f"--hold: the {profile.name!r} profile runs a local process; allowed: --hold with a Slurm profile"
+            )
         env = common.trainer_env(profile, run_dir)
         n = profile.nodes
         params: dict[str, Any] = {
@@ -116,6 +120,8 @@ class LocalBackend(Backend):
 
     def schedule(self, spec: LaunchSpec, fn: Any) -> str:
         import submitit
+
+        from clusterctl.backends import common
 
         ex = submitit.LocalExecutor(folder=str(Path(spec.folder) / "%j"), max_num_timeout=spec.max_num_timeout)
         ex.update_parameters(**spec.params)

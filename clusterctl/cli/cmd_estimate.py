@@ -16,10 +16,13 @@ from clusterctl.planning.site import positive
 from clusterctl.render.output import print_json
 from vltrain.common.errors import UserError
 
+
 def estimate(
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Cluster profile (GPUs, power, PUE, country)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="GPU count (overrides the profile)."),
-    duration: Optional[str] = typer.Option(None, "--duration", help="Wall time: 6w, 42d, 1008h, 2mo (month = 30.44 d)."),
+    duration: Optional[str] = typer.Option(
+        None, "--duration", help="Wall time: 6w, 42d, 1008h, 2mo (month = 30.44 d)."
+    ),
     hours: Optional[float] = typer.Option(None, "--hours", help="Wall time in hours."),
     gpu_hours: Optional[float] = typer.Option(None, "--gpu-hours", help="GPU-hours."),
     samples: Optional[str] = typer.Option(None, "--samples", help="Samples to train on (with --model), e.g. 1.8B."),
@@ -27,17 +30,27 @@ def estimate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model preset for --samples."),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Tokens to train on (with --params), e.g. 4.2T."),
     params: Optional[str] = typer.Option(None, "--params", help="Parameter count for --tokens, e.g. 22B."),
-    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Count recomputation (8ND)."),
+    activation_checkpointing: bool = typer.Option(
+        False, "--activation-checkpointing", help="Count recomputation (8ND)."
+    ),
     mfu: float = typer.Option(DEFAULT_MFU, "--mfu", help="Model FLOPs utilisation assumed for work-based estimates."),
-    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="bf16 dense peak per GPU (overrides the profile)."),
+    peak_tflops: Optional[float] = typer.Option(
+        None, "--peak-tflops", help="bf16 dense peak per GPU (overrides the profile)."
+    ),
     power_w: Optional[float] = typer.Option(None, "--power-w", help="Power per GPU in W (overrides the profile)."),
-    node_power_w: float = typer.Option(0.0, "--node-power-w", help="CPU/RAM allowance per node in W, shown separately."),
+    node_power_w: float = typer.Option(
+        0.0, "--node-power-w", help="CPU/RAM allowance per node in W, shown separately."
+    ),
     pue: Optional[float] = typer.Option(None, "--pue", help="Data-centre PUE (overrides the profile)."),
     country: Optional[str] = typer.Option(None, "--country", help="ISO 3166 alpha-3 for codecarbon's grid intensity."),
     carbon_intensity: Optional[float] = typer.Option(None, "--carbon-intensity", help="Grid intensity in g CO2eq/kWh."),
     claimed_gpu_hours: Optional[float] = typer.Option(None, "--claimed-gpu-hours", help="Audit: claimed GPU-hours."),
-    claimed_duration: Optional[str] = typer.Option(None, "--claimed-duration", help="Audit: claimed wall time (6w, 42d...)."),
-    claimed_energy_mwh: Optional[float] = typer.Option(None, "--claimed-energy-mwh", help="Audit: claimed energy in MWh."),
+    claimed_duration: Optional[str] = typer.Option(
+        None, "--claimed-duration", help="Audit: claimed wall time (6w, 42d...)."
+    ),
+    claimed_energy_mwh: Optional[float] = typer.Option(
+        None, "--claimed-energy-mwh", help="Audit: claimed energy in MWh."
+    ),
     claimed_co2_t: Optional[float] = typer.Option(None, "--claimed-co2-t", help="Audit: claimed emissions in t CO2eq."),
     json_: bool = JSON,
 ) -> None:
@@ -46,17 +59,36 @@ def estimate(
     from clusterctl.planning.estimates import estimate as run_estimate
     from clusterctl.planning.site import make_setup
 
-    given = [n for n, v in (("--duration", duration), ("--hours", hours), ("--gpu-hours", gpu_hours),
-                            ("--samples", samples), ("--tokens", tokens)) if v is not None]
+    given = [
+        n
+        for n, v in (
+            ("--duration", duration),
+            ("--hours", hours),
+            ("--gpu-hours", gpu_hours),
+            ("--samples", samples),
+            ("--tokens", tokens),
+        )
+        if v is not None
+    ]
     if len(given) > 1:
-        raise UserError(f"{given[1]}: given together with {given[0]}; allowed: one of --duration, --hours, --gpu-hours, --samples, --tokens")
+        raise UserError(
+            f"{given[1]}: given together with {given[0]}; allowed: one of --duration, --hours, --gpu-hours, --samples, --tokens"
+        )
     prof = None
     if profile:
         from clusterctl.planning.profiles import load_profile
 
         prof = load_profile(profile, flag="--profile")
-    setup = make_setup(prof, gpus=gpus, peak_tflops=peak_tflops, power_w=power_w, node_power_w=node_power_w,
-                       pue=pue, country=country, carbon_intensity=carbon_intensity)
+    setup = make_setup(
+        prof,
+        gpus=gpus,
+        peak_tflops=peak_tflops,
+        power_w=power_w,
+        node_power_w=node_power_w,
+        pue=pue,
+        country=country,
+        carbon_intensity=carbon_intensity,
+    )
     if duration is not None:
         work = Work(hours=parse_duration(duration), describe=f"{duration} wall time")
     elif hours is not None:
@@ -65,20 +97,26 @@ def estimate(
         work = Work(gpu_hours=positive(gpu_hours, "--gpu-hours"), describe=f"{gpu_hours:,.0f} GPU-h")
     elif samples is not None:
         if model is None:
-            raise UserError("--samples: needs --model PRESET to count FLOPs per sample; allowed: --model with one of the presets")
+            raise UserError(
+                "--samples: needs --model PRESET to count FLOPs per sample; allowed: --model with one of the presets"
+            )
         from clusterctl.planning.plan import train_flops_per_sample
         from vltrain.presets import get_preset
 
         n = parse_count(samples, "--samples") * positive(epochs, "--epochs")
-        work = Work(flops=n * train_flops_per_sample(get_preset(model, "--model"), activation_checkpointing),
-                    describe=f"{n:.3g} samples of {model}")
+        work = Work(
+            flops=n * train_flops_per_sample(get_preset(model, "--model"), activation_checkpointing),
+            describe=f"{n:.3g} samples of {model}",
+        )
     elif tokens is not None:
         if params is None:
             raise UserError("--tokens: needs --params N (e.g. 22B); allowed: --tokens with --params")
         t, n = parse_count(tokens, "--tokens"), parse_count(params, "--params")
         work = Work(flops=token_flops(t, n, activation_checkpointing), describe=f"{t:.3g} tokens x {n:.3g} params")
     else:
-        raise UserError("estimate: nothing to estimate; allowed: --duration, --hours, --gpu-hours, --samples with --model, or --tokens with --params")
+        raise UserError(
+            "estimate: nothing to estimate; allowed: --duration, --hours, --gpu-hours, --samples with --model, or --tokens with --params"
+        )
     est = run_estimate(setup, work, mfu)
     claims = Claims(
         gpu_hours=claimed_gpu_hours,
@@ -87,7 +125,10 @@ def estimate(
         co2_kg=claimed_co2_t * 1000 if claimed_co2_t is not None else None,
     )
     est.findings = audit(setup, est, claims)
-    d = est.to_dict() | {"profile": profile, "country": country.upper() if country else prof.site.country_iso if prof else None}
+    d = est.to_dict() | {
+        "profile": profile,
+        "country": country.upper() if country else prof.site.country_iso if prof else None,
+    }
     if json_:
         print_json(d)
         return

@@ -20,7 +20,9 @@ def plan(
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Fix the per-GPU micro batch."),
     accum: Optional[int] = typer.Option(None, "--accum", help="Fix the gradient accumulation steps."),
     zero_stage: int = typer.Option(2, "--zero-stage", help="DeepSpeed ZeRO stage 0-3."),
-    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute activations in backward."),
+    activation_checkpointing: bool = typer.Option(
+        False, "--activation-checkpointing", help="Recompute activations in backward."
+    ),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel degree."),
     json_: bool = JSON,
@@ -32,8 +34,17 @@ def plan(
 
     prof = load_profile(profile, flag="--profile")
     with fields_as_flags():
-        p = make_plan(prof, get_preset(model, "--model"), global_batch, micro_batch=micro_batch, accumulation=accum,
-                      zero_stage=zero_stage, activation_checkpointing=activation_checkpointing, tp=tp, pp=pp)
+        p = make_plan(
+            prof,
+            get_preset(model, "--model"),
+            global_batch,
+            micro_batch=micro_batch,
+            accumulation=accum,
+            zero_stage=zero_stage,
+            activation_checkpointing=activation_checkpointing,
+            tp=tp,
+            pp=pp,
+        )
     d = p.to_dict()
     if json_:
         print_json(d)

@@ -84,25 +84,41 @@ _PLOT = typer.Option(None, "--plot", help="Also write cumulative energy/CO2 per 
 
 
 @app.command()
-def energy(run: Optional[str] = _RUN, profile: Optional[str] = _PROFILE, since: Optional[str] = _SINCE,
-           until: Optional[str] = _UNTIL, by: str = _BY, json_: bool = _JSON, csv_: bool = _CSV,
-           plot: Optional[Path] = _PLOT) -> None:
+def energy(
+    run: Optional[str] = _RUN,
+    profile: Optional[str] = _PROFILE,
+    since: Optional[str] = _SINCE,
+    until: Optional[str] = _UNTIL,
+    by: str = _BY,
+    json_: bool = _JSON,
+    csv_: bool = _CSV,
+    plot: Optional[Path] = _PLOT,
+) -> None:
     """Measured kWh and kg CO2eq (codecarbon), GPU-hours, and the plan's estimate beside them."""
     _report("energy", run, profile, since, until, by, json_, csv_, plot)
 
 
 @app.command("gpu-hours")
-def gpu_hours(run: Optional[str] = _RUN, profile: Optional[str] = _PROFILE, since: Optional[str] = _SINCE,
-              until: Optional[str] = _UNTIL, by: str = _BY, json_: bool = _JSON, csv_: bool = _CSV,
-              plot: Optional[Path] = _PLOT) -> None:
+def gpu_hours(
+    run: Optional[str] = _RUN,
+    profile: Optional[str] = _PROFILE,
+    since: Optional[str] = _SINCE,
+    until: Optional[str] = _UNTIL,
+    by: str = _BY,
+    json_: bool = _JSON,
+    csv_: bool = _CSV,
+    plot: Optional[Path] = _PLOT,
+) -> None:
     """GPU-hours per run/profile/day/month/user, each with its source (sacct or registry)."""
     _report("gpu-hours", run, profile, since, until, by, json_, csv_, plot)
 
 
 @app.command()
-def loss(run: str = typer.Argument(..., help="Run id, id prefix or name."),
-         plot: Optional[Path] = typer.Option(None, "--plot", help="Write the loss curves per objective to FILE.png."),
-         json_: bool = _JSON) -> None:
+def loss(
+    run: str = typer.Argument(..., help="Run id, id prefix or name."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the loss curves per objective to FILE.png."),
+    json_: bool = _JSON,
+) -> None:
     """Loss per objective (total, contrastive, MLM, captioning) from the run's metrics.jsonl."""
     from clusterctl.runs.artifacts import metric_rows
     from clusterctl.runs.registry import Registry
@@ -111,7 +127,9 @@ def loss(run: str = typer.Argument(..., help="Run id, id prefix or name."),
     r = Registry().get_run(run)
     rows = metric_rows(r.run_dir)
     if not rows:
-        raise UserError(f"{RunDir(r.run_dir).metrics}: no metrics yet; allowed: a run that has logged at least one step")
+        raise UserError(
+            f"{RunDir(r.run_dir).metrics}: no metrics yet; allowed: a run that has logged at least one step"
+        )
     if plot is not None:
         from clusterctl.render.plots import loss_plot
 

@@ -17,7 +17,9 @@ def logs(
     run: str = RUN,
     rank: int = typer.Option(0, "--rank", min=0, help="Global rank whose log to show."),
     stderr: bool = typer.Option(False, "--stderr", help="Show stderr instead of stdout."),
-    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines of the latest job until the run ends (Ctrl-C stops)."),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="Keep printing new lines of the latest job until the run ends (Ctrl-C stops)."
+    ),
     job: str = typer.Option(None, "--job", help="A specific Slurm job id of the run (default: the latest)."),
 ) -> None:
     """Print a rank's log of a run's latest job (requeued attempts append to the same file)."""

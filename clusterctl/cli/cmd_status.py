@@ -9,7 +9,9 @@ from clusterctl.specs import FAILURE_STATES
 
 
 def status(
-    run: str = typer.Argument(None, help="Run id, unique id prefix or name (default: active runs and the newest finished)."),
+    run: str = typer.Argument(
+        None, help="Run id, unique id prefix or name (default: active runs and the newest finished)."
+    ),
     all_: bool = typer.Option(False, "--all", help="Show every run in the registry."),
     json_: bool = typer.Option(False, "--json", help="Print JSON for scripts (with 'source' and 'notes')."),
 ) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from clusterctl.cli.options import GLOBAL_BATCH, JSON, MODEL, PROFILE, SET, fields_as_flags
+from clusterctl.cli.options import GLOBAL_BATCH, MODEL, PROFILE, SET, fields_as_flags
 from clusterctl.render import output
 from clusterctl.render.output import print_json
 from clusterctl.specs import ACTIVE_STATES, RunState
@@ -24,16 +24,21 @@ def submit(
     steps: int = typer.Option(None, "--steps", help="Optimizer steps in the run."),
     name: str = typer.Option(None, "--name", help="Run name (Slurm job name); default: the model preset."),
     set_: list[str] = SET,
-    max_retries: int = typer.Option(2, "--max-retries", min=0, max=100, help="Resubmissions after cluster failures (node failure, exit 75/137/143)."),
+    max_retries: int = typer.Option(
+        2, "--max-retries", min=0, max=100, help="Resubmissions after cluster failures (node failure, exit 75/137/143)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the sbatch script; submit nothing."),
     watch: bool = typer.Option(False, "--watch", help="Follow the run in the live view after submitting."),
     hold: bool = typer.Option(False, "--hold", help="Submit held (sbatch --hold); start it with scontrol release."),
-    wait: bool = typer.Option(False, "--wait", help="Stream rank 0's log until the run ends; exit 0 only if it completed."),
+    wait: bool = typer.Option(
+        False, "--wait", help="Stream rank 0's log until the run ends; exit 0 only if it completed."
+    ),
     json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Plan a run for a profile and submit it (Slurm via submitit, or a local process)."""
     from clusterctl.runs.registry import Registry
-    from clusterctl.runs.submit import create, dry_run as preview, new_run_dir, prepare
+    from clusterctl.runs.submit import create, new_run_dir, prepare
+    from clusterctl.runs.submit import dry_run as preview
     from vltrain.config import parse_overrides
 
     overrides = parse_overrides(set_)
@@ -60,7 +65,9 @@ def submit(
     if json_:
         print_json({"run_id": run_id, "job_id": job_id, "run_dir": str(run_dir), "plan": p.plan})
     else:
-        output.console.print(f"submitted [bold]{run_id}[/bold] as job {job_id} on {prof.name} ({prof.world_size} x {prof.gpu.model})")
+        output.console.print(
+            f"submitted [bold]{run_id}[/bold] as job {job_id} on {prof.name} ({prof.world_size} x {prof.gpu.model})"
+        )
         output.console.print(f"  run dir  {run_dir}")
         output.console.print(f"  follow   clusterctl status {run_id}   |   clusterctl logs {run_id} --follow")
     if watch:
@@ -87,5 +94,8 @@ def _print_outcome(run_id: str, run_dir: Path, state: str) -> None:
     ev = eval_summary(run_dir)
     if ev:
         chance = read_eval(run_dir).get("chance_r1")
-        output.console.print("held-out eval: " + "  ".join(f"{k} {v:.3f}" for k, v in ev.items())
-                             + (f"  (chance R@1 {chance:.4f})" if isinstance(chance, (int, float)) else ""))
+        output.console.print(
+            "held-out eval: "
+            + "  ".join(f"{k} {v:.3f}" for k, v in ev.items())
+            + (f"  (chance R@1 {chance:.4f})" if isinstance(chance, (int, float)) else "")
+        )

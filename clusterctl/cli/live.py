@@ -57,7 +57,15 @@ class Keys:
 def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
     """The live loop; returns the exit code (0: all completed or the user quit, 1: a run did not complete)."""
     from clusterctl.render.output import console
-    from clusterctl.render.watch_view import RunView, Tail, fits_panels, plain_line, run_panel, runs_table, summary_lines
+    from clusterctl.render.watch_view import (
+        RunView,
+        Tail,
+        fits_panels,
+        plain_line,
+        run_panel,
+        runs_table,
+        summary_lines,
+    )
     from clusterctl.runs.artifacts import EnergyTotals, count_events, eval_summary
     from clusterctl.runs.registry import Registry
     from clusterctl.runs.status import refresh, summarize
@@ -104,12 +112,19 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
                         v.log = Tail(log)
                     v.feed_log(v.log.lines())
                 v.energy_kwh, v.co2_kg = energy[r.run_id].read()
-                rows.append(summarize(r, jobs[r.run_id], v.last or None, count_events(dirs[r.run_id].events, "resume"), now))
+                rows.append(
+                    summarize(r, jobs[r.run_id], v.last or None, count_events(dirs[r.run_id].events, "resume"), now)
+                )
             done = all(row["state"] in FINAL_STATES for row in rows)
             if live is not None:
                 width = min(console.width, 100)
-                footer = Text(f"{fresh.source} | refresh {interval:g}s | q quits" + (" | " + "; ".join(fresh.notes) if fresh.notes else ""),
-                              style="dim", no_wrap=True, overflow="ellipsis")
+                footer = Text(
+                    f"{fresh.source} | refresh {interval:g}s | q quits"
+                    + (" | " + "; ".join(fresh.notes) if fresh.notes else ""),
+                    style="dim",
+                    no_wrap=True,
+                    overflow="ellipsis",
+                )
                 if fits_panels(len(rows), console.height):
                     body = [run_panel(row, views[row["run_id"]], width) for row in rows]
                 else:  # more runs than full panels fit: one line each
@@ -143,5 +158,3 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
     for line in summary_lines(rows, views, evals):
         print(line, flush=True)
     return 0 if all(row["state"] == RunState.COMPLETED for row in rows) else 1
-
-

@@ -18,8 +18,14 @@ GLOBAL_BATCH = typer.Option(None, "--global-batch", "-b", help="Samples per opti
 SET = typer.Option([], "--set", help="Config override key=value, repeatable (e.g. optim.lr=3e-4).")
 
 # The plan's config fields and the flags `plan` and `submit` take for them.
-PLAN_FLAGS = {"global_batch": "--global-batch", "micro_batch": "--micro-batch", "accumulation": "--accum",
-              "zero_stage": "--zero-stage", "tp": "--tp", "pp": "--pp"}
+PLAN_FLAGS = {
+    "global_batch": "--global-batch",
+    "micro_batch": "--micro-batch",
+    "accumulation": "--accum",
+    "zero_stage": "--zero-stage",
+    "tp": "--tp",
+    "pp": "--pp",
+}
 
 
 @contextlib.contextmanager

@@ -37,8 +37,12 @@ def country_intensity(iso3: str) -> GridIntensity:
     mix = _energy_mix()
     row = mix.get(iso3.upper())
     if not row or row.get("carbon_intensity") is None:
-        raise UserError(f"--country: {iso3!r} is not in codecarbon's energy mix; allowed: an ISO 3166 alpha-3 code such as FRA, JPN, SGP, USA")
-    return GridIntensity(float(row["carbon_intensity"]), iso3.upper(), f"codecarbon {row.get('year', '')} energy mix".replace("  ", " "))
+        raise UserError(
+            f"--country: {iso3!r} is not in codecarbon's energy mix; allowed: an ISO 3166 alpha-3 code such as FRA, JPN, SGP, USA"
+        )
+    return GridIntensity(
+        float(row["carbon_intensity"]), iso3.upper(), f"codecarbon {row.get('year', '')} energy mix".replace("  ", " ")
+    )
 
 
 def country_name(iso3: str) -> str:

@@ -37,7 +37,9 @@ def parse_count(text: str, flag: str) -> float:
     """'22B', '4.2T', '1.8e9', '850M' -> a number (K/M/B/T suffixes, case-insensitive)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmbgt]?)\s*", text.lower())
     if not m or float(m.group(1)) <= 0:
-        raise UserError(f"{flag}: {text!r} is not a count; allowed: a positive number, optionally with K, M, B or T (e.g. 22B, 4.2T)")
+        raise UserError(
+            f"{flag}: {text!r} is not a count; allowed: a positive number, optionally with K, M, B or T (e.g. 22B, 4.2T)"
+        )
     return float(m.group(1)) * _SUFFIX[m.group(2)]
 
 
@@ -98,19 +100,33 @@ def estimate(setup: Setup, work: Work, mfu: float) -> Estimate:
         hours = work.gpu_hours / setup.gpus
     elif work.flops is not None:
         if setup.peak_tflops <= 0:
-            raise UserError("--peak-tflops: no bf16 peak to turn FLOPs into time; allowed: --profile P or --peak-tflops T")
+            raise UserError(
+                "--peak-tflops: no bf16 peak to turn FLOPs into time; allowed: --profile P or --peak-tflops T"
+            )
         hours = work.flops / (setup.gpus * setup.peak_tflops * 1e12 * mfu) / 3600
     else:
-        raise UserError("estimate: nothing to estimate; allowed: --duration, --hours, --gpu-hours, --samples with --model, or --tokens with --params")
+        raise UserError(
+            "estimate: nothing to estimate; allowed: --duration, --hours, --gpu-hours, --samples with --model, or --tokens with --params"
+        )
     gpu_hours = setup.gpus * hours
     gpu_kwh = gpu_hours * setup.power_w / 1000 * setup.pue
     node_kwh = setup.nodes * hours * setup.node_power_w / 1000 * setup.pue
     kwh = gpu_kwh + node_kwh
     return Estimate(
-        gpus=setup.gpus, hours=hours, gpu_hours=gpu_hours, gpu_energy_kwh=gpu_kwh, node_energy_kwh=node_kwh,
-        energy_kwh=kwh, co2_kg=kwh * setup.carbon_intensity_g_per_kwh / 1000,
-        carbon_intensity_g_per_kwh=setup.carbon_intensity_g_per_kwh, intensity_source=setup.intensity_source,
-        pue=setup.pue, power_w=setup.power_w, mfu=mfu, flops=work.flops, work=work.describe,
+        gpus=setup.gpus,
+        hours=hours,
+        gpu_hours=gpu_hours,
+        gpu_energy_kwh=gpu_kwh,
+        node_energy_kwh=node_kwh,
+        energy_kwh=kwh,
+        co2_kg=kwh * setup.carbon_intensity_g_per_kwh / 1000,
+        carbon_intensity_g_per_kwh=setup.carbon_intensity_g_per_kwh,
+        intensity_source=setup.intensity_source,
+        pue=setup.pue,
+        power_w=setup.power_w,
+        mfu=mfu,
+        flops=work.flops,
+        work=work.describe,
     )
 
 
@@ -136,8 +152,17 @@ def _finding(claim: str, claimed: float, low: float, high: float, expected: floa
     else:
         factor = claimed / high if claimed > hi else low / claimed
         verdict = f"off by {factor:.1f}x ({'higher' if claimed > hi else 'lower'} than the setup implies)"
-    return {"claim": claim, "claimed": claimed, "expected": round(expected, 4), "low": round(low, 4),
-            "high": round(high, 4), "unit": unit, "ratio": round(ratio, 4), "verdict": verdict, "why": why}
+    return {
+        "claim": claim,
+        "claimed": claimed,
+        "expected": round(expected, 4),
+        "low": round(low, 4),
+        "high": round(high, 4),
+        "unit": unit,
+        "ratio": round(ratio, 4),
+        "verdict": verdict,
+        "why": why,
+    }
 
 
 def audit(setup: Setup, est: Estimate, claims: Claims) -> list[dict]:
@@ -167,11 +192,22 @@ def audit(setup: Setup, est: Estimate, claims: Claims) -> list[dict]:
     ceiling = band[1] * kw * setup.pue + est.node_energy_kwh
     floor = max(BUSY_POWER_FLOOR * band[0] * kw * setup.pue, floor_gpu_h * kw)
     if claims.energy_kwh is not None:
-        why = f"ceiling: {band[1]:,.0f} GPU-h x {setup.power_w:g} W x PUE {setup.pue:g}; floor: {BUSY_POWER_FLOOR:.0%} of board power" + (
-            f", or the FLOPs at 100% MFU ({floor_gpu_h:,.0f} GPU-h) at full power" if est.flops else "")
+        why = (
+            f"ceiling: {band[1]:,.0f} GPU-h x {setup.power_w:g} W x PUE {setup.pue:g}; floor: {BUSY_POWER_FLOOR:.0%} of board power"
+            + (f", or the FLOPs at 100% MFU ({floor_gpu_h:,.0f} GPU-h) at full power" if est.flops else "")
+        )
         out.append(_finding("energy_kwh", claims.energy_kwh, floor, ceiling, est.energy_kwh, "kWh", why))
     if claims.co2_kg is not None:
         g = setup.carbon_intensity_g_per_kwh / 1000
-        out.append(_finding("co2_kg", claims.co2_kg, floor * g, ceiling * g, est.co2_kg, "kg CO2eq",
-                            f"energy band x {setup.carbon_intensity_g_per_kwh:g} g/kWh ({setup.intensity_source})"))
+        out.append(
+            _finding(
+                "co2_kg",
+                claims.co2_kg,
+                floor * g,
+                ceiling * g,
+                est.co2_kg,
+                "kg CO2eq",
+                f"energy band x {setup.carbon_intensity_g_per_kwh:g} g/kWh ({setup.intensity_source})",
+            )
+        )
     return out

@@ -134,7 +134,18 @@ def max_micro_batch(
         return 0
     m = math.floor(room / per) if per > 0 else 10**9
     # guard against floating-point edge: step down until the breakdown agrees
-    while m > 0 and not breakdown(params, activation_bytes_per_sample, m, zero_stage=zero_stage,
-                                  data_parallel=data_parallel, capacity_gib=capacity_gib, tp=tp, pp=pp).fits:
+    while (
+        m > 0
+        and not breakdown(
+            params,
+            activation_bytes_per_sample,
+            m,
+            zero_stage=zero_stage,
+            data_parallel=data_parallel,
+            capacity_gib=capacity_gib,
+            tp=tp,
+            pp=pp,
+        ).fits
+    ):
         m -= 1
     return m

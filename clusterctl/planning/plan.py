@@ -15,9 +15,9 @@ from clusterctl.planning.memory import MemoryBreakdown, breakdown, max_micro_bat
 from clusterctl.planning.profiles import ClusterProfile
 from vltrain.batching import FIELDS as BATCH_FIELDS
 from vltrain.batching import BatchSplit, divisors, split_batch
+from vltrain.common.errors import FieldError, UserError
 from vltrain.config import TrainConfig
 from vltrain.model_config import ModelConfig
-from vltrain.common.errors import FieldError, UserError
 
 DEFAULT_MFU = 0.40  # model FLOPs utilisation assumed for estimates; typical of well-tuned A100/H100 runs
 

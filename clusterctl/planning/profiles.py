@@ -48,12 +48,7 @@ def slurm_time_to_minutes(text: str) -> float:
                 raise ValueError(text)
             if "h" in parts and units[0] != "h" and parts["h"] >= 24:
                 raise ValueError(text)
-            return (
-                parts.get("d", 0) * 1440
-                + parts.get("h", 0) * 60
-                + parts.get("m", 0)
-                + parts.get("s", 0) / 60
-            )
+            return parts.get("d", 0) * 1440 + parts.get("h", 0) * 60 + parts.get("m", 0) + parts.get("s", 0) / 60
     raise ValueError(text)
 
 
@@ -100,8 +95,21 @@ def _check_extra(opts: dict[str, str]) -> str | None:
 
 
 _MANAGED_SBATCH = {
-    "nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "mem", "time", "partition",
-    "account", "qos", "constraint", "job-name", "output", "error", "signal", "gres",
+    "nodes",
+    "ntasks-per-node",
+    "gpus-per-node",
+    "cpus-per-task",
+    "mem",
+    "time",
+    "partition",
+    "account",
+    "qos",
+    "constraint",
+    "job-name",
+    "output",
+    "error",
+    "signal",
+    "gres",
 }
 
 
@@ -115,7 +123,9 @@ class Nodes:
 
 @dataclass(frozen=True, kw_only=True)
 class Gpu:
-    model: str = field("GPU model name", pattern=r"[A-Za-z0-9 _.()\-]{1,64}", allowed="1-64 letters, digits, spaces and _.()-")
+    model: str = field(
+        "GPU model name", pattern=r"[A-Za-z0-9 _.()\-]{1,64}", allowed="1-64 letters, digits, spaces and _.()-"
+    )
     kind: str = field("what the trainer runs on", choices=("cuda", "cpu"), default="cuda")
     memory_gib: float = field("memory per GPU (GiB)", min=1, max=4096)
     peak_bf16_tflops: float = field("dense bf16 peak per GPU (TFLOP/s)", min=0.01, max=100_000)
@@ -126,9 +136,21 @@ class Gpu:
 class Interconnect:
     intra_node: str = field("fabric between GPUs of a node", choices=("nvlink", "pcie", "none"))
     inter_node: str = field("fabric between nodes", choices=("infiniband", "roce", "ethernet", "none"))
-    ib_hcas: str | None = field("NCCL_IB_HCA value, e.g. 'mlx5'", default=None, pattern=SAFE_VALUE, allowed=SAFE_VALUE_DOC)
-    socket_ifname: str | None = field("NCCL/GLOO_SOCKET_IFNAME", default=None, pattern=r"[A-Za-z0-9_.^,=\-]{1,64}", allowed="an interface name list such as 'ib0' or '^lo,docker'")
-    env: dict[str, str] = field("extra environment for every rank", default_factory=dict, check=_check_env, allowed=f"NAME = value with NAME matching {ENV_NAME} and values of {SAFE_VALUE_DOC}")
+    ib_hcas: str | None = field(
+        "NCCL_IB_HCA value, e.g. 'mlx5'", default=None, pattern=SAFE_VALUE, allowed=SAFE_VALUE_DOC
+    )
+    socket_ifname: str | None = field(
+        "NCCL/GLOO_SOCKET_IFNAME",
+        default=None,
+        pattern=r"[A-Za-z0-9_.^,=\-]{1,64}",
+        allowed="an interface name list such as 'ib0' or '^lo,docker'",
+    )
+    env: dict[str, str] = field(
+        "extra environment for every rank",
+        default_factory=dict,
+        check=_check_env,
+        allowed=f"NAME = value with NAME matching {ENV_NAME} and values of {SAFE_VALUE_DOC}",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,23 +158,41 @@ class Slurm:
     partition: str | None = field("Slurm partition", default=None, pattern=SLURM_NAME, allowed=SLURM_NAME_DOC)
     account: str | None = field("Slurm account", default=None, pattern=SLURM_NAME, allowed=SLURM_NAME_DOC)
     qos: str | None = field("Slurm QOS", default=None, pattern=SLURM_NAME, allowed=SLURM_NAME_DOC)
-    constraint: str | None = field("node features", default=None, pattern=r"[A-Za-z0-9_.&|,\[\]*\-]{1,128}", allowed="feature names joined by & | , with [] and *")
+    constraint: str | None = field(
+        "node features",
+        default=None,
+        pattern=r"[A-Za-z0-9_.&|,\[\]*\-]{1,128}",
+        allowed="feature names joined by & | , with [] and *",
+    )
     time_limit: str = field("wall-clock limit per job", check=_check_time, allowed=_TIME_FORMATS)
-    signal_delay_s: int = field("seconds before the limit at which USR2 asks for a checkpoint", default=120, min=10, max=3600)
+    signal_delay_s: int = field(
+        "seconds before the limit at which USR2 asks for a checkpoint", default=120, min=10, max=3600
+    )
     exclusive: bool = field("whole nodes", default=True)
-    extra: dict[str, str] = field("more sbatch long options", default_factory=dict, check=_check_extra, allowed=f"option = value with option a lower-case sbatch long option not managed by clusterctl, values of {SAFE_VALUE_DOC}")
+    extra: dict[str, str] = field(
+        "more sbatch long options",
+        default_factory=dict,
+        check=_check_extra,
+        allowed=f"option = value with option a lower-case sbatch long option not managed by clusterctl, values of {SAFE_VALUE_DOC}",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
 class Site:
-    country_iso: str = field("ISO 3166 alpha-3 country of the site", check=_check_country, allowed="an ISO 3166 alpha-3 code such as FRA, JPN, SGP")
+    country_iso: str = field(
+        "ISO 3166 alpha-3 country of the site",
+        check=_check_country,
+        allowed="an ISO 3166 alpha-3 code such as FRA, JPN, SGP",
+    )
     pue: float = field("power usage effectiveness", default=1.2, min=1.0, max=3.0)
     carbon_intensity_g_per_kwh: float | None = field("fixed grid intensity (gCO2eq/kWh)", default=None, min=0, max=2000)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ClusterProfile:
-    name: str = field("profile name", pattern=r"[a-z0-9][a-z0-9_\-]{0,63}", allowed="1-64 lower-case letters, digits, '_' and '-'")
+    name: str = field(
+        "profile name", pattern=r"[a-z0-9][a-z0-9_\-]{0,63}", allowed="1-64 lower-case letters, digits, '_' and '-'"
+    )
     description: str = field("one paragraph", pattern=r"[^\n\r]{1,2000}", allowed="one line of up to 2000 characters")
     executor: str = field("where jobs run (a backend in clusterctl/backends)", choices=EXECUTORS)
     nodes: Nodes = field()
@@ -160,7 +200,9 @@ class ClusterProfile:
     interconnect: Interconnect = field()
     site: Site = field()
     slurm: Slurm | None = field("Slurm settings (required with executor = 'slurm')", default=None)
-    seed: str | None = field("the seed setup this profile reproduces", default=None, pattern=r"[0-9]{3}", allowed="a three-digit seed number")
+    seed: str | None = field(
+        "the seed setup this profile reproduces", default=None, pattern=r"[0-9]{3}", allowed="a three-digit seed number"
+    )
 
     # Derived figures -----------------------------------------------------------------------
     @property
@@ -232,9 +274,13 @@ def parse_profile(data: dict[str, Any], where: str) -> ClusterProfile:
     """Validate a parsed TOML table as a profile (pure)."""
     profile: ClusterProfile = build(ClusterProfile, data, where)
     if profile.executor == "slurm" and profile.slurm is None:
-        raise UserError(f"{where}: slurm: missing; allowed: a [slurm] table with at least time_limit (executor = 'slurm')")
+        raise UserError(
+            f"{where}: slurm: missing; allowed: a [slurm] table with at least time_limit (executor = 'slurm')"
+        )
     if profile.executor == "local" and profile.nodes.count != 1:
-        raise UserError(f"{where}: nodes.count: {profile.nodes.count} is out of range; allowed: 1 with executor = 'local'")
+        raise UserError(
+            f"{where}: nodes.count: {profile.nodes.count} is out of range; allowed: 1 with executor = 'local'"
+        )
     return profile
 
 
@@ -287,14 +333,18 @@ def find_profile(name_or_path: str, flag: str = "--profile") -> Path:
     if "/" in name_or_path or name_or_path.endswith(".toml"):
         return Path(name_or_path)
     if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,63}", name_or_path):
-        raise UserError(f"{flag}: {name_or_path!r} is not a profile name; allowed: lower-case letters, digits, '_', '-', or a path to a .toml file")
+        raise UserError(
+            f"{flag}: {name_or_path!r} is not a profile name; allowed: lower-case letters, digits, '_', '-', or a path to a .toml file"
+        )
     dirs = search_dirs()
     for d in dirs:
         p = d / f"{name_or_path}.toml"
         if p.is_file():
             return p
     known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
-    raise UserError(f"{flag}: no profile named {name_or_path!r}; allowed: {', '.join(known) or 'none found'} (searched {', '.join(map(str, dirs))})")
+    raise UserError(
+        f"{flag}: no profile named {name_or_path!r}; allowed: {', '.join(known) or 'none found'} (searched {', '.join(map(str, dirs))})"
+    )
 
 
 def load_profile(name_or_path: str, flag: str = "--profile") -> ClusterProfile:
@@ -315,7 +365,14 @@ def discover() -> list[tuple[Path, bool]]:
     return out
 
 
-_FABRIC = {"nvlink": "NVLink", "pcie": "PCIe", "infiniband": "InfiniBand", "roce": "RoCE", "ethernet": "Ethernet", "none": "-"}
+_FABRIC = {
+    "nvlink": "NVLink",
+    "pcie": "PCIe",
+    "infiniband": "InfiniBand",
+    "roce": "RoCE",
+    "ethernet": "Ethernet",
+    "none": "-",
+}
 _FABRIC_SHORT = _FABRIC | {"infiniband": "IB", "ethernet": "Eth"}
 
 
@@ -335,9 +392,22 @@ def profile_rows() -> list[dict[str, Any]]:
         except UserError as e:
             rows.append({"name": path.stem, "path": str(path), "shadowed": shadowed, "valid": False, "error": str(e)})
             continue
-        rows.append({"name": p.name, "path": str(path), "shadowed": shadowed, "valid": True,
-                     "executor": p.executor, "nodes": p.nodes.count, "gpus_per_node": p.nodes.gpus_per_node,
-                     "world_size": p.world_size, "gpu": p.gpu.model, "gpu_memory_gib": p.gpu.memory_gib,
-                     "fabric": fabric(p), "fabric_short": fabric(p, True), "country": p.site.country_iso,
-                     "seed": p.seed})
+        rows.append(
+            {
+                "name": p.name,
+                "path": str(path),
+                "shadowed": shadowed,
+                "valid": True,
+                "executor": p.executor,
+                "nodes": p.nodes.count,
+                "gpus_per_node": p.nodes.gpus_per_node,
+                "world_size": p.world_size,
+                "gpu": p.gpu.model,
+                "gpu_memory_gib": p.gpu.memory_gib,
+                "fabric": fabric(p),
+                "fabric_short": fabric(p, True),
+                "country": p.site.country_iso,
+                "seed": p.seed,
+            }
+        )
     return rows

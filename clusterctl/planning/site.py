@@ -15,8 +15,9 @@ from vltrain.common.errors import UserError
 GPUS_PER_NODE = 8  # when no profile says otherwise (every seed cluster has 8 per node)
 
 
-def grid_intensity(profile: ClusterProfile | None, country: str | None = None,
-                   carbon_intensity: float | None = None) -> tuple[float, str]:
+def grid_intensity(
+    profile: ClusterProfile | None, country: str | None = None, carbon_intensity: float | None = None
+) -> tuple[float, str]:
     """(g CO2eq per kWh, where it came from); a missing source is a one-line error naming the flags."""
     if carbon_intensity is not None and country:
         raise UserError("--carbon-intensity: given together with --country; allowed: one of the two")
@@ -33,9 +34,17 @@ def grid_intensity(profile: ClusterProfile | None, country: str | None = None,
     return gi.g_per_kwh, f"{gi.source} ({gi.country_iso})"
 
 
-def make_setup(profile: ClusterProfile | None, *, gpus: int | None = None, peak_tflops: float | None = None,
-               power_w: float | None = None, node_power_w: float = 0.0, pue: float | None = None,
-               country: str | None = None, carbon_intensity: float | None = None) -> Setup:
+def make_setup(
+    profile: ClusterProfile | None,
+    *,
+    gpus: int | None = None,
+    peak_tflops: float | None = None,
+    power_w: float | None = None,
+    node_power_w: float = 0.0,
+    pue: float | None = None,
+    country: str | None = None,
+    carbon_intensity: float | None = None,
+) -> Setup:
     """Profile figures with overrides; every missing figure is a one-line error naming its flag."""
     if gpus is not None and gpus < 1:
         raise UserError(f"--gpus: {gpus} is not valid; allowed: a positive integer")
@@ -49,9 +58,16 @@ def make_setup(profile: ClusterProfile | None, *, gpus: int | None = None, peak_
     peak = peak_tflops if peak_tflops is not None else (profile.gpu.peak_bf16_tflops if profile else 0.0)
     pue_v = pue if pue is not None else (profile.site.pue if profile else 1.0)
     per_node = profile.nodes.gpus_per_node if profile else GPUS_PER_NODE
-    return Setup(gpus=n, peak_tflops=peak, power_w=positive(pw, "--power-w"), pue=positive(pue_v, "--pue"),
-                 carbon_intensity_g_per_kwh=intensity, intensity_source=source, nodes=-(-n // per_node),
-                 node_power_w=node_power_w)
+    return Setup(
+        gpus=n,
+        peak_tflops=peak,
+        power_w=positive(pw, "--power-w"),
+        pue=positive(pue_v, "--pue"),
+        carbon_intensity_g_per_kwh=intensity,
+        intensity_source=source,
+        nodes=-(-n // per_node),
+        node_power_w=node_power_w,
+    )
 
 
 def positive(v: float, flag: str) -> float:

@@ -17,22 +17,33 @@ def print_plan(d: dict) -> None:
         f"global batch {d['global_batch']} = micro batch {d['micro_batch']} x accumulation {d['accumulation']} "
         f"x {d['data_parallel']} data-parallel ranks ({d['samples_per_gpu_per_step']} samples per GPU per step)"
     )
-    t = Table(title=f"memory per GPU, ZeRO-{d['zero_stage']}, bf16 + AdamW"
-              + (", activation checkpointing" if d["activation_checkpointing"] else ""), title_justify="left")
+    t = Table(
+        title=f"memory per GPU, ZeRO-{d['zero_stage']}, bf16 + AdamW"
+        + (", activation checkpointing" if d["activation_checkpointing"] else ""),
+        title_justify="left",
+    )
     t.add_column("term")
     t.add_column("GiB", justify="right")
-    for label, key in (("bf16 parameters", "params_gib"), ("bf16 gradients", "grads_gib"),
-                       ("fp32 master + Adam m, v", "optimizer_gib"),
-                       (f"activations ({d['micro_batch']} x {m['activations_per_sample_gib']:.3f})", "activations_gib"),
-                       ("CUDA/NCCL context + DeepSpeed buckets", "buffers_gib"), ("fragmentation (10%)", "fragmentation_gib")):
+    for label, key in (
+        ("bf16 parameters", "params_gib"),
+        ("bf16 gradients", "grads_gib"),
+        ("fp32 master + Adam m, v", "optimizer_gib"),
+        (f"activations ({d['micro_batch']} x {m['activations_per_sample_gib']:.3f})", "activations_gib"),
+        ("CUDA/NCCL context + DeepSpeed buckets", "buffers_gib"),
+        ("fragmentation (10%)", "fragmentation_gib"),
+    ):
         t.add_row(label, f"{m[key]:.2f}")
     t.add_row("[bold]total[/bold]", f"[bold]{m['total_gib']:.2f}[/bold] of {m['capacity_gib']:g}")
     output.console.print(t)
     if m["fits"]:
-        output.console.print(f"[green]fits[/green]: largest micro batch that fits is {d['max_micro_batch']}; "
-                      f"about {d['step_time_s']:.2f} s per optimizer step at {d['mfu_assumed']:.0%} MFU")
+        output.console.print(
+            f"[green]fits[/green]: largest micro batch that fits is {d['max_micro_batch']}; "
+            f"about {d['step_time_s']:.2f} s per optimizer step at {d['mfu_assumed']:.0%} MFU"
+        )
     else:
-        output.console.print("[red]does not fit[/red]: try a higher --zero-stage, --activation-checkpointing, --tp/--pp or more GPUs")
+        output.console.print(
+            "[red]does not fit[/red]: try a higher --zero-stage, --activation-checkpointing, --tp/--pp or more GPUs"
+        )
 
 
 def print_estimate(d: dict) -> None:
@@ -54,5 +65,8 @@ def print_estimate(d: dict) -> None:
     output.console.print(t)
     for f in d["findings"]:
         colour = "green" if f["verdict"] == "consistent" else "red"
-        output.console.print(f"claim {f['claim']}: {f['claimed']:,.6g} {f['unit']} vs {f['low']:,.6g}-{f['high']:,.6g} "
-                      f"[{colour}]{f['verdict']}[/{colour}] ({f['why']})", soft_wrap=True)
+        output.console.print(
+            f"claim {f['claim']}: {f['claimed']:,.6g} {f['unit']} vs {f['low']:,.6g}-{f['high']:,.6g} "
+            f"[{colour}]{f['verdict']}[/{colour}] ({f['why']})",
+            soft_wrap=True,
+        )

@@ -21,7 +21,9 @@ def check_target(path: Path, flag: str = "--plot") -> Path:
     if path.suffix.lower() != ".png":
         raise UserError(f"{flag}: {str(path)!r} is not a .png file; allowed: a path ending in .png")
     if not path.parent.exists():
-        raise UserError(f"{flag}: directory {str(path.parent)!r} does not exist; allowed: a path in an existing directory")
+        raise UserError(
+            f"{flag}: directory {str(path.parent)!r} does not exist; allowed: a path in an existing directory"
+        )
     return path
 
 

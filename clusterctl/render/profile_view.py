@@ -21,8 +21,16 @@ def print_profiles(rows: list[dict[str, Any]]) -> None:
         if not r["valid"]:
             t.add_row(name, "[red]invalid[/red]", "", "", "", "", "", style=style)
             continue
-        t.add_row(name, r["executor"], f"{r['nodes']}x{r['gpus_per_node']}", r["gpu"], r["fabric_short"],
-                  r["country"], r["seed"] or "", style=style)
+        t.add_row(
+            name,
+            r["executor"],
+            f"{r['nodes']}x{r['gpus_per_node']}",
+            r["gpu"],
+            r["fabric_short"],
+            r["country"],
+            r["seed"] or "",
+            style=style,
+        )
     output.console.print(t)
     for r in rows:
         if not r["valid"]:
@@ -40,8 +48,14 @@ def print_profile(p: ClusterProfile, country_name: str) -> None:
     rows = [
         ("description", p.description),
         ("executor", p.executor),
-        ("nodes", f"{p.nodes.count} x {p.nodes.gpus_per_node} GPUs, {p.nodes.cpus_per_node} CPUs, {p.nodes.memory_gib} GiB"),
-        ("GPU", f"{p.gpu.model} ({p.gpu.kind}), {p.gpu.memory_gib:g} GiB, {p.gpu.peak_bf16_tflops:g} TFLOP/s bf16, {p.gpu.power_w:g} W"),
+        (
+            "nodes",
+            f"{p.nodes.count} x {p.nodes.gpus_per_node} GPUs, {p.nodes.cpus_per_node} CPUs, {p.nodes.memory_gib} GiB",
+        ),
+        (
+            "GPU",
+            f"{p.gpu.model} ({p.gpu.kind}), {p.gpu.memory_gib:g} GiB, {p.gpu.peak_bf16_tflops:g} TFLOP/s bf16, {p.gpu.power_w:g} W",
+        ),
         ("interconnect", fabric(p) + (f" (HCAs {p.interconnect.ib_hcas})" if p.interconnect.ib_hcas else "")),
         ("world size", f"{d['world_size']} GPUs"),
         ("aggregate bf16", f"{d['peak_bf16_pflops']:g} PFLOP/s"),

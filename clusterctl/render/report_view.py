@@ -7,7 +7,6 @@ from typing import Any
 from clusterctl.render import output
 from clusterctl.render.units import CO2_UNITS, ENERGY_UNITS, pick_unit, quantity
 
-
 SOURCES = {"sacct": "Slurm accounting", "registry": "start/end x GPUs", "none": "no times recorded"}
 
 
@@ -25,16 +24,24 @@ def print_report(kind: str, by: str, rows: list[dict]) -> None:
     if kind == "energy":
         ef, eu = pick_unit([r.get(k) for r in rows for k in ("energy_kwh", "estimated_kwh")], ENERGY_UNITS)
         cf, cu = pick_unit([r.get(k) for r in rows for k in ("co2_kg", "estimated_co2_kg")], CO2_UNITS)
-        cols += [("energy_kwh", f"energy\n{eu}", ef), ("co2_kg", f"CO2eq\n{cu}", cf),
-                 ("carbon_intensity_g_per_kwh", "grid\ng/kWh", 1.0), ("pue", "PUE", 1.0),
-                 ("estimated_kwh", f"plan\n{eu}", ef), ("estimated_co2_kg", f"plan\n{cu}", cf)]
+        cols += [
+            ("energy_kwh", f"energy\n{eu}", ef),
+            ("co2_kg", f"CO2eq\n{cu}", cf),
+            ("carbon_intensity_g_per_kwh", "grid\ng/kWh", 1.0),
+            ("pue", "PUE", 1.0),
+            ("estimated_kwh", f"plan\n{eu}", ef),
+            ("estimated_co2_kg", f"plan\n{cu}", cf),
+        ]
     notes = []
     for key, head in (("gpu_hours_source", "GPU-h source"), ("carbon_intensity_g_per_kwh", "grid"), ("pue", "PUE")):
         values = {_fmt(r.get(key)) for r in rows}
         if len(values) == 1 and any(k == key for k, _, _ in cols):
             (v,) = values
-            notes.append(f"{head} {v}" + (f" = {SOURCES[v]}" if key == "gpu_hours_source" and v in SOURCES else "")
-                         + (" g/kWh" if key == "carbon_intensity_g_per_kwh" and v != "-" else ""))
+            notes.append(
+                f"{head} {v}"
+                + (f" = {SOURCES[v]}" if key == "gpu_hours_source" and v in SOURCES else "")
+                + (" g/kWh" if key == "carbon_intensity_g_per_kwh" and v != "-" else "")
+            )
             cols = [c for c in cols if c[0] != key]
     cells = [[_fmt(r.get("key"))] + [_fmt(_scaled(r.get(k), f)) for k, _, f in cols] for r in rows]
     t = Table(title=f"{kind} by {by}", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
@@ -49,8 +56,11 @@ def print_report(kind: str, by: str, rows: list[dict]) -> None:
         notes.append("GPU-h source: sacct = Slurm accounting, registry = start/end x GPUs")
     output.console.print(" | ".join(notes), highlight=False)
     if kind == "energy":
-        output.console.print("energy measured by codecarbon, one tracker per node, every attempt summed; "
-                             "plan = the estimate made at submit", highlight=False)
+        output.console.print(
+            "energy measured by codecarbon, one tracker per node, every attempt summed; "
+            "plan = the estimate made at submit",
+            highlight=False,
+        )
 
 
 def _scaled(v, factor: float):

@@ -9,8 +9,19 @@ from typing import Any
 from clusterctl.backends import get_backend
 from clusterctl.render.units import duration
 
-COLUMNS = (("RUN", "<"), ("JOB", "<"), ("PROFILE", "<"), ("STATE", "<"), ("RQ", ">"), ("STEP", ">"), ("LOSS", ">"),
-           ("SAMPLES/S", ">"), ("ETA", ">"), ("ELAPSED", ">"), ("GPU-H", ">"))
+COLUMNS = (
+    ("RUN", "<"),
+    ("JOB", "<"),
+    ("PROFILE", "<"),
+    ("STATE", "<"),
+    ("RQ", ">"),
+    ("STEP", ">"),
+    ("LOSS", ">"),
+    ("SAMPLES/S", ">"),
+    ("ETA", ">"),
+    ("ELAPSED", ">"),
+    ("GPU-H", ">"),
+)
 
 
 DROP_ORDER = ("SAMPLES/S", "PROFILE", "ELAPSED", "JOB")  # hidden first when the terminal is narrow
@@ -29,9 +40,21 @@ def table_lines(runs: list[dict[str, Any]], width: int | None = None) -> tuple[l
     for r in runs:
         rq = r["requeues"] if get_backend(r["executor"]).requeues_itself else r["resumes"]
         step = "-" if r["step"] is None else f"{r['step']:,.0f}/{r['total_steps']:,}"
-        cells.append([r["run_id"], r["job_id"] or "-", r["profile"], r["state"], str(rq), step,
-                      _fmt(r["loss"], "{:.4f}"), _fmt(r["samples_per_s"], "{:,.1f}"), duration(r["eta_s"]),
-                      duration(r["elapsed_s"]), f"{r['gpu_hours']:,.0f}" if r["gpu_hours"] >= 100 else f"{r['gpu_hours']:.2f}"])
+        cells.append(
+            [
+                r["run_id"],
+                r["job_id"] or "-",
+                r["profile"],
+                r["state"],
+                str(rq),
+                step,
+                _fmt(r["loss"], "{:.4f}"),
+                _fmt(r["samples_per_s"], "{:,.1f}"),
+                duration(r["eta_s"]),
+                duration(r["elapsed_s"]),
+                f"{r['gpu_hours']:,.0f}" if r["gpu_hours"] >= 100 else f"{r['gpu_hours']:.2f}",
+            ]
+        )
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     keep = list(range(len(COLUMNS)))
     hidden: list[str] = []
@@ -75,8 +98,13 @@ def print_status(data: dict[str, Any]) -> None:
         if rows:
             console.print("\n".join(rows), markup=False, highlight=False, soft_wrap=True)
         if hidden:
-            console.print(f"({', '.join(hidden)} hidden to fit the terminal; --json shows everything)",
-                          style="dim", markup=False, highlight=False, soft_wrap=True)
+            console.print(
+                f"({', '.join(hidden)} hidden to fit the terminal; --json shows everything)",
+                style="dim",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
     for note in data["notes"]:
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if data["runs"] and data["source"] != "registry":

@@ -93,8 +93,13 @@ class RunView:
                 self.log_lines.append(line.rstrip())
 
 
-STATE_STYLES = {RunState.RUNNING: "green", RunState.COMPLETED: "bold green", RunState.PENDING: "yellow",
-                RunState.REQUEUED: "yellow", RunState.SUBMITTING: "yellow"}
+STATE_STYLES = {
+    RunState.RUNNING: "green",
+    RunState.COMPLETED: "bold green",
+    RunState.PENDING: "yellow",
+    RunState.REQUEUED: "yellow",
+    RunState.SUBMITTING: "yellow",
+}
 
 
 def state_style(state: str) -> str:
@@ -105,9 +110,11 @@ def stats_line(row: dict[str, Any], v: RunView) -> str:
     m = v.last
     sps = m.get("samples_per_s")
     mfu = m.get("mfu")
-    return (f"{sps:,.1f} samples/s" if isinstance(sps, (int, float)) else "- samples/s") + (
-        f" | MFU {mfu * 100:.1f}%" if isinstance(mfu, (int, float)) else "") + (
-        f" | {quantity(row.get('gpu_hours', 0.0))} GPU-h | {energy(v.energy_kwh)} | {co2(v.co2_kg)}")
+    return (
+        (f"{sps:,.1f} samples/s" if isinstance(sps, (int, float)) else "- samples/s")
+        + (f" | MFU {mfu * 100:.1f}%" if isinstance(mfu, (int, float)) else "")
+        + (f" | {quantity(row.get('gpu_hours', 0.0))} GPU-h | {energy(v.energy_kwh)} | {co2(v.co2_kg)}")
+    )
 
 
 def run_panel(row: dict[str, Any], v: RunView, width: int = 80):
@@ -118,16 +125,23 @@ def run_panel(row: dict[str, Any], v: RunView, width: int = 80):
     from rich.text import Text
 
     state = row["state"]
-    head = Text.assemble((row["name"], "bold"), "  ", (state, state_style(state)),
-                         f"  job {row.get('job_id') or '-'}", f"  nodes {row.get('node_list') or '-'}",
-                         f"  requeues {row.get('requeues', 0)}")
+    head = Text.assemble(
+        (row["name"], "bold"),
+        "  ",
+        (state, state_style(state)),
+        f"  job {row.get('job_id') or '-'}",
+        f"  nodes {row.get('node_list') or '-'}",
+        f"  requeues {row.get('requeues', 0)}",
+    )
     step = v.last.get("step", row.get("step")) or 0
     total = row.get("total_steps") or 1
     bar = Table.grid(expand=True)
     bar.add_column(ratio=1)
     bar.add_column(no_wrap=True)
-    bar.add_row(ProgressBar(total=total, completed=min(step, total), width=None),
-                f" {int(step)}/{total} ETA {duration(row.get('eta_s'), 'clock')}")
+    bar.add_row(
+        ProgressBar(total=total, completed=min(step, total), width=None),
+        f" {int(step)}/{total} ETA {duration(row.get('eta_s'), 'clock')}",
+    )
     spark = Text()
     for k in ("loss", *OBJECTIVES):
         hist = v.losses[k]
@@ -161,11 +175,16 @@ def runs_table(rows: list[dict[str, Any]], views: dict[str, RunView], width: int
 
     ef, eu = pick_unit([views[r["run_id"]].energy_kwh for r in rows], ENERGY_UNITS)  # one unit for the column
     t = Table(box=None, padding=(0, 1), expand=False, width=width, show_edge=False)
-    for name, kw in (("RUN", {"ratio": 1, "no_wrap": True, "overflow": "ellipsis", "min_width": 8}),
-                     ("STATE", {"no_wrap": True}), ("STEP", {"justify": "right", "no_wrap": True}),
-                     ("ETA", {"justify": "right", "no_wrap": True}), ("LOSS", {"no_wrap": True}),
-                     ("S/S", {"justify": "right", "no_wrap": True}), ("GPU-H", {"justify": "right", "no_wrap": True}),
-                     (eu, {"justify": "right", "no_wrap": True})):
+    for name, kw in (
+        ("RUN", {"ratio": 1, "no_wrap": True, "overflow": "ellipsis", "min_width": 8}),
+        ("STATE", {"no_wrap": True}),
+        ("STEP", {"justify": "right", "no_wrap": True}),
+        ("ETA", {"justify": "right", "no_wrap": True}),
+        ("LOSS", {"no_wrap": True}),
+        ("S/S", {"justify": "right", "no_wrap": True}),
+        ("GPU-H", {"justify": "right", "no_wrap": True}),
+        (eu, {"justify": "right", "no_wrap": True}),
+    ):
         t.add_column(name, **kw)
     room = max(1, height - 3)  # header, footer, and the "more" line
     for row in rows[:room]:
@@ -176,10 +195,16 @@ def runs_table(rows: list[dict[str, Any]], views: dict[str, RunView], width: int
         loss = Text(f"{hist[-1]:.3f} " if hist else "- ")
         loss.append(sparkline(hist, 6), style="dim")
         sps = m.get("samples_per_s")
-        t.add_row(row["name"], Text(row["state"], style=state_style(row["state"])),
-                  f"{int(step) if step is not None else '-'}/{row.get('total_steps')}", duration(row.get("eta_s"), "clock"), loss,
-                  f"{sps:,.0f}" if isinstance(sps, (int, float)) else "-", quantity(row.get("gpu_hours", 0.0)),
-                  quantity(v.energy_kwh * ef))
+        t.add_row(
+            row["name"],
+            Text(row["state"], style=state_style(row["state"])),
+            f"{int(step) if step is not None else '-'}/{row.get('total_steps')}",
+            duration(row.get("eta_s"), "clock"),
+            loss,
+            f"{sps:,.0f}" if isinstance(sps, (int, float)) else "-",
+            quantity(row.get("gpu_hours", 0.0)),
+            quantity(v.energy_kwh * ef),
+        )
     if len(rows) <= room:
         return t
     from rich.console import Group
@@ -193,8 +218,10 @@ def plain_line(row: dict[str, Any], v: RunView) -> str:
     m = v.last
     loss = f" loss {m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else ""
     step = m.get("step", row.get("step"))
-    return (f"{row['run_id']} {row['state']} step {int(step) if step is not None else '-'}/{row.get('total_steps')}"
-            f"{loss} requeues {row.get('requeues', 0)} | {stats_line(row, v)}")
+    return (
+        f"{row['run_id']} {row['state']} step {int(step) if step is not None else '-'}/{row.get('total_steps')}"
+        f"{loss} requeues {row.get('requeues', 0)} | {stats_line(row, v)}"
+    )
 
 
 def summary_lines(rows: list[dict[str, Any]], views: dict[str, RunView], evals: dict[str, dict]) -> list[str]:
@@ -204,8 +231,10 @@ def summary_lines(rows: list[dict[str, Any]], views: dict[str, RunView], evals: 
         v = views[row["run_id"]]
         m = v.last
         loss = f"{m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else "-"
-        out.append(f"{row['run_id']}: {row['state']}, step {m.get('step', '-')}/{row.get('total_steps')}, "
-                   f"final loss {loss}, requeues {row.get('requeues', 0)}, elapsed {duration(row.get('elapsed_s'), 'clock')}")
+        out.append(
+            f"{row['run_id']}: {row['state']}, step {m.get('step', '-')}/{row.get('total_steps')}, "
+            f"final loss {loss}, requeues {row.get('requeues', 0)}, elapsed {duration(row.get('elapsed_s'), 'clock')}"
+        )
         out.append(f"  {quantity(row.get('gpu_hours', 0.0))} GPU-h, {energy(v.energy_kwh)}, {co2(v.co2_kg)}")
         ev = evals.get(row["run_id"])
         if ev:

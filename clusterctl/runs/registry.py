@@ -92,8 +92,10 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     """
     found = conn.execute("PRAGMA user_version").fetchone()[0]
     if found > SCHEMA_VERSION:
-        raise UserError(f"registry: schema version {found} is newer than this clusterctl knows ({SCHEMA_VERSION}); "
-                        "allowed: upgrade clusterctl, or point CLUSTERCTL_REGISTRY at another file")
+        raise UserError(
+            f"registry: schema version {found} is newer than this clusterctl knows ({SCHEMA_VERSION}); "
+            "allowed: upgrade clusterctl, or point CLUSTERCTL_REGISTRY at another file"
+        )
     if found >= target:
         return found
     conn.execute("BEGIN IMMEDIATE")
@@ -163,7 +165,9 @@ class Registry:
             try:
                 c.execute(f"INSERT INTO runs ({','.join(_RUN_COLS)}) VALUES ({','.join('?' * len(_RUN_COLS))})", values)
             except sqlite3.IntegrityError:
-                raise UserError(f"registry: run id {run.run_id!r} exists already; allowed: a new id (Registry.new_run_id)") from None
+                raise UserError(
+                    f"registry: run id {run.run_id!r} exists already; allowed: a new id (Registry.new_run_id)"
+                ) from None
 
     def set_run_state(self, run_id: str, state: str) -> None:
         self.set_run_states({run_id: state})
@@ -176,8 +180,10 @@ class Registry:
             if if_states is None:
                 c.executemany("UPDATE runs SET state = ? WHERE run_id = ?", [(s, r) for r, s in states.items()])
             else:
-                c.executemany("UPDATE runs SET state = ? WHERE run_id = ? AND state = ?",
-                              [(s, r, if_states[r]) for r, s in states.items()])
+                c.executemany(
+                    "UPDATE runs SET state = ? WHERE run_id = ? AND state = ?",
+                    [(s, r, if_states[r]) for r, s in states.items()],
+                )
 
     def claim_run(self, run_id: str, from_state: str, to_state: str) -> bool:
         """Move a run from one state to another only if it is still in the first; True if this call did.
@@ -201,13 +207,20 @@ class Registry:
         if row is not None:
             return _run_from_row(row)
         # Prefix match as a range so the primary-key index answers it (LIKE would scan).
-        hits = self._conn.execute(f"{q} WHERE run_id >= ? AND run_id < ? ORDER BY run_id LIMIT 4",
-                                  (ref, ref + "\U0010ffff")).fetchall() if ref else []
+        hits = (
+            self._conn.execute(
+                f"{q} WHERE run_id >= ? AND run_id < ? ORDER BY run_id LIMIT 4", (ref, ref + "\U0010ffff")
+            ).fetchall()
+            if ref
+            else []
+        )
         if len(hits) == 1:
             return _run_from_row(hits[0])
         if not hits:
-            raise UserError(f"RUN: no run matches {ref!r}; allowed: a run id, a unique id prefix or a run name "
-                            "(clusterctl status --all lists them)")
+            raise UserError(
+                f"RUN: no run matches {ref!r}; allowed: a run id, a unique id prefix or a run name "
+                "(clusterctl status --all lists them)"
+            )
         names = ", ".join(h[0] for h in hits[:3]) + (", ..." if len(hits) > 3 else "")
         raise UserError(f"RUN: {ref!r} matches several runs ({names}); allowed: a longer prefix or the full run id")
 
@@ -224,7 +237,9 @@ class Registry:
         rows = self._conn.execute(
             f"SELECT {','.join(_RUN_COLS)} FROM runs WHERE state IN ({active}) OR run_id IN "
             f"(SELECT run_id FROM runs WHERE state NOT IN ({active}) ORDER BY created_at DESC LIMIT ?) "
-            "ORDER BY created_at DESC", (int(finished),))
+            "ORDER BY created_at DESC",
+            (int(finished),),
+        )
         return [_run_from_row(r) for r in rows]
 
     def count_runs(self) -> int:
@@ -239,11 +254,21 @@ class Registry:
         with self._write() as c:
             if c.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
                 raise ValueError(f"registry: no run {run_id!r} to add job {job_id} to; allowed: a registered run id")
-            attempt = c.execute("SELECT coalesce(max(attempt), 0) + 1 FROM jobs WHERE run_id = ?", (run_id,)).fetchone()[0]
-            job = JobRecord(job_id=str(job_id), run_id=run_id, attempt=attempt, kind=kind,
-                            submitted_at=time.time() if submitted_at is None else submitted_at, state=RunState.SUBMITTED)
-            c.execute(f"INSERT INTO jobs ({','.join(_JOB_COLS)}) VALUES ({','.join('?' * len(_JOB_COLS))})",
-                      [getattr(job, k) for k in _JOB_COLS])
+            attempt = c.execute(
+                "SELECT coalesce(max(attempt), 0) + 1 FROM jobs WHERE run_id = ?", (run_id,)
+            ).fetchone()[0]
+            job = JobRecord(
+                job_id=str(job_id),
+                run_id=run_id,
+                attempt=attempt,
+                kind=kind,
+                submitted_at=time.time() if submitted_at is None else submitted_at,
+                state=RunState.SUBMITTED,
+            )
+            c.execute(
+                f"INSERT INTO jobs ({','.join(_JOB_COLS)}) VALUES ({','.join('?' * len(_JOB_COLS))})",
+                [getattr(job, k) for k in _JOB_COLS],
+            )
         return job
 
     def update_job(self, job_id: str, run_id: str | None = None, **fields_: Any) -> None:
@@ -266,11 +291,19 @@ class Registry:
             sets = ", ".join(f"{k} = ?" for k in f)
             cond, args = ("state = ? AND ", [guard[0]]) if guard else ("", [])
             if run_id is None:
-                stmts.append((f"UPDATE jobs SET {sets} WHERE {cond}id = (SELECT max(id) FROM jobs WHERE job_id = ?)",
-                              [*f.values(), *args, str(job_id)]))
+                stmts.append(
+                    (
+                        f"UPDATE jobs SET {sets} WHERE {cond}id = (SELECT max(id) FROM jobs WHERE job_id = ?)",
+                        [*f.values(), *args, str(job_id)],
+                    )
+                )
             else:
-                stmts.append((f"UPDATE jobs SET {sets} WHERE {cond}run_id = ? AND job_id = ?",
-                              [*f.values(), *args, run_id, str(job_id)]))
+                stmts.append(
+                    (
+                        f"UPDATE jobs SET {sets} WHERE {cond}run_id = ? AND job_id = ?",
+                        [*f.values(), *args, run_id, str(job_id)],
+                    )
+                )
         if stmts:
             with self._write() as c:
                 for sql, args in stmts:
@@ -287,7 +320,9 @@ class Registry:
             return out
         rows = self._conn.execute(
             f"SELECT {','.join(_JOB_COLS)} FROM jobs WHERE run_id IN (SELECT value FROM json_each(?)) "
-            "ORDER BY run_id, attempt", (json.dumps(ids),))
+            "ORDER BY run_id, attempt",
+            (json.dumps(ids),),
+        )
         for row in rows:
             out[row[1]].append(_job_from_row(row))
         return out
@@ -296,8 +331,10 @@ class Registry:
 
     def add_event(self, run_id: str, kind: str, data: dict[str, Any] | None = None) -> None:
         with self._write() as c:
-            c.execute("INSERT INTO events (run_id, ts, kind, data) VALUES (?, ?, ?, ?)",
-                      (run_id, time.time(), kind, json.dumps(data or {}, sort_keys=True, default=str)))
+            c.execute(
+                "INSERT INTO events (run_id, ts, kind, data) VALUES (?, ?, ?, ?)",
+                (run_id, time.time(), kind, json.dumps(data or {}, sort_keys=True, default=str)),
+            )
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
         rows = self._conn.execute("SELECT ts, kind, data FROM events WHERE run_id = ? ORDER BY id", (run_id,))

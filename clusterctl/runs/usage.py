@@ -20,8 +20,19 @@ from vltrain.rundir import RunDir
 BY = ("run", "profile", "day", "month", "user")
 
 # CSV/JSON columns of `clusterctl report energy|gpu-hours` (documented in docs/reports.md).
-COLUMNS = ("key", "runs", "gpu_hours", "gpu_hours_source", "energy_kwh", "co2_kg",
-           "carbon_intensity_g_per_kwh", "pue", "estimated_kwh", "estimated_co2_kg", "energy_source")
+COLUMNS = (
+    "key",
+    "runs",
+    "gpu_hours",
+    "gpu_hours_source",
+    "energy_kwh",
+    "co2_kg",
+    "carbon_intensity_g_per_kwh",
+    "pue",
+    "estimated_kwh",
+    "estimated_co2_kg",
+    "energy_source",
+)
 
 
 @dataclass(frozen=True)
@@ -69,10 +80,16 @@ def parse_energy_csv(text: str, node: str, attempt: str) -> EnergyReading | None
         return None
     r = rows[-1]
     try:
-        return EnergyReading(node=node, attempt=attempt, energy_kwh=float(r["energy_consumed"]),
-                             co2_kg=float(r["emissions"]), duration_s=float(r["duration"]),
-                             pue=float(r.get("pue") or 1.0), country=r.get("country_iso_code", ""),
-                             timestamp=r.get("timestamp", ""))
+        return EnergyReading(
+            node=node,
+            attempt=attempt,
+            energy_kwh=float(r["energy_consumed"]),
+            co2_kg=float(r["emissions"]),
+            duration_s=float(r["duration"]),
+            pue=float(r.get("pue") or 1.0),
+            country=r.get("country_iso_code", ""),
+            timestamp=r.get("timestamp", ""),
+        )
     except (KeyError, ValueError):
         return None
 
@@ -109,9 +126,19 @@ def usage_for(run: Any, jobs: list[Any], readings: list[EnergyReading], now: flo
     from clusterctl.backends import get_backend
 
     hours, source = gpu_hours(run.gpus, jobs, now, accounting=get_backend(run.executor).has_accounting)
-    u = RunUsage(run_id=run.run_id, name=run.name, profile=run.profile, user=run.user, created_at=run.created_at,
-                 gpus=run.gpus, gpu_hours=hours, gpu_hours_source=source, readings=readings,
-                 energy_kwh=sum(r.energy_kwh for r in readings), co2_kg=sum(r.co2_kg for r in readings))
+    u = RunUsage(
+        run_id=run.run_id,
+        name=run.name,
+        profile=run.profile,
+        user=run.user,
+        created_at=run.created_at,
+        gpus=run.gpus,
+        gpu_hours=hours,
+        gpu_hours_source=source,
+        readings=readings,
+        energy_kwh=sum(r.energy_kwh for r in readings),
+        co2_kg=sum(r.co2_kg for r in readings),
+    )
     if readings:
         u.pue = readings[-1].pue
     est = (run.plan or {}).get("estimate") or {}
@@ -123,9 +150,14 @@ def usage_for(run: Any, jobs: list[Any], readings: list[EnergyReading], now: flo
 def group_key(u: RunUsage, by: str) -> str:
     if by not in BY:
         raise UserError(f"--by: {by!r} is not known; allowed: {', '.join(BY)}")
-    day = dt.datetime.fromtimestamp(u.created_at, dt.timezone.utc)
-    return {"run": u.run_id, "profile": u.profile, "user": u.user,
-            "day": day.strftime("%Y-%m-%d"), "month": day.strftime("%Y-%m")}[by]
+    day = dt.datetime.fromtimestamp(u.created_at, dt.UTC)
+    return {
+        "run": u.run_id,
+        "profile": u.profile,
+        "user": u.user,
+        "day": day.strftime("%Y-%m-%d"),
+        "month": day.strftime("%Y-%m"),
+    }[by]
 
 
 def aggregate(usages: Iterable[RunUsage], by: str) -> list[dict[str, Any]]:
@@ -141,17 +173,22 @@ def aggregate(usages: Iterable[RunUsage], by: str) -> list[dict[str, Any]]:
         ests = [u.estimated_kwh for u in us if u.estimated_kwh is not None]
         est_co2 = [u.estimated_co2_kg for u in us if u.estimated_co2_kg is not None]
         pues = sorted({u.pue for u in us if u.pue is not None})
-        rows.append({
-            "key": key, "runs": len(us),
-            "gpu_hours": round(sum(u.gpu_hours for u in us), 6),
-            "gpu_hours_source": "+".join(sorted({s for u in us for s in u.gpu_hours_source.split("+")} - {"none"})) or "none",
-            "energy_kwh": round(kwh, 9), "co2_kg": round(co2, 9),
-            "carbon_intensity_g_per_kwh": round(1000 * co2 / kwh, 3) if kwh > 0 else None,
-            "pue": pues[0] if len(pues) == 1 else (None if not pues else "mixed"),
-            "estimated_kwh": round(sum(ests), 6) if ests else None,
-            "estimated_co2_kg": round(sum(est_co2), 6) if est_co2 else None,
-            "energy_source": "codecarbon" if any(u.readings for u in us) else "none",
-        })
+        rows.append(
+            {
+                "key": key,
+                "runs": len(us),
+                "gpu_hours": round(sum(u.gpu_hours for u in us), 6),
+                "gpu_hours_source": "+".join(sorted({s for u in us for s in u.gpu_hours_source.split("+")} - {"none"}))
+                or "none",
+                "energy_kwh": round(kwh, 9),
+                "co2_kg": round(co2, 9),
+                "carbon_intensity_g_per_kwh": round(1000 * co2 / kwh, 3) if kwh > 0 else None,
+                "pue": pues[0] if len(pues) == 1 else (None if not pues else "mixed"),
+                "estimated_kwh": round(sum(ests), 6) if ests else None,
+                "estimated_co2_kg": round(sum(est_co2), 6) if est_co2 else None,
+                "energy_source": "codecarbon" if any(u.readings for u in us) else "none",
+            }
+        )
     return rows
 
 
@@ -170,7 +207,7 @@ def parse_day(text: str, flag: str) -> float:
     """--since/--until: YYYY-MM-DD (UTC midnight) or YYYY-MM-DDTHH:MM."""
     for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M"):
         try:
-            return dt.datetime.strptime(text, fmt).replace(tzinfo=dt.timezone.utc).timestamp()
+            return dt.datetime.strptime(text, fmt).replace(tzinfo=dt.UTC).timestamp()
         except ValueError:
             pass
     raise UserError(f"{flag}: {text!r} is not a date; allowed: YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)")

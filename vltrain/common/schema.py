@@ -37,8 +37,8 @@ def field(
     *,
     default: Any = _MISSING,
     default_factory: Any = _MISSING,
-    min: float | None = None,  # noqa: A002 - mirrors the schema word
-    max: float | None = None,  # noqa: A002
+    min: float | None = None,
+    max: float | None = None,
     choices: tuple[Any, ...] | None = None,
     pattern: str | None = None,
     allowed: str | None = None,
@@ -160,9 +160,7 @@ def build(cls: type, data: Mapping[str, Any], where: str, prefix: str = "") -> A
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise UserError(
-            f"{where}: {prefix}{unknown[0]}: unknown key; allowed: {', '.join(fields)}"
-        )
+        raise UserError(f"{where}: {prefix}{unknown[0]}: unknown key; allowed: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         spec: Spec = f.metadata.get("spec", Spec())

@@ -12,8 +12,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from vltrain.data.shards import IMAGE_EXTS, ShardWriter, iter_samples, resolve_shards
 from vltrain.common.errors import UserError
+from vltrain.data.shards import IMAGE_EXTS, ShardWriter, iter_samples, resolve_shards
 
 
 def dedup_shards(in_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
@@ -35,7 +35,9 @@ def dedup_shards(in_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
                 total += 1
                 ext = next((e for e in IMAGE_EXTS if e in sample), None)
                 if ext is None:
-                    raise UserError(f"--in: {path} sample {sample['__key__']} has no image; allowed: samples with one of {', '.join(IMAGE_EXTS)}")
+                    raise UserError(
+                        f"--in: {path} sample {sample['__key__']} has no image; allowed: samples with one of {', '.join(IMAGE_EXTS)}"
+                    )
                 digest = hashlib.sha256(sample[ext]).hexdigest()
                 if digest in first_key:
                     duplicates.append({"key": sample["__key__"], "same_as": first_key[digest], "shard": path.name})
@@ -43,5 +45,12 @@ def dedup_shards(in_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
                 first_key[digest] = sample["__key__"]
                 writer.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
         written.append(str(writer.path))
-    return {"in": str(in_dir), "out": str(out), "samples": total, "kept": total - len(duplicates),
-            "removed": len(duplicates), "duplicates": duplicates, "shards": written}
+    return {
+        "in": str(in_dir),
+        "out": str(out),
+        "samples": total,
+        "kept": total - len(duplicates),
+        "removed": len(duplicates),
+        "duplicates": duplicates,
+        "shards": written,
+    }

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from vltrain.common.errors import UserError
 from vltrain.config import DataConfig
 from vltrain.data.shards import ShardIndex, image_ext, index_shard, read_member, resolve_shards
 from vltrain.data.transforms import ImageTransform
-from vltrain.common.errors import UserError
 
 STATE_VERSION = 1
 _SHARD_PERM, _BLOCK_PERM, _AUGMENT = 0, 1, 2  # stream tags: independent seeded generators
@@ -45,7 +45,9 @@ class EpochOrder:
 
     def __init__(self, sizes: list[int], seed: int, epoch: int, shuffle: bool, block_samples: int):
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle and block_samples > 0
-        order = np.random.default_rng([seed, epoch, _SHARD_PERM]).permutation(len(sizes)) if shuffle else range(len(sizes))
+        order = (
+            np.random.default_rng([seed, epoch, _SHARD_PERM]).permutation(len(sizes)) if shuffle else range(len(sizes))
+        )
         self.blocks: list[list[int]] = [[]]
         filled = 0
         for shard in order:
@@ -80,7 +82,9 @@ class EpochOrder:
 class _Batches(torch.utils.data.IterableDataset):
     """The batches of one rank from a start position; each DataLoader worker builds every k-th batch."""
 
-    def __init__(self, index: list[ShardIndex], plan: dict[str, Any], transform: ImageTransform, tokenizer, max_len: int):
+    def __init__(
+        self, index: list[ShardIndex], plan: dict[str, Any], transform: ImageTransform, tokenizer, max_len: int
+    ):
         super().__init__()
         self.index, self.plan, self.transform, self.tokenizer, self.max_len = index, plan, transform, tokenizer, max_len
         self.sizes = [len(s) for s in index]
@@ -114,7 +118,7 @@ class _Batches(torch.utils.data.IterableDataset):
         if path not in handles:
             if len(handles) >= 8:  # a few open shards per worker: blocks span shards, the order is local
                 handles.popitem(last=False)[1].close()
-            handles[path] = open(path, "rb")
+            handles[path] = open(path, "rb")  # noqa: SIM115 - a small cache of open shards, closed on eviction
         handles.move_to_end(path)
         return read_member(handles[path], where)
 
@@ -130,8 +134,13 @@ class _Batches(torch.utils.data.IterableDataset):
             texts.append(text)
             keys.append(key)
         input_ids, attention_mask = self.tokenizer.encode_batch(texts, self.max_len)
-        return {"images": torch.from_numpy(np.stack(images)), "input_ids": input_ids,
-                "attention_mask": attention_mask, "keys": keys, "captions": texts}
+        return {
+            "images": torch.from_numpy(np.stack(images)),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "keys": keys,
+            "captions": texts,
+        }
 
 
 class ShardLoader:
@@ -141,8 +150,21 @@ class ShardLoader:
     position returns to the start. Call load_state_dict before iterating; one iterator at a time.
     """
 
-    def __init__(self, shards: str, *, rank: int, world_size: int, batch_size: int, seed: int, image_size: int,
-                 tokenizer, max_len: int, train: bool, data_cfg: DataConfig | None = None, workers: int | None = None):
+    def __init__(
+        self,
+        shards: str,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        seed: int,
+        image_size: int,
+        tokenizer,
+        max_len: int,
+        train: bool,
+        data_cfg: DataConfig | None = None,
+        workers: int | None = None,
+    ):
         cfg = data_cfg or DataConfig()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -151,10 +173,14 @@ class ShardLoader:
         self.index = [s for s in (index_shard(p) for p in resolve_shards(shards)) if len(s)]
         self.num_samples = sum(len(s) for s in self.index)
         self.rank, self.world_size, self.batch_size, self.seed, self.train = rank, world_size, batch_size, seed, train
-        self.samples_per_epoch = self.num_samples // world_size if train else len(range(rank, self.num_samples, world_size))
+        self.samples_per_epoch = (
+            self.num_samples // world_size if train else len(range(rank, self.num_samples, world_size))
+        )
         if self.samples_per_epoch == 0:
-            raise UserError(f"data.shards: {shards} holds {self.num_samples} samples, fewer than the {world_size} ranks; "
-                            f"allowed: at least one sample per rank")
+            raise UserError(
+                f"data.shards: {shards} holds {self.num_samples} samples, fewer than the {world_size} ranks; "
+                f"allowed: at least one sample per rank"
+            )
         self.workers = cfg.workers if workers is None else workers
         self.block = cfg.shuffle_buffer
         self.transform = ImageTransform(image_size, train, cfg.random_crop, cfg.hflip, cfg.randaugment)
@@ -162,23 +188,41 @@ class ShardLoader:
         self.epoch, self.position = 0, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "rank": self.rank, "world_size": self.world_size, "num_samples": self.num_samples}
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_samples": self.num_samples,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in ("seed", "world_size", "num_samples"):
             if state.get(name) != getattr(self, name):
-                raise UserError(f"checkpoint data state: {name} is {state.get(name)} but this run has "
-                                f"{getattr(self, name)}; allowed: resume with the same data, seed and world size")
+                raise UserError(
+                    f"checkpoint data state: {name} is {state.get(name)} but this run has "
+                    f"{getattr(self, name)}; allowed: resume with the same data, seed and world size"
+                )
         if not 0 <= state["position"] < self.samples_per_epoch:
-            raise UserError(f"checkpoint data state: position {state['position']} outside this rank's "
-                            f"{self.samples_per_epoch} samples per epoch; allowed: a state from this loader")
+            raise UserError(
+                f"checkpoint data state: position {state['position']} outside this rank's "
+                f"{self.samples_per_epoch} samples per epoch; allowed: a state from this loader"
+            )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def __iter__(self):
-        plan = {"start": self.epoch * self.samples_per_epoch + self.position, "batch_size": self.batch_size,
-                "per_rank": self.samples_per_epoch, "train": self.train, "seed": self.seed, "block": self.block,
-                "rank": self.rank, "world_size": self.world_size}
+        plan = {
+            "start": self.epoch * self.samples_per_epoch + self.position,
+            "batch_size": self.batch_size,
+            "per_rank": self.samples_per_epoch,
+            "train": self.train,
+            "seed": self.seed,
+            "block": self.block,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
         dataset = _Batches(self.index, plan, self.transform, self.tokenizer, self.max_len)
         if self.workers:
             batches = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.workers))

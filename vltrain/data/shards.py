@@ -11,7 +11,6 @@ sample k of a shard without reading samples 0..k-1 of it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator
@@ -113,7 +112,7 @@ def index_shard(path: str | Path) -> ShardIndex:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
                 m = _KEY_EXT.match(info.name)
-                if not info.isreg() or not m or "/" not in info.name and info.name.startswith("__"):
+                if not info.isreg() or not m or ("/" not in info.name and info.name.startswith("__")):
                     continue
                 key, ext = m.group(1), m.group(2).lower()
                 if not keys or keys[-1] != key:

@@ -23,29 +23,50 @@ from PIL import Image, ImageDraw
 from vltrain.common.errors import UserError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 70, 230), "yellow": (245, 220, 20),
-    "orange": (250, 140, 15), "purple": (135, 40, 185), "pink": (250, 125, 195), "cyan": (25, 215, 225),
-    "white": (250, 250, 250), "black": (15, 15, 15),
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 70, 230),
+    "yellow": (245, 220, 20),
+    "orange": (250, 140, 15),
+    "purple": (135, 40, 185),
+    "pink": (250, 125, 195),
+    "cyan": (25, 215, 225),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "gray": (128, 128, 128), "black": (10, 10, 10), "white": (245, 245, 245), "beige": (222, 205, 165),
+    "gray": (128, 128, 128),
+    "black": (10, 10, 10),
+    "white": (245, 245, 245),
+    "beige": (222, 205, 165),
 }
 # Object colours that would not stand out on a background.
-LOW_CONTRAST = {"gray": set(), "black": {"black", "purple", "blue"}, "white": {"white", "yellow", "cyan"},
-                "beige": {"white", "yellow", "pink"}}
+LOW_CONTRAST = {
+    "gray": set(),
+    "black": {"black", "purple", "blue"},
+    "white": {"white", "yellow", "cyan"},
+    "beige": {"white", "yellow", "pink"},
+}
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "hexagon")
 # The words a caption may use: synonyms keep the grounded content (colour, shape, size, count,
 # region) while giving SentencePiece a vocabulary of realistic size to learn.
 COLOUR_WORDS: dict[str, tuple[str, ...]] = {
-    "red": ("red", "crimson", "scarlet"), "green": ("green", "emerald", "jade"),
-    "blue": ("blue", "cobalt", "sapphire"), "yellow": ("yellow", "lemon", "golden"),
-    "orange": ("orange", "tangerine", "amber"), "purple": ("purple", "violet", "plum"),
-    "pink": ("pink", "rose", "blush"), "cyan": ("cyan", "turquoise", "aqua"),
-    "white": ("white", "ivory", "snowy"), "black": ("black", "ebony", "inky"),
+    "red": ("red", "crimson", "scarlet"),
+    "green": ("green", "emerald", "jade"),
+    "blue": ("blue", "cobalt", "sapphire"),
+    "yellow": ("yellow", "lemon", "golden"),
+    "orange": ("orange", "tangerine", "amber"),
+    "purple": ("purple", "violet", "plum"),
+    "pink": ("pink", "rose", "blush"),
+    "cyan": ("cyan", "turquoise", "aqua"),
+    "white": ("white", "ivory", "snowy"),
+    "black": ("black", "ebony", "inky"),
 }
 BACKGROUND_WORDS: dict[str, tuple[str, ...]] = {
-    "gray": ("gray", "grey", "slate"), "black": ("black", "dark", "pitch black"),
-    "white": ("white", "pale", "bright white"), "beige": ("beige", "sand", "cream", "tan"),
+    "gray": ("gray", "grey", "slate"),
+    "black": ("black", "dark", "pitch black"),
+    "white": ("white", "pale", "bright white"),
+    "beige": ("beige", "sand", "cream", "tan"),
 }
 # (singular, plural) pairs per shape.
 SHAPE_WORDS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -55,37 +76,104 @@ SHAPE_WORDS: dict[str, tuple[tuple[str, str], ...]] = {
     "diamond": (("diamond", "diamonds"), ("rhombus", "rhombuses"), ("lozenge", "lozenges")),
     "star": (("star", "stars"), ("five pointed star", "five pointed stars")),
     "cross": (("cross", "crosses"), ("plus sign", "plus signs"), ("plus symbol", "plus symbols")),
-    "hexagon": (("hexagon", "hexagons"), ("six sided polygon", "six sided polygons"), ("honeycomb cell", "honeycomb cells")),
+    "hexagon": (
+        ("hexagon", "hexagons"),
+        ("six sided polygon", "six sided polygons"),
+        ("honeycomb cell", "honeycomb cells"),
+    ),
 }
-SIZE_WORDS = {"small": ("small", "little", "tiny", "miniature", "petite", "compact"),
-              "large": ("large", "big", "huge", "giant", "massive", "oversized", "enormous")}
+SIZE_WORDS = {
+    "small": ("small", "little", "tiny", "miniature", "petite", "compact"),
+    "large": ("large", "big", "huge", "giant", "massive", "oversized", "enormous"),
+}
 SIZE_SCALE = {"small": 0.6, "medium": 1.0, "large": 1.2}  # radius relative to 0.4 x cell side
-COUNT_WORDS = {1: ("a", "one", "a single", "a lone", "just one"), 2: ("two", "a pair of", "a couple of", "2"),
-               3: ("three", "a trio of", "a group of three", "3")}
+COUNT_WORDS = {
+    1: ("a", "one", "a single", "a lone", "just one"),
+    2: ("two", "a pair of", "a couple of", "2"),
+    3: ("three", "a trio of", "a group of three", "3"),
+}
 # Regions: grid cells (row, col) they cover, the cell a single object prefers first, and their phrases.
 REGIONS: dict[str, tuple[tuple[tuple[int, int], ...], tuple[str, ...]]] = {
-    "left": (((1, 0), (0, 0), (2, 0)), ("on the left", "on the left side", "to the left", "at the left", "along the left edge")),
-    "right": (((1, 2), (0, 2), (2, 2)), ("on the right", "on the right side", "to the right", "at the right", "along the right edge")),
+    "left": (
+        ((1, 0), (0, 0), (2, 0)),
+        ("on the left", "on the left side", "to the left", "at the left", "along the left edge"),
+    ),
+    "right": (
+        ((1, 2), (0, 2), (2, 2)),
+        ("on the right", "on the right side", "to the right", "at the right", "along the right edge"),
+    ),
     "top": (((0, 1), (0, 0), (0, 2)), ("at the top", "near the top", "along the top", "in the upper part", "up above")),
-    "bottom": (((2, 1), (2, 0), (2, 2)), ("at the bottom", "near the bottom", "along the bottom", "in the lower part", "down below")),
+    "bottom": (
+        ((2, 1), (2, 0), (2, 2)),
+        ("at the bottom", "near the bottom", "along the bottom", "in the lower part", "down below"),
+    ),
     "center": (((1, 1),), ("in the center", "in the middle", "at the centre", "right in the middle")),
     "top left": (((0, 0),), ("in the top left corner", "in the upper left corner", "at the top left")),
     "top right": (((0, 2),), ("in the top right corner", "in the upper right corner", "at the top right")),
     "bottom left": (((2, 0),), ("in the bottom left corner", "in the lower left corner", "at the bottom left")),
     "bottom right": (((2, 2),), ("in the bottom right corner", "in the lower right corner", "at the bottom right")),
 }
-PREFIXES = ("", "", "", "a picture of ", "an image of ", "a drawing of ", "a photo of ", "a rendering of ",
-            "this image shows ", "a simple scene with ", "we see ", "there {be} ", "an illustration of ",
-            "a diagram showing ", "a sketch of ", "a graphic featuring ", "a composition with ", "here we have ",
-            "a snapshot of ", "a synthetic image of ", "a toy scene containing ", "the picture contains ",
-            "a canvas with ", "an abstract arrangement of ", "clip art of ", "you can see ", "the frame holds ")
-BACKGROUND_PHRASES = ("on a {} background", "against a {} background", "over a {} backdrop",
-                      "with a {} background", "on a plain {} canvas", "set on {} paper")
-STYLE_SUFFIXES = ("flat vector illustration", "minimalist geometric art", "simple clip art", "digital drawing",
-                  "computer generated", "in a flat style", "high contrast", "bold colors", "clean edges",
-                  "abstract design", "children's book style", "retro poster look", "crisp pixels",
-                  "no text", "no people", "toy example", "procedural render", "soft shading",
-                  "icon set style", "textbook figure", "quick doodle", "sharp outlines")
+PREFIXES = (
+    "",
+    "",
+    "",
+    "a picture of ",
+    "an image of ",
+    "a drawing of ",
+    "a photo of ",
+    "a rendering of ",
+    "this image shows ",
+    "a simple scene with ",
+    "we see ",
+    "there {be} ",
+    "an illustration of ",
+    "a diagram showing ",
+    "a sketch of ",
+    "a graphic featuring ",
+    "a composition with ",
+    "here we have ",
+    "a snapshot of ",
+    "a synthetic image of ",
+    "a toy scene containing ",
+    "the picture contains ",
+    "a canvas with ",
+    "an abstract arrangement of ",
+    "clip art of ",
+    "you can see ",
+    "the frame holds ",
+)
+BACKGROUND_PHRASES = (
+    "on a {} background",
+    "against a {} background",
+    "over a {} backdrop",
+    "with a {} background",
+    "on a plain {} canvas",
+    "set on {} paper",
+)
+STYLE_SUFFIXES = (
+    "flat vector illustration",
+    "minimalist geometric art",
+    "simple clip art",
+    "digital drawing",
+    "computer generated",
+    "in a flat style",
+    "high contrast",
+    "bold colors",
+    "clean edges",
+    "abstract design",
+    "children's book style",
+    "retro poster look",
+    "crisp pixels",
+    "no text",
+    "no people",
+    "toy example",
+    "procedural render",
+    "soft shading",
+    "icon set style",
+    "textbook figure",
+    "quick doodle",
+    "sharp outlines",
+)
 JOINERS = (" and ", " as well as ", " plus ", " along with ", " together with ", " with ")
 SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges without a rendering library
 
@@ -112,8 +200,16 @@ def sample_scene(rng: np.random.Generator) -> dict[str, Any]:
         used.add((shape, colour))
         size = str(rng.choice(["medium", "small", "large"], p=[0.5, 0.25, 0.25]))
         free -= set(chosen)
-        groups.append({"count": count, "shape": shape, "colour": colour, "size": size, "region": region,
-                       "cells": [list(c) for c in chosen]})
+        groups.append(
+            {
+                "count": count,
+                "shape": shape,
+                "colour": colour,
+                "size": size,
+                "region": region,
+                "cells": [list(c) for c in chosen],
+            }
+        )
     return {"background": background, "groups": groups}
 
 
@@ -129,8 +225,17 @@ def place_objects(scene: dict[str, Any], size: int, rng: np.random.Generator) ->
             cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
             jitter = rng.integers(-12, 13, size=3)
             rgb = [int(np.clip(v + j, 0, 255)) for v, j in zip(COLOURS[g["colour"]], jitter)]
-            objects.append({"shape": g["shape"], "colour": g["colour"], "rgb": rgb, "cx": round(cx, 2),
-                            "cy": round(cy, 2), "radius": round(radius, 2), "angle": round(rng.uniform(-20, 20), 1)})
+            objects.append(
+                {
+                    "shape": g["shape"],
+                    "colour": g["colour"],
+                    "rgb": rgb,
+                    "cx": round(cx, 2),
+                    "cy": round(cy, 2),
+                    "radius": round(radius, 2),
+                    "angle": round(rng.uniform(-20, 20), 1),
+                }
+            )
     return objects
 
 
@@ -145,11 +250,29 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     elif shape == "hexagon":
         pts = [(math.cos(math.radians(a)), math.sin(math.radians(a))) for a in range(0, 360, 60)]
     elif shape == "star":
-        pts = [((1 if i % 2 == 0 else 0.45) * math.cos(math.radians(-90 + 36 * i)),
-                (1 if i % 2 == 0 else 0.45) * math.sin(math.radians(-90 + 36 * i))) for i in range(10)]
+        pts = [
+            (
+                (1 if i % 2 == 0 else 0.45) * math.cos(math.radians(-90 + 36 * i)),
+                (1 if i % 2 == 0 else 0.45) * math.sin(math.radians(-90 + 36 * i)),
+            )
+            for i in range(10)
+        ]
     elif shape == "cross":
         w = 0.34
-        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        pts = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
     else:
         raise ValueError(f"unknown shape {shape!r}")
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
@@ -201,7 +324,9 @@ def make_sample(seed: int, split: int, index: int, image_size: int) -> tuple[byt
     objects = place_objects(scene, image_size, rng)
     text = caption(scene, rng)
     buf = io.BytesIO()
-    render(scene, objects, image_size).save(buf, format="JPEG", quality=90, subsampling=0)  # 4:4:4: small shapes keep their colour
+    render(scene, objects, image_size).save(
+        buf, format="JPEG", quality=90, subsampling=0
+    )  # 4:4:4: small shapes keep their colour
     return buf.getvalue(), text, {**scene, "objects": objects}
 
 
@@ -218,17 +343,25 @@ def _write_split(out: Path, n: int, shards: int, seed: int, split: int, first_ke
             for _ in range(count):
                 key = f"{first_key + index:09d}"
                 jpg, text, scene = make_sample(seed, split, index, image_size)
-                meta = {"key": key, "caption": text, "status": "success", "width": image_size,
-                        "height": image_size, "original_width": image_size, "original_height": image_size,
-                        "scene": scene}
+                meta = {
+                    "key": key,
+                    "caption": text,
+                    "status": "success",
+                    "width": image_size,
+                    "height": image_size,
+                    "original_width": image_size,
+                    "original_height": image_size,
+                    "scene": scene,
+                }
                 writer.write({"__key__": key, "jpg": jpg, "txt": text.encode(), "json": json.dumps(meta).encode()})
                 index += 1
         paths.append(str(writer.path))
     return paths
 
 
-def write_synthetic_shards(out_dir: str | Path, n: int, shards: int, seed: int, image_size: int = 64,
-                           holdout: int = 0) -> dict[str, Any]:
+def write_synthetic_shards(
+    out_dir: str | Path, n: int, shards: int, seed: int, image_size: int = 64, holdout: int = 0
+) -> dict[str, Any]:
     """Write n samples as shards {00000..}.tar in out_dir, and `holdout` more under out_dir/eval.
 
     Held-out samples come from a separate random stream and continue the key numbering after the
@@ -247,12 +380,23 @@ def write_synthetic_shards(out_dir: str | Path, n: int, shards: int, seed: int, 
         if d.is_dir() and any(d.glob("*.tar")):
             raise UserError(f"--out: {d} already holds shards; allowed: a new or empty directory")
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"out": str(out), "samples": n, "shards": _write_split(out, n, shards, seed, 0, 0, image_size),
-                               "seed": seed, "image_size": image_size, "eval_out": None, "eval_samples": 0, "eval_shards": []}
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "samples": n,
+        "shards": _write_split(out, n, shards, seed, 0, 0, image_size),
+        "seed": seed,
+        "image_size": image_size,
+        "eval_out": None,
+        "eval_samples": 0,
+        "eval_shards": [],
+    }
     if holdout:
         eval_dir = out / "eval"
         eval_dir.mkdir(exist_ok=True)
         eval_shards = max(1, min(holdout, round(shards * holdout / n)))
-        summary.update(eval_out=str(eval_dir), eval_samples=holdout,
-                       eval_shards=_write_split(eval_dir, holdout, eval_shards, seed, 1, n, image_size))
+        summary.update(
+            eval_out=str(eval_dir),
+            eval_samples=holdout,
+            eval_shards=_write_split(eval_dir, holdout, eval_shards, seed, 1, n, image_size),
+        )
     return summary

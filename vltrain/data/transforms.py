@@ -51,8 +51,9 @@ def center_box(width: int, height: int) -> tuple[float, float, float, float]:
 
 
 def _shear(img, v, axis):
-    return img.transform(img.size, Image.Transform.AFFINE, (1, v, 0, 0, 1, 0) if axis == 0 else (1, 0, 0, v, 1, 0),
-                         fillcolor=FILL)
+    return img.transform(
+        img.size, Image.Transform.AFFINE, (1, v, 0, 0, 1, 0) if axis == 0 else (1, 0, 0, v, 1, 0), fillcolor=FILL
+    )
 
 
 def _translate(img, v, axis):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from vltrain.model_config import ModelConfig
 from vltrain.model.layers import Block, make_norm
+from vltrain.model_config import ModelConfig
 from vltrain.model_math import mlp_hidden
 
 

@@ -34,8 +34,15 @@ def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 
-def mask_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, *, mask_prob: float, mask_id: int,
-                vocab_size: int, special_ids: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    mask_prob: float,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking (Devlin et al. 2019) with torch's global RNG on ids.device.
 
     Each real, non-special token is chosen with probability mask_prob; a chosen token becomes <mask>

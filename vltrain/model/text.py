@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vltrain.model_config import ModelConfig
 from vltrain.common.errors import UserError
 from vltrain.model.layers import Block, make_norm, rope_tables
+from vltrain.model_config import ModelConfig
 from vltrain.model_math import mlp_hidden
 
 
@@ -23,13 +23,17 @@ class TextEmbedding(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.text_width)
-        self.pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, cfg.text_width)) if cfg.pos_embedding == "learned" else None
+        self.pos = (
+            nn.Parameter(torch.zeros(1, cfg.max_text_len, cfg.text_width)) if cfg.pos_embedding == "learned" else None
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] -> [B, T, Dt]"""
         if ids.shape[1] > self.cfg.max_text_len:
-            raise UserError(f"input_ids: {ids.shape[1]} tokens exceed model.max_text_len {self.cfg.max_text_len}; "
-                            f"allowed: at most {self.cfg.max_text_len}")
+            raise UserError(
+                f"input_ids: {ids.shape[1]} tokens exceed model.max_text_len {self.cfg.max_text_len}; "
+                f"allowed: at most {self.cfg.max_text_len}"
+            )
         x = self.tok(ids)
         return x + self.pos[:, : ids.shape[1]] if self.pos is not None else x
 

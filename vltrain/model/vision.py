@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vltrain.model_config import ModelConfig
 from vltrain.common.errors import UserError
 from vltrain.model.layers import Block, make_norm, rope_tables
+from vltrain.model_config import ModelConfig
 from vltrain.model_math import mlp_hidden
 
 
@@ -37,8 +37,10 @@ class VisionEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S] -> features [B, 1 + N, Dv] (normed; index 0 is the cls token)."""
         if images.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
-            raise UserError(f"images: size {tuple(images.shape[-2:])} does not match model.image_size "
-                            f"{self.cfg.image_size}; allowed: [B, 3, {self.cfg.image_size}, {self.cfg.image_size}]")
+            raise UserError(
+                f"images: size {tuple(images.shape[-2:])} does not match model.image_size "
+                f"{self.cfg.image_size}; allowed: [B, 3, {self.cfg.image_size}, {self.cfg.image_size}]"
+            )
         images = images.to(self.patch_embed.weight.dtype)  # the loader yields float32; ZeRO bf16 casts the model
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, Dv]
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+N, Dv]

@@ -18,19 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vltrain.config import LossConfig
-from vltrain.model_config import ModelConfig
 from vltrain.common.errors import UserError
+from vltrain.config import LossConfig
 from vltrain.model import losses
 from vltrain.model.decoder import TextDecoder
 from vltrain.model.layers import Block
 from vltrain.model.text import TextEmbedding, TextEncoder
 from vltrain.model.vision import VisionEncoder
+from vltrain.model_config import ModelConfig
 
 
 class VLModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig | None = None, pad_id: int = 0, bos_id: int = 2,
-                 eos_id: int = 3, mask_id: int = 4):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        loss_cfg: LossConfig | None = None,
+        pad_id: int = 0,
+        bos_id: int = 2,
+        eos_id: int = 3,
+        mask_id: int = 4,
+    ):
         super().__init__()
         self.cfg, self.loss_cfg = cfg, loss_cfg or LossConfig()
         self.pad_id, self.bos_id, self.eos_id, self.mask_id = pad_id, bos_id, eos_id, mask_id
@@ -87,7 +94,9 @@ class VLModel(nn.Module):
         return self._text_embedding(h, attention_mask)
 
     # ------------------------------------------------------------------ training
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """-> {"loss": weighted sum (with grad), "itc", "mlm", "caption": detached scalars}."""
         lc = self.loss_cfg
         attention_mask = attention_mask.bool()
@@ -97,7 +106,11 @@ class VLModel(nn.Module):
         itc = losses.itc_loss(self._image_embedding(feats), self._text_embedding(h, attention_mask), self.logit_scale)
 
         masked, labels = losses.mask_tokens(
-            input_ids, attention_mask, mask_prob=lc.mask_prob, mask_id=self.mask_id, vocab_size=self.cfg.vocab_size,
+            input_ids,
+            attention_mask,
+            mask_prob=lc.mask_prob,
+            mask_id=self.mask_id,
+            vocab_size=self.cfg.vocab_size,
             special_ids=(self.pad_id, self.bos_id, self.eos_id, self.mask_id),
         )
         hm, _ = self._text_unimodal(masked, attention_mask)
@@ -119,7 +132,9 @@ class VLModel(nn.Module):
         captions are short and this runs only in evaluation.
         """
         if not 1 <= max_len < self.cfg.max_text_len:
-            raise UserError(f"generate: max_len {max_len}; allowed: 1 to {self.cfg.max_text_len - 1} (max_text_len - 1)")
+            raise UserError(
+                f"generate: max_len {max_len}; allowed: 1 to {self.cfg.max_text_len - 1} (max_text_len - 1)"
+            )
         feats = self.vision(images)
         b, dev = images.shape[0], images.device
         seq = torch.full((b, 1), self.bos_id, dtype=torch.long, device=dev)

@@ -11,15 +11,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from clusterctl.backends import common
+from clusterctl.backends import results
 from clusterctl.backends.api import Backend, Poll
 from clusterctl.backends.slurm import commands as slurm
 from clusterctl.backends.slurm.parse import AcctRow, QueueRow
-from clusterctl.planning.profiles import ClusterProfile
 from clusterctl.specs import FINAL_STATES, JobRecord, LaunchSpec, RunRecord, RunState
 from vltrain.common.errors import ServiceUnavailable, UserError
+
+if TYPE_CHECKING:  # launching needs the profile; polling (status) does not import planning
+    from clusterctl.planning.profiles import ClusterProfile
 
 SACCT_LAG_S = 120  # a job this young may not be in accounting yet: keep its state
 LIVE = (RunState.PENDING, RunState.RUNNING, RunState.COMPLETING, RunState.SUSPENDED)  # squeue says all
@@ -35,11 +37,12 @@ class SlurmView:
     notes: list[str] = field(default_factory=list)
 
 
-
 # --- pure ---------------------------------------------------------------------------------------
 
-def job_changes(job: JobRecord, q: QueueRow | None, a: AcctRow | None, now: float,
-                outcome: str | None = None) -> dict[str, Any]:
+
+def job_changes(
+    job: JobRecord, q: QueueRow | None, a: AcctRow | None, now: float, outcome: str | None = None
+) -> dict[str, Any]:
     """The registry fields of `job` that Slurm's rows change (the controller wins for live state,
     accounting for times and totals). `outcome`: submitit's result file, for jobs Slurm forgot."""
     new: dict[str, Any] = {}
@@ -73,8 +76,7 @@ def accounting_needed(job: JobRecord, q: QueueRow | None) -> bool:
     job pending or running its first attempt (state, start, elapsed, GPUs, nodes); accounting is
     needed once it left the queue or ended (exit code, final elapsed) and after a requeue (sacct -D
     sums the elapsed time of every attempt; squeue knows only the current one)."""
-    return (q is None or q.state not in LIVE
-            or q.restarts > 0 or job.requeues > 0)
+    return q is None or q.state not in LIVE or q.restarts > 0 or job.requeues > 0
 
 
 def query_slurm(jobs: list[JobRecord], timeout: float, since: float | None = None) -> SlurmView:
@@ -95,8 +97,11 @@ def query_slurm(jobs: list[JobRecord], timeout: float, since: float | None = Non
         errors["queue"] = e.reason
     except (UserError, OSError, ValueError) as e:  # odd bytes, no permission
         errors["queue"] = str(e)
-    acct_ids = ids if view.queue is None else sorted(
-        {j.job_id for j in jobs if accounting_needed(j, view.queue.get(j.job_id))})
+    acct_ids = (
+        ids
+        if view.queue is None
+        else sorted({j.job_id for j in jobs if accounting_needed(j, view.queue.get(j.job_id))})
+    )
     if acct_ids:
         try:
             # what is left of the time-out (at least 2 s): a hung controller must not double the wait
@@ -107,19 +112,27 @@ def query_slurm(jobs: list[JobRecord], timeout: float, since: float | None = Non
             errors["acct"] = str(e)
     if "queue" in errors:
         rest = "accounting (sacct) and the registry" if view.acct is not None else "the registry"
-        view.notes.append(f"Slurm controller unavailable ({errors['queue']}): showing the last known states from {rest}")
+        view.notes.append(
+            f"Slurm controller unavailable ({errors['queue']}): showing the last known states from {rest}"
+        )
     if "acct" in errors:
-        view.notes.append(f"accounting unavailable ({errors['acct']}): " + (
-            "states from squeue and the registry; elapsed time and GPU-hours count only what squeue saw"
-            if view.queue is not None else "no accounting data either"))
-    view.source = "+".join([s for s, v in (("squeue", view.queue), ("sacct", view.acct)) if v is not None] +
-                           (["registry"] if errors else []))
+        view.notes.append(
+            f"accounting unavailable ({errors['acct']}): "
+            + (
+                "states from squeue and the registry; elapsed time and GPU-hours count only what squeue saw"
+                if view.queue is not None
+                else "no accounting data either"
+            )
+        )
+    view.source = "+".join(
+        [s for s, v in (("squeue", view.queue), ("sacct", view.acct)) if v is not None]
+        + (["registry"] if errors else [])
+    )
     return view
 
 
-
-
 # --- the backend --------------------------------------------------------------------------------
+
 
 class SlurmBackend(Backend):
     name = "slurm"
@@ -130,6 +143,8 @@ class SlurmBackend(Backend):
 
     def launch_spec(self, profile: ClusterProfile, run_dir: Path, job_name: str, hold: bool = False) -> LaunchSpec:
         """The sbatch parameters (as submitit's SlurmExecutor takes them) for one attempt (pure)."""
+        from clusterctl.backends import common
+
         common.check_job_name(job_name)
         env = common.trainer_env(profile, run_dir)
         n, s = profile.nodes, profile.slurm
@@ -162,17 +177,23 @@ class SlurmBackend(Backend):
         """
         from submitit.slurm.slurm import _make_sbatch_string
 
+        from clusterctl.backends import common
+
         folder = str(Path(spec.folder) / "%j")
         return _make_sbatch_string(command=common.submitit_command(folder, python), folder=folder, **spec.params)
 
     def schedule(self, spec: LaunchSpec, fn: Any) -> str:
         import submitit
 
+        from clusterctl.backends import common
+
         try:
             ex = submitit.SlurmExecutor(folder=str(Path(spec.folder) / "%j"), max_num_timeout=spec.max_num_timeout)
         except RuntimeError as e:
-            raise UserError(f"--profile: executor 'slurm' needs Slurm's client tools on this machine ({e}); "
-                            "allowed: a machine with srun/sbatch, or --profile local") from None
+            raise UserError(
+                f"--profile: executor 'slurm' needs Slurm's client tools on this machine ({e}); "
+                "allowed: a machine with srun/sbatch, or --profile local"
+            ) from None
         ex.update_parameters(**spec.params)
         return common.submit_with(ex, spec, fn, quiet=(2,))
 
@@ -194,7 +215,9 @@ class SlurmBackend(Backend):
         for run, job in pairs:
             q = view.queue.get(job.job_id) if view.queue is not None else None
             a = view.acct.get(job.job_id) if view.acct is not None else None
-            outcome = common.submitit_outcome(run.run_dir, job.job_id)[0] if answered and q is None and a is None else None
+            outcome = (
+                results.submitit_outcome(run.run_dir, job.job_id)[0] if answered and q is None and a is None else None
+            )
             changes.append(job_changes(job, q, a, now, outcome) if answered else {})
         return Poll(changes, view.source if jobs else None, view.notes)
 

@@ -10,6 +10,7 @@ The text they print is parsed by clusterctl.backends.slurm.parse.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal as _signal
@@ -17,8 +18,16 @@ import subprocess
 from datetime import datetime
 
 from clusterctl.backends.slurm.parse import (
-    JOB_ID, SACCT_FIELDS, SQUEUE_FIELDS, AcctRow, QueueRow, error_line, parse_sacct, parse_scontrol_restarts,
-    parse_squeue)
+    JOB_ID,
+    SACCT_FIELDS,
+    SQUEUE_FIELDS,
+    AcctRow,
+    QueueRow,
+    error_line,
+    parse_sacct,
+    parse_scontrol_restarts,
+    parse_squeue,
+)
 from vltrain.common.errors import ServiceUnavailable, UserError
 
 TIMEOUT_ENV = "CLUSTERCTL_SLURM_TIMEOUT"
@@ -38,22 +47,27 @@ def slurm_timeout(default: float = 10.0) -> float:
     try:
         return float(os.environ.get(TIMEOUT_ENV, default))
     except ValueError:
-        raise UserError(f"{TIMEOUT_ENV}: {os.environ[TIMEOUT_ENV]!r} is not a number; "
-                        "allowed: seconds, e.g. 10") from None
+        raise UserError(
+            f"{TIMEOUT_ENV}: {os.environ[TIMEOUT_ENV]!r} is not a number; allowed: seconds, e.g. 10"
+        ) from None
 
 
 def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run a client command; on time-out kill its whole process group (a wrapper script's children
     would otherwise keep the pipes open and make us wait for them). Raises TimeoutError, FileNotFoundError."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=os.environ | {"SLURM_TIME_FORMAT": "standard"})
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=os.environ | {"SLURM_TIME_FORMAT": "standard"},
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, _signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.communicate()
         raise TimeoutError(f"{argv[0]} did not answer within {timeout:g} s") from None
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
@@ -138,6 +152,8 @@ def scancel(job_id: str, signal: str | None = None, timeout: float = 30) -> None
     except FileNotFoundError:
         raise UserError(f"scancel: not found on PATH; {CLIENT_TOOLS}") from None
     except TimeoutError:
-        raise UserError(f"scancel: slurmctld did not answer within {timeout:g} s; allowed: retry when the controller is back") from None
+        raise UserError(
+            f"scancel: slurmctld did not answer within {timeout:g} s; allowed: retry when the controller is back"
+        ) from None
     if r.returncode != 0:
         raise UserError(f"scancel {jid}: {error_line(r.stderr, 'scancel')}")

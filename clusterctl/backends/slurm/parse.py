@@ -19,19 +19,54 @@ from clusterctl.specs import RunState as S
 # Slurm's long and compact (squeue %t) names -> ours. Kept explicit: a new Slurm state shows up as
 # UNKNOWN (still polled) instead of silently counting as finished.
 _ALIASES = {
-    "PENDING": S.PENDING, "PD": S.PENDING, "RESV_DEL_HOLD": S.PENDING, "RD": S.PENDING,
-    "RUNNING": S.RUNNING, "R": S.RUNNING, "CONFIGURING": S.RUNNING, "CF": S.RUNNING, "RESIZING": S.RUNNING,
-    "RS": S.RUNNING, "SIGNALING": S.RUNNING, "SI": S.RUNNING,
-    "REQUEUED": S.REQUEUED, "RQ": S.REQUEUED, "REQUEUE_HOLD": S.REQUEUED, "RH": S.REQUEUED, "REQUEUE_FED": S.REQUEUED,
+    "PENDING": S.PENDING,
+    "PD": S.PENDING,
+    "RESV_DEL_HOLD": S.PENDING,
+    "RD": S.PENDING,
+    "RUNNING": S.RUNNING,
+    "R": S.RUNNING,
+    "CONFIGURING": S.RUNNING,
+    "CF": S.RUNNING,
+    "RESIZING": S.RUNNING,
+    "RS": S.RUNNING,
+    "SIGNALING": S.RUNNING,
+    "SI": S.RUNNING,
+    "REQUEUED": S.REQUEUED,
+    "RQ": S.REQUEUED,
+    "REQUEUE_HOLD": S.REQUEUED,
+    "RH": S.REQUEUED,
+    "REQUEUE_FED": S.REQUEUED,
     "RF": S.REQUEUED,
-    "COMPLETING": S.COMPLETING, "CG": S.COMPLETING, "STAGE_OUT": S.COMPLETING, "SO": S.COMPLETING,
-    "SUSPENDED": S.SUSPENDED, "S": S.SUSPENDED, "STOPPED": S.SUSPENDED, "ST": S.SUSPENDED,
-    "COMPLETED": S.COMPLETED, "CD": S.COMPLETED,
-    "FAILED": S.FAILED, "F": S.FAILED, "OUT_OF_MEMORY": S.FAILED, "OOM": S.FAILED, "SPECIAL_EXIT": S.FAILED, "SE": S.FAILED,
-    "CANCELLED": S.CANCELLED, "CA": S.CANCELLED, "REVOKED": S.CANCELLED, "RV": S.CANCELLED,
-    "TIMEOUT": S.TIMEOUT, "TO": S.TIMEOUT, "DEADLINE": S.TIMEOUT, "DL": S.TIMEOUT,
-    "PREEMPTED": S.PREEMPTED, "PR": S.PREEMPTED,
-    "NODE_FAIL": S.NODE_FAIL, "NF": S.NODE_FAIL, "BOOT_FAIL": S.NODE_FAIL, "BF": S.NODE_FAIL,
+    "COMPLETING": S.COMPLETING,
+    "CG": S.COMPLETING,
+    "STAGE_OUT": S.COMPLETING,
+    "SO": S.COMPLETING,
+    "SUSPENDED": S.SUSPENDED,
+    "S": S.SUSPENDED,
+    "STOPPED": S.SUSPENDED,
+    "ST": S.SUSPENDED,
+    "COMPLETED": S.COMPLETED,
+    "CD": S.COMPLETED,
+    "FAILED": S.FAILED,
+    "F": S.FAILED,
+    "OUT_OF_MEMORY": S.FAILED,
+    "OOM": S.FAILED,
+    "SPECIAL_EXIT": S.FAILED,
+    "SE": S.FAILED,
+    "CANCELLED": S.CANCELLED,
+    "CA": S.CANCELLED,
+    "REVOKED": S.CANCELLED,
+    "RV": S.CANCELLED,
+    "TIMEOUT": S.TIMEOUT,
+    "TO": S.TIMEOUT,
+    "DEADLINE": S.TIMEOUT,
+    "DL": S.TIMEOUT,
+    "PREEMPTED": S.PREEMPTED,
+    "PR": S.PREEMPTED,
+    "NODE_FAIL": S.NODE_FAIL,
+    "NF": S.NODE_FAIL,
+    "BOOT_FAIL": S.NODE_FAIL,
+    "BF": S.NODE_FAIL,
 }
 
 SQUEUE_FIELDS = ("JobArrayID", "State", "TimeUsed", "StartTime", "NodeList", "tres-alloc", "RestartCnt", "Reason")
@@ -42,7 +77,6 @@ JOB_ID = re.compile(r"^\d+(?:_\d+)?(?:\+\d+)?$")
 SQUEUE_FIELDS = ("JobArrayID", "State", "TimeUsed", "StartTime", "NodeList", "tres-alloc", "RestartCnt", "Reason")
 SACCT_FIELDS = ("JobID", "State", "Elapsed", "ElapsedRaw", "Start", "End", "AllocTRES", "NodeList", "ExitCode")
 JOB_ID = re.compile(r"^\d+(?:_\d+)?(?:\+\d+)?$")
-
 
 
 @dataclass(frozen=True)
@@ -142,9 +176,17 @@ def parse_squeue(text: str) -> dict[str, QueueRow]:
         if len(parts) < len(SQUEUE_FIELDS):
             continue  # a warning line or a truncated row: never guess
         job_id, state, used, start, nodes, tres, restarts, reason = parts[: len(SQUEUE_FIELDS)]
-        rows[job_id] = QueueRow(job_id=job_id, state=normalize_state(state), raw_state=state,
-                                elapsed_s=parse_duration(used), start=parse_time(start), node_list=_none(nodes),
-                                alloc_gpus=tres_gpus(tres), restarts=_int(restarts) or 0, reason=reason)
+        rows[job_id] = QueueRow(
+            job_id=job_id,
+            state=normalize_state(state),
+            raw_state=state,
+            elapsed_s=parse_duration(used),
+            start=parse_time(start),
+            node_list=_none(nodes),
+            alloc_gpus=tres_gpus(tres),
+            restarts=_int(restarts) or 0,
+            reason=reason,
+        )
     return rows
 
 
@@ -164,14 +206,22 @@ def parse_sacct(text: str) -> dict[str, AcctRow]:
     rows: dict[str, AcctRow] = {}
     for job_id, attempts in grouped.items():
         attempts.sort(key=lambda a: parse_time(a[4]) or float("inf"))  # stable; not started: last
-        _, state, elapsed, elapsed_raw, start, end, tres, nodes, exit_code = attempts[-1][: len(SACCT_FIELDS)]
+        _, state, _elapsed, _elapsed_raw, start, end, tres, nodes, exit_code = attempts[-1][: len(SACCT_FIELDS)]
         secs = [_int(a[3]) if _int(a[3]) is not None else parse_duration(a[2]) for a in attempts]
         known = [s for s in secs if s is not None]
-        rows[job_id] = AcctRow(job_id=job_id, state=normalize_state(state), raw_state=state,
-                               elapsed_s=float(sum(known)) if known else None, start=parse_time(start),
-                               end=parse_time(end), alloc_gpus=tres_gpus(tres), node_list=_none(nodes),
-                               exit_code=_none(exit_code), attempts=len(attempts),
-                               requeues=max(len(attempts) - 1, sum(normalize_state(a[1]) == S.REQUEUED for a in attempts)))
+        rows[job_id] = AcctRow(
+            job_id=job_id,
+            state=normalize_state(state),
+            raw_state=state,
+            elapsed_s=float(sum(known)) if known else None,
+            start=parse_time(start),
+            end=parse_time(end),
+            alloc_gpus=tres_gpus(tres),
+            node_list=_none(nodes),
+            exit_code=_none(exit_code),
+            attempts=len(attempts),
+            requeues=max(len(attempts) - 1, sum(normalize_state(a[1]) == S.REQUEUED for a in attempts)),
+        )
     return rows
 
 
@@ -193,7 +243,9 @@ def error_line(stderr: str, tool: str, last: bool = False) -> str:
     """Slurm's own error as one clean line: 'sbatch: error: X' lines, prefixes dropped, joined
     (or only the `last`, the most specific one when a client retries a connection)."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    errors = [re.sub(rf"^{re.escape(tool)}:\s*(error:\s*)?", "", ln) for ln in lines if re.match(rf"^{re.escape(tool)}:", ln)]
+    errors = [
+        re.sub(rf"^{re.escape(tool)}:\s*(error:\s*)?", "", ln) for ln in lines if re.match(rf"^{re.escape(tool)}:", ln)
+    ]
     errors = [e for e in errors if e] or lines[-1:] or ["no error message"]
     if last:
         errors = errors[-1:]
@@ -203,5 +255,3 @@ def error_line(stderr: str, tool: str, last: bool = False) -> str:
 def sbatch_error_line(stderr: str) -> str:
     """'sbatch: error: Batch job submission failed: Invalid partition name specified' -> the reason."""
     return error_line(stderr, "sbatch")
-
-

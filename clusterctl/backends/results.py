@@ -1,0 +1,34 @@
+"""How a submitit job ended, read from its result pickle without unpickling it (no code runs, no
+torch import): the one source of truth for a job that no scheduler knows (local jobs, and Slurm
+jobs that accounting forgot)."""
+
+from __future__ import annotations
+
+import io
+import pickletools
+
+from clusterctl.specs import RunState
+from vltrain.rundir import RunDir
+
+
+def pickle_outcome(head: bytes) -> RunState | None:
+    """submitit's result pickle starts with the string 'success' or 'error': read it without
+    unpickling (no code runs, no torch import)."""
+    try:
+        for _op, arg, _pos in pickletools.genops(io.BytesIO(head)):
+            if isinstance(arg, str):
+                return {"success": RunState.COMPLETED, "error": RunState.FAILED}.get(arg)
+    except Exception:  # truncated or not a pickle: no outcome
+        return None
+    return None
+
+
+def submitit_outcome(run_dir: str, job_id: str) -> tuple[RunState | None, float | None]:
+    """(COMPLETED|FAILED|None, result file mtime) from rank 0's result pickle of `job_id`."""
+    for p in RunDir(run_dir).result_pickles(job_id):
+        try:
+            with p.open("rb") as f:
+                return pickle_outcome(f.read(256)), p.stat().st_mtime
+        except OSError:
+            continue
+    return None, None

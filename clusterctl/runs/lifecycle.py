@@ -1,0 +1,136 @@
+"""The life of a submitted run: retry after cluster failures, follow, cancel, resume.
+
+clusterctl has no daemon: every command that refreshes states (status, watch, logs --follow,
+submit --wait, resume) also reconciles, like a Kubernetes controller loop: a run whose last job
+failed for a cluster reason (clusterctl.runs.retry) is resubmitted there, by exactly one of the
+processes that noticed (the registry's claim).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from clusterctl.backends import get_backend
+from clusterctl.runs.registry import Registry
+from clusterctl.runs.retry import should_retry
+from clusterctl.runs.status import refresh
+from clusterctl.specs import ACTIVE_STATES, FAILURE_STATES, JobRecord, RunRecord, RunState
+from vltrain.common.errors import UserError
+from vltrain.rundir import RunDir
+
+
+def reconcile(reg: Registry, runs: list[RunRecord]) -> list[tuple[str, str]]:
+    """Resubmit every run that `should_retry`; returns [(run_id, new job id)] (edge: submits)."""
+    failed = [r for r in runs if r.state in FAILURE_STATES]
+    if not failed:
+        return []
+    jobs = reg.jobs_for(r.run_id for r in failed)
+    todo = [r for r in failed if should_retry(r, jobs[r.run_id])]
+    if not todo:
+        return []
+    # submitting imports planning and the train config: only when there is something to resubmit,
+    # so that `status` over a history of failed runs stays as light as over none
+    from clusterctl.runs.submit import run_profile, submit_attempt
+
+    out = []
+    for run in todo:
+        last = jobs[run.run_id][-1]
+        if not reg.claim_run(run.run_id, run.state, RunState.SUBMITTING):
+            continue  # another clusterctl process is retrying it
+        reg.add_event(
+            run.run_id, "retry", {"failed_job": last.job_id, "state": last.state, "exit_code": last.exit_code}
+        )
+        out.append((run.run_id, submit_attempt(reg, run, run_profile(run), "retry")))
+    return out
+
+
+def current_state(reg: Registry, run: RunRecord) -> str:
+    """The run's state now, after retrying it if its last job failed for a cluster reason."""
+    state = refresh(reg, [run]).states[run.run_id]
+    run.state = state
+    if state in FAILURE_STATES and reconcile(reg, [run]):
+        run.state = state = reg.get_run(run.run_id).state
+    return state
+
+
+def latest_job(reg: Registry, run: RunRecord) -> JobRecord:
+    jobs = reg.jobs(run.run_id)
+    if not jobs:
+        raise UserError(f"RUN: {run.run_id} has no Slurm job yet; allowed: a run that was submitted")
+    return jobs[-1]
+
+
+def follow_log(
+    reg: Registry,
+    run: RunRecord,
+    rank: int,
+    stderr: bool,
+    poll_s: float = 1.0,
+    write: Callable[[bytes], object] | None = None,
+) -> str:
+    """Write new bytes of the rank's log of the run's latest job (it changes on retry or resume)
+    until the run is no longer active; returns the final state. Ctrl-C stops following, not the run."""
+    out = write or _stdout
+    offsets: dict[str, int] = {}
+    rd = RunDir(run.run_dir)
+    state = run.state
+    try:
+        while True:
+            state = current_state(reg, run)
+            jobs = reg.jobs(run.run_id)
+            if jobs:
+                job_id = jobs[-1].job_id
+                path = rd.task_log(job_id, rank, stderr)
+                if path.exists():
+                    with path.open("rb") as f:
+                        f.seek(offsets.get(job_id, 0))
+                        chunk = f.read()
+                        offsets[job_id] = f.tell()
+                    if chunk:
+                        out(chunk)
+            if state not in ACTIVE_STATES:
+                return state
+            time.sleep(poll_s)
+    except KeyboardInterrupt:  # the run is in its own session: it goes on (backends.local.own_session)
+        print(
+            f"\nstopped following; {run.run_id} is {state} and goes on (clusterctl cancel {run.name} stops it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return state
+
+
+def _stdout(chunk: bytes) -> None:
+    sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()
+
+
+def cancel(reg: Registry, run: RunRecord) -> JobRecord:
+    """Cancel a run's latest job through its backend; the registry says CANCELLED at once."""
+    job = latest_job(reg, run)
+    get_backend(run.executor).cancel(job.job_id)
+    reg.update_job(job.job_id, state=RunState.CANCELLED, ended_at=time.time())
+    reg.set_run_state(run.run_id, RunState.CANCELLED)
+    reg.add_event(run.run_id, "cancel", {"job_id": job.job_id})
+    return job
+
+
+def resume(reg: Registry, run: RunRecord) -> tuple[str, str | None]:
+    """Resubmit a stopped run; returns (job id, the checkpoint it resumes from or None)."""
+    state = current_state(reg, run)
+    if state in ACTIVE_STATES:
+        raise UserError(
+            f"RUN: {run.run_id} is {state}; allowed: a run that is not pending or running (cancel it first)"
+        )
+    from clusterctl.runs.submit import run_profile, submit_attempt
+
+    ckpts = RunDir(run.run_dir).checkpoint_dirs()
+    job_id = submit_attempt(reg, run, run_profile(run), "resume")
+    return job_id, ckpts[-1].name if ckpts else None
+
+
+def log_path(run: RunRecord, job_id: str, rank: int, stderr: bool) -> Path:
+    return RunDir(run.run_dir).task_log(job_id, rank, stderr)

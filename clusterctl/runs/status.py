@@ -1,0 +1,174 @@
+"""Where runs stand: the registry brought up to date by their backends, and one row per run.
+
+`refresh` asks each backend about the jobs it runs that may still change (one batched question per
+backend: for Slurm one squeue, plus one sacct only for jobs that ended or were requeued), writes
+what changed to the registry and derives each run's state from its latest job. `summarize` (pure)
+turns a refreshed run, its jobs and its last metrics line into the row `status`, `watch` and
+`--json` show. Runs whose registry state is final are never asked about again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+from clusterctl.backends import get_backend
+from clusterctl.runs import artifacts
+from clusterctl.runs.registry import Registry
+from clusterctl.specs import FINAL_STATES, JobRecord, RunRecord, RunState
+from vltrain.rundir import RunDir
+
+RECENT_FINISHED = 5  # finished runs shown beside the active ones by default
+
+
+class RunStatus(TypedDict):
+    """One run as `status --json` prints it (the keys are a public interface: scripts read them)."""
+
+    run_id: str
+    name: str
+    profile: str
+    executor: str
+    state: str
+    job_id: str | None
+    job_ids: list[str]
+    requeues: int  # the scheduler's own restarts (Slurm)
+    resumes: int  # the trainer's resume events (any backend)
+    step: float | None
+    total_steps: int
+    loss: float | None
+    samples_per_s: float | None
+    eta_s: float | None
+    elapsed_s: float
+    gpu_hours: float
+    alloc_gpus: int
+    node_list: str | None
+    exit_code: str | None
+    run_dir: str
+    created_at: float
+
+
+# --- pure ---------------------------------------------------------------------------------------
+
+
+def run_state(run: RunRecord, jobs: list[JobRecord]) -> str:
+    """A run is where its latest job is; a job pending again after a Slurm requeue is REQUEUED.
+    A job nobody has reported on yet (SUBMITTED) leaves the run's recorded state as it is."""
+    if not jobs or jobs[-1].state == RunState.SUBMITTED:
+        return run.state
+    last = jobs[-1]
+    if last.state == RunState.PENDING and last.requeues > 0:
+        return RunState.REQUEUED
+    return last.state
+
+
+def summarize(
+    run: RunRecord, jobs: list[JobRecord], metrics: dict[str, Any] | None, resumes: int, now: float
+) -> RunStatus:
+    """One status row from refreshed registry records and the last metrics line."""
+    m = metrics or {}
+    step = _num(m.get("step"))
+    loss = _num(m.get("loss", m.get("loss/total", m.get("train/loss"))))
+    sps = _num(m.get("samples_per_s", m.get("samples_per_sec")))
+    clock_only = not get_backend(run.executor).has_accounting  # no scheduler times: the registry's clock
+    elapsed, gpu_s = 0.0, 0.0
+    for j in jobs:
+        e = j.elapsed_s
+        if j.state == RunState.RUNNING and j.started_at and (e is None or clock_only):
+            e = max(0.0, now - j.started_at)
+        elapsed += e or 0.0
+        gpu_s += (e or 0.0) * (j.alloc_gpus or run.gpus)
+    state = run.state
+    batch = _num(run.plan.get("global_batch", run.config.get("global_batch")))
+    eta = None
+    if state == RunState.RUNNING and step is not None and sps and batch:
+        eta = max(0.0, run.total_steps - step) * batch / sps
+    last = jobs[-1] if jobs else None
+    return RunStatus(
+        run_id=run.run_id,
+        name=run.name,
+        profile=run.profile,
+        executor=run.executor,
+        state=state,
+        job_id=last.job_id if last else None,
+        job_ids=[j.job_id for j in jobs],
+        requeues=sum(j.requeues for j in jobs),
+        resumes=resumes,
+        step=step,
+        total_steps=run.total_steps,
+        loss=loss,
+        samples_per_s=sps,
+        eta_s=eta,
+        elapsed_s=elapsed,
+        gpu_hours=gpu_s / 3600.0,
+        alloc_gpus=(last.alloc_gpus if last else None) or run.gpus,
+        node_list=last.node_list if last else None,
+        exit_code=last.exit_code if last else None,
+        run_dir=run.run_dir,
+        created_at=run.created_at,
+    )
+
+
+def _num(v: Any) -> float | None:
+    """A number from a metrics line, or None (missing, null, text, or a bool)."""
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+# --- backends + registry (edge) -----------------------------------------------------------------
+
+
+@dataclass
+class Refresh:
+    """The outcome of one refresh: each run's state, its jobs (updated), and what was asked."""
+
+    states: dict[str, str]
+    jobs: dict[str, list[JobRecord]]
+    source: str = "registry"
+    notes: list[str] = field(default_factory=list)
+
+
+def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, now: float | None = None) -> Refresh:
+    """Ask the backends about every job of `runs` that may still change, write what changed to the
+    registry, and return each run's state. Used by status, watch, logs --follow, --wait and resume."""
+    now = time.time() if now is None else now
+    jobs = reg.jobs_for(r.run_id for r in runs)
+    by_backend: dict[str, list[tuple[RunRecord, JobRecord]]] = {}
+    for r in runs:
+        backend = get_backend(r.executor)
+        by_backend.setdefault(r.executor, []).extend((r, j) for j in jobs[r.run_id] if backend.needs_poll(r, j, now))
+    updates, sources, notes = [], [], []
+    for executor, pairs in by_backend.items():
+        poll = get_backend(executor).poll(pairs, now, timeout)
+        if poll.source:
+            sources.append(poll.source)
+        notes += poll.notes
+        for (run, job), change in zip(pairs, poll.changes, strict=True):
+            if change:
+                updates.append((job.job_id, run.run_id, change, job.state))
+                for k, v in change.items():
+                    setattr(job, k, v)
+    reg.update_jobs(updates)
+    states = {r.run_id: r.state if r.state in FINAL_STATES else run_state(r, jobs[r.run_id]) for r in runs}
+    changed = {r.run_id: s for r in runs if (s := states[r.run_id]) != r.state}
+    reg.set_run_states(changed, if_states={r.run_id: r.state for r in runs if r.run_id in changed})
+    return Refresh(states, jobs, "+".join(sources) or "registry", notes)
+
+
+def collect(reg: Registry, runs: list[RunRecord], timeout: float | None = None) -> dict[str, Any]:
+    """The whole status answer for `runs` as JSON-able data."""
+    now = time.time()
+    fresh = refresh(reg, runs, timeout, now)
+    rows = []
+    for r in runs:
+        r.state = fresh.states[r.run_id]
+        rd = RunDir(r.run_dir)
+        metrics = artifacts.tail_json(rd.metrics)
+        rows.append(summarize(r, fresh.jobs[r.run_id], metrics, artifacts.count_events(rd.events, "resume"), now))
+    return {"source": fresh.source, "notes": fresh.notes, "runs": rows}
+
+
+def select_runs(reg: Registry, ref: str | None, all_: bool) -> list[RunRecord]:
+    """The runs a listing shows: one by reference, every run, or the active and newest finished."""
+    if ref:
+        return [reg.get_run(ref)]
+    return reg.list_runs() if all_ else reg.active_and_recent(RECENT_FINISHED)

@@ -1,0 +1,166 @@
+"""Submitting a run: plan (pure) -> launch spec (pure) -> run directory + registry row -> backend.
+
+`prepare` resolves the profile and config into a plan; `dry_run` shows what would be submitted and
+writes nothing; `create` writes the run directory and the registry row and submits the first job,
+leaving nothing behind if any step fails; `submit_attempt` starts one more job of an existing run
+(a resume or a retry). Every scheduler call goes through the run's backend (clusterctl.backends).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from clusterctl.backends import get_backend
+from clusterctl.backends.common import check_job_name
+from clusterctl.planning.plan import DEFAULT_MFU, Plan, plan_for_run
+from clusterctl.planning.profiles import ClusterProfile, load_profile, parse_profile
+from clusterctl.runs.registry import Registry
+from clusterctl.specs import RunRecord, RunState
+from vltrain.common.atomic import write_json, write_toml
+from vltrain.common.errors import UserError
+from vltrain.config import TrainConfig, load_train_config
+from vltrain.rundir import RunDir
+
+RUNS_DIR_ENV = "CLUSTERCTL_RUNS_DIR"
+
+
+def runs_root() -> Path:
+    """Where new run directories go: $CLUSTERCTL_RUNS_DIR or ./runs (must be on a shared filesystem)."""
+    return Path(os.environ.get(RUNS_DIR_ENV, "runs")).absolute()
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A run ready to submit: its profile, the resolved config, the plan (JSON-able) and its name."""
+
+    profile: ClusterProfile
+    config: TrainConfig
+    plan: dict[str, Any]
+    name: str
+
+
+def prepare(profile_name: str, config: Path | None, overrides: dict[str, Any], name: str | None = None) -> Prepared:
+    """Profile + train config -> the config with the batch split filled in, and the plan (with the
+    estimate of the whole run's time, GPU-hours, energy and CO2)."""
+    profile = load_profile(profile_name, flag="--profile")
+    cfg = absolute_data_paths(load_train_config(config, overrides))
+    plan, resolved = plan_for_run(profile, cfg)
+    plan_d = plan.to_dict() | {"steps": resolved.steps, "estimate": run_estimate(profile, plan, resolved.steps)}
+    run_name = check_job_name(name or (cfg.model if isinstance(cfg.model, str) else cfg.model.name))
+    return Prepared(profile, resolved, plan_d, run_name)
+
+
+def run_estimate(profile: ClusterProfile, plan: Plan, steps: int) -> dict[str, Any]:
+    """Time, GPU-hours, kWh and CO2 the plan implies for the whole run, stored beside what gets measured."""
+    from clusterctl.planning.estimates import Work, estimate
+    from clusterctl.planning.site import make_setup
+
+    flops = steps * plan.split.global_batch * plan.flops_per_sample
+    e = estimate(
+        make_setup(profile),
+        Work(flops=flops, describe=f"{steps} steps x {plan.split.global_batch} samples"),
+        DEFAULT_MFU,
+    )
+    return {
+        k: getattr(e, k)
+        for k in ("hours", "gpu_hours", "energy_kwh", "co2_kg", "mfu", "carbon_intensity_g_per_kwh", "intensity_source")
+    }
+
+
+def absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
+    """Relative data paths are the submitter's (its working directory); jobs start elsewhere."""
+    d = cfg.data
+    fixed = {
+        k: str(Path(v).absolute())
+        for k in ("shards", "eval_shards", "tokenizer")
+        if (v := getattr(d, k)) and not v.startswith(("/", "s3:", "gs:", "http:", "https:", "pipe:"))
+    }
+    if fixed and d.shards and "{" not in d.shards and not Path(fixed.get("shards", d.shards)).exists():
+        raise UserError(
+            f"data.shards: {d.shards!r} does not exist; allowed: a directory of shards (vltrain data synth --out DIR ...)"
+        )
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, **fixed)) if fixed else cfg
+
+
+def dry_run(p: Prepared, run_dir: Path, hold: bool = False) -> dict[str, Any]:
+    """What `create` would submit: the plan, the backend's rendering of the job and its environment."""
+    backend = get_backend(p.profile.executor)
+    spec = backend.launch_spec(p.profile, run_dir, p.name, hold=hold)
+    text = backend.dryrun(spec)
+    return {
+        "plan": p.plan,
+        "executor": spec.executor,
+        "run_dir": str(run_dir),
+        "sbatch": text if backend.renders_script else None,
+        "env": spec.env,
+        "text": text,
+    }
+
+
+def new_run_dir(reg: Registry, name: str) -> tuple[str, Path]:
+    run_id = reg.new_run_id(name)
+    return run_id, runs_root() / run_id
+
+
+def create(reg: Registry, p: Prepared, run_id: str, run_dir: Path, max_retries: int, hold: bool = False) -> str:
+    """Write the run directory and registry row, then submit the first job; returns its id.
+    Nothing is left behind when any step fails: no directory, no registry row."""
+    from vltrain.dsconfig import deepspeed_config
+
+    rd = RunDir(run_dir)
+    run_dir.mkdir(parents=True, mode=0o700)
+    prof, cfg = p.profile, p.config
+    run = RunRecord(
+        run_id=run_id,
+        name=p.name,
+        profile=prof.name,
+        executor=prof.executor,
+        run_dir=str(run_dir),
+        created_at=time.time(),
+        user=getpass.getuser(),
+        gpus=prof.world_size,
+        total_steps=cfg.steps,
+        state=RunState.SUBMITTING,
+        config=cfg.to_dict(),
+        plan=p.plan | {"max_retries": max_retries},
+    )
+    try:
+        write_toml(rd.config, cfg.to_dict())
+        write_json(rd.plan, run.plan)
+        write_json(rd.profile, prof.to_dict())
+        write_json(rd.ds_config, deepspeed_config(cfg, cfg.micro_batch, cfg.accumulation, prof.world_size))
+        reg.add_run(run)
+        return submit_attempt(reg, run, prof, "submit", hold=hold)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        reg.delete_run(run_id)
+        raise
+
+
+def run_profile(run: RunRecord) -> ClusterProfile:
+    """The profile a run was submitted with (a copy lives in its run directory)."""
+    path = RunDir(run.run_dir).profile
+    data = json.loads(path.read_text())
+    data.pop("derived", None)
+    return parse_profile(data, str(path))
+
+
+def submit_attempt(reg: Registry, run: RunRecord, profile: ClusterProfile, kind: str, hold: bool = False) -> str:
+    """Submit one attempt of `run` (first submission, resume or retry); returns the job id."""
+    from vltrain.loop import TrainJob
+
+    backend = get_backend(profile.executor)
+    spec = backend.launch_spec(profile, Path(run.run_dir), run.name, hold=hold)
+    write_json(RunDir(run.run_dir).launch, dataclasses.asdict(spec))
+    job_id = backend.submit(spec, TrainJob(run.run_dir))
+    reg.add_job(run.run_id, job_id, kind)
+    reg.set_run_state(run.run_id, backend.initial_state)
+    reg.add_event(run.run_id, kind, {"job_id": job_id})
+    return job_id
