@@ -1,9 +1,9 @@
 """The root typer group both CLIs (clusterctl, vltrain) use: the one place where errors meet the
 user. A `UserError` (or `ServiceUnavailable`) becomes one line `error: ...` on stderr and its exit
-code (2, or 3 for an outage); `--debug`
-re-raises it instead. A usage error found while parsing (unknown option, value out of range,
-missing argument) is one line too, naming the flag and pointing at `--help`, in place of click's
-framed usage block, so every bad input reads the same way and scripts can grep one line."""
+code (2, or 3 for an outage); `--debug` re-raises it instead. A usage error found while parsing
+(unknown option, value out of range, missing argument) is one line too, naming the flag and pointing
+at `--help`, in place of click's framed usage block, so every bad input reads the same way and
+scripts can grep one line."""
 
 from __future__ import annotations
 
