@@ -111,8 +111,8 @@ def test_dry_run_json(env):
     [
         (("--profile", "nope"), "error: --profile: "),
         (("--profile", "local", "--set", "optim.lr"), "error: --set: 'optim.lr' is not key=value"),
-        (("--profile", "local", "--set", "optim.lr=-1"), "error: <defaults>: optim.lr: "),
-        (("--profile", "local", "--model", "huge"), "error: <defaults>: model: unknown preset 'huge'"),
+        (("--profile", "local", "--set", "optim.lr=-1"), "error: --set optim.lr: -1 is out of range"),
+        (("--profile", "local", "--model", "huge"), "error: --model: unknown preset 'huge'"),
         (("--profile", "local", "--name", "a;rm -rf /"), "error: --name: 'a;rm -rf /' is not a valid job name"),
         (
             ("--profile", "local", "--global-batch", "7", "--set", "accumulation=2"),

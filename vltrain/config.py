@@ -11,6 +11,7 @@ Imports run one way: config -> presets -> model_config.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -62,8 +63,28 @@ class LossConfig:
     itc: float = field("image-text contrastive weight", default=1.0, min=0.0, max=100.0)
     mlm: float = field("masked language modelling weight", default=1.0, min=0.0, max=100.0)
     caption: float = field("captioning weight", default=1.0, min=0.0, max=100.0)
+    mim: float = field(
+        "masked image modelling weight (seeds 001, 004; not run by the trainer yet)", default=0.0, min=0.0, max=100.0
+    )
     mask_prob: float = field("MLM masking probability", default=0.15, min=0.01, max=0.9)
+    mim_mask_ratio: float = field(
+        "fraction of image patches masked for MIM (MAE: 0.75)", default=0.75, min=0.05, max=0.95
+    )
     init_temperature: float = field("initial contrastive temperature", default=0.07, min=0.001, max=1.0)
+
+
+STRATEGIES = ("deepspeed", "fsdp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How the model is spread over the ranks; data parallel takes what tp x pp leave."""
+
+    strategy: str = field(
+        "deepspeed: ZeRO data parallel (zero_stage); fsdp: PyTorch FSDP", default="deepspeed", choices=STRATEGIES
+    )
+    tp: int = field("tensor-parallel degree", default=1, min=1, max=64)
+    pp: int = field("pipeline-parallel degree (stages)", default=1, min=1, max=256)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +100,10 @@ class TrainConfig:
     accumulation: int = field("micro steps per optimizer step (0 = planner chooses)", default=0, min=0, max=10**6)
     steps: int = field("optimizer steps in the run", default=100, min=1, max=10**10)
     zero_stage: int = field("DeepSpeed ZeRO stage", default=2, min=0, max=3)
-    precision: str = field("training precision", default="bf16", choices=("bf16", "fp32"))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: str = field(
+        "training precision (fp16: dynamic loss scaling)", default="bf16", choices=("bf16", "fp16", "fp32")
+    )
     activation_checkpointing: bool = field("recompute activations in the backward pass", default=False)
     seed: int = field("seed for init, data order and masking", default=0, min=0, max=2**31 - 1)
     log_every: int = field("optimizer steps between metrics lines", default=1, min=1, max=10**6)
@@ -94,8 +118,11 @@ class TrainConfig:
 
     def config_hash(self) -> str:
         """Hash of what must match for a checkpoint to resume this run (model, batch, optimizer, loss)."""
+        from vltrain.presets import resolve_model
+
         d = self.to_dict()
-        keep = {k: d[k] for k in ("model", "optim", "loss", "global_batch", "zero_stage", "precision", "seed")}
+        keep = {k: d[k] for k in ("optim", "loss", "global_batch", "zero_stage", "precision", "seed")}
+        keep["model"] = dataclasses.asdict(resolve_model(self.model))  # a preset and its table are one model
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -111,26 +138,105 @@ def parse_train_config(data: dict[str, Any], where: str) -> TrainConfig:
     return cfg
 
 
-def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a TOML train config (or the defaults) and apply dotted overrides like {'optim.lr': 3e-4}."""
-    data: dict[str, Any] = {}
-    where = str(path) if path else "<defaults>"
-    if path:
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{where}: no such file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{where}: invalid TOML: {e}") from None
-    for key, value in (overrides or {}).items():
-        node = data
+def read_config_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's tables, on top of its `base` file (a path relative to it) when it names one:
+    a recipe's reduced twin is its recipe plus the few figures it changes."""
+    path = Path(path)
+    where = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{where}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: invalid TOML: {e}") from None
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise UserError(
+            f"{where}: base: {base!r} is not valid; allowed: the path of another config, relative to this one"
+        )
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen or base_path == path.resolve():
+        raise UserError(f"{where}: base: {base!r} includes itself; allowed: a chain of configs without a loop")
+    return merge(read_config_data(base_path, (*_seen, path.resolve())), data)
+
+
+def merge(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `under`, table by table; a partial [model] table on a preset name changes
+    that preset's figures (the preset is expanded first)."""
+    out = dict(under)
+    for key, value in over.items():
+        if key == "model" and isinstance(value, dict) and isinstance(out.get("model"), str):
+            out["model"] = expand_preset(out["model"], "model")
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def expand_preset(name: str, where: str) -> dict[str, Any]:
+    """A preset as a [model] table, so that single figures of it can be overridden."""
+    from vltrain.presets import get_preset
+
+    return dataclasses.asdict(get_preset(name, where))
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """Dotted overrides ({'optim.lr': 3e-4}) set into a copy of `data`. `model.X` on a preset name
+    expands the preset first: the override applies (and the parameter count follows), never dropped."""
+    data = copy.deepcopy(data)
+    for key, value in overrides.items():
         *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        if parents and parents[0] == "model" and isinstance(data.get("model"), str):
+            data["model"] = expand_preset(data["model"], f"{where} {key}")
+        node = data
+        for i, part in enumerate(parents):
+            node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"--set {key}: {p} is not a table")
+                raise UserError(
+                    f"{where} {key}: {'.'.join(parents[: i + 1])} is not a table; allowed: a key of a table"
+                )
         node[leaf] = value
-    return parse_train_config(data, where)
+    return data
+
+
+def load_train_config(
+    path: str | Path | None, overrides: dict[str, Any] | None = None, *layers: tuple[str, dict[str, Any]]
+) -> TrainConfig:
+    """Read a TOML train config (or the defaults) and apply overrides: `overrides` are --set pairs,
+    `layers` are (flag, {key: value}) applied after them. Each layer is validated on its own, so an
+    error names where the bad value came from: the file, `--set KEY` or the flag."""
+    data: dict[str, Any] = read_config_data(path) if path else {}
+    where = str(path) if path else "<defaults>"
+    cfg = parse_train_config(data, where)
+    for source, values in (("--set", overrides or {}), *layers):
+        if not values:
+            continue
+        data = apply_overrides(data, values, source)
+        try:
+            cfg = parse_train_config(data, source)
+        except UserError as e:
+            raise UserError(_name_source(str(e), source, values)) from None
+    return cfg
+
+
+def _name_source(msg: str, source: str, values: dict[str, Any]) -> str:
+    """'--set: optim.lr: -1 is out of range' -> '--set optim.lr: -1 is out of range'; a flag that
+    sets one field names only itself ('--global-batch: 0 is out of range')."""
+    head = f"{source}: "
+    if not msg.startswith(head):
+        return msg
+    rest = msg[len(head) :]
+    if source == "--set":
+        return f"--set {rest}"
+    if len(values) == 1:
+        (key,) = values
+        return head + rest.removeprefix(f"{key}: ")
+    return msg
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -79,6 +79,31 @@ def base() -> ModelConfig:
     )
 
 
+def vl_seed000() -> ModelConfig:
+    """Seed 000: a pre-trained image encoder, cross-attention fusion and a text decoder; 224 px and a
+    SentencePiece vocabulary of 64,000 (from the seed). The seed states no size: ours is `base`
+    (ViT-B/16 + BERT-base split 6 unimodal / 6 fusion, 6-block decoder, ALBEF/BLIP-style) with the
+    seed's vocabulary, ~291M parameters, the scale at which ZeRO-2 data parallel on 32 GPUs (the
+    seed's setup) is the natural choice; 64 tokens per caption as in `base`.
+    """
+    return ModelConfig(
+        name="vl-seed000",
+        image_size=224,
+        patch_size=16,
+        vision_width=768,
+        vision_layers=12,
+        vision_heads=12,
+        text_width=768,
+        text_layers=6,
+        fusion_layers=6,
+        text_heads=12,
+        decoder_layers=6,
+        vocab_size=64000,
+        max_text_len=64,
+        embed_dim=256,
+    )
+
+
 def crossmodal_xl() -> ModelConfig:
     """CrossModal-Transformer-XL, seed 002: 30.5B = ~18B text encoder + ~12.5B vision and fusion.
 
@@ -192,6 +217,7 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny,
     "small": small,
     "base": base,
+    "vl-seed000": vl_seed000,
     "crossmodal-xl": crossmodal_xl,
     "vl-30b": vl_30b,
     "vl-22b": vl_22b,

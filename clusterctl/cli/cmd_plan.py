@@ -1,56 +1,76 @@
 """`clusterctl plan`: split the global batch over a profile's GPUs and check it fits under ZeRO.
 
-The flag names and JSON keys are a public interface (scripts depend on them).
+What it plans is what `submit` would run: the profile's recipe (or --config), with --model, --set
+and the planning flags on top (the same options as submit, from cli/options.py). The flag names
+and JSON keys are a public interface (scripts depend on them).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
 
 import typer
 
-from clusterctl.cli.options import JSON, PROFILE, fields_as_flags
+from clusterctl.cli.options import (
+    ACCUM,
+    ACTIVATION_CHECKPOINTING,
+    CONFIG,
+    GLOBAL_BATCH,
+    JSON,
+    MICRO_BATCH,
+    MODEL,
+    PP,
+    PROFILE,
+    SET,
+    TP,
+    ZERO_STAGE,
+    config_layers,
+    fields_as_flags,
+    flag_fields,
+)
 from clusterctl.render.output import print_json
 
 
 def plan(
     profile: str = PROFILE,
-    model: str = typer.Option(..., "--model", "-m", help="Model preset (vltrain.presets)."),
-    global_batch: int = typer.Option(..., "--global-batch", "-b", help="Samples per optimizer step."),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Fix the per-GPU micro batch."),
-    accum: Optional[int] = typer.Option(None, "--accum", help="Fix the gradient accumulation steps."),
-    zero_stage: int = typer.Option(2, "--zero-stage", help="DeepSpeed ZeRO stage 0-3."),
-    activation_checkpointing: bool = typer.Option(
-        False, "--activation-checkpointing", help="Recompute activations in backward."
-    ),
-    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
-    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel degree."),
+    config: Path = CONFIG,
+    model: str = MODEL,
+    global_batch: int = GLOBAL_BATCH,
+    micro_batch: int = MICRO_BATCH,
+    accum: int = ACCUM,
+    zero_stage: int = ZERO_STAGE,
+    activation_checkpointing: bool = ACTIVATION_CHECKPOINTING,
+    tp: int = TP,
+    pp: int = PP,
+    set_: list[str] = SET,
     json_: bool = JSON,
 ) -> None:
     """Split the global batch over the profile's GPUs and check it fits in GPU memory under ZeRO."""
-    from clusterctl.planning.plan import make_plan
-    from clusterctl.planning.profiles import load_profile
-    from vltrain.presets import get_preset
+    from clusterctl.runs.preflight import trainer_support
+    from clusterctl.runs.submit import prepare
 
-    prof = load_profile(profile, flag="--profile")
-    with fields_as_flags():
-        p = make_plan(
-            prof,
-            get_preset(model, "--model"),
-            global_batch,
-            micro_batch=micro_batch,
-            accumulation=accum,
-            zero_stage=zero_stage,
-            activation_checkpointing=activation_checkpointing,
-            tp=tp,
-            pp=pp,
-        )
-    d = p.to_dict()
+    layers = config_layers(
+        model,
+        set_,
+        global_batch=global_batch,
+        micro_batch=micro_batch,
+        accum=accum,
+        zero_stage=zero_stage,
+        activation_checkpointing=activation_checkpointing,
+        tp=tp,
+        pp=pp,
+    )
+    with fields_as_flags(flag_fields(layers)):
+        p = prepare(profile, config, layers, check=False)  # data checks are submit's
+    d = {k: v for k, v in p.plan.items() if k not in ("steps", "estimate")}
     if json_:
         print_json(d)
     else:
+        from clusterctl.render import output
         from clusterctl.render.plan_view import print_plan
 
         print_plan(d)
-    if not p.memory.fits:
+        for line in trainer_support(p.config):
+            output.console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
+    if not p.plan["memory"]["fits"]:
         raise typer.Exit(1)

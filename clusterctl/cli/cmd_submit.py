@@ -1,7 +1,10 @@
 """`clusterctl submit`: plan a run for a profile and start it (clusterctl.runs.submit).
 
-`--dry-run` stops before the run directory: it prints the plan and what the backend would submit
-(for Slurm, the exact sbatch script). `--wait` and `--watch` follow the run afterwards.
+What runs is the profile's recipe (or --config), with --model, --set and the planning flags on top;
+the checks before sbatch (clusterctl.runs.preflight) refuse what the job could not get past.
+`--dry-run` stops before the run directory: it prints the plan, the resolved config, what the
+backend would submit (for Slurm, the exact sbatch script) and what the checks found.
+`--wait` and `--watch` follow the run afterwards.
 """
 
 from __future__ import annotations
@@ -10,7 +13,22 @@ from pathlib import Path
 
 import typer
 
-from clusterctl.cli.options import GLOBAL_BATCH, MODEL, PROFILE, SET, fields_as_flags
+from clusterctl.cli.options import (
+    ACCUM,
+    ACTIVATION_CHECKPOINTING,
+    CONFIG,
+    GLOBAL_BATCH,
+    MICRO_BATCH,
+    MODEL,
+    PP,
+    PROFILE,
+    SET,
+    TP,
+    ZERO_STAGE,
+    config_layers,
+    fields_as_flags,
+    flag_fields,
+)
 from clusterctl.render import output
 from clusterctl.render.output import print_json
 from clusterctl.specs import ACTIVE_STATES, RunState
@@ -18,16 +36,26 @@ from clusterctl.specs import ACTIVE_STATES, RunState
 
 def submit(
     profile: str = PROFILE,
-    config: Path = typer.Option(None, "--config", "-c", help="Train config TOML (default: built-in defaults)."),
+    config: Path = CONFIG,
     model: str = MODEL,
     global_batch: int = GLOBAL_BATCH,
+    micro_batch: int = MICRO_BATCH,
+    accum: int = ACCUM,
+    zero_stage: int = ZERO_STAGE,
+    activation_checkpointing: bool = ACTIVATION_CHECKPOINTING,
+    tp: int = TP,
+    pp: int = PP,
     steps: int = typer.Option(None, "--steps", help="Optimizer steps in the run."),
     name: str = typer.Option(None, "--name", help="Run name (Slurm job name); default: the model preset."),
     set_: list[str] = SET,
     max_retries: int = typer.Option(
         2, "--max-retries", min=0, max=100, help="Resubmissions after cluster failures (node failure, exit 75/137/143)."
     ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the sbatch script; submit nothing."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print the plan, the resolved config, the checks and the sbatch script; submit nothing.",
+    ),
     watch: bool = typer.Option(False, "--watch", help="Follow the run in the live view after submitting."),
     hold: bool = typer.Option(False, "--hold", help="Submit held (sbatch --hold); start it with scontrol release."),
     wait: bool = typer.Option(
@@ -35,16 +63,25 @@ def submit(
     ),
     json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Plan a run for a profile and submit it (Slurm via submitit, or a local process)."""
+    """Plan a run for a profile (its recipe, or --config) and submit it (Slurm via submitit, or a local process)."""
     from clusterctl.runs.registry import Registry
     from clusterctl.runs.submit import create, new_run_dir, prepare
     from clusterctl.runs.submit import dry_run as preview
-    from vltrain.config import parse_overrides
 
-    overrides = parse_overrides(set_)
-    flags = {k: v for k, v in (("model", model), ("global_batch", global_batch), ("steps", steps)) if v is not None}
-    with fields_as_flags(set(flags)):
-        p = prepare(profile, config, overrides | flags, name)
+    layers = config_layers(
+        model,
+        set_,
+        global_batch=global_batch,
+        micro_batch=micro_batch,
+        accum=accum,
+        zero_stage=zero_stage,
+        activation_checkpointing=activation_checkpointing,
+        tp=tp,
+        pp=pp,
+        steps=steps,
+    )
+    with fields_as_flags(flag_fields(layers)):
+        p = prepare(profile, config, layers, name)
     reg = Registry()
     run_id, run_dir = new_run_dir(reg, p.name)
     if dry_run:
@@ -53,13 +90,17 @@ def submit(
         if json_:
             print_json(d)
             return
-        from clusterctl.render.plan_view import print_plan
+        from clusterctl.render.plan_view import print_checks, print_config, print_plan
 
         print_plan(p.plan)
+        print_config(d["config"], p.source)
         if d["sbatch"] is not None:
             output.console.print("[bold]sbatch script[/bold] (submitit would submit this):")
         output.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        print_checks(p.checks.problems, p.checks.warnings)
         return
+    for line in p.checks.warnings:
+        output.err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
     job_id = create(reg, p, run_id, run_dir, max_retries, hold=hold)
     prof = p.profile
     if json_:

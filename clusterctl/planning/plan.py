@@ -155,20 +155,26 @@ def require_fit(plan: Plan) -> Plan:
 
 
 def plan_for_run(profile: ClusterProfile, cfg: TrainConfig) -> tuple[Plan, TrainConfig]:
-    """The plan for a train config on a profile, and the config with micro batch and accumulation filled in."""
+    """The plan for a train config on a profile, and the resolved config: micro batch and accumulation
+    filled in, the model as its full table (every figure the trainer will use, preset or not).
+    Whether the plan fits is the caller's to check (`require_fit`): a dry run shows the breakdown."""
     from vltrain.presets import resolve_model
 
     if profile.gpu.kind == "cpu" and cfg.zero_stage == 3:
         raise UserError("zero_stage: 3 is not supported on CPU profiles; allowed: 0, 1, 2")
+    model = resolve_model(cfg.model)
     plan = make_plan(
         profile,
-        resolve_model(cfg.model),
+        model,
         cfg.global_batch,
         micro_batch=cfg.micro_batch or None,
         accumulation=cfg.accumulation or None,
         zero_stage=cfg.zero_stage,
         activation_checkpointing=cfg.activation_checkpointing,
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
     )
-    require_fit(plan)
-    filled = dataclasses.replace(cfg, micro_batch=plan.split.micro_batch, accumulation=plan.split.accumulation)
+    filled = dataclasses.replace(
+        cfg, model=model, micro_batch=plan.split.micro_batch, accumulation=plan.split.accumulation
+    )
     return plan, filled

@@ -203,6 +203,12 @@ class ClusterProfile:
     seed: str | None = field(
         "the seed setup this profile reproduces", default=None, pattern=r"[0-9]{3}", allowed="a three-digit seed number"
     )
+    recipe: str | None = field(
+        "the train config `submit` runs when no --config is given (a shipped recipe's name, or a path)",
+        default=None,
+        pattern=r"[A-Za-z0-9_.\-/]{1,200}",
+        allowed="a recipe name such as seed-002 (clusterctl recipes lists them) or a path to a .toml file",
+    )
 
     # Derived figures -----------------------------------------------------------------------
     @property

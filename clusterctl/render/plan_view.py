@@ -70,3 +70,23 @@ def print_estimate(d: dict) -> None:
             f"[{colour}]{f['verdict']}[/{colour}] ({f['why']})",
             soft_wrap=True,
         )
+
+
+def print_config(config: dict, source: str) -> None:
+    """The resolved config, every field the trainer will use, as the TOML the run directory keeps."""
+    import tomli_w
+
+    from vltrain.common.atomic import drop_none
+
+    output.console.print(f"[bold]resolved config[/bold] (from {source}; written to the run directory as config.toml):")
+    output.console.print(tomli_w.dumps(drop_none(config)).rstrip(), markup=False, highlight=False, soft_wrap=True)
+
+
+def print_checks(problems: list[str], warnings: list[str]) -> None:
+    """What submit would refuse, and what it would only warn about."""
+    if not problems and not warnings:
+        output.console.print("[green]checks passed[/green]: submit would start this run")
+    for line in warnings:
+        output.console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+    for line in problems:
+        output.console.print(f"[red]submit would refuse[/red]: {line}", highlight=False, soft_wrap=True)

@@ -21,6 +21,9 @@ from clusterctl.backends import get_backend
 from clusterctl.backends.common import check_job_name
 from clusterctl.planning.plan import DEFAULT_MFU, Plan, plan_for_run
 from clusterctl.planning.profiles import ClusterProfile, load_profile, parse_profile
+from clusterctl.planning.recipes import find_recipe, known_recipes
+from clusterctl.runs import preflight
+from clusterctl.runs.preflight import Checks
 from clusterctl.runs.registry import Registry
 from clusterctl.specs import RunRecord, RunState
 from vltrain.common.atomic import write_json, write_toml
@@ -38,23 +41,58 @@ def runs_root() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """A run ready to submit: its profile, the resolved config, the plan (JSON-able) and its name."""
+    """A run ready to submit: its profile, the resolved config, the plan (JSON-able), its name, the
+    train config it came from, and what the checks before sbatch found."""
 
     profile: ClusterProfile
     config: TrainConfig
     plan: dict[str, Any]
     name: str
+    source: str
+    checks: Checks
 
 
-def prepare(profile_name: str, config: Path | None, overrides: dict[str, Any], name: str | None = None) -> Prepared:
-    """Profile + train config -> the config with the batch split filled in, and the plan (with the
-    estimate of the whole run's time, GPU-hours, energy and CO2)."""
+def config_source(profile: ClusterProfile, config: Path | None, model_given: bool = False) -> Path | None:
+    """--config, else the recipe the profile names; with neither, the built-in defaults when --model
+    says what to train, else a one-line error naming the recipes."""
+    if config is not None:
+        return config
+    if profile.recipe:
+        return find_recipe(profile.recipe, f"profile {profile.name}: recipe")
+    if model_given:
+        return None
+    raise UserError(
+        f"--config: profile {profile.name!r} names no recipe; allowed: --config FILE or one of the recipes "
+        f"({', '.join(known_recipes())}), e.g. --config configs/seed-002.toml"
+    )
+
+
+def prepare(
+    profile_name: str,
+    config: Path | None,
+    layers: list[tuple[str, dict[str, Any]]],
+    name: str | None = None,
+    check: bool = True,
+) -> Prepared:
+    """Profile + train config (+ overrides, each layer named by its flag) -> the resolved config, the
+    plan with the estimate of the whole run, and the checks before sbatch."""
     profile = load_profile(profile_name, flag="--profile")
-    cfg = absolute_data_paths(load_train_config(config, overrides))
+    source = config_source(profile, config, any(flag == "--model" for flag, _ in layers))
+    cfg = absolute_data_paths(load_train_config(source, None, *layers))
     plan, resolved = plan_for_run(profile, cfg)
     plan_d = plan.to_dict() | {"steps": resolved.steps, "estimate": run_estimate(profile, plan, resolved.steps)}
     run_name = check_job_name(name or (cfg.model if isinstance(cfg.model, str) else cfg.model.name))
-    return Prepared(profile, resolved, plan_d, run_name)
+    checks = preflight.check(resolved, plan_d) if check else preflight.Checks()
+    return Prepared(profile, resolved, plan_d, run_name, str(source or "<defaults>"), checks)
+
+
+def refuse(p: Prepared) -> None:
+    """Submit nothing the job cannot get past: the first problem as one line (exit 2)."""
+    if p.checks.problems:
+        raise UserError(
+            p.checks.problems[0]
+            + (f" (and {len(p.checks.problems) - 1} more: --dry-run lists them)" if len(p.checks.problems) > 1 else "")
+        )
 
 
 def run_estimate(profile: ClusterProfile, plan: Plan, steps: int) -> dict[str, Any]:
@@ -80,22 +118,22 @@ def absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
     fixed = {
         k: str(Path(v).absolute())
         for k in ("shards", "eval_shards", "tokenizer")
-        if (v := getattr(d, k)) and not v.startswith(("/", "s3:", "gs:", "http:", "https:", "pipe:"))
+        if (v := getattr(d, k)) and not v.startswith(("/", *preflight.REMOTE))
     }
-    if fixed and d.shards and "{" not in d.shards and not Path(fixed.get("shards", d.shards)).exists():
-        raise UserError(
-            f"data.shards: {d.shards!r} does not exist; allowed: a directory of shards (vltrain data synth --out DIR ...)"
-        )
     return dataclasses.replace(cfg, data=dataclasses.replace(d, **fixed)) if fixed else cfg
 
 
 def dry_run(p: Prepared, run_dir: Path, hold: bool = False) -> dict[str, Any]:
-    """What `create` would submit: the plan, the backend's rendering of the job and its environment."""
+    """What `create` would submit: the plan, the resolved config (the shape of a config file), what
+    the checks found, the backend's rendering of the job and its environment."""
     backend = get_backend(p.profile.executor)
     spec = backend.launch_spec(p.profile, run_dir, p.name, hold=hold)
     text = backend.dryrun(spec)
     return {
         "plan": p.plan,
+        "config": p.config.to_dict(),
+        "source": p.source,
+        "checks": p.checks.to_dict(),
         "executor": spec.executor,
         "run_dir": str(run_dir),
         "sbatch": text if backend.renders_script else None,
@@ -114,6 +152,7 @@ def create(reg: Registry, p: Prepared, run_id: str, run_dir: Path, max_retries: 
     Nothing is left behind when any step fails: no directory, no registry row."""
     from vltrain.dsconfig import deepspeed_config
 
+    refuse(p)
     rd = RunDir(run_dir)
     run_dir.mkdir(parents=True, mode=0o700)
     prof, cfg = p.profile, p.config

@@ -60,12 +60,13 @@ def write_toml(path: Path, obj: dict[str, Any]) -> None:
     """TOML (unset optional fields left out: TOML has no null), written atomically, private to the user."""
     import tomli_w
 
-    atomic_write(path, tomli_w.dumps(_drop_none(obj)))
+    atomic_write(path, tomli_w.dumps(drop_none(obj)))
 
 
-def _drop_none(obj: Any) -> Any:
+def drop_none(obj: Any) -> Any:
+    """TOML has no null: leave unset optional fields out."""
     if isinstance(obj, dict):
-        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+        return {k: drop_none(v) for k, v in obj.items() if v is not None}
     if isinstance(obj, list):
-        return [_drop_none(v) for v in obj]
+        return [drop_none(v) for v in obj]
     return obj
