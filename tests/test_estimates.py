@@ -67,13 +67,13 @@ def test_audit_flags_seed_000_gpu_hours():
     assert f["expected"] == 32_256 and f["ratio"] == pytest.approx(750_000 / 32_256, rel=1e-3)
     assert f["verdict"].startswith("off by 23.3x")
     (ok,) = audit(s, e, Claims(gpu_hours=32_000))
-    assert ok["verdict"] == "consistent"
+    assert ok["verdict"].startswith("consistent") and "MFU unknown" in ok["verdict"]  # no work given
 
 
 def test_audit_energy_band():
     s = Setup(gpus=100, peak_tflops=1000, power_w=700, pue=1.0, carbon_intensity_g_per_kwh=500, intensity_source="x")
     e = estimate(s, Work(hours=100), mfu=0.4)  # 10,000 GPU-h -> at most 7,000 kWh, at least 30% of that
-    verdicts = {f["claim"]: f["verdict"] for f in audit(s, e, Claims(energy_kwh=5000, co2_kg=2500))}
+    verdicts = {f["claim"]: f["verdict"].split(" (")[0] for f in audit(s, e, Claims(energy_kwh=5000, co2_kg=2500))}
     assert verdicts == {"energy_kwh": "consistent", "co2_kg": "consistent"}
     (low,) = audit(s, e, Claims(energy_kwh=100))
     assert low["verdict"].startswith("off by 21.0x (lower")
@@ -120,8 +120,10 @@ def test_cli_estimate_overrides_and_findings():
     d = json.loads(r.stdout)
     assert d["carbon_intensity_g_per_kwh"] == 400 and d["pue"] == 1.1
     (f,) = d["findings"]
-    assert set(f) >= {"claim", "expected", "ratio", "verdict"}
-    assert f["claim"] == "energy_kwh" and f["verdict"].startswith("off by") and "lower" in f["verdict"]
+    assert set(f) >= {"claim", "expected", "ratio", "verdict", "implied_mfu"}
+    # 2.1 MWh is 2,727 GPU-h at full board power x PUE: 5.5e23 FLOPs in that time needs ~57x the peak
+    assert f["claim"] == "energy_kwh" and f["verdict"].startswith("implausible") and "less" in f["verdict"]
+    assert f["implied_mfu"] == pytest.approx(token_flops(4.2e12, 22e9) / (2100 / (0.7 * 1.1) * 3600 * 989e12), rel=1e-3)
 
 
 def test_cli_estimate_samples_with_model_and_human_output():
@@ -164,3 +166,88 @@ def test_cli_estimate_bad_input(args, msg):
     r = run_cli("estimate", *args)
     assert r.returncode == 2
     assert r.stderr.startswith(msg) and r.stderr.strip().count("\n") == 0, r.stderr
+
+
+# --- issue 13: audits a reviewer can trust -----------------------------------------------------------
+SEED_002_WORK = dict(
+    gpus=64, peak_tflops=312, power_w=400, pue=1.2, carbon_intensity_g_per_kwh=56, intensity_source="x"
+)
+
+
+def test_a_claim_that_needs_an_implausible_mfu_is_called_implausible():
+    """1.8B samples of CrossModal-XL in 6 weeks on 64 A100s needs ~98% MFU: not 'consistent'."""
+    from clusterctl.planning.estimates import MAX_MFU, MIN_MFU
+    from clusterctl.planning.plan import train_flops_per_sample
+    from vltrain.presets import get_preset
+
+    s = Setup(**SEED_002_WORK)
+    flops = 1.8e9 * train_flops_per_sample(get_preset("crossmodal-xl"), True)
+    e = estimate(s, Work(flops=flops, describe="1.8B samples"), mfu=0.4)
+    (f,) = audit(s, e, Claims(hours=1008))
+    implied = flops / (64 * 1008 * 3600 * 312e12)
+    assert f["implied_mfu"] == pytest.approx(implied, rel=1e-3) and 0.95 < implied < 1.0
+    assert f["verdict"].startswith("implausible") and "implies 98% MFU" in f["verdict"]
+    assert f"plausible {MIN_MFU:.0%}-{MAX_MFU:.0%}" in f["verdict"]
+    (ok,) = audit(s, e, Claims(hours=e.hours))  # the estimate's own 40% is plausible, and says so
+    assert ok["verdict"] == f"consistent (implies 40% MFU; plausible {MIN_MFU:.0%}-{MAX_MFU:.0%})"
+
+
+def test_energy_floor_and_ceiling_both_carry_the_pue():
+    base = Setup(**(SEED_002_WORK | {"pue": 1.0}))
+    site = Setup(**(SEED_002_WORK | {"pue": 1.5}))
+    flops = 1e22
+    bands = []
+    for s in (base, site):
+        e = estimate(s, Work(flops=flops), mfu=0.4)
+        (f,) = audit(s, e, Claims(energy_kwh=1.0))
+        bands.append((f["low"], f["high"]))
+        assert f"x PUE {s.pue:g}; floor" in f["why"] and f"also x PUE {s.pue:g}" in f["why"]
+    assert bands[1][0] == pytest.approx(1.5 * bands[0][0]) and bands[1][1] == pytest.approx(1.5 * bands[0][1])
+
+
+def test_gpu_hours_with_power_pue_and_intensity_need_no_gpu_count():
+    r = run_cli(
+        "estimate", "--gpu-hours", "100000", "--power-w", "400", "--pue", "1.2", "--carbon-intensity", "50", "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["gpus"] is None and d["hours"] is None
+    assert d["energy_kwh"] == pytest.approx(100_000 * 0.4 * 1.2) and d["co2_kg"] == pytest.approx(
+        d["energy_kwh"] * 0.05
+    )
+
+
+def test_seed_003_work_as_tokens_and_as_images_is_compared_and_explained():
+    """The paper says 4.2T tokens and 850M images: as FLOPs the two disagree, and the finding says why."""
+    args = ("estimate", "--profile", "h100x128", "--model", "vl-22b", "--activation-checkpointing")
+    r = run_cli(*args, "--tokens", "4.2T", "--samples", "850M", "--json")
+    assert r.returncode == 0, r.stderr
+    (work,) = [f for f in json.loads(r.stdout)["findings"] if f["claim"] == "work"]
+    assert work["verdict"].startswith("the two disagree by") and "4,941 tokens per sample" in work["verdict"]
+    assert "vl-22b sees 654" in work["verdict"]  # 24 x 24 patches + cls + 77 text tokens
+    # the same work stated consistently agrees; as FLOPs 6ND still counts more, and says why
+    r = run_cli(*args, "--tokens", f"{850e6 * 654:.0f}", "--samples", "850M", "--json")
+    (work,) = [f for f in json.loads(r.stdout)["findings"] if f["claim"] == "work"]
+    assert work["verdict"] == "consistent: 654 tokens per sample, as vl-22b sees", work
+    assert work["token_flops"] > work["sample_flops"] and "passes only its tower" in work["why"]
+
+
+def test_human_output_has_no_exponent_notation():
+    import re
+
+    r = run_cli(
+        "estimate",
+        "--profile",
+        "h100x128",
+        "--tokens",
+        "4.2T",
+        "--params",
+        "22B",
+        "--claimed-energy-mwh",
+        "2.1",
+        "--claimed-gpu-hours",
+        "1416990",
+    )
+    assert r.returncode == 0, r.stderr
+    assert not re.search(r"\d[eE][+-]?\d", r.stdout), r.stdout
+    assert "ZFLOP" in r.stdout and "4.2T tokens x 22B params" in r.stdout

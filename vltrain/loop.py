@@ -91,7 +91,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.run_dir = str(run_dir)
 
     def __call__(self) -> dict[str, Any]:
-        cfg = load_train_config(RunDir(self.run_dir).config)
+        try:
+            cfg = load_train_config(RunDir(self.run_dir).config)
+        except BaseException as e:  # train() records its own failures; this is the one before it
+            record_failure(self.run_dir, e, "user" if isinstance(e, UserError) else type(e).__name__)
+            raise
         return train(cfg, self.run_dir)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
@@ -160,11 +164,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
     except (UserError, SystemExit) as e:
         if isinstance(e, UserError):
             events.emit("error", session.step if session else 0, kind="user", message=str(e))
+            record_failure(run_dir, e, "user", dist_env.rank)
         raise
     except BaseException as e:
         step = session.step if session else 0
         if is_comm_error(e):
             events.emit("error", step, kind="communication", message=str(e)[:500])
+            record_failure(run_dir, e, "communication", dist_env.rank)
             print(
                 f"vltrain: lost a peer or the communicator ({type(e).__name__}: {str(e)[:300]}); "
                 f"exit {EXIT_COMM_ERROR}",
@@ -174,12 +180,38 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
             events.close()
             os._exit(EXIT_COMM_ERROR)  # skip interpreter teardown: tearing down a broken group can hang
         events.emit("error", step, kind=type(e).__name__, message=str(e)[:500])
+        record_failure(run_dir, e, type(e).__name__, dist_env.rank)
         raise
     finally:
         if session is not None:
             session.close()
         stops.restore()
         events.close()
+
+
+def record_failure(run_dir: str | Path, exc: BaseException, kind: str, rank: int | None = None) -> None:
+    """Why this rank failed, where clusterctl's status finds it (RunDir.failure_file): the UserError's
+    line, or the exception's type and last line. Never raises: it runs while something else failed."""
+    import json
+
+    from vltrain.common.atomic import atomic_write
+
+    try:
+        if rank is None:
+            rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+        text = str(exc).strip().splitlines()[-1:] or [""]
+        reason = text[0] if kind == "user" else f"{type(exc).__name__}: {text[0]}".rstrip(": ")
+        record = {
+            "kind": kind,
+            "reason": reason[:500],
+            "rank": rank,
+            "time": time.time(),
+            "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
+            "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        }
+        atomic_write(RunDir(run_dir).failure_file(rank), json.dumps(record) + "\n", mode=None)
+    except Exception:  # a full disk or a vanished run directory must not hide the original error
+        pass
 
 
 class Session:

@@ -18,6 +18,7 @@ or one of these variables, so the two sides cannot drift apart.
               energy/nodeNNN-<attempt>.csv, .timeline.jsonl   one codecarbon tracker per node and attempt
               eval.json            the latest held-out evaluation
               tokenizer.model      the tokenizer, when data.tokenizer does not name one
+              failures/rankNNNNN.json   why that rank's last failing attempt failed (`status` shows it)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class RunDir:
     ENERGY = "energy"
     EVAL = "eval.json"
     TOKENIZER = "tokenizer.model"
+    FAILURES = "failures"
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -65,6 +67,11 @@ class RunDir:
     energy = property(lambda self: self.root / self.ENERGY)
     eval = property(lambda self: self.root / self.EVAL)
     tokenizer = property(lambda self: self.root / self.TOKENIZER)
+    failures = property(lambda self: self.root / self.FAILURES)
+
+    def failure_file(self, rank: int) -> Path:
+        """Why this rank's last attempt failed (one JSON object, replaced by each failing attempt)."""
+        return self.failures / f"rank{rank:05d}.json"
 
     def task_log(self, job_id: str, rank: int = 0, stderr: bool = False) -> Path:
         """The per-rank log submitit writes for `job_id` (the same naming on Slurm and locally)."""

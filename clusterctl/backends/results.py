@@ -32,3 +32,31 @@ def submitit_outcome(run_dir: str, job_id: str) -> tuple[RunState | None, float 
         except OSError:
             continue
     return None, None
+
+
+def pickle_error(data: bytes) -> str | None:
+    """The last line of the traceback in an 'error' result pickle ("error", traceback text), read
+    the same way: without unpickling."""
+    strings = []
+    try:
+        for _op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+            if isinstance(arg, str):
+                strings.append(arg)
+                if len(strings) == 2:
+                    break
+    except Exception:  # truncated or not a pickle
+        return None
+    if len(strings) < 2 or strings[0] != "error":
+        return None
+    lines = [ln.strip() for ln in strings[1].strip().splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else None
+
+
+def submitit_error(run_dir: str, job_id: str) -> str | None:
+    """Why rank 0 of `job_id` failed, as submitit recorded it (the last line of its traceback)."""
+    for p in RunDir(run_dir).result_pickles(job_id):
+        try:
+            return pickle_error(p.read_bytes()[: 1 << 20])
+        except OSError:
+            continue
+    return None

@@ -22,6 +22,8 @@ from vltrain.common.cligroup import ErrorGroup
 # name -> (module, attribute): a command function, or a typer.Typer of subcommands. Help order.
 COMMANDS: dict[str, tuple[str, str]] = {
     "profiles": ("clusterctl.cli.cmd_profiles", "app"),
+    "presets": ("clusterctl.cli.cmd_presets", "app"),
+    "recipes": ("clusterctl.cli.cmd_recipes", "app"),
     "plan": ("clusterctl.cli.cmd_plan", "plan"),
     "estimate": ("clusterctl.cli.cmd_estimate", "estimate"),
     "submit": ("clusterctl.cli.cmd_submit", "submit"),

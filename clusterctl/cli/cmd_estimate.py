@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from clusterctl.cli.options import JSON
-from clusterctl.planning.estimates import parse_count
+from clusterctl.planning.estimates import count_words, parse_count
 from clusterctl.planning.plan import DEFAULT_MFU
 from clusterctl.planning.site import positive
 from clusterctl.render.output import print_json
@@ -55,30 +55,27 @@ def estimate(
     json_: bool = JSON,
 ) -> None:
     """Time, GPU-hours, energy and CO2 for a run, and an audit of claimed figures against them."""
-    from clusterctl.planning.estimates import Claims, Work, audit, parse_duration, token_flops
+    from clusterctl.planning.estimates import Claims, Work, audit, parse_duration
     from clusterctl.planning.estimates import estimate as run_estimate
     from clusterctl.planning.site import make_setup
 
-    given = [
-        n
-        for n, v in (
-            ("--duration", duration),
-            ("--hours", hours),
-            ("--gpu-hours", gpu_hours),
-            ("--samples", samples),
-            ("--tokens", tokens),
-        )
-        if v is not None
+    time_given = [
+        n for n, v in (("--duration", duration), ("--hours", hours), ("--gpu-hours", gpu_hours)) if v is not None
     ]
-    if len(given) > 1:
+    work_given = [n for n, v in (("--samples", samples), ("--tokens", tokens)) if v is not None]
+    if len(time_given) > 1 or (time_given and work_given):
+        first, second = (time_given + work_given)[:2]
         raise UserError(
-            f"{given[1]}: given together with {given[0]}; allowed: one of --duration, --hours, --gpu-hours, --samples, --tokens"
+            f"{second}: given together with {first}; allowed: one of --duration, --hours, --gpu-hours, or the work "
+            "(--samples and/or --tokens)"
         )
     prof = None
     if profile:
         from clusterctl.planning.profiles import load_profile
 
         prof = load_profile(profile, flag="--profile")
+    if (duration is not None or hours is not None) and not (gpus or prof):
+        raise UserError("--gpus: no GPU count; allowed: --profile P or --gpus N")
     setup = make_setup(
         prof,
         gpus=gpus,
@@ -89,30 +86,15 @@ def estimate(
         country=country,
         carbon_intensity=carbon_intensity,
     )
+    agreement = None
     if duration is not None:
         work = Work(hours=parse_duration(duration), describe=f"{duration} wall time")
     elif hours is not None:
         work = Work(hours=positive(hours, "--hours"), describe=f"{hours:g} h wall time")
     elif gpu_hours is not None:
-        work = Work(gpu_hours=positive(gpu_hours, "--gpu-hours"), describe=f"{gpu_hours:,.0f} GPU-h")
-    elif samples is not None:
-        if model is None:
-            raise UserError(
-                "--samples: needs --model PRESET to count FLOPs per sample; allowed: --model with one of the presets"
-            )
-        from clusterctl.planning.plan import train_flops_per_sample
-        from vltrain.presets import get_preset
-
-        n = parse_count(samples, "--samples") * positive(epochs, "--epochs")
-        work = Work(
-            flops=n * train_flops_per_sample(get_preset(model, "--model"), activation_checkpointing),
-            describe=f"{n:.3g} samples of {model}",
-        )
-    elif tokens is not None:
-        if params is None:
-            raise UserError("--tokens: needs --params N (e.g. 22B); allowed: --tokens with --params")
-        t, n = parse_count(tokens, "--tokens"), parse_count(params, "--params")
-        work = Work(flops=token_flops(t, n, activation_checkpointing), describe=f"{t:.3g} tokens x {n:.3g} params")
+        work = Work(gpu_hours=positive(gpu_hours, "--gpu-hours"), describe=f"{count_words(gpu_hours)} GPU-h")
+    elif work_given:
+        work, agreement = stated_work(samples, epochs, model, tokens, params, activation_checkpointing)
     else:
         raise UserError(
             "estimate: nothing to estimate; allowed: --duration, --hours, --gpu-hours, --samples with --model, or --tokens with --params"
@@ -124,7 +106,7 @@ def estimate(
         energy_kwh=claimed_energy_mwh * 1000 if claimed_energy_mwh is not None else None,
         co2_kg=claimed_co2_t * 1000 if claimed_co2_t is not None else None,
     )
-    est.findings = audit(setup, est, claims)
+    est.findings = ([agreement] if agreement else []) + audit(setup, est, claims)
     d = est.to_dict() | {
         "profile": profile,
         "country": country.upper() if country else prof.site.country_iso if prof else None,
@@ -135,3 +117,33 @@ def estimate(
     from clusterctl.render.plan_view import print_estimate
 
     print_estimate(d)
+
+
+def stated_work(samples, epochs, model, tokens, params, activation_checkpointing):
+    """The run's FLOPs from samples of a model and/or tokens x parameters; with both, the samples
+    count (the model's own FLOPs) and a finding says whether the two statements of the work agree."""
+    from clusterctl.planning.estimates import Work, token_flops, work_agreement
+    from clusterctl.planning.plan import train_flops_per_sample
+    from vltrain.model_math import param_count
+    from vltrain.presets import get_preset
+
+    preset = get_preset(model, "--model") if model else None
+    if samples is not None and preset is None:
+        raise UserError(
+            "--samples: needs --model PRESET to count FLOPs per sample; allowed: --model with one of the presets"
+        )
+    if tokens is not None and params is None and preset is None:
+        raise UserError("--tokens: needs --params N (e.g. 22B) or --model PRESET; allowed: --tokens with --params")
+    n = parse_count(samples, "--samples") * positive(epochs, "--epochs") if samples is not None else None
+    t = parse_count(tokens, "--tokens") if tokens is not None else None
+    n_params = parse_count(params, "--params") if params is not None else (param_count(preset) if preset else None)
+    sample_flops = n * train_flops_per_sample(preset, activation_checkpointing) if n is not None else None
+    tok_flops = token_flops(t, n_params, activation_checkpointing) if t is not None else None
+    if sample_flops is not None:
+        work = Work(flops=sample_flops, describe=f"{count_words(n)} samples of {model}")
+    else:
+        work = Work(flops=tok_flops, describe=f"{count_words(t)} tokens x {count_words(n_params)} params")
+    if sample_flops is None or tok_flops is None:
+        return work, None
+    per_sample = preset.num_patches + 1 + preset.max_text_len
+    return work, work_agreement(tok_flops, sample_flops, t, n, per_sample, model)

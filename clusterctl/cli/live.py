@@ -68,7 +68,7 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
     )
     from clusterctl.runs.artifacts import EnergyTotals, count_events, eval_summary
     from clusterctl.runs.registry import Registry
-    from clusterctl.runs.status import refresh, summarize
+    from clusterctl.runs.status import refresh, summarize, why_ended
 
     reg = Registry()
     runs = [reg.get_run(r) for r in run_ids]
@@ -112,9 +112,8 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
                         v.log = Tail(log)
                     v.feed_log(v.log.lines())
                 v.energy_kwh, v.co2_kg = energy[r.run_id].read()
-                rows.append(
-                    summarize(r, jobs[r.run_id], v.last or None, count_events(dirs[r.run_id].events, "resume"), now)
-                )
+                resumes = count_events(dirs[r.run_id].events, "resume")
+                rows.append(summarize(r, jobs[r.run_id], v.last or None, resumes, now, why_ended(r, jobs[r.run_id])))
             done = all(row["state"] in FINAL_STATES for row in rows)
             if live is not None:
                 width = min(console.width, 100)

@@ -414,6 +414,7 @@ def profile_rows() -> list[dict[str, Any]]:
                 "fabric_short": fabric(p, True),
                 "country": p.site.country_iso,
                 "seed": p.seed,
+                "recipe": p.recipe,
             }
         )
     return rows

@@ -48,9 +48,7 @@ def make_setup(
     """Profile figures with overrides; every missing figure is a one-line error naming its flag."""
     if gpus is not None and gpus < 1:
         raise UserError(f"--gpus: {gpus} is not valid; allowed: a positive integer")
-    n = gpus or (profile.world_size if profile else None)
-    if n is None:
-        raise UserError("--gpus: no GPU count; allowed: --profile P or --gpus N")
+    n = gpus or (profile.world_size if profile else None)  # None: no wall time, but GPU-hours and energy
     intensity, source = grid_intensity(profile, country, carbon_intensity)
     pw = power_w if power_w is not None else (profile.gpu.power_w if profile else None)
     if pw is None:
@@ -65,7 +63,7 @@ def make_setup(
         pue=positive(pue_v, "--pue"),
         carbon_intensity_g_per_kwh=intensity,
         intensity_source=source,
-        nodes=-(-n // per_node),
+        nodes=-(-n // per_node) if n else None,
         node_power_w=node_power_w,
     )
 

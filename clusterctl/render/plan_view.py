@@ -47,13 +47,18 @@ def print_plan(d: dict) -> None:
 
 
 def print_estimate(d: dict) -> None:
+    """The estimate as a table of figures people read (no exponents), then one line per claim."""
     from rich.table import Table
+
+    from clusterctl.planning.estimates import count_words
+    from clusterctl.render.units import flops
 
     t = Table(title=f"estimate: {d['work']}", title_justify="left", show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")
-    t.add_row("GPUs", f"{d['gpus']}")
-    t.add_row("wall time", f"{d['hours']:,.1f} h ({d['hours'] / 24:,.1f} days)")
+    t.add_row("GPUs", f"{d['gpus']:,}" if d["gpus"] else "- (give --gpus or --profile for the wall time)")
+    if d["hours"] is not None:
+        t.add_row("wall time", f"{d['hours']:,.1f} h ({d['hours'] / 24:,.1f} days)")
     t.add_row("GPU-hours", f"{d['gpu_hours']:,.0f}")
     t.add_row("GPU energy", f"{d['gpu_energy_kwh']:,.0f} kWh ({d['power_w']:g} W x PUE {d['pue']:g})")
     if d["node_energy_kwh"]:
@@ -61,14 +66,18 @@ def print_estimate(d: dict) -> None:
     t.add_row("energy", f"{d['energy_kwh']:,.0f} kWh = {d['energy_kwh'] / 1000:,.1f} MWh")
     t.add_row("CO2eq", f"{d['co2_kg']:,.0f} kg at {d['carbon_intensity_g_per_kwh']:g} g/kWh ({d['intensity_source']})")
     if d["flops"]:
-        t.add_row("training FLOPs", f"{d['flops']:.3g} at MFU {d['mfu']:g}")
+        t.add_row("training FLOPs", f"{flops(d['flops'])} at MFU {d['mfu']:.0%}")
     output.console.print(t)
     for f in d["findings"]:
-        colour = "green" if f["verdict"] == "consistent" else "red"
+        colour = "green" if f["verdict"].startswith("consistent") else "red"
+        value = count_words
+        unit = f" {f['unit']}"
+        band = value(f["low"]) if f["low"] == f["high"] else f"{value(f['low'])}-{value(f['high'])}"
         output.console.print(
-            f"claim {f['claim']}: {f['claimed']:,.6g} {f['unit']} vs {f['low']:,.6g}-{f['high']:,.6g} "
+            f"claim {f['claim']}: {value(f['claimed'])}{unit} vs {band}{unit} "
             f"[{colour}]{f['verdict']}[/{colour}] ({f['why']})",
             soft_wrap=True,
+            highlight=False,
         )
 
 

@@ -105,6 +105,11 @@ def print_status(data: dict[str, Any]) -> None:
                 highlight=False,
                 soft_wrap=True,
             )
+    for row in data["runs"]:  # why each shown run that ended without completing did, one line each
+        if row.get("reason"):
+            console.print(
+                f"{row['state']} {row['run_id']}: {row['reason']}", markup=False, highlight=False, soft_wrap=True
+            )
     for note in data["notes"]:
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if data["runs"] and data["source"] != "registry":

@@ -58,3 +58,11 @@ def duration(s: float | None, style: str = "units") -> str:
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def flops(n: float) -> str:
+    """Training FLOPs with an SI prefix: 1.45e22 -> '14.5 ZFLOP' (no exponent in human output)."""
+    for factor, prefix in ((1e27, "R"), (1e24, "Y"), (1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G")):
+        if n >= factor:
+            return f"{quantity(n / factor)} {prefix}FLOP"
+    return f"{quantity(n)} FLOP"

@@ -154,8 +154,11 @@ def run_panel(row: dict[str, Any], v: RunView, width: int = 80):
     body.add_row(bar)
     body.add_row(spark if spark.plain else Text("waiting for the first logged step", style="dim"))
     body.add_row(Text(stats_line(row, v)))
-    for line in list(v.log_lines)[-1:]:
-        body.add_row(Text(line[: width - 4], style="dim", no_wrap=True, overflow="ellipsis"))
+    if row.get("reason"):  # why it ended says more than the log's last line
+        body.add_row(Text(row["reason"][: width - 4], style="red", no_wrap=True, overflow="ellipsis"))
+    else:
+        for line in list(v.log_lines)[-1:]:
+            body.add_row(Text(line[: width - 4], style="dim", no_wrap=True, overflow="ellipsis"))
     return Panel(body, title=row["run_id"], title_align="left", padding=(0, 1), width=width)
 
 
@@ -221,6 +224,7 @@ def plain_line(row: dict[str, Any], v: RunView) -> str:
     return (
         f"{row['run_id']} {row['state']} step {int(step) if step is not None else '-'}/{row.get('total_steps')}"
         f"{loss} requeues {row.get('requeues', 0)} | {stats_line(row, v)}"
+        + (f" | {row['reason']}" if row.get("reason") else "")
     )
 
 
@@ -236,6 +240,8 @@ def summary_lines(rows: list[dict[str, Any]], views: dict[str, RunView], evals: 
             f"final loss {loss}, requeues {row.get('requeues', 0)}, elapsed {duration(row.get('elapsed_s'), 'clock')}"
         )
         out.append(f"  {quantity(row.get('gpu_hours', 0.0))} GPU-h, {energy(v.energy_kwh)}, {co2(v.co2_kg)}")
+        if row.get("reason"):
+            out.append(f"  why: {row['reason']}")
         ev = evals.get(row["run_id"])
         if ev:
             out.append("  eval: " + "  ".join(f"{k} {val:.3f}" for k, val in ev.items()))

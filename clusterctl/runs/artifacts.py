@@ -119,3 +119,32 @@ def metric_rows(run_dir: str | Path) -> list[dict[str, Any]]:
             if isinstance(d, dict) and "step" in d:
                 rows.append(d)
     return rows
+
+
+# A user's error says what to fix; any other error comes next; a lost peer is usually the echo of
+# another rank's failure, so it is the reason only when nothing else was recorded.
+_KIND_ORDER = {"user": 0, "communication": 2}
+
+
+def failure_reason(run_dir: str | Path, job_id: str | None) -> str | None:
+    """Why the job `job_id` of a run failed, in one line: the trainer's record (vltrain.loop
+    record_failure, one per failing rank: the most telling of the latest restart), else the last
+    line of the traceback submitit kept; None when neither says."""
+    records = []
+    for p in RunDir(run_dir).failures.glob("rank*.json"):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("reason"), str) and str(rec.get("job_id")) == str(job_id):
+            records.append(rec)
+    if records:
+        last = max(int(r.get("restart") or 0) for r in records)
+        mine = [r for r in records if int(r.get("restart") or 0) == last]
+        best = min(mine, key=lambda r: (_KIND_ORDER.get(r.get("kind"), 1), r.get("time") or 0.0))
+        return best["reason"]
+    if job_id is None:
+        return None
+    from clusterctl.backends.results import submitit_error
+
+    return submitit_error(str(run_dir), str(job_id))

@@ -46,6 +46,7 @@ class RunStatus(TypedDict):
     exit_code: str | None
     run_dir: str
     created_at: float
+    reason: str | None  # why a run that ended without completing did (the trainer's error line), else None
 
 
 # --- pure ---------------------------------------------------------------------------------------
@@ -63,7 +64,12 @@ def run_state(run: RunRecord, jobs: list[JobRecord]) -> str:
 
 
 def summarize(
-    run: RunRecord, jobs: list[JobRecord], metrics: dict[str, Any] | None, resumes: int, now: float
+    run: RunRecord,
+    jobs: list[JobRecord],
+    metrics: dict[str, Any] | None,
+    resumes: int,
+    now: float,
+    reason: str | None = None,
 ) -> RunStatus:
     """One status row from refreshed registry records and the last metrics line."""
     m = metrics or {}
@@ -106,6 +112,7 @@ def summarize(
         exit_code=last.exit_code if last else None,
         run_dir=run.run_dir,
         created_at=run.created_at,
+        reason=reason,
     )
 
 
@@ -163,8 +170,16 @@ def collect(reg: Registry, runs: list[RunRecord], timeout: float | None = None) 
         r.state = fresh.states[r.run_id]
         rd = RunDir(r.run_dir)
         metrics = artifacts.tail_json(rd.metrics)
-        rows.append(summarize(r, fresh.jobs[r.run_id], metrics, artifacts.count_events(rd.events, "resume"), now))
+        resumes = artifacts.count_events(rd.events, "resume")
+        rows.append(summarize(r, fresh.jobs[r.run_id], metrics, resumes, now, why_ended(r, fresh.jobs[r.run_id])))
     return {"source": fresh.source, "notes": fresh.notes, "runs": rows}
+
+
+def why_ended(run: RunRecord, jobs: list[JobRecord]) -> str | None:
+    """The reason a run that ended without completing gives in its run directory (edge: reads files)."""
+    if run.state not in FINAL_STATES or run.state == RunState.COMPLETED or not jobs:
+        return None
+    return artifacts.failure_reason(run.run_dir, jobs[-1].job_id)
 
 
 def select_runs(reg: Registry, ref: str | None, all_: bool) -> list[RunRecord]:
