@@ -21,11 +21,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # The main job: synthetic image-text shards and a SentencePiece tokenizer (made once), then a real
-# tiny pre-training run through `clusterctl submit --profile local` (submitit's local executor),
+# tiny pre-training run through `clusterctl submit --profile local` (its recipe: configs/tiny.toml;
+# submitit's local executor),
 # streamed until it ends with held-out Recall@K; then its energy and GPU-hours.
 demo: venv data/synth/tokenizer.model
-	$(BIN)/clusterctl plan --profile a100x64 --model crossmodal-xl --global-batch 8192 --activation-checkpointing
-	$(BIN)/clusterctl submit --profile local --config configs/tiny.toml --name demo --wait
+	$(BIN)/clusterctl plan --profile a100x64
+	$(BIN)/clusterctl submit --profile local --name demo --wait
 	$(BIN)/clusterctl report energy --run demo
 	$(BIN)/clusterctl report gpu-hours --by profile
 

@@ -187,9 +187,9 @@ def test_a_claim_that_needs_an_implausible_mfu_is_called_implausible():
     implied = flops / (64 * 1008 * 3600 * 312e12)
     assert f["implied_mfu"] == pytest.approx(implied, rel=1e-3) and 0.95 < implied < 1.0
     assert f["verdict"].startswith("implausible") and "implies 98% MFU" in f["verdict"]
-    assert f"plausible {MIN_MFU:.0%}-{MAX_MFU:.0%}" in f["verdict"]
+    assert f"plausible MFU {MIN_MFU:.0%}-{MAX_MFU:.0%}" in f["verdict"]
     (ok,) = audit(s, e, Claims(hours=e.hours))  # the estimate's own 40% is plausible, and says so
-    assert ok["verdict"] == f"consistent (implies 40% MFU; plausible {MIN_MFU:.0%}-{MAX_MFU:.0%})"
+    assert ok["verdict"] == f"consistent (implies 40% MFU; plausible MFU {MIN_MFU:.0%}-{MAX_MFU:.0%})"
 
 
 def test_energy_floor_and_ceiling_both_carry_the_pue():

@@ -5,6 +5,7 @@ through submitit's local executor, then `report energy` shows that run's measure
 from __future__ import annotations
 
 import json
+import tomllib
 
 import pytest
 
@@ -22,9 +23,15 @@ def test_submit_local_wait_then_energy_and_gpu_hour_reports(tmp_path):
     )
     env = {"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs")}
 
+    shown = run_cli("submit", "--profile", "local", "--config", str(cfg), "--dry-run", "--json", env=env)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["checks"] == {"problems": [], "warnings": []}
     r = run_cli("submit", "--profile", "local", "--config", str(cfg), "--name", "demo", "--wait", env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step 20/20" in r.stdout and "COMPLETED" in r.stdout
+    # the run directory keeps the resolved config the dry run showed, and the trainer ran exactly it
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    kept = tomllib.loads((run_dir / "config.toml").read_text())
+    assert kept == {k: v for k, v in json.loads(shown.stdout)["config"].items() if v is not None}
 
     r = run_cli("report", "energy", "--json", env=env)
     assert r.returncode == 0, r.stderr

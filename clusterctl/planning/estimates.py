@@ -156,9 +156,9 @@ class Claims:
     co2_kg: float | None = None
 
 
-def _pct(x: float) -> str:
-    """98%; an MFU of 57 (the claim needs 57 times the peak) reads '57x the peak'."""
-    return f"{x:.0%}" if x < 10 else f"{x:,.0f}x the peak"
+def _mfu_words(x: float) -> str:
+    """'implies 98% MFU'; a claim that needs the GPUs to run faster than their peak says so plainly."""
+    return f"implies {x:.0%} MFU" if x < 10 else f"needs {x:,.0f}x the GPUs' peak"
 
 
 def _finding(
@@ -176,7 +176,7 @@ def _finding(
     ratio = claimed / expected if expected else float("inf")
     lo, hi = low * (1 - tolerance), high * (1 + tolerance)
     mfu_words = (
-        f"implies {_pct(implied_mfu)} MFU; plausible {MIN_MFU:.0%}-{MAX_MFU:.0%}"
+        f"{_mfu_words(implied_mfu)}; plausible MFU {MIN_MFU:.0%}-{MAX_MFU:.0%}"
         if implied_mfu is not None
         else "MFU unknown: give the work (--samples with --model, or --tokens) to audit it"
     )

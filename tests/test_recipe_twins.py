@@ -1,0 +1,167 @@
+"""Each seed recipe's reduced twin (configs/seed-00N-tiny.toml) trains on the real local Slurm cluster
+with the recipe's objectives, optimizer, schedule shape and parallelism as far as the trainer runs it
+today; and a run that fails on Slurm says why in `status`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli, tiny_data
+from vltrain.config import load_train_config
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+SEEDS = ("000", "001", "002", "003", "004")
+# What a twin may not keep of its recipe because the trainer does not run it yet (each documented in the twin).
+NOT_YET = {
+    "001": {"strategy": "deepspeed", "zero_stage": 2, "mim": 0.0},
+    "003": {"tp": 1, "pp": 1},
+    "004": {"mim": 0.0},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not _slurm_answers():
+        pytest.skip("the local Slurm cluster is not up (scripts/slurm-local.sh up)")
+    root = tmp_path_factory.mktemp("twins")
+    data, tok = tiny_data(root, n=600)
+    env = {"CLUSTERCTL_REGISTRY": str(root / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(root / "runs")}
+    return {"root": root, "data": data, "tok": tok, "env": env}
+
+
+def _slurm_answers() -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _wait(env: dict, run_ids: list[str], timeout: float = 600) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = run_cli("status", "--all", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        rows = {row["run_id"]: row for row in json.loads(r.stdout)["runs"] if row["run_id"] in run_ids}
+        if all(row["state"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") for row in rows.values()):
+            return rows
+        assert time.monotonic() < deadline, rows
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def twins(cluster):
+    """Submit the five twins at once (Slurm queues them on the two nodes), then wait for all."""
+    ids = {}
+    for seed in SEEDS:
+        r = run_cli(
+            "submit",
+            "--profile",
+            "slurm-local",
+            "--config",
+            str(REPO / "configs" / f"seed-{seed}-tiny.toml"),
+            "--set",
+            f"data.shards={cluster['data']}",
+            "--set",
+            f"data.tokenizer={cluster['tok']}",
+            "--json",
+            env=cluster["env"],
+            cwd=cluster["root"],
+        )
+        assert r.returncode == 0, r.stderr
+        ids[seed] = json.loads(r.stdout)["run_id"]
+    rows = _wait(cluster["env"], list(ids.values()))
+    return {seed: rows[run_id] for seed, run_id in ids.items()}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_twin_trains_with_its_recipe(twins, seed):
+    row = twins[seed]
+    assert row["state"] == "COMPLETED", row
+    rd = Path(row["run_dir"])
+    ran = load_train_config(rd / "config.toml")
+    recipe = load_train_config(REPO / "configs" / f"seed-{seed}.toml")
+    not_yet = NOT_YET.get(seed, {})
+    # objectives and their weights
+    for k in ("itc", "mlm", "caption", "mask_prob"):
+        assert getattr(ran.loss, k) == getattr(recipe.loss, k), k
+    assert ran.loss.mim == not_yet.get("mim", recipe.loss.mim)
+    # optimizer and the schedule's peak and floor
+    for k in ("lr", "min_lr", "betas", "weight_decay", "grad_clip"):
+        assert getattr(ran.optim, k) == getattr(recipe.optim, k), k
+    # parallelism, memory and data handling
+    assert ran.zero_stage == not_yet.get("zero_stage", recipe.zero_stage)
+    assert ran.parallel.strategy == not_yet.get("strategy", recipe.parallel.strategy)
+    assert (ran.parallel.tp, ran.parallel.pp) == (
+        not_yet.get("tp", recipe.parallel.tp),
+        not_yet.get("pp", recipe.parallel.pp),
+    )
+    assert ran.activation_checkpointing == recipe.activation_checkpointing
+    if recipe.accumulation:  # stated by the paper: kept
+        assert ran.accumulation == recipe.accumulation
+    for k in ("random_crop", "hflip", "randaugment"):
+        assert getattr(ran.data, k) == getattr(recipe.data, k), k
+    assert (ran.model.pos_embedding, ran.model.norm) == (recipe_model(recipe).pos_embedding, recipe_model(recipe).norm)
+    # what was trained: every step's loss is the recipe's weighted sum of the objectives
+    steps = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == list(range(1, ran.steps + 1))
+    w = ran.loss
+    for m in steps:
+        assert m["loss"] == pytest.approx(w.itc * m["itc"] + w.mlm * m["mlm"] + w.caption * m["caption"], rel=1e-4)
+    # the schedule's shape: linear warm-up to the peak, then cosine down to the floor
+    lrs = [m["lr"] for m in steps]
+    warm = ran.optim.warmup_steps
+    assert lrs[:warm] == sorted(lrs[:warm]) and lrs[warm - 1] == pytest.approx(recipe.optim.lr)
+    assert all(a >= b for a, b in zip(lrs[warm - 1 :], lrs[warm:])) and lrs[-1] == pytest.approx(
+        recipe.optim.min_lr, abs=1e-12
+    )
+    # two ranks on two Slurm nodes
+    start = next(json.loads(line) for line in (rd / "events.jsonl").read_text().splitlines() if '"start"' in line)
+    assert start["world_size"] == 2 and start["launcher"] == "submitit-slurm"
+
+
+def recipe_model(cfg):
+    from vltrain.presets import resolve_model
+
+    return resolve_model(cfg.model)
+
+
+def test_a_run_that_fails_on_slurm_says_why_in_status(cluster, tmp_path):
+    """Shards that exist but are not tars pass the checks before sbatch and fail on the node: the
+    trainer's one-line reason reaches `status` (a detail line and --json), not only `logs --stderr`."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "00000.tar").write_bytes(b"not a tar" * 2000)
+    r = run_cli(
+        "submit",
+        "--profile",
+        "slurm-local",
+        "--config",
+        str(REPO / "configs" / "tiny.toml"),
+        "--set",
+        f"data.shards={bad}",
+        "--set",
+        f"data.tokenizer={cluster['tok']}",
+        "--set",
+        "steps=2",
+        "--name",
+        "badshards",
+        "--max-retries",
+        "0",
+        "--json",
+        env=cluster["env"],
+        cwd=cluster["root"],
+    )
+    assert r.returncode == 0, r.stderr
+    run_id = json.loads(r.stdout)["run_id"]
+    row = _wait(cluster["env"], [run_id], timeout=300)[run_id]
+    assert row["state"] == "FAILED"
+    assert row["reason"].startswith(f"data.shards: {bad}/00000.tar is not a readable tar"), row
+    text = run_cli("status", run_id, env=cluster["env"], cwd=cluster["root"]).stdout
+    assert f"FAILED {run_id}: data.shards: {bad}/00000.tar is not a readable tar" in text
