@@ -34,6 +34,10 @@ LIGHT_COMMANDS = [
         "--activation-checkpointing",
     ],
     ["estimate", "--profile", "a100x32", "--duration", "6w", "--json"],
+    ["plan", "--profile", "a100x64"],
+    ["presets", "list"],
+    ["recipes", "list"],
+    ["submit", "--profile", "a100x64", "--dry-run", "--json"],
 ]
 
 PROBE = """
