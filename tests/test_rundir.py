@@ -16,7 +16,9 @@ def test_what_the_launcher_sets_the_trainer_reads():
     prof = load_profile("a100x64")
     env = trainer_env(prof, Path("/scratch/runs/r1"))
     seen = JobEnv.from_env(env)
-    assert seen == JobEnv(run_dir="/scratch/runs/r1", profile="a100x64", peak_tflops=312.0, country="FRA", pue=1.2)
+    assert seen == JobEnv(
+        run_dir="/scratch/runs/r1", profile="a100x64", peak_tflops=312.0, country="FRA", pue=1.2, device="cuda"
+    )
     assert metrics.peak_tflops("NVIDIA H100 80GB HBM3", env) == 312.0  # the profile's peak wins over the table
 
 

@@ -93,7 +93,7 @@ def test_detect_submitit_local_and_single_process():
 
 def test_export_sets_what_init_distributed_reads():
     env: dict[str, str] = {}
-    distenv.export(distenv.detect({}, free_port=40001), env)
+    distenv.export(distenv.detect({}, free_port=40001), "cpu", env)
     assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == {
         "RANK": "0",
         "WORLD_SIZE": "1",

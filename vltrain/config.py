@@ -31,7 +31,12 @@ class DataConfig:
     shards: str = field("WebDataset shards: a directory or a brace pattern", default="")
     eval_shards: str = field("held-out shards for evaluation", default="")
     tokenizer: str = field("SentencePiece model file", default="")
-    workers: int = field("dataloader workers per rank", default=0, min=0, max=64)
+    workers: int = field(
+        "dataloader workers per rank (-1: from the CPUs per task on GPU runs, none on CPU runs)",
+        default=-1,
+        min=-1,
+        max=64,
+    )
     random_crop: bool = field("random resized crop", default=True)
     hflip: bool = field("random horizontal flip", default=True)
     randaugment: bool = field("RandAugment (seed 001)", default=False)

@@ -117,15 +117,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def backend() -> str:
-    """nccl on CUDA, gloo on CPU (DeepSpeed then needs DS_ACCELERATOR=cpu, set by `export`)."""
-    import torch
+def resolve_device(wanted: str, cuda_available: bool, host: str = "") -> str:
+    """'cuda' or 'cpu' for this run (pure). `wanted` is what the profile says (JobEnv.device; empty
+    when run by hand: the machine decides). A CUDA profile on a machine without CUDA is an error:
+    silently training a 30B model on CPU over gloo is not a fallback anyone wants."""
+    if wanted == "cuda" and not cuda_available:
+        raise UserError(
+            f"VLTRAIN_DEVICE: cuda (the profile has GPUs) but CUDA is not available{' on ' + host if host else ''}; "
+            "allowed: a node with GPUs and a CUDA build of torch, or a profile with gpu.kind = 'cpu'"
+        )
+    if wanted in ("cuda", "cpu"):
+        return wanted
+    return "cuda" if cuda_available else "cpu"
 
-    return "nccl" if torch.cuda.is_available() else "gloo"
+
+def backend(device: str) -> str:
+    """nccl on CUDA, gloo on CPU."""
+    return "nccl" if device == "cuda" else "gloo"
 
 
-def export(dist: DistEnv, environ: dict[str, str] | os._Environ = os.environ) -> None:
-    """Write the torch.distributed variables (and DS_ACCELERATOR=cpu without CUDA) for init_distributed."""
+def cuda_index(local_rank: int, device_count: int) -> int:
+    """The GPU of this rank: LOCAL_RANK modulo the GPUs it sees, so that sites that bind one GPU per
+    task (each rank sees a single device 0) work as well as those that show all of a node's."""
+    return local_rank % max(1, device_count)
+
+
+def export(dist: DistEnv, device: str = "cpu", environ: dict[str, str] | os._Environ = os.environ) -> None:
+    """Write the torch.distributed variables init_distributed reads, and DeepSpeed's accelerator.
+
+    DS_ACCELERATOR is set from the run's device, overriding one inherited from the submitting
+    shell (sbatch exports the caller's environment): a leaked 'cpu' would put a CUDA run on CPU."""
     environ.update(
         RANK=str(dist.rank),
         WORLD_SIZE=str(dist.world_size),
@@ -133,12 +154,8 @@ def export(dist: DistEnv, environ: dict[str, str] | os._Environ = os.environ) ->
         LOCAL_WORLD_SIZE=str(dist.local_world_size),
         MASTER_ADDR=dist.master_addr,
         MASTER_PORT=str(dist.master_port),
+        DS_ACCELERATOR=device,
     )
-    if "DS_ACCELERATOR" not in environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            environ["DS_ACCELERATOR"] = "cpu"
 
 
 def current() -> DistEnv:

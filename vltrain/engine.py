@@ -17,26 +17,40 @@ import torch
 from torch import nn
 
 from vltrain.config import TrainConfig
-from vltrain.distenv import DistEnv, backend, export
+from vltrain.distenv import DistEnv, backend, cuda_index, export
 from vltrain.dsconfig import deepspeed_config, warmup_steps
 from vltrain.presets import resolve_model
-from vltrain.rundir import DIST_TIMEOUT_S
+from vltrain.rundir import DIST_TIMEOUT_S, STEP_DIST_TIMEOUT_S
 from vltrain.schedule import lr_factor
 
 
-def init_process_group(dist: DistEnv) -> None:
-    """deepspeed.init_distributed from the detected layout; gloo on CPU, nccl on CUDA.
-
-    VLTRAIN_DIST_TIMEOUT_S bounds how long a collective waits for a lost peer (default 30 min, as
-    torch's); the loop turns the resulting error into exit code 75 so that clusterctl retries.
-    """
-    export(dist)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist.local_rank)
+def init_process_group(dist: DistEnv, device: str) -> torch.device:
+    """deepspeed.init_distributed from the detected layout (gloo on CPU, nccl on CUDA); returns the
+    rank's device. VLTRAIN_DIST_TIMEOUT_S bounds how long a collective waits for a lost peer until
+    the first step (start-up is slow: 30 min by default); `shorten_timeout` tightens it after. The
+    loop turns a timed-out collective into exit code 75, which clusterctl retries."""
+    export(dist, device)
+    rank_device = torch.device("cpu")
+    if device == "cuda":
+        rank_device = torch.device("cuda", cuda_index(dist.local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(rank_device)
     import deepspeed
 
     timeout = timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_S, 1800)))
-    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend(device), auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    return rank_device
+
+
+def shorten_timeout() -> None:
+    """Once a step has run, a collective that waits long means a lost peer: VLTRAIN_STEP_DIST_TIMEOUT_S
+    (10 min by default) instead of the start-up's 30."""
+    import torch.distributed as dist
+
+    seconds = float(os.environ.get(STEP_DIST_TIMEOUT_S, 600))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.distributed_c10d import _get_default_group, _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=seconds), _get_default_group())
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -55,26 +69,41 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_model(cfg: TrainConfig) -> nn.Module:
-    """The VLModel of the run, initialised from cfg.seed (identical on every rank)."""
+def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The VLModel of the run, initialised from cfg.seed (identical on every rank), created directly
+    on `device`: on a GPU no copy of the weights passes through host memory (a 30.5B model is 114 GiB
+    in fp32, x 8 ranks per node), and on the meta device nothing is allocated at all (the planner's
+    and the tests' view of a paper-scale model)."""
     from vltrain.model import VLModel
     from vltrain.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 
     torch.manual_seed(cfg.seed)
-    model = VLModel(resolve_model(cfg.model), cfg.loss, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, mask_id=MASK_ID)
+    with torch.device(device):
+        model = VLModel(
+            resolve_model(cfg.model), cfg.loss, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, mask_id=MASK_ID
+        )
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     return model
 
 
-def build_engine(cfg: TrainConfig, micro_batch: int, accumulation: int, world_size: int):
+def build_engine(
+    cfg: TrainConfig, micro_batch: int, accumulation: int, world_size: int, device: torch.device | str = "cpu"
+):
     """-> (engine, ds_config) for an initialised process group; the engine owns model, AdamW and schedule."""
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, micro_batch, accumulation, world_size)
-    ds_config.pop("vltrain", None)  # ours, not DeepSpeed's (it would warn or refuse unknown keys)
-    model = build_model(cfg)
+    from vltrain.model_math import param_count
+
+    device = torch.device(device)
+    ds_config = deepspeed_config(
+        cfg, micro_batch, accumulation, world_size, device=device.type, params=param_count(resolve_model(cfg.model))
+    )
+    fused = ds_config.pop("vltrain")["optimizer"]["fused"]  # ours, not DeepSpeed's (it refuses unknown keys)
+    model = build_model(cfg, device)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None
+    )
     schedule = functools.partial(lr_factor, peak=o.lr, min_lr=o.min_lr, warmup=warmup_steps(cfg), total=cfg.steps)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(
@@ -85,4 +114,4 @@ def build_engine(cfg: TrainConfig, micro_batch: int, accumulation: int, world_si
 
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
     """dtype of the model's inputs under the engine (DeepSpeed casts the module, not the batch)."""
-    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)

@@ -28,7 +28,7 @@ import submitit
 from vltrain.common.errors import UserError
 from vltrain.config import TrainConfig, load_train_config
 from vltrain.presets import resolve_model
-from vltrain.rundir import ENERGY_FLUSH_S, EXIT_COMM_ERROR, JobEnv, RunDir
+from vltrain.rundir import ENERGY_FLUSH_S, EXIT_COMM_ERROR, STALL_TIMEOUT_S, JobEnv, RunDir
 
 _CONTINUE = -1000  # "keep training" in the stop decision that rank 0 broadcasts
 COMM_ERROR_WORDS = (
@@ -189,6 +189,72 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
         events.close()
 
 
+def loader_settings(
+    workers: int, device: str, local_world_size: int, env: dict[str, str] | None = None, cpus: int | None = None
+) -> dict[str, Any]:
+    """Data-loader workers and pinned memory for a rank (pure but for the CPU count). On GPUs the
+    loader must keep up with the model: workers from the CPUs per task (Slurm's, else the node's
+    share), one CPU left for the rank itself, at most 8; batches in pinned memory for async copies.
+    On CPU runs the cores are the model's: no workers. `workers` >= 0 in the config wins."""
+    pin = device == "cuda"
+    if workers >= 0:
+        return {"workers": workers, "pin_memory": pin}
+    if device != "cuda":
+        return {"workers": 0, "pin_memory": False}
+    env = dict(os.environ) if env is None else env
+    per_task = int(env.get("SLURM_CPUS_PER_TASK", "0") or 0)
+    if not per_task:
+        total = cpus if cpus is not None else len(os.sched_getaffinity(0))
+        per_task = max(1, total // max(1, local_world_size))
+    return {"workers": min(8, max(1, per_task - 1)), "pin_memory": pin}
+
+
+class Watchdog:
+    """Exit 75 (cluster failure: clusterctl requeues the run) when no optimizer step has finished for
+    too long. NCCL's timeout catches a rank waiting inside a collective for a lost peer; a rank hung
+    outside one (a stuck data loader, a dead NFS mount, a deadlock) would otherwise hold every GPU
+    of the job until the time limit. The first step (compilation, data start-up, checkpoint load)
+    gets twice the limit."""
+
+    def __init__(self, limit_s: float, run_dir: str | Path = ".", on_stall=None, poll_s: float | None = None) -> None:
+        self.limit_s, self.run_dir = limit_s, run_dir
+        self.on_stall = on_stall or self._exit
+        self.poll_s = poll_s if poll_s is not None else min(30.0, limit_s / 10)
+        self.last = time.monotonic()
+        self.stepped = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Watchdog:
+        self._thread = threading.Thread(target=self._watch, name="vltrain-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+        self.stepped = True
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            idle = time.monotonic() - self.last
+            if idle > (self.limit_s if self.stepped else 2 * self.limit_s):
+                self.on_stall(idle)
+                return
+
+    def _exit(self, idle: float) -> None:
+        print(
+            f"vltrain: no optimizer step for {idle:.0f} s (limit {self.limit_s:g} s, {STALL_TIMEOUT_S}); "
+            f"exit {EXIT_COMM_ERROR} so that the run is requeued",
+            file=sys.stderr,
+            flush=True,
+        )
+        record_failure(self.run_dir, TimeoutError(f"no optimizer step for {idle:.0f} s"), "stall")
+        os._exit(EXIT_COMM_ERROR)
+
+
 def record_failure(run_dir: str | Path, exc: BaseException, kind: str, rank: int | None = None) -> None:
     """Why this rank failed, where clusterctl's status finds it (RunDir.failure_file): the UserError's
     line, or the exception's type and last line. Never raises: it runs while something else failed."""
@@ -223,8 +289,10 @@ class Session:
         import torch
 
         from vltrain import checkpoint
+        from vltrain.collectives import Collectives, comm_device
         from vltrain.data.loader import ShardLoader
         from vltrain.data.shards import resolve_shards
+        from vltrain.distenv import backend, resolve_device
         from vltrain.energy import NodeEnergy, visible_gpu_ids
         from vltrain.engine import build_engine, compute_dtype, init_process_group
         from vltrain.metrics import JsonlSink, peak_tflops
@@ -235,6 +303,11 @@ class Session:
         self.energy = None
         self.mcfg = resolve_model(cfg.model)
         self.split = batch_split(cfg, dist_env.world_size)  # checks before anything slow starts
+        from vltrain.support import not_run_yet
+
+        if problems := not_run_yet(cfg):
+            raise UserError(problems[0])
+        self.device_kind = resolve_device(JobEnv.from_env().device, torch.cuda.is_available(), socket.gethostname())
         if not cfg.data.shards:
             raise UserError("data.shards: not set; allowed: a directory of .tar shards, a brace pattern or a tar file")
         resolve_shards(cfg.data.shards)
@@ -253,9 +326,12 @@ class Session:
         if ckpt is not None:
             checkpoint.check_compatible(ckpt, self.config_hash, dist_env.world_size)
 
-        init_process_group(dist_env)
+        rank_device = init_process_group(dist_env, self.device_kind)
+        self.comm = Collectives(comm_device(backend(self.device_kind), dist_env.local_rank), dist_env.world_size)
         self.tokenizer = self._tokenizer()
-        self.engine, _ = build_engine(cfg, self.split.micro_batch, self.split.accumulation, dist_env.world_size)
+        self.engine, _ = build_engine(
+            cfg, self.split.micro_batch, self.split.accumulation, dist_env.world_size, rank_device
+        )
         self.device, self.dtype = self.engine.device, compute_dtype(cfg)
         self.loader = ShardLoader(
             cfg.data.shards,
@@ -268,6 +344,7 @@ class Session:
             max_len=self.mcfg.max_text_len,
             train=True,
             data_cfg=cfg.data,
+            **loader_settings(cfg.data.workers, self.device_kind, dist_env.local_world_size),
         )
         seed_rank(cfg.seed, dist_env.rank)
         self.metrics = JsonlSink(RunDir(run_dir).metrics, dist_env.is_main)
@@ -318,14 +395,17 @@ class Session:
             self.energy.start()
 
     # ---------------------------------------------------------------- set-up helpers
+    def _alive(self) -> None:
+        """A checkpoint or an evaluation finished: not a stall, though no step did."""
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.progress()
+
     def _say(self, line: str) -> None:
         if self.dist.is_main:
             print(line, flush=True)
 
     def _tokenizer(self):
         """data.tokenizer, or one trained by rank 0 on the shards' captions into the run directory."""
-        import torch.distributed as dist
-
         from vltrain.tokenizer import Tokenizer, train_tokenizer_from_shards
 
         path = Path(self.cfg.data.tokenizer or RunDir(self.run_dir).tokenizer)
@@ -336,8 +416,7 @@ class Session:
             except UserError as e:  # "--vocab-size: V is too large for this corpus; allowed: at most N"
                 msg = str(e).replace("--vocab-size", "model.vocab_size")
                 error = [msg.replace("this corpus", f"the captions of {self.cfg.data.shards}")]
-        if dist.get_world_size() > 1:
-            dist.broadcast_object_list(error, src=0)
+        self.comm.broadcast_objects(error, src=0)
         if error[0]:
             raise UserError(error[0])
         tok = Tokenizer.load(path)
@@ -353,14 +432,19 @@ class Session:
         import torch
 
         cfg = self.cfg
+        from vltrain.engine import shorten_timeout
+
         interval = torch.zeros(8, dtype=torch.float64)  # loss sums x4, micro steps, tokens, flops, seconds
         batches = iter(self.loader)
         first_step = self.step
+        self.watchdog = Watchdog(float(os.environ.get(STALL_TIMEOUT_S, 1800)), self.run_dir).start()
         while self.step < cfg.steps:
             local, lr = self.train_step(batches)
-            if self.dist.world_size > 1:
-                torch.distributed.all_reduce(local)  # sums over ranks: stop flags and log values, one collective
+            local = self.comm.all_reduce_sum(local)  # sums over ranks: stop flags and log values, one collective
             self.step += 1
+            self.watchdog.progress()
+            if self.step == first_step + 1:
+                shorten_timeout()
             self.samples += cfg.global_batch
             interval += local[2:]
             stop = bool(local[:2].any())
@@ -461,8 +545,10 @@ class Session:
             config_hash=self.config_hash,
             trainer_state={"loader": self.loader.state_dict()},
             keep=self.cfg.keep_checkpoints,
+            barrier=self.comm.barrier,
         )
         self.saved_step = self.step
+        self._alive()
         self.events.emit(
             "checkpoint",
             self.step,
@@ -474,7 +560,6 @@ class Session:
     def evaluate(self) -> dict[str, Any] | None:
         """Held-out retrieval and captioning on rank 0 (ZeRO-2 keeps full weights on every rank)."""
         import torch
-        import torch.distributed as dist
 
         from vltrain.evaluate import default_eval_shards, evaluate, write_eval
 
@@ -493,14 +578,13 @@ class Session:
                 f"R@10 {result['t2i']['R@10']:.3f} | CIDEr-D {result['cider']:.3f} | "
                 f"{result['n']} pairs (chance R@1 {result['chance_r1']:.4f})"
             )
-        if self.dist.world_size > 1:
-            dist.barrier()
+        self.comm.barrier()
+        self._alive()
         return result
 
     def _stop(self, preempt_signal_seen: int) -> None:
         """Checkpoint, log, then let submitit's own handler requeue (USR2) or exit (SIGTERM)."""
         import torch
-        import torch.distributed as dist
 
         sig = preempt_signal() if preempt_signal_seen else signal.SIGTERM
         original = self.stops.original.get(sig)
@@ -525,10 +609,7 @@ class Session:
                 code = e.code if isinstance(e.code, int) else 1
             except BaseException as e:  # submitit's UncompletedJobError: not requeued (too many time-outs)
                 code, error = 1, e
-        if self.dist.world_size > 1:
-            box = torch.tensor([code], dtype=torch.int64)
-            dist.broadcast(box, src=0)
-            code = int(box)
+        code = int(self.comm.broadcast(torch.tensor([code], dtype=torch.int64), src=0))
         if code == _CONTINUE:
             self.stops.received.clear()
             self.stops.install()
@@ -538,6 +619,8 @@ class Session:
         sys.exit(code)
 
     def close(self) -> None:
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.stop()
         if self.energy is not None:
             self.energy.stop()
             self.energy = None

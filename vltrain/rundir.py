@@ -110,15 +110,19 @@ class JobEnv:
     peak_tflops: float | None = None
     country: str | None = None
     pue: float = 1.0
+    device: str = ""  # "cuda" | "cpu" from the profile; empty when run by hand (the machine decides)
 
     RUN_DIR = "CLUSTERCTL_RUN_DIR"
     PROFILE = "CLUSTERCTL_PROFILE"
     PEAK_TFLOPS = "VLTRAIN_PEAK_TFLOPS"
     COUNTRY = "VLTRAIN_COUNTRY"
     PUE = "VLTRAIN_PUE"
+    DEVICE = "VLTRAIN_DEVICE"
 
     def to_env(self) -> dict[str, str]:
         env = {self.RUN_DIR: self.run_dir, self.PROFILE: self.profile, self.PUE: f"{self.pue:g}"}
+        if self.device:
+            env[self.DEVICE] = self.device
         if self.peak_tflops is not None:
             env[self.PEAK_TFLOPS] = f"{self.peak_tflops:g}"
         if self.country:
@@ -135,6 +139,7 @@ class JobEnv:
             peak_tflops=_positive(env.get(cls.PEAK_TFLOPS, "")),
             country=env.get(cls.COUNTRY) or None,
             pue=_positive(env.get(cls.PUE, "")) or 1.0,
+            device=env.get(cls.DEVICE, ""),
         )
 
 
@@ -143,7 +148,9 @@ EXIT_COMM_ERROR = 75
 
 # Knobs of the trainer alone (set by a user or a test, never by clusterctl).
 ENERGY_FLUSH_S = "VLTRAIN_ENERGY_FLUSH_S"  # seconds between energy flushes (default 60)
-DIST_TIMEOUT_S = "VLTRAIN_DIST_TIMEOUT_S"  # how long a collective waits for a lost peer (default 1800)
+DIST_TIMEOUT_S = "VLTRAIN_DIST_TIMEOUT_S"  # how long a collective waits for a lost peer before step 1 (1800)
+STEP_DIST_TIMEOUT_S = "VLTRAIN_STEP_DIST_TIMEOUT_S"  # the same once steps run (default 600): a lost peer shows sooner
+STALL_TIMEOUT_S = "VLTRAIN_STALL_TIMEOUT_S"  # no optimizer step for this long: exit 75, requeue (default 1800)
 
 
 def _positive(raw: str) -> float | None:

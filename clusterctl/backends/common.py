@@ -42,16 +42,27 @@ def trainer_env(profile: ClusterProfile, run_dir: Path) -> dict[str, str]:
         peak_tflops=profile.gpu.peak_bf16_tflops,
         country=profile.site.country_iso,
         pue=profile.site.pue,
+        device=profile.gpu.kind,
     ).to_env()
-    if profile.gpu.kind == "cpu":
-        threads = max(1, profile.nodes.cpus_per_node // profile.nodes.gpus_per_node)
-        env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}
+    cpus = cpus_per_task(profile)
+    # DeepSpeed's accelerator from the profile, never from the submitting shell (sbatch exports it);
+    # OpenMP threads = the CPUs of the task, not the node's (torch would start one per core of the node).
+    env |= {"DS_ACCELERATOR": profile.gpu.kind, "OMP_NUM_THREADS": str(cpus)}
+    if profile.executor == "slurm":
+        # Slurm 22.05-23.02 do not pass sbatch's --cpus-per-task on to srun: without this, each task
+        # of the step gets one CPU (and its data-loader workers share it).
+        env["SRUN_CPUS_PER_TASK"] = str(cpus)
     for k, v in env.items():  # defence in depth: nothing that reaches the script can break a line
         if not re.fullmatch(ENV_NAME, k) or not re.fullmatch(SAFE_VALUE, v):
             raise UserError(
                 f"environment: {k}={v!r} is not allowed; allowed: names matching {ENV_NAME}, values without quotes, $, ` or newlines"
             )
     return env
+
+
+def cpus_per_task(profile: ClusterProfile) -> int:
+    """CPUs of one rank: the node's, shared by its tasks (one per GPU)."""
+    return max(1, profile.nodes.cpus_per_node // profile.nodes.gpus_per_node)
 
 
 def setup_lines(env: dict[str, str]) -> list[str]:

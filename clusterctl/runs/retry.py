@@ -3,7 +3,8 @@
 Slurm requeues a job itself on time-out and preemption (submitit's checkpoint + requeue) and on node
 failure (`--requeue`). What is left is a job that ended FAILED or NODE_FAIL for a cluster reason:
 a node that died under it (NODE_FAIL, or killed by SIGKILL/SIGTERM outside a time-out: exit
-137/143 or signal 9/15) or the trainer's own "lost the rendezvous / communicator" exit code 75.
+137/143 or signal 9/15), NCCL's watchdog aborting a broken communicator (SIGABRT: exit 134 or
+signal 6), or the trainer's own "lost a peer / no step for too long" exit code 75.
 Those are resubmitted, up to the run's --max-retries, as a new job that resumes from the newest
 complete checkpoint (clusterctl.runs.lifecycle.reconcile does it); any other failure is the user's
 code and is left alone.
@@ -15,9 +16,11 @@ from clusterctl.specs import JobRecord, RunRecord, RunState
 from vltrain.rundir import EXIT_COMM_ERROR
 
 # Exit codes that mean "the cluster failed, not the code". 137/143: killed by SIGKILL/SIGTERM outside
-# a time-out (node reboot, OOM-killer on a sick node); 75 (EX_TEMPFAIL): the trainer lost a peer.
-CLUSTER_EXIT_CODES = (EXIT_COMM_ERROR, 137, 143)
-CLUSTER_SIGNALS = (9, 15)
+# a time-out (node reboot, OOM-killer on a sick node); 134 / signal 6: SIGABRT, which NCCL's watchdog
+# raises when a collective times out or the communicator breaks (a dead peer, a flapping link);
+# 75 (EX_TEMPFAIL): the trainer lost a peer or stalled (its own watchdog).
+CLUSTER_EXIT_CODES = (EXIT_COMM_ERROR, 134, 137, 143)
+CLUSTER_SIGNALS = (6, 9, 15)
 
 
 def cluster_failure(job: JobRecord) -> bool:

@@ -155,11 +155,13 @@ class SlurmBackend(Backend):
             "nodes": n.count,
             "ntasks_per_node": n.gpus_per_node,
             "gpus_per_node": n.gpus_per_node,
-            "cpus_per_task": max(1, n.cpus_per_node // n.gpus_per_node),
+            "cpus_per_task": common.cpus_per_task(profile),
             "mem": f"{n.memory_gib}GB",
             "time": max(1, int(profile.time_limit_min or 1)),
             "signal_delay_s": s.signal_delay_s,
             "setup": common.setup_lines(env),
+            # one rank that dies takes the step down with it: the others would wait for NCCL's timeout
+            "srun_args": ["--kill-on-bad-exit=1"],
             "additional_parameters": {"requeue": True} | ({"hold": True} if hold else {}) | dict(s.extra),
         }
         for key in ("partition", "account", "qos", "constraint"):

@@ -1,0 +1,64 @@
+"""The trainer's own collectives (stop flags, log sums, the stop decision, barriers), on the right device.
+
+An NCCL process group has no CPU backend: a CPU tensor in `all_reduce` fails with "No backend type
+associated with device type cpu" on every attempt, and it is not a cluster failure that a retry
+fixes. So every collective the trainer itself issues goes through `Collectives`, bound once to the
+device its process group communicates on (the rank's GPU under NCCL, the CPU under gloo), which
+moves tensors there and results back. DeepSpeed's own collectives are DeepSpeed's business.
+`tests/test_collectives.py` checks that no other trainer module calls torch.distributed directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def comm_device(backend: str, local_rank: int = 0) -> torch.device:
+    """The device a process group of `backend` communicates on (pure): NCCL needs the rank's GPU."""
+    if backend == "nccl":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return torch.device("cuda", local_rank % count if count else 0)
+    return torch.device("cpu")
+
+
+class Collectives:
+    """Collectives over the default process group, every tensor placed on `device` first."""
+
+    def __init__(self, device: torch.device, world_size: int) -> None:
+        self.device = torch.device(device)
+        self.world_size = world_size
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, returned on the caller's device (with one rank: `t` itself)."""
+        if not self.active:
+            return t
+        on = t.to(self.device)
+        dist.all_reduce(on)
+        return on.to(t.device)
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if not self.active:
+            return t
+        on = t.to(self.device)
+        dist.broadcast(on, src=src)
+        return on.to(t.device)
+
+    def broadcast_objects(self, objects: list[Any], src: int = 0) -> list[Any]:
+        """Picklable objects from `src` to every rank (in place, like torch's), through `device`."""
+        if self.active:
+            dist.broadcast_object_list(objects, src=src, device=self.device)
+        return objects
+
+    def barrier(self) -> None:
+        if self.active:
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index or 0])
+            else:
+                dist.barrier()
