@@ -79,6 +79,28 @@ def base() -> ModelConfig:
     )
 
 
+def large() -> ModelConfig:
+    """~1.0B parameters for one GPU: ViT-L/14 (Dosovitskiy et al. 2021; 304M) with a 24 + 4 fusion
+    block text encoder and a 4-block decoder of width 1280. The model of bench/gpu_check.py: big
+    enough that one H100 runs it at the MFU a real run would see, small enough to train on one GPU."""
+    return ModelConfig(
+        name="large",
+        image_size=224,
+        patch_size=14,
+        vision_width=1024,
+        vision_layers=24,
+        vision_heads=16,
+        text_width=1280,
+        text_layers=24,
+        fusion_layers=4,
+        text_heads=16,
+        decoder_layers=4,
+        vocab_size=32000,
+        max_text_len=77,
+        embed_dim=512,
+    )
+
+
 def vl_seed000() -> ModelConfig:
     """Seed 000: a pre-trained image encoder, cross-attention fusion and a text decoder; 224 px and a
     SentencePiece vocabulary of 64,000 (from the seed). The seed states no size: ours is `base`
@@ -217,6 +239,7 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny,
     "small": small,
     "base": base,
+    "large": large,
     "vl-seed000": vl_seed000,
     "crossmodal-xl": crossmodal_xl,
     "vl-30b": vl_30b,
