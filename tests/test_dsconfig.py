@@ -117,3 +117,13 @@ def test_bf16_accumulation_error_measured():
     (bf16_4, fp32_4), (bf16_16, fp32_16) = errors[4], errors[16]
     assert 4e-3 < bf16_16 < 6e-3 and 1e-3 < fp32_16 < 1.6e-3 and bf16_16 / fp32_16 > 3
     assert bf16_16 > bf16_4 and fp32_16 <= fp32_4
+
+
+def test_zero_0_keeps_deepspeeds_bf16_accumulation():
+    """DeepSpeed has no fp32 gradient accumulation without ZeRO (its NotImplementedError for bf16
+    params with an fp32 grad_accum_dtype at stage 0): the config leaves it out there."""
+    d = deepspeed_config(TrainConfig(model="tiny", precision="bf16", zero_stage=0), 2, 2, 1, device="cuda")
+    assert "data_types" not in d and "communication_data_type" not in d
+    assert _ds(d).zero_optimization_stage == 0
+    d1 = deepspeed_config(TrainConfig(model="tiny", precision="bf16", zero_stage=1), 2, 2, 1, device="cuda")
+    assert d1["data_types"] == {"grad_accum_dtype": "fp32"}

@@ -105,7 +105,7 @@ def test_bad_slurm_times(text):
         slurm_time_to_minutes(text)
 
 
-ALLOWED_TOP = "allowed: name, description, executor, nodes, gpu, interconnect, site, slurm, seed, recipe"
+ALLOWED_TOP = "allowed: name, description, executor, nodes, gpu, interconnect, site, slurm, storage, seed, recipe"
 MALFORMED = [
     (
         "unknown site key",
@@ -216,6 +216,31 @@ MALFORMED = [
         "slurm: missing; allowed: a [slurm] table with at least time_limit (executor = 'slurm')",
     ),
     ("toml syntax", "count = 2", "count = = 2", None),
+    (
+        "unknown storage key",
+        "pue = 1.1\n",
+        "pue = 1.1\n[storage]\nwrite_gbps = 5\n",
+        "storage.write_gbps: unknown key; allowed: write_gb_s_per_node, write_gb_s_total",
+    ),
+    (
+        "zero storage bandwidth",
+        "pue = 1.1\n",
+        "pue = 1.1\n[storage]\nwrite_gb_s_per_node = 0\n",
+        "storage.write_gb_s_per_node: 0 is out of range; allowed: a number from 0.001 to 10000",
+    ),
+    (
+        "unknown interconnect key",
+        'inter_node = "infiniband"',
+        'inter_node = "infiniband"\ninter_node_gbps = 200',
+        "interconnect.inter_node_gbps: unknown key; allowed: intra_node, inter_node, ib_hcas, socket_ifname, "
+        "intra_node_gb_s, inter_node_gb_s, env",
+    ),
+    (
+        "negative fabric bandwidth",
+        'inter_node = "infiniband"',
+        'inter_node = "infiniband"\ninter_node_gb_s = -1',
+        "interconnect.inter_node_gb_s: -1 is out of range; allowed: a number from 0.01 to 100000",
+    ),
 ]
 
 
@@ -262,3 +287,22 @@ def test_lookup_by_env_dir_and_by_path(tmp_path: Path, monkeypatch):
 def test_unknown_profile_lists_known_ones():
     with pytest.raises(UserError, match=r"--profile: no profile named 'nope'; allowed: .*a100x64"):
         load_profile("nope")
+
+
+def test_storage_and_fabric_bandwidths_are_optional_with_documented_defaults(tmp_path: Path):
+    """Every shipped profile stays valid without them; a profile may state its own."""
+    path = tmp_path / "bad.toml"
+    path.write_text(BASE)
+    p = read_profile(path)
+    assert (p.storage.write_gb_s_per_node, p.storage.write_gb_s_total) == (2.0, None)
+    assert (p.interconnect.intra_node_gb_s, p.interconnect.inter_node_gb_s) == (None, None)
+    path.write_text(
+        BASE.replace('inter_node = "infiniband"', 'inter_node = "infiniband"\ninter_node_gb_s = 100')
+        + "\n[storage]\nwrite_gb_s_per_node = 10\nwrite_gb_s_total = 40\n"
+    )
+    p = read_profile(path)
+    assert (p.interconnect.inter_node_gb_s, p.storage.write_gb_s_per_node, p.storage.write_gb_s_total) == (
+        100.0,
+        10.0,
+        40.0,
+    )

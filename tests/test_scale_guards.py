@@ -96,15 +96,16 @@ def test_under_nccl_the_helper_is_bound_to_the_ranks_gpu(monkeypatch):
 
 # --- 2. the model is built where it trains, never in host memory ---------------------------------------
 def test_a_30b_model_is_built_on_the_meta_device_without_host_memory():
-    """build_model(device=...) creates parameters on the target device: on the meta device the 30.5B
-    crossmodal-xl allocates nothing (built on the CPU it would take 114 GiB per rank)."""
+    """build_model(device=...) creates parameters on the target device, in the training dtype: on the
+    meta device the 30.5B crossmodal-xl allocates nothing (built on the CPU it would take 114 GiB per
+    rank, 912 GiB per node of 8, against the profile's 1000 GiB)."""
     code = (
         "import resource, time, torch; from vltrain.config import TrainConfig; from vltrain.engine import build_model\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; t = time.time()\n"
         "m = build_model(TrainConfig(model='crossmodal-xl'), torch.device('meta'))\n"
-        "n = sum(p.numel() for p in m.parameters()); devices = {p.device.type for p in m.parameters()}\n"
+        "n = sum(p.numel() for p in m.parameters()); devices = {(p.device.type, str(p.dtype)) for p in m.parameters()}\n"
         "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
-        "print(n, sorted(devices), grown, time.time() - t)"
+        "print(n, str(sorted(devices)).replace(' ', ''), grown, time.time() - t)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -112,7 +113,8 @@ def test_a_30b_model_is_built_on_the_meta_device_without_host_memory():
     from vltrain.model_math import param_count
     from vltrain.presets import get_preset
 
-    assert int(n) == param_count(get_preset("crossmodal-xl")) and devices == "['meta']"
+    # born in bf16 (the run's precision): 57 GiB of weights, where fp32 would not fit an 80 GiB GPU
+    assert int(n) == param_count(get_preset("crossmodal-xl")) and devices == "[('meta','torch.bfloat16')]"
     assert int(grown_kib) < 512 * 1024, f"the build grew the process by {int(grown_kib) / 1024:.0f} MiB"
     assert float(seconds) < 120
 
@@ -317,3 +319,22 @@ def test_zero_3_is_refused_by_the_trainer_in_one_line(tmp_path):
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("error: zero_stage: 3 is planned but not run by the trainer yet")
+
+
+def test_the_profile_sets_the_collective_timeouts_and_the_stall_limit(tmp_path):
+    from clusterctl.backends import get_backend
+    from clusterctl.planning.profiles import builtin_dir, read_profile
+
+    src = (builtin_dir() / "a100x64.toml").read_text()
+    prof_path = tmp_path / "a100x64.toml"
+    prof_path.write_text(src.replace("[slurm]\n", "[slurm]\ncollective_timeout_s = 120\nstall_timeout_s = 900\n"))
+    prof = read_profile(prof_path)
+    env = get_backend("slurm").launch_spec(prof, Path("/scratch/r"), "n").env
+    assert (env["VLTRAIN_DIST_TIMEOUT_S"], env["VLTRAIN_STEP_DIST_TIMEOUT_S"], env["VLTRAIN_STALL_TIMEOUT_S"]) == (
+        "1800",
+        "120",
+        "900",
+    )
+    prof_path.write_text(src.replace("[slurm]\n", "[slurm]\ncollective_timeout_s = 5\n"))
+    with pytest.raises(Exception, match="slurm.collective_timeout_s: 5 is out of range"):
+        read_profile(prof_path)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from vltrain.common.errors import UserError
+from vltrain.rundir import JobEnv
 
 PORT_BASE, PORT_SPAN = 20000, 20000  # rendezvous ports derived from the job id fall in [20000, 40000)
 
@@ -123,7 +124,7 @@ def resolve_device(wanted: str, cuda_available: bool, host: str = "") -> str:
     silently training a 30B model on CPU over gloo is not a fallback anyone wants."""
     if wanted == "cuda" and not cuda_available:
         raise UserError(
-            f"VLTRAIN_DEVICE: cuda (the profile has GPUs) but CUDA is not available{' on ' + host if host else ''}; "
+            f"{JobEnv.DEVICE}: cuda (the profile has GPUs) but CUDA is not available{' on ' + host if host else ''}; "
             "allowed: a node with GPUs and a CUDA build of torch, or a profile with gpu.kind = 'cpu'"
         )
     if wanted in ("cuda", "cpu"):

@@ -64,7 +64,9 @@ def deepspeed_config(
                 "allgather_bucket_size": bucket,
             }
         )
-    mixed = cfg.precision in ("bf16", "fp16")
+    # DeepSpeed accumulates in fp32 only under ZeRO (stage 0 with bf16 and fp32 accumulation is its
+    # NotImplementedError): at stage 0 it stays bf16, which the planner's memory model knows
+    mixed = cfg.precision in ("bf16", "fp16") and cfg.zero_stage >= 1
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,

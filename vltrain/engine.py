@@ -8,6 +8,7 @@ handed to deepspeed.initialize so that DeepSpeed steps, clips and checkpoints th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from datetime import timedelta
@@ -78,12 +79,26 @@ def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> nn.Modu
     from vltrain.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
 
     torch.manual_seed(cfg.seed)
-    with torch.device(device):
+    device = torch.device(device)
+    # off the CPU the weights are born in the training dtype: a 30.5B model is 114 GiB in fp32, more
+    # than an 80 GiB GPU holds, and DeepSpeed casts it to bf16 anyway (on the CPU: fp32, then cast)
+    dtype = compute_dtype(cfg) if device.type != "cpu" else torch.float32
+    with torch.device(device), _default_dtype(dtype):
         model = VLModel(
             resolve_model(cfg.model), cfg.loss, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, mask_id=MASK_ID
         )
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     return model
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
 
 
 def build_engine(

@@ -20,7 +20,7 @@ from typing import Any
 from clusterctl.planning.profiles import ENV_NAME, SAFE_VALUE, SLURM_NAME, SLURM_NAME_DOC, ClusterProfile, comm_env
 from clusterctl.specs import LaunchSpec
 from vltrain.common.errors import UserError
-from vltrain.rundir import JobEnv, RunDir
+from vltrain.rundir import DIST_TIMEOUT_S, STALL_TIMEOUT_S, STEP_DIST_TIMEOUT_S, JobEnv, RunDir
 
 
 def check_job_name(name: str) -> str:
@@ -48,10 +48,16 @@ def trainer_env(profile: ClusterProfile, run_dir: Path) -> dict[str, str]:
     # DeepSpeed's accelerator from the profile, never from the submitting shell (sbatch exports it);
     # OpenMP threads = the CPUs of the task, not the node's (torch would start one per core of the node).
     env |= {"DS_ACCELERATOR": profile.gpu.kind, "OMP_NUM_THREADS": str(cpus)}
-    if profile.executor == "slurm":
+    if profile.executor == "slurm" and profile.slurm is not None:
         # Slurm 22.05-23.02 do not pass sbatch's --cpus-per-task on to srun: without this, each task
         # of the step gets one CPU (and its data-loader workers share it).
         env["SRUN_CPUS_PER_TASK"] = str(cpus)
+        s = profile.slurm  # when a peer counts as lost: NCCL's time-out before and after step 1, the stall watchdog
+        env |= {
+            DIST_TIMEOUT_S: str(s.startup_timeout_s),
+            STEP_DIST_TIMEOUT_S: str(s.collective_timeout_s),
+            STALL_TIMEOUT_S: str(s.stall_timeout_s),
+        }
     for k, v in env.items():  # defence in depth: nothing that reaches the script can break a line
         if not re.fullmatch(ENV_NAME, k) or not re.fullmatch(SAFE_VALUE, v):
             raise UserError(

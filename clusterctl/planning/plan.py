@@ -1,8 +1,11 @@
 """A run's plan: how the global batch splits over the cluster, whether it fits, what a step costs (pure).
 
 `make_plan` is what `clusterctl plan` prints and what `submit` stores with the run: the batch split
-(vltrain.batching), the per-GPU memory under ZeRO (clusterctl.planning.memory), the model's size and FLOPs
-(vltrain.model_math) and the DeepSpeed config the trainer will use (vltrain.dsconfig). No I/O.
+(vltrain.batching), the per-GPU and per-node host memory under ZeRO (clusterctl.planning.memory), the
+model's size and FLOPs (vltrain.model_math), the step's communication under the DeepSpeed config the
+trainer will use (clusterctl.planning.comm, vltrain.dsconfig), the other ZeRO layouts of the same global
+batch that would be faster, and the checkpoint's write time against Slurm's signal delay
+(clusterctl.planning.checkpoint). No I/O.
 """
 
 from __future__ import annotations
@@ -11,7 +14,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from clusterctl.planning.memory import MemoryBreakdown, breakdown, max_micro_batch
+from clusterctl.planning import comm
+from clusterctl.planning.checkpoint import CheckpointTime, checkpoint_time
+from clusterctl.planning.memory import (
+    GIB,
+    HostMemory,
+    MemoryBreakdown,
+    breakdown,
+    host_memory,
+    loader_workers,
+    max_micro_batch,
+)
 from clusterctl.planning.profiles import ClusterProfile
 from vltrain.batching import FIELDS as BATCH_FIELDS
 from vltrain.batching import BatchSplit, divisors, split_batch
@@ -19,7 +32,8 @@ from vltrain.common.errors import FieldError, UserError
 from vltrain.config import TrainConfig
 from vltrain.model_config import ModelConfig
 
-DEFAULT_MFU = 0.40  # model FLOPs utilisation assumed for estimates; typical of well-tuned A100/H100 runs
+DEFAULT_MFU = 0.40  # model FLOPs utilisation of the compute alone; typical of well-tuned A100/H100 runs
+FASTER_BY = 1.05  # another layout is named faster only when it saves 5%: the models are not finer than that
 
 
 def train_flops_per_sample(model: ModelConfig, activation_checkpointing: bool) -> float:
@@ -32,6 +46,24 @@ def train_flops_per_sample(model: ModelConfig, activation_checkpointing: bool) -
     from vltrain.model_math import forward_flops_per_sample
 
     return (4.0 if activation_checkpointing else 3.0) * forward_flops_per_sample(model)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Another ZeRO stage for the same global batch, with the largest micro batch that fits in GPU memory."""
+
+    zero_stage: int
+    micro_batch: int
+    accumulation: int
+    compute_s: float
+    communication_s: float
+    exposed_communication_s: float
+    total_s: float
+    speedup: float  # the plan's total_s / this one's
+    trainer_runs: bool = True  # False: vltrain.support says the trainer does not run this ZeRO stage yet
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -49,15 +81,40 @@ class Plan:
     max_micro_batch: int
     flops_per_sample: float
     peak_tflops_per_gpu: float
+    host: HostMemory
+    comm: comm.StepComm
+    fabric: comm.Fabric
+    checkpoint: CheckpointTime
+    alternatives: tuple[Layout, ...] = ()
 
     def step_time_s(self, mfu: float = DEFAULT_MFU) -> float:
-        """Seconds per optimizer step at `mfu` of the profile's bf16 peak."""
+        """Seconds of compute per optimizer step at `mfu` of the profile's bf16 peak (no communication)."""
         flops = self.flops_per_sample * self.split.global_batch
         return flops / (self.world_size * self.peak_tflops_per_gpu * 1e12 * mfu)
 
+    def total_step_s(self) -> float:
+        """Compute plus the communication that compute does not hide."""
+        return self.step_time_s() + self.comm.exposed_s
+
+    def mfu_expected(self) -> float:
+        """Model FLOPs over (GPUs x peak x total step time): DEFAULT_MFU lowered by exposed communication."""
+        return DEFAULT_MFU * self.step_time_s() / self.total_step_s()
+
+    def faster_layout(self) -> Layout | None:
+        """The layout to suggest: among those faster than this one by FASTER_BY, the lowest ZeRO stage
+        (then the fewest accumulation steps) within FASTER_BY of the fastest. Why not simply the
+        fastest: the bandwidth model leaves out per-collective latency, which ZeRO-3's per-layer
+        gathers pay most, so a near tie goes to the simpler layout. None when no layout is faster."""
+        faster = [a for a in self.alternatives if a.speedup >= FASTER_BY]
+        if not faster:
+            return None
+        best = min(a.total_s for a in faster)
+        return min((a for a in faster if a.total_s <= best * FASTER_BY), key=lambda a: (a.zero_stage, a.accumulation))
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON of `clusterctl plan --json` (scripts depend on these key names)."""
+        """The JSON of `clusterctl plan --json` (scripts depend on these key names: extend, never rename)."""
         s = self.split
+        faster = self.faster_layout()
         return {
             "profile": self.profile,
             "model": self.model,
@@ -77,6 +134,18 @@ class Plan:
             "flops_per_sample": self.flops_per_sample,
             "mfu_assumed": DEFAULT_MFU,
             "step_time_s": round(self.step_time_s(), 4),
+            "host_memory": self.host.to_dict(),
+            "step_time": {
+                "compute_s": round(self.step_time_s(), 4),
+                "communication_s": round(self.comm.communication_s, 4),
+                "exposed_communication_s": round(self.comm.exposed_s, 4),
+                "total_s": round(self.total_step_s(), 4),
+            },
+            "mfu_expected": round(self.mfu_expected(), 4),
+            "communication": self.comm.to_dict() | {"fabric": self.fabric.to_dict()},
+            "alternatives": [a.to_dict() for a in self.alternatives],
+            "faster_layout": faster.to_dict() if faster else None,
+            "checkpoint": self.checkpoint.to_dict(),
         }
 
 
@@ -90,6 +159,21 @@ def _degree(name: str, value: int, world: int) -> int:
     return value
 
 
+def _deepspeed(cfg: TrainConfig, stage: int, split: BatchSplit, world: int, device: str, params: int):
+    """The communication settings of the DeepSpeed config the trainer would build for this layout."""
+    from vltrain.dsconfig import deepspeed_config
+
+    ds = deepspeed_config(
+        dataclasses.replace(cfg, zero_stage=stage),
+        split.micro_batch,
+        split.accumulation,
+        world,
+        device=device,
+        params=params,
+    )
+    return comm.from_deepspeed_config(ds)
+
+
 def make_plan(
     profile: ClusterProfile,
     model: ModelConfig,
@@ -101,14 +185,18 @@ def make_plan(
     activation_checkpointing: bool = False,
     tp: int = 1,
     pp: int = 1,
+    train_config: TrainConfig | None = None,
 ) -> Plan:
     """Split the batch and size the memory; without fixed values take the largest micro batch that fits.
 
     A fixed micro batch (or accumulation) that does not fit is a UserError naming those that do.
     When not even a micro batch of 1 fits, the plan is still returned with `memory.fits = False` so
-    the caller can show the breakdown (submit refuses it, see `require_fit`).
+    the caller can show the breakdown (submit refuses it, see `require_fit`). `train_config` gives the
+    settings that shape the DeepSpeed config and the data loader (precision, data.workers); without it,
+    the defaults.
     """
-    from vltrain.model_math import activation_bytes_per_sample, param_count
+    from vltrain.model_math import activation_bytes_per_sample, largest_layer_params, param_count
+    from vltrain.support import not_run_yet
 
     if zero_stage not in (0, 1, 2, 3):
         raise FieldError(f"zero_stage: {zero_stage} is not valid; allowed: 0, 1, 2, 3", PLAN_FIELDS)
@@ -118,13 +206,74 @@ def make_plan(
     dp = world // (tp * pp)
     params = param_count(model)
     act = activation_bytes_per_sample(model, activation_checkpointing)
-    mem_args = dict(zero_stage=zero_stage, data_parallel=dp, capacity_gib=profile.gpu.memory_gib, tp=tp, pp=pp)
-    limit = max_micro_batch(params, act, **mem_args)
+    mem_args = dict(data_parallel=dp, capacity_gib=profile.gpu.memory_gib, tp=tp, pp=pp)
+    limit = max_micro_batch(params, act, zero_stage=zero_stage, **mem_args)
     if limit == 0:  # not even a micro batch of 1 fits: split as asked (or by 1) and let the breakdown say so
         split = split_batch(global_batch, dp, micro_batch or (None if accumulation else 1), accumulation)
     else:
         split = split_batch(global_batch, dp, micro_batch, accumulation, max_micro_batch=limit)
-    mem = breakdown(params, act, split.micro_batch, **mem_args)
+    mem = breakdown(params, act, split.micro_batch, zero_stage=zero_stage, **mem_args)
+
+    cfg = train_config or TrainConfig(zero_stage=zero_stage, activation_checkpointing=activation_checkpointing)
+    cuda = profile.gpu.kind == "cuda"
+    device = "cuda" if cuda else "cpu"
+    param_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
+    flops = train_flops_per_sample(model, activation_checkpointing)
+    compute_s = flops * global_batch / (world * profile.gpu.peak_bf16_tflops * 1e12 * DEFAULT_MFU)
+    fab = comm.fabric(profile)
+    backward = comm.BACKWARD_SHARE_RECOMPUTE if activation_checkpointing else comm.BACKWARD_SHARE
+
+    def step_comm(stage: int, s: BatchSplit) -> comm.StepComm:
+        ds = _deepspeed(cfg, stage, s, world, device, params)
+        return comm.step_comm(params / (tp * pp), stage, dp, s.accumulation, compute_s, fab, ds, backward)
+
+    step = step_comm(zero_stage, split)
+    total_s = compute_s + step.exposed_s
+    nodes = profile.nodes
+    host = host_memory(
+        params,
+        largest_layer_params(model),
+        zero_stage=zero_stage,
+        data_parallel=dp,
+        gpus_per_node=nodes.gpus_per_node,
+        capacity_gib=nodes.memory_gib,
+        workers=loader_workers(cfg.data.workers, cuda, nodes.cpus_per_node, nodes.gpus_per_node),
+        cuda=cuda,
+        model_on_host_bytes=0.0 if cuda else (mem.total_gib - mem.buffers_gib) * GIB,
+        tp=tp,
+        pp=pp,
+        param_bytes=param_bytes,
+    )
+    ckpt = checkpoint_time(profile, params, zero_stage, dp, total_s, tp * pp, param_bytes)
+
+    alternatives = []
+    for stage in (0, 1, 2, 3):
+        if stage == 3 and not cuda:  # plan_for_run refuses ZeRO-3 on CPU profiles
+            continue
+        stage_limit = limit if stage == zero_stage else max_micro_batch(params, act, zero_stage=stage, **mem_args)
+        if stage_limit == 0:
+            continue
+        alt = split_batch(global_batch, dp, max_micro_batch=stage_limit)
+        if (stage, alt.micro_batch) == (zero_stage, split.micro_batch):
+            continue
+        if comm.deepspeed_refuses(stage, _deepspeed(cfg, stage, alt, world, device, params)):
+            continue
+        c = step_comm(stage, alt)
+        t = compute_s + c.exposed_s
+        runs = not any(x.startswith("zero_stage:") for x in not_run_yet(dataclasses.replace(cfg, zero_stage=stage)))
+        alternatives.append(
+            Layout(
+                stage,
+                alt.micro_batch,
+                alt.accumulation,
+                compute_s,
+                c.communication_s,
+                c.exposed_s,
+                t,
+                total_s / t,
+                runs,
+            )
+        )
     return Plan(
         profile=profile.name,
         model=model.name,
@@ -137,8 +286,13 @@ def make_plan(
         params=params,
         memory=mem,
         max_micro_batch=limit,
-        flops_per_sample=train_flops_per_sample(model, activation_checkpointing),
+        flops_per_sample=flops,
         peak_tflops_per_gpu=profile.gpu.peak_bf16_tflops,
+        host=host,
+        comm=step,
+        fabric=fab,
+        checkpoint=ckpt,
+        alternatives=tuple(sorted(alternatives, key=lambda a: a.total_s)),
     )
 
 
@@ -173,6 +327,7 @@ def plan_for_run(profile: ClusterProfile, cfg: TrainConfig) -> tuple[Plan, Train
         activation_checkpointing=cfg.activation_checkpointing,
         tp=cfg.parallel.tp,
         pp=cfg.parallel.pp,
+        train_config=cfg,
     )
     filled = dataclasses.replace(
         cfg, model=model, micro_batch=plan.split.micro_batch, accumulation=plan.split.accumulation

@@ -145,6 +145,20 @@ class Interconnect:
         pattern=r"[A-Za-z0-9_.^,=\-]{1,64}",
         allowed="an interface name list such as 'ib0' or '^lo,docker'",
     )
+    intra_node_gb_s: float | None = field(
+        "GPU-to-GPU bandwidth inside a node in GB/s (bytes), per GPU and direction; "
+        "default from intra_node and the GPU (docs/planning.md)",
+        default=None,
+        min=0.1,
+        max=100_000,
+    )
+    inter_node_gb_s: float | None = field(
+        "bandwidth between nodes in GB/s (bytes), per node and direction, all NICs together "
+        "(8 x 200 Gb/s = 200); default from inter_node and the GPU (docs/planning.md)",
+        default=None,
+        min=0.01,
+        max=100_000,
+    )
     env: dict[str, str] = field(
         "extra environment for every rank",
         default_factory=dict,
@@ -169,11 +183,45 @@ class Slurm:
         "seconds before the limit at which USR2 asks for a checkpoint", default=120, min=10, max=3600
     )
     exclusive: bool = field("whole nodes", default=True)
+    # How long the trainer waits before it calls a peer lost (exit 75: clusterctl requeues the run).
+    startup_timeout_s: int = field(
+        "collective time-out until the first step (rendezvous, model build, checkpoint load)",
+        default=1800,
+        min=60,
+        max=86400,
+    )
+    collective_timeout_s: int = field(
+        "collective (NCCL) time-out once steps run: a lost peer shows this fast", default=600, min=30, max=86400
+    )
+    stall_timeout_s: int = field(
+        "no optimizer step for this long on a rank (hung outside a collective): exit 75",
+        default=1800,
+        min=60,
+        max=86400,
+    )
     extra: dict[str, str] = field(
         "more sbatch long options",
         default_factory=dict,
         check=_check_extra,
         allowed=f"option = value with option a lower-case sbatch long option not managed by clusterctl, values of {SAFE_VALUE_DOC}",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Storage:
+    """Where checkpoints go (the run directory's filesystem): how fast a node can write to it.
+
+    The planner compares the time to write a checkpoint with slurm.signal_delay_s
+    (clusterctl.planning.checkpoint); the defaults are deliberately modest (docs/planning.md)."""
+
+    write_gb_s_per_node: float = field(
+        "checkpoint write bandwidth of one node to the run directory's filesystem, GB/s (bytes)",
+        default=2.0,
+        min=0.001,
+        max=10_000,
+    )
+    write_gb_s_total: float | None = field(
+        "the filesystem's aggregate write bandwidth, GB/s (none: the nodes' sum)", default=None, min=0.001, max=1e6
     )
 
 
@@ -200,6 +248,9 @@ class ClusterProfile:
     interconnect: Interconnect = field()
     site: Site = field()
     slurm: Slurm | None = field("Slurm settings (required with executor = 'slurm')", default=None)
+    storage: Storage = field(
+        "the checkpoint filesystem (optional; defaults in docs/planning.md)", default_factory=Storage
+    )
     seed: str | None = field(
         "the seed setup this profile reproduces", default=None, pattern=r"[0-9]{3}", allowed="a three-digit seed number"
     )

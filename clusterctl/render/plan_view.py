@@ -27,6 +27,7 @@ def print_plan(d: dict) -> None:
     for label, key in (
         ("bf16 parameters", "params_gib"),
         ("bf16 gradients", "grads_gib"),
+        ("fp32 gradient accumulation", "grad_accum_gib"),
         ("fp32 master + Adam m, v", "optimizer_gib"),
         (f"activations ({d['micro_batch']} x {m['activations_per_sample_gib']:.3f})", "activations_gib"),
         ("CUDA/NCCL context + DeepSpeed buckets", "buffers_gib"),
@@ -38,12 +39,73 @@ def print_plan(d: dict) -> None:
     if m["fits"]:
         output.console.print(
             f"[green]fits[/green]: largest micro batch that fits is {d['max_micro_batch']}; "
-            f"about {d['step_time_s']:.2f} s per optimizer step at {d['mfu_assumed']:.0%} MFU"
+            f"about {d['step_time_s']:.2f} s of compute per optimizer step at {d['mfu_assumed']:.0%} MFU"
         )
     else:
         output.console.print(
             "[red]does not fit[/red]: try a higher --zero-stage, --activation-checkpointing, --tp/--pp or more GPUs"
         )
+    if "step_time" in d:
+        print_scale(d)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def print_scale(d: dict) -> None:
+    """Host memory per node, step time with communication, a faster layout, checkpoint time: one line each."""
+    h, t, c, k = d["host_memory"], d["step_time"], d["communication"], d["checkpoint"]
+    say = output.console.print
+    verdict = "[green]fits[/green]" if h["fits"] else "[red]does not fit[/red]"
+    if h["resume_gib"] >= h["deepspeed_staged_gib"]:
+        staged = f"optimizer shard {h['resume_gib']:.1f}"
+    else:
+        staged = f"DeepSpeed staging {h['deepspeed_staged_gib']:.1f}"
+    parts = [staged, f"process {h['process_gib']:.1f}"]
+    if h["loader_workers"]:
+        parts.append(f"{h['loader_workers']} data-loader workers {h['workers_gib']:.1f}")
+    if h["model_on_host_gib"]:
+        parts.append(f"model on the CPU {h['model_on_host_gib']:.1f}")
+    shared = f" + {h['shared_gib']:.1f} GiB of 16-bit weights once (checkpoint)" if h["shared_gib"] else ""
+    say(
+        f"host memory: {verdict} {h['per_node_gib']:,.0f} of {h['capacity_gib']:,g} GiB per node = "
+        f"{h['ranks_per_node']} x {h['per_rank_gib']:.1f} GiB per rank ({', '.join(parts)}){shared}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    say(
+        f"step time: {t['compute_s']:.2f} s compute + {t['exposed_communication_s']:.2f} s communication not "
+        f"hidden (of {t['communication_s']:.2f} s at {c['bus_gb_s']:g} GB/s, overlap "
+        f"{'on' if c['overlap_comm'] else 'off'}) = {t['total_s']:.2f} s; expected MFU {d['mfu_expected']:.0%}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    f = d.get("faster_layout")
+    if f:
+        say(
+            f"faster_layout: ZeRO-{f['zero_stage']} with micro batch {f['micro_batch']} x accumulation "
+            f"{f['accumulation']}: {f['total_s']:.2f} s per step, {f['speedup']:.2f}x "
+            f"(--zero-stage {f['zero_stage']} --micro-batch {f['micro_batch']} --accum {f['accumulation']})"
+            + ("" if f.get("trainer_runs", True) else f"; the trainer does not run ZeRO-{f['zero_stage']} yet"),
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        say("faster_layout: none (no other ZeRO stage or micro batch that fits is 5% faster)", highlight=False)
+    delay = k["signal_delay_s"]
+    if delay is None:
+        tail = "no Slurm signal on this profile"
+    elif k["ok"]:
+        tail = f"slurm.signal_delay_s {delay} s [green]leaves room[/green]"
+    else:
+        tail = f"slurm.signal_delay_s {delay} s is [red]too short[/red]"
+    say(
+        f"checkpoint: {_gb(k['bytes'])}, {k['write_s']:.0f} s to write (busiest node {_gb(k['busiest_node_bytes'])} "
+        f"at {k['write_gb_s_per_node']:g} GB/s) + one step: needs {k['needed_signal_delay_s']} s of warning; {tail}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def print_estimate(d: dict) -> None:

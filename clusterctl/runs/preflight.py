@@ -3,7 +3,8 @@
 A run whose data is missing used to become a Slurm job that failed 7 s later, its reason inside a
 traceback in `logs --stderr`. `check` finds that, and everything else the job cannot get past:
 data shards and tokenizer readable (at the absolute paths the job will use), the tokenizer's
-vocabulary equal to the model's, the plan fitting in GPU memory, and every part of the config the
+vocabulary equal to the model's, the plan fitting in GPU memory and in each node's host memory, the
+checkpoint at the time limit fitting in Slurm's signal delay (a warning), and every part of the config the
 trainer runs today (a recipe may state more: FSDP, tensor/pipeline parallelism, fp16, masked image
 modelling). `submit` refuses the first problem in one line, exit 2, before anything is written;
 `submit --dry-run` lists them all and exits 0, since it submits nothing.
@@ -21,6 +22,7 @@ from vltrain.config import TrainConfig
 from vltrain.presets import resolve_model
 
 MEMORY_WARNING = 0.90  # of a GPU's memory: above it a run is one allocator hiccup from an OOM
+SIGNAL_DELAY_MAX = 3600  # slurm.signal_delay_s's upper bound (clusterctl.planning.profiles.Slurm)
 REMOTE = ("s3:", "gs:", "http:", "https:", "pipe:")  # streamed: nothing to check from here
 
 
@@ -34,24 +36,11 @@ class Checks:
 
 
 def trainer_support(cfg: TrainConfig) -> list[str]:
-    """What the config asks for that the trainer does not run yet, each with what to use instead (pure)."""
-    out = []
-    p = cfg.parallel
-    if p.strategy == "fsdp":
-        out.append(
-            "parallel.strategy: 'fsdp' is not run by the trainer yet; allowed: deepspeed "
-            "(--set parallel.strategy=deepspeed with --zero-stage 3 shards like FSDP)"
-        )
-    if p.tp > 1 or p.pp > 1:
-        out.append(
-            f"parallel: tensor x pipeline parallel (tp {p.tp} x pp {p.pp}) is planned but not run by the "
-            "trainer yet; allowed: --tp 1 --pp 1 (data parallel)"
-        )
-    if cfg.precision == "fp16":
-        out.append("precision: fp16 is not run by the trainer yet; allowed: bf16 or fp32 (--set precision=bf16)")
-    if cfg.loss.mim > 0:
-        out.append("loss.mim: masked image modelling is not run by the trainer yet; allowed: 0 (--set loss.mim=0)")
-    return out
+    """What the config asks for that the trainer does not run yet, each with what to use instead: the
+    trainer's own list (vltrain.support), so that submit refuses exactly what the trainer would."""
+    from vltrain.support import not_run_yet
+
+    return not_run_yet(cfg)
 
 
 def memory(plan: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -70,6 +59,46 @@ def memory(plan: dict[str, Any]) -> tuple[list[str], list[str]]:
             f"{MEMORY_WARNING:.0%}; a smaller --micro-batch leaves room for the allocator"
         ]
     return [], []
+
+
+def host_memory(plan: dict[str, Any]) -> list[str]:
+    """Problems of the plan's host memory per node (pure): a node that runs out of memory kills the job
+    (the kernel's OOM killer, or Slurm's cgroup), typically while it loads a checkpoint on resume."""
+    h = plan.get("host_memory")
+    if not h or h["fits"]:
+        return []
+    shared = f" + {h['shared_gib']:.1f} GiB of checkpointed weights once" if h.get("shared_gib") else ""
+    return [
+        f"nodes.memory_gib: {plan['model']} needs {h['per_node_gib']:.0f} GiB of host memory per node on "
+        f"{plan['profile']} ({h['ranks_per_node']} ranks x {h['per_rank_gib']:.1f} GiB with "
+        f"{h['loader_workers']} data-loader workers each{shared}) but a node has {h['capacity_gib']:g} GiB; "
+        "allowed: fewer workers (--set data.workers=N), a higher --zero-stage (ZeRO-3 checkpoints hold no "
+        "whole copy of the weights), or nodes with more memory"
+    ]
+
+
+def checkpoint(plan: dict[str, Any]) -> list[str]:
+    """Warnings about the checkpoint written when Slurm signals the time limit (pure).
+
+    A warning, not a refusal: a checkpoint cut short at the time limit loses the work since the last
+    periodic checkpoint (at most checkpoint_every steps), not the run (the partial one is discarded and
+    the run resumes from the one before), and the write bandwidth behind the figure is the profile's
+    default unless the site stated it."""
+    k = plan.get("checkpoint")
+    if not k or k["ok"] is not False:
+        return []
+    fix = (
+        f"signal_delay_s = {k['needed_signal_delay_s']} in the profile's [slurm] table"
+        if k["needed_signal_delay_s"] <= SIGNAL_DELAY_MAX
+        else f"a faster checkpoint filesystem: signal_delay_s is at most {SIGNAL_DELAY_MAX}"
+    )
+    return [
+        f"slurm.signal_delay_s: {k['signal_delay_s']} s may not leave time to checkpoint before the time limit: "
+        f"the busiest node writes {k['busiest_node_bytes'] / 1e9:,.0f} of the checkpoint's {k['bytes'] / 1e9:,.0f} GB in about "
+        f"{k['write_s']:.0f} s at {k['write_gb_s_per_node']:g} GB/s per node, "
+        f"after up to one {k['step_s']:.0f} s step, {k['needed_signal_delay_s']} s with the margin; allowed: {fix}, "
+        "or the filesystem's real bandwidth in [storage] write_gb_s_per_node"
+    ]
 
 
 def data(cfg: TrainConfig) -> list[str]:
@@ -126,4 +155,7 @@ def tokenizer(path: str, vocab_size: int) -> list[str]:
 
 def check(cfg: TrainConfig, plan: dict[str, Any]) -> Checks:
     problems, warnings = memory(plan)
-    return Checks(problems=trainer_support(cfg) + problems + data(cfg), warnings=warnings)
+    return Checks(
+        problems=trainer_support(cfg) + problems + host_memory(plan) + data(cfg),
+        warnings=warnings + checkpoint(plan),
+    )

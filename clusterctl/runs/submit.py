@@ -19,7 +19,7 @@ from typing import Any
 
 from clusterctl.backends import get_backend
 from clusterctl.backends.common import check_job_name
-from clusterctl.planning.plan import DEFAULT_MFU, Plan, plan_for_run
+from clusterctl.planning.plan import Plan, plan_for_run
 from clusterctl.planning.profiles import ClusterProfile, load_profile, parse_profile
 from clusterctl.planning.recipes import find_recipe, known_recipes
 from clusterctl.runs import preflight
@@ -96,7 +96,8 @@ def refuse(p: Prepared) -> None:
 
 
 def run_estimate(profile: ClusterProfile, plan: Plan, steps: int) -> dict[str, Any]:
-    """Time, GPU-hours, kWh and CO2 the plan implies for the whole run, stored beside what gets measured."""
+    """Time, GPU-hours, kWh and CO2 the plan implies for the whole run, stored beside what gets measured.
+    At the plan's expected MFU: compute at DEFAULT_MFU plus the communication compute does not hide."""
     from clusterctl.planning.estimates import Work, estimate
     from clusterctl.planning.site import make_setup
 
@@ -104,7 +105,7 @@ def run_estimate(profile: ClusterProfile, plan: Plan, steps: int) -> dict[str, A
     e = estimate(
         make_setup(profile),
         Work(flops=flops, describe=f"{steps} steps x {plan.split.global_batch} samples"),
-        DEFAULT_MFU,
+        plan.mfu_expected(),
     )
     return {
         k: getattr(e, k)
