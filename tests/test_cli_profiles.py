@@ -56,7 +56,7 @@ def test_validate_bad_file_is_one_line_exit_2(cli, tmp_path):
     assert r.returncode == 2
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
-    assert lines == [f"error: {bad}: nodes.count: 0 is out of range; allowed: an integer from 1 to 100000"]
+    assert lines == [f"error: {bad}: nodes.count: 0 is out of range; allowed: an integer from 1 to 100,000"]
     assert "Traceback" not in r.stderr
 
 

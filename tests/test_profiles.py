@@ -129,7 +129,7 @@ MALFORMED = [
         "negative nodes",
         "count = 2",
         "count = -1",
-        "nodes.count: -1 is out of range; allowed: an integer from 1 to 100000",
+        "nodes.count: -1 is out of range; allowed: an integer from 1 to 100,000",
     ),
     (
         "zero gpus",
@@ -183,7 +183,7 @@ MALFORMED = [
         "negative power",
         "power_w = 400",
         "power_w = -400",
-        "gpu.power_w: -400 is out of range; allowed: a number from 1 to 5000",
+        "gpu.power_w: -400 is out of range; allowed: a number from 1 to 5,000",
     ),
     (
         "missing gpu memory",
@@ -226,7 +226,7 @@ MALFORMED = [
         "zero storage bandwidth",
         "pue = 1.1\n",
         "pue = 1.1\n[storage]\nwrite_gb_s_per_node = 0\n",
-        "storage.write_gb_s_per_node: 0 is out of range; allowed: a number from 0.001 to 10000",
+        "storage.write_gb_s_per_node: 0 is out of range; allowed: a number from 0.001 to 10,000",
     ),
     (
         "unknown interconnect key",
@@ -239,7 +239,7 @@ MALFORMED = [
         "negative fabric bandwidth",
         'inter_node = "infiniband"',
         'inter_node = "infiniband"\ninter_node_gb_s = -1',
-        "interconnect.inter_node_gb_s: -1 is out of range; allowed: a number from 0.01 to 100000",
+        "interconnect.inter_node_gb_s: -1 is out of range; allowed: a number from 0.01 to 100,000",
     ),
 ]
 

@@ -35,6 +35,9 @@ def _run(state="FAILED", max_retries=2):
         ("FAILED", "75:0", True),  # the trainer's "lost the communicator" code
         ("FAILED", "137:0", True),
         ("FAILED", "0:9", True),  # killed by SIGKILL
+        ("FAILED", "9:0", True),  # one rank SIGKILLed under srun: Slurm 22.05 puts the signal in the code field
+        ("FAILED", "134:0", True),  # NCCL's watchdog: SIGABRT
+        ("FAILED", "6:0", True),
         ("FAILED", "143:0", True),
         ("FAILED", "1:0", False),  # a Python exception in user code
         ("FAILED", "2:0", False),  # a bad config

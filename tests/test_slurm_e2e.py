@@ -132,6 +132,58 @@ def test_preemption_requeues_and_resumes_exactly(world, completed):
     assert _final_loss(run_dir) == _final_loss(Path(completed[0]["run_dir"]))  # same as the uninterrupted run
 
 
+def _rank_pids(job_id: str, rank: int) -> list[int]:
+    """The processes of one rank of a Slurm job on this machine (the local cluster's nodes are here)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(
+                kv.split("=", 1)
+                for kv in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in kv
+            )
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) and b"submitit" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_sigkill_of_one_rank_is_retried_and_ends_with_the_same_loss(world, completed):
+    """One rank SIGKILLed (an OOM killer, a sick node): srun ends the step (--kill-on-bad-exit), Slurm
+    reports FAILED 9:0, clusterctl retries it by itself (a status refresh reconciles), and the retry
+    resumes from the newest checkpoint to the uninterrupted run's final loss."""
+    import os
+    import signal
+
+    sub = _submit(world, "e2ekill")
+    run_dir = Path(sub["run_dir"])
+    deadline = time.monotonic() + 300
+    while not list((run_dir / "checkpoints").glob("step_*")):  # a complete checkpoint exists
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(1)
+    pids = _rank_pids(sub["job_id"], 1)
+    assert pids, "rank 1 of the job is not running here"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    row = _wait(
+        world,
+        sub["run_id"],
+        until=lambda r: (
+            r["state"] == "COMPLETED"
+            or (r["state"] in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") and len(r["job_ids"]) > 1)
+        ),
+        timeout=420,
+    )
+    assert row["state"] == "COMPLETED" and len(row["job_ids"]) == 2, row
+    jobs = Registry(Path(world["env"]["CLUSTERCTL_REGISTRY"])).jobs(sub["run_id"])
+    assert jobs[0].state == "FAILED" and jobs[1].kind == "retry", jobs
+    assert _final_loss(run_dir) == _final_loss(Path(completed[0]["run_dir"]))
+
+
 def test_cancel_and_bad_partition(world, tmp_path):
     sub = _submit(world, "e2ecancel", "--hold")
     r = run_cli("cancel", sub["run_id"], env=world["env"])

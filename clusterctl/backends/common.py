@@ -77,6 +77,13 @@ def setup_lines(env: dict[str, str]) -> list[str]:
 
 
 def submitit_folder(run_dir: Path) -> str:
+    """submitit's folder in the run directory. A '%' in it would be expanded by Slurm's file-name
+    patterns (%j, %t, %N...) in --output/--error, and the job would die before it could log."""
+    if "%" in str(run_dir):
+        raise UserError(
+            f"run directory: {str(run_dir)!r} contains '%', which Slurm expands in log file names; "
+            "allowed: a path without % (CLUSTERCTL_RUNS_DIR or the working directory)"
+        )
     return str(RunDir(run_dir).submitit)
 
 

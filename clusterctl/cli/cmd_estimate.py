@@ -5,6 +5,7 @@ The flag names and JSON keys are a public interface (scripts depend on them).
 
 from __future__ import annotations
 
+from math import inf
 from typing import Optional
 
 import typer
@@ -55,6 +56,23 @@ def estimate(
     json_: bool = JSON,
 ) -> None:
     """Time, GPU-hours, energy and CO2 for a run, and an audit of claimed figures against them."""
+    from clusterctl.planning.site import number
+
+    for value, flag, lo, hi, lo_open in (
+        (hours, "--hours", 0, inf, True),
+        (gpu_hours, "--gpu-hours", 0, inf, True),
+        (epochs, "--epochs", 0, 1e6, True),
+        (mfu, "--mfu", 0, 1, True),
+        (peak_tflops, "--peak-tflops", 0, 1e6, True),
+        (power_w, "--power-w", 0, 1e5, True),
+        (node_power_w, "--node-power-w", 0, 1e6, False),
+        (pue, "--pue", 1, 3, False),
+        (carbon_intensity, "--carbon-intensity", 0, 2000, False),
+        (claimed_gpu_hours, "--claimed-gpu-hours", 0, inf, True),
+        (claimed_energy_mwh, "--claimed-energy-mwh", 0, inf, True),
+        (claimed_co2_t, "--claimed-co2-t", 0, inf, True),
+    ):
+        number(value, flag, lo, hi, lo_open=lo_open)
     from clusterctl.planning.estimates import Claims, Work, audit, parse_duration
     from clusterctl.planning.estimates import estimate as run_estimate
     from clusterctl.planning.site import make_setup

@@ -14,6 +14,7 @@ import typer
 from clusterctl.cli.options import (
     ACCUM,
     ACTIVATION_CHECKPOINTING,
+    ALLOW_ENV,
     CONFIG,
     GLOBAL_BATCH,
     JSON,
@@ -43,6 +44,7 @@ def plan(
     tp: int = TP,
     pp: int = PP,
     set_: list[str] = SET,
+    allow_env: bool = ALLOW_ENV,
     json_: bool = JSON,
 ) -> None:
     """Split the global batch over the profile's GPUs and check it fits in GPU memory under ZeRO."""
@@ -61,14 +63,17 @@ def plan(
         pp=pp,
     )
     with fields_as_flags(flag_fields(layers)):
-        p = prepare(profile, config, layers, check=False)  # data checks are submit's
-    d = {k: v for k, v in p.plan.items() if k not in ("steps", "estimate")}
+        p = prepare(profile, config, layers, check=False, allow_env=allow_env)  # data checks are submit's
+    d = {k: v for k, v in p.plan.items() if k not in ("steps", "estimate")} | {"profile_source": p.profile_source}
     if json_:
         print_json(d)
     else:
         from clusterctl.render import output
         from clusterctl.render.plan_view import print_plan
 
+        output.console.print(
+            f"profile {p.profile.name} from {p.profile_source}", markup=False, highlight=False, soft_wrap=True
+        )
         print_plan(d)
         for line in trainer_support(p.config):
             output.console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)

@@ -7,7 +7,14 @@ from pathlib import Path
 import typer
 
 from clusterctl.cli.options import JSON
-from clusterctl.planning.profiles import discover, load_profile, profile_rows, read_profile
+from clusterctl.planning.profiles import (
+    code_loading_env,
+    discover,
+    load_profile,
+    profile_origin,
+    profile_rows,
+    read_profile,
+)
 from clusterctl.render import output
 from clusterctl.render.output import print_json
 
@@ -29,9 +36,10 @@ def list_(json_: bool = typer.Option(False, "--json", help="Print JSON instead o
 @app.command()
 def show(name: str = typer.Argument(..., help="Profile name or path."), json_: bool = JSON) -> None:
     """One profile with its derived figures (world size, aggregate PFLOP/s, power, memory)."""
-    p = load_profile(name, flag="NAME")
+    p = load_profile(name, flag="NAME", allow_env=True)  # showing is not running: say where it is from instead
+    where = profile_origin(name, "NAME")
     if json_:
-        print_json(p.to_dict())
+        print_json(p.to_dict() | {"source": where})
         return
     import pycountry
 
@@ -39,6 +47,15 @@ def show(name: str = typer.Argument(..., help="Profile name or path."), json_: b
 
     country = pycountry.countries.get(alpha_3=p.site.country_iso)
     print_profile(p, country.name if country else p.site.country_iso)
+    output.console.print(f"source: {where}", markup=False, highlight=False, soft_wrap=True)
+    if risky := code_loading_env(p):
+        output.console.print(
+            f"note: interconnect.env sets {', '.join(risky)}, which load code in every rank; "
+            "plan and submit refuse it unless the profile is shipped or yours, or --allow-env",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()

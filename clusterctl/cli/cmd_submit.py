@@ -16,6 +16,7 @@ import typer
 from clusterctl.cli.options import (
     ACCUM,
     ACTIVATION_CHECKPOINTING,
+    ALLOW_ENV,
     CONFIG,
     GLOBAL_BATCH,
     MICRO_BATCH,
@@ -48,6 +49,7 @@ def submit(
     steps: int = typer.Option(None, "--steps", help="Optimizer steps in the run."),
     name: str = typer.Option(None, "--name", help="Run name (Slurm job name); default: the model preset."),
     set_: list[str] = SET,
+    allow_env: bool = ALLOW_ENV,
     max_retries: int = typer.Option(
         2, "--max-retries", min=0, max=100, help="Resubmissions after cluster failures (node failure, exit 75/137/143)."
     ),
@@ -81,7 +83,7 @@ def submit(
         steps=steps,
     )
     with fields_as_flags(flag_fields(layers)):
-        p = prepare(profile, config, layers, name)
+        p = prepare(profile, config, layers, name, allow_env=allow_env)
     reg = Registry()
     run_id, run_dir = new_run_dir(reg, p.name)
     if dry_run:
@@ -92,6 +94,9 @@ def submit(
             return
         from clusterctl.render.plan_view import print_checks, print_config, print_plan
 
+        output.console.print(
+            f"profile {p.profile.name} from {p.profile_source}", markup=False, highlight=False, soft_wrap=True
+        )
         print_plan(p.plan)
         print_config(d["config"], p.source)
         if d["sbatch"] is not None:
@@ -108,6 +113,9 @@ def submit(
     else:
         output.console.print(
             f"submitted [bold]{run_id}[/bold] as job {job_id} on {prof.name} ({prof.world_size} x {prof.gpu.model})"
+        )
+        output.console.print(
+            f"  profile  {prof.name} from {p.profile_source}", markup=False, highlight=False, soft_wrap=True
         )
         output.console.print(f"  run dir  {run_dir}")
         output.console.print(f"  follow   clusterctl status {run_id}   |   clusterctl logs {run_id} --follow")

@@ -27,6 +27,11 @@ ACTIVATION_CHECKPOINTING = typer.Option(
 TP = typer.Option(None, "--tp", help="Tensor-parallel degree (planned; the trainer runs 1 today).")
 PP = typer.Option(None, "--pp", help="Pipeline-parallel degree (planned; the trainer runs 1 today).")
 SET = typer.Option([], "--set", help="Config override key=value, repeatable (e.g. optim.lr=3e-4).")
+ALLOW_ENV = typer.Option(
+    False,
+    "--allow-env",
+    help="Accept a profile's code-loading environment (LD_PRELOAD, PYTHONPATH...) wherever it comes from.",
+)
 
 # The plan's config fields and the flags `plan` and `submit` take for them.
 PLAN_FLAGS = {

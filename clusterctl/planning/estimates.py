@@ -41,11 +41,12 @@ _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 def parse_count(text: str, flag: str) -> float:
     """'22B', '4.2T', '1.8e9', '850M' -> a number (K/M/B/T suffixes, case-insensitive)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmbgt]?)\s*", text.lower())
-    if not m or float(m.group(1)) <= 0:
+    value = float(m.group(1)) * _SUFFIX[m.group(2)] if m else 0.0
+    if not m or not 0 < value < 1e30:  # '1e400' is inf; no training run counts past 1e30
         raise UserError(
             f"{flag}: {text!r} is not a count; allowed: a positive number, optionally with K, M, B or T (e.g. 22B, 4.2T)"
         )
-    return float(m.group(1)) * _SUFFIX[m.group(2)]
+    return value
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,12 @@ def _check_time(text: str) -> str | None:
         return f"{text!r} is not a Slurm time limit"
     if minutes <= 0:
         return f"{text!r} is zero"
+    if minutes > MAX_TIME_LIMIT_MIN:  # Slurm stores a longer one silently as something else
+        return f"{text!r} is longer than {MAX_TIME_LIMIT_MIN // 1440} days"
     return None
+
+
+MAX_TIME_LIMIT_MIN = 365 * 1440
 
 
 def _check_country(code: str) -> str | None:
@@ -81,6 +86,33 @@ def _check_env(env: dict[str, str]) -> str | None:
         if not re.fullmatch(SAFE_VALUE, v):
             return f"{k}={v!r} has characters that are not allowed"
     return None
+
+
+# Variables that make every rank load or run code of the profile's choosing: a profile in a cloned
+# repository's ./cluster_profiles would run that repository's code on the cluster under your account.
+CODE_LOADING_ENV = {
+    "LD_PRELOAD": "preloads a shared library into every process",
+    "LD_LIBRARY_PATH": "chooses the shared libraries every process loads",
+    "LD_AUDIT": "loads an audit library into every process",
+    "PYTHONPATH": "puts modules first on Python's import path",
+    "PYTHONSTARTUP": "runs a file when Python starts",
+    "PYTHONHOME": "replaces Python's standard library",
+    "PYTHONUSERBASE": "adds a site directory whose .pth files run code",
+    "PYTHONWARNINGS": "imports the modules its filters name",
+    "PYTHONBREAKPOINT": "imports and calls a function",
+    "BASH_ENV": "runs a file in every non-interactive bash",
+    "ENV": "runs a file in every sh",
+    "PROMPT_COMMAND": "runs a command in every bash",
+    "PATH": "chooses which python and srun run",
+    "NCCL_NET_PLUGIN": "loads a network plugin library into NCCL",
+    "NCCL_TUNER_PLUGIN": "loads a tuner plugin library into NCCL",
+    "NCCL_PROFILER_PLUGIN": "loads a profiler plugin library into NCCL",
+}
+
+
+def code_loading_env(profile: ClusterProfile) -> list[str]:
+    """The profile's `interconnect.env` names that load code (pure)."""
+    return sorted(k for k in profile.interconnect.env if k in CODE_LOADING_ENV or k.startswith("LD_"))
 
 
 def _check_extra(opts: dict[str, str]) -> str | None:
@@ -110,6 +142,21 @@ _MANAGED_SBATCH = {
     "error",
     "signal",
     "gres",
+    # what clusterctl owns about a job: requeue on preemption, held submission, the environment the
+    # trainer gets, where logs go, one job per run
+    "array",
+    "requeue",
+    "no-requeue",
+    "hold",
+    "export",
+    "export-file",
+    "open-mode",
+    "wckey",
+    "exclusive",
+    "ntasks",
+    "gpus",
+    "wrap",
+    "chdir",
 }
 
 
@@ -404,9 +451,58 @@ def find_profile(name_or_path: str, flag: str = "--profile") -> Path:
     )
 
 
-def load_profile(name_or_path: str, flag: str = "--profile") -> ClusterProfile:
-    """Find and validate a profile; `flag` names the option in error messages."""
-    return read_profile(find_profile(name_or_path, flag))
+def user_dir() -> Path:
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("clusterctl")) / "profiles"
+
+
+def origin(path: Path, cwd: Path | None = None) -> str:
+    """Where a profile file came from, for every line that names it: 'shipped', 'your config
+    (~/.config/clusterctl/profiles)', 'the working directory (./cluster_profiles)', '$CLUSTERCTL_PROFILES',
+    or the path it was given by; with ', shadowing the shipped one' when a shipped profile has its name."""
+    where = path.resolve()
+    cwd = cwd or Path.cwd()
+    places = [
+        (builtin_dir(), "shipped"),
+        (user_dir(), f"your config ({user_dir()})"),
+        (cwd / "cluster_profiles", f"the working directory ({cwd / 'cluster_profiles'})"),
+    ]
+    places += [
+        (Path(d), f"$CLUSTERCTL_PROFILES ({d})")
+        for d in os.environ.get("CLUSTERCTL_PROFILES", "").split(os.pathsep)
+        if d
+    ]
+    said = f"the path {path}"
+    for d, words in places:
+        if d.is_dir() and where.parent == d.resolve():
+            said = words
+            break
+    if said != "shipped" and (builtin_dir() / path.name).is_file() and (builtin_dir() / path.name).resolve() != where:
+        said += ", shadowing the shipped one"
+    return said
+
+
+def load_profile(name_or_path: str, flag: str = "--profile", allow_env: bool = False) -> ClusterProfile:
+    """Find and validate a profile; `flag` names the option in error messages. A profile that sets
+    code-loading environment variables (CODE_LOADING_ENV) is refused unless it is shipped or in the
+    user's own config directory, or `allow_env` (--allow-env) says the user read it."""
+    path = find_profile(name_or_path, flag)
+    profile = read_profile(path)
+    risky = code_loading_env(profile)
+    if risky and not allow_env:
+        where = origin(path)
+        if not (where == "shipped" or where.startswith("your config")):
+            k = risky[0]
+            raise UserError(
+                f"{path}: interconnect.env: {k} {CODE_LOADING_ENV.get(k, 'loads code')} in every rank, and this profile "
+                f"comes from {where}; allowed: NCCL/GLOO tuning variables, the profile in {user_dir()}, or --allow-env"
+            )
+    return profile
+
+
+def profile_origin(name_or_path: str, flag: str = "--profile") -> str:
+    return origin(find_profile(name_or_path, flag))
 
 
 def discover() -> list[tuple[Path, bool]]:

@@ -72,3 +72,24 @@ def positive(v: float, flag: str) -> float:
     if v <= 0:
         raise UserError(f"{flag}: {v:g} is not valid; allowed: a positive number")
     return v
+
+
+def number(
+    value: float | None, flag: str, lo: float = 0.0, hi: float = float("inf"), *, lo_open: bool = True, unit: str = ""
+) -> float | None:
+    """A number a user gave on the command line: finite and in its range, else one line naming the
+    flag. (typer's ranges compare, and NaN compares false with every bound: it would pass them.)"""
+    import math
+
+    if value is None:
+        return None
+    below = value <= lo if lo_open else value < lo
+    if not math.isfinite(value) or below or value > hi:
+
+        def words(x: float) -> str:
+            return f"{x:,.0f}" if x == int(x) else f"{x:g}"
+
+        low = f"> {words(lo)}" if lo_open else f">= {words(lo)}"
+        rng = f"a finite number {low}" + (f" and <= {words(hi)}" if math.isfinite(hi) else "")
+        raise UserError(f"{flag}: {value:g} is not valid; allowed: {rng}{unit}")
+    return value

@@ -24,14 +24,18 @@ CLUSTER_SIGNALS = (6, 9, 15)
 
 
 def cluster_failure(job: JobRecord) -> bool:
-    """Did this job end because of the cluster? (sacct ExitCode is 'code:signal')."""
+    """Did this job end because of the cluster? sacct's ExitCode is 'code:signal', but a task killed
+    by a signal is reported in the code field as the signal's number: one rank SIGKILLed on Slurm
+    22.05 reads `FAILED 9:0` (srun's exit status is the signal of the task that died), so a code that
+    is one of the cluster's signals counts too."""
     if job.state == RunState.NODE_FAIL:
         return True
     if job.state != RunState.FAILED or not job.exit_code:
         return False
     code, _, sig = job.exit_code.partition(":")
     try:
-        return int(code) in CLUSTER_EXIT_CODES or (sig != "" and int(sig) in CLUSTER_SIGNALS)
+        c = int(code)
+        return c in CLUSTER_EXIT_CODES or c in CLUSTER_SIGNALS or (sig != "" and int(sig) in CLUSTER_SIGNALS)
     except ValueError:
         return False
 

@@ -20,7 +20,7 @@ from typing import Any
 from clusterctl.backends import get_backend
 from clusterctl.backends.common import check_job_name
 from clusterctl.planning.plan import Plan, plan_for_run
-from clusterctl.planning.profiles import ClusterProfile, load_profile, parse_profile
+from clusterctl.planning.profiles import ClusterProfile, load_profile, parse_profile, profile_origin
 from clusterctl.planning.recipes import find_recipe, known_recipes
 from clusterctl.runs import preflight
 from clusterctl.runs.preflight import Checks
@@ -50,6 +50,7 @@ class Prepared:
     name: str
     source: str
     checks: Checks
+    profile_source: str = ""  # where the profile file came from (shipped, your config, the working directory...)
 
 
 def config_source(profile: ClusterProfile, config: Path | None, model_given: bool = False) -> Path | None:
@@ -73,17 +74,20 @@ def prepare(
     layers: list[tuple[str, dict[str, Any]]],
     name: str | None = None,
     check: bool = True,
+    allow_env: bool = False,
 ) -> Prepared:
     """Profile + train config (+ overrides, each layer named by its flag) -> the resolved config, the
     plan with the estimate of the whole run, and the checks before sbatch."""
-    profile = load_profile(profile_name, flag="--profile")
+    profile = load_profile(profile_name, flag="--profile", allow_env=allow_env)
     source = config_source(profile, config, any(flag == "--model" for flag, _ in layers))
     cfg = absolute_data_paths(load_train_config(source, None, *layers))
     plan, resolved = plan_for_run(profile, cfg)
     plan_d = plan.to_dict() | {"steps": resolved.steps, "estimate": run_estimate(profile, plan, resolved.steps)}
     run_name = check_job_name(name or (cfg.model if isinstance(cfg.model, str) else cfg.model.name))
     checks = preflight.check(resolved, plan_d) if check else preflight.Checks()
-    return Prepared(profile, resolved, plan_d, run_name, str(source or "<defaults>"), checks)
+    return Prepared(
+        profile, resolved, plan_d, run_name, str(source or "<defaults>"), checks, profile_origin(profile_name)
+    )
 
 
 def refuse(p: Prepared) -> None:
@@ -134,6 +138,7 @@ def dry_run(p: Prepared, run_dir: Path, hold: bool = False) -> dict[str, Any]:
         "plan": p.plan,
         "config": p.config.to_dict(),
         "source": p.source,
+        "profile_source": p.profile_source,
         "checks": p.checks.to_dict(),
         "executor": spec.executor,
         "run_dir": str(run_dir),

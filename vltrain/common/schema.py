@@ -8,6 +8,7 @@ adds ~0.2 s). This module is ~150 lines over dataclasses and typing, with no I/O
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -85,13 +86,20 @@ def _describe(value: Any) -> str:
     return str(value)
 
 
+def _num(x: float) -> str:
+    """A bound as people write it: 10,000,000 and 0.001, not 1e+07 and 1e-03 (exponents from 1e-9)."""
+    if x == int(x) and abs(x) < 1e15:
+        return f"{int(x):,}"
+    return f"{x:g}" if abs(x) < 1e-4 else f"{x:.6f}".rstrip("0")
+
+
 def _range_words(spec: Spec, tp: Any) -> str:
     kind = "an integer" if tp is int else "a number"
     if spec.min is not None and spec.max is not None:
-        return f"{kind} from {spec.min:g} to {spec.max:g}"
+        return f"{kind} from {_num(spec.min)} to {_num(spec.max)}"
     if spec.min is not None:
-        return f"{kind} >= {spec.min:g}"
-    return f"{kind} <= {spec.max:g}"
+        return f"{kind} >= {_num(spec.min)}"
+    return f"{kind} <= {_num(spec.max)}"
 
 
 def _coerce(tp: Any, value: Any, spec: Spec, where: str, name: str) -> Any:
@@ -141,6 +149,11 @@ def _coerce(tp: Any, value: Any, spec: Spec, where: str, name: str) -> Any:
         raise fail(f"{_describe(value)} is not {_type_name(tp)}", spec.allowed or _type_name(tp))
     if tp is float:
         value = float(value)
+        if not math.isfinite(value):  # NaN compares false with every bound: refuse it before the range
+            raise fail(
+                f"{_describe(value)} is not a finite number",
+                _range_words(spec, tp) if spec.min is not None or spec.max is not None else "a finite number",
+            )
     if spec.choices is not None and value not in spec.choices:
         raise fail(f"{_describe(value)} is not a known value", ", ".join(map(str, spec.choices)))
     if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
