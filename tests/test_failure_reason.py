@@ -112,3 +112,49 @@ def test_a_local_run_that_fails_says_why(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     (row,) = json.loads(run_cli("status", "bad", "--json", env=env).stdout)["runs"]
     assert row["state"] == "FAILED" and row["reason"].startswith(f"data.shards: {bad}/00000.tar is not a readable tar")
+
+
+def test_a_user_failure_is_not_retried_whatever_slurm_reports(tmp_path):
+    """A diverged or misconfigured run fails on every rank with exit 2, but srun --kill-on-bad-exit may
+    SIGKILL the slower ranks first: Slurm says FAILED 9:0, a cluster failure by its code. The ranks'
+    records say `user`, and reconcile leaves it alone; without them it is retried."""
+    from clusterctl.runs.lifecycle import reconcile
+
+    reg = Registry(tmp_path / "reg.db")
+    for name in ("user", "node"):
+        run_dir = tmp_path / name
+        reg.add_run(
+            RunRecord(
+                name,
+                name,
+                "p",
+                "slurm",
+                str(run_dir),
+                time.time(),
+                "u",
+                2,
+                10,
+                RunState.FAILED,
+                plan={"max_retries": 2},
+            )
+        )
+        job = reg.add_job(name, f"77{len(name)}", "submit")
+        reg.update_job(job.job_id, run_id=name, state=RunState.FAILED, exit_code="9:0")
+    _record(tmp_path / "user", 1, "user", "training diverged: loss is nan at step 3", job="774")
+    submitted = []
+    import clusterctl.runs.submit as submit_mod
+
+    def fake_submit_attempt(reg, run, profile, kind, hold=False):
+        submitted.append(run.run_id)
+        return "999"
+
+    import pytest as _pytest
+
+    mp = _pytest.MonkeyPatch()
+    mp.setattr(submit_mod, "submit_attempt", fake_submit_attempt)
+    mp.setattr(submit_mod, "run_profile", lambda run: None)
+    try:
+        out = reconcile(reg, reg.list_runs())
+    finally:
+        mp.undo()
+    assert submitted == ["node"] and out == [("node", "999")]

@@ -364,3 +364,239 @@ def test_lost_peer_exits_75(data, tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+# ---------------------------------------------------------------- reliability: divergence, damaged checkpoints, full disk
+# (the same guarantees without training, and the rules in detail: tests/test_reliability_trainer.py)
+
+# Runs the vltrain CLI (so exit codes and stderr are the user's) after patching one thing in:
+#   nan  STEP:WHO          the loss and itc of WHO's (a rank, or *) micro steps are NaN from optimizer step STEP
+#   full NTH:WHO:BYTES     WHO's DeepSpeed writes of the NTH checkpoint go to /dev/full (a real ENOSPC, which
+#                          torch reports without errno), and the disk reports BYTES free
+PATCHED_CLI = """
+import os, sys
+mode, arg, *cli = sys.argv[1:]
+rank = int(os.environ.get("RANK", "0"))
+if mode == "nan":
+    step, who = arg.split(":")
+    from vltrain.model import VLModel
+    real, calls = VLModel.forward, []
+    def forward(self, *a, **k):
+        out = real(self, *a, **k)
+        calls.append(1)
+        if (who == "*" or int(who) == rank) and len(calls) > 2 * (int(step) - 1):  # accumulation 2
+            out = dict(out, loss=out["loss"] * float("nan"), itc=out["itc"] * float("nan"))
+        return out
+    VLModel.forward = forward
+elif mode == "full":
+    nth, who, free = arg.split(":")
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from vltrain import checkpoint
+    real, seen = TorchCheckpointEngine.save, set()
+    def save(self, state_dict, path):
+        seen.add(os.path.dirname(os.path.dirname(path)))
+        if len(seen) == int(nth) and (who == "*" or int(who) == rank):
+            return real(self, state_dict, "/dev/full")
+        return real(self, state_dict, path)
+    TorchCheckpointEngine.save = save
+    checkpoint.free_bytes = lambda path: int(free)
+sys.argv = ["vltrain", *cli]
+from vltrain.cli import main
+main()
+"""
+
+
+def patched(mode: str, arg: str, *args: str, nproc: int = 1, tmp: Path) -> subprocess.CompletedProcess:
+    script = tmp / "patched_cli.py"
+    script.write_text(PATCHED_CLI)
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
+    return subprocess.run(
+        [*launcher, str(script), mode, arg, *args],
+        cwd=REPO,
+        env=os.environ | ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def failure_reasons(run: Path) -> dict[int, str]:
+    return {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["reason"] for p in run.glob("failures/*.json")}
+
+
+def error_line(stderr: str) -> str:
+    """The CLI's one line (torchrun or DeepSpeed may print around it)."""
+    (line,) = [x for x in stderr.splitlines() if x.startswith("error: ")][:1]
+    return line.removeprefix("error: ")
+
+
+def checkpoint_names(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir()) if (run / "checkpoints").exists() else []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_run_whose_optimizer_skips_its_steps_fails_and_is_not_retried(data, tmp_path, precision):
+    """optim.lr = 10: the gradient overflows at step 4 and DeepSpeed skips the step; today's trainer
+    trained on, skipping every step, and ended COMPLETED."""
+    cfg = write_config(tmp_path / "cfg.toml", data, precision=precision, optim={"lr": 10.0})
+    run = tmp_path / "run"
+    r = vltrain("train", "--config", str(cfg), "--run-dir", str(run))
+    assert r.returncode == 2, r.stderr[-3000:]  # not 75: clusterctl does not retry it
+    line = error_line(r.stderr)
+    assert line.startswith("training diverged: the optimizer skipped step 4 (gradient norm inf, loss ")
+    assert f"{precision} tolerates 0 skipped in a row, max_skipped_steps); allowed: a lower optim.lr (now 10)" in line
+    assert failure_reasons(run) == {0: line}
+    last = jsonl(run / "events.jsonl")[-1]
+    assert (last["event"], last["step"], last["kind"], last["message"]) == ("error", 4, "diverged", line)
+    assert max(trajectory(run)) == 4 and checkpoint_names(run) == ["step_0000002"]  # step 4 is not saved
+
+
+def test_a_nan_loss_fails_the_run_at_that_step(data, tmp_path):
+    import math
+
+    cfg = write_config(tmp_path / "cfg.toml", data)
+    run = tmp_path / "run"
+    r = patched("nan", "3:*", "train", "--config", str(cfg), "--run-dir", str(run), tmp=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = error_line(r.stderr)
+    assert line.startswith("training diverged: loss is nan at step 3 (itc nan, mlm ") and "allowed: " in line
+    assert failure_reasons(run) == {0: line}
+    assert math.isnan(jsonl(run / "metrics.jsonl")[-1]["loss"]) and max(trajectory(run)) == 3
+    assert checkpoint_names(run) == ["step_0000002"]
+
+
+def test_a_nan_loss_on_one_rank_fails_every_rank_at_the_same_step(data, tmp_path):
+    cfg = two_proc_config(tmp_path / "cfg.toml", data)
+    run = tmp_path / "run"
+    r = patched("nan", "3:1", "train", "--config", str(cfg), "--run-dir", str(run), nproc=2, tmp=tmp_path)
+    assert r.returncode != 0 and "exitcode  : 75" not in r.stderr, r.stderr[-3000:]
+    reasons = failure_reasons(run)
+    assert set(reasons) == {0, 1} and len(set(reasons.values())) == 1, reasons
+    assert reasons[0].startswith("training diverged: loss is nan at step 3 (itc nan, ")
+    assert "lost a peer" not in r.stderr and checkpoint_names(run) == []
+
+
+DAMAGE = {
+    "truncated optimizer shard": lambda d: _truncate(next((d / "ds").glob("*zero_pp_rank_0_*optim_states.pt"))),
+    "garbage meta.json": lambda d: (d / "meta.json").write_bytes(os.urandom(200)),
+    "one flipped bit in the module file": lambda d: _flip_bit(d / "ds" / "mp_rank_00_model_states.pt"),
+}
+
+
+def _truncate(p: Path) -> None:
+    os.truncate(p, p.stat().st_size // 2)
+
+
+def _flip_bit(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    p.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_exactly(full_run, data, tmp_path, damage):
+    cfg = write_config(tmp_path / "cfg.toml", data)
+    run = tmp_path / "run"
+    first = vltrain("train", "--config", str(cfg), "--run-dir", str(run), "--stop-after", "4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert checkpoint_names(run) == ["step_0000002", "step_0000004"]
+    DAMAGE[damage](run / "checkpoints" / "step_0000004")
+    second = vltrain("train", "--config", str(cfg), "--run-dir", str(run))
+    assert second.returncode == 0, second.stderr[-3000:]
+    warning = next(x for x in second.stderr.splitlines() if "vltrain: warning:" in x)
+    assert warning.startswith("vltrain: warning: checkpoint step_0000004 is damaged (")
+    assert "moved it to checkpoints/.bad-step_0000004" in warning
+    assert "resuming from step_0000002 at step 2/6" in second.stdout
+    assert trajectory(run) == trajectory(full_run)  # steps 3-4 were logged twice; the last lines match
+    assert_same_weights(final_weights(run), final_weights(full_run))
+    assert checkpoint_names(run) == [".bad-step_0000004", "step_0000004", "step_0000006"]  # kept, not pruned
+    resume = next(e for e in jsonl(run / "events.jsonl") if e["event"] == "resume")
+    assert resume["step"] == 2 and resume["moved_aside"][0].startswith("step_0000004: ")
+
+
+def test_a_shard_damaged_on_one_rank_moves_the_checkpoint_aside_for_both(full_run_2p, data, tmp_path):
+    """Only rank 1 reads (and finds) its damaged optimizer shard; the ranks agree, both resume from
+    the checkpoint before, and the run ends exactly where the uninterrupted one did."""
+    cfg = two_proc_config(tmp_path / "cfg.toml", data)
+    run = tmp_path / "run"
+    first = torchrun(2, "train", "--config", str(cfg), "--run-dir", str(run), "--stop-after", "8")
+    assert first.returncode == 0, first.stderr[-3000:]
+    _truncate(next((run / "checkpoints" / "step_0000008" / "ds").glob("*zero_pp_rank_1_*optim_states.pt")))
+    second = torchrun(2, "train", "--config", str(cfg), "--run-dir", str(run))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "checkpoint step_0000008 is damaged (ds/zero_pp_rank_1_mp_rank_00_optim_states.pt: " in second.stderr
+    assert ("resume", 4) in events(run)
+    assert trajectory(run) == trajectory(full_run_2p)
+    assert_same_weights(final_weights(run), final_weights(full_run_2p))
+    assert ".bad-step_0000008" in checkpoint_names(run)
+
+
+def _size_mb(path: Path) -> str:
+    from vltrain import checkpoint
+
+    return checkpoint._mb(checkpoint.checkpoint_bytes(path))
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint_newest(full_run, data, tmp_path):
+    """The second checkpoint (step 4) is written to /dev/full: today a traceback `RuntimeError: ...
+    unexpected pos`. The run ends with one line naming the filesystem and the sizes, no half-written
+    checkpoint is left, and the next attempt resumes from step 2 and ends where the uninterrupted run did."""
+    cfg = write_config(tmp_path / "cfg.toml", data)
+    run = tmp_path / "run"
+    r = patched("full", "2:*:7000000", "train", "--config", str(cfg), "--run-dir", str(run), tmp=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = error_line(r.stderr)
+    assert line.startswith("no space left on ") and f" ({run / 'checkpoints'}): 7.0 MB free, " in line
+    assert f"checkpoint step_0000004 needs ~{_size_mb(run / 'checkpoints' / 'step_0000002')} MB; allowed: " in line
+    assert "unexpected pos" not in r.stderr and "Traceback" not in r.stderr
+    assert failure_reasons(run) == {0: line}
+    assert checkpoint_names(run) == ["step_0000002"]  # no .tmp-step_0000004
+    resumed = vltrain("train", "--config", str(cfg), "--run-dir", str(run))
+    assert resumed.returncode == 0 and "resuming from step_0000002 at step 2/6" in resumed.stdout
+    assert trajectory(run) == trajectory(full_run)
+    assert_same_weights(final_weights(run), final_weights(full_run))
+
+
+def test_a_full_disk_on_one_rank_fails_both_with_the_same_line(data, tmp_path):
+    cfg = two_proc_config(tmp_path / "cfg.toml", data)
+    run = tmp_path / "run"
+    r = patched("full", "2:1:5000000", "train", "--config", str(cfg), "--run-dir", str(run), nproc=2, tmp=tmp_path)
+    assert r.returncode != 0 and "exitcode  : 75" not in r.stderr and "lost a peer" not in r.stderr, r.stderr[-3000:]
+    reasons = failure_reasons(run)
+    assert set(reasons) == {0, 1} and len(set(reasons.values())) == 1, reasons
+    assert reasons[0].startswith("no space left on ") and "5.0 MB free, checkpoint step_0000008 needs ~" in reasons[0]
+    assert checkpoint_names(run) == ["step_0000004"]
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    import shutil
+
+    if not shutil.which("unshare"):
+        return False
+    probe = f"mount -t tmpfs -o size=1m tmpfs {where}"
+    return subprocess.run(["unshare", "-m", "sh", "-c", probe], capture_output=True).returncode == 0
+
+
+def test_a_real_full_tmpfs_fails_the_run_in_one_line(data, tmp_path):
+    """No patching: the checkpoints directory is a 16 MB tmpfs (a private mount namespace), which holds
+    the first checkpoint (~10.7 MB) but not the second."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    if not _can_mount_tmpfs(run / "checkpoints"):
+        pytest.skip("no unshare/mount for a private tmpfs here")
+    cfg = write_config(tmp_path / "cfg.toml", data)
+    script = (
+        f"mount -t tmpfs -o size=16m tmpfs {run}/checkpoints && "
+        f"{BIN}/vltrain train --config {cfg} --run-dir {run}; echo rc=$?; ls -a {run}/checkpoints"
+    )
+    r = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], env=os.environ | ENV, capture_output=True, text=True, timeout=300
+    )
+    assert "rc=2" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    line = error_line(r.stderr)
+    assert line.startswith(f"no space left on tmpfs mounted at {run}/checkpoints ({run}/checkpoints): ")
+    assert " MB free, checkpoint step_0000004 needs ~11 MB; allowed: " in line, line
+    assert failure_reasons(run) == {0: line}
+    assert r.stdout.split("rc=2")[1].split() == [".", "..", "step_0000002"]  # nothing half-written left

@@ -79,6 +79,10 @@ class LossConfig:
 
 
 STRATEGIES = ("deepspeed", "fsdp")
+# fp16's dynamic loss scaler (vltrain.dsconfig: initial_scale_power 16, DeepSpeed's hysteresis 2) skips
+# the steps whose gradients overflow while it halves its scale: from 2^16 to its floor of 1 that is
+# 1 + 16 = 17 overflows in a row; a settling scale skips fewer, and DeepSpeed stops at the 18th.
+FP16_SKIP_TOLERANCE = 17
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +121,20 @@ class TrainConfig:
     )
     keep_checkpoints: int = field("complete checkpoints kept", default=3, min=1, max=1000)
     eval_every: int = field("optimizer steps between evaluations (0 = only at the end)", default=0, min=0, max=10**9)
+    max_skipped_steps: int = field(
+        "optimizer steps in a row the optimizer may skip (a gradient that is not finite) before the run fails "
+        f"as diverged (-1: {FP16_SKIP_TOLERANCE} under fp16, whose loss scaler skips while it settles from "
+        "2^16; 0 under bf16 and fp32, which skip nothing legitimately)",
+        default=-1,
+        min=-1,
+        max=10**6,
+    )
+
+    def skip_tolerance(self) -> int:
+        """Skipped optimizer steps in a row that are not divergence (max_skipped_steps, -1 resolved)."""
+        if self.max_skipped_steps >= 0:
+            return self.max_skipped_steps
+        return FP16_SKIP_TOLERANCE if self.precision == "fp16" else 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,11 +167,7 @@ def read_config_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     path = Path(path)
     where = str(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{where}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{where}: cannot read: {e}") from None
+        data = tomllib.loads(read_text_file(path, "a TOML train config file (e.g. configs/tiny.toml)"))
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{where}: invalid TOML: {e}") from None
     base = data.pop("base", None)
@@ -167,6 +181,36 @@ def read_config_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     if base_path in _seen or base_path == path.resolve():
         raise UserError(f"{where}: base: {base!r} includes itself; allowed: a chain of configs without a loop")
     return merge(read_config_data(base_path, (*_seen, path.resolve())), data)
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a train config is a few kB; more is not one (and /dev/zero never ends)
+
+
+def read_text_file(path: Path, allowed: str) -> str:
+    """The text of a small UTF-8 file, or a one-line UserError naming `path` and what is `allowed`:
+    a directory, a device or FIFO, a binary file, an unreadable one and a huge one are refused."""
+    where = str(path)
+    try:
+        if path.is_dir():
+            raise UserError(f"{where}: is a directory; allowed: {allowed}")
+        if path.exists() and not path.is_file():
+            raise UserError(f"{where}: is not a regular file (a device, FIFO or socket); allowed: {allowed}")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file; allowed: {allowed}") from None
+    except OSError as e:
+        raise UserError(f"{where}: cannot read ({e.strerror or e}); allowed: {allowed}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UserError(f"{where}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a config; allowed: {allowed}")
+    try:
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{where}: is a binary file, not text (byte {e.start}: {e.reason}); allowed: {allowed} in UTF-8"
+        ) from None
 
 
 def merge(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -196,8 +240,9 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], where: str)
     data = copy.deepcopy(data)
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
-        if parents and parents[0] == "model" and isinstance(data.get("model"), str):
-            data["model"] = expand_preset(data["model"], f"{where} {key}")
+        model = data.get("model", TrainConfig.__dataclass_fields__["model"].default)  # no file: the default preset
+        if parents and parents[0] == "model" and isinstance(model, str):
+            data["model"] = expand_preset(model, f"{where} {key}")
         node = data
         for i, part in enumerate(parents):
             node = node.setdefault(part, {})
@@ -251,6 +296,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set: {item!r} is not key=value; allowed: e.g. --set optim.lr=3e-4")
+        if any(c in item for c in "\n\r\0"):  # TOML would read the first line and drop the rest unseen
+            raise UserError(
+                f"--set {key.strip()}: {raw!r} spans lines or holds a NUL; allowed: one key=value on one line "
+                f"per --set (repeat --set for more keys)"
+            )
         try:
             out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:

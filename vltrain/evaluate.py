@@ -171,6 +171,24 @@ def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:
     return path
 
 
+def newest_sound_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint whose meta.json and module file verify (vltrain.checkpoint.verify);
+    a damaged one is named on stderr and skipped, not moved: evaluation only reads the run directory
+    (the next training attempt moves it aside)."""
+    import sys
+
+    from vltrain import checkpoint
+
+    for _, path in reversed(checkpoint.complete_checkpoints(run_dir)):
+        problem = checkpoint.verify(path, only=lambda rel: "model_states" in rel)
+        if problem is None:
+            return path
+        print(
+            f"vltrain: warning: checkpoint {path.name} is damaged ({problem}); using the one before it", file=sys.stderr
+        )
+    return None
+
+
 def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     """`vltrain eval --run-dir DIR`: the newest complete checkpoint on the held-out shards, on one process."""
     import torch
@@ -183,7 +201,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     cfg = load_train_config(RunDir(run_dir).config)
-    path = checkpoint.latest(run_dir)
+    path = newest_sound_checkpoint(run_dir)
     if path is None:
         raise UserError(f"--run-dir: {run_dir} has no complete checkpoint; allowed: a run that saved one")
     shards = default_eval_shards(cfg)

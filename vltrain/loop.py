@@ -9,10 +9,19 @@ resubmission and whose rank 0 requeues (scontrol requeue on Slurm, exit 144 for 
 SIGTERM (scancel, Slurm preemption without USR2) writes the checkpoint and exits 143; Slurm's own
 preempt-requeue or clusterctl decides what comes next. The requeued job resumes from the newest
 complete checkpoint. A lost peer or communicator error exits 75, which clusterctl retries.
+
+Divergence. After the per-step all_reduce every rank knows the step's losses and whether any rank's
+optimizer skipped it (DeepSpeed skips a step whose gradient is not finite). A loss that is NaN or
+infinite, or a logging interval whose every step was skipped once more than `max_skipped_steps`
+steps in a row were (fp16's loss scaler skips a few while it settles; bf16 and fp32 skip none), ends
+the run on every rank at the same step with `TrainingDiverged`: one line, recorded as the run's
+failure reason, exit 2 (not 75: a retry from the last checkpoint diverges again), and no checkpoint
+of the diverged state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -82,6 +91,57 @@ def is_comm_error(exc: BaseException) -> bool:
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
     return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in COMM_ERROR_WORDS)
+
+
+class TrainingDiverged(UserError):
+    """The loss is not finite, or the optimizer skipped every step of a logging interval (beyond
+    TrainConfig.max_skipped_steps in a row): the run stopped learning. Every rank raises it at the
+    same step; the run ends FAILED and is not retried."""
+
+    kind = "diverged"
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _remedies(cfg: TrainConfig) -> str:
+    from vltrain.dsconfig import warmup_steps
+
+    o = cfg.optim
+    parts = [f"a lower optim.lr (now {o.lr:g})", f"a longer warm-up (optim.warmup_steps, now {warmup_steps(cfg)})"]
+    if o.grad_clip == 0:
+        parts.append("gradient clipping (optim.grad_clip 1.0)")
+    if cfg.precision == "fp16":
+        parts.append("precision bf16, or a larger max_skipped_steps if the loss scale is still settling")
+    return "allowed: " + ", ".join(parts) + ", in a new run directory (a checkpoint resumes only its own settings)"
+
+
+def non_finite_loss(step: int, losses: dict[str, float], cfg: TrainConfig) -> str | None:
+    """The divergence line when a loss of this step (mean over micro steps and ranks) is NaN or infinite."""
+    import math
+
+    if all(math.isfinite(v) for v in losses.values()):
+        return None
+    parts = ", ".join(f"{k} {_num(v)}" for k, v in losses.items() if k != "loss")
+    return f"training diverged: loss is {_num(losses['loss'])} at step {step} ({parts}); {_remedies(cfg)}"
+
+
+def skipped_interval(
+    step: int, interval_steps: int, interval_skipped: int, in_a_row: int, grad_norm, loss: float, cfg: TrainConfig
+) -> str | None:
+    """The divergence line when the optimizer skipped every step of the logging interval that ends
+    at `step` and more than the tolerated steps in a row (cfg.skip_tolerance(): fp16's settling loss
+    scale; none under bf16 and fp32)."""
+    tolerance = cfg.skip_tolerance()
+    if interval_steps <= 0 or interval_skipped < interval_steps or in_a_row <= tolerance:
+        return None
+    gn = "unknown" if grad_norm is None else _num(float(grad_norm))
+    steps = f"step {step}" if in_a_row == 1 else f"the last {in_a_row} steps (to step {step})"
+    return (
+        f"training diverged: the optimizer skipped {steps} (gradient norm {gn}, loss {_num(loss)}; "
+        f"{cfg.precision} tolerates {tolerance} skipped in a row, max_skipped_steps); {_remedies(cfg)}"
+    )
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -163,8 +223,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
         return session.run(stop_after)
     except (UserError, SystemExit) as e:
         if isinstance(e, UserError):
-            events.emit("error", session.step if session else 0, kind="user", message=str(e))
-            record_failure(run_dir, e, "user", dist_env.rank)
+            record_failure(run_dir, e, "user", dist_env.rank)  # first: the event log may be on a full disk
+            with contextlib.suppress(OSError):  # a full disk under the event log must not hide this error
+                events.emit("error", session.step if session else 0, kind=getattr(e, "kind", "user"), message=str(e))
         raise
     except BaseException as e:
         step = session.step if session else 0
@@ -266,7 +327,8 @@ def record_failure(run_dir: str | Path, exc: BaseException, kind: str, rank: int
         if rank is None:
             rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
         text = str(exc).strip().splitlines()[-1:] or [""]
-        reason = text[0] if kind == "user" else f"{type(exc).__name__}: {text[0]}".rstrip(": ")
+        plain = kind == "user" or isinstance(exc, UserError)  # its line already says what and where
+        reason = text[0] if plain else f"{type(exc).__name__}: {text[0]}".rstrip(": ")
         record = {
             "kind": kind,
             "reason": reason[:500],
@@ -322,12 +384,14 @@ class Session:
                 run_dir,
                 dataclasses.replace(cfg, micro_batch=self.split.micro_batch, accumulation=self.split.accumulation),
             )
-        ckpt = checkpoint.latest(run_dir)
-        if ckpt is not None:
-            checkpoint.check_compatible(ckpt, self.config_hash, dist_env.world_size)
+        checkpoint.check_newest(run_dir, self.config_hash, dist_env.world_size)  # refuse before the slow start
 
         rank_device = init_process_group(dist_env, self.device_kind)
         self.comm = Collectives(comm_device(backend(self.device_kind), dist_env.local_rank), dist_env.world_size)
+        # the newest checkpoint whose files verify (the ranks agree); damaged ones are moved aside
+        ckpt, moved_aside = checkpoint.select(run_dir, dist_env.rank, dist_env.world_size, self.comm)
+        if ckpt is not None:
+            checkpoint.check_compatible(ckpt, self.config_hash, dist_env.world_size)
         self.tokenizer = self._tokenizer()
         self.engine, _ = build_engine(
             cfg, self.split.micro_batch, self.split.accumulation, dist_env.world_size, rank_device
@@ -366,6 +430,8 @@ class Session:
             "pid": os.getpid(),
             "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
         }
+        if moved_aside:
+            info["moved_aside"] = moved_aside
         if ckpt is not None:
             state = checkpoint.load(self.engine, ckpt, dist_env.rank)
             self.loader.load_state_dict(state["loader"])
@@ -435,6 +501,7 @@ class Session:
         from vltrain.engine import shorten_timeout
 
         interval = torch.zeros(8, dtype=torch.float64)  # loss sums x4, micro steps, tokens, flops, seconds
+        interval_steps = interval_skipped = in_a_row = 0  # optimizer steps skipped (gradient not finite)
         batches = iter(self.loader)
         first_step = self.step
         self.watchdog = Watchdog(float(os.environ.get(STALL_TIMEOUT_S, 1800)), self.run_dir).start()
@@ -446,11 +513,30 @@ class Session:
             if self.step == first_step + 1:
                 shorten_timeout()
             self.samples += cfg.global_batch
-            interval += local[2:]
+            interval += local[2:10]
+            skipped = bool(local[10] > 0)  # on any rank (DeepSpeed's overflow check agrees across ranks anyway)
+            interval_steps += 1
+            interval_skipped += skipped
+            in_a_row = in_a_row + 1 if skipped else 0
             stop = bool(local[:2].any())
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps or stop:
+            losses = {k: float(local[2 + i] / local[6]) for i, k in enumerate(self.LOSSES)}
+            diverged = non_finite_loss(self.step, losses, cfg)  # the same sums on every rank: the same verdict
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps or stop or diverged:
                 self._log(interval, lr)
+                grad_norm = self.engine.get_global_grad_norm()
+                diverged = diverged or skipped_interval(
+                    self.step, interval_steps, interval_skipped, in_a_row, grad_norm, losses["loss"], cfg
+                )
+                if interval_skipped and not diverged:
+                    self._say(
+                        f"vltrain: the optimizer skipped {interval_skipped} of the last {interval_steps} steps "
+                        f"(gradient not finite); {in_a_row} in a row now, at most {cfg.skip_tolerance()} tolerated"
+                    )
                 interval.zero_()
+                interval_steps = interval_skipped = 0
+            if diverged:  # before any checkpoint: the diverged state is not saved
+                self._say(f"vltrain: {diverged}")
+                raise TrainingDiverged(diverged)
             if self.energy is not None:
                 self.energy.maybe_flush()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
@@ -470,9 +556,10 @@ class Session:
         return {"step": self.step, "samples": self.samples, "finished": True, "eval": result}
 
     def train_step(self, batches) -> tuple[Any, float]:
-        """One optimizer step (accumulation micro steps) -> (this rank's 10 numbers to reduce, its LR).
+        """One optimizer step (accumulation micro steps) -> (this rank's 11 numbers to reduce, its LR).
 
-        The numbers: 2 stop flags, 4 loss sums, micro steps, real text tokens, model FLOPs, seconds.
+        The numbers: 2 stop flags, 4 loss sums, micro steps, real text tokens, model FLOPs, seconds,
+        and whether the optimizer skipped the step (DeepSpeed's overflow check: a gradient not finite).
         """
         import torch
 
@@ -480,7 +567,8 @@ class Session:
 
         eng, accumulation = self.engine, self.split.accumulation
         t0 = time.perf_counter()
-        local = torch.zeros(10, dtype=torch.float64)
+        local = torch.zeros(11, dtype=torch.float64)
+        skipped_before = getattr(eng, "skipped_steps", 0)
         losses = []
         for micro in range(accumulation):
             batch = next(batches)
@@ -496,12 +584,21 @@ class Session:
             eng.backward(out["loss"])
             if micro == accumulation - 1:
                 lr = eng.get_lr()[0]  # the LR this step uses; engine.step() moves the schedule on
-            eng.step()
+            try:
+                eng.step()
+            except Exception as e:  # fp16: DeepSpeed gives up when the loss scale cannot go lower
+                if "loss scale already at minimum" not in str(e):
+                    raise
+                raise TrainingDiverged(
+                    f"training diverged: fp16's loss scale reached its minimum at step {self.step + 1}, every "
+                    f"gradient overflowing; {_remedies(self.cfg)}"
+                ) from None
             losses.append(torch.stack([out[k].detach().float() for k in self.LOSSES]))
         local[2:6] = torch.stack(losses).sum(0).cpu().double()
         local[6] = accumulation
         local[9] = time.perf_counter() - t0
         local[0:2] = torch.tensor(self.stops.flags(), dtype=torch.float64)
+        local[10] = getattr(eng, "skipped_steps", 0) - skipped_before  # 1 when the optimizer skipped this step
         return local, lr
 
     def _log(self, interval, lr: float) -> None:
@@ -545,7 +642,7 @@ class Session:
             config_hash=self.config_hash,
             trainer_state={"loader": self.loader.state_dict()},
             keep=self.cfg.keep_checkpoints,
-            barrier=self.comm.barrier,
+            comm=self.comm,
         )
         self.saved_step = self.step
         self._alive()

@@ -15,6 +15,8 @@ time, attempt, plus event-specific fields.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -41,23 +43,43 @@ PEAK_BF16_TFLOPS = {
 
 
 class JsonlSink:
-    """Appends one JSON object per line and flushes it; a no-op when disabled (non-zero ranks)."""
+    """Appends one JSON object per line and flushes it; a no-op when disabled (non-zero ranks).
+
+    A full disk (ENOSPC, EDQUOT) does not end the run here: only rank 0 writes these files, and a rank
+    that failed alone would leave the others waiting in the next collective until the time-out (exit
+    75, retried). The line stays buffered (written when there is room again), one warning goes to
+    stderr, and the next checkpoint, which every rank writes, ends the run on all of them with the
+    full disk's one line (vltrain.checkpoint.CheckpointWriteError)."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = Path(path), enabled
         self._f = None
+        self._warned = False
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = self.path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is not None:
-            self._f.write(json.dumps(record, allow_nan=True) + "\n")
-            self._f.flush()
+            try:
+                self._f.write(json.dumps(record, allow_nan=True) + "\n")
+                self._f.flush()
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                if not self._warned:
+                    self._warned = True
+                    print(
+                        f"vltrain: warning: cannot append to {self.path} ({e.strerror}); its lines wait in memory "
+                        f"until there is room, and the next checkpoint ends the run if there is none",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
+            with contextlib.suppress(OSError):  # the lines still waiting for room on a full disk
+                self._f.close()
             self._f = None
 
 

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cancel": ("clusterctl.cli.cmd_runs", "cancel"),
     "resume": ("clusterctl.cli.cmd_runs", "resume"),
     "report": ("clusterctl.cli.cmd_report", "app"),
+    "registry": ("clusterctl.cli.cmd_registry", "app"),
 }
 
 

@@ -17,19 +17,27 @@ import typer
 from clusterctl.cli.options import JSON
 from clusterctl.render import output
 from clusterctl.render.output import print_json
+from clusterctl.render.safe import printable
 from vltrain.common.errors import UserError
 
 app = typer.Typer(help="Energy, carbon, GPU-hour and loss reports.", no_args_is_help=True)
 
 
 def _usages(run: Optional[str], profile: Optional[str], since: Optional[str], until: Optional[str]):
-    """Registry runs matching the filters, refreshed from Slurm once, with their energy files read."""
+    """Registry runs matching the filters, refreshed from Slurm once, with their energy files read;
+    and the notes of that refresh (a controller that did not answer, a read-only registry)."""
+    from clusterctl.runs.artifacts import count_events
     from clusterctl.runs.registry import Registry
     from clusterctl.runs.status import refresh
     from clusterctl.runs.usage import parse_day, read_energy, usage_for
+    from vltrain.rundir import RunDir
 
     reg = Registry()
-    runs = [reg.get_run(run)] if run else reg.list_runs()
+    if run:
+        runs = [reg.get_run(run)]
+    else:
+        reg.verify()  # every run is read: a damaged page must not pass as a complete report
+        runs = reg.list_runs()
     if profile:
         runs = [r for r in runs if r.profile == profile]
     lo = parse_day(since, "--since") if since else None
@@ -37,9 +45,15 @@ def _usages(run: Optional[str], profile: Optional[str], since: Optional[str], un
     if lo is not None and hi is not None and hi <= lo:
         raise UserError(f"--until: {until} is not after --since {since}; allowed: a later date")
     runs = [r for r in runs if (lo is None or r.created_at >= lo) and (hi is None or r.created_at < hi)]
-    jobs = refresh(reg, runs).jobs  # one batched squeue/sacct for the runs still active
+    fresh = refresh(reg, runs)  # one batched squeue/sacct for the runs still active
     now = time.time()
-    return [usage_for(r, jobs[r.run_id], read_energy(r.run_dir), now) for r in runs], runs
+    usages = [
+        usage_for(
+            r, fresh.jobs[r.run_id], read_energy(r.run_dir), now, count_events(RunDir(r.run_dir).events, "resume")
+        )
+        for r in runs
+    ]
+    return usages, runs, fresh.notes
 
 
 def _report(kind: str, run, profile, since, until, by, json_, csv_, plot) -> None:
@@ -53,7 +67,7 @@ def _report(kind: str, run, profile, since, until, by, json_, csv_, plot) -> Non
         from clusterctl.render.plots import check_target
 
         check_target(plot)
-    usages, runs = _usages(run, profile, since, until)
+    usages, runs, notes = _usages(run, profile, since, until)
     rows = aggregate(usages, by)
     if plot is not None:
         from clusterctl.render.plots import energy_plot
@@ -64,13 +78,19 @@ def _report(kind: str, run, profile, since, until, by, json_, csv_, plot) -> Non
     if csv_:
         typer.echo(to_csv(rows), nl=False)
     elif json_:
-        print_json({"report": kind, "by": by, "columns": list(COLUMNS), "rows": rows})
+        print_json({"report": kind, "by": by, "columns": list(COLUMNS), "rows": rows, "notes": notes})
     else:
         from clusterctl.render.report_view import print_report
 
         print_report(kind, by, rows)
+    if csv_:  # CSV on stdout stays parseable: what did not answer goes to stderr
+        for note in notes:
+            output.err_console.print(f"note: {printable(note)}", markup=False, highlight=False, soft_wrap=True)
+    elif not json_:
+        for note in notes:
+            output.console.print(f"note: {printable(note)}", markup=False, highlight=False, soft_wrap=True)
     if plot is not None and not json_ and not csv_:
-        output.console.print(f"plot written to {plot}")
+        output.console.print(f"plot written to {printable(str(plot))}", markup=False, highlight=False)
 
 
 _RUN = typer.Option(None, "--run", help="Run id, id prefix or name.")
@@ -134,7 +154,7 @@ def loss(
         from clusterctl.render.plots import loss_plot
 
         loss_plot(r.run_id, rows, plot)
-    keys = [k for k in ("loss", "itc", "mlm", "caption") if k in rows[-1]]
+    keys = [k for k in ("loss", "itc", "mlm", "caption") if any(k in d for d in rows)]
     if json_:
         print_json({"run_id": r.run_id, "steps": [{k: d.get(k) for k in ("step", *keys)} for d in rows]})
         return
@@ -142,4 +162,4 @@ def loss(
 
     print_loss(r.run_id, rows, keys)
     if plot is not None:
-        output.console.print(f"plot written to {plot}")
+        output.console.print(f"plot written to {printable(str(plot))}", markup=False, highlight=False)

@@ -9,6 +9,7 @@ import typer
 from clusterctl.cli.options import RUN
 from clusterctl.render import output
 from clusterctl.render.output import print_json
+from clusterctl.render.safe import printable
 from clusterctl.runs.registry import Registry
 from vltrain.common.errors import UserError
 
@@ -46,8 +47,9 @@ def cancel(run: str = RUN) -> None:
 
     reg = Registry()
     r = reg.get_run(run)
+    reg.require_writable()  # a cancel the registry cannot record would leave it saying the run goes on
     job = cancel_run(reg, r)
-    output.console.print(f"cancelled {r.run_id} (job {job.job_id})")
+    output.console.print(f"cancelled {printable(r.run_id)} (job {printable(job.job_id)})", markup=False)
 
 
 def resume(run: str = RUN, json_: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
@@ -56,9 +58,10 @@ def resume(run: str = RUN, json_: bool = typer.Option(False, "--json", help="Pri
 
     reg = Registry()
     r = reg.get_run(run)
+    reg.require_writable()
     job_id, ckpt = resume_run(reg, r)
     if json_:
         print_json({"run_id": r.run_id, "job_id": job_id, "resume_from": ckpt})
     else:
-        where = f"from {ckpt}" if ckpt else "from the start (no complete checkpoint yet)"
-        output.console.print(f"resumed {r.run_id} as job {job_id}, {where}")
+        where = f"from {printable(ckpt)}" if ckpt else "from the start (no complete checkpoint yet)"
+        output.console.print(f"resumed {printable(r.run_id)} as job {printable(job_id)}, {where}", markup=False)

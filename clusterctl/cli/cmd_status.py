@@ -21,7 +21,7 @@ def status(
     reg = Registry()
     runs = select_runs(reg, run, all_)
     data = collect(reg, runs)
-    if any(r.state in FAILURE_STATES for r in runs):  # no daemon: cluster failures are retried here
+    if any(r.state in FAILURE_STATES for r in runs) and not reg.readonly:  # no daemon: retried here
         from clusterctl.runs.lifecycle import reconcile
 
         for run_id, job_id in reconcile(reg, runs):

@@ -3,7 +3,10 @@
 Each refresh makes one batched scheduler question for every watched run (clusterctl.runs.status),
 reads only the new bytes of each run's metrics.jsonl and rank-0 log (render.watch_view.Tail), and
 redraws a rich Live view sized for 80x24. `q` or Ctrl-C leaves cleanly (the terminal is restored);
-when stdout is not a terminal it prints plain progress lines instead. When every watched run has
+when stdout is not a terminal it prints plain progress lines instead, and the same `note:` lines
+`status` prints (a controller that does not answer, a read-only registry) whenever they change. A
+refresh waits for Slurm at most $CLUSTERCTL_SLURM_TIMEOUT (the first one counted from the process's
+start, backends.slurm.commands). When every watched run has
 reached a final state (clusterctl.specs.FINAL_STATES: UNKNOWN is not one) it prints a one-screen
 summary and returns 0 if all completed.
 """
@@ -57,6 +60,7 @@ class Keys:
 def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
     """The live loop; returns the exit code (0: all completed or the user quit, 1: a run did not complete)."""
     from clusterctl.render.output import console
+    from clusterctl.render.safe import printable
     from clusterctl.render.watch_view import (
         RunView,
         Tail,
@@ -78,6 +82,8 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
     tty = sys.stdout.isatty()
     keys = Keys() if tty else None
     last_plain: dict[str, tuple] = {}
+    last_notes: list[str] = []
+    fresh = None
     live = None
     quit_ = False
     rows: list[dict] = []
@@ -94,7 +100,7 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
             fresh = refresh(reg, runs, None, now)
             states, jobs = fresh.states, fresh.jobs
             failed = [r for r in runs if states[r.run_id] in FAILURE_STATES]
-            if failed:
+            if failed and not reg.readonly:
                 from clusterctl.runs.lifecycle import reconcile
 
                 for r in failed:
@@ -119,7 +125,7 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
                 width = min(console.width, 100)
                 footer = Text(
                     f"{fresh.source} | refresh {interval:g}s | q quits"
-                    + (" | " + "; ".join(fresh.notes) if fresh.notes else ""),
+                    + (" | " + "; ".join(printable(n) for n in fresh.notes) if fresh.notes else ""),
                     style="dim",
                     no_wrap=True,
                     overflow="ellipsis",
@@ -137,6 +143,10 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
                     if key != said_key or now - said_at >= PLAIN_HEARTBEAT_S:
                         print(plain_line(row, v), flush=True)
                         last_plain[row["run_id"]] = (key, now)
+                if fresh.notes != last_notes:  # the notes status prints, each time they change
+                    for note in fresh.notes:
+                        print(f"note: {printable(note)}", flush=True)
+                    last_notes = list(fresh.notes)
             if done:
                 break
             key = keys.wait(interval) if keys else (time.sleep(interval) or None)
@@ -156,4 +166,7 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
     evals = {r.run_id: eval_summary(r.run_dir) for r in runs}
     for line in summary_lines(rows, views, evals):
         print(line, flush=True)
+    if live is not None and fresh is not None and fresh.notes:  # the view is gone: what did not answer stays said
+        for note in fresh.notes:
+            print(f"note: {printable(note)}", flush=True)
     return 0 if all(row["state"] == RunState.COMPLETED for row in rows) else 1

@@ -1,8 +1,11 @@
-"""Where the CLI prints: one rich console for humans, plain JSON for scripts (figures: render.units)."""
+"""Where the CLI prints: one rich console for humans, plain JSON for scripts (figures: render.units).
+
+JSON is strict (RFC 8259): NaN and Infinity, which json.dumps would write bare, are printed as null
+(clusterctl.runs.artifacts.dumps_strict, the same helper the registry writes with).
+"""
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -26,5 +29,8 @@ def __getattr__(name: str):
 
 
 def print_json(data: Any) -> None:
-    """Machine-readable output: plain JSON on stdout, no colour, stable key order."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Machine-readable output: strict JSON on stdout (non-finite numbers as null), no colour,
+    stable key order."""
+    from clusterctl.runs.artifacts import dumps_strict
+
+    sys.stdout.write(dumps_strict(data, indent=2, default=str) + "\n")

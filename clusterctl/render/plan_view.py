@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from clusterctl.render import output
+from clusterctl.render.safe import printable
 
 
 def print_plan(d: dict) -> None:
@@ -10,7 +11,7 @@ def print_plan(d: dict) -> None:
 
     m = d["memory"]
     output.console.print(
-        f"[bold]{d['model']}[/bold] ({d['params'] / 1e9:.2f}B params) on [bold]{d['profile']}[/bold]: "
+        f"[bold]{_esc(d['model'])}[/bold] ({d['params'] / 1e9:.2f}B params) on [bold]{_esc(d['profile'])}[/bold]: "
         f"{d['world_size']} GPUs = tp {d['tensor_parallel']} x pp {d['pipeline_parallel']} x dp {d['data_parallel']}"
     )
     output.console.print(
@@ -115,7 +116,7 @@ def print_estimate(d: dict) -> None:
     from clusterctl.planning.estimates import count_words
     from clusterctl.render.units import flops
 
-    t = Table(title=f"estimate: {d['work']}", title_justify="left", show_header=False)
+    t = Table(title=f"estimate: {_esc(d['work'])}", title_justify="left", show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")
     t.add_row("GPUs", f"{d['gpus']:,}" if d["gpus"] else "- (give --gpus or --profile for the wall time)")
@@ -149,7 +150,9 @@ def print_config(config: dict, source: str) -> None:
 
     from vltrain.common.atomic import drop_none
 
-    output.console.print(f"[bold]resolved config[/bold] (from {source}; written to the run directory as config.toml):")
+    output.console.print(
+        f"[bold]resolved config[/bold] (from {_esc(source)}; written to the run directory as config.toml):"
+    )
     output.console.print(tomli_w.dumps(drop_none(config)).rstrip(), markup=False, highlight=False, soft_wrap=True)
 
 
@@ -158,6 +161,13 @@ def print_checks(problems: list[str], warnings: list[str]) -> None:
     if not problems and not warnings:
         output.console.print("[green]checks passed[/green]: submit would start this run")
     for line in warnings:
-        output.console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+        output.console.print(f"warning: {printable(line)}", markup=False, highlight=False, soft_wrap=True)
     for line in problems:
-        output.console.print(f"[red]submit would refuse[/red]: {line}", highlight=False, soft_wrap=True)
+        output.console.print(f"[red]submit would refuse[/red]: {_esc(line)}", highlight=False, soft_wrap=True)
+
+
+def _esc(text) -> str:
+    """User text inside a line that has rich markup of its own: escaped (render.safe), no markup read."""
+    from rich.markup import escape
+
+    return escape(printable(text))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+from clusterctl.render.safe import printable
 from vltrain.common.errors import UserError
 
 
@@ -15,6 +17,10 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_target(path: Path, flag: str = "--plot") -> Path:
@@ -44,8 +50,8 @@ def energy_plot(series: dict[str, list[tuple[float, float, float]]], path: Path)
         if not pts:
             continue
         h, e, c = zip(*pts)
-        ax_e.plot(h, e, marker=".", label=run)
-        ax_c.plot(h, c, marker=".", label=run)
+        ax_e.plot(h, e, marker=".", label=printable(run))
+        ax_c.plot(h, c, marker=".", label=printable(run))
     ax_e.set_ylabel("energy (kWh, cumulative)")
     ax_c.set_ylabel("emissions (kg CO2eq, cumulative)")
     ax_c.set_xlabel("hours since the run was submitted")
@@ -64,13 +70,13 @@ def loss_plot(run: str, rows: list[dict[str, Any]], path: Path, keys=("loss", "i
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and "step" in r]
+        pts = [(r["step"], r[k]) for r in rows if _finite(r.get(k)) and _finite(r.get("step"))]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, label="total" if k == "loss" else k, linewidth=2 if k == "loss" else 1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title(f"{run}: loss per objective")
+    ax.set_title(f"{printable(run)}: loss per objective")
     ax.legend()
     ax.grid(alpha=0.3)
     _save(fig, path)

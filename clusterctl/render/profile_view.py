@@ -6,6 +6,7 @@ from typing import Any
 
 from clusterctl.planning.profiles import ClusterProfile, fabric
 from clusterctl.render import output
+from clusterctl.render.safe import cell, printable
 
 
 def print_profiles(rows: list[dict[str, Any]]) -> None:
@@ -17,24 +18,26 @@ def print_profiles(rows: list[dict[str, Any]]) -> None:
         t.add_column(col, justify="right" if col == "GPUs" else "left", no_wrap=col in ("name", "GPUs"))
     for r in rows:
         style = "dim" if r["shadowed"] else None
-        name = r["name"] + (" (shadowed)" if r["shadowed"] else "")
+        name = cell(printable(r["name"]) + (" (shadowed)" if r["shadowed"] else ""))
         if not r["valid"]:
-            t.add_row(name, "[red]invalid[/red]", "", "", "", "", "", style=style)
+            t.add_row(name, cell("invalid", "red"), "", "", "", "", "", style=style)
             continue
         t.add_row(
             name,
-            r["executor"],
-            f"{r['nodes']}x{r['gpus_per_node']}",
-            r["gpu"],
-            r["fabric_short"],
-            r["country"],
-            r["seed"] or "",
+            cell(r["executor"]),
+            cell(f"{r['nodes']}x{r['gpus_per_node']}"),
+            cell(r["gpu"]),
+            cell(r["fabric_short"]),
+            cell(r["country"]),
+            cell(r["seed"] or ""),
             style=style,
         )
     output.console.print(t)
     for r in rows:
         if not r["valid"]:
-            output.console.print(f"[red]invalid:[/red] {r['error']}", soft_wrap=True)
+            line = cell("invalid: ", "red")
+            line.append(printable(r["error"]))
+            output.console.print(line, soft_wrap=True)
 
 
 def print_profile(p: ClusterProfile, country_name: str) -> None:
@@ -42,7 +45,7 @@ def print_profile(p: ClusterProfile, country_name: str) -> None:
     from rich.table import Table
 
     d = p.derived()
-    t = Table(show_header=False, title=f"{p.name}", title_justify="left", box=None, pad_edge=False)
+    t = Table(show_header=False, title=cell(p.name), title_justify="left", box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
     rows = [
@@ -78,5 +81,5 @@ def print_profile(p: ClusterProfile, country_name: str) -> None:
     if p.seed:
         rows.append(("seed", p.seed))
     for k, v in rows:
-        t.add_row(k, v)
+        t.add_row(k, cell(v))  # every value may hold the profile author's text
     output.console.print(t)

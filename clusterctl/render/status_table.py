@@ -3,10 +3,11 @@ asking the terminal its width)."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
-from clusterctl.backends import get_backend
+from clusterctl.render.safe import printable
 from clusterctl.render.units import duration
 
 COLUMNS = (
@@ -29,24 +30,30 @@ DROP_ORDER = ("SAMPLES/S", "PROFILE", "ELAPSED", "JOB")  # hidden first when the
 
 def table_lines(runs: list[dict[str, Any]], width: int | None = None) -> tuple[list[str], list[str]]:
     """The status listing as aligned text lines (header first), and the columns left out to fit
-    `width` (None: all columns). RUN, STATE, RQ, STEP, LOSS, ETA and GPU-H are always kept.
+    `width` (None: all columns). RUN, STATE, RQ, RES, STEP, LOSS, ETA and GPU-H are always kept.
 
     Formatted by hand, not with rich's Table: rich measures every cell through its renderable
     protocol (~40 ms for 50 rows, a sixth of what the whole command may cost), and a fixed set
-    of plain columns needs none of that. RQ is Slurm's requeue count, or the trainer's resume
-    events for local runs.
+    of plain columns needs none of that. RQ is `requeues` (the scheduler restarted a job under
+    its id: Slurm's count, 0 for local runs), RES is `resumes` (the trainer continued from a
+    checkpoint, whatever restarted it), as in --json, watch and reports; RES is left out when no
+    listed run has resumed. Every text cell goes through render.safe.printable.
     """
-    cells = [[h for h, _ in COLUMNS]]
+    columns = list(COLUMNS)
+    with_res = any(r.get("resumes") for r in runs)
+    if with_res:
+        columns.insert(5, ("RES", ">"))
+    cells = [[h for h, _ in columns]]
     for r in runs:
-        rq = r["requeues"] if get_backend(r["executor"]).requeues_itself else r["resumes"]
         step = "-" if r["step"] is None else f"{r['step']:,.0f}/{r['total_steps']:,}"
         cells.append(
             [
-                r["run_id"],
-                r["job_id"] or "-",
-                r["profile"],
-                r["state"],
-                str(rq),
+                printable(r["run_id"]),
+                printable(r["job_id"]),
+                printable(r["profile"]),
+                printable(r["state"]),
+                str(r["requeues"]),
+                *([str(r["resumes"])] if with_res else []),
                 step,
                 _fmt(r["loss"], "{:.4f}"),
                 _fmt(r["samples_per_s"], "{:,.1f}"),
@@ -55,8 +62,8 @@ def table_lines(runs: list[dict[str, Any]], width: int | None = None) -> tuple[l
                 f"{r['gpu_hours']:,.0f}" if r["gpu_hours"] >= 100 else f"{r['gpu_hours']:.2f}",
             ]
         )
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    keep = list(range(len(COLUMNS)))
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    keep = list(range(len(columns)))
     hidden: list[str] = []
 
     def over() -> int:  # columns beyond `width` with the columns kept (2 spaces between them)
@@ -65,14 +72,14 @@ def table_lines(runs: list[dict[str, Any]], width: int | None = None) -> tuple[l
     for name in DROP_ORDER:
         if over() <= 0:
             break
-        keep.remove(next(i for i, (h, _) in enumerate(COLUMNS) if h == name))
+        keep.remove(next(i for i, (h, _) in enumerate(columns) if h == name))
         hidden.append(name)
     if (excess := over()) > 0:  # last resort: cut run ids at the end; the prefix left is what commands accept
         widths[0] = max(12, widths[0] - excess)
         for row in cells[1:]:
             if len(row[0]) > widths[0]:
                 row[0] = row[0][: widths[0] - 1] + "…"
-    lines = ["  ".join(f"{row[i]:{COLUMNS[i][1]}{widths[i]}}" for i in keep).rstrip() for row in cells]
+    lines = ["  ".join(f"{row[i]:{columns[i][1]}{widths[i]}}" for i in keep).rstrip() for row in cells]
     return lines, hidden
 
 
@@ -108,13 +115,21 @@ def print_status(data: dict[str, Any]) -> None:
     for row in data["runs"]:  # why each shown run that ended without completing did, one line each
         if row.get("reason"):
             console.print(
-                f"{row['state']} {row['run_id']}: {row['reason']}", markup=False, highlight=False, soft_wrap=True
+                f"{printable(row['state'])} {printable(row['run_id'])}: {printable(row['reason'])}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
             )
     for note in data["notes"]:
-        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"note: {printable(note)}", markup=False, highlight=False, soft_wrap=True)
     if data["runs"] and data["source"] != "registry":
         console.print(f"source: {data['source']}", style="dim", markup=False, highlight=False)
 
 
 def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else spec.format(v)
+    """A figure, '-' when unknown; NaN and infinity as 'nan' / 'inf' (a diverged loss stays visible)."""
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return spec.format(v)

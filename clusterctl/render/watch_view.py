@@ -8,13 +8,15 @@ renderables or text lines; they do no I/O and are unit-tested.
 
 from __future__ import annotations
 
-import json
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clusterctl.render.safe import cell, printable
 from clusterctl.render.units import ENERGY_UNITS, co2, duration, energy, pick_unit, quantity
+from clusterctl.runs.artifacts import metric_record
 from clusterctl.specs import FINAL_STATES, RunState
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -24,7 +26,7 @@ HISTORY = 48
 
 def sparkline(values: list[float], width: int = 24) -> str:
     """The last `width` values as block characters scaled between their min and max."""
-    vals = [v for v in values if isinstance(v, (int, float)) and v == v][-width:]
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)][-width:]
     if not vals:
         return ""
     lo, hi = min(vals), max(vals)
@@ -75,12 +77,10 @@ class RunView:
     co2_kg: float = 0.0
 
     def feed_metrics(self, lines: list[str]) -> None:
+        """New metrics.jsonl lines, read like status and reports read them (runs.artifacts.metric_record)."""
         for line in lines:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(rec, dict) or "step" not in rec:
+            rec = metric_record(line)
+            if rec is None:
                 continue
             self.last = rec
             for k, hist in self.losses.items():
@@ -90,7 +90,7 @@ class RunView:
     def feed_log(self, lines: list[str]) -> None:
         for line in lines:
             if line.strip():
-                self.log_lines.append(line.rstrip())
+                self.log_lines.append(printable(line.rstrip()))
 
 
 STATE_STYLES = {
@@ -106,13 +106,29 @@ def state_style(state: str) -> str:
     return STATE_STYLES.get(state, "red" if state in FINAL_STATES else "cyan")
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _loss(v: Any, spec: str) -> str | None:
+    """A loss as text ('nan' and 'inf' shown as such: a diverged run must look diverged); None if none."""
+    if not _number(v):
+        return None
+    return format(v, spec) if math.isfinite(v) else str(float(v))
+
+
+def counts(row: dict[str, Any]) -> str:
+    """Requeues and resumes, as status and reports count them (runs.status.RunStatus)."""
+    return f"requeues {row.get('requeues', 0)}  resumes {row.get('resumes', 0)}"
+
+
 def stats_line(row: dict[str, Any], v: RunView) -> str:
     m = v.last
     sps = m.get("samples_per_s")
     mfu = m.get("mfu")
     return (
-        (f"{sps:,.1f} samples/s" if isinstance(sps, (int, float)) else "- samples/s")
-        + (f" | MFU {mfu * 100:.1f}%" if isinstance(mfu, (int, float)) else "")
+        (f"{sps:,.1f} samples/s" if _number(sps) else "- samples/s")
+        + (f" | MFU {mfu * 100:.1f}%" if _number(mfu) else "")
         + (f" | {quantity(row.get('gpu_hours', 0.0))} GPU-h | {energy(v.energy_kwh)} | {co2(v.co2_kg)}")
     )
 
@@ -126,12 +142,12 @@ def run_panel(row: dict[str, Any], v: RunView, width: int = 80):
 
     state = row["state"]
     head = Text.assemble(
-        (row["name"], "bold"),
+        (printable(row["name"]), "bold"),
         "  ",
-        (state, state_style(state)),
-        f"  job {row.get('job_id') or '-'}",
-        f"  nodes {row.get('node_list') or '-'}",
-        f"  requeues {row.get('requeues', 0)}",
+        (printable(state), state_style(state)),
+        f"  job {printable(row.get('job_id'))}",
+        f"  nodes {printable(row.get('node_list'))}",
+        f"  {counts(row)}",
     )
     step = v.last.get("step", row.get("step")) or 0
     total = row.get("total_steps") or 1
@@ -148,18 +164,18 @@ def run_panel(row: dict[str, Any], v: RunView, width: int = 80):
         if hist:
             spark.append(f"{k} ", style="dim")
             spark.append(sparkline(list(hist), 10))
-            spark.append(f" {hist[-1]:.3f}  ")
+            spark.append(f" {_loss(hist[-1], '.3f')}  ")
     body = Table.grid()
     body.add_row(head)
     body.add_row(bar)
     body.add_row(spark if spark.plain else Text("waiting for the first logged step", style="dim"))
     body.add_row(Text(stats_line(row, v)))
     if row.get("reason"):  # why it ended says more than the log's last line
-        body.add_row(Text(row["reason"][: width - 4], style="red", no_wrap=True, overflow="ellipsis"))
+        body.add_row(Text(printable(row["reason"])[: width - 4], style="red", no_wrap=True, overflow="ellipsis"))
     else:
-        for line in list(v.log_lines)[-1:]:
+        for line in list(v.log_lines)[-1:]:  # escaped when fed (feed_log)
             body.add_row(Text(line[: width - 4], style="dim", no_wrap=True, overflow="ellipsis"))
-    return Panel(body, title=row["run_id"], title_align="left", padding=(0, 1), width=width)
+    return Panel(body, title=cell(row["run_id"]), title_align="left", padding=(0, 1), width=width)
 
 
 PANEL_LINES = 8  # a run_panel's height with borders and the log line
@@ -195,16 +211,16 @@ def runs_table(rows: list[dict[str, Any]], views: dict[str, RunView], width: int
         m = v.last
         step = m.get("step", row.get("step"))
         hist = list(v.losses["loss"])
-        loss = Text(f"{hist[-1]:.3f} " if hist else "- ")
+        loss = Text(f"{_loss(hist[-1], '.3f')} " if hist else "- ")
         loss.append(sparkline(hist, 6), style="dim")
         sps = m.get("samples_per_s")
         t.add_row(
-            row["name"],
-            Text(row["state"], style=state_style(row["state"])),
+            cell(row["name"]),
+            cell(row["state"], style=state_style(row["state"])),
             f"{int(step) if step is not None else '-'}/{row.get('total_steps')}",
             duration(row.get("eta_s"), "clock"),
             loss,
-            f"{sps:,.0f}" if isinstance(sps, (int, float)) else "-",
+            f"{sps:,.0f}" if _number(sps) else "-",
             quantity(row.get("gpu_hours", 0.0)),
             quantity(v.energy_kwh * ef),
         )
@@ -219,12 +235,12 @@ def runs_table(rows: list[dict[str, Any]], views: dict[str, RunView], width: int
 def plain_line(row: dict[str, Any], v: RunView) -> str:
     """The non-TTY progress line of a run."""
     m = v.last
-    loss = f" loss {m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else ""
+    loss = f" loss {text}" if (text := _loss(m.get("loss"), ".4f")) else ""
     step = m.get("step", row.get("step"))
     return (
-        f"{row['run_id']} {row['state']} step {int(step) if step is not None else '-'}/{row.get('total_steps')}"
-        f"{loss} requeues {row.get('requeues', 0)} | {stats_line(row, v)}"
-        + (f" | {row['reason']}" if row.get("reason") else "")
+        f"{printable(row['run_id'])} {printable(row['state'])} step {int(step) if step is not None else '-'}"
+        f"/{row.get('total_steps')}{loss} {counts(row)} | {stats_line(row, v)}"
+        + (f" | {printable(row['reason'])}" if row.get("reason") else "")
     )
 
 
@@ -234,15 +250,18 @@ def summary_lines(rows: list[dict[str, Any]], views: dict[str, RunView], evals: 
     for row in rows:
         v = views[row["run_id"]]
         m = v.last
-        loss = f"{m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else "-"
+        loss = _loss(m.get("loss"), ".4f") or "-"
+        step = m.get("step", row.get("step"))
         out.append(
-            f"{row['run_id']}: {row['state']}, step {m.get('step', '-')}/{row.get('total_steps')}, "
-            f"final loss {loss}, requeues {row.get('requeues', 0)}, elapsed {duration(row.get('elapsed_s'), 'clock')}"
+            f"{printable(row['run_id'])}: {printable(row['state'])}, "
+            f"step {int(step) if step is not None else '-'}/{row.get('total_steps')}, final loss {loss}, "
+            f"requeues {row.get('requeues', 0)}, resumes {row.get('resumes', 0)}, "
+            f"elapsed {duration(row.get('elapsed_s'), 'clock')}"
         )
         out.append(f"  {quantity(row.get('gpu_hours', 0.0))} GPU-h, {energy(v.energy_kwh)}, {co2(v.co2_kg)}")
         if row.get("reason"):
-            out.append(f"  why: {row['reason']}")
+            out.append(f"  why: {printable(row['reason'])}")
         ev = evals.get(row["run_id"])
         if ev:
-            out.append("  eval: " + "  ".join(f"{k} {val:.3f}" for k, val in ev.items()))
+            out.append("  eval: " + "  ".join(f"{printable(k)} {val:.3f}" for k, val in ev.items()))
     return out

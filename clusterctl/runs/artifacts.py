@@ -2,11 +2,18 @@
 
 Reads are cheap however long the run: the last metrics line is read backwards from the end of the
 file, energy totals are re-read only when a node's file changed. Layout: vltrain.rundir.
+
+One reader for metrics.jsonl: `metric_record` turns one line (bytes or text) into a record or None,
+and status (`tail_json`), watch (`render.watch_view.RunView`) and `report loss` (`metric_rows`) all
+take lines through it, so a cut line, random bytes or a `step` that is not a number is skipped the
+same way everywhere. JSON that leaves clusterctl (the registry's columns, `--json` output) goes
+through `dumps_strict`: NaN and Infinity are not JSON, so they are written as null.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -14,23 +21,67 @@ from typing import Any
 from vltrain.rundir import RunDir
 
 
+def finite(obj: Any) -> Any:
+    """`obj` with every float that is NaN or infinite replaced by None, in nested dicts, lists and
+    tuples too (tuples become lists, as JSON has them)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps_strict(obj: Any, **kwargs: Any) -> str:
+    """json.dumps that only ever writes JSON: non-finite floats become null (allow_nan=False then
+    guarantees none is left). Keyword arguments are json.dumps's (indent, sort_keys, default)."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
+def _metric_value(v: Any) -> Any:
+    """A number as Python can format it: an int too large for a float is +-inf (NaN and inf stay:
+    a diverged loss must look diverged; JSON output turns them into null)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        try:
+            float(v)
+        except OverflowError:
+            return math.inf if v > 0 else -math.inf
+    return v
+
+
+def metric_record(line: bytes | str) -> dict[str, Any] | None:
+    """One metrics.jsonl line as a record, or None when it is not one: not JSON (a line cut by a
+    kill, random bytes, text that is not UTF-8), not an object, or without a finite, non-negative
+    number as `step`. Numbers too large for a float become +-inf."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    if not isinstance(obj, dict):
+        return None
+    rec = {k: _metric_value(v) for k, v in obj.items()}
+    step = rec.get("step")
+    if not isinstance(step, (int, float)) or isinstance(step, bool) or not math.isfinite(step) or step < 0:
+        return None
+    return rec
+
+
 def last_json_line(buf: bytes, complete_first: bool) -> dict[str, Any] | None:
-    """The last line of `buf` that parses as a JSON object; a half-written last line is skipped.
-    `complete_first`: buf starts at the start of the file (its first line is whole)."""
+    """The last line of `buf` that is a metrics record (metric_record); a half-written last line is
+    skipped. `complete_first`: buf starts at the start of the file (its first line is whole)."""
     lines = buf.split(b"\n")
     for line in reversed(lines if complete_first else lines[1:]):
         if line.strip():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                return obj
+            rec = metric_record(line)
+            if rec is not None:
+                return rec
     return None
 
 
 def tail_json(path: Path, chunk: int = 8192, max_bytes: int = 1 << 20) -> dict[str, Any] | None:
-    """The last complete JSON line of a JSONL file, read backwards from the end in chunks."""
+    """The last complete metrics record of a JSONL file (metric_record), read backwards from the
+    end in chunks, at most `max_bytes`."""
     try:
         f = path.open("rb")
     except OSError:
@@ -99,7 +150,13 @@ class EnergyTotals:
     def read(self) -> tuple[float, float]:
         from clusterctl.runs.usage import read_energy
 
-        key = tuple((p.name, p.stat().st_mtime_ns) for p in self.run_dir.energy_files() if p.exists())
+        key = []
+        for p in self.run_dir.energy_files():
+            try:
+                key.append((p.name, p.stat().st_mtime_ns))
+            except OSError:  # gone since the glob
+                continue
+        key = tuple(key)
         if key != self._key:
             readings = read_energy(self.run_dir.root)
             self._key, self.value = key, (sum(r.energy_kwh for r in readings), sum(r.co2_kg for r in readings))
@@ -107,42 +164,69 @@ class EnergyTotals:
 
 
 def metric_rows(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every logged step of metrics.jsonl (a line cut by a kill is skipped)."""
-    path = RunDir(run_dir).metrics
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                d = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(d, dict) and "step" in d:
-                rows.append(d)
-    return rows
+    """Every logged step of metrics.jsonl, one record per step (the last line written for it: a
+    resumed run logs the steps after its checkpoint again), in step order. Lines that are not
+    records (metric_record) are skipped."""
+    try:
+        data = RunDir(run_dir).metrics.read_bytes()
+    except OSError:
+        return []
+    by_step: dict[float, dict[str, Any]] = {}
+    for line in data.split(b"\n"):
+        if line.strip() and (rec := metric_record(line)) is not None:
+            by_step.pop(rec["step"], None)
+            by_step[rec["step"]] = rec
+    return sorted(by_step.values(), key=lambda r: r["step"])
 
 
 # A user's error says what to fix; any other error comes next; a lost peer is usually the echo of
 # another rank's failure, so it is the reason only when nothing else was recorded.
 _KIND_ORDER = {"user": 0, "communication": 2}
+MAX_REASON = 500  # characters of a reason kept (one line under a table)
 
 
-def failure_reason(run_dir: str | Path, job_id: str | None) -> str | None:
-    """Why the job `job_id` of a run failed, in one line: the trainer's record (vltrain.loop
-    record_failure, one per failing rank: the most telling of the latest restart), else the last
-    line of the traceback submitit kept; None when neither says."""
+def _count(v: Any) -> float:
+    """A restart number or a time from a failure record; 0 when it is not a finite number."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return 0.0
+    try:
+        f = float(v)
+    except OverflowError:
+        return 0.0
+    return f if math.isfinite(f) else 0.0
+
+
+def failure_records(run_dir: str | Path, job_id: str | None) -> list[dict[str, Any]]:
+    """The trainer's failure records (vltrain.loop record_failure, one per failing rank) of the job's
+    latest restart."""
     records = []
     for p in RunDir(run_dir).failures.glob("rank*.json"):
         try:
-            rec = json.loads(p.read_text())
-        except (OSError, ValueError):
+            rec = json.loads(p.read_bytes())
+        except (OSError, ValueError, RecursionError):
             continue
         if isinstance(rec, dict) and isinstance(rec.get("reason"), str) and str(rec.get("job_id")) == str(job_id):
             records.append(rec)
-    if records:
-        last = max(int(r.get("restart") or 0) for r in records)
-        mine = [r for r in records if int(r.get("restart") or 0) == last]
-        best = min(mine, key=lambda r: (_KIND_ORDER.get(r.get("kind"), 1), r.get("time") or 0.0))
-        return best["reason"]
+    if not records:
+        return []
+    last = max(_count(r.get("restart")) for r in records)
+    return [r for r in records if _count(r.get("restart")) == last]
+
+
+def user_failure(run_dir: str | Path, job_id: str | None) -> bool:
+    """Did a rank of this job fail on the user's account (a bad input, a diverged loss)? Then the job
+    is not retried, whatever exit code Slurm reports (srun --kill-on-bad-exit may SIGKILL the other
+    ranks first: FAILED 9:0)."""
+    return any(r.get("kind") == "user" for r in failure_records(run_dir, job_id))
+
+
+def failure_reason(run_dir: str | Path, job_id: str | None) -> str | None:
+    """Why the job `job_id` of a run failed, in one line: the most telling of the trainer's records of
+    the latest restart, else the last line of the traceback submitit kept; None when neither says."""
+    mine = failure_records(run_dir, job_id)
+    if mine:
+        best = min(mine, key=lambda r: (_KIND_ORDER.get(str(r.get("kind")), 1), _count(r.get("time"))))
+        return best["reason"][:MAX_REASON]
     if job_id is None:
         return None
     from clusterctl.backends.results import submitit_error

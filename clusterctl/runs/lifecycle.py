@@ -28,7 +28,11 @@ def reconcile(reg: Registry, runs: list[RunRecord]) -> list[tuple[str, str]]:
     if not failed:
         return []
     jobs = reg.jobs_for(r.run_id for r in failed)
-    todo = [r for r in failed if should_retry(r, jobs[r.run_id])]
+    from clusterctl.runs.artifacts import user_failure
+
+    todo = [
+        r for r in failed if should_retry(r, jobs[r.run_id]) and not user_failure(r.run_dir, jobs[r.run_id][-1].job_id)
+    ]
     if not todo:
         return []
     # submitting imports planning and the train config: only when there is something to resubmit,

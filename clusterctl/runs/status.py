@@ -9,6 +9,7 @@ turns a refreshed run, its jobs and its last metrics line into the row `status`,
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -32,8 +33,8 @@ class RunStatus(TypedDict):
     state: str
     job_id: str | None
     job_ids: list[str]
-    requeues: int  # the scheduler's own restarts (Slurm)
-    resumes: int  # the trainer's resume events (any backend)
+    requeues: int  # the scheduler's own restarts of the run's job ids (Slurm's RestartCnt, summed; 0 locally)
+    resumes: int  # the trainer's resume events in events.jsonl: continued from a checkpoint, whatever restarted it
     step: float | None
     total_steps: int
     loss: float | None
@@ -72,18 +73,18 @@ def summarize(
     reason: str | None = None,
 ) -> RunStatus:
     """One status row from refreshed registry records and the last metrics line."""
+    from clusterctl.runs.usage import job_time
+
     m = metrics or {}
     step = _num(m.get("step"))
-    loss = _num(m.get("loss", m.get("loss/total", m.get("train/loss"))))
+    loss = _num(m.get("loss", m.get("loss/total", m.get("train/loss"))), finite=False)  # NaN: diverged
     sps = _num(m.get("samples_per_s", m.get("samples_per_sec")))
-    clock_only = not get_backend(run.executor).has_accounting  # no scheduler times: the registry's clock
+    accounting = get_backend(run.executor).has_accounting  # else the registry's clock (usage.job_time)
     elapsed, gpu_s = 0.0, 0.0
     for j in jobs:
-        e = j.elapsed_s
-        if j.state == RunState.RUNNING and j.started_at and (e is None or clock_only):
-            e = max(0.0, now - j.started_at)
-        elapsed += e or 0.0
-        gpu_s += (e or 0.0) * (j.alloc_gpus or run.gpus)
+        e, g, _ = job_time(j, run.gpus, now, accounting)
+        elapsed += e
+        gpu_s += g
     state = run.state
     batch = _num(run.plan.get("global_batch", run.config.get("global_batch")))
     eta = None
@@ -116,9 +117,12 @@ def summarize(
     )
 
 
-def _num(v: Any) -> float | None:
-    """A number from a metrics line, or None (missing, null, text, or a bool)."""
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+def _num(v: Any, finite: bool = True) -> float | None:
+    """A number from a metrics line, or None (missing, null, text, a bool; NaN or infinite unless
+    `finite` is False: a NaN loss is worth showing, a NaN step or speed is not a figure)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    return v if not finite or math.isfinite(v) else None
 
 
 # --- backends + registry (edge) -----------------------------------------------------------------
@@ -154,11 +158,24 @@ def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, 
                 updates.append((job.job_id, run.run_id, change, job.state))
                 for k, v in change.items():
                     setattr(job, k, v)
-    reg.update_jobs(updates)
     states = {r.run_id: r.state if r.state in FINAL_STATES else run_state(r, jobs[r.run_id]) for r in runs}
     changed = {r.run_id: s for r in runs if (s := states[r.run_id]) != r.state}
-    reg.set_run_states(changed, if_states={r.run_id: r.state for r in runs if r.run_id in changed})
+    if reg.readonly:
+        notes.append(readonly_note(reg))
+    else:
+        reg.update_jobs(updates)
+        reg.set_run_states(changed, if_states={r.run_id: r.state for r in runs if r.run_id in changed})
     return Refresh(states, jobs, "+".join(sources) or "registry", notes)
+
+
+def readonly_note(reg: Registry) -> str:
+    """The note every command that refreshes a read-only registry adds (status, watch, report)."""
+    from clusterctl.runs.registry import shown
+
+    return (
+        f"registry {shown(str(reg.path))} is read-only (the file or its directory cannot be written): what the "
+        "scheduler says is shown but not saved, and no failed run is retried"
+    )
 
 
 def collect(reg: Registry, runs: list[RunRecord], timeout: float | None = None) -> dict[str, Any]:
@@ -183,7 +200,12 @@ def why_ended(run: RunRecord, jobs: list[JobRecord]) -> str | None:
 
 
 def select_runs(reg: Registry, ref: str | None, all_: bool) -> list[RunRecord]:
-    """The runs a listing shows: one by reference, every run, or the active and newest finished."""
+    """The runs a listing shows: one by reference, every run, or the active and newest finished.
+    Every run (`all_`): the whole file is checked first (Registry.verify, a few ms), so a damaged
+    page that the listing never reads (events) is an error, not a clean answer."""
     if ref:
         return [reg.get_run(ref)]
-    return reg.list_runs() if all_ else reg.active_and_recent(RECENT_FINISHED)
+    if all_:
+        reg.verify()
+        return reg.list_runs()
+    return reg.active_and_recent(RECENT_FINISHED)

@@ -67,6 +67,8 @@ class RunUsage:
     readings: list[EnergyReading] = field(default_factory=list)
     estimated_kwh: float | None = None
     estimated_co2_kg: float | None = None
+    requeues: int = 0  # the scheduler's restarts of the run's job ids (runs.status: one definition)
+    resumes: int = 0  # the trainer's resume events (events.jsonl)
 
     @property
     def intensity(self) -> float | None:
@@ -75,7 +77,10 @@ class RunUsage:
 
 def parse_energy_csv(text: str, node: str, attempt: str) -> EnergyReading | None:
     """The last row of a codecarbon emissions CSV (rows are cumulative; 'update' mode keeps one)."""
-    rows = list(csv.DictReader(text.splitlines()))
+    try:
+        rows = list(csv.DictReader(text.splitlines()))
+    except csv.Error:  # NUL bytes, a broken quote: not a codecarbon file
+        return None
     if not rows:
         return None
     r = rows[-1]
@@ -90,7 +95,7 @@ def parse_energy_csv(text: str, node: str, attempt: str) -> EnergyReading | None
             country=r.get("country_iso_code", ""),
             timestamp=r.get("timestamp", ""),
         )
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError):
         return None
 
 
@@ -99,30 +104,58 @@ def read_energy(run_dir: Path) -> list[EnergyReading]:
     out = []
     for p in RunDir(run_dir).energy_files():
         node, _, attempt = p.stem.partition("-")
-        reading = parse_energy_csv(p.read_text(), node, attempt)
+        try:
+            text = p.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        reading = parse_energy_csv(text, node, attempt)
         if reading is not None:
             out.append(reading)
     return out
 
 
+def job_time(job: Any, gpus: int, now: float, accounting: bool = True) -> tuple[float, float, str]:
+    """(elapsed seconds, GPU-seconds, source) of one job: the one definition status, watch and
+    reports share.
+
+    With scheduler accounting (Slurm) and an elapsed time from it, that time (every requeue of the
+    job id summed; sacct, or squeue's current attempt when accounting is down) -> source "sacct".
+    Else the registry's clock: started_at to ended_at, or to `now` while the job is not final (a job
+    cancelled by `clusterctl cancel` ends when it was cancelled) -> "registry"; a local job that
+    ended before anyone saw it start has only its elapsed time. GPUs: the scheduler's allocation,
+    else the run's world size. A job with no times at all counts 0 -> "none"."""
+    from clusterctl.specs import FINAL_STATES
+
+    alloc = job.alloc_gpus or gpus
+    if accounting and job.elapsed_s is not None:
+        return job.elapsed_s, alloc * job.elapsed_s, "sacct"
+    final = getattr(job, "state", None) in FINAL_STATES
+    end = job.ended_at if job.ended_at is not None else (None if final else now)
+    if job.started_at is not None and end is not None:
+        e = max(0.0, end - job.started_at)
+        return e, alloc * e, "registry"
+    if job.elapsed_s is not None:
+        return job.elapsed_s, alloc * job.elapsed_s, "registry"
+    return 0.0, 0.0, "none"
+
+
 def gpu_hours(gpus: int, jobs: Iterable[Any], now: float, accounting: bool = True) -> tuple[float, str]:
-    """GPU-hours of a run's jobs: Slurm's allocated GPUs x elapsed when known, else registry times x GPUs.
-    `accounting=False` (local executor): the times are the registry's own, whatever fields are set."""
+    """GPU-hours of a run's jobs (job_time summed) and their sources joined ("sacct", "registry",
+    "registry+sacct"; "none" when no job has a time). `accounting=False` (local executor): the
+    registry's times, whatever fields are set."""
     total, sources = 0.0, set()
     for j in jobs:
-        if accounting and j.alloc_gpus and j.elapsed_s is not None:
-            total += j.alloc_gpus * j.elapsed_s / 3600
-            sources.add("sacct")
-        elif j.started_at is not None:
-            end = j.ended_at or now
-            total += gpus * max(0.0, end - j.started_at) / 3600
-            sources.add("registry")
+        _, gpu_s, source = job_time(j, gpus, now, accounting)
+        total += gpu_s / 3600
+        if source != "none":
+            sources.add(source)
     if not sources:
         return 0.0, "none"
     return total, "+".join(sorted(sources))
 
 
-def usage_for(run: Any, jobs: list[Any], readings: list[EnergyReading], now: float) -> RunUsage:
+def usage_for(run: Any, jobs: list[Any], readings: list[EnergyReading], now: float, resumes: int = 0) -> RunUsage:
+    """One run's usage; `resumes`: its trainer's resume events (runs.artifacts.count_events)."""
     from clusterctl.backends import get_backend
 
     hours, source = gpu_hours(run.gpus, jobs, now, accounting=get_backend(run.executor).has_accounting)
@@ -138,6 +171,8 @@ def usage_for(run: Any, jobs: list[Any], readings: list[EnergyReading], now: flo
         readings=readings,
         energy_kwh=sum(r.energy_kwh for r in readings),
         co2_kg=sum(r.co2_kg for r in readings),
+        requeues=sum(getattr(j, "requeues", 0) or 0 for j in jobs),
+        resumes=resumes,
     )
     if readings:
         u.pue = readings[-1].pue
@@ -161,7 +196,8 @@ def group_key(u: RunUsage, by: str) -> str:
 
 
 def aggregate(usages: Iterable[RunUsage], by: str) -> list[dict[str, Any]]:
-    """One row per group, in COLUMNS order; sources joined when a group mixes them."""
+    """One row per group, in COLUMNS order, then `requeues` and `resumes` (JSON and the table; not
+    CSV columns); sources joined when a group mixes them."""
     groups: dict[str, list[RunUsage]] = {}
     for u in usages:
         groups.setdefault(group_key(u, by), []).append(u)
@@ -187,6 +223,8 @@ def aggregate(usages: Iterable[RunUsage], by: str) -> list[dict[str, Any]]:
                 "estimated_kwh": round(sum(ests), 6) if ests else None,
                 "estimated_co2_kg": round(sum(est_co2), 6) if est_co2 else None,
                 "energy_source": "codecarbon" if any(u.readings for u in us) else "none",
+                "requeues": sum(u.requeues for u in us),
+                "resumes": sum(u.resumes for u in us),
             }
         )
     return rows
@@ -222,14 +260,17 @@ def usage_dict(u: RunUsage) -> dict[str, Any]:
 def parse_timeline(text: str) -> list[tuple[float, float, float]]:
     """(time, cumulative kWh, cumulative kg CO2) points of one node-attempt timeline file."""
     import json
+    import math
 
     out = []
     for line in text.splitlines():
         try:
             d = json.loads(line)
-            out.append((float(d["time"]), float(d["energy_kwh"]), float(d["co2_kg"])))
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by a kill
+            point = (float(d["time"]), float(d["energy_kwh"]), float(d["co2_kg"]))
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError, OverflowError):
+            continue  # a line cut by a kill, or not a point
+        if all(math.isfinite(x) for x in point):
+            out.append(point)
     return out
 
 
@@ -247,5 +288,10 @@ def merge_timelines(files: list[list[tuple[float, float, float]]]) -> list[tuple
 
 def read_timeline(run_dir: Path) -> list[tuple[float, float, float]]:
     """The run's cumulative energy over time (edge: reads the timeline files of every node-attempt)."""
-    files = [parse_timeline(p.read_text()) for p in RunDir(run_dir).energy_timelines()]
+    files = []
+    for p in RunDir(run_dir).energy_timelines():
+        try:
+            files.append(parse_timeline(p.read_text(encoding="utf-8", errors="replace")))
+        except OSError:
+            continue
     return merge_timelines(files)
