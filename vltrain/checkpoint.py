@@ -204,7 +204,7 @@ def move_aside(path: Path) -> Path:
         n += 1
     os.replace(path, target)
     with contextlib.suppress(OSError):
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
     return target
 
 
@@ -277,14 +277,7 @@ def owned_files(directory: Path, rank: int) -> list[Path]:
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+    """Flush a file's data or a directory's entries (a rename is durable once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -391,7 +384,7 @@ def save(
                 shutil.rmtree(final)
             os.replace(tmp, final)
             renamed = True
-            _fsync_dir(root)
+            _fsync(root)
         except OSError as e:
             error = e
         else:

@@ -7,6 +7,7 @@ paper-scale presets land within 1% of the totals their seed papers state.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from vltrain.common.errors import UserError
@@ -108,22 +109,7 @@ def vl_seed000() -> ModelConfig:
     seed's vocabulary, ~291M parameters, the scale at which ZeRO-2 data parallel on 32 GPUs (the
     seed's setup) is the natural choice; 64 tokens per caption as in `base`.
     """
-    return ModelConfig(
-        name="vl-seed000",
-        image_size=224,
-        patch_size=16,
-        vision_width=768,
-        vision_layers=12,
-        vision_heads=12,
-        text_width=768,
-        text_layers=6,
-        fusion_layers=6,
-        text_heads=12,
-        decoder_layers=6,
-        vocab_size=64000,
-        max_text_len=64,
-        embed_dim=256,
-    )
+    return dataclasses.replace(base(), name="vl-seed000", vocab_size=64000)
 
 
 def crossmodal_xl() -> ModelConfig:
