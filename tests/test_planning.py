@@ -56,9 +56,10 @@ def test_seed_002_is_128_per_gpu_and_accumulates_when_128_does_not_fit():
 
 
 def test_tp_pp_shrink_the_data_parallel_degree():
-    p = make_plan(load_profile("h100x128"), get_preset("vl-22b"), 2048, accumulation=16, tp=4, pp=2)
+    kw = dict(accumulation=16, zero_stage=2, strategy="fsdp")
+    p = make_plan(load_profile("h100x128"), get_preset("vl-22b"), 2048, tp=4, pp=2, **kw)
     assert p.split.data_parallel == 16 and p.split.micro_batch == 8
-    p1 = make_plan(load_profile("h100x128"), get_preset("vl-22b"), 2048, accumulation=16)
+    p1 = make_plan(load_profile("h100x128"), get_preset("vl-22b"), 2048, **kw)
     assert p.memory.params_gib < p1.memory.params_gib
 
 
@@ -71,12 +72,22 @@ def test_tp_pp_shrink_the_data_parallel_degree():
             "global_batch: 2047 is not divisible by the 32 data-parallel ranks; allowed: a multiple of 32, e.g. 1984, 2016, 2048, 2080 (with 2048: micro batch 1, 2, 4, 8, 16, 32, 64 per GPU)",
         ),
         (
-            ("a100x64", "crossmodal-xl", 8192, {"tp": 3}),
-            "tp: 3 does not divide the world size 64; allowed: 1, 2, 4, 8, 16, 32, 64",
+            ("a100x64", "crossmodal-xl", 8192, {"tp": 3, "strategy": "fsdp"}),
+            "parallel.tp: 3 does not divide model.vision_heads 32 (each tensor-parallel rank computes whole heads); "
+            "allowed: 1, 2, 4, 8",
         ),
         (
-            ("a100x64", "crossmodal-xl", 8192, {"tp": 4, "pp": 32}),
-            "pp: 32 does not divide the world size 16; allowed: 1, 2, 4, 8, 16",
+            ("a100x64", "base", 8192, {"tp": 3, "strategy": "fsdp"}),
+            "parallel.tp: 3 does not divide the world size 64; allowed: 1, 2, 4",
+        ),
+        (
+            ("a100x64", "crossmodal-xl", 8192, {"tp": 4, "pp": 32, "strategy": "fsdp"}),
+            "parallel.pp: 32 does not divide the 16 ranks left by parallel.tp 4 (world 64); allowed: 1, 2, 4, 8, 16",
+        ),
+        (
+            ("a100x64", "crossmodal-xl", 8192, {"tp": 2}),
+            'parallel.tp: 2 needs parallel.strategy = "fsdp" (DeepSpeed runs ZeRO data parallel only here); '
+            "allowed: 1, or --set parallel.strategy=fsdp",
         ),
         (
             ("a100x64", "crossmodal-xl", 8192, {"micro_batch": 128}),
@@ -265,7 +276,19 @@ def test_cli_plan_bad_input_is_one_line_exit_2():
             "error: --micro-batch 8 x --accum 4 x 32 ranks = 1024, not the global batch 2048",
         ),
         (
-            ("plan", "--profile", "a100x64", "--model", "base", "--global-batch", "8192", "--tp", "3"),
+            (
+                "plan",
+                "--profile",
+                "a100x64",
+                "--model",
+                "base",
+                "--global-batch",
+                "8192",
+                "--tp",
+                "3",
+                "--set",
+                "parallel.strategy=fsdp",
+            ),
             "error: --tp: 3 does not divide the world size 64",
         ),
         # submit took global_batch as a flag: the flag is named; accumulation came from --set: the field is
@@ -302,3 +325,78 @@ def test_cli_plan_that_does_not_fit_exits_1_with_the_breakdown():
     )
     assert r.returncode == 1
     assert json.loads(r.stdout)["memory"]["fits"] is False
+
+
+# --- tensor x pipeline parallel layouts (vltrain.parallel.layout), through the real CLI ----------------------
+LAYOUT_ERRORS = [
+    (("--profile", "h100x128", "--tp", "3"), "error: --tp: 3 does not divide model.vision_heads 32"),
+    # a 12-block model: 9 vision + 1 text + 1 fusion + 1 decoder blocks
+    (
+        ("--profile", "h100x128", "--model", "tiny", "--set", "model.vision_layers=9", "--pp", "64"),
+        "error: --pp: 64 stages is more than the model's 12 pipeline blocks",
+    ),
+    (("--profile", "a100x128", "--tp", "16"), "error: --tp: 16 does not divide a node's 8 GPUs"),
+    (("--profile", "a100x64", "--tp", "2"), 'error: --tp: 2 needs parallel.strategy = "fsdp"'),
+    (("--profile", "h100x128", "--set", "parallel.tp=3"), "error: parallel.tp: 3 does not divide model.vision_heads"),
+    (("--profile", "h100x128", "--accum", "1"), "error: --accum: 1 microbatch is fewer than the --pp 2"[:40]),
+    (("--profile", "h100x128", "--zero-stage", "1"), "error: --zero-stage: 1 is not an FSDP layout"),
+]
+
+
+@pytest.mark.parametrize("command", ["plan", "submit"])
+@pytest.mark.parametrize("args, expected", LAYOUT_ERRORS)
+def test_layouts_the_model_cannot_take_are_one_line_exit_2(command, args, expected, tmp_path):
+    env = {"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs")}
+    r = run_cli(command, *args, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(expected), r.stderr
+    assert "allowed:" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_seed_003_layout_in_submit_dry_run_json(tmp_path):
+    """The issue's check: `submit --dry-run --json` shows the layout for seed 003 on h100x128 (whatever
+    strategy the recipe says, fsdp is what takes tp x pp)."""
+    env = {"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs")}
+    r = run_cli("submit", "--profile", "h100x128", "--set", "parallel.strategy=fsdp", "--dry-run", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    p, c = d["plan"], d["config"]["parallel"]
+    assert (p["tensor_parallel"], p["pipeline_parallel"], p["data_parallel"]) == (c["tp"], c["pp"], 16) == (4, 2, 16)
+    assert p["world_size"] == p["tensor_parallel"] * p["pipeline_parallel"] * p["data_parallel"]
+    assert (c["strategy"], p["strategy"], c["pp_schedule"], p["pp_schedule"]) == ("fsdp", "fsdp", "1f1b", "1f1b")
+    assert p["accumulation"] >= p["pipeline_parallel"]  # torch's Schedule1F1B: a microbatch per stage at least
+    par = p["parallel"]
+    assert par["bubble_fraction"] == pytest.approx(1 / (p["accumulation"] + 1), abs=1e-4)
+    assert p["step_time"]["total_s"] == pytest.approx(
+        p["step_time"]["compute_s"] + p["step_time"]["exposed_communication_s"] + par["total_s"], abs=1e-3
+    )
+    assert not [x for x in d["checks"]["problems"] if x.startswith(("parallel", "zero_stage", "precision"))]
+    r = run_cli("plan", "--profile", "h100x128", "--set", "parallel.strategy=fsdp", "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["parallel"] == par
+
+
+def test_fsdp_plan_against_an_independent_count_of_the_most_loaded_gpu():
+    """Seed 003's plan, its memory redone from the model's own parameters on the meta device
+    (tests/test_layout.py's count): gathered bf16 share + fp32 no-sync gradients + fp32 shards of
+    weights, gradients and Adam m, v over dp, then activations, context and fragmentation."""
+    from tests.test_layout import _meta_counts
+
+    p = make_plan(
+        load_profile("h100x128"),
+        get_preset("vl-22b"),
+        2048,
+        accumulation=16,
+        zero_stage=2,
+        activation_checkpointing=True,
+        tp=4,
+        pp=2,
+        strategy="fsdp",
+    )
+    rank = p.parallel.most_loaded_rank
+    L = _meta_counts("vl-22b", 4, 2, "1f1b")[rank]
+    states = (2 + 4 + (4 + 12) / 16) * L
+    m = p.memory
+    assert (m.params_gib + m.grads_gib + m.grad_accum_gib + m.optimizer_gib) * memory.GIB == pytest.approx(states)
+    assert m.fits and m.total_gib < 80
+    assert m.total_gib == pytest.approx(1.1 * (states / memory.GIB + m.activations_gib) + 1.5)

@@ -117,6 +117,13 @@ FIGURES = [
             ("config.precision", "fp16", "automatic loss scaling"),
             ("config.activation_checkpointing", True, "gradient checkpointing and activation recomputation"),
             ("config.steps", 850e6 / 2048, "850 million images"),
+            ("config.parallel.strategy", "fsdp", "tensor parallelism and pipeline parallelism"),
+            ("plan.strategy", "fsdp", "tensor parallelism and pipeline parallelism"),
+            ("config.parallel.tp", 4, "tensor parallelism"),
+            ("plan.tensor_parallel", 4, "tensor parallelism"),
+            ("config.parallel.pp", 2, "pipeline parallelism"),
+            ("plan.pipeline_parallel", 2, "pipeline parallelism"),
+            ("plan.data_parallel", 16, "tensor parallelism and pipeline parallelism"),
         ],
     ),
     (
@@ -241,21 +248,19 @@ def test_submit_planning_flags_change_the_plan(env):
     assert d["config"]["zero_stage"] == 3 and d["config"]["accumulation"] == 32
 
 
-def test_plan_with_no_model_plans_the_recipe_and_says_what_the_trainer_does_not_run(env):
+def test_plan_with_no_model_plans_the_recipe_with_its_layout(env):
     r = run_cli("plan", "--profile", "a100x64", "--json", env=env)
     d = json.loads(r.stdout)
     assert (d["model"], d["global_batch"], d["activation_checkpointing"]) == ("crossmodal-xl", 8192, True)
     r = run_cli("plan", "--profile", "h100x128", env=env)
-    assert r.returncode == 0 and "tp 4 x pp 2" in r.stdout
-    assert (
-        "note: parallel: tensor x pipeline parallel (tp 4 x pp 2) is planned but not run by the trainer yet" in r.stdout
-    )
+    assert r.returncode == 0 and "tp 4 x pp 2" in r.stdout and "FSDP zero_stage 2" in r.stdout, r.stdout
+    assert "note:" not in r.stdout  # the trainer runs all of seed 003's recipe
 
 
-def test_tensor_and_pipeline_parallel_are_refused_at_submit(env, tmp_path):
+def test_tensor_parallel_under_deepspeed_is_refused_at_submit(env, tmp_path):
     r = run_cli("submit", "--profile", "slurm-local", "--tp", "2", env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert r.stderr.startswith("error: parallel: tensor x pipeline parallel (tp 2 x pp 1) is planned but not run")
+    assert r.stderr.startswith('error: --tp: 2 needs parallel.strategy = "fsdp"'), r.stderr
     assert not (tmp_path / "runs").exists() and Registry(tmp_path / "reg.db").count_runs() == 0
 
 
@@ -333,8 +338,9 @@ def test_a_plan_that_does_not_fit_is_refused_and_one_near_the_limit_warns(env):
 
 def test_dry_run_lists_every_problem_the_recipe_has_here(env):
     d = dry_run(env, "--profile", "h100x128")
-    problems = d["checks"]["problems"]
-    assert [p.split(":")[0] for p in problems] == ["parallel", "precision", "data.shards"]
+    assert [p.split(":")[0] for p in d["checks"]["problems"]] == ["data.shards"]  # the trainer runs TP x PP, fp16
+    d = dry_run(env, "--profile", "a100x128", "--set", "parallel.strategy=deepspeed")  # ZeRO-3 under DeepSpeed
+    assert [p.split(":")[0] for p in d["checks"]["problems"]] == ["zero_stage", "data.shards"]
 
 
 # --- 8. presets ----------------------------------------------------------------------------------------
@@ -363,4 +369,4 @@ def test_recipes_list_names_the_profiles_that_run_them(env):
     assert rows["seed-002"]["profiles"] == ["a100x64"] and rows["tiny"]["profiles"] == ["local", "slurm-local"]
     d = json.loads(run_cli("recipes", "show", "seed-003-tiny", "--json", env=env).stdout)
     assert d["config"]["model"]["pos_embedding"] == "rope" and d["config"]["optim"]["lr"] == 1e-4  # the recipe's
-    assert d["config"]["model"]["vision_width"] == 96 and d["config"]["parallel"]["tp"] == 1  # the twin's
+    assert d["config"]["model"]["vision_width"] == 96 and d["config"]["parallel"]["tp"] == 2  # the twin's

@@ -1,7 +1,15 @@
-"""What this trainer runs today, and what it does not yet: one list, read by the trainer (it refuses at
-start) and by clusterctl's checks before sbatch (submit refuses, plan notes). A recipe may state more
-than the trainer runs (seed 001's FSDP, seed 003's tensor/pipeline parallelism and fp16, seeds 001
-and 004's masked image modelling); each refusal says what to use instead."""
+"""What this trainer does not run: one list, read by the trainer (it refuses at start) and by clusterctl's
+checks before sbatch (submit refuses, plan notes). Each refusal says what to use instead.
+
+Two lists, split by what they need to know:
+  * `not_run_yet(cfg)` (here): parts of the config the trainer has no code for, whatever the cluster:
+    ZeRO-3 under parallel.strategy "deepspeed" (FSDP's zero_stage 3 is run).
+  * `vltrain.parallel.layout.layout_problems(cfg, world, gpus_per_node)`: layouts the model or the strategy
+    cannot take (tp not dividing the heads, more stages than blocks, tp across nodes, tp/pp under DeepSpeed,
+    ZeRO 0-1 under FSDP, MIM with a pipeline...). They need the world size, so the planner checks them
+    where it has the profile (plan and submit refuse them, exit 2) and the trainer where it has the ranks.
+FSDP, tensor and pipeline parallelism, fp16 (dynamic loss scaling) and masked image modelling are run.
+"""
 
 from __future__ import annotations
 
@@ -11,25 +19,10 @@ from vltrain.config import TrainConfig
 def not_run_yet(cfg: TrainConfig) -> list[str]:
     """One line per part of `cfg` the trainer does not run yet (pure); empty when it runs all of it."""
     out = []
-    p = cfg.parallel
-    if p.strategy == "fsdp":
+    if cfg.parallel.strategy == "deepspeed" and cfg.zero_stage == 3:
         out.append(
-            "parallel.strategy: 'fsdp' is not run by the trainer yet; allowed: deepspeed "
-            "(--set parallel.strategy=deepspeed; ZeRO-2 is the nearest the trainer runs)"
+            "zero_stage: 3 is planned but not run by the trainer yet under DeepSpeed (rank-0 evaluation would "
+            "deadlock stage 3's parameter gathers, and `vltrain eval` cannot read its sharded checkpoints); "
+            "allowed: 0, 1, 2 (--zero-stage 2), or --set parallel.strategy=fsdp (FSDP runs zero_stage 3)"
         )
-    if p.tp > 1 or p.pp > 1:
-        out.append(
-            f"parallel: tensor x pipeline parallel (tp {p.tp} x pp {p.pp}) is planned but not run by the "
-            "trainer yet; allowed: --tp 1 --pp 1 (data parallel)"
-        )
-    if cfg.zero_stage == 3:
-        out.append(
-            "zero_stage: 3 is planned but not run by the trainer yet (rank-0 evaluation would deadlock "
-            "stage 3's parameter gathers, and `vltrain eval` cannot read its sharded checkpoints); "
-            "allowed: 0, 1, 2 (--zero-stage 2)"
-        )
-    if cfg.precision == "fp16":
-        out.append("precision: fp16 is not run by the trainer yet; allowed: bf16 or fp32 (--set precision=bf16)")
-    if cfg.loss.mim > 0:
-        out.append("loss.mim: masked image modelling is not run by the trainer yet; allowed: 0 (--set loss.mim=0)")
     return out

@@ -11,8 +11,8 @@ whether ZeRO-2 with accumulation or ZeRO-3 without it is faster, and what the ru
    NICs together: NCCL runs one ring per NIC (channel), so each NIC carries 1/g of the data while the
    NVLink of a GPU carries all of it. NCCL reaches about NCCL_EFFICIENCY of the link rate on large
    messages. Latency is left out: DeepSpeed's buckets are 20M-500M elements (vltrain.dsconfig).
-3. How much hides behind compute (OVERLAP_FRACTION, below). Only data-parallel traffic is modelled;
-   tensor/pipeline-parallel traffic (not run by the trainer yet) is not.
+3. How much hides behind compute (OVERLAP_FRACTION, below). This module is DeepSpeed's data parallel;
+   FSDP2's collectives and the tensor/pipeline-parallel traffic are clusterctl.planning.fsdp's.
 
 Fabric defaults (per GPU generation, read from gpu.model; docs/planning.md has the table and sources)
 apply when the profile gives no [interconnect] intra_node_gb_s / inter_node_gb_s.
@@ -256,7 +256,7 @@ class StepComm:
         }
 
 
-def _exposed(calls: list[Collective], window_s: float, tail_s: float) -> float:
+def exposed_seconds(calls: list[Collective], window_s: float, tail_s: float) -> float:
     """Seconds of `calls` (sharing one compute window) that compute does not hide: all but what fits
     in OVERLAP_FRACTION of the window, and never the last bucket (reduced after the compute ends)."""
     total = sum(c.seconds for c in calls)
@@ -297,6 +297,6 @@ def step_comm(
         if group:
             tail = sum(c.seconds * tail_share for c in group if c.op != "all_gather")
             window = max(c.window for c in group) * micro_s
-            exposed += _exposed(group, window, tail) * per_step[every]
+            exposed += exposed_seconds(group, window, tail) * per_step[every]
     exposed += sum(c.seconds * per_step[c.every_micro_step] for c in calls if c.window == 0)
     return StepComm(n, accumulation, bus / GB, volume, total, exposed, ds.overlap_comm, tuple(calls))

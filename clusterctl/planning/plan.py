@@ -5,7 +5,9 @@
 model's size and FLOPs (vltrain.model_math), the step's communication under the DeepSpeed config the
 trainer will use (clusterctl.planning.comm, vltrain.dsconfig), the other ZeRO layouts of the same global
 batch that would be faster, and the checkpoint's write time against Slurm's signal delay
-(clusterctl.planning.checkpoint). No I/O.
+(clusterctl.planning.checkpoint). Under parallel.strategy "fsdp" the memory and the step time are
+clusterctl.planning.fsdp's (FSDP2 x tensor x pipeline parallel, the most loaded pipeline rank).
+Layouts the model or the strategy cannot take (vltrain.parallel.layout) are refused first. No I/O.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from clusterctl.planning import comm
+from clusterctl.planning import comm, fsdp
 from clusterctl.planning.checkpoint import CheckpointTime, checkpoint_time
 from clusterctl.planning.memory import (
     GIB,
@@ -27,10 +29,11 @@ from clusterctl.planning.memory import (
 )
 from clusterctl.planning.profiles import ClusterProfile
 from vltrain.batching import FIELDS as BATCH_FIELDS
-from vltrain.batching import BatchSplit, divisors, split_batch
+from vltrain.batching import BatchSplit, split_batch
 from vltrain.common.errors import FieldError, UserError
 from vltrain.config import TrainConfig
 from vltrain.model_config import ModelConfig
+from vltrain.parallel.layout import layout_problems, microbatch_problem
 
 DEFAULT_MFU = 0.40  # model FLOPs utilisation of the compute alone; typical of well-tuned A100/H100 runs
 FASTER_BY = 1.05  # another layout is named faster only when it saves 5%: the models are not finer than that
@@ -86,15 +89,22 @@ class Plan:
     fabric: comm.Fabric
     checkpoint: CheckpointTime
     alternatives: tuple[Layout, ...] = ()
+    strategy: str = "deepspeed"
+    pp_schedule: str = "1f1b"
+    parallel: fsdp.ParallelTime | None = None  # what tp x pp add to the step (strategy "fsdp")
 
     def step_time_s(self, mfu: float = DEFAULT_MFU) -> float:
         """Seconds of compute per optimizer step at `mfu` of the profile's bf16 peak (no communication)."""
         flops = self.flops_per_sample * self.split.global_batch
         return flops / (self.world_size * self.peak_tflops_per_gpu * 1e12 * mfu)
 
+    def parallel_s(self) -> float:
+        """Tensor-parallel all-reduces, pipeline sends, bubble and stage imbalance (0 without tp x pp)."""
+        return self.parallel.total_s if self.parallel else 0.0
+
     def total_step_s(self) -> float:
-        """Compute plus the communication that compute does not hide."""
-        return self.step_time_s() + self.comm.exposed_s
+        """Compute plus the communication that compute does not hide, plus what tp x pp add."""
+        return self.step_time_s() + self.comm.exposed_s + self.parallel_s()
 
     def mfu_expected(self) -> float:
         """Model FLOPs over (GPUs x peak x total step time): DEFAULT_MFU lowered by exposed communication."""
@@ -122,6 +132,8 @@ class Plan:
             "tensor_parallel": self.tensor_parallel,
             "pipeline_parallel": self.pipeline_parallel,
             "data_parallel": s.data_parallel,
+            "strategy": self.strategy,
+            "pp_schedule": self.pp_schedule,
             "micro_batch": s.micro_batch,
             "accumulation": s.accumulation,
             "global_batch": s.global_batch,
@@ -139,8 +151,10 @@ class Plan:
                 "compute_s": round(self.step_time_s(), 4),
                 "communication_s": round(self.comm.communication_s, 4),
                 "exposed_communication_s": round(self.comm.exposed_s, 4),
+                "parallel_s": round(self.parallel_s(), 4),
                 "total_s": round(self.total_step_s(), 4),
             },
+            "parallel": self.parallel.to_dict() if self.parallel else None,
             "mfu_expected": round(self.mfu_expected(), 4),
             "communication": self.comm.to_dict() | {"fabric": self.fabric.to_dict()},
             "alternatives": [a.to_dict() for a in self.alternatives],
@@ -150,13 +164,19 @@ class Plan:
 
 
 PLAN_FIELDS = ("tp", "pp", "zero_stage", *BATCH_FIELDS)  # what a plan's FieldErrors may name
+LAYOUT_FIELDS = ("parallel.tp", "parallel.pp", "zero_stage", "accumulation")
 
 
-def _degree(name: str, value: int, world: int) -> int:
-    if value < 1 or world % value:
-        ok = ", ".join(map(str, divisors(world)))
-        raise FieldError(f"{name}: {value} does not divide the world size {world}; allowed: {ok}", PLAN_FIELDS)
-    return value
+class LayoutError(FieldError):
+    """A layout rule broken (vltrain.parallel.layout), its message naming config fields (`parallel.tp`).
+    The CLIs key their flags by the plan's short names (`tp` -> `--tp`): mapped here before renaming."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, LAYOUT_FIELDS)
+
+    def as_flags(self, flags: dict[str, str]) -> UserError:
+        long = {(f"parallel.{k}" if k in ("tp", "pp") else k): v for k, v in flags.items()}
+        return FieldError(str(self), self.fields).as_flags(long)
 
 
 def _deepspeed(cfg: TrainConfig, stage: int, split: BatchSplit, world: int, device: str, params: int):
@@ -186,24 +206,59 @@ def make_plan(
     tp: int = 1,
     pp: int = 1,
     train_config: TrainConfig | None = None,
+    strategy: str | None = None,
+    pp_schedule: str | None = None,
 ) -> Plan:
     """Split the batch and size the memory; without fixed values take the largest micro batch that fits.
 
-    A fixed micro batch (or accumulation) that does not fit is a UserError naming those that do.
-    When not even a micro batch of 1 fits, the plan is still returned with `memory.fits = False` so
-    the caller can show the breakdown (submit refuses it, see `require_fit`). `train_config` gives the
-    settings that shape the DeepSpeed config and the data loader (precision, data.workers); without it,
-    the defaults.
+    A layout the model or the strategy cannot take is a LayoutError (vltrain.parallel.layout); a fixed
+    micro batch (or accumulation) that does not fit is a UserError naming those that do. When not even
+    a micro batch of 1 fits, the plan is still returned with `memory.fits = False` so the caller can
+    show the breakdown (submit refuses it, see `require_fit`). `train_config` gives the settings that
+    shape the trainer's engine and data loader (strategy, pipeline schedule, precision, data.workers,
+    loss.mim); without it, the defaults. `strategy` and `pp_schedule` override the config's.
     """
+    if zero_stage not in (0, 1, 2, 3):
+        raise FieldError(f"zero_stage: {zero_stage} is not valid; allowed: 0, 1, 2, 3", PLAN_FIELDS)
+    cfg = train_config or TrainConfig(zero_stage=zero_stage, activation_checkpointing=activation_checkpointing)
+    par = dataclasses.replace(
+        cfg.parallel,
+        tp=tp,
+        pp=pp,
+        strategy=strategy or cfg.parallel.strategy,
+        pp_schedule=pp_schedule or cfg.parallel.pp_schedule,
+    )
+    cfg = dataclasses.replace(
+        cfg,
+        zero_stage=zero_stage,
+        activation_checkpointing=activation_checkpointing,
+        parallel=par,
+        accumulation=accumulation or 0,
+    )
+    world = profile.world_size
+    problems = layout_problems(dataclasses.replace(cfg, model=model), world, profile.nodes.gpus_per_node)
+    if problems:
+        raise LayoutError(problems[0])
+    dp = world // (tp * pp)
+    build = _fsdp_plan if par.strategy == "fsdp" else _deepspeed_plan
+    return build(profile, model, global_batch, micro_batch, accumulation, cfg, dp)
+
+
+def _deepspeed_plan(
+    profile: ClusterProfile,
+    model: ModelConfig,
+    global_batch: int,
+    micro_batch: int | None,
+    accumulation: int | None,
+    cfg: TrainConfig,
+    dp: int,
+) -> Plan:
+    """DeepSpeed ZeRO data parallel (tp = pp = 1): clusterctl.planning.memory and comm."""
     from vltrain.model_math import activation_bytes_per_sample, largest_layer_params, param_count
     from vltrain.support import not_run_yet
 
-    if zero_stage not in (0, 1, 2, 3):
-        raise FieldError(f"zero_stage: {zero_stage} is not valid; allowed: 0, 1, 2, 3", PLAN_FIELDS)
-    world = profile.world_size
-    _degree("tp", tp, world)
-    _degree("pp", pp, world // tp)
-    dp = world // (tp * pp)
+    zero_stage, activation_checkpointing = cfg.zero_stage, cfg.activation_checkpointing
+    tp, pp, world = cfg.parallel.tp, cfg.parallel.pp, profile.world_size
     params = param_count(model)
     act = activation_bytes_per_sample(model, activation_checkpointing)
     mem_args = dict(data_parallel=dp, capacity_gib=profile.gpu.memory_gib, tp=tp, pp=pp)
@@ -214,7 +269,6 @@ def make_plan(
         split = split_batch(global_batch, dp, micro_batch, accumulation, max_micro_batch=limit)
     mem = breakdown(params, act, split.micro_batch, zero_stage=zero_stage, **mem_args)
 
-    cfg = train_config or TrainConfig(zero_stage=zero_stage, activation_checkpointing=activation_checkpointing)
     cuda = profile.gpu.kind == "cuda"
     device = "cuda" if cuda else "cpu"
     param_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
@@ -293,6 +347,121 @@ def make_plan(
         fabric=fab,
         checkpoint=ckpt,
         alternatives=tuple(sorted(alternatives, key=lambda a: a.total_s)),
+        strategy=cfg.parallel.strategy,
+        pp_schedule=cfg.parallel.pp_schedule,
+    )
+
+
+def _fsdp_plan(
+    profile: ClusterProfile,
+    model: ModelConfig,
+    global_batch: int,
+    micro_batch: int | None,
+    accumulation: int | None,
+    cfg: TrainConfig,
+    dp: int,
+) -> Plan:
+    """FSDP2 x tensor x pipeline parallel: clusterctl.planning.fsdp, the most loaded pipeline rank."""
+    from clusterctl.planning.stages import rank_shares
+    from vltrain.model_math import param_count
+
+    par, world, cap = cfg.parallel, profile.world_size, profile.gpu.memory_gib
+    ckpt_on, cuda = cfg.activation_checkpointing, profile.gpu.kind == "cuda"
+    param_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
+    split_batch(global_batch, dp)  # the global batch's own errors first
+    per_rank = global_batch // dp
+
+    def schedule_takes(n: int) -> bool:
+        return microbatch_problem(n, par.pp, par.pp_schedule) is None
+
+    def layout(stage: int) -> fsdp.Layout:
+        return fsdp.Layout(par.tp, par.pp, dp, stage, par.pp_schedule, param_bytes, ckpt_on)
+
+    def choose(stage: int, fixed: bool) -> tuple[BatchSplit, int]:
+        """The split (the largest micro batch that fits and the schedule takes, unless fixed) and the limit."""
+        fits = fsdp.max_micro_batch(model, layout(stage), per_rank, cap)
+        limit = fits if fixed else fsdp.max_micro_batch(model, layout(stage), per_rank, cap, schedule_takes)
+        if fixed or limit == 0:  # not even a micro batch of 1 fits: split as asked (or by 1)
+            s = split_batch(global_batch, dp, micro_batch or (None if accumulation else 1), accumulation, fits or None)
+        else:
+            s = split_batch(global_batch, dp, max_micro_batch=limit)
+        if why := microbatch_problem(s.accumulation, par.pp, par.pp_schedule):
+            raise LayoutError(why)
+        return s, limit
+
+    flops = train_flops_per_sample(model, ckpt_on)
+    compute_s = flops * global_batch / (world * profile.gpu.peak_bf16_tflops * 1e12 * DEFAULT_MFU)
+    fab = comm.fabric(profile)
+    backward = comm.BACKWARD_SHARE_RECOMPUTE if ckpt_on else comm.BACKWARD_SHARE
+    shares = rank_shares(model, par.tp, par.pp, par.pp_schedule, ckpt_on)
+    heaviest = max(shares, key=lambda s: s.params)  # its collectives are the longest
+
+    def timing(stage: int, s: BatchSplit) -> tuple[comm.StepComm, fsdp.ParallelTime]:
+        lay = layout(stage)
+        return (
+            fsdp.step_comm(heaviest, lay, s.accumulation, compute_s, fab, backward),
+            fsdp.parallel_time(model, lay, s.micro_batch, s.accumulation, compute_s, fab),
+        )
+
+    split, limit = choose(cfg.zero_stage, bool(micro_batch or accumulation))
+    mem, worst = fsdp.memory(model, layout(cfg.zero_stage), split.micro_batch, split.accumulation, cap)
+    step, ptime = timing(cfg.zero_stage, split)
+    ptime = dataclasses.replace(ptime, most_loaded_rank=worst)
+    total_s = compute_s + step.exposed_s + ptime.total_s
+    params = param_count(model)
+    nodes = profile.nodes
+    # host memory and checkpoints: DCP's sharded fp32 weights + AdamW m, v are ZeRO-3's 12 bytes per
+    # parameter over the ranks, with nothing whole on the host (the heaviest rank's share, resharded)
+    host = host_memory(
+        int(heaviest.params),
+        int(heaviest.largest_unit),
+        zero_stage=3,
+        data_parallel=dp,
+        gpus_per_node=nodes.gpus_per_node,
+        capacity_gib=nodes.memory_gib,
+        workers=loader_workers(cfg.data.workers, cuda, nodes.cpus_per_node, nodes.gpus_per_node),
+        cuda=cuda,
+        model_on_host_bytes=0.0 if cuda else (mem.total_gib - mem.buffers_gib) * GIB,
+        param_bytes=param_bytes,
+    )
+    ckpt = checkpoint_time(profile, params, 3, dp, total_s, par.tp * par.pp, param_bytes)
+    alternatives = []
+    for stage in (2, 3):
+        if stage == cfg.zero_stage:
+            continue
+        try:
+            alt, _ = choose(stage, False)
+        except UserError:
+            continue
+        if not fsdp.memory(model, layout(stage), alt.micro_batch, alt.accumulation, cap)[0].fits:
+            continue
+        c, pt = timing(stage, alt)
+        t = compute_s + c.exposed_s + pt.total_s
+        alternatives.append(
+            Layout(stage, alt.micro_batch, alt.accumulation, compute_s, c.communication_s, c.exposed_s, t, total_s / t)
+        )
+    return Plan(
+        profile=profile.name,
+        model=model.name,
+        world_size=world,
+        tensor_parallel=par.tp,
+        pipeline_parallel=par.pp,
+        split=split,
+        zero_stage=cfg.zero_stage,
+        activation_checkpointing=ckpt_on,
+        params=params,
+        memory=mem,
+        max_micro_batch=limit,
+        flops_per_sample=flops,
+        peak_tflops_per_gpu=profile.gpu.peak_bf16_tflops,
+        host=host,
+        comm=step,
+        fabric=fab,
+        checkpoint=ckpt,
+        alternatives=tuple(sorted(alternatives, key=lambda a: a.total_s)),
+        strategy="fsdp",
+        pp_schedule=par.pp_schedule,
+        parallel=ptime,
     )
 
 
@@ -314,8 +483,11 @@ def plan_for_run(profile: ClusterProfile, cfg: TrainConfig) -> tuple[Plan, Train
     Whether the plan fits is the caller's to check (`require_fit`): a dry run shows the breakdown."""
     from vltrain.presets import resolve_model
 
-    if profile.gpu.kind == "cpu" and cfg.zero_stage == 3:
-        raise UserError("zero_stage: 3 is not supported on CPU profiles; allowed: 0, 1, 2")
+    if profile.gpu.kind == "cpu" and cfg.zero_stage == 3 and cfg.parallel.strategy == "deepspeed":
+        raise UserError(
+            "zero_stage: 3 is not supported under DeepSpeed on CPU profiles; allowed: 0, 1, 2, "
+            "or --set parallel.strategy=fsdp"
+        )
     model = resolve_model(cfg.model)
     plan = make_plan(
         profile,

@@ -18,22 +18,30 @@ def print_plan(d: dict) -> None:
         f"global batch {d['global_batch']} = micro batch {d['micro_batch']} x accumulation {d['accumulation']} "
         f"x {d['data_parallel']} data-parallel ranks ({d['samples_per_gpu_per_step']} samples per GPU per step)"
     )
+    fsdp = d.get("strategy") == "fsdp"
+    engine = f"FSDP zero_stage {d['zero_stage']}" if fsdp else f"ZeRO-{d['zero_stage']}"
+    par = d.get("parallel") or {}
+    rank = f", pipeline rank {par['most_loaded_rank']} (the most loaded)" if d["pipeline_parallel"] > 1 else ""
     t = Table(
-        title=f"memory per GPU, ZeRO-{d['zero_stage']}, bf16 + AdamW"
-        + (", activation checkpointing" if d["activation_checkpointing"] else ""),
+        title=f"memory per GPU, {engine}, bf16 + AdamW"
+        + (", activation checkpointing" if d["activation_checkpointing"] else "")
+        + rank,
         title_justify="left",
     )
     t.add_column("term")
     t.add_column("GiB", justify="right")
-    for label, key in (
-        ("bf16 parameters", "params_gib"),
-        ("bf16 gradients", "grads_gib"),
-        ("fp32 gradient accumulation", "grad_accum_gib"),
+    labels = (
+        ("bf16 parameters" + (" (gathered)" if fsdp else ""), "params_gib"),
+        ("fp32 gradients (sharded)" if fsdp else "bf16 gradients", "grads_gib"),
+        ("unsharded gradients before the reduce-scatter" if fsdp else "fp32 gradient accumulation", "grad_accum_gib"),
         ("fp32 master + Adam m, v", "optimizer_gib"),
-        (f"activations ({d['micro_batch']} x {m['activations_per_sample_gib']:.3f})", "activations_gib"),
-        ("CUDA/NCCL context + DeepSpeed buckets", "buffers_gib"),
+        (f"activations ({d['micro_batch']} x {m['activations_per_sample_gib']:.3f} x in flight)", "activations_gib"),
+        ("CUDA/NCCL context" if fsdp else "CUDA/NCCL context + DeepSpeed buckets", "buffers_gib"),
         ("fragmentation (10%)", "fragmentation_gib"),
-    ):
+    )
+    if not fsdp:
+        labels = tuple((lb.replace(" x in flight", ""), k) for lb, k in labels)
+    for label, key in labels:
         t.add_row(label, f"{m[key]:.2f}")
     t.add_row("[bold]total[/bold]", f"[bold]{m['total_gib']:.2f}[/bold] of {m['capacity_gib']:g}")
     output.console.print(t)
@@ -78,14 +86,26 @@ def print_scale(d: dict) -> None:
     say(
         f"step time: {t['compute_s']:.2f} s compute + {t['exposed_communication_s']:.2f} s communication not "
         f"hidden (of {t['communication_s']:.2f} s at {c['bus_gb_s']:g} GB/s, overlap "
-        f"{'on' if c['overlap_comm'] else 'off'}) = {t['total_s']:.2f} s; expected MFU {d['mfu_expected']:.0%}",
+        f"{'on' if c['overlap_comm'] else 'off'})"
+        + (f" + {t['parallel_s']:.2f} s tensor x pipeline parallel" if t.get("parallel_s") else "")
+        + f" = {t['total_s']:.2f} s; expected MFU {d['mfu_expected']:.0%}",
         highlight=False,
         soft_wrap=True,
     )
+    par = d.get("parallel")
+    if par:
+        say(
+            f"tensor x pipeline parallel: + {par['total_s']:.2f} s per step = tp all-reduces {par['tensor_parallel_s']:.2f} "
+            f"+ pipeline sends {par['pipeline_send_s']:.2f} + bubble {par['bubble_s']:.2f} ({par['bubble_fraction']:.1%} "
+            f"idle, {d.get('pp_schedule')}) + stage imbalance {par['imbalance_s']:.2f} (forward FLOPs per stage "
+            f"{', '.join(f'{x:.0%}' for x in par['stage_flops_share'])})",
+            highlight=False,
+            soft_wrap=True,
+        )
     f = d.get("faster_layout")
     if f:
         say(
-            f"faster_layout: ZeRO-{f['zero_stage']} with micro batch {f['micro_batch']} x accumulation "
+            f"faster_layout: {'FSDP zero_stage ' if d.get('strategy') == 'fsdp' else 'ZeRO-'}{f['zero_stage']} with micro batch {f['micro_batch']} x accumulation "
             f"{f['accumulation']}: {f['total_s']:.2f} s per step, {f['speedup']:.2f}x "
             f"(--zero-stage {f['zero_stage']} --micro-batch {f['micro_batch']} --accum {f['accumulation']})"
             + ("" if f.get("trainer_runs", True) else f"; the trainer does not run ZeRO-{f['zero_stage']} yet"),

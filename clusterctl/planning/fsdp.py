@@ -1,0 +1,227 @@
+"""Per-GPU memory and step time under parallel.strategy "fsdp": FSDP2 over the data-parallel ranks,
+composed with tensor and pipeline parallelism (pure).
+
+What each GPU holds (its pipeline rank's share, one tp rank of it: clusterctl.planning.stages):
+  * sharded over dp (FSDP2 `fully_shard`, MixedPrecisionPolicy(param_dtype=bf16|fp16, reduce_dtype=fp32)):
+    the fp32 parameters, which are the master weights (4 bytes), AdamW's m and v (8), the fp32 gradients (4);
+  * gathered 16-bit parameters (2 bytes; 4 in fp32): zero_stage 2 (reshard_after_forward=False) keeps the
+    whole share gathered from forward to backward; zero_stage 3 (True) only the unit being computed and
+    the one prefetched, two of the largest; with pp > 1 the whole share, since torch's PipelineStage
+    turns resharding after backward off until the last microbatch (stage.backward_maybe_with_nosync);
+  * unsharded gradients before the reduce-scatter: with pp > 1 the whole share in fp32 (the same
+    function turns gradient sync off, and FSDP2 accumulates unsharded gradients in reduce_dtype:
+    FSDPParam.to_accumulated_grad_if_needed); without a pipeline one unit's (16-bit, then fp32);
+  * activations: the share's per sample x micro batch x microbatches in flight (stages.in_flight);
+  * CUDA context and NCCL buffers (memory.CONTEXT_GIB); no DeepSpeed buckets; 10% fragmentation.
+The most loaded pipeline rank is planned.
+
+Step time, added to the compute at DEFAULT_MFU:
+  * data parallel (FSDP2): without a pipeline each microbatch all-gathers the share (twice at zero_stage 3:
+    forward and backward) and reduce-scatters its gradients in fp32, prefetched / overlapped with compute
+    (comm.OVERLAP_FRACTION, the last unit's reduce-scatter exposed); with a pipeline one reduce-scatter
+    after the last microbatch (exposed) and the gathers once per step (per microbatch at zero_stage 3).
+    The dp ring runs over the NICs the node's other dp groups leave it: tp x pp groups share them.
+  * tensor parallel: DTensor all-reduces activations [micro, s, w] in 16 bits over NVLink: forward one
+    per row-parallel Linear (out, fc2: 2 per block, 3 with cross-attention), backward one per
+    column-parallel Linear (q, k, v, fc1 each convert their replicated input's gradient: 4, 7 with
+    cross-attention), the forward ones again under activation recomputation; not overlapped.
+  * pipeline: the bubble, (pp - 1) / (virtual stages x microbatches) of the most loaded stage's compute;
+    the imbalance of balanced-by-count stages (the slowest stage sets the pace); point-to-point sends of
+    activations forward and gradients back per microbatch per boundary (stages.boundary_elements), over
+    one NIC per GPU when the stages sit on different nodes; not overlapped (an upper bound).
+Not modelled: per-collective latency, the ITC all-gather, 1F1B's send/compute overlap, sequence parallel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from clusterctl.planning import comm
+from clusterctl.planning.memory import CONTEXT_GIB, FRAGMENTATION, GIB, MemoryBreakdown
+from clusterctl.planning.stages import RankShare, boundary_elements, in_flight, rank_shares
+from vltrain.model_config import ModelConfig
+from vltrain.parallel.layout import VIRTUAL_STAGES
+
+MASTER_BYTES = 4 + 8  # fp32 sharded parameters (the master weights) + AdamW m, v
+SHARDED_GRAD_BYTES = 4  # FSDP2's sharded gradients, in the fp32 parameters' dtype
+REDUCE_BYTES = 4  # reduce_dtype fp32
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parallel layout a plan sizes."""
+
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    schedule: str = "1f1b"
+    param_bytes: int = 2  # 16-bit compute weights (bf16/fp16); 4 in fp32
+    checkpointing: bool = False
+
+
+def rank_memory(share: RankShare, lay: Layout, micro_batch: int, microbatches: int, capacity_gib: float):
+    """The memory breakdown of one GPU of pipeline rank `share.rank`."""
+    L, pb = share.params, lay.param_bytes
+    whole = lay.pp > 1 or lay.zero_stage == 2
+    gathered = pb * (L if whole else min(L, 2 * share.largest_unit))
+    unsharded_grads = REDUCE_BYTES * L if lay.pp > 1 else (pb + REDUCE_BYTES) * share.largest_unit
+    grads = SHARDED_GRAD_BYTES * L / lay.dp
+    optimizer = MASTER_BYTES * L / lay.dp
+    acts = share.act_per_sample * micro_batch * in_flight(share.rank, lay.pp, microbatches, lay.schedule)
+    states = gathered + unsharded_grads + grads + optimizer
+    buffers = CONTEXT_GIB * GIB
+    frag = FRAGMENTATION * (states + acts)
+    total = states + acts + buffers + frag
+    return MemoryBreakdown(
+        params_gib=gathered / GIB,
+        grads_gib=grads / GIB,
+        grad_accum_gib=unsharded_grads / GIB,
+        optimizer_gib=optimizer / GIB,
+        activations_gib=acts / GIB,
+        activations_per_sample_gib=share.act_per_sample / GIB,
+        buffers_gib=buffers / GIB,
+        fragmentation_gib=frag / GIB,
+        total_gib=total / GIB,
+        capacity_gib=float(capacity_gib),
+        fits=total <= capacity_gib * GIB,
+    )
+
+
+def memory(
+    model: ModelConfig, lay: Layout, micro_batch: int, microbatches: int, capacity_gib: float
+) -> tuple[MemoryBreakdown, int]:
+    """(the breakdown of the most loaded GPU, its pipeline rank)."""
+    shares = rank_shares(model, lay.tp, lay.pp, lay.schedule, lay.checkpointing)
+    per = [rank_memory(s, lay, micro_batch, microbatches, capacity_gib) for s in shares]
+    worst = max(range(len(per)), key=lambda r: per[r].total_gib)
+    return per[worst], worst
+
+
+@dataclass(frozen=True)
+class ParallelTime:
+    """Seconds per optimizer step that tensor and pipeline parallelism add to compute."""
+
+    tensor_parallel_s: float
+    pipeline_send_s: float
+    bubble_s: float
+    imbalance_s: float
+    bubble_fraction: float  # (pp - 1) / (virtual x microbatches + pp - 1): idle share of the pipeline
+    stage_flops_share: tuple[float, ...]  # each pipeline rank's share of the forward FLOPs
+    most_loaded_rank: int = 0  # in memory
+
+    @property
+    def total_s(self) -> float:
+        return self.tensor_parallel_s + self.pipeline_send_s + self.bubble_s + self.imbalance_s
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self) | {"total_s": self.total_s}
+        d["stage_flops_share"] = [round(x, 4) for x in self.stage_flops_share]
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def dp_bus_gb_s(fab: comm.Fabric, lay: Layout) -> float:
+    """The bus bandwidth of one data-parallel ring: within a node NVLink; across nodes the node's NICs
+    shared by the tp x pp groups on it that run their own rings at the same time."""
+    g = fab.gpus_per_node
+    span = lay.dp * lay.tp  # consecutive ranks one dp group covers (tp innermost, pp outermost)
+    if fab.nodes == 1 or span <= g:
+        return comm.NCCL_EFFICIENCY * fab.intra_node_gb_s
+    groups_per_node = min(g, lay.tp)  # dp groups side by side on a node: one per tp rank
+    return comm.NCCL_EFFICIENCY * min(fab.intra_node_gb_s, fab.inter_node_gb_s / groups_per_node)
+
+
+def step_comm(
+    share: RankShare, lay: Layout, accumulation: int, compute_s: float, fab: comm.Fabric, backward_share: float
+) -> comm.StepComm:
+    """FSDP2's data-parallel collectives of one optimizer step for the GPU of `share` (module doc)."""
+    L, n = share.params, lay.dp
+    w, g = L * lay.param_bytes, L * REDUCE_BYTES
+    if lay.pp == 1:
+        gathers = [comm.Collective("FSDP all-gather of the weights in forward", "all_gather", w, True, 1.0)]
+        if lay.zero_stage == 3:
+            gathers.append(comm.Collective("FSDP all-gather of the weights in backward", "all_gather", w, True, 1.0))
+        reduce = comm.Collective("FSDP gradient reduce-scatter (fp32)", "reduce_scatter", g, True, backward_share)
+    else:
+        per_micro = lay.zero_stage == 3
+        gathers = [
+            comm.Collective("FSDP all-gather of the weights", "all_gather", w, per_micro, 1.0 if per_micro else 0.0)
+        ]
+        if per_micro:
+            gathers.append(comm.Collective("FSDP all-gather of the weights in backward", "all_gather", w, True, 1.0))
+        reduce = comm.Collective(
+            "FSDP gradient reduce-scatter after the last microbatch", "reduce_scatter", g, False, 0.0
+        )
+    bus = dp_bus_gb_s(fab, lay) * comm.GB
+    calls = [
+        comm.Collective(
+            c.what, c.op, c.tensor_bytes, c.every_micro_step, c.window, comm.ring_factor(c.op, n) * c.tensor_bytes / bus
+        )
+        for c in (*gathers, reduce)
+    ]
+    times = {True: accumulation, False: 1}
+    total = sum(c.seconds * times[c.every_micro_step] for c in calls)
+    volume = sum(comm.ring_factor(c.op, n) * c.tensor_bytes * times[c.every_micro_step] for c in calls)
+    micro_s = compute_s / accumulation
+    tail = share.largest_unit / L if L else 0.0  # the last unit's reduce-scatter runs after backward ends
+    exposed = sum(c.seconds * times[c.every_micro_step] for c in calls if c.window == 0)
+    overlapped = [c for c in calls if c.window > 0]
+    if overlapped:
+        tail_s = sum(c.seconds * tail for c in overlapped if c.op == "reduce_scatter")
+        exposed += comm.exposed_seconds(overlapped, max(c.window for c in overlapped) * micro_s, tail_s) * accumulation
+    return comm.StepComm(n, accumulation, bus / comm.GB, volume, total, exposed, True, tuple(calls))
+
+
+def parallel_time(
+    model: ModelConfig, lay: Layout, micro_batch: int, accumulation: int, compute_s: float, fab: comm.Fabric
+) -> ParallelTime:
+    """Tensor-parallel all-reduces, pipeline sends, bubble and stage imbalance of one step (module doc)."""
+    from clusterctl.planning.stages import blocks
+
+    shares = rank_shares(model, lay.tp, lay.pp, lay.schedule, lay.checkpointing)
+    total_flops = sum(s.flops_per_sample for s in shares)
+    flops_share = tuple(s.flops_per_sample / total_flops for s in shares)
+    slowest = max(range(lay.pp), key=lambda r: flops_share[r])
+    stage_s = compute_s * flops_share[slowest] * lay.pp  # the slowest stage's compute for the step
+    imbalance = stage_s - compute_s
+    virtual = VIRTUAL_STAGES[lay.schedule] if lay.pp > 1 else 1
+    bubble = stage_s * (lay.pp - 1) / (virtual * accumulation)
+    fraction = (lay.pp - 1) / (virtual * accumulation + lay.pp - 1)
+    # tensor parallel: all-reduces of the slowest stage's blocks, per microbatch
+    tp_s = 0.0
+    if lay.tp > 1:
+        bl = blocks(model)
+        nvlink = comm.NCCL_EFFICIENCY * fab.intra_node_gb_s * comm.GB
+        ring = comm.ring_factor("all_reduce", lay.tp)
+        t, sv, wt, wv = model.max_text_len, model.num_patches + 1, model.text_width, model.vision_width
+        elements = 0.0
+        for i in shares[slowest].blocks:
+            b = bl[i]
+            s, w = (sv, wv) if b.kind == "vision" else (t, wt)
+            fwd, bwd = (2, 4) if b.kind in ("vision", "text") else (3, 5)  # cross: + out; + q (k, v: below)
+            per_run = (fwd * (2 if lay.checkpointing else 1) + bwd) * s * w
+            if b.kind in ("fusion", "decoder"):
+                per_run += 2 * sv * wv  # cross-attention k, v: the image features' gradients
+            elements += per_run * b.runs
+        tp_s = accumulation * micro_batch * elements * lay.param_bytes * ring / nvlink
+    send_s = 0.0
+    if lay.pp > 1:
+        g = fab.gpus_per_node
+        crosses_nodes = fab.nodes > 1 and lay.dp * lay.tp >= g
+        link = (fab.inter_node_gb_s / g) if crosses_nodes else fab.intra_node_gb_s
+        per = micro_batch * boundary_elements(model) * lay.param_bytes
+        hops = (1 if shares[slowest].rank in (0, lay.pp - 1) else 2) * virtual  # receives and sends per direction
+        send_s = 2 * accumulation * hops * per / (comm.NCCL_EFFICIENCY * link * comm.GB)
+    return ParallelTime(tp_s, send_s, bubble, imbalance, fraction, flops_share)
+
+
+def max_micro_batch(
+    model: ModelConfig, lay: Layout, per_rank: int, capacity_gib: float, allowed=lambda accumulation: True
+) -> int:
+    """The largest micro batch dividing the rank's samples whose breakdown fits and whose accumulation
+    `allowed` takes (the pipeline schedule's rule); 0 when none."""
+    for m in sorted((d for d in range(1, per_rank + 1) if per_rank % d == 0), reverse=True):
+        if allowed(per_rank // m) and memory(model, lay, m, per_rank // m, capacity_gib)[0].fits:
+            return m
+    return 0

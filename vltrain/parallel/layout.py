@@ -1,0 +1,190 @@
+"""Which tensor x pipeline x data-parallel layouts the model and the strategy can take (pure, torch-free).
+
+One list of rules, read by the trainer at start and by clusterctl's `plan` and `submit` (which refuse
+the first in one line, exit 2), so that nothing is planned that the trainer would refuse. Each message
+names the config field (`parallel.tp`, `parallel.pp`, `zero_stage`, `accumulation`; a CLI that took the
+value as a flag names the flag) and what is allowed.
+
+The rules, and why:
+  * tp divides the attention heads of both towers (vision_heads; text_heads, which the text encoder,
+    the fusion blocks and the decoder share) and every MLP hidden size: column-parallel q, k, v and fc1
+    give each rank whole heads and an equal slice of the hidden units (vltrain.parallel.tensor_parallel).
+  * tp divides the GPUs of a node: tensor-parallel peers are adjacent ranks (the mesh's innermost dim)
+    and all-reduce activations twice per block forward and twice backward, which only NVLink carries
+    at speed; a group that straddles two nodes would run them over the network.
+  * pp stages hold contiguous ranges of the pipeline blocks (vision, text, fusion, decoder blocks in
+    that order, `stage_ranges`); each stage needs at least one block, each virtual stage of the
+    interleaved schedule too (2 per rank).
+  * world = tp x pp x dp.
+  * microbatches (the accumulation steps) as torch.distributed.pipelining's schedules require them:
+    Schedule1F1B raises when n_microbatches < the number of stages (a stage without a microbatch of its
+    own would idle through the steady state); ScheduleInterleaved1F1B needs n_microbatches to be a
+    multiple of its rounds, max(1, n // pp); ScheduleGPipe takes any number.
+  * tp or pp > 1 only under parallel.strategy "fsdp" (DeepSpeed here is ZeRO data parallel only);
+    under "fsdp" zero_stage is 2 (parameters kept gathered from forward to backward) or 3 (resharded
+    after forward): FSDP always shards gradients and optimizer states, so 0 and 1 do not exist there.
+  * masked image modelling (loss.mim > 0) is not run with pp > 1: the pipeline stages do not carry its
+    decoder.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vltrain.model_math import mlp_hidden
+
+if TYPE_CHECKING:
+    from vltrain.config import TrainConfig
+    from vltrain.model_config import ModelConfig
+
+VIRTUAL_STAGES = {"1f1b": 1, "gpipe": 1, "interleaved1f1b": 2}  # model chunks per pipeline rank
+FSDP_STAGES = (2, 3)
+
+
+def pipeline_blocks(model: ModelConfig) -> int:
+    """Transformer blocks a pipeline splits: vision + text + fusion + decoder."""
+    return model.vision_layers + model.text_layers + model.fusion_layers + model.decoder_layers
+
+
+def stage_ranges(blocks: int, stages: int) -> list[range]:
+    """Contiguous, balanced ranges of block indices, one per (virtual) stage: sizes differ by at most one,
+    the earlier stages taking the extra blocks (the last stage also runs the heads and the losses)."""
+    if not 1 <= stages <= blocks:
+        raise ValueError(f"{stages} stages over {blocks} blocks")
+    base, extra = divmod(blocks, stages)
+    out, start = [], 0
+    for s in range(stages):
+        n = base + (1 if s < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def data_parallel(world: int, tp: int, pp: int) -> int:
+    """Data-parallel replicas: what tp x pp leave of the world (`layout_problems` checks it divides)."""
+    if tp < 1 or pp < 1 or world % (tp * pp):
+        raise ValueError(f"world {world} is not a multiple of tp {tp} x pp {pp}")
+    return world // (tp * pp)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _tp_model_problem(model: ModelConfig, tp: int) -> str | None:
+    """Why the model's blocks cannot be split over `tp` ranks, or None."""
+    for field, value in (("model.vision_heads", model.vision_heads), ("model.text_heads", model.text_heads)):
+        if value % tp:
+            return f"{tp} does not divide {field} {value} (each tensor-parallel rank computes whole heads)"
+    for tower, width in (("vision", model.vision_width), ("text", model.text_width)):
+        hidden = mlp_hidden(model, width)
+        if hidden % tp:
+            return (
+                f"{tp} does not divide the {tower} MLP hidden size {hidden} (model.mlp_ratio x model.{tower}_width; "
+                "each rank takes an equal slice of it)"
+            )
+    return None
+
+
+def _tp_allowed(model: ModelConfig, world: int, gpus_per_node: int | None) -> list[int]:
+    return [
+        t
+        for t in _divisors(world)
+        if _tp_model_problem(model, t) is None and (gpus_per_node is None or gpus_per_node % t == 0)
+    ]
+
+
+def _join(values: list[int]) -> str:
+    return ", ".join(map(str, values)) if values else "none"
+
+
+def tp_problems(model: ModelConfig, tp: int, world: int, gpus_per_node: int | None) -> list[str]:
+    """The tensor-parallel degree against the model's heads and hidden sizes, the world and a node."""
+    allowed = f"allowed: {_join(_tp_allowed(model, world, gpus_per_node))}"
+    why = _tp_model_problem(model, tp)
+    if why:
+        return [f"parallel.tp: {why}; {allowed}"]
+    if world % tp:
+        return [f"parallel.tp: {tp} does not divide the world size {world}; {allowed}"]
+    if gpus_per_node is not None and gpus_per_node % tp:
+        return [
+            f"parallel.tp: {tp} does not divide a node's {gpus_per_node} GPUs: a tensor-parallel group would span "
+            f"nodes, and its per-block all-reduces need the node's NVLink; {allowed}"
+        ]
+    return []
+
+
+def pp_problems(model: ModelConfig, pp: int, tp: int, world: int, schedule: str) -> list[str]:
+    """The pipeline degree against the world left by tp and the model's blocks."""
+    blocks, virtual = pipeline_blocks(model), VIRTUAL_STAGES[schedule]
+    rest = world // tp if world % tp == 0 else world
+    allowed = f"allowed: {_join([p for p in _divisors(rest) if p * virtual <= blocks])}"
+    if pp * virtual > blocks:
+        chunks = f" x {virtual} virtual stages per rank ({schedule})" if virtual > 1 else ""
+        return [
+            f"parallel.pp: {pp} stages{chunks} is more than the model's {blocks} pipeline blocks (model.vision_layers "
+            f"+ text_layers + fusion_layers + decoder_layers); {allowed}"
+        ]
+    if rest % pp:
+        return [
+            f"parallel.pp: {pp} does not divide the {rest} ranks left by parallel.tp {tp} (world {world}); {allowed}"
+        ]
+    return []
+
+
+def microbatch_problem(accumulation: int, pp: int, schedule: str) -> str | None:
+    """Whether torch.distributed.pipelining's schedule takes `accumulation` microbatches over `pp` ranks
+    (the rule of its own constructor, see the module doc); None when it does, or when pp is 1."""
+    n = accumulation
+    if pp == 1 or n <= 0:
+        return None
+    if schedule == "1f1b" and n < pp:
+        return (
+            f"accumulation: {n} microbatch{'es are' if n > 1 else ' is'} fewer than the parallel.pp {pp} pipeline stages (torch's "
+            f"Schedule1F1B needs one per stage, or stages idle); allowed: at least {pp}"
+        )
+    if schedule == "interleaved1f1b" and n % max(1, n // pp):
+        return (
+            f"accumulation: {n} microbatches do not split into torch's Interleaved1F1B rounds of parallel.pp {pp} "
+            f"({n} is not a multiple of {n} // {pp} = {n // pp}); allowed: fewer than {2 * pp} or a multiple of {pp}"
+        )
+    return None
+
+
+def strategy_problems(cfg: TrainConfig) -> list[str]:
+    """What the chosen strategy does not take: model parallelism under DeepSpeed, ZeRO 0-1 under FSDP,
+    masked image modelling with a pipeline."""
+    p, out = cfg.parallel, []
+    if p.strategy == "deepspeed":
+        for name, value in (("tp", p.tp), ("pp", p.pp)):
+            if value > 1:
+                out.append(
+                    f'parallel.{name}: {value} needs parallel.strategy = "fsdp" (DeepSpeed runs ZeRO data parallel '
+                    f"only here); allowed: 1, or --set parallel.strategy=fsdp"
+                )
+    elif cfg.zero_stage not in FSDP_STAGES:
+        out.append(
+            f"zero_stage: {cfg.zero_stage} is not an FSDP layout (FSDP always shards gradients and optimizer states); "
+            "allowed: 2 (parameters kept gathered from forward to backward) or 3 (resharded after forward) under "
+            'parallel.strategy "fsdp"'
+        )
+    if cfg.loss.mim > 0 and p.pp > 1:
+        out.append(
+            f"loss.mim: masked image modelling is not supported with pipeline parallel (parallel.pp {p.pp}); "
+            "allowed: loss.mim = 0, or parallel.pp = 1"
+        )
+    return out
+
+
+def layout_problems(cfg: TrainConfig, world: int, gpus_per_node: int | None = None) -> list[str]:
+    """Every rule of the module doc that `cfg` breaks on `world` ranks (`gpus_per_node`: None when not
+    known, e.g. in the trainer, which then skips the node rule); empty when the layout is valid.
+    `cfg.accumulation` 0 (the planner chooses) skips the microbatch rule."""
+    from vltrain.presets import resolve_model
+
+    model, p = resolve_model(cfg.model), cfg.parallel
+    out = strategy_problems(cfg)
+    out += tp_problems(model, p.tp, world, gpus_per_node)
+    out += pp_problems(model, p.pp, p.tp, world, p.pp_schedule)
+    mb = microbatch_problem(cfg.accumulation, p.pp, p.pp_schedule)
+    return out + ([mb] if mb else [])
