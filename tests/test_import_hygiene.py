@@ -81,3 +81,58 @@ def test_a_command_imports_only_its_own_module(tmp_path):
     )
     code_, modules = r.stdout.strip().splitlines()[-1].split(" ", 1)
     assert code_ == "0" and modules == "['clusterctl.cli.cmd_status']", r.stdout + r.stderr
+
+
+HELP_PROBE = """
+import json, sys
+from typer.testing import CliRunner
+from clusterctl.cli import app
+r = CliRunner().invoke(app, sys.argv[1:])
+print(json.dumps({"exit": r.exit_code, "out": r.output,
+                  "loaded": sorted(m for m in sys.modules if m.startswith(("clusterctl.cli.cmd_", "clusterctl.planning"))),
+                  "rich_help": [m for m in ("markdown_it", "pygments", "typer.rich_utils") if m in sys.modules]}))
+"""
+
+
+def test_help_builds_no_command_and_imports_no_rich_markdown():
+    """`clusterctl --help` lists every command from the table in clusterctl/cli/__init__.py: no
+    command module is imported, and help is click's plain text (no markdown_it, pygments)."""
+    from clusterctl.cli import COMMANDS
+
+    r = subprocess.run(
+        [sys.executable, "-c", HELP_PROBE, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["exit"] == 0 and d["loaded"] == [] and d["rich_help"] == [], d
+    text = " ".join(d["out"].split())
+    for name, (_, _, help_) in COMMANDS.items():
+        assert f"{name} {' '.join(help_.split())}" in text, name  # whole, never cut at 45 characters
+
+
+def test_help_table_matches_each_command():
+    """The help the table lists is each command's own first paragraph (they cannot drift)."""
+    import inspect
+
+    from clusterctl.cli import COMMANDS, build_command
+
+    for name, (module, attr, help_) in COMMANDS.items():
+        cmd = build_command(name, module, attr)
+        assert inspect.cleandoc(cmd.help or "").split("\n\n")[0].replace("\n", " ") == help_, name
+        assert cmd.rich_markup_mode is None  # plain help for every command, as for the root
+
+
+def test_subcommand_help_is_plain():
+    r = subprocess.run(
+        [sys.executable, "-c", HELP_PROBE, "report", "energy", "--help"], cwd=REPO, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["exit"] == 0 and d["rich_help"] == [] and "--since" in d["out"] and "--user" in d["out"], d
+
+
+def test_estimate_mfu_default_is_the_planners():
+    """`estimate --mfu` defaults to planning.plan.DEFAULT_MFU (a copy: the planner is not imported)."""
+    from clusterctl.cli import cmd_estimate
+    from clusterctl.planning import plan
+
+    assert cmd_estimate.DEFAULT_MFU == plan.DEFAULT_MFU

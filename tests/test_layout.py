@@ -194,3 +194,25 @@ def test_bubble_and_tensor_parallel_time():
         pt.tensor_parallel_s > 0
         and fsdp.parallel_time(cfg, fsdp.Layout(8, 2, 8, 2), 8, 16, 10.0, fab).tensor_parallel_s > pt.tensor_parallel_s
     )
+
+
+def test_masked_image_modelling_in_a_later_stage_is_refused_with_a_pipeline():
+    """A staged recipe that turns MIM on only in stage 2 builds the MIM decoder from the start: the
+    pipeline cannot carry it, so the layout is refused as for loss.mim itself."""
+    from vltrain.config import load_train_config
+
+    cfg = load_train_config(
+        None,
+        {"parallel.strategy": "fsdp", "parallel.pp": 2, "steps": 4, "stages": [{"steps": 2}, {"loss": {"mim": 1.0}}]},
+    )
+    assert cfg.loss.mim == 0 and cfg.uses_mim()
+    problems = layout_problems(cfg, 2, None)
+    assert problems and problems[0].startswith("stages[].loss.mim: masked image modelling is not supported")
+
+
+def test_tensor_parallel_must_divide_the_mim_decoder_when_mim_runs():
+    model = dataclasses.replace(get_preset("tiny", "t"), mim_decoder_width=48, mim_decoder_heads=3)
+    on = dataclasses.replace(_cfg(model, tp=2, mim=1.0))
+    assert any("MIM decoder's heads 3" in p for p in layout_problems(on, 2, None))
+    off = dataclasses.replace(_cfg(model, tp=2, mim=0.0))
+    assert not any("MIM decoder" in p for p in layout_problems(off, 2, None))

@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import types
 import typing
 import zlib
 from pathlib import Path
@@ -126,6 +127,7 @@ def test_the_skip_tolerance_of_fp16_is_what_its_loss_scaler_needs_to_reach_its_f
 
 class _Engine:
     skipped_steps = 0
+    module = types.SimpleNamespace(loss_cfg=None)  # the loop sets the stage's loss weights on it
 
     def get_global_grad_norm(self):
         return INF
@@ -157,9 +159,10 @@ def _session(tmp_path, cfg, steps):
 
     def train_step(batches):
         loss, skipped = next(it)
-        local = torch.zeros(11, dtype=torch.float64)
-        local[2:6] = torch.tensor([loss, loss / 2, loss / 4, loss / 4]) * s.split.accumulation
-        local[6], local[9], local[10] = s.split.accumulation, 0.1, skipped
+        m = 2 + len(Session.LOSSES)  # flags, loss sums (loss, itc, mlm, caption, mim), micro steps, ...
+        local = torch.zeros(m + 5, dtype=torch.float64)
+        local[2:m] = torch.tensor([loss, loss / 2, loss / 4, loss / 4, 0.0]) * s.split.accumulation
+        local[m], local[m + 3], local[-1] = s.split.accumulation, 0.1, skipped
         return local, 1e-3
 
     s.train_step = train_step

@@ -42,13 +42,37 @@ def test_no_trainer_module_calls_a_collective_but_through_the_helper():
     device: any non-CPU device shows the same); (c) under NCCL it is bound to the rank's GPU."""
     offenders = []
     for path in (REPO / "vltrain").rglob("*.py"):
-        if path.name == "collectives.py":
+        if path.name == "collectives.py" or path.parent.name == "parallel":  # model parallelism: guarded below
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
                 owner = ast.unparse(node.func.value)
                 if owner in ("dist", "torch.distributed", "torch_dist"):
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {owner}.{node.func.attr}")
+    assert offenders == []
+
+
+TENSOR_FACTORIES = {"tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint", "zeros_like"}
+
+
+def test_model_parallel_code_makes_every_tensor_on_a_device_it_names():
+    """vltrain/parallel (FSDP, tensor and pipeline parallel) issues its own collectives over mesh groups
+    (the pipeline's tied-weight gradient sum, the grad-norm sum over stages, the masked-ids broadcast):
+    their tensors come from parameters, gradients and batches already on the rank's device, and a tensor
+    made there from nothing must name its device, or under NCCL a CPU tensor reaches the collective
+    ("No backend type associated with device type cpu") - e.g. the norm of a stage without gradients."""
+    offenders = []
+    for path in (REPO / "vltrain" / "parallel").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and ast.unparse(node.func.value) == "torch"
+                and node.func.attr in TENSOR_FACTORIES
+                and not node.func.attr.endswith("_like")
+                and not any(k.arg == "device" for k in node.keywords)
+            ):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {ast.unparse(node)}")
     assert offenders == []
 
 

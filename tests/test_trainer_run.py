@@ -131,6 +131,7 @@ def test_uninterrupted_run_writes_metrics_events_checkpoints_and_eval(full_run):
         "itc",
         "mlm",
         "caption",
+        "mim",
         "lr",
         "grad_norm",
         "samples_per_s",

@@ -232,7 +232,7 @@ def test_weight_decay_only_on_linear_and_conv_weights():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {"logit_scale", "vision.cls", "vision.pos", "embed.pos", "embed.tok.weight"} <= kept
     assert not any(n.endswith(".bias") or "norm" in n for n in decayed)
-    assert "vision.blocks.0.attn.qkv.weight" in decayed and "vision.patch_embed.weight" in decayed
+    assert "vision.blocks.0.attn.q.weight" in decayed and "vision.patch_embed.weight" in decayed
     assert len(decayed) + len(kept) == len(list(model.parameters()))
     assert all(isinstance(m, (nn.Linear, nn.Conv2d)) for n, m in model.named_modules() if n + ".weight" in decayed)
 

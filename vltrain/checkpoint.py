@@ -2,9 +2,13 @@
 trusted, and refuse the wrong run.
 
 Layout of one checkpoint (`<run_dir>/checkpoints/step_0000120/`):
-  ds/                      DeepSpeed's save_checkpoint (model states, ZeRO optimizer shards, LR schedule)
+  ds/                      parallel.strategy "deepspeed": DeepSpeed's save_checkpoint (model states, ZeRO
+                           optimizer shards, LR schedule)
+  dcp/                     parallel.strategy "fsdp": torch.distributed.checkpoint of model and optimizer
+                           (__<rank>_0.distcp per rank, .metadata from rank 0), any layout on load
   trainer_rank00000.pt     per rank: step, samples seen, loader position, python/numpy/torch RNG states
-  meta.json                step, samples, world size, config hash, schema version, and `files`: the size
+                           (under fsdp also the LR schedule, loss scaler and step counters)
+  meta.json                step, samples, world size, format, config hash, schema version, and `files`: the size
                            and CRC-32 of every other file, each computed by the rank that wrote it
   COMPLETE                 written last, before the rename; holds the step and meta.json's size and CRC-32
 Every rank writes into `checkpoints/.tmp-step_0000120/`; after a barrier rank 0 writes COMPLETE and
@@ -16,7 +20,9 @@ the `.tmp-` directory: the previous checkpoint stays the newest.
 Resume (`select`) takes the newest `step_*` holding COMPLETE whose files match meta.json (each rank
 checks the files it wrote; the ranks agree on the verdict); a damaged one is renamed to
 `.bad-step_0000120` (kept for inspection, never deleted, ignored by `latest` and `prune`) and the one
-before it is tried. One made by another config is refused, not loaded.
+before it is tried. One made by another config is refused, not loaded. A DeepSpeed checkpoint resumes
+only on its own rank count; a DCP one on any (DCP reshards model and optimizer; the loader position
+is mapped by `remap_loader_state`).
 
 Why CRC-32 and not SHA-256: the checksum guards against truncation, torn writes and flipped bits,
 not against an adversary; zlib's CRC-32 runs at ~3.9 GB/s on one core against SHA-256's ~1.2 GB/s
@@ -36,6 +42,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +57,8 @@ from vltrain.rundir import RunDir
 
 SCHEMA_VERSION = 1  # `files` in meta.json is optional: checkpoints written before it load unverified
 DS_TAG = "ds"
+DCP_DIR = "dcp"
+FORMATS = {"ds": "deepspeed", "dcp": "fsdp"}  # meta.json "format" -> the parallel.strategy that writes it
 MARKER = "COMPLETE"
 META = "meta.json"
 BAD_PREFIX = ".bad-"  # a checkpoint that failed verification, moved aside (never deleted)
@@ -96,9 +105,11 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((path / "meta.json").read_text(encoding="utf-8"))
 
 
-def check_compatible(path: Path, config_hash: str, world_size: int) -> dict[str, Any]:
-    """meta.json of `path`, or a one-line UserError when this run cannot resume from it."""
+def check_compatible(path: Path, config_hash: str, world_size: int, fmt: str = "ds") -> dict[str, Any]:
+    """meta.json of `path`, or a one-line UserError when this run (whose engine writes `fmt`) cannot
+    resume from it. A DCP checkpoint resumes on any rank count; a DeepSpeed one on its own only."""
     meta = read_meta(path)
+    written = meta.get("format", "ds")  # checkpoints from before DCP are DeepSpeed's
     if meta.get("schema") != SCHEMA_VERSION:
         raise UserError(
             f"{path}: checkpoint schema {meta.get('schema')}; allowed: schema {SCHEMA_VERSION} "
@@ -110,7 +121,12 @@ def check_compatible(path: Path, config_hash: str, world_size: int) -> dict[str,
             f"allowed: the same model, optimizer, loss, global batch, ZeRO stage, precision and seed, "
             f"or a new run directory"
         )
-    if meta.get("world_size") != world_size:
+    if written != fmt:
+        raise UserError(
+            f"{path}: written under parallel.strategy '{FORMATS.get(written, written)}' but this run uses "
+            f"'{FORMATS[fmt]}'; allowed: --set parallel.strategy={FORMATS.get(written, written)}, or a new run directory"
+        )
+    if fmt == "ds" and meta.get("world_size") != world_size:
         raise UserError(
             f"{path}: written by {meta.get('world_size')} ranks but this run has {world_size}; "
             f"allowed: resume with {meta.get('world_size')} ranks, or a new run directory"
@@ -118,12 +134,12 @@ def check_compatible(path: Path, config_hash: str, world_size: int) -> dict[str,
     return meta
 
 
-def check_newest(run_dir: str | Path, config_hash: str, world_size: int) -> None:
+def check_newest(run_dir: str | Path, config_hash: str, world_size: int, fmt: str = "ds") -> None:
     """check_compatible on the newest complete checkpoint whose meta.json reads (a quick refusal before
     the slow start; a damaged one is left to `select`, once the ranks can agree on it)."""
     for _, path in reversed(complete_checkpoints(run_dir)):
         if verify(path, only=lambda rel: False) is None:  # meta.json alone: it reads and matches COMPLETE
-            check_compatible(path, config_hash, world_size)
+            check_compatible(path, config_hash, world_size, fmt)
             return
 
 
@@ -258,6 +274,7 @@ def _barrier() -> None:
 
 
 _OWN = re.compile(r"(?:^|_)rank_?0*(\d+)(?:_|\.)")  # zero_pp_rank_3_mp_rank_00_..., trainer_rank00003.pt
+_DCP_OWN = re.compile(r"__(\d+)_\d+\.distcp")  # DCP's FileSystemWriter: __<rank>_<file>.distcp
 
 
 def owned_files(directory: Path, rank: int) -> list[Path]:
@@ -270,7 +287,7 @@ def owned_files(directory: Path, rank: int) -> list[Path]:
         if not p.is_file():
             continue
         name = p.name.replace("mp_rank_", "mp-rank-")  # the model-parallel rank is not the data-parallel one
-        m = _OWN.search(name)
+        m = _DCP_OWN.fullmatch(name) or _OWN.search(name)
         if (int(m.group(1)) if m else 0) == rank:
             out.append(p)
     return out
@@ -332,9 +349,16 @@ def save(
             error = e
     agree(error)
     errors: list[BaseException] = []
+    fmt = getattr(engine, "checkpoint_format", "ds")
+    extra: dict[str, Any] = {}
     try:
-        with _keep_going(engine, errors):  # a failed write inside DeepSpeed must not skip its collectives
-            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        if fmt == "dcp":
+            _save_dcp(engine, tmp / DCP_DIR, errors)
+            extra["engine"] = engine.extra_state()
+        else:
+            ds = getattr(engine, "ds", engine)  # vltrain.engine.DeepSpeedEngine, or DeepSpeed's own
+            with _keep_going(ds, errors):  # a failed write inside DeepSpeed must not skip its collectives
+                ds.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
         state = {
             "schema": SCHEMA_VERSION,
             "step": step,
@@ -343,6 +367,7 @@ def save(
             "world_size": world_size,
             "config_hash": config_hash,
             "rng": rng_state(),
+            **extra,
             **trainer_state,
         }
         with open(tmp / f"trainer_rank{rank:05d}.pt", "wb") as f:  # a Python file: ENOSPC keeps its errno
@@ -373,6 +398,7 @@ def save(
                 "step": step,
                 "samples": samples,
                 "world_size": world_size,
+                "format": fmt,
                 "config_hash": config_hash,
                 "time": time.time(),
                 "files": _merge_parts(tmp, world_size),
@@ -439,6 +465,22 @@ def _merge_parts(tmp: Path, world_size: int) -> dict[str, dict[str, Any]]:
     for r in range(world_size):
         (tmp / f"files_rank{r:05d}.json").unlink()
     return dict(sorted(files.items()))
+
+
+def _save_dcp(engine, directory: Path, errors: list[BaseException]) -> None:
+    """engine.save (DCP, collective). DCP gathers every rank's write result to rank 0 and raises the
+    same CheckpointException on every rank when one failed: its first write error goes to `errors`
+    (the ranks then agree on it as on any other), anything else is raised."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    try:
+        engine.save(directory)
+    except CheckpointException as e:
+        inner = [getattr(f, "exc", f) for _, f in sorted(e.failures.items())]
+        write = [x for x in inner if isinstance(x, BaseException) and is_write_error(x)]
+        if not write:
+            raise
+        errors.append(write[0])
 
 
 @contextlib.contextmanager
@@ -611,9 +653,20 @@ def mmap_loads(engine):
 
 
 def load(engine, path: Path, rank: int) -> dict[str, Any]:
-    """Restore model, optimizer and schedule into `engine`; return this rank's trainer state (RNG not yet applied)."""
-    with mmap_loads(engine):
-        load_path, _ = engine.load_checkpoint(
+    """Restore model, optimizer and schedule into `engine`; return this rank's trainer state (RNG not yet applied).
+
+    A DCP checkpoint written by another rank count: DCP reshards model and optimizer; rank r takes the
+    trainer state of rank r mod the old count (loader positions and engine state agree across ranks;
+    the loop maps the loader's with `remap_loader_state`)."""
+    if getattr(engine, "checkpoint_format", "ds") == "dcp":
+        engine.load(path / DCP_DIR)
+        written = int(read_meta(path).get("world_size", 1))
+        state = torch.load(path / f"trainer_rank{rank % written:05d}.pt", weights_only=False)
+        engine.load_extra_state(state["engine"])
+        return state
+    ds = getattr(engine, "ds", engine)
+    with mmap_loads(ds):
+        load_path, _ = ds.load_checkpoint(
             str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )
     if load_path is None:
@@ -624,9 +677,56 @@ def load(engine, path: Path, rank: int) -> dict[str, Any]:
     return torch.load(path / f"trainer_rank{rank:05d}.pt", weights_only=False)
 
 
+def remap_loader_state(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """A loader state saved by (data-parallel) rank `state["rank"]` of `state["world_size"]`, for
+    `rank` of `world_size` (pure; unchanged when the size is the same).
+
+    Every rank consumes the same count, and rank r of W reads epoch positions r, r+W, ...: after p
+    samples each, the first p x W positions of the epoch are consumed, whatever W. So rank r' of W'
+    resumes at p x W // W': the same global position, so every later optimizer step sees the same
+    set of samples as on the old rank count (split differently over ranks and micro batches). When
+    p x W is not a multiple of W' (the global batch does not divide by the new size), up to W' - 1
+    samples are repeated. An epoch past the new per-rank size starts the next epoch."""
+    old = int(state["world_size"])
+    if old == world_size:
+        return state
+    consumed = int(state["position"]) * old // world_size
+    per_rank = int(state["num_samples"]) // world_size
+    epoch = int(state["epoch"]) + consumed // per_rank
+    return state | {"rank": rank, "world_size": world_size, "epoch": epoch, "position": consumed % per_rank}
+
+
 def module_state(path: Path) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint, without DeepSpeed (for evaluation on one process)."""
+    """The model weights of a checkpoint, without DeepSpeed or a process group (evaluation on one
+    process). DCP: full tensors of every `model.` entry its metadata lists, read with no_dist=True
+    (whatever rank count and layout wrote them)."""
+    if (path / DCP_DIR).is_dir():
+        return _dcp_module_state(path / DCP_DIR)
     files = sorted((path / DS_TAG).glob("mp_rank_*_model_states.pt"))
     if not files:
         raise UserError(f"{path}: no model states under {DS_TAG}/; allowed: a complete vltrain checkpoint")
     return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)["module"]
+
+
+def _dcp_module_state(directory: Path) -> dict[str, torch.Tensor]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(directory))
+    try:
+        entries = reader.read_metadata().state_dict_metadata
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(
+            f"{directory}: DCP metadata cannot be read ({e}); allowed: a complete vltrain checkpoint"
+        ) from None
+    model = {
+        key.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
+        for key, md in entries.items()
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
+    }
+    if not model:
+        raise UserError(f"{directory}: no model states in the DCP checkpoint; allowed: a complete vltrain checkpoint")
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    return model

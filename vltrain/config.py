@@ -68,14 +68,66 @@ class LossConfig:
     itc: float = field("image-text contrastive weight", default=1.0, min=0.0, max=100.0)
     mlm: float = field("masked language modelling weight", default=1.0, min=0.0, max=100.0)
     caption: float = field("captioning weight", default=1.0, min=0.0, max=100.0)
-    mim: float = field(
-        "masked image modelling weight (seeds 001, 004; not run by the trainer yet)", default=0.0, min=0.0, max=100.0
-    )
+    mim: float = field("masked image modelling weight (MAE-style; seeds 001, 004)", default=0.0, min=0.0, max=100.0)
     mask_prob: float = field("MLM masking probability", default=0.15, min=0.01, max=0.9)
     mim_mask_ratio: float = field(
         "fraction of image patches masked for MIM (MAE: 0.75)", default=0.75, min=0.05, max=0.95
     )
     init_temperature: float = field("initial contrastive temperature", default=0.07, min=0.001, max=1.0)
+
+
+# What a stage may change: the loss weights and the MIM mask ratio. The rest of a run (optimizer, LR
+# schedule, data) spans all its stages: one schedule from the first step to the last.
+STAGE_LOSS_KEYS = ("itc", "mlm", "caption", "mim", "mim_mask_ratio")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """One stage of a curriculum ([[stages]]): its length and the [loss] figures it changes."""
+
+    name: str = field("label of the stage in the log and its `stage` event", default="")
+    steps: int = field(
+        "optimizer steps of the stage (the last stage may leave it out: the rest of the run)",
+        default=0,
+        min=0,
+        max=10**10,
+    )
+    loss: dict[str, float] = field(
+        f"overrides of [loss] during the stage ({', '.join(STAGE_LOSS_KEYS)})", default_factory=dict
+    )
+
+
+def stage_loss(base: LossConfig, overrides: dict[str, float], index: int) -> LossConfig:
+    """The run's [loss] with a stage's overrides, validated like [loss] itself (pure)."""
+    unknown = [k for k in overrides if k not in STAGE_LOSS_KEYS]
+    if unknown:
+        raise UserError(f"stages[{index}].loss.{unknown[0]}: unknown key; allowed: {', '.join(STAGE_LOSS_KEYS)}")
+    try:
+        return build(LossConfig, {**dataclasses.asdict(base), **overrides}, "stage", prefix=f"stages[{index}].loss.")
+    except UserError as e:
+        raise UserError(str(e).removeprefix("stage: ")) from None
+
+
+def _check_stages(stages: list[StageConfig], base: LossConfig, steps: int) -> None:
+    """Every stage's loss is valid and the stages' lengths add up to the run's `steps`."""
+    for i, st in enumerate(stages):
+        stage_loss(base, st.loss, i)
+        if st.steps == 0 and i < len(stages) - 1:
+            raise UserError(
+                f"stages[{i}].steps: missing; allowed: an integer >= 1 (only the last stage may leave it out, "
+                "taking the rest of the run)"
+            )
+    fixed = sum(st.steps for st in stages)
+    if stages[-1].steps and fixed != steps:
+        raise UserError(
+            f"stages: their steps sum to {fixed:,} but the run has steps = {steps:,}; allowed: a sum equal to "
+            "steps, or no steps on the last stage (it takes the rest of the run)"
+        )
+    if not stages[-1].steps and fixed >= steps:
+        raise UserError(
+            f"stages: the stages before the last take {fixed:,} of the run's {steps:,} steps; allowed: fewer "
+            "than steps, leaving at least one for the last stage"
+        )
 
 
 STRATEGIES = ("deepspeed", "fsdp")
@@ -94,6 +146,11 @@ class ParallelConfig:
     )
     tp: int = field("tensor-parallel degree", default=1, min=1, max=64)
     pp: int = field("pipeline-parallel degree (stages)", default=1, min=1, max=256)
+    pp_schedule: str = field(
+        "pipeline schedule (interleaved1f1b: 2 virtual stages per rank)",
+        default="1f1b",
+        choices=("1f1b", "interleaved1f1b", "gpipe"),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +177,10 @@ class TrainConfig:
         "optimizer steps between checkpoints (0 = only at the end)", default=50, min=0, max=10**9
     )
     keep_checkpoints: int = field("complete checkpoints kept", default=3, min=1, max=1000)
+    stages: list[StageConfig] = field(
+        "a curriculum: [[stages]] in order, each with its steps and [loss] overrides (none: one stage, [loss])",
+        default_factory=list,
+    )
     eval_every: int = field("optimizer steps between evaluations (0 = only at the end)", default=0, min=0, max=10**9)
     max_skipped_steps: int = field(
         "optimizer steps in a row the optimizer may skip (a gradient that is not finite) before the run fails "
@@ -129,6 +190,15 @@ class TrainConfig:
         min=-1,
         max=10**6,
     )
+
+    def __post_init__(self) -> None:
+        if self.stages:
+            _check_stages(self.stages, self.loss, self.steps)
+
+    def uses_mim(self) -> bool:
+        """Whether masked image modelling runs in any stage: the model then has its MIM decoder from
+        the start, so that a checkpoint resumes across a stage boundary that turns MIM on or off."""
+        return self.loss.mim > 0 or any(stage_loss(self.loss, s.loss, i).mim > 0 for i, s in enumerate(self.stages))
 
     def skip_tolerance(self) -> int:
         """Skipped optimizer steps in a row that are not divergence (max_skipped_steps, -1 resolved)."""
@@ -146,6 +216,10 @@ class TrainConfig:
         d = self.to_dict()
         keep = {k: d[k] for k in ("optim", "loss", "global_batch", "zero_stage", "precision", "seed")}
         keep["model"] = dataclasses.asdict(resolve_model(self.model))  # a preset and its table are one model
+        if not self.uses_mim():  # no MIM decoder is built: its sizes do not matter (and older hashes hold)
+            keep["model"] = {k: v for k, v in keep["model"].items() if not k.startswith("mim_decoder_")}
+        if self.stages:  # the step decides the stage: a resume must see the same curriculum
+            keep["stages"] = d["stages"]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -20,6 +20,20 @@ BUCKET_ELEMENTS = 5e8
 MIN_BUCKET_ELEMENTS = 2e7  # 80 MB in fp32: messages this large run NVLink and InfiniBand at full speed
 
 
+# fp16's dynamic loss scaling, DeepSpeed's defaults written out (the FSDP engine's GradScaler takes the same
+# initial scale and growth window, vltrain.parallel.engine_torch): loss_scale 0 = dynamic, from 2^16,
+# halved after `hysteresis` overflows in a row, doubled after loss_scale_window steps without one, never
+# below min_loss_scale (DeepSpeed then stops the run: the loop's TrainingDiverged).
+FP16_DYNAMIC_LOSS_SCALE = {
+    "enabled": True,
+    "loss_scale": 0,
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
+
+
 def bucket_elements(params: int | None) -> int:
     """Reduce / all-gather bucket size for a model of `params`: a quarter of the model, between 20M
     elements (smaller messages waste bandwidth) and DeepSpeed's 500M (larger ones hold too much
@@ -73,7 +87,7 @@ def deepspeed_config(
         "train_batch_size": micro_batch * accumulation * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": cfg.precision == "bf16"},
-        **({"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}} if cfg.precision == "fp16" else {}),
+        **({"fp16": dict(FP16_DYNAMIC_LOSS_SCALE)} if cfg.precision == "fp16" else {}),
         **({"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}} if mixed else {}),
         "zero_optimization": zero,
         "steps_per_print": 10**9,

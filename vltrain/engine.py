@@ -1,33 +1,44 @@
-"""The DeepSpeed ZeRO engine of a run: process group, model, AdamW parameter groups, LR schedule.
+"""The training engine of a run: process group, model, AdamW parameter groups, LR schedule, and one
+interface (`TrainEngine`) over the two strategies the loop runs. What both engines build the same
+way (the rank's layout, the seeded model, AdamW groups and schedule) is in vltrain.engine_common.
 
-The DeepSpeed config comes from `vltrain.dsconfig.deepspeed_config` (what the planner planned is
-what runs); its "vltrain" section is ours and is removed before DeepSpeed sees it. The optimizer is
-torch's AdamW (no JIT-compiled op on CPU) and the schedule a LambdaLR over `vltrain.schedule`, both
-handed to deepspeed.initialize so that DeepSpeed steps, clips and checkpoints them.
+parallel.strategy = "deepspeed": `DeepSpeedEngine`, DeepSpeed ZeRO 0-2 data parallel. The DeepSpeed
+config comes from `vltrain.dsconfig.deepspeed_config` (what the planner planned is what runs); its
+"vltrain" section is ours and is removed before DeepSpeed sees it. The optimizer is torch's AdamW (no
+JIT-compiled op on CPU) and the schedule a LambdaLR over `vltrain.schedule`, both handed to
+deepspeed.initialize so that DeepSpeed steps, clips and checkpoints them.
+parallel.strategy = "fsdp": `vltrain.parallel.engine_torch.TorchEngine`, PyTorch FSDP2 (+ tensor and
+pipeline parallel) with the same AdamW groups and schedule, checkpointed with torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from torch import nn
 
+from vltrain.common.errors import UserError
 from vltrain.config import TrainConfig
 from vltrain.distenv import DistEnv, backend, cuda_index, export
-from vltrain.dsconfig import deepspeed_config, warmup_steps
+from vltrain.dsconfig import deepspeed_config
+from vltrain.engine_common import (  # the pieces both engines share, re-exported for the loop and tests
+    Layout,
+    LossScaleAtMinimum,
+    build_model,
+    build_optimizer,
+    compute_dtype,
+)
+from vltrain.engine_common import param_groups as param_groups
 from vltrain.presets import resolve_model
 from vltrain.rundir import DIST_TIMEOUT_S, STEP_DIST_TIMEOUT_S
-from vltrain.schedule import lr_factor
 
 
-def init_process_group(dist: DistEnv, device: str) -> torch.device:
-    """deepspeed.init_distributed from the detected layout (gloo on CPU, nccl on CUDA); returns the
-    rank's device. VLTRAIN_DIST_TIMEOUT_S bounds how long a collective waits for a lost peer until
+def init_process_group(dist: DistEnv, device: str, strategy: str = "deepspeed") -> torch.device:
+    """The default process group from the detected layout (gloo on CPU, nccl on CUDA); returns the
+    rank's device. deepspeed.init_distributed under "deepspeed"; torch's own under "fsdp" (DeepSpeed
+    is not imported there: it takes seconds and sets up nothing FSDP uses). VLTRAIN_DIST_TIMEOUT_S bounds how long a collective waits for a lost peer until
     the first step (start-up is slow: 30 min by default); `shorten_timeout` tightens it after. The
     loop turns a timed-out collective into exit code 75, which clusterctl retries."""
     export(dist, device)
@@ -35,9 +46,15 @@ def init_process_group(dist: DistEnv, device: str) -> torch.device:
     if device == "cuda":
         rank_device = torch.device("cuda", cuda_index(dist.local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(rank_device)
+    timeout = timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_S, 1800)))
+    if strategy != "deepspeed":
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            tdist.init_process_group(backend(device), timeout=timeout)
+        return rank_device
     import deepspeed
 
-    timeout = timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_S, 1800)))
     deepspeed.init_distributed(dist_backend=backend(device), auto_mpi_discovery=False, verbose=False, timeout=timeout)
     return rank_device
 
@@ -54,79 +71,121 @@ def shorten_timeout() -> None:
         _set_pg_timeout(timedelta(seconds=seconds), _get_default_group())
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on the weight matrices of Linear and Conv layers only (minGPT's rule).
+class TrainEngine(Protocol):
+    """What the loop, checkpoints and evaluation use of an engine, for both strategies.
 
-    Biases, norm gains, embeddings (token, position, cls) and the contrastive temperature are not
-    decayed: pulling them towards zero has no regularising meaning and hurts (e.g. a shrinking
-    logit_scale raises the temperature).
-    """
-    decay: list[nn.Parameter] = []
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            decay.append(module.weight)
-    decay_ids = {id(p) for p in decay}
-    no_decay = [p for p in model.parameters() if id(p) not in decay_ids]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    `train_step` runs one optimizer step over the accumulation micro batches (the loss of each scaled
+    by 1 / accumulation, as DeepSpeed does) and returns each micro batch's loss terms (detached; zeros
+    on ranks that compute no loss: pipeline stages before the last) and the LR that step used.
+    `skipped_steps` counts optimizer steps skipped for a non-finite gradient (fp16's loss scaler
+    settling, or divergence), as DeepSpeed's attribute does."""
+
+    layout: Layout
+    device: torch.device
+    skipped_steps: int
+    checkpoint_format: str  # "ds" (DeepSpeed's files) | "dcp" (torch.distributed.checkpoint)
+
+    def train_step(self, batches: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[torch.Tensor, float]: ...
+
+    def get_global_grad_norm(self) -> float | None: ...
+
+    def num_params(self) -> int: ...
 
 
-def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """The VLModel of the run, initialised from cfg.seed (identical on every rank), created directly
-    on `device`: on a GPU no copy of the weights passes through host memory (a 30.5B model is 114 GiB
-    in fp32, x 8 ranks per node), and on the meta device nothing is allocated at all (the planner's
-    and the tests' view of a paper-scale model)."""
-    from vltrain.model import VLModel
-    from vltrain.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
+class DeepSpeedEngine:
+    """parallel.strategy "deepspeed": today's DeepSpeed engine behind the TrainEngine interface.
 
-    torch.manual_seed(cfg.seed)
-    device = torch.device(device)
-    # off the CPU the weights are born in the training dtype: a 30.5B model is 114 GiB in fp32, more
-    # than an 80 GiB GPU holds, and DeepSpeed casts it to bf16 anyway (on the CPU: fp32, then cast)
-    dtype = compute_dtype(cfg) if device.type != "cpu" else torch.float32
-    with torch.device(device), _default_dtype(dtype):
-        model = VLModel(
-            resolve_model(cfg.model), cfg.loss, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, mask_id=MASK_ID
+    `ds` is DeepSpeed's own engine (checkpoint.py saves and loads through it); `module` the plain
+    VLModel (ZeRO 0-2 keep full weights on every rank: rank 0 evaluates it in place)."""
+
+    checkpoint_format = "ds"
+
+    def __init__(self, ds, layout: Layout, dtype: torch.dtype, cfg: TrainConfig) -> None:
+        self.ds, self.layout, self.dtype, self.cfg = ds, layout, dtype, cfg
+        self.device, self.module = ds.device, ds.module
+
+    @property
+    def skipped_steps(self) -> int:
+        return getattr(self.ds, "skipped_steps", 0)
+
+    def get_global_grad_norm(self):
+        return self.ds.get_global_grad_norm()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def train_step(self, batches: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[torch.Tensor, float]:
+        eng, losses, lr = self.ds, [], 0.0
+        for micro, batch in enumerate(batches):
+            out = eng(
+                batch["images"].to(self.device, self.dtype),
+                batch["input_ids"].to(self.device),
+                batch["attention_mask"].to(self.device),
+            )
+            eng.backward(out["loss"])
+            if micro == len(batches) - 1:
+                lr = eng.get_lr()[0]  # the LR this step uses; engine.step() moves the schedule on
+            try:
+                eng.step()
+            except Exception as e:  # fp16: DeepSpeed gives up when the loss scale cannot go lower
+                if "loss scale already at minimum" not in str(e):
+                    raise
+                raise LossScaleAtMinimum() from None
+            losses.append(torch.stack([out[k].detach().float() for k in keys]))
+        return torch.stack(losses).cpu(), lr
+
+
+def make_engine(
+    cfg: TrainConfig,
+    micro_batch: int,
+    accumulation: int,
+    layout: Layout,
+    device: torch.device | str = "cpu",
+    *,
+    initialise: bool = True,
+) -> TrainEngine:
+    """The engine of `cfg.parallel.strategy` for an initialised process group; it owns model, AdamW and
+    schedule. initialise=False: a checkpoint will be loaded (FSDP then skips building the seeded weights)."""
+    if cfg.parallel.strategy == "fsdp":
+        from vltrain.parallel.engine_torch import TorchEngine
+
+        return TorchEngine(cfg, micro_batch, accumulation, layout, torch.device(device), initialise=initialise)
+    engine, _ = build_engine(cfg, micro_batch, accumulation, layout.world, device)
+    return DeepSpeedEngine(engine, layout, compute_dtype(cfg), cfg)
+
+
+def check_deepspeed_fp16(cfg: TrainConfig, device: str) -> None:
+    """fp16 under DeepSpeed needs an accelerator DeepSpeed runs fp16 on: its CPU accelerator does only
+    on CPUs with AVX512-FP16 (oneDNN), and refuses with a ValueError deep in initialize otherwise."""
+    if cfg.precision != "fp16" or device == "cuda" or cfg.parallel.strategy != "deepspeed":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        raise UserError(
+            "precision: fp16 under parallel.strategy 'deepspeed' needs CUDA (DeepSpeed runs fp16 on this CPU "
+            "only with AVX512-FP16, which it lacks); allowed: bf16 or fp32, or parallel.strategy = 'fsdp' "
+            "(torch's loss scaler runs fp16 on CPU)"
         )
-    model.set_activation_checkpointing(cfg.activation_checkpointing)
-    return model
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(saved)
 
 
 def build_engine(
     cfg: TrainConfig, micro_batch: int, accumulation: int, world_size: int, device: torch.device | str = "cpu"
 ):
-    """-> (engine, ds_config) for an initialised process group; the engine owns model, AdamW and schedule."""
+    """-> (DeepSpeed engine, ds_config) for an initialised process group; the engine owns model, AdamW and schedule."""
     import deepspeed
 
     from vltrain.model_math import param_count
 
     device = torch.device(device)
+    check_deepspeed_fp16(cfg, device.type)
     ds_config = deepspeed_config(
         cfg, micro_batch, accumulation, world_size, device=device.type, params=param_count(resolve_model(cfg.model))
     )
     fused = ds_config.pop("vltrain")["optimizer"]["fused"]  # ours, not DeepSpeed's (it refuses unknown keys)
     model = build_model(cfg, device)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None
-    )
-    schedule = functools.partial(lr_factor, peak=o.lr, min_lr=o.min_lr, warmup=warmup_steps(cfg), total=cfg.steps)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer, lr_scheduler = build_optimizer(cfg, model, fused)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config, dist_init_required=False
     )
     return engine, ds_config
-
-
-def compute_dtype(cfg: TrainConfig) -> torch.dtype:
-    """dtype of the model's inputs under the engine (DeepSpeed casts the module, not the batch)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)

@@ -203,6 +203,51 @@ def seed_rank(seed: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
+def pad_text_to_max(cfg: TrainConfig) -> bool:
+    """Whether training batches pad their text to model.max_text_len rather than to their longest caption:
+    under pipeline parallel, whose stages exchange activations of one shape (their receive buffers are
+    sized at the first step). The MLM mask draws one number per text position, so a run compared with
+    a pipelined one must pad the same way (tests/test_pp_engine.py)."""
+    return cfg.parallel.pp > 1
+
+
+class NativeTeardown:
+    """Skip C++ static destruction at the end of a process that trained with the PyTorch engine.
+
+    Measured here: about 1 in 6-8 pipelined attempts that had ended cleanly (checkpoint complete, every
+    file closed) died at interpreter exit with "terminate called without an active exception" (SIGABRT,
+    exit 134: a joinable native thread destroyed during static destruction, with no Python frame left;
+    destroy_process_group() first did not prevent it; cf. pytorch/pytorch#179291). clusterctl reads 134 as
+    an NCCL abort and retries, and torchrun reports the run failed. So once the attempt has decided its exit
+    code, the last atexit handler (registered first: atexit runs last-in first-out, so every other handler,
+    submitit's result file included, has run) flushes and leaves with that code through os._exit."""
+
+    code: int | None = None
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls._installed:
+            import atexit
+
+            atexit.register(cls._exit)
+            cls._installed = True
+
+    @classmethod
+    def decide(cls, code: int) -> None:
+        cls.code = code
+
+    @classmethod
+    def _exit(cls) -> None:
+        if cls.code is None:
+            return  # not decided (a failure): the usual teardown
+        code = 1 if getattr(sys, "last_value", None) is not None else cls.code  # the caller failed after us
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = None) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; every rank calls it. Returns this rank's summary.
 
@@ -211,6 +256,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
     from vltrain import distenv
     from vltrain.metrics import EventLog, attempt_number
 
+    if cfg.parallel.strategy == "fsdp":
+        NativeTeardown.install()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stops = StopRequests()
@@ -220,7 +267,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
     session: Session | None = None
     try:
         session = Session(cfg, run_dir, dist_env, events, stops)
-        return session.run(stop_after)
+        result = session.run(stop_after)
+        NativeTeardown.decide(0)
+        return result
     except (UserError, SystemExit) as e:
         if isinstance(e, UserError):
             record_failure(run_dir, e, "user", dist_env.rank)  # first: the event log may be on a full disk
@@ -345,7 +394,7 @@ def record_failure(run_dir: str | Path, exc: BaseException, kind: str, rank: int
 class Session:
     """One attempt of a run on one rank: validated inputs, process group, engine, loader, sinks."""
 
-    LOSSES = ("loss", "itc", "mlm", "caption")
+    LOSSES = ("loss", "itc", "mlm", "caption", "mim")
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, dist_env, events, stops: StopRequests) -> None:
         import torch
@@ -356,7 +405,7 @@ class Session:
         from vltrain.data.shards import resolve_shards
         from vltrain.distenv import backend, resolve_device
         from vltrain.energy import NodeEnergy, visible_gpu_ids
-        from vltrain.engine import build_engine, compute_dtype, init_process_group
+        from vltrain.engine import Layout, compute_dtype, init_process_group, make_engine
         from vltrain.metrics import JsonlSink, peak_tflops
 
         self.cfg, self.run_dir, self.dist, self.events, self.stops = cfg, run_dir, dist_env, events, stops
@@ -364,11 +413,17 @@ class Session:
         self.saved_step = -1
         self.energy = None
         self.mcfg = resolve_model(cfg.model)
-        self.split = batch_split(cfg, dist_env.world_size)  # checks before anything slow starts
+        p = cfg.parallel
+        from vltrain.parallel.layout import layout_problems, microbatch_problem
         from vltrain.support import not_run_yet
 
-        if problems := not_run_yet(cfg):
+        # checks before anything slow starts: the layout (the ones plan/submit make, but the node rule), then the batch
+        if problems := layout_problems(cfg, dist_env.world_size, None) + not_run_yet(cfg):
             raise UserError(problems[0])
+        self.layout = Layout.of(dist_env.rank, dist_env.world_size, p.tp, p.pp)
+        self.split = batch_split(cfg, self.layout.dp)
+        if problem := microbatch_problem(self.split.accumulation, p.pp, p.pp_schedule):
+            raise UserError(problem)
         self.device_kind = resolve_device(JobEnv.from_env().device, torch.cuda.is_available(), socket.gethostname())
         if not cfg.data.shards:
             raise UserError("data.shards: not set; allowed: a directory of .tar shards, a brace pattern or a tar file")
@@ -384,23 +439,25 @@ class Session:
                 run_dir,
                 dataclasses.replace(cfg, micro_batch=self.split.micro_batch, accumulation=self.split.accumulation),
             )
-        checkpoint.check_newest(run_dir, self.config_hash, dist_env.world_size)  # refuse before the slow start
+        ckpt_format = "dcp" if p.strategy == "fsdp" else "ds"
+        checkpoint.check_newest(run_dir, self.config_hash, dist_env.world_size, ckpt_format)  # before the slow start
 
-        rank_device = init_process_group(dist_env, self.device_kind)
+        rank_device = init_process_group(dist_env, self.device_kind, p.strategy)
         self.comm = Collectives(comm_device(backend(self.device_kind), dist_env.local_rank), dist_env.world_size)
         # the newest checkpoint whose files verify (the ranks agree); damaged ones are moved aside
         ckpt, moved_aside = checkpoint.select(run_dir, dist_env.rank, dist_env.world_size, self.comm)
         if ckpt is not None:
-            checkpoint.check_compatible(ckpt, self.config_hash, dist_env.world_size)
+            checkpoint.check_compatible(ckpt, self.config_hash, dist_env.world_size, ckpt_format)
         self.tokenizer = self._tokenizer()
-        self.engine, _ = build_engine(
-            cfg, self.split.micro_batch, self.split.accumulation, dist_env.world_size, rank_device
+        self.engine = make_engine(
+            cfg, self.split.micro_batch, self.split.accumulation, self.layout, rank_device, initialise=ckpt is None
         )
         self.device, self.dtype = self.engine.device, compute_dtype(cfg)
+        # the data-parallel rank and size: tensor- and pipeline-parallel peers read the same samples
         self.loader = ShardLoader(
             cfg.data.shards,
-            rank=dist_env.rank,
-            world_size=dist_env.world_size,
+            rank=self.layout.dp_rank,
+            world_size=self.layout.dp,
             batch_size=self.split.micro_batch,
             seed=cfg.seed,
             image_size=self.mcfg.image_size,
@@ -408,17 +465,22 @@ class Session:
             max_len=self.mcfg.max_text_len,
             train=True,
             data_cfg=cfg.data,
+            pad_to_max=pad_text_to_max(cfg),
             **loader_settings(cfg.data.workers, self.device_kind, dist_env.local_world_size),
         )
-        seed_rank(cfg.seed, dist_env.rank)
+        seed_rank(cfg.seed, self.layout.dp_rank)  # TP / PP peers mask their (same) samples alike
         self.metrics = JsonlSink(RunDir(run_dir).metrics, dist_env.is_main)
         dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         self.peak = peak_tflops(dev_name)
-        self.params = sum(p.numel() for p in self.engine.module.parameters())
+        self.params = self.engine.num_params()
         self.flop_factor = 4 if cfg.activation_checkpointing else 3  # forward + backward (+ recompute)
         self.flops_per_sample: dict[int, float] = {}  # by padded text length
         info = {
             "world_size": dist_env.world_size,
+            "strategy": p.strategy,
+            "tp": p.tp,
+            "pp": p.pp,
+            "dp": self.layout.dp,
             "micro_batch": self.split.micro_batch,
             "accumulation": self.split.accumulation,
             "global_batch": cfg.global_batch,
@@ -434,7 +496,9 @@ class Session:
             info["moved_aside"] = moved_aside
         if ckpt is not None:
             state = checkpoint.load(self.engine, ckpt, dist_env.rank)
-            self.loader.load_state_dict(state["loader"])
+            self.loader.load_state_dict(
+                checkpoint.remap_loader_state(state["loader"], self.layout.dp_rank, self.layout.dp)
+            )
             self.step, self.samples, self.saved_step = state["step"], state["samples"], state["step"]
             checkpoint.set_rng_state(state["rng"])
             events.emit("resume", self.step, checkpoint=ckpt.name, **info)
@@ -442,8 +506,8 @@ class Session:
             events.emit("start", 0, **info)
         self._say(
             f"vltrain: {self.mcfg.name} {self.params / 1e6:.2f}M params | {dist_env.world_size} rank(s) via "
-            f"{dist_env.source} | global batch {cfg.global_batch} = {self.split.micro_batch} x "
-            f"{self.split.accumulation} accum x {dist_env.world_size} | "
+            f"{dist_env.source}{self._layout_words()} | global batch {cfg.global_batch} = {self.split.micro_batch} x "
+            f"{self.split.accumulation} accum x {self.layout.dp} | "
             f"{'resuming from ' + ckpt.name if ckpt else 'starting'} at step {self.step}/{cfg.steps}"
         )
         job_env = JobEnv.from_env()
@@ -500,12 +564,13 @@ class Session:
         cfg = self.cfg
         from vltrain.engine import shorten_timeout
 
-        interval = torch.zeros(8, dtype=torch.float64)  # loss sums x4, micro steps, tokens, flops, seconds
+        interval = torch.zeros(len(self.LOSSES) + 4, dtype=torch.float64)  # loss sums, micro steps, tokens, flops, s
         interval_steps = interval_skipped = in_a_row = 0  # optimizer steps skipped (gradient not finite)
         batches = iter(self.loader)
         first_step = self.step
         self.watchdog = Watchdog(float(os.environ.get(STALL_TIMEOUT_S, 1800)), self.run_dir).start()
         while self.step < cfg.steps:
+            self._enter_stage()
             local, lr = self.train_step(batches)
             local = self.comm.all_reduce_sum(local)  # sums over ranks: stop flags and log values, one collective
             self.step += 1
@@ -513,13 +578,13 @@ class Session:
             if self.step == first_step + 1:
                 shorten_timeout()
             self.samples += cfg.global_batch
-            interval += local[2:10]
-            skipped = bool(local[10] > 0)  # on any rank (DeepSpeed's overflow check agrees across ranks anyway)
+            interval += local[2:-1]
+            skipped = bool(local[-1] > 0)  # on any rank (DeepSpeed's overflow check agrees across ranks anyway)
             interval_steps += 1
             interval_skipped += skipped
             in_a_row = in_a_row + 1 if skipped else 0
             stop = bool(local[:2].any())
-            losses = {k: float(local[2 + i] / local[6]) for i, k in enumerate(self.LOSSES)}
+            losses = {k: float(local[2 + i] / local[2 + len(self.LOSSES)]) for i, k in enumerate(self.LOSSES)}
             diverged = non_finite_loss(self.step, losses, cfg)  # the same sums on every rank: the same verdict
             if self.step % cfg.log_every == 0 or self.step == cfg.steps or stop or diverged:
                 self._log(interval, lr)
@@ -555,59 +620,83 @@ class Session:
         )
         return {"step": self.step, "samples": self.samples, "finished": True, "eval": result}
 
-    def train_step(self, batches) -> tuple[Any, float]:
-        """One optimizer step (accumulation micro steps) -> (this rank's 11 numbers to reduce, its LR).
+    def _enter_stage(self) -> None:
+        """Set the loss weights of the stage the next step is in ([[stages]], vltrain.stages) on the model,
+        which reads them at each forward. The step alone decides the stage, so a resumed run lands in
+        its stage; a `stage` event and a line mark each stage entered (and the one a resume starts in)."""
+        from vltrain.stages import stage_at, stage_name
 
-        The numbers: 2 stop flags, 4 loss sums, micro steps, real text tokens, model FLOPs, seconds,
-        and whether the optimizer skipped the step (DeepSpeed's overflow check: a gradient not finite).
+        index, loss = stage_at(self.cfg, self.step + 1)
+        if index == getattr(self, "_stage", None):
+            return
+        self._stage = index
+        self.mim_ratio, self.flops_per_sample = (loss.mim_mask_ratio if loss.mim > 0 else 0.0), {}  # MFU's FLOPs
+        setter = getattr(self.engine, "set_loss_config", None)  # an engine whose modules are not one VLModel
+        if setter is not None:
+            setter(loss)
+        else:
+            self.engine.module.loss_cfg = loss
+        if self.cfg.stages:
+            weights = {k: getattr(loss, k) for k in ("itc", "mlm", "caption", "mim", "mim_mask_ratio")}
+            name = stage_name(self.cfg, index)
+            self.events.emit("stage", self.step, index=index, name=name, **weights)
+            self._say(
+                f"vltrain: {name} ({index + 1}/{len(self.cfg.stages)}) from step {self.step + 1}: "
+                + ", ".join(f"{k} {v:g}" for k, v in weights.items())
+            )
+
+    def train_step(self, batches) -> tuple[Any, float]:
+        """One optimizer step (accumulation micro steps) -> (this rank's numbers to reduce, its LR).
+
+        The numbers: 2 stop flags, a sum per LOSSES entry, micro steps, real text tokens, model FLOPs, seconds,
+        and whether the optimizer skipped the step (a gradient not finite). Losses, micro steps, tokens,
+        FLOPs and seconds come from the reporter ranks only (one per data-parallel replica: the last
+        pipeline stage at tensor rank 0), so that their sums over ranks count every sample once.
         """
         import torch
 
+        from vltrain.engine import LossScaleAtMinimum
         from vltrain.model_math import forward_flops_per_sample
 
         eng, accumulation = self.engine, self.split.accumulation
         t0 = time.perf_counter()
-        local = torch.zeros(11, dtype=torch.float64)
-        skipped_before = getattr(eng, "skipped_steps", 0)
-        losses = []
-        for micro in range(accumulation):
-            batch = next(batches)
+        m = 2 + len(self.LOSSES)  # where the micro steps are in `local`, after the flags and the loss sums
+        local = torch.zeros(m + 5, dtype=torch.float64)
+        skipped_before = eng.skipped_steps
+        micro_batches = [next(batches) for _ in range(accumulation)]
+        for batch in micro_batches:
             mask = batch["attention_mask"]
             t = mask.shape[1]
             if t not in self.flops_per_sample:
-                self.flops_per_sample[t] = forward_flops_per_sample(self.mcfg, text_len=t) * self.flop_factor
-            local[7] += int(mask.sum())
-            local[8] += self.flops_per_sample[t] * mask.shape[0]
-            out = eng(
-                batch["images"].to(self.device, self.dtype), batch["input_ids"].to(self.device), mask.to(self.device)
-            )
-            eng.backward(out["loss"])
-            if micro == accumulation - 1:
-                lr = eng.get_lr()[0]  # the LR this step uses; engine.step() moves the schedule on
-            try:
-                eng.step()
-            except Exception as e:  # fp16: DeepSpeed gives up when the loss scale cannot go lower
-                if "loss scale already at minimum" not in str(e):
-                    raise
-                raise TrainingDiverged(
-                    f"training diverged: fp16's loss scale reached its minimum at step {self.step + 1}, every "
-                    f"gradient overflowing; {_remedies(self.cfg)}"
-                ) from None
-            losses.append(torch.stack([out[k].detach().float() for k in self.LOSSES]))
-        local[2:6] = torch.stack(losses).sum(0).cpu().double()
-        local[6] = accumulation
-        local[9] = time.perf_counter() - t0
+                flops = forward_flops_per_sample(self.mcfg, text_len=t, mim_mask_ratio=getattr(self, "mim_ratio", 0.0))
+                self.flops_per_sample[t] = flops * self.flop_factor
+            local[m + 1] += int(mask.sum())
+            local[m + 2] += self.flops_per_sample[t] * mask.shape[0]
+        try:
+            losses, lr = eng.train_step(micro_batches, self.LOSSES)
+        except LossScaleAtMinimum:  # fp16: the loss scale cannot go lower
+            raise TrainingDiverged(
+                f"training diverged: fp16's loss scale reached its minimum at step {self.step + 1}, every "
+                f"gradient overflowing; {_remedies(self.cfg)}"
+            ) from None
+        local[2:m] = losses.sum(0).double()
+        local[m] = accumulation
+        local[m + 3] = time.perf_counter() - t0
+        if not eng.layout.reporter:
+            local[2:-1] = 0
         local[0:2] = torch.tensor(self.stops.flags(), dtype=torch.float64)
-        local[10] = getattr(eng, "skipped_steps", 0) - skipped_before  # 1 when the optimizer skipped this step
+        local[-1] = eng.skipped_steps - skipped_before  # 1 when the optimizer skipped this step
         return local, lr
 
     def _log(self, interval, lr: float) -> None:
         from vltrain.metrics import human_line, memory_gib, mfu
 
         world = self.dist.world_size
-        micro, tokens, flops, seconds = (float(x) for x in interval[4:8])  # summed over ranks
-        steps = micro / (world * self.split.accumulation)  # optimizer steps in the interval
-        wall = seconds / world  # mean over ranks
+        p = self.cfg.parallel
+        dp = world // (p.tp * p.pp)  # the reporter ranks (train_step): one per data-parallel replica
+        micro, tokens, flops, seconds = (float(x) for x in interval[len(self.LOSSES) :])  # summed over the reporters
+        steps = micro / (dp * self.split.accumulation)  # optimizer steps in the interval
+        wall = seconds / dp  # mean over the reporters
         grad_norm = self.engine.get_global_grad_norm()
         rec = {
             "step": self.step,
@@ -655,18 +744,23 @@ class Session:
         )
 
     def evaluate(self) -> dict[str, Any] | None:
-        """Held-out retrieval and captioning on rank 0 (ZeRO-2 keeps full weights on every rank)."""
+        """Held-out retrieval and captioning on rank 0. DeepSpeed ZeRO-2 keeps full weights on every
+        rank: rank 0 evaluates its module in place. Under FSDP no rank holds them: rank 0 reads the
+        module state of this step's checkpoint (written first if this step has none) into a plain
+        VLModel, as `vltrain eval` does; the others wait."""
         import torch
 
         from vltrain.evaluate import default_eval_shards, evaluate, write_eval
 
         shards = default_eval_shards(self.cfg)
         result = None
+        fsdp = self.engine.checkpoint_format == "dcp"
+        if shards and fsdp:
+            self.save("eval")  # nothing when this step is saved already
         if shards and self.dist.is_main:
             with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG stream
-                result = evaluate(
-                    self.engine.module, self.cfg, self.tokenizer, shards, device=self.device, dtype=self.dtype
-                )
+                model = self._checkpointed_model() if fsdp else self.engine.module
+                result = evaluate(model, self.cfg, self.tokenizer, shards, device=self.device, dtype=self.dtype)
             result |= {"step": self.step, "samples": self.samples, "time": time.time()}
             write_eval(self.run_dir, result)
             self._say(
@@ -678,6 +772,22 @@ class Session:
         self.comm.barrier()
         self._alive()
         return result
+
+    def _checkpointed_model(self):
+        """A plain VLModel on this rank's device in the training dtype, with the weights of the
+        checkpoint of this step (DCP, read without the process group)."""
+        from vltrain import checkpoint
+        from vltrain.engine import build_model
+
+        model = build_model(dataclasses.replace(self.cfg, activation_checkpointing=False), "meta")
+        model.load_state_dict(checkpoint.module_state(checkpoint.latest(self.run_dir)), assign=True)
+        return model.to(self.device, self.dtype)
+
+    def _layout_words(self) -> str:
+        p = self.cfg.parallel
+        if p.strategy == "deepspeed":
+            return ""
+        return f" | {p.strategy} tp {p.tp} x pp {p.pp} x dp {self.layout.dp}"
 
     def _stop(self, preempt_signal_seen: int) -> None:
         """Checkpoint, log, then let submitit's own handler requeue (USR2) or exit (SIGTERM)."""
@@ -713,9 +823,12 @@ class Session:
             return
         if error is not None and self.dist.is_main:
             raise error
+        NativeTeardown.decide(code)
         sys.exit(code)
 
     def close(self) -> None:
+        if callable(getattr(getattr(self, "engine", None), "close", None)):
+            self.engine.close()
         if getattr(self, "watchdog", None) is not None:
             self.watchdog.stop()
         if self.energy is not None:

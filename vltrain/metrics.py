@@ -147,9 +147,10 @@ def human_line(rec: dict[str, Any], total_steps: int) -> str:
     """The line rank 0 prints per logged step (what `clusterctl logs` shows)."""
     mfu_s = f" | mfu {rec['mfu'] * 100:.1f}%" if rec.get("mfu") is not None else ""
     gn = rec.get("grad_norm")
+    mim = f" mim {rec['mim']:.3f}" if rec.get("mim") else ""  # only when masked image modelling runs
     return (
         f"step {rec['step']}/{total_steps} | loss {rec['loss']:.4f} (itc {rec['itc']:.3f} mlm {rec['mlm']:.3f} "
-        f"cap {rec['caption']:.3f}) | lr {rec['lr']:.2e} | gnorm {gn if gn is None else f'{gn:.2f}'} | "
+        f"cap {rec['caption']:.3f}{mim}) | lr {rec['lr']:.2e} | gnorm {gn if gn is None else f'{gn:.2f}'} | "
         f"{rec['samples_per_s']:.0f} samples/s | {rec['step_time_s'] * 1000:.0f} ms/step{mfu_s} | "
         f"{rec['mem_gib']:.2f} GiB"
     )

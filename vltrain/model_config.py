@@ -36,6 +36,17 @@ class ModelConfig:
     embed_dim: int = field("contrastive embedding size", default=256, min=8, max=8192)
     pos_embedding: str = field("position encoding", default="learned", choices=("learned", "rope"))
     norm: str = field("normalisation", default="layernorm", choices=("layernorm", "rmsnorm"))
+    # masked image modelling decoder (built only when a run's loss.mim > 0 in some stage; vltrain/model/mim.py)
+    mim_decoder_layers: int = field("MIM decoder blocks", default=4, min=1, max=64)
+    mim_decoder_width: int = field(
+        "MIM decoder hidden size (0: half the ViT width, or the ViT width when vision_heads is odd)",
+        default=0,
+        min=0,
+        max=32768,
+    )
+    mim_decoder_heads: int = field(
+        "MIM decoder attention heads (0: the decoder width over the ViT's head size)", default=0, min=0, max=256
+    )
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -55,6 +66,27 @@ class ModelConfig:
                 raise UserError(
                     f"model.{what}_heads: head size {w // h} is odd; allowed: an even head size with pos_embedding = 'rope'"
                 )
+        width, heads = self.mim_decoder_width or self._mim_auto_width(), self.mim_decoder_heads
+        if not heads and width % (self.vision_width // self.vision_heads):
+            raise UserError(
+                f"model.mim_decoder_width: {width} is not divisible by the ViT's head size "
+                f"{self.vision_width // self.vision_heads}; allowed: a multiple of it, or set model.mim_decoder_heads"
+            )
+        if heads and width % heads:
+            raise UserError(
+                f"model.mim_decoder_width: {width} is not divisible by model.mim_decoder_heads {heads}; "
+                "allowed: a multiple of the head count"
+            )
+
+    def _mim_auto_width(self) -> int:
+        return self.vision_width // 2 if self.vision_heads % 2 == 0 else self.vision_width
+
+    def mim_decoder_shape(self) -> tuple[int, int, int]:
+        """(width, heads, layers) of the MIM decoder: MAE's decoder is narrower than its encoder (512
+        for ViT-L's 1024); by default half the ViT width with the ViT's head size."""
+        width = self.mim_decoder_width or self._mim_auto_width()
+        heads = self.mim_decoder_heads or width // (self.vision_width // self.vision_heads)
+        return width, heads, self.mim_decoder_layers
 
     @property
     def num_patches(self) -> int:

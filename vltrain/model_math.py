@@ -13,6 +13,9 @@ a GELU MLP of width int(mlp_ratio * width).
   fusion  : `fusion_layers` blocks (self-attn + cross-attn to image features + MLP), final norm (MLM)
   decoder : `decoder_layers` causal blocks (self-attn + cross-attn + MLP), final norm (LM head tied)
   heads   : image and text contrastive projections (no bias), the learnable temperature
+  mim     : (only when masked image modelling is on, `mim=True`) MAE's decoder: a linear from the ViT
+            width, a mask token, learned positions, `mim_decoder_layers` self-attention blocks, a
+            norm and a linear head to the patch pixels (vltrain/model/mim.py)
 """
 
 from __future__ import annotations
@@ -48,8 +51,21 @@ def _cross_block(cfg: ModelConfig, w: int, kv_w: int) -> int:
     return _self_block(cfg, w) + _norm(cfg, w) + cross
 
 
-def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters per part: vision, text, fusion, decoder, heads (sums to `param_count`)."""
+def _mim_params(cfg: ModelConfig) -> int:
+    wd, _, layers = cfg.mim_decoder_shape()
+    return (
+        _linear(cfg.vision_width, wd)  # ViT width -> decoder width
+        + wd  # mask token
+        + (cfg.num_patches + 1) * wd  # learned positions (cls + patches)
+        + layers * _self_block(cfg, wd)
+        + _norm(cfg, wd)
+        + _linear(wd, 3 * cfg.patch_size**2)  # pixels of a patch
+    )
+
+
+def param_breakdown(cfg: ModelConfig, mim: bool = False) -> dict[str, int]:
+    """Parameters per part: vision, text, fusion, decoder, heads, and mim when the run uses masked
+    image modelling (TrainConfig.uses_mim(); the decoder is built only then) (sums to `param_count`)."""
     wv, wt, learned = cfg.vision_width, cfg.text_width, cfg.pos_embedding == "learned"
     n_tok = cfg.num_patches + 1  # patches + cls
     vision = (
@@ -68,12 +84,13 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
     fusion = cfg.fusion_layers * _cross_block(cfg, wt, wv) + _norm(cfg, wt)
     decoder = cfg.decoder_layers * _cross_block(cfg, wt, wv) + _norm(cfg, wt)
     heads = wv * cfg.embed_dim + wt * cfg.embed_dim + 1  # projections + logit_scale
-    return {"vision": vision, "text": text, "fusion": fusion, "decoder": decoder, "heads": heads}
+    out = {"vision": vision, "text": text, "fusion": fusion, "decoder": decoder, "heads": heads}
+    return out | ({"mim": _mim_params(cfg)} if mim else {})
 
 
-def param_count(cfg: ModelConfig) -> int:
+def param_count(cfg: ModelConfig, mim: bool = False) -> int:
     """Total trainable parameters (tied weights counted once), equal to the model's numel sum."""
-    return sum(param_breakdown(cfg).values())
+    return sum(param_breakdown(cfg, mim).values())
 
 
 # ---------------------------------------------------------------- forward FLOPs
@@ -93,8 +110,22 @@ def _mlp_flops(cfg: ModelConfig, s: int, w: int) -> float:
     return 2 * 2 * s * w * mlp_hidden(cfg, w)
 
 
-def forward_flops_per_sample(cfg: ModelConfig, text_len: int | None = None) -> float:
-    """Matmul FLOPs of one sample's training forward (all three losses).
+def mim_flops_per_sample(cfg: ModelConfig, mask_ratio: float) -> float:
+    """Matmul FLOPs of MIM's own forward per sample: the patch embedding and the ViT over cls + the
+    visible patches, the decoder over cls + all patches, its pixel head (vltrain/model/mim.py)."""
+    n, wv = cfg.num_patches, cfg.vision_width
+    hidden = min(n - 1, max(1, round(mask_ratio * n)))  # as vltrain.model.mim.num_masked
+    sk, sn = 1 + n - hidden, 1 + n
+    wd, _, layers = cfg.mim_decoder_shape()
+    pixels = 3 * cfg.patch_size**2
+    encoder = 2 * n * pixels * wv + cfg.vision_layers * (_attn_flops(sk, sk, wv, wv, True) + _mlp_flops(cfg, sk, wv))
+    decoder = 2 * sk * wv * wd + layers * (_attn_flops(sn, sn, wd, wd, True) + _mlp_flops(cfg, sn, wd))
+    return float(encoder + decoder + 2 * n * wd * pixels)
+
+
+def forward_flops_per_sample(cfg: ModelConfig, text_len: int | None = None, mim_mask_ratio: float = 0.0) -> float:
+    """Matmul FLOPs of one sample's training forward (all three losses, and MIM's when
+    `mim_mask_ratio` > 0: pass it when the step's loss.mim > 0).
 
     The text encoder's unimodal blocks run twice (clean text for the contrastive loss, masked text
     for MLM, as in ALBEF); fusion and decoder blocks run once; the MLM and LM heads produce logits at
@@ -114,7 +145,8 @@ def forward_flops_per_sample(cfg: ModelConfig, text_len: int | None = None) -> f
     fusion = cfg.fusion_layers * cross_text
     decoder = cfg.decoder_layers * cross_text
     heads = 2 * wv * cfg.embed_dim + 2 * wt * cfg.embed_dim + 2 * (2 * t * wt * cfg.vocab_size)
-    return float(vision + text + fusion + decoder + heads)
+    mim = mim_flops_per_sample(cfg, mim_mask_ratio) if mim_mask_ratio > 0 else 0.0
+    return float(vision + text + fusion + decoder + heads + mim)
 
 
 # ---------------------------------------------------------------- activation memory

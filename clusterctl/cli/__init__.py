@@ -5,9 +5,10 @@ import each other; what two share lives in cli/options.py (flags) or cli/live.py
 
 The root group turns a `UserError` from any command into one line on stderr and exit code 2;
 `--debug` shows the traceback instead. Each command's module is imported, and its click command
-built, only when that command runs (or when `--help` lists them all): `clusterctl status` pays for
-status alone, not for planning, reports or the live view. Heavy modules (torch, deepspeed,
-webdataset) are imported only inside the commands that train.
+built, only when that command runs: `clusterctl status` pays for status alone, not for planning,
+reports or the live view; `--help` lists them from the table below without building any, and
+help is click's plain text (typer's rich help would import rich's markdown and pygments). Heavy
+modules (torch, deepspeed, webdataset) are imported only inside the commands that train.
 """
 
 from __future__ import annotations
@@ -19,36 +20,48 @@ import typer
 from clusterctl import __version__
 from vltrain.common.cligroup import ErrorGroup
 
-# name -> (module, attribute): a command function, or a typer.Typer of subcommands. Help order.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "profiles": ("clusterctl.cli.cmd_profiles", "app"),
-    "presets": ("clusterctl.cli.cmd_presets", "app"),
-    "recipes": ("clusterctl.cli.cmd_recipes", "app"),
-    "plan": ("clusterctl.cli.cmd_plan", "plan"),
-    "estimate": ("clusterctl.cli.cmd_estimate", "estimate"),
-    "submit": ("clusterctl.cli.cmd_submit", "submit"),
-    "status": ("clusterctl.cli.cmd_status", "status"),
-    "watch": ("clusterctl.cli.cmd_watch", "watch"),
-    "logs": ("clusterctl.cli.cmd_runs", "logs"),
-    "cancel": ("clusterctl.cli.cmd_runs", "cancel"),
-    "resume": ("clusterctl.cli.cmd_runs", "resume"),
-    "report": ("clusterctl.cli.cmd_report", "app"),
-    "registry": ("clusterctl.cli.cmd_registry", "app"),
-}
+# name -> (module, attribute, help): a command function, or a typer.Typer of subcommands, and the
+# first paragraph of its help, which `clusterctl --help` lists without importing any command
+# (tests/test_import_hygiene.py checks each against the command's own). Help order.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "profiles": ("clusterctl.cli.cmd_profiles", "app", "List, show and validate cluster profiles."),
+    "presets": ("clusterctl.cli.cmd_presets", "app", "List and show the model presets (named sizes, tiny to the seeds' 30B)."),
+    "recipes": ("clusterctl.cli.cmd_recipes", "app", "List and show the recipes (train configs: one per seed, its twin, the demo)."),
+    "plan": ("clusterctl.cli.cmd_plan", "plan", "Split the global batch over the profile's GPUs and check it fits in GPU memory under ZeRO."),
+    "estimate": ("clusterctl.cli.cmd_estimate", "estimate", "Time, GPU-hours, energy and CO2 for a run, and an audit of claimed figures against them."),
+    "submit": ("clusterctl.cli.cmd_submit", "submit", "Plan a run for a profile (its recipe, or --config) and submit it (Slurm via submitit, or a local process)."),
+    "status": ("clusterctl.cli.cmd_status", "status", "Where runs stand: state, requeues, step, loss, throughput, ETA, elapsed, GPU-hours."),
+    "watch": ("clusterctl.cli.cmd_watch", "watch", "Live view of runs: state, nodes, requeues, steps with ETA, loss sparklines, speed, GPU-hours, energy, log."),
+    "logs": ("clusterctl.cli.cmd_runs", "logs", "Print a rank's log of a run's latest job (requeued attempts append to the same file)."),
+    "cancel": ("clusterctl.cli.cmd_runs", "cancel", "Cancel a run's active job (scancel on Slurm; SIGTERM to the local job's trainer processes)."),
+    "resume": ("clusterctl.cli.cmd_runs", "resume", "Resubmit a stopped run; the trainer continues from the newest complete checkpoint."),
+    "report": ("clusterctl.cli.cmd_report", "app", "Energy, carbon, GPU-hour and loss reports."),
+    "registry": ("clusterctl.cli.cmd_registry", "app", "Check the run registry, or rebuild it from the run directories."),
+}  # fmt: skip
 
 
-def build_command(name: str, module: str, attr: str):
-    """The click command for one table entry (imports its module)."""
+def build_command(name: str, module: str, attr: str, help: str = ""):
+    """The click command for one table entry (imports its module), with plain help like the root's."""
     import importlib
 
     obj = getattr(importlib.import_module(module), attr)
     if isinstance(obj, typer.Typer):
-        group = typer.main.get_group(obj)
-        group.name = name
-        return group
-    single = typer.Typer(add_completion=False)
-    single.command(name)(obj)
-    return typer.main.get_command(single)
+        cmd = typer.main.get_group(obj)
+        cmd.name = name
+    else:
+        single = typer.Typer(add_completion=False)
+        single.command(name)(obj)
+        cmd = typer.main.get_command(single)
+    _plain_help(cmd)
+    return cmd
+
+
+def _plain_help(cmd) -> None:
+    """click's plain help for a command and its subcommands: typer's rich help imports rich's
+    markdown and pygments (~55 ms) to draw boxes around the same text."""
+    cmd.rich_markup_mode = None
+    for sub in getattr(cmd, "commands", {}).values():
+        _plain_help(sub)
 
 
 class LazyCommands(MutableMapping):
@@ -86,6 +99,23 @@ class LazyGroup(ErrorGroup):
         super().__init__(*args, **kwargs)
         self.commands = LazyCommands(dict(COMMANDS), self.commands)
 
+    def list_commands(self, ctx) -> list[str]:  # type: ignore[override]
+        """The names, in help order, without building the commands (typer's reads the items)."""
+        return list(self.commands)
+
+    def format_commands(self, ctx, formatter) -> None:  # type: ignore[override]
+        """The command list of --help from the table: no command is imported or built to list it.
+        Each help is whole (click would cut it at 45 characters), wrapped to the terminal."""
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in COMMANDS and name not in self.commands.loaded:
+                rows.append((name, COMMANDS[name][2]))
+            elif (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=1_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
 
 app = typer.Typer(
     cls=LazyGroup,
@@ -93,6 +123,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
+    rich_markup_mode=None,  # click's plain help: no rich markdown or pygments at start-up
 )
 
 

@@ -16,9 +16,12 @@ def status(
     json_: bool = typer.Option(False, "--json", help="Print JSON for scripts (with 'source' and 'notes')."),
 ) -> None:
     """Where runs stand: state, requeues, step, loss, throughput, ETA, elapsed, GPU-hours."""
+    reg = Registry()
+    if all_ and not run:
+        _all(reg, json_)
+        return
     from clusterctl.runs.status import collect, select_runs
 
-    reg = Registry()
     runs = select_runs(reg, run, all_)
     data = collect(reg, runs)
     if any(r.state in FAILURE_STATES for r in runs) and not reg.readonly:  # no daemon: retried here
@@ -34,3 +37,24 @@ def status(
     from clusterctl.render.status_table import print_status
 
     print_status(data)
+
+
+def _all(reg: Registry, json_: bool) -> None:
+    """Every run, from the registry's summaries (runs.summaries); `--json` is written one run at a time."""
+    from clusterctl.runs.history import collect_all
+
+    everything = collect_all(reg)
+    notes = list(everything.notes)
+    if everything.retry_candidates and not reg.readonly:  # no daemon: retried here
+        from clusterctl.runs.lifecycle import reconcile
+
+        for run_id, job_id in reconcile(reg, everything.retry_candidates):
+            notes.append(f"{run_id}: retried as job {job_id} after a cluster failure")
+    if json_:
+        from clusterctl.render.output import print_json_stream
+
+        print_json_stream({"source": everything.source, "notes": notes}, "runs", everything.texts())
+        return
+    from clusterctl.render.status_table import print_status
+
+    print_status({"source": everything.source, "notes": notes, "runs": list(everything.rows())})

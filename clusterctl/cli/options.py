@@ -24,8 +24,8 @@ ZERO_STAGE = typer.Option(None, "--zero-stage", help="DeepSpeed ZeRO stage 0-3 (
 ACTIVATION_CHECKPOINTING = typer.Option(
     None, "--activation-checkpointing/--no-activation-checkpointing", help="Recompute activations in backward."
 )
-TP = typer.Option(None, "--tp", help="Tensor-parallel degree (planned; the trainer runs 1 today).")
-PP = typer.Option(None, "--pp", help="Pipeline-parallel degree (planned; the trainer runs 1 today).")
+TP = typer.Option(None, "--tp", help="Tensor-parallel degree (parallel.tp; needs parallel.strategy fsdp).")
+PP = typer.Option(None, "--pp", help="Pipeline-parallel degree (parallel.pp; needs parallel.strategy fsdp).")
 SET = typer.Option([], "--set", help="Config override key=value, repeatable (e.g. optim.lr=3e-4).")
 ALLOW_ENV = typer.Option(
     False,

@@ -39,16 +39,22 @@ DEFAULT_MFU = 0.40  # model FLOPs utilisation of the compute alone; typical of w
 FASTER_BY = 1.05  # another layout is named faster only when it saves 5%: the models are not finer than that
 
 
-def train_flops_per_sample(model: ModelConfig, activation_checkpointing: bool) -> float:
+def train_flops_per_sample(model: ModelConfig, activation_checkpointing: bool, mim_mask_ratio: float = 0.0) -> float:
     """Forward + backward matmul FLOPs of one sample: 3x forward, 4x with activation recomputation.
 
     The forward count is per block type (image patches, text tokens, cross-attention to the image,
     the heads): vltrain.model_math.forward_flops_per_sample. Backward costs twice the forward; full
     recomputation adds one more forward, hence the "8ND-equivalent" of Narayanan et al. 2021.
+    `mim_mask_ratio` > 0 adds masked image modelling's forward (the visible patches and its decoder).
     """
     from vltrain.model_math import forward_flops_per_sample
 
-    return (4.0 if activation_checkpointing else 3.0) * forward_flops_per_sample(model)
+    return (4.0 if activation_checkpointing else 3.0) * forward_flops_per_sample(model, mim_mask_ratio=mim_mask_ratio)
+
+
+def mim_ratio(cfg: TrainConfig) -> float:
+    """The mask ratio whose MIM cost the plan counts: the run's base loss (a staged recipe's first stage)."""
+    return cfg.loss.mim_mask_ratio if cfg.loss.mim > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -259,7 +265,7 @@ def _deepspeed_plan(
 
     zero_stage, activation_checkpointing = cfg.zero_stage, cfg.activation_checkpointing
     tp, pp, world = cfg.parallel.tp, cfg.parallel.pp, profile.world_size
-    params = param_count(model)
+    params = param_count(model, mim=cfg.uses_mim())  # the MIM decoder exists when any stage uses it
     act = activation_bytes_per_sample(model, activation_checkpointing)
     mem_args = dict(data_parallel=dp, capacity_gib=profile.gpu.memory_gib, tp=tp, pp=pp)
     limit = max_micro_batch(params, act, zero_stage=zero_stage, **mem_args)
@@ -272,7 +278,7 @@ def _deepspeed_plan(
     cuda = profile.gpu.kind == "cuda"
     device = "cuda" if cuda else "cpu"
     param_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
-    flops = train_flops_per_sample(model, activation_checkpointing)
+    flops = train_flops_per_sample(model, activation_checkpointing, mim_ratio(cfg))
     compute_s = flops * global_batch / (world * profile.gpu.peak_bf16_tflops * 1e12 * DEFAULT_MFU)
     fab = comm.fabric(profile)
     backward = comm.BACKWARD_SHARE_RECOMPUTE if activation_checkpointing else comm.BACKWARD_SHARE
@@ -389,7 +395,7 @@ def _fsdp_plan(
             raise LayoutError(why)
         return s, limit
 
-    flops = train_flops_per_sample(model, ckpt_on)
+    flops = train_flops_per_sample(model, ckpt_on, mim_ratio(cfg))
     compute_s = flops * global_batch / (world * profile.gpu.peak_bf16_tflops * 1e12 * DEFAULT_MFU)
     fab = comm.fabric(profile)
     backward = comm.BACKWARD_SHARE_RECOMPUTE if ckpt_on else comm.BACKWARD_SHARE
@@ -408,7 +414,7 @@ def _fsdp_plan(
     step, ptime = timing(cfg.zero_stage, split)
     ptime = dataclasses.replace(ptime, most_loaded_rank=worst)
     total_s = compute_s + step.exposed_s + ptime.total_s
-    params = param_count(model)
+    params = param_count(model, mim=cfg.uses_mim())  # the MIM decoder exists when any stage uses it
     nodes = profile.nodes
     # host memory and checkpoints: DCP's sharded fp32 weights + AdamW m, v are ZeRO-3's 12 bytes per
     # parameter over the ranks, with nothing whole on the host (the heaviest rank's share, resharded)

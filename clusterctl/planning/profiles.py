@@ -70,11 +70,9 @@ MAX_TIME_LIMIT_MIN = 365 * 1440
 def _check_country(code: str) -> str | None:
     if not re.fullmatch(r"[A-Z]{3}", code):
         return f"{code!r} is not an ISO 3166 alpha-3 code"
-    try:  # pycountry comes with codecarbon; without it the format check above is what we have
-        import pycountry
-    except ImportError:  # pragma: no cover
-        return None
-    if pycountry.countries.get(alpha_3=code) is None:
+    from clusterctl.planning.iso3166 import ALPHA_3  # pycountry's list, without importing it (~47 ms)
+
+    if code not in ALPHA_3:
         return f"{code!r} is not an ISO 3166 country"
     return None
 

@@ -163,20 +163,91 @@ class EnergyTotals:
         return self.value
 
 
-def metric_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+def metric_rows(run_dir: str | Path, fields: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """Every logged step of metrics.jsonl, one record per step (the last line written for it: a
     resumed run logs the steps after its checkpoint again), in step order. Lines that are not
-    records (metric_record) are skipped."""
+    records (metric_record) are skipped. `fields`: keep only `step` and these keys of each record
+    (a 100 MB file holds a million records). Read line by line, never the whole file at once."""
     try:
-        data = RunDir(run_dir).metrics.read_bytes()
+        f = RunDir(run_dir).metrics.open("rb")
     except OSError:
         return []
     by_step: dict[float, dict[str, Any]] = {}
-    for line in data.split(b"\n"):
-        if line.strip() and (rec := metric_record(line)) is not None:
-            by_step.pop(rec["step"], None)
-            by_step[rec["step"]] = rec
+    with f:
+        for line in f:
+            if line.strip() and (rec := metric_record(line)) is not None:
+                if fields is not None:
+                    rec = {k: rec[k] for k in ("step", *fields) if k in rec}
+                by_step.pop(rec["step"], None)
+                by_step[rec["step"]] = rec
     return sorted(by_step.values(), key=lambda r: r["step"])
+
+
+FULL_READ_MAX = 8 << 20  # bytes of metrics.jsonl that `report loss` reads whole; beyond, its head and tail
+
+
+class LossSummary:
+    """What `report loss` says of a run's metrics.jsonl: the record of the lowest and of the highest
+    logged step, the distinct steps logged (None when the file was too large to read whole), which
+    objectives were logged, and the file's size. (A plain class: this module loads with every
+    command, and a dataclass costs a millisecond to make.)"""
+
+    __slots__ = ("first", "keys", "last", "size", "steps")
+
+    def __init__(self, first: dict, last: dict, steps: int | None, keys: list[str], size: int) -> None:
+        self.first, self.last, self.steps, self.keys, self.size = first, last, steps, keys, size
+
+
+def loss_summary(
+    run_dir: str | Path, keys: tuple[str, ...] = ("loss", "itc", "mlm", "caption"), full_max: int = FULL_READ_MAX
+) -> LossSummary | None:
+    """The first and last records of metrics.jsonl as metric_rows orders them (the last line written
+    for the lowest and for the highest step) and how many steps were logged, read line by line in
+    one pass, keeping no record but those two. A file over `full_max` bytes is read like status
+    reads it: its first record from the head (at most 1 MiB), its last from the tail (tail_json);
+    the steps are then not counted. None when there is no record."""
+    path = RunDir(run_dir).metrics
+    try:
+        size = path.stat().st_size
+        f = path.open("rb")
+    except OSError:
+        return None
+    first = last = None
+    with f:
+        if size > full_max:
+            first = _head_json(f)
+            last = tail_json(path)
+            if first is None or last is None:
+                return None
+            present = {k for k in keys if k in first or k in last}
+            return LossSummary(first, last, None, [k for k in keys if k in present], size)
+        seen: set[float] = set()
+        present = set()
+        for line in f:
+            if not line.strip() or (rec := metric_record(line)) is None:
+                continue
+            step = rec["step"]
+            seen.add(step)
+            if first is None or step <= first["step"]:
+                first = rec
+            if last is None or step >= last["step"]:
+                last = rec
+            present.update(k for k in keys if k in rec)
+    if first is None or last is None:
+        return None
+    return LossSummary(first, last, len(seen), [k for k in keys if k in present], size)
+
+
+def _head_json(f: Any, max_bytes: int = 1 << 20) -> dict[str, Any] | None:
+    """The first metrics record of an open file, within its first `max_bytes`."""
+    read = 0
+    for line in f:
+        read += len(line)
+        if line.strip() and (rec := metric_record(line)) is not None:
+            return rec
+        if read > max_bytes:
+            break
+    return None
 
 
 # A user's error says what to fix; any other error comes next; a lost peer is usually the echo of

@@ -5,8 +5,8 @@ traceback in `logs --stderr`. `check` finds that, and everything else the job ca
 data shards and tokenizer readable (at the absolute paths the job will use), the tokenizer's
 vocabulary equal to the model's, the plan fitting in GPU memory and in each node's host memory, the
 checkpoint at the time limit fitting in Slurm's signal delay (a warning), and every part of the config the
-trainer runs today (a recipe may state more: FSDP, tensor/pipeline parallelism, fp16, masked image
-modelling). `submit` refuses the first problem in one line, exit 2, before anything is written;
+trainer runs today (vltrain.support: ZeRO-3 under DeepSpeed is not). Layouts the model cannot take
+(vltrain.parallel.layout) are refused earlier, by the plan itself. `submit` refuses the first problem in one line, exit 2, before anything is written;
 `submit --dry-run` lists them all and exits 0, since it submits nothing.
 """
 

@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import quote
 
 from clusterctl.runs.artifacts import dumps_strict
-from clusterctl.specs import ACTIVE_STATES, FINAL_STATES, JOB_KINDS, JobRecord, RunRecord, RunState
+from clusterctl.specs import ACTIVE_STATES, FAILURE_STATES, FINAL_STATES, JOB_KINDS, JobRecord, RunRecord, RunState
 from vltrain.common.errors import ServiceUnavailable, UserError
 
 BUSY_TIMEOUT_MS = 30_000
@@ -66,6 +66,33 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE jobs ADD COLUMN exit_code TEXT;
     CREATE INDEX runs_state ON runs(state, created_at);
     CREATE INDEX runs_created ON runs(created_at);
+    """,
+    # 3: one summary per run (runs.summaries: GPU-hours, energy, last metrics, reason...), so reports
+    #    and `status --all` over a long history read one table instead of every run directory; and a
+    #    settled run's `status --json` row as text (status_rows; format: the version of its keys). Any
+    #    change to a run's row or its jobs deletes both (triggers): they are computed again. Figures
+    #    have no declared type, so an int stays an int and a float a float (as the files had them).
+    3: """
+    CREATE TABLE summaries (
+        run_id TEXT PRIMARY KEY, settled INTEGER NOT NULL, files TEXT NOT NULL, computed_at REAL NOT NULL,
+        gpu_hours NOT NULL, gpu_hours_source TEXT NOT NULL, elapsed_s NOT NULL,
+        energy_kwh NOT NULL, co2_kg NOT NULL, pue, energy_files INTEGER NOT NULL,
+        estimated_kwh, estimated_co2_kg, requeues INTEGER NOT NULL, resumes INTEGER NOT NULL,
+        step, loss TEXT, samples_per_s, reason TEXT, max_retries INTEGER NOT NULL,
+        job_id TEXT, job_ids TEXT NOT NULL, alloc_gpus INTEGER, node_list TEXT, exit_code TEXT);
+    CREATE TABLE status_rows (run_id TEXT PRIMARY KEY, format INTEGER NOT NULL, json TEXT NOT NULL);
+    CREATE TRIGGER summaries_run_changed AFTER UPDATE ON runs BEGIN
+        DELETE FROM summaries WHERE run_id IN (OLD.run_id, NEW.run_id);
+        DELETE FROM status_rows WHERE run_id IN (OLD.run_id, NEW.run_id); END;
+    CREATE TRIGGER summaries_run_deleted BEFORE DELETE ON runs BEGIN
+        DELETE FROM summaries WHERE run_id = OLD.run_id; DELETE FROM status_rows WHERE run_id = OLD.run_id; END;
+    CREATE TRIGGER summaries_job_added AFTER INSERT ON jobs BEGIN
+        DELETE FROM summaries WHERE run_id = NEW.run_id; DELETE FROM status_rows WHERE run_id = NEW.run_id; END;
+    CREATE TRIGGER summaries_job_changed AFTER UPDATE ON jobs BEGIN
+        DELETE FROM summaries WHERE run_id IN (OLD.run_id, NEW.run_id);
+        DELETE FROM status_rows WHERE run_id IN (OLD.run_id, NEW.run_id); END;
+    CREATE TRIGGER summaries_job_deleted AFTER DELETE ON jobs BEGIN
+        DELETE FROM summaries WHERE run_id = OLD.run_id; DELETE FROM status_rows WHERE run_id = OLD.run_id; END;
     """,
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
@@ -184,15 +211,25 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         for step in range(version + 1, target + 1):
-            for stmt in _MIGRATIONS[step].split(";"):  # executescript would COMMIT our transaction
-                if stmt.strip():
-                    conn.execute(stmt)
+            for stmt in _statements(_MIGRATIONS[step]):  # executescript would COMMIT our transaction
+                conn.execute(stmt)
         conn.execute(f"PRAGMA user_version = {int(target)}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     return found
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script, whole (a trigger's body holds `;` of its own)."""
+    buf = ""
+    for piece in script.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            if buf.strip(" \n;"):
+                yield buf
+            buf = ""
 
 
 def create_private(path: Path) -> None:
@@ -275,7 +312,8 @@ class Registry:
                     version = self._conn.execute("PRAGMA user_version").fetchone()[0]
                 else:
                     raise
-            if version != SCHEMA_VERSION:
+            self.has_summaries = version >= 3
+            if version != SCHEMA_VERSION and version != 2:  # 2: readable, summaries computed, not kept
                 migrate_hint = (
                     "allowed: make it writable once (clusterctl upgrades it in place)"
                     if version < SCHEMA_VERSION
@@ -296,6 +334,7 @@ class Registry:
             ) from None
         self._conn = connect(p)
         migrate(self._conn)
+        self.has_summaries = True
 
     def close(self) -> None:
         self._conn.close()
@@ -455,6 +494,185 @@ class Registry:
     def count_runs(self) -> int:
         return self._conn.execute("SELECT count(*) FROM runs").fetchone()[0]
 
+    @_guarded
+    def runs_by_ids(self, run_ids: Iterable[str]) -> dict[str, RunRecord]:
+        """Whole run records (config and plan decoded) of these ids, in one query."""
+        rows = self._conn.execute(
+            f"SELECT {','.join(_RUN_COLS)} FROM runs WHERE run_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(run_ids)),),
+        ).fetchall()
+        return {r[0]: _run_from_row(r) for r in rows}
+
+    # --- summaries (runs.summaries) ---------------------------------------------------------
+
+    @staticmethod
+    def _filters(**given: Any) -> tuple[str, list[Any]]:
+        """A WHERE clause over `runs r` for the filters given (None: not filtered)."""
+        ops = {"run_id": "r.run_id =", "profile": "r.profile =", "user": "r.user =", "since": "r.created_at >=",
+               "until": "r.created_at <"}  # fmt: skip
+        conds = [(f"{ops[k]} ?", v) for k, v in given.items() if v is not None]
+        return (f"WHERE {' AND '.join(c for c, _ in conds)}" if conds else "", [v for _, v in conds])
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one state of the file (one read transaction)."""
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
+
+    @_guarded
+    def index(
+        self,
+        run_id: str | None = None,
+        profile: str | None = None,
+        user: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        stale_only: bool = False,
+        status_rows: bool = False,
+    ) -> list[tuple[RunRecord, Any]]:
+        """Runs matching every filter given (in SQL: submitted in [since, until)), newest first, each
+        with its stored summary (runs.summaries.Summary) or None; `stale_only`: only those without a
+        settled summary (`status_rows`: or without its status row of this format). A run whose
+        summary is settled comes without its config and plan ({}: a long history's JSON is never
+        decoded), unless it failed and its plan allows retries."""
+        from clusterctl.runs.summaries import COLUMNS, from_row
+
+        where, args = self._filters(run_id=run_id, profile=profile, user=user, since=since, until=until)
+        light = [f"r.{c}" for c in _RUN_COLS if c not in ("config", "plan")]
+        if self.has_summaries:
+            settled = _settled(status_rows)
+            keep = f"NOT ({settled}) OR (r.state IN ({_in(FAILURE_STATES)}) AND s.max_retries > 0)"
+            cols = [*light, f"iif({keep}, r.config, NULL)", f"iif({keep}, r.plan, NULL)"]
+            cols += [f"s.{c}" for c in COLUMNS]
+            join = "LEFT JOIN summaries s ON s.run_id = r.run_id"
+            if status_rows:
+                join += " LEFT JOIN status_rows j ON j.run_id = r.run_id"
+            if stale_only:
+                stale = f"(s.run_id IS NULL OR NOT ({settled}))"
+                where = f"{where} AND {stale}" if where else f"WHERE {stale}"
+        else:  # a read-only registry of schema 2: summaries are computed, not stored
+            cols, join = [*light, "r.config", "r.plan", *(["NULL"] * len(COLUMNS))], ""
+        rows = self._conn.execute(
+            f"SELECT {','.join(cols)} FROM runs r {join} {where} ORDER BY r.created_at DESC", args
+        ).fetchall()
+        n = len(_RUN_COLS)
+        loads = json.loads
+        out = []
+        for row in rows:
+            run = RunRecord(*row[: n - 2])
+            if row[n - 2] is not None:
+                run.config, run.plan = loads(row[n - 2]), loads(row[n - 1])
+            out.append((run, from_row(row[n:]) if row[n] is not None else None))
+        return out
+
+    @_guarded
+    def settled_totals(
+        self,
+        by: str,
+        run_id: str | None = None,
+        profile: str | None = None,
+        user: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[tuple]:
+        """Report totals of the runs with a settled summary, grouped in SQL by `by` (usage.BY): one
+        row per group, (key, *what usage.Totals.add_sql takes). [] without stored summaries."""
+        if not self.has_summaries:
+            return []
+        key = {
+            "run": "r.run_id",
+            "profile": "r.profile",
+            "user": "r.user",
+            "day": "strftime('%Y-%m-%d', CAST(r.created_at AS INTEGER), 'unixepoch')",  # whole seconds: as
+            "month": "strftime('%Y-%m', CAST(r.created_at AS INTEGER), 'unixepoch')",  # Python's day
+        }[by]
+        where, args = self._filters(run_id=run_id, profile=profile, user=user, since=since, until=until)
+        where = f"{where} AND {_settled()}" if where else f"WHERE {_settled()}"  # status rows not needed
+        if by == "run":  # a group per run: its own figures, no GROUP BY
+            return self._conn.execute(
+                "SELECT r.run_id, 1, s.gpu_hours, s.gpu_hours_source, s.energy_kwh, s.co2_kg, s.estimated_kwh, "
+                "s.estimated_kwh IS NOT NULL, s.estimated_co2_kg, s.estimated_co2_kg IS NOT NULL, s.pue, s.pue, "
+                "s.pue IS NOT NULL, s.energy_files > 0, s.requeues, s.resumes "
+                f"FROM runs r JOIN summaries s ON s.run_id = r.run_id {where}",
+                args,
+            ).fetchall()
+        return self._conn.execute(
+            f"SELECT {key} AS k, count(*), sum(s.gpu_hours), group_concat(DISTINCT s.gpu_hours_source), "
+            "sum(s.energy_kwh), sum(s.co2_kg), sum(s.estimated_kwh), count(s.estimated_kwh), "
+            "sum(s.estimated_co2_kg), count(s.estimated_co2_kg), min(s.pue), max(s.pue), count(DISTINCT s.pue), "
+            "max(s.energy_files > 0), sum(s.requeues), sum(s.resumes) "
+            f"FROM runs r JOIN summaries s ON s.run_id = r.run_id {where} GROUP BY k",
+            args,
+        ).fetchall()
+
+    @_guarded
+    def settled_status(self) -> tuple[list[tuple[float, str]], list[str]]:
+        """(created_at, `status --json` row as JSON text) of every run with a settled summary, newest
+        first (no JSON decoded, no record made); and the ids of those that failed with retries allowed
+        by their plan (status retries them: lifecycle.reconcile)."""
+        if not self.has_summaries:
+            return [], []
+        join = "FROM runs r JOIN summaries s ON s.run_id = r.run_id JOIN status_rows j ON j.run_id = r.run_id"
+        rows = self._conn.execute(
+            f"SELECT r.created_at, j.json {join} WHERE {_settled(True)} ORDER BY r.created_at DESC"
+        ).fetchall()
+        retry = self._conn.execute(
+            f"SELECT r.run_id {join} WHERE {_settled(True)} AND r.state IN ({_in(FAILURE_STATES)}) AND s.max_retries > 0"
+        ).fetchall()
+        return rows, [r[0] for r in retry]
+
+    @_guarded
+    def put_summaries(self, items: Iterable[tuple[Any, tuple]]) -> int:
+        """Store summaries, each with the signature it was computed from ((run state, [job rows as
+        tuples of JobRecord's fields])): one is stored only if its run's rows are still that (a
+        newer write in between would otherwise be hidden behind an older summary). Returns how many."""
+        from clusterctl.runs.summaries import COLUMNS, to_row
+
+        items = list(items)
+        if not items or not self.has_summaries:
+            return 0
+        ids = json.dumps([s.run_id for s, _ in items])
+        with self._write() as c:
+            now: dict[str, tuple] = {
+                r: (state, [])
+                for r, state in c.execute(
+                    "SELECT run_id, state FROM runs WHERE run_id IN (SELECT value FROM json_each(?))", (ids,)
+                )
+            }
+            for row in c.execute(
+                f"SELECT {','.join(_JOB_COLS)} FROM jobs WHERE run_id IN (SELECT value FROM json_each(?)) "
+                "ORDER BY run_id, attempt",
+                (ids,),
+            ):
+                now[row[1]][1].append(tuple(row))
+            keep = [s for s, sig in items if now.get(s.run_id) == (sig[0], list(sig[1]))]
+            c.executemany(
+                f"INSERT OR REPLACE INTO summaries ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
+                [to_row(s) for s in keep],
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO status_rows (run_id, format, json) VALUES (?, ?, ?)",
+                [(s.run_id, s.status_format, s.status_json) for s in keep if s.status_json is not None],
+            )
+        return len(keep)
+
+    @_guarded
+    def insert_runs(self, items: Iterable[tuple[RunRecord, list[JobRecord]]]) -> None:
+        """Many runs with their jobs in one transaction, as they are (tests, benchmarks, imports)."""
+        run_sql = f"INSERT INTO runs ({','.join(_RUN_COLS)}) VALUES ({','.join('?' * len(_RUN_COLS))})"
+        job_sql = f"INSERT INTO jobs ({','.join(_JOB_COLS)}) VALUES ({','.join('?' * len(_JOB_COLS))})"
+        ci, pi = _RUN_COLS.index("config"), _RUN_COLS.index("plan")
+        with self._write() as c:
+            for run, jobs in items:
+                values = [getattr(run, k) for k in _RUN_COLS]
+                values[ci] = dumps_strict(run.config, sort_keys=True, default=str)
+                values[pi] = dumps_strict(run.plan, sort_keys=True, default=str)
+                c.execute(run_sql, values)
+                c.executemany(job_sql, [[getattr(j, k) for k in _JOB_COLS] for j in jobs])
+
     # --- jobs -------------------------------------------------------------------------------
 
     @_guarded
@@ -556,6 +774,16 @@ class Registry:
             "SELECT ts, kind, data FROM events WHERE run_id = ? ORDER BY id", (run_id,)
         ).fetchall()
         return [{"ts": ts, "kind": kind, "data": json.loads(data)} for ts, kind, data in rows]
+
+
+def _settled(status_rows: bool = False) -> str:
+    """SQL: the summary `s` is settled (runs.summaries); `status_rows`: and the status row `j` is
+    there, of this clusterctl's format."""
+    if not status_rows:
+        return "s.settled = 1"
+    from clusterctl.runs.summaries import STATUS_FORMAT
+
+    return f"s.settled = 1 AND j.format IS {int(STATUS_FORMAT)}"
 
 
 def _in(values: Iterable[str]) -> str:

@@ -199,6 +199,39 @@ def why_ended(run: RunRecord, jobs: list[JobRecord]) -> str | None:
     return artifacts.failure_reason(run.run_dir, jobs[-1].job_id)
 
 
+def from_summary(run: RunRecord, s: Any) -> RunStatus:
+    """The status row of a run from its summary (runs.summaries): the same figures as `summarize`
+    (usage.job_time, the last metrics record, why_ended), read from the registry."""
+    batch = _num(run.plan.get("global_batch", run.config.get("global_batch")))
+    eta = None
+    if run.state == RunState.RUNNING and s.step is not None and s.samples_per_s and batch:
+        eta = max(0.0, run.total_steps - s.step) * batch / s.samples_per_s
+    return RunStatus(
+        run_id=run.run_id,
+        name=run.name,
+        profile=run.profile,
+        executor=run.executor,
+        state=run.state,
+        job_id=s.job_id,
+        job_ids=s.job_ids,
+        requeues=s.requeues,
+        resumes=s.resumes,
+        step=s.step,
+        total_steps=run.total_steps,
+        loss=s.loss,
+        samples_per_s=s.samples_per_s,
+        eta_s=eta,
+        elapsed_s=s.elapsed_s,
+        gpu_hours=s.gpu_hours,
+        alloc_gpus=s.alloc_gpus or run.gpus,
+        node_list=s.node_list,
+        exit_code=s.exit_code,
+        run_dir=run.run_dir,
+        created_at=run.created_at,
+        reason=s.reason,
+    )
+
+
 def select_runs(reg: Registry, ref: str | None, all_: bool) -> list[RunRecord]:
     """The runs a listing shows: one by reference, every run, or the active and newest finished.
     Every run (`all_`): the whole file is checked first (Registry.verify, a few ms), so a damaged

@@ -37,7 +37,9 @@ class ErrorGroup(TyperGroup):
 
         try:  # click's own standalone handling, with usage errors as one line
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
-        except NoArgsIsHelpError as e:  # the help is printed already (as typer does)
+        except NoArgsIsHelpError as e:  # typer's rich help is printed already; click's plain help is here
+            if e.format_message().strip():
+                typer.echo(e.format_message())
             sys.exit(e.exit_code)
         except UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else (prog_name or "")

@@ -83,10 +83,17 @@ class _Batches(torch.utils.data.IterableDataset):
     """The batches of one rank from a start position; each DataLoader worker builds every k-th batch."""
 
     def __init__(
-        self, index: list[ShardIndex], plan: dict[str, Any], transform: ImageTransform, tokenizer, max_len: int
+        self,
+        index: list[ShardIndex],
+        plan: dict[str, Any],
+        transform: ImageTransform,
+        tokenizer,
+        max_len: int,
+        pad_to_max: bool = False,
     ):
         super().__init__()
         self.index, self.plan, self.transform, self.tokenizer, self.max_len = index, plan, transform, tokenizer, max_len
+        self.pad_to_max = pad_to_max
         self.sizes = [len(s) for s in index]
 
     def __iter__(self):
@@ -133,7 +140,7 @@ class _Batches(torch.utils.data.IterableDataset):
             images.append(image)
             texts.append(text)
             keys.append(key)
-        input_ids, attention_mask = self.tokenizer.encode_batch(texts, self.max_len)
+        input_ids, attention_mask = self.tokenizer.encode_batch(texts, self.max_len, pad_to_max=self.pad_to_max)
         return {
             "images": torch.from_numpy(np.stack(images)),
             "input_ids": input_ids,
@@ -148,6 +155,8 @@ class ShardLoader:
 
     train=True never ends (epoch after epoch); train=False is one pass in tar order, after which the
     position returns to the start. Call load_state_dict before iterating; one iterator at a time.
+    Text is padded to the batch's longest caption, or to `max_len` with pad_to_max (fixed shapes, as
+    pipeline stages need).
     """
 
     def __init__(
@@ -165,6 +174,7 @@ class ShardLoader:
         data_cfg: DataConfig | None = None,
         workers: int | None = None,
         pin_memory: bool = False,
+        pad_to_max: bool = False,
     ):
         cfg = data_cfg or DataConfig()
         if not 0 <= rank < world_size:
@@ -186,7 +196,7 @@ class ShardLoader:
         self.pin_memory = pin_memory
         self.block = cfg.shuffle_buffer
         self.transform = ImageTransform(image_size, train, cfg.random_crop, cfg.hflip, cfg.randaugment)
-        self.tokenizer, self.max_len = tokenizer, max_len
+        self.tokenizer, self.max_len, self.pad_to_max = tokenizer, max_len, pad_to_max
         self.epoch, self.position = 0, 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -225,7 +235,7 @@ class ShardLoader:
             "rank": self.rank,
             "world_size": self.world_size,
         }
-        dataset = _Batches(self.index, plan, self.transform, self.tokenizer, self.max_len)
+        dataset = _Batches(self.index, plan, self.transform, self.tokenizer, self.max_len, self.pad_to_max)
         if self.workers:
             batches = iter(
                 torch.utils.data.DataLoader(

@@ -40,33 +40,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (fused qkv) or cross-attention (q from x, k/v from `context`)."""
+    """Multi-head self-attention or cross-attention (q from x, k/v from `context`).
+
+    q, k and v are separate Linears rather than one fused qkv: tensor parallelism shards each one by
+    output features (whole heads per rank), which a fused [3D, D] matrix cannot do. Checkpoints written
+    with the fused `qkv` / `kv` weights still load (`_split_fused_keys`). Under tensor parallelism the
+    Linears return this rank's heads only, so the head count is read from the tensor, not `self.heads`.
+    """
 
     def __init__(self, width: int, heads: int, kv_width: int | None = None):
         super().__init__()
-        self.heads, self.cross = heads, kv_width is not None
-        if self.cross:
-            self.q = nn.Linear(width, width)
-            self.kv = nn.Linear(kv_width, 2 * width)
-        else:
-            self.qkv = nn.Linear(width, 3 * width)
+        self.heads, self.head_dim, self.cross = heads, width // heads, kv_width is not None
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(kv_width or width, width)
+        self.v = nn.Linear(kv_width or width, width)
         self.out = nn.Linear(width, width)
+        self._register_load_state_dict_pre_hook(self._split_fused_keys)
 
-    def _split(self, t: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, H, L, d]
+    def _split_fused_keys(self, state_dict, prefix, *args) -> None:
+        # Old layout: self-attention `qkv` [3D, D] = (q; k; v), cross-attention `kv` [2D, Dkv] = (k; v).
+        for fused, names in (("qkv", ("q", "k", "v")), ("kv", ("k", "v"))):
+            for kind in ("weight", "bias"):
+                key = f"{prefix}{fused}.{kind}"
+                if key in state_dict:
+                    parts = state_dict.pop(key).chunk(len(names), dim=0)
+                    for name, part in zip(names, parts, strict=True):
+                        state_dict[f"{prefix}{name}.{kind}"] = part
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:  # [B, L, H*d] -> [B, H, L, d], H = local heads
         b, n, _ = t.shape
-        return t.view(b, n, self.heads, -1).transpose(1, 2)
+        return t.view(b, n, -1, self.head_dim).transpose(1, 2)
 
     def forward(self, x, context=None, attn_mask=None, is_causal=False, rope=None):
         # x [B, L, D]; context [B, S, Dkv]; attn_mask bool [B, 1, 1|L, L|S] (True = attend)
-        if self.cross:
-            q = self._split(self.q(x))
-            k, v = map(self._split, self.kv(context).chunk(2, dim=-1))  # [B, H, S, d]
-        else:
-            q, k, v = map(self._split, self.qkv(x).chunk(3, dim=-1))  # [B, H, L, d]
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        kv_in = context if self.cross else x
+        q, k, v = self._split(self.q(x)), self._split(self.k(kv_in)), self._split(self.v(kv_in))  # [B, H, L|S, d]
+        if rope is not None and not self.cross:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, H, L, d]
-        return self.out(y.transpose(1, 2).flatten(2))  # [B, L, D]
+        return self.out(y.transpose(1, 2).flatten(2))  # [B, L, D] (TP: partial sums, reduced by `out`)
 
 
 class MLP(nn.Module):

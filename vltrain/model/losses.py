@@ -9,18 +9,31 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+_DP_GROUP: dist.ProcessGroup | None = None
+
+
+def set_data_parallel_group(group: dist.ProcessGroup | None) -> None:
+    """The ranks whose samples are ITC negatives of each other: the engine's data-parallel group.
+
+    Tensor- and pipeline-parallel peers hold the same samples, so gathering over the world would count
+    them twice. None (the default) = the whole world, as in plain data parallelism.
+    """
+    global _DP_GROUP
+    _DP_GROUP = group
+
 
 def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """x [B, E] -> ([world*B, E] from every data-parallel rank, offset of this rank's rows).
+    """x [B, E] -> ([dp*B, E] from every data-parallel rank, offset of this rank's rows).
 
     torch.distributed.nn's all_gather is differentiable, so every rank's encoders also learn from
     the negatives that the other ranks see (as in CLIP / OpenCLIP's gather_with_grad).
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(_DP_GROUP) == 1:
         return x, 0
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+    group = _DP_GROUP or dist.group.WORLD
+    return torch.cat(all_gather(x, group=group), dim=0), dist.get_rank(group) * x.shape[0]
 
 
 def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

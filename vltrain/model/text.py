@@ -38,7 +38,7 @@ class TextEmbedding(nn.Module):
         return x + self.pos[:, : ids.shape[1]] if self.pos is not None else x
 
     def rope(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.pos is not None:
+        if self.cfg.pos_embedding != "rope":
             return None
         return rope_tables(torch.arange(length, device=device)[:, None], self.cfg.text_width // self.cfg.text_heads)
 

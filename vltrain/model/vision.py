@@ -34,8 +34,11 @@ class VisionEncoder(nn.Module):
         pos = torch.cat([torch.zeros(1, 2, dtype=pos.dtype, device=device), pos])  # cls at (0, 0)
         return rope_tables(pos, self.cfg.vision_width // self.cfg.vision_heads)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, S, S] -> features [B, 1 + N, Dv] (normed; index 0 is the cls token)."""
+    def stem(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] -> patch embeddings with cls (and learned positions) [B, 1 + N, Dv].
+
+        Separate from forward so that the first pipeline stage can run it without the blocks.
+        """
         if images.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
             raise UserError(
                 f"images: size {tuple(images.shape[-2:])} does not match model.image_size "
@@ -44,11 +47,14 @@ class VisionEncoder(nn.Module):
         images = images.to(self.patch_embed.weight.dtype)  # the loader yields float32; ZeRO bf16 casts the model
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, Dv]
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+N, Dv]
-        rope = None
-        if self.pos is not None:
-            x = x + self.pos
-        else:
-            rope = self._rope(x.device)
+        return x + self.pos if self.pos is not None else x
+
+    def rope(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._rope(device) if self.cfg.pos_embedding == "rope" else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] -> features [B, 1 + N, Dv] (normed; index 0 is the cls token)."""
+        x, rope = self.stem(images), self.rope(images.device)
         for block in self.blocks:
             x = block(x, rope=rope)
         return self.norm(x)

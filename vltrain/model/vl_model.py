@@ -5,6 +5,7 @@ Per training sample (ALBEF / BLIP-style):
   text  --text blocks--> unimodal [T, Dt] --mean over real tokens--> text_proj  > ITC
   masked text --text blocks--> fusion blocks (x-attn image) --> tied head --> MLM
   text  --causal decoder (x-attn image)--> tied head --> captioning
+  visible patches --ViT--> MIM decoder --> pixels of the hidden patches --> MIM (vltrain/model/mim.py)
 The text embedding for ITC is the mean of the unimodal output over real tokens rather than the bos
 position: it is defined for any text_layers (with 0 it is a bag of embeddings), and with 1-2 blocks
 it carries more of the caption than one position does.
@@ -23,6 +24,7 @@ from vltrain.config import LossConfig
 from vltrain.model import losses
 from vltrain.model.decoder import TextDecoder
 from vltrain.model.layers import Block
+from vltrain.model.mim import MIMDecoder, mim_forward
 from vltrain.model.text import TextEmbedding, TextEncoder
 from vltrain.model.vision import VisionEncoder
 from vltrain.model_config import ModelConfig
@@ -37,7 +39,12 @@ class VLModel(nn.Module):
         bos_id: int = 2,
         eos_id: int = 3,
         mask_id: int = 4,
+        mim: bool | None = None,
     ):
+        """mim: build the MIM decoder (default: when loss_cfg.mim > 0). A staged run passes
+        TrainConfig.uses_mim(), so that the decoder exists in every stage and checkpoints resume across
+        a boundary that turns MIM on or off. `loss_cfg` may be replaced between steps (the loop sets
+        the stage's weights); the forward reads it at each call."""
         super().__init__()
         self.cfg, self.loss_cfg = cfg, loss_cfg or LossConfig()
         self.pad_id, self.bos_id, self.eos_id, self.mask_id = pad_id, bos_id, eos_id, mask_id
@@ -53,6 +60,12 @@ class VLModel(nn.Module):
         self.apply(self._init)
         for p in (self.vision.cls, self.vision.pos, self.embed.pos):
             if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        # After the rest is initialised: the towers' weights do not depend on whether MIM is on
+        self.mim_decoder = MIMDecoder(cfg) if (self.loss_cfg.mim > 0 if mim is None else mim) else None
+        if self.mim_decoder is not None:
+            self.mim_decoder.apply(self._init)
+            for p in (self.mim_decoder.pos, self.mim_decoder.mask_token):
                 nn.init.trunc_normal_(p, std=0.02)
 
     @staticmethod
@@ -97,7 +110,10 @@ class VLModel(nn.Module):
     def forward(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """-> {"loss": weighted sum (with grad), "itc", "mlm", "caption": detached scalars}."""
+        """-> {"loss": weighted sum (with grad), "itc", "mlm", "caption", "mim": detached scalars}.
+
+        "mim" is always there (0 when its weight is 0: nothing of it is computed then), so that the
+        loop's per-step sums keep one shape across stages."""
         lc = self.loss_cfg
         attention_mask = attention_mask.bool()
         feats = self.vision(images)  # [B, 1+N, Dv]
@@ -121,7 +137,16 @@ class VLModel(nn.Module):
         cap = losses.caption_loss(self.embed.logits(dec), input_ids, attention_mask)
 
         loss = lc.itc * itc + lc.mlm * mlm + lc.caption * cap
-        return {"loss": loss, "itc": itc.detach(), "mlm": mlm.detach(), "caption": cap.detach()}
+        mim = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        if lc.mim > 0:  # last: the other losses draw the same random numbers with MIM on or off
+            if self.mim_decoder is None:
+                raise UserError(
+                    "loss.mim: > 0 but the model was built without its MIM decoder; allowed: build it with "
+                    "VLModel(..., mim=True) (the trainer does when any stage uses MIM)"
+                )
+            mim = mim_forward(self.vision, self.mim_decoder, images, lc.mim_mask_ratio)
+            loss = loss + lc.mim * mim
+        return {"loss": loss, "itc": itc.detach(), "mlm": mlm.detach(), "caption": cap.detach(), "mim": mim.detach()}
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -168,12 +168,26 @@ def strategy_problems(cfg: TrainConfig) -> list[str]:
             "allowed: 2 (parameters kept gathered from forward to backward) or 3 (resharded after forward) under "
             'parallel.strategy "fsdp"'
         )
-    if cfg.loss.mim > 0 and p.pp > 1:
+    if cfg.uses_mim() and p.pp > 1:
+        where = "loss.mim" if cfg.loss.mim > 0 else "stages[].loss.mim"
         out.append(
-            f"loss.mim: masked image modelling is not supported with pipeline parallel (parallel.pp {p.pp}); "
-            "allowed: loss.mim = 0, or parallel.pp = 1"
+            f"{where}: masked image modelling is not supported with pipeline parallel (parallel.pp {p.pp}); "
+            f"allowed: {where} = 0, or parallel.pp 1"
         )
     return out
+
+
+def mim_tp_problem(model: ModelConfig, tp: int) -> str | None:
+    """The MIM decoder's Blocks are tensor-parallel too: tp must divide its heads and MLP hidden size."""
+    width, heads, _ = model.mim_decoder_shape()
+    hidden = mlp_hidden(model, width)
+    for what, value in (("heads", heads), ("MLP hidden size", hidden)):
+        if tp > 1 and value % tp:
+            return (
+                f"parallel.tp: {tp} does not divide the MIM decoder's {what} {value} (model.mim_decoder_width "
+                f"{width}, model.mim_decoder_heads); allowed: a tp that divides it, or other mim_decoder_* sizes"
+            )
+    return None
 
 
 def layout_problems(cfg: TrainConfig, world: int, gpus_per_node: int | None = None) -> list[str]:
@@ -185,6 +199,8 @@ def layout_problems(cfg: TrainConfig, world: int, gpus_per_node: int | None = No
     model, p = resolve_model(cfg.model), cfg.parallel
     out = strategy_problems(cfg)
     out += tp_problems(model, p.tp, world, gpus_per_node)
+    if cfg.uses_mim() and (why := mim_tp_problem(model, p.tp)):
+        out.append(why)
     out += pp_problems(model, p.pp, p.tp, world, p.pp_schedule)
     mb = microbatch_problem(cfg.accumulation, p.pp, p.pp_schedule)
     return out + ([mb] if mb else [])

@@ -1,0 +1,122 @@
+"""What both training engines (vltrain.engine's DeepSpeed one, vltrain.parallel.engine_torch's) build
+the same way: the rank's place in the ("pp", "dp", "tp") layout, the seeded model, AdamW's parameter
+groups and the LR schedule, the compute dtype. A module of its own so that each engine imports it
+without importing the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from vltrain.common.errors import UserError
+from vltrain.config import TrainConfig
+from vltrain.dsconfig import warmup_steps
+from vltrain.presets import resolve_model
+from vltrain.schedule import lr_factor
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a rank sits in the ("pp", "dp", "tp") mesh (pure; vltrain.parallel.mesh builds the same).
+
+    `reporter`: one rank per data-parallel replica adds its losses, tokens and FLOPs to the loop's
+    per-step sums (the last pipeline stage, which alone computes the loss, at tensor rank 0; its tp
+    peers compute the same numbers), so that the sums count each sample once for any layout."""
+
+    world: int
+    tp: int = 1
+    pp: int = 1
+    pp_rank: int = 0
+    dp_rank: int = 0
+    tp_rank: int = 0
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp)
+
+    @property
+    def reporter(self) -> bool:
+        return self.pp_rank == self.pp - 1 and self.tp_rank == 0
+
+    @classmethod
+    def of(cls, rank: int, world: int, tp: int = 1, pp: int = 1) -> Layout:
+        """rank = (pp_rank * dp + dp_rank) * tp + tp_rank: tp innermost, pp outermost."""
+        if world % (tp * pp):
+            raise UserError(
+                f"parallel: world size {world} is not divisible by tp {tp} x pp {pp}; allowed: a multiple of {tp * pp}"
+            )
+        dp = world // (tp * pp)
+        return cls(world, tp, pp, rank // (dp * tp), (rank // tp) % dp, rank % tp)
+
+
+class LossScaleAtMinimum(Exception):
+    """fp16's dynamic loss scale cannot go lower: every gradient overflows (the loop's divergence)."""
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on the weight matrices of Linear and Conv layers only (minGPT's rule).
+
+    Biases, norm gains, embeddings (token, position, cls) and the contrastive temperature are not
+    decayed: pulling them towards zero has no regularising meaning and hurts (e.g. a shrinking
+    logit_scale raises the temperature).
+    """
+    decay: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            decay.append(module.weight)
+    decay_ids = {id(p) for p in decay}
+    no_decay = [p for p in model.parameters() if id(p) not in decay_ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool = False):
+    """-> (torch AdamW over param_groups, LambdaLR over vltrain.schedule): the same for both strategies."""
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None
+    )
+    schedule = functools.partial(lr_factor, peak=o.lr, min_lr=o.min_lr, warmup=warmup_steps(cfg), total=cfg.steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The VLModel of the run, initialised from cfg.seed (identical on every rank), created directly
+    on `device`: on a GPU no copy of the weights passes through host memory (a 30.5B model is 114 GiB
+    in fp32, x 8 ranks per node), and on the meta device nothing is allocated at all (the planner's
+    and the tests' view of a paper-scale model)."""
+    from vltrain.model import VLModel
+    from vltrain.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
+
+    torch.manual_seed(cfg.seed)
+    device = torch.device(device)
+    # off the CPU the weights are born in the training dtype: a 30.5B model is 114 GiB in fp32, more
+    # than an 80 GiB GPU holds, and DeepSpeed casts it to bf16 anyway (on the CPU: fp32, then cast)
+    dtype = compute_dtype(cfg) if device.type != "cpu" else torch.float32
+    with torch.device(device), default_dtype(dtype):
+        model = VLModel(
+            resolve_model(cfg.model), cfg.loss, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, mask_id=MASK_ID
+        )
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    return model
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Tensors created inside are of `dtype` unless told otherwise (the model's weights)."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """dtype of the model's inputs under the engine (DeepSpeed casts the module, not the batch)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)

@@ -1,0 +1,353 @@
+"""parallel.strategy = "fsdp": the PyTorch-native engine (FSDP2 over the "dp" mesh dimension).
+
+Behind vltrain.engine.TrainEngine, as DeepSpeedEngine is, with the same model initialisation, AdamW
+parameter groups, LR schedule, gradient clipping and loss scaling 1 / accumulation, so that the two
+strategies train the same run (tests/test_fsdp_engine.py compares them).
+
+Model: built on the meta device (nothing allocated), sharded (`vltrain.parallel.fsdp.shard_model`),
+then materialised shard by shard on the rank's device (`to_empty`). A new run's weights are rank 0's
+`build_model` (the DeepSpeed path's init, seeded), broadcast and sharded by torch's
+`set_model_state_dict(broadcast_from_rank0=True)`: the only full copy is rank 0's, in host memory; a
+resumed run skips it and reads its shards from the checkpoint.
+
+Activation checkpointing: the model's own (`VLModel.set_activation_checkpointing`: torch.utils.checkpoint,
+non-reentrant, inside each Block's forward) rather than torch's checkpoint_wrapper: it is the code the
+DeepSpeed path runs (same recomputation, same RNG replay), and it adds no `_checkpoint_wrapped_module`
+level to the parameter names, so checkpoints have the same keys with and without it.
+
+Gradient accumulation: under zero_stage 2 the micro steps before the last skip the reduce-scatter
+(`set_requires_gradient_sync(False)`; FSDP2 accumulates the unsharded gradients in fp32, reduce_dtype)
+and the last reduces the sum once. DeepSpeed reduces every micro step and sums the reduced shards:
+the same sum in another order, equal up to fp32 rounding (not bit-identical). Under zero_stage 3 every
+micro step is reduced (no full-size unsharded gradient is kept: memory is why stage 3 was chosen).
+
+fp16: `ShardedGradScaler` (torch.amp's GradScaler whose found-inf flag is all-reduced over a process
+group; here the world, so that pipeline stages and tensor-parallel peers skip the same steps), initial
+scale 2^16 and growth x2 after 1000 steps without overflow as DeepSpeed's dynamic scaler (which also has
+a hysteresis of 2 that torch's has not). Under every precision a step whose gradient norm is not finite
+is skipped and counted (`skipped_steps`) without moving the LR schedule, as DeepSpeed does.
+
+Pipeline parallel (pp > 1, vltrain.parallel.pipeline): the meta model is split into this rank's stage
+modules (pruned copies keeping the original parameter names), each tensor-parallelised and sharded as
+the whole model is otherwise; one AdamW (the same groups) and LR schedule per stage module, as
+torchtitan keeps one per model part, since torch's state-dict API takes one module per optimizer. A
+step runs the schedule over the rank's local batch cut into `accumulation` microbatches; the tied
+token embedding / output head copies of the first and last stage get the sum of their gradients and
+are counted once in the gradient norm. Checkpoints merge the stage modules' state dicts (flattened
+optimizer state, keyed by parameter name), so a checkpoint of any layout loads into any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vltrain.common.errors import UserError
+from vltrain.config import TrainConfig
+from vltrain.engine_common import (
+    Layout,
+    LossScaleAtMinimum,
+    build_model,
+    build_optimizer,
+    compute_dtype,
+    default_dtype,
+)
+from vltrain.presets import resolve_model
+
+DCP_DIR = "dcp"  # the checkpoint subdirectory DCP writes (per-rank __R_0.distcp files and .metadata)
+FP16_INIT_SCALE = 2.0**16  # DeepSpeed's initial_scale_power 16 (vltrain.dsconfig)
+FP16_GROWTH_INTERVAL = 1000  # DeepSpeed's loss_scale_window
+
+
+def build_device_mesh(layout: Layout, device_type: str):
+    """The ("pp", "dp", "tp") mesh (vltrain.parallel.mesh)."""
+    from vltrain.parallel.mesh import build_mesh
+
+    return build_mesh(layout.world, layout.tp, layout.pp, device_type)
+
+
+def meta_model(cfg: TrainConfig) -> nn.Module:
+    """The run's VLModel on the meta device, fp32 (FSDP's master weights): no memory, no init."""
+    from vltrain.model import VLModel
+    from vltrain.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
+
+    with torch.device("meta"), default_dtype(torch.float32):
+        model = VLModel(
+            resolve_model(cfg.model), cfg.loss, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, mask_id=MASK_ID
+        )
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    return model
+
+
+class TorchEngine:
+    """FSDP2 (+ TP / PP when the layout has them) training engine of one rank.
+
+    `modules`: this rank's model parts (the whole VLModel, or its pipeline stage modules), each with
+    its optimizer and schedule in `optimizers` / `schedulers` (they take the same steps). `module` is
+    the whole model when there is no pipeline (None otherwise)."""
+
+    checkpoint_format = "dcp"
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        micro_batch: int,
+        accumulation: int,
+        layout: Layout,
+        device: torch.device,
+        *,
+        initialise: bool = True,
+    ) -> None:
+        from vltrain.model import losses
+        from vltrain.parallel.fsdp import reshard_after_forward, shard_model
+
+        self.cfg, self.layout, self.device = cfg, layout, device
+        self.dtype = compute_dtype(cfg)
+        self.accumulation = accumulation
+        self.sync_every_micro = reshard_after_forward(cfg.zero_stage)  # also refuses zero_stage 0 and 1
+        self.mesh = build_device_mesh(layout, device.type)
+        dp_mesh = self.mesh["dp"]
+        losses.set_data_parallel_group(dp_mesh.get_group() if layout.world > 1 else None)
+        parts = [(0, meta_model(cfg))]
+        if layout.pp > 1:
+            from vltrain.parallel.pipeline import split_stages, virtual_stages
+
+            schedule = virtual_stages(cfg.parallel.pp_schedule)
+            parts = split_stages(parts[0][1], layout.pp_rank, layout.pp, schedule)
+        full = build_model(self.cfg, "cpu").state_dict() if initialise and dist.get_rank() == 0 else {}
+        for _, model in parts:
+            if layout.tp > 1:  # first: FSDP then shards the TP shards over "dp" (2-D DTensors)
+                from vltrain.parallel.tensor_parallel import apply_tensor_parallel
+
+                apply_tensor_parallel(model, self.mesh["tp"])
+            shard_model(model, dp_mesh, cfg.precision, cfg.zero_stage)
+            model.to_empty(device=device)
+            if initialise:
+                self._initialise(model, full)
+        del full
+        self.modules = [m for _, m in parts]
+        self.module = self.modules[0] if layout.pp == 1 else None
+        self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
+        built = [build_optimizer(cfg, m, fused=device.type == "cuda") for m in self.modules]
+        self.optimizers, self.schedulers = [o for o, _ in built], [s for _, s in built]
+        self.scaler = None
+        if cfg.precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(
+                device.type,
+                init_scale=FP16_INIT_SCALE,
+                growth_factor=2.0,
+                backoff_factor=0.5,
+                growth_interval=FP16_GROWTH_INTERVAL,
+                process_group=dist.group.WORLD,
+            )
+            self.scaler.scale(torch.zeros((), device=device))  # creates the scale on stages that compute no loss
+        self.pipe = self._pipeline(parts) if layout.pp > 1 else None
+        self.duplicates: list[nn.Parameter] = []
+        if self.pipe is not None:
+            from vltrain.parallel.pipeline import tied_copies
+
+            self.duplicates = tied_copies(self.modules)
+        self.skipped_steps = 0
+        self.global_steps = 0
+        self._grad_norm: float | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The first model part's AdamW (the only one without a pipeline); its LR is every part's."""
+        return self.optimizers[0]
+
+    @property
+    def scheduler(self):
+        return self.schedulers[0]
+
+    def _initialise(self, model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+        """Rank 0's seeded full model (build_model: the DeepSpeed path's weights), broadcast and sharded.
+        A pipeline stage takes the entries of its own parameters (strict=False: the others belong to
+        other stages)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=self.layout.pp == 1)
+        set_model_state_dict(model, dict(full), options=options)  # a copy: torch adds the local entries to it
+
+    def _pipeline(self, parts: list[tuple[int, nn.Module]]):
+        """The schedule of this rank's stages; its loss reads the last stage's loss weights at each call."""
+        from vltrain.parallel.pipeline import build_schedule, make_loss_fn
+
+        weighted = make_loss_fn(parts[-1][1])
+        scaler = self.scaler
+
+        def loss_fn(out: torch.Tensor, target: object) -> torch.Tensor:
+            loss = weighted(out, target)
+            return scaler.scale(loss) if scaler is not None else loss
+
+        group = self.mesh["pp"].get_group()
+        return build_schedule(parts, group, self.accumulation, self.cfg.parallel.pp_schedule, loss_fn, self.device)
+
+    def set_loss_config(self, loss) -> None:
+        """A curriculum stage's loss weights (and MLM mask rate) for the next steps, on every model part."""
+        for m in self.modules:
+            m.loss_cfg = loss
+        if self.pipe is not None:
+            self.pipe.mask_args["mask_prob"] = loss.mask_prob
+
+    def num_params(self) -> int:
+        from vltrain.model_math import param_count
+
+        return param_count(resolve_model(self.cfg.model))
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._grad_norm
+
+    @property
+    def loss_scale(self) -> float | None:
+        return None if self.scaler is None else float(self.scaler.get_scale())
+
+    def train_step(self, batches: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[torch.Tensor, float]:
+        if self.pipe is not None:
+            return self._pipeline_step(batches, keys)
+        model, n = self.module, len(batches)
+        losses = []
+        for micro, batch in enumerate(batches):
+            model.set_requires_gradient_sync(self.sync_every_micro or micro == n - 1)
+            out = model(
+                batch["images"].to(self.device, self.dtype),
+                batch["input_ids"].to(self.device),
+                batch["attention_mask"].to(self.device),
+            )
+            loss = out["loss"] / n  # the mean over micro steps, as DeepSpeed's scale_wrt_gas
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            losses.append(torch.stack([out[k].detach().float() for k in keys]))
+        lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
+        self._optimizer_step()
+        return torch.stack(losses).cpu(), lr
+
+    def _pipeline_step(self, batches: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[torch.Tensor, float]:
+        """The accumulation micro batches as the schedule's microbatches (in order: the same samples
+        per microbatch as DeepSpeed's micro steps). Loss terms [micro, keys] on the last stage; zeros
+        elsewhere (not a reporter rank: vltrain.engine.Layout.reporter)."""
+        from vltrain.parallel.pipeline import pipeline_step
+
+        lengths = {b["input_ids"].shape[1] for b in batches}
+        if len(lengths) > 1:
+            raise UserError(
+                f"parallel.pp: micro batches of text lengths {sorted(lengths)}; allowed: one length "
+                "(the loader pads to model.max_text_len under pipeline parallel)"
+            )
+        images = torch.cat([b["images"] for b in batches]).to(self.device, self.dtype)
+        ids = torch.cat([b["input_ids"] for b in batches]).to(self.device)
+        mask = torch.cat([b["attention_mask"] for b in batches]).to(self.device)
+        out = pipeline_step(self.pipe, images, ids, mask)
+        if out is None:
+            losses = torch.zeros(len(batches), len(keys), device="cpu")  # as the last stage's, .cpu()
+        else:
+            losses = torch.stack([out[k].float() for k in keys], dim=1).cpu()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._optimizer_step()
+        return losses, lr
+
+    def _optimizer_step(self) -> None:
+        """Unscale (fp16), clip, step; a non-finite gradient skips the step (and, under fp16, halves
+        the loss scale), counted in skipped_steps; the schedule moves only on applied steps."""
+        from vltrain.parallel.mesh import clip_grad_norm_
+
+        if self.scaler is not None:
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
+        pp_group = self.pipe.pp_group if self.pipe is not None else None
+        self._grad_norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip, pp_group, self.duplicates)
+        finite = math.isfinite(self._grad_norm)
+        if self.scaler is not None:
+            before = self.scaler.get_scale()
+            for optimizer in self.optimizers:  # skips the step when a gradient overflowed (on any rank)
+                self.scaler.step(optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < before
+            if skipped and before <= 1.0:
+                raise LossScaleAtMinimum()
+        else:
+            skipped = not finite
+            if not skipped:
+                for optimizer in self.optimizers:
+                    optimizer.step()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.global_steps += 1
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            for scheduler in self.schedulers:
+                scheduler.step()
+
+    # ------------------------------------------------------------------ checkpoints (DCP)
+    def _state(self) -> dict[str, Any]:
+        """{"model", "optim"}: the model parts' entries merged, keyed by the original parameter names
+        (optimizer state flattened per parameter), so that every layout writes and reads the same keys."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model: dict[str, Any] = {}
+        optim: dict[str, Any] = {}
+        for m, o in zip(self.modules, self.optimizers, strict=True):
+            ms, os_ = get_state_dict(m, o, options=_options(strict=True))
+            model |= ms  # the tied weight's two copies (first and last stage) are equal
+            optim |= os_
+        return {"model": model, "optim": optim}
+
+    def save(self, directory: Path) -> None:
+        """Collective: model and optimizer shards of every rank into `directory` (DCP, resharded on load)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=str(directory))
+
+    def load(self, directory: Path) -> None:
+        """Collective: this rank's shards of a DCP checkpoint of any rank count or layout."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(directory))
+        for m, o in zip(self.modules, self.optimizers, strict=True):  # each part picks its own entries
+            set_state_dict(
+                m,
+                o,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optim"],
+                options=_options(strict=self.layout.pp == 1),
+            )
+
+    def extra_state(self) -> dict[str, Any]:
+        """What is the same on every rank and not in DCP: schedule, loss scaler, step counters."""
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "global_steps": self.global_steps,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        for scheduler in self.schedulers:
+            scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped_steps, self.global_steps = int(state["skipped_steps"]), int(state["global_steps"])
+
+    def close(self) -> None:
+        from vltrain.model import losses
+
+        with contextlib.suppress(Exception):
+            losses.set_data_parallel_group(None)
+
+
+def _options(strict: bool):
+    """DCP state-dict options: optimizer state keyed by parameter name (flattened), so that it does not
+    depend on how parameters are grouped into optimizers (one per pipeline stage module, or one)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True, strict=strict)

@@ -1,0 +1,349 @@
+"""Pipeline parallelism of VLModel with torch.distributed.pipelining (PipelineStage + schedules).
+
+The model's transformer blocks, in the order its forward uses them (vision, text unimodal, fusion,
+decoder), are cut into contiguous stages of near-equal block counts. Each stage module is a deep copy
+of the whole VLModel with everything outside the stage deleted (torchtitan's way), so its parameters
+keep their original names and a DCP checkpoint holds the same keys under any layout.
+
+Between stages flows a fixed tuple of activations, the carry (B = microbatch, T = text length, fixed
+per run): feats [B, 1+N, Dv] image stream, clean [B, T, Dt] text (ITC), masked [B, T, Dt] masked text
+(MLM), dec [B, T, Dt] decoder stream. A stream is normed by the stage that runs its tower's last block.
+Stage 0 embeds (the patch stem and three token embeddings, as VLModel.forward does); the last stage
+computes the three losses and returns them as [1, 3] = (itc, mlm, caption); the schedule's loss_fn
+weights them with the loss config.
+
+The integer inputs (ids, mask, masked ids, MLM labels, [B, T]) do not travel by P2P: every stage gets
+them as keyword arguments of `schedule.step`, which the runtime splits into microbatches for all stages.
+(P2P of them fails: on its first step the runtime runs each stage once on uninitialised receive buffers
+to learn the carry's shapes, and garbage labels crash the cross-entropy.) MLM masking therefore runs in
+`pipeline_step`, before the schedule, on the rank of stage 0, one microbatch after the other as
+DeepSpeed's micro steps draw them, and is broadcast over the pipeline group.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+from torch.distributed.tensor import DTensor
+
+from vltrain.common.errors import UserError
+from vltrain.config import LossConfig
+from vltrain.model import losses
+from vltrain.model.layers import rope_tables
+from vltrain.model.vl_model import VLModel
+from vltrain.model_config import ModelConfig
+
+# Block lists in forward order: (tower name, attribute path in VLModel).
+TOWERS = (
+    ("vision", "vision.blocks"),
+    ("text", "text.blocks"),
+    ("fusion", "text.fusion"),
+    ("decoder", "decoder.blocks"),
+)
+TIED = "embed.tok.weight"  # token embedding on stage 0, output head on the last stage
+SCHEDULES = ("1f1b", "interleaved1f1b", "gpipe")
+
+
+def tower_sizes(cfg: ModelConfig) -> dict[str, int]:
+    return {
+        "vision": cfg.vision_layers,
+        "text": cfg.text_layers,
+        "fusion": cfg.fusion_layers,
+        "decoder": cfg.decoder_layers,
+    }
+
+
+def virtual_stages(schedule_name: str) -> int:
+    """Stages per rank: 2 for the interleaved schedule (Narayanan et al. 2021), else 1."""
+    return 2 if schedule_name == "interleaved1f1b" else 1
+
+
+def stage_blocks(cfg: ModelConfig, n_stages: int) -> list[list[tuple[str, int]]]:
+    """The (tower, block index) pairs of each stage: contiguous, sizes differ by at most one."""
+    blocks = [(tower, i) for tower, n in tower_sizes(cfg).items() for i in range(n)]
+    if not 1 <= n_stages <= len(blocks):
+        raise UserError(
+            f"parallel.pp: {n_stages} pipeline stages for {len(blocks)} transformer blocks; "
+            f"allowed: 1 to {len(blocks)} stages (pp x virtual stages per rank)"
+        )
+    q, r = divmod(len(blocks), n_stages)
+    bounds = [0]
+    for s in range(n_stages):
+        bounds.append(bounds[-1] + q + (1 if s < r else 0))
+    return [blocks[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+class VLStage(VLModel):
+    """A pruned VLModel that runs one pipeline stage (created by `split_stages`, never directly)."""
+
+    stage_index: int
+    num_stages: int
+    finishes: frozenset[str]  # towers whose last block is in this stage (their norm runs here)
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+    def _text_rope(self, length: int, device):
+        if self.cfg.pos_embedding != "rope":
+            return None
+        return rope_tables(torch.arange(length, device=device)[:, None], self.cfg.text_width // self.cfg.text_heads)
+
+    def forward(self, *carry: torch.Tensor, ids, mask, masked, labels):
+        """carry: (images,) on stage 0, else the previous stage's carry. -> the carry, or [1, 3] losses."""
+        if self.is_first:
+            feats = self.vision.stem(carry[0])
+            clean, masked_h, dec = self.embed(ids), self.embed(masked), self.embed(ids)
+        else:
+            feats, clean, masked_h, dec = carry
+        bool_mask = mask.bool()
+        key_mask = bool_mask[:, None, None, :]  # [B, 1, 1, T], as TextEncoder.key_mask
+        text_rope = self._text_rope(ids.shape[1], ids.device)
+        if len(self.vision.blocks):
+            rope = self.vision.rope(feats.device)
+            for block in self.vision.blocks.values():
+                feats = block(feats, rope=rope)
+        if "vision" in self.finishes:
+            feats = self.vision.norm(feats)
+        for block in self.text.blocks.values():
+            clean = block(clean, attn_mask=key_mask, rope=text_rope)
+            masked_h = block(masked_h, attn_mask=key_mask, rope=text_rope)
+        for block in self.text.fusion.values():
+            masked_h = block(masked_h, context=feats, attn_mask=key_mask, rope=text_rope)
+        if "fusion" in self.finishes:
+            masked_h = self.text.norm(masked_h)
+        for block in self.decoder.blocks.values():
+            dec = block(dec, context=feats, is_causal=True, rope=text_rope)
+        if "decoder" in self.finishes:
+            dec = self.decoder.norm(dec)
+        if not self.is_last:
+            return feats, clean, masked_h, dec
+        itc = losses.itc_loss(self._image_embedding(feats), self._text_embedding(clean, bool_mask), self.logit_scale)
+        mlm = losses.mlm_loss(self.embed.logits(masked_h), labels)
+        cap = losses.caption_loss(self.embed.logits(dec), ids, bool_mask)
+        return torch.stack([itc[None], mlm[None], cap[None]], dim=1)  # [1, 3]; not a view (FSDP warns of those)
+
+
+def _prune(model: VLModel, stage_index: int, num_stages: int, blocks: list[tuple[str, int]]) -> VLStage:
+    stage = copy.deepcopy(model)
+    stage.__class__ = VLStage  # same attributes and parameter names, the stage's forward
+    stage.stage_index, stage.num_stages = stage_index, num_stages
+    sizes = tower_sizes(model.cfg)
+    stage.finishes = frozenset(t for t, i in blocks if i == sizes[t] - 1)
+    for tower, path in TOWERS:
+        parent_path, name = path.rsplit(".", 1)
+        parent, old = stage.get_submodule(parent_path), stage.get_submodule(path)
+        # A ModuleDict keyed by the original indices keeps the names ("vision.blocks.3.attn.q.weight").
+        setattr(parent, name, nn.ModuleDict({str(i): old[i] for t, i in blocks if t == tower}))
+    first, last = stage_index == 0, stage_index == num_stages - 1
+    if not first:
+        stage.vision.patch_embed, stage.vision.cls, stage.vision.pos = None, None, None
+        if not last:
+            stage.embed = None
+        else:
+            stage.embed.pos = None  # the head needs only the tied matrix
+    for tower, owner, attr in (
+        ("vision", "vision", "norm"),
+        ("fusion", "text", "norm"),
+        ("decoder", "decoder", "norm"),
+    ):
+        if tower not in stage.finishes:
+            setattr(stage.get_submodule(owner), attr, None)
+    if not last:
+        stage.text.unimodal_norm, stage.image_proj, stage.text_proj, stage.logit_scale = None, None, None, None
+    return stage
+
+
+def split_stages(model: VLModel, pp_rank: int, pp_size: int, virtual_per_rank: int = 1) -> list[tuple[int, VLStage]]:
+    """This rank's (stage index, stage module) pairs; stage s runs on pp rank s % pp_size (looped).
+
+    Build `model` the same way on every rank (same seed) before splitting, so the stages hold the
+    weights a single-process model would, and the tied embedding starts identical on both ends.
+    """
+    if getattr(model.loss_cfg, "mim", 0) > 0 or getattr(model, "mim_decoder", None) is not None:
+        raise UserError("loss.mim: masked image modelling is not supported with parallel.pp > 1; allowed: mim = 0")
+    n = pp_size * virtual_per_rank
+    plan = stage_blocks(model.cfg, n)
+    return [(s, _prune(model, s, n, plan[s])) for s in range(pp_rank, n, pp_size)]
+
+
+def make_loss_fn(weights: LossConfig | nn.Module) -> Callable[[torch.Tensor, object], torch.Tensor]:
+    """The schedule's loss: the last stage's (itc, mlm, caption) weighted as in VLModel.forward.
+
+    `weights`: a LossConfig, or the last stage module, whose `loss_cfg` is then read at every call (the
+    loop may swap it between training stages). The schedule averages gradients over microbatches
+    (scale_grads), like DeepSpeed's accumulation.
+    """
+
+    def loss_fn(parts: torch.Tensor, _target: object) -> torch.Tensor:
+        lc = weights.loss_cfg if isinstance(weights, nn.Module) else weights
+        if getattr(lc, "mim", 0) > 0:
+            raise UserError("loss.mim: masked image modelling is not supported with parallel.pp > 1; allowed: 0")
+        p = parts[0]
+        return lc.itc * p[0] + lc.mlm * p[1] + lc.caption * p[2]
+
+    return loss_fn
+
+
+@dataclass
+class Pipeline:
+    """A built schedule with what pipeline_step needs to drive it on this rank."""
+
+    schedule: object
+    modules: list[nn.Module]  # this rank's stage modules (possibly wrapped by TP / FSDP afterwards)
+    has_first: bool
+    has_last: bool
+    n_microbatches: int
+    pp_group: dist.ProcessGroup
+    tied_group: dist.ProcessGroup | None
+    mask_args: dict  # VLModel's masking settings (mask_prob, ids)
+
+
+def _tied_group(pp_group: dist.ProcessGroup) -> dist.ProcessGroup | None:
+    """The (first, last) pp-rank pair of this rank's pipeline, created collectively over the world."""
+    size = dist.get_world_size(pp_group)
+    if size <= 2:
+        return pp_group if size == 2 else None
+    mine = dist.get_process_group_ranks(pp_group)
+    every: list[list[int]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(every, mine)
+    found = None
+    for ranks in sorted({tuple(r) for r in every}):  # same order on every rank, as new_group requires
+        group = dist.new_group([ranks[0], ranks[-1]])
+        if list(ranks) == mine:
+            found = group
+    return found
+
+
+def build_schedule(
+    stages: list[tuple[int, nn.Module]],
+    pp_group: dist.ProcessGroup,
+    n_microbatches: int,
+    schedule_name: str,
+    loss_fn: Callable,
+    device: torch.device,
+) -> Pipeline:
+    """Wrap this rank's stage modules in PipelineStages and the named schedule.
+
+    `stages` are split_stages' pairs, after tensor parallelism / FSDP were applied to the modules.
+    Collective over the world when pp > 2 (creates the tied-embedding groups).
+    """
+    if schedule_name not in SCHEDULES:
+        raise UserError(f"parallel.pp_schedule: {schedule_name!r}; allowed: {', '.join(SCHEDULES)}")
+    pp_size = dist.get_world_size(pp_group)
+    num_stages = pp_size * len(stages)
+    if len(stages) != virtual_stages(schedule_name):
+        raise UserError(
+            f"parallel.pp_schedule: {schedule_name!r} runs {virtual_stages(schedule_name)} stage(s) per rank, "
+            f"got {len(stages)}; allowed: split_stages(..., virtual_per_rank=virtual_stages(schedule))"
+        )
+    if n_microbatches < pp_size or (schedule_name == "interleaved1f1b" and n_microbatches % pp_size):
+        raise UserError(
+            f"accumulation: {n_microbatches} microbatches for {pp_size} pipeline ranks ({schedule_name}); "
+            f"allowed: at least pp{' and a multiple of it' if schedule_name == 'interleaved1f1b' else ''}"
+        )
+    pstages = [PipelineStage(mod, idx, num_stages, device, group=pp_group) for idx, mod in stages]
+    if schedule_name == "interleaved1f1b":
+        schedule = ScheduleInterleaved1F1B(pstages, n_microbatches, loss_fn=loss_fn)
+    else:
+        cls = Schedule1F1B if schedule_name == "1f1b" else ScheduleGPipe
+        schedule = cls(pstages[0], n_microbatches, loss_fn=loss_fn)
+    model = _unwrap(stages[0][1])
+    return Pipeline(
+        schedule=schedule,
+        modules=[m for _, m in stages],
+        has_first=any(i == 0 for i, _ in stages),
+        has_last=any(i == num_stages - 1 for i, _ in stages),
+        n_microbatches=n_microbatches,
+        pp_group=pp_group,
+        tied_group=_tied_group(pp_group),
+        mask_args={
+            "mask_prob": model.loss_cfg.mask_prob,
+            "mask_id": model.mask_id,
+            "vocab_size": model.cfg.vocab_size,
+            "special_ids": (model.pad_id, model.bos_id, model.eos_id, model.mask_id),
+        },
+    )
+
+
+def _unwrap(module: nn.Module) -> VLModel:
+    return module if isinstance(module, VLModel) else module.module  # type: ignore[return-value]
+
+
+def pipeline_step(pipe: Pipeline, images, ids, mask) -> dict[str, torch.Tensor] | None:
+    """Forward + backward of every microbatch of this rank's local batch; grads are left in .grad.
+
+    images [B, 3, S, S], ids [B, T], mask [B, T] (B = microbatch x n_microbatches; T fixed per run).
+    Returns, on the rank that holds the last stage, per-microbatch {"loss", "itc", "mlm", "caption",
+    "mim" (zeros: VLModel.forward's keys)} (detached, [n_microbatches]); None elsewhere. Gradients are averaged over the microbatches and the
+    tied embedding/head gradient is summed over its two stages.
+    """
+    n = pipe.n_microbatches
+    if ids.shape[0] % n:
+        raise UserError(f"micro_batch: local batch {ids.shape[0]} does not split into {n} microbatches")
+    mask = mask.bool()
+    if pipe.has_first:
+        # One masking call per microbatch in order, as DeepSpeed's micro steps draw them.
+        drawn = [losses.mask_tokens(i, m, **pipe.mask_args) for i, m in zip(ids.chunk(n), mask.chunk(n), strict=True)]
+        both = torch.stack([torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])])  # [2, B, T]
+    else:
+        both = torch.empty((2, *ids.shape), dtype=ids.dtype, device=ids.device)
+    if dist.get_world_size(pipe.pp_group) > 1:
+        dist.broadcast(both, group=pipe.pp_group, group_src=0)
+    args = (images,) if pipe.has_first else ()
+    # The runtime needs a target on the last stage; the losses need none (labels come as kwargs).
+    target = ids if pipe.has_last else None
+    out = pipe.schedule.step(*args, target=target, ids=ids, mask=mask, masked=both[0], labels=both[1])
+    sync_tied_grads(pipe)
+    if not pipe.has_last:
+        return None
+    parts = out.detach()  # [n, 3]
+    weights = _unwrap(pipe.modules[-1]).loss_cfg
+    loss = weights.itc * parts[:, 0] + weights.mlm * parts[:, 1] + weights.caption * parts[:, 2]
+    return {"loss": loss, "itc": parts[:, 0], "mlm": parts[:, 1], "caption": parts[:, 2], "mim": torch.zeros_like(loss)}
+
+
+def _tied_params(modules: list[nn.Module]) -> list[nn.Parameter]:
+    return [p for m in modules for name, p in m.named_parameters() if name == TIED]
+
+
+def sync_tied_grads(pipe: Pipeline) -> None:
+    """Sum the tied embedding/head gradient over the first and last stage.
+
+    The two stages hold copies of one weight: its gradient is the embedding's plus the head's, and
+    both copies must take the same optimizer step to stay equal, so each gets the sum. (Deep-copied
+    at split time, so the copies start equal; AdamW on equal inputs keeps them equal.)
+    """
+    params = _tied_params(pipe.modules)
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    if len(grads) == 2:  # both ends on this rank (one pipeline rank, interleaved)
+        total = grads[0] + grads[1]
+        for g in grads:
+            g.copy_(total)
+    if pipe.tied_group is not None and grads:
+        dist.all_reduce(grads[0], group=pipe.tied_group)
+
+
+def tied_copies(modules: list[nn.Module]) -> list[nn.Parameter]:
+    """The last stage's copy of the tied weight (when there are several stages), else nothing.
+
+    Its gradient equals stage 0's after sync_tied_grads, so a global grad norm must count it once:
+    pass these as `duplicates` to clip_grad_norm_.
+    """
+    lasts = [m for m in modules if _unwrap(m).is_last and not _unwrap(m).is_first]
+    return _tied_params(lasts)
