@@ -5,9 +5,12 @@ both: it is the same code either way), torch AdamW with the same parameter group
 and gradient clipping at 1.0. vltrain's side is the trainer's own `train_step` on a real session
 (DeepSpeed ZeRO engine, loss bookkeeping, stop flags), built from configs/tiny.toml. The two are
 timed in alternating rounds (ABAB...) so that load from other processes hits both alike; the ratio
-of the medians is printed, then a cProfile of vltrain's step by where the time goes.
+of the medians is printed, one row per accumulation (the global batch split into micro batch x
+accumulation on one rank); under DeepSpeed ZeRO-2 both gradient reductions (vltrain.engine.grad_reduction:
+coalesced, per micro step) are timed in the same rounds and the one the trainer chooses is marked.
+--profile adds a cProfile of vltrain's step by where the time goes.
 
-    OMP_NUM_THREADS=2 python bench/bench_step.py [--config configs/tiny.toml] [--steps 20] [--rounds 5]
+    OMP_NUM_THREADS=2 python bench/bench_step.py [--config configs/tiny.toml] [--accum 1 4 8 16] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -80,61 +83,106 @@ def timed(step, n: int) -> list[float]:
     return out
 
 
+def make_session(cfg, tmp: Path, name: str):
+    from vltrain import distenv
+    from vltrain.loop import Session, StopRequests
+    from vltrain.metrics import EventLog
+
+    (tmp / name).mkdir()
+    stops = StopRequests()
+    return Session(cfg, tmp / name, distenv.current(), EventLog(tmp / name, False, 0), stops), stops
+
+
+def measure(cfg, tmp: Path, accumulation: int, args) -> tuple[dict[str, float], object, object]:
+    """Median ms/step of the bare loop and of vltrain's step under each ZeRO-2 gradient reduction,
+    timed in alternating rounds (bare, coalesced, per micro step, bare, ...) on one session."""
+    from vltrain.engine import grad_reduction
+    from vltrain.loop import batch_split
+
+    cfg = dataclasses.replace(cfg, micro_batch=cfg.global_batch // accumulation, accumulation=accumulation)
+    split = batch_split(cfg, 1)
+    session, stops = make_session(cfg, tmp, f"run-a{accumulation}")
+    cached = list(itertools.islice(iter(session.loader), 4 * split.accumulation))
+    vl_batches, bare_batches = itertools.cycle(cached), itertools.cycle(cached)
+    eng = session.engine
+
+    def vl(reduction: str):
+        def step():
+            if reduction:
+                eng.reduction = reduction
+            session.train_step(vl_batches)
+
+        return step
+
+    variants = {"bare": bare_step_fn(cfg, bare_batches)}
+    if hasattr(eng, "reduction"):  # DeepSpeed: both reductions, side by side
+        variants |= {r: vl(r) for r in ("coalesced", "per_micro_step")}
+    else:
+        variants["vltrain"] = vl("")
+    for fn in variants.values():  # warm-up: allocator, first-call paths
+        timed(fn, 3)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for k, fn in variants.items():
+            times[k] += timed(fn, args.steps)
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    chosen = grad_reduction(cfg, "cpu") if hasattr(eng, "reduction") else "vltrain"
+    if hasattr(eng, "reduction"):
+        eng.reduction = chosen
+    return med | {"chosen": chosen}, session, stops
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "tiny.toml"))
-    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per round and loop")
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps per round and loop")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--accum", type=int, nargs="+", default=[1, 4, 8, 16], help="accumulation steps, one row each")
+    ap.add_argument("--profile", action="store_true", help="cProfile vltrain's step at the last --accum")
     ap.add_argument("--set", action="append", default=[], help="config override key=value (as vltrain train)")
     args = ap.parse_args()
 
-    from vltrain import distenv
     from vltrain.cli import parse_overrides
     from vltrain.config import load_train_config
-    from vltrain.loop import Session, StopRequests, batch_split
-    from vltrain.metrics import EventLog
+    from vltrain.presets import resolve_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
     cfg = load_train_config(args.config, parse_overrides(args.set))
-    split = batch_split(cfg, 1)
-    cfg = dataclasses.replace(
-        cfg, micro_batch=split.micro_batch, accumulation=split.accumulation, checkpoint_every=0, eval_every=0
-    )
-    from vltrain.presets import resolve_model
-
+    cfg = dataclasses.replace(cfg, checkpoint_every=0, eval_every=0)
     mcfg = resolve_model(cfg.model)
-    shards, tok = make_data(tmp, max(256, split.micro_batch * 4), mcfg.image_size)
+    shards, tok = make_data(tmp, max(256, cfg.global_batch * 4), mcfg.image_size)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=shards, tokenizer=tok, eval_shards=""))
-
     os.environ.pop("VLTRAIN_COUNTRY", None)  # no energy tracker in the timed loop
-    stops = StopRequests()
-    (tmp / "run").mkdir()
-    session = Session(cfg, tmp / "run", distenv.current(), EventLog(tmp / "run", False, 0), stops)
-    cached = list(itertools.islice(iter(session.loader), 4 * split.accumulation))
-    vl_batches, bare_batches = itertools.cycle(cached), itertools.cycle(cached)
 
-    def vl_step():
-        session.train_step(vl_batches)
-
-    bare = bare_step_fn(cfg, bare_batches)
-    for fn in (vl_step, bare):  # warm-up: allocator, first-call paths
-        timed(fn, 3)
-    vl_times, bare_times = [], []
-    for _ in range(args.rounds):
-        vl_times += timed(vl_step, args.steps)
-        bare_times += timed(bare, args.steps)
-    vl, b = statistics.median(vl_times), statistics.median(bare_times)
     print(
-        f"tiny preset: {session.params / 1e6:.2f}M params, micro batch {split.micro_batch} x accumulation "
-        f"{split.accumulation}, {cfg.precision}, ZeRO stage {cfg.zero_stage}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+        f"{cfg.model} preset, global batch {cfg.global_batch} on one rank, {cfg.precision}, ZeRO stage "
+        f"{cfg.zero_stage}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}; ms/step are medians of "
+        f"{args.rounds} x {args.steps} steps, variants timed in alternating rounds"
     )
-    print(f"bare PyTorch loop : {b * 1000:8.1f} ms/step (median of {len(bare_times)})")
-    print(f"vltrain step      : {vl * 1000:8.1f} ms/step (median of {len(vl_times)})")
-    print(f"ratio vltrain/bare: {vl / b:.3f}  (goal <= 1.10)")
+    print(f"{'accumulation':>12} {'micro':>5} {'bare ms':>8}  vltrain/bare by ZeRO-2 gradient reduction")
+    session = stops = None
+    for a in args.accum:
+        med, session, stops = measure(cfg, tmp, a, args)
+        ratios = "  ".join(
+            f"{k} {med[k] / med['bare']:.3f}{' (chosen)' if k == med['chosen'] else ''}"
+            for k in med
+            if k not in ("bare", "chosen")
+        )
+        print(f"{a:>12} {cfg.global_batch // a:>5} {med['bare']:8.1f}  {ratios}   (goal <= 1.05)", flush=True)
+        if a != args.accum[-1]:
+            stops.restore()
+    if args.profile and session is not None:
+        profile(session, args.steps)
+    stops.restore()
 
+
+def profile(session, steps: int) -> None:
+    import itertools as it
+
+    batches = it.cycle(list(it.islice(iter(session.loader), 4 * session.split.accumulation)))
     prof = cProfile.Profile()
     prof.enable()
-    timed(vl_step, args.steps)
+    timed(lambda: session.train_step(batches), steps)
     prof.disable()
     stats = pstats.Stats(prof)
     groups: dict[str, float] = {}
@@ -153,13 +201,12 @@ def main() -> None:
             g = "other Python (torch.nn, ...)"
         groups[g] = groups.get(g, 0.0) + own
     total = sum(groups.values())
-    print(f"\nwhere vltrain's step time goes (cProfile over {args.steps} steps, own time; profiling inflates Python):")
+    print(f"\nwhere vltrain's step time goes (cProfile over {steps} steps, own time; profiling inflates Python):")
     for g, t in sorted(groups.items(), key=lambda kv: -kv[1]):
-        print(f"  {g:48s} {t / args.steps * 1000:8.1f} ms/step  {t / total:6.1%}")
+        print(f"  {g:48s} {t / steps * 1000:8.1f} ms/step  {t / total:6.1%}")
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
     print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:3000])
-    stops.restore()
 
 
 if __name__ == "__main__":

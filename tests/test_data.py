@@ -63,6 +63,7 @@ def same_batches(a, b):
     for x, y in zip(a, b):
         assert torch.equal(x["images"], y["images"])
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["attention_mask"], y["attention_mask"])
+        assert torch.equal(x["mlm_draws"], y["mlm_draws"])
 
 
 # ---------------------------------------------------------------- synthetic data
@@ -232,6 +233,47 @@ def test_workers_do_not_change_the_batches(data):
     b = take(iter(loader(data, data_cfg=cfg, workers=2)), 20)
     same_batches(a, b)
     assert len(set([k for x in a for k in x["keys"]][:N])) == N  # an epoch holds every sample once
+
+
+def test_mlm_draws_follow_the_sample_not_the_batch_or_the_worker():
+    """A sample's MLM random numbers are a function of (seed, epoch, key) at its real tokens: the same
+    in another batch, at another padding and from another worker; another epoch or seed, others."""
+    from vltrain.data.loader import mlm_draws
+
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    a = mlm_draws([[3, 0, 3, 11], [3, 0, 3, 12]], mask)
+    assert a.shape == (3, 2, 5) and a.dtype == torch.float32 and bool((a[:, 0, 3:] == 1).all())
+    alone = mlm_draws([[3, 0, 3, 11]], mask[:1, :3])  # another batch, padded to 3
+    assert torch.equal(alone[:, 0], a[:, 0, :3])
+    assert not torch.equal(mlm_draws([[3, 1, 3, 11]], mask[:1])[:, 0, :3], a[:, 0, :3])  # another epoch
+    assert float(a.min()) >= 0 and float(a[:, 1].max()) < 1
+
+
+def test_masking_uses_the_draws_it_is_given():
+    from vltrain.model.losses import mask_tokens
+
+    ids = torch.tensor([[2, 10, 11, 12, 13, 3, 0]])  # bos, 4 words, eos, pad
+    attn = ids != 0
+    u = torch.tensor([0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01])
+    roll = torch.tensor([0.1, 0.5, 0.85, 0.95, 0.1, 0.1, 0.1])
+    rnd = torch.full((7,), 0.5)
+    kw = dict(mask_prob=0.15, mask_id=4, vocab_size=105, special_ids=(0, 1, 2, 3, 4))
+    masked, labels = mask_tokens(ids, attn, **kw, draws=torch.stack([u, roll, rnd])[:, None])
+    # the 4 words chosen (u < 0.15), rolls 0.5, 0.85, 0.95, 0.1: <mask>, random (5 + 0.5 x 100), kept,
+    # <mask>; bos, eos and pad never
+    assert masked.tolist() == [[2, 4, 55, 12, 4, 3, 0]]
+    assert labels.tolist() == [[-100, 10, 11, 12, 13, -100, -100]]
+
+
+def test_workers_do_not_change_the_process_rng(data):
+    """Starting the workers draws their base seed from the loader's own generator: the process's torch
+    RNG (MIM's masks, anything the trainer draws) is where it was, with 0 workers or 2."""
+    torch.manual_seed(0)
+    take(iter(loader(data, workers=2)), 2)
+    after_workers = torch.rand(3)
+    torch.manual_seed(0)
+    take(iter(loader(data, workers=0)), 2)
+    assert torch.equal(after_workers, torch.rand(3))
 
 
 @pytest.mark.parametrize("stop", [5, 15, 16])  # mid-epoch, the batch that straddles the boundary, after it

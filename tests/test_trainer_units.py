@@ -104,6 +104,32 @@ def test_export_sets_what_init_distributed_reads():
     assert env["DS_ACCELERATOR"] == "cpu"  # no CUDA on the test machines
 
 
+def test_each_environment_builds_extensions_in_its_own_cache(tmp_path, monkeypatch):
+    """DeepSpeed's CPU comm op is JIT-built by torch into TORCH_EXTENSIONS_DIR: each interpreter prefix
+    (venv) gets its own directory under the user's cache, so two environments stop rebuilding over each
+    other's build; a TORCH_EXTENSIONS_DIR the user set is kept; torch's loader builds where it says."""
+    import sys
+
+    from torch.utils import cpp_extension
+
+    home = {"HOME": str(tmp_path)}
+    a, b = distenv.extensions_dir("/opt/venv-a", home), distenv.extensions_dir("/opt/venv-b", home)
+    assert a != b and a == distenv.extensions_dir("/opt/venv-a", home)
+    assert a.startswith(f"{tmp_path}/.cache/torch_extensions/py3") and a.rsplit("_", 1)[1].startswith("cpu-")
+    assert distenv.extensions_dir("/opt/venv-a", {"XDG_CACHE_HOME": "/c"}).startswith("/c/torch_extensions/")
+
+    env: dict[str, str] = {"HOME": str(tmp_path)}
+    distenv.export(distenv.detect({}, free_port=40001), "cpu", env)
+    assert env["TORCH_EXTENSIONS_DIR"] == distenv.extensions_dir(sys.prefix, env)
+    mine = {"TORCH_EXTENSIONS_DIR": "/scratch/ext"}
+    distenv.export(distenv.detect({}, free_port=40001), "cpu", mine)
+    assert mine["TORCH_EXTENSIONS_DIR"] == "/scratch/ext"
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
+    built = cpp_extension._get_build_directory("deepspeed_shm_comm", verbose=False)
+    assert built == f"{env['TORCH_EXTENSIONS_DIR']}/deepspeed_shm_comm"
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -313,3 +339,24 @@ def test_energy_flushes_first_soon_then_every_interval(tmp_path, monkeypatch):
         clock[0] = 1000.0 + t
         ne.maybe_flush()
     assert flushes == [1020.0, 1080.0, 1140.0]
+
+
+def test_zero2_reduces_once_per_step_only_where_the_sum_is_as_exact():
+    """Coalesced reduction on CPU in fp32 at ZeRO-2; per micro step under bf16/fp16 (param.grad is 16-bit
+    and the fp32 accumulation would be lost), on CUDA (overlap_comm hides each reduction) and at
+    stages 0-1 (they reduce once anyway); VLTRAIN_GRAD_REDUCTION chooses, refused when unknown."""
+    from vltrain.config import TrainConfig
+    from vltrain.engine import grad_reduction
+
+    def cfg(**kw):
+        return TrainConfig(**({"model": "tiny", "global_batch": 8, "precision": "fp32"} | kw))
+
+    assert grad_reduction(cfg(), "cpu") == "coalesced"
+    assert grad_reduction(cfg(precision="bf16"), "cpu") == "per_micro_step"
+    assert grad_reduction(cfg(), "cuda") == "per_micro_step"
+    assert grad_reduction(cfg(zero_stage=1), "cpu") == "per_micro_step"
+    assert grad_reduction(cfg(), "cpu", "per_micro_step") == "per_micro_step"
+    assert grad_reduction(cfg(precision="bf16"), "cuda", "coalesced") == "coalesced"
+    assert grad_reduction(cfg(zero_stage=0), "cpu", "coalesced") == "per_micro_step"
+    with pytest.raises(UserError, match="VLTRAIN_GRAD_REDUCTION: 'once' is not valid; allowed: auto, coalesced"):
+        grad_reduction(cfg(), "cpu", "once")

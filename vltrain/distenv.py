@@ -12,8 +12,10 @@ that deepspeed.init_distributed reads (without them it tries MPI discovery and f
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -144,7 +146,8 @@ def cuda_index(local_rank: int, device_count: int) -> int:
 
 
 def export(dist: DistEnv, device: str = "cpu", environ: dict[str, str] | os._Environ = os.environ) -> None:
-    """Write the torch.distributed variables init_distributed reads, and DeepSpeed's accelerator.
+    """Write the torch.distributed variables init_distributed reads, DeepSpeed's accelerator, and
+    TORCH_EXTENSIONS_DIR (this environment's own extension cache, `extensions_dir`) when unset.
 
     DS_ACCELERATOR is set from the run's device, overriding one inherited from the submitting
     shell (sbatch exports the caller's environment): a leaked 'cpu' would put a CUDA run on CPU."""
@@ -157,6 +160,26 @@ def export(dist: DistEnv, device: str = "cpu", environ: dict[str, str] | os._Env
         MASTER_PORT=str(dist.master_port),
         DS_ACCELERATOR=device,
     )
+    if "TORCH_EXTENSIONS_DIR" not in environ:  # the user's choice stands
+        import torch
+
+        accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+        environ["TORCH_EXTENSIONS_DIR"] = extensions_dir(sys.prefix, environ, accel)
+
+
+def extensions_dir(prefix: str, environ: Mapping[str, str], accel: str = "cpu") -> str:
+    """This environment's own cache of JIT-built extensions (DeepSpeed's shared-memory comm op on CPU):
+    <cache>/torch_extensions/py311_cpu-<hash of the interpreter prefix>; pure.
+
+    torch's default, <cache>/torch_extensions/py311_cpu, is one directory for every environment of a
+    user: a build from another venv (other headers, other torch) fails torch's check and is rebuilt,
+    tens of seconds to minutes on 2 cores, at every start that follows a start from the other. Keyed
+    by the prefix in the user's cache rather than inside the venv, which may be read-only (a shared
+    team environment, a container image)."""
+    cache = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
+    key = hashlib.sha256(os.path.realpath(prefix).encode()).hexdigest()[:12]
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accel}"
+    return os.path.join(cache, "torch_extensions", f"{tag}-{key}")
 
 
 def current() -> DistEnv:

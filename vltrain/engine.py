@@ -13,6 +13,7 @@ pipeline parallel) with the same AdamW groups and schedule, checkpointed with to
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 from typing import Any, Protocol
@@ -29,10 +30,11 @@ from vltrain.engine_common import (  # the pieces both engines share, re-exporte
     build_model,
     build_optimizer,
     compute_dtype,
+    model_inputs,
 )
 from vltrain.engine_common import param_groups as param_groups
 from vltrain.presets import resolve_model
-from vltrain.rundir import DIST_TIMEOUT_S, STEP_DIST_TIMEOUT_S
+from vltrain.rundir import DIST_TIMEOUT_S, GRAD_REDUCTION, STEP_DIST_TIMEOUT_S
 
 
 def init_process_group(dist: DistEnv, device: str, strategy: str = "deepspeed") -> torch.device:
@@ -92,6 +94,32 @@ class TrainEngine(Protocol):
     def num_params(self) -> int: ...
 
 
+REDUCTIONS = ("auto", "coalesced", "per_micro_step")
+
+
+def grad_reduction(cfg: TrainConfig, device: str, override: str | None = None) -> str:
+    """How ZeRO-2 reduces the accumulation's gradients: "coalesced" or "per_micro_step"; pure.
+
+    DeepSpeed's ZeRO-2 reduces every micro step's gradients (copies into buckets, a reduction, a sum
+    into the rank's partition: at accumulation 4 ~1.2x a bare loop's step on CPU, bench/bench_step.py).
+    `engine.coalesce_grad_reduction()` lets autograd sum the micro steps in param.grad and reduces
+    once. Chosen only where that sum is as exact and nothing is lost:
+    - fp32 weights: param.grad is fp32, as the partition DeepSpeed sums into; under bf16 and fp16 it is
+      16-bit, and the fp32 accumulation the config asks for (vltrain.dsconfig) would be lost;
+    - CPU: on CUDA, overlap_comm hides each micro step's reduction behind backward, and one
+      reduction after the last backward would be exposed;
+    - ZeRO stage 2: stages 0 and 1 already reduce once, at the boundary.
+    Rank sums are then added in another order (each rank's micro steps first): bit-identical on one
+    rank, within fp32 rounding on several (tests/test_trainer_run.py)."""
+    choice = override or "auto"
+    if choice not in REDUCTIONS:
+        raise UserError(f"{GRAD_REDUCTION}: {choice!r} is not valid; allowed: {', '.join(REDUCTIONS)}")
+    if choice != "auto":
+        return choice if cfg.zero_stage == 2 else "per_micro_step"  # stages 0 and 1 reduce once anyway
+    exact = cfg.precision == "fp32" and device == "cpu" and cfg.zero_stage == 2
+    return "coalesced" if exact else "per_micro_step"
+
+
 class DeepSpeedEngine:
     """parallel.strategy "deepspeed": today's DeepSpeed engine behind the TrainEngine interface.
 
@@ -103,6 +131,7 @@ class DeepSpeedEngine:
     def __init__(self, ds, layout: Layout, dtype: torch.dtype, cfg: TrainConfig) -> None:
         self.ds, self.layout, self.dtype, self.cfg = ds, layout, dtype, cfg
         self.device, self.module = ds.device, ds.module
+        self.reduction = grad_reduction(cfg, self.device.type, os.environ.get(GRAD_REDUCTION))
 
     @property
     def skipped_steps(self) -> int:
@@ -115,23 +144,25 @@ class DeepSpeedEngine:
         return sum(p.numel() for p in self.module.parameters())
 
     def train_step(self, batches: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[torch.Tensor, float]:
-        eng, losses, lr = self.ds, [], 0.0
-        for micro, batch in enumerate(batches):
-            out = eng(
-                batch["images"].to(self.device, self.dtype),
-                batch["input_ids"].to(self.device),
-                batch["attention_mask"].to(self.device),
-            )
-            eng.backward(out["loss"])
-            if micro == len(batches) - 1:
-                lr = eng.get_lr()[0]  # the LR this step uses; engine.step() moves the schedule on
-            try:
+        eng, losses = self.ds, []
+        coalesce = len(batches) > 1 and self.reduction == "coalesced"
+        with eng.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
+            for batch in batches:
+                out = eng(*model_inputs(batch, self.device, self.dtype))
+                eng.backward(out["loss"])
+                losses.append(torch.stack([out[k].detach().float() for k in keys]))
+                if not coalesce and len(losses) < len(batches):
+                    eng.step()  # between micro steps: DeepSpeed only counts them
+        lr = eng.get_lr()[0]  # the LR this step uses; the boundary's engine.step() moves the schedule on
+        if coalesce:
+            for _ in batches[1:]:  # the micro steps' count, as above (step() is refused inside the block)
                 eng.step()
-            except Exception as e:  # fp16: DeepSpeed gives up when the loss scale cannot go lower
-                if "loss scale already at minimum" not in str(e):
-                    raise
-                raise LossScaleAtMinimum() from None
-            losses.append(torch.stack([out[k].detach().float() for k in keys]))
+        try:
+            eng.step()  # the accumulation boundary: clip, AdamW, schedule
+        except Exception as e:  # fp16: DeepSpeed gives up when the loss scale cannot go lower
+            if "loss scale already at minimum" not in str(e):
+                raise
+            raise LossScaleAtMinimum() from None
         return torch.stack(losses).cpu(), lr
 
 

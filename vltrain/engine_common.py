@@ -117,6 +117,18 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(saved)
 
 
+def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+    """VLModel.forward's arguments from a loader batch on `device`: images (in `dtype`), ids, mask,
+    MLM's per-sample random numbers (None when the batch has none: masking then uses torch's RNG)."""
+    draws = batch.get("mlm_draws")
+    return (
+        batch["images"].to(device, dtype),
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        None if draws is None else draws.to(device),
+    )
+
+
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
     """dtype of the model's inputs under the engine (DeepSpeed casts the module, not the batch)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)

@@ -191,7 +191,8 @@ def write_config(run_dir: Path, cfg: TrainConfig) -> None:
 
 
 def seed_rank(seed: int, rank: int) -> None:
-    """Per-rank python/numpy/torch RNG (MLM masking differs across ranks; the model init does not)."""
+    """Per-rank python/numpy/torch RNG (MIM's masks differ across ranks; the model init does not; MLM's
+    follow the sample: the loader's "mlm_draws")."""
     import random
 
     import numpy as np
@@ -206,8 +207,8 @@ def seed_rank(seed: int, rank: int) -> None:
 def pad_text_to_max(cfg: TrainConfig) -> bool:
     """Whether training batches pad their text to model.max_text_len rather than to their longest caption:
     under pipeline parallel, whose stages exchange activations of one shape (their receive buffers are
-    sized at the first step). The MLM mask draws one number per text position, so a run compared with
-    a pipelined one must pad the same way (tests/test_pp_engine.py)."""
+    sized at the first step). The MLM mask does not depend on it: its numbers are drawn per real token
+    (vltrain.data.loader.mlm_draws)."""
     return cfg.parallel.pp > 1
 
 

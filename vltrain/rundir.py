@@ -151,6 +151,7 @@ ENERGY_FLUSH_S = "VLTRAIN_ENERGY_FLUSH_S"  # seconds between energy flushes (def
 DIST_TIMEOUT_S = "VLTRAIN_DIST_TIMEOUT_S"  # how long a collective waits for a lost peer before step 1 (1800)
 STEP_DIST_TIMEOUT_S = "VLTRAIN_STEP_DIST_TIMEOUT_S"  # the same once steps run (default 600): a lost peer shows sooner
 STALL_TIMEOUT_S = "VLTRAIN_STALL_TIMEOUT_S"  # no optimizer step for this long: exit 75, requeue (default 1800)
+GRAD_REDUCTION = "VLTRAIN_GRAD_REDUCTION"  # ZeRO-2 under accumulation: auto (unset), coalesced, per_micro_step
 
 
 def _positive(raw: str) -> float | None:

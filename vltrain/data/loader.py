@@ -12,7 +12,9 @@ Contract (docs/data.md, "Order and resume"):
   returns them round-robin, so the batch sequence does not depend on the worker count.
 - The position is (epoch, samples of this epoch the rank has consumed), counted as batches are
   handed out. Resuming recomputes the order and seeks by tar offset: skipped samples are not read.
-- Augmentation draws from a generator seeded by (seed, epoch, key).
+- Augmentation draws from a generator seeded by (seed, epoch, key); so do MLM's masking numbers
+  (training batches' "mlm_draws", another stream): the mask of a sample is the same whatever the
+  worker count, micro batch, world size or padding.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from vltrain.data.shards import ShardIndex, image_ext, index_shard, read_member,
 from vltrain.data.transforms import ImageTransform
 
 STATE_VERSION = 1
-_SHARD_PERM, _BLOCK_PERM, _AUGMENT = 0, 1, 2  # stream tags: independent seeded generators
+_SHARD_PERM, _BLOCK_PERM, _AUGMENT, _MLM = 0, 1, 2, 3  # stream tags: independent seeded generators
 
 
 def key_digest(key: str) -> int:
@@ -141,13 +143,28 @@ class _Batches(torch.utils.data.IterableDataset):
             texts.append(text)
             keys.append(key)
         input_ids, attention_mask = self.tokenizer.encode_batch(texts, self.max_len, pad_to_max=self.pad_to_max)
-        return {
+        batch = {
             "images": torch.from_numpy(np.stack(images)),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "keys": keys,
             "captions": texts,
         }
+        if self.plan["train"]:
+            seeds = [[self.plan["seed"], epoch, _MLM, key_digest(key)] for (epoch, _, _), key in zip(items, keys)]
+            batch["mlm_draws"] = mlm_draws(seeds, attention_mask)
+        return batch
+
+
+def mlm_draws(seeds: list[list[int]], attention_mask: torch.Tensor) -> torch.Tensor:
+    """MLM's random numbers for a batch: float32 [3, B, T], uniform in [0, 1) at each real token (the
+    choice, the <mask>/random/keep roll, the random token; vltrain.model.losses.mask_tokens), drawn from
+    a generator per sample seeded by `seeds[b]`, in text order; 1.0 at padding. Pure."""
+    mask = attention_mask.numpy().astype(bool)
+    out = np.ones((3, *mask.shape), dtype=np.float32)
+    for b, seed in enumerate(seeds):
+        out[:, b, mask[b]] = np.random.default_rng(seed).random((3, int(mask[b].sum())), dtype=np.float32)
+    return torch.from_numpy(out)
 
 
 class ShardLoader:
@@ -245,6 +262,9 @@ class ShardLoader:
                     pin_memory=self.pin_memory,
                     worker_init_fn=pin_worker,
                     persistent_workers=False,
+                    # the workers' base seed from a generator of our own, not the process's torch RNG: drawing
+                    # from that would shift what the trainer draws next (MIM's masks) with the worker count
+                    generator=torch.Generator().manual_seed(self.seed),
                 )
             )
         else:

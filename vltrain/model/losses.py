@@ -55,21 +55,28 @@ def mask_tokens(
     mask_id: int,
     vocab_size: int,
     special_ids: tuple[int, ...],
+    draws: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking (Devlin et al. 2019) with torch's global RNG on ids.device.
+    """BERT masking (Devlin et al. 2019).
 
     Each real, non-special token is chosen with probability mask_prob; a chosen token becomes <mask>
-    80% of the time, a random ordinary token 10%, itself 10%. Returns (masked ids [B, T], labels
-    [B, T] with -100 where nothing is predicted).
+    80% of the time, a random ordinary token 10%, itself 10%. The random numbers are `draws` (float
+    [3, B, T] uniform: the loader's per-sample "mlm_draws", so a sample's mask follows the sample),
+    else torch's global RNG on ids.device. Returns (masked ids [B, T], labels [B, T] with -100 where
+    nothing is predicted).
     """
     candidates = attention_mask.clone()
     for s in special_ids:
         candidates &= ids != s
-    chosen = candidates & (torch.rand(ids.shape, device=ids.device) < mask_prob)
-    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-    roll = torch.rand(ids.shape, device=ids.device)
     low = max(special_ids) + 1  # random replacements skip the special ids (0..4 with our tokenizer)
-    random_ids = torch.randint(low, vocab_size, ids.shape, device=ids.device)
+    if draws is None:
+        choice, roll = torch.rand(ids.shape, device=ids.device), torch.rand(ids.shape, device=ids.device)
+        random_ids = torch.randint(low, vocab_size, ids.shape, device=ids.device)
+    else:
+        choice, roll = draws[0], draws[1]
+        random_ids = low + (draws[2].double() * (vocab_size - low)).long().clamp(max=vocab_size - low - 1)
+    chosen = candidates & (choice < mask_prob)
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
     masked = torch.where(chosen & (roll < 0.8), torch.full_like(ids, mask_id), ids)
     masked = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, masked)
     return masked, labels

@@ -108,9 +108,15 @@ class VLModel(nn.Module):
 
     # ------------------------------------------------------------------ training
     def forward(
-        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mlm_draws: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """-> {"loss": weighted sum (with grad), "itc", "mlm", "caption", "mim": detached scalars}.
+
+        mlm_draws [3, B, T]: MLM's random numbers (the loader's, per sample); None: torch's RNG.
 
         "mim" is always there (0 when its weight is 0: nothing of it is computed then), so that the
         loop's per-step sums keep one shape across stages."""
@@ -128,6 +134,7 @@ class VLModel(nn.Module):
             mask_id=self.mask_id,
             vocab_size=self.cfg.vocab_size,
             special_ids=(self.pad_id, self.bos_id, self.eos_id, self.mask_id),
+            draws=mlm_draws,
         )
         hm, _ = self._text_unimodal(masked, attention_mask)
         fused = self.text.fuse(hm, feats, attention_mask, rope)  # [B, T, Dt]

@@ -57,6 +57,7 @@ from vltrain.engine_common import (
     build_optimizer,
     compute_dtype,
     default_dtype,
+    model_inputs,
 )
 from vltrain.presets import resolve_model
 
@@ -217,11 +218,7 @@ class TorchEngine:
         losses = []
         for micro, batch in enumerate(batches):
             model.set_requires_gradient_sync(self.sync_every_micro or micro == n - 1)
-            out = model(
-                batch["images"].to(self.device, self.dtype),
-                batch["input_ids"].to(self.device),
-                batch["attention_mask"].to(self.device),
-            )
+            out = model(*model_inputs(batch, self.device, self.dtype))
             loss = out["loss"] / n  # the mean over micro steps, as DeepSpeed's scale_wrt_gas
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             losses.append(torch.stack([out[k].detach().float() for k in keys]))
@@ -244,7 +241,9 @@ class TorchEngine:
         images = torch.cat([b["images"] for b in batches]).to(self.device, self.dtype)
         ids = torch.cat([b["input_ids"] for b in batches]).to(self.device)
         mask = torch.cat([b["attention_mask"] for b in batches]).to(self.device)
-        out = pipeline_step(self.pipe, images, ids, mask)
+        draws = [b.get("mlm_draws") for b in batches]
+        draws = None if None in draws else torch.cat(draws, dim=1).to(self.device)  # type: ignore[arg-type]
+        out = pipeline_step(self.pipe, images, ids, mask, draws)
         if out is None:
             losses = torch.zeros(len(batches), len(keys), device="cpu")  # as the last stage's, .cpu()
         else:

@@ -285,10 +285,11 @@ def _unwrap(module: nn.Module) -> VLModel:
     return module if isinstance(module, VLModel) else module.module  # type: ignore[return-value]
 
 
-def pipeline_step(pipe: Pipeline, images, ids, mask) -> dict[str, torch.Tensor] | None:
+def pipeline_step(pipe: Pipeline, images, ids, mask, draws=None) -> dict[str, torch.Tensor] | None:
     """Forward + backward of every microbatch of this rank's local batch; grads are left in .grad.
 
-    images [B, 3, S, S], ids [B, T], mask [B, T] (B = microbatch x n_microbatches; T fixed per run).
+    images [B, 3, S, S], ids [B, T], mask [B, T] (B = microbatch x n_microbatches; T fixed per run),
+    draws [3, B, T] MLM's per-sample random numbers (the loader's; None: torch's RNG on stage 0).
     Returns, on the rank that holds the last stage, per-microbatch {"loss", "itc", "mlm", "caption",
     "mim" (zeros: VLModel.forward's keys)} (detached, [n_microbatches]); None elsewhere. Gradients are averaged over the microbatches and the
     tied embedding/head gradient is summed over its two stages.
@@ -299,7 +300,11 @@ def pipeline_step(pipe: Pipeline, images, ids, mask) -> dict[str, torch.Tensor] 
     mask = mask.bool()
     if pipe.has_first:
         # One masking call per microbatch in order, as DeepSpeed's micro steps draw them.
-        drawn = [losses.mask_tokens(i, m, **pipe.mask_args) for i, m in zip(ids.chunk(n), mask.chunk(n), strict=True)]
+        parts = draws.chunk(n, dim=1) if draws is not None else [None] * n
+        drawn = [
+            losses.mask_tokens(i, m, **pipe.mask_args, draws=d)
+            for i, m, d in zip(ids.chunk(n), mask.chunk(n), parts, strict=True)
+        ]
         both = torch.stack([torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])])  # [2, B, T]
     else:
         both = torch.empty((2, *ids.shape), dtype=ids.dtype, device=ids.device)
