@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests.test_presets import _math_sdpa
 from vltrain.common.errors import UserError
 from vltrain.config import LossConfig
 from vltrain.model import VLModel
@@ -201,16 +202,6 @@ def test_presets_keep_their_size_without_mim_and_get_a_light_decoder_with_it():
         assert 0 < extra < 0.2 * param_breakdown(cfg)["vision"] + 200_000, name
         width, heads, _ = cfg.mim_decoder_shape()
         assert width in (cfg.vision_width // 2, cfg.vision_width) and width % heads == 0
-
-
-def _math_sdpa(q, k, v, attn_mask=None, is_causal=False, **_):
-    # Plain matmul attention: FlopCounterMode has no formula for the CPU flash kernel, but counts bmm.
-    s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
-    if is_causal:
-        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf"))
-    return s.softmax(-1) @ v
 
 
 @pytest.mark.parametrize("overrides", TINY_VARIANTS)

@@ -4,7 +4,6 @@ and a run stopped inside its first stage that resumes across the stage boundarie
 
 from __future__ import annotations
 
-import json
 import subprocess
 import tomllib
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import tomli_w
 
 from tests.conftest import REPO, run_cli
+from tests.test_trainer_run import jsonl, write_config
 from vltrain.common.errors import UserError
 from vltrain.config import LossConfig, load_train_config, parse_train_config
 from vltrain.stages import stage_at, stage_bounds, stage_name
@@ -143,20 +143,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def _write(path: Path, data: Path, **top) -> Path:
-    cfg = {
-        "model": "tiny",
-        "global_batch": 16,
-        "accumulation": 2,
-        "steps": 6,
-        "precision": "fp32",
-        "seed": 0,
-        "log_every": 1,
-        "checkpoint_every": 0,
-        "data": {"shards": str(data / "shards"), "tokenizer": str(data / "tok.model"), "shuffle_buffer": 64},
-        "optim": {"lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 2},
-    } | top
-    path.write_text(tomli_w.dumps(cfg))
-    return path
+    """test_trainer_run's tiny config, in fp32 and checkpointed only where the test stops or ends."""
+    return write_config(path, data, precision="fp32", checkpoint_every=0, **top)
 
 
 def _train(cfg: Path, run: Path, *args: str) -> subprocess.CompletedProcess:
@@ -165,18 +153,14 @@ def _train(cfg: Path, run: Path, *args: str) -> subprocess.CompletedProcess:
     return r
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_mim_loss_is_logged_and_falls_in_a_real_run(data, tmp_path):
     run = tmp_path / "run"
     _train(_write(tmp_path / "c.toml", data, steps=8, loss={"mim": 1.0}), run)
-    mim = [m["mim"] for m in _jsonl(run / "metrics.jsonl")]
+    mim = [m["mim"] for m in jsonl(run / "metrics.jsonl")]
     assert len(mim) == 8 and all(0 < v < 2 for v in mim)
     assert sum(mim[-3:]) < sum(mim[:3]) and mim[-1] < mim[0], mim
-    start = next(e for e in _jsonl(run / "events.jsonl") if e["event"] == "start")
+    start = next(e for e in jsonl(run / "events.jsonl") if e["event"] == "start")
     from vltrain.model_math import param_count
     from vltrain.presets import get_preset
 
@@ -206,11 +190,11 @@ def test_a_run_stopped_in_its_first_stage_resumes_across_the_boundaries_bit_iden
 
     def trajectory(run):
         return [
-            (m["step"], m["loss"], m["itc"], m["mlm"], m["caption"], m["mim"]) for m in _jsonl(run / "metrics.jsonl")
+            (m["step"], m["loss"], m["itc"], m["mlm"], m["caption"], m["mim"]) for m in jsonl(run / "metrics.jsonl")
         ]
 
     assert trajectory(parts) == trajectory(full)
-    steps = _jsonl(full / "metrics.jsonl")
+    steps = jsonl(full / "metrics.jsonl")
     assert [m["mim"] > 0 for m in steps] == [True, True, False, False, True, True]
     for m in steps:  # the logged loss is the stage's weighted sum
         w = stage_at(load_train_config(cfg), m["step"])[1]
@@ -219,5 +203,5 @@ def test_a_run_stopped_in_its_first_stage_resumes_across_the_boundaries_bit_iden
     a, b = (checkpoint.module_state(checkpoint.latest(r)) for r in (full, parts))
     assert a.keys() == b.keys() and any(k.startswith("mim_decoder.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    stage_events = [(e["step"], e["name"]) for e in _jsonl(parts / "events.jsonl") if e["event"] == "stage"]
+    stage_events = [(e["step"], e["name"]) for e in jsonl(parts / "events.jsonl") if e["event"] == "stage"]
     assert stage_events == [(0, "mim"), (1, "mim"), (2, "no-mim"), (4, "mim-again")]  # the resume re-enters its stage
