@@ -50,6 +50,7 @@ from torch import nn
 
 from vltrain.common.errors import UserError
 from vltrain.config import TrainConfig
+from vltrain.dsconfig import FP16_DYNAMIC_LOSS_SCALE
 from vltrain.engine_common import (
     Layout,
     LossScaleAtMinimum,
@@ -62,8 +63,9 @@ from vltrain.engine_common import (
 from vltrain.presets import resolve_model
 
 DCP_DIR = "dcp"  # the checkpoint subdirectory DCP writes (per-rank __R_0.distcp files and .metadata)
-FP16_INIT_SCALE = 2.0**16  # DeepSpeed's initial_scale_power 16 (vltrain.dsconfig)
-FP16_GROWTH_INTERVAL = 1000  # DeepSpeed's loss_scale_window
+# the DeepSpeed engine's fp16 scaler settings, one source for both engines
+FP16_INIT_SCALE = 2.0 ** FP16_DYNAMIC_LOSS_SCALE["initial_scale_power"]
+FP16_GROWTH_INTERVAL = FP16_DYNAMIC_LOSS_SCALE["loss_scale_window"]
 
 
 def build_device_mesh(layout: Layout, device_type: str):
