@@ -303,6 +303,18 @@ def test_an_ended_job_is_asked_about_until_accounting_has_its_exit_code():
     assert not get_backend(local.executor).needs_poll(local, job, now)  # no accounting to wait for
     running = dataclasses.replace(job, state="RUNNING", ended_at=None)
     assert get_backend("slurm").needs_poll(dataclasses.replace(run, state="RUNNING"), running, now)
+    # a job submitted hours ago that squeue alone reports ended: the lag counts from when it was seen
+    # ended, so the next status still asks sacct for its exit code (was lost: CI, slurmdbd lagging)
+    long = JobRecord("9", "r", 1, "submit", now - 7200, "RUNNING", started_at=now - 7000)
+    q = parse.QueueRow("9", "FAILED", "FAILED", 7000.0, now - 7000, "a1", 2, 0, "NonZeroExitCode")
+    seen = slurm_backend.job_changes(long, q, None, now)
+    assert seen["state"] == "FAILED" and seen["ended_at"] == now and "exit_code" not in seen
+    long.__dict__.update(seen)
+    assert get_backend("slurm").needs_poll(dataclasses.replace(run, state="FAILED"), long, now + 10)
+    assert not get_backend("slurm").needs_poll(run, long, now + 10 + slurm_backend.SACCT_LAG_S)
+    a = parse.AcctRow("9", "FAILED", "FAILED", 7000.0, now - 7000, now - 3, 2, "a1", "3:0", 1, 0)
+    final = slurm_backend.job_changes(long, None, a, now + 10)
+    assert final["exit_code"] == "3:0" and final["ended_at"] == now - 3  # accounting's end replaces it
 
 
 def test_summarize_sums_attempts():
@@ -401,13 +413,16 @@ def test_status_against_real_slurm(tmp_path):
             got = {r["run_id"]: r["state"] for r in data["runs"]}
             codes = {r["run_id"]: r["exit_code"] for r in data["runs"]}
             # squeue may report the end before slurmdbd has the record: a later call fills the code in
-            if (got == want and None not in (codes["ok"], codes["bad"])) or time.monotonic() > deadline:
+            # (every ended job is asked about until accounting has it, the cancelled one included)
+            ended = (codes["ok"], codes["bad"], codes["gone"])
+            if (got == want and None not in ended) or time.monotonic() > deadline:
                 break
             time.sleep(2)
         assert got == want, data
         assert any(c.startswith("sacct") for c in calls(tmp_path))  # the ended jobs needed accounting
         by = {r["run_id"]: r for r in data["runs"]}
-        assert by["bad"]["exit_code"] == "3:0" and by["ok"]["elapsed_s"] >= 1
+        assert by["bad"]["exit_code"] == "3:0" and by["ok"]["exit_code"] == "0:0" and by["ok"]["elapsed_s"] >= 1
+        assert by["gone"]["exit_code"] is not None
         before = len(calls(tmp_path))  # now only `live` is left, running its first attempt: squeue alone
         data = status_json(env, "--all")
         assert [c.split()[0] for c in calls(tmp_path)[before:]] == ["squeue"] and data["source"] == "squeue"

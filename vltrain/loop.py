@@ -213,13 +213,14 @@ def pad_text_to_max(cfg: TrainConfig) -> bool:
 
 
 class NativeTeardown:
-    """Skip C++ static destruction at the end of a process that trained with the PyTorch engine.
+    """Skip C++ static destruction at the end of a process that trained (either engine).
 
     Measured here: about 1 in 6-8 pipelined attempts that had ended cleanly (checkpoint complete, every
     file closed) died at interpreter exit with "terminate called without an active exception" (SIGABRT,
     exit 134: a joinable native thread destroyed during static destruction, with no Python frame left;
     destroy_process_group() first did not prevent it; cf. pytorch/pytorch#179291). clusterctl reads 134 as
-    an NCCL abort and retries, and torchrun reports the run failed. So once the attempt has decided its exit
+    an NCCL abort and retries, and torchrun reports the run failed. The same abort ended a DeepSpeed
+    two-process stop/resume test in CI once (after ~1,200 clean ones), so every run installs it. So once the attempt has decided its exit
     code, the last atexit handler (registered first: atexit runs last-in first-out, so every other handler,
     submitit's result file included, has run) flushes and leaves with that code through os._exit."""
 
@@ -257,8 +258,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
     from vltrain import distenv
     from vltrain.metrics import EventLog, attempt_number
 
-    if cfg.parallel.strategy == "fsdp":
-        NativeTeardown.install()
+    NativeTeardown.install()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stops = StopRequests()

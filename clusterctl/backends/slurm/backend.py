@@ -61,6 +61,11 @@ def job_changes(
         if a.state in FINAL_STATES:  # a running job's row says 0:0; the exit code is known only at the end
             new["exit_code"] = a.exit_code
     if q is not None:
+        if a is None and q.state in FINAL_STATES and job.ended_at is None:
+            # ended as far as the controller says, not yet in accounting: when it was first seen ended
+            # (accounting's own end replaces it). needs_poll counts the accounting lag from here, so
+            # a job that ran for hours still gets its exit code (was: from its submission, hours ago).
+            new["ended_at"] = now
         if q.start is not None and q.state != RunState.PENDING:
             new["started_at"] = q.start
         if a is None and q.elapsed_s is not None:  # no accounting: the current attempt only
