@@ -30,7 +30,7 @@ import torch
 
 from vltrain.common.errors import UserError
 from vltrain.config import DataConfig
-from vltrain.data.shards import ShardIndex, image_ext, index_shard, read_member, resolve_shards
+from vltrain.data.shards import ShardIndex, image_ext, read_member, resolve_shards, shard_index
 from vltrain.data.transforms import ImageTransform
 
 STATE_VERSION = 1
@@ -198,7 +198,7 @@ class ShardLoader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if batch_size < 1:
             raise UserError(f"batch size: {batch_size}; allowed: 1 or more samples")
-        self.index = [s for s in (index_shard(p) for p in resolve_shards(shards)) if len(s)]
+        self.index = [s for s in (shard_index(p) for p in resolve_shards(shards)) if len(s)]  # beside the tars
         self.num_samples = sum(len(s) for s in self.index)
         self.rank, self.world_size, self.batch_size, self.seed, self.train = rank, world_size, batch_size, seed, train
         self.samples_per_epoch = (

@@ -6,11 +6,16 @@ A shard is a tar of samples `KEY.jpg`, `KEY.txt`, `KEY.json` (img2dataset also w
 *index* (member offsets read from the tar headers with the standard library): webdataset 1.0's
 readers are sequential streams, while exact resume and worker-independent batches need to read
 sample k of a shard without reading samples 0..k-1 of it.
+
+The index of `NAME.tar` is kept beside it as `NAME.tar.idx.json`, keyed on the tar's size and mtime:
+written when a shard is written, built on first read when missing or stale, and never trusted once
+the tar changed. Where the directory is read-only the loader scans the headers at each start.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator
@@ -77,6 +82,7 @@ class ShardWriter:
         self._target.__exit__(exc_type, exc, tb)  # renames the tar, or removes it after an error
         if exc_type is not None:
             return
+        shard_index(self.path)  # the index beside it, so that the first training start need not scan it
         stats = {"count": self.count, "successes": self.count, "failed_to_download": 0, "failed_to_resize": 0}
         stats_path = self.path.with_name(self.path.stem + "_stats.json")
         atomic_write(stats_path, json.dumps(stats, indent=1) + "\n", mode=None)
@@ -123,6 +129,73 @@ def index_shard(path: str | Path) -> ShardIndex:
         raise UserError(f"data.shards: {path} is not a readable tar ({e}); allowed: WebDataset .tar shards") from None
     keep = [i for i, m in enumerate(members) if "txt" in m and any(e in m for e in IMAGE_EXTS)]
     return ShardIndex(str(path), tuple(keys[i] for i in keep), tuple(members[i] for i in keep))
+
+
+INDEX_VERSION = 1
+INDEX_SUFFIX = ".idx.json"
+
+
+def index_path(path: str | Path) -> Path:
+    """Where the index of a tar is kept: beside it, `NAME.tar.idx.json`."""
+    path = Path(path)
+    return path.with_name(path.name + INDEX_SUFFIX)
+
+
+def _stamp(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def read_index(path: str | Path, st: os.stat_result) -> ShardIndex | None:
+    """The index kept beside `path` if it was made from the tar as it is now (same size and mtime as
+    `st`), else None: missing, unreadable, of another version, or stale (the tar was changed or replaced)."""
+    try:
+        doc = json.loads(index_path(path).read_bytes())
+        if doc.get("version") != INDEX_VERSION or doc.get("tar") != _stamp(st):
+            return None
+        keys, members = doc["keys"], doc["members"]
+        if len(keys) != len(members):
+            return None
+        return ShardIndex(
+            str(path),
+            tuple(str(k) for k in keys),
+            tuple({str(e): (int(w[0]), int(w[1])) for e, w in m.items()} for m in members),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return None
+
+
+def write_index(index: ShardIndex, st: os.stat_result) -> bool:
+    """Keep `index` beside its tar (atomically), stamped with the tar's size and mtime from `st`, taken
+    before the headers were read; nothing is written if the tar changed meanwhile or the directory is
+    read-only (the loader then scans at each start). True when written."""
+    try:
+        if _stamp(os.stat(index.path)) != _stamp(st):
+            return False
+        doc = {
+            "version": INDEX_VERSION,
+            "tar": _stamp(st),
+            "keys": list(index.keys),
+            "members": [{e: list(w) for e, w in m.items()} for m in index.members],
+        }
+        atomic_write(index_path(index.path), json.dumps(doc, separators=(",", ":")), mode=None)
+        return True
+    except OSError:
+        return False
+
+
+def shard_index(path: str | Path) -> ShardIndex:
+    """The index of one tar: from the file beside it when it matches the tar, else by reading the tar
+    headers (index_shard), then kept beside the tar for the next start where the directory allows."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"data.shards: {path} is not a readable tar ({e}); allowed: WebDataset .tar shards") from None
+    cached = read_index(path, st)
+    if cached is not None:
+        return cached
+    index = index_shard(path)
+    write_index(index, st)
+    return index
 
 
 def read_member(handle, where: tuple[int, int]) -> bytes:
