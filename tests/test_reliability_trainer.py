@@ -160,9 +160,9 @@ def _session(tmp_path, cfg, steps):
     def train_step(batches):
         loss, skipped = next(it)
         m = 2 + len(Session.LOSSES)  # flags, loss sums (loss, itc, mlm, caption, mim), micro steps, ...
-        local = torch.zeros(m + 5, dtype=torch.float64)
+        local = torch.zeros(m + 6, dtype=torch.float64)  # ..., tokens, FLOPs, seconds, data-wait seconds, skipped
         local[2:m] = torch.tensor([loss, loss / 2, loss / 4, loss / 4, 0.0]) * s.split.accumulation
-        local[m], local[m + 3], local[-1] = s.split.accumulation, 0.1, skipped
+        local[m], local[m + 3], local[m + 4], local[-1] = s.split.accumulation, 0.1, 0.01, skipped
         return local, 1e-3
 
     s.train_step = train_step

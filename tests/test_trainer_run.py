@@ -137,12 +137,14 @@ def test_uninterrupted_run_writes_metrics_events_checkpoints_and_eval(full_run):
         "samples_per_s",
         "tokens_per_s",
         "step_time_s",
+        "data_wait_s",
         "mfu",
         "mem_gib",
         "samples",
         "time",
     }
     assert all(keys == set(m) for m in lines)
+    assert all(0 <= m["data_wait_s"] <= m["step_time_s"] for m in lines)  # blocked on the loader, within the step
     assert lines[-1]["samples"] == 16 * STEPS_1P
     assert lines[0]["lr"] == pytest.approx(1e-3) and lines[1]["lr"] == pytest.approx(2e-3)  # warm-up of 2 steps
     assert events(full_run) == [("start", 0), ("checkpoint", 2), ("checkpoint", 4), ("checkpoint", 6), ("finish", 6)]
@@ -323,6 +325,13 @@ def test_the_loader_worker_count_does_not_change_training(data, tmp_path):
     assert trajectory(runs[1]) == trajectory(runs[0]) == trajectory(runs[2])
     assert_same_weights(final_weights(runs[1]), final_weights(runs[0]))
     assert_same_weights(final_weights(runs[2]), final_weights(runs[0]))
+    for run in runs:  # with workers too, the wait is measured and is part of the step
+        assert all(0 <= m["data_wait_s"] <= m["step_time_s"] for m in jsonl(run / "metrics.jsonl"))
+
+
+def test_data_wait_is_averaged_over_the_ranks_within_the_step(full_run_2p):
+    lines = jsonl(full_run_2p / "metrics.jsonl")
+    assert lines and all(0 <= m["data_wait_s"] <= m["step_time_s"] for m in lines)
 
 
 def _wait_for_step(run: Path, step: int, proc_alive, timeout: float = 240) -> None:

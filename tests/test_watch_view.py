@@ -10,6 +10,7 @@ from clusterctl.render.watch_view import (
     PANEL_LINES,
     RunView,
     Tail,
+    data_wait,
     fits_panels,
     plain_line,
     run_panel,
@@ -77,6 +78,8 @@ def _view():
                     "mlm": 4.0,
                     "caption": 3.0,
                     "samples_per_s": 120.5,
+                    "step_time_s": 0.5,
+                    "data_wait_s": 0.015,
                     "mfu": 0.31,
                 }
             )
@@ -111,6 +114,7 @@ def test_panel_fits_80_columns_and_shows_the_essentials():
         "4.2 Wh",
         "0.24 g CO2eq",
         "step 30/100",
+        "data wait 15 ms/step (3%)",
     ):
         assert expected in text, expected
 
@@ -119,6 +123,7 @@ def test_plain_line_and_summary():
     v = _view()
     line = plain_line(_row(), v)
     assert line.startswith("tiny-20261122-120000-ab12 RUNNING step 30/100 loss 7.0000 requeues 1")
+    assert "data wait 15 ms/step (3%)" in line
     out = summary_lines(
         [_row(state="COMPLETED")], {"tiny-20261122-120000-ab12": v}, {"tiny-20261122-120000-ab12": {"i2t R@1": 0.5}}
     )
@@ -149,3 +154,17 @@ def test_many_runs_switch_to_one_line_each_within_80x24():
     few.print(runs_table(rows[:4], views, 80, 24))
     text = few.export_text()
     assert "more" not in text and sum("sweep-lr-" in ln for ln in text.splitlines()) == 4
+
+
+def test_data_wait_is_ms_per_step_and_share_of_the_step():
+    assert data_wait({"data_wait_s": 0.0042, "step_time_s": 0.21}) == "data wait 4.2 ms/step (2%)"
+    assert data_wait({"data_wait_s": 1.5, "step_time_s": 2.0}) == "data wait 1,500 ms/step (75%)"
+    assert data_wait({"data_wait_s": 0.0, "step_time_s": 0.2}) == "data wait 0.0 ms/step (0%)"
+    assert data_wait({"data_wait_s": 0.02}) == "data wait 20 ms/step"  # no step time: no share
+    for m in ({}, {"data_wait_s": None}, {"data_wait_s": float("nan")}, {"data_wait_s": -1.0}, {"data_wait_s": True}):
+        assert data_wait(m) is None, m  # a run that does not log it (older runs) shows nothing
+    v = RunView(Tail("/nonexistent"), Tail("/nonexistent"))
+    v.feed_metrics([json.dumps({"step": 1, "loss": 3.0, "samples_per_s": 10.0})])
+    console = Console(width=80, record=True, color_system=None)
+    console.print(run_panel(_row(), v, width=80))
+    assert "data wait" not in console.export_text() and "data wait" not in plain_line(_row(), v)

@@ -565,7 +565,7 @@ class Session:
         cfg = self.cfg
         from vltrain.engine import shorten_timeout
 
-        interval = torch.zeros(len(self.LOSSES) + 4, dtype=torch.float64)  # loss sums, micro steps, tokens, flops, s
+        interval = torch.zeros(len(self.LOSSES) + 5, dtype=torch.float64)  # loss sums, micro, tokens, flops, s, wait s
         interval_steps = interval_skipped = in_a_row = 0  # optimizer steps skipped (gradient not finite)
         batches = iter(self.loader)
         first_step = self.step
@@ -650,9 +650,10 @@ class Session:
         """One optimizer step (accumulation micro steps) -> (this rank's numbers to reduce, its LR).
 
         The numbers: 2 stop flags, a sum per LOSSES entry, micro steps, real text tokens, model FLOPs, seconds,
-        and whether the optimizer skipped the step (a gradient not finite). Losses, micro steps, tokens,
-        FLOPs and seconds come from the reporter ranks only (one per data-parallel replica: the last
-        pipeline stage at tensor rank 0), so that their sums over ranks count every sample once.
+        seconds of those blocked waiting for the loader's batches (in next()), and whether the optimizer
+        skipped the step (a gradient not finite). Losses, micro steps, tokens, FLOPs and both times come from
+        the reporter ranks only (one per data-parallel replica: the last pipeline stage at tensor rank 0), so
+        that their sums over ranks count every sample once.
         """
         import torch
 
@@ -662,9 +663,11 @@ class Session:
         eng, accumulation = self.engine, self.split.accumulation
         t0 = time.perf_counter()
         m = 2 + len(self.LOSSES)  # where the micro steps are in `local`, after the flags and the loss sums
-        local = torch.zeros(m + 5, dtype=torch.float64)
+        local = torch.zeros(m + 6, dtype=torch.float64)
         skipped_before = eng.skipped_steps
+        waiting = time.perf_counter()
         micro_batches = [next(batches) for _ in range(accumulation)]
+        local[m + 4] = time.perf_counter() - waiting  # data wait: the step's time blocked on the loader
         for batch in micro_batches:
             mask = batch["attention_mask"]
             t = mask.shape[1]
@@ -695,7 +698,7 @@ class Session:
         world = self.dist.world_size
         p = self.cfg.parallel
         dp = world // (p.tp * p.pp)  # the reporter ranks (train_step): one per data-parallel replica
-        micro, tokens, flops, seconds = (float(x) for x in interval[len(self.LOSSES) :])  # summed over the reporters
+        micro, tokens, flops, seconds, wait = (float(x) for x in interval[len(self.LOSSES) :])  # summed, reporters
         steps = micro / (dp * self.split.accumulation)  # optimizer steps in the interval
         wall = seconds / dp  # mean over the reporters
         grad_norm = self.engine.get_global_grad_norm()
@@ -707,6 +710,7 @@ class Session:
             "samples_per_s": steps * self.cfg.global_batch / wall,
             "tokens_per_s": tokens / wall,
             "step_time_s": wall / steps,
+            "data_wait_s": wait / dp / steps,  # of step_time_s: blocked on the loader
             "mfu": mfu(flops / steps, wall / steps, world, self.peak),
             "mem_gib": memory_gib(self.device),
             "samples": self.samples,

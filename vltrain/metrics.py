@@ -7,8 +7,9 @@ run appends to the same files; after a crash the steps between the last checkpoi
 are logged twice, and readers keep the last line per step.
 
 metrics.jsonl keys: step, loss, itc, mlm, caption, lr, grad_norm, samples_per_s, tokens_per_s (real
-text tokens), step_time_s (mean over the logged interval, data loading included), mfu (null without
-a known peak), mem_gib, samples (seen so far, all ranks), time (unix seconds).
+text tokens), step_time_s (mean over the logged interval, data loading included), data_wait_s (the
+part of step_time_s spent blocked waiting for the loader's batches, same mean), mfu (null without a
+known peak), mem_gib, samples (seen so far, all ranks), time (unix seconds).
 events.jsonl keys: event (start | resume | checkpoint | preempt | timeout | finish | error), step,
 time, attempt, plus event-specific fields.
 """
@@ -146,12 +147,14 @@ def memory_gib(device) -> float:
 def human_line(rec: dict[str, Any], total_steps: int) -> str:
     """The line rank 0 prints per logged step (what `clusterctl logs` shows)."""
     mfu_s = f" | mfu {rec['mfu'] * 100:.1f}%" if rec.get("mfu") is not None else ""
+    wait = rec.get("data_wait_s")
+    wait_s = f" (data wait {wait * 1000:.0f} ms)" if wait is not None else ""
     gn = rec.get("grad_norm")
     mim = f" mim {rec['mim']:.3f}" if rec.get("mim") else ""  # only when masked image modelling runs
     return (
         f"step {rec['step']}/{total_steps} | loss {rec['loss']:.4f} (itc {rec['itc']:.3f} mlm {rec['mlm']:.3f} "
         f"cap {rec['caption']:.3f}{mim}) | lr {rec['lr']:.2e} | gnorm {gn if gn is None else f'{gn:.2f}'} | "
-        f"{rec['samples_per_s']:.0f} samples/s | {rec['step_time_s'] * 1000:.0f} ms/step{mfu_s} | "
+        f"{rec['samples_per_s']:.0f} samples/s | {rec['step_time_s'] * 1000:.0f} ms/step{wait_s}{mfu_s} | "
         f"{rec['mem_gib']:.2f} GiB"
     )
 

@@ -122,6 +122,17 @@ def counts(row: dict[str, Any]) -> str:
     return f"requeues {row.get('requeues', 0)}  resumes {row.get('resumes', 0)}"
 
 
+def data_wait(m: dict[str, Any]) -> str | None:
+    """The time a step spent blocked waiting for the loader's batches (metrics' data_wait_s), as
+    ms/step and share of the step time; None when the run does not log it."""
+    wait, step = m.get("data_wait_s"), m.get("step_time_s")
+    if not _number(wait) or not math.isfinite(wait) or wait < 0:
+        return None
+    share = f" ({wait / step * 100:.0f}%)" if _number(step) and math.isfinite(step) and step > 0 else ""
+    ms = wait * 1000
+    return f"data wait {ms:.1f} ms/step{share}" if ms < 10 else f"data wait {ms:,.0f} ms/step{share}"
+
+
 def stats_line(row: dict[str, Any], v: RunView) -> str:
     m = v.last
     sps = m.get("samples_per_s")
@@ -156,7 +167,8 @@ def run_panel(row: dict[str, Any], v: RunView, width: int = 80):
     bar.add_column(no_wrap=True)
     bar.add_row(
         ProgressBar(total=total, completed=min(step, total), width=None),
-        f" {int(step)}/{total} ETA {duration(row.get('eta_s'), 'clock')}",
+        f" {int(step)}/{total} ETA {duration(row.get('eta_s'), 'clock')}"
+        + (f" | {wait}" if (wait := data_wait(v.last)) else ""),
     )
     spark = Text()
     for k in ("loss", *OBJECTIVES):
@@ -240,6 +252,7 @@ def plain_line(row: dict[str, Any], v: RunView) -> str:
     return (
         f"{printable(row['run_id'])} {printable(row['state'])} step {int(step) if step is not None else '-'}"
         f"/{row.get('total_steps')}{loss} {counts(row)} | {stats_line(row, v)}"
+        + (f" | {wait}" if (wait := data_wait(m)) else "")
         + (f" | {printable(row['reason'])}" if row.get("reason") else "")
     )
 
