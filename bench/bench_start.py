@@ -1,0 +1,191 @@
+"""Benchmark: time to first step of the demo (local profile) and of a 2-node slurm-local run.
+
+What a user waits for between typing `clusterctl submit` and the first optimizer step's metrics line:
+clusterctl's start-up and plan, the launcher (submitit's local executor, or sbatch + Slurm's
+scheduling + srun on 2 nodes), Python and library imports in every rank, data and tokenizer, the
+model, DeepSpeed's engine (its gloo/shm comm op comes from the per-environment extension cache), and
+the first step itself. Each is a fresh `clusterctl submit` of configs/tiny.toml for 2 steps
+(log_every 1) on synthetic shards made once; its figure is the first metrics line's time minus the
+moment submit was launched, split at the trainer's `start` event (before: launch and start-up; after:
+data, model, engine and the first step). The floor is a fresh `python -c "import torch, deepspeed"`,
+timed in the same rounds (interleaved), so each row is also a ratio to what any PyTorch + DeepSpeed
+process pays before doing anything.
+
+    .venv/bin/python bench/bench_start.py [--rounds 5] [--only demo,slurm]
+
+The slurm row needs the local cluster (`make slurm-up`; SLURM_CONF as scripts/slurm-local.sh says);
+without it the row says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SLURM_CONF = "/var/tmp/clusterctl-slurm/etc/slurm.conf"
+
+
+def make_data(root: Path) -> Path:
+    """Synthetic shards and a tokenizer, made once (what `make demo` makes, smaller)."""
+    data = root / "synth"
+    vl = str(BIN / "vltrain")
+    synth = ["data", "synth", "--out", str(data), "--n", "600", "--shards", "4", "--holdout", "100"]
+    subprocess.run([vl, *synth, "--image-size", "32"], check=True, capture_output=True)
+    subprocess.run(
+        [vl, "tokenizer", "train", "--shards", str(data), "--vocab-size", "1000", "--out", str(data / "tok.model")],
+        check=True,
+        capture_output=True,
+    )
+    return data
+
+
+def slurm_env() -> dict[str, str] | None:
+    """The environment that reaches the local Slurm cluster, or None when it is not up."""
+    env = dict(os.environ)
+    if "SLURM_CONF" not in env and Path(SLURM_CONF).exists():
+        env["SLURM_CONF"] = SLURM_CONF
+    if shutil.which("sinfo") is None:
+        return None
+    r = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=30)
+    return env if r.returncode == 0 and "idle" in r.stdout else None
+
+
+def first_line(path: Path, deadline: float) -> dict[str, Any] | None:
+    while time.time() < deadline:
+        try:
+            with path.open(encoding="utf-8") as f:
+                line = f.readline()
+            if line.endswith("\n"):
+                return json.loads(line)
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return None
+
+
+def start_event(path: Path) -> float | None:
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            e = json.loads(line)
+            if e.get("event") in ("start", "resume"):
+                return float(e["time"])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def time_to_first_step(profile: str, data: Path, work: Path, env: dict[str, str]) -> tuple[float, float]:
+    """(seconds from launching submit to the first metrics line, of which before the trainer's start)."""
+    work.mkdir(parents=True, exist_ok=True)
+    env = env | {"CLUSTERCTL_REGISTRY": str(work / "registry.db")}
+    cmd = [str(BIN / "clusterctl"), "submit", "--profile", profile, "--steps", "2", "--json"]
+    cmd += ["--set", "log_every=1", "--set", "eval_every=0", "--set", "checkpoint_every=0"]
+    cmd += ["--set", f"data.shards={data}", "--set", f"data.tokenizer={data / 'tok.model'}"]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"submit --profile {profile} failed: {r.stderr.strip()[-400:]}")
+    run_dir = Path(json.loads(r.stdout)["run_dir"])
+    first = first_line(run_dir / "metrics.jsonl", t0 + 600)
+    if first is None:
+        raise RuntimeError(f"{profile}: no first step within 600 s ({run_dir})")
+    started = start_event(run_dir / "events.jsonl") or first["time"]
+    wait_until_ended(run_dir, env, work)
+    return first["time"] - t0, started - t0
+
+
+def wait_until_ended(run_dir: Path, env: dict[str, str], work: Path) -> None:
+    """The 2-step run ends by itself; wait for its final checkpoint so rounds do not overlap."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if '"reason": "final"' in (run_dir / "events.jsonl").read_text(encoding="utf-8"):
+                time.sleep(1.0)  # the process leaves after its final event
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
+def import_floor() -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, deepspeed"], check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def rows(rounds: int = 5, only: tuple[str, ...] = ("demo", "slurm")) -> list[dict[str, Any]]:
+    """One row per launcher: time to first step as a ratio to the import floor (median of the
+    per-round ratios, min-max spread), with the seconds and the split at the trainer's start."""
+    root = Path(tempfile.mkdtemp(prefix="bench-start-"))
+    try:
+        data = make_data(root)
+        launchers = {"demo": ("local", dict(os.environ))}
+        senv = slurm_env() if "slurm" in only else None
+        if senv is not None:
+            launchers["slurm"] = ("slurm-local", senv)
+        launchers = {k: v for k, v in launchers.items() if k in only}
+        import_floor()  # warm the page cache for both sides
+        got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in launchers}
+        for i in range(rounds):
+            for name, (profile, env) in launchers.items():
+                floor = import_floor()
+                total, before = time_to_first_step(profile, data, root / f"{name}-{i}", env)
+                got[name].append((total / floor, total, before))
+        out = []
+        for name, samples in got.items():
+            ratios = [s[0] for s in samples]
+            out.append(
+                {
+                    "name": f"time to first step, {'demo (local profile)' if name == 'demo' else '2-node slurm-local'}"
+                    " vs `import torch, deepspeed`",
+                    "ratio": statistics.median(ratios),
+                    "spread": (min(ratios), max(ratios)),
+                    "goal": None,
+                    "seconds": statistics.median(s[1] for s in samples),
+                    "before_start_s": statistics.median(s[2] for s in samples),
+                }
+            )
+        if "slurm" in only and senv is None:
+            out.append(
+                {
+                    "name": "time to first step, 2-node slurm-local",
+                    "ratio": None,
+                    "spread": None,
+                    "goal": None,
+                    "note": "the local Slurm cluster is not up (make slurm-up)",
+                }
+            )
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", default="demo,slurm")
+    args = ap.parse_args()
+    for r in rows(args.rounds, tuple(args.only.split(","))):
+        if r["ratio"] is None:
+            print(f"{r['name']}: {r['note']}")
+            continue
+        lo, hi = r["spread"]
+        print(
+            f"{r['name']}: {r['ratio']:.1f}x ({lo:.1f}-{hi:.1f}) = {r['seconds']:.1f} s, of which "
+            f"{r['before_start_s']:.1f} s before the trainer's start event"
+        )
+
+
+if __name__ == "__main__":
+    main()
