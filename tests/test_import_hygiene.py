@@ -57,6 +57,58 @@ def test_light_command_imports_no_heavy_module(argv):
     assert result["heavy"] == [], f"{argv} imported {result['heavy']}"
 
 
+# Commands whose answer is lines and aligned columns print plain text (clusterctl.render.text): rich's
+# console and tables would cost them ~25 ms to import, as much as their own work.
+PLAIN_COMMANDS = [
+    ["status"],
+    ["status", "--all"],
+    ["plan", "--profile", "a100x64", "--model", "crossmodal-xl"],
+    ["estimate", "--profile", "a100x32", "--samples", "1.8B", "--model", "crossmodal-xl", "--claimed-co2-t", "5"],
+    ["report", "energy"],
+    ["report", "gpu-hours", "--by", "month"],
+]
+
+MODULES_PROBE = """
+import json, sys
+from typer.testing import CliRunner
+from clusterctl.cli import app
+r = CliRunner().invoke(app, sys.argv[1:])
+print(json.dumps({"exit": r.exit_code, "out": r.output, "modules": sorted(sys.modules)}))
+"""
+
+
+def probe_modules(argv: list[str], tmp_path) -> dict:
+    """The exit code, output and every module imported of one command, run in a fresh interpreter
+    against an empty registry of its own."""
+    env = {**os.environ, "CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db")}
+    r = subprocess.run(
+        [sys.executable, "-c", MODULES_PROBE, *argv], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("argv", PLAIN_COMMANDS, ids=[" ".join(a) for a in PLAIN_COMMANDS])
+def test_plain_commands_do_not_import_rich(argv, tmp_path):
+    d = probe_modules(argv, tmp_path)
+    assert d["exit"] == 0, d["out"]
+    assert d["out"].strip(), argv  # they did print their answer
+    assert [m for m in d["modules"] if m == "rich" or m.startswith("rich.")] == [], argv
+
+
+def test_plan_opens_no_registry_and_loads_no_backend(tmp_path):
+    """`plan` is submit's planning step alone (runs.submit.prepare): the registry, SQLite and the
+    backends are what writing and submitting need, and it imports none of them."""
+    d = probe_modules(["plan", "--profile", "a100x64", "--model", "crossmodal-xl"], tmp_path)
+    assert d["exit"] == 0 and "memory per GPU" in d["out"], d["out"]
+    assert "clusterctl.runs.submit" in d["modules"]  # the probe sees the planner's modules
+    loaded = [
+        m for m in d["modules"] if m in ("sqlite3", "clusterctl.runs.registry") or m.startswith("clusterctl.backends")
+    ]
+    assert loaded == []
+    assert not (tmp_path / "reg.db").exists()
+
+
 def test_probe_detects_heavy_imports():
     """The probe itself can fail: importing the trainer's engine pulls torch."""
     code = "import sys, vltrain.config; import torch; print([m for m in %r if m in sys.modules])" % (HEAVY,)

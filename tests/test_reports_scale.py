@@ -275,6 +275,31 @@ def test_sql_rows_equal_python_rows():
     assert sql_row(sql) == t.row("k")
 
 
+def test_run_rows_are_sql_rows_of_one_run():
+    """By run, each settled run's row is made from its own figures (usage.run_rows, Registry.settled_runs)
+    and reads as the row of a group of that one run summed by SQL (usage.sql_row)."""
+    from clusterctl.runs.usage import run_rows, sql_row
+
+    runs = [  # run id, GPU-h, source, kWh, kg CO2, PUE, plan kWh, plan kg, measured, requeues, resumes
+        ("a", 8.123456789, "sacct", 1.5, 0.05, 1.2, 2.0, 0.1, 1, 1, 0),
+        ("b", 4.0, "registry+sacct", 0.0, 0.0, None, None, None, 0, 0, 2),
+        ("c", 0, "none", 0, 0, 1.1, 3, 0.2, 0, None, None),
+        ("d", 8.123456789, "sacct", 1.5, 0.05, 1.2, 2.0, 0.1, 1, 0, 0),  # the same figures again: rounded once
+        ("e", 1.0000005, "sacct", 1e10, 1e-320, 1.2, 2.0, 0.1, 1, 0, 0),  # grid intensity 0.0
+        ("f", 1.0000005, "sacct", 1e10, -1e-320, 1.2, 2.0, 0.1, 1, 0, 0),  # and -0.0: not taken for 0.0
+    ]
+    as_groups = [
+        (k, 1, h, src, kwh, co2, est, int(est is not None), est_co2, int(est_co2 is not None), pue, pue,
+         int(pue is not None), m, rq, rs)
+        for k, h, src, kwh, co2, pue, est, est_co2, m, rq, rs in runs
+    ]  # fmt: skip
+    mine = run_rows(runs)
+    assert mine == [sql_row(t) for t in as_groups]
+    assert [list(r.items()) for r in mine] == [list(sql_row(t).items()) for t in as_groups]  # keys in order
+    assert json.dumps(mine) == json.dumps([sql_row(t) for t in as_groups])  # -0.0 stays -0.0
+    assert [r["carbon_intensity_g_per_kwh"] for r in mine][-2:] == [0.0, 0.0] and "-0.0" in json.dumps(mine[-1])
+
+
 def test_country_table_is_pycountrys():
     pycountry = pytest.importorskip("pycountry")
     from clusterctl.planning.iso3166 import ALPHA_3

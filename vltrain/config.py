@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +209,9 @@ class TrainConfig:
 
     def config_hash(self) -> str:
         """Hash of what must match for a checkpoint to resume this run (model, batch, optimizer, loss)."""
+        import hashlib  # on use: `clusterctl plan` loads configs but never hashes one (~4 ms with json)
+        import json
+
         from vltrain.presets import resolve_model
 
         d = self.to_dict()

@@ -17,16 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clusterctl.planning.profiles import ENV_NAME, SAFE_VALUE, SLURM_NAME, SLURM_NAME_DOC, ClusterProfile, comm_env
+from clusterctl.planning.profiles import ENV_NAME, SAFE_VALUE, ClusterProfile, comm_env
+from clusterctl.planning.profiles import check_job_name as check_job_name  # the backends call common.check_job_name
 from clusterctl.specs import LaunchSpec
 from vltrain.common.errors import UserError
 from vltrain.rundir import DIST_TIMEOUT_S, STALL_TIMEOUT_S, STEP_DIST_TIMEOUT_S, JobEnv, RunDir
-
-
-def check_job_name(name: str) -> str:
-    if not re.fullmatch(SLURM_NAME, name):
-        raise UserError(f"--name: {name!r} is not a valid job name; allowed: {SLURM_NAME_DOC}")
-    return name
 
 
 def trainer_env(profile: ClusterProfile, run_dir: Path) -> dict[str, str]:

@@ -63,19 +63,19 @@ def plan(
         pp=pp,
     )
     with fields_as_flags(flag_fields(layers)):
-        p = prepare(profile, config, layers, check=False, allow_env=allow_env)  # data checks are submit's
-    d = {k: v for k, v in p.plan.items() if k not in ("steps", "estimate")} | {"profile_source": p.profile_source}
+        # data checks are submit's; the estimate of the whole run is `estimate`'s and submit's
+        p = prepare(profile, config, layers, check=False, allow_env=allow_env, estimate=False)
+    d = {k: v for k, v in p.plan.items() if k != "steps"} | {"profile_source": p.profile_source}
     if json_:
         print_json(d)
     else:
-        from clusterctl.render import output
         from clusterctl.render.plan_view import print_plan
+        from clusterctl.render.safe import printable
+        from clusterctl.render.text import say
 
-        output.console.print(
-            f"profile {p.profile.name} from {p.profile_source}", markup=False, highlight=False, soft_wrap=True
-        )
+        say(f"profile {printable(p.profile.name)} from {printable(p.profile_source)}")
         print_plan(d)
         for line in trainer_support(p.config):
-            output.console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
+            say(f"note: {printable(line)}")
     if not p.plan["memory"]["fits"]:
         raise typer.Exit(1)

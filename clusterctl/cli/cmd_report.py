@@ -23,12 +23,15 @@ app = typer.Typer(help="Energy, carbon, GPU-hour and loss reports.", no_args_is_
 
 def _rows(kind_by: str, run: Optional[str], profile: Optional[str], user: Optional[str], since, until, plot: bool):
     """The report's rows and notes, and the runs (for --plot). Runs whose registry summary is settled
-    are summed by SQL (Registry.settled_totals); the others (active, just ended, never summarised)
-    are refreshed from Slurm once, their files read, their summaries stored (runs.summaries), and
-    added to the same groups. Filters are SQL's, on one snapshot of the registry."""
+    are summed by SQL (Registry.settled_totals; by run, each run's figures: settled_runs); the
+    others (active, just ended, never summarised) are refreshed from Slurm once, their files read,
+    their summaries stored (runs.summaries), and added to the same groups. Filters are SQL's, on one
+    snapshot of the registry."""
+    from operator import itemgetter
+
     from clusterctl.runs.history import current
     from clusterctl.runs.registry import Registry
-    from clusterctl.runs.usage import from_summary, group, parse_day, rows_of, sql_row
+    from clusterctl.runs.usage import from_summary, group, parse_day, rows_of, run_rows, sql_row
 
     lo = parse_day(since, "--since") if since else None
     hi = parse_day(until, "--until") if until else None
@@ -39,17 +42,22 @@ def _rows(kind_by: str, run: Optional[str], profile: Optional[str], user: Option
     filters |= {"since": lo, "until": hi}
     if not run:
         reg.verify()  # every run is read: a damaged page must not pass as a complete report
+    by_run = kind_by == "run"
     with reg.snapshot():  # the settled runs summed and the others listed from one state of the file
-        totals = reg.settled_totals(kind_by, **filters)
+        totals = reg.settled_runs(**filters) if by_run else reg.settled_totals(kind_by, **filters)
         stale = reg.index(**filters, stale_only=True)
     cur = current(reg, stale)
     groups = group([from_summary(r, s) for r, s in cur.rows], kind_by)  # the runs that may still change
+    runs = [r for r, _ in reg.index(**filters)] if plot else []
+    if by_run:  # a run is settled or not: its row is SQL's or made now, and the keys come sorted
+        rows = run_rows(t for t in totals if t[0] not in groups) + rows_of(groups)
+        rows.sort(key=itemgetter("key"))  # two sorted runs: one merge
+        return rows, runs, cur.notes
     rows = {t[0]: sql_row(t) for t in totals if t[0] not in groups}
     for t in totals:
         if t[0] in groups:
             groups[t[0]].add_sql(t[1:])
     rows |= {row["key"]: row for row in rows_of(groups)}
-    runs = [r for r, _ in reg.index(**filters)] if plot else []
     return [rows[k] for k in sorted(rows)], runs, cur.notes
 
 

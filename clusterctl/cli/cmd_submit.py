@@ -93,15 +93,15 @@ def submit(
             print_json(d)
             return
         from clusterctl.render.plan_view import print_checks, print_config, print_plan
+        from clusterctl.render.safe import printable
+        from clusterctl.render.text import say, styled
 
-        output.console.print(
-            f"profile {p.profile.name} from {p.profile_source}", markup=False, highlight=False, soft_wrap=True
-        )
+        say(f"profile {printable(p.profile.name)} from {printable(p.profile_source)}")
         print_plan(p.plan)
         print_config(d["config"], p.source)
         if d["sbatch"] is not None:
-            output.console.print("[bold]sbatch script[/bold] (submitit would submit this):")
-        output.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            say(f"{styled('sbatch script', 'bold')} (submitit would submit this):")
+        say(text)
         print_checks(p.checks.problems, p.checks.warnings)
         return
     for line in p.checks.warnings:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from clusterctl.planning import comm, fsdp
+from clusterctl.planning import comm
 from clusterctl.planning.checkpoint import CheckpointTime, checkpoint_time
 from clusterctl.planning.memory import (
     GIB,
@@ -34,6 +34,9 @@ from vltrain.common.errors import FieldError, UserError
 from vltrain.config import TrainConfig
 from vltrain.model_config import ModelConfig
 from vltrain.parallel.layout import layout_problems, microbatch_problem
+
+if TYPE_CHECKING:
+    from clusterctl.planning import fsdp
 
 DEFAULT_MFU = 0.40  # model FLOPs utilisation of the compute alone; typical of well-tuned A100/H100 runs
 FASTER_BY = 1.05  # another layout is named faster only when it saves 5%: the models are not finer than that
@@ -368,6 +371,7 @@ def _fsdp_plan(
     dp: int,
 ) -> Plan:
     """FSDP2 x tensor x pipeline parallel: clusterctl.planning.fsdp, the most loaded pipeline rank."""
+    from clusterctl.planning import fsdp  # on use: DeepSpeed plans (and their `plan`) never need it
     from clusterctl.planning.stages import rank_shares
     from vltrain.model_math import param_count
 

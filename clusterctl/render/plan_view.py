@@ -1,20 +1,20 @@
-"""`plan` and `estimate` answers as rich tables and lines (data in, console out)."""
+"""`plan` and `estimate` answers as aligned plain text and lines (data in, text out: render.text, not
+rich, so that `plan` and `estimate` do not pay ~25 ms to import it)."""
 
 from __future__ import annotations
 
-from clusterctl.render import output
 from clusterctl.render.safe import printable
+from clusterctl.render.text import say, styled, table_text
 
 
 def print_plan(d: dict) -> None:
-    from rich.table import Table
-
     m = d["memory"]
-    output.console.print(
-        f"[bold]{_esc(d['model'])}[/bold] ({d['params'] / 1e9:.2f}B params) on [bold]{_esc(d['profile'])}[/bold]: "
-        f"{d['world_size']} GPUs = tp {d['tensor_parallel']} x pp {d['pipeline_parallel']} x dp {d['data_parallel']}"
+    say(
+        f"{styled(printable(d['model']), 'bold')} ({d['params'] / 1e9:.2f}B params) on "
+        f"{styled(printable(d['profile']), 'bold')}: {d['world_size']} GPUs = tp {d['tensor_parallel']} x pp "
+        f"{d['pipeline_parallel']} x dp {d['data_parallel']}"
     )
-    output.console.print(
+    say(
         f"global batch {d['global_batch']} = micro batch {d['micro_batch']} x accumulation {d['accumulation']} "
         f"x {d['data_parallel']} data-parallel ranks ({d['samples_per_gpu_per_step']} samples per GPU per step)"
     )
@@ -22,14 +22,11 @@ def print_plan(d: dict) -> None:
     engine = f"FSDP zero_stage {d['zero_stage']}" if fsdp else f"ZeRO-{d['zero_stage']}"
     par = d.get("parallel") or {}
     rank = f", pipeline rank {par['most_loaded_rank']} (the most loaded)" if d["pipeline_parallel"] > 1 else ""
-    t = Table(
-        title=f"memory per GPU, {engine}, bf16 + AdamW"
+    title = (
+        f"memory per GPU, {engine}, bf16 + AdamW"
         + (", activation checkpointing" if d["activation_checkpointing"] else "")
-        + rank,
-        title_justify="left",
+        + rank
     )
-    t.add_column("term")
-    t.add_column("GiB", justify="right")
     labels = (
         ("bf16 parameters" + (" (gathered)" if fsdp else ""), "params_gib"),
         ("fp32 gradients (sharded)" if fsdp else "bf16 gradients", "grads_gib"),
@@ -41,18 +38,18 @@ def print_plan(d: dict) -> None:
     )
     if not fsdp:
         labels = tuple((lb.replace(" x in flight", ""), k) for lb, k in labels)
-    for label, key in labels:
-        t.add_row(label, f"{m[key]:.2f}")
-    t.add_row("[bold]total[/bold]", f"[bold]{m['total_gib']:.2f}[/bold] of {m['capacity_gib']:g}")
-    output.console.print(t)
+    terms = [label for label, _ in labels] + ["total"]
+    gib = [f"{m[key]:.2f}" for _, key in labels] + [f"{m['total_gib']:.2f} of {m['capacity_gib']:g}"]
+    say(table_text(title, [["term"], ["GiB"]], [terms, gib], [False, True]))
     if m["fits"]:
-        output.console.print(
-            f"[green]fits[/green]: largest micro batch that fits is {d['max_micro_batch']}; "
+        say(
+            f"{styled('fits', 'green')}: largest micro batch that fits is {d['max_micro_batch']}; "
             f"about {d['step_time_s']:.2f} s of compute per optimizer step at {d['mfu_assumed']:.0%} MFU"
         )
     else:
-        output.console.print(
-            "[red]does not fit[/red]: try a higher --zero-stage, --activation-checkpointing, --tp/--pp or more GPUs"
+        say(
+            f"{styled('does not fit', 'red')}: try a higher --zero-stage, --activation-checkpointing, --tp/--pp "
+            "or more GPUs"
         )
     if "step_time" in d:
         print_scale(d)
@@ -65,8 +62,7 @@ def _gb(n: float) -> str:
 def print_scale(d: dict) -> None:
     """Host memory per node, step time with communication, a faster layout, checkpoint time: one line each."""
     h, t, c, k = d["host_memory"], d["step_time"], d["communication"], d["checkpoint"]
-    say = output.console.print
-    verdict = "[green]fits[/green]" if h["fits"] else "[red]does not fit[/red]"
+    verdict = styled("fits", "green") if h["fits"] else styled("does not fit", "red")
     if h["resume_gib"] >= h["deepspeed_staged_gib"]:
         staged = f"optimizer shard {h['resume_gib']:.1f}"
     else:
@@ -79,18 +75,14 @@ def print_scale(d: dict) -> None:
     shared = f" + {h['shared_gib']:.1f} GiB of 16-bit weights once (checkpoint)" if h["shared_gib"] else ""
     say(
         f"host memory: {verdict} {h['per_node_gib']:,.0f} of {h['capacity_gib']:,g} GiB per node = "
-        f"{h['ranks_per_node']} x {h['per_rank_gib']:.1f} GiB per rank ({', '.join(parts)}){shared}",
-        highlight=False,
-        soft_wrap=True,
+        f"{h['ranks_per_node']} x {h['per_rank_gib']:.1f} GiB per rank ({', '.join(parts)}){shared}"
     )
     say(
         f"step time: {t['compute_s']:.2f} s compute + {t['exposed_communication_s']:.2f} s communication not "
         f"hidden (of {t['communication_s']:.2f} s at {c['bus_gb_s']:g} GB/s, overlap "
         f"{'on' if c['overlap_comm'] else 'off'})"
         + (f" + {t['parallel_s']:.2f} s tensor x pipeline parallel" if t.get("parallel_s") else "")
-        + f" = {t['total_s']:.2f} s; expected MFU {d['mfu_expected']:.0%}",
-        highlight=False,
-        soft_wrap=True,
+        + f" = {t['total_s']:.2f} s; expected MFU {d['mfu_expected']:.0%}"
     )
     par = d.get("parallel")
     if par:
@@ -98,9 +90,7 @@ def print_scale(d: dict) -> None:
             f"tensor x pipeline parallel: + {par['total_s']:.2f} s per step = tp all-reduces {par['tensor_parallel_s']:.2f} "
             f"+ pipeline sends {par['pipeline_send_s']:.2f} + bubble {par['bubble_s']:.2f} ({par['bubble_fraction']:.1%} "
             f"idle, {d.get('pp_schedule')}) + stage imbalance {par['imbalance_s']:.2f} (forward FLOPs per stage "
-            f"{', '.join(f'{x:.0%}' for x in par['stage_flops_share'])})",
-            highlight=False,
-            soft_wrap=True,
+            f"{', '.join(f'{x:.0%}' for x in par['stage_flops_share'])})"
         )
     f = d.get("faster_layout")
     if f:
@@ -108,59 +98,50 @@ def print_scale(d: dict) -> None:
             f"faster_layout: {'FSDP zero_stage ' if d.get('strategy') == 'fsdp' else 'ZeRO-'}{f['zero_stage']} with micro batch {f['micro_batch']} x accumulation "
             f"{f['accumulation']}: {f['total_s']:.2f} s per step, {f['speedup']:.2f}x "
             f"(--zero-stage {f['zero_stage']} --micro-batch {f['micro_batch']} --accum {f['accumulation']})"
-            + ("" if f.get("trainer_runs", True) else f"; the trainer does not run ZeRO-{f['zero_stage']} yet"),
-            highlight=False,
-            soft_wrap=True,
+            + ("" if f.get("trainer_runs", True) else f"; the trainer does not run ZeRO-{f['zero_stage']} yet")
         )
     else:
-        say("faster_layout: none (no other ZeRO stage or micro batch that fits is 5% faster)", highlight=False)
+        say("faster_layout: none (no other ZeRO stage or micro batch that fits is 5% faster)")
     delay = k["signal_delay_s"]
     if delay is None:
         tail = "no Slurm signal on this profile"
     elif k["ok"]:
-        tail = f"slurm.signal_delay_s {delay} s [green]leaves room[/green]"
+        tail = f"slurm.signal_delay_s {delay} s {styled('leaves room', 'green')}"
     else:
-        tail = f"slurm.signal_delay_s {delay} s is [red]too short[/red]"
+        tail = f"slurm.signal_delay_s {delay} s is {styled('too short', 'red')}"
     say(
         f"checkpoint: {_gb(k['bytes'])}, {k['write_s']:.0f} s to write (busiest node {_gb(k['busiest_node_bytes'])} "
-        f"at {k['write_gb_s_per_node']:g} GB/s) + one step: needs {k['needed_signal_delay_s']} s of warning; {tail}",
-        highlight=False,
-        soft_wrap=True,
+        f"at {k['write_gb_s_per_node']:g} GB/s) + one step: needs {k['needed_signal_delay_s']} s of warning; {tail}"
     )
 
 
 def print_estimate(d: dict) -> None:
-    """The estimate as a table of figures people read (no exponents), then one line per claim."""
-    from rich.table import Table
-
+    """The estimate as a list of figures people read (no exponents), then one line per claim."""
     from clusterctl.planning.estimates import count_words
     from clusterctl.render.units import flops
 
-    t = Table(title=f"estimate: {_esc(d['work'])}", title_justify="left", show_header=False)
-    t.add_column("what")
-    t.add_column("value", justify="right")
-    t.add_row("GPUs", f"{d['gpus']:,}" if d["gpus"] else "- (give --gpus or --profile for the wall time)")
+    rows = [("GPUs", f"{d['gpus']:,}" if d["gpus"] else "- (give --gpus or --profile for the wall time)")]
     if d["hours"] is not None:
-        t.add_row("wall time", f"{d['hours']:,.1f} h ({d['hours'] / 24:,.1f} days)")
-    t.add_row("GPU-hours", f"{d['gpu_hours']:,.0f}")
-    t.add_row("GPU energy", f"{d['gpu_energy_kwh']:,.0f} kWh ({d['power_w']:g} W x PUE {d['pue']:g})")
+        rows.append(("wall time", f"{d['hours']:,.1f} h ({d['hours'] / 24:,.1f} days)"))
+    rows.append(("GPU-hours", f"{d['gpu_hours']:,.0f}"))
+    rows.append(("GPU energy", f"{d['gpu_energy_kwh']:,.0f} kWh ({d['power_w']:g} W x PUE {d['pue']:g})"))
     if d["node_energy_kwh"]:
-        t.add_row("node CPU/RAM allowance", f"{d['node_energy_kwh']:,.0f} kWh")
-    t.add_row("energy", f"{d['energy_kwh']:,.0f} kWh = {d['energy_kwh'] / 1000:,.1f} MWh")
-    t.add_row("CO2eq", f"{d['co2_kg']:,.0f} kg at {d['carbon_intensity_g_per_kwh']:g} g/kWh ({d['intensity_source']})")
+        rows.append(("node CPU/RAM allowance", f"{d['node_energy_kwh']:,.0f} kWh"))
+    rows.append(("energy", f"{d['energy_kwh']:,.0f} kWh = {d['energy_kwh'] / 1000:,.1f} MWh"))
+    rows.append(
+        ("CO2eq", f"{d['co2_kg']:,.0f} kg at {d['carbon_intensity_g_per_kwh']:g} g/kWh ({d['intensity_source']})")
+    )
     if d["flops"]:
-        t.add_row("training FLOPs", f"{flops(d['flops'])} at MFU {d['mfu']:.0%}")
-    output.console.print(t)
+        rows.append(("training FLOPs", f"{flops(d['flops'])} at MFU {d['mfu']:.0%}"))
+    what, value = (list(col) for col in zip(*rows, strict=True))
+    say(table_text(f"estimate: {printable(d['work'])}", [[], []], [what, value], [False, True]))
     for f in d["findings"]:
         colour = "green" if f["verdict"].startswith("consistent") else "red"
-        value = count_words
         unit = f" {f['unit']}"
-        band = value(f["low"]) if f["low"] == f["high"] else f"{value(f['low'])}-{value(f['high'])}"
-        output.console.print(
-            f"claim {f['claim']}: {value(f['claimed'])}{unit} vs {band}{unit} "
-            f"[{colour}]{f['verdict']}[/{colour}] ({f['why']})",
-            soft_wrap=True,
-            highlight=False,
+        band = count_words(f["low"]) if f["low"] == f["high"] else f"{count_words(f['low'])}-{count_words(f['high'])}"
+        say(
+            f"claim {f['claim']}: {count_words(f['claimed'])}{unit} vs {band}{unit} "
+            f"{styled(f['verdict'], colour)} ({f['why']})"
         )
 
 
@@ -170,24 +151,15 @@ def print_config(config: dict, source: str) -> None:
 
     from vltrain.common.atomic import drop_none
 
-    output.console.print(
-        f"[bold]resolved config[/bold] (from {_esc(source)}; written to the run directory as config.toml):"
-    )
-    output.console.print(tomli_w.dumps(drop_none(config)).rstrip(), markup=False, highlight=False, soft_wrap=True)
+    say(f"{styled('resolved config', 'bold')} (from {printable(source)}; written to the run directory as config.toml):")
+    say(tomli_w.dumps(drop_none(config)).rstrip())
 
 
 def print_checks(problems: list[str], warnings: list[str]) -> None:
     """What submit would refuse, and what it would only warn about."""
     if not problems and not warnings:
-        output.console.print("[green]checks passed[/green]: submit would start this run")
+        say(f"{styled('checks passed', 'green')}: submit would start this run")
     for line in warnings:
-        output.console.print(f"warning: {printable(line)}", markup=False, highlight=False, soft_wrap=True)
+        say(f"warning: {printable(line)}")
     for line in problems:
-        output.console.print(f"[red]submit would refuse[/red]: {_esc(line)}", highlight=False, soft_wrap=True)
-
-
-def _esc(text) -> str:
-    """User text inside a line that has rich markup of its own: escaped (render.safe), no markup read."""
-    from rich.markup import escape
-
-    return escape(printable(text))
+        say(f"{styled('submit would refuse', 'red')}: {printable(line)}")

@@ -7,6 +7,7 @@ from operator import itemgetter
 from typing import Any
 
 from clusterctl.render.safe import printable
+from clusterctl.render.text import output_text, table_text
 from clusterctl.render.units import CO2_UNITS, ENERGY_UNITS, pick_unit, quantity
 
 _SHOWN = ("key", "runs", "gpu_hours", "gpu_hours_source", "requeues", "resumes", "energy_kwh", "co2_kg",
@@ -25,8 +26,8 @@ def print_report(kind: str, by: str, rows: list[dict], width: int | None = None)
     if not rows:
         say("no runs match: clusterctl submit --profile local")
         return
-    shown = [k for k in _SHOWN if k in rows[0]]  # every row has the keys of the first (usage.COLUMNS)
-    data = dict(zip(shown, map(list, zip(*map(itemgetter(*shown), rows), strict=True)), strict=True))
+    # the columns by name, each pulled out of the rows once (every row has the keys of the first: usage.COLUMNS)
+    data = {k: list(map(itemgetter(k), rows)) for k in _SHOWN if k in rows[0]}
     cols: list[tuple[str, str, float]] = [("runs", "runs", 1.0)] if by != "run" else []
     cols += [("gpu_hours", "GPU-h", 1.0), ("gpu_hours_source", "GPU-h\nsource", 1.0)]
     cols += [("requeues", "re-\nqueues", 1.0), ("resumes", "re-\nsumes", 1.0)]  # as status and watch count them
@@ -58,7 +59,7 @@ def print_report(kind: str, by: str, rows: list[dict], width: int | None = None)
                 + (" g/kWh" if key == "carbon_intensity_g_per_kwh" and v != "-" else "")
             )
             cols = [c for c in cols if c[0] != key]
-    columns = [_column(data["key"], 1.0)] + [_column(data.get(k, [None] * len(rows)), f) for k, _, f in cols]
+    columns = [_keys(data["key"])] + [_column(data.get(k, [None] * len(rows)), f) for k, _, f in cols]
     heads = [by.split("\n")] + [head.split("\n") for _, head, _ in cols]
     right = [False] + ["source" not in head for _, head, _ in cols]
     say(table_text(f"{kind} by {by}", heads, columns, right, width or _width()))
@@ -73,54 +74,11 @@ def print_report(kind: str, by: str, rows: list[dict], width: int | None = None)
         )
 
 
-def table_text(title: str, heads: list[list[str]], columns: list[list[str]], right: list[bool], width: int) -> str:
-    """Columns of cells as aligned text: the title, a blank line, headers (bottom-aligned, one list
-    of lines per column), a rule, the rows; 3 spaces between columns, 1 before the first. The first
-    column is folded (continued on the next lines) when that makes the table fit `width` (down to 8
-    characters); a table that cannot fit is left wider, never cut."""
-    n = len(heads)
-    widths = [max(max(map(len, h)), max(map(len, c), default=0)) for h, c in zip(heads, columns, strict=True)]
-    rest = sum(widths[1:]) + 3 * (n - 1) + 2
-    narrow = max(8, width - rest, *(len(h) for h in heads[0]))
-    if narrow < widths[0] and narrow + rest <= width:  # folding makes it fit; else keys stay whole
-        widths[0] = narrow
-    depth = max(len(h) for h in heads)
-    fmt = " " + "   ".join(f"{{:{'>' if r else '<'}{w}}}" for w, r in zip(widths, right, strict=True))
-    out = [title, ""]
-    for k in range(depth):
-        out.append(fmt.format(*(h[k - (depth - len(h))] if k >= depth - len(h) else "" for h in heads)).rstrip())
-    out.append(" " + "\u2500" * (sum(widths) + 3 * (n - 1)))
-    w0, blank = widths[0], [""] * (n - 1)
-    for row in zip(*columns, strict=True):
-        key = row[0]
-        if len(key) <= w0:
-            out.append(fmt.format(*row).rstrip())
-            continue
-        out.append(fmt.format(key[:w0], *row[1:]).rstrip())
-        for i in range(w0, len(key), w0):
-            out.append(fmt.format(key[i : i + w0], *blank).rstrip())
-    out.append("")
-    return "\n".join(out)
-
-
 def _width() -> int:
     """The terminal's columns ($COLUMNS first); 80 when output is not a terminal (as rich did)."""
     from clusterctl.render.status_table import terminal_width
 
     return terminal_width() or 80
-
-
-def output_text(text: str, wrap: int | None = None) -> None:
-    """Plain text on stdout, folded at word boundaries to `wrap` columns (None: as it is)."""
-    import sys
-
-    if wrap:
-        import textwrap
-
-        text = "\n".join(
-            textwrap.fill(p, wrap, break_long_words=False, break_on_hyphens=False) for p in text.split("\n")
-        )
-    sys.stdout.write(text + "\n")
 
 
 def _distinct(data: dict[str, list], *keys: str) -> set:
@@ -129,6 +87,14 @@ def _distinct(data: dict[str, list], *keys: str) -> set:
     for k in keys:
         out.update(data.get(k, (None,)))
     return out
+
+
+def _keys(keys: list) -> list[str]:
+    """The first column: group keys (run ids, dates, names), nearly all distinct. Printable text, the
+    usual case, is checked in one pass over all of it and kept as it is."""
+    if set(map(type, keys)) == {str} and "".join(keys).isprintable():
+        return keys
+    return _column(keys, 1.0)
 
 
 def _column(values: list, factor: float) -> list[str]:

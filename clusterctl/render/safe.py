@@ -11,18 +11,35 @@ would otherwise read `[...]` as markup. JSON output needs neither: JSON escapes 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-# C0 controls, DEL, C1 controls: shown as \xNN
-_TABLE: dict[int, str] = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
-# bidi embeddings, overrides and isolates, line/paragraph separators, zero-width marks, BOM
-_TABLE |= {
-    c: f"\\u{c:04x}"
-    for c in (0x200B, 0x200C, 0x200D, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029)
-}
-_TABLE[0xFEFF] = "\\ufeff"
-# lone surrogates: U+DC80..U+DCFF are undecodable bytes (surrogateescape); others as \udXXX
-_TABLE |= {c: (f"\\x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"\\u{c:04x}") for c in range(0xD800, 0xE000)}
+
+@functools.cache
+def _table() -> dict[int, str]:
+    """str.translate's table, made on the first text that needs it (~2,300 entries: most commands
+    print only printable text and never pay for it)."""
+    # C0 controls, DEL, C1 controls: shown as \xNN
+    table: dict[int, str] = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+    # bidi embeddings, overrides and isolates, line/paragraph separators, zero-width marks, BOM
+    table |= {
+        c: f"\\u{c:04x}"
+        for c in (
+            0x200B,
+            0x200C,
+            0x200D,
+            0x200E,
+            0x200F,
+            *range(0x202A, 0x202F),
+            *range(0x2066, 0x206A),
+            0x2028,
+            0x2029,
+        )
+    }
+    table[0xFEFF] = "\\ufeff"
+    # lone surrogates: U+DC80..U+DCFF are undecodable bytes (surrogateescape); others as \udXXX
+    table |= {c: (f"\\x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"\\u{c:04x}") for c in range(0xD800, 0xE000)}
+    return table
 
 
 def printable(value: Any) -> str:
@@ -33,7 +50,7 @@ def printable(value: Any) -> str:
     text = value if isinstance(value, str) else str(value)
     if text.isprintable():
         return text
-    return text.translate(_TABLE)
+    return text.translate(_table())
 
 
 def cell(value: Any, style: str = ""):

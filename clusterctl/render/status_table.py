@@ -94,36 +94,26 @@ def terminal_width() -> int | None:
 
 
 def print_status(data: dict[str, Any]) -> None:
-    """The status answer (clusterctl.runs.status.collect) as a table, its notes and its source."""
-    from clusterctl.render.output import console
+    """The status answer (clusterctl.runs.status.collect) as a table, its notes and its source
+    (plain text: render.text)."""
+    from clusterctl.render.text import say
 
     if not data["runs"]:
-        console.print("no runs yet: clusterctl submit --profile local")
+        say("no runs yet: clusterctl submit --profile local")
     else:
         (header, *rows), hidden = table_lines(data["runs"], terminal_width())
-        console.print(header, style="bold", markup=False, highlight=False, soft_wrap=True)
+        say(header, style="bold")
         if rows:
-            console.print("\n".join(rows), markup=False, highlight=False, soft_wrap=True)
+            say("\n".join(rows))
         if hidden:
-            console.print(
-                f"({', '.join(hidden)} hidden to fit the terminal; --json shows everything)",
-                style="dim",
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
-            )
+            say(f"({', '.join(hidden)} hidden to fit the terminal; --json shows everything)", style="dim")
     for row in data["runs"]:  # why each shown run that ended without completing did, one line each
         if row.get("reason"):
-            console.print(
-                f"{printable(row['state'])} {printable(row['run_id'])}: {printable(row['reason'])}",
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
-            )
+            say(f"{printable(row['state'])} {printable(row['run_id'])}: {printable(row['reason'])}")
     for note in data["notes"]:
-        console.print(f"note: {printable(note)}", markup=False, highlight=False, soft_wrap=True)
+        say(f"note: {printable(note)}")
     if data["runs"] and data["source"] != "registry":
-        console.print(f"source: {data['source']}", style="dim", markup=False, highlight=False)
+        say(f"source: {data['source']}", style="dim")
 
 
 def _fmt(v: float | None, spec: str) -> str:

@@ -609,6 +609,31 @@ class Registry:
         ).fetchall()
 
     @_guarded
+    def settled_runs(
+        self,
+        run_id: str | None = None,
+        profile: str | None = None,
+        user: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[tuple]:
+        """Report figures of each run with a settled summary (`report --by run`), by run id: (run_id,
+        gpu_hours, gpu_hours_source, energy_kwh, co2_kg, pue, estimated_kwh, estimated_co2_kg,
+        measured, requeues, resumes), what usage.run_rows makes rows of. A group of one run needs
+        none of settled_totals' counts: 11 columns instead of 16, a third less to fetch. [] without
+        stored summaries."""
+        if not self.has_summaries:
+            return []
+        where, args = self._filters(run_id=run_id, profile=profile, user=user, since=since, until=until)
+        where = f"{where} AND {_settled()}" if where else f"WHERE {_settled()}"
+        return self._conn.execute(
+            "SELECT r.run_id, s.gpu_hours, s.gpu_hours_source, s.energy_kwh, s.co2_kg, s.pue, s.estimated_kwh, "
+            "s.estimated_co2_kg, s.energy_files > 0, s.requeues, s.resumes "
+            f"FROM runs r JOIN summaries s ON s.run_id = r.run_id {where} ORDER BY r.run_id",
+            args,
+        ).fetchall()
+
+    @_guarded
     def settled_status(self) -> tuple[list[tuple[float, str]], list[str]]:
         """(created_at, `status --json` row as JSON text) of every run with a settled summary, newest
         first (no JSON decoded, no record made); and the ids of those that failed with retries allowed

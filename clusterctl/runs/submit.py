@@ -9,27 +9,24 @@ leaving nothing behind if any step fails; `submit_attempt` starts one more job o
 from __future__ import annotations
 
 import dataclasses
-import getpass
-import json
 import os
-import shutil
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from clusterctl.backends import get_backend
-from clusterctl.backends.common import check_job_name
 from clusterctl.planning.plan import Plan, plan_for_run
-from clusterctl.planning.profiles import ClusterProfile, load_profile, parse_profile, profile_origin
+from clusterctl.planning.profiles import ClusterProfile, check_job_name, load_profile, profile_origin
 from clusterctl.planning.recipes import find_recipe, known_recipes
 from clusterctl.runs import preflight
 from clusterctl.runs.preflight import Checks
-from clusterctl.runs.registry import Registry
 from clusterctl.specs import RunRecord, RunState
-from vltrain.common.atomic import write_json, write_toml
 from vltrain.common.errors import UserError
 from vltrain.config import TrainConfig, load_train_config
-from vltrain.rundir import RunDir
+
+if TYPE_CHECKING:
+    from clusterctl.runs.registry import Registry
+
+# `plan` runs `prepare` alone: what only writing and submitting need (the registry, the backends,
+# atomic writes, the run directory) is imported by the functions that do it.
 
 RUNS_DIR_ENV = "CLUSTERCTL_RUNS_DIR"
 
@@ -75,14 +72,18 @@ def prepare(
     name: str | None = None,
     check: bool = True,
     allow_env: bool = False,
+    estimate: bool = True,
 ) -> Prepared:
     """Profile + train config (+ overrides, each layer named by its flag) -> the resolved config, the
-    plan with the estimate of the whole run, and the checks before sbatch."""
+    plan with the estimate of the whole run (`estimate`; `plan` shows none, and skips it), and the
+    checks before sbatch."""
     profile = load_profile(profile_name, flag="--profile", allow_env=allow_env)
     source = config_source(profile, config, any(flag == "--model" for flag, _ in layers))
     cfg = absolute_data_paths(load_train_config(source, None, *layers))
     plan, resolved = plan_for_run(profile, cfg)
-    plan_d = plan.to_dict() | {"steps": resolved.steps, "estimate": run_estimate(profile, plan, resolved.steps)}
+    plan_d = plan.to_dict() | {"steps": resolved.steps}
+    if estimate:
+        plan_d["estimate"] = run_estimate(profile, plan, resolved.steps)
     run_name = check_job_name(name or (cfg.model if isinstance(cfg.model, str) else cfg.model.name))
     checks = preflight.check(resolved, plan_d) if check else preflight.Checks()
     return Prepared(
@@ -131,6 +132,8 @@ def absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
 def dry_run(p: Prepared, run_dir: Path, hold: bool = False) -> dict[str, Any]:
     """What `create` would submit: the plan, the resolved config (the shape of a config file), what
     the checks found, the backend's rendering of the job and its environment."""
+    from clusterctl.backends import get_backend
+
     backend = get_backend(p.profile.executor)
     spec = backend.launch_spec(p.profile, run_dir, p.name, hold=hold)
     text = backend.dryrun(spec)
@@ -156,7 +159,13 @@ def new_run_dir(reg: Registry, name: str) -> tuple[str, Path]:
 def create(reg: Registry, p: Prepared, run_id: str, run_dir: Path, max_retries: int, hold: bool = False) -> str:
     """Write the run directory and registry row, then submit the first job; returns its id.
     Nothing is left behind when any step fails: no directory, no registry row."""
+    import getpass
+    import shutil
+    import time
+
+    from vltrain.common.atomic import write_json, write_toml
     from vltrain.dsconfig import deepspeed_config
+    from vltrain.rundir import RunDir
 
     refuse(p)
     rd = RunDir(run_dir)
@@ -191,6 +200,11 @@ def create(reg: Registry, p: Prepared, run_id: str, run_dir: Path, max_retries: 
 
 def run_profile(run: RunRecord) -> ClusterProfile:
     """The profile a run was submitted with (a copy lives in its run directory)."""
+    import json
+
+    from clusterctl.planning.profiles import parse_profile
+    from vltrain.rundir import RunDir
+
     path = RunDir(run.run_dir).profile
     data = json.loads(path.read_text())
     data.pop("derived", None)
@@ -199,7 +213,10 @@ def run_profile(run: RunRecord) -> ClusterProfile:
 
 def submit_attempt(reg: Registry, run: RunRecord, profile: ClusterProfile, kind: str, hold: bool = False) -> str:
     """Submit one attempt of `run` (first submission, resume or retry); returns the job id."""
+    from clusterctl.backends import get_backend
+    from vltrain.common.atomic import write_json
     from vltrain.loop import TrainJob
+    from vltrain.rundir import RunDir
 
     backend = get_backend(profile.executor)
     spec = backend.launch_spec(profile, Path(run.run_dir), run.name, hold=hold)

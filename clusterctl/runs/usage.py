@@ -7,7 +7,6 @@ an estimate without saying so.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -78,6 +77,8 @@ class RunUsage:
 
 def parse_energy_csv(text: str, node: str, attempt: str) -> EnergyReading | None:
     """The last row of a codecarbon emissions CSV (rows are cumulative; 'update' mode keeps one)."""
+    import csv  # on use: a report over settled summaries reads no CSV
+
     try:
         rows = list(csv.DictReader(text.splitlines()))
     except csv.Error:  # NUL bytes, a broken quote: not a codecarbon file
@@ -310,10 +311,7 @@ def sql_row(t: tuple) -> dict[str, Any]:
     """The report row of a group summed only by SQL (a Registry.settled_totals row, key first), as
     Totals.add_sql then row would make it, without the object (10,000 groups when grouped by run)."""
     key, n, hours, sources, kwh, co2, est, n_est, est_co2, n_est_co2, pue_lo, _pue_hi, n_pue, measured, rq, rs = t
-    src = _SQL_SOURCES.get(sources)
-    if src is None:
-        parts = {x for one in (sources or "").split(",") for x in one.split("+")} - {"none", ""}
-        src = _SQL_SOURCES[sources] = "+".join(sorted(parts)) or "none"
+    src = _SQL_SOURCES.get(sources) or _source_text(sources)
     kwh, co2 = 0.0 + (kwh or 0), 0.0 + (co2 or 0)
     return {
         "key": key,
@@ -333,6 +331,59 @@ def sql_row(t: tuple) -> dict[str, Any]:
 
 
 _SQL_SOURCES: dict[str | None, str] = {}
+
+
+def _source_text(sources: str | None) -> str:
+    """A group's GPU-hour source from SQL's comma-joined distinct sources (each may be joined by +)."""
+    parts = {x for one in (sources or "").split(",") for x in one.split("+")} - {"none", ""}
+    src = _SQL_SOURCES[sources] = "+".join(sorted(parts)) or "none"
+    return src
+
+
+class _Rounded(dict):
+    """round(x, digits) of each distinct value, computed once (round is ~0.3 us, six per row: most of
+    a row's cost; a column over 10,000 runs repeats values: a plan's estimate, a site's grid
+    intensity and PUE, whole GPU-hours). Zeros are never kept: -0.0 == 0.0, and each rounds to itself."""
+
+    def __init__(self, digits: int) -> None:
+        super().__init__()
+        self.digits = digits
+
+    def __missing__(self, x: float) -> float:
+        r = round(x, self.digits)
+        if x:
+            self[x] = r
+        return r
+
+
+def run_rows(runs: Iterable[tuple]) -> list[dict[str, Any]]:
+    """The report rows of single runs with a settled summary (Registry.settled_runs rows), each as
+    sql_row makes the row of a group of that one run: the same keys, figures and rounding (of each
+    distinct value once), written out for one run (no counts to read, one loop, no call per row)."""
+    out: list[dict[str, Any]] = []
+    append, sources = out.append, _SQL_SOURCES
+    r3, r6, r9 = _Rounded(3), _Rounded(6), _Rounded(9)
+    for key, hours, source, kwh, co2, pue, est, est_co2, measured, rq, rs in runs:
+        src = sources.get(source) or _source_text(source)
+        kwh, co2 = 0.0 + (kwh or 0), 0.0 + (co2 or 0)  # floats (no -0.0): as sql_row
+        append(
+            {
+                "key": key,
+                "runs": 1,
+                "gpu_hours": r6[0.0 + (hours or 0)],
+                "gpu_hours_source": src,
+                "energy_kwh": r9[kwh],
+                "co2_kg": r9[co2],
+                "carbon_intensity_g_per_kwh": r3[1000 * co2 / kwh] if kwh > 0 else None,
+                "pue": pue,
+                "estimated_kwh": None if est is None else r6[0.0 + est],
+                "estimated_co2_kg": None if est_co2 is None else r6[0.0 + est_co2],
+                "energy_source": "codecarbon" if measured else "none",
+                "requeues": rq or 0,
+                "resumes": rs or 0,
+            }
+        )
+    return out
 
 
 def group(usages: Iterable[RunUsage], by: str, groups: dict[str, Totals] | None = None) -> dict[str, Totals]:
@@ -368,6 +419,7 @@ def aggregate(usages: Iterable[RunUsage], by: str) -> list[dict[str, Any]]:
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
+    import csv
     import io
 
     buf = io.StringIO()

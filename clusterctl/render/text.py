@@ -1,0 +1,114 @@
+"""Plain text out: lines with a few styles on a terminal, and aligned tables (pure but for writing).
+
+The commands that must start fast (`status`, `plan`, `estimate`, `report`) print through here, not
+through rich's Console and Table: importing rich.console and rich.table costs ~25 ms, as much as
+all of `plan`'s own work, and rich measures every cell through its renderable protocol (97 % of a
+report over 10,000 runs). What these commands print is lines and columns of short text, which need
+none of that. Styles are written by hand as ANSI SGR codes for the same reason (a handful of codes,
+not a library), following the conventions rich follows: styles only on a terminal or under
+FORCE_COLOR, none on a dumb terminal (TERM=dumb or unknown), and no colours under NO_COLOR (bold and
+dim stay). Commands that draw boxes or a live view (profiles, presets, watch) still use rich.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from itertools import repeat
+from typing import TextIO
+
+_SGR = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33"}
+_COLOURS = ("red", "green", "yellow")
+
+
+def shows_styles(stream: TextIO) -> bool:
+    """Whether `stream` gets ANSI styles: a terminal (or FORCE_COLOR set), not a dumb one."""
+    if os.environ.get("TERM", "").lower() in ("dumb", "unknown"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+def styled(text: str, style: str | None, stream: TextIO | None = None) -> str:
+    """`text` in `style` (space-separated: "bold", "dim", "red", "green", "yellow") when `stream`
+    (stdout by default) shows styles; else `text` as it is."""
+    if not style or not shows_styles(stream or sys.stdout):
+        return text
+    words = style.split()
+    if os.environ.get("NO_COLOR"):
+        words = [w for w in words if w not in _COLOURS]
+    codes = ";".join(_SGR[w] for w in words)
+    return f"\x1b[{codes}m{text}\x1b[0m" if codes else text
+
+
+def say(text: str = "", style: str | None = None, err: bool = False) -> None:
+    """One line (or several) on stdout (`err`: stderr), the whole of it in `style`. Never wrapped:
+    a line per fact, as long as it is (the terminal folds it, grep finds it whole)."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(styled(text, style, stream) + "\n")
+
+
+def output_text(text: str, wrap: int | None = None) -> None:
+    """Plain text on stdout, folded at word boundaries to `wrap` columns (None: as it is)."""
+    if wrap:
+        import textwrap
+
+        text = "\n".join(
+            textwrap.fill(p, wrap, break_long_words=False, break_on_hyphens=False) for p in text.split("\n")
+        )
+    sys.stdout.write(text + "\n")
+
+
+def table_text(
+    title: str, heads: list[list[str]], columns: list[list[str]], right: list[bool], width: int | None = None
+) -> str:
+    """Columns of cells as aligned text: the title, a blank line, headers (bottom-aligned, one list
+    of lines per column), a rule, the rows, a blank line; 3 spaces between columns, 1 before the
+    first. Without any header line, no rule either (a list of names and values). The first column
+    is folded (continued on the next lines) when that makes the table fit `width` (down to 8
+    characters; None: never); a table that cannot fit is left wider, never cut."""
+    n = len(heads)
+    uniq = [set(c) for c in columns]  # the distinct cells: 10,000 rows repeat most values but the keys
+    widths = [max(max(map(len, h), default=0), max(map(len, u), default=0)) for h, u in zip(heads, uniq, strict=True)]
+    if width is not None:
+        rest = sum(widths[1:]) + 3 * (n - 1) + 2
+        narrow = max(8, width - rest, *(len(h) for h in heads[0]))
+        if narrow < widths[0] and narrow + rest <= width:  # folding makes it fit; else keys stay whole
+            widths[0] = narrow
+    depth = max(len(h) for h in heads)
+    fmt = " " + "   ".join(f"{{:{'>' if r else '<'}{w}}}" for w, r in zip(widths, right, strict=True))
+    out = [title, ""]
+    for k in range(depth):
+        out.append(fmt.format(*(h[k - (depth - len(h))] if k >= depth - len(h) else "" for h in heads)).rstrip())
+    if depth:
+        out.append(" " + "\u2500" * (sum(widths) + 3 * (n - 1)))
+    w0, blank = widths[0], [""] * (n - 1)
+    if max(map(len, uniq[0]), default=0) <= w0:  # no key folded: whole columns padded, rows joined
+        cells = [_padded(c, u, w, r) for c, u, w, r in zip(columns, uniq, widths, right, strict=True)]
+        out.extend(map(str.rstrip, map(" ".__add__, map("   ".join, zip(*cells, strict=True)))))
+        out.append("")
+        return "\n".join(out)
+    line = fmt.format
+    for row in zip(*columns, strict=True):
+        key = row[0]
+        if len(key) <= w0:
+            out.append(line(*row).rstrip())
+            continue
+        out.append(line(key[:w0], *row[1:]).rstrip())
+        for i in range(w0, len(key), w0):
+            out.append(line(key[i : i + w0], *blank).rstrip())
+    out.append("")
+    return "\n".join(out)
+
+
+def _padded(cells: list[str], uniq: set[str], width: int, right: bool) -> list[str]:
+    """One column's cells (`uniq`: the distinct ones) padded to `width`, right- or left-aligned; a
+    value that repeats (most do, but for keys) is padded once."""
+    if 4 * len(uniq) <= len(cells):
+        pad = {v: v.rjust(width) if right else v.ljust(width) for v in uniq}
+        return list(map(pad.__getitem__, cells))
+    return list(map(str.rjust if right else str.ljust, cells, repeat(width)))
