@@ -16,7 +16,11 @@ Loader and trainer, at each worker count, are timed in alternating rounds so tha
 processes hits them alike; each row is the ratio of the medians with the spread of the per-round
 ratios. The loader must never be the bottleneck: goal >= 3x the trainer's rate. Start-up: building
 the `ShardLoader` (where the index is read) with the index beside the shards vs without it (as in a
-read-only directory: every tar header read), alternating; goal <= 0.1x.
+read-only directory: every tar header read), alternating, 3 of each per round; goal <= 0.1x.
+
+The trainer runs with torch's threads (OMP_NUM_THREADS); on a machine loaded by other processes, 2
+threads on 2 cores slow it several-fold more than 1 thread does (OpenMP threads waiting on each other),
+which inflates the ratios: read them from a quiet machine, or with OMP_NUM_THREADS=1.
 
     OMP_NUM_THREADS=2 python bench/bench_data.py [--rounds 5]
 
@@ -44,6 +48,7 @@ WORKERS = (0, 1, 2)
 SAMPLES, SHARDS = 4000, 8  # the demo's data (configs/tiny.toml)
 LOADER_BATCHES = 24  # timed micro batches of the loader alone, per round
 TRAINER_STEPS = 5  # timed optimizer steps of the trainer, per round
+STARTUP_PAIRS = 3  # start-ups with and without the index per round (alternating; the round keeps the medians)
 LOADER_GOAL, STARTUP_GOAL = 3.0, 0.1
 
 
@@ -166,8 +171,12 @@ def rows(rounds: int = 5, config: str | None = None) -> list[dict[str, Any]]:
                 rate, wait = trainer_rate(session, feeds[k])
                 trained[k].append(rate)
                 waits[k].append(wait)
-            for index in (True, False):
-                starts[index].append(startup_s(session.cfg.data.shards, base, session.cfg.data, index))
+            pairs = [
+                [startup_s(session.cfg.data.shards, base, session.cfg.data, index) for index in (True, False)]
+                for _ in range(STARTUP_PAIRS)
+            ]
+            for i, index in enumerate((True, False)):
+                starts[index].append(statistics.median(p[i] for p in pairs))
         out = []
         for k in WORKERS:
             ratio = statistics.median(alone[k]) / statistics.median(trained[k])
