@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+GOAL = 1.05  # issue 17: vltrain's step within 5% of the bare loop at accumulation 1, 4, 8 and 16
 
 
 def make_data(tmp: Path, n: int, image_size: int) -> tuple[str, str]:
@@ -122,14 +123,62 @@ def measure(cfg, tmp: Path, accumulation: int, args) -> tuple[dict[str, float], 
     for fn in variants.values():  # warm-up: allocator, first-call paths
         timed(fn, 3)
     times: dict[str, list[float]] = {k: [] for k in variants}
+    rounds: dict[str, list[float]] = {k: [] for k in variants}  # each round's median, for the spread
     for _ in range(args.rounds):
         for k, fn in variants.items():
-            times[k] += timed(fn, args.steps)
+            t = timed(fn, args.steps)
+            times[k] += t
+            rounds[k].append(statistics.median(t))
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    spread = {k: [a / b for a, b in zip(v, rounds["bare"], strict=True)] for k, v in rounds.items()}
     chosen = grad_reduction(cfg, "cpu") if hasattr(eng, "reduction") else "vltrain"
     if hasattr(eng, "reduction"):
         eng.reduction = chosen
-    return med | {"chosen": chosen}, session, stops
+    return med | {"chosen": chosen, "spread": spread}, session, stops
+
+
+def rows(rounds: int = 5, accum: tuple[int, ...] = (1, 4, 8, 16), steps: int = 10, config: str | None = None):
+    """Issue 17's accumulation rows for bench/run_all.py: vltrain's step (the reduction it chooses) over
+    the bare loop's, ratio of the medians, spread = min-max of the per-round ratios."""
+    args = argparse.Namespace(rounds=rounds, steps=steps)
+    cfg, tmp = setup(config or str(REPO / "configs" / "tiny.toml"), [])
+    out = []
+    stops = None
+    for a in accum:
+        if stops is not None:
+            stops.restore()
+        med, _, stops = measure(cfg, tmp, a, args)
+        k = med["chosen"]
+        ratio = med[k] / med["bare"]
+        out.append(
+            {
+                "name": f"trainer step vs a bare PyTorch loop, tiny, accumulation {a}",
+                "ratio": ratio,
+                "spread": (min(med["spread"][k]), max(med["spread"][k])),
+                "goal": f"<= {GOAL:g}x",
+                "ok": ratio <= GOAL,
+                "detail": f"bare {med['bare']:.0f} ms/step, vltrain {med[k]:.0f} ms/step ({k} ZeRO-2 reduction)",
+            }
+        )
+    if stops is not None:
+        stops.restore()
+    return out
+
+
+def setup(config: str, overrides: list[str]):
+    """The bench's config (no checkpoints, no eval) on synthetic shards made in a temp dir."""
+    from vltrain.cli import parse_overrides
+    from vltrain.config import load_train_config
+    from vltrain.presets import resolve_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
+    cfg = load_train_config(config, parse_overrides(overrides))
+    cfg = dataclasses.replace(cfg, checkpoint_every=0, eval_every=0)
+    mcfg = resolve_model(cfg.model)
+    shards, tok = make_data(tmp, max(256, cfg.global_batch * 4), mcfg.image_size)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=shards, tokenizer=tok, eval_shards=""))
+    os.environ.pop("VLTRAIN_COUNTRY", None)  # no energy tracker in the timed loop
+    return cfg, tmp
 
 
 def main() -> None:
@@ -142,18 +191,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override key=value (as vltrain train)")
     args = ap.parse_args()
 
-    from vltrain.cli import parse_overrides
-    from vltrain.config import load_train_config
-    from vltrain.presets import resolve_model
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
-    cfg = load_train_config(args.config, parse_overrides(args.set))
-    cfg = dataclasses.replace(cfg, checkpoint_every=0, eval_every=0)
-    mcfg = resolve_model(cfg.model)
-    shards, tok = make_data(tmp, max(256, cfg.global_batch * 4), mcfg.image_size)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=shards, tokenizer=tok, eval_shards=""))
-    os.environ.pop("VLTRAIN_COUNTRY", None)  # no energy tracker in the timed loop
-
+    cfg, tmp = setup(args.config, args.set)
     print(
         f"{cfg.model} preset, global batch {cfg.global_batch} on one rank, {cfg.precision}, ZeRO stage "
         f"{cfg.zero_stage}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}; ms/step are medians of "
@@ -164,9 +202,10 @@ def main() -> None:
     for a in args.accum:
         med, session, stops = measure(cfg, tmp, a, args)
         ratios = "  ".join(
-            f"{k} {med[k] / med['bare']:.3f}{' (chosen)' if k == med['chosen'] else ''}"
+            f"{k} {med[k] / med['bare']:.3f} ({min(med['spread'][k]):.3f}-{max(med['spread'][k]):.3f})"
+            f"{' (chosen)' if k == med['chosen'] else ''}"
             for k in med
-            if k not in ("bare", "chosen")
+            if k not in ("bare", "chosen", "spread")
         )
         print(f"{a:>12} {cfg.global_batch // a:>5} {med['bare']:8.1f}  {ratios}   (goal <= 1.05)", flush=True)
         if a != args.accum[-1]:

@@ -1,0 +1,95 @@
+"""Issue 17's table in one command: every row as a ratio measured side by side in one run.
+
+Each section runs in its own fresh process (a trainer session and DeepSpeed's process group are
+per process), one after the other so they do not load the machine for each other; inside a section
+the two sides of every ratio are timed in the same rounds (interleaved), and each row prints the
+median over --rounds rounds and the spread (min-max of the per-round ratios).
+
+    .venv/bin/python bench/run_all.py [--rounds 5] [--only cli,step,data,start] [--json out.json]
+
+Sections: cli (bench_cli.py: status, reports, plan/estimate/--help at 10,000 runs, report loss),
+step (bench_step.py: trainer step vs a bare loop at accumulation 1/4/8/16), data (bench_data.py: the
+loader alone vs the trainer, 0/1/2 workers; start-up with vs without the shard index), start
+(bench_start.py: time to first step, local and 2-node slurm-local; comm-op rebuilds). Read the
+ratios, not the times: the machine's load moves both sides of a ratio alike. Figures: docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+SECTIONS = {"cli": "bench_cli", "step": "bench_step", "data": "bench_data", "start": "bench_start"}
+
+
+def section(module: str, rounds: int) -> list[dict[str, Any]]:
+    """`module.rows(rounds)` in a fresh interpreter; its rows come back as JSON through a file."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(BENCH)!r}); import {module} as m; "
+        f"rows = m.rows({rounds}); open({str(out)!r}, 'w').write(json.dumps(rows))"
+    )
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))} | dict(os.environ)
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            return [
+                {
+                    "name": f"{module}: failed",
+                    "ratio": None,
+                    "spread": None,
+                    "goal": None,
+                    "ok": False,
+                    "detail": tail[0][:300],
+                }
+            ]
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def line(row: dict[str, Any]) -> str:
+    ratio, spread, goal, ok = row.get("ratio"), row.get("spread"), row.get("goal"), row.get("ok")
+    fig = f"{ratio:7.3f}x" if isinstance(ratio, (int, float)) else f"{'-':>8}"
+    sp = f"{spread[0]:.3f}-{spread[1]:.3f}" if spread else "-"
+    verdict = "" if ok is None else ("ok" if ok else "NOT MET")
+    return f"{row['name'][:78]:<78} {fig} {sp:>13} {goal or 'measured':>9} {verdict:>7}  {row.get('detail', '')}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated: " + ",".join(SECTIONS))
+    ap.add_argument("--json", type=Path, help="also write every row here")
+    args = ap.parse_args()
+    picked = [s for s in args.only.split(",") if s]
+    unknown = [s for s in picked if s not in SECTIONS]
+    if unknown:
+        sys.exit(f"--only: unknown section {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
+    print(f"{'row':<78} {'ratio':>8} {'spread':>13} {'goal':>9} {'':>7}  detail", flush=True)
+    every = []
+    for name in picked:
+        t = time.perf_counter()
+        rows = section(SECTIONS[name], args.rounds)
+        for row in rows:
+            print(line(row), flush=True)
+        print(f"  ({name}: {len(rows)} rows, {args.rounds} rounds, {time.perf_counter() - t:.0f} s)", flush=True)
+        every += [{"section": name, **row} for row in rows]
+    if args.json:
+        args.json.write_text(json.dumps(every, indent=1))
+    missed = [r["name"] for r in every if r.get("ok") is False]
+    print(f"{len(every)} rows, {len(missed)} not met" + (": " + "; ".join(missed) if missed else ""))
+
+
+if __name__ == "__main__":
+    main()
