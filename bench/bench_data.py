@@ -34,6 +34,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -154,10 +155,11 @@ def rows(rounds: int = 5, config: str | None = None) -> list[dict[str, Any]]:
     with / without the shard index; all measured in this call, in alternating rounds."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
     session, stops = make_session(config or str(REPO / "configs" / "tiny.toml"), tmp)
+    feeds: dict[int, Any] = {}  # the trainer's iterators, one per worker count, live across rounds
     try:
         base = session.loader
         loaders = {k: with_workers(base, k) for k in WORKERS}
-        feeds = {k: iter(with_workers(base, k)) for k in WORKERS}  # the trainer's iterators live across rounds
+        feeds.update((k, iter(with_workers(base, k))) for k in WORKERS)
         for k in WORKERS:  # warm-up: workers started, first-call paths, allocator
             loader_rate(loaders[k])
             trainer_rate(session, feeds[k])
@@ -204,11 +206,12 @@ def rows(rounds: int = 5, config: str | None = None) -> list[dict[str, Any]]:
         )
         return out
     finally:
-        for it in feeds.values() if "feeds" in locals() else ():
+        for it in feeds.values():
             with contextlib.suppress(Exception):
                 it.close()
         session.close()
         stops.restore()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
