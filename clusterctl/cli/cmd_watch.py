@@ -13,7 +13,7 @@ def watch(
     runs: Optional[list[str]] = typer.Argument(None, help="Run ids, id prefixes or names (default: the active runs)."),
     interval: float = typer.Option(2.0, "--interval", "-n", min=0.2, max=3600, help="Seconds between refreshes."),
 ) -> None:
-    """Live view of runs: state, nodes, requeues, steps with ETA, loss sparklines, speed, data wait, GPU-hours, energy, log."""
+    """Live view of runs: state, nodes, requeues, steps with ETA, loss sparklines, speed, GPU-hours, energy, log."""
     from clusterctl.cli.live import watch_runs
     from clusterctl.runs.registry import Registry
 
