@@ -116,8 +116,11 @@ def measure(cfg, tmp: Path, accumulation: int, args) -> tuple[dict[str, float], 
         return step
 
     variants = {"bare": bare_step_fn(cfg, bare_batches)}
-    if hasattr(eng, "reduction"):  # DeepSpeed: both reductions, side by side
-        variants |= {r: vl(r) for r in ("coalesced", "per_micro_step")}
+    if hasattr(eng, "reduction"):  # DeepSpeed: both reductions, side by side (or the chosen one alone)
+        picked = (
+            [grad_reduction(cfg, "cpu")] if getattr(args, "chosen_only", False) else ["coalesced", "per_micro_step"]
+        )
+        variants |= {r: vl(r) for r in picked}
     else:
         variants["vltrain"] = vl("")
     for fn in variants.values():  # warm-up: allocator, first-call paths
@@ -140,7 +143,7 @@ def measure(cfg, tmp: Path, accumulation: int, args) -> tuple[dict[str, float], 
 def rows(rounds: int = 5, accum: tuple[int, ...] = (1, 4, 8, 16), steps: int = 10, config: str | None = None):
     """Issue 17's accumulation rows for bench/run_all.py: vltrain's step (the reduction it chooses) over
     the bare loop's, ratio of the medians, spread = min-max of the per-round ratios."""
-    args = argparse.Namespace(rounds=rounds, steps=steps)
+    args = argparse.Namespace(rounds=rounds, steps=steps, chosen_only=True)
     cfg, tmp = setup(config or str(REPO / "configs" / "tiny.toml"), [])
     out = []
     stops = None
