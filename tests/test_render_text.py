@@ -73,6 +73,9 @@ def test_table_columns_align_repeated_and_distinct_values_alike():
     assert text == _rows_one_by_one("gpu-hours by run", heads, cols, right)
     lines = text.splitlines()
     assert lines[5] == " run-000   1,024   registry" and lines[6] == " run-001      64   sacct"
+    for last in (hours, ["" if i % 7 else "5" for i in range(40)], ["1 " if i % 2 else "2" for i in range(40)]):
+        heads, cols, right = [["run"], ["GPU-h", "source"], ["x"]], [keys, source, last], [False, False, True]
+        assert table_text("t", heads, cols, right, 200) == _rows_one_by_one("t", heads, cols, right)
 
 
 def test_table_folds_long_keys_to_fit_and_lists_without_header_have_no_rule():

@@ -300,6 +300,24 @@ def test_run_rows_are_sql_rows_of_one_run():
     assert [r["carbon_intensity_g_per_kwh"] for r in mine][-2:] == [0.0, 0.0] and "-0.0" in json.dumps(mine[-1])
 
 
+def test_run_columns_are_the_rows_merged_by_key():
+    """The table's columns by run (usage.run_columns) hold the rows run_rows makes of the settled
+    runs and the rows of the others, in key order (a key in both: the fresh row)."""
+    from clusterctl.runs.usage import COLUMNS, run_columns, run_rows
+
+    def fig(k, h, kwh):  # run id, GPU-h, source, kWh, kg CO2, PUE, plan kWh, plan kg, measured, requeues, resumes
+        return (k, h, "sacct", kwh, kwh * 0.05, 1.2, 2.0, 0.1, 1, 0, 1)
+
+    settled = [fig("b", 8.0, 1.5), fig("d", 8.0, 1.5), fig("f", 4.123456789, 0.0)]  # sorted, as SQL gives them
+    others = run_rows([fig("g", 1.0, 2.0), fig("a", 2.0, 0.5), fig("d", 3.0, 0.25)])  # any order; "d" in both
+    want = sorted([r for r in run_rows(settled) if r["key"] != "d"] + others, key=lambda r: r["key"])
+    cols = run_columns(settled, others)
+    assert list(cols) == [*COLUMNS, "requeues", "resumes"]
+    assert [dict(zip(cols, values)) for values in zip(*cols.values())] == want
+    assert run_columns(settled, []) == {k: [r[k] for r in run_rows(settled)] for k in cols}
+    assert run_columns([], others)["key"] == ["a", "d", "g"] and run_columns([], [])["key"] == []
+
+
 def test_country_table_is_pycountrys():
     pycountry = pytest.importorskip("pycountry")
     from clusterctl.planning.iso3166 import ALPHA_3

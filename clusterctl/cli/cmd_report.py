@@ -21,17 +21,20 @@ from vltrain.common.errors import UserError
 app = typer.Typer(help="Energy, carbon, GPU-hour and loss reports.", no_args_is_help=True)
 
 
-def _rows(kind_by: str, run: Optional[str], profile: Optional[str], user: Optional[str], since, until, plot: bool):
+def _rows(
+    kind_by: str, run: Optional[str], profile: Optional[str], user: Optional[str], since, until, plot: bool, table: bool
+):
     """The report's rows and notes, and the runs (for --plot). Runs whose registry summary is settled
     are summed by SQL (Registry.settled_totals; by run, each run's figures: settled_runs); the
     others (active, just ended, never summarised) are refreshed from Slurm once, their files read,
     their summaries stored (runs.summaries), and added to the same groups. Filters are SQL's, on one
-    snapshot of the registry."""
+    snapshot of the registry. `table`: by run, the rows as the table reads them (usage.run_columns)."""
+    from bisect import bisect_left
     from operator import itemgetter
 
     from clusterctl.runs.history import current
     from clusterctl.runs.registry import Registry
-    from clusterctl.runs.usage import from_summary, group, parse_day, rows_of, run_rows, sql_row
+    from clusterctl.runs.usage import from_summary, group, parse_day, rows_of, run_columns, run_rows, sql_row
 
     lo = parse_day(since, "--since") if since else None
     hi = parse_day(until, "--until") if until else None
@@ -49,9 +52,18 @@ def _rows(kind_by: str, run: Optional[str], profile: Optional[str], user: Option
     cur = current(reg, stale)
     groups = group([from_summary(r, s) for r, s in cur.rows], kind_by)  # the runs that may still change
     runs = [r for r, _ in reg.index(**filters)] if plot else []
-    if by_run:  # a run is settled or not: its row is SQL's or made now, and the keys come sorted
-        rows = run_rows(t for t in totals if t[0] not in groups) + rows_of(groups)
-        rows.sort(key=itemgetter("key"))  # two sorted runs: one merge
+    if by_run and table:
+        return run_columns(totals, rows_of(groups)), runs, cur.notes
+    if by_run:  # the settled runs' rows, sorted by SQL; the few that may still change go into their places
+        rows = run_rows(totals)
+        keys = list(map(itemgetter("key"), rows))
+        for row in rows_of(groups):
+            i = bisect_left(keys, row["key"])
+            if i < len(keys) and keys[i] == row["key"]:  # not within one snapshot; as by group, the fresh row wins
+                rows[i] = row
+            else:
+                rows.insert(i, row)
+                keys.insert(i, row["key"])
         return rows, runs, cur.notes
     rows = {t[0]: sql_row(t) for t in totals if t[0] not in groups}
     for t in totals:
@@ -72,7 +84,7 @@ def _report(kind: str, run, profile, user, since, until, by, json_, csv_, plot) 
         from clusterctl.render.plots import check_target
 
         check_target(plot)
-    rows, runs, notes = _rows(by, run, profile, user, since, until, plot is not None)
+    rows, runs, notes = _rows(by, run, profile, user, since, until, plot is not None, table=not (json_ or csv_))
     if plot is not None:
         from clusterctl.render.plots import energy_plot
         from clusterctl.runs.usage import read_timeline

@@ -15,19 +15,23 @@ _SHOWN = ("key", "runs", "gpu_hours", "gpu_hours_source", "requeues", "resumes",
 SOURCES = {"sacct": "Slurm accounting", "registry": "start/end x GPUs", "none": "no times recorded"}
 
 
-def print_report(kind: str, by: str, rows: list[dict], width: int | None = None) -> None:
+def print_report(kind: str, by: str, rows: list[dict] | dict[str, list], width: int | None = None) -> None:
     """A table that fits the terminal (80 columns when output is not one): numbers are never cut,
     a key too long for its column continues on the next line. Columns whose value is the same on
     every row (GPU-h source, grid intensity, PUE: usually one per profile) move to the line under it.
+    `rows`: the report's rows, or the same as columns (name -> every row's value: usage.run_columns).
 
     Plain text laid out as rich's SIMPLE_HEAD table was (rich measured every cell: 97 % of a report
     over 10,000 runs), so 10,000 rows print in milliseconds."""
     say = output_text
-    if not rows:
+    if isinstance(rows, dict):
+        data = {k: v for k, v in rows.items() if k in _SHOWN}
+    else:  # the columns by name, each pulled out of the rows once (every row has the first's keys: usage.COLUMNS)
+        data = {k: list(map(itemgetter(k), rows)) for k in _SHOWN if rows and k in rows[0]}
+    n = len(data.get("key", ()))
+    if not n:
         say("no runs match: clusterctl submit --profile local")
         return
-    # the columns by name, each pulled out of the rows once (every row has the keys of the first: usage.COLUMNS)
-    data = {k: list(map(itemgetter(k), rows)) for k in _SHOWN if k in rows[0]}
     cols: list[tuple[str, str, float]] = [("runs", "runs", 1.0)] if by != "run" else []
     cols += [("gpu_hours", "GPU-h", 1.0), ("gpu_hours_source", "GPU-h\nsource", 1.0)]
     cols += [("requeues", "re-\nqueues", 1.0), ("resumes", "re-\nsumes", 1.0)]  # as status and watch count them
@@ -59,7 +63,7 @@ def print_report(kind: str, by: str, rows: list[dict], width: int | None = None)
                 + (" g/kWh" if key == "carbon_intensity_g_per_kwh" and v != "-" else "")
             )
             cols = [c for c in cols if c[0] != key]
-    columns = [_keys(data["key"])] + [_column(data.get(k, [None] * len(rows)), f) for k, _, f in cols]
+    columns = [_keys(data["key"])] + [_column(data.get(k, [None] * n), f) for k, _, f in cols]
     heads = [by.split("\n")] + [head.split("\n") for _, head, _ in cols]
     right = [False] + ["source" not in head for _, head, _ in cols]
     say(table_text(f"{kind} by {by}", heads, columns, right, width or _width()))

@@ -89,7 +89,11 @@ def table_text(
     w0, blank = widths[0], [""] * (n - 1)
     if max(map(len, uniq[0]), default=0) <= w0:  # no key folded: whole columns padded, rows joined
         cells = [_padded(c, u, w, r) for c, u, w, r in zip(columns, uniq, widths, right, strict=True)]
-        out.extend(map(str.rstrip, map(" ".__add__, map("   ".join, zip(*cells, strict=True)))))
+        cells[0] = list(map(" ".__add__, cells[0]))  # the space before the first column, on the short cell
+        rows = map("   ".join, zip(*cells, strict=True))
+        if not right[-1] or any(not v or v[-1].isspace() for v in uniq[-1]):  # else no row ends in a space
+            rows = map(str.rstrip, rows)
+        out.extend(rows)
         out.append("")
         return "\n".join(out)
     line = fmt.format

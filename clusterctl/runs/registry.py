@@ -625,11 +625,13 @@ class Registry:
         if not self.has_summaries:
             return []
         where, args = self._filters(run_id=run_id, profile=profile, user=user, since=since, until=until)
+        # the filters are on runs; without any, the summaries alone (every summary has its run: a
+        # trigger deletes it with the run) and no lookup of 10,000 runs
+        source = "runs r JOIN summaries s ON s.run_id = r.run_id" if where else "summaries s"
         where = f"{where} AND {_settled()}" if where else f"WHERE {_settled()}"
         return self._conn.execute(
-            "SELECT r.run_id, s.gpu_hours, s.gpu_hours_source, s.energy_kwh, s.co2_kg, s.pue, s.estimated_kwh, "
-            "s.estimated_co2_kg, s.energy_files > 0, s.requeues, s.resumes "
-            f"FROM runs r JOIN summaries s ON s.run_id = r.run_id {where} ORDER BY r.run_id",
+            "SELECT s.run_id, s.gpu_hours, s.gpu_hours_source, s.energy_kwh, s.co2_kg, s.pue, s.estimated_kwh, "
+            f"s.estimated_co2_kg, s.energy_files > 0, s.requeues, s.resumes FROM {source} {where} ORDER BY s.run_id",
             args,
         ).fetchall()
 
