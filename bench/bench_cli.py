@@ -158,31 +158,31 @@ ROWS = [
 ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=10_000)
-    ap.add_argument("--active", type=int, default=50)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--only", default="", help="comma-separated row keys: " + ",".join(k for k, *_ in ROWS) + ",loss")
-    ap.add_argument("--src", type=Path, default=REPO, help="the checkout whose clusterctl is measured")
-    ap.add_argument("--loss-mb", type=float, default=100.0)
-    ap.add_argument("--world", type=Path, help="build the world here, or reuse the one there (kept)")
-    args = ap.parse_args()
-    only = set(filter(None, args.only.split(",")))
+def measure(
+    rounds: int = 5,
+    runs: int = 10_000,
+    active: int = 50,
+    only: set[str] | None = None,
+    src: Path = REPO,
+    loss_mb: float = 100.0,
+    world: Path | None = None,
+    say=print,
+) -> dict:
+    """Build (or reuse) the world and time every picked row against `import typer`, interleaved, in
+    shuffled order each round. Returns times, ratios and peak RSS per row key."""
     rows = [r for r in ROWS if not only or r[0] in only]
     with_loss = not only or "loss" in only
-    src = args.src.resolve()
-
-    tmp = args.world or Path(tempfile.mkdtemp(prefix="bench-cli-"))
+    src = src.resolve()
+    tmp = world or Path(tempfile.mkdtemp(prefix="bench-cli-"))
     try:
         t = time.perf_counter()
         db = tmp / "registry.db"
         if not db.exists():
             tmp.mkdir(parents=True, exist_ok=True)
-            db = populate(src, tmp, args.runs, args.active)
+            db = populate(src, tmp, runs, active)
             loss_run(db, tmp, "loss-60k", 60_000)
-            loss_run(db, tmp, "loss-100m", int(args.loss_mb * 1e6))
-            print(f"world: {args.runs:,} runs ({args.active} active), written in {time.perf_counter() - t:.1f} s")
+            loss_run(db, tmp, "loss-100m", int(loss_mb * 1e6))
+            say(f"world: {runs:,} runs ({active} active), written in {time.perf_counter() - t:.1f} s")
         nobin = tmp / "nobin"
         nobin.mkdir(exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | {
@@ -205,7 +205,7 @@ def main() -> None:
         ratios: dict[str, list[float]] = {k: [] for k in cmds}
         rss: dict[str, list[float]] = {k: [] for k in cmds}
         order = list(cmds)
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             random.shuffle(order)
             ty = timed(typer_, env)[0]
             times["typer"].append(ty)
@@ -214,30 +214,79 @@ def main() -> None:
                 times[key].append(dt)
                 rss[key].append(mem)
                 ratios[key].append(dt / ty)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"python -c 'import typer': median {med['typer'] * 1000:.0f} ms over {args.rounds} rounds (interleaved)")
-        print(f"{'clusterctl':<34} {'median':>8} {'ratio':>7} {'spread':>13} {'goal':>6}  ")
-        for key, label, _, goal in rows:
-            r = ratios[key]
-            ok = "ok" if statistics.median(r) <= goal else "OVER"
-            print(
-                f"{label:<34} {med[key] * 1000:>6.0f}ms {statistics.median(r):>6.2f}x "
-                f"{min(r):>5.2f}-{max(r):<5.2f}x {goal:>5.1f}x  {ok}"
-            )
-        if with_loss:
-            lr = [a / b for a, b in zip(times["loss-100m"], times["loss-60k"], strict=True)]
-            mem = statistics.median(rss["loss-100m"]) / statistics.median(rss["loss-60k"])
-            print(
-                f"{'report loss 100 MB / 60 KB':<34} {med['loss-100m'] * 1000:>6.0f}ms {statistics.median(lr):>6.2f}x "
-                f"{min(lr):>5.2f}-{max(lr):<5.2f}x {2.0:>5.1f}x  {'ok' if statistics.median(lr) <= 2 else 'OVER'}"
-            )
-            print(
-                f"  (60 KB: {med['loss-60k'] * 1000:.0f} ms, {statistics.median(rss['loss-60k']):.0f} MiB peak; "
-                f"100 MB: {statistics.median(rss['loss-100m']):.0f} MiB peak, {mem:.2f}x)"
-            )
+        return {"rows": rows, "with_loss": with_loss, "times": times, "ratios": ratios, "rss": rss}
     finally:
-        if args.world is None:
+        if world is None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rows(rounds: int = 5) -> list[dict]:
+    """Issue 17's clusterctl rows for bench/run_all.py (name, ratio, spread, goal, ok, detail)."""
+    m = measure(rounds, say=lambda _: None)
+    med = {k: statistics.median(v) for k, v in m["times"].items()}
+    out = []
+    for key, label, _, goal in m["rows"]:
+        r = m["ratios"][key]
+        out.append(
+            {
+                "name": f"clusterctl {label} vs `import typer`",
+                "ratio": statistics.median(r),
+                "spread": (min(r), max(r)),
+                "goal": f"<= {goal:g}x",
+                "ok": statistics.median(r) <= goal,
+                "detail": f"{med[key] * 1000:.0f} ms vs {med['typer'] * 1000:.0f} ms",
+            }
+        )
+    if m["with_loss"]:
+        lr = [a / b for a, b in zip(m["times"]["loss-100m"], m["times"]["loss-60k"], strict=True)]
+        mem = statistics.median(m["rss"]["loss-100m"]) / statistics.median(m["rss"]["loss-60k"])
+        out.append(
+            {
+                "name": "clusterctl report loss, 100 MB metrics.jsonl vs 60 KB",
+                "ratio": statistics.median(lr),
+                "spread": (min(lr), max(lr)),
+                "goal": "<= 2x",
+                "ok": statistics.median(lr) <= 2 and mem <= 2,
+                "detail": f"peak memory {mem:.2f}x ({statistics.median(m['rss']['loss-100m']):.0f} MiB)",
+            }
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=10_000)
+    ap.add_argument("--active", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", default="", help="comma-separated row keys: " + ",".join(k for k, *_ in ROWS) + ",loss")
+    ap.add_argument("--src", type=Path, default=REPO, help="the checkout whose clusterctl is measured")
+    ap.add_argument("--loss-mb", type=float, default=100.0)
+    ap.add_argument("--world", type=Path, help="build the world here, or reuse the one there (kept)")
+    args = ap.parse_args()
+    only = set(filter(None, args.only.split(",")))
+    m = measure(args.rounds, args.runs, args.active, only, args.src, args.loss_mb, args.world)
+    times, ratios, rss = m["times"], m["ratios"], m["rss"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"python -c 'import typer': median {med['typer'] * 1000:.0f} ms over {args.rounds} rounds (interleaved)")
+    print(f"{'clusterctl':<34} {'median':>8} {'ratio':>7} {'spread':>13} {'goal':>6}  ")
+    for key, label, _, goal in m["rows"]:
+        r = ratios[key]
+        ok = "ok" if statistics.median(r) <= goal else "OVER"
+        print(
+            f"{label:<34} {med[key] * 1000:>6.0f}ms {statistics.median(r):>6.2f}x "
+            f"{min(r):>5.2f}-{max(r):<5.2f}x {goal:>5.1f}x  {ok}"
+        )
+    if m["with_loss"]:
+        lr = [a / b for a, b in zip(times["loss-100m"], times["loss-60k"], strict=True)]
+        mem = statistics.median(rss["loss-100m"]) / statistics.median(rss["loss-60k"])
+        print(
+            f"{'report loss 100 MB / 60 KB':<34} {med['loss-100m'] * 1000:>6.0f}ms {statistics.median(lr):>6.2f}x "
+            f"{min(lr):>5.2f}-{max(lr):<5.2f}x {2.0:>5.1f}x  {'ok' if statistics.median(lr) <= 2 else 'OVER'}"
+        )
+        print(
+            f"  (60 KB: {med['loss-60k'] * 1000:.0f} ms, {statistics.median(rss['loss-60k']):.0f} MiB peak; "
+            f"100 MB: {statistics.median(rss['loss-100m']):.0f} MiB peak, {mem:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

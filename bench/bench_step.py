@@ -4,7 +4,7 @@ Both loops get the same model (same seed), the same cached batches (the data loa
 both: it is the same code either way), torch AdamW with the same parameter groups and LR schedule,
 and gradient clipping at 1.0. vltrain's side is the trainer's own `train_step` on a real session
 (DeepSpeed ZeRO engine, loss bookkeeping, stop flags), built from configs/tiny.toml. The two are
-timed in alternating rounds (ABAB...) so that load from other processes hits both alike; the ratio
+timed in alternating steps (ABAB..., one step each in turn) so that load from other processes hits both alike; the ratio
 of the medians is printed, one row per accumulation (the global batch split into micro batch x
 accumulation on one rank); under DeepSpeed ZeRO-2 both gradient reductions (vltrain.engine.grad_reduction:
 coalesced, per micro step) are timed in the same rounds and the one the trainer chooses is marked.
@@ -96,7 +96,7 @@ def make_session(cfg, tmp: Path, name: str):
 
 def measure(cfg, tmp: Path, accumulation: int, args) -> tuple[dict[str, float], object, object]:
     """Median ms/step of the bare loop and of vltrain's step under each ZeRO-2 gradient reduction,
-    timed in alternating rounds (bare, coalesced, per micro step, bare, ...) on one session."""
+    timed one step each in turn (bare, coalesced, per micro step, bare, ...) on one session."""
     from vltrain.engine import grad_reduction
     from vltrain.loop import batch_split
 
@@ -128,8 +128,11 @@ def measure(cfg, tmp: Path, accumulation: int, args) -> tuple[dict[str, float], 
     times: dict[str, list[float]] = {k: [] for k in variants}
     rounds: dict[str, list[float]] = {k: [] for k in variants}  # each round's median, for the spread
     for _ in range(args.rounds):
-        for k, fn in variants.items():
-            t = timed(fn, args.steps)
+        this: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(args.steps):  # one step of each in turn: a disturbance hits all sides alike
+            for k, fn in variants.items():
+                this[k] += timed(fn, 1)
+        for k, t in this.items():
             times[k] += t
             rounds[k].append(statistics.median(t))
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
@@ -198,7 +201,7 @@ def main() -> None:
     print(
         f"{cfg.model} preset, global batch {cfg.global_batch} on one rank, {cfg.precision}, ZeRO stage "
         f"{cfg.zero_stage}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}; ms/step are medians of "
-        f"{args.rounds} x {args.steps} steps, variants timed in alternating rounds"
+        f"{args.rounds} x {args.steps} steps, variants timed one step each in turn"
     )
     print(f"{'accumulation':>12} {'micro':>5} {'bare ms':>8}  vltrain/bare by ZeRO-2 gradient reduction")
     session = stops = None
