@@ -1,0 +1,57 @@
+"""bench/run_all.py: every section it names exposes rows(rounds); a section that fails is a row that
+says so (not a traceback that hides the other sections); unknown sections are a one-line error.
+Timing itself is never asserted (that is the benchmark's job)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture
+def run_all(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("run_all")
+
+
+def test_every_section_has_rows(run_all):
+    for module in run_all.SECTIONS.values():
+        mod = importlib.import_module(module)
+        params = inspect.signature(mod.rows).parameters
+        assert next(iter(params)) == "rounds", module  # run_all calls rows(rounds)
+
+
+def test_a_failing_section_is_one_row_saying_so(run_all, tmp_path, monkeypatch):
+    (tmp_path / "bench_broken.py").write_text("def rows(rounds):\n    raise RuntimeError('no cluster here')\n")
+    monkeypatch.setattr(run_all, "BENCH", tmp_path)
+    rows = run_all.section("bench_broken", 1)
+    assert len(rows) == 1 and rows[0]["ok"] is False and "no cluster here" in rows[0]["detail"]
+    assert "NOT MET" in run_all.line(rows[0])
+
+
+def test_rows_come_back_and_print(run_all, tmp_path, monkeypatch):
+    (tmp_path / "bench_fine.py").write_text(
+        "def rows(rounds):\n"
+        "    return [{'name': 'x vs y', 'ratio': 1.5 + rounds, 'spread': [1.4, 1.9], 'goal': '<= 3x', 'ok': True,"
+        " 'detail': 'd'}]\n"
+    )
+    monkeypatch.setattr(run_all, "BENCH", tmp_path)
+    (row,) = run_all.section("bench_fine", 1)
+    assert row["ratio"] == 2.5
+    text = run_all.line(row)
+    assert "2.500x" in text and "1.400-1.900" in text and "<= 3x" in text and text.split()[-2] == "ok"
+
+
+def test_unknown_section_is_a_one_line_error():
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "run_all.py"), "--only", "cli,nope"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == ["--only: unknown section nope; allowed: cli, step, data, start"]
