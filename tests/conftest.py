@@ -42,3 +42,14 @@ def tiny_data(root: Path, n: int = 1200, vocab: int = 1000) -> tuple[Path, Path]
         r = run_cli(*args, prog="vltrain", timeout=300)
         assert r.returncode == 0, r.stderr
     return data, data / "tok.model"
+
+
+def trainer_shards(d: Path, holdout: int = 48) -> Path:
+    """The trainer tests' data in `d`: 256 synthetic pairs in 4 shards (32 px, seed 0), `holdout` of
+    them held out, and a 1,000-piece tokenizer `d/tok.model` (in-process: the library calls, not the CLI)."""
+    from vltrain.data.synth import write_synthetic_shards
+    from vltrain.tokenizer import train_tokenizer_from_shards
+
+    write_synthetic_shards(d / "shards", n=256, shards=4, seed=0, image_size=32, holdout=holdout)
+    train_tokenizer_from_shards(d / "shards", 1000, d / "tok.model")
+    return d

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO
+from tests.conftest import BIN, REPO, trainer_shards
 from tests.test_trainer_run import ENV, _free_port, jsonl, torchrun, write_config
 
 
@@ -67,13 +67,7 @@ def test_deepspeed_fp16_on_a_cpu_without_fp16_is_one_line():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from vltrain.data.synth import write_synthetic_shards
-    from vltrain.tokenizer import train_tokenizer_from_shards
-
-    d = tmp_path_factory.mktemp("fp16-data")
-    write_synthetic_shards(d / "shards", n=256, shards=4, seed=0, image_size=32, holdout=0)
-    train_tokenizer_from_shards(d / "shards", 1000, d / "tok.model")
-    return d
+    return trainer_shards(tmp_path_factory.mktemp("fp16-data"), holdout=0)
 
 
 def assert_settles_then_learns(run: Path) -> None:

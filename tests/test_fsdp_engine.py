@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import trainer_shards
 from tests.test_trainer_run import (
     assert_same_weights,
     error_line,
@@ -29,13 +30,7 @@ KEYS = ("loss", "itc", "mlm", "caption", "lr", "grad_norm")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from vltrain.data.synth import write_synthetic_shards
-    from vltrain.tokenizer import train_tokenizer_from_shards
-
-    d = tmp_path_factory.mktemp("fsdp-data")
-    write_synthetic_shards(d / "shards", n=256, shards=4, seed=0, image_size=32, holdout=48)
-    train_tokenizer_from_shards(d / "shards", 1000, d / "tok.model")
-    return d
+    return trainer_shards(tmp_path_factory.mktemp("fsdp-data"))
 
 
 def config(path: Path, data: Path, strategy: str = "fsdp", **top) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO
+from tests.conftest import BIN, REPO, trainer_shards
 from tests.test_fsdp_engine import KEYS, assert_close_runs, config, train, values
 from tests.test_trainer_run import (
     ENV,
@@ -44,13 +44,7 @@ main()
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from vltrain.data.synth import write_synthetic_shards
-    from vltrain.tokenizer import train_tokenizer_from_shards
-
-    d = tmp_path_factory.mktemp("pp-data")
-    write_synthetic_shards(d / "shards", n=256, shards=4, seed=0, image_size=32, holdout=48)
-    train_tokenizer_from_shards(d / "shards", 1000, d / "tok.model")
-    return d
+    return trainer_shards(tmp_path_factory.mktemp("pp-data"))
 
 
 def train_padded(nproc: int, cfg: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, trainer_shards
 from tests.test_trainer_run import jsonl, write_config
 from vltrain.common.errors import UserError
 from vltrain.config import LossConfig, load_train_config, parse_train_config
@@ -133,13 +133,7 @@ ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from vltrain.data.synth import write_synthetic_shards
-    from vltrain.tokenizer import train_tokenizer_from_shards
-
-    d = tmp_path_factory.mktemp("stages-data")
-    write_synthetic_shards(d / "shards", n=256, shards=4, seed=0, image_size=32, holdout=48)
-    train_tokenizer_from_shards(d / "shards", 1000, d / "tok.model")
-    return d
+    return trainer_shards(tmp_path_factory.mktemp("stages-data"))
 
 
 def _write(path: Path, data: Path, **top) -> Path:

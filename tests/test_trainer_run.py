@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from tests.conftest import BIN, REPO, run_cli
+from tests.conftest import BIN, REPO, run_cli, trainer_shards
 
 pytestmark = pytest.mark.slow
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -28,13 +28,7 @@ STEPS_1P, STEPS_2P = 6, 12
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from vltrain.data.synth import write_synthetic_shards
-    from vltrain.tokenizer import train_tokenizer_from_shards
-
-    d = tmp_path_factory.mktemp("trainer-data")
-    write_synthetic_shards(d / "shards", n=256, shards=4, seed=0, image_size=32, holdout=48)
-    train_tokenizer_from_shards(d / "shards", 1000, d / "tok.model")
-    return d
+    return trainer_shards(tmp_path_factory.mktemp("trainer-data"))
 
 
 def write_config(path: Path, data_dir: Path, **top) -> Path:

@@ -86,10 +86,6 @@ def summarize(
         elapsed += e
         gpu_s += g
     state = run.state
-    batch = _num(run.plan.get("global_batch", run.config.get("global_batch")))
-    eta = None
-    if state == RunState.RUNNING and step is not None and sps and batch:
-        eta = max(0.0, run.total_steps - step) * batch / sps
     last = jobs[-1] if jobs else None
     return RunStatus(
         run_id=run.run_id,
@@ -105,7 +101,7 @@ def summarize(
         total_steps=run.total_steps,
         loss=loss,
         samples_per_s=sps,
-        eta_s=eta,
+        eta_s=eta_s(run, step, sps),
         elapsed_s=elapsed,
         gpu_hours=gpu_s / 3600.0,
         alloc_gpus=(last.alloc_gpus if last else None) or run.gpus,
@@ -115,6 +111,14 @@ def summarize(
         created_at=run.created_at,
         reason=reason,
     )
+
+
+def eta_s(run: RunRecord, step: float | None, samples_per_s: float | None) -> float | None:
+    """Seconds left for a running run at its logged speed (None when not running or not known)."""
+    batch = _num(run.plan.get("global_batch", run.config.get("global_batch")))
+    if run.state != RunState.RUNNING or step is None or not samples_per_s or not batch:
+        return None
+    return max(0.0, run.total_steps - step) * batch / samples_per_s
 
 
 def _num(v: Any, finite: bool = True) -> float | None:
@@ -202,10 +206,6 @@ def why_ended(run: RunRecord, jobs: list[JobRecord]) -> str | None:
 def from_summary(run: RunRecord, s: Any) -> RunStatus:
     """The status row of a run from its summary (runs.summaries): the same figures as `summarize`
     (usage.job_time, the last metrics record, why_ended), read from the registry."""
-    batch = _num(run.plan.get("global_batch", run.config.get("global_batch")))
-    eta = None
-    if run.state == RunState.RUNNING and s.step is not None and s.samples_per_s and batch:
-        eta = max(0.0, run.total_steps - s.step) * batch / s.samples_per_s
     return RunStatus(
         run_id=run.run_id,
         name=run.name,
@@ -220,7 +220,7 @@ def from_summary(run: RunRecord, s: Any) -> RunStatus:
         total_steps=run.total_steps,
         loss=s.loss,
         samples_per_s=s.samples_per_s,
-        eta_s=eta,
+        eta_s=eta_s(run, s.step, s.samples_per_s),
         elapsed_s=s.elapsed_s,
         gpu_hours=s.gpu_hours,
         alloc_gpus=s.alloc_gpus or run.gpus,
