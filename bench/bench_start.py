@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 SLURM_CONF = "/var/tmp/clusterctl-slurm/etc/slurm.conf"
 
@@ -101,11 +102,11 @@ def time_to_first_step(profile: str, data: Path, work: Path, env: dict[str, str]
     if first is None:
         raise RuntimeError(f"{profile}: no first step within 600 s ({run_dir})")
     started = start_event(run_dir / "events.jsonl") or first["time"]
-    wait_until_ended(run_dir, env, work)
+    wait_until_ended(run_dir)
     return first["time"] - t0, started - t0
 
 
-def wait_until_ended(run_dir: Path, env: dict[str, str], work: Path) -> None:
+def wait_until_ended(run_dir: Path) -> None:
     """The 2-step run ends by itself; wait for its final checkpoint so rounds do not overlap."""
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -120,7 +121,6 @@ def wait_until_ended(run_dir: Path, env: dict[str, str], work: Path) -> None:
 
 def extension_builds() -> dict[str, int]:
     """mtime of every built extension in this environment's cache (vltrain.distenv.extensions_dir)."""
-    sys.path.insert(0, str(REPO))
     from vltrain.distenv import extensions_dir
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or extensions_dir(sys.prefix, os.environ, "cpu"))
