@@ -172,7 +172,10 @@ out = {
 }
 eng.train_step([batch()], keys)
 out["then_applied"] = eng.skipped_steps - skipped0 == 1 and not all(torch.equal(a, b) for a, b in zip(w1, local()))
-print("RESULT " + json.dumps(out), flush=True)
+# one write per line: under PYTHONUNBUFFERED print() writes the text and its newline apart, and the
+# two ranks share torchrun's stdout (their lines ran together once in CI)
+sys.stdout.write("RESULT " + json.dumps(out) + "\\n")
+sys.stdout.flush()
 """
 
 
