@@ -6,8 +6,9 @@ and gradient clipping at 1.0. vltrain's side is the trainer's own `train_step` o
 (DeepSpeed ZeRO engine, loss bookkeeping, stop flags), built from configs/tiny.toml. The two are
 timed in alternating steps (ABAB..., one step each in turn) so that load from other processes hits both alike; the ratio
 of the medians is printed, one row per accumulation (the global batch split into micro batch x
-accumulation on one rank); under DeepSpeed ZeRO-2 both gradient reductions (vltrain.engine.grad_reduction:
-coalesced, per micro step) are timed in the same rounds and the one the trainer chooses is marked.
+accumulation on one rank); under DeepSpeed ZeRO-2 the trainer's choice (one fp32 rank: stage 1 without gradient
+hooks, vltrain.dsconfig.one_rank_zero) and ZeRO-2 with its hooks under both reductions (vltrain.engine.grad_reduction:
+coalesced, per micro step) are timed in the same rounds.
 --profile adds a cProfile of vltrain's step by where the time goes.
 
     OMP_NUM_THREADS=2 python bench/bench_step.py [--config configs/tiny.toml] [--accum 1 4 8 16] [--rounds 5]
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -84,45 +86,55 @@ def timed(step, n: int) -> list[float]:
     return out
 
 
-def make_session(cfg, tmp: Path, name: str):
+def make_session(cfg, tmp: Path, name: str, reduction: str = "auto"):
+    """A trainer session as `vltrain train` builds it; `reduction` as VLTRAIN_GRAD_REDUCTION would set it
+    (auto: the trainer's choice; coalesced / per_micro_step: ZeRO-2's gradient hooks kept on one rank)."""
     from vltrain import distenv
     from vltrain.loop import Session, StopRequests
     from vltrain.metrics import EventLog
+    from vltrain.rundir import GRAD_REDUCTION
 
     (tmp / name).mkdir()
     stops = StopRequests()
-    return Session(cfg, tmp / name, distenv.current(), EventLog(tmp / name, False, 0), stops), stops
+    saved = os.environ.get(GRAD_REDUCTION)
+    os.environ[GRAD_REDUCTION] = reduction
+    try:
+        return Session(cfg, tmp / name, distenv.current(), EventLog(tmp / name, False, 0), stops), stops
+    finally:
+        os.environ.pop(GRAD_REDUCTION)
+        if saved is not None:
+            os.environ[GRAD_REDUCTION] = saved
 
 
-def measure(cfg, tmp: Path, accumulation: int, args) -> tuple[dict[str, float], object, object]:
-    """Median ms/step of the bare loop and of vltrain's step under each ZeRO-2 gradient reduction,
-    timed one step each in turn (bare, coalesced, per micro step, bare, ...) on one session."""
-    from vltrain.engine import grad_reduction
+def describe(eng) -> str:
+    """How a DeepSpeed session reduces gradients, in words for the rows."""
+    if getattr(eng, "stage", None) is None:
+        return "vltrain"
+    if eng.stage == 1 and eng.cfg.zero_stage == 2:
+        return "ZeRO-2 on one rank as stage 1, no gradient hooks"
+    return f"ZeRO-{eng.stage}, {eng.reduction.replace('_', ' ')} reduction"
+
+
+def measure(cfg, tmp: Path, accumulation: int, args) -> tuple[dict[str, Any], list]:
+    """Median ms/step of the bare loop and of vltrain's step, timed one step each in turn (bare, vltrain,
+    ..., bare, ...). Under DeepSpeed ZeRO-2 (unless args.chosen_only) also ZeRO-2's two reductions with its
+    gradient hooks kept (the trainer's choice before vltrain.dsconfig.one_rank_zero), as sessions apart."""
     from vltrain.loop import batch_split
 
     cfg = dataclasses.replace(cfg, micro_batch=cfg.global_batch // accumulation, accumulation=accumulation)
     split = batch_split(cfg, 1)
-    session, stops = make_session(cfg, tmp, f"run-a{accumulation}")
-    cached = list(itertools.islice(iter(session.loader), 4 * split.accumulation))
-    vl_batches, bare_batches = itertools.cycle(cached), itertools.cycle(cached)
-    eng = session.engine
+    picked = ["auto"]
+    if cfg.parallel.strategy == "deepspeed" and cfg.zero_stage == 2 and not getattr(args, "chosen_only", False):
+        picked += ["coalesced", "per_micro_step"]
+    sessions = {r: make_session(cfg, tmp, f"run-a{accumulation}-{r}", r) for r in picked}
+    cached = list(itertools.islice(iter(sessions["auto"][0].loader), 4 * split.accumulation))
 
-    def vl(reduction: str):
-        def step():
-            if reduction:
-                eng.reduction = reduction
-            session.train_step(vl_batches)
+    def vl(session):
+        batches = itertools.cycle(cached)
+        return lambda: session.train_step(batches)
 
-        return step
-
-    variants = {"bare": bare_step_fn(cfg, bare_batches)}
-    if hasattr(eng, "reduction"):  # DeepSpeed: both reductions, side by side (or the chosen one alone)
-        picked = (
-            [grad_reduction(cfg, "cpu")] if getattr(args, "chosen_only", False) else ["coalesced", "per_micro_step"]
-        )
-        variants |= {r: vl(r) for r in picked}
-    else:
-        variants["vltrain"] = vl("")
+    variants = {"bare": bare_step_fn(cfg, itertools.cycle(cached))}
+    variants |= {r: vl(session) for r, (session, _) in sessions.items()}
     for fn in variants.values():  # warm-up: allocator, first-call paths
         timed(fn, 3)
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -137,37 +149,32 @@ def measure(cfg, tmp: Path, accumulation: int, args) -> tuple[dict[str, float], 
             rounds[k].append(statistics.median(t))
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     spread = {k: [a / b for a, b in zip(v, rounds["bare"], strict=True)] for k, v in rounds.items()}
-    chosen = grad_reduction(cfg, "cpu") if hasattr(eng, "reduction") else "vltrain"
-    if hasattr(eng, "reduction"):
-        eng.reduction = chosen
-    return med | {"chosen": chosen, "spread": spread}, session, stops
+    words = {r: describe(session.engine) for r, (session, _) in sessions.items()}
+    return {"ms": med, "spread": spread, "words": words}, [stops for _, stops in sessions.values()]
 
 
 def rows(rounds: int = 5, accum: tuple[int, ...] = (1, 4, 8, 16), steps: int = 10, config: str | None = None):
-    """Issue 17's accumulation rows for bench/run_all.py: vltrain's step (the reduction it chooses) over
-    the bare loop's, ratio of the medians, spread = min-max of the per-round ratios."""
+    """Issue 17's accumulation rows for bench/run_all.py: vltrain's step (what the trainer runs) over the
+    bare loop's, ratio of the medians, spread = min-max of the per-round ratios."""
     args = argparse.Namespace(rounds=rounds, steps=steps, chosen_only=True)
     cfg, tmp = setup(config or str(REPO / "configs" / "tiny.toml"), [])
     out = []
-    stops = None
     for a in accum:
-        if stops is not None:
-            stops.restore()
-        med, _, stops = measure(cfg, tmp, a, args)
-        k = med["chosen"]
-        ratio = med[k] / med["bare"]
+        m, stops = measure(cfg, tmp, a, args)
+        for s in reversed(stops):  # signal handlers back, last installed first
+            s.restore()
+        ratio = m["ms"]["auto"] / m["ms"]["bare"]
         out.append(
             {
                 "name": f"trainer step vs a bare PyTorch loop, tiny, accumulation {a}",
                 "ratio": ratio,
-                "spread": (min(med["spread"][k]), max(med["spread"][k])),
+                "spread": (min(m["spread"]["auto"]), max(m["spread"]["auto"])),
                 "goal": f"<= {GOAL:g}x",
                 "ok": ratio <= GOAL,
-                "detail": f"bare {med['bare']:.0f} ms/step, vltrain {med[k]:.0f} ms/step ({k} ZeRO-2 reduction)",
+                "detail": f"bare {m['ms']['bare']:.0f} ms/step, vltrain {m['ms']['auto']:.0f} ms/step "
+                f"({m['words']['auto']})",
             }
         )
-    if stops is not None:
-        stops.restore()
     return out
 
 
@@ -203,22 +210,24 @@ def main() -> None:
         f"{cfg.zero_stage}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}; ms/step are medians of "
         f"{args.rounds} x {args.steps} steps, variants timed one step each in turn"
     )
-    print(f"{'accumulation':>12} {'micro':>5} {'bare ms':>8}  vltrain/bare by ZeRO-2 gradient reduction")
-    session = stops = None
+    print(f"{'accumulation':>12} {'micro':>5} {'bare ms':>8}  vltrain/bare (min-max of the rounds)")
     for a in args.accum:
-        med, session, stops = measure(cfg, tmp, a, args)
+        m, stops = measure(cfg, tmp, a, args)
         ratios = "  ".join(
-            f"{k} {med[k] / med['bare']:.3f} ({min(med['spread'][k]):.3f}-{max(med['spread'][k]):.3f})"
-            f"{' (chosen)' if k == med['chosen'] else ''}"
-            for k in med
-            if k not in ("bare", "chosen", "spread")
+            f"{m['words'][k]}{' (chosen)' if k == 'auto' else ''} {m['ms'][k] / m['ms']['bare']:.3f} "
+            f"({min(m['spread'][k]):.3f}-{max(m['spread'][k]):.3f})"
+            for k in m["words"]
         )
-        print(f"{a:>12} {cfg.global_batch // a:>5} {med['bare']:8.1f}  {ratios}   (goal <= 1.05)", flush=True)
-        if a != args.accum[-1]:
-            stops.restore()
-    if args.profile and session is not None:
+        print(f"{a:>12} {cfg.global_batch // a:>5} {m['ms']['bare']:8.1f}  {ratios}   (goal <= {GOAL:g})", flush=True)
+        for s in reversed(stops):  # signal handlers back, last installed first
+            s.restore()
+    if args.profile:
+        a = args.accum[-1]
+        session, stops = make_session(
+            dataclasses.replace(cfg, micro_batch=cfg.global_batch // a, accumulation=a), tmp, "profiled"
+        )
         profile(session, args.steps)
-    stops.restore()
+        stops.restore()
 
 
 def profile(session, steps: int) -> None:

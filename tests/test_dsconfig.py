@@ -127,3 +127,29 @@ def test_zero_0_keeps_deepspeeds_bf16_accumulation():
     assert _ds(d).zero_optimization_stage == 0
     d1 = deepspeed_config(TrainConfig(model="tiny", precision="bf16", zero_stage=1), 2, 2, 1, device="cuda")
     assert d1["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_one_fp32_rank_runs_zero_as_stage_1_without_gradient_hooks(device):
+    """One data-parallel rank in fp32: stage 1 with neither contiguous gradients nor overlap_comm (each
+    makes DeepSpeed hook every gradient), a config DeepSpeed's own parser reads as such; at two ranks, under
+    bf16 (DeepSpeed would switch optimizer: BF16_Optimizer at stage 1) and with an explicit
+    VLTRAIN_GRAD_REDUCTION, ZeRO-2 as asked."""
+    from vltrain.dsconfig import one_rank_zero
+
+    def ds(world, reduction=None, **kw):
+        cfg = TrainConfig(**({"model": "tiny", "precision": "fp32", "zero_stage": 2} | kw))
+        d = deepspeed_config(cfg, 2, 4, world, device=device, reduction=reduction)
+        assert d["train_batch_size"] == 8 * world
+        c = _ds(d | {"train_batch_size": 8})  # the parser checks the batch against this process's world: 1
+        return c.zero_optimization_stage, c.zero_config.contiguous_gradients, c.zero_config.overlap_comm
+
+    assert ds(1) == (1, False, False)
+    assert ds(1, zero_stage=1) == (1, False, False)
+    assert ds(1, "auto") == (1, False, False)
+    assert ds(2) == (2, True, device == "cuda")
+    assert ds(1, precision="bf16") == (2, True, device == "cuda")
+    assert ds(1, zero_stage=0)[0] == 0
+    assert ds(1, "per_micro_step") == ds(1, "coalesced") == (2, True, device == "cuda")
+    assert one_rank_zero(TrainConfig(model="tiny", precision="fp32"), 1)
+    assert not one_rank_zero(TrainConfig(model="tiny", precision="fp32", zero_stage=3), 1)

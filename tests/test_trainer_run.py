@@ -271,33 +271,81 @@ def test_exact_resume_two_processes(full_run_2p, data, tmp_path):
     assert_same_weights(final_weights(run), final_weights(full_run_2p))
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_coalesced_gradient_reduction_trains_as_the_per_micro_step_one(data, tmp_path, monkeypatch, nproc):
-    """ZeRO-2, fp32, accumulation 4: the reduction the trainer chooses on CPU (coalesced: each rank sums
-    its micro steps, one reduction) against DeepSpeed's per-micro-step one (a reduction per micro step,
-    summed into the partition). One rank: bit-identical (the same sums in the same order). Two ranks:
-    the rank sums are added in another order, so every logged value within 1e-6 relative (measured
-    1.6e-7 over 4 steps) and every weight within 1e-5, as FSDP vs DeepSpeed (tests/test_fsdp_engine.py;
-    measured <= 3.0e-6 on the attention k biases, whose exact gradient is zero so Adam normalises
-    rounding noise, <= 8e-7 elsewhere). A lost micro step, a missing 1/accumulation or a reduction left
-    out differs by >= 1e-3."""
+def start_event(run_dir: Path) -> dict:
+    return next(e for e in jsonl(run_dir / "events.jsonl") if e["event"] in ("start", "resume"))
+
+
+def test_one_fp32_rank_runs_zero2_without_gradient_hooks_bit_identically(data, tmp_path, monkeypatch):
+    """ZeRO-2, fp32, one rank, accumulation 4: what the trainer chooses (auto: DeepSpeed's stage 1 without
+    gradient hooks, vltrain.dsconfig.one_rank_zero) against ZeRO-2's own hooks, reducing per micro step
+    and coalesced (VLTRAIN_GRAD_REDUCTION forces them): every logged value and every weight bit-identical
+    (one rank: the same sums in the same order). A lost micro step, a missing 1/accumulation or a
+    reduction left out differs by >= 1e-3."""
+    runs = {}
+    for reduction in ("auto", "per_micro_step", "coalesced"):
+        monkeypatch.setenv("VLTRAIN_GRAD_REDUCTION", reduction)
+        cfg = write_config(tmp_path / f"{reduction}.toml", data, accumulation=4, precision="fp32", steps=4)
+        r = vltrain("train", "--config", str(cfg), "--run-dir", str(tmp_path / reduction))
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[reduction] = tmp_path / reduction
+    ran = {k: (start_event(v)["zero_stage_run"], start_event(v)["grad_reduction"]) for k, v in runs.items()}
+    assert ran == {
+        "auto": (1, "per_micro_step"),
+        "per_micro_step": (2, "per_micro_step"),
+        "coalesced": (2, "coalesced"),
+    }
+    assert trajectory(runs["auto"]).keys() == {1, 2, 3, 4}
+    for other in ("per_micro_step", "coalesced"):
+        assert trajectory(runs["auto"]) == trajectory(runs[other])
+        assert_same_weights(final_weights(runs["auto"]), final_weights(runs[other]))
+
+
+def test_a_one_rank_zero2_checkpoint_resumes_without_gradient_hooks(data, tmp_path, monkeypatch):
+    """A run of one fp32 rank checkpointed under ZeRO-2's hooks (as every such run was before
+    one_rank_zero, or forced by VLTRAIN_GRAD_REDUCTION) resumes under the hookless stage 1, and the
+    reverse, each with the trajectory and weights of an uninterrupted run: the checkpoint files hold the
+    same single partition either way."""
+    cfg = write_config(tmp_path / "cfg.toml", data, accumulation=4, precision="fp32", steps=4, checkpoint_every=2)
+    monkeypatch.setenv("VLTRAIN_GRAD_REDUCTION", "auto")
+    full = tmp_path / "full"
+    assert vltrain("train", "--config", str(cfg), "--run-dir", str(full)).returncode == 0
+    for first, then in (("per_micro_step", "auto"), ("auto", "coalesced")):
+        run = tmp_path / f"{first}-then-{then}"
+        monkeypatch.setenv("VLTRAIN_GRAD_REDUCTION", first)
+        r = vltrain("train", "--config", str(cfg), "--run-dir", str(run), "--stop-after", "2")
+        assert r.returncode == 0, r.stderr[-3000:]
+        monkeypatch.setenv("VLTRAIN_GRAD_REDUCTION", then)
+        r = vltrain("train", "--config", str(cfg), "--run-dir", str(run))
+        assert r.returncode == 0, r.stderr[-3000:]
+        stages = [e["zero_stage_run"] for e in jsonl(run / "events.jsonl") if e["event"] in ("start", "resume")]
+        assert stages == ([2, 1] if first == "per_micro_step" else [1, 2])
+        assert ("resume", 2) in events(run)
+        assert trajectory(run) == trajectory(full)
+        assert_same_weights(final_weights(run), final_weights(full))
+
+
+def test_coalesced_gradient_reduction_trains_as_the_per_micro_step_one(data, tmp_path, monkeypatch):
+    """ZeRO-2, fp32, accumulation 4, two ranks: the reduction the trainer chooses on CPU (coalesced: each
+    rank sums its micro steps, one reduction) against DeepSpeed's per-micro-step one (a reduction per
+    micro step, summed into the partition). The rank sums are added in another order, so every logged
+    value within 1e-6 relative (measured 1.6e-7 over 4 steps) and every weight within 1e-5, as FSDP vs
+    DeepSpeed (tests/test_fsdp_engine.py; measured <= 3.0e-6 on the attention k biases, whose exact
+    gradient is zero so Adam normalises rounding noise, <= 8e-7 elsewhere). A lost micro step, a missing
+    1/accumulation or a reduction left out differs by >= 1e-3. (One rank: the test above.)"""
     import torch
 
     runs = {}
     for reduction in ("per_micro_step", "auto"):
         monkeypatch.setenv("VLTRAIN_GRAD_REDUCTION", reduction)
         cfg = write_config(tmp_path / f"{reduction}.toml", data, accumulation=4, precision="fp32", steps=4)
-        args = ("train", "--config", str(cfg), "--run-dir", str(tmp_path / reduction))
-        r = torchrun(2, *args) if nproc == 2 else vltrain(*args)
+        r = torchrun(2, "train", "--config", str(cfg), "--run-dir", str(tmp_path / reduction))
         assert r.returncode == 0, r.stderr[-3000:]
         runs[reduction] = tmp_path / reduction
+    assert start_event(runs["auto"])["grad_reduction"] == "coalesced"
+    assert start_event(runs["auto"])["zero_stage_run"] == 2
     a, b = trajectory(runs["auto"]), trajectory(runs["per_micro_step"])
     wa, wb = final_weights(runs["auto"]), final_weights(runs["per_micro_step"])
     assert a.keys() == b.keys() == {1, 2, 3, 4}
-    if nproc == 1:
-        assert a == b
-        assert_same_weights(wa, wb)
-        return
     worst = max(abs(x - y) / abs(y) for s in a for x, y in zip(a[s], b[s], strict=True) if y)
     assert wa.keys() == wb.keys()
     far = sorted((float((wa[k] - wb[k]).abs().max()), k) for k in wa)[-3:]

@@ -358,5 +358,10 @@ def test_zero2_reduces_once_per_step_only_where_the_sum_is_as_exact():
     assert grad_reduction(cfg(), "cpu", "per_micro_step") == "per_micro_step"
     assert grad_reduction(cfg(precision="bf16"), "cuda", "coalesced") == "coalesced"
     assert grad_reduction(cfg(zero_stage=0), "cpu", "coalesced") == "per_micro_step"
+    # the stage DeepSpeed runs decides, not the config's: one fp32 rank runs ZeRO-2 as stage 1
+    assert (
+        grad_reduction(cfg(), "cpu", stage=1) == grad_reduction(cfg(), "cpu", "coalesced", stage=1) == "per_micro_step"
+    )
+    assert grad_reduction(cfg(zero_stage=1), "cpu", stage=2) == "coalesced"
     with pytest.raises(UserError, match="VLTRAIN_GRAD_REDUCTION: 'once' is not valid; allowed: auto, coalesced"):
         grad_reduction(cfg(), "cpu", "once")

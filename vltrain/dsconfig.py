@@ -50,6 +50,22 @@ def warmup_steps(cfg: TrainConfig) -> int:
     return round(cfg.optim.warmup_fraction * cfg.steps)
 
 
+def one_rank_zero(cfg: TrainConfig, world_size: int, reduction: str | None = None) -> bool:
+    """Whether ZeRO 1-2 runs as DeepSpeed's stage 1 without gradient hooks: one rank, fp32; pure.
+
+    One data-parallel rank partitions nothing and reduces with no one, yet ZeRO-2 (and stage 1 with
+    contiguous gradients or overlap_comm) hooks every parameter's gradient: copy into a bucket, count the
+    parameters taking part in backward, reduce when a bucket fills. On the tiny model that is 117 hooks
+    and ~2 ms of Python per micro step, 1.13x a bare PyTorch loop at accumulation 16 against 1.05x
+    without (bench/bench_step.py, one run side by side). Stage 1 without them keeps DeepSpeed's ZeRO
+    optimizer, its single fp32 partition (one rank: the whole model), AdamW and checkpoint files (only
+    the stage recorded in them differs, and a ZeRO-2 checkpoint of one rank resumes into it), and trains
+    bit-identically (tests/test_trainer_run.py). fp32 only: under bf16 DeepSpeed runs stage 1 through
+    another optimizer (BF16_Optimizer) with another checkpoint layout. An explicit reduction
+    (VLTRAIN_GRAD_REDUCTION coalesced or per_micro_step) keeps ZeRO-2's hooks, to compare them."""
+    return world_size == 1 and cfg.precision == "fp32" and cfg.zero_stage in (1, 2) and reduction in (None, "", "auto")
+
+
 def deepspeed_config(
     cfg: TrainConfig,
     micro_batch: int,
@@ -58,22 +74,25 @@ def deepspeed_config(
     *,
     device: str = "cpu",
     params: int | None = None,
+    reduction: str | None = None,
 ) -> dict[str, Any]:
     """DeepSpeed JSON config (plain dict) for this run's batch split on `device` ('cuda' | 'cpu'); pure.
 
     On CUDA, gradient reduction overlaps backward (overlap_comm; it needs CUDA streams). Gradients are
     accumulated and reduced in fp32 under bf16 and fp16: bf16 keeps 8 bits of mantissa, and summing the
     seeds' 8-16 micro steps in it errs by 0.4-0.5% of the gradient, 2.6-3.7x what fp32 accumulation of
-    the same bf16 gradients does, growing with the steps (tests/test_dsconfig.py measures it). torch's AdamW is in
+    the same bf16 gradients does, growing with the steps (tests/test_dsconfig.py measures it). One fp32
+    rank runs ZeRO 1-2 as stage 1 without gradient hooks (one_rank_zero). torch's AdamW is in
     DeepSpeed's list of ZeRO-supported optimizers, so no "untested optimizer" flag is needed.
     """
     bucket = bucket_elements(params)
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    hookless = one_rank_zero(cfg, world_size, reduction)
+    zero: dict[str, Any] = {"stage": 1 if hookless else cfg.zero_stage}
     if cfg.zero_stage >= 1:
         zero.update(
             {
-                "overlap_comm": device == "cuda",
-                "contiguous_gradients": True,  # avoids fragmentation at scale
+                "overlap_comm": device == "cuda" and not hookless,
+                "contiguous_gradients": not hookless,  # avoids fragmentation at scale
                 "reduce_bucket_size": bucket,
                 "allgather_bucket_size": bucket,
             }

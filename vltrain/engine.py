@@ -97,8 +97,9 @@ class TrainEngine(Protocol):
 REDUCTIONS = ("auto", "coalesced", "per_micro_step")
 
 
-def grad_reduction(cfg: TrainConfig, device: str, override: str | None = None) -> str:
-    """How ZeRO-2 reduces the accumulation's gradients: "coalesced" or "per_micro_step"; pure.
+def grad_reduction(cfg: TrainConfig, device: str, override: str | None = None, *, stage: int | None = None) -> str:
+    """How ZeRO-2 reduces the accumulation's gradients: "coalesced" or "per_micro_step"; pure. `stage`:
+    the one DeepSpeed runs (vltrain.dsconfig.one_rank_zero: stage 1 on one fp32 rank), cfg.zero_stage if None.
 
     DeepSpeed's ZeRO-2 reduces every micro step's gradients (copies into buckets, a reduction, a sum
     into the rank's partition: at accumulation 4 ~1.2x a bare loop's step on CPU, bench/bench_step.py).
@@ -114,9 +115,10 @@ def grad_reduction(cfg: TrainConfig, device: str, override: str | None = None) -
     choice = override or "auto"
     if choice not in REDUCTIONS:
         raise UserError(f"{GRAD_REDUCTION}: {choice!r} is not valid; allowed: {', '.join(REDUCTIONS)}")
+    stage = cfg.zero_stage if stage is None else stage
     if choice != "auto":
-        return choice if cfg.zero_stage == 2 else "per_micro_step"  # stages 0 and 1 reduce once anyway
-    exact = cfg.precision == "fp32" and device == "cpu" and cfg.zero_stage == 2
+        return choice if stage == 2 else "per_micro_step"  # stages 0 and 1 reduce once anyway
+    exact = cfg.precision == "fp32" and device == "cpu" and stage == 2
     return "coalesced" if exact else "per_micro_step"
 
 
@@ -131,7 +133,8 @@ class DeepSpeedEngine:
     def __init__(self, ds, layout: Layout, dtype: torch.dtype, cfg: TrainConfig) -> None:
         self.ds, self.layout, self.dtype, self.cfg = ds, layout, dtype, cfg
         self.device, self.module = ds.device, ds.module
-        self.reduction = grad_reduction(cfg, self.device.type, os.environ.get(GRAD_REDUCTION))
+        self.stage = int(ds.zero_optimization_stage())  # the one DeepSpeed runs (dsconfig.one_rank_zero)
+        self.reduction = grad_reduction(cfg, self.device.type, os.environ.get(GRAD_REDUCTION), stage=self.stage)
 
     @property
     def skipped_steps(self) -> int:
@@ -210,8 +213,16 @@ def build_engine(
 
     device = torch.device(device)
     check_deepspeed_fp16(cfg, device.type)
+    reduction = os.environ.get(GRAD_REDUCTION)
+    grad_reduction(cfg, device.type, reduction)  # refuses an unknown value before anything is built
     ds_config = deepspeed_config(
-        cfg, micro_batch, accumulation, world_size, device=device.type, params=param_count(resolve_model(cfg.model))
+        cfg,
+        micro_batch,
+        accumulation,
+        world_size,
+        device=device.type,
+        params=param_count(resolve_model(cfg.model)),
+        reduction=reduction,
     )
     fused = ds_config.pop("vltrain")["optimizer"]["fused"]  # ours, not DeepSpeed's (it refuses unknown keys)
     model = build_model(cfg, device)

@@ -493,6 +493,8 @@ class Session:
             "pid": os.getpid(),
             "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
         }
+        if hasattr(self.engine, "stage"):  # DeepSpeed: the ZeRO stage it runs and how it reduces gradients
+            info |= {"zero_stage_run": self.engine.stage, "grad_reduction": self.engine.reduction}
         if moved_aside:
             info["moved_aside"] = moved_aside
         if ckpt is not None:
