@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,25 @@ def test_unknown_section_is_a_one_line_error():
     )
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == ["--only: unknown section nope; allowed: cli, step, data, start"]
+
+
+@pytest.mark.slow
+def test_the_step_rows_time_what_the_trainer_runs(monkeypatch):
+    """bench_step's row times the trainer's own choice (on one fp32 rank: DeepSpeed's stage 1 without
+    gradient hooks) and its full run times ZeRO-2 with its hooks beside it, each a real session."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    bench_step = importlib.import_module("bench_step")
+    cfg, tmp = bench_step.setup(str(BENCH.parent / "configs" / "tiny.toml"), ["global_batch=8"])
+    m, stops = bench_step.measure(cfg, tmp, 2, argparse.Namespace(rounds=1, steps=1, chosen_only=False))
+    for s in reversed(stops):
+        s.restore()
+    shutil.rmtree(tmp)
+    assert m["words"] == {
+        "auto": "ZeRO-2 on one rank as stage 1, no gradient hooks",
+        "coalesced": "ZeRO-2, coalesced reduction",
+        "per_micro_step": "ZeRO-2, per micro step reduction",
+    }
+    assert set(m["ms"]) == {"bare", *m["words"]} and all(v > 0 for v in m["ms"].values())
