@@ -111,3 +111,34 @@ def test_every_script_line_is_inert():
 def test_trainer_env_rejects_unsafe_run_dir():
     with pytest.raises(UserError, match="CLUSTERCTL_RUN_DIR"):
         trainer_env(load_profile("local"), Path("/tmp/x$(id)"))
+
+
+LEAKED = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "10.9.9.9", "MASTER_PORT": "1"}
+
+
+def job_env():
+    """What a job sees: `env` run inside it (a stdlib callable, so the pickle needs no test module)."""
+    import functools
+    import subprocess
+
+    return functools.partial(subprocess.check_output, ["env"], text=True)
+
+
+def test_launcher_variables_of_the_submitting_shell_do_not_reach_a_local_job(tmp_path, monkeypatch):
+    """A shell holding torch.distributed's variables (a notebook, a job under torchrun) submits: the
+    trainer would read them before its executor's (vltrain.distenv.detect) and every rank would train
+    alone. The job script unsets them; the rest of the environment still reaches the job."""
+    import submitit
+
+    from clusterctl.backends.common import LAUNCHER_VARS
+
+    for k, v in LEAKED.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("CLUSTERCTL_TEST_KEPT", "yes")
+    spec = launch_spec(load_profile("local"), tmp_path / "run", "envcheck")
+    assert spec.params["setup"][0] == f"unset {' '.join(LAUNCHER_VARS)}" and set(LEAKED) <= set(LAUNCHER_VARS)
+    ex = submitit.LocalExecutor(folder=str(tmp_path / "sub"))
+    ex.update_parameters(**spec.params)
+    env = dict(line.split("=", 1) for line in ex.submit(job_env()).result().splitlines() if "=" in line)
+    assert not set(LEAKED) & set(env), {k: env[k] for k in set(LEAKED) & set(env)}
+    assert env["CLUSTERCTL_TEST_KEPT"] == "yes" and env["VLTRAIN_DEVICE"] == "cpu"

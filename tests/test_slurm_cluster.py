@@ -119,6 +119,34 @@ def test_sacct_reports_completed_with_gpu_tres(two_node_job, client_env):
     assert alloc["gres/gpu"] == "2" and alloc["node"] == "2", tres
 
 
+@pytest.mark.slurm
+def test_launcher_variables_of_the_submitting_shell_do_not_reach_a_slurm_job(client_env, tmp_path, monkeypatch):
+    """sbatch exports the submitting shell's environment; torch.distributed's variables in it (a notebook,
+    a job under torchrun) would be read by the trainer before Slurm's, every rank then training alone.
+    The slurm-local profile's job, as clusterctl submits it, sees neither on either node; the rest of
+    the environment still arrives (tests/test_backend_launch.py checks the local executor)."""
+    import submitit
+
+    from clusterctl.backends import get_backend
+    from clusterctl.planning.profiles import load_profile
+    from tests.test_backend_launch import LEAKED, job_env
+
+    for k, v in (LEAKED | client_env | {"CLUSTERCTL_TEST_KEPT": "yes"}).items():
+        monkeypatch.setenv(k, v)
+    backend = get_backend("slurm")
+    spec = backend.launch_spec(load_profile("slurm-local"), tmp_path / "run", "envcheck")
+    job_id = backend.schedule(spec, job_env())
+    job = submitit.SlurmJob(folder=Path(spec.folder) / "%j", job_id=job_id, tasks=(0, 1))
+    deadline = time.monotonic() + 180
+    while not job.done() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert job.done(), f"job {job_id} still {job.state} after 180 s"
+    for text in job.results():
+        env = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        assert not set(LEAKED) & set(env), {k: env[k] for k in set(LEAKED) & set(env)}
+        assert env["CLUSTERCTL_TEST_KEPT"] == "yes" and env["SLURM_NTASKS"] == "2"
+
+
 def _pids() -> dict[str, str]:
     files = [STATE / "run" / f for f in ("slurmctld.pid", "slurmdbd.pid", "slurmd-a1.pid", "slurmd-a2.pid")]
     return {f.name: f.read_text().strip() for f in files}

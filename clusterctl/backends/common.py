@@ -66,9 +66,17 @@ def cpus_per_task(profile: ClusterProfile) -> int:
     return max(1, profile.nodes.cpus_per_node // profile.nodes.gpus_per_node)
 
 
+# torch.distributed's launcher variables. sbatch and the local executor hand the submitting shell's
+# environment to the job, and a shell may hold these (a notebook, or a job itself started by torchrun);
+# the trainer reads them before Slurm's (torchrun inside an allocation is a valid launch:
+# vltrain.distenv.detect), so a leaked WORLD_SIZE=1 would make every rank of a 64-GPU job train alone.
+LAUNCHER_VARS = ("GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+
+
 def setup_lines(env: dict[str, str]) -> list[str]:
-    """The job script's `export` lines for `env`, sorted (golden files compare them)."""
-    return [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    """The job script's set-up: unset the launcher variables a submitting shell may leak (LAUNCHER_VARS),
+    then the `export` lines for `env`, sorted (golden files compare them)."""
+    return [f"unset {' '.join(LAUNCHER_VARS)}", *(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))]
 
 
 def submitit_folder(run_dir: Path) -> str:
