@@ -53,3 +53,16 @@ def trainer_shards(d: Path, holdout: int = 48) -> Path:
     write_synthetic_shards(d / "shards", n=256, shards=4, seed=0, image_size=32, holdout=holdout)
     train_tokenizer_from_shards(d / "shards", 1000, d / "tok.model")
     return d
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_variables_left_behind():
+    """A test that builds a trainer session in the pytest process exports torch.distributed's variables
+    (vltrain.distenv.export); left there, every later subprocess and job inherits them and runs as a
+    one-rank torchrun (this broke 20 tests of one CI run). Fail the test that leaves them."""
+    from clusterctl.backends.common import LAUNCHER_VARS
+
+    before = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    yield
+    after = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    assert after == before, f"this test left torch.distributed's variables in os.environ: {after}"
