@@ -130,11 +130,11 @@ class DeepSpeedEngine:
 
     checkpoint_format = "ds"
 
-    def __init__(self, ds, layout: Layout, dtype: torch.dtype, cfg: TrainConfig) -> None:
+    def __init__(self, ds, layout: Layout, dtype: torch.dtype, cfg: TrainConfig, reduction: str | None = None) -> None:
         self.ds, self.layout, self.dtype, self.cfg = ds, layout, dtype, cfg
         self.device, self.module = ds.device, ds.module
         self.stage = int(ds.zero_optimization_stage())  # the one DeepSpeed runs (dsconfig.one_rank_zero)
-        self.reduction = grad_reduction(cfg, self.device.type, os.environ.get(GRAD_REDUCTION), stage=self.stage)
+        self.reduction = grad_reduction(cfg, self.device.type, reduction, stage=self.stage)
 
     @property
     def skipped_steps(self) -> int:
@@ -184,8 +184,9 @@ def make_engine(
         from vltrain.parallel.engine_torch import TorchEngine
 
         return TorchEngine(cfg, micro_batch, accumulation, layout, torch.device(device), initialise=initialise)
-    engine, _ = build_engine(cfg, micro_batch, accumulation, layout.world, device)
-    return DeepSpeedEngine(engine, layout, compute_dtype(cfg), cfg)
+    reduction = os.environ.get(GRAD_REDUCTION)  # read once: the DeepSpeed config and the engine both follow it
+    engine, _ = build_engine(cfg, micro_batch, accumulation, layout.world, device, reduction)
+    return DeepSpeedEngine(engine, layout, compute_dtype(cfg), cfg, reduction)
 
 
 def check_deepspeed_fp16(cfg: TrainConfig, device: str) -> None:
@@ -204,16 +205,21 @@ def check_deepspeed_fp16(cfg: TrainConfig, device: str) -> None:
 
 
 def build_engine(
-    cfg: TrainConfig, micro_batch: int, accumulation: int, world_size: int, device: torch.device | str = "cpu"
+    cfg: TrainConfig,
+    micro_batch: int,
+    accumulation: int,
+    world_size: int,
+    device: torch.device | str = "cpu",
+    reduction: str | None = None,
 ):
-    """-> (DeepSpeed engine, ds_config) for an initialised process group; the engine owns model, AdamW and schedule."""
+    """-> (DeepSpeed engine, ds_config) for an initialised process group; the engine owns model, AdamW and
+    schedule. `reduction`: VLTRAIN_GRAD_REDUCTION's value (grad_reduction), None for the trainer's choice."""
     import deepspeed
 
     from vltrain.model_math import param_count
 
     device = torch.device(device)
     check_deepspeed_fp16(cfg, device.type)
-    reduction = os.environ.get(GRAD_REDUCTION)
     grad_reduction(cfg, device.type, reduction)  # refuses an unknown value before anything is built
     ds_config = deepspeed_config(
         cfg,
