@@ -1,4 +1,4 @@
-"""Parsing of recorded squeue / sacct / scontrol output, odd states included (pure, no Slurm needed)."""
+"""Parsing of recorded squeue / sacct output, odd states included (pure, no Slurm needed)."""
 
 from __future__ import annotations
 
@@ -164,12 +164,6 @@ def test_parse_sacct_duplicates_steps_and_odd_states():
     assert rows["213"].requeues == 1 and rows["204"].requeues == 0
 
 
-def test_parse_scontrol_restarts():
-    counts = parse.parse_scontrol_restarts((FIX / "scontrol_odd.txt").read_text())
-    # 301: the real Restarts=2 (not the one inside WorkDir); 302_1: array task; 304: a Reason can't fake it
-    assert counts == {"301": 2, "302_1": 0, "304": 1}
-
-
 @pytest.mark.parametrize(
     "stderr, want",
     [
@@ -245,11 +239,6 @@ def test_real_sacct_22_05():
     assert (r.attempts, r.requeues, r.elapsed_s, r.alloc_gpus, r.start) == (2, 2, 86.0, 4, ts("2026-11-22T17:53:16"))
     assert rows["2"].exit_code == "3:0" and rows["3"].raw_state == "CANCELLED by 0" and rows["3"].node_list is None
     assert rows["5_1"].end is None and rows["8"].elapsed_s == 66
-
-
-def test_real_scontrol_22_05():
-    counts = parse.parse_scontrol_restarts((FIX / "scontrol_real_22.05.txt").read_text())
-    assert counts == {"1": 0, "2": 0, "3": 0, "4": 2, "5_1": 0, "5_2": 0, "5_3": 0, "8": 0}
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -488,12 +488,6 @@ def parse_day(text: str, flag: str) -> float:
         except ValueError:
             pass
     raise UserError(f"{flag}: {text!r} is not a date; allowed: YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)")
-
-
-def usage_dict(u: RunUsage) -> dict[str, Any]:
-    d = asdict(u)
-    d["carbon_intensity_g_per_kwh"] = u.intensity
-    return d
 
 
 def parse_timeline(text: str) -> list[tuple[float, float, float]]:

@@ -35,7 +35,6 @@ from clusterctl.backends.slurm.parse import (
     QueueRow,
     error_line,
     parse_sacct,
-    parse_scontrol_restarts,
     parse_squeue,
 )
 from vltrain.common.errors import ServiceUnavailable, UserError
@@ -213,24 +212,6 @@ def sacct(job_ids: list[str], timeout: float = 10, since: float | None = None) -
     if r.returncode != 0:
         raise AccountingUnavailable(f"sacct: {error_line(r.stderr, 'sacct', last=True)}")
     return parse_sacct(r.stdout)
-
-
-def scontrol_requeue_counts(job_ids: list[str], timeout: float = 10) -> dict[str, int]:
-    """Slurm's restart count per job, from one `scontrol show job -o` call."""
-    ids = _check_ids(job_ids)
-    if not ids:
-        return {}
-    argv = ["scontrol", "show", "job", "-o"] + (ids if len(ids) == 1 else [])  # one id, or all and filter
-    try:
-        r = run(argv, timeout)
-    except FileNotFoundError:
-        raise SlurmUnavailable("scontrol: not found on PATH", hint=CLIENT_TOOLS) from None
-    except TimeoutError:
-        raise SlurmUnavailable(f"scontrol: slurmctld did not answer within {timeout:g} s") from None
-    if r.returncode != 0 and "Invalid job id" not in r.stderr:
-        raise SlurmUnavailable(f"scontrol: {error_line(r.stderr, 'scontrol')}")
-    counts = parse_scontrol_restarts(r.stdout)
-    return {j: counts[j] for j in ids if j in counts}
 
 
 def scancel(job_id: str, signal: str | None = None, timeout: float = 30) -> None:

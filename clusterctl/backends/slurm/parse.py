@@ -74,11 +74,6 @@ SACCT_FIELDS = ("JobID", "State", "Elapsed", "ElapsedRaw", "Start", "End", "Allo
 JOB_ID = re.compile(r"^\d+(?:_\d+)?(?:\+\d+)?$")
 
 
-SQUEUE_FIELDS = ("JobArrayID", "State", "TimeUsed", "StartTime", "NodeList", "tres-alloc", "RestartCnt", "Reason")
-SACCT_FIELDS = ("JobID", "State", "Elapsed", "ElapsedRaw", "Start", "End", "AllocTRES", "NodeList", "ExitCode")
-JOB_ID = re.compile(r"^\d+(?:_\d+)?(?:\+\d+)?$")
-
-
 @dataclass(frozen=True)
 class QueueRow:
     """What the controller knows about a job right now (squeue)."""
@@ -223,20 +218,6 @@ def parse_sacct(text: str) -> dict[str, AcctRow]:
             requeues=max(len(attempts) - 1, sum(normalize_state(a[1]) == S.REQUEUED for a in attempts)),
         )
     return rows
-
-
-def parse_scontrol_restarts(text: str) -> dict[str, int]:
-    """`scontrol show job -o` (one job per line) -> {job id: Restarts}; array tasks as 123_4."""
-    out = {}
-    for line in text.splitlines():
-        job = re.search(r"(?:^|\s)JobId=(\S+)", line)
-        restarts = re.search(r"\sRequeue=\d+\s+Restarts=(\d+)", line)  # adjacent fields: a name can't fake it
-        if not job or not restarts:
-            continue
-        array_job, array_task = re.search(r"\sArrayJobId=(\d+)", line), re.search(r"\sArrayTaskId=(\d+)\s", line)
-        key = f"{array_job.group(1)}_{array_task.group(1)}" if array_job and array_task else job.group(1)
-        out[key] = int(restarts.group(1))
-    return out
 
 
 def error_line(stderr: str, tool: str, last: bool = False) -> str:
