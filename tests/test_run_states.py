@@ -25,7 +25,6 @@ class ScriptedBackend(Backend):
     name = "slurm"
     initial_state = RunState.PENDING
     has_accounting = True
-    requeues_itself = True
     script: ClassVar[list[RunState]] = [
         RunState.RUNNING,
         RunState.UNKNOWN,

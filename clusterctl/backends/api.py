@@ -38,7 +38,6 @@ class Backend:
     name: ClassVar[str]
     initial_state: ClassVar[RunState]  # a run's state right after the backend accepted its job
     has_accounting: ClassVar[bool]  # elapsed times come from the scheduler (else from the clock)
-    requeues_itself: ClassVar[bool]  # the scheduler restarts jobs (time-out, preemption) under one id
     renders_script: ClassVar[bool] = False  # dryrun() is the job script the scheduler gets (sbatch)
 
     def launch_spec(self, profile: ClusterProfile, run_dir: Path, job_name: str, hold: bool = False) -> LaunchSpec:

@@ -93,7 +93,6 @@ class LocalBackend(Backend):
     name = "local"
     initial_state = RunState.RUNNING
     has_accounting = False
-    requeues_itself = False  # a preempted local run is resumed by the trainer (counted as resumes)
 
     def launch_spec(self, profile: ClusterProfile, run_dir: Path, job_name: str, hold: bool = False) -> LaunchSpec:
         from clusterctl.backends import common

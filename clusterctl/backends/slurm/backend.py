@@ -143,7 +143,6 @@ class SlurmBackend(Backend):
     name = "slurm"
     initial_state = RunState.PENDING
     has_accounting = True
-    requeues_itself = True
     renders_script = True
 
     def launch_spec(self, profile: ClusterProfile, run_dir: Path, job_name: str, hold: bool = False) -> LaunchSpec:
