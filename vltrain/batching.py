@@ -57,6 +57,30 @@ def split_batch(
     `max_micro_batch` is the memory limit (largest micro batch that fits); with neither micro batch
     nor accumulation fixed the largest valid micro batch under it is chosen.
     """
+    per_rank = samples_per_rank(global_batch, data_parallel)
+    choices = divisors(per_rank)
+    of = f"the {per_rank} samples per rank (global batch {global_batch} / {data_parallel} ranks)"
+    if micro_batch is not None and accumulation is not None:
+        if micro_batch * accumulation != per_rank:
+            raise FieldError(
+                f"micro_batch {micro_batch} x accumulation {accumulation} x {data_parallel} ranks = "
+                f"{micro_batch * accumulation * data_parallel}, not the global batch {global_batch}; "
+                f"allowed: micro x accum = {per_rank} per rank",
+                FIELDS,
+            )
+    elif micro_batch is not None:
+        accumulation = _other_factor("micro_batch", micro_batch, per_rank, choices, of)
+    elif accumulation is not None:
+        micro_batch = _other_factor("accumulation", accumulation, per_rank, choices, of)
+    else:
+        micro_batch = largest_fitting_micro_batch(choices, max_micro_batch)
+        accumulation = per_rank // micro_batch
+    _check_fits(micro_batch, max_micro_batch, choices)
+    return BatchSplit(micro_batch, accumulation, data_parallel, global_batch)
+
+
+def samples_per_rank(global_batch: int, data_parallel: int) -> int:
+    """global_batch / data_parallel, or a FieldError naming the nearest global batches the ranks can share."""
     if global_batch < 1:
         raise FieldError(f"global_batch: {global_batch} is not valid; allowed: a positive integer", FIELDS)
     if data_parallel < 1:
@@ -71,44 +95,31 @@ def split_batch(
             f"(with {best}: micro batch {micro} per GPU)",
             FIELDS,
         )
-    per_rank = global_batch // data_parallel
-    choices = divisors(per_rank)
-    shown = ", ".join(map(str, choices[:12])) + (", ..." if len(choices) > 12 else "")
-    if micro_batch is not None and accumulation is not None:
-        if micro_batch * accumulation != per_rank:
-            raise FieldError(
-                f"micro_batch {micro_batch} x accumulation {accumulation} x {data_parallel} ranks = "
-                f"{micro_batch * accumulation * data_parallel}, not the global batch {global_batch}; "
-                f"allowed: micro x accum = {per_rank} per rank",
-                FIELDS,
-            )
-    elif micro_batch is not None:
-        if micro_batch < 1 or per_rank % micro_batch:
-            raise FieldError(
-                f"micro_batch: {micro_batch} does not divide the {per_rank} samples per rank "
-                f"(global batch {global_batch} / {data_parallel} ranks); allowed: {shown}",
-                FIELDS,
-            )
-        accumulation = per_rank // micro_batch
-    elif accumulation is not None:
-        if accumulation < 1 or per_rank % accumulation:
-            raise FieldError(
-                f"accumulation: {accumulation} does not divide the {per_rank} samples per rank "
-                f"(global batch {global_batch} / {data_parallel} ranks); allowed: {shown}",
-                FIELDS,
-            )
-        micro_batch = per_rank // accumulation
-    else:
-        limit = per_rank if max_micro_batch is None else max_micro_batch
-        fitting = [d for d in choices if d <= limit]
-        if not fitting:
-            raise FieldError(
-                f"global_batch: not even a micro batch of 1 fits in GPU memory (limit {max_micro_batch}); "
-                f"allowed: more GPUs, a higher ZeRO stage, activation checkpointing, or a smaller model",
-                FIELDS,
-            )
-        micro_batch = fitting[-1]
-        accumulation = per_rank // micro_batch
+    return global_batch // data_parallel
+
+
+def _other_factor(field: str, value: int, per_rank: int, choices: list[int], of: str) -> int:
+    """per_rank / value for a fixed micro_batch or accumulation (`field`), refused when it does not divide."""
+    if value < 1 or per_rank % value:
+        shown = ", ".join(map(str, choices[:12])) + (", ..." if len(choices) > 12 else "")
+        raise FieldError(f"{field}: {value} does not divide {of}; allowed: {shown}", FIELDS)
+    return per_rank // value
+
+
+def largest_fitting_micro_batch(choices: list[int], max_micro_batch: int | None) -> int:
+    """The largest divisor of the per-rank samples (`choices`, ascending) within the memory limit (None: any)."""
+    fitting = choices if max_micro_batch is None else [d for d in choices if d <= max_micro_batch]
+    if not fitting:
+        raise FieldError(
+            f"global_batch: not even a micro batch of 1 fits in GPU memory (limit {max_micro_batch}); "
+            f"allowed: more GPUs, a higher ZeRO stage, activation checkpointing, or a smaller model",
+            FIELDS,
+        )
+    return fitting[-1]
+
+
+def _check_fits(micro_batch: int, max_micro_batch: int | None, choices: list[int]) -> None:
+    """Refuse a micro batch above the memory limit, listing the ones that fit."""
     if max_micro_batch is not None and micro_batch > max_micro_batch:
         fit = [d for d in choices if d <= max_micro_batch]
         raise FieldError(
@@ -116,4 +127,3 @@ def split_batch(
             f"allowed: {', '.join(map(str, fit)) or 'none - more GPUs or a higher ZeRO stage'}",
             FIELDS,
         )
-    return BatchSplit(micro_batch, accumulation, data_parallel, global_batch)

@@ -85,6 +85,36 @@ def deepspeed_config(
     rank runs ZeRO 1-2 as stage 1 without gradient hooks (one_rank_zero). torch's AdamW is in
     DeepSpeed's list of ZeRO-supported optimizers, so no "untested optimizer" flag is needed.
     """
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        **precision_section(cfg),
+        "zero_optimization": zero_section(cfg, world_size, device=device, params=params, reduction=reduction),
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "vltrain": vltrain_section(cfg, device),
+    }
+
+
+def precision_section(cfg: TrainConfig) -> dict[str, Any]:
+    """The keys that set the training precision: bf16, fp16's loss scaling, and fp32 gradient accumulation."""
+    # DeepSpeed accumulates in fp32 only under ZeRO (stage 0 with bf16 and fp32 accumulation is its
+    # NotImplementedError): at stage 0 it stays bf16, which the planner's memory model knows
+    mixed = cfg.precision in ("bf16", "fp16") and cfg.zero_stage >= 1
+    return {
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        **({"fp16": dict(FP16_DYNAMIC_LOSS_SCALE)} if cfg.precision == "fp16" else {}),
+        **({"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}} if mixed else {}),
+    }
+
+
+def zero_section(
+    cfg: TrainConfig, world_size: int, *, device: str, params: int | None, reduction: str | None
+) -> dict[str, Any]:
+    """The "zero_optimization" section: the stage (1 for one hook-less fp32 rank, one_rank_zero), and
+    from stage 1 on the buckets (bucket_elements) and whether their reduction overlaps backward (CUDA)."""
     bucket = bucket_elements(params)
     hookless = one_rank_zero(cfg, world_size, reduction)
     zero: dict[str, Any] = {"stage": 1 if hookless else cfg.zero_stage}
@@ -97,35 +127,26 @@ def deepspeed_config(
                 "allgather_bucket_size": bucket,
             }
         )
-    # DeepSpeed accumulates in fp32 only under ZeRO (stage 0 with bf16 and fp32 accumulation is its
-    # NotImplementedError): at stage 0 it stays bf16, which the planner's memory model knows
-    mixed = cfg.precision in ("bf16", "fp16") and cfg.zero_stage >= 1
+    return zero
+
+
+def vltrain_section(cfg: TrainConfig, device: str) -> dict[str, Any]:
+    """The "vltrain" section (DeepSpeed ignores it): the optimizer and LR schedule the trainer builds
+    itself, recorded for the run's record and the planner."""
     return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": micro_batch * accumulation * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        **({"fp16": dict(FP16_DYNAMIC_LOSS_SCALE)} if cfg.precision == "fp16" else {}),
-        **({"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}} if mixed else {}),
-        "zero_optimization": zero,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        "vltrain": {
-            "optimizer": {
-                "type": "AdamW",
-                "fused": device == "cuda",  # torch's fused CUDA kernel: one launch for all parameters
-                "lr": cfg.optim.lr,
-                "betas": list(cfg.optim.betas),
-                "eps": cfg.optim.eps,
-                "weight_decay": cfg.optim.weight_decay,
-            },
-            "schedule": {
-                "type": "linear_warmup_cosine",
-                "warmup_steps": warmup_steps(cfg),
-                "total_steps": cfg.steps,
-                "min_lr": cfg.optim.min_lr,
-            },
-            "activation_checkpointing": cfg.activation_checkpointing,
+        "optimizer": {
+            "type": "AdamW",
+            "fused": device == "cuda",  # torch's fused CUDA kernel: one launch for all parameters
+            "lr": cfg.optim.lr,
+            "betas": list(cfg.optim.betas),
+            "eps": cfg.optim.eps,
+            "weight_decay": cfg.optim.weight_decay,
         },
+        "schedule": {
+            "type": "linear_warmup_cosine",
+            "warmup_steps": warmup_steps(cfg),
+            "total_steps": cfg.steps,
+            "min_lr": cfg.optim.min_lr,
+        },
+        "activation_checkpointing": cfg.activation_checkpointing,
     }
