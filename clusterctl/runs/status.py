@@ -73,12 +73,10 @@ def summarize(
     reason: str | None = None,
 ) -> RunStatus:
     """One status row from refreshed registry records and the last metrics line."""
+    from clusterctl.runs.summaries import last_metrics
     from clusterctl.runs.usage import job_time
 
-    m = metrics or {}
-    step = _num(m.get("step"))
-    loss = _num(m.get("loss", m.get("loss/total", m.get("train/loss"))), finite=False)  # NaN: diverged
-    sps = _num(m.get("samples_per_s", m.get("samples_per_sec")))
+    step, loss, sps = last_metrics(metrics)
     accounting = get_backend(run.executor).has_accounting  # else the registry's clock (usage.job_time)
     elapsed, gpu_s = 0.0, 0.0
     for j in jobs:

@@ -191,7 +191,8 @@ def compute(run: RunRecord, jobs: list[JobRecord], now: float, old: Summary | No
 
 
 def last_metrics(m: dict[str, Any] | None) -> tuple[float | None, float | None, float | None]:
-    """(step, loss, samples/s) of a metrics record: finite numbers, but a NaN loss is kept."""
+    """(step, loss, samples/s) of a metrics record: finite numbers, but a NaN loss is kept. The keys
+    are those the trainer writes (vltrain.loop, metrics.jsonl): `step`, `loss`, `samples_per_s`."""
     import math
 
     def num(v: Any, finite: bool = True) -> float | None:
@@ -202,8 +203,8 @@ def last_metrics(m: dict[str, Any] | None) -> tuple[float | None, float | None, 
     m = m or {}
     return (
         num(m.get("step")),
-        num(m.get("loss", m.get("loss/total", m.get("train/loss"))), finite=False),
-        num(m.get("samples_per_s", m.get("samples_per_sec"))),
+        num(m.get("loss"), finite=False),  # NaN: diverged
+        num(m.get("samples_per_s")),
     )
 
 
