@@ -163,7 +163,7 @@ def test_tensor_parallel_shards_only_what_it_should():
 def test_fsdp_memory_by_hand():
     """One GPU of base at dp 8, tp 2, pp 2, zero_stage 2, micro batch 4, 8 microbatches (1F1B)."""
     cfg = get_preset("base")
-    lay = fsdp.Layout(tp=2, pp=2, dp=8, zero_stage=2)
+    lay = fsdp.ParallelLayout(tp=2, pp=2, dp=8, zero_stage=2)
     shares = rank_shares(cfg, 2, 2)
     m, worst = fsdp.memory(cfg, lay, 4, 8, 80)
     s = shares[worst]
@@ -182,17 +182,18 @@ def test_bubble_and_tensor_parallel_time():
 
     fab = comm.Fabric(450.0, 400.0, "t", "t", nodes=16, gpus_per_node=8)
     cfg = get_preset("vl-22b")
-    one = fsdp.parallel_time(cfg, fsdp.Layout(1, 1, 128, 2), 1, 16, 10.0, fab)
+    one = fsdp.parallel_time(cfg, fsdp.ParallelLayout(1, 1, 128, 2), 1, 16, 10.0, fab)
     assert one.total_s == 0
-    pt = fsdp.parallel_time(cfg, fsdp.Layout(4, 2, 16, 2), 8, 16, 10.0, fab)
+    pt = fsdp.parallel_time(cfg, fsdp.ParallelLayout(4, 2, 16, 2), 8, 16, 10.0, fab)
     assert pt.bubble_fraction == pytest.approx(1 / 17)
     slow = max(pt.stage_flops_share) * 2 * 10.0
     assert pt.bubble_s == pytest.approx(slow / 16) and pt.imbalance_s == pytest.approx(slow - 10.0)
-    inter = fsdp.parallel_time(cfg, fsdp.Layout(4, 2, 16, 2, "interleaved1f1b"), 8, 16, 10.0, fab)
+    inter = fsdp.parallel_time(cfg, fsdp.ParallelLayout(4, 2, 16, 2, "interleaved1f1b"), 8, 16, 10.0, fab)
     assert inter.bubble_fraction == pytest.approx(1 / 33)
     assert (
         pt.tensor_parallel_s > 0
-        and fsdp.parallel_time(cfg, fsdp.Layout(8, 2, 8, 2), 8, 16, 10.0, fab).tensor_parallel_s > pt.tensor_parallel_s
+        and fsdp.parallel_time(cfg, fsdp.ParallelLayout(8, 2, 8, 2), 8, 16, 10.0, fab).tensor_parallel_s
+        > pt.tensor_parallel_s
     )
 
 

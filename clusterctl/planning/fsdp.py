@@ -49,7 +49,7 @@ REDUCE_BYTES = 4  # reduce_dtype fp32
 
 
 @dataclass(frozen=True)
-class Layout:
+class ParallelLayout:
     """The parallel layout a plan sizes."""
 
     tp: int
@@ -61,7 +61,7 @@ class Layout:
     checkpointing: bool = False
 
 
-def rank_memory(share: RankShare, lay: Layout, micro_batch: int, microbatches: int, capacity_gib: float):
+def rank_memory(share: RankShare, lay: ParallelLayout, micro_batch: int, microbatches: int, capacity_gib: float):
     """The memory breakdown of one GPU of pipeline rank `share.rank`."""
     L, pb = share.params, lay.param_bytes
     whole = lay.pp > 1 or lay.zero_stage == 2
@@ -90,7 +90,7 @@ def rank_memory(share: RankShare, lay: Layout, micro_batch: int, microbatches: i
 
 
 def memory(
-    model: ModelConfig, lay: Layout, micro_batch: int, microbatches: int, capacity_gib: float
+    model: ModelConfig, lay: ParallelLayout, micro_batch: int, microbatches: int, capacity_gib: float
 ) -> tuple[MemoryBreakdown, int]:
     """(the breakdown of the most loaded GPU, its pipeline rank)."""
     shares = rank_shares(model, lay.tp, lay.pp, lay.schedule, lay.checkpointing)
@@ -121,7 +121,7 @@ class ParallelTime:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
 
 
-def dp_bus_gb_s(fab: comm.Fabric, lay: Layout) -> float:
+def dp_bus_gb_s(fab: comm.Fabric, lay: ParallelLayout) -> float:
     """The bus bandwidth of one data-parallel ring: within a node NVLink; across nodes the node's NICs
     shared by the tp x pp groups on it that run their own rings at the same time."""
     g = fab.gpus_per_node
@@ -133,7 +133,7 @@ def dp_bus_gb_s(fab: comm.Fabric, lay: Layout) -> float:
 
 
 def step_comm(
-    share: RankShare, lay: Layout, accumulation: int, compute_s: float, fab: comm.Fabric, backward_share: float
+    share: RankShare, lay: ParallelLayout, accumulation: int, compute_s: float, fab: comm.Fabric, backward_share: float
 ) -> comm.StepComm:
     """FSDP2's data-parallel collectives of one optimizer step for the GPU of `share` (module doc)."""
     L, n = share.params, lay.dp
@@ -174,7 +174,7 @@ def step_comm(
 
 
 def parallel_time(
-    model: ModelConfig, lay: Layout, micro_batch: int, accumulation: int, compute_s: float, fab: comm.Fabric
+    model: ModelConfig, lay: ParallelLayout, micro_batch: int, accumulation: int, compute_s: float, fab: comm.Fabric
 ) -> ParallelTime:
     """Tensor-parallel all-reduces, pipeline sends, bubble and stage imbalance of one step (module doc)."""
     from clusterctl.planning.stages import blocks
@@ -217,7 +217,7 @@ def parallel_time(
 
 
 def max_micro_batch(
-    model: ModelConfig, lay: Layout, per_rank: int, capacity_gib: float, allowed=lambda accumulation: True
+    model: ModelConfig, lay: ParallelLayout, per_rank: int, capacity_gib: float, allowed=lambda accumulation: True
 ) -> int:
     """The largest micro batch dividing the rank's samples whose breakdown fits and whose accumulation
     `allowed` takes (the pipeline schedule's rule); 0 when none."""

@@ -61,7 +61,7 @@ def mim_ratio(cfg: TrainConfig) -> float:
 
 
 @dataclass(frozen=True)
-class Layout:
+class ZeroAlternative:
     """Another ZeRO stage for the same global batch, with the largest micro batch that fits in GPU memory."""
 
     zero_stage: int
@@ -97,7 +97,7 @@ class Plan:
     comm: comm.StepComm
     fabric: comm.Fabric
     checkpoint: CheckpointTime
-    alternatives: tuple[Layout, ...] = ()
+    alternatives: tuple[ZeroAlternative, ...] = ()
     strategy: str = "deepspeed"
     pp_schedule: str = "1f1b"
     parallel: fsdp.ParallelTime | None = None  # what tp x pp add to the step (strategy "fsdp")
@@ -119,7 +119,7 @@ class Plan:
         """Model FLOPs over (GPUs x peak x total step time): DEFAULT_MFU lowered by exposed communication."""
         return DEFAULT_MFU * self.step_time_s() / self.total_step_s()
 
-    def faster_layout(self) -> Layout | None:
+    def faster_layout(self) -> ZeroAlternative | None:
         """The layout to suggest: among those faster than this one by FASTER_BY, the lowest ZeRO stage
         (then the fewest accumulation steps) within FASTER_BY of the fastest. Why not simply the
         fastest: the bandwidth model leaves out per-collective latency, which ZeRO-3's per-layer
@@ -325,7 +325,7 @@ def _deepspeed_plan(
         t = compute_s + c.exposed_s
         runs = not any(x.startswith("zero_stage:") for x in not_run_yet(dataclasses.replace(cfg, zero_stage=stage)))
         alternatives.append(
-            Layout(
+            ZeroAlternative(
                 stage,
                 alt.micro_batch,
                 alt.accumulation,
@@ -384,8 +384,8 @@ def _fsdp_plan(
     def schedule_takes(n: int) -> bool:
         return microbatch_problem(n, par.pp, par.pp_schedule) is None
 
-    def layout(stage: int) -> fsdp.Layout:
-        return fsdp.Layout(par.tp, par.pp, dp, stage, par.pp_schedule, param_bytes, ckpt_on)
+    def layout(stage: int) -> fsdp.ParallelLayout:
+        return fsdp.ParallelLayout(par.tp, par.pp, dp, stage, par.pp_schedule, param_bytes, ckpt_on)
 
     def choose(stage: int, fixed: bool) -> tuple[BatchSplit, int]:
         """The split (the largest micro batch that fits and the schedule takes, unless fixed) and the limit."""
@@ -448,7 +448,9 @@ def _fsdp_plan(
         c, pt = timing(stage, alt)
         t = compute_s + c.exposed_s + pt.total_s
         alternatives.append(
-            Layout(stage, alt.micro_batch, alt.accumulation, compute_s, c.communication_s, c.exposed_s, t, total_s / t)
+            ZeroAlternative(
+                stage, alt.micro_batch, alt.accumulation, compute_s, c.communication_s, c.exposed_s, t, total_s / t
+            )
         )
     return Plan(
         profile=profile.name,
