@@ -33,7 +33,7 @@ from vltrain.batching import BatchSplit, split_batch
 from vltrain.common.errors import FieldError, UserError
 from vltrain.config import TrainConfig
 from vltrain.model_config import ModelConfig
-from vltrain.parallel.layout import layout_problems, microbatch_problem
+from vltrain.parallel.layout import data_parallel, layout_problems, microbatch_problem
 
 if TYPE_CHECKING:
     from clusterctl.planning import fsdp
@@ -248,7 +248,7 @@ def make_plan(
     problems = layout_problems(dataclasses.replace(cfg, model=model), world, profile.nodes.gpus_per_node)
     if problems:
         raise LayoutError(problems[0])
-    dp = world // (tp * pp)
+    dp = data_parallel(world, tp, pp)  # layout_problems has checked that tp x pp divides the world
     build = _fsdp_plan if par.strategy == "fsdp" else _deepspeed_plan
     return build(profile, model, global_batch, micro_batch, accumulation, cfg, dp)
 
