@@ -15,10 +15,14 @@ import math
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vltrain.rundir import RunDir
+
+if TYPE_CHECKING:
+    import torch
 
 _PUNCT = re.compile(r"[^\w\s]")
 
@@ -92,6 +96,17 @@ def default_eval_shards(cfg) -> str:
     return str(d) if d.is_dir() and any(d.glob("*.tar")) else ""
 
 
+@dataclass
+class HeldOutPass:
+    """One pass over the held-out shards: every pair's embeddings, and the first pairs' greedy captions."""
+
+    image_emb: torch.Tensor  # [N, D] fp32, on the CPU
+    text_emb: torch.Tensor  # [N, D] fp32, on the CPU
+    captions: list[str]  # generated, for the first max_caption_samples pairs
+    references: list[str]  # their true captions
+    keys: list[str]  # their sample keys
+
+
 def evaluate(
     model,
     cfg,
@@ -109,29 +124,61 @@ def evaluate(
     """
     import torch
 
-    from vltrain.data.loader import ShardLoader
     from vltrain.presets import resolve_model
 
     mcfg = resolve_model(cfg.model)
-    loader = ShardLoader(
+    loader = _held_out_loader(cfg, tokenizer, shards, batch_size, image_size=mcfg.image_size, max_len=mcfg.max_text_len)
+    device = device or torch.device("cpu")
+    dtype = dtype or next(model.parameters()).dtype
+    t0 = time.perf_counter()
+    out = held_out_pass(
+        model,
+        loader,
+        tokenizer,
+        device=device,
+        dtype=dtype,
+        max_caption_samples=max_caption_samples,
+        max_len=mcfg.max_text_len,
+    )
+    return {
+        **eval_scores(out),
+        "shards": shards,
+        "eval_time_s": time.perf_counter() - t0,
+        "examples": eval_examples(out),
+    }
+
+
+def _held_out_loader(cfg, tokenizer, shards: str, batch_size: int, *, image_size: int, max_len: int):
+    """The held-out shards in order, on one process, without augmentation or worker processes."""
+    from vltrain.data.loader import ShardLoader
+
+    return ShardLoader(
         shards,
         rank=0,
         world_size=1,
         batch_size=batch_size,
         seed=cfg.seed,
-        image_size=mcfg.image_size,
+        image_size=image_size,
         tokenizer=tokenizer,
-        max_len=mcfg.max_text_len,
+        max_len=max_len,
         train=False,
         data_cfg=cfg.data,
         workers=0,
     )
-    device = device or torch.device("cpu")
-    dtype = dtype or next(model.parameters()).dtype
+
+
+def held_out_pass(model, loader, tokenizer, *, device, dtype, max_caption_samples: int, max_len: int) -> HeldOutPass:
+    """Embed every batch of `loader` and caption (greedily) the first `max_caption_samples` pairs, in eval
+    mode without gradients; the model's training mode is restored afterwards."""
+    import torch
+
     was_training = model.training
     model.eval()
-    t0 = time.perf_counter()
-    img, txt, cands, refs, keys = [], [], [], [], []
+    img: list[torch.Tensor] = []
+    txt: list[torch.Tensor] = []
+    cands: list[str] = []
+    refs: list[str] = []
+    keys: list[str] = []
     with torch.no_grad():
         for batch in loader:
             images = batch["images"].to(device=device, dtype=dtype)
@@ -140,26 +187,35 @@ def evaluate(
             txt.append(model.encode_text(ids, mask).float().cpu())
             room = max_caption_samples - len(cands)
             if room > 0:
-                out = model.generate(images[:room], max_len=mcfg.max_text_len - 1)
+                out = model.generate(images[:room], max_len=max_len - 1)
                 cands += [tokenizer.decode(row) for row in out.cpu()]
                 refs += batch["captions"][:room]
                 keys += batch["keys"][:room]
     model.train(was_training)
-    image_emb, text_emb = torch.cat(img), torch.cat(txt)
-    sim = image_emb @ text_emb.t()  # [N images, N texts]
-    cider, _ = cider_d([cider_tokenize(c) for c in cands], [[cider_tokenize(r)] for r in refs])
-    n = image_emb.shape[0]
+    return HeldOutPass(torch.cat(img), torch.cat(txt), cands, refs, keys)
+
+
+def eval_scores(out: HeldOutPass) -> dict[str, Any]:
+    """Retrieval recall both ways over all pairs, and corpus CIDEr-D of the generated captions; pure."""
+    sim = out.image_emb @ out.text_emb.t()  # [N images, N texts]
+    cider, _ = cider_d([cider_tokenize(c) for c in out.captions], [[cider_tokenize(r)] for r in out.references])
+    n = out.image_emb.shape[0]
     return {
         "n": n,
         "chance_r1": 1.0 / n,
         "i2t": recall_at_k(sim),
         "t2i": recall_at_k(sim.t()),
         "cider": cider,
-        "caption_samples": len(cands),
-        "shards": shards,
-        "eval_time_s": time.perf_counter() - t0,
-        "examples": [{"key": k, "reference": r, "generated": c} for k, r, c in list(zip(keys, refs, cands))[:5]],
+        "caption_samples": len(out.captions),
     }
+
+
+def eval_examples(out: HeldOutPass, count: int = 5) -> list[dict[str, str]]:
+    """The first `count` captioned pairs: key, reference caption, generated caption."""
+    return [
+        {"key": k, "reference": r, "generated": c}
+        for k, r, c in list(zip(out.keys, out.references, out.captions))[:count]
+    ]
 
 
 def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:
