@@ -137,3 +137,31 @@ def test_logs_and_cancel_of_unknown_run(env):
         r = run_cli(*cmd, env=env)
         assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
         assert "ghost" in r.stderr
+
+
+@pytest.mark.parametrize("profile, device", [("a100x64", "cuda"), ("local", "cpu")])
+def test_ds_config_is_the_one_deepspeed_runs_on_the_profiles_device(tmp_path, monkeypatch, profile, device):
+    """runs.submit.create writes the DeepSpeed config the trainer builds on the profile's device
+    (vltrain.dsconfig.deepspeed_config with that device and the model's parameter count). It wrote the
+    CPU one for every profile: on GPUs no overlap_comm, no fused AdamW and DeepSpeed's default buckets."""
+    from clusterctl.runs import submit
+    from vltrain.dsconfig import deepspeed_config
+    from vltrain.model_math import param_count
+    from vltrain.presets import resolve_model
+    from vltrain.rundir import RunDir
+
+    monkeypatch.setattr(submit, "submit_attempt", lambda reg, run, prof, kind, hold=False: "1")
+    reg = Registry(tmp_path / "reg.db")
+    p = submit.prepare(profile, None, [], check=False)
+    run_id = reg.new_run_id(p.name)
+    submit.create(reg, p, run_id, tmp_path / run_id, max_retries=0)
+    written = json.loads(RunDir(tmp_path / run_id).ds_config.read_text())
+    cfg, world = p.config, p.profile.world_size
+    params = param_count(resolve_model(cfg.model))
+    want = deepspeed_config(cfg, cfg.micro_batch, cfg.accumulation, world, device=device, params=params)
+    assert p.profile.gpu.kind == device
+    assert written == json.loads(json.dumps(want))
+    other = "cpu" if device == "cuda" else "cuda"
+    assert written != json.loads(
+        json.dumps(deepspeed_config(cfg, cfg.micro_batch, cfg.accumulation, world, device=other, params=params))
+    )

@@ -164,7 +164,6 @@ def create(reg: Registry, p: Prepared, run_id: str, run_dir: Path, max_retries: 
     import time
 
     from vltrain.common.atomic import write_json, write_toml
-    from vltrain.dsconfig import deepspeed_config
     from vltrain.rundir import RunDir
 
     refuse(p)
@@ -189,13 +188,32 @@ def create(reg: Registry, p: Prepared, run_id: str, run_dir: Path, max_retries: 
         write_toml(rd.config, cfg.to_dict())
         write_json(rd.plan, run.plan)
         write_json(rd.profile, prof.to_dict())
-        write_json(rd.ds_config, deepspeed_config(cfg, cfg.micro_batch, cfg.accumulation, prof.world_size))
+        write_json(rd.ds_config, ds_config(cfg, prof))
         reg.add_run(run)
         return submit_attempt(reg, run, prof, "submit", hold=hold)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         reg.delete_run(run_id)
         raise
+
+
+def ds_config(cfg: TrainConfig, profile: ClusterProfile) -> dict[str, Any]:
+    """The DeepSpeed config the trainer builds for this run (vltrain.engines.deepspeed): on the profile's
+    device (`gpu.kind`: cuda or cpu), with buckets sized for the model's parameters. What it decides
+    on CUDA (overlap_comm, fused AdamW, the buckets) is what runs on GPUs. A gradient reduction set
+    in the job's environment (VLTRAIN_GRAD_REDUCTION, for comparisons) is the trainer's to apply."""
+    from vltrain.dsconfig import deepspeed_config
+    from vltrain.model_math import param_count
+    from vltrain.presets import resolve_model
+
+    return deepspeed_config(
+        cfg,
+        cfg.micro_batch,
+        cfg.accumulation,
+        profile.world_size,
+        device=profile.gpu.kind,
+        params=param_count(resolve_model(cfg.model)),
+    )
 
 
 def run_profile(run: RunRecord) -> ClusterProfile:
