@@ -28,6 +28,10 @@ class Tokenizer:
     """A loaded SentencePiece model; picklable (it carries its serialized proto) for DataLoader workers."""
 
     def __init__(self, model_proto: bytes, path: str = "<memory>"):
+        self._open(model_proto, path)
+
+    def _open(self, model_proto: bytes, path: str) -> None:
+        """Load the proto and check its special ids (construction and unpickling)."""
         import sentencepiece as spm
 
         self.path = path
@@ -63,7 +67,7 @@ class Tokenizer:
         return {"model_proto": self._proto, "path": self.path}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model_proto"], state["path"])
+        self._open(state["model_proto"], state["path"])
 
     def encode(self, text: str) -> list[int]:
         """Pieces only, without bos/eos."""

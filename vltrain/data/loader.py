@@ -23,6 +23,7 @@ import bisect
 import hashlib
 import itertools
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -98,7 +99,7 @@ class _Batches(torch.utils.data.IterableDataset):
         self.pad_to_max = pad_to_max
         self.sizes = [len(s) for s in index]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         p = self.plan

@@ -65,7 +65,7 @@ class ShardWriter:
         self.count = 0
 
     def __enter__(self) -> ShardWriter:
-        import webdataset as wds
+        import webdataset as wds  # type: ignore[import-untyped]  # webdataset ships no type hints (no py.typed)
 
         self._target = atomic_path(self.path, mode=None)
         self._file = open(self._target.__enter__(), "wb")
@@ -93,7 +93,7 @@ def iter_samples(paths: list[Path], select: Callable[[str], bool] | None = None)
 
     `select` filters member names before their data is read (e.g. only .txt for a caption corpus).
     """
-    from webdataset.tariterators import tarfile_samples
+    from webdataset.tariterators import tarfile_samples  # type: ignore[import-untyped]  # no py.typed
 
     yield from tarfile_samples(({"url": str(p)} for p in paths), select_files=select)
 

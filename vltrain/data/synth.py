@@ -240,6 +240,7 @@ def place_objects(scene: dict[str, Any], size: int, rng: np.random.Generator) ->
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    pts: list[tuple[float, float]]  # unit outline, centred on the origin
     if shape == "square":
         pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
         pts = [(x * 0.8, y * 0.8) for x, y in pts]

@@ -97,7 +97,7 @@ class ImageTransform:
     randaugment: bool = False
 
     def __call__(self, image_bytes: bytes, text: str, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-        img = Image.open(io.BytesIO(image_bytes))
+        img: Image.Image = Image.open(io.BytesIO(image_bytes))
         img.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale when much larger
         img = img.convert("RGB")
         box = random_crop_box(*img.size, rng) if self.train and self.random_crop else center_box(*img.size)
