@@ -21,7 +21,7 @@ MIN_BUCKET_ELEMENTS = 2e7  # 80 MB in fp32: messages this large run NVLink and I
 
 
 # fp16's dynamic loss scaling, DeepSpeed's defaults written out (the FSDP engine's GradScaler takes the same
-# initial scale and growth window, vltrain.parallel.engine_torch): loss_scale 0 = dynamic, from 2^16,
+# initial scale and growth window, vltrain.engines.fsdp): loss_scale 0 = dynamic, from 2^16,
 # halved after `hysteresis` overflows in a row, doubled after loss_scale_window steps without one, never
 # below min_loss_scale (DeepSpeed then stops the run: the loop's TrainingDiverged).
 FP16_DYNAMIC_LOSS_SCALE = {

@@ -253,7 +253,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     from vltrain import checkpoint
     from vltrain.common.errors import UserError
     from vltrain.config import load_train_config
-    from vltrain.engine import build_model
+    from vltrain.engines.common import build_model
     from vltrain.tokenizer import Tokenizer
 
     run_dir = Path(run_dir)
