@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl.runs.registry import SCHEMA_VERSION, Registry, RunRecord, connect, migrate
+from clusterctl.runs.dbfile import connect
+from clusterctl.runs.registry import SCHEMA_VERSION, Registry, RunRecord, migrate
 from tests.conftest import run_cli
 from vltrain.common.errors import UserError
 

@@ -219,7 +219,8 @@ def test_summary_follows_registry_and_file_changes(world, tmp_path):
 
 
 def test_old_registry_gains_summaries_and_a_readonly_one_is_read(tmp_path):
-    from clusterctl.runs.registry import connect, migrate
+    from clusterctl.runs.dbfile import connect
+    from clusterctl.runs.registry import migrate
 
     path = tmp_path / "old.db"
     conn = connect(path)

@@ -66,3 +66,10 @@ class Backend:
     def cancel(self, job_id: str) -> None:
         """Stop a job; the trainer checkpoints on the way out where the scheduler lets it."""
         raise NotImplementedError
+
+    def recover_job(self, run_dir: Path, job: JobRecord, gpus: int) -> dict[str, Any] | None:
+        """What the run directory alone tells about one of its jobs when the registry is rebuilt from
+        the run directories (runs.repair): the registry fields to set, or None to leave the job to the
+        next refresh. The default: None, the scheduler is asked (Slurm's accounting remembers ended
+        jobs); a backend whose jobs no scheduler remembers (local processes) reads them from the files."""
+        return None

@@ -133,5 +133,29 @@ class LocalBackend(Backend):
     def cancel(self, job_id: str) -> None:
         terminate(int(job_id))
 
+    def recover_job(self, run_dir: Path, job: JobRecord, gpus: int) -> dict[str, Any] | None:
+        """No scheduler remembers a local job: the files are all there is. Its end is submitit's result,
+        else FAILED once its controller is gone (ended when the job's folder last changed); None while
+        the controller runs (the next refresh polls it)."""
+        from vltrain.rundir import RunDir
+
+        outcome, ended = results.submitit_outcome(str(run_dir), job.job_id)
+        submitted = job.submitted_at
+        if outcome is None:
+            if pid_alive(job.job_id):
+                return None
+            outcome = RunState.FAILED
+            try:
+                ended = max(p.stat().st_mtime for p in (RunDir(run_dir).submitit / job.job_id).iterdir())
+            except (OSError, ValueError):
+                ended = submitted
+        return {
+            "state": outcome,
+            "started_at": submitted,
+            "ended_at": ended,
+            "elapsed_s": max(0.0, (ended or submitted) - submitted),
+            "alloc_gpus": gpus,
+        }
+
 
 BACKEND = LocalBackend()

@@ -1,5 +1,5 @@
 """`clusterctl registry check | rebuild`: is the run registry whole, and make it again if not
-(clusterctl.runs.registry check / rebuild; docs/registry.md "When the file is damaged")."""
+(clusterctl.runs.repair check / rebuild; docs/registry.md "When the file is damaged")."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def _say(text: str) -> None:
 @app.command()
 def check(json_: bool = JSON) -> None:
     """Run SQLite's integrity check on the registry (read-only); exit 2 with the problems if any."""
-    from clusterctl.runs.registry import check as check_file
-    from clusterctl.runs.registry import default_path, shown
+    from clusterctl.runs.dbfile import default_path, shown
+    from clusterctl.runs.repair import check as check_file
 
     result = check_file(default_path())
     if json_:
@@ -63,8 +63,8 @@ def rebuild(
 ) -> None:
     """Rebuild the registry's runs, jobs and events from the run directories (and the rows of the
     old file that can still be read); swap it in atomically, keeping the old file as a backup."""
-    from clusterctl.runs.registry import default_path
-    from clusterctl.runs.registry import rebuild as rebuild_file
+    from clusterctl.runs.dbfile import default_path
+    from clusterctl.runs.repair import rebuild as rebuild_file
 
     if runs_dir:
         for d in runs_dir:

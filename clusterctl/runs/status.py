@@ -172,7 +172,7 @@ def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, 
 
 def readonly_note(reg: Registry) -> str:
     """The note every command that refreshes a read-only registry adds (status, watch, report)."""
-    from clusterctl.runs.registry import shown
+    from clusterctl.runs.dbfile import shown
 
     return (
         f"registry {shown(str(reg.path))} is read-only (the file or its directory cannot be written): what the "
