@@ -142,3 +142,33 @@ def test_launcher_variables_of_the_submitting_shell_do_not_reach_a_local_job(tmp
     env = dict(line.split("=", 1) for line in ex.submit(job_env()).result().splitlines() if "=" in line)
     assert not set(LEAKED) & set(env), {k: env[k] for k in set(LEAKED) & set(env)}
     assert env["CLUSTERCTL_TEST_KEPT"] == "yes" and env["VLTRAIN_DEVICE"] == "cpu"
+
+
+def test_only_a_backend_no_scheduler_remembers_recovers_its_jobs_from_files(tmp_path, monkeypatch):
+    """Backend.recover_job (registry rebuild, runs.repair): None by default (Slurm: accounting is asked
+    on the next refresh); the local backend reads submitit's result, else FAILED once the controller is
+    gone (ended when the job's folder last changed), and None while the controller runs."""
+    import pickle
+
+    from clusterctl.backends import local
+    from clusterctl.specs import JobRecord, RunState
+    from vltrain.rundir import RunDir
+
+    folder = RunDir(tmp_path).submitit / "4242"
+    folder.mkdir(parents=True)
+    (folder / "4242_submitted.pkl").write_bytes(b"\x80\x04N.")
+    os.utime(folder / "4242_submitted.pkl", (1000.0, 1000.0))
+    job = JobRecord("4242", "r", 1, "submit", 900.0, RunState.UNKNOWN)
+    assert get_backend("slurm").recover_job(tmp_path, job, 2) is None
+    monkeypatch.setattr(local, "pid_alive", lambda pid: True)
+    assert get_backend("local").recover_job(tmp_path, job, 2) is None
+    monkeypatch.setattr(local, "pid_alive", lambda pid: False)
+    assert get_backend("local").recover_job(tmp_path, job, 2) == {
+        "state": RunState.FAILED, "started_at": 900.0, "ended_at": 1000.0, "elapsed_s": 100.0, "alloc_gpus": 2,
+    }  # fmt: skip
+    result = folder / "4242_0_result.pkl"
+    result.write_bytes(pickle.dumps(("success", None), protocol=4))
+    os.utime(result, (1100.0, 1100.0))
+    assert get_backend("local").recover_job(tmp_path, job, 2) == {
+        "state": RunState.COMPLETED, "started_at": 900.0, "ended_at": 1100.0, "elapsed_s": 200.0, "alloc_gpus": 2,
+    }  # fmt: skip
