@@ -165,3 +165,39 @@ def test_ds_config_is_the_one_deepspeed_runs_on_the_profiles_device(tmp_path, mo
     assert written != json.loads(
         json.dumps(deepspeed_config(cfg, cfg.micro_batch, cfg.accumulation, world, device=other, params=params))
     )
+
+
+def test_a_read_only_registry_is_followed_not_retried(tmp_path, monkeypatch):
+    """A run whose last job failed for the cluster's reason is retried by the commands that refresh,
+    except from a read-only registry (what the scheduler says is shown, not saved; status and watch
+    skip the retry). `logs --follow` there stopped on the registry's read-only error instead of
+    following the run to its end (lifecycle.current_state retried without asking). A registry says
+    FAILED with retries left when a report refreshed the run (reports do not retry)."""
+    from clusterctl import backends
+    from clusterctl.backends.api import Backend, Poll
+    from clusterctl.runs import lifecycle
+    from clusterctl.specs import RunState
+
+    class Failing(Backend):
+        name, initial_state, has_accounting = "slurm", RunState.PENDING, True
+
+        def poll(self, pairs, now, timeout):
+            return Poll([{"state": RunState.FAILED, "exit_code": "75:0"} for _ in pairs], source="fake")
+
+    fake = Failing()
+    monkeypatch.setattr(backends, "get_backend", lambda executor: fake)
+    import clusterctl.runs.status as status_mod
+
+    monkeypatch.setattr(status_mod, "get_backend", lambda executor: fake)
+    (tmp_path / "run").mkdir()
+    reg = Registry(tmp_path / "r.db")
+    reg.add_run(
+        RunRecord("r", "r", "p", "slurm", str(tmp_path / "run"), 0.0, "u", 2, 10, "RUNNING", plan={"max_retries": 2})
+    )
+    reg.add_job("r", "101", "submit")
+    reg.update_job("101", "r", state=RunState.FAILED, exit_code="75:0")  # a report refreshed it: no retry there
+    reg.set_run_state("r", RunState.FAILED)
+    reg.close()
+    ro = Registry(tmp_path / "r.db", readonly=True)
+    assert lifecycle.current_state(ro, ro.get_run("r")) == RunState.FAILED
+    assert [j.job_id for j in Registry(tmp_path / "r.db").jobs("r")] == ["101"]  # nothing submitted

@@ -55,7 +55,7 @@ def current_state(reg: Registry, run: RunRecord) -> str:
     """The run's state now, after retrying it if its last job failed for a cluster reason."""
     state = refresh(reg, [run]).states[run.run_id]
     run.state = state
-    if state in FAILURE_STATES and reconcile(reg, [run]):
+    if state in FAILURE_STATES and not reg.readonly and reconcile(reg, [run]):
         run.state = state = reg.get_run(run.run_id).state
     return state
 
