@@ -7,7 +7,7 @@ and gradient clipping at 1.0. vltrain's side is the trainer's own `train_step` o
 timed in alternating steps (ABAB..., one step each in turn) so that load from other processes hits both alike; the ratio
 of the medians is printed, one row per accumulation (the global batch split into micro batch x
 accumulation on one rank); under DeepSpeed ZeRO-2 the trainer's choice (one fp32 rank: stage 1 without gradient
-hooks, vltrain.dsconfig.one_rank_zero) and ZeRO-2 with its hooks under both reductions (vltrain.engine.grad_reduction:
+hooks, vltrain.dsconfig.one_rank_zero) and ZeRO-2 with its hooks under both reductions (vltrain.engines.deepspeed.grad_reduction:
 coalesced, per micro step) are timed in the same rounds.
 --profile adds a cProfile of vltrain's step by where the time goes.
 
@@ -50,7 +50,7 @@ def bare_step_fn(cfg, batches):
     import torch
 
     from vltrain.dsconfig import warmup_steps
-    from vltrain.engine import build_model, param_groups
+    from vltrain.engines.common import build_model, param_groups
     from vltrain.schedule import lr_factor
 
     model = build_model(cfg)

@@ -79,7 +79,7 @@ def main() -> int:
     from clusterctl.planning.plan import make_plan
     from vltrain.config import TrainConfig
     from vltrain.distenv import detect
-    from vltrain.engine import build_engine, init_process_group
+    from vltrain.engines.deepspeed import DeepSpeedEngine, build_engine
     from vltrain.metrics import peak_tflops
     from vltrain.model_math import forward_flops_per_sample, param_count
     from vltrain.presets import get_preset
@@ -104,7 +104,7 @@ def main() -> int:
         precision="bf16",
         zero_stage=2,
     )
-    device = init_process_group(detect(dict(os.environ)), args.device)
+    device = DeepSpeedEngine.init_process_group(detect(dict(os.environ)), args.device)
     engine, _ = build_engine(cfg, micro, 1, 1, device)
     t_len = mcfg.max_text_len
     images = torch.randn(micro, 3, mcfg.image_size, mcfg.image_size, device=device, dtype=torch.bfloat16)

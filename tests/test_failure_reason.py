@@ -14,7 +14,7 @@ from clusterctl.runs.registry import Registry
 from clusterctl.specs import RunRecord, RunState
 from tests.conftest import REPO, run_cli, tiny_data
 from vltrain.common.errors import UserError
-from vltrain.loop import record_failure
+from vltrain.failures import record_failure
 from vltrain.rundir import RunDir
 
 

@@ -43,7 +43,7 @@ def test_deepspeed_reads_the_fp16_config_as_dynamic_loss_scaling_from_2_16():
     fp16 = DeepSpeedConfig(ds).float16_config
     assert fp16.enabled and fp16.loss_scale == 0  # 0 = dynamic
     assert (fp16.initial_scale_power, fp16.loss_scale_window, fp16.min_loss_scale) == (16, 1000, 1)
-    from vltrain.parallel.engine_torch import FP16_GROWTH_INTERVAL, FP16_INIT_SCALE
+    from vltrain.engines.fsdp import FP16_GROWTH_INTERVAL, FP16_INIT_SCALE
 
     assert 2.0**fp16.initial_scale_power == FP16_INIT_SCALE and fp16.loss_scale_window == FP16_GROWTH_INTERVAL
 
@@ -52,7 +52,7 @@ def test_deepspeed_fp16_on_a_cpu_without_fp16_is_one_line():
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
     from vltrain.common.errors import UserError
-    from vltrain.engine import check_deepspeed_fp16
+    from vltrain.engines.deepspeed import check_deepspeed_fp16
 
     if CPU_Accelerator().is_fp16_supported():
         pytest.skip("this CPU runs DeepSpeed fp16 (AVX512-FP16)")
@@ -124,14 +124,14 @@ OVERFLOW_ON_ONE_RANK = """
 import dataclasses, json, sys, torch
 from vltrain.config import ParallelConfig, TrainConfig
 from vltrain.distenv import current
-from vltrain.engine import Layout, init_process_group
-from vltrain.parallel.engine_torch import TorchEngine
+from vltrain.engines.common import RankLayout
+from vltrain.engines.fsdp import FSDPEngine
 from vltrain.presets import resolve_model
 
 env = current()
-init_process_group(env, "cpu", "fsdp")
+FSDPEngine.init_process_group(env, "cpu")
 cfg = TrainConfig(model="tiny", precision="fp16", global_batch=8, steps=40, parallel=ParallelConfig(strategy="fsdp"))
-eng = TorchEngine(cfg, 4, 1, Layout.of(env.rank, env.world_size), torch.device("cpu"))
+eng = FSDPEngine(cfg, 4, 1, RankLayout.of(env.rank, env.world_size), torch.device("cpu"))
 m = resolve_model("tiny")
 gen = torch.Generator().manual_seed(env.rank)
 

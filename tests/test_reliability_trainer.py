@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from vltrain import checkpoint
+from vltrain import checkpoint, diskspace
 from vltrain.common.errors import UserError
 from vltrain.config import TrainConfig, load_train_config, parse_overrides
 from vltrain.rundir import RunDir
@@ -45,7 +45,7 @@ def _losses(loss=2.0, itc=1.0, mlm=0.5, caption=0.5):
     ],
 )
 def test_a_loss_that_is_not_finite_is_divergence(losses, shown):
-    from vltrain.loop import non_finite_loss
+    from vltrain.divergence import non_finite_loss
 
     line = non_finite_loss(12, losses, TrainConfig())
     assert line is not None and line.startswith("training diverged: ") and shown in line
@@ -53,7 +53,7 @@ def test_a_loss_that_is_not_finite_is_divergence(losses, shown):
 
 
 def test_a_finite_loss_is_not_divergence():
-    from vltrain.loop import non_finite_loss
+    from vltrain.divergence import non_finite_loss
 
     assert non_finite_loss(3, _losses(loss=1e30), TrainConfig()) is None
 
@@ -78,7 +78,7 @@ def test_a_finite_loss_is_not_divergence():
 def test_skipped_steps_fail_the_run_when_a_whole_interval_is_skipped_beyond_the_tolerance(
     precision, max_skipped, interval_steps, interval_skipped, in_a_row, fails
 ):
-    from vltrain.loop import skipped_interval
+    from vltrain.divergence import skipped_interval
 
     cfg = TrainConfig(precision=precision, max_skipped_steps=max_skipped)
     line = skipped_interval(40, interval_steps, interval_skipped, in_a_row, INF, 7.25, cfg)
@@ -129,6 +129,12 @@ class _Engine:
     skipped_steps = 0
     module = types.SimpleNamespace(loss_cfg=None)  # the loop sets the stage's loss weights on it
 
+    def set_loss_config(self, loss):
+        self.module.loss_cfg = loss
+
+    def close(self):
+        pass
+
     def get_global_grad_norm(self):
         return INF
 
@@ -141,15 +147,19 @@ def _session(tmp_path, cfg, steps):
     (log, divergence, checkpoint) without a model."""
     from vltrain import distenv
     from vltrain.collectives import Collectives
-    from vltrain.loop import Session, StopRequests, batch_split
+    from vltrain.engines.common import RankLayout
+    from vltrain.loop import Session, batch_split
     from vltrain.metrics import EventLog, JsonlSink
+    from vltrain.signals import StopRequests
+    from vltrain.stepstats import StepNumbers
 
     s = object.__new__(Session)
     s.cfg, s.run_dir, s.dist = cfg, tmp_path, distenv.detect({})
     s.events, s.stops = EventLog(tmp_path, True, 0), StopRequests()
     s.step = s.samples = 0
-    s.saved_step, s.energy, s.peak = -1, None, None
+    s.saved_step, s.energy, s.peak, s.watchdog, s.stage_index, s.mim_ratio = -1, None, None, None, None, 0.0
     s.split, s.comm = batch_split(cfg, 1), Collectives(torch.device("cpu"), 1)
+    s.layout = RankLayout.of(0, 1)
     s.loader, s.engine, s.device = [], _Engine(), torch.device("cpu")
     s.metrics = JsonlSink(RunDir(tmp_path).metrics, True)
     s.saves = []
@@ -159,11 +169,10 @@ def _session(tmp_path, cfg, steps):
 
     def train_step(batches):
         loss, skipped = next(it)
-        m = 2 + len(Session.LOSSES)  # flags, loss sums (loss, itc, mlm, caption, mim), micro steps, ...
-        local = torch.zeros(m + 6, dtype=torch.float64)  # ..., tokens, FLOPs, seconds, data-wait seconds, skipped
-        local[2:m] = torch.tensor([loss, loss / 2, loss / 4, loss / 4, 0.0]) * s.split.accumulation
-        local[m], local[m + 3], local[m + 4], local[-1] = s.split.accumulation, 0.1, 0.01, skipped
-        return local, 1e-3
+        sums = torch.tensor([loss, loss / 2, loss / 4, loss / 4, 0.0]) * s.split.accumulation  # Session.LOSSES
+        numbers = StepNumbers(losses=tuple(sums.double().tolist()), micro=s.split.accumulation, seconds=0.1)
+        numbers.wait_s, numbers.skipped = 0.01, skipped
+        return numbers, 1e-3
 
     s.train_step = train_step
     return s
@@ -183,7 +192,7 @@ def _session(tmp_path, cfg, steps):
 def test_the_loop_fails_at_the_diverged_step_before_any_checkpoint_of_it(
     tmp_path, precision, log_every, steps, fails_at, saved, needle
 ):
-    from vltrain.loop import TrainingDiverged
+    from vltrain.divergence import TrainingDiverged
 
     cfg = TrainConfig(
         precision=precision, steps=len(steps), log_every=log_every, checkpoint_every=2, global_batch=8, micro_batch=8
@@ -204,7 +213,8 @@ def test_the_loop_fails_at_the_diverged_step_before_any_checkpoint_of_it(
 def test_a_diverged_run_is_recorded_as_its_failure_and_not_retried(tmp_path):
     from clusterctl.runs.retry import cluster_failure
     from clusterctl.specs import JobRecord, RunState
-    from vltrain.loop import TrainingDiverged, record_failure
+    from vltrain.divergence import TrainingDiverged
+    from vltrain.failures import record_failure
 
     err = TrainingDiverged("training diverged: loss is nan at step 12 (itc nan, mlm 3.2, caption 4.1); allowed: x")
     assert isinstance(err, UserError) and err.exit_code == 2
@@ -217,6 +227,17 @@ def test_a_diverged_run_is_recorded_as_its_failure_and_not_retried(tmp_path):
 
 
 # ================================================================ 2. checkpoints that verify
+
+
+def ds_engine(fake):
+    """A fake of DeepSpeed's own engine behind vltrain's DeepSpeed engine (its checkpoint I/O runs; nothing is built)."""
+    from torch import nn
+
+    from vltrain.engines.deepspeed import DeepSpeedEngine
+
+    engine = object.__new__(DeepSpeedEngine)
+    engine.ds, engine.module = fake, getattr(fake, "module", nn.Module())
+    return engine
 
 
 class _FakeEngine:
@@ -249,7 +270,7 @@ class _CkptEngine:
 
 def _save(run_dir, step, engine=None, **kw):
     return checkpoint.save(
-        engine or _FakeEngine(),
+        ds_engine(engine or _FakeEngine()),
         run_dir,
         step=step,
         samples=step * 8,
@@ -433,7 +454,7 @@ TORCH_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs
 
 
 def _full(monkeypatch, free: int) -> None:
-    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: free)
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: free)
 
 
 def _dev_full_save(state, path):
@@ -485,7 +506,7 @@ def test_a_full_disk_is_one_line_naming_the_filesystem_and_the_sizes(tmp_path, m
     head = "disk quota exceeded on " if case == "EDQUOT" else "no space left on "
     assert line.startswith(head) and "\n" not in line
     assert " mounted at /" in line and f"({tmp_path / 'checkpoints'}): " in line
-    assert f"{checkpoint._mb(free)} MB free, checkpoint step_0000020 needs ~{size_mb:.1f} MB; allowed: " in line
+    assert f"{diskspace._mb(free)} MB free, checkpoint step_0000020 needs ~{size_mb:.1f} MB; allowed: " in line
     assert isinstance(e.value, UserError) and e.value.exit_code == 2
     # the half-written checkpoint is gone; the previous one is still the newest and still sound
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000010"]
@@ -524,14 +545,14 @@ def test_another_ranks_full_disk_fails_this_rank_with_the_same_line(tmp_path):
 def test_a_lost_peer_while_saving_is_not_taken_for_a_write_error(tmp_path):
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         _save(tmp_path, 20, engine=_FakeEngine(fail=lambda: RuntimeError("[gloo] Connection closed by peer")))
-    assert not checkpoint.is_write_error(ConnectionResetError(104, "reset"))
-    assert checkpoint.is_write_error(OSError(errno.EIO, "Input/output error"))
+    assert not diskspace.is_write_error(ConnectionResetError(104, "reset"))
+    assert diskspace.is_write_error(OSError(errno.EIO, "Input/output error"))
 
 
 def test_filesystem_names_the_device_and_mount_point():
-    assert checkpoint.filesystem("/").endswith(" mounted at /")
-    assert checkpoint.filesystem("/proc/self").endswith(" mounted at /proc")
-    assert checkpoint.free_bytes("/nonexistent/deeper") == checkpoint.free_bytes("/")
+    assert diskspace.filesystem("/").endswith(" mounted at /")
+    assert diskspace.filesystem("/proc/self").endswith(" mounted at /proc")
+    assert diskspace.free_bytes("/nonexistent/deeper") == diskspace.free_bytes("/")
 
 
 # ================================================================ 4. input

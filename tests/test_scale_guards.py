@@ -124,7 +124,7 @@ def test_a_30b_model_is_built_on_the_meta_device_without_host_memory():
     meta device the 30.5B crossmodal-xl allocates nothing (built on the CPU it would take 114 GiB per
     rank, 912 GiB per node of 8, against the profile's 1000 GiB)."""
     code = (
-        "import resource, time, torch; from vltrain.config import TrainConfig; from vltrain.engine import build_model\n"
+        "import resource, time, torch; from vltrain.config import TrainConfig; from vltrain.engines.common import build_model\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; t = time.time()\n"
         "m = build_model(TrainConfig(model='crossmodal-xl'), torch.device('meta'))\n"
         "n = sum(p.numel() for p in m.parameters()); devices = {(p.device.type, str(p.dtype)) for p in m.parameters()}\n"
@@ -169,7 +169,7 @@ def test_sbatch_kills_the_step_when_a_rank_dies_and_binds_cpus():
 
 
 def test_the_watchdog_fires_on_a_stall_and_not_while_steps_finish():
-    from vltrain.loop import Watchdog
+    from vltrain.watchdog import Watchdog
 
     fired = []
     w = Watchdog(0.3, on_stall=fired.append, poll_s=0.02).start()
@@ -184,7 +184,7 @@ def test_the_watchdog_fires_on_a_stall_and_not_while_steps_finish():
 
 def test_a_stalled_rank_exits_75_so_that_the_run_is_requeued(tmp_path):
     code = (
-        "import time; from vltrain.loop import Watchdog\n"
+        "import time; from vltrain.watchdog import Watchdog\n"
         f"w = Watchdog(0.2, run_dir={str(tmp_path)!r}, poll_s=0.02).start(); w.progress(); time.sleep(5)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
@@ -196,7 +196,7 @@ def test_the_collective_timeout_shortens_after_the_first_step(monkeypatch):
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
-    from vltrain.engine import shorten_timeout
+    from vltrain.engines.process_group import shorten_timeout
 
     seen = []
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
@@ -247,6 +247,7 @@ def test_device_index_and_accelerator_come_from_the_run_not_the_shell():
 
 # --- 9. checkpoints at scale ---------------------------------------------------------------------------
 def test_each_rank_fsyncs_the_checkpoint_files_it_wrote(tmp_path, monkeypatch):
+    from tests.test_reliability_trainer import ds_engine
     from vltrain import checkpoint
 
     names = [
@@ -266,7 +267,7 @@ def test_each_rank_fsyncs_the_checkpoint_files_it_wrote(tmp_path, monkeypatch):
     synced = []
     monkeypatch.setattr(checkpoint, "_fsync", lambda p: synced.append(p.name))
     checkpoint.save(
-        Engine(),
+        ds_engine(Engine()),
         tmp_path,
         step=5,
         samples=10,
@@ -287,6 +288,7 @@ def test_each_rank_fsyncs_the_checkpoint_files_it_wrote(tmp_path, monkeypatch):
 
 
 def test_resume_maps_the_module_file_instead_of_reading_it_per_rank(tmp_path, monkeypatch):
+    from tests.test_reliability_trainer import ds_engine
     from vltrain import checkpoint
 
     f = tmp_path / "mp_rank_00_model_states.pt"
@@ -312,7 +314,7 @@ def test_resume_maps_the_module_file_instead_of_reading_it_per_rank(tmp_path, mo
 
     (tmp_path / "trainer_rank00000.pt").write_bytes(b"")
     torch.save({"step": 1}, tmp_path / "trainer_rank00000.pt")
-    checkpoint.load(Engine(), tmp_path, 0)
+    checkpoint.load(ds_engine(Engine()), tmp_path, 0)
     assert calls[0] is True  # the DeepSpeed module file, mapped
 
 

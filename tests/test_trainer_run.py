@@ -493,7 +493,7 @@ if mode == "nan":
 elif mode == "full":
     nth, who, free = arg.split(":")
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    from vltrain import checkpoint
+    from vltrain import diskspace
     real, seen = TorchCheckpointEngine.save, set()
     def save(self, state_dict, path):
         seen.add(os.path.dirname(os.path.dirname(path)))
@@ -501,7 +501,7 @@ elif mode == "full":
             return real(self, state_dict, "/dev/full")
         return real(self, state_dict, path)
     TorchCheckpointEngine.save = save
-    checkpoint.free_bytes = lambda path: int(free)
+    diskspace.free_bytes = lambda path: int(free)
 sys.argv = ["vltrain", *cli]
 from vltrain.cli import main
 main()
@@ -636,9 +636,9 @@ def test_a_shard_damaged_on_one_rank_moves_the_checkpoint_aside_for_both(full_ru
 
 
 def _size_mb(path: Path) -> str:
-    from vltrain import checkpoint
+    from vltrain import checkpoint, diskspace
 
-    return checkpoint._mb(checkpoint.checkpoint_bytes(path))
+    return diskspace._mb(checkpoint.checkpoint_bytes(path))
 
 
 def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint_newest(full_run, data, tmp_path):

@@ -248,7 +248,7 @@ def test_weight_decay_only_on_linear_and_conv_weights():
     from torch import nn
 
     from vltrain.config import TrainConfig
-    from vltrain.engine import build_model, param_groups
+    from vltrain.engines.common import build_model, param_groups
 
     model = build_model(TrainConfig())
     decay, no_decay = param_groups(model, 0.1)
@@ -264,7 +264,7 @@ def test_weight_decay_only_on_linear_and_conv_weights():
 
 
 def test_stop_requests_only_record_signals():
-    from vltrain.loop import StopRequests, preempt_signal
+    from vltrain.signals import StopRequests, preempt_signal
 
     stops = StopRequests()
     stops.install()
@@ -346,7 +346,7 @@ def test_zero2_reduces_once_per_step_only_where_the_sum_is_as_exact():
     and the fp32 accumulation would be lost), on CUDA (overlap_comm hides each reduction) and at
     stages 0-1 (they reduce once anyway); VLTRAIN_GRAD_REDUCTION chooses, refused when unknown."""
     from vltrain.config import TrainConfig
-    from vltrain.engine import grad_reduction
+    from vltrain.engines.deepspeed import grad_reduction
 
     def cfg(**kw):
         return TrainConfig(**({"model": "tiny", "global_batch": 8, "precision": "fp32"} | kw))

@@ -1,13 +1,17 @@
 """Checkpoints that resume exactly, become visible only when complete, are verified before they are
 trusted, and refuse the wrong run.
 
+This module is the protocol and knows no engine: each engine (vltrain.engines.api.TrainEngine) writes
+and reads its own files inside the checkpoint directory (`engine.save`, `engine.load`), and the engine
+that reads a checkpoint's weights is found by meta.json's "format" (vltrain.engines.ENGINES).
+
 Layout of one checkpoint (`<run_dir>/checkpoints/step_0000120/`):
-  ds/                      parallel.strategy "deepspeed": DeepSpeed's save_checkpoint (model states, ZeRO
-                           optimizer shards, LR schedule)
-  dcp/                     parallel.strategy "fsdp": torch.distributed.checkpoint of model and optimizer
-                           (__<rank>_0.distcp per rank, .metadata from rank 0), any layout on load
-  trainer_rank00000.pt     per rank: step, samples seen, loader position, python/numpy/torch RNG states
-                           (under fsdp also the LR schedule, loss scaler and step counters)
+  <format>/                the engine's files: ds/ (DeepSpeed's save_checkpoint: model states, ZeRO
+                           optimizer shards, LR schedule) or dcp/ (torch.distributed.checkpoint of model
+                           and optimizer: __<rank>_0.distcp per rank, .metadata from rank 0, any layout on load)
+  trainer_rank00000.pt     per rank: step, samples seen, loader position, python/numpy/torch RNG states,
+                           and what the engine keeps beside its files ("engine": under fsdp the LR schedule,
+                           loss scaler and step counters)
   meta.json                step, samples, world size, format, config hash, schema version, and `files`: the size
                            and CRC-32 of every other file, each computed by the rank that wrote it
   COMPLETE                 written last, before the rename; holds the step and meta.json's size and CRC-32
@@ -42,30 +46,31 @@ import re
 import shutil
 import sys
 import time
-import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from vltrain import diskspace
 from vltrain.common.errors import UserError
+from vltrain.engines import ENGINES, engine_for_format, spec, strategy_of_format
 from vltrain.rundir import RunDir
 
+if TYPE_CHECKING:
+    from vltrain.engines.api import TrainEngine
+
 SCHEMA_VERSION = 1  # `files` in meta.json is optional: checkpoints written before it load unverified
-DS_TAG = "ds"
-DCP_DIR = "dcp"
-FORMATS = {"ds": "deepspeed", "dcp": "fsdp"}  # meta.json "format" -> the parallel.strategy that writes it
+LEGACY_FORMAT = ENGINES["deepspeed"].checkpoint_format  # meta.json without "format": written before DCP
 MARKER = "COMPLETE"
 META = "meta.json"
 BAD_PREFIX = ".bad-"  # a checkpoint that failed verification, moved aside (never deleted)
 _NAME = re.compile(r"step_(\d+)")
 _PART = re.compile(r"files_rank(\d+)\.json")  # each rank's share of the manifest, merged by rank 0
 _CHUNK = 8 << 20
-_MB = 1e6
 
 
 class CheckpointWriteError(UserError):
@@ -105,11 +110,13 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((path / "meta.json").read_text(encoding="utf-8"))
 
 
-def check_compatible(path: Path, config_hash: str, world_size: int, fmt: str = "ds") -> dict[str, Any]:
+def check_compatible(path: Path, config_hash: str, world_size: int, fmt: str = LEGACY_FORMAT) -> dict[str, Any]:
     """meta.json of `path`, or a one-line UserError when this run (whose engine writes `fmt`) cannot
-    resume from it. A DCP checkpoint resumes on any rank count; a DeepSpeed one on its own only."""
+    resume from it. A checkpoint of an engine that reshards (DCP) resumes on any rank count; one of
+    another (DeepSpeed) on its own rank count only."""
     meta = read_meta(path)
-    written = meta.get("format", "ds")  # checkpoints from before DCP are DeepSpeed's
+    written = meta.get("format", LEGACY_FORMAT)
+    was, now = strategy_of_format(written), strategy_of_format(fmt)
     if meta.get("schema") != SCHEMA_VERSION:
         raise UserError(
             f"{path}: checkpoint schema {meta.get('schema')}; allowed: schema {SCHEMA_VERSION} "
@@ -121,12 +128,12 @@ def check_compatible(path: Path, config_hash: str, world_size: int, fmt: str = "
             f"allowed: the same model, optimizer, loss, global batch, ZeRO stage, precision and seed, "
             f"or a new run directory"
         )
-    if written != fmt:
+    if was != now:
         raise UserError(
-            f"{path}: written under parallel.strategy '{FORMATS.get(written, written)}' but this run uses "
-            f"'{FORMATS[fmt]}'; allowed: --set parallel.strategy={FORMATS.get(written, written)}, or a new run directory"
+            f"{path}: written under parallel.strategy '{was}' but this run uses "
+            f"'{now}'; allowed: --set parallel.strategy={was}, or a new run directory"
         )
-    if fmt == "ds" and meta.get("world_size") != world_size:
+    if not spec(now).reshards and meta.get("world_size") != world_size:
         raise UserError(
             f"{path}: written by {meta.get('world_size')} ranks but this run has {world_size}; "
             f"allowed: resume with {meta.get('world_size')} ranks, or a new run directory"
@@ -134,7 +141,7 @@ def check_compatible(path: Path, config_hash: str, world_size: int, fmt: str = "
     return meta
 
 
-def check_newest(run_dir: str | Path, config_hash: str, world_size: int, fmt: str = "ds") -> None:
+def check_newest(run_dir: str | Path, config_hash: str, world_size: int, fmt: str = LEGACY_FORMAT) -> None:
     """check_compatible on the newest complete checkpoint whose meta.json reads (a quick refusal before
     the slow start; a damaged one is left to `select`, once the ranks can agree on it)."""
     for _, path in reversed(complete_checkpoints(run_dir)):
@@ -303,7 +310,7 @@ def _fsync(path: Path) -> None:
 
 
 def save(
-    engine,
+    engine: TrainEngine,
     run_dir: str | Path,
     *,
     step: int,
@@ -327,11 +334,14 @@ def save(
     root = checkpoints_dir(run_dir)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
-    free_before = free_bytes(root)
+    free_before = diskspace.free_bytes(root)
     renamed = False
 
     def agree(error: BaseException | None) -> None:
-        problem = None if error is None else write_problem(error, engine, run_dir, root, final.name, free_before, keep)
+        problem = None
+        if error is not None:
+            need = estimate_bytes(engine, run_dir)
+            problem = diskspace.write_problem(error, need, root, final.name, free_before, keep)
         problem = sync.first_problem(problem)
         if problem is None:
             return
@@ -349,16 +359,9 @@ def save(
             error = e
     agree(error)
     errors: list[BaseException] = []
-    fmt = getattr(engine, "checkpoint_format", "ds")
-    extra: dict[str, Any] = {}
+    fmt = engine.checkpoint_format
     try:
-        if fmt == "dcp":
-            _save_dcp(engine, tmp / DCP_DIR, errors)
-            extra["engine"] = engine.extra_state()
-        else:
-            ds = getattr(engine, "ds", engine)  # vltrain.engine.DeepSpeedEngine, or DeepSpeed's own
-            with _keep_going(ds, errors):  # a failed write inside DeepSpeed must not skip its collectives
-                ds.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        engine_state = engine.save(tmp, errors)  # its own files; a failed write goes to `errors`
         state = {
             "schema": SCHEMA_VERSION,
             "step": step,
@@ -367,13 +370,13 @@ def save(
             "world_size": world_size,
             "config_hash": config_hash,
             "rng": rng_state(),
-            **extra,
+            "engine": engine_state,
             **trainer_state,
         }
         with open(tmp / f"trainer_rank{rank:05d}.pt", "wb") as f:  # a Python file: ENOSPC keeps its errno
             torch.save(state, f)
     except Exception as e:
-        if not is_write_error(e):
+        if not diskspace.is_write_error(e):
             raise
         errors.append(e)
     agree(errors[0] if errors else None)  # every rank's files are written (rank 0's listing below sees them all)
@@ -467,104 +470,6 @@ def _merge_parts(tmp: Path, world_size: int) -> dict[str, dict[str, Any]]:
     return dict(sorted(files.items()))
 
 
-def _save_dcp(engine, directory: Path, errors: list[BaseException]) -> None:
-    """engine.save (DCP, collective). DCP gathers every rank's write result to rank 0 and raises the
-    same CheckpointException on every rank when one failed: its first write error goes to `errors`
-    (the ranks then agree on it as on any other), anything else is raised."""
-    from torch.distributed.checkpoint import CheckpointException
-
-    try:
-        engine.save(directory)
-    except CheckpointException as e:
-        inner = [getattr(f, "exc", f) for _, f in sorted(e.failures.items())]
-        write = [x for x in inner if isinstance(x, BaseException) and is_write_error(x)]
-        if not write:
-            raise
-        errors.append(write[0])
-
-
-@contextlib.contextmanager
-def _keep_going(engine, errors: list[BaseException]):
-    """For the duration, DeepSpeed's file writes (its checkpoint engine's save, the recovery scripts it
-    copies) record a write error in `errors` instead of raising it: DeepSpeed's save_checkpoint holds
-    barriers, and a rank that left it early would leave the others waiting in them."""
-    patched = []
-    for owner, name in ((getattr(engine, "checkpoint_engine", None), "save"), (engine, "_copy_recovery_script")):
-        fn = getattr(owner, name, None) if owner is not None else None
-        if not callable(fn):
-            continue
-
-        def wrapper(*args, _fn=fn, **kwargs):
-            try:
-                return _fn(*args, **kwargs)
-            except Exception as e:
-                if not is_write_error(e):
-                    raise
-                errors.append(e)
-                return None
-
-        patched.append((owner, name, vars(owner).get(name, _UNSET)))
-        setattr(owner, name, wrapper)
-    try:
-        yield
-    finally:
-        for owner, name, before in patched:
-            if before is _UNSET:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, before)
-
-
-_UNSET = object()
-# torch.save to a path writes through C++ and loses errno: a failed write reads like this
-_TORCH_WRITE_WORDS = ("unexpected pos", "file write failed", "PytorchStreamWriter failed", "No space left", "quota")
-
-
-def is_write_error(exc: BaseException) -> bool:
-    """A failed file write (full disk, quota, read-only or failing filesystem), not a lost peer."""
-    if isinstance(exc, OSError):
-        return not isinstance(exc, (ConnectionError, TimeoutError))
-    return isinstance(exc, RuntimeError) and any(w in str(exc) for w in _TORCH_WRITE_WORDS)
-
-
-def _existing(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def free_bytes(path: str | Path) -> int:
-    """Bytes an unprivileged writer may still use on the filesystem holding `path` (or its nearest
-    existing parent); -1 when unknown."""
-    try:
-        st = os.statvfs(_existing(Path(path)))
-    except OSError:
-        return -1
-    return st.f_bavail * st.f_frsize
-
-
-def filesystem(path: str | Path) -> str:
-    """The device and mount point holding `path`, e.g. '/dev/nvme0n1p2 mounted at /scratch' (Linux's
-    /proc/self/mountinfo; 'the filesystem' elsewhere)."""
-    target = os.path.realpath(_existing(Path(path)))
-    best: tuple[str, str] | None = None
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if len(fields) < 5 or len(tail) < 2:
-            continue
-        mount = fields[4].replace("\\040", " ")
-        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-        if inside and (best is None or len(mount) >= len(best[1])):
-            best = (tail[1] if tail[1] not in ("none", "") else tail[0], mount)
-    return f"{best[0]} mounted at {best[1]}" if best else "the filesystem"
-
-
 def checkpoint_bytes(path: Path) -> int:
     """The size of a complete checkpoint: its manifest's sum, else what its files hold."""
     try:
@@ -576,53 +481,14 @@ def checkpoint_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def estimate_bytes(engine, run_dir: str | Path) -> int:
-    """What the next checkpoint of this run will take on disk: the newest complete one's size, else
-    the model in its dtype plus ZeRO's fp32 master weights and Adam's two moments (12 bytes a
-    parameter over all ranks); 0 when unknown."""
+def estimate_bytes(engine: TrainEngine, run_dir: str | Path) -> int:
+    """What the next checkpoint of this run will take on disk: the newest complete one's size, else the
+    engine's estimate (vltrain.engines.api.TrainEngine.checkpoint_bytes); 0 when unknown."""
     done = complete_checkpoints(run_dir)
     if done:
         with contextlib.suppress(OSError):
             return checkpoint_bytes(done[-1][1])
-    module = getattr(engine, "module", None)
-    if module is None:
-        return 0
-    params = list(module.parameters())
-    return sum(p.numel() * (p.element_size() + 12) for p in params)
-
-
-def _mb(n: float) -> str:
-    return f"{n / _MB:.1f}" if 0 <= n < 10 * _MB else f"{n / _MB:,.0f}"
-
-
-def write_problem(
-    exc: BaseException, engine, run_dir: str | Path, where: Path, name: str, free_before: int, keep: int
-) -> str:
-    """One line for a failed checkpoint write: 'no space left on <device> (<path>): N MB free, the
-    checkpoint needs ~M MB; allowed: ...' when the disk is full (ENOSPC, or torch's errno-less write
-    failure with less free space than a checkpoint takes), 'disk quota exceeded ...' for EDQUOT, else
-    what the write said."""
-    need = estimate_bytes(engine, run_dir)
-    now = free_bytes(where)
-    fs = filesystem(where)
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-    code = getattr(exc, "errno", None)
-    torch_write = isinstance(exc, RuntimeError) and any(w in text for w in _TORCH_WRITE_WORDS)
-    quota = code == errno.EDQUOT or "quota" in text.lower()
-    full = code == errno.ENOSPC or "No space left" in text or (torch_write and 0 <= now < max(need, _MB))
-    free = free_before if free_before >= 0 else now
-    needs = f"~{_mb(need)} MB" if need else "more"
-    if full or quota:
-        head = "disk quota exceeded" if quota else "no space left"
-        return (
-            f"{head} on {fs} ({where}): {_mb(free)} MB free, checkpoint {name} needs {needs}; allowed: "
-            f"free space there{' (or a larger quota)' if quota else ''}, a lower keep_checkpoints (now {keep}), "
-            f"or a run directory on a larger filesystem"
-        )
-    return (
-        f"cannot write checkpoint {name} to {where} ({type(exc).__name__}: {text}); {_mb(free)} MB free on "
-        f"{fs}, it needs {needs}; allowed: a writable run directory with room for {keep + 1} checkpoints"
-    )
+    return engine.checkpoint_bytes()
 
 
 def prune(run_dir: str | Path, keep: int) -> None:
@@ -634,47 +500,20 @@ def prune(run_dir: str | Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def mmap_loads(engine):
-    """DeepSpeed's checkpoint engine with torch.load(mmap=True) for the duration: under ZeRO 0-2 every
-    rank reads the whole module file (mp_rank_00_model_states.pt, 61 GB for a 30B model in bf16);
-    mapped, the 8 ranks of a node share one copy in the page cache instead of 8 in their heaps."""
-    ce = engine.checkpoint_engine
-    original = ce.load
-
-    def load(path: str, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
-
-    ce.load = load
-    try:
-        yield
-    finally:
-        ce.load = original
-
-
-def load(engine, path: Path, rank: int) -> dict[str, Any]:
+def load(engine: TrainEngine, path: Path, rank: int) -> dict[str, Any]:
     """Restore model, optimizer and schedule into `engine`; return this rank's trainer state (RNG not yet applied).
 
-    A DCP checkpoint written by another rank count: DCP reshards model and optimizer; rank r takes the
-    trainer state of rank r mod the old count (loader positions and engine state agree across ranks;
-    the loop maps the loader's with `remap_loader_state`)."""
-    if getattr(engine, "checkpoint_format", "ds") == "dcp":
-        engine.load(path / DCP_DIR)
-        written = int(read_meta(path).get("world_size", 1))
-        state = torch.load(path / f"trainer_rank{rank % written:05d}.pt", weights_only=False)
-        engine.load_extra_state(state["engine"])
-        return state
-    ds = getattr(engine, "ds", engine)
-    with mmap_loads(ds):
-        load_path, _ = ds.load_checkpoint(
-            str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-    if load_path is None:
-        raise UserError(
-            f"{path}: DeepSpeed found no checkpoint under {DS_TAG}/; allowed: a directory written by vltrain"
-        )
+    A checkpoint of an engine that reshards (DCP), written by another rank count: the engine reshards
+    model and optimizer; rank r takes the trainer state of rank r mod the old count (loader positions and
+    engine state agree across ranks; the loop maps the loader's with `remap_loader_state`)."""
+    engine.load(path)
+    source = rank
+    if spec(engine.strategy).reshards:
+        source = rank % int(read_meta(path).get("world_size", 1))
     # Our own file (trusted: written by this trainer into the run directory); RNG states need pickle.
-    return torch.load(path / f"trainer_rank{rank:05d}.pt", weights_only=False)
+    state = torch.load(path / f"trainer_rank{source:05d}.pt", weights_only=False)
+    engine.load_extra_state(state.get("engine") or {})
+    return state
 
 
 def remap_loader_state(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
@@ -696,37 +535,20 @@ def remap_loader_state(state: dict[str, Any], rank: int, world_size: int) -> dic
     return state | {"rank": rank, "world_size": world_size, "epoch": epoch, "position": consumed % per_rank}
 
 
-def module_state(path: Path) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint, without DeepSpeed or a process group (evaluation on one
-    process). DCP: full tensors of every `model.` entry its metadata lists, read with no_dist=True
-    (whatever rank count and layout wrote them)."""
-    if (path / DCP_DIR).is_dir():
-        return _dcp_module_state(path / DCP_DIR)
-    files = sorted((path / DS_TAG).glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise UserError(f"{path}: no model states under {DS_TAG}/; allowed: a complete vltrain checkpoint")
-    return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)["module"]
-
-
-def _dcp_module_state(directory: Path) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(str(directory))
+def checkpoint_format(path: Path) -> str:
+    """The format a checkpoint was written in (meta.json's), that of checkpoints before DCP when unreadable."""
     try:
-        entries = reader.read_metadata().state_dict_metadata
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(
-            f"{directory}: DCP metadata cannot be read ({e}); allowed: a complete vltrain checkpoint"
-        ) from None
-    model = {
-        key.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
-        for key, md in entries.items()
-        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
-    }
-    if not model:
-        raise UserError(f"{directory}: no model states in the DCP checkpoint; allowed: a complete vltrain checkpoint")
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
-    return model
+        return str(read_meta(path).get("format", LEGACY_FORMAT))
+    except (OSError, ValueError):
+        return LEGACY_FORMAT
+
+
+def module_state(path: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint, without a process group (evaluation on one process): read by
+    the engine of its format, whatever rank count and layout wrote them."""
+    return engine_for_format(checkpoint_format(path)).read_module_state(path)
+
+
+def verify_module(path: Path) -> str | None:
+    """`verify` of meta.json and the files that hold the model weights (what evaluation reads)."""
+    return verify(path, only=engine_for_format(checkpoint_format(path)).is_module_file)

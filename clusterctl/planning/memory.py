@@ -171,10 +171,10 @@ def max_micro_batch(
 # --- host memory per node ----------------------------------------------------------------------------
 # Why: each rank used to build the whole fp32 model on the CPU (8 x 4 bytes x 30.5B = 976 GB per node
 # for seed 002, more than its 1000 GiB once DeepSpeed's buffers count). The trainer now builds the model
-# on its device (vltrain.engine.build_model), so a node's host memory holds what DeepSpeed stages there,
+# on its device (vltrain.engines.common.build_model), so a node's host memory holds what DeepSpeed stages there,
 # the checkpoint files a save or a resume puts there, and each rank's process and data-loader workers.
 DS_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor (their default)
-BUILDS_ON_DEVICE = True  # vltrain.engine.build_model: weights created on the GPU, never whole on the host
+BUILDS_ON_DEVICE = True  # vltrain.engines.common.build_model: weights created on the GPU, never whole on the host
 # Per GPU rank: the Python interpreter with torch, DeepSpeed and NCCL loaded, the host side of the CUDA
 # context and the CUDA libraries' host allocations (cuBLAS, cuDNN), pinned staging for batches: a torch
 # CUDA process sits at 3-5 GiB resident before it allocates anything of its own; 4 GiB is the middle.
@@ -218,7 +218,7 @@ def checkpoint_host_bytes(
     Resume: DeepSpeed loads checkpoints onto the CPU (state_dict_factory: map_location=lambda storage,
     loc: storage; engine._get_all_zero_checkpoint_state_dicts: map_location='cpu'). Under ZeRO 0-2
     every rank reads the model-states file (the 16-bit weights; under ZeRO-0 also the fp32 master and
-    Adam states, which live in it); the trainer maps it (vltrain.checkpoint.mmap_loads), so a node's
+    Adam states, which live in it); the trainer maps it (vltrain.engines.deepspeed.mmap_loads), so a node's
     ranks share one copy in the page cache, which a cgroup still charges to the job. Then each rank
     reads its own optimizer shard (fp32 master + Adam m, v: 12 bytes per parameter / data-parallel
     ranks). Save: torch.save copies one storage at a time to the host, the largest being rank 0's

@@ -1,6 +1,6 @@
-"""What both training engines (vltrain.engine's DeepSpeed one, vltrain.parallel.engine_torch's) build
-the same way: the rank's place in the ("pp", "dp", "tp") layout, the seeded model, AdamW's parameter
-groups and the LR schedule, the compute dtype. A module of its own so that each engine imports it
+"""What both training engines (vltrain.engines.deepspeed, vltrain.engines.fsdp) build the same way: the
+rank's place in the ("pp", "dp", "tp") layout, the seeded model, AdamW's parameter groups and the LR
+schedule, the compute dtype, a batch's model inputs. A module of its own so that each engine imports it
 without importing the other.
 """
 
@@ -14,15 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from vltrain.common.errors import UserError
 from vltrain.config import TrainConfig
 from vltrain.dsconfig import warmup_steps
+from vltrain.parallel.layout import data_parallel
 from vltrain.presets import resolve_model
 from vltrain.schedule import lr_factor
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
+class RankLayout:
     """Where a rank sits in the ("pp", "dp", "tp") mesh (pure; vltrain.parallel.mesh builds the same).
 
     `reporter`: one rank per data-parallel replica adds its losses, tokens and FLOPs to the loop's
@@ -38,20 +38,17 @@ class Layout:
 
     @property
     def dp(self) -> int:
-        return self.world // (self.tp * self.pp)
+        return data_parallel(self.world, self.tp, self.pp)
 
     @property
     def reporter(self) -> bool:
         return self.pp_rank == self.pp - 1 and self.tp_rank == 0
 
     @classmethod
-    def of(cls, rank: int, world: int, tp: int = 1, pp: int = 1) -> Layout:
-        """rank = (pp_rank * dp + dp_rank) * tp + tp_rank: tp innermost, pp outermost."""
-        if world % (tp * pp):
-            raise UserError(
-                f"parallel: world size {world} is not divisible by tp {tp} x pp {pp}; allowed: a multiple of {tp * pp}"
-            )
-        dp = world // (tp * pp)
+    def of(cls, rank: int, world: int, tp: int = 1, pp: int = 1) -> RankLayout:
+        """rank = (pp_rank * dp + dp_rank) * tp + tp_rank: tp innermost, pp outermost. The trainer checks
+        the layout first (vltrain.parallel.layout.layout_problems: world = tp x pp x dp among its rules)."""
+        dp = data_parallel(world, tp, pp)
         return cls(world, tp, pp, rank // (dp * tp), (rank // tp) % dp, rank % tp)
 
 

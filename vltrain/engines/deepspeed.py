@@ -1,98 +1,42 @@
-"""The training engine of a run: process group, model, AdamW parameter groups, LR schedule, and one
-interface (`TrainEngine`) over the two strategies the loop runs. What both engines build the same
-way (the rank's layout, the seeded model, AdamW groups and schedule) is in vltrain.engine_common.
+"""parallel.strategy = "deepspeed": DeepSpeed ZeRO 0-2 data parallel behind vltrain.engines.api.TrainEngine.
 
-parallel.strategy = "deepspeed": `DeepSpeedEngine`, DeepSpeed ZeRO 0-2 data parallel. The DeepSpeed
-config comes from `vltrain.dsconfig.deepspeed_config` (what the planner planned is what runs); its
-"vltrain" section is ours and is removed before DeepSpeed sees it. The optimizer is torch's AdamW (no
-JIT-compiled op on CPU) and the schedule a LambdaLR over `vltrain.schedule`, both handed to
-deepspeed.initialize so that DeepSpeed steps, clips and checkpoints them.
-parallel.strategy = "fsdp": `vltrain.parallel.engine_torch.TorchEngine`, PyTorch FSDP2 (+ tensor and
-pipeline parallel) with the same AdamW groups and schedule, checkpointed with torch.distributed.checkpoint.
+The DeepSpeed config comes from `vltrain.dsconfig.deepspeed_config` (what the planner planned is what
+runs); its "vltrain" section is ours and is removed before DeepSpeed sees it. The optimizer is torch's
+AdamW (no JIT-compiled op on CPU) and the schedule a LambdaLR over `vltrain.schedule`, both handed to
+deepspeed.initialize so that DeepSpeed steps, clips and checkpoints them. Checkpoints are DeepSpeed's
+save_checkpoint under the tag `ds/` of the checkpoint directory (vltrain.checkpoint writes the rest);
+ZeRO 0-2 keep full weights on every rank, so rank 0 evaluates its module in place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from datetime import timedelta
-from typing import Any, Protocol
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from vltrain.common.errors import UserError
-from vltrain.config import TrainConfig
-from vltrain.distenv import DistEnv, backend, cuda_index, export
+from vltrain.config import LossConfig, TrainConfig
+from vltrain.distenv import DistEnv, backend
 from vltrain.dsconfig import deepspeed_config
-from vltrain.engine_common import (  # the pieces both engines share, re-exported for the loop and tests
-    Layout,
+from vltrain.engines.api import TrainEngine
+from vltrain.engines.common import (
     LossScaleAtMinimum,
+    RankLayout,
     build_model,
     build_optimizer,
     compute_dtype,
     model_inputs,
 )
-from vltrain.engine_common import param_groups as param_groups
+from vltrain.engines.process_group import rank_device, start_timeout
 from vltrain.presets import resolve_model
-from vltrain.rundir import DIST_TIMEOUT_S, GRAD_REDUCTION, STEP_DIST_TIMEOUT_S
+from vltrain.rundir import GRAD_REDUCTION
 
-
-def init_process_group(dist: DistEnv, device: str, strategy: str = "deepspeed") -> torch.device:
-    """The default process group from the detected layout (gloo on CPU, nccl on CUDA); returns the
-    rank's device. deepspeed.init_distributed under "deepspeed"; torch's own under "fsdp" (DeepSpeed
-    is not imported there: it takes seconds and sets up nothing FSDP uses). VLTRAIN_DIST_TIMEOUT_S bounds how long a collective waits for a lost peer until
-    the first step (start-up is slow: 30 min by default); `shorten_timeout` tightens it after. The
-    loop turns a timed-out collective into exit code 75, which clusterctl retries."""
-    export(dist, device)
-    rank_device = torch.device("cpu")
-    if device == "cuda":
-        rank_device = torch.device("cuda", cuda_index(dist.local_rank, torch.cuda.device_count()))
-        torch.cuda.set_device(rank_device)
-    timeout = timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_S, 1800)))
-    if strategy != "deepspeed":
-        import torch.distributed as tdist
-
-        if not tdist.is_initialized():
-            tdist.init_process_group(backend(device), timeout=timeout)
-        return rank_device
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=backend(device), auto_mpi_discovery=False, verbose=False, timeout=timeout)
-    return rank_device
-
-
-def shorten_timeout() -> None:
-    """Once a step has run, a collective that waits long means a lost peer: VLTRAIN_STEP_DIST_TIMEOUT_S
-    (10 min by default) instead of the start-up's 30."""
-    import torch.distributed as dist
-
-    seconds = float(os.environ.get(STEP_DIST_TIMEOUT_S, 600))
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.distributed_c10d import _get_default_group, _set_pg_timeout
-
-        _set_pg_timeout(timedelta(seconds=seconds), _get_default_group())
-
-
-class TrainEngine(Protocol):
-    """What the loop, checkpoints and evaluation use of an engine, for both strategies.
-
-    `train_step` runs one optimizer step over the accumulation micro batches (the loss of each scaled
-    by 1 / accumulation, as DeepSpeed does) and returns each micro batch's loss terms (detached; zeros
-    on ranks that compute no loss: pipeline stages before the last) and the LR that step used.
-    `skipped_steps` counts optimizer steps skipped for a non-finite gradient (fp16's loss scaler
-    settling, or divergence), as DeepSpeed's attribute does."""
-
-    layout: Layout
-    device: torch.device
-    skipped_steps: int
-    checkpoint_format: str  # "ds" (DeepSpeed's files) | "dcp" (torch.distributed.checkpoint)
-
-    def train_step(self, batches: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[torch.Tensor, float]: ...
-
-    def get_global_grad_norm(self) -> float | None: ...
-
-    def num_params(self) -> int: ...
-
+TAG = "ds"  # DeepSpeed's checkpoint tag: the subdirectory of a vltrain checkpoint it writes
 
 REDUCTIONS = ("auto", "coalesced", "per_micro_step")
 
@@ -122,29 +66,59 @@ def grad_reduction(cfg: TrainConfig, device: str, override: str | None = None, *
     return "coalesced" if exact else "per_micro_step"
 
 
-class DeepSpeedEngine:
-    """parallel.strategy "deepspeed": today's DeepSpeed engine behind the TrainEngine interface.
+class DeepSpeedEngine(TrainEngine):
+    """`ds` is DeepSpeed's own engine; `module` the plain VLModel (ZeRO 0-2 keep full weights on every
+    rank: rank 0 evaluates it in place)."""
 
-    `ds` is DeepSpeed's own engine (checkpoint.py saves and loads through it); `module` the plain
-    VLModel (ZeRO 0-2 keep full weights on every rank: rank 0 evaluates it in place)."""
+    strategy = "deepspeed"
+    checkpoint_format = TAG
 
-    checkpoint_format = "ds"
-
-    def __init__(self, ds, layout: Layout, dtype: torch.dtype, cfg: TrainConfig, reduction: str | None = None) -> None:
+    def __init__(
+        self, ds, layout: RankLayout, dtype: torch.dtype, cfg: TrainConfig, reduction: str | None = None
+    ) -> None:
         self.ds, self.layout, self.dtype, self.cfg = ds, layout, dtype, cfg
         self.device, self.module = ds.device, ds.module
         self.stage = int(ds.zero_optimization_stage())  # the one DeepSpeed runs (dsconfig.one_rank_zero)
         self.reduction = grad_reduction(cfg, self.device.type, reduction, stage=self.stage)
 
+    @classmethod
+    def init_process_group(cls, dist: DistEnv, device: str) -> torch.device:
+        """deepspeed.init_distributed (gloo on CPU, nccl on CUDA) for the detected layout."""
+        import deepspeed
+
+        chosen = rank_device(dist, device)
+        deepspeed.init_distributed(
+            dist_backend=backend(device), auto_mpi_discovery=False, verbose=False, timeout=start_timeout()
+        )
+        return chosen
+
+    @classmethod
+    def build(
+        cls,
+        cfg: TrainConfig,
+        micro_batch: int,
+        accumulation: int,
+        layout: RankLayout,
+        device: torch.device,
+        *,
+        initialise: bool = True,
+    ) -> DeepSpeedEngine:
+        reduction = os.environ.get(GRAD_REDUCTION)  # read once: the DeepSpeed config and the engine both follow it
+        engine, _ = build_engine(cfg, micro_batch, accumulation, layout.world, device, reduction)
+        return cls(engine, layout, compute_dtype(cfg), cfg, reduction)
+
     @property
     def skipped_steps(self) -> int:
-        return getattr(self.ds, "skipped_steps", 0)
+        return int(getattr(self.ds, "skipped_steps", 0))  # DeepSpeed's own engine: 0 before its first skip
 
-    def get_global_grad_norm(self):
+    def get_global_grad_norm(self) -> float | None:
         return self.ds.get_global_grad_norm()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
+
+    def set_loss_config(self, loss: LossConfig) -> None:
+        self.module.loss_cfg = loss
 
     def train_step(self, batches: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[torch.Tensor, float]:
         eng, losses = self.ds, []
@@ -168,25 +142,102 @@ class DeepSpeedEngine:
             raise LossScaleAtMinimum() from None
         return torch.stack(losses).cpu(), lr
 
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: Path, errors: list[BaseException]) -> dict[str, Any]:
+        with keep_going(self.ds, errors):  # a failed write inside DeepSpeed must not skip its collectives
+            self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        return {}
 
-def make_engine(
-    cfg: TrainConfig,
-    micro_batch: int,
-    accumulation: int,
-    layout: Layout,
-    device: torch.device | str = "cpu",
-    *,
-    initialise: bool = True,
-) -> TrainEngine:
-    """The engine of `cfg.parallel.strategy` for an initialised process group; it owns model, AdamW and
-    schedule. initialise=False: a checkpoint will be loaded (FSDP then skips building the seeded weights)."""
-    if cfg.parallel.strategy == "fsdp":
-        from vltrain.parallel.engine_torch import TorchEngine
+    def load(self, directory: Path) -> None:
+        with mmap_loads(self.ds):
+            load_path, _ = self.ds.load_checkpoint(
+                str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        if load_path is None:
+            raise UserError(
+                f"{directory}: DeepSpeed found no checkpoint under {TAG}/; allowed: a directory written by vltrain"
+            )
 
-        return TorchEngine(cfg, micro_batch, accumulation, layout, torch.device(device), initialise=initialise)
-    reduction = os.environ.get(GRAD_REDUCTION)  # read once: the DeepSpeed config and the engine both follow it
-    engine, _ = build_engine(cfg, micro_batch, accumulation, layout.world, device, reduction)
-    return DeepSpeedEngine(engine, layout, compute_dtype(cfg), cfg, reduction)
+    def checkpoint_bytes(self) -> int:
+        """The model in its dtype plus ZeRO's fp32 master weights and Adam's two moments (12 bytes a parameter)."""
+        return sum(p.numel() * (p.element_size() + 12) for p in self.module.parameters())
+
+    @classmethod
+    def read_module_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+        files = sorted((directory / TAG).glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise UserError(f"{directory}: no model states under {TAG}/; allowed: a complete vltrain checkpoint")
+        return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)["module"]
+
+    @classmethod
+    def is_module_file(cls, relative: str) -> bool:
+        return "model_states" in relative
+
+    # ------------------------------------------------------------------ evaluate, describe
+    def eval_model(self, checkpoint: Path | None) -> nn.Module:
+        return self.module
+
+    def describe(self) -> dict[str, Any]:
+        """The ZeRO stage DeepSpeed runs and how it reduces gradients."""
+        return {"zero_stage_run": self.stage, "grad_reduction": self.reduction}
+
+
+ENGINE = DeepSpeedEngine
+
+
+@contextlib.contextmanager
+def mmap_loads(ds) -> Iterator[None]:
+    """DeepSpeed's checkpoint engine with torch.load(mmap=True) for the duration: under ZeRO 0-2 every
+    rank reads the whole module file (mp_rank_00_model_states.pt, 61 GB for a 30B model in bf16);
+    mapped, the 8 ranks of a node share one copy in the page cache instead of 8 in their heaps."""
+    ce = ds.checkpoint_engine
+    original = ce.load
+
+    def load(path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+
+    ce.load = load
+    try:
+        yield
+    finally:
+        ce.load = original
+
+
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def keep_going(ds, errors: list[BaseException]) -> Iterator[None]:
+    """For the duration, DeepSpeed's file writes (its checkpoint engine's save, the recovery scripts it
+    copies) record a write error in `errors` instead of raising it: DeepSpeed's save_checkpoint holds
+    barriers, and a rank that left it early would leave the others waiting in them."""
+    from vltrain.diskspace import is_write_error
+
+    patched = []
+    for owner, name in ((getattr(ds, "checkpoint_engine", None), "save"), (ds, "_copy_recovery_script")):
+        fn = getattr(owner, name, None) if owner is not None else None
+        if not callable(fn):
+            continue
+
+        def wrapper(*args, _fn=fn, **kwargs):
+            try:
+                return _fn(*args, **kwargs)
+            except Exception as e:
+                if not is_write_error(e):
+                    raise
+                errors.append(e)
+                return None
+
+        patched.append((owner, name, vars(owner).get(name, _UNSET)))
+        setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        for owner, name, before in patched:
+            if before is _UNSET:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, before)
 
 
 def check_deepspeed_fp16(cfg: TrainConfig, device: str) -> None:

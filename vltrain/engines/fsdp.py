@@ -1,6 +1,6 @@
 """parallel.strategy = "fsdp": the PyTorch-native engine (FSDP2 over the "dp" mesh dimension).
 
-Behind vltrain.engine.TrainEngine, as DeepSpeedEngine is, with the same model initialisation, AdamW
+Behind vltrain.engines.api.TrainEngine, as the DeepSpeed engine is, with the same model initialisation, AdamW
 parameter groups, LR schedule, gradient clipping and loss scaling 1 / accumulation, so that the two
 strategies train the same run (tests/test_fsdp_engine.py compares them).
 
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,10 @@ from torch import nn
 from vltrain.common.errors import UserError
 from vltrain.config import TrainConfig
 from vltrain.dsconfig import FP16_DYNAMIC_LOSS_SCALE
-from vltrain.engine_common import (
-    Layout,
+from vltrain.engines.api import TrainEngine
+from vltrain.engines.common import (
     LossScaleAtMinimum,
+    RankLayout,
     build_model,
     build_optimizer,
     compute_dtype,
@@ -68,7 +70,7 @@ FP16_INIT_SCALE = 2.0 ** FP16_DYNAMIC_LOSS_SCALE["initial_scale_power"]
 FP16_GROWTH_INTERVAL = FP16_DYNAMIC_LOSS_SCALE["loss_scale_window"]
 
 
-def build_device_mesh(layout: Layout, device_type: str):
+def build_device_mesh(layout: RankLayout, device_type: str):
     """The ("pp", "dp", "tp") mesh (vltrain.parallel.mesh)."""
     from vltrain.parallel.mesh import build_mesh
 
@@ -88,21 +90,36 @@ def meta_model(cfg: TrainConfig) -> nn.Module:
     return model
 
 
-class TorchEngine:
+class FSDPEngine(TrainEngine):
     """FSDP2 (+ TP / PP when the layout has them) training engine of one rank.
 
     `modules`: this rank's model parts (the whole VLModel, or its pipeline stage modules), each with
     its optimizer and schedule in `optimizers` / `schedulers` (they take the same steps). `module` is
     the whole model when there is no pipeline (None otherwise)."""
 
-    checkpoint_format = "dcp"
+    strategy = "fsdp"
+    checkpoint_format = DCP_DIR
+    eval_reads_checkpoint = True  # no rank holds the whole model: rank 0 reads this step's checkpoint
+
+    @classmethod
+    def build(
+        cls,
+        cfg: TrainConfig,
+        micro_batch: int,
+        accumulation: int,
+        layout: RankLayout,
+        device: torch.device,
+        *,
+        initialise: bool = True,
+    ) -> FSDPEngine:
+        return cls(cfg, micro_batch, accumulation, layout, torch.device(device), initialise=initialise)
 
     def __init__(
         self,
         cfg: TrainConfig,
         micro_batch: int,
         accumulation: int,
-        layout: Layout,
+        layout: RankLayout,
         device: torch.device,
         *,
         initialise: bool = True,
@@ -158,7 +175,7 @@ class TorchEngine:
             from vltrain.parallel.pipeline import tied_copies
 
             self.duplicates = tied_copies(self.modules)
-        self.skipped_steps = 0
+        self.skipped = 0
         self.global_steps = 0
         self._grad_norm: float | None = None
 
@@ -201,6 +218,10 @@ class TorchEngine:
         if self.pipe is not None:
             self.pipe.mask_args["mask_prob"] = loss.mask_prob
 
+    @property
+    def skipped_steps(self) -> int:
+        return self.skipped
+
     def num_params(self) -> int:
         from vltrain.model_math import param_count
 
@@ -231,7 +252,7 @@ class TorchEngine:
     def _pipeline_step(self, batches: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[torch.Tensor, float]:
         """The accumulation micro batches as the schedule's microbatches (in order: the same samples
         per microbatch as DeepSpeed's micro steps). Loss terms [micro, keys] on the last stage; zeros
-        elsewhere (not a reporter rank: vltrain.engine.Layout.reporter)."""
+        elsewhere (not a reporter rank: vltrain.engines.common.RankLayout.reporter)."""
         from vltrain.parallel.pipeline import pipeline_step
 
         lengths = {b["input_ids"].shape[1] for b in batches}
@@ -282,7 +303,7 @@ class TorchEngine:
             optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
         if skipped:
-            self.skipped_steps += 1
+            self.skipped += 1
         else:
             for scheduler in self.schedulers:
                 scheduler.step()
@@ -301,11 +322,25 @@ class TorchEngine:
             optim |= os_
         return {"model": model, "optim": optim}
 
-    def save(self, directory: Path) -> None:
-        """Collective: model and optimizer shards of every rank into `directory` (DCP, resharded on load)."""
+    def save(self, directory: Path, errors: list[BaseException]) -> dict[str, Any]:
+        """Collective: model and optimizer shards of every rank into `directory`/dcp (DCP, resharded on load).
+        DCP gathers every rank's write result to rank 0 and raises the same CheckpointException on every
+        rank when one failed: its first write error goes to `errors` (the ranks then agree on it as on any
+        other), anything else is raised."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import CheckpointException
 
-        dcp.save(self._state(), checkpoint_id=str(directory))
+        from vltrain.diskspace import is_write_error
+
+        try:
+            dcp.save(self._state(), checkpoint_id=str(directory / DCP_DIR))
+        except CheckpointException as e:
+            inner = [getattr(f, "exc", f) for _, f in sorted(e.failures.items())]
+            write = [x for x in inner if isinstance(x, BaseException) and is_write_error(x)]
+            if not write:
+                raise
+            errors.append(write[0])
+        return self.extra_state()
 
     def load(self, directory: Path) -> None:
         """Collective: this rank's shards of a DCP checkpoint of any rank count or layout."""
@@ -313,7 +348,7 @@ class TorchEngine:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self._state()
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
         for m, o in zip(self.modules, self.optimizers, strict=True):  # each part picks its own entries
             set_state_dict(
                 m,
@@ -328,7 +363,7 @@ class TorchEngine:
         return {
             "scheduler": self.scheduler.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.skipped,
             "global_steps": self.global_steps,
         }
 
@@ -337,7 +372,40 @@ class TorchEngine:
             scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.skipped_steps, self.global_steps = int(state["skipped_steps"]), int(state["global_steps"])
+        self.skipped, self.global_steps = int(state["skipped_steps"]), int(state["global_steps"])
+
+    def checkpoint_bytes(self) -> int:
+        """The model plus AdamW's fp32 master weights and two moments (12 bytes a parameter); 0 under a
+        pipeline (no rank's modules are the whole model)."""
+        if self.module is None:
+            return 0
+        return sum(p.numel() * (p.element_size() + 12) for p in self.module.parameters())
+
+    @classmethod
+    def read_module_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+        """Full tensors of every `model.` entry the DCP metadata lists, read with no_dist=True (whatever
+        rank count and layout wrote them)."""
+        return dcp_module_state(directory / DCP_DIR)
+
+    @classmethod
+    def is_module_file(cls, relative: str) -> bool:
+        return relative.startswith(f"{DCP_DIR}/")
+
+    # ------------------------------------------------------------------ evaluate, describe
+    def eval_model(self, checkpoint: Path | None) -> nn.Module:
+        """A plain VLModel on this rank's device in the training dtype, with the weights of `checkpoint`
+        (this step's, DCP, read without the process group)."""
+        import dataclasses
+
+        if checkpoint is None:
+            raise ValueError("the FSDP engine evaluates a checkpoint: the loop saves one first")
+        model = build_model(dataclasses.replace(self.cfg, activation_checkpointing=False), "meta")
+        model.load_state_dict(self.read_module_state(checkpoint), assign=True)
+        return model.to(self.device, self.dtype)
+
+    def banner(self) -> str:
+        p = self.cfg.parallel
+        return f" | {p.strategy} tp {p.tp} x pp {p.pp} x dp {self.layout.dp}"
 
     def close(self) -> None:
         from vltrain.model import losses
@@ -352,3 +420,30 @@ def _options(strict: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(flatten_optimizer_state_dict=True, strict=strict)
+
+
+ENGINE = FSDPEngine
+
+
+def dcp_module_state(directory: Path) -> dict[str, torch.Tensor]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(directory))
+    try:
+        entries = reader.read_metadata().state_dict_metadata
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(
+            f"{directory}: DCP metadata cannot be read ({e}); allowed: a complete vltrain checkpoint"
+        ) from None
+    model = {
+        key.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
+        for key, md in entries.items()
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
+    }
+    if not model:
+        raise UserError(f"{directory}: no model states in the DCP checkpoint; allowed: a complete vltrain checkpoint")
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    return model
