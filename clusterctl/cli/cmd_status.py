@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from clusterctl.runs.registry import Registry
-from clusterctl.specs import FAILURE_STATES
 
 
 def status(
@@ -20,15 +19,11 @@ def status(
     if all_ and not run:
         _all(reg, json_)
         return
+    from clusterctl.runs.lifecycle import refresh_and_retry
     from clusterctl.runs.status import collect, select_runs
 
     runs = select_runs(reg, run, all_)
-    data = collect(reg, runs)
-    if any(r.state in FAILURE_STATES for r in runs) and not reg.readonly:  # no daemon: retried here
-        from clusterctl.runs.lifecycle import reconcile
-
-        for run_id, job_id in reconcile(reg, runs):
-            data["notes"].append(f"{run_id}: retried as job {job_id} after a cluster failure")
+    data = collect(runs, refresh_and_retry(reg, runs))  # no daemon: cluster failures are retried here
     if json_:
         from clusterctl.render.output import print_json
 
@@ -43,18 +38,13 @@ def _all(reg: Registry, json_: bool) -> None:
     """Every run, from the registry's summaries (runs.summaries); `--json` is written one run at a time."""
     from clusterctl.runs.history import collect_all
 
-    everything = collect_all(reg)
-    notes = list(everything.notes)
-    if everything.retry_candidates and not reg.readonly:  # no daemon: retried here
-        from clusterctl.runs.lifecycle import reconcile
-
-        for run_id, job_id in reconcile(reg, everything.retry_candidates):
-            notes.append(f"{run_id}: retried as job {job_id} after a cluster failure")
+    everything = collect_all(reg)  # and cluster failures retried (no daemon)
+    head = {"source": everything.source, "notes": everything.notes}
     if json_:
         from clusterctl.render.output import print_json_stream
 
-        print_json_stream({"source": everything.source, "notes": notes}, "runs", everything.texts())
+        print_json_stream(head, "runs", everything.texts())
         return
     from clusterctl.render.status_table import print_status
 
-    print_status({"source": everything.source, "notes": notes, "runs": list(everything.rows())})
+    print_status(head | {"runs": list(everything.rows())})

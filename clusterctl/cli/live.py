@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from clusterctl.specs import FAILURE_STATES, FINAL_STATES, RunState
+from clusterctl.specs import FINAL_STATES, RunState
 from vltrain.rundir import RunDir
 
 PLAIN_HEARTBEAT_S = 60.0  # without a terminal: a line per run at least this often, even if it did not move
@@ -71,8 +71,9 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
         summary_lines,
     )
     from clusterctl.runs.artifacts import EnergyTotals, count_events, eval_summary
+    from clusterctl.runs.lifecycle import refresh_and_retry
     from clusterctl.runs.registry import Registry
-    from clusterctl.runs.status import refresh, summarize, why_ended
+    from clusterctl.runs.status import summarize, why_ended
 
     reg = Registry()
     runs = [reg.get_run(r) for r in run_ids]
@@ -97,16 +98,10 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
             live.start()
         while True:
             now = time.time()
-            fresh = refresh(reg, runs, None, now)
+            fresh = refresh_and_retry(reg, runs, None, now)
+            if fresh.retried:
+                continue  # at once: the new jobs' states
             states, jobs = fresh.states, fresh.jobs
-            failed = [r for r in runs if states[r.run_id] in FAILURE_STATES]
-            if failed and not reg.readonly:
-                from clusterctl.runs.lifecycle import reconcile
-
-                for r in failed:
-                    r.state = states[r.run_id]
-                if reconcile(reg, failed):
-                    continue
             rows = []
             for r in runs:
                 r.state = states[r.run_id]

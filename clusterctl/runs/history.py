@@ -63,8 +63,8 @@ _JOB_FIELDS = tuple(JobRecord.__dataclass_fields__)
 
 @dataclass
 class AllRuns:
-    """`status --all`: every run, newest first, what the refresh said, and the failed runs whose plan
-    allows a retry (lifecycle.reconcile's input)."""
+    """`status --all`: every run, newest first, what the refresh said (and the retries), and the failed
+    runs whose plan allows a retry (lifecycle.reconcile's input)."""
 
     source: str
     notes: list[str]
@@ -91,8 +91,10 @@ class AllRuns:
 
 def collect_all(reg: Registry, timeout: float | None = None) -> AllRuns:
     """Every run of the registry from its summaries (runs.summaries): settled runs' rows as the
-    registry keeps them, the others refreshed from their backends and made now (from_summary). The
-    whole file is checked first (Registry.verify), so a damaged page is an error, not a short answer."""
+    registry keeps them, the others refreshed from their backends and made now (from_summary); then
+    the failed runs whose plan allows a retry are reconciled (lifecycle.reconcile: resubmitted if the
+    failure was the cluster's), each retry a note. The whole file is checked first (Registry.verify),
+    so a damaged page is an error, not a short answer."""
     reg.verify()
     with reg.snapshot():  # settled and not: one state of the file, so no run is in both or neither
         stale = reg.index(stale_only=True, status_rows=True)
@@ -101,4 +103,9 @@ def collect_all(reg: Registry, timeout: float | None = None) -> AllRuns:
     fresh = [from_summary(run, s) for run, s in cur.rows]
     retry = [run for run, s in cur.rows if run.state in FAILURE_STATES and s.max_retries > 0]
     retry += reg.runs_by_ids(retry_ids).values()
-    return AllRuns(cur.source, cur.notes, fresh, settled, retry)
+    notes = list(cur.notes)
+    if retry and not reg.readonly:  # no daemon: retried here (lifecycle imported only when there is one)
+        from clusterctl.runs.lifecycle import reconcile, retried_note
+
+        notes += [retried_note(run_id, job_id) for run_id, job_id in reconcile(reg, retry)]
+    return AllRuns(cur.source, notes, fresh, settled, retry)

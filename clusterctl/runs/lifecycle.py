@@ -16,16 +16,38 @@ from pathlib import Path
 from clusterctl.backends import get_backend
 from clusterctl.runs.registry import Registry
 from clusterctl.runs.retry import should_retry
-from clusterctl.runs.status import refresh
+from clusterctl.runs.status import Refresh, refresh
 from clusterctl.specs import ACTIVE_STATES, FAILURE_STATES, JobRecord, RunRecord, RunState
 from vltrain.common.errors import UserError
 from vltrain.rundir import RunDir
 
 
+def refresh_and_retry(
+    reg: Registry, runs: list[RunRecord], timeout: float | None = None, now: float | None = None
+) -> Refresh:
+    """What every command that shows or follows runs does (status, watch, logs --follow, submit --wait,
+    resume): ask the backends (status.refresh), set each run's `state` to what they said, then resubmit
+    those whose last job failed for a cluster reason (reconcile). The states are those before the
+    retry; `retried` lists (run id, new job id), and a note says each (a caller that follows the runs
+    refreshes again to see the new jobs)."""
+    fresh = refresh(reg, runs, timeout, now)
+    for r in runs:
+        r.state = fresh.states[r.run_id]
+    fresh.retried = reconcile(reg, runs)
+    fresh.notes += [retried_note(run_id, job_id) for run_id, job_id in fresh.retried]
+    return fresh
+
+
+def retried_note(run_id: str, job_id: str) -> str:
+    return f"{run_id}: retried as job {job_id} after a cluster failure"
+
+
 def reconcile(reg: Registry, runs: list[RunRecord]) -> list[tuple[str, str]]:
-    """Resubmit every run that `should_retry`; returns [(run_id, new job id)] (edge: submits)."""
+    """Resubmit every run (in its state as refreshed) that `should_retry`; returns [(run_id, new job
+    id)] (edge: submits). Never from a read-only registry: what the scheduler says is shown, not saved
+    (status.readonly_note), and a retry could not be recorded."""
     failed = [r for r in runs if r.state in FAILURE_STATES]
-    if not failed:
+    if not failed or reg.readonly:
         return []
     jobs = reg.jobs_for(r.run_id for r in failed)
     from clusterctl.runs.artifacts import user_failure
@@ -53,11 +75,9 @@ def reconcile(reg: Registry, runs: list[RunRecord]) -> list[tuple[str, str]]:
 
 def current_state(reg: Registry, run: RunRecord) -> str:
     """The run's state now, after retrying it if its last job failed for a cluster reason."""
-    state = refresh(reg, [run]).states[run.run_id]
-    run.state = state
-    if state in FAILURE_STATES and not reg.readonly and reconcile(reg, [run]):
-        run.state = state = reg.get_run(run.run_id).state
-    return state
+    if refresh_and_retry(reg, [run]).retried:
+        run.state = reg.get_run(run.run_id).state
+    return run.state
 
 
 def latest_job(reg: Registry, run: RunRecord) -> JobRecord:

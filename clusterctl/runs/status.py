@@ -138,11 +138,14 @@ class Refresh:
     jobs: dict[str, list[JobRecord]]
     source: str = "registry"
     notes: list[str] = field(default_factory=list)
+    now: float = 0.0  # when the backends were asked
+    retried: list[tuple[str, str]] = field(default_factory=list)  # (run id, new job id): lifecycle.refresh_and_retry
 
 
 def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, now: float | None = None) -> Refresh:
     """Ask the backends about every job of `runs` that may still change, write what changed to the
-    registry, and return each run's state. Used by status, watch, logs --follow, --wait and resume."""
+    registry, and return each run's state. Status, watch, logs --follow, --wait and resume go through
+    lifecycle.refresh_and_retry (this, then the retry of cluster failures); reports call it alone."""
     now = time.time() if now is None else now
     jobs = reg.jobs_for(r.run_id for r in runs)
     by_backend: dict[str, list[tuple[RunRecord, JobRecord]]] = {}
@@ -167,7 +170,7 @@ def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, 
     else:
         reg.update_jobs(updates)
         reg.set_run_states(changed, if_states={r.run_id: r.state for r in runs if r.run_id in changed})
-    return Refresh(states, jobs, "+".join(sources) or "registry", notes)
+    return Refresh(states, jobs, "+".join(sources) or "registry", notes, now)
 
 
 def readonly_note(reg: Registry) -> str:
@@ -180,17 +183,17 @@ def readonly_note(reg: Registry) -> str:
     )
 
 
-def collect(reg: Registry, runs: list[RunRecord], timeout: float | None = None) -> dict[str, Any]:
-    """The whole status answer for `runs` as JSON-able data."""
-    now = time.time()
-    fresh = refresh(reg, runs, timeout, now)
+def collect(runs: list[RunRecord], fresh: Refresh) -> dict[str, Any]:
+    """The whole status answer for `runs` after `fresh` (lifecycle.refresh_and_retry) as JSON-able
+    data (edge: reads each run's last metrics record, resume events and why it ended)."""
     rows = []
     for r in runs:
         r.state = fresh.states[r.run_id]
         rd = RunDir(r.run_dir)
         metrics = artifacts.tail_json(rd.metrics)
         resumes = artifacts.count_events(rd.events, "resume")
-        rows.append(summarize(r, fresh.jobs[r.run_id], metrics, resumes, now, why_ended(r, fresh.jobs[r.run_id])))
+        jobs = fresh.jobs[r.run_id]
+        rows.append(summarize(r, jobs, metrics, resumes, fresh.now, why_ended(r, jobs)))
     return {"source": fresh.source, "notes": fresh.notes, "runs": rows}
 
 
