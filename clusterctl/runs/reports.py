@@ -1,0 +1,152 @@
+"""The reports of `clusterctl report`: what runs used (`usage_report`: energy, CO2 and GPU-hours by run,
+profile, day, month or user) and how a run learned (`loss_report`: its loss per objective).
+
+A usage report sums in SQL the runs whose registry summary is settled (Registry.settled_totals; by
+run, each run's own figures: settled_runs); the others (active, just ended, never summarised) are
+refreshed from their backends once, their files read, their summaries stored (runs.history.current),
+and added to the same groups. Filters are SQL's, on one snapshot of the registry. The rows and CSV
+columns are runs.usage's (pure); the tables are render.report_view's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from clusterctl.runs.registry import Registry
+from clusterctl.specs import RunRecord
+from vltrain.common.errors import UserError
+
+OBJECTIVES = ("loss", "itc", "mlm", "caption")  # what `report loss` shows of each metrics record
+
+
+class UsageReport(NamedTuple):
+    """The rows of a usage report (by run for a table: columns, usage.run_columns), the runs it
+    covers when a plot needs them, and the notes of the refresh (a backend that did not answer).
+    (NamedTuples, not dataclasses: a report's start-up counts, and a dataclass costs ~1 ms to make.)"""
+
+    rows: Any
+    runs: list[RunRecord]
+    notes: list[str]
+
+
+def check_by(by: str) -> str:
+    """`--by`: one of usage.BY."""
+    from clusterctl.runs.usage import BY
+
+    if by not in BY:
+        raise UserError(f"--by: {by!r} is not known; allowed: {', '.join(BY)}")
+    return by
+
+
+def usage_report(
+    by: str,
+    run: str | None = None,
+    profile: str | None = None,
+    user: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    *,
+    with_runs: bool = False,
+    table: bool = False,
+    reg: Registry | None = None,
+) -> UsageReport:
+    """The report grouped `by` (check_by) of the runs matching every filter (`since`/`until`: the
+    flags' text, submitted in [since, until)), from `reg` (default: the user's registry, opened once
+    the dates are read). `with_runs`: also the runs (for --plot). `table`: by run, the rows as the
+    table reads them (usage.run_columns)."""
+    from clusterctl.runs.history import current
+    from clusterctl.runs.usage import from_summary, group, parse_day, rows_of, run_columns
+
+    lo = parse_day(since, "--since") if since else None
+    hi = parse_day(until, "--until") if until else None
+    if lo is not None and hi is not None and hi <= lo:
+        raise UserError(f"--until: {until} is not after --since {since}; allowed: a later date")
+    reg = Registry() if reg is None else reg
+    filters: dict[str, Any] = {"run_id": reg.get_run(run).run_id if run else None, "profile": profile, "user": user}
+    filters |= {"since": lo, "until": hi}
+    if not run:
+        reg.verify()  # every run is read: a damaged page must not pass as a complete report
+    by_run = by == "run"
+    with reg.snapshot():  # the settled runs summed and the others listed from one state of the file
+        totals = reg.settled_runs(**filters) if by_run else reg.settled_totals(by, **filters)
+        stale = reg.index(**filters, stale_only=True)
+    cur = current(reg, stale)
+    groups = group([from_summary(r, s) for r, s in cur.rows], by)  # the runs that may still change
+    runs = [r for r, _ in reg.index(**filters)] if with_runs else []
+    if by_run and table:
+        return UsageReport(run_columns(totals, rows_of(groups)), runs, cur.notes)
+    rows = _by_run(totals, groups) if by_run else _by_group(totals, groups)
+    return UsageReport(rows, runs, cur.notes)
+
+
+def _by_run(totals: list[tuple], groups: dict[str, Any]) -> list[dict[str, Any]]:
+    """The settled runs' rows, sorted by SQL; the few that may still change go into their places."""
+    from bisect import bisect_left
+    from operator import itemgetter
+
+    from clusterctl.runs.usage import rows_of, run_rows
+
+    rows = run_rows(totals)
+    keys = list(map(itemgetter("key"), rows))
+    for row in rows_of(groups):
+        i = bisect_left(keys, row["key"])
+        if i < len(keys) and keys[i] == row["key"]:  # not within one snapshot; as by group, the fresh row wins
+            rows[i] = row
+        else:
+            rows.insert(i, row)
+            keys.insert(i, row["key"])
+    return rows
+
+
+def _by_group(totals: list[tuple], groups: dict[str, Any]) -> list[dict[str, Any]]:
+    """Groups summed by SQL alone, and those that also hold runs that may still change (added to them)."""
+    from clusterctl.runs.usage import rows_of, sql_row
+
+    rows = {t[0]: sql_row(t) for t in totals if t[0] not in groups}
+    for t in totals:
+        if t[0] in groups:
+            groups[t[0]].add_sql(t[1:])
+    rows |= {row["key"]: row for row in rows_of(groups)}
+    return [rows[k] for k in sorted(rows)]
+
+
+def energy_series(runs: list[RunRecord]) -> dict[str, list[tuple[float, float, float]]]:
+    """Each run's cumulative (hours since submission, kWh, kg CO2), for --plot (edge: reads the
+    energy timelines of every node-attempt)."""
+    from clusterctl.runs.usage import read_timeline
+
+    return {r.run_id: [((t - r.created_at) / 3600, e, c) for t, e, c in read_timeline(r.run_dir)] for r in runs}
+
+
+class LossReport(NamedTuple):
+    """A run's loss per objective: the records of its first and last logged step, the objectives
+    they hold, the steps logged (None: the file was too large to count them, `size` bytes), and with
+    `every`, every step's record."""
+
+    run_id: str
+    first: dict[str, Any]
+    last: dict[str, Any]
+    keys: list[str]
+    steps: int | None
+    size: int = 0
+    every: list[dict[str, Any]] | None = None
+
+
+def loss_report(reg: Registry, ref: str, every: bool = False) -> LossReport:
+    """The loss report of run `ref` (edge: reads its metrics.jsonl): with `every`, the whole file,
+    keeping only the objectives; else one pass keeping two records, or the head and tail of a
+    large file (runs.artifacts.loss_summary)."""
+    from clusterctl.runs.artifacts import loss_summary, metric_rows
+    from vltrain.rundir import RunDir
+
+    r = reg.get_run(ref)
+    rows = metric_rows(r.run_dir, fields=OBJECTIVES) if every else []
+    summary = None if every else loss_summary(r.run_dir, OBJECTIVES)
+    if not rows and summary is None:
+        raise UserError(
+            f"{RunDir(r.run_dir).metrics}: no metrics yet; allowed: a run that has logged at least one step"
+        )
+    if summary is not None:
+        return LossReport(r.run_id, summary.first, summary.last, summary.keys, summary.steps, summary.size)
+    keys = [k for k in OBJECTIVES if any(k in d for d in rows)]
+    return LossReport(r.run_id, rows[0], rows[-1], keys, len(rows), every=rows)
