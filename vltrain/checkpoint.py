@@ -320,8 +320,8 @@ def save(
     config_hash: str,
     trainer_state: dict[str, Any],
     keep: int,
-    barrier=None,
-    comm=None,
+    barrier: Callable[[], None] | None = None,
+    comm: Any = None,
 ) -> Path:
     """Collective: every rank calls it at the same step. Returns the final path once it is visible.
 
@@ -330,96 +330,118 @@ def save(
     they also agree on whether a write failed anywhere (a full disk, a quota): if one did, rank 0
     removes the `.tmp-` directory and every rank raises the same CheckpointWriteError, instead of one
     rank failing while the others wait in the next collective until the time-out."""
-    sync = _Sync(comm, barrier, rank, world_size)
-    root = checkpoints_dir(run_dir)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}"
-    free_before = diskspace.free_bytes(root)
-    renamed = False
+    w = _Write(engine, Path(run_dir), step, rank, world_size, keep, _Sync(comm, barrier, rank, world_size))
+    w.agree(w.start() if rank == 0 else None)
+    # every rank's files are written before rank 0 lists them
+    w.agree(w.write_files({"samples": samples, "config_hash": config_hash}, trainer_state))
+    w.agree(w.write_manifest_part())
+    w.agree(w.publish(samples, config_hash) if rank == 0 else None)  # nobody moves on before it is visible
+    return w.final
 
-    def agree(error: BaseException | None) -> None:
+
+class _Write:
+    """One checkpoint as this rank writes it: its temporary and final directories, and the steps of the
+    protocol, each returning the write error it met (None: none) for the ranks to agree on."""
+
+    def __init__(
+        self, engine: TrainEngine, run_dir: Path, step: int, rank: int, world_size: int, keep: int, sync: _Sync
+    ) -> None:
+        self.engine, self.run_dir, self.step, self.rank, self.world_size = engine, run_dir, step, rank, world_size
+        self.keep, self.sync = keep, sync
+        self.root = checkpoints_dir(run_dir)
+        self.final = self.root / step_dir_name(step)
+        self.tmp = self.root / f".tmp-{self.final.name}"
+        self.free_before = diskspace.free_bytes(self.root)
+        self.renamed = False
+
+    def agree(self, error: BaseException | None) -> None:
+        """The ranks' point of agreement: when a write failed on any of them, every rank raises the first
+        one's line (rank 0 removes the temporary directory: never the newest, and its space back)."""
         problem = None
         if error is not None:
-            need = estimate_bytes(engine, run_dir)
-            problem = diskspace.write_problem(error, need, root, final.name, free_before, keep)
-        problem = sync.first_problem(problem)
+            need = estimate_bytes(self.engine, self.run_dir)
+            problem = diskspace.write_problem(error, need, self.root, self.final.name, self.free_before, self.keep)
+        problem = self.sync.first_problem(problem)
         if problem is None:
             return
-        if rank == 0 and not renamed:
-            shutil.rmtree(tmp, ignore_errors=True)  # never the newest, and its space back for the failure record
-        sync.barrier()
+        if self.rank == 0 and not self.renamed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.sync.barrier()
         raise CheckpointWriteError(problem)
 
-    error: BaseException | None = None
-    if rank == 0:
+    def start(self) -> OSError | None:
+        """Rank 0: a fresh temporary directory (one left by an attempt killed while writing is removed)."""
         try:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by an attempt killed while writing
-            tmp.mkdir(parents=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
         except OSError as e:
-            error = e
-    agree(error)
-    errors: list[BaseException] = []
-    fmt = engine.checkpoint_format
-    try:
-        engine_state = engine.save(tmp, errors)  # its own files; a failed write goes to `errors`
-        state = {
-            "schema": SCHEMA_VERSION,
-            "step": step,
-            "samples": samples,
-            "rank": rank,
-            "world_size": world_size,
-            "config_hash": config_hash,
-            "rng": rng_state(),
-            "engine": engine_state,
-            **trainer_state,
-        }
-        with open(tmp / f"trainer_rank{rank:05d}.pt", "wb") as f:  # a Python file: ENOSPC keeps its errno
-            torch.save(state, f)
-    except Exception as e:
-        if not diskspace.is_write_error(e):
-            raise
-        errors.append(e)
-    agree(errors[0] if errors else None)  # every rank's files are written (rank 0's listing below sees them all)
-    error = None
-    try:
-        files = {}
-        for f in owned_files(tmp, rank):  # durable before COMPLETE says so
-            if _PART.fullmatch(f.name):
-                continue
-            _fsync(f)
-            size, crc = file_digest(f)  # from the page cache, just written
-            files[f.relative_to(tmp).as_posix()] = {"size": size, "crc32": crc, "rank": rank}
-        _write_durable(tmp / f"files_rank{rank:05d}.json", json.dumps(files).encode())
-    except OSError as e:
-        error = e
-    agree(error)
-    error = None
-    if rank == 0:
+            return e
+        return None
+
+    def write_files(self, fields: dict[str, Any], trainer_state: dict[str, Any]) -> BaseException | None:
+        """The engine's files, then this rank's trainer state (step, samples, RNG, the engine's extra state)."""
+        errors: list[BaseException] = []
+        try:
+            engine_state = self.engine.save(self.tmp, errors)  # its own files; a failed write goes to `errors`
+            state = {
+                "schema": SCHEMA_VERSION,
+                "step": self.step,
+                "samples": fields["samples"],
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "config_hash": fields["config_hash"],
+                "rng": rng_state(),
+                "engine": engine_state,
+                **trainer_state,
+            }
+            with open(self.tmp / f"trainer_rank{self.rank:05d}.pt", "wb") as f:  # a Python file: ENOSPC keeps errno
+                torch.save(state, f)
+        except Exception as e:
+            if not diskspace.is_write_error(e):
+                raise
+            errors.append(e)
+        return errors[0] if errors else None
+
+    def write_manifest_part(self) -> OSError | None:
+        """This rank's files made durable (before COMPLETE says so), with their sizes and CRC-32s."""
+        try:
+            files = {}
+            for f in owned_files(self.tmp, self.rank):
+                if _PART.fullmatch(f.name):
+                    continue
+                _fsync(f)
+                size, crc = file_digest(f)  # from the page cache, just written
+                files[f.relative_to(self.tmp).as_posix()] = {"size": size, "crc32": crc, "rank": self.rank}
+            _write_durable(self.tmp / f"files_rank{self.rank:05d}.json", json.dumps(files).encode())
+        except OSError as e:
+            return e
+        return None
+
+    def publish(self, samples: int, config_hash: str) -> OSError | None:
+        """Rank 0: meta.json (with the merged manifest), COMPLETE, the rename; then older ones pruned."""
         try:
             meta = {
                 "schema": SCHEMA_VERSION,
-                "step": step,
+                "step": self.step,
                 "samples": samples,
-                "world_size": world_size,
-                "format": fmt,
+                "world_size": self.world_size,
+                "format": self.engine.checkpoint_format,
                 "config_hash": config_hash,
                 "time": time.time(),
-                "files": _merge_parts(tmp, world_size),
+                "files": _merge_parts(self.tmp, self.world_size),
             }
             raw = (json.dumps(meta, indent=2) + "\n").encode()
-            _write_durable(tmp / META, raw)
-            _write_durable(tmp / MARKER, f"{step}\n{META} {len(raw)} {zlib.crc32(raw):08x}\n".encode())
-            if final.exists():  # same step saved before a crash that came before the next checkpoint
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            renamed = True
-            _fsync(root)
+            _write_durable(self.tmp / META, raw)
+            _write_durable(self.tmp / MARKER, f"{self.step}\n{META} {len(raw)} {zlib.crc32(raw):08x}\n".encode())
+            if self.final.exists():  # same step saved before a crash that came before the next checkpoint
+                shutil.rmtree(self.final)
+            os.replace(self.tmp, self.final)
+            self.renamed = True
+            _fsync(self.root)
         except OSError as e:
-            error = e
-        else:
-            prune(run_dir, keep)
-    agree(error)  # nobody moves on (or exits) before the checkpoint is visible
-    return final
+            return e
+        prune(self.run_dir, self.keep)
+        return None
 
 
 class _Sync:

@@ -20,6 +20,7 @@ from typing import Any
 
 from vltrain.common.errors import UserError
 from vltrain.common.schema import build, field
+from vltrain.engines import ENGINES
 from vltrain.model_config import ModelConfig
 from vltrain.presets import PRESETS
 
@@ -128,7 +129,7 @@ def _check_stages(stages: list[StageConfig], base: LossConfig, steps: int) -> No
         )
 
 
-STRATEGIES = ("deepspeed", "fsdp")
+STRATEGIES = tuple(ENGINES)  # "deepspeed", "fsdp": the engines vltrain.engines lists
 # fp16's dynamic loss scaler (vltrain.dsconfig: initial_scale_power 16, DeepSpeed's hysteresis 2) skips
 # the steps whose gradients overflow while it halves its scale: from 2^16 to its floor of 1 that is
 # 1 + 16 = 17 overflows in a row; a settling scale skips fewer, and DeepSpeed stops at the 18th.

@@ -228,8 +228,9 @@ def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:
 
 
 def newest_sound_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint whose meta.json and module files verify (vltrain.checkpoint.verify;
-    DeepSpeed's module file, or every DCP file: DCP mixes model and optimizer shards);
+    """The newest complete checkpoint whose meta.json and module files verify (vltrain.checkpoint.verify_module:
+    the files its engine says hold weights, e.g. DeepSpeed's module file, or every DCP file: DCP mixes model
+    and optimizer shards);
     a damaged one is named on stderr and skipped, not moved: evaluation only reads the run directory
     (the next training attempt moves it aside)."""
     import sys
@@ -237,7 +238,7 @@ def newest_sound_checkpoint(run_dir: str | Path) -> Path | None:
     from vltrain import checkpoint
 
     for _, path in reversed(checkpoint.complete_checkpoints(run_dir)):
-        problem = checkpoint.verify(path, only=lambda rel: "model_states" in rel or rel.startswith("dcp/"))
+        problem = checkpoint.verify_module(path)
         if problem is None:
             return path
         print(

@@ -14,12 +14,13 @@ FSDP, tensor and pipeline parallelism, fp16 (dynamic loss scaling) and masked im
 from __future__ import annotations
 
 from vltrain.config import TrainConfig
+from vltrain.engines import spec
 
 
 def not_run_yet(cfg: TrainConfig) -> list[str]:
     """One line per part of `cfg` the trainer does not run yet (pure); empty when it runs all of it."""
     out = []
-    if cfg.parallel.strategy == "deepspeed" and cfg.zero_stage == 3:
+    if cfg.zero_stage in spec(cfg.parallel.strategy).zero_stages_not_run:
         out.append(
             "zero_stage: 3 is planned but not run by the trainer yet under DeepSpeed (rank-0 evaluation would "
             "deadlock stage 3's parameter gathers, and `vltrain eval` cannot read its sharded checkpoints); "

@@ -31,11 +31,17 @@ class EngineSpec:
     model_parallel: bool  # runs tensor and pipeline parallel (parallel.tp, parallel.pp > 1)
     zero_stages: tuple[int, ...]  # the zero_stage values it can take
     zero_stage_rule: str = ""  # why the others are refused, and what is allowed ({stage}: the value given)
+    zero_stages_not_run: tuple[int, ...] = ()  # planned, but not run by the trainer yet (vltrain.support)
 
 
 ENGINES: dict[str, EngineSpec] = {
     "deepspeed": EngineSpec(
-        "vltrain.engines.deepspeed", "ds", reshards=False, model_parallel=False, zero_stages=(0, 1, 2, 3)
+        "vltrain.engines.deepspeed",
+        "ds",
+        reshards=False,
+        model_parallel=False,
+        zero_stages=(0, 1, 2, 3),
+        zero_stages_not_run=(3,),  # ZeRO-3: rank-0 evaluation would deadlock its gathers (vltrain.support)
     ),
     "fsdp": EngineSpec(
         "vltrain.engines.fsdp",

@@ -156,19 +156,7 @@ class FSDPEngine(TrainEngine):
         self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
         built = [build_optimizer(cfg, m, fused=device.type == "cuda") for m in self.modules]
         self.optimizers, self.schedulers = [o for o, _ in built], [s for _, s in built]
-        self.scaler = None
-        if cfg.precision == "fp16":
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            self.scaler = ShardedGradScaler(
-                device.type,
-                init_scale=FP16_INIT_SCALE,
-                growth_factor=2.0,
-                backoff_factor=0.5,
-                growth_interval=FP16_GROWTH_INTERVAL,
-                process_group=dist.group.WORLD,
-            )
-            self.scaler.scale(torch.zeros((), device=device))  # creates the scale on stages that compute no loss
+        self.scaler = fp16_scaler(device) if cfg.precision == "fp16" else None
         self.pipe = self._pipeline(parts) if layout.pp > 1 else None
         self.duplicates: list[nn.Parameter] = []
         if self.pipe is not None:
@@ -423,6 +411,23 @@ def _options(strict: bool):
 
 
 ENGINE = FSDPEngine
+
+
+def fp16_scaler(device: torch.device):
+    """torch's loss scaler with its found-inf flag all-reduced over the world (pipeline stages and
+    tensor-parallel peers skip the same steps), set as DeepSpeed's dynamic scaler (vltrain.dsconfig)."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    scaler = ShardedGradScaler(
+        device.type,
+        init_scale=FP16_INIT_SCALE,
+        growth_factor=2.0,
+        backoff_factor=0.5,
+        growth_interval=FP16_GROWTH_INTERVAL,
+        process_group=dist.group.WORLD,
+    )
+    scaler.scale(torch.zeros((), device=device))  # creates the scale on stages that compute no loss
+    return scaler
 
 
 def dcp_module_state(directory: Path) -> dict[str, torch.Tensor]:

@@ -13,8 +13,8 @@ The rules, and why:
     and all-reduce activations twice per block forward and twice backward, which only NVLink carries
     at speed; a group that straddles two nodes would run them over the network.
   * pp stages hold contiguous ranges of the pipeline blocks (vision, text, fusion, decoder blocks in
-    that order, `stage_ranges`); each stage needs at least one block, each virtual stage of the
-    interleaved schedule too (2 per rank).
+    that order, `PIPELINE_TOWERS`, `stage_ranges`: the split the trainer runs, vltrain.parallel.pipeline);
+    each stage needs at least one block, each virtual stage of the interleaved schedule too (2 per rank).
   * world = tp x pp x dp.
   * microbatches (the accumulation steps) as torch.distributed.pipelining's schedules require them:
     Schedule1F1B raises when n_microbatches < the number of stages (a stage without a microbatch of its
@@ -23,14 +23,17 @@ The rules, and why:
   * tp or pp > 1 only under parallel.strategy "fsdp" (DeepSpeed here is ZeRO data parallel only);
     under "fsdp" zero_stage is 2 (parameters kept gathered from forward to backward) or 3 (resharded
     after forward): FSDP always shards gradients and optimizer states, so 0 and 1 do not exist there.
-  * masked image modelling (loss.mim > 0) is not run with pp > 1: the pipeline stages do not carry its
-    decoder.
+  * masked image modelling (loss.mim > 0, in any training stage) is not run with pp > 1: its encoder
+    pass is the whole ViT, which a pipeline spreads over stages, and the pipeline stages do not carry
+    its decoder. This rule is the only refusal: the trainer checks `layout_problems` before it builds a
+    pipeline.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vltrain.engines import spec as engine_spec
 from vltrain.model_math import mlp_hidden
 
 if TYPE_CHECKING:
@@ -38,12 +41,24 @@ if TYPE_CHECKING:
     from vltrain.model_config import ModelConfig
 
 VIRTUAL_STAGES = {"1f1b": 1, "gpipe": 1, "interleaved1f1b": 2}  # model chunks per pipeline rank
-FSDP_STAGES = (2, 3)
+# The towers whose blocks a pipeline splits, in the order the forward runs them: (tower, the ModelConfig
+# field that counts its blocks). vltrain.parallel.pipeline maps each to the model's block container.
+PIPELINE_TOWERS = (
+    ("vision", "vision_layers"),
+    ("text", "text_layers"),
+    ("fusion", "fusion_layers"),
+    ("decoder", "decoder_layers"),
+)
+
+
+def tower_blocks(model: ModelConfig) -> dict[str, int]:
+    """Blocks per tower, in pipeline order."""
+    return {tower: getattr(model, field) for tower, field in PIPELINE_TOWERS}
 
 
 def pipeline_blocks(model: ModelConfig) -> int:
     """Transformer blocks a pipeline splits: vision + text + fusion + decoder."""
-    return model.vision_layers + model.text_layers + model.fusion_layers + model.decoder_layers
+    return sum(tower_blocks(model).values())
 
 
 def stage_ranges(blocks: int, stages: int) -> list[range]:
@@ -58,6 +73,13 @@ def stage_ranges(blocks: int, stages: int) -> list[range]:
         out.append(range(start, start + n))
         start += n
     return out
+
+
+def stage_blocks(model: ModelConfig, stages: int) -> list[list[tuple[str, int]]]:
+    """The (tower, block index within the tower) pairs of each (virtual) stage: `stage_ranges` over the
+    blocks in pipeline order."""
+    flat = [(tower, i) for tower, n in tower_blocks(model).items() for i in range(n)]
+    return [[flat[i] for i in r] for r in stage_ranges(len(flat), stages)]
 
 
 def data_parallel(world: int, tp: int, pp: int) -> int:
@@ -155,19 +177,16 @@ def strategy_problems(cfg: TrainConfig) -> list[str]:
     """What the chosen strategy does not take: model parallelism under DeepSpeed, ZeRO 0-1 under FSDP,
     masked image modelling with a pipeline."""
     p, out = cfg.parallel, []
-    if p.strategy == "deepspeed":
+    engine = engine_spec(p.strategy)  # its traits (vltrain.engines.ENGINES), without importing it
+    if not engine.model_parallel:
         for name, value in (("tp", p.tp), ("pp", p.pp)):
             if value > 1:
                 out.append(
                     f'parallel.{name}: {value} needs parallel.strategy = "fsdp" (DeepSpeed runs ZeRO data parallel '
                     f"only here); allowed: 1, or --set parallel.strategy=fsdp"
                 )
-    elif cfg.zero_stage not in FSDP_STAGES:
-        out.append(
-            f"zero_stage: {cfg.zero_stage} is not an FSDP layout (FSDP always shards gradients and optimizer states); "
-            "allowed: 2 (parameters kept gathered from forward to backward) or 3 (resharded after forward) under "
-            'parallel.strategy "fsdp"'
-        )
+    elif cfg.zero_stage not in engine.zero_stages:
+        out.append(engine.zero_stage_rule.format(stage=cfg.zero_stage))
     if cfg.uses_mim() and p.pp > 1:
         where = "loss.mim" if cfg.loss.mim > 0 else "stages[].loss.mim"
         out.append(
