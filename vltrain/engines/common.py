@@ -63,7 +63,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decayed: pulling them towards zero has no regularising meaning and hurts (e.g. a shrinking
     logit_scale raises the temperature).
     """
-    decay: list[nn.Parameter] = []
+    decay: list[torch.Tensor] = []
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             decay.append(module.weight)
@@ -76,7 +76,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool = False):
     """-> (torch AdamW over param_groups, LambdaLR over vltrain.schedule): the same for both strategies."""
     o = cfg.optim
     optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, fused=fused or None
     )
     schedule = functools.partial(lr_factor, peak=o.lr, min_lr=o.min_lr, warmup=warmup_steps(cfg), total=cfg.steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

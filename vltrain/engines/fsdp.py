@@ -43,7 +43,7 @@ import contextlib
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -64,6 +64,9 @@ from vltrain.engines.common import (
 )
 from vltrain.presets import resolve_model
 
+if TYPE_CHECKING:
+    from vltrain.model import VLModel
+
 DCP_DIR = "dcp"  # the checkpoint subdirectory DCP writes (per-rank __R_0.distcp files and .metadata)
 # the DeepSpeed engine's fp16 scaler settings, one source for both engines
 FP16_INIT_SCALE = 2.0 ** FP16_DYNAMIC_LOSS_SCALE["initial_scale_power"]
@@ -77,7 +80,7 @@ def build_device_mesh(layout: RankLayout, device_type: str):
     return build_mesh(layout.world, layout.tp, layout.pp, device_type)
 
 
-def meta_model(cfg: TrainConfig) -> nn.Module:
+def meta_model(cfg: TrainConfig) -> VLModel:
     """The run's VLModel on the meta device, fp32 (FSDP's master weights): no memory, no init."""
     from vltrain.model import VLModel
     from vltrain.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
@@ -134,7 +137,7 @@ class FSDPEngine(TrainEngine):
         self.mesh = build_device_mesh(layout, device.type)
         dp_mesh = self.mesh["dp"]
         losses.set_data_parallel_group(dp_mesh.get_group() if layout.world > 1 else None)
-        parts = [(0, meta_model(cfg))]
+        parts: list[tuple[int, VLModel]] = [(0, meta_model(cfg))]
         if layout.pp > 1:
             from vltrain.parallel.pipeline import split_stages, virtual_stages
 
@@ -152,7 +155,8 @@ class FSDPEngine(TrainEngine):
                 self._initialise(model, full)
         del full
         self.modules = [m for _, m in parts]
-        self.module = self.modules[0] if layout.pp == 1 else None
+        # the whole model as fully_shard made it (an FSDPModule: set_requires_gradient_sync), None under a pipeline
+        self.module: Any = self.modules[0] if layout.pp == 1 else None
         self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
         built = [build_optimizer(cfg, m, fused=device.type == "cuda") for m in self.modules]
         self.optimizers, self.schedulers = [o for o, _ in built], [s for _, s in built]
@@ -185,7 +189,7 @@ class FSDPEngine(TrainEngine):
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=self.layout.pp == 1)
         set_model_state_dict(model, dict(full), options=options)  # a copy: torch adds the local entries to it
 
-    def _pipeline(self, parts: list[tuple[int, nn.Module]]):
+    def _pipeline(self, parts: list[tuple[int, VLModel]]) -> Any:
         """The schedule of this rank's stages; its loss reads the last stage's loss weights at each call."""
         from vltrain.parallel.pipeline import build_schedule, make_loss_fn
 
@@ -224,7 +228,7 @@ class FSDPEngine(TrainEngine):
 
     def train_step(self, batches: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[torch.Tensor, float]:
         if self.pipe is not None:
-            return self._pipeline_step(batches, keys)
+            return self._pipeline_step(self.pipe, batches, keys)
         model, n = self.module, len(batches)
         losses = []
         for micro, batch in enumerate(batches):
@@ -237,7 +241,9 @@ class FSDPEngine(TrainEngine):
         self._optimizer_step()
         return torch.stack(losses).cpu(), lr
 
-    def _pipeline_step(self, batches: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[torch.Tensor, float]:
+    def _pipeline_step(
+        self, pipe: Any, batches: list[dict[str, Any]], keys: tuple[str, ...]
+    ) -> tuple[torch.Tensor, float]:
         """The accumulation micro batches as the schedule's microbatches (in order: the same samples
         per microbatch as DeepSpeed's micro steps). Loss terms [micro, keys] on the last stage; zeros
         elsewhere (not a reporter rank: vltrain.engines.common.RankLayout.reporter)."""
@@ -252,9 +258,10 @@ class FSDPEngine(TrainEngine):
         images = torch.cat([b["images"] for b in batches]).to(self.device, self.dtype)
         ids = torch.cat([b["input_ids"] for b in batches]).to(self.device)
         mask = torch.cat([b["attention_mask"] for b in batches]).to(self.device)
-        draws = [b.get("mlm_draws") for b in batches]
-        draws = None if None in draws else torch.cat(draws, dim=1).to(self.device)  # type: ignore[arg-type]
-        out = pipeline_step(self.pipe, images, ids, mask, draws)
+        parts = [b.get("mlm_draws") for b in batches]
+        draws = None if any(d is None for d in parts) else torch.cat([d for d in parts if d is not None], dim=1)
+        draws = None if draws is None else draws.to(self.device)
+        out = pipeline_step(pipe, images, ids, mask, draws)
         if out is None:
             losses = torch.zeros(len(batches), len(keys), device="cpu")  # as the last stage's, .cpu()
         else:
