@@ -1,0 +1,163 @@
+"""What `clusterctl estimate` computes from what a user states about a run: the cluster (a profile and/or
+overrides), how long or how much it trains (a wall time, GPU-hours, or the work: samples of a model
+and/or tokens x parameters), and the figures someone claims, audited against the estimate.
+
+Every figure a flag gave is checked for range first, one line naming the flag. The estimate itself is
+clusterctl.planning.estimates's (pure); the setup planning.site's. The planner (planning.plan, ~40 ms
+to import) is loaded only when samples of a model are counted.
+"""
+
+from __future__ import annotations
+
+from math import inf
+from typing import Any, NamedTuple
+
+from vltrain.common.errors import UserError
+
+
+class EstimateRequest(NamedTuple):
+    """The `estimate` flags, by name (None: not given). A NamedTuple: `estimate` starts fast."""
+
+    profile: str | None
+    gpus: int | None
+    duration: str | None
+    hours: float | None
+    gpu_hours: float | None
+    samples: str | None
+    epochs: float
+    model: str | None
+    tokens: str | None
+    params: str | None
+    activation_checkpointing: bool
+    mfu: float
+    peak_tflops: float | None
+    power_w: float | None
+    node_power_w: float
+    pue: float | None
+    country: str | None
+    carbon_intensity: float | None
+    claimed_gpu_hours: float | None
+    claimed_duration: str | None
+    claimed_energy_mwh: float | None
+    claimed_co2_t: float | None
+
+
+def check_ranges(q: EstimateRequest) -> None:
+    """Every number given is finite and in its range (planning.site.number), checked before anything."""
+    from clusterctl.planning.site import number
+
+    for value, flag, lo, hi, lo_open in (
+        (q.hours, "--hours", 0, inf, True),
+        (q.gpu_hours, "--gpu-hours", 0, inf, True),
+        (q.epochs, "--epochs", 0, 1e6, True),
+        (q.mfu, "--mfu", 0, 1, True),
+        (q.peak_tflops, "--peak-tflops", 0, 1e6, True),
+        (q.power_w, "--power-w", 0, 1e5, True),
+        (q.node_power_w, "--node-power-w", 0, 1e6, False),
+        (q.pue, "--pue", 1, 3, False),
+        (q.carbon_intensity, "--carbon-intensity", 0, 2000, False),
+        (q.claimed_gpu_hours, "--claimed-gpu-hours", 0, inf, True),
+        (q.claimed_energy_mwh, "--claimed-energy-mwh", 0, inf, True),
+        (q.claimed_co2_t, "--claimed-co2-t", 0, inf, True),
+    ):
+        number(value, flag, lo, hi, lo_open=lo_open)
+
+
+def estimate_run(q: EstimateRequest) -> dict[str, Any]:
+    """The estimate (time, GPU-hours, energy, CO2) and its findings (the work's two statements, the
+    claims) as `estimate --json` prints them."""
+    from clusterctl.planning.estimates import Claims, audit, estimate, parse_duration
+    from clusterctl.planning.site import make_setup
+
+    check_ranges(q)
+    time_given = [
+        n for n, v in (("--duration", q.duration), ("--hours", q.hours), ("--gpu-hours", q.gpu_hours)) if v is not None
+    ]
+    work_given = [n for n, v in (("--samples", q.samples), ("--tokens", q.tokens)) if v is not None]
+    if len(time_given) > 1 or (time_given and work_given):
+        first, second = (time_given + work_given)[:2]
+        raise UserError(
+            f"{second}: given together with {first}; allowed: one of --duration, --hours, --gpu-hours, or the work "
+            "(--samples and/or --tokens)"
+        )
+    prof = None
+    if q.profile:
+        from clusterctl.planning.profiles import load_profile
+
+        prof = load_profile(q.profile, flag="--profile")
+    if (q.duration is not None or q.hours is not None) and not (q.gpus or prof):
+        raise UserError("--gpus: no GPU count; allowed: --profile P or --gpus N")
+    setup = make_setup(
+        prof,
+        gpus=q.gpus,
+        peak_tflops=q.peak_tflops,
+        power_w=q.power_w,
+        node_power_w=q.node_power_w,
+        pue=q.pue,
+        country=q.country,
+        carbon_intensity=q.carbon_intensity,
+    )
+    work, agreement = stated_work(q)
+    est = estimate(setup, work, q.mfu)
+    claims = Claims(
+        gpu_hours=q.claimed_gpu_hours,
+        hours=parse_duration(q.claimed_duration, "--claimed-duration") if q.claimed_duration else None,
+        energy_kwh=q.claimed_energy_mwh * 1000 if q.claimed_energy_mwh is not None else None,
+        co2_kg=q.claimed_co2_t * 1000 if q.claimed_co2_t is not None else None,
+    )
+    est.findings = ([agreement] if agreement else []) + audit(setup, est, claims)
+    return est.to_dict() | {
+        "profile": q.profile,
+        "country": q.country.upper() if q.country else prof.site.country_iso if prof else None,
+    }
+
+
+def stated_work(q: EstimateRequest) -> tuple[Any, dict[str, Any] | None]:
+    """The run's Work from the one time flag given, or from the work (work_flops), and the finding
+    that compares the work's two statements (None unless both were given)."""
+    from clusterctl.planning.estimates import Work, count_words, parse_duration
+    from clusterctl.planning.site import positive
+
+    if q.duration is not None:
+        return Work(hours=parse_duration(q.duration), describe=f"{q.duration} wall time"), None
+    if q.hours is not None:
+        return Work(hours=positive(q.hours, "--hours"), describe=f"{q.hours:g} h wall time"), None
+    if q.gpu_hours is not None:
+        return Work(gpu_hours=positive(q.gpu_hours, "--gpu-hours"), describe=f"{count_words(q.gpu_hours)} GPU-h"), None
+    if q.samples is not None or q.tokens is not None:
+        return work_flops(q)
+    raise UserError(
+        "estimate: nothing to estimate; allowed: --duration, --hours, --gpu-hours, --samples with --model, or --tokens with --params"
+    )
+
+
+def work_flops(q: EstimateRequest) -> tuple[Any, dict[str, Any] | None]:
+    """The run's FLOPs from samples of a model and/or tokens x parameters; with both, the samples
+    count (the model's own FLOPs) and a finding says whether the two statements of the work agree."""
+    from clusterctl.planning.estimates import Work, count_words, parse_count, token_flops, work_agreement
+    from clusterctl.planning.plan import train_flops_per_sample
+    from clusterctl.planning.site import positive
+    from vltrain.model_math import param_count
+    from vltrain.presets import get_preset
+
+    preset = get_preset(q.model, "--model") if q.model else None
+    if q.samples is not None and preset is None:
+        raise UserError(
+            "--samples: needs --model PRESET to count FLOPs per sample; allowed: --model with one of the presets"
+        )
+    if q.tokens is not None and q.params is None and preset is None:
+        raise UserError("--tokens: needs --params N (e.g. 22B) or --model PRESET; allowed: --tokens with --params")
+    n = parse_count(q.samples, "--samples") * positive(q.epochs, "--epochs") if q.samples is not None else None
+    t = parse_count(q.tokens, "--tokens") if q.tokens is not None else None
+    n_params = parse_count(q.params, "--params") if q.params is not None else (param_count(preset) if preset else None)
+    ckpt = q.activation_checkpointing
+    sample_flops = n * train_flops_per_sample(preset, ckpt) if n is not None and preset is not None else None
+    tok_flops = token_flops(t, n_params, ckpt) if t is not None and n_params is not None else None
+    if sample_flops is not None:
+        work = Work(flops=sample_flops, describe=f"{count_words(n)} samples of {q.model}")
+    else:
+        work = Work(flops=tok_flops, describe=f"{count_words(t)} tokens x {count_words(n_params)} params")
+    if sample_flops is None or tok_flops is None or preset is None:
+        return work, None
+    per_sample = preset.num_patches + 1 + preset.max_text_len
+    return work, work_agreement(tok_flops, sample_flops, t, n, per_sample, q.model)
