@@ -17,6 +17,7 @@ from vltrain.parallel.layout import (
     layout_problems,
     microbatch_problem,
     pipeline_blocks,
+    stage_blocks,
     stage_ranges,
 )
 from vltrain.presets import get_preset
@@ -73,6 +74,17 @@ def test_microbatch_rules_are_torchs():
     for n, ok in ((3, True), (7, True), (10, True), (8, True), (9, False), (11, False)):  # pp = 4: rounds n // 4
         assert (microbatch_problem(n, 4, "interleaved1f1b") is None) is ok, n
     assert microbatch_problem(1, 1, "1f1b") is None
+
+
+def test_stage_blocks_are_contiguous_and_balanced():
+    """The (tower, block) pairs of each stage: the split the pipeline runs (vltrain.parallel.pipeline)."""
+    cfg = dataclasses.replace(get_preset("tiny"), vision_layers=3, text_layers=2, decoder_layers=2)  # 8 blocks
+    plan = stage_blocks(cfg, 3)
+    assert [len(p) for p in plan] == [3, 3, 2]
+    flat = [b for p in plan for b in p]
+    assert flat == [(t, i) for t, n in (("vision", 3), ("text", 2), ("fusion", 1), ("decoder", 2)) for i in range(n)]
+    with pytest.raises(ValueError, match="9 stages over 8 blocks"):
+        stage_blocks(cfg, 9)
 
 
 def test_stage_ranges_are_contiguous_and_balanced():

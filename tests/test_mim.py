@@ -146,7 +146,7 @@ def test_gradient_reaches_decoder_and_vit_when_on_and_not_the_decoder_when_off()
     assert all(g is not None and g.abs().sum() > 0 for g in decoder_grads)
     assert (
         model.vision.patch_embed.weight.grad.abs().sum() > 0
-        and model.vision.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
+        and model.vision.blocks["0"].mlp.fc1.weight.grad.abs().sum() > 0
     )
     assert model.embed.tok.weight.grad is None or model.embed.tok.weight.grad.abs().sum() == 0  # MIM alone: no text
 

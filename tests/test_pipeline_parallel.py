@@ -1,5 +1,7 @@
-"""Pipeline parallelism (vltrain.parallel.pipeline): stage split, stage forward = VLModel.forward, and
-multi-process runs (gloo, CPU, fp32) that must match a single-process model with accumulation.
+"""Pipeline parallelism (vltrain.parallel.pipeline): the stages are pruned copies of VLModel running its
+own forward (same names, same losses), and multi-process runs (gloo, CPU, fp32) that must match a
+single-process model with accumulation. Masked image modelling under a pipeline is refused by the layout
+alone (tests/test_layout.py); the split itself is layout.stage_blocks (tests/test_layout.py too).
 
 The multi-process harness here (`run_layout`) is shared with tests/test_tensor_parallel.py.
 """
@@ -7,7 +9,6 @@ The multi-process harness here (`run_layout`) is shared with tests/test_tensor_p
 from __future__ import annotations
 
 import dataclasses
-import types
 
 import pytest
 import torch
@@ -15,10 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from vltrain.common.errors import UserError
 from vltrain.config import LossConfig
 from vltrain.model import VLModel, losses
-from vltrain.parallel.pipeline import make_loss_fn, split_stages, stage_blocks, tied_copies
+from vltrain.parallel.pipeline import make_loss_fn, split_stages, tied_copies
 from vltrain.presets import get_preset
 
 PAD, BOS, EOS, MASK = 0, 2, 3, 4
@@ -56,23 +56,14 @@ def run_stages(stages, images, ids, mask):
     )
     x = (images,)
     for s in stages:
-        x = s(*x, ids=ids, mask=mask, masked=masked, labels=labels)
+        x = s(*x, input_ids=ids, attention_mask=mask, masked=masked, labels=labels)
     return x
-
-
-def test_stage_blocks_are_contiguous_and_balanced():
-    cfg = dataclasses.replace(get_preset("tiny"), vision_layers=3, text_layers=2, decoder_layers=2)  # 8 blocks
-    plan = stage_blocks(cfg, 3)
-    assert [len(p) for p in plan] == [3, 3, 2]
-    flat = [b for p in plan for b in p]
-    assert flat == [(t, i) for t, n in (("vision", 3), ("text", 2), ("fusion", 1), ("decoder", 2)) for i in range(n)]
-    with pytest.raises(UserError, match="parallel.pp"):
-        stage_blocks(cfg, 9)
 
 
 def test_stages_keep_original_names_and_share_only_the_tied_weight():
     model = tiny_model()
     stages = [m for _, m in split_stages(model, 0, 1, 4)]
+    assert all(type(s) is VLModel and s.pipeline_stage for s in stages)  # the model's own forward, pruned
     names = [set(dict(s.named_parameters())) for s in stages]
     union = set().union(*names)
     assert union == set(dict(model.named_parameters()))
@@ -116,19 +107,6 @@ def test_composed_stages_match_model_forward(n_stages):
             grads[name] = grads[name] + p.grad if name in grads else p.grad
     for name, p in model.named_parameters():
         assert_close_scaled(grads[name], p.grad, 1e-5, name)
-
-
-def test_mim_is_refused():
-    model = tiny_model()
-    model.loss_cfg = types.SimpleNamespace(**(dataclasses.asdict(LOSS) | {"mim": 0.5}))
-    with pytest.raises(UserError, match="loss.mim"):
-        split_stages(model, 0, 2)
-    with pytest.raises(UserError, match="loss.mim"):
-        make_loss_fn(model)(torch.zeros(1, 3), None)
-    model.loss_cfg = LOSS
-    model.mim_decoder = torch.nn.Linear(1, 1)  # built for a later MIM training stage: its copies would be unsynced
-    with pytest.raises(UserError, match="loss.mim"):
-        split_stages(model, 0, 2)
 
 
 # ---------------------------------------------------------------- multi-process equivalence harness

@@ -63,7 +63,7 @@ def test_attention_matches_fused_math():
 
 def test_block_plan_covers_every_linear_of_attention_and_mlp():
     model = tiny_model()
-    for block, cross in ((model.vision.blocks[0], False), (model.decoder.blocks[0], True)):
+    for block, cross in ((model.vision.blocks["0"], False), (model.decoder.blocks["0"], True)):
         plan = block_plan(block)
         linears = {n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
         assert set(plan) == linears

@@ -18,14 +18,17 @@ class TextDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         w = cfg.text_width
-        self.blocks = nn.ModuleList(
-            Block(w, cfg.text_heads, mlp_hidden(cfg, w), cfg.norm, kv_width=cfg.vision_width)
-            for _ in range(cfg.decoder_layers)
+        self.blocks = nn.ModuleDict(
+            {
+                str(i): Block(w, cfg.text_heads, mlp_hidden(cfg, w), cfg.norm, kv_width=cfg.vision_width)
+                for i in range(cfg.decoder_layers)
+            }
         )
-        self.norm = make_norm(cfg.norm, w)
+        self.norm: nn.Module | None = make_norm(cfg.norm, w)
 
     def forward(self, x, image, rope=None):
-        """x [B, T, Dt] embedded tokens, image [B, 1+N, Dv] -> [B, T, Dt] normed hidden states."""
-        for block in self.blocks:
+        """x [B, T, Dt] embedded tokens, image [B, 1+N, Dv] -> [B, T, Dt] hidden states, normed where the
+        tower ends (a pipeline stage's copy keeps its own blocks, keyed by index, and the norm only there)."""
+        for block in self.blocks.values():
             x = block(x, context=image, is_causal=True, rope=rope)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x

@@ -5,9 +5,14 @@ Cross-entropies run in float32 whatever the model's dtype (bf16 logits lose too 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from vltrain.config import LossConfig
 
 _DP_GROUP: dist.ProcessGroup | None = None
 
@@ -92,3 +97,9 @@ def caption_loss(logits: torch.Tensor, ids: torch.Tensor, attention_mask: torch.
     """Next-token cross-entropy: logits [B, T, V] at position t predict ids[:, t+1] where it is real."""
     targets = ids[:, 1:].masked_fill(~attention_mask[:, 1:], -100)  # [B, T-1]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def weighted(lc: LossConfig, itc: torch.Tensor, mlm: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
+    """The training loss of the three terms (MIM's is added by the model, where it runs): the model's
+    forward and the pipeline's loss_fn both weigh with this, in this order."""
+    return lc.itc * itc + lc.mlm * mlm + lc.caption * caption

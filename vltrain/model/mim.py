@@ -69,10 +69,9 @@ def encode_visible(vision: VisionEncoder, images: torch.Tensor, ids_keep: torch.
     x = torch.gather(x, 1, pick.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, 1 + K, Dv]
     rope = vision.rope(images.device)  # ([1 + N, d/2] x 2) or None
     if rope is not None:
-        rope = tuple(t[pick].unsqueeze(1) for t in rope)  # [B, 1, 1 + K, d/2]: per-sample positions
-    for block in vision.blocks:
-        x = block(x, rope=rope)
-    return vision.norm(x)
+        cos, sin = rope
+        rope = (cos[pick].unsqueeze(1), sin[pick].unsqueeze(1))  # [B, 1, 1 + K, d/2]: per-sample positions
+    return vision.encode(x, rope)
 
 
 class MIMDecoder(nn.Module):

@@ -3,6 +3,9 @@
 ALBEF-style split (Li et al. 2021): blocks 0..text_layers-1 see text only (their output feeds the
 contrastive loss); the last `fusion_layers` blocks add cross-attention to the image features and
 feed the masked-LM head.
+
+A pipeline stage's copy (vltrain.parallel.pipeline) keeps only its blocks (`blocks` and `fusion` are
+keyed by block index, so the names stay) and sets the norms of towers that do not end in it to None.
 """
 
 from __future__ import annotations
@@ -14,6 +17,13 @@ from vltrain.common.errors import UserError
 from vltrain.model.layers import Block, make_norm, rope_tables
 from vltrain.model_config import ModelConfig
 from vltrain.model_math import mlp_hidden
+
+
+def text_rope(cfg: ModelConfig, length: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rotary tables of `length` text positions (None with learned positions)."""
+    if cfg.pos_embedding != "rope":
+        return None
+    return rope_tables(torch.arange(length, device=device)[:, None], cfg.text_width // cfg.text_heads)
 
 
 class TextEmbedding(nn.Module):
@@ -38,9 +48,7 @@ class TextEmbedding(nn.Module):
         return x + self.pos[:, : ids.shape[1]] if self.pos is not None else x
 
     def rope(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.cfg.pos_embedding != "rope":
-            return None
-        return rope_tables(torch.arange(length, device=device)[:, None], self.cfg.text_width // self.cfg.text_heads)
+        return text_rope(self.cfg, length, device)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, T, Dt] -> [B, T, V] with the tied embedding matrix."""
@@ -51,12 +59,15 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         w, hid = cfg.text_width, mlp_hidden(cfg, cfg.text_width)
-        self.blocks = nn.ModuleList(Block(w, cfg.text_heads, hid, cfg.norm) for _ in range(cfg.text_layers))
-        self.unimodal_norm = make_norm(cfg.norm, w)
-        self.fusion = nn.ModuleList(
-            Block(w, cfg.text_heads, hid, cfg.norm, kv_width=cfg.vision_width) for _ in range(cfg.fusion_layers)
+        self.blocks = nn.ModuleDict({str(i): Block(w, cfg.text_heads, hid, cfg.norm) for i in range(cfg.text_layers)})
+        self.unimodal_norm: nn.Module | None = make_norm(cfg.norm, w)  # ITC's head: the last stage's
+        self.fusion = nn.ModuleDict(
+            {
+                str(i): Block(w, cfg.text_heads, hid, cfg.norm, kv_width=cfg.vision_width)
+                for i in range(cfg.fusion_layers)
+            }
         )
-        self.norm = make_norm(cfg.norm, w)
+        self.norm: nn.Module | None = make_norm(cfg.norm, w)
 
     @staticmethod
     def key_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -65,13 +76,14 @@ class TextEncoder(nn.Module):
     def unimodal(self, x, attention_mask, rope=None) -> torch.Tensor:
         """x [B, T, Dt] embedded text -> [B, T, Dt] un-normed output of the text-only blocks."""
         mask = self.key_mask(attention_mask)
-        for block in self.blocks:
+        for block in self.blocks.values():
             x = block(x, attn_mask=mask, rope=rope)
         return x
 
     def fuse(self, x, image, attention_mask, rope=None) -> torch.Tensor:
-        """x [B, T, Dt] unimodal output, image [B, 1+N, Dv] -> [B, T, Dt] normed fused output."""
+        """x [B, T, Dt] unimodal output, image [B, 1+N, Dv] -> [B, T, Dt] fused output, normed where the
+        fusion tower ends (always but in a pipeline stage before that)."""
         mask = self.key_mask(attention_mask)
-        for block in self.fusion:
+        for block in self.fusion.values():
             x = block(x, context=image, attn_mask=mask, rope=rope)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x

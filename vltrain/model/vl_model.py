@@ -9,11 +9,20 @@ Per training sample (ALBEF / BLIP-style):
 The text embedding for ITC is the mean of the unimodal output over real tokens rather than the bos
 position: it is defined for any text_layers (with 0 it is a bag of embeddings), and with 1-2 blocks
 it carries more of the caption than one position does.
+
+One forward for the model and for each of its pipeline stages (torchtitan's way): a stage is a deep
+copy of the model with what other stages run deleted (block containers are keyed by block index, so
+parameter names do not change) or set to None (vltrain.parallel.pipeline.split_stages), and `_run`
+runs whatever the copy holds: the stem and token embeddings where they are, its blocks of each tower,
+a tower's norm where the tower ends, the heads where they are. The model is the one-stage case.
+Between stages flows the carry (feats [B, 1+N, Dv] image stream, clean [B, T, Dt] text for ITC,
+masked [B, T, Dt] masked text for MLM, dec [B, T, Dt] decoder stream).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +34,38 @@ from vltrain.model import losses
 from vltrain.model.decoder import TextDecoder
 from vltrain.model.layers import Block
 from vltrain.model.mim import MIMDecoder, mim_forward
-from vltrain.model.text import TextEmbedding, TextEncoder
+from vltrain.model.text import TextEmbedding, TextEncoder, text_rope
 from vltrain.model.vision import VisionEncoder
 from vltrain.model_config import ModelConfig
 
+Carry = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # feats, clean, masked, dec
+_M = TypeVar("_M")
+
+
+class LossTerms(NamedTuple):
+    """The three losses of the heads (float32 scalars, with grad)."""
+
+    itc: torch.Tensor
+    mlm: torch.Tensor
+    caption: torch.Tensor
+
+
+def _present(module: _M | None, name: str) -> _M:
+    if module is None:
+        raise ValueError(f"VLModel.{name}: not in this pipeline stage's copy of the model")
+    return module
+
 
 class VLModel(nn.Module):
+    # None in the pipeline stages that do not run them (vltrain.parallel.pipeline): the token embedding
+    # (first and last stage: the tied head), the heads (last stage)
+    embed: TextEmbedding | None
+    image_proj: nn.Linear | None
+    text_proj: nn.Linear | None
+    logit_scale: nn.Parameter | None
+    # True on a pipeline stage's copy: torch's pipeline runtime calls it in the stage's form (`forward`)
+    pipeline_stage = False
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -49,7 +84,7 @@ class VLModel(nn.Module):
         self.cfg, self.loss_cfg = cfg, loss_cfg or LossConfig()
         self.pad_id, self.bos_id, self.eos_id, self.mask_id = pad_id, bos_id, eos_id, mask_id
         self.vision = VisionEncoder(cfg)
-        self.embed = TextEmbedding(cfg)
+        self.embed = embed = TextEmbedding(cfg)
         self.text = TextEncoder(cfg)
         self.decoder = TextDecoder(cfg)
         self.image_proj = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
@@ -58,7 +93,7 @@ class VLModel(nn.Module):
         # uint8, which a 0-dim tensor cannot do ("self.dim() cannot be 0 to view Float as Byte").
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / self.loss_cfg.init_temperature)]))
         self.apply(self._init)
-        for p in (self.vision.cls, self.vision.pos, self.embed.pos):
+        for p in (self.vision.cls, self.vision.pos, embed.pos):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
         # After the rest is initialised: the towers' weights do not depend on whether MIM is on
@@ -73,8 +108,9 @@ class VLModel(nn.Module):
         # GPT-2 / ViT init: N(0, 0.02) weights, zero biases; norms keep their (1, 0) defaults.
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
             nn.init.trunc_normal_(m.weight, std=0.02)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+            bias = getattr(m, "bias", None)
+            if bias is not None:
+                nn.init.zeros_(bias)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute every transformer block in backward (trades ~1/3 more compute for memory)."""
@@ -82,20 +118,35 @@ class VLModel(nn.Module):
             if isinstance(m, Block):
                 m.checkpointing = enabled
 
+    @property
+    def embeds(self) -> bool:
+        """Whether this copy embeds the inputs: the model, a pipeline's first stage."""
+        return self.vision.patch_embed is not None
+
+    @property
+    def holds_heads(self) -> bool:
+        """Whether this copy computes the losses: the model, a pipeline's last stage."""
+        return self.logit_scale is not None
+
     # ------------------------------------------------------------------ encoders
-    def _text_unimodal(self, ids, attention_mask):
-        x = self.embed(ids)  # [B, T, Dt]
-        rope = self.embed.rope(ids.shape[1], ids.device)
-        return self.text.unimodal(x, attention_mask, rope), rope
+    def _tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return _present(self.embed, "embed")(ids)  # [B, T, Dt]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return _present(self.embed, "embed").logits(h)  # [B, T, V], the tied matrix
 
     def _text_embedding(self, h, attention_mask):
-        h = self.text.unimodal_norm(h)  # [B, T, Dt]
+        h = _present(self.text.unimodal_norm, "text.unimodal_norm")(h)  # [B, T, Dt]
         m = attention_mask.unsqueeze(-1).to(h.dtype)  # [B, T, 1]
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # [B, Dt]
-        return F.normalize(self.text_proj(pooled), dim=-1)  # [B, E]
+        return F.normalize(_present(self.text_proj, "text_proj")(pooled), dim=-1)  # [B, E]
 
     def _image_embedding(self, feats):
-        return F.normalize(self.image_proj(feats[:, 0]), dim=-1)  # [B, E] from the cls token
+        return F.normalize(_present(self.image_proj, "image_proj")(feats[:, 0]), dim=-1)  # [B, E] from the cls token
+
+    def _itc(self, feats: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        image, text = self._image_embedding(feats), self._text_embedding(clean, mask)
+        return losses.itc_loss(image, text, _present(self.logit_scale, "logit_scale"))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S] -> [B, E], L2-normalised."""
@@ -103,47 +154,59 @@ class VLModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask [B, T] -> [B, E], L2-normalised."""
-        h, _ = self._text_unimodal(input_ids, attention_mask)
+        x = self._tokens(input_ids)
+        h = self.text.unimodal(x, attention_mask, text_rope(self.cfg, input_ids.shape[1], input_ids.device))
         return self._text_embedding(h, attention_mask)
 
     # ------------------------------------------------------------------ training
-    def forward(
+    def mlm_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, draws: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLM's masked ids and labels [B, T] (draws [3, B, T]: the loader's per-sample random numbers;
+        None: torch's RNG), with the mask rate the loss config has now."""
+        return losses.mask_tokens(
+            input_ids,
+            attention_mask,
+            mask_prob=self.loss_cfg.mask_prob,
+            mask_id=self.mask_id,
+            vocab_size=self.cfg.vocab_size,
+            special_ids=(self.pad_id, self.bos_id, self.eos_id, self.mask_id),
+            draws=draws,
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """One forward (`_run`), in two call forms:
+
+        - the model: model(images [B, 3, S, S], input_ids [B, T], attention_mask [B, T], mlm_draws=None)
+          -> {"loss": weighted sum (with grad), "itc", "mlm", "caption", "mim": detached scalars}
+          (`training_losses`);
+        - a pipeline stage (a pruned copy, `pipeline_stage`), as torch's pipeline runtime calls it:
+          stage(*x, input_ids=, attention_mask=, masked=, labels=) (`stage_forward`).
+        """
+        if self.pipeline_stage:
+            return self.stage_forward(*args, **kwargs)
+        return self.training_losses(*args, **kwargs)
+
+    def training_losses(
         self,
         images: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         mlm_draws: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """-> {"loss": weighted sum (with grad), "itc", "mlm", "caption", "mim": detached scalars}.
-
-        mlm_draws [3, B, T]: MLM's random numbers (the loader's, per sample); None: torch's RNG.
+        """The model's training forward (see `forward`). mlm_draws [3, B, T]: MLM's random numbers (the
+        loader's, per sample); None: torch's RNG.
 
         "mim" is always there (0 when its weight is 0: nothing of it is computed then), so that the
         loop's per-step sums keep one shape across stages."""
         lc = self.loss_cfg
         attention_mask = attention_mask.bool()
-        feats = self.vision(images)  # [B, 1+N, Dv]
-
-        h, rope = self._text_unimodal(input_ids, attention_mask)  # clean text, [B, T, Dt]
-        itc = losses.itc_loss(self._image_embedding(feats), self._text_embedding(h, attention_mask), self.logit_scale)
-
-        masked, labels = losses.mask_tokens(
-            input_ids,
-            attention_mask,
-            mask_prob=lc.mask_prob,
-            mask_id=self.mask_id,
-            vocab_size=self.cfg.vocab_size,
-            special_ids=(self.pad_id, self.bos_id, self.eos_id, self.mask_id),
-            draws=mlm_draws,
-        )
-        hm, _ = self._text_unimodal(masked, attention_mask)
-        fused = self.text.fuse(hm, feats, attention_mask, rope)  # [B, T, Dt]
-        mlm = losses.mlm_loss(self.embed.logits(fused), labels)
-
-        dec = self.decoder(self.embed(input_ids), feats, rope)  # [B, T, Dt]
-        cap = losses.caption_loss(self.embed.logits(dec), input_ids, attention_mask)
-
-        loss = lc.itc * itc + lc.mlm * mlm + lc.caption * cap
+        masked, labels = self.mlm_inputs(input_ids, attention_mask, mlm_draws)  # no other random numbers before
+        terms = self._run((images,), input_ids, attention_mask, masked, labels)
+        if not isinstance(terms, LossTerms):
+            raise ValueError("VLModel.training_losses: this copy has no heads (a pipeline stage: stage_forward)")
+        itc, mlm, cap = terms
+        loss = losses.weighted(lc, itc, mlm, cap)
         mim = torch.zeros((), dtype=loss.dtype, device=loss.device)
         if lc.mim > 0:  # last: the other losses draw the same random numbers with MIM on or off
             if self.mim_decoder is None:
@@ -154,6 +217,61 @@ class VLModel(nn.Module):
             mim = mim_forward(self.vision, self.mim_decoder, images, lc.mim_mask_ratio)
             loss = loss + lc.mim * mim
         return {"loss": loss, "itc": itc.detach(), "mlm": mlm.detach(), "caption": cap.detach(), "mim": mim.detach()}
+
+    def stage_forward(
+        self,
+        *x: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        masked: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> Carry | torch.Tensor:
+        """A pipeline stage (see `forward`): x = (images,) on the first stage, else the previous stage's
+        carry; masked, labels: MLM's inputs [B, T], drawn before the pipeline (pipeline_step).
+        -> the carry, or on the last stage the losses [1, 3] = (itc, mlm, caption) for the schedule's loss_fn."""
+        out = self._run(x, input_ids, attention_mask, masked, labels)
+        if isinstance(out, LossTerms):
+            return torch.stack([out.itc[None], out.mlm[None], out.caption[None]], dim=1)  # not a view (FSDP warns)
+        return out
+
+    def _run(
+        self,
+        x: tuple[torch.Tensor, ...],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        masked: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> Carry | LossTerms:
+        """The forward of whatever this copy holds (the module doc). x: (images,) where the stem is, else
+        the previous stage's carry; ids, mask, masked ids, MLM labels [B, T]. -> the carry, or the
+        LossTerms where the heads are.
+
+        Each stream goes through its blocks in turn (image, clean text, masked text and fusion, decoder)
+        and, where the heads are, its loss follows it; but a last stage (heads without the embeddings)
+        computes ITC after the other two. That order is the order in which autograd sums the gradient of
+        the image features (its ITC, fusion and decoder uses), as the model and the pipeline stages did
+        when the trajectories of tests/test_golden_trajectories.py were recorded: changing it changes
+        the last bits of training.
+        """
+        mask = attention_mask.bool()
+        rope = text_rope(self.cfg, input_ids.shape[1], input_ids.device)
+        first, heads = self.embeds, self.holds_heads
+        feats = self.vision(x[0])  # [B, 1+N, Dv]
+        clean = self.text.unimodal(self._tokens(input_ids) if first else x[1], mask, rope)  # [B, T, Dt]
+        out: dict[str, torch.Tensor] = {}
+        if heads and first:
+            out["itc"] = self._itc(feats, clean, mask)
+        hm = self.text.unimodal(self._tokens(masked) if first else x[2], mask, rope)
+        hm = self.text.fuse(hm, feats, mask, rope)  # [B, T, Dt]
+        if heads:
+            out["mlm"] = losses.mlm_loss(self._logits(hm), labels)
+        dec = self.decoder(self._tokens(input_ids) if first else x[3], feats, rope)  # [B, T, Dt]
+        if not heads:
+            return feats, clean, hm, dec
+        out["caption"] = losses.caption_loss(self._logits(dec), input_ids, mask)
+        if "itc" not in out:
+            out["itc"] = self._itc(feats, clean, mask)
+        return LossTerms(out["itc"], out["mlm"], out["caption"])
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -174,8 +292,8 @@ class VLModel(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         banned = torch.tensor([self.pad_id, self.bos_id, self.mask_id], device=dev)
         for t in range(max_len):
-            h = self.decoder(self.embed(seq), feats, self.embed.rope(seq.shape[1], dev))
-            logits = self.embed.logits(h[:, -1]).float()  # [B, V]
+            h = self.decoder(self._tokens(seq), feats, text_rope(self.cfg, seq.shape[1], dev))
+            logits = self._logits(h[:, -1]).float()  # [B, V]
             logits[:, banned] = float("-inf")
             nxt = logits.argmax(-1)
             out[:, t] = torch.where(done, self.pad_id, nxt)

@@ -15,15 +15,19 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from vltrain.common.errors import UserError
+from vltrain.parallel.layout import data_parallel
 
 MESH_DIMS = ("pp", "dp", "tp")
 
 
 def build_mesh(world: int, tp: int, pp: int, device_type: str) -> DeviceMesh:
-    """A 3-D DeviceMesh (pp, world / (tp*pp), tp) over the initialised default process group."""
-    if world % (tp * pp):
-        raise UserError(f"parallel: world size {world} is not divisible by tp {tp} x pp {pp}; allowed: a multiple")
-    return init_device_mesh(device_type, (pp, world // (tp * pp), tp), mesh_dim_names=MESH_DIMS)
+    """A 3-D DeviceMesh (pp, dp, tp) over the initialised default process group; dp = world / (tp x pp)
+    (vltrain.parallel.layout.data_parallel)."""
+    try:
+        dp = data_parallel(world, tp, pp)
+    except ValueError as e:
+        raise UserError(f"parallel: {e}; allowed: a world size that is a multiple of tp x pp") from e
+    return init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
 
 
 def dp_group(mesh: DeviceMesh) -> dist.ProcessGroup:
@@ -33,10 +37,6 @@ def dp_group(mesh: DeviceMesh) -> dist.ProcessGroup:
 
 def dp_rank(mesh: DeviceMesh) -> int:
     return mesh["dp"].get_local_rank()
-
-
-def dp_size(mesh: DeviceMesh) -> int:
-    return mesh["dp"].size()
 
 
 def pp_group(mesh: DeviceMesh) -> dist.ProcessGroup:
@@ -72,13 +72,13 @@ def clip_grad_norm_(
         groups.setdefault(key, []).append(p)
     powers = []
     for ps in groups.values():
-        grads = [p.grad for p in ps if id(p) not in skip]
+        grads = [p.grad for p in ps if id(p) not in skip and p.grad is not None]
         if not grads:
             continue
         n = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite=False)
         n = n.full_tensor() if isinstance(n, DTensor) else n
         powers.append(n.float() if math.isinf(norm_type) else n.float() ** norm_type)
-    dev = params[0].grad.device if params else torch.device("cpu")
+    dev = next((p.grad.device for p in params if p.grad is not None), torch.device("cpu"))
     local = (torch.stack(powers).max() if math.isinf(norm_type) else torch.stack(powers).sum()) if powers else None
     total = local if local is not None else torch.zeros((), device=dev)
     if pp_group is not None and dist.get_world_size(pp_group) > 1:

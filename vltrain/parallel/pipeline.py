@@ -1,16 +1,13 @@
 """Pipeline parallelism of VLModel with torch.distributed.pipelining (PipelineStage + schedules).
 
-The model's transformer blocks, in the order its forward uses them (vision, text unimodal, fusion,
-decoder), are cut into contiguous stages of near-equal block counts. Each stage module is a deep copy
-of the whole VLModel with everything outside the stage deleted (torchtitan's way), so its parameters
-keep their original names and a DCP checkpoint holds the same keys under any layout.
-
-Between stages flows a fixed tuple of activations, the carry (B = microbatch, T = text length, fixed
-per run): feats [B, 1+N, Dv] image stream, clean [B, T, Dt] text (ITC), masked [B, T, Dt] masked text
-(MLM), dec [B, T, Dt] decoder stream. A stream is normed by the stage that runs its tower's last block.
-Stage 0 embeds (the patch stem and three token embeddings, as VLModel.forward does); the last stage
-computes the three losses and returns them as [1, 3] = (itc, mlm, caption); the schedule's loss_fn
-weights them with the loss config.
+The model's transformer blocks, in the order its forward uses them (vltrain.parallel.layout:
+`PIPELINE_TOWERS`, split by `stage_blocks` into contiguous ranges of near-equal block counts, the same
+split the planner sizes), go to the stages. Each stage module is a deep copy of the whole VLModel with
+everything outside the stage deleted or set to None (torchtitan's `pipeline_module_split`), so its
+parameters keep their original names and a DCP checkpoint holds the same keys under any layout; it runs
+the model's own forward (VLModel._run), which runs whatever the copy holds. Between stages flows the
+carry (VLModel's module doc); the first stage embeds, the last computes the three losses and returns
+them as [1, 3] = (itc, mlm, caption), which the schedule's loss_fn weights with the loss config.
 
 The integer inputs (ids, mask, masked ids, MLM labels, [B, T]) do not travel by P2P: every stage gets
 them as keyword arguments of `schedule.step`, which the runtime splits into microbatches for all stages.
@@ -18,6 +15,9 @@ them as keyword arguments of `schedule.step`, which the runtime splits into micr
 to learn the carry's shapes, and garbage labels crash the cross-entropy.) MLM masking therefore runs in
 `pipeline_step`, before the schedule, on the rank of stage 0, one microbatch after the other as
 DeepSpeed's micro steps draw them, and is broadcast over the pipeline group.
+
+Masked image modelling is not run under a pipeline: vltrain.parallel.layout refuses it (the one place),
+and the trainer checks the layout before it builds a pipeline.
 """
 
 from __future__ import annotations
@@ -35,155 +35,74 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
+from torch.distributed.pipelining.schedules import _PipelineSchedule
+from torch.distributed.pipelining.stage import _PipelineStageBase
 from torch.distributed.tensor import DTensor
 
 from vltrain.common.errors import UserError
 from vltrain.config import LossConfig
 from vltrain.model import losses
-from vltrain.model.layers import rope_tables
 from vltrain.model.vl_model import VLModel
-from vltrain.model_config import ModelConfig
+from vltrain.parallel.layout import VIRTUAL_STAGES, stage_blocks, tower_blocks
 
-# Block lists in forward order: (tower name, attribute path in VLModel).
-TOWERS = (
-    ("vision", "vision.blocks"),
-    ("text", "text.blocks"),
-    ("fusion", "text.fusion"),
-    ("decoder", "decoder.blocks"),
-)
+# Where each tower of layout.PIPELINE_TOWERS keeps its blocks in VLModel (ModuleDicts keyed by block
+# index), and the norm that ends it (the text tower has none: ITC's head norms it, text.unimodal_norm).
+BLOCKS = {"vision": "vision.blocks", "text": "text.blocks", "fusion": "text.fusion", "decoder": "decoder.blocks"}
+NORMS = {"vision": "vision.norm", "fusion": "text.norm", "decoder": "decoder.norm"}
 TIED = "embed.tok.weight"  # token embedding on stage 0, output head on the last stage
-SCHEDULES = ("1f1b", "interleaved1f1b", "gpipe")
-
-
-def tower_sizes(cfg: ModelConfig) -> dict[str, int]:
-    return {
-        "vision": cfg.vision_layers,
-        "text": cfg.text_layers,
-        "fusion": cfg.fusion_layers,
-        "decoder": cfg.decoder_layers,
-    }
+SCHEDULES = tuple(VIRTUAL_STAGES)
 
 
 def virtual_stages(schedule_name: str) -> int:
-    """Stages per rank: 2 for the interleaved schedule (Narayanan et al. 2021), else 1."""
-    return 2 if schedule_name == "interleaved1f1b" else 1
+    """Stages per rank of the named schedule (layout.VIRTUAL_STAGES: 2 for interleaved 1F1B, else 1)."""
+    return VIRTUAL_STAGES[schedule_name]
 
 
-def stage_blocks(cfg: ModelConfig, n_stages: int) -> list[list[tuple[str, int]]]:
-    """The (tower, block index) pairs of each stage: contiguous, sizes differ by at most one."""
-    blocks = [(tower, i) for tower, n in tower_sizes(cfg).items() for i in range(n)]
-    if not 1 <= n_stages <= len(blocks):
-        raise UserError(
-            f"parallel.pp: {n_stages} pipeline stages for {len(blocks)} transformer blocks; "
-            f"allowed: 1 to {len(blocks)} stages (pp x virtual stages per rank)"
-        )
-    q, r = divmod(len(blocks), n_stages)
-    bounds = [0]
-    for s in range(n_stages):
-        bounds.append(bounds[-1] + q + (1 if s < r else 0))
-    return [blocks[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+def _drop(stage: nn.Module, path: str) -> None:
+    owner, _, name = path.rpartition(".")
+    setattr(stage.get_submodule(owner), name, None)
 
 
-class VLStage(VLModel):
-    """A pruned VLModel that runs one pipeline stage (created by `split_stages`, never directly)."""
-
-    stage_index: int
-    num_stages: int
-    finishes: frozenset[str]  # towers whose last block is in this stage (their norm runs here)
-
-    @property
-    def is_first(self) -> bool:
-        return self.stage_index == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.stage_index == self.num_stages - 1
-
-    def _text_rope(self, length: int, device):
-        if self.cfg.pos_embedding != "rope":
-            return None
-        return rope_tables(torch.arange(length, device=device)[:, None], self.cfg.text_width // self.cfg.text_heads)
-
-    def forward(self, *carry: torch.Tensor, ids, mask, masked, labels):
-        """carry: (images,) on stage 0, else the previous stage's carry. -> the carry, or [1, 3] losses."""
-        if self.is_first:
-            feats = self.vision.stem(carry[0])
-            clean, masked_h, dec = self.embed(ids), self.embed(masked), self.embed(ids)
-        else:
-            feats, clean, masked_h, dec = carry
-        bool_mask = mask.bool()
-        key_mask = bool_mask[:, None, None, :]  # [B, 1, 1, T], as TextEncoder.key_mask
-        text_rope = self._text_rope(ids.shape[1], ids.device)
-        if len(self.vision.blocks):
-            rope = self.vision.rope(feats.device)
-            for block in self.vision.blocks.values():
-                feats = block(feats, rope=rope)
-        if "vision" in self.finishes:
-            feats = self.vision.norm(feats)
-        for block in self.text.blocks.values():
-            clean = block(clean, attn_mask=key_mask, rope=text_rope)
-            masked_h = block(masked_h, attn_mask=key_mask, rope=text_rope)
-        for block in self.text.fusion.values():
-            masked_h = block(masked_h, context=feats, attn_mask=key_mask, rope=text_rope)
-        if "fusion" in self.finishes:
-            masked_h = self.text.norm(masked_h)
-        for block in self.decoder.blocks.values():
-            dec = block(dec, context=feats, is_causal=True, rope=text_rope)
-        if "decoder" in self.finishes:
-            dec = self.decoder.norm(dec)
-        if not self.is_last:
-            return feats, clean, masked_h, dec
-        itc = losses.itc_loss(self._image_embedding(feats), self._text_embedding(clean, bool_mask), self.logit_scale)
-        mlm = losses.mlm_loss(self.embed.logits(masked_h), labels)
-        cap = losses.caption_loss(self.embed.logits(dec), ids, bool_mask)
-        return torch.stack([itc[None], mlm[None], cap[None]], dim=1)  # [1, 3]; not a view (FSDP warns of those)
-
-
-def _prune(model: VLModel, stage_index: int, num_stages: int, blocks: list[tuple[str, int]]) -> VLStage:
+def _prune(model: VLModel, stage_index: int, num_stages: int, blocks: list[tuple[str, int]]) -> VLModel:
+    """A deep copy of `model` that holds stage `stage_index`'s modules only (see the module doc)."""
     stage = copy.deepcopy(model)
-    stage.__class__ = VLStage  # same attributes and parameter names, the stage's forward
-    stage.stage_index, stage.num_stages = stage_index, num_stages
-    sizes = tower_sizes(model.cfg)
-    stage.finishes = frozenset(t for t, i in blocks if i == sizes[t] - 1)
-    for tower, path in TOWERS:
-        parent_path, name = path.rsplit(".", 1)
-        parent, old = stage.get_submodule(parent_path), stage.get_submodule(path)
-        # A ModuleDict keyed by the original indices keeps the names ("vision.blocks.3.attn.q.weight").
-        setattr(parent, name, nn.ModuleDict({str(i): old[i] for t, i in blocks if t == tower}))
+    stage.pipeline_stage = True
+    for tower, path in BLOCKS.items():
+        container = stage.get_submodule(path)
+        if not isinstance(container, nn.ModuleDict):
+            raise TypeError(f"{path}: {type(container).__name__}, not a ModuleDict keyed by block index")
+        for key in [k for k in container if (tower, int(k)) not in blocks]:
+            del container[key]
+    sizes = tower_blocks(model.cfg)
+    ends = {t for t, i in blocks if i == sizes[t] - 1}
+    for tower, path in NORMS.items():
+        if tower not in ends:
+            _drop(stage, path)
     first, last = stage_index == 0, stage_index == num_stages - 1
     if not first:
-        stage.vision.patch_embed, stage.vision.cls, stage.vision.pos = None, None, None
-        if not last:
-            stage.embed = None
-        else:
-            stage.embed.pos = None  # the head needs only the tied matrix
-    for tower, owner, attr in (
-        ("vision", "vision", "norm"),
-        ("fusion", "text", "norm"),
-        ("decoder", "decoder", "norm"),
-    ):
-        if tower not in stage.finishes:
-            setattr(stage.get_submodule(owner), attr, None)
+        for path in ("vision.patch_embed", "vision.cls", "vision.pos"):
+            _drop(stage, path)
+        _drop(stage, "embed.pos" if last else "embed")  # the head needs only the tied matrix
     if not last:
-        stage.text.unimodal_norm, stage.image_proj, stage.text_proj, stage.logit_scale = None, None, None, None
+        for path in ("text.unimodal_norm", "image_proj", "text_proj", "logit_scale"):
+            _drop(stage, path)
     return stage
 
 
-def split_stages(model: VLModel, pp_rank: int, pp_size: int, virtual_per_rank: int = 1) -> list[tuple[int, VLStage]]:
+def split_stages(model: VLModel, pp_rank: int, pp_size: int, virtual_per_rank: int = 1) -> list[tuple[int, VLModel]]:
     """This rank's (stage index, stage module) pairs; stage s runs on pp rank s % pp_size (looped).
+    `virtual_per_rank`: `virtual_stages(schedule)`.
 
     Build `model` the same way on every rank (same seed) before splitting, so the stages hold the
     weights a single-process model would, and the tied embedding starts identical on both ends.
     """
-    if getattr(model.loss_cfg, "mim", 0) > 0 or getattr(model, "mim_decoder", None) is not None:
-        raise UserError("loss.mim: masked image modelling is not supported with parallel.pp > 1; allowed: mim = 0")
     n = pp_size * virtual_per_rank
     plan = stage_blocks(model.cfg, n)
     return [(s, _prune(model, s, n, plan[s])) for s in range(pp_rank, n, pp_size)]
 
 
-def make_loss_fn(weights: LossConfig | nn.Module) -> Callable[[torch.Tensor, object], torch.Tensor]:
-    """The schedule's loss: the last stage's (itc, mlm, caption) weighted as in VLModel.forward.
+def make_loss_fn(weights: LossConfig | VLModel) -> Callable[[torch.Tensor, object], torch.Tensor]:
+    """The schedule's loss: the last stage's (itc, mlm, caption) weighted as in VLModel's forward.
 
     `weights`: a LossConfig, or the last stage module, whose `loss_cfg` is then read at every call (the
     loop may swap it between training stages). The schedule averages gradients over microbatches
@@ -191,11 +110,9 @@ def make_loss_fn(weights: LossConfig | nn.Module) -> Callable[[torch.Tensor, obj
     """
 
     def loss_fn(parts: torch.Tensor, _target: object) -> torch.Tensor:
-        lc = weights.loss_cfg if isinstance(weights, nn.Module) else weights
-        if getattr(lc, "mim", 0) > 0:
-            raise UserError("loss.mim: masked image modelling is not supported with parallel.pp > 1; allowed: 0")
+        lc = weights.loss_cfg if isinstance(weights, VLModel) else weights
         p = parts[0]
-        return lc.itc * p[0] + lc.mlm * p[1] + lc.caption * p[2]
+        return losses.weighted(lc, p[0], p[1], p[2])
 
     return loss_fn
 
@@ -204,7 +121,7 @@ def make_loss_fn(weights: LossConfig | nn.Module) -> Callable[[torch.Tensor, obj
 class Pipeline:
     """A built schedule with what pipeline_step needs to drive it on this rank."""
 
-    schedule: object
+    schedule: _PipelineSchedule
     modules: list[nn.Module]  # this rank's stage modules (possibly wrapped by TP / FSDP afterwards)
     has_first: bool
     has_last: bool
@@ -257,7 +174,10 @@ def build_schedule(
             f"accumulation: {n_microbatches} microbatches for {pp_size} pipeline ranks ({schedule_name}); "
             f"allowed: at least pp{' and a multiple of it' if schedule_name == 'interleaved1f1b' else ''}"
         )
-    pstages = [PipelineStage(mod, idx, num_stages, device, group=pp_group) for idx, mod in stages]
+    pstages: list[_PipelineStageBase] = [
+        PipelineStage(mod, idx, num_stages, device, group=pp_group) for idx, mod in stages
+    ]
+    schedule: _PipelineSchedule
     if schedule_name == "interleaved1f1b":
         schedule = ScheduleInterleaved1F1B(pstages, n_microbatches, loss_fn=loss_fn)
     else:
@@ -291,8 +211,8 @@ def pipeline_step(pipe: Pipeline, images, ids, mask, draws=None) -> dict[str, to
     images [B, 3, S, S], ids [B, T], mask [B, T] (B = microbatch x n_microbatches; T fixed per run),
     draws [3, B, T] MLM's per-sample random numbers (the loader's; None: torch's RNG on stage 0).
     Returns, on the rank that holds the last stage, per-microbatch {"loss", "itc", "mlm", "caption",
-    "mim" (zeros: VLModel.forward's keys)} (detached, [n_microbatches]); None elsewhere. Gradients are averaged over the microbatches and the
-    tied embedding/head gradient is summed over its two stages.
+    "mim" (zeros: VLModel.forward's keys)} (detached, [n_microbatches]); None elsewhere. Gradients are
+    averaged over the microbatches and the tied embedding/head gradient is summed over its two stages.
     """
     n = pipe.n_microbatches
     if ids.shape[0] % n:
@@ -313,13 +233,14 @@ def pipeline_step(pipe: Pipeline, images, ids, mask, draws=None) -> dict[str, to
     args = (images,) if pipe.has_first else ()
     # The runtime needs a target on the last stage; the losses need none (labels come as kwargs).
     target = ids if pipe.has_last else None
-    out = pipe.schedule.step(*args, target=target, ids=ids, mask=mask, masked=both[0], labels=both[1])
+    # The stages' call form of VLModel.forward (VLModel.stage_forward)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "masked": both[0], "labels": both[1]}
+    out = pipe.schedule.step(*args, target=target, **kwargs)
     sync_tied_grads(pipe)
     if not pipe.has_last:
         return None
     parts = out.detach()  # [n, 3]
-    weights = _unwrap(pipe.modules[-1]).loss_cfg
-    loss = weights.itc * parts[:, 0] + weights.mlm * parts[:, 1] + weights.caption * parts[:, 2]
+    loss = losses.weighted(_unwrap(pipe.modules[-1]).loss_cfg, parts[:, 0], parts[:, 1], parts[:, 2])
     return {"loss": loss, "itc": parts[:, 0], "mlm": parts[:, 1], "caption": parts[:, 2], "mim": torch.zeros_like(loss)}
 
 
@@ -350,5 +271,5 @@ def tied_copies(modules: list[nn.Module]) -> list[nn.Parameter]:
     Its gradient equals stage 0's after sync_tied_grads, so a global grad norm must count it once:
     pass these as `duplicates` to clip_grad_norm_.
     """
-    lasts = [m for m in modules if _unwrap(m).is_last and not _unwrap(m).is_first]
+    lasts = [m for m in modules if _unwrap(m).holds_heads and not _unwrap(m).embeds]
     return _tied_params(lasts)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from vltrain.model.layers import Block
 
 
-def block_plan(block: Block) -> dict[str, ColwiseParallel | RowwiseParallel]:
+def block_plan(block: Block) -> dict[str, ParallelStyle]:
     """The parallelize_module plan of one Block (self-attention, optional cross-attention, MLP)."""
-    plan: dict[str, ColwiseParallel | RowwiseParallel] = {}
+    plan: dict[str, ParallelStyle] = {}
     for attn in ("attn", "cross") if hasattr(block, "cross") else ("attn",):
         plan |= {f"{attn}.{n}": ColwiseParallel() for n in ("q", "k", "v")}
         plan[f"{attn}.out"] = RowwiseParallel()
