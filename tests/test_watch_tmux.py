@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import BIN, run_cli, tiny_data
+from tests.conftest import BIN, deadline, run_cli, tiny_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
 
@@ -39,24 +39,37 @@ def _submit(world, name):
 
 
 class Tmux:
+    """A detached tmux session on a server of this test's own (-L): another user's or test's tmux
+    server is never used (its sessions would get that server's environment) nor stopped. The
+    server holds the test's VLTRAIN_TEST_OWNER: conftest's reaper stops it, should kill() not run."""
+
     def __init__(self, name: str, command: str, env: dict[str, str]):
         self.name = name
+        self.tmux = ["tmux", "-L", f"vltrain-test-{name}"]
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        shell = f"export {exports} PATH={shlex.quote(str(BIN))}:$PATH TERM=xterm-256color; {command}; echo EXIT=$?; echo MODE=$(stty -a | tr ' ;' '\\n\\n' | grep -x -- '-\\?icanon'); sleep 60"
-        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "80", "-y", "24", shell], check=True, timeout=10)
+        # the pane stays a while after the command (its EXIT= and MODE= lines are read): long enough under load
+        shell = f"export {exports} PATH={shlex.quote(str(BIN))}:$PATH TERM=xterm-256color; {command}; echo EXIT=$?; echo MODE=$(stty -a | tr ' ;' '\\n\\n' | grep -x -- '-\\?icanon'); sleep {deadline(60):.0f}"
+        subprocess.run(
+            [*self.tmux, "new-session", "-d", "-s", name, "-x", "80", "-y", "24", shell],
+            check=True,
+            timeout=deadline(10),
+        )
         self.started = time.monotonic()
 
     def screen(self) -> str:
         return subprocess.run(
-            ["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True, timeout=10
+            [*self.tmux, "capture-pane", "-p", "-t", self.name], capture_output=True, text=True, timeout=deadline(10)
         ).stdout
 
     def wait_for(self, *texts: str, timeout: float = 240) -> str:
-        deadline = time.monotonic() + timeout
+        end = time.monotonic() + deadline(timeout)
         s = ""
-        while time.monotonic() < deadline:
+        while time.monotonic() < end:
             r = subprocess.run(
-                ["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True, timeout=10
+                [*self.tmux, "capture-pane", "-p", "-t", self.name],
+                capture_output=True,
+                text=True,
+                timeout=deadline(10),
             )
             if r.returncode:
                 pytest.fail(f"the tmux session ended; last screen:\n{s}\n{r.stderr}")
@@ -64,13 +77,13 @@ class Tmux:
             if all(t in s for t in texts):
                 return s
             time.sleep(0.5)
-        pytest.fail(f"{texts} never appeared; screen:\n{self.screen()}")
+        pytest.fail(f"{texts} never appeared within {deadline(timeout):g} s; screen:\n{self.screen()}")
 
     def keys(self, *keys: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True, timeout=10)
+        subprocess.run([*self.tmux, "send-keys", "-t", self.name, *keys], check=True, timeout=deadline(10))
 
     def kill(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], timeout=10)
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True, timeout=deadline(10))
 
 
 def test_watch_under_tmux_until_the_summary(world):
@@ -122,14 +135,14 @@ def test_submit_watch_then_ctrl_c_leaves_the_terminal_sane_and_the_run_going(wor
         assert "MODE=icanon" in t.wait_for("MODE=", timeout=10)
     finally:
         t.kill()
-    first, deadline = None, time.monotonic() + 120
+    first, end = None, time.monotonic() + deadline(120)
     while True:  # the run goes on training after the watcher's Ctrl-C
         (row,) = json.loads(run_cli("status", "ctrlc", "--json", env=world["env"]).stdout)["runs"]
         assert row["state"] in ("RUNNING", "COMPLETED"), row
         if row["state"] == "COMPLETED" or (first is not None and (row["step"] or 0) > first):
             break
         first = row["step"] or 0 if first is None else first
-        assert time.monotonic() < deadline, row
+        assert time.monotonic() < end, row
         time.sleep(1)
     run_cli("cancel", row["run_id"], env=world["env"])
 
@@ -160,27 +173,27 @@ def test_ctrl_c_during_submit_wait_stops_waiting_not_the_run(world):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        deadline = time.monotonic() + 120
+        end = time.monotonic() + deadline(120)
         while True:  # until the trainer has logged a step
             r = run_cli("status", "waiter", "--json", env=world["env"])
             rows = json.loads(r.stdout)["runs"] if r.returncode == 0 else []
             if rows and (rows[0]["step"] or 0) >= 1:
                 break
-            assert p.poll() is None and time.monotonic() < deadline, (rows, p.poll())
+            assert p.poll() is None and time.monotonic() < end, (rows, p.poll())
             time.sleep(0.5)
         os.killpg(p.pid, signal.SIGINT)
-        _, err = p.communicate(timeout=30)
+        _, err = p.communicate(timeout=deadline(30))
     finally:
         if p.poll() is None:
             p.kill()
     assert p.returncode == 130 and "stopped following" in err and "Traceback" not in err, err
     first = rows[0]["step"]
-    deadline = time.monotonic() + 120
+    end = time.monotonic() + deadline(120)
     while True:
         (row,) = json.loads(run_cli("status", "waiter", "--json", env=world["env"]).stdout)["runs"]
         assert row["state"] in ("RUNNING", "COMPLETED"), row
         if row["state"] == "COMPLETED" or (row["step"] or 0) > first:
             break
-        assert time.monotonic() < deadline, row
+        assert time.monotonic() < end, row
         time.sleep(1)
     run_cli("cancel", "waiter", env=world["env"])
