@@ -321,7 +321,7 @@ def test_resume_maps_the_module_file_instead_of_reading_it_per_rank(tmp_path, mo
 # --- 10. data loading on GPUs --------------------------------------------------------------------------
 def test_gpu_runs_get_pinned_loader_workers_from_the_cpus_per_task():
     from vltrain.config import DataConfig
-    from vltrain.loop import loader_settings
+    from vltrain.data.loader import loader_settings
 
     assert DataConfig().workers == -1  # auto
     assert loader_settings(-1, "cuda", 8, env={"SLURM_CPUS_PER_TASK": "16"}) == {"workers": 8, "pin_memory": True}

@@ -382,3 +382,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             out[key.strip()] = raw
     return out
+
+
+def write_resolved_config(path: Path, cfg: TrainConfig) -> None:
+    """A run's config.toml: the resolved config an attempt trains with (what `vltrain eval` reads), written
+    atomically; left alone when it already says the same (clusterctl writes it before submitting)."""
+    import tomli_w
+
+    from vltrain.common.atomic import atomic_write
+
+    try:
+        if tomllib.loads(path.read_text(encoding="utf-8")) == cfg.to_dict():
+            return
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
+    atomic_write(path, tomli_w.dumps(cfg.to_dict()), mode=None)

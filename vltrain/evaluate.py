@@ -277,3 +277,14 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     result |= {"step": meta["step"], "samples": meta["samples"], "checkpoint": path.name, "time": time.time()}
     write_eval(run_dir, result)
     return result
+
+
+def eval_line(step: int, result: dict[str, Any]) -> str:
+    """The line an evaluation prints."""
+    i2t, t2i = result["i2t"], result["t2i"]
+    return (
+        f"eval step {step}: i2t R@1 {i2t['R@1']:.3f} R@5 {i2t['R@5']:.3f} "
+        f"R@10 {i2t['R@10']:.3f} | t2i R@1 {t2i['R@1']:.3f} R@5 {t2i['R@5']:.3f} "
+        f"R@10 {t2i['R@10']:.3f} | CIDEr-D {result['cider']:.3f} | "
+        f"{result['n']} pairs (chance R@1 {result['chance_r1']:.4f})"
+    )

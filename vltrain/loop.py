@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import submitit
 
 from vltrain.common.errors import UserError
-from vltrain.config import TrainConfig, load_train_config
+from vltrain.config import TrainConfig, load_train_config, write_resolved_config
 from vltrain.divergence import TrainingDiverged, non_finite_loss, remedies, skipped_interval
 from vltrain.engines.common import RankLayout
 from vltrain.failures import is_comm_error, record_failure
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from vltrain.distenv import DistEnv
     from vltrain.energy import NodeEnergy
     from vltrain.metrics import EventLog
+    from vltrain.tokenizer import Tokenizer
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -71,26 +72,6 @@ def batch_split(cfg: TrainConfig, world_size: int) -> BatchSplit:
     from vltrain.batching import split_batch
 
     return split_batch(cfg.global_batch, world_size, cfg.micro_batch or None, cfg.accumulation or None)
-
-
-def write_config(run_dir: Path, cfg: TrainConfig) -> None:
-    """<run_dir>/config.toml: the resolved config this attempt trains with (what `vltrain eval` reads).
-
-    Left alone when it already says the same (clusterctl writes it before submitting).
-    """
-    import tomllib
-
-    import tomli_w
-
-    from vltrain.common.atomic import atomic_write
-
-    path = RunDir(run_dir).config
-    try:
-        if tomllib.loads(path.read_text(encoding="utf-8")) == cfg.to_dict():
-            return
-    except (OSError, tomllib.TOMLDecodeError):
-        pass
-    atomic_write(path, tomli_w.dumps(cfg.to_dict()), mode=None)
 
 
 def seed_rank(seed: int, rank: int) -> None:
@@ -165,26 +146,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
         events.close()
 
 
-def loader_settings(
-    workers: int, device: str, local_world_size: int, env: dict[str, str] | None = None, cpus: int | None = None
-) -> dict[str, Any]:
-    """Data-loader workers and pinned memory for a rank (pure but for the CPU count). On GPUs the
-    loader must keep up with the model: workers from the CPUs per task (Slurm's, else the node's
-    share), one CPU left for the rank itself, at most 8; batches in pinned memory for async copies.
-    On CPU runs the cores are the model's: no workers. `workers` >= 0 in the config wins."""
-    pin = device == "cuda"
-    if workers >= 0:
-        return {"workers": workers, "pin_memory": pin}
-    if device != "cuda":
-        return {"workers": 0, "pin_memory": False}
-    env = dict(os.environ) if env is None else env
-    per_task = int(env.get("SLURM_CPUS_PER_TASK", "0") or 0)
-    if not per_task:
-        total = cpus if cpus is not None else len(os.sched_getaffinity(0))
-        per_task = max(1, total // max(1, local_world_size))
-    return {"workers": min(8, max(1, per_task - 1)), "pin_memory": pin}
-
-
 class Session:
     """One attempt of a run on one rank: validated inputs, process group, engine, loader, sinks.
 
@@ -213,8 +174,8 @@ class Session:
         self.layout, self.split, self.device_kind = self._check_inputs()
         self.config_hash = cfg.config_hash()
         if dist_env.is_main:
-            write_config(
-                run_dir,
+            write_resolved_config(
+                RunDir(run_dir).config,
                 dataclasses.replace(cfg, micro_batch=self.split.micro_batch, accumulation=self.split.accumulation),
             )
         # before the slow start: a checkpoint this run cannot resume from is refused now
@@ -276,7 +237,7 @@ class Session:
 
     def _make_loader(self) -> ShardLoader:
         """The data-parallel rank and size's shards: tensor- and pipeline-parallel peers read the same samples."""
-        from vltrain.data.loader import ShardLoader
+        from vltrain.data.loader import ShardLoader, loader_settings
 
         cfg = self.cfg
         return ShardLoader(
@@ -385,28 +346,13 @@ class Session:
         if self.dist.is_main:
             print(line, flush=True)
 
-    def _tokenizer(self):
-        """data.tokenizer, or one trained by rank 0 on the shards' captions into the run directory."""
-        from vltrain.tokenizer import Tokenizer, train_tokenizer_from_shards
+    def _tokenizer(self) -> Tokenizer:
+        from vltrain.tokenizer import tokenizer_for_run
 
         path = Path(self.cfg.data.tokenizer or RunDir(self.run_dir).tokenizer)
-        error = [None]
-        if self.dist.is_main and not path.is_file():
-            try:
-                train_tokenizer_from_shards(self.cfg.data.shards, self.mcfg.vocab_size, path, seed=self.cfg.seed)
-            except UserError as e:  # "--vocab-size: V is too large for this corpus; allowed: at most N"
-                msg = str(e).replace("--vocab-size", "model.vocab_size")
-                error = [msg.replace("this corpus", f"the captions of {self.cfg.data.shards}")]
-        self.comm.broadcast_objects(error, src=0)
-        if error[0]:
-            raise UserError(error[0])
-        tok = Tokenizer.load(path)
-        if tok.vocab_size != self.mcfg.vocab_size:
-            raise UserError(
-                f"model.vocab_size: {self.mcfg.vocab_size} but the tokenizer {path} has {tok.vocab_size} "
-                f"pieces; allowed: equal sizes (vltrain tokenizer train --vocab-size {self.mcfg.vocab_size})"
-            )
-        return tok
+        return tokenizer_for_run(
+            path, self.cfg.data.shards, self.mcfg.vocab_size, self.cfg.seed, self.dist.is_main, self.comm
+        )
 
     # ---------------------------------------------------------------- the loop
     def run(self, stop_after: int | None) -> dict[str, Any]:
@@ -602,7 +548,7 @@ class Session:
         import torch
 
         from vltrain import checkpoint
-        from vltrain.evaluate import default_eval_shards, evaluate, write_eval
+        from vltrain.evaluate import default_eval_shards, eval_line, evaluate, write_eval
 
         shards = default_eval_shards(self.cfg)
         result = None
@@ -652,14 +598,3 @@ class Session:
             self.energy.stop()
             self.energy = None
         self.metrics.close()
-
-
-def eval_line(step: int, result: dict[str, Any]) -> str:
-    """The line an evaluation prints."""
-    i2t, t2i = result["i2t"], result["t2i"]
-    return (
-        f"eval step {step}: i2t R@1 {i2t['R@1']:.3f} R@5 {i2t['R@5']:.3f} "
-        f"R@10 {i2t['R@10']:.3f} | t2i R@1 {t2i['R@1']:.3f} R@5 {t2i['R@5']:.3f} "
-        f"R@10 {t2i['R@10']:.3f} | CIDEr-D {result['cider']:.3f} | "
-        f"{result['n']} pairs (chance R@1 {result['chance_r1']:.4f})"
-    )

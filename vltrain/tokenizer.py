@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from vltrain.common.atomic import atomic_write
 from vltrain.common.errors import UserError
@@ -168,3 +169,25 @@ def shard_captions(shards: str | Path) -> Iterator[str]:
 
 def train_tokenizer_from_shards(shards: str | Path, vocab_size: int, out_path: str | Path, seed: int = 0) -> Tokenizer:
     return train_tokenizer(shard_captions(shards), vocab_size, out_path, seed=seed)
+
+
+def tokenizer_for_run(path: Path, shards: str, vocab_size: int, seed: int, is_main: bool, comm: Any) -> Tokenizer:
+    """Collective: the run's tokenizer at `path` (data.tokenizer, or the run directory's), trained by rank 0
+    on the shards' captions when it is not there yet; every rank gets rank 0's error, if any, as its own."""
+    error: list[str | None] = [None]
+    if is_main and not path.is_file():
+        try:
+            train_tokenizer_from_shards(shards, vocab_size, path, seed=seed)
+        except UserError as e:  # "--vocab-size: V is too large for this corpus; allowed: at most N"
+            msg = str(e).replace("--vocab-size", "model.vocab_size")
+            error = [msg.replace("this corpus", f"the captions of {shards}")]
+    comm.broadcast_objects(error, src=0)
+    if error[0]:
+        raise UserError(error[0])
+    tok = Tokenizer.load(path)
+    if tok.vocab_size != vocab_size:
+        raise UserError(
+            f"model.vocab_size: {vocab_size} but the tokenizer {path} has {tok.vocab_size} "
+            f"pieces; allowed: equal sizes (vltrain tokenizer train --vocab-size {vocab_size})"
+        )
+    return tok

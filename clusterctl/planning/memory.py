@@ -184,11 +184,11 @@ CPU_PROCESS_HOST_GIB = 1.0  # a rank training on the CPU loads no CUDA libraries
 # does not keep them shared once reference counts change), its shuffle buffer of encoded samples
 # (1000 x ~100 kB) and prefetched decoded batches: about 1 GiB.
 WORKER_HOST_GIB = 1.0
-MAX_LOADER_WORKERS = 8  # vltrain.loop.loader_settings: at most 8 per rank, one CPU left for the rank
+MAX_LOADER_WORKERS = 8  # vltrain.data.loader.loader_settings: at most 8 per rank, one CPU left for the rank
 
 
 def loader_workers(configured: int, cuda: bool, cpus_per_node: int, gpus_per_node: int) -> int:
-    """Data-loader workers per rank as the trainer sizes them (vltrain.loop.loader_settings, which the
+    """Data-loader workers per rank as the trainer sizes them (vltrain.data.loader.loader_settings, which the
     planner cannot import: it imports torch): the config's value when >= 0; on a GPU the Slurm task's
     CPUs (cpus_per_node / gpus_per_node, as the backend asks for them) less one, at most 8; none on CPU."""
     if configured >= 0:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -291,3 +292,23 @@ def pin_worker(worker_id: int) -> None:
         return
     if len(cpus) > 1:
         os.sched_setaffinity(0, {cpus[-1 - worker_id % (len(cpus) - 1)]})
+
+
+def loader_settings(
+    workers: int, device: str, local_world_size: int, env: dict[str, str] | None = None, cpus: int | None = None
+) -> dict[str, Any]:
+    """Data-loader workers and pinned memory for a rank (pure but for the CPU count). On GPUs the
+    loader must keep up with the model: workers from the CPUs per task (Slurm's, else the node's
+    share), one CPU left for the rank itself, at most 8; batches in pinned memory for async copies.
+    On CPU runs the cores are the model's: no workers. `workers` >= 0 in the config wins."""
+    pin = device == "cuda"
+    if workers >= 0:
+        return {"workers": workers, "pin_memory": pin}
+    if device != "cuda":
+        return {"workers": 0, "pin_memory": False}
+    env = dict(os.environ) if env is None else env
+    per_task = int(env.get("SLURM_CPUS_PER_TASK", "0") or 0)
+    if not per_task:
+        total = cpus if cpus is not None else len(os.sched_getaffinity(0))
+        per_task = max(1, total // max(1, local_world_size))
+    return {"workers": min(8, max(1, per_task - 1)), "pin_memory": pin}
