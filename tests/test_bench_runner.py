@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import deadline
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -53,7 +55,10 @@ def test_rows_come_back_and_print(run_all, tmp_path, monkeypatch):
 
 def test_unknown_section_is_a_one_line_error():
     r = subprocess.run(
-        [sys.executable, str(BENCH / "run_all.py"), "--only", "cli,nope"], capture_output=True, text=True, timeout=60
+        [sys.executable, str(BENCH / "run_all.py"), "--only", "cli,nope"],
+        capture_output=True,
+        text=True,
+        timeout=deadline(60),
     )
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == ["--only: unknown section nope; allowed: cli, step, data, start"]
@@ -70,7 +75,7 @@ def test_the_step_rows_time_what_the_trainer_runs():
         [sys.executable, str(BENCH / "bench_step.py"), *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=deadline(300),
         env=os.environ | {"OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 0, r.stderr[-3000:]

@@ -19,7 +19,7 @@ import pytest
 
 from clusterctl.runs.registry import Registry
 from clusterctl.specs import RunRecord
-from tests.conftest import BIN, REPO, run_cli
+from tests.conftest import BIN, REPO, deadline, run_cli
 from tests.test_trainer_run import data, write_config  # noqa: F401  (module fixture reused)
 
 pytestmark = pytest.mark.slow
@@ -49,10 +49,10 @@ def _train_until_energy_then_kill(cfg: Path, run: Path, known: set[Path]) -> Pat
         text=True,
     )
     try:
-        deadline = time.monotonic() + 240
+        end = time.monotonic() + deadline(240)
         while True:
             assert proc.poll() is None, f"the run ended early: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "no energy flushed within 240 s"
+            assert time.monotonic() < end, f"no energy flushed within {deadline(240):g} s"
             new = (
                 [p for p in (run / "energy").glob("node000-*.csv") if p not in known]
                 if (run / "energy").exists()
@@ -62,7 +62,7 @@ def _train_until_energy_then_kill(cfg: Path, run: Path, known: set[Path]) -> Pat
                 break
             time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=deadline(30))
     finally:
         if proc.poll() is None:
             proc.kill()

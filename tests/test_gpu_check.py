@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, deadline
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def test_gpu_check_code_path_on_cpu(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=deadline(300),
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

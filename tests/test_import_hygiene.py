@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, deadline
 
 HEAVY = ("torch", "deepspeed", "webdataset")
 # Also slow to import (~90 ms each, more than typer itself) and never needed to show state: typer
@@ -51,7 +51,9 @@ print(json.dumps({"exit": r.exit_code, "heavy": [m for m in %r if m in sys.modul
 
 @pytest.mark.parametrize("argv", LIGHT_COMMANDS, ids=[" ".join(a) for a in LIGHT_COMMANDS])
 def test_light_command_imports_no_heavy_module(argv):
-    r = subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv], cwd=REPO, capture_output=True, text=True, timeout=deadline(60)
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["heavy"] == [], f"{argv} imported {result['heavy']}"
@@ -82,7 +84,12 @@ def probe_modules(argv: list[str], tmp_path) -> dict:
     against an empty registry of its own."""
     env = {**os.environ, "CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db")}
     r = subprocess.run(
-        [sys.executable, "-c", MODULES_PROBE, *argv], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-c", MODULES_PROBE, *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=deadline(60),
+        env=env,
     )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -112,7 +119,7 @@ def test_plan_opens_no_registry_and_loads_no_backend(tmp_path):
 def test_probe_detects_heavy_imports():
     """The probe itself can fail: importing the trainer's engine pulls torch."""
     code = "import sys, vltrain.config; import torch; print([m for m in %r if m in sys.modules])" % (HEAVY,)
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=deadline(60))
     assert "torch" in r.stdout
 
 
@@ -128,7 +135,7 @@ def test_a_command_imports_only_its_own_module(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=deadline(60),
         env={**os.environ, "CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db")},
     )
     code_, modules = r.stdout.strip().splitlines()[-1].split(" ", 1)
@@ -152,7 +159,7 @@ def test_help_builds_no_command_and_imports_no_rich_markdown():
     from clusterctl.cli import COMMANDS
 
     r = subprocess.run(
-        [sys.executable, "-c", HELP_PROBE, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", HELP_PROBE, "--help"], cwd=REPO, capture_output=True, text=True, timeout=deadline(60)
     )
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert d["exit"] == 0 and d["loaded"] == [] and d["rich_help"] == [], d
@@ -176,7 +183,7 @@ def test_help_table_matches_each_command():
 def test_subcommand_help_is_plain():
     r = subprocess.run(
         [sys.executable, "-c", HELP_PROBE, "report", "energy", "--help"], cwd=REPO, capture_output=True, text=True,
-        timeout=60,
+        timeout=deadline(60),
     )  # fmt: skip
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert d["exit"] == 0 and d["rich_help"] == [] and "--since" in d["out"] and "--user" in d["out"], d

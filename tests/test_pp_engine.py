@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO, trainer_shards
+from tests.conftest import BIN, REPO, deadline, trainer_shards
 from tests.test_fsdp_engine import KEYS, assert_close_runs, config, train, values
 from tests.test_trainer_run import (
     ENV,
@@ -56,7 +56,12 @@ def train_padded(nproc: int, cfg: Path, run: Path, *extra: str) -> subprocess.Co
     if nproc > 1:
         launcher += ["--master_port", str(_free_port())]
     r = subprocess.run(
-        [*launcher, str(script), *args], cwd=REPO, env=os.environ | ENV, capture_output=True, text=True, timeout=300
+        [*launcher, str(script), *args],
+        cwd=REPO,
+        env=os.environ | ENV,
+        capture_output=True,
+        text=True,
+        timeout=deadline(300),
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return r

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli, tiny_data
+from tests.conftest import REPO, deadline, run_cli, tiny_data
 from vltrain.config import load_train_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -69,20 +69,20 @@ def _slurm_answers() -> bool:
     import subprocess
 
     try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=deadline(10)).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
 
 def _wait(env: dict, run_ids: list[str], timeout: float = 600) -> dict[str, dict]:
-    deadline = time.monotonic() + timeout
+    end = time.monotonic() + deadline(timeout)
     while True:
         r = run_cli("status", "--all", "--json", env=env)
         assert r.returncode == 0, r.stderr
         rows = {row["run_id"]: row for row in json.loads(r.stdout)["runs"] if row["run_id"] in run_ids}
         if all(row["state"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") for row in rows.values()):
             return rows
-        assert time.monotonic() < deadline, rows
+        assert time.monotonic() < end, rows
         time.sleep(2)
 
 

@@ -250,7 +250,7 @@ def test_sixteen_processes_write_and_read_at_once(tmp_path):
     writers = [ctx.Process(target=_writer, args=(str(path), w, str(tmp_path / "runs"))) for w in range(12)]
     import subprocess
 
-    from tests.conftest import BIN, REPO
+    from tests.conftest import BIN, REPO, deadline
 
     env = os.environ | {"CLUSTERCTL_REGISTRY": str(path), "PATH": str(tmp_path / "nobin"), "COLUMNS": "200"}
     loop = "for i in 1 2 3 4 5; do {cl} status --all --json > {out}.$i || exit 1; done"
@@ -263,9 +263,9 @@ def test_sixteen_processes_write_and_read_at_once(tmp_path):
     for p in writers:
         p.start()
     for p in writers:
-        p.join(timeout=240)
+        p.join(timeout=deadline(240))
         assert p.exitcode == 0
-    assert all(r.wait(timeout=240) == 0 for r in readers)
+    assert all(r.wait(timeout=deadline(240)) == 0 for r in readers)
 
     reg = Registry(path)
     assert reg._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, deadline, run_cli
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_a_huge_global_batch_is_refused_fast(env):
     one_line_error(
         r, "error: --global-batch: 1000000000000000000 is out of range; allowed: an integer from 1 to 10,000,000"
     )
-    assert time.monotonic() - t < 10
+    assert time.monotonic() - t < deadline(10)  # a guard against unbounded work, not a benchmark
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ import pytest
 
 from clusterctl.runs.registry import Registry
 from clusterctl.specs import RunRecord
-from tests.conftest import BIN, REPO, run_cli
+from tests.conftest import BIN, REPO, deadline, run_cli
 from tests.test_status import shim
 
 OLD = time.time() - 3 * 3600
@@ -210,7 +210,7 @@ def _run_readonly(mode: str, path: Path, args: list[str], env: dict[str, str]) -
         if os.geteuid() != 0 or not chattr or subprocess.run([chattr, "+i", str(path)], capture_output=True).returncode:
             pytest.skip("chattr +i needs root and a filesystem that supports it")
         try:
-            return subprocess.run(argv, env=full, capture_output=True, text=True, timeout=60, cwd=REPO)
+            return subprocess.run(argv, env=full, capture_output=True, text=True, timeout=deadline(60), cwd=REPO)
         finally:
             subprocess.run([chattr, "-i", str(path)], check=True)
     target = path if mode == "read-only file" else path.parent
@@ -218,7 +218,7 @@ def _run_readonly(mode: str, path: Path, args: list[str], env: dict[str, str]) -
         old = target.stat().st_mode
         target.chmod(0o500 if target.is_dir() else 0o400)
         try:
-            return subprocess.run(argv, env=full, capture_output=True, text=True, timeout=60, cwd=REPO)
+            return subprocess.run(argv, env=full, capture_output=True, text=True, timeout=deadline(60), cwd=REPO)
         finally:
             target.chmod(old)
     tools = [shutil.which(t) for t in ("unshare", "sh", "mount")]
@@ -231,7 +231,7 @@ def _run_readonly(mode: str, path: Path, args: list[str], env: dict[str, str]) -
         env=full,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=deadline(60),
         cwd=REPO,
     )
     if "unshare:" in r.stderr or "mount:" in r.stderr:
@@ -448,7 +448,7 @@ def test_rebuild_bad_flags_are_one_line(tmp_path, args, needle):
 
 def _slurm_up() -> bool:
     try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=5).returncode == 0
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=deadline(5)).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -479,18 +479,18 @@ def test_delete_the_registry_of_real_slurm_runs_then_rebuild(tmp_path):
         for s in subs:
             assert run_cli("cancel", s["run_id"], env=env).returncode == 0
     finally:
-        subprocess.run(["scancel", *[s["job_id"] for s in subs]], timeout=30)
+        subprocess.run(["scancel", *[s["job_id"] for s in subs]], timeout=deadline(30))
     (tmp_path / "reg.db").unlink()
     for side in ("-wal", "-shm"):
         Path(f"{tmp_path / 'reg.db'}{side}").unlink(missing_ok=True)
     r = run_cli("registry", "rebuild", env=env)
     assert r.returncode == 0, r.stderr
-    deadline = time.monotonic() + 60
+    end = time.monotonic() + deadline(60)
     while True:
         data_ = strict_json(run_cli("status", "--all", "--json", env=env).stdout)
         got = {x["run_id"]: (x["state"], x["job_ids"]) for x in data_["runs"]}
         want = {s["run_id"]: ("CANCELLED", [s["job_id"]]) for s in subs}
-        if got == want or time.monotonic() > deadline:
+        if got == want or time.monotonic() > end:
             break
         time.sleep(2)
     assert got == want, data_
@@ -834,14 +834,14 @@ def test_gpu_hours_of_a_cancelled_then_resumed_run_agree(tmp_path, executor, acc
 
 
 def _lines_until(proc: subprocess.Popen, want: int, seconds: float) -> tuple[list[str], float]:
-    """Lines of a running process's stdout until `want` 'note:' lines came, or `seconds` passed."""
+    """Lines of a running process's stdout until `want` 'note:' lines came, or deadline(seconds) passed."""
     import selectors
 
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     lines, start = [], time.monotonic()
     buf = b""
-    while time.monotonic() - start < seconds and sum(ln.startswith("note:") for ln in lines) < want:
+    while time.monotonic() - start < deadline(seconds) and sum(ln.startswith("note:") for ln in lines) < want:
         if sel.select(timeout=0.2):
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
@@ -970,6 +970,6 @@ def test_the_first_refresh_counts_from_the_process_start():
         "import time; time.sleep(1.5); from clusterctl.backends.slurm import commands as c; "
         "import os; os.environ['CLUSTERCTL_SLURM_TIMEOUT'] = '5'; print(c.slurm_timeout(), c.slurm_timeout())"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=30)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=deadline(30))
     first, second = map(float, r.stdout.split())
     assert 2.5 <= first <= 3.0 and second == pytest.approx(4.5)  # 5 - start-up - 0.5 margin; then 5 - 0.5

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, deadline
 
 SCRIPT = REPO / "scripts" / "slurm-local.sh"
 STATE = Path(os.environ.get("SLURM_LOCAL_DIR", "/var/tmp/clusterctl-slurm"))
@@ -21,7 +21,10 @@ NODES = {"a1", "a2"}
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=os.environ | (env or {}))
+    """`timeout`: an idle machine's seconds, through deadline()."""
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=deadline(timeout), env=os.environ | (env or {})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +95,7 @@ def test_two_node_job_runs_one_task_per_node_with_a_gpu(two_node_job):
 @pytest.mark.slurm
 def test_sacct_reports_completed_with_gpu_tres(two_node_job, client_env):
     job_id, _ = two_node_job
-    deadline = time.monotonic() + 60  # slurmdbd records the end a moment after sbatch --wait returns
+    end = time.monotonic() + deadline(60)  # slurmdbd records the end a moment after sbatch --wait returns
     while True:
         r = run(
             "sacct",
@@ -110,7 +113,7 @@ def test_sacct_reports_completed_with_gpu_tres(two_node_job, client_env):
         fields = r.stdout.strip().split("|")
         if (
             len(fields) == 5 and fields[1] == "COMPLETED" and fields[2]
-        ) or time.monotonic() > deadline:  # the partition lags too
+        ) or time.monotonic() > end:  # the partition lags too
             break
         time.sleep(1)
     jid, state, partition, nnodes, tres = fields
@@ -137,10 +140,10 @@ def test_launcher_variables_of_the_submitting_shell_do_not_reach_a_slurm_job(cli
     spec = backend.launch_spec(load_profile("slurm-local"), tmp_path / "run", "envcheck")
     job_id = backend.schedule(spec, job_env())
     job = submitit.SlurmJob(folder=Path(spec.folder) / "%j", job_id=job_id, tasks=(0, 1))
-    deadline = time.monotonic() + 180
-    while not job.done() and time.monotonic() < deadline:
+    end = time.monotonic() + deadline(180)
+    while not job.done() and time.monotonic() < end:
         time.sleep(1)
-    assert job.done(), f"job {job_id} still {job.state} after 180 s"
+    assert job.done(), f"job {job_id} still {job.state} after {deadline(180):g} s"
     for text in job.results():
         env = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
         assert not set(LEAKED) & set(env), {k: env[k] for k in set(LEAKED) & set(env)}

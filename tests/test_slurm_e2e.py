@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from clusterctl.runs.registry import Registry
-from tests.conftest import REPO, run_cli, tiny_data
+from tests.conftest import REPO, deadline, run_cli, tiny_data
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def _slurm_up() -> bool:
     try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=5).returncode == 0
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=deadline(5)).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -70,13 +70,13 @@ def _wait(
     until=lambda row: row["state"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
     timeout=420,
 ):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    end = time.monotonic() + deadline(timeout)
+    while time.monotonic() < end:
         row = _status(world, run_id)
         if until(row):
             return row
         time.sleep(2)
-    pytest.fail(f"{run_id}: still {row['state']} after {timeout} s")
+    pytest.fail(f"{run_id}: still {row['state']} after {deadline(timeout):g} s")
 
 
 def _final_loss(run_dir: Path) -> float:
@@ -119,11 +119,11 @@ def test_two_node_run_is_measured_once_per_node_and_accounted_by_sacct(world, co
 def test_preemption_requeues_and_resumes_exactly(world, completed):
     sub = _submit(world, "e2epre")
     run_dir = Path(sub["run_dir"])
-    deadline = time.monotonic() + 300
+    end = time.monotonic() + deadline(300)
     while not list((run_dir / "checkpoints").glob("step_*")):  # a complete checkpoint exists
-        assert time.monotonic() < deadline, "no checkpoint"
+        assert time.monotonic() < end, "no checkpoint"
         time.sleep(1)
-    subprocess.run(["scancel", "--signal=USR2", sub["job_id"]], check=True, timeout=30)
+    subprocess.run(["scancel", "--signal=USR2", sub["job_id"]], check=True, timeout=deadline(30))
     row = _wait(world, sub["run_id"])
     assert row["state"] == "COMPLETED" and row["requeues"] >= 1, row
     events = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
@@ -161,9 +161,9 @@ def test_sigkill_of_one_rank_is_retried_and_ends_with_the_same_loss(world, compl
 
     sub = _submit(world, "e2ekill")
     run_dir = Path(sub["run_dir"])
-    deadline = time.monotonic() + 300
+    end = time.monotonic() + deadline(300)
     while not list((run_dir / "checkpoints").glob("step_*")):  # a complete checkpoint exists
-        assert time.monotonic() < deadline, "no checkpoint"
+        assert time.monotonic() < end, "no checkpoint"
         time.sleep(1)
     pids = _rank_pids(sub["job_id"], 1)
     assert pids, "rank 1 of the job is not running here"
@@ -232,4 +232,4 @@ def test_sixteen_concurrent_cli_processes(world):
             assert [j.job_id for j in jobs] == [s["job_id"]]
             assert Path(run.run_dir, "config.toml").exists()
     finally:
-        subprocess.run(["scancel", *[s["job_id"] for s in subs]], timeout=30)
+        subprocess.run(["scancel", *[s["job_id"] for s in subs]], timeout=deadline(30))

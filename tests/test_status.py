@@ -25,7 +25,7 @@ from clusterctl.render import status_table
 from clusterctl.runs import artifacts, status
 from clusterctl.runs.registry import Registry
 from clusterctl.specs import JobRecord, RunRecord
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, deadline, run_cli
 
 FIX = Path(__file__).parent / "fixtures" / "slurm"
 OLD = time.time() - 3600  # submitted an hour ago: past any accounting lag
@@ -188,7 +188,7 @@ def test_hung_controller_is_reported_within_the_timeout(world):
     started = time.monotonic()
     r = run_cli("status", "--json", env=env | {"CLUSTERCTL_SLURM_TIMEOUT": "1"}, timeout=30)
     assert r.returncode == 0, r.stderr
-    assert time.monotonic() - started < 30  # guard against a hang, not a benchmark
+    assert time.monotonic() - started < deadline(30)  # guard against a hang, not a benchmark
     data = json.loads(r.stdout)
     assert data["source"] == "registry"
     assert any("did not answer within 1 s" in n and "last known states" in n for n in data["notes"])
@@ -342,7 +342,7 @@ def test_status_imports_no_heavy_module(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=deadline(60),
         env=os.environ | {"CLUSTERCTL_REGISTRY": str(tmp_path / "r.db"), "PATH": str(tmp_path)},
     )
     assert json.loads(r.stdout.strip().splitlines()[-1]) == [0, []], r.stderr
@@ -359,7 +359,7 @@ def test_unknown_run_is_one_line_error(tmp_path):
 
 def _slurm_up() -> bool:
     try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=5).returncode == 0
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=deadline(5)).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -369,7 +369,7 @@ def _sbatch(*args: str) -> str:
         ["sbatch", "--parsable", "-o", "/dev/null", "-e", "/dev/null", *args],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=deadline(30),
     )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
@@ -386,7 +386,7 @@ def test_status_against_real_slurm(tmp_path):
     bad = _sbatch("--wrap", "exit 3")
     gone = _sbatch("--begin=now+1hour", "--wrap", "true")
     live = _sbatch("--wrap", "sleep 120")
-    subprocess.run(["scancel", gone], check=True, timeout=30)
+    subprocess.run(["scancel", gone], check=True, timeout=deadline(30))
     reg = Registry(tmp_path / "r.db")
     for name, jid in (("ok", ok), ("bad", bad), ("gone", gone), ("live", live)):
         add(reg, name, [jid])
@@ -402,7 +402,7 @@ def test_status_against_real_slurm(tmp_path):
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
     }
     want = {"ok": "COMPLETED", "bad": "FAILED", "gone": "CANCELLED", "live": "RUNNING"}
-    deadline = time.monotonic() + 90
+    end = time.monotonic() + deadline(90)
     try:
         while True:
             before = len(calls(tmp_path))
@@ -415,7 +415,7 @@ def test_status_against_real_slurm(tmp_path):
             # squeue may report the end before slurmdbd has the record: a later call fills the code in
             # (every ended job is asked about until accounting has it, the cancelled one included)
             ended = (codes["ok"], codes["bad"], codes["gone"])
-            if (got == want and None not in ended) or time.monotonic() > deadline:
+            if (got == want and None not in ended) or time.monotonic() > end:
                 break
             time.sleep(2)
         assert got == want, data
@@ -428,7 +428,7 @@ def test_status_against_real_slurm(tmp_path):
         assert [c.split()[0] for c in calls(tmp_path)[before:]] == ["squeue"] and data["source"] == "squeue"
         assert {r["run_id"]: r["state"] for r in data["runs"]}["live"] == "RUNNING"
     finally:
-        subprocess.run(["scancel", live], timeout=30)
+        subprocess.run(["scancel", live], timeout=deadline(30))
 
 
 def test_listing_fits_a_narrow_terminal_by_hiding_the_least_needed_columns():

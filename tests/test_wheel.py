@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, deadline
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ SHIPPED = {"a100x32", "a100x64", "a100x128", "a100x256", "h100x128", "local", "s
 
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=deadline(300))
     assert r.returncode == 0, f"{argv}: {r.stdout}\n{r.stderr}"
     return r
 
