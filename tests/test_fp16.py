@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO, trainer_shards
+from tests.conftest import BIN, REPO, deadline, trainer_shards
 from tests.test_trainer_run import ENV, _free_port, jsonl, torchrun, write_config
 
 
@@ -114,7 +114,7 @@ def test_deepspeed_fp16_dynamic_loss_scaling_trains_where_deepspeed_allows_fp16(
         env=os.environ | ENV,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=deadline(300),
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert_settles_then_learns(tmp_path / "run")
@@ -184,7 +184,7 @@ def test_an_overflow_on_one_rank_skips_the_fsdp_step_on_both(tmp_path):
     script = tmp_path / "overflow.py"
     script.write_text(OVERFLOW_ON_ONE_RANK)
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)]
-    r = subprocess.run(cmd, cwd=REPO, env=os.environ | ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=REPO, env=os.environ | ENV, capture_output=True, text=True, timeout=deadline(300))
     assert r.returncode == 0, r.stderr[-3000:]
     results = [json.loads(x.split("RESULT ", 1)[1]) for x in r.stdout.splitlines() if "RESULT " in x]
     assert len(results) == 2 and results[0]["settle"] == results[1]["settle"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from tests.conftest import BIN, REPO, run_cli, trainer_shards
+from tests.conftest import BIN, REPO, deadline, run_cli, trainer_shards
 
 pytestmark = pytest.mark.slow
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -52,7 +52,7 @@ def write_config(path: Path, data_dir: Path, **top) -> Path:
 
 
 def vltrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return run_cli(*args, prog="vltrain", env=ENV, timeout=timeout)
+    return run_cli(*args, prog="vltrain", env=ENV, timeout=timeout)  # run_cli scales it (conftest.deadline)
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -66,7 +66,9 @@ def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.Complet
         "vltrain.cli",
         *args,
     ]
-    return subprocess.run(cmd, cwd=REPO, env=os.environ | ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=REPO, env=os.environ | ENV, capture_output=True, text=True, timeout=deadline(timeout)
+    )
 
 
 def _free_port() -> int:
@@ -189,7 +191,7 @@ def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_one(full_run,
         env=os.environ | ENV,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=deadline(300),
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     tmp = run / "checkpoints" / ".tmp-step_0000004"
@@ -377,13 +379,13 @@ def test_data_wait_is_averaged_over_the_ranks_within_the_step(full_run_2p):
 
 
 def _wait_for_step(run: Path, step: int, proc_alive, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    end = time.monotonic() + deadline(timeout)
+    while time.monotonic() < end:
         if trajectory(run) and max(trajectory(run)) >= step:
             return
         assert proc_alive(), "the run ended before reaching the step"
         time.sleep(0.02)
-    raise AssertionError(f"no step {step} within {timeout} s")
+    raise AssertionError(f"no step {step} within {deadline(timeout):g} s")
 
 
 def test_preemption_under_submitit_checkpoints_at_a_step_boundary_requeues_and_resumes(full_run_2p, data, tmp_path):
@@ -457,7 +459,7 @@ def test_lost_peer_exits_75(data, tmp_path):
     try:
         _wait_for_step(run, 2, lambda: procs[0].poll() is None)
         procs[1].kill()
-        _, err = procs[0].communicate(timeout=120)
+        _, err = procs[0].communicate(timeout=deadline(120))
         assert procs[0].returncode == 75, err[-2000:]
         assert "lost a peer or the communicator" in err
         assert jsonl(run / "events.jsonl")[-1]["event"] == "error"
@@ -520,7 +522,7 @@ def patched(mode: str, arg: str, *args: str, nproc: int = 1, tmp: Path) -> subpr
         env=os.environ | ENV,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=deadline(300),
     )
 
 
@@ -694,7 +696,11 @@ def test_a_real_full_tmpfs_fails_the_run_in_one_line(data, tmp_path):
         f"{BIN}/vltrain train --config {cfg} --run-dir {run}; echo rc=$?; ls -a {run}/checkpoints"
     )
     r = subprocess.run(
-        ["unshare", "-m", "sh", "-c", script], env=os.environ | ENV, capture_output=True, text=True, timeout=300
+        ["unshare", "-m", "sh", "-c", script],
+        env=os.environ | ENV,
+        capture_output=True,
+        text=True,
+        timeout=deadline(300),
     )
     assert "rc=2" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
     line = error_line(r.stderr)
