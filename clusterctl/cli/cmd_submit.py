@@ -10,46 +10,25 @@ backend would submit (for Slurm, the exact sbatch script) and what the checks fo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from clusterctl.cli.options import (
-    ACCUM,
-    ACTIVATION_CHECKPOINTING,
-    ALLOW_ENV,
-    CONFIG,
-    GLOBAL_BATCH,
-    MICRO_BATCH,
-    MODEL,
-    PP,
-    PROFILE,
-    SET,
-    TP,
-    ZERO_STAGE,
-    config_layers,
-    fields_as_flags,
-    flag_fields,
-)
+from clusterctl.cli.options import PlanningFlags, planning_flags
 from clusterctl.render import output
 from clusterctl.render.output import print_json
 from clusterctl.specs import ACTIVE_STATES, RunState
 
+if TYPE_CHECKING:
+    from clusterctl.runs.registry import Registry
+    from clusterctl.runs.submit import Prepared
 
+
+@planning_flags
 def submit(
-    profile: str = PROFILE,
-    config: Path = CONFIG,
-    model: str = MODEL,
-    global_batch: int = GLOBAL_BATCH,
-    micro_batch: int = MICRO_BATCH,
-    accum: int = ACCUM,
-    zero_stage: int = ZERO_STAGE,
-    activation_checkpointing: bool = ACTIVATION_CHECKPOINTING,
-    tp: int = TP,
-    pp: int = PP,
+    flags: PlanningFlags,
     steps: int = typer.Option(None, "--steps", help="Optimizer steps in the run."),
     name: str = typer.Option(None, "--name", help="Run name (Slurm job name); default: the model preset."),
-    set_: list[str] = SET,
-    allow_env: bool = ALLOW_ENV,
     max_retries: int = typer.Option(
         2, "--max-retries", min=0, max=100, help="Resubmissions after cluster failures (node failure, exit 75/137/143)."
     ),
@@ -67,23 +46,10 @@ def submit(
 ) -> None:
     """Plan a run for a profile (its recipe, or --config) and submit it (Slurm via submitit, or a local process)."""
     from clusterctl.runs.registry import Registry
-    from clusterctl.runs.submit import create, new_run_dir, prepare
+    from clusterctl.runs.submit import create, new_run_dir
     from clusterctl.runs.submit import dry_run as preview
 
-    layers = config_layers(
-        model,
-        set_,
-        global_batch=global_batch,
-        micro_batch=micro_batch,
-        accum=accum,
-        zero_stage=zero_stage,
-        activation_checkpointing=activation_checkpointing,
-        tp=tp,
-        pp=pp,
-        steps=steps,
-    )
-    with fields_as_flags(flag_fields(layers)):
-        p = prepare(profile, config, layers, name, allow_env=allow_env)
+    p = flags.prepare(steps, name=name)
     reg = Registry()
     run_id, run_dir = new_run_dir(reg, p.name)
     if dry_run:
@@ -91,47 +57,48 @@ def submit(
         text = d.pop("text")
         if json_:
             print_json(d)
-            return
-        from clusterctl.render.plan_view import print_checks, print_config, print_plan
-        from clusterctl.render.safe import printable
-        from clusterctl.render.text import say, styled
+        else:
+            from clusterctl.render.plan_view import print_dry_run
 
-        say(f"profile {printable(p.profile.name)} from {printable(p.profile_source)}")
-        print_plan(p.plan)
-        print_config(d["config"], p.source)
-        if d["sbatch"] is not None:
-            say(f"{styled('sbatch script', 'bold')} (submitit would submit this):")
-        say(text)
-        print_checks(p.checks.problems, p.checks.warnings)
+            print_dry_run(p.profile.name, p.profile_source, p.plan, d, text)
         return
     for line in p.checks.warnings:
         output.err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
     job_id = create(reg, p, run_id, run_dir, max_retries, hold=hold)
-    prof = p.profile
     if json_:
         print_json({"run_id": run_id, "job_id": job_id, "run_dir": str(run_dir), "plan": p.plan})
     else:
-        output.console.print(
-            f"submitted [bold]{run_id}[/bold] as job {job_id} on {prof.name} ({prof.world_size} x {prof.gpu.model})"
-        )
-        output.console.print(
-            f"  profile  {prof.name} from {p.profile_source}", markup=False, highlight=False, soft_wrap=True
-        )
-        output.console.print(f"  run dir  {run_dir}")
-        output.console.print(f"  follow   clusterctl status {run_id}   |   clusterctl logs {run_id} --follow")
+        _print_submitted(p, run_id, job_id, run_dir)
     if watch:
         from clusterctl.cli.live import watch_runs
 
         raise typer.Exit(watch_runs([run_id]))
-    if wait:
-        from clusterctl.runs.lifecycle import follow_log
+    if wait and (code := _wait(reg, run_id, run_dir)):
+        raise typer.Exit(code)
 
-        final = follow_log(reg, reg.get_run(run_id), rank=0, stderr=False)
-        if final in ACTIVE_STATES:  # Ctrl-C: stopped waiting, not the run
-            raise typer.Exit(130)
-        _print_outcome(run_id, run_dir, final)
-        if final != RunState.COMPLETED:
-            raise typer.Exit(1)
+
+def _print_submitted(p: Prepared, run_id: str, job_id: str, run_dir: Path) -> None:
+    prof = p.profile
+    output.console.print(
+        f"submitted [bold]{run_id}[/bold] as job {job_id} on {prof.name} ({prof.world_size} x {prof.gpu.model})"
+    )
+    output.console.print(
+        f"  profile  {prof.name} from {p.profile_source}", markup=False, highlight=False, soft_wrap=True
+    )
+    output.console.print(f"  run dir  {run_dir}")
+    output.console.print(f"  follow   clusterctl status {run_id}   |   clusterctl logs {run_id} --follow")
+
+
+def _wait(reg: Registry, run_id: str, run_dir: Path) -> int:
+    """`--wait`: rank 0's log until the run ends, then its outcome; the exit code (130: Ctrl-C stopped
+    waiting, not the run; 1: it did not complete)."""
+    from clusterctl.runs.lifecycle import follow_log
+
+    final = follow_log(reg, reg.get_run(run_id), rank=0, stderr=False)
+    if final in ACTIVE_STATES:
+        return 130
+    _print_outcome(run_id, run_dir, final)
+    return 0 if final == RunState.COMPLETED else 1
 
 
 def _print_outcome(run_id: str, run_dir: Path, state: str) -> None:

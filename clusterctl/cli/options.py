@@ -1,14 +1,27 @@
 """Options and arguments more than one command takes, defined once so the commands cannot drift;
-and the one place where config-field errors are renamed to the flags a command took."""
+and the one place where config-field errors are renamed to the flags a command took.
+
+The twelve planning flags `plan` and `submit` share are one value, `PlanningFlags`: its fields are
+the flags (each attribute's value its typer.Option) and `planning_flags` gives a command all of them,
+before its own parameters, so that neither command lists them.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from vltrain.common.errors import FieldError
+
+if TYPE_CHECKING:
+    from clusterctl.runs.submit import Prepared
 
 PROFILE = typer.Option(..., "--profile", "-p", help="Cluster profile name or path.")
 CONFIG = typer.Option(None, "--config", "-c", help="Train config TOML (default: the profile's recipe).")
@@ -84,3 +97,73 @@ def config_layers(model: str | None, set_: list[str], **flags: object) -> list[t
 def flag_fields(layers: list[tuple[str, dict[str, object]]]) -> set[str]:
     """The plan fields (as plan errors name them) that came from a flag: those errors name the flag."""
     return {key.rpartition(".")[2] for flag, values in layers if flag in FLAG_FIELDS for key in values}
+
+
+class PlanningFlags:
+    """The flags `plan` and `submit` take to plan a run, declared once (planning_flags gives them to a
+    command): the profile, the train config and what overrides it, in the order --help lists them.
+    Each annotated attribute is a flag, its value its typer.Option (as a typer command's parameter
+    default); an instance holds what typer parsed. A plain class: every command that imports this
+    module pays for making it, and a NamedTuple or a dataclass costs 30-200 times more."""
+
+    profile: str = PROFILE
+    config: Path | None = CONFIG
+    model: str | None = MODEL
+    global_batch: int | None = GLOBAL_BATCH
+    micro_batch: int | None = MICRO_BATCH
+    accum: int | None = ACCUM
+    zero_stage: int | None = ZERO_STAGE
+    activation_checkpointing: bool | None = ACTIVATION_CHECKPOINTING
+    tp: int | None = TP
+    pp: int | None = PP
+    set_: list[str] = SET
+    allow_env: bool = ALLOW_ENV
+
+    def __init__(self, **parsed: Any) -> None:
+        if set(parsed) != set(PlanningFlags.__annotations__):  # every flag, each a value, not its option
+            raise TypeError(f"PlanningFlags: {sorted(parsed)} are not its flags {list(PlanningFlags.__annotations__)}")
+        vars(self).update(parsed)
+
+    def layers(self, steps: int | None = None) -> list[tuple[str, dict[str, object]]]:
+        """The overrides these flags make (config_layers), and submit's --steps."""
+        return config_layers(
+            self.model,
+            self.set_,
+            global_batch=self.global_batch,
+            micro_batch=self.micro_batch,
+            accum=self.accum,
+            zero_stage=self.zero_stage,
+            activation_checkpointing=self.activation_checkpointing,
+            tp=self.tp,
+            pp=self.pp,
+            steps=steps,
+        )
+
+    def prepare(self, steps: int | None = None, **kwargs: Any) -> Prepared:
+        """runs.submit.prepare of the run these flags describe (`kwargs`: its own: name, check,
+        estimate); an error about a plan field names the flag that set it (fields_as_flags)."""
+        from clusterctl.runs.submit import prepare
+
+        layers = self.layers(steps)
+        with fields_as_flags(flag_fields(layers)):
+            return prepare(self.profile, self.config, layers, allow_env=self.allow_env, **kwargs)
+
+
+def planning_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """`command(flags: PlanningFlags, **own)` as typer sees it: every PlanningFlags field as an option
+    (its typer.Option, in field order), then the command's own parameters; typer parses them all and
+    the command gets the planning ones as one PlanningFlags."""
+    types = typing.get_type_hints(PlanningFlags)  # the flags, in their order
+    kw = inspect.Parameter.KEYWORD_ONLY
+    shared = [inspect.Parameter(n, kw, default=vars(PlanningFlags)[n], annotation=t) for n, t in types.items()]
+    own = [p.replace(kind=kw) for p in list(inspect.signature(command, eval_str=True).parameters.values())[1:]]
+
+    @functools.wraps(command)
+    def parsed(**given: Any) -> None:
+        command(PlanningFlags(**{n: given.pop(n) for n in types}), **given)
+
+    params = shared + own
+    # what typer reads: the signature, and the annotations as objects (no strings left to resolve)
+    vars(parsed)["__signature__"] = inspect.Signature(params, return_annotation=None)
+    parsed.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    return parsed

@@ -163,3 +163,15 @@ def print_checks(problems: list[str], warnings: list[str]) -> None:
         say(f"warning: {printable(line)}")
     for line in problems:
         say(f"{styled('submit would refuse', 'red')}: {printable(line)}")
+
+
+def print_dry_run(profile: str, profile_source: str, plan: dict, d: dict, text: str) -> None:
+    """`submit --dry-run`: the profile, the plan, the resolved config (runs.submit.dry_run's `d`), the
+    backend's rendering of the job (`text`: for Slurm the sbatch script) and what the checks found."""
+    say(f"profile {printable(profile)} from {printable(profile_source)}")
+    print_plan(plan)
+    print_config(d["config"], d["source"])
+    if d["sbatch"] is not None:
+        say(f"{styled('sbatch script', 'bold')} (submitit would submit this):")
+    say(text)
+    print_checks(d["checks"]["problems"], d["checks"]["warnings"])
