@@ -198,3 +198,25 @@ def test_run_directory_names_are_spelled_once():
         if n in path.read_text(encoding="utf-8")
     ]
     assert offenders == []
+
+
+def test_plan_and_submit_take_the_planning_flags_declared_once():
+    """cli/options.py PlanningFlags is where the planning flags live: plan and submit both take each
+    of them, with the same names, type, default and help (neither lists them itself)."""
+    import typing
+
+    from clusterctl.cli import COMMANDS, build_command
+    from clusterctl.cli.options import PlanningFlags
+
+    def params(name):
+        return {p.name: p for p in build_command(name, *COMMANDS[name][:2]).params}
+
+    plan, submit = params("plan"), params("submit")
+    for flag in typing.get_type_hints(PlanningFlags):
+        a, b = plan[flag], submit[flag]
+        assert (a.opts, a.secondary_opts, a.help, a.default, a.required) == (
+            b.opts, b.secondary_opts, b.help, b.default, b.required
+        ), flag  # fmt: skip
+    for cmd in ("cmd_plan", "cmd_submit"):
+        source = MODULES[f"clusterctl.cli.{cmd}"].read_text(encoding="utf-8")
+        assert "GLOBAL_BATCH" not in source and '"--global-batch"' not in source, cmd
