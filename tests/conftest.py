@@ -145,6 +145,9 @@ def _no_launcher_variables_left_behind():
 
 OWNER_VAR = "VLTRAIN_TEST_OWNER"
 TERM_GRACE_S = 3.0  # SIGTERM lets a trainer or submitit's controller stop its children; then SIGKILL
+# The local Slurm cluster's daemons: a test that runs `slurm-local.sh up` may (re)start one, which then
+# carries its owner; it serves every later test and user, and is never stopped here.
+DAEMONS = {"slurmctld", "slurmd", "slurmdbd", "slurmstepd", "munged", "mariadbd", "mysqld", "mysqld_safe"}
 _reaped: list[tuple[str, list[str]]] = []  # (test or module, what was still running), for the summary
 _session_owner = ""
 _slurm_modules: set[str] = set()
@@ -172,7 +175,7 @@ def owned_processes(owner: str) -> dict[int, dict[str, str]]:
             continue
         try:
             environ = Path(entry.path, "environ").read_bytes()  # empty for a zombie: already stopped
-            if needle not in environ:
+            if needle not in environ or Path(entry.path, "comm").read_text().strip() in DAEMONS:
                 continue
             env = dict(kv.split(b"=", 1) for kv in environ.split(b"\0") if b"=" in kv)
             cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").strip()
