@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from vltrain.config import LossConfig
 from vltrain.model import VLModel, losses
+from vltrain.parallel.layout import microbatch_problem
 from vltrain.parallel.pipeline import make_loss_fn, split_stages, tied_copies
 from vltrain.presets import get_preset
 
@@ -131,20 +132,20 @@ def _record_grads(modules) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference_run() -> dict:
-    """Single process: accumulation over N_MB microbatches (loss / N_MB), clip, AdamW, as DeepSpeed does."""
+def reference_run(n_mb: int = N_MB, global_batch: int = GLOBAL) -> dict:
+    """Single process: accumulation over n_mb microbatches (loss / n_mb), clip, AdamW, as DeepSpeed does."""
     model = tiny_model()
     opt = _optimizer(model.parameters())
     rec: dict = {"loss": [], "norm": []}
     for step in range(STEPS):
-        images, ids, mask = make_batch(model.cfg, GLOBAL, seed=10 + step)
+        images, ids, mask = make_batch(model.cfg, global_batch, seed=10 + step)
         opt.zero_grad()
         torch.manual_seed(100 + step)
         total = 0.0
-        for im, i, m in zip(images.chunk(N_MB), ids.chunk(N_MB), mask.chunk(N_MB), strict=True):
+        for im, i, m in zip(images.chunk(n_mb), ids.chunk(n_mb), mask.chunk(n_mb), strict=True):
             out = model(im, i, m)
-            (out["loss"] / N_MB).backward()
-            total += out["loss"].item() / N_MB
+            (out["loss"] / n_mb).backward()
+            total += out["loss"].item() / n_mb
         rec["loss"].append(total)
         if step == 0:
             rec["grads"] = _record_grads([model])
@@ -154,7 +155,9 @@ def reference_run() -> dict:
     return rec
 
 
-def _layout_worker(rank: int, world: int, tp: int, pp: int, schedule: str, init_file: str, out_dir: str) -> None:
+def _layout_worker(
+    rank: int, world: int, tp: int, pp: int, schedule: str, init_file: str, out_dir: str, n_mb: int, global_batch: int
+) -> None:
     from vltrain.parallel import mesh as pmesh
     from vltrain.parallel.pipeline import build_schedule, pipeline_step, virtual_stages
     from vltrain.parallel.tensor_parallel import apply_tensor_parallel
@@ -172,10 +175,10 @@ def _layout_worker(rank: int, world: int, tp: int, pp: int, schedule: str, init_
         params = [p for m in modules for p in m.parameters()]
         opt = _optimizer(params)
         if pp > 1:
-            pipe = build_schedule(parts, pmesh.pp_group(mesh), N_MB, schedule, make_loss_fn(LOSS), torch.device("cpu"))
+            pipe = build_schedule(parts, pmesh.pp_group(mesh), n_mb, schedule, make_loss_fn(LOSS), torch.device("cpu"))
         rec: dict = {"loss": [], "norm": []}
         for step in range(STEPS):
-            images, ids, mask = make_batch(model.cfg, GLOBAL, seed=10 + step)
+            images, ids, mask = make_batch(model.cfg, global_batch, seed=10 + step)
             opt.zero_grad()
             torch.manual_seed(100 + step)
             if pp > 1:
@@ -183,10 +186,10 @@ def _layout_worker(rank: int, world: int, tp: int, pp: int, schedule: str, init_
                 rec["loss"].append(out["loss"].mean().item() if out is not None else None)
             else:
                 total = 0.0
-                for im, i, m in zip(images.chunk(N_MB), ids.chunk(N_MB), mask.chunk(N_MB), strict=True):
+                for im, i, m in zip(images.chunk(n_mb), ids.chunk(n_mb), mask.chunk(n_mb), strict=True):
                     o = model(im, i, m)
-                    (o["loss"] / N_MB).backward()
-                    total += o["loss"].item() / N_MB
+                    (o["loss"] / n_mb).backward()
+                    total += o["loss"].item() / n_mb
                 rec["loss"].append(total)
             if step == 0:
                 rec["grads"] = _record_grads(modules)
@@ -201,8 +204,11 @@ def _layout_worker(rank: int, world: int, tp: int, pp: int, schedule: str, init_
         dist.destroy_process_group()
 
 
-def run_layout(tmp_path, world: int, tp: int, pp: int, schedule: str = "1f1b") -> list[dict]:
-    mp.spawn(_layout_worker, args=(world, tp, pp, schedule, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
+def run_layout(
+    tmp_path, world: int, tp: int, pp: int, schedule: str = "1f1b", n_mb: int = N_MB, global_batch: int = GLOBAL
+) -> list[dict]:
+    args = (world, tp, pp, schedule, str(tmp_path / "init"), str(tmp_path), n_mb, global_batch)
+    mp.spawn(_layout_worker, args=args, nprocs=world)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
@@ -245,3 +251,13 @@ def test_pp2_matches_single_process(tmp_path, reference, schedule):
 @pytest.mark.slow
 def test_pp2_x_tp2_matches_single_process(tmp_path, reference):
     assert_matches_reference(run_layout(tmp_path, world=4, tp=2, pp=2), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule, n_mb, global_batch", [("gpipe", 1, 8), ("interleaved1f1b", 3, 6)])
+def test_microbatch_counts_the_layout_allows_run(tmp_path, schedule, n_mb, global_batch):
+    """build_schedule applies layout.microbatch_problem, the rule plan and the trainer's start apply (it
+    had its own, stricter one: these counts passed both checks, then the engine refused them)."""
+    assert microbatch_problem(n_mb, 2, schedule) is None
+    results = run_layout(tmp_path, world=2, tp=1, pp=2, schedule=schedule, n_mb=n_mb, global_batch=global_batch)
+    assert_matches_reference(results, reference_run(n_mb, global_batch))

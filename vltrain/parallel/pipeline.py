@@ -43,7 +43,7 @@ from vltrain.common.errors import UserError
 from vltrain.config import LossConfig
 from vltrain.model import losses
 from vltrain.model.vl_model import VLModel
-from vltrain.parallel.layout import VIRTUAL_STAGES, stage_blocks, tower_blocks
+from vltrain.parallel.layout import VIRTUAL_STAGES, microbatch_problem, stage_blocks, tower_blocks
 
 # Where each tower of layout.PIPELINE_TOWERS keeps its blocks in VLModel (ModuleDicts keyed by block
 # index), and the norm that ends it (the text tower has none: ITC's head norms it, text.unimodal_norm).
@@ -169,11 +169,8 @@ def build_schedule(
             f"parallel.pp_schedule: {schedule_name!r} runs {virtual_stages(schedule_name)} stage(s) per rank, "
             f"got {len(stages)}; allowed: split_stages(..., virtual_per_rank=virtual_stages(schedule))"
         )
-    if n_microbatches < pp_size or (schedule_name == "interleaved1f1b" and n_microbatches % pp_size):
-        raise UserError(
-            f"accumulation: {n_microbatches} microbatches for {pp_size} pipeline ranks ({schedule_name}); "
-            f"allowed: at least pp{' and a multiple of it' if schedule_name == 'interleaved1f1b' else ''}"
-        )
+    if problem := microbatch_problem(n_microbatches, pp_size, schedule_name):
+        raise UserError(problem)
     pstages: list[_PipelineStageBase] = [
         PipelineStage(mod, idx, num_stages, device, group=pp_group) for idx, mod in stages
     ]
