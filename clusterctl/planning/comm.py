@@ -141,7 +141,8 @@ def from_deepspeed_config(ds: dict[str, Any]) -> DeepSpeedComm:
     zero = ds.get("zero_optimization", {})
     half = ds.get("bf16", {}).get("enabled", False) or ds.get("fp16", {}).get("enabled", False)
     comm_dtype = ds.get("communication_data_type")
-    grad_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}.get(comm_dtype, 2 if half else 4)
+    by_dtype: dict[str | None, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
+    grad_bytes = by_dtype.get(comm_dtype, 2 if half else 4)
     return DeepSpeedComm(
         overlap_comm=bool(zero.get("overlap_comm", False)),
         grad_bytes=grad_bytes,

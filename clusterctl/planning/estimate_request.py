@@ -157,7 +157,7 @@ def work_flops(q: EstimateRequest) -> tuple[Any, dict[str, Any] | None]:
         work = Work(flops=sample_flops, describe=f"{count_words(n)} samples of {q.model}")
     else:
         work = Work(flops=tok_flops, describe=f"{count_words(t)} tokens x {count_words(n_params)} params")
-    if sample_flops is None or tok_flops is None or preset is None:
-        return work, None
+    if sample_flops is None or tok_flops is None or preset is None or t is None or n is None or q.model is None:
+        return work, None  # one statement of the work (both given: preset, counts and model are all known)
     per_sample = preset.num_patches + 1 + preset.max_text_len
     return work, work_agreement(tok_flops, sample_flops, t, n, per_sample, q.model)

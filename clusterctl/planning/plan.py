@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from clusterctl.planning import comm
 from clusterctl.planning.checkpoint import CheckpointTime, checkpoint_time
+from clusterctl.planning.comm import Fabric, StepComm
 from clusterctl.planning.memory import (
     GIB,
     HostMemory,
@@ -94,8 +95,8 @@ class Plan:
     flops_per_sample: float
     peak_tflops_per_gpu: float
     host: HostMemory
-    comm: comm.StepComm
-    fabric: comm.Fabric
+    comm: StepComm  # (a field named like the module: the annotations name its classes directly)
+    fabric: Fabric
     checkpoint: CheckpointTime
     alternatives: tuple[ZeroAlternative, ...] = ()
     strategy: str = "deepspeed"
@@ -270,7 +271,7 @@ def _deepspeed_plan(
     tp, pp, world = cfg.parallel.tp, cfg.parallel.pp, profile.world_size
     params = param_count(model, mim=cfg.uses_mim())  # the MIM decoder exists when any stage uses it
     act = activation_bytes_per_sample(model, activation_checkpointing)
-    mem_args = dict(data_parallel=dp, capacity_gib=profile.gpu.memory_gib, tp=tp, pp=pp)
+    mem_args: dict[str, Any] = dict(data_parallel=dp, capacity_gib=profile.gpu.memory_gib, tp=tp, pp=pp)
     limit = max_micro_batch(params, act, zero_stage=zero_stage, **mem_args)
     if limit == 0:  # not even a micro batch of 1 fits: split as asked (or by 1) and let the breakdown say so
         split = split_batch(global_batch, dp, micro_batch or (None if accumulation else 1), accumulation)

@@ -27,7 +27,7 @@ def print_plan(d: dict) -> None:
         + (", activation checkpointing" if d["activation_checkpointing"] else "")
         + rank
     )
-    labels = (
+    labels: tuple[tuple[str, str], ...] = (
         ("bf16 parameters" + (" (gathered)" if fsdp else ""), "params_gib"),
         ("fp32 gradients (sharded)" if fsdp else "bf16 gradients", "grads_gib"),
         ("unsharded gradients before the reduce-scatter" if fsdp else "fp32 gradient accumulation", "grad_accum_gib"),

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 
 def quantity(v: float | None) -> str:
     """A measured figure as people read it: 3 significant digits, thousands separators from 100 on,
@@ -19,7 +24,7 @@ ENERGY_UNITS = ((1e-3, "MWh"), (1.0, "kWh"), (1e3, "Wh"))  # (factor from kWh, n
 CO2_UNITS = ((1e-3, "t"), (1.0, "kg"), (1e3, "g"))  # from kg
 
 
-def pick_unit(values: list[float | None], units: tuple[tuple[float, str], ...]) -> tuple[float, str]:
+def pick_unit(values: Iterable[float | None], units: tuple[tuple[float, str], ...]) -> tuple[float, str]:
     """The largest unit in which the biggest value is at least 1 (a 20-step demo reads 2.1 Wh, a
     pre-training run 13.2 MWh), so a column or a line has one unit and short numbers."""
     top = max((abs(v) for v in values if isinstance(v, (int, float))), default=0.0)

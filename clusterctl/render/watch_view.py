@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from clusterctl.render.safe import cell, printable
 from clusterctl.render.units import ENERGY_UNITS, co2, duration, energy, pick_unit, quantity
@@ -93,7 +94,7 @@ class RunView:
                 self.log_lines.append(printable(line.rstrip()))
 
 
-STATE_STYLES = {
+STATE_STYLES: dict[str, str] = {
     RunState.RUNNING: "green",
     RunState.COMPLETED: "bold green",
     RunState.PENDING: "yellow",
@@ -106,7 +107,7 @@ def state_style(state: str) -> str:
     return STATE_STYLES.get(state, "red" if state in FINAL_STATES else "cyan")
 
 
-def _number(v: Any) -> bool:
+def _number(v: object) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -117,7 +118,7 @@ def _loss(v: Any, spec: str) -> str | None:
     return format(v, spec) if math.isfinite(v) else str(float(v))
 
 
-def counts(row: dict[str, Any]) -> str:
+def counts(row: Mapping[str, Any]) -> str:
     """Requeues and resumes, as status and reports count them (runs.status.RunStatus)."""
     return f"requeues {row.get('requeues', 0)}  resumes {row.get('resumes', 0)}"
 
@@ -133,7 +134,7 @@ def data_wait(m: dict[str, Any]) -> str | None:
     return f"data wait {ms:.1f} ms/step{share}" if ms < 10 else f"data wait {ms:,.0f} ms/step{share}"
 
 
-def stats_line(row: dict[str, Any], v: RunView) -> str:
+def stats_line(row: Mapping[str, Any], v: RunView) -> str:
     m = v.last
     sps = m.get("samples_per_s")
     mfu = m.get("mfu")
@@ -144,7 +145,7 @@ def stats_line(row: dict[str, Any], v: RunView) -> str:
     )
 
 
-def run_panel(row: dict[str, Any], v: RunView, width: int = 80):
+def run_panel(row: Mapping[str, Any], v: RunView, width: int = 80):
     """One run as a rich Panel sized for an 80x24 terminal (7 lines with borders)."""
     from rich.panel import Panel
     from rich.progress_bar import ProgressBar
@@ -198,7 +199,7 @@ def fits_panels(n_runs: int, height: int) -> bool:
     return n_runs * PANEL_LINES + 1 <= height
 
 
-def runs_table(rows: list[dict[str, Any]], views: dict[str, RunView], width: int = 80, height: int = 24):
+def runs_table(rows: Sequence[Mapping[str, Any]], views: dict[str, RunView], width: int = 80, height: int = 24):
     """Many runs at once: one line each (state, progress, ETA, last loss and its trend, speed, cost),
     as many as fit above the footer; the ones left out are counted in the last line."""
     from rich.table import Table
@@ -244,7 +245,7 @@ def runs_table(rows: list[dict[str, Any]], views: dict[str, RunView], width: int
     return Group(t, more)
 
 
-def plain_line(row: dict[str, Any], v: RunView) -> str:
+def plain_line(row: Mapping[str, Any], v: RunView) -> str:
     """The non-TTY progress line of a run."""
     m = v.last
     loss = f" loss {text}" if (text := _loss(m.get("loss"), ".4f")) else ""
@@ -257,7 +258,7 @@ def plain_line(row: dict[str, Any], v: RunView) -> str:
     )
 
 
-def summary_lines(rows: list[dict[str, Any]], views: dict[str, RunView], evals: dict[str, dict]) -> list[str]:
+def summary_lines(rows: Sequence[Mapping[str, Any]], views: dict[str, RunView], evals: dict[str, dict]) -> list[str]:
     """The one-screen summary printed when every watched run has finished."""
     out = [f"{len(rows)} run(s) finished"]
     for row in rows:

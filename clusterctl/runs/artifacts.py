@@ -150,13 +150,13 @@ class EnergyTotals:
     def read(self) -> tuple[float, float]:
         from clusterctl.runs.usage import read_energy
 
-        key = []
+        stamps = []
         for p in self.run_dir.energy_files():
             try:
-                key.append((p.name, p.stat().st_mtime_ns))
+                stamps.append((p.name, p.stat().st_mtime_ns))
             except OSError:  # gone since the glob
                 continue
-        key = tuple(key)
+        key = tuple(stamps)
         if key != self._key:
             readings = read_energy(self.run_dir.root)
             self._key, self.value = key, (sum(r.energy_kwh for r in readings), sum(r.co2_kg for r in readings))

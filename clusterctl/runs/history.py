@@ -35,7 +35,7 @@ def current(reg: Registry, index: list[tuple[RunRecord, Summary | None]], timeou
     now = time.time()
     stale = [run.run_id for run, s in index if s is None or not s.settled]
     if not stale:
-        return Current([(run, s) for run, s in index])  # type: ignore[misc]
+        return Current([(run, s) for run, s in index if s is not None])  # every one settled
     full = reg.runs_by_ids(stale)  # with their config and plan
     fresh = refresh(reg, list(full.values()), timeout, now)
     old = {run.run_id: s for run, s in index if s is not None}
@@ -54,8 +54,8 @@ def current(reg: Registry, index: list[tuple[RunRecord, Summary | None]], timeou
     keep = [r for r in stale if r in new and (new[r].settled or r not in old or old[r].files != new[r].files)]
     if keep and not reg.readonly and reg.has_summaries:
         reg.put_summaries([(new[r], signatures[r]) for r in keep])
-    rows = [(full.get(run.run_id, run), s) for run, s0 in index if (s := new.get(run.run_id) or s0) is not None]
-    return Current(rows, fresh.source, fresh.notes, len(new))  # type: ignore[arg-type]
+    rows = [(full.get(run.run_id, run), cur) for run, s0 in index if (cur := new.get(run.run_id) or s0) is not None]
+    return Current(rows, fresh.source, fresh.notes, len(new))
 
 
 _JOB_FIELDS = tuple(JobRecord.__dataclass_fields__)

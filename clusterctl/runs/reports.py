@@ -120,16 +120,16 @@ def energy_series(runs: list[RunRecord]) -> dict[str, list[tuple[float, float, f
 
 class LossReport(NamedTuple):
     """A run's loss per objective: the records of its first and last logged step, the objectives
-    they hold, the steps logged (None: the file was too large to count them, `size` bytes), and with
-    `every`, every step's record."""
+    they hold, the steps logged (None: the file was too large to count them, `size` bytes), and
+    every step's record (when asked for, else [])."""
 
     run_id: str
     first: dict[str, Any]
     last: dict[str, Any]
     keys: list[str]
     steps: int | None
-    size: int = 0
-    every: list[dict[str, Any]] | None = None
+    size: int
+    every: list[dict[str, Any]]
 
 
 def loss_report(reg: Registry, ref: str, every: bool = False) -> LossReport:
@@ -147,6 +147,6 @@ def loss_report(reg: Registry, ref: str, every: bool = False) -> LossReport:
             f"{RunDir(r.run_dir).metrics}: no metrics yet; allowed: a run that has logged at least one step"
         )
     if summary is not None:
-        return LossReport(r.run_id, summary.first, summary.last, summary.keys, summary.steps, summary.size)
+        return LossReport(r.run_id, summary.first, summary.last, summary.keys, summary.steps, summary.size, [])
     keys = [k for k in OBJECTIVES if any(k in d for d in rows)]
-    return LossReport(r.run_id, rows[0], rows[-1], keys, len(rows), every=rows)
+    return LossReport(r.run_id, rows[0], rows[-1], keys, len(rows), 0, rows)

@@ -121,7 +121,7 @@ def run_estimate(profile: ClusterProfile, plan: Plan, steps: int) -> dict[str, A
 def absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
     """Relative data paths are the submitter's (its working directory); jobs start elsewhere."""
     d = cfg.data
-    fixed = {
+    fixed: dict[str, Any] = {
         k: str(Path(v).absolute())
         for k in ("shards", "eval_shards", "tokenizer")
         if (v := getattr(d, k)) and not v.startswith(("/", *preflight.REMOTE))

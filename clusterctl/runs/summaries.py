@@ -67,7 +67,7 @@ class Summary:
     status_json: str | None = None  # a settled run's `status --json` row (runs.status.from_summary), as text
 
 
-COLUMNS = tuple(Summary.__slots__)[:-2]  # type: ignore[attr-defined]  # the status row has its own table
+COLUMNS = tuple(Summary.__dataclass_fields__)[:-2]  # in field order; the status row has its own table
 
 
 def to_row(s: Summary) -> tuple:
@@ -83,7 +83,8 @@ def from_row(row: tuple | list) -> Summary:
     s.settled = bool(s.settled)
     if s.loss is not None:
         s.loss = float(s.loss)
-    s.job_ids = s.job_ids.split(" ") if s.job_ids else []
+    ids: Any = s.job_ids  # the column's text until here: the ids joined by spaces (to_row)
+    s.job_ids = ids.split(" ") if ids else []
     return s
 
 

@@ -519,7 +519,7 @@ def merge_timelines(files: list[list[tuple[float, float, float]]]) -> list[tuple
     return out
 
 
-def read_timeline(run_dir: Path) -> list[tuple[float, float, float]]:
+def read_timeline(run_dir: str | Path) -> list[tuple[float, float, float]]:
     """The run's cumulative energy over time (edge: reads the timeline files of every node-attempt)."""
     files = []
     for p in RunDir(run_dir).energy_timelines():
