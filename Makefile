@@ -1,6 +1,6 @@
 # The two set-up commands of the README, both idempotent from a clean clone:
 #   make demo   create .venv and run the main job on the embedded default (the `local` profile)
-#   make test   create .venv, check format and lint, start the real local Slurm cluster, run the whole test suite
+#   make test   create .venv, check format, lint and types, start the real local Slurm cluster, run the whole test suite
 # .ci/run calls `make test`.
 
 PYTHON ?= python3
@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint format slurm-up slurm-down clean
+.PHONY: venv demo test test-fast lint typecheck format slurm-up slurm-down clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -34,13 +34,18 @@ data/synth/tokenizer.model: | venv
 	$(BIN)/vltrain data synth --out data/synth --n 4000 --shards 8 --holdout 500 --image-size 32
 	$(BIN)/vltrain tokenizer train --shards data/synth --vocab-size 1000 --out data/synth/tokenizer.model
 
-test: venv lint slurm-up
+test: venv lint typecheck slurm-up
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Formatting and lint rules are in pyproject.toml ([tool.ruff]); `make format` applies them.
 lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+
+# mypy at its default level over both packages; the interfaces (clusterctl/specs.py, clusterctl/backends/api.py,
+# vltrain/engines/api.py) at its strict level ([tool.mypy] in pyproject.toml).
+typecheck: venv
+	$(BIN)/mypy clusterctl vltrain
 
 format: venv
 	$(BIN)/ruff format .

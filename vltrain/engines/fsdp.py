@@ -43,14 +43,14 @@ import contextlib
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from vltrain.common.errors import UserError
-from vltrain.config import TrainConfig
+from vltrain.config import LossConfig, TrainConfig
 from vltrain.dsconfig import FP16_DYNAMIC_LOSS_SCALE
 from vltrain.engines.api import TrainEngine
 from vltrain.engines.common import (
@@ -154,7 +154,7 @@ class FSDPEngine(TrainEngine):
             if initialise:
                 self._initialise(model, full)
         del full
-        self.modules = [m for _, m in parts]
+        self.modules: list[nn.Module] = [m for _, m in parts]
         # the whole model as fully_shard made it (an FSDPModule: set_requires_gradient_sync), None under a pipeline
         self.module: Any = self.modules[0] if layout.pp == 1 else None
         self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
@@ -201,12 +201,13 @@ class FSDPEngine(TrainEngine):
             return scaler.scale(loss) if scaler is not None else loss
 
         group = self.mesh["pp"].get_group()
-        return build_schedule(parts, group, self.accumulation, self.cfg.parallel.pp_schedule, loss_fn, self.device)
+        stages: list[tuple[int, nn.Module]] = list(parts)
+        return build_schedule(stages, group, self.accumulation, self.cfg.parallel.pp_schedule, loss_fn, self.device)
 
-    def set_loss_config(self, loss) -> None:
+    def set_loss_config(self, loss: LossConfig) -> None:
         """A curriculum stage's loss weights (and MLM mask rate) for the next steps, on every model part."""
         for m in self.modules:
-            m.loss_cfg = loss
+            cast("VLModel", m).loss_cfg = loss  # each part is the model or a pruned copy of it (pipeline stages)
         if self.pipe is not None:
             self.pipe.mask_args["mask_prob"] = loss.mask_prob
 
