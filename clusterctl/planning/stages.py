@@ -34,7 +34,7 @@ from vltrain.model_math import (  # the per-block formulas, shared so that they 
     mlp_hidden,
     param_count,
 )
-from vltrain.parallel.layout import VIRTUAL_STAGES, pipeline_blocks, stage_ranges
+from vltrain.parallel.layout import VIRTUAL_STAGES, pipeline_blocks, stage_ranges, tower_blocks
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,14 @@ def blocks(cfg: ModelConfig) -> list[BlockShape]:
         flops = _attn_flops(t, t, wt, wt, True) + _mlp_flops(cfg, t, wt) + _attn_flops(t, sv, wt, wv, False)
         return BlockShape(kind, *_cross_params(cfg, wt, wv), rep, work - rep, t * wt, flops)
 
-    out += [self_block("vision", sv, wv, cfg.vision_heads, 1)] * cfg.vision_layers
-    out += [self_block("text", t, wt, cfg.text_heads, 2)] * cfg.text_layers
-    out += [cross_block("fusion")] * cfg.fusion_layers
-    out += [cross_block("decoder")] * cfg.decoder_layers
+    shape = {
+        "vision": self_block("vision", sv, wv, cfg.vision_heads, 1),
+        "text": self_block("text", t, wt, cfg.text_heads, 2),
+        "fusion": cross_block("fusion"),
+        "decoder": cross_block("decoder"),
+    }
+    for tower, n in tower_blocks(cfg).items():  # the trainer's pipeline order (vltrain.parallel.layout)
+        out += [shape[tower]] * n
     return out
 
 
