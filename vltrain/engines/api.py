@@ -48,7 +48,6 @@ class TrainEngine(abc.ABC):
         return init_torch_process_group(dist, device)
 
     @classmethod
-    @abc.abstractmethod
     def build(
         cls,
         cfg: TrainConfig,
@@ -59,7 +58,9 @@ class TrainEngine(abc.ABC):
         *,
         initialise: bool = True,
     ) -> TrainEngine:
-        """The engine of an initialised process group. initialise=False: a checkpoint will be loaded."""
+        """The engine of an initialised process group (its constructor, by default). initialise=False: a
+        checkpoint will be loaded (an engine may then skip building the seeded weights)."""
+        return cls(cfg, micro_batch, accumulation, layout, device, initialise=initialise)  # type: ignore[call-arg]  # the subclass's constructor takes these
 
     # ------------------------------------------------------------------ train
     @abc.abstractmethod

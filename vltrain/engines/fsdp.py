@@ -104,19 +104,6 @@ class FSDPEngine(TrainEngine):
     checkpoint_format = DCP_DIR
     eval_reads_checkpoint = True  # no rank holds the whole model: rank 0 reads this step's checkpoint
 
-    @classmethod
-    def build(
-        cls,
-        cfg: TrainConfig,
-        micro_batch: int,
-        accumulation: int,
-        layout: RankLayout,
-        device: torch.device,
-        *,
-        initialise: bool = True,
-    ) -> FSDPEngine:
-        return cls(cfg, micro_batch, accumulation, layout, torch.device(device), initialise=initialise)
-
     def __init__(
         self,
         cfg: TrainConfig,
