@@ -139,18 +139,30 @@ def _no_launcher_variables_left_behind():
 # outlive the command that submitted it: a test that fails half-way leaves it training. Every process
 # the suite starts inherits VLTRAIN_TEST_OWNER from os.environ: "<session>/m<N>" while module N's
 # fixtures start, "<session>/m<N>/t<K>" during its test K. When a test ends (passed, failed, errored),
-# the processes of its owner are stopped: their Slurm jobs scancelled, then SIGTERM, SIGKILL after
-# 3 s; the same for a module's, and at the session's end nothing of the session may be left running.
-# Processes are found in /proc/<pid>/environ: other people's runs on the machine are never touched.
+# the processes of its owner still there 2 s later are stopped: their Slurm jobs scancelled, then
+# SIGTERM, SIGKILL after 3 s; the same for a module's, and at the session's end nothing of the session
+# may be left running. Processes are found in /proc/<pid>/environ: other people's runs on the machine,
+# the local Slurm cluster's daemons and the pytest process's own multiprocessing helpers are never
+# touched.
 
 OWNER_VAR = "VLTRAIN_TEST_OWNER"
 TERM_GRACE_S = 3.0  # SIGTERM lets a trainer or submitit's controller stop its children; then SIGKILL
 # The local Slurm cluster's daemons: a test that runs `slurm-local.sh up` may (re)start one, which then
 # carries its owner; it serves every later test and user, and is never stopped here.
 DAEMONS = {"slurmctld", "slurmd", "slurmdbd", "slurmstepd", "munged", "mariadbd", "mysqld", "mysqld_safe"}
+# multiprocessing's helpers of the pytest process itself (a test's spawn context starts them once)
+PYTEST_HELPERS = (b"from multiprocessing.resource_tracker import", b"from multiprocessing.forkserver import")
+ENDING_GRACE_S = 2.0  # what the test already stopped at its end (cancel, scancel) may still be ending
 _reaped: list[tuple[str, list[str]]] = []  # (test or module, what was still running), for the summary
 _session_owner = ""
 _slurm_modules: set[str] = set()
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _ancestors() -> set[int]:
@@ -158,10 +170,7 @@ def _ancestors() -> set[int]:
     pids, pid = set(), os.getpid()
     while pid > 1 and pid not in pids:
         pids.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
+        pid = _parent(pid)
     return pids
 
 
@@ -181,6 +190,8 @@ def owned_processes(owner: str) -> dict[int, dict[str, str]]:
             cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").strip()
         except OSError:
             continue
+        if any(h in cmd for h in PYTEST_HELPERS) and _parent(int(entry.name)) in mine:
+            continue
         value = env.get(OWNER_VAR.encode(), b"").decode()
         if value == owner or value.startswith(owner + "/"):
             job = env.get(b"SLURM_JOB_ID", b"").decode()
@@ -189,9 +200,12 @@ def owned_processes(owner: str) -> dict[int, dict[str, str]]:
 
 
 def stop_owned(owner: str) -> list[str]:
-    """Stop every process started under `owner`: scancel their Slurm jobs, SIGTERM, then SIGKILL what
-    is left after TERM_GRACE_S (processes they start meanwhile included). Returns what was running."""
-    seen = owned_processes(owner)
+    """Stop every process started under `owner`: after ENDING_GRACE_S for what is ending by itself,
+    scancel their Slurm jobs, SIGTERM, then SIGKILL what is left after TERM_GRACE_S (processes they
+    start meanwhile included). Returns what was still running after the grace."""
+    end = time.monotonic() + ENDING_GRACE_S
+    while (seen := owned_processes(owner)) and time.monotonic() < end:
+        time.sleep(0.1)
     if not seen:
         return []
     jobs = sorted({p["slurm_job"] for p in seen.values() if p["slurm_job"]})
