@@ -385,7 +385,9 @@ def test_status_against_real_slurm(tmp_path):
     ok = _sbatch("--wrap", "sleep 1")
     bad = _sbatch("--wrap", "exit 3")
     gone = _sbatch("--begin=now+1hour", "--wrap", "true")
-    live = _sbatch("--wrap", "sleep 120")
+    live = _sbatch(
+        "--wrap", f"sleep {int(deadline(90)) + 120}"
+    )  # running through the whole wait below (scancelled after)
     subprocess.run(["scancel", gone], check=True, timeout=deadline(30))
     reg = Registry(tmp_path / "r.db")
     for name, jid in (("ok", ok), ("bad", bad), ("gone", gone), ("live", live)):
