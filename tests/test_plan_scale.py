@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterctl.planning import comm, memory
+from clusterctl.planning import comm, host_memory, memory
 from clusterctl.planning.checkpoint import CHECKPOINT_MARGIN, checkpoint_bytes
 from clusterctl.planning.memory import GIB
 from clusterctl.planning.plan import DEFAULT_MFU, make_plan, plan_for_run
@@ -86,9 +86,9 @@ def test_host_memory_against_deepspeed_estimators(profile, model, kw):
     ds3_whole, *_ = est3(psi, largest, g, nodes, cpu_offload=False, cpu_offload_params=False, zero_init=False)
     ds3_in_place, *_ = est3(psi, largest, g, nodes, cpu_offload=False, cpu_offload_params=False, zero_init=True)
     if ds_cpu_build is not None:
-        assert memory.deepspeed_host_bytes(psi, largest, g, on_device=False) == pytest.approx(ds_cpu_build, abs=1)
-    assert memory.deepspeed_host_bytes(psi, largest, g, on_device=False) == pytest.approx(ds3_whole, abs=1)
-    assert memory.deepspeed_host_bytes(psi, largest, g, on_device=True) == pytest.approx(ds3_in_place, abs=1)
+        assert host_memory.deepspeed_host_bytes(psi, largest, g, on_device=False) == pytest.approx(ds_cpu_build, abs=1)
+    assert host_memory.deepspeed_host_bytes(psi, largest, g, on_device=False) == pytest.approx(ds3_whole, abs=1)
+    assert host_memory.deepspeed_host_bytes(psi, largest, g, on_device=True) == pytest.approx(ds3_in_place, abs=1)
 
     p = make_plan(prof, cfg, 8192 if model == "crossmodal-xl" else 2048, **kw)
     h = p.host
@@ -97,7 +97,7 @@ def test_host_memory_against_deepspeed_estimators(profile, model, kw):
     # per node, once, the 16-bit weights of the checkpoint under ZeRO-2 (mapped by every rank on resume)
     shard = 12 * psi / prof.world_size
     shared = 2 * psi if kw["zero_stage"] == 2 else 0
-    allowance = (memory.PROCESS_HOST_GIB + 8 * memory.WORKER_HOST_GIB) * GIB
+    allowance = (host_memory.PROCESS_HOST_GIB + 8 * host_memory.WORKER_HOST_GIB) * GIB
     assert h.loader_workers == 8
     expected = g * (allowance + max(ds3_in_place / g, shard)) + shared
     assert h.per_node_gib * GIB == pytest.approx(expected, rel=1e-9)

@@ -150,6 +150,12 @@ class ParallelConfig:
         default="1f1b",
         choices=("1f1b", "interleaved1f1b", "gpipe"),
     )
+    sharding: str = field(
+        "FSDP sharding: full (over every data-parallel rank) or hybrid (shard within a node, replicate "
+        "across nodes: HSDP)",
+        default="full",
+        choices=("full", "hybrid"),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

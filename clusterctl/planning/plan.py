@@ -19,15 +19,8 @@ from typing import TYPE_CHECKING, Any
 from clusterctl.planning import comm
 from clusterctl.planning.checkpoint import CheckpointTime, checkpoint_time
 from clusterctl.planning.comm import Fabric, StepComm
-from clusterctl.planning.memory import (
-    GIB,
-    HostMemory,
-    MemoryBreakdown,
-    breakdown,
-    host_memory,
-    loader_workers,
-    max_micro_batch,
-)
+from clusterctl.planning.host_memory import HostMemory, host_memory, loader_workers
+from clusterctl.planning.memory import GIB, MemoryBreakdown, breakdown, max_micro_batch
 from clusterctl.planning.profiles import ClusterProfile
 from vltrain.batching import FIELDS as BATCH_FIELDS
 from vltrain.batching import BatchSplit, split_batch
