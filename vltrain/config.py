@@ -40,6 +40,13 @@ class DataConfig:
     hflip: bool = field("random horizontal flip", default=True)
     randaugment: bool = field("RandAugment (seed 001)", default=False)
     shuffle_buffer: int = field("in-epoch shuffle buffer (samples)", default=1000, min=0, max=1_000_000)
+    samples: int = field(
+        "image-text pairs in the training shards, for planning the loader's index memory "
+        "(0: steps x global batch, one pass)",
+        default=0,
+        min=0,
+        max=10**12,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
