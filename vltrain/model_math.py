@@ -20,9 +20,11 @@ a GELU MLP of width int(mlp_ratio * width).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from vltrain.config import LossConfig
     from vltrain.model_config import ModelConfig
 
 
@@ -123,9 +125,22 @@ def mim_flops_per_sample(cfg: ModelConfig, mask_ratio: float) -> float:
     return float(encoder + decoder + 2 * n * wd * pixels)
 
 
-def forward_flops_per_sample(cfg: ModelConfig, text_len: int | None = None, mim_mask_ratio: float = 0.0) -> float:
-    """Matmul FLOPs of one sample's training forward (all three losses, and MIM's when
-    `mim_mask_ratio` > 0: pass it when the step's loss.mim > 0).
+# The training objectives (LossConfig's weights) and the parts of the forward each one needs. The
+# model runs ITC, MLM and captioning in every forward whatever their weights (vltrain/model/vl_model.py
+# `_run`), MIM only when its weight is > 0; model FLOPs (MFU) count the objectives that train.
+OBJECTIVES = ("itc", "mlm", "caption", "mim")
+
+
+def active_objectives(loss: LossConfig) -> tuple[str, ...]:
+    """The objectives with weight > 0 in `loss` (a LossConfig or a stage's): what MFU counts."""
+    return tuple(name for name in OBJECTIVES if getattr(loss, name) > 0)
+
+
+def forward_flops_breakdown(cfg: ModelConfig, text_len: int | None = None, mim_mask_ratio: float = 0.0) -> dict[str, float]:
+    """Matmul FLOPs of one sample's forward by part: "vision" (the ViT over all patches, shared by ITC,
+    MLM and captioning), "itc" (the clean-text encoder pass and both projections), "mlm" (the
+    masked-text encoder pass, fusion, MLM logits), "caption" (decoder, LM logits) and, when
+    `mim_mask_ratio` > 0, "mim" (`mim_flops_per_sample`). The parts sum to the whole forward.
 
     The text encoder's unimodal blocks run twice (clean text for the contrastive loss, masked text
     for MLM, as in ALBEF); fusion and decoder blocks run once; the MLM and LM heads produce logits at
@@ -141,12 +156,40 @@ def forward_flops_per_sample(cfg: ModelConfig, text_len: int | None = None, mim_
     )
     self_text = _attn_flops(t, t, wt, wt, True) + _mlp_flops(cfg, t, wt)
     cross_text = self_text + _attn_flops(t, sv, wt, wv, False)
-    text = 2 * cfg.text_layers * self_text
-    fusion = cfg.fusion_layers * cross_text
-    decoder = cfg.decoder_layers * cross_text
-    heads = 2 * wv * cfg.embed_dim + 2 * wt * cfg.embed_dim + 2 * (2 * t * wt * cfg.vocab_size)
-    mim = mim_flops_per_sample(cfg, mim_mask_ratio) if mim_mask_ratio > 0 else 0.0
-    return float(vision + text + fusion + decoder + heads + mim)
+    logits = 2 * t * wt * cfg.vocab_size  # one tied head over every text position
+    out = {
+        "vision": float(vision),
+        "itc": float(cfg.text_layers * self_text + 2 * wv * cfg.embed_dim + 2 * wt * cfg.embed_dim),
+        "mlm": float(cfg.text_layers * self_text + cfg.fusion_layers * cross_text + logits),
+        "caption": float(cfg.decoder_layers * cross_text + logits),
+    }
+    return out | ({"mim": mim_flops_per_sample(cfg, mim_mask_ratio)} if mim_mask_ratio > 0 else {})
+
+
+def forward_flops_per_sample(
+    cfg: ModelConfig,
+    text_len: int | None = None,
+    mim_mask_ratio: float = 0.0,
+    objectives: Iterable[str] | None = None,
+) -> float:
+    """Matmul FLOPs of one sample's training forward for `objectives` (default: all that run, i.e.
+    ITC, MLM, captioning, and MIM when `mim_mask_ratio` > 0: pass it when the step's loss.mim > 0).
+
+    Pass `objectives=active_objectives(loss)` for model FLOPs (MFU): only the parts those objectives
+    need (`forward_flops_breakdown`), the ViT once if any of ITC, MLM, captioning is among them. "mim"
+    among `objectives` needs `mim_mask_ratio` > 0.
+    """
+    parts = forward_flops_breakdown(cfg, text_len, mim_mask_ratio)
+    if objectives is None:
+        objectives = OBJECTIVES[:3] + (("mim",) if mim_mask_ratio > 0 else ())
+    wanted = set(objectives)
+    unknown = sorted(wanted - set(OBJECTIVES))
+    if unknown:
+        raise ValueError(f"objectives: unknown {unknown[0]!r}; allowed: {', '.join(OBJECTIVES)}")
+    if "mim" in wanted and mim_mask_ratio <= 0:
+        raise ValueError(f"mim_mask_ratio: {mim_mask_ratio} with 'mim' among the objectives; allowed: > 0")
+    needs_vision = bool(wanted & {"itc", "mlm", "caption"})
+    return float(sum(parts[k] for k in wanted) + (parts["vision"] if needs_vision else 0.0))
 
 
 # ---------------------------------------------------------------- activation memory
