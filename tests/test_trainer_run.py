@@ -135,7 +135,10 @@ def test_uninterrupted_run_writes_metrics_events_checkpoints_and_eval(full_run):
         "step_time_s",
         "data_wait_s",
         "mfu",
+        "hfu",
         "mem_gib",
+        "mem_reserved_gib",
+        "mem_peak_reserved_gib",
         "samples",
         "time",
     }

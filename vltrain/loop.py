@@ -35,7 +35,7 @@ from vltrain.failures import is_comm_error, record_failure
 from vltrain.presets import resolve_model
 from vltrain.rundir import ENERGY_FLUSH_S, EXIT_COMM_ERROR, STALL_TIMEOUT_S, JobEnv, RunDir
 from vltrain.signals import CONTINUE, StopRequests, has_timed_out, preempt_signal, run_original_handler
-from vltrain.stepstats import LOSSES, Interval, StepNumbers
+from vltrain.stepstats import LOSSES, Interval, StepNumbers, flops_per_sample
 from vltrain.teardown import NativeTeardown
 from vltrain.watchdog import Watchdog
 
@@ -168,7 +168,7 @@ class Session:
         self.energy: NodeEnergy | None = None
         self.watchdog: Watchdog | None = None
         self.stage_index: int | None = None  # the curriculum stage in force ([[stages]])
-        self.mim_ratio = 0.0  # the stage's MIM mask ratio (0 without MIM): what MFU's FLOPs count
+        self.stage_loss = cfg.loss  # the stage's [loss]: what the FLOPs of MFU and HFU count
         self.mcfg = resolve_model(cfg.model)
         self.engine_class = engine_class(cfg.parallel.strategy)
         self.layout, self.split, self.device_kind = self._check_inputs()
@@ -265,8 +265,7 @@ class Session:
         dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         self.peak = peak_tflops(dev_name)
         self.params = self.engine.num_params()
-        self.flop_factor = 4 if self.cfg.activation_checkpointing else 3  # forward + backward (+ recompute)
-        self.flops_per_sample: dict[int, float] = {}  # by padded text length
+        self.flops_per_sample: dict[int, tuple[float, float]] = {}  # (model, hardware) by padded text length
 
     def _start_info(self, moved_aside: list[str]) -> dict[str, Any]:
         """The start / resume event's fields: the layout, the batch split, what the engine says of itself."""
@@ -425,7 +424,7 @@ class Session:
         if index == self.stage_index:
             return
         self.stage_index = index
-        self.mim_ratio, self.flops_per_sample = (loss.mim_mask_ratio if loss.mim > 0 else 0.0), {}  # MFU's FLOPs
+        self.stage_loss, self.flops_per_sample = loss, {}  # the FLOPs of MFU and HFU
         self.engine.set_loss_config(loss)
         if self.cfg.stages:
             weights = {k: getattr(loss, k) for k in ("itc", "mlm", "caption", "mim", "mim_mask_ratio")}
@@ -440,7 +439,7 @@ class Session:
         """One optimizer step (accumulation micro steps) -> (this rank's numbers to sum over ranks, its LR).
 
         The numbers (vltrain.stepstats.StepNumbers): stop flags, loss sums, micro steps, real text tokens,
-        model FLOPs, seconds, seconds of those blocked waiting for the loader's batches (in next()), and
+        model and hardware FLOPs, seconds, seconds of those blocked waiting for the loader's batches (in next()), and
         whether the optimizer skipped the step (a gradient not finite)."""
         from vltrain.engines.common import LossScaleAtMinimum
 
@@ -450,7 +449,7 @@ class Session:
         waiting = time.perf_counter()
         micro_batches = [next(batches) for _ in range(accumulation)]
         wait_s = time.perf_counter() - waiting  # data wait: the step's time blocked on the loader
-        tokens, flops = self._count(micro_batches)
+        tokens, flops, hw_flops = self._count(micro_batches)
         try:
             losses, lr = eng.train_step(micro_batches, self.LOSSES)
         except LossScaleAtMinimum:  # fp16: the loss scale cannot go lower
@@ -467,29 +466,29 @@ class Session:
             micro=float(accumulation),
             tokens=tokens,
             flops=flops,
+            hw_flops=hw_flops,
             seconds=seconds,
             wait_s=wait_s,
             skipped=float(eng.skipped_steps - skipped_before),  # 1 when the optimizer skipped this step
         )
         return (numbers if eng.layout.reporter else numbers.only_flags()), lr
 
-    def _count(self, micro_batches: list[dict[str, Any]]) -> tuple[float, float]:
-        """(real text tokens, model FLOPs) of a step's micro batches; FLOPs per sample by padded text length."""
-        from vltrain.model_math import forward_flops_per_sample
-
-        tokens = flops = 0.0
+    def _count(self, micro_batches: list[dict[str, Any]]) -> tuple[float, float, float]:
+        """(real text tokens, model FLOPs, hardware FLOPs) of a step's micro batches (stepstats.flops_per_sample)."""
+        tokens = flops = hw_flops = 0.0
         for batch in micro_batches:
             mask = batch["attention_mask"]
             t = mask.shape[1]
             if t not in self.flops_per_sample:
-                per_sample = forward_flops_per_sample(self.mcfg, text_len=t, mim_mask_ratio=self.mim_ratio)
-                self.flops_per_sample[t] = per_sample * self.flop_factor
+                ckpt = self.cfg.activation_checkpointing
+                self.flops_per_sample[t] = flops_per_sample(self.mcfg, t, self.stage_loss, ckpt)
             tokens += int(mask.sum())
-            flops += self.flops_per_sample[t] * mask.shape[0]
-        return tokens, flops
+            flops += self.flops_per_sample[t][0] * mask.shape[0]
+            hw_flops += self.flops_per_sample[t][1] * mask.shape[0]
+        return tokens, flops, hw_flops
 
     def _log(self, interval: Interval, lr: float) -> None:
-        from vltrain.metrics import human_line, memory_gib, mfu
+        from vltrain.metrics import human_line, memory_stats, mfu
 
         world, dp = self.dist.world_size, self.layout.dp  # the reporter ranks: one per data-parallel replica
         steps = interval.micro / (dp * self.split.accumulation)  # optimizer steps in the interval
@@ -505,7 +504,8 @@ class Session:
             "step_time_s": wall / steps,
             "data_wait_s": interval.wait_s / dp / steps,  # of step_time_s: blocked on the loader
             "mfu": mfu(interval.flops / steps, wall / steps, world, self.peak),
-            "mem_gib": memory_gib(self.device),
+            "hfu": mfu(interval.hw_flops / steps, wall / steps, world, self.peak),
+            **memory_stats(self.device),
             "samples": self.samples,
             "time": time.time(),
         }

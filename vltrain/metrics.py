@@ -8,8 +8,11 @@ are logged twice, and readers keep the last line per step.
 
 metrics.jsonl keys: step, loss, itc, mlm, caption, lr, grad_norm, samples_per_s, tokens_per_s (real
 text tokens), step_time_s (mean over the logged interval, data loading included), data_wait_s (the
-part of step_time_s spent blocked waiting for the loader's batches, same mean), mfu (null without a
-known peak), mem_gib, samples (seen so far, all ranks), time (unix seconds).
+part of step_time_s spent blocked waiting for the loader's batches, same mean), mfu (model FLOPs
+utilisation: the objectives with weight > 0, no recomputation; null without a known peak), hfu
+(hardware FLOPs utilisation: all the forward runs, recomputation included), mem_gib (peak allocated),
+mem_reserved_gib and mem_peak_reserved_gib (the caching allocator's, now and at most; null on CPU),
+samples (seen so far, all ranks), time (unix seconds).
 events.jsonl keys: event (start | resume | checkpoint | preempt | timeout | finish | error), step,
 time, attempt, plus event-specific fields.
 """
@@ -123,30 +126,41 @@ def peak_tflops(device_name: str | None, env: dict[str, str] | None = None) -> f
 
 
 def mfu(flops_per_step: float, step_time_s: float, world_size: int, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved model FLOP/s per device over the device peak.
+    """FLOPs utilisation: achieved FLOP/s per device over the device peak.
 
-    flops_per_step counts forward x 3 (forward + backward), x 4 with activation checkpointing
-    (the forward runs twice), as in the PaLM paper's MFU; the recomputation is counted as work done.
+    MFU (PaLM's) with model FLOPs, HFU with hardware FLOPs (vltrain.stepstats.flops_per_sample: model
+    FLOPs count the objectives with weight > 0 and no recomputation, hardware FLOPs all that runs).
     """
     if not peak or step_time_s <= 0:
         return None
     return flops_per_step / step_time_s / world_size / (peak * 1e12)
 
 
-def memory_gib(device) -> float:
-    """Peak accelerator memory allocated (CUDA), else this process's peak resident set (CPU)."""
+def memory_stats(device) -> dict[str, float | None]:
+    """mem_gib: peak memory allocated by tensors (CUDA), else this process's peak resident set (CPU);
+    mem_reserved_gib, mem_peak_reserved_gib: what PyTorch's caching allocator holds now and at most
+    (CUDA; None elsewhere). Reserved minus allocated is the allocator's cache and fragmentation: the
+    out-of-memory error comes when reserved reaches the device's memory, not allocated."""
     import torch
 
     if device is not None and getattr(device, "type", "cpu") == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return {
+            "mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "mem_reserved_gib": torch.cuda.memory_reserved(device) / 2**30,
+            "mem_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return {"mem_gib": peak_rss, "mem_reserved_gib": None, "mem_peak_reserved_gib": None}
 
 
 def human_line(rec: dict[str, Any], total_steps: int) -> str:
     """The line rank 0 prints per logged step (what `clusterctl logs` shows)."""
     mfu_s = f" | mfu {rec['mfu'] * 100:.1f}%" if rec.get("mfu") is not None else ""
+    hfu_s = f" hfu {rec['hfu'] * 100:.1f}%" if rec.get("hfu") is not None else ""
+    reserved = rec.get("mem_reserved_gib")
+    res_s = f" (reserved {reserved:.2f}, peak {rec['mem_peak_reserved_gib']:.2f})" if reserved is not None else ""
     wait = rec.get("data_wait_s")
     wait_s = f" (data wait {wait * 1000:.0f} ms)" if wait is not None else ""
     gn = rec.get("grad_norm")
@@ -154,8 +168,8 @@ def human_line(rec: dict[str, Any], total_steps: int) -> str:
     return (
         f"step {rec['step']}/{total_steps} | loss {rec['loss']:.4f} (itc {rec['itc']:.3f} mlm {rec['mlm']:.3f} "
         f"cap {rec['caption']:.3f}{mim}) | lr {rec['lr']:.2e} | gnorm {gn if gn is None else f'{gn:.2f}'} | "
-        f"{rec['samples_per_s']:.0f} samples/s | {rec['step_time_s'] * 1000:.0f} ms/step{wait_s}{mfu_s} | "
-        f"{rec['mem_gib']:.2f} GiB"
+        f"{rec['samples_per_s']:.0f} samples/s | {rec['step_time_s'] * 1000:.0f} ms/step{wait_s}{mfu_s}{hfu_s} | "
+        f"{rec['mem_gib']:.2f} GiB{res_s}"
     )
 
 

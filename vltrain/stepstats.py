@@ -5,7 +5,12 @@ one field order), so that nothing outside this module addresses the numbers by o
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vltrain.config import LossConfig
+    from vltrain.model_config import ModelConfig
 
 LOSSES = ("loss", "itc", "mlm", "caption", "mim")  # VLModel.forward's loss terms, in the order logged
 
@@ -16,8 +21,9 @@ class StepNumbers:
 
     The stop flags are 1 when this rank received the signal; `skipped` 1 when its optimizer skipped the
     step (a gradient not finite). Losses (sums over the step's micro batches), micro steps, real text
-    tokens, model FLOPs, seconds and data-wait seconds come from reporter ranks only (one per data-parallel
-    replica: RankLayout.reporter) and are 0 elsewhere, so that their sums over ranks count each sample once.
+    tokens, model and hardware FLOPs (`flops_per_sample`), seconds and data-wait seconds come from
+    reporter ranks only (one per data-parallel replica: RankLayout.reporter) and are 0 elsewhere, so
+    that their sums over ranks count each sample once.
     """
 
     preempt: float = 0.0  # submitit's preemption / time-out signal (vltrain.signals)
@@ -29,21 +35,22 @@ class StepNumbers:
     seconds: float = 0.0
     wait_s: float = 0.0  # of `seconds`, blocked in the loader's next()
     skipped: float = 0.0
+    hw_flops: float = 0.0  # with what the model runs but does not train, and the recomputation
 
     def to_tensor(self) -> Any:
-        """float64 [2 + len(LOSSES) + 6]: the all_reduce's payload."""
+        """float64 [2 + len(LOSSES) + 7]: the all_reduce's payload."""
         import torch
 
         values = [self.preempt, self.terminate, *self.losses]
-        values += [self.micro, self.tokens, self.flops, self.seconds, self.wait_s, self.skipped]
+        values += [self.micro, self.tokens, self.flops, self.seconds, self.wait_s, self.skipped, self.hw_flops]
         return torch.tensor(values, dtype=torch.float64)
 
     @classmethod
     def from_tensor(cls, t: Any) -> StepNumbers:
         v = [float(x) for x in t.tolist()]
         n = len(LOSSES)
-        micro, tokens, flops, seconds, wait_s, skipped = v[2 + n :]
-        return cls(v[0], v[1], tuple(v[2 : 2 + n]), micro, tokens, flops, seconds, wait_s, skipped)
+        micro, tokens, flops, seconds, wait_s, skipped, hw_flops = v[2 + n :]
+        return cls(v[0], v[1], tuple(v[2 : 2 + n]), micro, tokens, flops, seconds, wait_s, skipped, hw_flops)
 
     def only_flags(self) -> StepNumbers:
         """What a rank that does not report contributes: its stop flags and whether it skipped."""
@@ -66,6 +73,7 @@ class Interval:
     micro: float = 0.0
     tokens: float = 0.0
     flops: float = 0.0
+    hw_flops: float = 0.0
     seconds: float = 0.0
     wait_s: float = 0.0
     steps: int = 0
@@ -79,6 +87,7 @@ class Interval:
         self.micro += step.micro
         self.tokens += step.tokens
         self.flops += step.flops
+        self.hw_flops += step.hw_flops
         self.seconds += step.seconds
         self.wait_s += step.wait_s
         skipped = step.skipped > 0  # on any rank (DeepSpeed's overflow check agrees across ranks anyway)
@@ -89,3 +98,20 @@ class Interval:
     def reset(self) -> None:
         """After a logged step: a new interval (the run of skipped steps goes on)."""
         vars(self).update(vars(Interval(in_a_row=self.in_a_row)))
+
+
+def flops_per_sample(
+    mcfg: ModelConfig, text_len: int, loss: LossConfig, checkpointing: bool, runs: Iterable[str] | None = None
+) -> tuple[float, float]:
+    """(model, hardware) FLOPs of one sample's training step at this padded text length, for MFU and HFU.
+
+    Model FLOPs (PaLM's MFU): forward + backward (3 x the forward) of the objectives that train, those
+    with weight > 0 in the stage's `loss`, and no recomputation. Hardware FLOPs: what the device runs,
+    the forward of the objectives in `runs` (None: ITC, MLM and captioning whatever their weights, MIM
+    when its weight is > 0) x 3, x 4 with activation checkpointing (the blocks' forward runs again)."""
+    from vltrain.model_math import active_objectives, forward_flops_per_sample
+
+    ratio = loss.mim_mask_ratio if loss.mim > 0 else 0.0
+    model = 3 * forward_flops_per_sample(mcfg, text_len, ratio, objectives=active_objectives(loss))
+    hardware = (4 if checkpointing else 3) * forward_flops_per_sample(mcfg, text_len, ratio, objectives=runs)
+    return model, hardware
