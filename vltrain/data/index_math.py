@@ -2,8 +2,8 @@
 
 A rank loads the index of its own shards only (shard i goes to data-parallel rank i mod W), as arrays
 per shard (vltrain.data.shards.ShardIndex): per sample the image member's and the text member's data
-offsets (uint32 while the tar is under 4 GiB) and the key (uint32 above the shard's first key when keys
-are img2dataset's digits), plus a uint8 image-extension code: 13 bytes. Each shard adds a fixed cost
+offsets (uint32 while the tar is under 4 GiB; sizes are read from the tar header before the data) and
+the key (uint32 above the shard's first key when keys are img2dataset's digits): 12 bytes. Each shard adds a fixed cost
 for its path, arrays and Python objects. Forked loader workers share these pages: nothing per sample
 in them is written after the fork (numpy keeps refcounts in the array header, not in its data).
 """
@@ -12,9 +12,18 @@ from __future__ import annotations
 
 import math
 
-INDEX_BYTES_PER_SAMPLE: float = 4 + 4 + 4 + 1  # image offset, text offset, key, image extension
+INDEX_BYTES_PER_SAMPLE: float = 4 + 4 + 4  # image offset, text offset, key
 INDEX_BYTES_PER_SHARD: float = 1536.0  # the ShardIndex, its 4 array headers, path and key prefix (measured ~1.2 KB)
 SAMPLES_PER_SHARD: int = 10_000  # img2dataset's default shard size (--number_sample_per_shard)
+
+
+def rank_shards(num_shards: int, rank: int, world_size: int) -> range:
+    """The shards (positions in the sorted shard list) one data-parallel rank trains on: i mod W == rank,
+    fixed for the run, so that a rank never needs another rank's index. With fewer shards than ranks,
+    all of them (the loader then interleaves samples over the ranks, reading every shard)."""
+    if num_shards < world_size:
+        return range(num_shards)
+    return range(rank, num_shards, world_size)
 
 
 def shards_per_rank(num_shards: int, data_parallel: int) -> int:

@@ -4,9 +4,13 @@ Contract (docs/data.md, "Order and resume"):
 - Epoch e's order is a pure function of (seed, e): a seeded permutation of the shards, cut into
   blocks of whole shards holding at least `shuffle_buffer` samples, each block shuffled by its own
   seeded permutation (shuffle_buffer <= a shard's size is a within-shard shuffle; 0 keeps tar order).
-- Ranks interleave: rank r takes epoch positions r, r+W, r+2W, ...  Training drops the last N mod W
-  positions of each epoch (a different tail each epoch) so every rank has N // W samples and takes
-  the same number of steps; evaluation (train=False) keeps tar order and drops nothing.
+- Training splits shards over ranks (shard i -> rank i mod W, vltrain.data.index_math.rank_shards):
+  a rank opens and holds only its shards' indexes, and its epoch order is the above over its shards
+  (seeded with its rank too). Every rank takes the smallest rank's sample count per epoch (counted
+  from img2dataset's stats files, not the indexes), dropping the rest of its own order (a different
+  tail each epoch), so all take the same number of steps. With fewer shards than ranks, and in
+  evaluation (train=False: tar order, nothing dropped), ranks interleave positions r, r+W, ... over
+  every shard instead.
 - A rank's samples form one stream across epochs; batch n is stream items [nB, (n+1)B), so a batch
   may straddle an epoch boundary. DataLoader worker w builds batches n = w, w+k, ... and torch
   returns them round-robin, so the batch sequence does not depend on the worker count.
@@ -23,6 +27,7 @@ import bisect
 import hashlib
 import itertools
 import os
+import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -32,10 +37,11 @@ import torch
 
 from vltrain.common.errors import UserError
 from vltrain.config import DataConfig
-from vltrain.data.shards import ShardIndex, image_ext, read_member, resolve_shards, shard_index
+from vltrain.data.index_math import rank_shards
+from vltrain.data.shards import ShardIndex, read_member, resolve_shards, shard_index, stats_count
 from vltrain.data.transforms import ImageTransform
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: shards split over ranks in training (1: positions interleaved over all shards)
 _SHARD_PERM, _BLOCK_PERM, _AUGMENT, _MLM = 0, 1, 2, 3  # stream tags: independent seeded generators
 
 
@@ -47,10 +53,14 @@ def key_digest(key: str) -> int:
 class EpochOrder:
     """Epoch position -> (shard, sample in shard), without materialising the whole epoch's order."""
 
-    def __init__(self, sizes: list[int], seed: int, epoch: int, shuffle: bool, block_samples: int):
-        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle and block_samples > 0
+    def __init__(
+        self, sizes: list[int], seed: int, epoch: int, shuffle: bool, block_samples: int, stream: tuple[int, ...] = ()
+    ):
+        self.seed, self.epoch, self.shuffle, self.stream = seed, epoch, shuffle and block_samples > 0, stream
         order = (
-            np.random.default_rng([seed, epoch, _SHARD_PERM]).permutation(len(sizes)) if shuffle else range(len(sizes))
+            np.random.default_rng([seed, epoch, _SHARD_PERM, *stream]).permutation(len(sizes))
+            if shuffle
+            else range(len(sizes))
         )
         self.blocks: list[list[int]] = [[]]
         filled = 0
@@ -72,7 +82,9 @@ class EpochOrder:
             shards = np.concatenate([np.full(self.sizes[s], s) for s in self.blocks[b]])
             local = np.concatenate([np.arange(self.sizes[s]) for s in self.blocks[b]])
             if self.shuffle:
-                perm = np.random.default_rng([self.seed, self.epoch, _BLOCK_PERM, b]).permutation(len(shards))
+                perm = np.random.default_rng([self.seed, self.epoch, _BLOCK_PERM, b, *self.stream]).permutation(
+                    len(shards)
+                )
                 shards, local = shards[perm], local[perm]
             self._cached = (b, shards, local)
         return self._cached[1], self._cached[2]
@@ -118,29 +130,36 @@ class _Batches(torch.utils.data.IterableDataset):
                 for s in range(first, last):
                     epoch, k = divmod(s, p["per_rank"])
                     if epoch not in orders:
-                        orders = {epoch: EpochOrder(self.sizes, p["seed"], epoch, p["train"], p["block"])}
-                    items.append((epoch, *orders[epoch][k * p["world_size"] + p["rank"]]))
+                        order = EpochOrder(self.sizes, p["seed"], epoch, p["train"], p["block"], p["stream"])
+                        orders = {epoch: order}
+                    items.append((epoch, *orders[epoch][k * p["stride"] + p["offset"]]))
                 yield self._batch(items, handles)
         finally:
             for h in handles.values():
                 h.close()
 
-    def _read(self, handles: OrderedDict, path: str, where: tuple[int, int]) -> bytes:
+    def _read(self, handles: OrderedDict, path: str, offset: int) -> bytes:
         if path not in handles:
             if len(handles) >= 8:  # a few open shards per worker: blocks span shards, the order is local
                 handles.popitem(last=False)[1].close()
             handles[path] = open(path, "rb")  # noqa: SIM115 - a small cache of open shards, closed on eviction
         handles.move_to_end(path)
-        return read_member(handles[path], where)
+        try:
+            return read_member(handles[path], offset)
+        except tarfile.HeaderError:
+            raise UserError(
+                f"data.shards: {path} has no tar header before offset {offset} (changed while training?); "
+                f"allowed: shards left unchanged during a run"
+            ) from None
 
     def _batch(self, items: list[tuple[int, int, int]], handles: OrderedDict) -> dict[str, Any]:
         images, texts, keys = [], [], []
         for epoch, shard, i in items:
             idx = self.index[shard]
-            members, key = idx.members[i], idx.keys[i]
-            text = self._read(handles, idx.path, members["txt"]).decode("utf-8").strip()
+            key = idx.key(i)
+            text = self._read(handles, idx.path, idx.text(i)).decode("utf-8").strip()
             rng = np.random.default_rng([self.plan["seed"], epoch, _AUGMENT, key_digest(key)])
-            image, text = self.transform(self._read(handles, idx.path, members[image_ext(members)]), text, rng)
+            image, text = self.transform(self._read(handles, idx.path, idx.image(i)), text, rng)
             images.append(image)
             texts.append(text)
             keys.append(key)
@@ -200,16 +219,21 @@ class ShardLoader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if batch_size < 1:
             raise UserError(f"batch size: {batch_size}; allowed: 1 or more samples")
-        self.index = [s for s in (shard_index(p) for p in resolve_shards(shards)) if len(s)]  # beside the tars
-        self.num_samples = sum(len(s) for s in self.index)
+        paths = resolve_shards(shards)
+        self.split = train and len(paths) >= world_size  # shards split over ranks, else positions interleaved
         self.rank, self.world_size, self.batch_size, self.seed, self.train = rank, world_size, batch_size, seed, train
-        self.samples_per_epoch = (
-            self.num_samples // world_size if train else len(range(rank, self.num_samples, world_size))
-        )
+        if self.split:
+            self.index, self.num_samples, self.samples_per_epoch = rank_index(paths, rank, world_size)
+        else:
+            self.index = [s for s in (shard_index(p) for p in paths) if len(s)]  # every shard, beside the tars
+            self.num_samples = sum(len(s) for s in self.index)
+            self.samples_per_epoch = (
+                self.num_samples // world_size if train else len(range(rank, self.num_samples, world_size))
+            )
         if self.samples_per_epoch == 0:
             raise UserError(
-                f"data.shards: {shards} holds {self.num_samples} samples, fewer than the {world_size} ranks; "
-                f"allowed: at least one sample per rank"
+                f"data.shards: {shards} holds {self.num_samples} samples, fewer than one per rank for each of the "
+                f"{world_size} ranks' shards; allowed: at least one sample per rank"
             )
         self.workers = max(0, cfg.workers if workers is None else workers)  # -1 (auto) is the trainer's to size
         self.pin_memory = pin_memory
@@ -230,6 +254,11 @@ class ShardLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version", 1) < 2 and self.split and self.world_size > 1:
+            raise UserError(
+                "checkpoint data state: version 1 (ranks interleaved over every shard), but this loader splits "
+                "shards over ranks; allowed: resume with the vltrain that wrote it, or a world size of 1"
+            )
         for name in ("seed", "world_size", "num_samples"):
             if state.get(name) != getattr(self, name):
                 raise UserError(
@@ -251,8 +280,9 @@ class ShardLoader:
             "train": self.train,
             "seed": self.seed,
             "block": self.block,
-            "rank": self.rank,
-            "world_size": self.world_size,
+            "stride": 1 if self.split else self.world_size,
+            "offset": 0 if self.split else self.rank,
+            "stream": (self.rank,) if self.split and self.world_size > 1 else (),
         }
         dataset = _Batches(self.index, plan, self.transform, self.tokenizer, self.max_len, self.pad_to_max)
         if self.workers:
@@ -277,6 +307,29 @@ class ShardLoader:
             yield batch
         if not self.train:
             self.epoch, self.position = 0, 0
+
+
+def rank_index(paths: list, rank: int, world_size: int) -> tuple[list[ShardIndex], int, int]:
+    """(this rank's non-empty shard indexes, samples in the dataset, samples per rank and epoch) with
+    shards split over ranks: only this rank's index files are opened; the other shards are counted from
+    img2dataset's `NNNNN_stats.json` (a shard without one is counted from its index, not kept). Every
+    rank gets the smallest rank's count, so all take the same steps."""
+    counts = [stats_count(p) for p in paths]
+    index = []
+    for i in rank_shards(len(paths), rank, world_size):
+        idx = shard_index(paths[i])
+        counts[i] = len(idx) if counts[i] is None else counts[i]
+        if len(idx):
+            index.append(idx)
+    known = [len(shard_index(p)) if n is None else n for p, n in zip(paths, counts)]
+    per_rank = min(sum(known[r::world_size]) for r in range(world_size))
+    if sum(len(s) for s in index) < per_rank:
+        raise UserError(
+            f"data.shards: rank {rank}'s shards hold {sum(len(s) for s in index)} samples with a caption and an "
+            f"image, fewer than their stats files count ({sum(known[rank::world_size])}); allowed: "
+            f"NNNNN_stats.json whose successes match the tars (delete them to count from the tars)"
+        )
+    return index, sum(known), per_rank
 
 
 def pin_worker(worker_id: int) -> None:

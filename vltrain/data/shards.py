@@ -18,13 +18,16 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vltrain.common.atomic import atomic_path, atomic_write
 from vltrain.common.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where used: preflight (submit) resolves shards without numpy
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # same split as webdataset's base_plus_ext
@@ -98,22 +101,101 @@ def iter_samples(paths: list[Path], select: Callable[[str], bool] | None = None)
     yield from tarfile_samples(({"url": str(p)} for p in paths), select_files=select)
 
 
-@dataclass(frozen=True)
-class ShardIndex:
-    """Where each sample's members lie in one tar: keys in tar order, ext -> (data offset, size)."""
+_U32 = 2**32
 
-    path: str
-    keys: tuple[str, ...]
-    members: tuple[dict[str, tuple[int, int]], ...]
+
+def _narrow(values: Any) -> np.ndarray:
+    """Non-negative integers as uint32 where they fit (tars under 4 GiB, short key ranges), else uint64."""
+    import numpy as np
+
+    a = np.asarray(values, dtype=np.uint64)
+    return a.astype(np.uint32) if not len(a) or int(a.max()) < _U32 else a
+
+
+def _encode_keys(keys: list[str]) -> dict[str, np.ndarray]:
+    """img2dataset's keys (decimal digits of one width) as a base and deltas; any other keys as UTF-8
+    bytes with end offsets. key_meta = [base, width]; width 0 means the bytes form."""
+    import numpy as np
+
+    width = len(keys[0]) if keys else 0
+    if keys and 0 < width <= 18 and all(len(k) == width and k.isascii() and k.isdigit() for k in keys):
+        nums = np.array([int(k) for k in keys], dtype=np.int64)
+        base = int(nums.min())
+        return {"key_meta": np.array([base, width], np.int64), "key_data": _narrow(nums - base)}
+    raw = [k.encode() for k in keys]
+    return {
+        "key_meta": np.zeros(2, np.int64),
+        "key_data": np.frombuffer(b"".join(raw), np.uint8).copy(),
+        "key_ends": _narrow(np.cumsum([len(r) for r in raw], dtype=np.uint64)),
+    }
+
+
+class ShardIndex:
+    """Where each sample of one tar lies, as arrays (no Python object per sample): the data offsets of
+    its image and text members (their sizes are read from the tar header just before the data) and its
+    key (img2dataset's digits as deltas from a base, other keys as UTF-8 bytes): 12 bytes a sample for
+    shards under 4 GiB (vltrain.data.index_math). The arrays are read-only: forked loader workers
+    share their pages and never write to them (numpy keeps refcounts in the array object, not the data)."""
+
+    __slots__ = ("_base", "_width", "arrays", "path")
+
+    def __init__(self, path: str, arrays: dict[str, np.ndarray]):
+        n = len(arrays["image"])
+        if len(arrays["text"]) != n or len(arrays["key_meta"]) != 2:
+            raise ValueError(f"{path}: index arrays of different lengths")
+        self.path, self.arrays = path, arrays
+        self._base, self._width = (int(v) for v in arrays["key_meta"])
+        if (len(arrays["key_data"]) if self._width else len(arrays["key_ends"])) != n:
+            raise ValueError(f"{path}: index keys of another length")
+        for a in arrays.values():
+            a.flags.writeable = False
+
+    @classmethod
+    def from_members(cls, path: str, keys: list[str], image: list[int], text: list[int]) -> ShardIndex:
+        arrays = {"image": _narrow(image), "text": _narrow(text)}
+        return cls(path, arrays | _encode_keys(keys))
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.arrays["image"])
+
+    def key(self, i: int) -> str:
+        if self._width:
+            return f"{self._base + int(self.arrays['key_data'][i]):0{self._width}d}"
+        ends = self.arrays["key_ends"]
+        return bytes(self.arrays["key_data"][int(ends[i - 1]) if i else 0 : int(ends[i])]).decode()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key (builds one str per sample: for tools and tests, not the loader)."""
+        return tuple(self.key(i) for i in range(len(self)))
+
+    def image(self, i: int) -> int:
+        """The data offset of sample i's image (the first of IMAGE_EXTS it has; PIL reads the format)."""
+        return int(self.arrays["image"][i])
+
+    def text(self, i: int) -> int:
+        return int(self.arrays["text"][i])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def __eq__(self, other: object) -> bool:
+        import numpy as np
+
+        return (
+            isinstance(other, ShardIndex)
+            and self.path == other.path
+            and self.arrays.keys() == other.arrays.keys()
+            and all(np.array_equal(a, other.arrays[k]) for k, a in self.arrays.items())
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking container: compared by value only
 
 
 def index_shard(path: str | Path) -> ShardIndex:
     """Read only the tar headers (no member data) and group members by key, like webdataset does."""
-    keys: list[str] = []
-    members: list[dict[str, tuple[int, int]]] = []
+    samples: list[tuple[str, dict[str, int]]] = []
     try:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
@@ -121,45 +203,72 @@ def index_shard(path: str | Path) -> ShardIndex:
                 if not info.isreg() or not m or ("/" not in info.name and info.name.startswith("__")):
                     continue
                 key, ext = m.group(1), m.group(2).lower()
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-                    members.append({})
-                members[-1][ext] = (info.offset_data, info.size)
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                samples[-1][1][ext] = info.offset_data
     except (tarfile.TarError, OSError) as e:
         raise UserError(f"data.shards: {path} is not a readable tar ({e}); allowed: WebDataset .tar shards") from None
-    keep = [i for i, m in enumerate(members) if "txt" in m and any(e in m for e in IMAGE_EXTS)]
-    return ShardIndex(str(path), tuple(keys[i] for i in keep), tuple(members[i] for i in keep))
+    return _from_samples(str(path), samples)
 
 
-INDEX_VERSION = 1
-INDEX_SUFFIX = ".idx.json"
+def _from_samples(path: str, samples: Iterable[tuple[str, dict[str, int]]]) -> ShardIndex:
+    """Samples (key, ext -> data offset) in tar order to an index of those with a caption and an image
+    (the first of IMAGE_EXTS present)."""
+    keys: list[str] = []
+    image: list[int] = []
+    text: list[int] = []
+    for key, members in samples:
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if "txt" in members and ext is not None:
+            keys.append(key)
+            image.append(members[ext])
+            text.append(members["txt"])
+    return ShardIndex.from_members(path, keys, image, text)
+
+
+INDEX_VERSION = 2
+INDEX_SUFFIX = ".idx.npz"
+LEGACY_SUFFIX = ".idx.json"  # version 1: keys and per-member [offset, size] lists in JSON; converted at load
 
 
 def index_path(path: str | Path) -> Path:
-    """Where the index of a tar is kept: beside it, `NAME.tar.idx.json`."""
+    """Where the index of a tar is kept: beside it, `NAME.tar.idx.npz`."""
     path = Path(path)
     return path.with_name(path.name + INDEX_SUFFIX)
 
 
-def _stamp(st: os.stat_result) -> dict[str, int]:
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns]
 
 
 def read_index(path: str | Path, st: os.stat_result) -> ShardIndex | None:
     """The index kept beside `path` if it was made from the tar as it is now (same size and mtime as
     `st`), else None: missing, unreadable, of another version, or stale (the tar was changed or replaced)."""
+    import numpy as np
+
     try:
-        doc = json.loads(index_path(path).read_bytes())
-        if doc.get("version") != INDEX_VERSION or doc.get("tar") != _stamp(st):
+        with open(index_path(path), "rb") as f, np.load(f, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        if int(arrays.pop("version")) != INDEX_VERSION or arrays.pop("tar").tolist() != _stamp(st):
             return None
-        keys, members = doc["keys"], doc["members"]
-        if len(keys) != len(members):
+        return ShardIndex(str(path), arrays)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def read_legacy_index(path: str | Path, st: os.stat_result) -> ShardIndex | None:
+    """A version-1 index (`NAME.tar.idx.json`, written before issue 23) converted to arrays, if it
+    matches the tar; the caller keeps the converted one beside the tar. Parsing it makes Python objects
+    per sample for a moment (this shard's only)."""
+    try:
+        with open(Path(path).with_name(Path(path).name + LEGACY_SUFFIX), "rb") as f:
+            doc = json.loads(f.read())
+        if doc.get("version") != 1 or doc.get("tar") != {"size": st.st_size, "mtime_ns": st.st_mtime_ns}:
             return None
-        return ShardIndex(
-            str(path),
-            tuple(str(k) for k in keys),
-            tuple({str(e): (int(w[0]), int(w[1])) for e, w in m.items()} for m in members),
-        )
+        members = ({str(e): int(w[0]) for e, w in m.items()} for m in doc["members"])
+        if len(doc["keys"]) != len(doc["members"]):
+            return None
+        return _from_samples(str(path), zip((str(k) for k in doc["keys"]), members))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         return None
 
@@ -168,24 +277,23 @@ def write_index(index: ShardIndex, st: os.stat_result) -> bool:
     """Keep `index` beside its tar (atomically), stamped with the tar's size and mtime from `st`, taken
     before the headers were read; nothing is written if the tar changed meanwhile or the directory is
     read-only (the loader then scans at each start). True when written."""
+    import numpy as np
+
     try:
         if _stamp(os.stat(index.path)) != _stamp(st):
             return False
-        doc = {
-            "version": INDEX_VERSION,
-            "tar": _stamp(st),
-            "keys": list(index.keys),
-            "members": [{e: list(w) for e, w in m.items()} for m in index.members],
-        }
-        atomic_write(index_path(index.path), json.dumps(doc, separators=(",", ":")), mode=None)
+        with atomic_path(index_path(index.path), mode=None) as tmp, open(tmp, "wb") as f:
+            head = {"version": np.int64(INDEX_VERSION), "tar": np.array(_stamp(st), np.int64)}
+            np.savez(f, **head, **index.arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         return True
     except OSError:
         return False
 
 
 def shard_index(path: str | Path) -> ShardIndex:
-    """The index of one tar: from the file beside it when it matches the tar, else by reading the tar
-    headers (index_shard), then kept beside the tar for the next start where the directory allows."""
+    """The index of one tar: from the file beside it when it matches the tar (or a version-1 one,
+    converted), else by reading the tar headers (index_shard), then kept beside the tar for the next
+    start where the directory allows."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -193,16 +301,27 @@ def shard_index(path: str | Path) -> ShardIndex:
     cached = read_index(path, st)
     if cached is not None:
         return cached
-    index = index_shard(path)
+    index = read_legacy_index(path, st) or index_shard(path)
     write_index(index, st)
     return index
 
 
-def read_member(handle, where: tuple[int, int]) -> bytes:
-    offset, size = where
-    handle.seek(offset)
-    return handle.read(size)
+def stats_count(path: str | Path) -> int | None:
+    """Samples in a tar from img2dataset's `NNNNN_stats.json` beside it (`successes`, else `count`),
+    without opening its index; None where there is no readable stats file."""
+    path = Path(path)
+    try:
+        with open(path.with_name(path.stem + "_stats.json"), "rb") as f:
+            doc = json.loads(f.read())
+        n = doc.get("successes", doc.get("count"))
+        return int(n) if isinstance(n, int) and n >= 0 else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
-def image_ext(members: dict[str, tuple[int, int]]) -> str:
-    return next(e for e in IMAGE_EXTS if e in members)
+def read_member(handle, offset: int) -> bytes:
+    """The data at `offset`; its size from the tar header in the block just before it (tar puts every
+    member's data right after its own header, also after pax or GNU long-name records)."""
+    handle.seek(offset - tarfile.BLOCKSIZE)
+    info = tarfile.TarInfo.frombuf(handle.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
+    return handle.read(info.size)
