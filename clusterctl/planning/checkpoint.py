@@ -16,6 +16,11 @@ Time: the busiest node's bytes at [storage] write_gb_s_per_node, or all bytes at
 whichever is slower. Node 0 is the busiest under ZeRO 0-2: rank 0 writes the weights besides its shard.
 Needed delay: (write time + one optimizer step, since USR2 may arrive just after a step began)
 x CHECKPOINT_MARGIN, rounded up to 10 s.
+
+Overhead: the trainer writes synchronously (every rank waits for the save, vltrain.loop) every
+`checkpoint_every` steps, so the share of the run's time spent writing is
+write / (checkpoint_every x step + write); above OVERHEAD_WARNING the plan warns and names the
+smallest cadence within it (`cadence_within`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ GB = 1e9
 # Shared filesystems slow down when other jobs write, and a checkpoint also fsyncs and renames:
 # 25% on top of the computed time.
 CHECKPOINT_MARGIN = 1.25
+OVERHEAD_WARNING = 0.05  # of the run's time spent writing checkpoints
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,18 @@ class CheckpointTime:
     needed_signal_delay_s: int
     signal_delay_s: int | None  # None: no Slurm, no signal
     ok: bool | None
+    checkpoint_every: int = 0  # steps between periodic checkpoints (0: only at the end)
+    overhead: float = 0.0  # share of the run's time spent writing them
+
+    @property
+    def too_costly(self) -> bool:
+        return self.overhead > OVERHEAD_WARNING
+
+    def cadence_within(self, share: float = OVERHEAD_WARNING) -> int:
+        """The fewest steps between checkpoints whose writing takes at most `share` of the time."""
+        if self.step_s <= 0:
+            return 1
+        return max(1, math.ceil(self.write_s * (1 - share) / (share * self.step_s)))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -74,6 +92,13 @@ def checkpoint_bytes(
     return total, min(node0, total)
 
 
+def overhead_share(write_s: float, step_s: float, every: int) -> float:
+    """Share of the time spent writing a checkpoint every `every` steps of `step_s` (0: never)."""
+    if every <= 0 or write_s <= 0:
+        return 0.0
+    return write_s / (every * step_s + write_s)
+
+
 def checkpoint_time(
     profile: ClusterProfile,
     params: float,
@@ -82,8 +107,10 @@ def checkpoint_time(
     step_s: float,
     model_parallel: int = 1,
     param_bytes: int = 2,
+    checkpoint_every: int = 0,
 ) -> CheckpointTime:
-    """Time to write one checkpoint on `profile`, and the signal delay that leaves room for it."""
+    """Time to write one checkpoint on `profile`, the signal delay that leaves room for it, and the share
+    of the run spent writing one every `checkpoint_every` steps."""
     st = profile.storage
     total, node0 = checkpoint_bytes(
         params, zero_stage, data_parallel, profile.nodes.gpus_per_node, model_parallel, param_bytes
@@ -103,4 +130,6 @@ def checkpoint_time(
         needed_signal_delay_s=needed,
         signal_delay_s=delay,
         ok=None if delay is None else delay >= needed,
+        checkpoint_every=checkpoint_every,
+        overhead=overhead_share(write, step_s, checkpoint_every),
     )

@@ -4,23 +4,33 @@ composed with tensor and pipeline parallelism (pure).
 What each GPU holds (its pipeline rank's share, one tp rank of it: clusterctl.planning.stages):
   * sharded over dp (FSDP2 `fully_shard`, MixedPrecisionPolicy(param_dtype=bf16|fp16, reduce_dtype=fp32)):
     the fp32 parameters, which are the master weights (4 bytes), AdamW's m and v (8), the fp32 gradients (4);
+    under parallel.sharding "hybrid" (HSDP: shard within a node, replicate across nodes) over the
+    dp ranks of one node only (`shard_group`: gpus_per_node / (tp x pp), at most dp);
   * gathered 16-bit parameters (2 bytes; 4 in fp32): zero_stage 2 (reshard_after_forward=False) keeps the
     whole share gathered from forward to backward; zero_stage 3 (True) only the unit being computed and
     the one prefetched, two of the largest; with pp > 1 the whole share, since torch's PipelineStage
     turns resharding after backward off until the last microbatch (stage.backward_maybe_with_nosync);
-  * unsharded gradients before the reduce-scatter: with pp > 1 the whole share in fp32 (the same
-    function turns gradient sync off, and FSDP2 accumulates unsharded gradients in reduce_dtype:
-    FSDPParam.to_accumulated_grad_if_needed); without a pipeline one unit's (16-bit, then fp32);
+  * unsharded gradients before the reduce-scatter: the whole share in fp32 whenever gradient sync is
+    off for some microbatches, since FSDP2 then
+    accumulates the unsharded gradients in reduce_dtype (FSDPParam.to_accumulated_grad_if_needed): with
+    pp > 1 (the same function turns sync off until the last microbatch), and under zero_stage 2 with
+    accumulation > 1 (vltrain.engines.fsdp: set_requires_gradient_sync(False) before the last micro
+    step); otherwise (zero_stage 3, which reduces every micro step, or one micro step) one unit's
+    (16-bit, then fp32);
   * activations: the share's per sample x micro batch x microbatches in flight (stages.in_flight);
   * CUDA context and NCCL buffers (memory.CONTEXT_GIB); no DeepSpeed buckets; 10% fragmentation.
 The most loaded pipeline rank is planned.
 
 Step time, added to the compute at DEFAULT_MFU:
   * data parallel (FSDP2): without a pipeline each microbatch all-gathers the share (twice at zero_stage 3:
-    forward and backward) and reduce-scatters its gradients in fp32, prefetched / overlapped with compute
+    forward and backward); the gradients' fp32 reduce-scatter runs every microbatch at zero_stage 3 and
+    once, in the last microbatch's backward, at zero_stage 2; prefetched / overlapped with compute
     (comm.OVERLAP_FRACTION, the last unit's reduce-scatter exposed); with a pipeline one reduce-scatter
     after the last microbatch (exposed) and the gathers once per step (per microbatch at zero_stage 3).
     The dp ring runs over the NICs the node's other dp groups leave it: tp x pp groups share them.
+    Hybrid sharding: gathers and reduce-scatters within the node's shard group (NVLink), then an
+    all-reduce of each rank's fp32 gradient shard across the replicas (one ring per GPU, each over
+    1/gpus_per_node of the node's NICs), at the reduce-scatter's times.
   * tensor parallel: DTensor all-reduces activations [micro, s, w] in 16 bits over NVLink: forward one
     per row-parallel Linear (out, fc2: 2 per block, 3 with cross-attention), backward one per
     column-parallel Linear (q, k, v, fc1 each convert their replicated input's gradient: 4, 7 with
@@ -59,16 +69,32 @@ class ParallelLayout:
     schedule: str = "1f1b"
     param_bytes: int = 2  # 16-bit compute weights (bf16/fp16); 4 in fp32
     checkpointing: bool = False
+    sharding: str = "full"  # parallel.sharding: "hybrid" shards over one node's dp ranks only
+    gpus_per_node: int = 8
+
+    @property
+    def shard_group(self) -> int:
+        """Ranks one FSDP shard spans: every dp rank, or (hybrid) those of one node, gpus_per_node / (tp x pp)."""
+        if self.sharding != "hybrid":
+            return self.dp
+        return max(1, min(self.dp, self.gpus_per_node // (self.tp * self.pp)))
+
+    @property
+    def sync_every_micro(self) -> bool:
+        """Whether every micro step reduces its gradients (vltrain.engines.fsdp: zero_stage 3 without a
+        pipeline, or a single micro step); else the unsharded fp32 gradients are kept until the last."""
+        return self.pp == 1 and self.zero_stage == 3
 
 
 def rank_memory(share: RankShare, lay: ParallelLayout, micro_batch: int, microbatches: int, capacity_gib: float):
     """The memory breakdown of one GPU of pipeline rank `share.rank`."""
-    L, pb = share.params, lay.param_bytes
+    L, pb, unit, shards = share.params, lay.param_bytes, share.largest_unit, lay.shard_group
     whole = lay.pp > 1 or lay.zero_stage == 2
-    gathered = pb * (L if whole else min(L, 2 * share.largest_unit))
-    unsharded_grads = REDUCE_BYTES * L if lay.pp > 1 else (pb + REDUCE_BYTES) * share.largest_unit
-    grads = SHARDED_GRAD_BYTES * L / lay.dp
-    optimizer = MASTER_BYTES * L / lay.dp
+    gathered = pb * (L if whole else min(L, 2 * unit))
+    kept = not lay.sync_every_micro and microbatches > 1  # sync off before the last micro step
+    unsharded_grads = REDUCE_BYTES * L if kept or lay.pp > 1 else (pb + REDUCE_BYTES) * unit
+    grads = SHARDED_GRAD_BYTES * L / shards
+    optimizer = MASTER_BYTES * L / shards
     acts = share.act_per_sample * micro_batch * in_flight(share.rank, lay.pp, microbatches, lay.schedule)
     states = gathered + unsharded_grads + grads + optimizer
     buffers = CONTEXT_GIB * GIB
@@ -122,10 +148,10 @@ class ParallelTime:
 
 
 def dp_bus_gb_s(fab: comm.Fabric, lay: ParallelLayout) -> float:
-    """The bus bandwidth of one data-parallel ring: within a node NVLink; across nodes the node's NICs
-    shared by the tp x pp groups on it that run their own rings at the same time."""
+    """The bus bandwidth of one FSDP ring (every dp rank, or a hybrid shard group): within a node NVLink;
+    across nodes the node's NICs shared by the tp x pp groups on it that run their own rings at the same time."""
     g = fab.gpus_per_node
-    span = lay.dp * lay.tp  # consecutive ranks one dp group covers (tp innermost, pp outermost)
+    span = lay.shard_group * lay.tp  # consecutive ranks one FSDP group covers (tp innermost, pp outermost)
     if fab.nodes == 1 or span <= g:
         return comm.NCCL_EFFICIENCY * fab.intra_node_gb_s
     groups_per_node = min(g, lay.tp)  # dp groups side by side on a node: one per tp rank
@@ -136,13 +162,14 @@ def step_comm(
     share: RankShare, lay: ParallelLayout, accumulation: int, compute_s: float, fab: comm.Fabric, backward_share: float
 ) -> comm.StepComm:
     """FSDP2's data-parallel collectives of one optimizer step for the GPU of `share` (module doc)."""
-    L, n = share.params, lay.dp
+    L, n = share.params, lay.shard_group
     w, g = L * lay.param_bytes, L * REDUCE_BYTES
     if lay.pp == 1:
         gathers = [comm.Collective("FSDP all-gather of the weights in forward", "all_gather", w, True, 1.0)]
         if lay.zero_stage == 3:
             gathers.append(comm.Collective("FSDP all-gather of the weights in backward", "all_gather", w, True, 1.0))
-        reduce = comm.Collective("FSDP gradient reduce-scatter (fp32)", "reduce_scatter", g, True, backward_share)
+        every = lay.sync_every_micro or accumulation == 1  # else once, in the last micro step's backward
+        reduce = comm.Collective("FSDP gradient reduce-scatter (fp32)", "reduce_scatter", g, every, backward_share)
     else:
         per_micro = lay.zero_stage == 3
         gathers = [
@@ -154,23 +181,36 @@ def step_comm(
             "FSDP gradient reduce-scatter after the last microbatch", "reduce_scatter", g, False, 0.0
         )
     bus = dp_bus_gb_s(fab, lay) * comm.GB
+    planned = [(c, n, bus) for c in (*gathers, reduce)]
+    if (replicas := lay.dp // n) > 1:  # hybrid: the shards' all-reduce across the nodes' replicas
+        across = comm.NCCL_EFFICIENCY * min(fab.intra_node_gb_s, fab.inter_node_gb_s / fab.gpus_per_node) * comm.GB
+        shard = comm.Collective(
+            "HSDP all-reduce of the gradient shards across nodes (fp32)",
+            "all_reduce",
+            g / n,
+            reduce.every_micro_step,
+            reduce.window,
+        )
+        planned.append((shard, replicas, across))
     calls = [
         comm.Collective(
-            c.what, c.op, c.tensor_bytes, c.every_micro_step, c.window, comm.ring_factor(c.op, n) * c.tensor_bytes / bus
+            c.what, c.op, c.tensor_bytes, c.every_micro_step, c.window, comm.ring_factor(c.op, k) * c.tensor_bytes / b
         )
-        for c in (*gathers, reduce)
+        for c, k, b in planned
     ]
     times = {True: accumulation, False: 1}
     total = sum(c.seconds * times[c.every_micro_step] for c in calls)
-    volume = sum(comm.ring_factor(c.op, n) * c.tensor_bytes * times[c.every_micro_step] for c in calls)
+    volume = sum(comm.ring_factor(c.op, k) * c.tensor_bytes * times[c.every_micro_step] for c, k, _ in planned)
     micro_s = compute_s / accumulation
     tail = share.largest_unit / L if L else 0.0  # the last unit's reduce-scatter runs after backward ends
     exposed = sum(c.seconds * times[c.every_micro_step] for c in calls if c.window == 0)
-    overlapped = [c for c in calls if c.window > 0]
-    if overlapped:
-        tail_s = sum(c.seconds * tail for c in overlapped if c.op == "reduce_scatter")
-        exposed += comm.exposed_seconds(overlapped, max(c.window for c in overlapped) * micro_s, tail_s) * accumulation
-    return comm.StepComm(n, accumulation, bus / comm.GB, volume, total, exposed, True, tuple(calls))
+    for every in (True, False):  # each group shares one micro step's compute
+        group = [c for c in calls if c.window > 0 and c.every_micro_step is every]
+        if group:
+            tail_s = sum(c.seconds * tail for c in group if c.op != "all_gather")
+            window = max(c.window for c in group) * micro_s
+            exposed += comm.exposed_seconds(group, window, tail_s) * times[every]
+    return comm.StepComm(lay.dp, accumulation, bus / comm.GB, volume, total, exposed, True, tuple(calls))
 
 
 def parallel_time(

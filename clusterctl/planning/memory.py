@@ -26,7 +26,18 @@ Allowance for what neither formula covers, stated here and shown in every breakd
   * CUDA context, cuBLAS workspace and NCCL buffers: 1.5 GiB per GPU (typical on A100/H100);
   * DeepSpeed's reduce and all-gather buckets for stages 1-2 (vltrain.dsconfig.bucket_elements: a
     quarter of the model, 2e7 to 5e8 elements each; bf16, 1.86 GiB for both at 5e8);
+  * DeepSpeed's fp32 reduction buffers when gradients are communicated in fp32 (vltrain.dsconfig's
+    communication_data_type under bf16/fp16, `comm_buffer_bytes`), read from deepspeed/runtime/zero/
+    stage_1_and_2.py: at stage 2 the bucket being reduced is flattened (a 16-bit copy) and cast to fp32
+    (allreduce_bucket: self.flatten(bucket), tensor.to(communication_data_type)): 2 + 4 bytes per bucket
+    element (overlap_comm's second 16-bit bucket, setup_buckets' double buffer, is the allowance's
+    all-gather bucket above); at stage 1 under bf16, BF16_Optimizer's all-reduce flattens the fp32
+    gradients in buffers of up to 5e8 elements (engine.buffered_allreduce_fallback); under fp16 the
+    buckets themselves are fp32 (use_grad_accum_attribute), twice with overlap_comm. Seed 002: 2.79 GiB;
   * allocator fragmentation: 10% of everything else.
+
+Capacity is what PyTorch can allocate (profiles.Gpu.capacity_gib: 79.15 GiB of an A100-80GB), not the
+board's nominal memory; `near_capacity` flags a plan at NEAR_CAPACITY of it or more.
 """
 
 from __future__ import annotations
@@ -40,6 +51,8 @@ GIB = 1024**3
 CONTEXT_GIB = 1.5
 FRAGMENTATION = 0.10
 OPTIMIZER_BYTES_PER_PARAM = 12  # fp32 master + momentum + variance (AdamW)
+NEAR_CAPACITY = 0.95  # of the usable memory: above it one allocator hiccup is an out-of-memory error
+FALLBACK_BUFFER_ELEMENTS = 5e8  # engine.buffered_allreduce_fallback's elements_per_buffer default
 
 
 @dataclass(frozen=True)
@@ -87,9 +100,32 @@ class MemoryBreakdown:
     total_gib: float
     capacity_gib: float
     fits: bool
+    comm_buffers_gib: float = 0.0  # DeepSpeed's fp32 reduction buffers (included in total_gib)
+
+    @property
+    def share(self) -> float:
+        """total / capacity."""
+        return self.total_gib / self.capacity_gib if self.capacity_gib else float("inf")
+
+    @property
+    def near_capacity(self) -> bool:
+        return self.share >= NEAR_CAPACITY
 
     def to_dict(self) -> dict[str, float | bool]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def comm_buffer_bytes(zero_stage: int, params_per_replica: float, ds) -> float:
+    """DeepSpeed's fp32 reduction buffers per GPU beyond the 16-bit bucket `fixed_overhead_bytes` counts
+    (module doc); `ds` is a comm.DeepSpeedComm. 0 when gradients travel in the weights' dtype."""
+    bucket = ds.reduce_bucket_elements
+    if ds.param_bytes >= ds.grad_bytes or zero_stage not in (1, 2):
+        return 0.0
+    if zero_stage == 2:
+        return bucket * (ds.param_bytes + ds.grad_bytes)
+    if ds.bf16_fp32_accumulation:  # BF16_Optimizer
+        return min(FALLBACK_BUFFER_ELEMENTS, params_per_replica) * ds.grad_bytes
+    return bucket * (ds.grad_bytes - ds.param_bytes) + (bucket * ds.grad_bytes if ds.overlap_comm else 0.0)
 
 
 def fixed_overhead_bytes(zero_stage: int, params: int | None = None) -> float:
@@ -109,14 +145,16 @@ def breakdown(
     capacity_gib: float,
     tp: int = 1,
     pp: int = 1,
+    comm_buffers: float = 0.0,
 ) -> MemoryBreakdown:
-    """Memory of one GPU for `micro_batch` samples per micro step; `fits` compares with capacity."""
+    """Memory of one GPU for `micro_batch` samples per micro step; `fits` compares with capacity.
+    `comm_buffers`: bytes of fp32 reduction buffers (`comm_buffer_bytes`)."""
     st = model_state_bytes(params, zero_stage, data_parallel, tp, pp)
     act = activation_bytes_per_sample / tp
     acts = act * micro_batch
     buffers = fixed_overhead_bytes(zero_stage, params)
     frag = FRAGMENTATION * (st.total + acts)
-    total = st.total + acts + buffers + frag
+    total = st.total + acts + buffers + comm_buffers + frag
     return MemoryBreakdown(
         params_gib=st.params / GIB,
         grads_gib=st.grads / GIB,
@@ -129,6 +167,7 @@ def breakdown(
         total_gib=total / GIB,
         capacity_gib=float(capacity_gib),
         fits=total <= capacity_gib * GIB,
+        comm_buffers_gib=comm_buffers / GIB,
     )
 
 
@@ -141,11 +180,12 @@ def max_micro_batch(
     capacity_gib: float,
     tp: int = 1,
     pp: int = 1,
+    comm_buffers: float = 0.0,
 ) -> int:
     """Largest micro batch whose breakdown fits (0 when not even the model states fit)."""
     st = model_state_bytes(params, zero_stage, data_parallel, tp, pp)
     states = st.total
-    room = capacity_gib * GIB - fixed_overhead_bytes(zero_stage, params) - (1 + FRAGMENTATION) * states
+    room = capacity_gib * GIB - fixed_overhead_bytes(zero_stage, params) - comm_buffers - (1 + FRAGMENTATION) * states
     per = (1 + FRAGMENTATION) * activation_bytes_per_sample / tp
     if room <= 0:
         return 0
@@ -162,6 +202,7 @@ def max_micro_batch(
             capacity_gib=capacity_gib,
             tp=tp,
             pp=pp,
+            comm_buffers=comm_buffers,
         ).fits
     ):
         m -= 1

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from clusterctl.planning import comm
+from clusterctl.planning.advice import plan_warnings
 from clusterctl.planning.checkpoint import CheckpointTime, checkpoint_time
 from clusterctl.planning.comm import Fabric, StepComm
 from clusterctl.planning.host_memory import HostMemory, host_memory, loader_workers
-from clusterctl.planning.memory import GIB, MemoryBreakdown, breakdown, max_micro_batch
+from clusterctl.planning.memory import GIB, MemoryBreakdown, breakdown, comm_buffer_bytes, max_micro_batch
 from clusterctl.planning.profiles import ClusterProfile
 from vltrain.batching import FIELDS as BATCH_FIELDS
 from vltrain.batching import BatchSplit, split_batch
@@ -36,17 +37,32 @@ DEFAULT_MFU = 0.40  # model FLOPs utilisation of the compute alone; typical of w
 FASTER_BY = 1.05  # another layout is named faster only when it saves 5%: the models are not finer than that
 
 
-def train_flops_per_sample(model: ModelConfig, activation_checkpointing: bool, mim_mask_ratio: float = 0.0) -> float:
+def train_flops_per_sample(
+    model: ModelConfig,
+    activation_checkpointing: bool,
+    mim_mask_ratio: float = 0.0,
+    objectives: tuple[str, ...] | None = None,
+) -> float:
     """Forward + backward matmul FLOPs of one sample: 3x forward, 4x with activation recomputation.
 
     The forward count is per block type (image patches, text tokens, cross-attention to the image,
-    the heads): vltrain.model_math.forward_flops_per_sample. Backward costs twice the forward; full
-    recomputation adds one more forward, hence the "8ND-equivalent" of Narayanan et al. 2021.
-    `mim_mask_ratio` > 0 adds masked image modelling's forward (the visible patches and its decoder).
+    the heads): vltrain.model_math.forward_flops_per_sample, of the `objectives` that run (weight > 0:
+    `run_objectives`; None: all). Backward costs twice the forward; full recomputation adds one more
+    forward, hence the "8ND-equivalent" of Narayanan et al. 2021. `mim_mask_ratio` > 0 adds masked
+    image modelling's forward (the visible patches and its decoder).
     """
     from vltrain.model_math import forward_flops_per_sample
 
-    return (4.0 if activation_checkpointing else 3.0) * forward_flops_per_sample(model, mim_mask_ratio=mim_mask_ratio)
+    fwd = forward_flops_per_sample(model, mim_mask_ratio=mim_mask_ratio, objectives=objectives)
+    return (4.0 if activation_checkpointing else 3.0) * fwd
+
+
+def run_objectives(cfg: TrainConfig) -> tuple[str, ...]:
+    """The objectives the run's base loss (a staged recipe's first stage) weights > 0: the work a step
+    does, hence its FLOPs (the trainer runs no head or loss weighted 0)."""
+    from vltrain.model_math import active_objectives
+
+    return active_objectives(cfg.loss)
 
 
 def mim_ratio(cfg: TrainConfig) -> float:
@@ -67,6 +83,8 @@ class ZeroAlternative:
     total_s: float
     speedup: float  # the plan's total_s / this one's
     trainer_runs: bool = True  # False: vltrain.support says the trainer does not run this ZeRO stage yet
+    memory_gib: float = 0.0  # per GPU (the most loaded one), as the plan's memory.total_gib
+    sharding: str | None = None  # FSDP: parallel.sharding ("full" | "hybrid"); None under DeepSpeed
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
@@ -95,6 +113,8 @@ class Plan:
     strategy: str = "deepspeed"
     pp_schedule: str = "1f1b"
     parallel: fsdp.ParallelTime | None = None  # what tp x pp add to the step (strategy "fsdp")
+    sharding: str | None = None  # FSDP's parallel.sharding; None under DeepSpeed
+    objectives: tuple[str, ...] = ()  # those whose FLOPs count (run_objectives)
 
     def step_time_s(self, mfu: float = DEFAULT_MFU) -> float:
         """Seconds of compute per optimizer step at `mfu` of the profile's bf16 peak (no communication)."""
@@ -162,7 +182,10 @@ class Plan:
             "communication": self.comm.to_dict() | {"fabric": self.fabric.to_dict()},
             "alternatives": [a.to_dict() for a in self.alternatives],
             "faster_layout": faster.to_dict() if faster else None,
-            "checkpoint": self.checkpoint.to_dict(),
+            "checkpoint": self.checkpoint.to_dict() | {"too_costly": self.checkpoint.too_costly},
+            "sharding": self.sharding,
+            "objectives": list(self.objectives),
+            "warnings": plan_warnings(self),
         }
 
 
@@ -264,18 +287,24 @@ def _deepspeed_plan(
     tp, pp, world = cfg.parallel.tp, cfg.parallel.pp, profile.world_size
     params = param_count(model, mim=cfg.uses_mim())  # the MIM decoder exists when any stage uses it
     act = activation_bytes_per_sample(model, activation_checkpointing)
-    mem_args: dict[str, Any] = dict(data_parallel=dp, capacity_gib=profile.gpu.memory_gib, tp=tp, pp=pp)
-    limit = max_micro_batch(params, act, zero_stage=zero_stage, **mem_args)
+    cuda = profile.gpu.kind == "cuda"
+    device = "cuda" if cuda else "cpu"
+
+    def mem_args(stage: int) -> dict[str, Any]:
+        ds = _deepspeed(cfg, stage, split_batch(global_batch, dp), world, device, params)
+        buffers = comm_buffer_bytes(stage, params / (tp * pp), ds)
+        return dict(data_parallel=dp, capacity_gib=profile.gpu.capacity_gib, tp=tp, pp=pp, comm_buffers=buffers)
+
+    limit = max_micro_batch(params, act, zero_stage=zero_stage, **mem_args(zero_stage))
     if limit == 0:  # not even a micro batch of 1 fits: split as asked (or by 1) and let the breakdown say so
         split = split_batch(global_batch, dp, micro_batch or (None if accumulation else 1), accumulation)
     else:
         split = split_batch(global_batch, dp, micro_batch, accumulation, max_micro_batch=limit)
-    mem = breakdown(params, act, split.micro_batch, zero_stage=zero_stage, **mem_args)
+    mem = breakdown(params, act, split.micro_batch, zero_stage=zero_stage, **mem_args(zero_stage))
 
-    cuda = profile.gpu.kind == "cuda"
-    device = "cuda" if cuda else "cpu"
     param_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
-    flops = train_flops_per_sample(model, activation_checkpointing, mim_ratio(cfg))
+    objectives = run_objectives(cfg)
+    flops = train_flops_per_sample(model, activation_checkpointing, mim_ratio(cfg), objectives)
     compute_s = flops * global_batch / (world * profile.gpu.peak_bf16_tflops * 1e12 * DEFAULT_MFU)
     fab = comm.fabric(profile)
     backward = comm.BACKWARD_SHARE_RECOMPUTE if activation_checkpointing else comm.BACKWARD_SHARE
@@ -301,13 +330,13 @@ def _deepspeed_plan(
         pp=pp,
         param_bytes=param_bytes,
     )
-    ckpt = checkpoint_time(profile, params, zero_stage, dp, total_s, tp * pp, param_bytes)
+    ckpt = checkpoint_time(profile, params, zero_stage, dp, total_s, tp * pp, param_bytes, cfg.checkpoint_every)
 
     alternatives = []
     for stage in (0, 1, 2, 3):
         if stage == 3 and not cuda:  # plan_for_run refuses ZeRO-3 on CPU profiles
             continue
-        stage_limit = limit if stage == zero_stage else max_micro_batch(params, act, zero_stage=stage, **mem_args)
+        stage_limit = limit if stage == zero_stage else max_micro_batch(params, act, zero_stage=stage, **mem_args(stage))
         if stage_limit == 0:
             continue
         alt = split_batch(global_batch, dp, max_micro_batch=stage_limit)
@@ -329,6 +358,7 @@ def _deepspeed_plan(
                 t,
                 total_s / t,
                 runs,
+                breakdown(params, act, alt.micro_batch, zero_stage=stage, **mem_args(stage)).total_gib,
             )
         )
     return Plan(
@@ -352,6 +382,7 @@ def _deepspeed_plan(
         alternatives=tuple(sorted(alternatives, key=lambda a: a.total_s)),
         strategy=cfg.parallel.strategy,
         pp_schedule=cfg.parallel.pp_schedule,
+        objectives=objectives,
     )
 
 
@@ -369,7 +400,8 @@ def _fsdp_plan(
     from clusterctl.planning.stages import rank_shares
     from vltrain.model_math import param_count
 
-    par, world, cap = cfg.parallel, profile.world_size, profile.gpu.memory_gib
+    par, world, cap = cfg.parallel, profile.world_size, profile.gpu.capacity_gib
+    gpn = profile.nodes.gpus_per_node
     ckpt_on, cuda = cfg.activation_checkpointing, profile.gpu.kind == "cuda"
     param_bytes = 2 if cfg.precision in ("bf16", "fp16") else 4
     split_batch(global_batch, dp)  # the global batch's own errors first
@@ -378,13 +410,14 @@ def _fsdp_plan(
     def schedule_takes(n: int) -> bool:
         return microbatch_problem(n, par.pp, par.pp_schedule) is None
 
-    def layout(stage: int) -> fsdp.ParallelLayout:
-        return fsdp.ParallelLayout(par.tp, par.pp, dp, stage, par.pp_schedule, param_bytes, ckpt_on)
+    def layout(stage: int, sharding: str = par.sharding) -> fsdp.ParallelLayout:
+        return fsdp.ParallelLayout(par.tp, par.pp, dp, stage, par.pp_schedule, param_bytes, ckpt_on, sharding, gpn)
 
-    def choose(stage: int, fixed: bool) -> tuple[BatchSplit, int]:
+    def choose(stage: int, fixed: bool, sharding: str = par.sharding) -> tuple[BatchSplit, int]:
         """The split (the largest micro batch that fits and the schedule takes, unless fixed) and the limit."""
-        fits = fsdp.max_micro_batch(model, layout(stage), per_rank, cap)
-        limit = fits if fixed else fsdp.max_micro_batch(model, layout(stage), per_rank, cap, schedule_takes)
+        lay = layout(stage, sharding)
+        fits = fsdp.max_micro_batch(model, lay, per_rank, cap)
+        limit = fits if fixed else fsdp.max_micro_batch(model, lay, per_rank, cap, schedule_takes)
         if fixed or limit == 0:  # not even a micro batch of 1 fits: split as asked (or by 1)
             s = split_batch(global_batch, dp, micro_batch or (None if accumulation else 1), accumulation, fits or None)
         else:
@@ -393,15 +426,16 @@ def _fsdp_plan(
             raise LayoutError(why)
         return s, limit
 
-    flops = train_flops_per_sample(model, ckpt_on, mim_ratio(cfg))
+    objectives = run_objectives(cfg)
+    flops = train_flops_per_sample(model, ckpt_on, mim_ratio(cfg), objectives)
     compute_s = flops * global_batch / (world * profile.gpu.peak_bf16_tflops * 1e12 * DEFAULT_MFU)
     fab = comm.fabric(profile)
     backward = comm.BACKWARD_SHARE_RECOMPUTE if ckpt_on else comm.BACKWARD_SHARE
     shares = rank_shares(model, par.tp, par.pp, par.pp_schedule, ckpt_on)
     heaviest = max(shares, key=lambda s: s.params)  # its collectives are the longest
 
-    def timing(stage: int, s: BatchSplit) -> tuple[comm.StepComm, fsdp.ParallelTime]:
-        lay = layout(stage)
+    def timing(stage: int, s: BatchSplit, sharding: str = par.sharding) -> tuple[comm.StepComm, fsdp.ParallelTime]:
+        lay = layout(stage, sharding)
         return (
             fsdp.step_comm(heaviest, lay, s.accumulation, compute_s, fab, backward),
             fsdp.parallel_time(model, lay, s.micro_batch, s.accumulation, compute_s, fab),
@@ -428,22 +462,31 @@ def _fsdp_plan(
         model_on_host_bytes=0.0 if cuda else (mem.total_gib - mem.buffers_gib) * GIB,
         param_bytes=param_bytes,
     )
-    ckpt = checkpoint_time(profile, params, 3, dp, total_s, par.tp * par.pp, param_bytes)
+    ckpt = checkpoint_time(profile, params, 3, dp, total_s, par.tp * par.pp, param_bytes, cfg.checkpoint_every)
     alternatives = []
-    for stage in (2, 3):
-        if stage == cfg.zero_stage:
-            continue
+    for stage, sharding in ((2, "full"), (3, "full"), (2, "hybrid"), (3, "hybrid")):
         try:
-            alt, _ = choose(stage, False)
+            alt, _ = choose(stage, False, sharding)
         except UserError:
             continue
-        if not fsdp.memory(model, layout(stage), alt.micro_batch, alt.accumulation, cap)[0].fits:
-            continue
-        c, pt = timing(stage, alt)
+        same = (stage, sharding, alt.micro_batch) == (cfg.zero_stage, par.sharding, split.micro_batch)
+        alt_mem = fsdp.memory(model, layout(stage, sharding), alt.micro_batch, alt.accumulation, cap)[0]
+        if same or not alt_mem.fits or (sharding == "hybrid" and layout(stage, sharding).shard_group == dp):
+            continue  # the plan itself, one that does not fit, or hybrid that is full sharding on one node
+        c, pt = timing(stage, alt, sharding)
         t = compute_s + c.exposed_s + pt.total_s
         alternatives.append(
             ZeroAlternative(
-                stage, alt.micro_batch, alt.accumulation, compute_s, c.communication_s, c.exposed_s, t, total_s / t
+                stage,
+                alt.micro_batch,
+                alt.accumulation,
+                compute_s,
+                c.communication_s,
+                c.exposed_s,
+                t,
+                total_s / t,
+                memory_gib=alt_mem.total_gib,
+                sharding=sharding,
             )
         )
     return Plan(
@@ -468,6 +511,8 @@ def _fsdp_plan(
         strategy="fsdp",
         pp_schedule=par.pp_schedule,
         parallel=ptime,
+        sharding=par.sharding,
+        objectives=objectives,
     )
 
 

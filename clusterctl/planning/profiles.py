@@ -176,6 +176,42 @@ class Gpu:
     memory_gib: float = field("memory per GPU (GiB)", min=1, max=4096)
     peak_bf16_tflops: float = field("dense bf16 peak per GPU (TFLOP/s)", min=0.01, max=100_000)
     power_w: float = field("board power per GPU (W)", min=1, max=5_000)
+    usable_memory_gib: float | None = field(
+        "memory PyTorch can allocate per GPU (GiB; torch.cuda.mem_get_info's total); default from the GPU "
+        "model (docs/planning.md), else 98.5% of memory_gib",
+        default=None,
+        min=0.5,
+        max=4096,
+    )
+
+    @property
+    def capacity_gib(self) -> float:
+        """What the planner fits a step into: the profile's usable_memory_gib, else the GPU model's
+        measured figure (USABLE_MEMORY_GIB), else USABLE_SHARE of memory_gib; the whole memory_gib on CPUs."""
+        if self.usable_memory_gib is not None:
+            return min(self.usable_memory_gib, self.memory_gib)
+        if self.kind != "cuda":
+            return self.memory_gib
+        name = self.model.upper().replace("-", " ").replace("_", " ")
+        for rx, gib in USABLE_MEMORY_GIB:
+            if re.search(rx, name) and gib <= self.memory_gib:
+                return gib
+        return round(self.memory_gib * USABLE_SHARE, 2)
+
+
+# What PyTorch reports as a GPU's total memory (torch.cuda.get_device_properties().total_memory, the
+# "total capacity" of its out-of-memory message): the board's memory less what the driver and ECC
+# reserve. Figures as PyTorch prints them on these boards; first match wins.
+USABLE_MEMORY_GIB: tuple[tuple[str, float], ...] = (
+    (r"\bH200\b", 139.8),
+    (r"\bH100\b.*\bNVL\b|\bH100\b.*\b94 ?GB\b", 93.0),
+    (r"\bH100\b", 79.1),
+    (r"\bA100\b.*\b80 ?GB\b", 79.15),
+    (r"\bA100\b.*\b40 ?GB\b", 39.39),
+    (r"\bV100\b.*\b32 ?GB\b", 31.74),
+    (r"\bV100\b", 15.77),
+)
+USABLE_SHARE = 0.985  # an unlisted CUDA GPU: A100-80GB's 79.15 of 80, rounded down
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,8 +34,10 @@ def print_plan(d: dict) -> None:
         ("fp32 master + Adam m, v", "optimizer_gib"),
         (f"activations ({d['micro_batch']} x {m['activations_per_sample_gib']:.3f} x in flight)", "activations_gib"),
         ("CUDA/NCCL context" if fsdp else "CUDA/NCCL context + DeepSpeed buckets", "buffers_gib"),
+        ("DeepSpeed fp32 reduction buffers", "comm_buffers_gib"),
         ("fragmentation (10%)", "fragmentation_gib"),
     )
+    labels = tuple((lb, k) for lb, k in labels if k != "comm_buffers_gib" or m.get(k))
     if not fsdp:
         labels = tuple((lb.replace(" x in flight", ""), k) for lb, k in labels)
     terms = [label for label, _ in labels] + ["total"]
@@ -43,7 +45,8 @@ def print_plan(d: dict) -> None:
     say(table_text(title, [["term"], ["GiB"]], [terms, gib], [False, True]))
     if m["fits"]:
         say(
-            f"{styled('fits', 'green')}: largest micro batch that fits is {d['max_micro_batch']}; "
+            f"{styled('fits', 'green')} ({m['total_gib'] / m['capacity_gib']:.0%} of the {m['capacity_gib']:g} GiB "
+            f"PyTorch can allocate): largest micro batch that fits is {d['max_micro_batch']}; "
             f"about {d['step_time_s']:.2f} s of compute per optimizer step at {d['mfu_assumed']:.0%} MFU"
         )
     else:
@@ -53,6 +56,8 @@ def print_plan(d: dict) -> None:
         )
     if "step_time" in d:
         print_scale(d)
+    for line in d.get("warnings", []):
+        say(f"{styled('warning', 'yellow')}: {printable(line)}")
 
 
 def _gb(n: float) -> str:
@@ -94,14 +99,12 @@ def print_scale(d: dict) -> None:
         )
     f = d.get("faster_layout")
     if f:
-        say(
-            f"faster_layout: {'FSDP zero_stage ' if d.get('strategy') == 'fsdp' else 'ZeRO-'}{f['zero_stage']} with micro batch {f['micro_batch']} x accumulation "
-            f"{f['accumulation']}: {f['total_s']:.2f} s per step, {f['speedup']:.2f}x "
-            f"(--zero-stage {f['zero_stage']} --micro-batch {f['micro_batch']} --accum {f['accumulation']})"
-            + ("" if f.get("trainer_runs", True) else f"; the trainer does not run ZeRO-{f['zero_stage']} yet")
-        )
+        say(f"faster_layout: {_layout(d, f)}" + ("" if f.get("trainer_runs", True) else "; the trainer does not run it yet"))
     else:
         say("faster_layout: none (no other ZeRO stage or micro batch that fits is 5% faster)")
+    alts = d.get("alternatives") or []
+    if alts:
+        say("alternatives (all fit): " + "; ".join(_layout(d, a, flags=False) for a in alts))
     delay = k["signal_delay_s"]
     if delay is None:
         tail = "no Slurm signal on this profile"
@@ -113,6 +116,26 @@ def print_scale(d: dict) -> None:
         f"checkpoint: {_gb(k['bytes'])}, {k['write_s']:.0f} s to write (busiest node {_gb(k['busiest_node_bytes'])} "
         f"at {k['write_gb_s_per_node']:g} GB/s) + one step: needs {k['needed_signal_delay_s']} s of warning; {tail}"
     )
+    every = k.get("checkpoint_every")
+    if every:
+        verdict = styled("over 5%", "red") if k.get("too_costly") else styled("within 5%", "green")
+        say(f"checkpoint overhead: one every {every} steps, {k['overhead']:.1%} of the time writing ({verdict})")
+
+
+def _layout(d: dict, a: dict, flags: bool = True) -> str:
+    """One alternative layout: engine, split, time, speed-up, memory per GPU (and the flags that pick it)."""
+    if d.get("strategy") == "fsdp":
+        engine = f"FSDP zero_stage {a['zero_stage']}" + (f" {a['sharding']} sharding" if a.get("sharding") else "")
+    else:
+        engine = f"ZeRO-{a['zero_stage']}"
+    text = (
+        f"{engine} with micro batch {a['micro_batch']} x accumulation {a['accumulation']}: {a['total_s']:.2f} s per "
+        f"step, {a['speedup']:.2f}x, {a.get('memory_gib', 0):.1f} GiB per GPU"
+    )
+    if flags:
+        shard = f" --set parallel.sharding={a['sharding']}" if a.get("sharding") else ""
+        text += f" (--zero-stage {a['zero_stage']} --micro-batch {a['micro_batch']} --accum {a['accumulation']}{shard})"
+    return text
 
 
 def print_estimate(d: dict) -> None:
