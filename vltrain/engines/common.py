@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vltrain.config import TrainConfig
+from vltrain.config import LossConfig, TrainConfig
 from vltrain.dsconfig import warmup_steps
 from vltrain.parallel.layout import data_parallel
 from vltrain.presets import resolve_model
@@ -56,28 +56,68 @@ class LossScaleAtMinimum(Exception):
     """fp16's dynamic loss scale cannot go lower: every gradient overflows (the loop's divergence)."""
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, losses: list[LossConfig] | None = None) -> list[dict[str, Any]]:
     """Weight decay on the weight matrices of Linear and Conv layers only (minGPT's rule).
 
     Biases, norm gains, embeddings (token, position, cls) and the contrastive temperature are not
     decayed: pulling them towards zero has no regularising meaning and hurts (e.g. a shrinking
     logit_scale raises the temperature).
-    """
+
+    `losses`: the run's stage loss weights. Decayed weights that some stage leaves idle (every objective
+    they serve weighted 0 there: VLModel.parameter_objectives) go into groups of their own, keyed by
+    those objectives ("objectives"), whose decay `set_stage_weight_decay` turns off in such a stage:
+    under DeepSpeed's flat buffers an idle parameter gets a zero gradient, and AdamW would still decay
+    it (a decoder idle for 90% of a run would shrink to ~2% before its stage). Without idle weights the
+    groups are the two above, in that order (the same flat buffers, the same bits as before)."""
+    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
+    objectives_of = getattr(model, "parameter_objectives", dict)()
+    split: dict[tuple[str, ...], list[torch.Tensor]] = {}
     decay: list[torch.Tensor] = []
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            decay.append(module.weight)
-    decay_ids = {id(p) for p in decay}
+    for name, p in model.named_parameters():
+        objs = objectives_of.get(name, ())
+        if id(p) not in decay_ids:
+            continue
+        if objs and any(all(getattr(lc, o) == 0 for o in objs) for lc in losses or ()):
+            split.setdefault(tuple(objs), []).append(p)
+        else:
+            decay.append(p)
     no_decay = [p for p in model.parameters() if id(p) not in decay_ids]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + [
+        {"params": ps, "weight_decay": weight_decay, "objectives": list(objs), "decay_when_used": weight_decay}
+        for objs, ps in sorted(split.items())
+    ]
+
+
+def set_stage_weight_decay(groups: list[dict[str, Any]], loss: LossConfig) -> None:
+    """A stage's weight decay on `param_groups`' idle-able groups (an optimizer's param_groups, DeepSpeed's
+    flat ones alike): 0 where `loss` weights every objective of the group 0, the configured decay otherwise."""
+    for group in groups:
+        if "objectives" in group:
+            idle = all(getattr(loss, o) == 0 for o in group["objectives"])
+            group["weight_decay"] = 0.0 if idle else group["decay_when_used"]
+
+
+def stage_losses(cfg: TrainConfig) -> list[LossConfig]:
+    """The loss weights of each stage of the run ([loss] alone without [[stages]])."""
+    from vltrain.stages import stage_at, stage_bounds
+
+    return [stage_at(cfg, first)[1] for first, _ in stage_bounds(cfg)]
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool = False):
     """-> (torch AdamW over param_groups, LambdaLR over vltrain.schedule): the same for both strategies."""
     o = cfg.optim
     optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, fused=fused or None
+        param_groups(model, o.weight_decay, stage_losses(cfg)),
+        lr=o.lr,
+        betas=(o.betas[0], o.betas[1]),
+        eps=o.eps,
+        fused=fused or None,
     )
+    # each step decays what the model's loss weights use now (set_loss_config sets them at stage switches)
+    if isinstance(getattr(model, "loss_cfg", None), LossConfig):
+        optimizer.register_step_pre_hook(lambda opt, *_: set_stage_weight_decay(opt.param_groups, model.loss_cfg))
     schedule = functools.partial(lr_factor, peak=o.lr, min_lr=o.min_lr, warmup=warmup_steps(cfg), total=cfg.steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 

@@ -39,6 +39,22 @@ from vltrain.model.vision import VisionEncoder
 from vltrain.model_config import ModelConfig
 
 Carry = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # feats, clean, masked, dec
+OBJECTIVES = ("itc", "mlm", "caption", "mim")
+# Which objectives each module serves (a parameter name's longest matching prefix): the forward paths of
+# `_run_model` and mim_forward. tests/test_idle_heads.py checks it against autograd.
+OBJECTIVE_MODULES: dict[str, tuple[str, ...]] = {
+    "vision.": OBJECTIVES,
+    "embed.": ("itc", "mlm", "caption"),
+    "text.blocks.": ("itc", "mlm"),
+    "text.unimodal_norm.": ("itc",),
+    "image_proj.": ("itc",),
+    "text_proj.": ("itc",),
+    "logit_scale": ("itc",),
+    "text.fusion.": ("mlm",),
+    "text.norm.": ("mlm",),
+    "decoder.": ("caption",),
+    "mim_decoder.": ("mim",),
+}
 _M = TypeVar("_M")
 
 
@@ -256,22 +272,62 @@ class VLModel(nn.Module):
         mask = attention_mask.bool()
         rope = text_rope(self.cfg, input_ids.shape[1], input_ids.device)
         first, heads = self.embeds, self.holds_heads
+        if first and heads:
+            return self._run_model(x[0], input_ids, mask, masked, labels, rope)
         feats = self.vision(x[0])  # [B, 1+N, Dv]
         clean = self.text.unimodal(self._tokens(input_ids) if first else x[1], mask, rope)  # [B, T, Dt]
-        out: dict[str, torch.Tensor] = {}
-        if heads and first:
-            out["itc"] = self._itc(feats, clean, mask)
         hm = self.text.unimodal(self._tokens(masked) if first else x[2], mask, rope)
         hm = self.text.fuse(hm, feats, mask, rope)  # [B, T, Dt]
+        out: dict[str, torch.Tensor] = {}
         if heads:
             out["mlm"] = losses.mlm_loss(self._logits(hm), labels)
         dec = self.decoder(self._tokens(input_ids) if first else x[3], feats, rope)  # [B, T, Dt]
         if not heads:
             return feats, clean, hm, dec
         out["caption"] = losses.caption_loss(self._logits(dec), input_ids, mask)
-        if "itc" not in out:
-            out["itc"] = self._itc(feats, clean, mask)
+        out["itc"] = self._itc(feats, clean, mask)
         return LossTerms(out["itc"], out["mlm"], out["caption"])
+
+    def _run_model(self, images, input_ids, mask, masked, labels, rope) -> LossTerms:
+        """The whole model's forward (`_run` where one copy holds stem and heads): only the objectives
+        weighted > 0 run (`running`); a skipped one is a zero term, and its own modules see no forward
+        and get no gradient (`idle_parameters`). With every weight > 0 the order is `_run`'s."""
+        runs = self.running(self.loss_cfg)
+        zero = torch.zeros((), dtype=torch.float32, device=images.device)
+        itc = mlm = cap = zero
+        feats = self.vision(images) if runs & {"itc", "mlm", "caption"} else None  # [B, 1+N, Dv]
+        if feats is not None and "itc" in runs:
+            clean = self.text.unimodal(self._tokens(input_ids), mask, rope)  # [B, T, Dt]
+            itc = self._itc(feats, clean, mask)
+        if feats is not None and "mlm" in runs:
+            hm = self.text.fuse(self.text.unimodal(self._tokens(masked), mask, rope), feats, mask, rope)
+            mlm = losses.mlm_loss(self._logits(hm), labels)
+        if feats is not None and "caption" in runs:
+            dec = self.decoder(self._tokens(input_ids), feats, rope)  # [B, T, Dt]
+            cap = losses.caption_loss(self._logits(dec), input_ids, mask)
+        return LossTerms(itc, mlm, cap)
+
+    @staticmethod
+    def running(loss: LossConfig) -> set[str]:
+        """The objectives that `loss` weights above 0: the ones the forward runs."""
+        return {o for o in OBJECTIVES if getattr(loss, o) > 0}
+
+    def parameter_objectives(self) -> dict[str, tuple[str, ...]]:
+        """Each parameter's name -> the objectives whose loss its gradient comes from (`OBJECTIVE_MODULES`)."""
+        out = {}
+        for name, _ in self.named_parameters():
+            prefix = max((p for p in OBJECTIVE_MODULES if name.startswith(p)), key=len, default=None)
+            if prefix is None:
+                raise ValueError(f"VLModel.parameter_objectives: {name} is in no entry of OBJECTIVE_MODULES")
+            out[name] = OBJECTIVE_MODULES[prefix]
+        return out
+
+    def idle_parameters(self, loss: LossConfig) -> set[str]:
+        """Names of the parameters that get no gradient under the weights of `loss` (every objective they
+        serve weighted 0): the forward does not run them, and AdamW must not decay them
+        (vltrain.engines.common.param_groups)."""
+        runs = self.running(loss)
+        return {name for name, objs in self.parameter_objectives().items() if not runs.intersection(objs)}
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
