@@ -70,7 +70,7 @@ def param_groups(model: nn.Module, weight_decay: float, losses: list[LossConfig]
     it (a decoder idle for 90% of a run would shrink to ~2% before its stage). Without idle weights the
     groups are the two above, in that order (the same flat buffers, the same bits as before)."""
     decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
-    objectives_of = getattr(model, "parameter_objectives", dict)()
+    objectives_of: dict[str, tuple[str, ...]] = getattr(model, "parameter_objectives", dict)()
     split: dict[tuple[str, ...], list[torch.Tensor]] = {}
     decay: list[torch.Tensor] = []
     for name, p in model.named_parameters():
@@ -117,7 +117,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool = False):
     )
     # each step decays what the model's loss weights use now (set_loss_config sets them at stage switches)
     if isinstance(getattr(model, "loss_cfg", None), LossConfig):
-        optimizer.register_step_pre_hook(lambda opt, *_: set_stage_weight_decay(opt.param_groups, model.loss_cfg))
+        optimizer.register_step_pre_hook(lambda opt, *_: set_stage_weight_decay(opt.param_groups, model.loss_cfg))  # type: ignore[arg-type]  # checked above
     schedule = functools.partial(lr_factor, peak=o.lr, min_lr=o.min_lr, warmup=warmup_steps(cfg), total=cfg.steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
