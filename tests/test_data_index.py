@@ -1,13 +1,20 @@
-"""The shard index kept beside the tars (NAME.tar.idx.json): written with the shards, used at start-up
-instead of reading tar headers, rebuilt when a tar changed, and optional where the directory is read-only."""
+"""The shard index kept beside the tars (NAME.tar.idx.npz): written with the shards, used at start-up
+instead of reading tar headers, rebuilt when a tar changed, and optional where the directory is read-only;
+held as arrays, and a training rank opens only its own shards' index files."""
 
 from __future__ import annotations
 
+import builtins
+import gc
+import io
 import json
 import os
 import shutil
+import sys
 import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.test_data import HOLDOUT, SIZE, loader, same_batches, take
@@ -55,9 +62,10 @@ def test_writing_shards_writes_their_index_beside_them(data):
     root, summary, _ = data
     tars = resolve_shards(root) + resolve_shards(summary["eval_out"])
     for tar in tars:
-        doc = json.loads(index_path(tar).read_text())
+        with np.load(index_path(tar)) as doc:
+            stamp = doc["tar"].tolist()
         st = tar.stat()
-        assert doc["tar"] == {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        assert stamp == [st.st_size, st.st_mtime_ns]
         assert read_index(tar, st) == index_shard(tar)  # the same keys and member offsets as a scan
     assert [p.name for p in resolve_shards(root)] == ["00000.tar", "00001.tar", "00002.tar"]  # not a shard
 
@@ -83,7 +91,7 @@ def test_a_changed_or_replaced_shard_is_indexed_again(data, copy, opened):
     after = loader(data, shards=copy)
     assert opened == ["00001.tar"]
     assert after.index[1].keys == before.index[0].keys != before.index[1].keys
-    assert json.loads(index_path(tars[1]).read_text())["keys"] == list(before.index[0].keys)
+    assert read_index(tars[1], tars[1].stat()).keys == before.index[0].keys  # rewritten
     opened.clear()
     st = tars[2].stat()
     os.utime(tars[2], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # same size, touched
@@ -93,13 +101,12 @@ def test_a_changed_or_replaced_shard_is_indexed_again(data, copy, opened):
 
 def test_a_damaged_index_is_not_trusted(data, copy, opened):
     tars = resolve_shards(copy)
-    index_path(tars[0]).write_text("{not json")
-    doc = json.loads(index_path(tars[1]).read_text())
-    doc["keys"] = doc["keys"][:-1]  # keys and members disagree
-    index_path(tars[1]).write_text(json.dumps(doc))
-    doc = json.loads(index_path(tars[2]).read_text())
-    doc["version"] = 999
-    index_path(tars[2]).write_text(json.dumps(doc))
+    index_path(tars[0]).write_text("{not an npz")
+    with np.load(index_path(tars[1])) as z:
+        doc = dict(z)
+    np.savez(index_path(tars[1]), **(doc | {"text": doc["text"][:-1]}))  # offsets and keys disagree
+    with np.load(index_path(tars[2])) as z:
+        np.savez(index_path(tars[2]), **(dict(z) | {"version": np.int64(999)}))
     got = loader(data, shards=copy)
     assert opened == ["00000.tar", "00001.tar", "00002.tar"]
     assert [s.keys for s in got.index] == [index_shard(t).keys for t in tars]
@@ -114,7 +121,7 @@ def test_a_read_only_directory_is_scanned_at_each_start(data, copy, opened, monk
     def refuse(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(shards, "atomic_write", refuse)  # root ignores directory permissions: refuse as they would
+    monkeypatch.setattr(shards, "atomic_path", refuse)  # root ignores directory permissions: refuse as they would
     os.chmod(copy, 0o555)
     try:
         for _ in range(2):
@@ -137,3 +144,107 @@ def test_a_shard_written_over_an_old_one_gets_a_fresh_index(copy):
 def test_a_missing_shard_is_one_line(tmp_path):
     with pytest.raises(shards.UserError, match="is not a readable tar"):
         shard_index(tmp_path / "00000.tar")
+
+
+@pytest.fixture
+def opened_files(monkeypatch):
+    """Every file opened through open() or io.open() (index files, stats, tars read for samples), by name."""
+    seen: list[str] = []
+    real = builtins.open
+
+    def watching(file, *args, **kwargs):
+        seen.append(os.path.basename(str(file)))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", watching)
+    monkeypatch.setattr(io, "open", watching)  # pathlib opens through io.open
+    return seen
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_training_rank_opens_only_its_own_shards_index_files(data, world, opened_files):
+    """Shard i belongs to rank i mod W; a rank counts the others from their stats files, never their index."""
+    root, _, _ = data
+    names = [t.name for t in resolve_shards(root)]
+    for rank in range(world):
+        opened_files.clear()
+        ld = loader(data, shards=root, rank=rank, world_size=world, batch_size=4)
+        take(iter(ld), 3)
+        mine = names[rank::world]
+        assert sorted(n for n in opened_files if ".idx." in n) == [n + shards.INDEX_SUFFIX for n in mine]
+        assert {n for n in opened_files if n.endswith(".tar")} == set(mine)  # samples read from its shards only
+        assert [s.path for s in ld.index] == [str(root / n) for n in mine]
+
+
+def test_index_memory_is_read_only_arrays_not_objects_per_sample(tmp_path):
+    """A rank's index: a few objects per shard whatever the shard's size, <= 16 bytes a sample, and
+    arrays nothing writes to (a forked worker shares their pages)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import bench_index
+
+    grown = []
+    for per_shard in (1_000, 20_000):
+        d = tmp_path / str(per_shard)
+        d.mkdir()
+        paths = bench_index.build(d, 4 * per_shard, per_shard)
+        gc.collect()
+        before = len(gc.get_objects())
+        index, total, per_rank = shards.rank_index(paths, 0, 2)
+        grown.append(len(gc.get_objects()) - before)
+        assert (total, per_rank, [len(s) for s in index]) == (4 * per_shard, 2 * per_shard, [per_shard] * 2)
+        for s in index:
+            assert all(isinstance(a, np.ndarray) and not a.flags.writeable for a in s.arrays.values())
+        del index
+    assert grown[0] == grown[1]  # 20x the samples, the same number of Python objects
+    assert bench_index.measure(paths, 0, 2)["bytes_per_sample"] <= 16
+
+
+def test_a_version_1_json_index_is_converted_at_load(data, copy, opened):
+    """Shards indexed before issue 23 (NAME.tar.idx.json, keys and [offset, size] per member) start without
+    a scan; the index is kept in the new format beside them."""
+    tars = resolve_shards(copy)
+    reference = take(iter(loader(data, shards=copy)), 4)
+    for tar in tars:
+        idx, st = index_shard(tar), tar.stat()
+        with tarfile.open(tar) as t:
+            sizes = {m.offset_data: m.size for m in t.getmembers()}
+        members = [
+            {"jpg": [o, sizes[o]], "txt": [x, sizes[x]]}
+            for o, x in zip(idx.arrays["image"].tolist(), idx.arrays["text"].tolist())
+        ]
+        doc = {
+            "version": 1,
+            "tar": {"size": st.st_size, "mtime_ns": st.st_mtime_ns},
+            "keys": list(idx.keys),
+            "members": members,
+        }
+        tar.with_name(tar.name + shards.LEGACY_SUFFIX).write_text(json.dumps(doc))
+        index_path(tar).unlink()
+    opened.clear()
+    same_batches(reference, take(iter(loader(data, shards=copy)), 4))
+    assert opened == []  # no tar header read
+    assert all(read_index(t, t.stat()) == index_shard(t) for t in tars)  # converted and kept
+
+
+def test_stats_that_overcount_a_ranks_shards_are_one_line(data, copy):
+    stats = copy / "00001_stats.json"
+    stats.write_text(json.dumps({"count": 1000, "successes": 1000}))
+    (copy / "00000_stats.json").write_text(json.dumps({"count": 1000, "successes": 1000}))
+    (copy / "00002_stats.json").write_text(json.dumps({"count": 1000, "successes": 1000}))
+    with pytest.raises(shards.UserError, match="fewer than their stats files count") as e:
+        loader(data, shards=copy, rank=1, world_size=2)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("stop", [3, 7])
+def test_a_rank_of_two_resumes_exactly_with_any_worker_count(data, stop):
+    full = take(iter(loader(data, rank=1, world_size=2, batch_size=4)), 12)  # rank 1: shard 1, 20 samples
+    first = loader(data, rank=1, world_size=2, batch_size=4, workers=2)
+    it = iter(first)
+    head = take(it, stop)
+    state = first.state_dict()
+    resumed = loader(data, rank=1, world_size=2, batch_size=4, workers=1)
+    resumed.load_state_dict(state)
+    same_batches(head + take(iter(resumed), 12 - stop), full)
+    with pytest.raises(shards.UserError, match="version 1"):
+        resumed.load_state_dict(state | {"version": 1})
