@@ -51,7 +51,8 @@ def test_a100x64_script_has_what_the_profile_says():
         "#SBATCH --signal=USR2@180",
         "#SBATCH --exclusive",
         "#SBATCH --requeue",
-        "export NCCL_IB_HCA=mlx5",
+        "#SBATCH --mem=0",  # exclusive: all of each node's memory
+        "export NCCL_IB_HCA==mlx5_0,mlx5_1,mlx5_2,mlx5_3,mlx5_6,mlx5_7,mlx5_8,mlx5_9",  # exact names
         "export NCCL_P2P_LEVEL=NVL",
         "export NCCL_IB_DISABLE=0",
     ):
@@ -90,7 +91,9 @@ def test_bad_job_names_are_refused(name):
 @pytest.mark.parametrize("value", ["INFO\n#SBATCH --x", "$(curl x)", "a'b", 'a"b', "`id`", "a\\b"])
 def test_profile_env_injection_is_refused(tmp_path, value):
     src = (builtin_dir() / "a100x64.toml").read_text()
-    bad = src.replace('ib_hcas = "mlx5"', 'ib_hcas = "mlx5"\nenv = { NCCL_DEBUG = ' + json.dumps(value) + " }")
+    bad = src.replace(
+        'inter_node = "infiniband"', 'inter_node = "infiniband"\nenv = { NCCL_DEBUG = ' + json.dumps(value) + " }"
+    )
     path = tmp_path / "a100x64.toml"
     path.write_text(bad)
     with pytest.raises(UserError, match=r"interconnect\.env"):

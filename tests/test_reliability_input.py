@@ -78,7 +78,7 @@ def _shadow(tmp_path: Path, extra_env: str = "") -> Path:
     (cwd / "cluster_profiles").mkdir(parents=True)
     src = (REPO / "cluster_profiles" / "a100x64.toml").read_text()
     if extra_env:
-        src = src.replace('ib_hcas = "mlx5"', f'ib_hcas = "mlx5"\nenv = {{ {extra_env} }}')
+        src = src.replace('inter_node = "infiniband"', f'inter_node = "infiniband"\nenv = {{ {extra_env} }}')
     (cwd / "cluster_profiles" / "a100x64.toml").write_text(src)
     return cwd
 
@@ -112,7 +112,9 @@ def test_the_users_own_profiles_may_set_it(env, tmp_path):
     mine.mkdir(parents=True)
     src = (REPO / "cluster_profiles" / "a100x64.toml").read_text().replace('name = "a100x64"', 'name = "mine"')
     (mine / "mine.toml").write_text(
-        src.replace('ib_hcas = "mlx5"', 'ib_hcas = "mlx5"\nenv = { LD_LIBRARY_PATH = "/opt/nccl/lib" }')
+        src.replace(
+            'inter_node = "infiniband"', 'inter_node = "infiniband"\nenv = { LD_LIBRARY_PATH = "/opt/nccl/lib" }'
+        )
     )
     r = run_cli("plan", "--profile", "mine", env=env, cwd=tmp_path)
     assert r.returncode == 0 and f"profile mine from your config ({mine})" in r.stdout, r.stdout + r.stderr

@@ -92,7 +92,7 @@ def test_dry_run_prints_plan_and_sbatch_and_creates_nothing(tmp_path, env):
     )
     assert r.returncode == 0, r.stderr
     assert "#SBATCH --nodes=8" in r.stdout and "#SBATCH --gpus-per-node=8" in r.stdout
-    assert "export NCCL_IB_HCA=mlx5" in r.stdout and "#SBATCH --signal=USR2@" in r.stdout
+    assert "export NCCL_IB_HCA==mlx5_0,mlx5_1," in r.stdout and "#SBATCH --signal=USR2@" in r.stdout
     assert "accumulation 8" in r.stdout
     assert not (tmp_path / "runs").exists()
     assert Registry(tmp_path / "reg.db").count_runs() == 0

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clusterctl.planning.nccl_env import HCA_DOC, HCA_NAME
+from clusterctl.planning.nccl_env import comm_env as comm_env  # backends and tests import it from here
 from clusterctl.specs import EXECUTORS
 from vltrain.common.errors import UserError
 from vltrain.common.schema import build, field
@@ -218,8 +220,8 @@ USABLE_SHARE = 0.985  # an unlisted CUDA GPU: A100-80GB's 79.15 of 80, rounded d
 class Interconnect:
     intra_node: str = field("fabric between GPUs of a node", choices=("nvlink", "pcie", "none"))
     inter_node: str = field("fabric between nodes", choices=("infiniband", "roce", "ethernet", "none"))
-    ib_hcas: str | None = field(
-        "NCCL_IB_HCA value, e.g. 'mlx5'", default=None, pattern=SAFE_VALUE, allowed=SAFE_VALUE_DOC
+    ib_hcas: tuple[str, ...] | None = field(
+        "the HCAs NCCL uses, exactly (NCCL_IB_HCA=<=list>)", default=None, pattern=HCA_NAME, allowed=HCA_DOC
     )
     socket_ifname: str | None = field(
         "NCCL/GLOO_SOCKET_IFNAME",
@@ -265,6 +267,12 @@ class Slurm:
         "seconds before the limit at which USR2 asks for a checkpoint", default=120, min=10, max=3600
     )
     exclusive: bool = field("whole nodes", default=True)
+    mem_gib: int | None = field(
+        "--mem per node in GiB (none: 0, all of a node's memory, with exclusive; else nodes.memory_gib)",
+        default=None,
+        min=0,
+        max=65_536,
+    )
     # How long the trainer waits before it calls a peer lost (exit 75: clusterctl requeues the run).
     startup_timeout_s: int = field(
         "collective time-out until the first step (rendezvous, model build, checkpoint load)",
@@ -380,33 +388,6 @@ class ClusterProfile:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"derived": self.derived()}
-
-
-def comm_env(p: ClusterProfile) -> dict[str, str]:
-    """The NCCL/gloo environment that follows from the profile's fabric (pure)."""
-    ic = p.interconnect
-    env: dict[str, str] = {}
-    if p.gpu.kind == "cuda":
-        if ic.intra_node == "nvlink":
-            env["NCCL_P2P_LEVEL"] = "NVL"
-        elif ic.intra_node == "pcie":
-            env["NCCL_P2P_LEVEL"] = "PHB"
-        if ic.inter_node in ("infiniband", "roce"):
-            env["NCCL_IB_DISABLE"] = "0"
-            if ic.ib_hcas:
-                env["NCCL_IB_HCA"] = ic.ib_hcas
-            if ic.inter_node == "roce":
-                env["NCCL_IB_GID_INDEX"] = "3"
-        elif ic.inter_node == "ethernet":
-            env["NCCL_IB_DISABLE"] = "1"
-        if ic.socket_ifname:
-            env["NCCL_SOCKET_IFNAME"] = ic.socket_ifname
-        env["NCCL_ASYNC_ERROR_HANDLING"] = "1"
-        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
-    elif ic.socket_ifname:
-        env["GLOO_SOCKET_IFNAME"] = ic.socket_ifname
-    env.update(ic.env)
-    return env
 
 
 def parse_profile(data: dict[str, Any], where: str) -> ClusterProfile:

@@ -59,7 +59,10 @@ def print_profile(p: ClusterProfile, country_name: str) -> None:
             "GPU",
             f"{p.gpu.model} ({p.gpu.kind}), {p.gpu.memory_gib:g} GiB, {p.gpu.peak_bf16_tflops:g} TFLOP/s bf16, {p.gpu.power_w:g} W",
         ),
-        ("interconnect", fabric(p) + (f" (HCAs {p.interconnect.ib_hcas})" if p.interconnect.ib_hcas else "")),
+        (
+            "interconnect",
+            fabric(p) + (f" (HCAs {', '.join(p.interconnect.ib_hcas)})" if p.interconnect.ib_hcas else ""),
+        ),
         ("world size", f"{d['world_size']} GPUs"),
         ("aggregate bf16", f"{d['peak_bf16_pflops']:g} PFLOP/s"),
         ("GPU power", f"{d['gpu_power_kw']:g} kW"),

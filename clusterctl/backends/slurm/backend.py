@@ -136,6 +136,18 @@ def query_slurm(jobs: list[JobRecord], timeout: float, since: float | None = Non
     return view
 
 
+def mem_request(profile: ClusterProfile) -> str:
+    """sbatch --mem: slurm.mem_gib when the profile states it; else, with whole nodes, 0 (all of each
+    node's memory: a node whose RealMemory is a little under nodes.memory_gib still schedules, where
+    --mem=<nodes.memory_gib>GB would leave the job pending on it for ever); else nodes.memory_gib."""
+    s = profile.slurm
+    if s is not None and s.mem_gib is not None:
+        return f"{s.mem_gib}GB"
+    if s is not None and s.exclusive:
+        return "0"
+    return f"{profile.nodes.memory_gib}GB"
+
+
 # --- the backend --------------------------------------------------------------------------------
 
 
@@ -148,9 +160,10 @@ class SlurmBackend(Backend):
     def launch_spec(self, profile: ClusterProfile, run_dir: Path, job_name: str, hold: bool = False) -> LaunchSpec:
         """The sbatch parameters (as submitit's SlurmExecutor takes them) for one attempt (pure)."""
         from clusterctl.backends import common
+        from clusterctl.planning.nccl_env import flight_recorder_env
 
         common.check_job_name(job_name)
-        env = common.trainer_env(profile, run_dir)
+        env = common.trainer_env(profile, run_dir) | flight_recorder_env(profile, run_dir)
         n, s = profile.nodes, profile.slurm
         if s is None:  # parse_profile refuses a Slurm profile without its [slurm] table
             raise UserError(f"--profile: {profile.name!r} has no [slurm] table; allowed: a profile with one")
@@ -160,7 +173,7 @@ class SlurmBackend(Backend):
             "ntasks_per_node": n.gpus_per_node,
             "gpus_per_node": n.gpus_per_node,
             "cpus_per_task": common.cpus_per_task(profile),
-            "mem": f"{n.memory_gib}GB",
+            "mem": mem_request(profile),
             "time": max(1, int(profile.time_limit_min or 1)),
             "signal_delay_s": s.signal_delay_s,
             "setup": common.setup_lines(env),
