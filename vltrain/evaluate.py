@@ -15,7 +15,8 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,15 +97,34 @@ def default_eval_shards(cfg) -> str:
     return str(d) if d.is_dir() and any(d.glob("*.tar")) else ""
 
 
+@dataclass(frozen=True)
+class EvalShare:
+    """This rank's share of an evaluation: slice `rank` of `size` of the held-out pairs (its data-parallel
+    rank; tensor-parallel peers take the same slice), the process group the results are combined over
+    (None: the default group; none is used at size 1), and whether the model's forward is collective
+    (FSDP-sharded parameters, tensor parallel): then every rank of the group makes the same calls, batch
+    for batch and step for step, also a rank whose slice has ended (it repeats a pair and drops the result)."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+    lockstep: bool = False
+
+
+ONE_PROCESS = EvalShare()
+
+
 @dataclass
 class HeldOutPass:
-    """One pass over the held-out shards: every pair's embeddings, and the first pairs' greedy captions."""
+    """This rank's pass over its slice of the held-out pairs: their embeddings, and the greedy captions
+    of its share of the first pairs (`positions`: their indices in the rank's slice)."""
 
-    image_emb: torch.Tensor  # [N, D] fp32, on the CPU
-    text_emb: torch.Tensor  # [N, D] fp32, on the CPU
-    captions: list[str]  # generated, for the first max_caption_samples pairs
+    image_emb: torch.Tensor  # [n, D] fp32, on the CPU
+    text_emb: torch.Tensor  # [n, D] fp32, on the CPU
+    captions: list[str]  # generated
     references: list[str]  # their true captions
     keys: list[str]  # their sample keys
+    positions: list[int] = field(default_factory=list)
 
 
 def evaluate(
@@ -117,45 +137,49 @@ def evaluate(
     dtype=None,
     batch_size: int = 128,
     max_caption_samples: int = 1000,
+    share: EvalShare = ONE_PROCESS,
 ) -> dict[str, Any]:
     """Recall@K (i2t, t2i) over all held-out pairs and CIDEr-D over the first `max_caption_samples`.
 
-    Runs on one process; consumes no global RNG (the caller's training RNG stream stays exact).
+    Every rank of `share` calls it with its own model (the engine's, sharded or not) and evaluates its
+    slice of the pairs; the scores, the same on every rank, combine all slices (embeddings gathered for
+    retrieval, captions gathered for CIDEr's corpus statistics, counts all-reduced). Consumes no global
+    RNG (the caller's training RNG stream stays exact).
     """
     import torch
 
     from vltrain.presets import resolve_model
 
     mcfg = resolve_model(cfg.model)
-    loader = _held_out_loader(cfg, tokenizer, shards, batch_size, image_size=mcfg.image_size, max_len=mcfg.max_text_len)
+    loader = _held_out_loader(
+        cfg, tokenizer, shards, batch_size, image_size=mcfg.image_size, max_len=mcfg.max_text_len, share=share
+    )
     device = device or torch.device("cpu")
     dtype = dtype or next(model.parameters()).dtype
     t0 = time.perf_counter()
+    quota = len(range(share.rank, max_caption_samples, share.size))  # interleaved as the loader's slices
     out = held_out_pass(
         model,
         loader,
         tokenizer,
         device=device,
         dtype=dtype,
-        max_caption_samples=max_caption_samples,
+        max_caption_samples=quota,
         max_len=mcfg.max_text_len,
+        share=share,
     )
-    return {
-        **eval_scores(out),
-        "shards": shards,
-        "eval_time_s": time.perf_counter() - t0,
-        "examples": eval_examples(out),
-    }
+    return {**eval_scores(out, share, device), "shards": shards, "eval_time_s": time.perf_counter() - t0}
 
 
-def _held_out_loader(cfg, tokenizer, shards: str, batch_size: int, *, image_size: int, max_len: int):
-    """The held-out shards in order, on one process, without augmentation or worker processes."""
+def _held_out_loader(cfg, tokenizer, shards: str, batch_size: int, *, image_size: int, max_len: int, share: EvalShare):
+    """This rank's slice of the held-out shards in order (rank r: pairs r, r + size, ...), without
+    augmentation or worker processes."""
     from vltrain.data.loader import ShardLoader
 
     return ShardLoader(
         shards,
-        rank=0,
-        world_size=1,
+        rank=share.rank,
+        world_size=share.size,
         batch_size=batch_size,
         seed=cfg.seed,
         image_size=image_size,
@@ -167,55 +191,138 @@ def _held_out_loader(cfg, tokenizer, shards: str, batch_size: int, *, image_size
     )
 
 
-def held_out_pass(model, loader, tokenizer, *, device, dtype, max_caption_samples: int, max_len: int) -> HeldOutPass:
-    """Embed every batch of `loader` and caption (greedily) the first `max_caption_samples` pairs, in eval
-    mode without gradients; the model's training mode is restored afterwards."""
+def _agree(share: EvalShare, device, flags: list[bool]) -> list[bool]:
+    """Each flag true on any rank of the group (lockstep: so that all make the same calls)."""
     import torch
+
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int64, device=device)
+    if share.size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=share.group)
+    return [bool(x) for x in t.tolist()]
+
+
+def held_out_pass(
+    model, loader, tokenizer, *, device, dtype, max_caption_samples: int, max_len: int, share: EvalShare = ONE_PROCESS
+) -> HeldOutPass:
+    """Embed every batch of `loader` and caption (greedily, KV-cached) its first `max_caption_samples`
+    pairs, in eval mode without gradients; the model's training mode is restored afterwards. Under
+    `share.lockstep` the ranks agree before each batch and each generated token."""
+    import torch
+
+    from vltrain.model.generate import all_done_here, greedy_captions, reshard_all
 
     was_training = model.training
     model.eval()
+    out = HeldOutPass(torch.empty(0), torch.empty(0), [], [], [], [])
     img: list[torch.Tensor] = []
     txt: list[torch.Tensor] = []
-    cands: list[str] = []
-    refs: list[str] = []
-    keys: list[str] = []
+    all_done = all_done_here
+    if share.lockstep:
+        all_done = lambda done: not _agree(share, device, [not bool(done.all())])[0]
+    batches: Iterator[dict[str, Any]] = iter(loader)
+    spare: dict[str, Any] = {}
+    seen = 0
     with torch.no_grad():
-        for batch in loader:
+        while True:
+            got = next(batches, None)
+            room = max_caption_samples - len(out.captions) if got is not None else 0
+            more, caption = got is not None, room > 0
+            if share.lockstep:
+                more, caption = _agree(share, device, [more, caption])
+            if not more:
+                break
+            batch = got if got is not None else spare  # this rank's slice has ended: repeat a pair, drop results
+            spare = {k: v[:1] if v is not None else None for k, v in batch.items()}
             images = batch["images"].to(device=device, dtype=dtype)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            img.append(model.encode_image(images).float().cpu())
-            txt.append(model.encode_text(ids, mask).float().cpu())
-            room = max_caption_samples - len(cands)
-            if room > 0:
-                out = model.generate(images[:room], max_len=max_len - 1)
-                cands += [tokenizer.decode(row) for row in out.cpu()]
-                refs += batch["captions"][:room]
-                keys += batch["keys"][:room]
+            i, t = model.encode_image(images).float().cpu(), model.encode_text(ids, mask).float().cpu()
+            caps = greedy_captions(model, images[: max(room, 1)], max_len - 1, all_done) if caption else None
+            if got is None:
+                continue
+            img.append(i)
+            txt.append(t)
+            if caps is not None and room > 0:
+                out.captions += [tokenizer.decode(row) for row in caps.cpu()]
+                out.references += got["captions"][:room]
+                out.keys += got["keys"][:room]
+                out.positions += list(range(seen, seen + len(caps)))
+            seen += len(got["keys"])
+    reshard_all(model)
     model.train(was_training)
-    return HeldOutPass(torch.cat(img), torch.cat(txt), cands, refs, keys)
+    out.image_emb, out.text_emb = torch.cat(img), torch.cat(txt)
+    return out
 
 
-def eval_scores(out: HeldOutPass) -> dict[str, Any]:
-    """Retrieval recall both ways over all pairs, and corpus CIDEr-D of the generated captions; pure."""
-    sim = out.image_emb @ out.text_emb.t()  # [N images, N texts]
-    cider, _ = cider_d([cider_tokenize(c) for c in out.captions], [[cider_tokenize(r)] for r in out.references])
-    n = out.image_emb.shape[0]
+def _gather_rows(t: torch.Tensor, share: EvalShare) -> tuple[torch.Tensor, int]:
+    """Every rank's rows of `t` [n, D] in rank order, and where this rank's rows start."""
+    import torch
+
+    if share.size == 1:
+        return t, 0
+    import torch.distributed as dist
+
+    counts = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(share.size)]
+    dist.all_gather(counts, torch.tensor([t.shape[0]], device=t.device), group=share.group)
+    n = [int(c) for c in counts]
+    padded = torch.zeros(max(n), t.shape[1], dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in n]
+    dist.all_gather(parts, padded, group=share.group)
+    return torch.cat([p[:k] for p, k in zip(parts, n)]), sum(n[: share.rank])
+
+
+def recall_hits(queries: torch.Tensor, candidates: torch.Tensor, offset: int, ks: tuple[int, ...]) -> torch.Tensor:
+    """Queries [n, D] (the true match of query i is candidate offset + i) against all candidates [N, D]:
+    how many queries rank their true match within the top k, for each k; ties do not help."""
+    import torch
+
+    sim = queries @ candidates.t()  # [n, N]
+    rows = torch.arange(queries.shape[0], device=sim.device)
+    rank = (sim > sim[rows, offset + rows].unsqueeze(1)).sum(dim=1)
+    return torch.stack([(rank < k).sum() for k in ks])
+
+
+def _gathered_captions(out: HeldOutPass, share: EvalShare) -> list[tuple[str, str, str]]:
+    """(key, reference, generated) of every rank's captioned pairs, in the held-out order (slices interleave)."""
+    mine = [(p, share.rank, k, r, c) for p, k, r, c in zip(out.positions, out.keys, out.references, out.captions)]
+    every = [mine]
+    if share.size > 1:
+        import torch.distributed as dist
+
+        every = [[] for _ in range(share.size)]
+        dist.all_gather_object(every, mine, group=share.group)
+    return [(k, r, c) for _, _, k, r, c in sorted(x for part in every for x in part)]
+
+
+def eval_scores(out: HeldOutPass, share: EvalShare = ONE_PROCESS, device=None) -> dict[str, Any]:
+    """Retrieval recall both ways over every rank's pairs (each rank ranks its own queries against all
+    gathered embeddings; hits all-reduced), corpus CIDEr-D of every rank's captions, the first examples."""
+    import torch
+
+    ks = (1, 5, 10)
+    img, txt = out.image_emb.to(device or "cpu"), out.text_emb.to(device or "cpu")
+    all_img, offset = _gather_rows(img, share)
+    all_txt, _ = _gather_rows(txt, share)
+    hits = torch.cat([recall_hits(img, all_txt, offset, ks), recall_hits(txt, all_img, offset, ks)])
+    if share.size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(hits, group=share.group)
+    n = all_img.shape[0]
+    frac = [float(h) / n for h in hits.tolist()]
+    captioned = _gathered_captions(out, share)
+    cider, _ = cider_d([cider_tokenize(c) for _, _, c in captioned], [[cider_tokenize(r)] for _, r, _ in captioned])
     return {
         "n": n,
         "chance_r1": 1.0 / n,
-        "i2t": recall_at_k(sim),
-        "t2i": recall_at_k(sim.t()),
+        "i2t": {f"R@{k}": f for k, f in zip(ks, frac[: len(ks)])},
+        "t2i": {f"R@{k}": f for k, f in zip(ks, frac[len(ks) :])},
         "cider": cider,
-        "caption_samples": len(out.captions),
+        "caption_samples": len(captioned),
+        "examples": [{"key": k, "reference": r, "generated": c} for k, r, c in captioned[:5]],
     }
-
-
-def eval_examples(out: HeldOutPass, count: int = 5) -> list[dict[str, str]]:
-    """The first `count` captioned pairs: key, reference caption, generated caption."""
-    return [
-        {"key": k, "reference": r, "generated": c}
-        for k, r, c in list(zip(out.keys, out.references, out.captions))[:count]
-    ]
 
 
 def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:

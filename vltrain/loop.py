@@ -542,26 +542,26 @@ class Session:
         )
 
     def evaluate(self) -> dict[str, Any] | None:
-        """Held-out retrieval and captioning on rank 0, with the model the engine gives (its module in place,
-        or, when no rank holds the whole model, one read from this step's checkpoint, written first if
-        this step has none, as `vltrain eval` reads it); the others wait."""
+        """Held-out retrieval and captioning, every rank its slice of the pairs, with the model the engine gives
+        (its own, or one read from this step's checkpoint, saved first); rank 0 writes and prints the scores."""
         import torch
 
         from vltrain import checkpoint
         from vltrain.evaluate import default_eval_shards, eval_line, evaluate, write_eval
 
         shards = default_eval_shards(self.cfg)
-        result = None
-        if shards and self.engine.eval_reads_checkpoint:
+        if not shards:
+            return None
+        if self.engine.eval_reads_checkpoint:
             self.save("eval")  # nothing when this step is saved already
-        if shards and self.dist.is_main:
-            with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG stream
-                model = self.engine.eval_model(checkpoint.latest(self.run_dir))
-                result = evaluate(model, self.cfg, self.tokenizer, shards, device=self.device, dtype=self.dtype)
-            result |= {"step": self.step, "samples": self.samples, "time": time.time()}
+        with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG stream
+            m, share = self.engine.eval_model(checkpoint.latest(self.run_dir))
+            result = evaluate(m, self.cfg, self.tokenizer, shards, device=self.device, dtype=self.dtype, share=share)
+            self.engine.eval_finished()
+        result |= {"step": self.step, "samples": self.samples, "time": time.time()}
+        if self.dist.is_main:
             write_eval(self.run_dir, result)
             self._say(eval_line(self.step, result))
-        self.comm.barrier()
         self._alive()
         return result
 

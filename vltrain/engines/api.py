@@ -22,6 +22,7 @@ from vltrain.engines.common import RankLayout
 if TYPE_CHECKING:
     from vltrain.config import LossConfig, TrainConfig
     from vltrain.distenv import DistEnv
+    from vltrain.evaluate import EvalShare
 
 
 class TrainEngine(abc.ABC):
@@ -33,7 +34,6 @@ class TrainEngine(abc.ABC):
 
     strategy: ClassVar[str]  # its key in vltrain.engines.ENGINES
     checkpoint_format: ClassVar[str]  # the checkpoint subdirectory it writes (ENGINES' checkpoint_format)
-    eval_reads_checkpoint: ClassVar[bool] = False  # no rank holds the full weights: evaluation reads a checkpoint
 
     layout: RankLayout
     device: torch.device
@@ -114,10 +114,20 @@ class TrainEngine(abc.ABC):
         """Whether a checkpoint file (its path inside the checkpoint) holds model weights: the files evaluation verifies."""
 
     # ------------------------------------------------------------------ evaluate, describe, close
+    @property
+    def eval_reads_checkpoint(self) -> bool:
+        """Whether evaluation's model is read from this step's checkpoint (the loop writes it first)."""
+        return False
+
     @abc.abstractmethod
-    def eval_model(self, checkpoint: Path | None) -> nn.Module:
-        """Rank 0's model for evaluation: the module in place, or (eval_reads_checkpoint) one built from the
-        checkpoint of this step, which the loop writes first."""
+    def eval_model(self, checkpoint: Path | None) -> tuple[nn.Module, EvalShare]:
+        """This rank's model for evaluation (the engine's own, sharded as it trains; or, where
+        eval_reads_checkpoint, one built from `checkpoint`) and the rank's share of the held-out pairs:
+        every rank evaluates its slice (vltrain.evaluate)."""
+
+    def eval_finished(self) -> None:
+        """Undo what eval_model set for evaluation (e.g. FSDP's resharding after each forward)."""
+        return None  # nothing by default
 
     def describe(self) -> dict[str, Any]:
         """Fields of the start and resume events that only this engine knows."""

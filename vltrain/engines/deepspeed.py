@@ -33,6 +33,7 @@ from vltrain.engines.common import (
     model_inputs,
 )
 from vltrain.engines.process_group import rank_device, start_timeout
+from vltrain.evaluate import EvalShare
 from vltrain.presets import resolve_model
 from vltrain.rundir import GRAD_REDUCTION
 
@@ -174,8 +175,10 @@ class DeepSpeedEngine(TrainEngine):
         return "model_states" in relative
 
     # ------------------------------------------------------------------ evaluate, describe
-    def eval_model(self, checkpoint: Path | None) -> nn.Module:
-        return self.module
+    def eval_model(self, checkpoint: Path | None) -> tuple[nn.Module, EvalShare]:
+        """The module in place (ZeRO 0-2 keep whole weights on every rank); each rank evaluates its slice
+        of the pairs, and its forward is its own (no lockstep)."""
+        return self.module, EvalShare(self.layout.dp_rank, self.layout.dp, None, lockstep=False)
 
     def describe(self) -> dict[str, Any]:
         """The ZeRO stage DeepSpeed runs and how it reduces gradients."""

@@ -65,6 +65,7 @@ from vltrain.engines.common import (
 from vltrain.presets import resolve_model
 
 if TYPE_CHECKING:
+    from vltrain.evaluate import EvalShare
     from vltrain.model import VLModel
 
 DCP_DIR = "dcp"  # the checkpoint subdirectory DCP writes (per-rank __R_0.distcp files and .metadata)
@@ -102,7 +103,6 @@ class FSDPEngine(TrainEngine):
 
     strategy = "fsdp"
     checkpoint_format = DCP_DIR
-    eval_reads_checkpoint = True  # no rank holds the whole model: rank 0 reads this step's checkpoint
 
     def __init__(
         self,
@@ -375,16 +375,67 @@ class FSDPEngine(TrainEngine):
         return relative.startswith(f"{DCP_DIR}/")
 
     # ------------------------------------------------------------------ evaluate, describe
-    def eval_model(self, checkpoint: Path | None) -> nn.Module:
-        """A plain VLModel on this rank's device in the training dtype, with the weights of `checkpoint`
-        (this step's, DCP, read without the process group)."""
+    @property
+    def eval_reads_checkpoint(self) -> bool:
+        """Under a pipeline no rank's modules make the whole model: evaluation reads this step's checkpoint."""
+        return self.module is None
+
+    def eval_model(self, checkpoint: Path | None) -> tuple[nn.Module, EvalShare]:
+        """The training module, sharded as it trains (FSDP gathers one block at a time), each data-parallel
+        rank evaluating its slice of the pairs (its tensor-parallel peers the same slice), in lockstep;
+        under a pipeline, a model sharded over every rank (FSDP over world / tp, tensor parallel as in
+        training) with the weights of `checkpoint`. Never the whole model on one device."""
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        from vltrain.evaluate import EvalShare
+
+        if self.module is not None:
+            model, dp_mesh = self.module, self.mesh["dp"]
+        elif checkpoint is None:
+            raise ValueError("the FSDP engine under a pipeline evaluates a checkpoint: the loop saves one first")
+        else:
+            model, dp_mesh = self._checkpoint_eval_model(checkpoint)
+        if not getattr(model, "_vltrain_eval_methods", False):  # FSDP's forward hooks around these methods too
+            for name in ("encode_image", "encode_text"):
+                register_fsdp_forward_method(model, name)
+            model._vltrain_eval_methods = True
+        model.set_reshard_after_forward(True)  # no backward follows: one block gathered at a time, root included
+        share = EvalShare(dp_mesh.get_local_rank(), dp_mesh.size(), dp_mesh.get_group(), lockstep=True)
+        return model, share
+
+    def eval_finished(self) -> None:
+        """Training's resharding again (zero_stage 2 keeps blocks gathered from forward to backward; the
+        root never reshards after forward, FSDP's default)."""
+        if self.module is not None:
+            self.module.set_reshard_after_forward(self.sync_every_micro)
+            self.module.set_reshard_after_forward(False, recurse=False)
+
+    def _checkpoint_eval_model(self, checkpoint: Path) -> tuple[nn.Module, Any]:
+        """The pipeline's evaluation model (built once: FSDP over a ("pp" 1, "dp", "tp") mesh of every
+        rank, resharded after each block) with this checkpoint's weights, read by DCP into its shards."""
         import dataclasses
 
-        if checkpoint is None:
-            raise ValueError("the FSDP engine evaluates a checkpoint: the loop saves one first")
-        model = build_model(dataclasses.replace(self.cfg, activation_checkpointing=False), "meta")
-        model.load_state_dict(self.read_module_state(checkpoint), assign=True)
-        return model.to(self.device, self.dtype)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        from vltrain.parallel.fsdp import shard_model
+        from vltrain.parallel.mesh import build_mesh
+
+        if getattr(self, "_eval_parts", None) is None:
+            mesh = build_mesh(self.layout.world, self.layout.tp, 1, self.device.type)
+            model = meta_model(dataclasses.replace(self.cfg, activation_checkpointing=False))
+            if self.layout.tp > 1:
+                from vltrain.parallel.tensor_parallel import apply_tensor_parallel
+
+                apply_tensor_parallel(model, mesh["tp"])
+            shard_model(model, mesh["dp"], self.cfg.precision, zero_stage=3)
+            model.to_empty(device=self.device)
+            self._eval_parts = (model, mesh["dp"])
+        model, dp_mesh = self._eval_parts
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(checkpoint / DCP_DIR))
+        set_model_state_dict(model, state["model"])
+        return model, dp_mesh
 
     def banner(self) -> str:
         p = self.cfg.parallel

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vltrain.model.decoder import TextDecoder
 from vltrain.model.layers import Attention, Block, apply_rope
 from vltrain.model.text import text_rope
 
@@ -37,6 +38,15 @@ def gathered(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         module.reshard()
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Free what FSDP2 keeps gathered after an evaluation's forwards (a no-op on an unsharded model)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _heads(attn: Attention, t: torch.Tensor) -> torch.Tensor:
@@ -88,11 +98,12 @@ def _block_step(block: Block, x: torch.Tensor, cache: BlockCache, rope) -> torch
 
 
 def decoder_step(
-    decoder: nn.Module, x: torch.Tensor, image: torch.Tensor, caches: list[BlockCache], rope, max_tokens: int
+    decoder: TextDecoder, x: torch.Tensor, image: torch.Tensor, caches: list[BlockCache], rope, max_tokens: int
 ) -> torch.Tensor:
-    """The decoder (TextDecoder) on one new token per row, x [B, 1, Dt] -> [B, 1, Dt], normed. `caches`
+    """The decoder on one new token per row, x [B, 1, Dt] -> [B, 1, Dt], normed. `caches`
     empty: built here from `image` [B, 1+N, Dv] at the first step, one per block, `max_tokens` slots each."""
     for i, block in enumerate(decoder.blocks.values()):
+        assert isinstance(block, Block)
         with gathered(block):
             if len(caches) <= i:
                 caches.append(_new_cache(block, image, max_tokens, x.dtype))
