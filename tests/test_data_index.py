@@ -248,3 +248,22 @@ def test_a_rank_of_two_resumes_exactly_with_any_worker_count(data, stop):
     same_batches(head + take(iter(resumed), 12 - stop), full)
     with pytest.raises(shards.UserError, match="version 1"):
         resumed.load_state_dict(state | {"version": 1})
+
+
+def test_a_state_resumed_on_another_rank_count_keeps_its_share_of_the_epoch(data):
+    """DCP resumes on another data-parallel size; with shards split over ranks no order can give the new
+    ranks the same samples, so the loader resumes at the same share of the same epoch."""
+    from vltrain.checkpoint import remap_loader_state
+
+    two = loader(data, rank=0, world_size=2, batch_size=4)
+    take(iter(two), 3)
+    state = two.state_dict()
+    assert (state["epoch"], state["position"], state["per_rank"]) == (0, 12, 20)  # 60 samples, 3 shards of 20
+    three = loader(data, rank=2, world_size=3, batch_size=4)
+    three.load_state_dict(remap_loader_state(state, 2, 3))
+    assert (three.epoch, three.position) == (0, 12 * 20 // 20)
+    one = loader(data, rank=0, world_size=1, batch_size=4)
+    one.load_state_dict(remap_loader_state(state, 0, 1))
+    assert (one.epoch, one.position) == (0, 12 * 60 // 20)
+    with pytest.raises(shards.UserError, match="world_size"):  # not remapped: refused
+        one.load_state_dict(state)

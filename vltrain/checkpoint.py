@@ -551,6 +551,8 @@ def remap_loader_state(state: dict[str, Any], rank: int, world_size: int) -> dic
     old = int(state["world_size"])
     if old == world_size:
         return state
+    if "per_rank" in state:  # loader state 2: shards split over ranks; the loader keeps the epoch's share
+        return state | {"rank": rank, "world_size": world_size}
     consumed = int(state["position"]) * old // world_size
     per_rank = int(state["num_samples"]) // world_size
     epoch = int(state["epoch"]) + consumed // per_rank

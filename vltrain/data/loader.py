@@ -37,8 +37,7 @@ import torch
 
 from vltrain.common.errors import UserError
 from vltrain.config import DataConfig
-from vltrain.data.index_math import rank_shards
-from vltrain.data.shards import ShardIndex, read_member, resolve_shards, shard_index, stats_count
+from vltrain.data.shards import ShardIndex, rank_index, read_member, resolve_shards, shard_index
 from vltrain.data.transforms import ImageTransform
 
 STATE_VERSION = 2  # 2: shards split over ranks in training (1: positions interleaved over all shards)
@@ -251,6 +250,7 @@ class ShardLoader:
             "rank": self.rank,
             "world_size": self.world_size,
             "num_samples": self.num_samples,
+            "per_rank": self.samples_per_epoch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -265,12 +265,15 @@ class ShardLoader:
                     f"checkpoint data state: {name} is {state.get(name)} but this run has "
                     f"{getattr(self, name)}; allowed: resume with the same data, seed and world size"
                 )
-        if not 0 <= state["position"] < self.samples_per_epoch:
+        position = int(state["position"])
+        if state.get("per_rank", self.samples_per_epoch) != self.samples_per_epoch:  # another rank count's state,
+            position = position * self.samples_per_epoch // int(state["per_rank"])  # remapped: the same share
+        if not 0 <= position < self.samples_per_epoch:
             raise UserError(
                 f"checkpoint data state: position {state['position']} outside this rank's "
                 f"{self.samples_per_epoch} samples per epoch; allowed: a state from this loader"
             )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch, self.position = int(state["epoch"]), position
 
     def __iter__(self):
         plan = {
@@ -307,29 +310,6 @@ class ShardLoader:
             yield batch
         if not self.train:
             self.epoch, self.position = 0, 0
-
-
-def rank_index(paths: list, rank: int, world_size: int) -> tuple[list[ShardIndex], int, int]:
-    """(this rank's non-empty shard indexes, samples in the dataset, samples per rank and epoch) with
-    shards split over ranks: only this rank's index files are opened; the other shards are counted from
-    img2dataset's `NNNNN_stats.json` (a shard without one is counted from its index, not kept). Every
-    rank gets the smallest rank's count, so all take the same steps."""
-    counts = [stats_count(p) for p in paths]
-    index = []
-    for i in rank_shards(len(paths), rank, world_size):
-        idx = shard_index(paths[i])
-        counts[i] = len(idx) if counts[i] is None else counts[i]
-        if len(idx):
-            index.append(idx)
-    known = [len(shard_index(p)) if n is None else n for p, n in zip(paths, counts)]
-    per_rank = min(sum(known[r::world_size]) for r in range(world_size))
-    if sum(len(s) for s in index) < per_rank:
-        raise UserError(
-            f"data.shards: rank {rank}'s shards hold {sum(len(s) for s in index)} samples with a caption and an "
-            f"image, fewer than their stats files count ({sum(known[rank::world_size])}); allowed: "
-            f"NNNNN_stats.json whose successes match the tars (delete them to count from the tars)"
-        )
-    return index, sum(known), per_rank
 
 
 def pin_worker(worker_id: int) -> None:
