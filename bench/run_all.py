@@ -5,13 +5,15 @@ per process), one after the other so they do not load the machine for each other
 the two sides of every ratio are timed in the same rounds (interleaved), and each row prints the
 median over --rounds rounds and the spread (min-max of the per-round ratios).
 
-    .venv/bin/python bench/run_all.py [--rounds 5] [--only cli,step,data,start] [--json out.json]
+    .venv/bin/python bench/run_all.py [--rounds 5] [--only cli,step,data,start,index] [--json out.json]
 
 Sections: cli (bench_cli.py: status, reports, plan/estimate/--help at 10,000 runs, report loss),
 step (bench_step.py: trainer step vs a bare loop at accumulation 1/4/8/16), data (bench_data.py: the
 loader alone vs the trainer, 0/1/2 workers; start-up with vs without the shard index), start
-(bench_start.py: time to first step, local and 2-node slurm-local; comm-op rebuilds). Read the
-ratios, not the times: the machine's load moves both sides of a ratio alike. Figures: docs/performance.md.
+(bench_start.py: time to first step, local and 2-node slurm-local; comm-op rebuilds), index
+(bench_index.py: one rank's shard-index bytes per sample, rank 0 of 64 at 10M samples: a count, not a
+ratio). Read the ratios, not the times: the machine's load moves both sides of a ratio alike. Figures:
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
-SECTIONS = {"cli": "bench_cli", "step": "bench_step", "data": "bench_data", "start": "bench_start"}
+SECTIONS = {
+    "cli": "bench_cli",
+    "step": "bench_step",
+    "data": "bench_data",
+    "start": "bench_start",
+    "index": "bench_index",
+}
 
 
 def section(module: str, rounds: int) -> list[dict[str, Any]]:

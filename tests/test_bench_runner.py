@@ -61,7 +61,7 @@ def test_unknown_section_is_a_one_line_error():
         timeout=deadline(60),
     )
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == ["--only: unknown section nope; allowed: cli, step, data, start"]
+    assert r.stderr.strip().splitlines() == ["--only: unknown section nope; allowed: cli, step, data, start, index"]
 
 
 @pytest.mark.slow
