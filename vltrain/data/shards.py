@@ -7,9 +7,11 @@ A shard is a tar of samples `KEY.jpg`, `KEY.txt`, `KEY.json` (img2dataset also w
 readers are sequential streams, while exact resume and worker-independent batches need to read
 sample k of a shard without reading samples 0..k-1 of it.
 
-The index of `NAME.tar` is kept beside it as `NAME.tar.idx.json`, keyed on the tar's size and mtime:
-written when a shard is written, built on first read when missing or stale, and never trusted once
-the tar changed. Where the directory is read-only the loader scans the headers at each start.
+The index of `NAME.tar` is kept beside it as `NAME.tar.idx.npz`, keyed on the tar's size and mtime:
+written when a shard is written, built on first read when missing or stale (a version-1
+`NAME.tar.idx.json` is converted), and never trusted once the tar changed. Where the directory is
+read-only the loader scans the headers at each start. In memory an index is a few arrays, 12 bytes a
+sample, and a training rank loads only its own shards' (rank_index; docs/data.md).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from vltrain.common.atomic import atomic_path, atomic_write
 from vltrain.common.errors import UserError
+from vltrain.data.index_math import rank_shards
 
 if TYPE_CHECKING:
     import numpy as np  # imported where used: preflight (submit) resolves shards without numpy
@@ -317,6 +320,29 @@ def stats_count(path: str | Path) -> int | None:
         return int(n) if isinstance(n, int) and n >= 0 else None
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def rank_index(paths: list[Path], rank: int, world_size: int) -> tuple[list[ShardIndex], int, int]:
+    """(this rank's non-empty shard indexes, samples in the dataset, samples per rank and epoch) with
+    shards split over ranks: only this rank's index files are opened; the other shards are counted from
+    img2dataset's `NNNNN_stats.json` (a shard without one is counted from its index, not kept). Every
+    rank gets the smallest rank's count, so all take the same steps."""
+    counts = [stats_count(p) for p in paths]
+    index = []
+    for i in rank_shards(len(paths), rank, world_size):
+        idx = shard_index(paths[i])
+        counts[i] = len(idx) if counts[i] is None else counts[i]
+        if len(idx):
+            index.append(idx)
+    known = [len(shard_index(p)) if n is None else n for p, n in zip(paths, counts)]
+    per_rank = min(sum(known[r::world_size]) for r in range(world_size))
+    if sum(len(s) for s in index) < per_rank:
+        raise UserError(
+            f"data.shards: rank {rank}'s shards hold {sum(len(s) for s in index)} samples with a caption and an "
+            f"image, fewer than their stats files count ({sum(known[rank::world_size])}); allowed: "
+            f"NNNNN_stats.json whose successes match the tars (delete them to count from the tars)"
+        )
+    return index, sum(known), per_rank
 
 
 def read_member(handle, offset: int) -> bytes:
