@@ -241,8 +241,8 @@ def test_plan_and_submit_share_their_planning_options():
 
 
 def test_submit_planning_flags_change_the_plan(env):
-    d = dry_run(env, "--profile", "a100x64", "--micro-batch", "8")
-    assert (d["plan"]["micro_batch"], d["plan"]["accumulation"]) == (8, 16)
+    d = dry_run(env, "--profile", "a100x64", "--micro-batch", "2")
+    assert (d["plan"]["micro_batch"], d["plan"]["accumulation"]) == (2, 64)
     d = dry_run(env, "--profile", "a100x64", "--accum", "32", "--zero-stage", "3", "--no-activation-checkpointing")
     assert (d["plan"]["accumulation"], d["plan"]["zero_stage"], d["plan"]["activation_checkpointing"]) == (32, 3, False)
     assert d["config"]["zero_stage"] == 3 and d["config"]["accumulation"] == 32
@@ -329,10 +329,10 @@ def test_tokenizer_vocabulary_must_equal_the_models(env, small_data, tmp_path):
 def test_a_plan_that_does_not_fit_is_refused_and_one_near_the_limit_warns(env):
     r = run_cli("submit", "--profile", "a100x32", "--model", "vl-30b", "--zero-stage", "0", env=env)
     assert r.returncode == 2 and "error: plan: vl-30b needs" in r.stderr and "GiB per GPU" in r.stderr, r.stderr
-    r = run_cli("submit", "--profile", "a100x64", env=env)  # the recipe plans 78.8 of 80 GiB, and has no data
+    r = run_cli("submit", "--profile", "a100x64", env=env)  # the recipe plans 78.5 of the 79.15 GiB PyTorch gets, and has no data
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 2, r.stderr
-    assert re.match(r"warning: plan: 7\d\.\d of 80 GiB per GPU \(9\d%\) is over 90%", lines[0]), lines[0]
+    assert re.match(r"warning: plan: 7\d\.\d of 79\.15 GiB per GPU \(9\d%\) is over 90%", lines[0]), lines[0]
     assert lines[1].startswith("error: data.shards: not set") and "(and 0 more" not in lines[1]
 
 

@@ -86,8 +86,9 @@ def prepare(
         plan_d["estimate"] = run_estimate(profile, plan, resolved.steps)
     run_name = check_job_name(name or (cfg.model if isinstance(cfg.model, str) else cfg.model.name))
     checks = preflight.check(resolved, plan_d) if check else preflight.Checks()
-    if check:  # the plan's own warnings (planning.advice) are submit's too
-        checks.warnings.extend(w for w in plan_d.get("warnings", []) if w not in checks.warnings)
+    if check:  # the plan's own warnings (planning.advice) are submit's too, once per subject
+        said = {w.split(":")[0] for w in checks.warnings} | ({"memory"} if preflight.memory(plan_d)[1] else set())
+        checks.warnings.extend(w for w in plan_d.get("warnings", []) if w.split(":")[0] not in said)
     return Prepared(
         profile, resolved, plan_d, run_name, str(source or "<defaults>"), checks, profile_origin(profile_name)
     )
