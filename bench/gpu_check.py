@@ -11,7 +11,11 @@ data loading. Runs in a few minutes on an H100/H200:
     .venv/bin/python bench/gpu_check.py [--steps 30] [--micro-batch N] [--json out.json]
     .venv/bin/python bench/gpu_check.py --device cpu --model tiny --steps 3   # the code path, on CPU
 
-Results go to docs/trainer.md ("Running at scale"), "not yet measured" until a GPU was lent.
+NOT MEASURED: no GPU was lent to the sessions that wrote and last changed this script (issue 23
+included), so it has never run on one; docs/trainer.md ("Measured on a GPU") says "not measured" for
+every figure it would give, and no number here or there comes from a GPU. Its code path runs on CPU
+(tests/test_gpu_check.py), where the MFU it prints is against a made-up 0.2 TFLOP/s "peak" and means
+nothing. The day it runs on a GPU, put its JSON's figures in docs/trainer.md with the device's name.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def main() -> int:
     from vltrain.distenv import detect
     from vltrain.engines.deepspeed import DeepSpeedEngine, build_engine
     from vltrain.metrics import peak_tflops
-    from vltrain.model_math import forward_flops_per_sample, param_count
+    from vltrain.model_math import active_objectives, forward_flops_per_sample, param_count
     from vltrain.presets import get_preset
 
     mcfg = get_preset(args.model)
@@ -129,8 +133,10 @@ def main() -> int:
         )
     measured = times[args.warmup_steps :] or times
     step_s = statistics.median(measured)
-    flops = 3 * forward_flops_per_sample(mcfg, text_len=t_len) * micro  # model FLOPs, no recomputation
+    # model FLOPs of the objectives that train (all of them here), no recomputation (none here either)
+    flops = 3 * forward_flops_per_sample(mcfg, text_len=t_len, objectives=active_objectives(cfg.loss)) * micro
     result = {
+        "measured_on_gpu": args.device == "cuda",  # False: a code-path run, its figures are not measurements
         "device": name,
         "model": args.model,
         "params": param_count(mcfg),

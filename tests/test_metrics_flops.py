@@ -9,6 +9,7 @@ import torch
 
 from vltrain import metrics
 from vltrain.config import LossConfig, TrainConfig
+from vltrain.engines.common import RankLayout
 from vltrain.loop import Session
 from vltrain.model_math import forward_flops_per_sample
 from vltrain.presets import get_preset
@@ -20,8 +21,11 @@ def test_model_flops_count_only_the_weighted_objectives_and_no_recomputation():
     itc_only = LossConfig(mlm=0.0, caption=0.0)
     model, hardware = flops_per_sample(cfg, t, itc_only, checkpointing=True)
     assert model == pytest.approx(3 * forward_flops_per_sample(cfg, t, objectives=("itc",)))
-    assert hardware == pytest.approx(4 * forward_flops_per_sample(cfg, t))  # the model runs all three heads
-    assert model < 0.6 * hardware
+    assert hardware == pytest.approx(4 / 3 * model)  # the whole model runs only what trains; it recomputes
+    # pipeline stages run all three heads whatever their weights
+    model_pp, hardware_pp = flops_per_sample(cfg, t, itc_only, checkpointing=True, pipelined=True)
+    assert model_pp == model and hardware_pp == pytest.approx(4 * forward_flops_per_sample(cfg, t))
+    assert model < 0.6 * hardware_pp
     # every objective trains, no checkpointing: the two agree
     assert flops_per_sample(cfg, t, LossConfig(), checkpointing=False)[0] == pytest.approx(
         flops_per_sample(cfg, t, LossConfig(), checkpointing=False)[1]
@@ -32,22 +36,25 @@ def test_model_flops_count_only_the_weighted_objectives_and_no_recomputation():
     )
 
 
-def _session(loss: LossConfig, checkpointing: bool) -> Session:
+def _session(loss: LossConfig, checkpointing: bool, pp: int = 1) -> Session:
     s = object.__new__(Session)
     s.cfg = dataclasses.replace(TrainConfig(), activation_checkpointing=checkpointing)
     s.mcfg, s.stage_loss, s.flops_per_sample = get_preset("tiny"), loss, {}
+    s.layout = RankLayout.of(0, 2 * pp, pp=pp)
     return s
 
 
 def test_the_loop_counts_model_and_hardware_flops_per_micro_batch():
     batches = [{"attention_mask": torch.ones(4, 16, dtype=torch.bool)}, {"attention_mask": torch.ones(2, 24)}]
-    tokens, model, hardware = _session(LossConfig(caption=0.0), True)._count(batches)
     tiny = get_preset("tiny")
-    assert tokens == 4 * 16 + 2 * 24
     want = 4 * forward_flops_per_sample(tiny, 16, objectives=("itc", "mlm"))
     want += 2 * forward_flops_per_sample(tiny, 24, objectives=("itc", "mlm"))
-    assert model == pytest.approx(3 * want)
-    assert hardware == pytest.approx(4 * (4 * forward_flops_per_sample(tiny, 16) + 2 * forward_flops_per_sample(tiny, 24)))
+    every = 4 * forward_flops_per_sample(tiny, 16) + 2 * forward_flops_per_sample(tiny, 24)
+    tokens, model, hardware = _session(LossConfig(caption=0.0), True)._count(batches)
+    assert tokens == 4 * 16 + 2 * 24
+    assert model == pytest.approx(3 * want) and hardware == pytest.approx(4 * want)
+    _, model_pp, hardware_pp = _session(LossConfig(caption=0.0), True, pp=2)._count(batches)
+    assert model_pp == pytest.approx(3 * want) and hardware_pp == pytest.approx(4 * every)
 
 
 def test_hardware_flops_travel_through_the_step_sums():

@@ -480,8 +480,8 @@ class Session:
             mask = batch["attention_mask"]
             t = mask.shape[1]
             if t not in self.flops_per_sample:
-                ckpt = self.cfg.activation_checkpointing
-                self.flops_per_sample[t] = flops_per_sample(self.mcfg, t, self.stage_loss, ckpt)
+                ckpt, pp = self.cfg.activation_checkpointing, self.layout.pp > 1
+                self.flops_per_sample[t] = flops_per_sample(self.mcfg, t, self.stage_loss, ckpt, pp)
             tokens += int(mask.sum())
             flops += self.flops_per_sample[t][0] * mask.shape[0]
             hw_flops += self.flops_per_sample[t][1] * mask.shape[0]

@@ -5,7 +5,6 @@ one field order), so that nothing outside this module addresses the numbers by o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -101,17 +100,20 @@ class Interval:
 
 
 def flops_per_sample(
-    mcfg: ModelConfig, text_len: int, loss: LossConfig, checkpointing: bool, runs: Iterable[str] | None = None
+    mcfg: ModelConfig, text_len: int, loss: LossConfig, checkpointing: bool, pipelined: bool = False
 ) -> tuple[float, float]:
     """(model, hardware) FLOPs of one sample's training step at this padded text length, for MFU and HFU.
 
     Model FLOPs (PaLM's MFU): forward + backward (3 x the forward) of the objectives that train, those
-    with weight > 0 in the stage's `loss`, and no recomputation. Hardware FLOPs: what the device runs,
-    the forward of the objectives in `runs` (None: ITC, MLM and captioning whatever their weights, MIM
-    when its weight is > 0) x 3, x 4 with activation checkpointing (the blocks' forward runs again)."""
+    with weight > 0 in the stage's `loss`, and no recomputation. Hardware FLOPs: the forward that runs
+    x 3, x 4 with activation checkpointing (the blocks' forward runs again in backward). The whole
+    model runs only the objectives weighted > 0 (VLModel._run_model); pipeline stages (`pipelined`)
+    run ITC, MLM and captioning whatever their weights, and MIM when its weight is > 0."""
     from vltrain.model_math import active_objectives, forward_flops_per_sample
 
     ratio = loss.mim_mask_ratio if loss.mim > 0 else 0.0
-    model = 3 * forward_flops_per_sample(mcfg, text_len, ratio, objectives=active_objectives(loss))
+    active = active_objectives(loss)
+    model = 3 * forward_flops_per_sample(mcfg, text_len, ratio, objectives=active)
+    runs = None if pipelined else active
     hardware = (4 if checkpointing else 3) * forward_flops_per_sample(mcfg, text_len, ratio, objectives=runs)
     return model, hardware
