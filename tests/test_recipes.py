@@ -338,9 +338,10 @@ def test_a_plan_that_does_not_fit_is_refused_and_one_near_the_limit_warns(env):
 
 def test_dry_run_lists_every_problem_the_recipe_has_here(env):
     d = dry_run(env, "--profile", "h100x128")
-    assert [p.split(":")[0] for p in d["checks"]["problems"]] == ["data.shards"]  # the trainer runs TP x PP, fp16
+    # the trainer runs TP x PP, fp16; 128 ranks need a tokenizer made beforehand
+    assert [p.split(":")[0] for p in d["checks"]["problems"]] == ["data.shards", "data.tokenizer"]
     d = dry_run(env, "--profile", "a100x128", "--set", "parallel.strategy=deepspeed")  # ZeRO-3 under DeepSpeed
-    assert [p.split(":")[0] for p in d["checks"]["problems"]] == ["zero_stage", "data.shards"]
+    assert [p.split(":")[0] for p in d["checks"]["problems"]] == ["zero_stage", "data.shards", "data.tokenizer"]
 
 
 # --- 8. presets ----------------------------------------------------------------------------------------

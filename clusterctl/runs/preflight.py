@@ -153,9 +153,27 @@ def tokenizer(path: str, vocab_size: int) -> list[str]:
     return []
 
 
+def tokenizer_needed(cfg: TrainConfig, world_size: int) -> list[str]:
+    """A run of more than one rank needs data.tokenizer made beforehand (pure): without it rank 0 trains
+    one on all the captions at start (vltrain.tokenizer.tokenizer_for_run) while every other rank waits
+    in a collective under the start-up time-out, and a large corpus outlasts it (exit 75, retried)."""
+    if cfg.data.tokenizer or world_size <= 1:
+        return []
+    vocab = resolve_model(cfg.model).vocab_size
+    return [
+        f"data.tokenizer: not set for a {world_size}-rank run; allowed: a tokenizer made beforehand with "
+        f"`vltrain tokenizer train --shards {cfg.data.shards or 'DIR'} --vocab-size {vocab} --out FILE` "
+        "and --set data.tokenizer=FILE (one rank alone would train it while the others wait under the time-out)"
+    ]
+
+
 def check(cfg: TrainConfig, plan: dict[str, Any]) -> Checks:
     problems, warnings = memory(plan)
     return Checks(
-        problems=trainer_support(cfg) + problems + host_memory(plan) + data(cfg),
+        problems=trainer_support(cfg)
+        + problems
+        + host_memory(plan)
+        + data(cfg)
+        + tokenizer_needed(cfg, plan["world_size"]),
         warnings=warnings + checkpoint(plan),
     )
