@@ -1,7 +1,7 @@
 """Pipeline parallelism (vltrain.parallel.pipeline): the stages are pruned copies of VLModel running its
 own forward (same names, same losses), and multi-process runs (gloo, CPU, fp32) that must match a
 single-process model with accumulation. Masked image modelling under a pipeline is refused by the layout
-alone (tests/test_layout.py); the split itself is layout.stage_blocks (tests/test_layout.py too).
+alone (tests/test_layout.py); the split itself is stage_split.stage_blocks (tests/test_dp_mixed_parallel.py).
 
 The multi-process harness here (`run_layout`) is shared with tests/test_tensor_parallel.py.
 """

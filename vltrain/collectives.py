@@ -62,3 +62,19 @@ class Collectives:
                 dist.barrier(device_ids=[self.device.index or 0])
             else:
                 dist.barrier()
+
+
+def all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """x [B, ...] of every rank of `group` (None: the world), concatenated in rank order, with autograd:
+    the backward reduce-scatters (sums) the gradients of the gathered rows back to the ranks that own them.
+
+    torch's functional collectives (all_gather_single_autograd) name the group's own ranks, so they work
+    on a subgroup (the data-parallel one under tp or pp); the deprecated torch.distributed.nn all_gather
+    does not: its backward reduces to global rank 0, a rank the second data-parallel group lacks.
+    """
+    from torch.distributed import _functional_collectives as funcol
+
+    pg = group or dist.group.WORLD
+    if pg is None:
+        raise RuntimeError("all_gather_rows: torch.distributed is not initialised")
+    return funcol.wait_tensor(funcol.all_gather_single_autograd(x.contiguous(), gather_dim=0, group=pg))

@@ -30,15 +30,16 @@ def set_data_parallel_group(group: dist.ProcessGroup | None) -> None:
 def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """x [B, E] -> ([dp*B, E] from every data-parallel rank, offset of this rank's rows).
 
-    torch.distributed.nn's all_gather is differentiable, so every rank's encoders also learn from
-    the negatives that the other ranks see (as in CLIP / OpenCLIP's gather_with_grad).
+    The gather is differentiable (vltrain.collectives.all_gather_rows, functional collectives that work
+    on the data-parallel subgroup), so every rank's encoders also learn from the negatives that the
+    other ranks see (as in CLIP / OpenCLIP's gather_with_grad).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(_DP_GROUP) == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
+    from vltrain.collectives import all_gather_rows
 
     group = _DP_GROUP or dist.group.WORLD
-    return torch.cat(all_gather(x, group=group), dim=0), dist.get_rank(group) * x.shape[0]
+    return all_gather_rows(x, group), dist.get_rank(group) * x.shape[0]
 
 
 def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ The rules, and why:
     and all-reduce activations twice per block forward and twice backward, which only NVLink carries
     at speed; a group that straddles two nodes would run them over the network.
   * pp stages hold contiguous ranges of the pipeline blocks (vision, text, fusion, decoder blocks in
-    that order, `PIPELINE_TOWERS`, `stage_ranges`: the split the trainer runs, vltrain.parallel.pipeline);
-    each stage needs at least one block, each virtual stage of the interleaved schedule too (2 per rank).
+    that order, `PIPELINE_TOWERS`), balanced by cost (vltrain.parallel.stage_split: the split the
+    trainer runs and the planner sizes); each stage needs at least one block, each virtual stage of the
+    interleaved schedule too (2 per rank).
   * world = tp x pp x dp.
   * microbatches (the accumulation steps) as torch.distributed.pipelining's schedules require them:
     Schedule1F1B raises when n_microbatches < the number of stages (a stage without a microbatch of its
@@ -59,27 +60,6 @@ def tower_blocks(model: ModelConfig) -> dict[str, int]:
 def pipeline_blocks(model: ModelConfig) -> int:
     """Transformer blocks a pipeline splits: vision + text + fusion + decoder."""
     return sum(tower_blocks(model).values())
-
-
-def stage_ranges(blocks: int, stages: int) -> list[range]:
-    """Contiguous, balanced ranges of block indices, one per (virtual) stage: sizes differ by at most one,
-    the earlier stages taking the extra blocks (the last stage also runs the heads and the losses)."""
-    if not 1 <= stages <= blocks:
-        raise ValueError(f"{stages} stages over {blocks} blocks")
-    base, extra = divmod(blocks, stages)
-    out, start = [], 0
-    for s in range(stages):
-        n = base + (1 if s < extra else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
-
-
-def stage_blocks(model: ModelConfig, stages: int) -> list[list[tuple[str, int]]]:
-    """The (tower, block index within the tower) pairs of each (virtual) stage: `stage_ranges` over the
-    blocks in pipeline order."""
-    flat = [(tower, i) for tower, n in tower_blocks(model).items() for i in range(n)]
-    return [[flat[i] for i in r] for r in stage_ranges(len(flat), stages)]
 
 
 def data_parallel(world: int, tp: int, pp: int) -> int:

@@ -1,8 +1,9 @@
 """Pipeline parallelism of VLModel with torch.distributed.pipelining (PipelineStage + schedules).
 
 The model's transformer blocks, in the order its forward uses them (vltrain.parallel.layout:
-`PIPELINE_TOWERS`, split by `stage_blocks` into contiguous ranges of near-equal block counts, the same
-split the planner sizes), go to the stages. Each stage module is a deep copy of the whole VLModel with
+`PIPELINE_TOWERS`, split by vltrain.parallel.stage_split.`stage_blocks` into contiguous ranges balanced
+by their FLOPs and memory per tensor-parallel rank, embeddings and heads included: the same split the
+planner sizes), go to the stages. Each stage module is a deep copy of the whole VLModel with
 everything outside the stage deleted or set to None (torchtitan's `pipeline_module_split`), so its
 parameters keep their original names and a DCP checkpoint holds the same keys under any layout; it runs
 the model's own forward (VLModel._run), which runs whatever the copy holds. Between stages flows the
@@ -43,7 +44,8 @@ from vltrain.common.errors import UserError
 from vltrain.config import LossConfig
 from vltrain.model import losses
 from vltrain.model.vl_model import VLModel
-from vltrain.parallel.layout import VIRTUAL_STAGES, microbatch_problem, stage_blocks, tower_blocks
+from vltrain.parallel.layout import VIRTUAL_STAGES, microbatch_problem, tower_blocks
+from vltrain.parallel.stage_split import stage_blocks
 
 # Where each tower of layout.PIPELINE_TOWERS keeps its blocks in VLModel (ModuleDicts keyed by block
 # index), and the norm that ends it (the text tower has none: ITC's head norms it, text.unimodal_norm).
@@ -89,15 +91,17 @@ def _prune(model: VLModel, stage_index: int, num_stages: int, blocks: list[tuple
     return stage
 
 
-def split_stages(model: VLModel, pp_rank: int, pp_size: int, virtual_per_rank: int = 1) -> list[tuple[int, VLModel]]:
+def split_stages(
+    model: VLModel, pp_rank: int, pp_size: int, virtual_per_rank: int = 1, tp: int = 1
+) -> list[tuple[int, VLModel]]:
     """This rank's (stage index, stage module) pairs; stage s runs on pp rank s % pp_size (looped).
-    `virtual_per_rank`: `virtual_stages(schedule)`.
+    `virtual_per_rank`: `virtual_stages(schedule)`; `tp`: the tensor-parallel degree the split balances for.
 
     Build `model` the same way on every rank (same seed) before splitting, so the stages hold the
     weights a single-process model would, and the tied embedding starts identical on both ends.
     """
     n = pp_size * virtual_per_rank
-    plan = stage_blocks(model.cfg, n)
+    plan = stage_blocks(model.cfg, n, tp)
     return [(s, _prune(model, s, n, plan[s])) for s in range(pp_rank, n, pp_size)]
 
 
