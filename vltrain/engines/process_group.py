@@ -1,4 +1,4 @@
-"""The default process group of a run and its time-outs (both engines; DeepSpeed's starts it its own way)."""
+"""The default process group of a run (both engines start it here) and the time-outs of every group."""
 
 from __future__ import annotations
 
@@ -35,7 +35,23 @@ def init_torch_process_group(dist: DistEnv, device: str) -> torch.device:
     chosen = rank_device(dist, device)
     if not tdist.is_initialized():
         tdist.init_process_group(backend(device), timeout=start_timeout())
+    set_collective_timeout(start_timeout())  # and every group the engine makes (mesh dims, DeepSpeed's)
     return chosen
+
+
+def set_collective_timeout(timeout: timedelta) -> None:
+    """Every process group of this process waits `timeout` for a lost peer: those that exist, and those
+    made later without a time-out of their own (DeviceMesh's dimension groups, DeepSpeed's data-parallel
+    groups): torch gives these its module default (10 min under NCCL, 30 under gloo), which no public API
+    changes, so that default is set too. `_set_pg_timeout` is torch's own setter for an existing group."""
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+    if not c10d.is_initialized():
+        return
+    for group in list(c10d._world.pg_map):
+        c10d._set_pg_timeout(timeout, group)
 
 
 def shorten_timeout() -> None:
@@ -45,6 +61,4 @@ def shorten_timeout() -> None:
 
     seconds = float(os.environ.get(STEP_DIST_TIMEOUT_S, 600))
     if dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.distributed_c10d import _get_default_group, _set_pg_timeout
-
-        _set_pg_timeout(timedelta(seconds=seconds), _get_default_group())
+        set_collective_timeout(timedelta(seconds=seconds))  # every group: the mesh's and DeepSpeed's too

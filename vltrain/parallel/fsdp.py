@@ -8,7 +8,12 @@ caption heads, so it stays in the root unit, gathered for the whole forward.
 Precision: fp32 master weights in the sharded parameters, the forward and backward in bf16 / fp16
 (`MixedPrecisionPolicy.param_dtype`), gradients reduced and accumulated in fp32 (`reduce_dtype`), as
 the DeepSpeed config does (vltrain.dsconfig: bf16 accumulation errs 2.6-3.7x more). fp32 runs without
-a policy.
+a policy. The policy does not cast the forward inputs (cast_forward_inputs=False): FSDP would cast every
+floating input of every unit, MLM's random draws (bf16 keeps 8 bits: a draw just under mask_prob can
+round over it, and the masks differ from DeepSpeed's) and the RoPE tables (cos and sin to ~3 digits)
+among them; the images come in
+the compute dtype (vltrain.engines.common.model_inputs) and the rest follows the parameters, as under
+DeepSpeed, which casts the module and not its inputs.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def mixed_precision(precision: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
         return None
-    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def shard_model(model: nn.Module, dp_mesh, precision: str, zero_stage: int) -> nn.Module:
