@@ -267,3 +267,17 @@ def test_a_state_resumed_on_another_rank_count_keeps_its_share_of_the_epoch(data
     assert (one.epoch, one.position) == (0, 12 * 60 // 20)
     with pytest.raises(shards.UserError, match="world_size"):  # not remapped: refused
         one.load_state_dict(state)
+
+
+def test_the_planners_index_bytes_match_a_loaded_rank(tmp_path):
+    """vltrain.data.index_math (clusterctl plan's loader index) against what a rank really holds
+    (tracemalloc over rank_index): 16 shards of img2dataset's 10,000 samples on 4 ranks."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import bench_index
+
+    from vltrain.data.index_math import index_host_bytes
+
+    got = bench_index.measure(bench_index.build(tmp_path, 160_000, 10_000), 0, 4)
+    held = got["bytes_per_sample"] * got["rank_samples"]
+    assert got["rank_samples"] == 40_000 and got["index_files_opened"] == 4
+    assert held == pytest.approx(index_host_bytes(160_000, 4), rel=0.2)
