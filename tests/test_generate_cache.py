@@ -58,7 +58,7 @@ def test_each_step_runs_the_decoder_on_the_new_token_only():
     model, batch = model_and_batch()
     model.eval()
     b, steps = batch["images"].shape[0], 10
-    never = lambda done: False  # noqa: E731 (run every step: the random model may end a row early)
+    never = lambda done: False  # run every step: the random model may end a row early
     calls, hooks = count_decoder_tokens(model)
     with torch.no_grad():
         greedy_captions(model, batch["images"], steps, all_done=never)
