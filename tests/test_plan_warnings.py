@@ -122,12 +122,18 @@ def test_hybrid_sharding_shards_within_a_node_and_all_reduces_across():
     assert hybrid.to_dict()["sharding"] == "hybrid"
 
 
+def _seed001_old_layout():
+    """Seed 001's recipe as it was: FSDP zero_stage 3 without tp, accumulation 8."""
+    return _plan("a100x128", zero_stage=3, parallel=ParallelConfig(strategy="fsdp", tp=1))
+
+
 def test_alternatives_fit_and_show_their_memory():
-    p = make_plan(load_profile("a100x128"), get_preset("vl-30b"), 2048, accumulation=8, zero_stage=3, train_config=_fsdp_cfg(3))
+    p = _seed001_old_layout()
     assert p.alternatives
     for a in p.alternatives:
         assert 0 < a.memory_gib <= p.memory.capacity_gib and a.sharding in ("full", "hybrid")
-    # zero_stage 2 without tp needs the 114 GiB of gradients above: never offered
+    # zero_stage 2 without tp keeps the running units' whole fp32 gradients (vision + decoder when
+    # captioning, the second stage): never offered
     assert not any(a.zero_stage == 2 and a.sharding == "full" for a in p.alternatives)
     d = p.to_dict()
     assert all("memory_gib" in a for a in d["alternatives"]) and d["faster_layout"]["memory_gib"] > 0
@@ -136,7 +142,7 @@ def test_alternatives_fit_and_show_their_memory():
 
 
 def test_low_mfu_and_a_much_faster_layout_warn():
-    p = make_plan(load_profile("a100x128"), get_preset("vl-30b"), 2048, accumulation=8, zero_stage=3, train_config=_fsdp_cfg(3))
+    p = _seed001_old_layout()
     w = p.to_dict()["warnings"]
     assert p.mfu_expected() < advice.MFU_WARNING and any(x.startswith("mfu:") for x in w)
     fastest = max(p.alternatives, key=lambda a: a.speedup)
@@ -155,6 +161,28 @@ def test_flops_count_only_the_objectives_that_run():
     assert p.flops_per_sample == pytest.approx(3 * fwd)
     assert p.flops_per_sample < 0.5 * 3 * forward_flops_per_sample(model, mim_mask_ratio=0.75)
     assert p.params == param_count(model, mim=True)  # every parameter is still held
+
+
+def test_units_of_objectives_weighted_0_are_neither_gathered_nor_reduced_but_memory_covers_every_stage():
+    """Seed 001's first stage (ITC + MIM) runs the vision and text towers; the 26.6B-parameter caption
+    decoder runs in the second: the traffic is the first stage's running units, the memory the worst stage's."""
+    model = get_preset("vl-30b")
+    p = _seed001_old_layout()
+    share = rank_shares(model, 1, 1, "1f1b", False)[0]
+    gather = next(c for c in p.comm.collectives if c.op == "all_gather")
+    decoder = sum(b.params(1) for b in fsdp.blocks(model) if b.kind == "decoder")
+    assert gather.tensor_bytes == pytest.approx(2 * (share.params - decoder - fsdp_fusion(model)))
+    lay = fsdp.ParallelLayout(1, 1, 128, 2)
+    first, both = fsdp.idle_kinds(("itc", "mim")), fsdp.idle_kinds(("caption",))
+    assert first == {"decoder", "fusion"} and both == {"text", "fusion"}
+    one = fsdp.memory(model, dataclasses.replace(lay, stage_idle=(first,)), 2, 8, 80)[0]
+    worst = fsdp.memory(model, dataclasses.replace(lay, stage_idle=(first, both)), 2, 8, 80)[0]
+    assert one.fits and not worst.fits  # the captioning stage gathers and accumulates the decoder
+    assert one.optimizer_gib == worst.optimizer_gib  # every parameter keeps its optimizer state
+
+
+def fsdp_fusion(model) -> float:
+    return sum(b.params(1) for b in fsdp.blocks(model) if b.kind == "fusion")
 
 
 # --- (7) checkpoint overhead ---------------------------------------------------------------------------
@@ -187,7 +215,10 @@ def test_cli_plan_json_has_warnings_and_submit_dry_run_prints_them(tmp_path, mon
     r = run_cli("plan", "--profile", "a100x128", "--zero-stage", "3", "--tp", "1")
     assert "warning: mfu:" in r.stdout and "checkpoint overhead:" in r.stdout
     assert "alternatives (all fit):" in r.stdout
-    r = run_cli("submit", "--profile", "a100x64", "--dry-run", "--json")
-    out = json.loads(r.stdout) if r.returncode == 0 else {}
-    if out:  # the dry run may refuse on data checks; its warnings carry the plan's
-        assert any(w.startswith("memory:") for w in out["checks"]["warnings"])
+    r = run_cli("submit", "--profile", "a100x128", "--zero-stage", "3", "--tp", "1", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    warned = json.loads(r.stdout)["checks"]["warnings"]
+    assert any(w.startswith("mfu:") for w in warned) and any(w.startswith("layout:") for w in warned)
+    r = run_cli("submit", "--profile", "a100x64", "--dry-run", "--json")  # memory said once, by preflight or the plan
+    assert r.returncode == 0, r.stderr
+    assert sum("GiB per GPU" in w for w in json.loads(r.stdout)["checks"]["warnings"]) == 1

@@ -340,7 +340,7 @@ def test_dry_run_lists_every_problem_the_recipe_has_here(env):
     d = dry_run(env, "--profile", "h100x128")
     # the trainer runs TP x PP, fp16; 128 ranks need a tokenizer made beforehand
     assert [p.split(":")[0] for p in d["checks"]["problems"]] == ["data.shards", "data.tokenizer"]
-    d = dry_run(env, "--profile", "a100x128", "--set", "parallel.strategy=deepspeed")  # ZeRO-3 under DeepSpeed
+    d = dry_run(env, "--profile", "a100x128", "--set", "parallel.strategy=deepspeed", "--tp", "1", "--zero-stage", "3")
     assert [p.split(":")[0] for p in d["checks"]["problems"]] == ["zero_stage", "data.shards", "data.tokenizer"]
 
 

@@ -21,6 +21,15 @@ What each GPU holds (its pipeline rank's share, one tp rank of it: clusterctl.pl
   * CUDA context and NCCL buffers (memory.CONTEXT_GIB); no DeepSpeed buckets; 10% fragmentation.
 The most loaded pipeline rank is planned.
 
+Objectives weighted 0 do not run (vltrain.model: no text pass for ITC or MLM when both are 0, no fusion
+without MLM, no caption decoder without captioning), so without a pipeline their blocks are FSDP units
+that are never gathered, get no gradient and are never reduced (FSDP2 runs a unit's hooks only when its
+forward runs): the gathered weights, the unsharded and sharded gradients, the activations and the data-
+parallel traffic count the units that run (`run_share`); the optimizer states count them all (a later
+stage trains them). `ParallelLayout.stage_idle` lists the block kinds idle in each curriculum stage:
+the memory is the worst stage's, the traffic the first stage's (as the plan's FLOPs). Pipeline stages
+run every block (vltrain.parallel.pipeline), so with pp > 1 nothing is idle.
+
 Step time, added to the compute at DEFAULT_MFU:
   * data parallel (FSDP2): without a pipeline each microbatch all-gathers the share (twice at zero_stage 3:
     forward and backward); the gradients' fp32 reduce-scatter runs every microbatch at zero_stage 3 and
@@ -49,7 +58,7 @@ from typing import Any
 
 from clusterctl.planning import comm
 from clusterctl.planning.memory import CONTEXT_GIB, FRAGMENTATION, GIB, MemoryBreakdown
-from clusterctl.planning.stages import RankShare, boundary_elements, in_flight, rank_shares
+from clusterctl.planning.stages import RankShare, blocks, boundary_elements, in_flight, rank_shares
 from vltrain.model_config import ModelConfig
 from vltrain.parallel.layout import VIRTUAL_STAGES
 
@@ -71,6 +80,7 @@ class ParallelLayout:
     checkpointing: bool = False
     sharding: str = "full"  # parallel.sharding: "hybrid" shards over one node's dp ranks only
     gpus_per_node: int = 8
+    stage_idle: tuple[frozenset[str], ...] = (frozenset(),)  # block kinds that do not run, per curriculum stage
 
     @property
     def shard_group(self) -> int:
@@ -86,16 +96,59 @@ class ParallelLayout:
         return self.pp == 1 and self.zero_stage == 3
 
 
-def rank_memory(share: RankShare, lay: ParallelLayout, micro_batch: int, microbatches: int, capacity_gib: float):
-    """The memory breakdown of one GPU of pipeline rank `share.rank`."""
+def idle_kinds(objectives: tuple[str, ...] | list[str]) -> frozenset[str]:
+    """The block kinds a step with these objectives (weight > 0) does not run (module doc)."""
+    o = set(objectives)
+    idle = {"decoder"} if "caption" not in o else set()
+    if "mlm" not in o:
+        idle.add("fusion")
+    if not o & {"itc", "mlm"}:
+        idle.add("text")
+    return frozenset(idle)
+
+
+def run_share(
+    model: ModelConfig, share: RankShare, lay: ParallelLayout, idle: frozenset[str]
+) -> tuple[float, float]:
+    """(parameters, activation bytes per sample) of `share` that a step runs: less the idle blocks'
+    (and the text encoder's second pass when only one of ITC and MLM runs); the whole share with pp > 1."""
+    if lay.pp > 1 or not idle:
+        return share.params, share.act_per_sample
+    bl = blocks(model)
+    own = [bl[i] for i in share.blocks]
+    params = share.params - sum(b.params(lay.tp) for b in own if b.kind in idle)
+    text_runs = 2 - len({"fusion", "text"} & idle)  # MLM's masked pass goes with the fusion blocks
+    layers = [b for b in own if b.kind not in idle for _ in range(text_runs if b.kind == "text" else b.runs)]
+    full = [b for b in own for _ in range(b.runs)]
+
+    def act(ls: list) -> float:  # as stages.rank_shares counts them, at 2 bytes per element
+        work = [b.act_replicated + b.act_sharded / lay.tp for b in ls]
+        if lay.checkpointing:
+            return sum(b.act_input for b in ls) * 2 + max(work, default=0.0)
+        return sum(work)
+
+    return params, share.act_per_sample - (act(full) - act(layers)) * lay.param_bytes / 2
+
+
+def rank_memory(
+    share: RankShare,
+    lay: ParallelLayout,
+    micro_batch: int,
+    microbatches: int,
+    capacity_gib: float,
+    run: tuple[float, float] | None = None,
+):
+    """The memory breakdown of one GPU of pipeline rank `share.rank`; `run`: the (parameters, activation
+    bytes per sample) that run (`run_share`), by default all of the share."""
     L, pb, unit, shards = share.params, lay.param_bytes, share.largest_unit, lay.shard_group
+    R, act_per_sample = run or (L, share.act_per_sample)
     whole = lay.pp > 1 or lay.zero_stage == 2
-    gathered = pb * (L if whole else min(L, 2 * unit))
+    gathered = pb * (R if whole else min(R, 2 * unit))
     kept = not lay.sync_every_micro and microbatches > 1  # sync off before the last micro step
-    unsharded_grads = REDUCE_BYTES * L if kept or lay.pp > 1 else (pb + REDUCE_BYTES) * unit
-    grads = SHARDED_GRAD_BYTES * L / shards
+    unsharded_grads = REDUCE_BYTES * R if kept or lay.pp > 1 else (pb + REDUCE_BYTES) * min(R, unit)
+    grads = SHARDED_GRAD_BYTES * R / shards
     optimizer = MASTER_BYTES * L / shards
-    acts = share.act_per_sample * micro_batch * in_flight(share.rank, lay.pp, microbatches, lay.schedule)
+    acts = act_per_sample * micro_batch * in_flight(share.rank, lay.pp, microbatches, lay.schedule)
     states = gathered + unsharded_grads + grads + optimizer
     buffers = CONTEXT_GIB * GIB
     frag = FRAGMENTATION * (states + acts)
@@ -106,7 +159,7 @@ def rank_memory(share: RankShare, lay: ParallelLayout, micro_batch: int, microba
         grad_accum_gib=unsharded_grads / GIB,
         optimizer_gib=optimizer / GIB,
         activations_gib=acts / GIB,
-        activations_per_sample_gib=share.act_per_sample / GIB,
+        activations_per_sample_gib=act_per_sample / GIB,
         buffers_gib=buffers / GIB,
         fragmentation_gib=frag / GIB,
         total_gib=total / GIB,
@@ -118,11 +171,14 @@ def rank_memory(share: RankShare, lay: ParallelLayout, micro_batch: int, microba
 def memory(
     model: ModelConfig, lay: ParallelLayout, micro_batch: int, microbatches: int, capacity_gib: float
 ) -> tuple[MemoryBreakdown, int]:
-    """(the breakdown of the most loaded GPU, its pipeline rank)."""
+    """(the breakdown of the most loaded GPU in the most demanding curriculum stage, its pipeline rank)."""
     shares = rank_shares(model, lay.tp, lay.pp, lay.schedule, lay.checkpointing)
-    per = [rank_memory(s, lay, micro_batch, microbatches, capacity_gib) for s in shares]
-    worst = max(range(len(per)), key=lambda r: per[r].total_gib)
-    return per[worst], worst
+    per = [
+        (rank_memory(s, lay, micro_batch, microbatches, capacity_gib, run_share(model, s, lay, idle)), s.rank)
+        for idle in lay.stage_idle
+        for s in shares
+    ]
+    return max(per, key=lambda x: x[0].total_gib)
 
 
 @dataclass(frozen=True)
@@ -159,10 +215,17 @@ def dp_bus_gb_s(fab: comm.Fabric, lay: ParallelLayout) -> float:
 
 
 def step_comm(
-    share: RankShare, lay: ParallelLayout, accumulation: int, compute_s: float, fab: comm.Fabric, backward_share: float
+    share: RankShare,
+    lay: ParallelLayout,
+    accumulation: int,
+    compute_s: float,
+    fab: comm.Fabric,
+    backward_share: float,
+    run_params: float | None = None,
 ) -> comm.StepComm:
-    """FSDP2's data-parallel collectives of one optimizer step for the GPU of `share` (module doc)."""
-    L, n = share.params, lay.shard_group
+    """FSDP2's data-parallel collectives of one optimizer step for the GPU of `share` (module doc): of its
+    `run_params` that run (`run_share`), by default all of it."""
+    L, n = (share.params if run_params is None else run_params), lay.shard_group
     w, g = L * lay.param_bytes, L * REDUCE_BYTES
     if lay.pp == 1:
         gathers = [comm.Collective("FSDP all-gather of the weights in forward", "all_gather", w, True, 1.0)]
@@ -217,7 +280,6 @@ def parallel_time(
     model: ModelConfig, lay: ParallelLayout, micro_batch: int, accumulation: int, compute_s: float, fab: comm.Fabric
 ) -> ParallelTime:
     """Tensor-parallel all-reduces, pipeline sends, bubble and stage imbalance of one step (module doc)."""
-    from clusterctl.planning.stages import blocks
 
     shares = rank_shares(model, lay.tp, lay.pp, lay.schedule, lay.checkpointing)
     total_flops = sum(s.flops_per_sample for s in shares)

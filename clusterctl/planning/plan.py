@@ -57,12 +57,19 @@ def train_flops_per_sample(
     return (4.0 if activation_checkpointing else 3.0) * fwd
 
 
-def run_objectives(cfg: TrainConfig) -> tuple[str, ...]:
-    """The objectives the run's base loss (a staged recipe's first stage) weights > 0: the work a step
-    does, hence its FLOPs (the trainer runs no head or loss weighted 0)."""
+def stage_objectives(cfg: TrainConfig) -> tuple[tuple[str, ...], ...]:
+    """The objectives each curriculum stage weights > 0 (one stage, [loss], without [[stages]])."""
+    from vltrain.config import stage_loss
     from vltrain.model_math import active_objectives
 
-    return active_objectives(cfg.loss)
+    losses = [stage_loss(cfg.loss, st.loss, i) for i, st in enumerate(cfg.stages)] or [cfg.loss]
+    return tuple(active_objectives(loss) for loss in losses)
+
+
+def run_objectives(cfg: TrainConfig) -> tuple[str, ...]:
+    """The objectives the run's first stage weights > 0: the work a step does, hence its FLOPs (the
+    trainer runs no head or loss weighted 0)."""
+    return stage_objectives(cfg)[0]
 
 
 def mim_ratio(cfg: TrainConfig) -> float:
@@ -410,8 +417,12 @@ def _fsdp_plan(
     def schedule_takes(n: int) -> bool:
         return microbatch_problem(n, par.pp, par.pp_schedule) is None
 
+    idle = tuple(fsdp.idle_kinds(o) for o in stage_objectives(cfg))  # the first stage's first: its traffic
+
     def layout(stage: int, sharding: str = par.sharding) -> fsdp.ParallelLayout:
-        return fsdp.ParallelLayout(par.tp, par.pp, dp, stage, par.pp_schedule, param_bytes, ckpt_on, sharding, gpn)
+        return fsdp.ParallelLayout(
+            par.tp, par.pp, dp, stage, par.pp_schedule, param_bytes, ckpt_on, sharding, gpn, idle
+        )
 
     def choose(stage: int, fixed: bool, sharding: str = par.sharding) -> tuple[BatchSplit, int]:
         """The split (the largest micro batch that fits and the schedule takes, unless fixed) and the limit."""
@@ -436,8 +447,9 @@ def _fsdp_plan(
 
     def timing(stage: int, s: BatchSplit, sharding: str = par.sharding) -> tuple[comm.StepComm, fsdp.ParallelTime]:
         lay = layout(stage, sharding)
+        running = fsdp.run_share(model, heaviest, lay, idle[0])[0]
         return (
-            fsdp.step_comm(heaviest, lay, s.accumulation, compute_s, fab, backward),
+            fsdp.step_comm(heaviest, lay, s.accumulation, compute_s, fab, backward, running),
             fsdp.parallel_time(model, lay, s.micro_batch, s.accumulation, compute_s, fab),
         )
 
