@@ -188,11 +188,14 @@ def dp_only(data, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_dp2_x_tp2_trains_as_data_parallel_alone(data, dp_only, tmp_path):
     """4 ranks: two data-parallel replicas, each split over 2 tensor-parallel ranks; the same samples per
-    replica as dp 2 alone. TP sums the row-parallel partial products by all-reduce (fp32, another order)."""
+    replica as dp 2 alone. TP sums the row-parallel partial products by all-reduce (fp32, another order):
+    measured <= 3.5e-6 relative on the losses, 2.1e-5 on the gradient norm (a sum of squares over 2-D
+    DTensor groups); 1e-4 as tests/test_fsdp_engine.py allows TP. A gather over the wrong group (the
+    tensor-parallel peers' equal rows counted as negatives) or a lost gradient moves them by >= 1e-3."""
     run = tmp_path / "run"
     r = train_padded(4, pp_config(tmp_path / "cfg.toml", data, tp=2), run)
     assert "fsdp tp 2 x pp 1 x dp 2" in r.stdout
-    worst = assert_close_runs(run, dp_only, rel=1e-5)
+    worst = assert_close_runs(run, dp_only, rel=1e-4)
     print(f"worst relative difference dp 2 x tp 2 vs dp 2: {worst:.2e}")
 
 
