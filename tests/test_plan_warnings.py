@@ -219,6 +219,8 @@ def test_cli_plan_json_has_warnings_and_submit_dry_run_prints_them(tmp_path, mon
     assert r.returncode == 0, r.stderr
     warned = json.loads(r.stdout)["checks"]["warnings"]
     assert any(w.startswith("mfu:") for w in warned) and any(w.startswith("layout:") for w in warned)
+    r = run_cli("submit", "--profile", "a100x128", "--zero-stage", "3", "--tp", "1", "--dry-run")
+    assert r.returncode == 0 and r.stdout.count("warning: mfu:") == 1, r.stdout  # printed once, with the checks
     r = run_cli("submit", "--profile", "a100x64", "--dry-run", "--json")  # memory said once, by preflight or the plan
     assert r.returncode == 0, r.stderr
     assert sum("GiB per GPU" in w for w in json.loads(r.stdout)["checks"]["warnings"]) == 1

@@ -192,7 +192,7 @@ def print_dry_run(profile: str, profile_source: str, plan: dict, d: dict, text: 
     """`submit --dry-run`: the profile, the plan, the resolved config (runs.submit.dry_run's `d`), the
     backend's rendering of the job (`text`: for Slurm the sbatch script) and what the checks found."""
     say(f"profile {printable(profile)} from {printable(profile_source)}")
-    print_plan(plan)
+    print_plan(plan | {"warnings": []})  # the checks below list the plan's warnings with submit's own
     print_config(d["config"], d["source"])
     if d["sbatch"] is not None:
         say(f"{styled('sbatch script', 'bold')} (submitit would submit this):")
