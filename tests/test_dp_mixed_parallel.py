@@ -80,8 +80,8 @@ def test_the_planner_sizes_the_split_the_trainer_builds_for_every_seed_model(rec
 
 
 def test_seed_003_stages_are_balanced_by_cost():
-    """vl-22b at the recipe's tp 4 x pp 2: the split by block count put 37 blocks on each stage, 23 of the
-    24 ViT blocks (577 tokens, ~2.4x a 77-token text block's work) on the first."""
+    """vl-22b at the recipe's tp 4 x pp 2: the split by block count put 37 blocks on each stage, the 24
+    ViT blocks (577 tokens, ~2.4x the work of a 77-token text block's two runs) on the first."""
     cfg = load_train_config(REPO / "configs/seed-003.toml")
     model, tp, pp = resolve_model(cfg.model), cfg.parallel.tp, cfg.parallel.pp
     before = balance(stage_work(model, _count_split(pipeline_blocks(model), pp), tp))
