@@ -136,7 +136,9 @@ def active_objectives(loss: LossConfig) -> tuple[str, ...]:
     return tuple(name for name in OBJECTIVES if getattr(loss, name) > 0)
 
 
-def forward_flops_breakdown(cfg: ModelConfig, text_len: int | None = None, mim_mask_ratio: float = 0.0) -> dict[str, float]:
+def forward_flops_breakdown(
+    cfg: ModelConfig, text_len: int | None = None, mim_mask_ratio: float = 0.0
+) -> dict[str, float]:
     """Matmul FLOPs of one sample's forward by part: "vision" (the ViT over all patches, shared by ITC,
     MLM and captioning), "itc" (the clean-text encoder pass and both projections), "mlm" (the
     masked-text encoder pass, fusion, MLM logits), "caption" (decoder, LM logits) and, when
