@@ -28,12 +28,12 @@ def data(tmp_path_factory) -> Path:
     return trainer_shards(tmp_path_factory.mktemp("eval-sharded"), holdout=HOLDOUT)
 
 
-def _setup(data: Path):
+def _setup(data: Path, precision: str = "fp32"):
     from vltrain.config import load_train_config
     from vltrain.tokenizer import Tokenizer
 
     cfg = load_train_config(
-        write_config(data / f"cfg-{os.getpid()}.toml", data, precision="fp32", parallel={"strategy": "fsdp"})
+        write_config(data / f"cfg-{os.getpid()}.toml", data, precision=precision, parallel={"strategy": "fsdp"})
     )
     return cfg, Tokenizer.load(str(data / "tok.model")), str(data / "shards" / "eval")
 
@@ -53,15 +53,16 @@ def one_process(data: Path) -> dict:
 
 
 def _rank(rank: int, world: int, data: Path, mode: str) -> dict:
-    """One rank: a plain model evaluating its slice (mode "plain" / "lockstep"), or the FSDP engine's."""
+    """One rank: a plain model evaluating its slice (mode "plain" / "lockstep"), or the FSDP engine's
+    ("fsdp", "fsdp-bf16": bf16 compute over fp32 shards)."""
     import torch.distributed as dist
 
     from vltrain.engines.common import RankLayout, build_model
     from vltrain.evaluate import EvalShare
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg, tok, shards = _setup(data)
-    if mode == "fsdp":
+    cfg, tok, shards = _setup(data, "bf16" if mode == "fsdp-bf16" else "fp32")
+    if mode.startswith("fsdp"):
         from vltrain.engines.fsdp import FSDPEngine
 
         engine = FSDPEngine(cfg, 1, 1, RankLayout.of(rank, world), torch.device("cpu"))
@@ -154,3 +155,16 @@ def test_fsdp_ranks_evaluate_the_sharded_model_in_lockstep(data, reference):
         assert result.pop("share") == (rank, 2, True)
         assert 1 <= result.pop("most_blocks_gathered") <= 2, "FSDP evaluation gathered more than a block at a time"
         assert result == reference
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_evaluation_runs_sharded_and_every_rank_gets_the_same_scores(data):
+    """Mixed precision (bf16 gathers and compute, the engine's default zero_stage 2, which keeps blocks
+    gathered from forward to backward in training): evaluation still gathers one block at a time, and
+    the ranks agree on every score (no one-process reference: bf16 sums in another order)."""
+    first, second = two_ranks(data, "fsdp-bf16")
+    for result in (first, second):
+        assert 1 <= result.pop("most_blocks_gathered") <= 2
+        assert result["n"] == HOLDOUT and result["caption_samples"] == CAPTIONS
+    assert first.pop("share") == (0, 2, True) and second.pop("share") == (1, 2, True)
+    assert first == second
