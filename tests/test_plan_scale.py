@@ -74,36 +74,29 @@ def _deepspeed_estimators():
         ("a100x128", "vl-30b", {"zero_stage": 3, "accumulation": 8}),  # seed 001
     ],
 )
-def test_host_memory_against_deepspeed_estimators(profile, model, kw):
-    """DeepSpeed's per-node CPU figure with nothing offloaded (cpu_offload=False) is what each rank stages
-    in fp32 x 1.5: the whole model when built on the CPU (ZeRO-2's estimator; ZeRO-3's without zero.Init),
-    the largest layer when built in place (ZeRO-3's with zero.Init: the trainer's on-device build)."""
-    est2, est3 = _deepspeed_estimators()
-    prof, cfg = load_profile(profile), get_preset(model)
-    psi, largest = param_count(cfg), largest_layer_params(cfg)
-    g, nodes = prof.nodes.gpus_per_node, prof.nodes.count
-    ds_cpu_build = est2(psi, g, nodes, cpu_offload=False)[0] if kw["zero_stage"] < 3 else None
-    ds3_whole, *_ = est3(psi, largest, g, nodes, cpu_offload=False, cpu_offload_params=False, zero_init=False)
-    ds3_in_place, *_ = est3(psi, largest, g, nodes, cpu_offload=False, cpu_offload_params=False, zero_init=True)
-    if ds_cpu_build is not None:
-        assert host_memory.deepspeed_host_bytes(psi, largest, g, on_device=False) == pytest.approx(ds_cpu_build, abs=1)
-    assert host_memory.deepspeed_host_bytes(psi, largest, g, on_device=False) == pytest.approx(ds3_whole, abs=1)
-    assert host_memory.deepspeed_host_bytes(psi, largest, g, on_device=True) == pytest.approx(ds3_in_place, abs=1)
+def test_host_memory_per_node_by_hand(profile, model, kw):
+    """Steady, per rank: the process, its data-loader workers (128 CPUs / 8 GPUs = 16 per task: 8), its
+    shards' index (one pass of the default 1000 steps) and the optimizer shard a resume loads (12
+    bytes/param / N); per node, once, the 16-bit weights of the checkpoint under ZeRO-2 (mapped by every
+    rank on resume). Start-up: the processes alone, the parameter groups flattening on the GPU
+    (tests/test_host_memory.py has the start-up's other paths)."""
+    from vltrain.data.index_math import index_host_bytes
 
-    p = make_plan(prof, cfg, 8192 if model == "crossmodal-xl" else 2048, **kw)
+    prof, cfg = load_profile(profile), get_preset(model)
+    psi, g = param_count(cfg), prof.nodes.gpus_per_node
+    gb = 8192 if model == "crossmodal-xl" else 2048
+    p = make_plan(prof, cfg, gb, **kw)
     h = p.host
-    # the plan: per rank, the larger of DeepSpeed's staging and the rank's optimizer shard (12 bytes/param
-    # / N) plus the process and its data-loader workers (128 CPUs / 8 GPUs = 16 per task: 8 workers);
-    # per node, once, the 16-bit weights of the checkpoint under ZeRO-2 (mapped by every rank on resume)
     shard = 12 * psi / prof.world_size
     shared = 2 * psi if kw["zero_stage"] == 2 else 0
     allowance = (host_memory.PROCESS_HOST_GIB + 8 * host_memory.WORKER_HOST_GIB) * GIB
+    index = index_host_bytes(TrainConfig().steps * gb, prof.world_size)
     assert h.loader_workers == 8
-    expected = g * (allowance + max(ds3_in_place / g, shard)) + shared
-    assert h.per_node_gib * GIB == pytest.approx(expected, rel=1e-9)
+    assert h.per_node_gib * GIB == pytest.approx(g * (allowance + index + shard) + shared, rel=1e-9)
+    assert h.startup_per_node_gib == pytest.approx(g * host_memory.PROCESS_HOST_GIB) and h.deepspeed_staged_gib == 0
     assert h.capacity_gib == prof.nodes.memory_gib == 1000 and h.fits
     d = p.to_dict()["host_memory"]
-    assert {"per_node_gib", "capacity_gib", "fits"} <= d.keys() and d["fits"] is True
+    assert {"per_node_gib", "startup_per_node_gib", "capacity_gib", "fits"} <= d.keys() and d["fits"] is True
 
 
 def test_building_on_the_cpu_would_not_fit_seed_002():

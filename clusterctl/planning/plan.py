@@ -336,6 +336,8 @@ def _deepspeed_plan(
         tp=tp,
         pp=pp,
         param_bytes=param_bytes,
+        gpu_gib=mem.capacity_gib,
+        dataset_samples=cfg.data.samples or cfg.steps * global_batch,  # the loader's index: one pass when unset
     )
     ckpt = checkpoint_time(profile, params, zero_stage, dp, total_s, tp * pp, param_bytes, cfg.checkpoint_every)
 
@@ -473,6 +475,8 @@ def _fsdp_plan(
         cuda=cuda,
         model_on_host_bytes=0.0 if cuda else (mem.total_gib - mem.buffers_gib) * GIB,
         param_bytes=param_bytes,
+        dataset_samples=cfg.data.samples or cfg.steps * global_batch,  # the loader's index: one pass when unset
+        deepspeed=False,
     )
     ckpt = checkpoint_time(profile, params, 3, dp, total_s, par.tp * par.pp, param_bytes, cfg.checkpoint_every)
     alternatives = []

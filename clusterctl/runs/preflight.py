@@ -63,18 +63,30 @@ def memory(plan: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 def host_memory(plan: dict[str, Any]) -> list[str]:
     """Problems of the plan's host memory per node (pure): a node that runs out of memory kills the job
-    (the kernel's OOM killer, or Slurm's cgroup), typically while it loads a checkpoint on resume."""
+    (the kernel's OOM killer, or Slurm's cgroup), at start-up while the engines are built, or later
+    while it loads a checkpoint on resume. One line for each figure that does not fit."""
     h = plan.get("host_memory")
     if not h or h["fits"]:
         return []
-    shared = f" + {h['shared_gib']:.1f} GiB of checkpointed weights once" if h.get("shared_gib") else ""
-    return [
-        f"nodes.memory_gib: {plan['model']} needs {h['per_node_gib']:.0f} GiB of host memory per node on "
-        f"{plan['profile']} ({h['ranks_per_node']} ranks x {h['per_rank_gib']:.1f} GiB with "
-        f"{h['loader_workers']} data-loader workers each{shared}) but a node has {h['capacity_gib']:g} GiB; "
-        "allowed: fewer workers (--set data.workers=N), a higher --zero-stage (ZeRO-3 checkpoints hold no "
-        "whole copy of the weights), or nodes with more memory"
-    ]
+    where = f"{plan['model']} needs {{:.0f}} GiB of host memory per node{{}} on {plan['profile']}"
+    problems = []
+    if h["per_node_gib"] > h["capacity_gib"]:
+        shared = f" + {h['shared_gib']:.1f} GiB of checkpointed weights once" if h.get("shared_gib") else ""
+        problems.append(
+            f"nodes.memory_gib: {where.format(h['per_node_gib'], '')} ({h['ranks_per_node']} ranks x "
+            f"{h['per_rank_gib']:.1f} GiB with {h['loader_workers']} data-loader workers each{shared}) but a "
+            f"node has {h['capacity_gib']:g} GiB; allowed: fewer workers (--set data.workers=N), a higher "
+            "--zero-stage (ZeRO-3 checkpoints hold no whole copy of the weights), or nodes with more memory"
+        )
+    if not h.get("startup_fits", True):
+        problems.append(
+            f"nodes.memory_gib: {where.format(h['startup_per_node_gib'], ' at start-up')} ({h['ranks_per_node']} "
+            f"ranks x {h['startup_per_rank_gib']:.1f} GiB: {h['deepspeed_staged_gib']:.1f} GiB of parameter groups "
+            f"flattened on the host, {h['startup_model_gib']:.1f} GiB of model on the CPU) but a node has "
+            f"{h['capacity_gib']:g} GiB; allowed: less of the model per GPU (more GPUs, --tp or --pp) so that "
+            "DeepSpeed flattens its parameter groups on the GPU, a smaller model, or nodes with more memory"
+        )
+    return problems
 
 
 def checkpoint(plan: dict[str, Any]) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from vltrain.engines.common import (
     compute_dtype,
     model_inputs,
 )
-from vltrain.engines.process_group import rank_device, start_timeout
+from vltrain.engines.process_group import init_torch_process_group, start_timeout
 from vltrain.evaluate import EvalShare
 from vltrain.presets import resolve_model
 from vltrain.rundir import GRAD_REDUCTION
@@ -84,10 +85,13 @@ class DeepSpeedEngine(TrainEngine):
 
     @classmethod
     def init_process_group(cls, dist: DistEnv, device: str) -> torch.device:
-        """deepspeed.init_distributed (gloo on CPU, nccl on CUDA) for the detected layout."""
+        """torch's default process group on the rank's bound GPU (gloo on CPU, nccl on CUDA), then
+        deepspeed.init_distributed over it. DeepSpeed's own start would bind cuda:LOCAL_RANK (its
+        TorchBackend's device_id), a device that does not exist where Slurm binds one GPU per task (each
+        rank sees one, cuda:0); started by torch, init_distributed only wraps the group."""
         import deepspeed
 
-        chosen = rank_device(dist, device)
+        chosen = init_torch_process_group(dist, device)
         deepspeed.init_distributed(
             dist_backend=backend(device), auto_mpi_discovery=False, verbose=False, timeout=start_timeout()
         )
@@ -287,7 +291,53 @@ def build_engine(
     fused = ds_config.pop("vltrain")["optimizer"]["fused"]  # ours, not DeepSpeed's (it refuses unknown keys)
     model = build_model(cfg, device)
     optimizer, lr_scheduler = build_optimizer(cfg, model, fused)
+    lr_scheduler = split_param_groups(optimizer, lr_scheduler, FLAT_GROUP_BYTES // compute_dtype(cfg).itemsize)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config, dist_init_required=False
+        args=SimpleNamespace(device_rank=device.index or 0),  # the trainer's GPU, not the raw LOCAL_RANK
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        config=ds_config,
+        dist_init_required=False,
     )
     return engine, ds_config
+
+
+# --- parameter groups DeepSpeed can flatten on the GPU ------------------------------------------------
+# ZeRO 1-2 flattens each optimizer parameter group into one buffer as it starts
+# (stage_1_and_2.DeepSpeedZeroOptimizer.__init__): on the GPU when its free memory holds the group's flat
+# copy, otherwise through the host (a CPU copy of the group's 16-bit weights and the flat buffer built
+# from it: 2 copies of the group in host RAM). A group holding most of a 30.5B model (61 GB of bf16
+# beside its 61 GB copy on an 80 GB GPU) always took the host path: ~113 GiB per rank, ~900 GiB per node
+# of 8 ranks. Groups of at most FLAT_GROUP_BYTES flatten on the GPU wherever it has that much free beside
+# the weights (clusterctl.planning.host_memory models both paths; preflight refuses a start-up that does
+# not fit), and bound the host path to 2 x 1 GiB per rank otherwise. Chosen over building one local rank
+# at a time behind a barrier: deepspeed.initialize broadcasts the weights over the data-parallel group,
+# whose other ranks would be waiting at that barrier on their nodes. AdamW is per element, so splitting
+# its groups changes no update; the gradient norm sums the groups in another order (fp32 rounding).
+FLAT_GROUP_BYTES = 1 << 30  # clusterctl.planning.host_memory.FLAT_GROUP_BYTES (a test keeps them equal)
+
+
+def chunk_params(params: list[torch.Tensor], max_numel: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of `params` of at most `max_numel` elements each (a larger parameter alone)."""
+    chunks: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for p in params:
+        if chunks[-1] and size + p.numel() > max_numel:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(p)
+        size += p.numel()
+    return chunks
+
+
+def split_param_groups(optimizer: torch.optim.Optimizer, scheduler, max_numel: int):
+    """Cut the optimizer's groups into groups of at most `max_numel` elements (same settings) before
+    DeepSpeed wraps it; -> the LambdaLR over the new groups (each its group's schedule). Groups that
+    fit stay as they are, and so does the scheduler: a model under the limit trains bit-identically."""
+    chunks = [chunk_params(list(g["params"]), max_numel) for g in optimizer.param_groups]
+    if all(len(c) == 1 for c in chunks):
+        return scheduler
+    lambdas = [fn for fn, c in zip(scheduler.lr_lambdas, chunks, strict=True) for _ in c]
+    optimizer.param_groups[:] = [{**g, "params": c} for g, cs in zip(optimizer.param_groups, chunks) for c in cs]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
