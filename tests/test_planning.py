@@ -363,7 +363,7 @@ def test_seed_003_layout_in_submit_dry_run_json(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     p, c = d["plan"], d["config"]["parallel"]
-    assert (p["tensor_parallel"], p["pipeline_parallel"], p["data_parallel"]) == (c["tp"], c["pp"], 16) == (4, 2, 16)
+    assert (p["tensor_parallel"], p["pipeline_parallel"], p["data_parallel"]) == (c["tp"], c["pp"], 32) == (2, 2, 32)
     assert p["world_size"] == p["tensor_parallel"] * p["pipeline_parallel"] * p["data_parallel"]
     assert (c["strategy"], p["strategy"], c["pp_schedule"], p["pp_schedule"]) == ("fsdp", "fsdp", "1f1b", "1f1b")
     assert p["accumulation"] >= p["pipeline_parallel"]  # torch's Schedule1F1B: a microbatch per stage at least

@@ -17,9 +17,9 @@ from vltrain.config import load_train_config
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SEEDS = ("000", "001", "002", "003", "004")
-# What a twin changes of its recipe's layout to fit this machine (each documented in the twin): seed 003's
-# tp 4 x pp 2 shrunk to tp 2 x pp 2 on 2 nodes x 2 ranks.
-NOT_YET: dict[str, dict] = {"003": {"tp": 2}}
+# What a twin changes of its recipe's layout to fit this machine (each documented in the twin): seed 001's
+# tp 4 to tp 1 (one rank per node); seed 003's tp 2 x pp 2 on 2 nodes x 2 ranks.
+NOT_YET: dict[str, dict] = {"001": {"tp": 1}, "003": {"tp": 2}}
 # Ranks per node of each twin's profile: seed 003's tp 2 x pp 2 needs 2 ranks on each of the 2 nodes.
 RANKS_PER_NODE = {"003": 2}
 TWO_BY_TWO = """\

@@ -119,11 +119,11 @@ FIGURES = [
             ("config.steps", 850e6 / 2048, "850 million images"),
             ("config.parallel.strategy", "fsdp", "tensor parallelism and pipeline parallelism"),
             ("plan.strategy", "fsdp", "tensor parallelism and pipeline parallelism"),
-            ("config.parallel.tp", 4, "tensor parallelism"),
-            ("plan.tensor_parallel", 4, "tensor parallelism"),
+            ("config.parallel.tp", 2, "tensor parallelism"),
+            ("plan.tensor_parallel", 2, "tensor parallelism"),
             ("config.parallel.pp", 2, "pipeline parallelism"),
             ("plan.pipeline_parallel", 2, "pipeline parallelism"),
-            ("plan.data_parallel", 16, "tensor parallelism and pipeline parallelism"),
+            ("plan.data_parallel", 32, "tensor parallelism and pipeline parallelism"),
         ],
     ),
     (
@@ -253,7 +253,7 @@ def test_plan_with_no_model_plans_the_recipe_with_its_layout(env):
     d = json.loads(r.stdout)
     assert (d["model"], d["global_batch"], d["activation_checkpointing"]) == ("crossmodal-xl", 8192, True)
     r = run_cli("plan", "--profile", "h100x128", env=env)
-    assert r.returncode == 0 and "tp 4 x pp 2" in r.stdout and "FSDP zero_stage 2" in r.stdout, r.stdout
+    assert r.returncode == 0 and "tp 2 x pp 2" in r.stdout and "FSDP zero_stage 2" in r.stdout, r.stdout
     assert "note:" not in r.stdout  # the trainer runs all of seed 003's recipe
 
 
