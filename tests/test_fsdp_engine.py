@@ -127,12 +127,11 @@ def test_vltrain_eval_reads_an_fsdp_checkpoint_as_training_did(fsdp_run):
 
 @pytest.mark.slow
 def test_dcp_checkpoint_resumes_on_fewer_ranks(data, tmp_path):
-    """4 ranks stop at step 3, 2 ranks resume. The loader maps the position (checkpoint.remap_loader_state),
-    so each step sees the same samples, in the same micro-step groups (rank r of W takes epoch positions
-    r, r+W, ...): the ITC and caption losses of step 4, which draw no random numbers, equal the
-    uninterrupted 4-rank run's up to fp32 summation order (1e-4). MLM masks are drawn from per-rank RNG
-    streams, which cannot carry over to another rank count, so the MLM term and then the weights drift:
-    the total loss stays within 3% of the 4-rank run (measured: 1.1% at step 4, <= 0.6% after)."""
+    """4 ranks stop at step 3, 2 ranks resume. Training splits shards over the ranks (docs/data.md), so the
+    2 ranks own other shards than the 4 and no order can give them the same samples: the loader resumes at
+    the same share of the same epoch (remap_loader_state, ShardLoader.load_state_dict). The schedule
+    carries on exactly; the loss, on other samples of the same data, stays within 10% of the 4-rank run's
+    (measured: 1.4%, 1.6%, 3.9% at steps 4-6; before the split, with the same samples, 1.1% and <= 0.6%)."""
     cfg = config(tmp_path / "cfg.toml", data, steps=6)
     run, ref = tmp_path / "run", tmp_path / "ref"
     train(4, cfg, run, "--stop-after", "3")
@@ -143,10 +142,8 @@ def test_dcp_checkpoint_resumes_on_fewer_ranks(data, tmp_path):
     assert got.keys() == want.keys() == set(range(1, 7))
     for s in (1, 2, 3):
         assert got[s] == want[s]  # written by the 4-rank attempt
-    for k in ("itc", "caption"):
-        assert got[4][k] == pytest.approx(want[4][k], rel=1e-4), k
     for s in (4, 5, 6):
-        assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=0.03), s
+        assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=0.1), s
         assert got[s]["lr"] == pytest.approx(want[s]["lr"], rel=1e-9)
     resume = next(e for e in jsonl(run / "events.jsonl") if e["event"] == "resume")
     assert (resume["world_size"], resume["dp"], resume["step"]) == (2, 2, 3)
