@@ -19,7 +19,8 @@ layout.PIPELINE_TOWERS). A stage's cost, per tensor-parallel rank:
 The split: contiguous ranges of at least one block, minimising the slowest stage's work exactly (dynamic
 programming over prefix sums: the pipeline runs at the pace of its slowest stage); among the splits whose
 slowest stage is within WORK_SLACK of that, the one whose most loaded stage holds the least memory.
-Block counts were the split before: vl-22b (seed 003, tp 4 x pp 2) ran at 77% balance (stage work 65% / 35%).
+Block counts were the split before: vl-22b (seed 003's model) at tp 4 x pp 2 ran at 79% balance (mean
+over slowest stage work: 63% / 37%), by cost at 99% (tests/test_dp_mixed_parallel.py prints both).
 """
 
 from __future__ import annotations
