@@ -45,7 +45,7 @@ Step time, added to the compute at DEFAULT_MFU:
     column-parallel Linear (q, k, v, fc1 each convert their replicated input's gradient: 4, 7 with
     cross-attention), the forward ones again under activation recomputation; not overlapped.
   * pipeline: the bubble, (pp - 1) / (virtual stages x microbatches) of the most loaded stage's compute;
-    the imbalance of balanced-by-count stages (the slowest stage sets the pace); point-to-point sends of
+    what imbalance is left between the stages split by cost (the slowest sets the pace); point-to-point sends of
     activations forward and gradients back per microbatch per boundary (stages.boundary_elements), over
     one NIC per GPU when the stages sit on different nodes; not overlapped (an upper bound).
 Not modelled: per-collective latency, the ITC all-gather, 1F1B's send/compute overlap, sequence parallel.
