@@ -32,6 +32,7 @@ class EngineSpec:
     zero_stages: tuple[int, ...]  # the zero_stage values it can take
     zero_stage_rule: str = ""  # why the others are refused, and what is allowed ({stage}: the value given)
     zero_stages_not_run: tuple[int, ...] = ()  # planned, but not run by the trainer yet (vltrain.support)
+    hybrid_sharding: bool = False  # runs parallel.sharding "hybrid" (shard within a node, replicate across)
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -49,6 +50,7 @@ ENGINES: dict[str, EngineSpec] = {
         reshards=True,
         model_parallel=True,
         zero_stages=(2, 3),
+        hybrid_sharding=True,
         zero_stage_rule=(
             "zero_stage: {stage} is not an FSDP layout (FSDP always shards gradients and optimizer states); "
             "allowed: 2 (parameters kept gathered from forward to backward) or 3 (resharded after forward) under "

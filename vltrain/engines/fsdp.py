@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -74,11 +75,23 @@ FP16_INIT_SCALE = 2.0 ** FP16_DYNAMIC_LOSS_SCALE["initial_scale_power"]
 FP16_GROWTH_INTERVAL = FP16_DYNAMIC_LOSS_SCALE["loss_scale_window"]
 
 
-def build_device_mesh(layout: RankLayout, device_type: str):
-    """The ("pp", "dp", "tp") mesh (vltrain.parallel.mesh)."""
+def build_device_mesh(layout: RankLayout, device_type: str, sharding: str = "full", ranks_per_node: int = 0):
+    """The ("pp", "dp", "tp") mesh (vltrain.parallel.mesh); under hybrid sharding dp is split into
+    (dp_replicate, dp_shard), the shard group being a node's data-parallel ranks (`ranks_per_node`: the
+    launcher's LOCAL_WORLD_SIZE, vltrain.distenv; 0 = the whole world on one node)."""
+    from vltrain.parallel.layout import hybrid_shard
     from vltrain.parallel.mesh import build_mesh
 
-    return build_mesh(layout.world, layout.tp, layout.pp, device_type)
+    shard = 0
+    if sharding == "hybrid":
+        shard = hybrid_shard(ranks_per_node or layout.world, layout.tp, layout.pp, layout.dp)
+    return build_mesh(layout.world, layout.tp, layout.pp, device_type, shard)
+
+
+def ranks_per_node(world: int) -> int:
+    """The ranks of this rank's node, as the launcher says (LOCAL_WORLD_SIZE, which vltrain.distenv.export
+    writes from torchrun's, Slurm's or submitit's variables); the world when unset."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or world)
 
 
 def meta_model(cfg: TrainConfig) -> VLModel:
@@ -121,7 +134,13 @@ class FSDPEngine(TrainEngine):
         self.dtype = compute_dtype(cfg)
         self.accumulation = accumulation
         self.sync_every_micro = reshard_after_forward(cfg.zero_stage)  # also refuses zero_stage 0 and 1
-        self.mesh = build_device_mesh(layout, device.type)
+        from vltrain.parallel.layout import sharding_problem
+        from vltrain.parallel.mesh import fsdp_mesh
+
+        node = ranks_per_node(layout.world)
+        if problem := sharding_problem(cfg, layout.world, node):
+            raise UserError(problem)
+        self.mesh = build_device_mesh(layout, device.type, cfg.parallel.sharding, node)
         dp_mesh = self.mesh["dp"]
         losses.set_data_parallel_group(dp_mesh.get_group() if layout.world > 1 else None)
         parts: list[tuple[int, VLModel]] = [(0, meta_model(cfg))]
@@ -136,7 +155,7 @@ class FSDPEngine(TrainEngine):
                 from vltrain.parallel.tensor_parallel import apply_tensor_parallel
 
                 apply_tensor_parallel(model, self.mesh["tp"])
-            shard_model(model, dp_mesh, cfg.precision, cfg.zero_stage)
+            shard_model(model, fsdp_mesh(self.mesh), cfg.precision, cfg.zero_stage)
             model.to_empty(device=device)
             if initialise:
                 self._initialise(model, full)

@@ -176,6 +176,36 @@ def strategy_problems(cfg: TrainConfig) -> list[str]:
     return out
 
 
+def hybrid_shard(ranks_per_node: int, tp: int, pp: int, dp: int) -> int:
+    """Data-parallel ranks one hybrid-sharding shard group spans (parallel.sharding "hybrid"): a node's
+    ranks over tp x pp, at most dp (the planner's clusterctl.planning.fsdp.ParallelLayout.shard_group)."""
+    return max(1, min(dp, ranks_per_node // (tp * pp)))
+
+
+def sharding_problem(cfg: TrainConfig, world: int, ranks_per_node: int | None) -> str | None:
+    """parallel.sharding "hybrid" (shard within a node, replicate across nodes) needs an engine that runs
+    it and, where the ranks per node are known, a dp that the node's shard group divides; None if fine."""
+    p = cfg.parallel
+    if p.sharding != "hybrid":
+        return None
+    if not engine_spec(p.strategy).hybrid_sharding:
+        return (
+            f'parallel.sharding: "hybrid" under parallel.strategy "{p.strategy}" (it shards over every data-parallel '
+            'rank); allowed: "full", or --set parallel.strategy=fsdp'
+        )
+    if ranks_per_node is None or world % (p.tp * p.pp):
+        return None
+    dp = data_parallel(world, p.tp, p.pp)
+    shard = hybrid_shard(ranks_per_node, p.tp, p.pp, dp)
+    if dp % shard:
+        return (
+            f'parallel.sharding: "hybrid" shards over {shard} data-parallel ranks per node ({ranks_per_node} ranks '
+            f'per node / (tp {p.tp} x pp {p.pp})), which does not divide dp {dp}; allowed: "full", or a world whose '
+            f"dp is a multiple of {shard}"
+        )
+    return None
+
+
 def mim_tp_problem(model: ModelConfig, tp: int) -> str | None:
     """The MIM decoder's Blocks are tensor-parallel too: tp must divide its heads and MLP hidden size."""
     width, heads, _ = model.mim_decoder_shape()
@@ -202,4 +232,5 @@ def layout_problems(cfg: TrainConfig, world: int, gpus_per_node: int | None = No
         out.append(why)
     out += pp_problems(model, p.pp, p.tp, world, p.pp_schedule)
     mb = microbatch_problem(cfg.accumulation, p.pp, p.pp_schedule)
-    return out + ([mb] if mb else [])
+    sharding = sharding_problem(cfg, world, gpus_per_node)
+    return out + ([mb] if mb else []) + ([sharding] if sharding else [])

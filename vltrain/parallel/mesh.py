@@ -18,16 +18,31 @@ from vltrain.common.errors import UserError
 from vltrain.parallel.layout import data_parallel
 
 MESH_DIMS = ("pp", "dp", "tp")
+# hybrid sharding (parallel.sharding "hybrid", HSDP): dp split into replicas across nodes x shards in a node
+HYBRID_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
-def build_mesh(world: int, tp: int, pp: int, device_type: str) -> DeviceMesh:
+def build_mesh(world: int, tp: int, pp: int, device_type: str, shard: int = 0) -> DeviceMesh:
     """A 3-D DeviceMesh (pp, dp, tp) over the initialised default process group; dp = world / (tp x pp)
-    (vltrain.parallel.layout.data_parallel)."""
+    (vltrain.parallel.layout.data_parallel). shard > 0 (hybrid sharding: vltrain.parallel.layout.hybrid_shard)
+    splits dp into (dp_replicate, dp_shard) with dp_shard = `shard` innermost, so that a shard group is
+    adjacent ranks of one node, and flattens the two back into "dp" (the ITC gather, the loader's share)."""
     try:
         dp = data_parallel(world, tp, pp)
     except ValueError as e:
         raise UserError(f"parallel: {e}; allowed: a world size that is a multiple of tp x pp") from e
-    return init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
+    if shard <= 0:
+        return init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device_type, (pp, dp // shard, shard, tp), mesh_dim_names=HYBRID_DIMS)
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh
+
+
+def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP shards over: "dp" (1-D: full sharding), or (dp_replicate, dp_shard) (2-D: HSDP,
+    fully_shard replicates over the first dimension and shards over the second)."""
+    names = mesh.mesh_dim_names or ()
+    return mesh["dp_replicate", "dp_shard"] if "dp_shard" in names else mesh["dp"]
 
 
 def dp_group(mesh: DeviceMesh) -> dist.ProcessGroup:
