@@ -23,7 +23,7 @@ from clusterctl.runs import preflight
 from clusterctl.runs.submit import run_estimate
 from tests.conftest import run_cli
 from vltrain.config import ParallelConfig, TrainConfig
-from vltrain.model_math import largest_layer_params, param_count
+from vltrain.model_math import param_count
 from vltrain.presets import get_preset
 from vltrain.support import not_run_yet
 

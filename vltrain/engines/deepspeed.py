@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
