@@ -64,23 +64,31 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
+def _startup(h: dict) -> str:
+    """What a rank puts on the host while its engine is built (clusterctl.planning.host_memory)."""
+    if h["deepspeed_staged_gib"]:
+        return f"{h['deepspeed_staged_gib']:.1f} GiB a rank: parameter groups flattened on the host"
+    if h["startup_model_gib"]:
+        return f"{h['startup_model_gib']:.2f} GiB a rank: the model built on the CPU"
+    return "parameter groups flattened on the GPU" if h["flattens_on_device"] else "the processes"
+
+
 def print_scale(d: dict) -> None:
     """Host memory per node, step time with communication, a faster layout, checkpoint time: one line each."""
     h, t, c, k = d["host_memory"], d["step_time"], d["communication"], d["checkpoint"]
     verdict = styled("fits", "green") if h["fits"] else styled("does not fit", "red")
-    if h["resume_gib"] >= h["deepspeed_staged_gib"]:
-        staged = f"optimizer shard {h['resume_gib']:.1f}"
-    else:
-        staged = f"DeepSpeed staging {h['deepspeed_staged_gib']:.1f}"
-    parts = [staged, f"process {h['process_gib']:.1f}"]
+    parts = [f"optimizer shard {h['resume_gib']:.1f}", f"process {h['process_gib']:.1f}"]
     if h["loader_workers"]:
         parts.append(f"{h['loader_workers']} data-loader workers {h['workers_gib']:.1f}")
+    if h["loader_index_gib"]:
+        parts.append(f"shard index {h['loader_index_gib']:.2f}")
     if h["model_on_host_gib"]:
         parts.append(f"model on the CPU {h['model_on_host_gib']:.1f}")
     shared = f" + {h['shared_gib']:.1f} GiB of 16-bit weights once (checkpoint)" if h["shared_gib"] else ""
     say(
         f"host memory: {verdict} {h['per_node_gib']:,.0f} of {h['capacity_gib']:,g} GiB per node = "
-        f"{h['ranks_per_node']} x {h['per_rank_gib']:.1f} GiB per rank ({', '.join(parts)}){shared}"
+        f"{h['ranks_per_node']} x {h['per_rank_gib']:.1f} GiB per rank ({', '.join(parts)}){shared}; "
+        f"start-up {h['startup_per_node_gib']:,.0f} GiB per node ({_startup(h)})"
     )
     say(
         f"step time: {t['compute_s']:.2f} s compute + {t['exposed_communication_s']:.2f} s communication not "
