@@ -61,13 +61,13 @@ def test_the_model_with_every_weight_positive_computes_what_it_did():
 STEPS, ACC, MB = 3, 2, 2
 
 
-def _cfg(strategy: str, stages: list[dict]):
+def _cfg(strategy: str, stages: list[dict], precision: str = "fp32"):
     data = {
         "model": "tiny",
         "global_batch": 2 * ACC * MB,
         "accumulation": ACC,
         "steps": STEPS + 1,
-        "precision": "fp32",
+        "precision": precision,
         "seed": 0,
         "optim": {"lr": 2e-3, "min_lr": 1e-4, "warmup_steps": 1, "weight_decay": 0.5},
         "loss": WEIGHTS,
@@ -77,10 +77,10 @@ def _cfg(strategy: str, stages: list[dict]):
     return parse_train_config(data, "test.toml")
 
 
-def _train_idle(rank: int, world: int, strategy: str, zero: str) -> dict:
+def _train_idle(rank: int, world: int, strategy: str, zero: str, precision: str = "fp32") -> dict:
     """Stage 1 weights `zero` 0 for all STEPS steps; returns the head's parameters before and after and
     whether its forward ran."""
-    cfg = _cfg(strategy, [{"steps": STEPS, "loss": {zero: 0.0}}, {"loss": {}}])
+    cfg = _cfg(strategy, [{"steps": STEPS, "loss": {zero: 0.0}}, {"loss": {}}], precision)
     engine = build_engine(rank, world, cfg, MB, ACC)
     from vltrain.stages import stage_at
 
@@ -101,16 +101,19 @@ def _train_idle(rank: int, world: int, strategy: str, zero: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
-def test_a_zero_weighted_head_neither_runs_nor_moves_under_both_engines_on_two_ranks(strategy):
-    """caption 0 then 1 (the decoder: Linear weights that weight decay 0.5 would shrink); mlm 0 alike."""
+@pytest.mark.parametrize(("strategy", "precision"), [("deepspeed", "fp32"), ("deepspeed", "bf16"), ("fsdp", "fp32")])
+def test_a_zero_weighted_head_neither_runs_nor_moves_under_both_engines_on_two_ranks(strategy, precision):
+    """caption 0 then 1 (the decoder: Linear weights that weight decay 0.5 would shrink); mlm 0 alike.
+    DeepSpeed fp32 on CPU reduces once per step (coalesced), bf16 every micro step into its flat buffers."""
     for zero in ("caption", "mlm"):
-        results = run_ranks(_train_idle, 2, strategy, zero)
+        results = run_ranks(_train_idle, 2, strategy, zero, precision)
         r = results[0]
         assert r["before"] and set(r["before"]) <= r["idle"]
         assert r["ran"] == ACC  # only the last step's micro steps, in the stage that weights it
         for name, t in r["before"].items():
             assert torch.equal(t, r["after"][name]), (zero, name)  # bit-identical through the idle stage
-        moved = [n for n in r["before"] if not torch.equal(r["before"][n], r["later"][n])]
-        assert len(moved) == len(r["before"]), (zero, set(r["before"]) - set(moved))  # all train once weighted
+        moved = {n for n in r["before"] if not torch.equal(r["before"][n], r["later"][n])}
+        # all train once weighted (in bf16 one step cannot move a norm gain of 1.0: its spacing is 2^-7)
+        must = {n for n in r["before"] if precision == "fp32" or "norm" not in n}
+        assert must <= moved, (zero, must - moved)
         assert all(torch.equal(results[1]["after"][n], t) for n, t in r["after"].items())
