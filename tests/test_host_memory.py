@@ -341,3 +341,17 @@ def test_split_groups_train_like_whole_ones_over_two_zero2_ranks():
     assert out["whole_groups"] == 2 and out["split_groups"] > 2
     assert out["split"] == pytest.approx(out["whole"], rel=1e-4), out
     assert out["max_weight_diff"] < 1e-3, out
+
+
+def test_fsdp_rank_0_builds_the_whole_fp32_model_on_the_host_once():
+    """A new FSDP run: rank 0 builds the seeded model whole on the CPU (vltrain.engines.fsdp, 4 bytes a
+    parameter) and broadcasts it: node 0's start-up holds it once beside the ranks' processes."""
+    from vltrain.config import ParallelConfig, TrainConfig
+
+    prof, model = load_profile("a100x128"), get_preset("vl-30b")
+    cfg = TrainConfig(model="vl-30b", zero_stage=3, parallel=ParallelConfig(strategy="fsdp"))
+    h = make_plan(prof, model, 2048, zero_stage=3, accumulation=8, train_config=cfg).host
+    psi = param_count(model)
+    assert h.startup_shared_gib * GIB == pytest.approx(4 * psi)
+    assert h.startup_per_node_gib * GIB == pytest.approx(8 * hm.PROCESS_HOST_GIB * GIB + 4 * psi)
+    assert h.deepspeed_staged_gib == 0 and h.startup_fits

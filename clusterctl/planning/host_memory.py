@@ -107,6 +107,7 @@ class HostMemory:
     shared_gib: float  # once per node: the model-states file, mapped by every rank on resume
     startup_per_node_gib: float  # the engines' construction, before the loader and any resume
     startup_per_rank_gib: float
+    startup_shared_gib: float  # once (node 0): FSDP's rank 0 builds the whole model in fp32 on the CPU
     startup_fits: bool
     deepspeed_staged_gib: float  # per rank at start-up: parameter groups ZeRO flattens through the host
     flattens_on_device: bool  # the GPU holds a parameter group's flat copy at start-up (nothing staged)
@@ -141,14 +142,17 @@ def host_memory(
     gpu_gib: float = 0.0,
     dataset_samples: int = 0,
     deepspeed: bool = True,
+    rank0_build_params: float = 0.0,
 ) -> HostMemory:
     """Per node, steady: ranks x (process + workers + the shard index + the rank's optimizer shard a
     resume loads), plus the model-states file once (`checkpoint_host_bytes`; one per model-parallel rank
     on the node under tp x pp). At start-up: ranks x (process + what building the engine puts on the
     host): under DeepSpeed on CUDA the parameter groups ZeRO flattens through the host when the GPU
     (`gpu_gib` per GPU) lacks room (`zero_startup_host_bytes`), on a CPU profile the model's start-up
-    peak (`cpu_startup_bytes`; FSDP's: its steady model). On a CPU profile the model lives in host
-    memory: `model_on_host_bytes` per rank (the GPU breakdown less its CUDA allowances).
+    peak (`cpu_startup_bytes`; FSDP's: its steady model); plus, once on node 0, `rank0_build_params` in
+    fp32 (FSDP's new run: rank 0 builds the whole seeded model on the CPU and broadcasts it,
+    vltrain.engines.fsdp). On a CPU profile the model lives in host memory: `model_on_host_bytes` per
+    rank (the GPU breakdown less its CUDA allowances).
     `largest_layer` is kept for the callers (the on-device build holds at most one layer twice)."""
     local = params / (tp * pp)
     room = startup_device_room(local, param_bytes, data_parallel, zero_stage, gpu_gib)
@@ -164,7 +168,8 @@ def host_memory(
     per_rank = process + workers_b + index + model_on_host_bytes + shard
     per_node = per_rank * gpus_per_node + shared
     startup_rank = process + staged + startup_model
-    startup_node = startup_rank * gpus_per_node
+    startup_shared = 4.0 * rank0_build_params
+    startup_node = startup_rank * gpus_per_node + startup_shared
     cap = capacity_gib * GIB
     return HostMemory(
         per_node_gib=per_node / GIB,
@@ -175,6 +180,7 @@ def host_memory(
         shared_gib=shared / GIB,
         startup_per_node_gib=startup_node / GIB,
         startup_per_rank_gib=startup_rank / GIB,
+        startup_shared_gib=startup_shared / GIB,
         startup_fits=startup_node <= cap,
         deepspeed_staged_gib=staged / GIB,
         flattens_on_device=cuda and staged == 0,

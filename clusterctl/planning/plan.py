@@ -477,6 +477,7 @@ def _fsdp_plan(
         param_bytes=param_bytes,
         dataset_samples=cfg.data.samples or cfg.steps * global_batch,  # the loader's index: one pass when unset
         deepspeed=False,
+        rank0_build_params=params,  # a new run: rank 0's whole seeded model, built on the CPU (fp32)
     )
     ckpt = checkpoint_time(profile, params, 3, dp, total_s, par.tp * par.pp, param_bytes, cfg.checkpoint_every)
     alternatives = []

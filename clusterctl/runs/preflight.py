@@ -79,10 +79,11 @@ def host_memory(plan: dict[str, Any]) -> list[str]:
             "--zero-stage (ZeRO-3 checkpoints hold no whole copy of the weights), or nodes with more memory"
         )
     if not h.get("startup_fits", True):
+        once = f" + {h['startup_shared_gib']:.1f} GiB once: rank 0's fp32 model" if h.get("startup_shared_gib") else ""
         problems.append(
             f"nodes.memory_gib: {where.format(h['startup_per_node_gib'], ' at start-up')} ({h['ranks_per_node']} "
             f"ranks x {h['startup_per_rank_gib']:.1f} GiB: {h['deepspeed_staged_gib']:.1f} GiB of parameter groups "
-            f"flattened on the host, {h['startup_model_gib']:.1f} GiB of model on the CPU) but a node has "
+            f"flattened on the host, {h['startup_model_gib']:.1f} GiB of model on the CPU{once}) but a node has "
             f"{h['capacity_gib']:g} GiB; allowed: less of the model per GPU (more GPUs, --tp or --pp) so that "
             "DeepSpeed flattens its parameter groups on the GPU, a smaller model, or nodes with more memory"
         )
