@@ -291,18 +291,28 @@ class VLModel(nn.Module):
     def _run_model(self, images, input_ids, mask, masked, labels, rope) -> LossTerms:
         """The whole model's forward (`_run` where one copy holds stem and heads): only the objectives
         weighted > 0 run (`running`); a skipped one is a zero term, and its own modules see no forward
-        and get no gradient (`idle_parameters`). With every weight > 0 the order is `_run`'s."""
+        and get no gradient (`idle_parameters`). The clean (ITC) and masked (MLM) text go through the
+        text blocks as one batch: each block runs once per forward, so FSDP gathers and reduce-scatters
+        it once (run twice, FSDP2 reduces a block twice in a step's last micro step, and under
+        zero_stage 3 gathers and reduces it twice in every micro step), and its GEMMs are twice as tall."""
         runs = self.running(self.loss_cfg)
         zero = torch.zeros((), dtype=torch.float32, device=images.device)
         itc = mlm = cap = zero
-        feats = self.vision(images) if runs & {"itc", "mlm", "caption"} else None  # [B, 1+N, Dv]
-        if feats is not None and "itc" in runs:
-            clean = self.text.unimodal(self._tokens(input_ids), mask, rope)  # [B, T, Dt]
-            itc = self._itc(feats, clean, mask)
-        if feats is not None and "mlm" in runs:
-            hm = self.text.fuse(self.text.unimodal(self._tokens(masked), mask, rope), feats, mask, rope)
+        if not runs & {"itc", "mlm", "caption"}:
+            return LossTerms(itc, mlm, cap)  # MIM alone (training_losses)
+        feats = self.vision(images)  # [B, 1+N, Dv]
+        text_runs = [o for o in ("itc", "mlm") if o in runs]
+        parts: dict[str, torch.Tensor] = {}
+        if text_runs:  # clean and masked text through the text blocks in one call: one forward per block
+            ids = torch.cat([input_ids if o == "itc" else masked for o in text_runs])
+            text = self.text.unimodal(self._tokens(ids), mask.repeat(len(text_runs), 1), rope)
+            parts = dict(zip(text_runs, text.split(input_ids.shape[0]), strict=True))
+        if "itc" in parts:
+            itc = self._itc(feats, parts["itc"], mask)  # [B, T, Dt] clean text
+        if "mlm" in parts:
+            hm = self.text.fuse(parts["mlm"], feats, mask, rope)  # [B, T, Dt]
             mlm = losses.mlm_loss(self._logits(hm), labels)
-        if feats is not None and "caption" in runs:
+        if "caption" in runs:
             dec = self.decoder(self._tokens(input_ids), feats, rope)  # [B, T, Dt]
             cap = losses.caption_loss(self._logits(dec), input_ids, mask)
         return LossTerms(itc, mlm, cap)
