@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -200,12 +201,17 @@ def test_the_collective_timeout_shortens_after_the_first_step(monkeypatch):
 
     seen = []
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(c10d, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 8)
-    monkeypatch.setattr(c10d, "_get_default_group", lambda: "pg")
+    monkeypatch.setattr(c10d, "_world", types.SimpleNamespace(pg_map={"pg": None, "mesh-dp": None}))
+    monkeypatch.setattr(c10d, "default_pg_timeout", c10d.default_pg_timeout)  # restored after the test
+    monkeypatch.setattr(c10d, "default_pg_nccl_timeout", c10d.default_pg_nccl_timeout)
     monkeypatch.setattr(c10d, "_set_pg_timeout", lambda timeout, group: seen.append((timeout.total_seconds(), group)))
     monkeypatch.setenv("VLTRAIN_STEP_DIST_TIMEOUT_S", "120")
     shorten_timeout()
-    assert seen == [(120.0, "pg")]
+    # every existing group (the default one and those the engine made), and groups made later
+    assert seen == [(120.0, "pg"), (120.0, "mesh-dp")]
+    assert c10d.default_pg_timeout.total_seconds() == 120.0
 
 
 # --- 7. data-loader workers pinned ---------------------------------------------------------------------

@@ -5,7 +5,7 @@ associated with device type cpu" on every attempt, and it is not a cluster failu
 fixes. So every collective the trainer itself issues goes through `Collectives`, bound once to the
 device its process group communicates on (the rank's GPU under NCCL, the CPU under gloo), which
 moves tensors there and results back. DeepSpeed's own collectives are DeepSpeed's business.
-`tests/test_collectives.py` checks that no other trainer module calls torch.distributed directly.
+`tests/test_scale_guards.py` checks that no other trainer module calls torch.distributed directly.
 """
 
 from __future__ import annotations
@@ -78,3 +78,32 @@ def all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
     if pg is None:
         raise RuntimeError("all_gather_rows: torch.distributed is not initialised")
     return funcol.wait_tensor(funcol.all_gather_single_autograd(x.contiguous(), gather_dim=0, group=pg))
+
+
+def group_all_reduce(t: torch.Tensor, group: Any, device: torch.device, op: str = "sum") -> torch.Tensor:
+    """`t` reduced over `group` ("sum" or "max"), sent from `device` (the one the group communicates on:
+    under NCCL a CPU tensor fails) and returned on the caller's device."""
+    on = t.to(device)
+    dist.all_reduce(on, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return on.to(t.device)
+
+
+def group_gather_rows(t: torch.Tensor, group: Any, device: torch.device, size: int) -> list[torch.Tensor]:
+    """Every rank's rows of `t` [n, ...] (n may differ by rank), in rank order, on the caller's device:
+    the counts first, then rows padded to the largest count (all_gather needs equal shapes)."""
+    on = t.to(device)
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(size)]
+    dist.all_gather(counts, torch.tensor([on.shape[0]], device=device), group=group)
+    n = [int(c) for c in counts]
+    padded = torch.zeros(max(n), *on.shape[1:], dtype=on.dtype, device=device)
+    padded[: on.shape[0]] = on
+    parts = [torch.empty_like(padded) for _ in n]
+    dist.all_gather(parts, padded, group=group)
+    return [p[:k].to(t.device) for p, k in zip(parts, n)]
+
+
+def group_gather_objects(obj: Any, group: Any, size: int) -> list[Any]:
+    """Every rank's picklable `obj` over `group`, in rank order (torch pickles through the current device)."""
+    every: list[Any] = [None] * size
+    dist.all_gather_object(every, obj, group=group)
+    return every

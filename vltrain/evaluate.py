@@ -197,9 +197,9 @@ def _agree(share: EvalShare, device, flags: list[bool]) -> list[bool]:
 
     t = torch.tensor([int(f) for f in flags], dtype=torch.int64, device=device)
     if share.size > 1:
-        import torch.distributed as dist
+        from vltrain.collectives import group_all_reduce
 
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=share.group)
+        t = group_all_reduce(t, share.group, device, op="max")
     return [bool(x) for x in t.tolist()]
 
 
@@ -255,22 +255,16 @@ def held_out_pass(
     return out
 
 
-def _gather_rows(t: torch.Tensor, share: EvalShare) -> tuple[torch.Tensor, int]:
+def _gather_rows(t: torch.Tensor, share: EvalShare, device) -> tuple[torch.Tensor, int]:
     """Every rank's rows of `t` [n, D] in rank order, and where this rank's rows start."""
     import torch
 
     if share.size == 1:
         return t, 0
-    import torch.distributed as dist
+    from vltrain.collectives import group_gather_rows
 
-    counts = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(share.size)]
-    dist.all_gather(counts, torch.tensor([t.shape[0]], device=t.device), group=share.group)
-    n = [int(c) for c in counts]
-    padded = torch.zeros(max(n), t.shape[1], dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in n]
-    dist.all_gather(parts, padded, group=share.group)
-    return torch.cat([p[:k] for p, k in zip(parts, n)]), sum(n[: share.rank])
+    parts = group_gather_rows(t, share.group, device or t.device, share.size)
+    return torch.cat(parts), sum(p.shape[0] for p in parts[: share.rank])
 
 
 def recall_hits(queries: torch.Tensor, candidates: torch.Tensor, offset: int, ks: tuple[int, ...]) -> torch.Tensor:
@@ -289,10 +283,9 @@ def _gathered_captions(out: HeldOutPass, share: EvalShare) -> list[tuple[str, st
     mine = [(p, share.rank, k, r, c) for p, k, r, c in zip(out.positions, out.keys, out.references, out.captions)]
     every = [mine]
     if share.size > 1:
-        import torch.distributed as dist
+        from vltrain.collectives import group_gather_objects
 
-        every = [[] for _ in range(share.size)]
-        dist.all_gather_object(every, mine, group=share.group)
+        every = group_gather_objects(mine, share.group, share.size)
     return [(k, r, c) for _, _, k, r, c in sorted(x for part in every for x in part)]
 
 
@@ -303,13 +296,13 @@ def eval_scores(out: HeldOutPass, share: EvalShare = ONE_PROCESS, device=None) -
 
     ks = (1, 5, 10)
     img, txt = out.image_emb.to(device or "cpu"), out.text_emb.to(device or "cpu")
-    all_img, offset = _gather_rows(img, share)
-    all_txt, _ = _gather_rows(txt, share)
+    all_img, offset = _gather_rows(img, share, device)
+    all_txt, _ = _gather_rows(txt, share, device)
     hits = torch.cat([recall_hits(img, all_txt, offset, ks), recall_hits(txt, all_img, offset, ks)])
     if share.size > 1:
-        import torch.distributed as dist
+        from vltrain.collectives import group_all_reduce
 
-        dist.all_reduce(hits, group=share.group)
+        hits = group_all_reduce(hits, share.group, device or hits.device)
     n = all_img.shape[0]
     frac = [float(h) / n for h in hits.tolist()]
     captioned = _gathered_captions(out, share)
