@@ -22,7 +22,13 @@ from vltrain.model_math import forward_flops_per_sample, param_count
 from vltrain.presets import get_preset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "clusterctl" / "configs"
-SEEDS = {"a100x32": "seed-000", "a100x128": "seed-001", "a100x64": "seed-002", "h100x128": "seed-003", "a100x256": "seed-004"}
+SEEDS = {
+    "a100x32": "seed-000",
+    "a100x128": "seed-001",
+    "a100x64": "seed-002",
+    "h100x128": "seed-003",
+    "a100x256": "seed-004",
+}
 
 
 def _plan(profile: str, **changes):

@@ -329,7 +329,9 @@ def test_tokenizer_vocabulary_must_equal_the_models(env, small_data, tmp_path):
 def test_a_plan_that_does_not_fit_is_refused_and_one_near_the_limit_warns(env):
     r = run_cli("submit", "--profile", "a100x32", "--model", "vl-30b", "--zero-stage", "0", env=env)
     assert r.returncode == 2 and "error: plan: vl-30b needs" in r.stderr and "GiB per GPU" in r.stderr, r.stderr
-    r = run_cli("submit", "--profile", "a100x64", env=env)  # the recipe plans 78.5 of the 79.15 GiB PyTorch gets, and has no data
+    r = run_cli(
+        "submit", "--profile", "a100x64", env=env
+    )  # the recipe plans 78.5 of the 79.15 GiB PyTorch gets, and has no data
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 2, r.stderr
     assert re.match(r"warning: plan: 7\d\.\d of 79\.15 GiB per GPU \(9\d%\) is over 90%", lines[0]), lines[0]

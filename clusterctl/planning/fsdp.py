@@ -107,9 +107,7 @@ def idle_kinds(objectives: tuple[str, ...] | list[str]) -> frozenset[str]:
     return frozenset(idle)
 
 
-def run_share(
-    model: ModelConfig, share: RankShare, lay: ParallelLayout, idle: frozenset[str]
-) -> tuple[float, float]:
+def run_share(model: ModelConfig, share: RankShare, lay: ParallelLayout, idle: frozenset[str]) -> tuple[float, float]:
     """(parameters, activation bytes per sample) of `share` that a step runs: less the idle blocks'
     (and the text encoder's second pass when only one of ITC and MLM runs); the whole share with pp > 1."""
     if lay.pp > 1 or not idle:

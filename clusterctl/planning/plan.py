@@ -345,7 +345,9 @@ def _deepspeed_plan(
     for stage in (0, 1, 2, 3):
         if stage == 3 and not cuda:  # plan_for_run refuses ZeRO-3 on CPU profiles
             continue
-        stage_limit = limit if stage == zero_stage else max_micro_batch(params, act, zero_stage=stage, **mem_args(stage))
+        stage_limit = (
+            limit if stage == zero_stage else max_micro_batch(params, act, zero_stage=stage, **mem_args(stage))
+        )
         if stage_limit == 0:
             continue
         alt = split_batch(global_batch, dp, max_micro_batch=stage_limit)

@@ -107,7 +107,10 @@ def print_scale(d: dict) -> None:
         )
     f = d.get("faster_layout")
     if f:
-        say(f"faster_layout: {_layout(d, f)}" + ("" if f.get("trainer_runs", True) else "; the trainer does not run it yet"))
+        say(
+            f"faster_layout: {_layout(d, f)}"
+            + ("" if f.get("trainer_runs", True) else "; the trainer does not run it yet")
+        )
     else:
         say("faster_layout: none (no other ZeRO stage or micro batch that fits is 5% faster)")
     alts = d.get("alternatives") or []
