@@ -24,7 +24,7 @@ def _say(text: str) -> None:
 @app.command()
 def check(json_: bool = JSON) -> None:
     """Run SQLite's integrity check on the registry (read-only); exit 2 with the problems if any."""
-    from clusterctl.runs.dbfile import default_path, shown
+    from clusterctl.runs.dbfile import FOREIGN_HINT, default_path, shown
     from clusterctl.runs.repair import check as check_file
 
     result = check_file(default_path())
@@ -39,6 +39,8 @@ def check(json_: bool = JSON) -> None:
             _say(f"problem: {problem}")
         if not result["problems"]:
             _say("ok: PRAGMA integrity_check and foreign_key_check found no problem")
+    if result.get("foreign"):
+        raise UserError(f"registry {shown(result['path'])}: {printable(result['problems'][0])}; {FOREIGN_HINT}")
     if result["problems"]:
         n = len(result["problems"])
         raise UserError(

@@ -151,13 +151,18 @@ def writable(path: Path) -> bool:
     return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, known: int | None = None) -> sqlite3.Connection:
     """Open `path` read-write in autocommit mode with WAL and a busy timeout (transactions are
-    explicit); a new file is created 0600."""
+    explicit); a new file is created 0600. With `known` (the schema version this clusterctl writes),
+    a file that is not a clusterctl registry is refused (schema_problem) before anything is written
+    to it, not even WAL's journal mode."""
     if not path.exists():
         create_private(path)
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if known is not None and (problem := schema_problem(conn, known)):
+        conn.close()
+        raise UserError(f"registry {shown(str(path))}: {problem}; {FOREIGN_HINT}")
     if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
         conn.execute("PRAGMA journal_mode = WAL")  # persistent in the file: set once
     conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable enough, never corrupt
@@ -182,6 +187,44 @@ def integrity_problems(conn: sqlite3.Connection, pragma: str) -> list[str]:
     except sqlite3.DatabaseError as e:
         return [str(e)]
     return [] if rows == ["ok"] else [str(r) for r in rows]
+
+
+# The tables clusterctl's migrations make (runs.registry._MIGRATIONS), by the schema version that adds them.
+OWN_TABLES = {1: ("runs", "jobs", "events"), 3: ("summaries", "status_rows")}
+
+
+def schema_problem(conn: sqlite3.Connection, known: int) -> str | None:
+    """Why the file is not clusterctl's registry (another application's SQLite file), or None when it is
+    one, or empty (a new file): every table must be one of clusterctl's, and those its version implies
+    must be there. Checked before any migration, so no table is ever added to someone else's file. A
+    version above `known` (a newer clusterctl's file) is the version check's to refuse."""
+    own_txn = not conn.in_transaction  # one snapshot: another process may be migrating a new file
+    if own_txn:
+        conn.execute("BEGIN")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        if own_txn:
+            conn.execute("COMMIT")
+    if version > known:
+        return None
+    names = {n for n in names if not n.startswith("sqlite_")}
+    own = {t for tables in OWN_TABLES.values() for t in tables}
+    foreign = sorted(names - own)
+    if foreign:
+        listed = ", ".join(shown(n) for n in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return f"holds tables that are not clusterctl's ({listed}): another application's database"
+    if version < 0 or (not names and version > 0):
+        return f"schema version {version} with no clusterctl table: not a clusterctl registry"
+    missing = sorted(t for v, tables in OWN_TABLES.items() if v <= version for t in tables if t not in names)
+    if names and (version == 0 or missing):
+        what = "no schema version" if version == 0 else f"schema version {version} without table {missing[0]}"
+        return f"has clusterctl's table names but {what}: not a registry this clusterctl wrote"
+    return None
+
+
+FOREIGN_HINT = "allowed: point CLUSTERCTL_REGISTRY at a clusterctl registry, or at a new or empty file"
 
 
 def sql_list(values: Iterable[str]) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 from clusterctl.runs.artifacts import dumps_strict
 from clusterctl.runs.dbfile import (
     DAMAGED_HINT,
+    FOREIGN_HINT,
     JOB_COLS,
     RUN_COLS,
     connect,
@@ -41,6 +42,7 @@ from clusterctl.runs.dbfile import (
     integrity_problems,
     job_from_row,
     run_from_row,
+    schema_problem,
     shown,
     sql_list,
     writable,
@@ -187,6 +189,8 @@ class Registry(SummaryTables):
                     version = self._conn.execute("PRAGMA user_version").fetchone()[0]
                 else:
                     raise
+            if problem := schema_problem(self._conn, SCHEMA_VERSION):
+                raise UserError(f"registry {shown(str(p))}: {problem}; {FOREIGN_HINT}")
             self.has_summaries = version >= 3
             if version != SCHEMA_VERSION and version != 2:  # 2: readable, summaries computed, not kept
                 migrate_hint = (
@@ -207,7 +211,7 @@ class Registry(SummaryTables):
                 f"registry {shown(str(p))}: cannot be created ({e.strerror or e}); allowed: a writable directory, "
                 "or set CLUSTERCTL_REGISTRY to a file in one"
             ) from None
-        self._conn = connect(p)
+        self._conn = connect(p, known=SCHEMA_VERSION)
         migrate(self._conn)
         self.has_summaries = True
 

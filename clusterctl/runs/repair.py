@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from clusterctl.runs.artifacts import dumps_strict
 from clusterctl.runs.dbfile import (
+    FOREIGN_HINT,
     JOB_COLS,
     RUN_COLS,
     connect,
@@ -32,6 +33,7 @@ from clusterctl.runs.dbfile import (
     integrity_problems,
     job_from_row,
     run_from_row,
+    schema_problem,
     shown,
     writable,
 )
@@ -71,6 +73,14 @@ def check(path: Path) -> dict[str, Any]:
         except sqlite3.DatabaseError as e:
             out["problems"].append(str(e))
             return out
+        try:
+            foreign = schema_problem(conn, SCHEMA_VERSION)
+        except sqlite3.DatabaseError:
+            foreign = None  # damage: integrity_check says what
+        if foreign:  # what every other command refuses first (Registry opens it neither way)
+            out["problems"].append(foreign)
+            out["foreign"] = True
+            return out
         out["problems"] += integrity_problems(conn, "integrity_check")
         try:
             out["problems"] += [
@@ -91,9 +101,55 @@ def check(path: Path) -> dict[str, Any]:
                 out[table] = None
                 if f"{table}: {e}" not in out["problems"]:
                     out["problems"].append(f"{table}: {e}")
+        out["problems"] += [p for p in unreadable_rows(conn) if p not in out["problems"]]
     finally:
         conn.close()
     return out
+
+
+def refuse_foreign(path: Path) -> None:
+    """A one-line error when the file at `path` is another application's database: `rebuild` would
+    rename a registry over it (the old file kept only as a backup)."""
+    if not Path(path).is_file():
+        return
+    try:
+        conn = connect_readonly(Path(path), immutable=True)
+        try:
+            problem = schema_problem(conn, SCHEMA_VERSION)
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return  # damaged or not a database at all: rebuilding it is what rebuild is for
+    if problem:
+        raise UserError(f"registry {shown(str(path))}: {problem}, not rebuilt; {FOREIGN_HINT}")
+
+
+def unreadable_rows(conn: sqlite3.Connection, limit: int = 5) -> list[str]:
+    """Rows the other commands would refuse as damage when they read them (Registry's `guarded`: a
+    JSON column that does not parse, a missing column): `check` must not say ok for those. The first
+    `limit` are named."""
+    found: list[str] = []
+    for table, cols, parse in (
+        ("runs", ",".join(RUN_COLS), run_from_row),
+        ("jobs", ",".join(JOB_COLS), job_from_row),
+        ("events", "run_id, data", lambda row: json.loads(row[1])),
+    ):
+        try:
+            cur = conn.execute(f"SELECT {cols} FROM {table}")
+        except sqlite3.DatabaseError as e:
+            found.append(f"{table}: {e}")
+            continue
+        try:
+            for row in cur:
+                try:
+                    parse(row)
+                except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+                    found.append(f"{table}: row {shown(str(row[0]))} cannot be read ({e})")
+                    if len(found) >= limit:
+                        return found
+        except sqlite3.DatabaseError as e:
+            found.append(f"{table}: {e}")
+    return found
 
 
 @dataclass
@@ -335,6 +391,7 @@ def rebuild(path: Path, roots: Iterable[Path], out: Path | None = None) -> Rebui
             f"registry {shown(str(target))}: read-only or immutable, so the rebuilt registry cannot replace it; "
             "allowed: make it and its directory writable, or --out FILE to write the rebuilt registry elsewhere"
         )
+    refuse_foreign(path)
     old = salvage(path)
     dirs: dict[str, Path] = {}
     skipped = []
