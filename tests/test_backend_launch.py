@@ -57,7 +57,7 @@ def test_a100x64_script_has_what_the_profile_says():
         "export NCCL_IB_DISABLE=0",
     ):
         assert line in text.splitlines(), line
-    assert f"{PYTHON} -u -m submitit.core._submit {RUN_DIR}/submitit/%j" in text
+    assert f"{PYTHON} -P -u -m submitit.core._submit {RUN_DIR}/submitit/%j" in text
 
 
 def test_local_profile_has_no_sbatch_but_a_local_spec():
@@ -138,6 +138,7 @@ def test_launcher_variables_of_the_submitting_shell_do_not_reach_a_local_job(tmp
     for k, v in LEAKED.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("CLUSTERCTL_TEST_KEPT", "yes")
+    (tmp_path / "run").mkdir()  # the job starts in its run directory (submit makes it first)
     spec = launch_spec(load_profile("local"), tmp_path / "run", "envcheck")
     assert spec.params["setup"][0] == f"unset {' '.join(LAUNCHER_VARS)}" and set(LEAKED) <= set(LAUNCHER_VARS)
     ex = submitit.LocalExecutor(folder=str(tmp_path / "sub"))

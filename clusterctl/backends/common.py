@@ -29,6 +29,9 @@ def trainer_env(profile: ClusterProfile, run_dir: Path) -> dict[str, str]:
     env = comm_env(profile)
     env |= {
         "PYTHONUNBUFFERED": "1",
+        # no Python of the job (submitit's controller, the ranks, their workers) puts its working
+        # directory or script's directory first on sys.path: see job_python
+        "PYTHONSAFEPATH": "1",
         "CODECARBON_LOG_LEVEL": "error",  # codecarbon overrides logger levels at import; only this works
     }
     env |= JobEnv(
@@ -73,10 +76,16 @@ def cpus_per_task(profile: ClusterProfile) -> int:
 LAUNCHER_VARS = ("GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
 
-def setup_lines(env: dict[str, str]) -> list[str]:
+def setup_lines(env: dict[str, str], run_dir: Path) -> list[str]:
     """The job script's set-up: unset the launcher variables a submitting shell may leak (LAUNCHER_VARS),
-    then the `export` lines for `env`, sorted (golden files compare them)."""
-    return [f"unset {' '.join(LAUNCHER_VARS)}", *(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))]
+    move into the run directory (a directory clusterctl made, not the one `submit` ran from: a cloned
+    repository's files must not be the job's working directory), then the `export` lines for `env`,
+    sorted (golden files compare them)."""
+    return [
+        f"unset {' '.join(LAUNCHER_VARS)}",
+        f"cd {shlex.quote(str(Path(run_dir).absolute()))} || exit 1",
+        *(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())),
+    ]
 
 
 def submitit_folder(run_dir: Path) -> str:
@@ -90,10 +99,18 @@ def submitit_folder(run_dir: Path) -> str:
     return str(RunDir(run_dir).submitit)
 
 
+def job_python(python: str | None = None) -> str:
+    """The interpreter command of every task: `python -P`. `python -m submitit.core._submit` would
+    otherwise put the working directory first on sys.path, and a `sentencepiece.py` (or any module the
+    trainer imports) in the directory `submit` ran from would run in every rank. -P (PYTHONSAFEPATH,
+    also exported by trainer_env for the processes the ranks start) leaves it out; the job's working
+    directory is the run directory besides (setup_lines)."""
+    return f"{python or shlex.quote(sys.executable)} -P"
+
+
 def submitit_command(folder: str, python: str | None = None) -> str:
     """The command line submitit runs on each task (as SlurmExecutor._submitit_command_str)."""
-    py = python or shlex.quote(sys.executable)
-    return " ".join([py, "-u -m submitit.core._submit", shlex.quote(folder)])
+    return " ".join([job_python(python), "-u -m submitit.core._submit", shlex.quote(folder)])
 
 
 @contextlib.contextmanager

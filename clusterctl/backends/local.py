@@ -109,7 +109,7 @@ class LocalBackend(Backend):
             "gpus_per_node": n.gpus_per_node if profile.gpu.kind == "cuda" else 0,
             "timeout_min": 24 * 60,
             "signal_delay_s": 30,
-            "setup": common.setup_lines(env),
+            "setup": common.setup_lines(env, run_dir),
         }
         return LaunchSpec(self.name, common.submitit_folder(run_dir), job_name, params, env)
 
@@ -122,7 +122,9 @@ class LocalBackend(Backend):
 
         from clusterctl.backends import common
 
-        ex = submitit.LocalExecutor(folder=str(Path(spec.folder) / "%j"), max_num_timeout=spec.max_num_timeout)
+        ex = submitit.LocalExecutor(
+            folder=str(Path(spec.folder) / "%j"), max_num_timeout=spec.max_num_timeout, python=common.job_python()
+        )
         ex.update_parameters(**spec.params)
         with own_session():
             return common.submit_with(ex, spec, fn, quiet=(1, 2))

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clusterctl.planning.job_env import CODE_LOADING_ENV as CODE_LOADING_ENV  # re-exported
+from clusterctl.planning.job_env import JOB_ENV_ALLOWED as JOB_ENV_ALLOWED
+from clusterctl.planning.job_env import env_refusals
 from clusterctl.planning.nccl_env import HCA_DOC, HCA_NAME
 from clusterctl.planning.nccl_env import comm_env as comm_env  # backends and tests import it from here
 from clusterctl.specs import EXECUTORS
@@ -89,31 +92,26 @@ def _check_env(env: dict[str, str]) -> str | None:
     return None
 
 
-# Variables that make every rank load or run code of the profile's choosing: a profile in a cloned
-# repository's ./cluster_profiles would run that repository's code on the cluster under your account.
-CODE_LOADING_ENV = {
-    "LD_PRELOAD": "preloads a shared library into every process",
-    "LD_LIBRARY_PATH": "chooses the shared libraries every process loads",
-    "LD_AUDIT": "loads an audit library into every process",
-    "PYTHONPATH": "puts modules first on Python's import path",
-    "PYTHONSTARTUP": "runs a file when Python starts",
-    "PYTHONHOME": "replaces Python's standard library",
-    "PYTHONUSERBASE": "adds a site directory whose .pth files run code",
-    "PYTHONWARNINGS": "imports the modules its filters name",
-    "PYTHONBREAKPOINT": "imports and calls a function",
-    "BASH_ENV": "runs a file in every non-interactive bash",
-    "ENV": "runs a file in every sh",
-    "PROMPT_COMMAND": "runs a command in every bash",
-    "PATH": "chooses which python and srun run",
-    "NCCL_NET_PLUGIN": "loads a network plugin library into NCCL",
-    "NCCL_TUNER_PLUGIN": "loads a tuner plugin library into NCCL",
-    "NCCL_PROFILER_PLUGIN": "loads a profiler plugin library into NCCL",
-}
-
-
 def code_loading_env(profile: ClusterProfile) -> list[str]:
-    """The profile's `interconnect.env` names that load code (pure)."""
-    return sorted(k for k in profile.interconnect.env if k in CODE_LOADING_ENV or k.startswith("LD_"))
+    """The profile's `interconnect.env` names outside the allow-list (pure)."""
+    return [k for k, _ in env_refusals(profile.interconnect.env)]
+
+
+def check_job_env(profile: ClusterProfile, where: str, source: str, allow_env: bool = False) -> None:
+    """Refuse, in one line naming the first variable and why, a profile whose `interconnect.env`
+    sets a variable outside JOB_ENV_ALLOWED, unless `allow_env` (--allow-env: the user read it).
+    `where`: the file the line names; `source`: where the profile came from (origin()'s words, or
+    'a run directory'). Submit calls it for profiles that are not shipped or the user's own; resume
+    and retry call it on the run directory's profile.json, which anyone who can write there can edit."""
+    refused = env_refusals(profile.interconnect.env)
+    if not refused or allow_env:
+        return
+    k, why = refused[0]
+    more = f" (and {len(refused) - 1} more: {', '.join(n for n, _ in refused[1:])})" if len(refused) > 1 else ""
+    raise UserError(
+        f"{where}: interconnect.env: {k} {why}, and this profile comes from {source}{more}; allowed: "
+        f"the NCCL/GLOO/UCX/Slurm/trainer variables of docs/reliability.md, the profile in {user_dir()}, or --allow-env"
+    )
 
 
 def _check_extra(opts: dict[str, str]) -> str | None:
@@ -510,20 +508,16 @@ def origin(path: Path, cwd: Path | None = None) -> str:
 
 
 def load_profile(name_or_path: str, flag: str = "--profile", allow_env: bool = False) -> ClusterProfile:
-    """Find and validate a profile; `flag` names the option in error messages. A profile that sets
-    code-loading environment variables (CODE_LOADING_ENV) is refused unless it is shipped or in the
-    user's own config directory, or `allow_env` (--allow-env) says the user read it."""
+    """Find and validate a profile; `flag` names the option in error messages. A profile whose
+    interconnect.env sets a variable outside the allow-list (job_env.JOB_ENV_ALLOWED) is refused
+    unless it is shipped or in the user's own config directory, or `allow_env` (--allow-env) says
+    the user read it."""
     path = find_profile(name_or_path, flag)
     profile = read_profile(path)
-    risky = code_loading_env(profile)
-    if risky and not allow_env:
+    if profile.interconnect.env and not allow_env:
         where = origin(path)
         if not (where == "shipped" or where.startswith("your config")):
-            k = risky[0]
-            raise UserError(
-                f"{path}: interconnect.env: {k} {CODE_LOADING_ENV.get(k, 'loads code')} in every rank, and this profile "
-                f"comes from {where}; allowed: NCCL/GLOO tuning variables, the profile in {user_dir()}, or --allow-env"
-            )
+            check_job_env(profile, str(path), where)
     return profile
 
 

@@ -176,7 +176,7 @@ class SlurmBackend(Backend):
             "mem": mem_request(profile),
             "time": max(1, int(profile.time_limit_min or 1)),
             "signal_delay_s": s.signal_delay_s,
-            "setup": common.setup_lines(env),
+            "setup": common.setup_lines(env, run_dir),
             # one rank that dies takes the step down with it: the others would wait for NCCL's timeout
             "srun_args": ["--kill-on-bad-exit=1"],
             "additional_parameters": {"requeue": True} | ({"hold": True} if hold else {}) | dict(s.extra),
@@ -207,7 +207,9 @@ class SlurmBackend(Backend):
         from clusterctl.backends import common
 
         try:
-            ex = submitit.SlurmExecutor(folder=str(Path(spec.folder) / "%j"), max_num_timeout=spec.max_num_timeout)
+            ex = submitit.SlurmExecutor(
+                folder=str(Path(spec.folder) / "%j"), max_num_timeout=spec.max_num_timeout, python=common.job_python()
+            )
         except RuntimeError as e:
             raise UserError(
                 f"--profile: executor 'slurm' needs Slurm's client tools on this machine ({e}); "
