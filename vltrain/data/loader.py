@@ -27,7 +27,6 @@ import bisect
 import hashlib
 import itertools
 import os
-import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -37,7 +36,7 @@ import torch
 
 from vltrain.common.errors import UserError
 from vltrain.config import DataConfig
-from vltrain.data.shards import ShardIndex, rank_index, read_member, resolve_shards, shard_index
+from vltrain.data.shards import IMAGE_EXTS, ShardIndex, rank_index, read_member, resolve_shards, shard_index
 from vltrain.data.transforms import ImageTransform
 
 STATE_VERSION = 2  # 2: shards split over ranks in training (1: positions interleaved over all shards)
@@ -137,28 +136,23 @@ class _Batches(torch.utils.data.IterableDataset):
             for h in handles.values():
                 h.close()
 
-    def _read(self, handles: OrderedDict, path: str, offset: int) -> bytes:
+    def _read(self, handles: OrderedDict, path: str, offset: int, key: str, exts: tuple[str, ...]) -> bytes:
+        """A member's data; read_member checks its header against the index (name, inside the tar)."""
         if path not in handles:
             if len(handles) >= 8:  # a few open shards per worker: blocks span shards, the order is local
                 handles.popitem(last=False)[1].close()
             handles[path] = open(path, "rb")  # noqa: SIM115 - a small cache of open shards, closed on eviction
         handles.move_to_end(path)
-        try:
-            return read_member(handles[path], offset)
-        except tarfile.HeaderError:
-            raise UserError(
-                f"data.shards: {path} has no tar header before offset {offset} (changed while training?); "
-                f"allowed: shards left unchanged during a run"
-            ) from None
+        return read_member(handles[path], offset, path, key, exts)
 
     def _batch(self, items: list[tuple[int, int, int]], handles: OrderedDict) -> dict[str, Any]:
         images, texts, keys = [], [], []
         for epoch, shard, i in items:
             idx = self.index[shard]
             key = idx.key(i)
-            text = self._read(handles, idx.path, idx.text(i)).decode("utf-8").strip()
+            text = self._read(handles, idx.path, idx.text(i), key, ("txt",)).decode("utf-8").strip()
             rng = np.random.default_rng([self.plan["seed"], epoch, _AUGMENT, key_digest(key)])
-            image, text = self.transform(self._read(handles, idx.path, idx.image(i)), text, rng)
+            image, text = self.transform(self._read(handles, idx.path, idx.image(i), key, IMAGE_EXTS), text, rng)
             images.append(image)
             texts.append(text)
             keys.append(key)

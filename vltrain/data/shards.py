@@ -17,6 +17,7 @@ sample, and a training rank loads only its own shards' (rank_index; docs/data.md
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tarfile
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from vltrain.common.atomic import atomic_path, atomic_write
 from vltrain.common.errors import UserError
+from vltrain.data.braces import check_brace_pattern
 from vltrain.data.index_math import rank_shards
 
 if TYPE_CHECKING:
@@ -66,94 +68,6 @@ def _resolve(text: str, what: str, allowed: str) -> list[Path]:
     if missing:
         raise UserError(f"{what}: {missing[0]} does not exist ({len(missing)} missing); {allowed}")
     return paths
-
-
-MAX_BRACE_NAMES = 100_000  # shard names a brace pattern may expand to (LAION-5B is ~230,000 shards of 10,000)
-MAX_BRACE_DEPTH = 8  # braces inside braces
-_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")  # braceexpand's own grammar
-_CHAR_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
-
-
-def check_brace_pattern(text: str, what: str = "data.shards") -> int:
-    """The number of names `text` expands to, counted without expanding it (braceexpand materialises
-    every name of a group at once: `{0..10000000}` is 10M strings, nested groups multiply); one line
-    when over MAX_BRACE_NAMES, deeper than MAX_BRACE_DEPTH or unbalanced."""
-    allowed = f"allowed: balanced braces at most {MAX_BRACE_DEPTH} deep expanding to at most {MAX_BRACE_NAMES:,} names"
-    depth = deepest = i = 0
-    while i < len(text):
-        if text[i] == "\\":
-            i += 1
-        elif text[i] in "{}":
-            depth += 1 if text[i] == "{" else -1
-            deepest = max(deepest, depth)
-        i += 1
-    if deepest > MAX_BRACE_DEPTH:
-        raise UserError(f"{what}: brace pattern nested {deepest} deep; {allowed}")
-    try:
-        count = _count_pattern(text)
-    except ValueError:
-        raise UserError(f"{what}: unbalanced braces in {text[:80]!r}; {allowed}") from None
-    if count > MAX_BRACE_NAMES:
-        shown = f"{count:,}" if count < 10**15 else f"at least 10^{len(str(count)) - 1}"
-        raise UserError(f"{what}: brace pattern expands to {shown} names; {allowed}")
-    return count
-
-
-def _groups(text: str, split: bool) -> list[tuple[int, int]] | None:
-    """(start, end) of the top-level brace groups of `text` (split=False), or of its comma-separated
-    items (split=True; None when it has no top-level comma); backslash escapes as braceexpand's."""
-    out, depth, start, i = [], 0, 0, 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth, start = depth + 1, (i if depth == 0 and not split else start)
-        elif c == "}":
-            depth -= 1
-            if depth == 0 and not split:
-                out.append((start, i))
-        elif c == "," and depth == 0 and split:
-            out.append((start, i))
-            start = i + 1
-        i += 1
-    if split:
-        return [*out, (start, len(text))] if out and depth == 0 else None
-    if depth != 0:
-        raise ValueError(f"unbalanced braces: {text}")
-    return out
-
-
-def _count_pattern(text: str) -> int:
-    """Names braceexpand makes of `text`: the product of its top-level groups' counts (a literal is 1)."""
-    count = 1
-    for start, end in _groups(text, split=False) or ():
-        count = min(count * _count_expression(text[start + 1 : end]), 10**40)
-    return count
-
-
-def _int(digits: str) -> int:
-    """int() of a range bound, without Python's 4,300-digit limit: a bound of over 100 digits is +-10^100."""
-    if len(digits.lstrip("-0")) > 100:
-        return -(10**100) if digits.startswith("-") else 10**100
-    return int(digits)
-
-
-def _count_expression(expr: str) -> int:
-    if m := _INT_RANGE.match(expr):
-        step = _int(m.group(3) or "1") or 1
-        return abs(_int(m.group(2)) - _int(m.group(1))) // step + 1
-    if m := _CHAR_RANGE.match(expr):
-        import braceexpand
-
-        step = int(m.group(3) or 1) or 1
-        a, b = (braceexpand.alphabet.index(c) for c in (m.group(1), m.group(2)))
-        return abs(b - a) // step + 1
-    items = _groups(expr, split=True)
-    if items is None:  # not a sequence: the braces stay, the inside is a pattern
-        return _count_pattern(expr)
-    return sum(_count_pattern(expr[s:e]) for s, e in items)
 
 
 class ShardWriter:
@@ -325,9 +239,12 @@ def _from_samples(path: str, samples: Iterable[tuple[str, dict[str, int]]]) -> S
     return ShardIndex.from_members(path, keys, image, text)
 
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: the stamp has a content fingerprint (2: size and mtime only, rebuilt at load)
 INDEX_SUFFIX = ".idx.npz"
 LEGACY_SUFFIX = ".idx.json"  # version 1: keys and per-member [offset, size] lists in JSON; converted at load
+FINGERPRINT_SAMPLES = 8  # samples whose member headers the stamp hashes: at most 17 reads of 512 bytes a shard
+_ARRAYS = {"image", "text", "key_meta", "key_data"}  # and key_ends for keys stored as bytes
+_OFFSETS = ("uint32", "uint64")
 
 
 def index_path(path: str | Path) -> Path:
@@ -340,49 +257,139 @@ def _stamp(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def read_index(path: str | Path, st: os.stat_result) -> ShardIndex | None:
-    """The index kept beside `path` if it was made from the tar as it is now (same size and mtime as
-    `st`), else None: missing, unreadable, of another version, or stale (the tar was changed or replaced)."""
+def fingerprint(index: ShardIndex, size: int) -> bytes:
+    """A hash of the tar's first block and of the headers just before the image and text data of up to
+    FINGERPRINT_SAMPLES samples spread over the index (first and last included), with the tar's size:
+    a tar rewritten in another order with its size and mtime kept (`cp -p`, `rsync -t`) moves the
+    members those offsets point at. Cheap enough for every start; each read checks its own header."""
+    import hashlib
+
     import numpy as np
 
+    n = len(index)
+    picks = np.unique(np.linspace(0, max(n - 1, 0), min(n, FINGERPRINT_SAMPLES)).astype(np.int64))
+    digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
+    fd = os.open(index.path, os.O_RDONLY)
     try:
-        with open(index_path(path), "rb") as f, np.load(f, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        if int(arrays.pop("version")) != INDEX_VERSION or arrays.pop("tar").tolist() != _stamp(st):
+        digest.update(os.pread(fd, tarfile.BLOCKSIZE, 0))
+        for i in picks:
+            for offset in (index.image(int(i)), index.text(int(i))):
+                digest.update(os.pread(fd, tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE))
+    finally:
+        os.close(fd)
+    return digest.digest()
+
+
+def check_index_arrays(arrays: dict[str, np.ndarray], size: int) -> None:
+    """ValueError unless `arrays` are an index a tar of `size` bytes could have: the arrays and dtypes
+    ShardIndex writes, 1-D and of one length, at most one sample per 1 KiB of tar (two headers),
+    data offsets on 512-byte blocks inside the tar, keys that decode (digits: at most 18, in range)."""
+    import numpy as np
+
+    extra = set(arrays) - _ARRAYS - {"key_ends"}
+    if extra or _ARRAYS - set(arrays) or any(a.ndim != 1 for a in arrays.values()):
+        raise ValueError(f"arrays {sorted(arrays)}, shapes {[a.shape for a in arrays.values()]}")
+    n = len(arrays["image"])
+    image, text, meta = arrays["image"], arrays["text"], arrays["key_meta"]
+    if image.dtype.name not in _OFFSETS or text.dtype.name not in _OFFSETS or len(text) != n:
+        raise ValueError("offsets of another type or length")
+    if n > size // 1024 or meta.dtype != np.int64 or len(meta) != 2:
+        raise ValueError(f"{n} samples in {size} bytes, or key_meta {meta.dtype} {meta.shape}")
+    for a in (image, text):
+        if n and (int(a.min()) < tarfile.BLOCKSIZE or int(a.max()) > size or (a % tarfile.BLOCKSIZE).any()):
+            raise ValueError("a data offset outside the tar or off a block")
+    base, width = int(meta[0]), int(meta[1])
+    keys = arrays["key_data"]
+    if width:
+        top = base + int(keys.max()) if n else base
+        if not 0 < width <= 18 or keys.dtype.name not in _OFFSETS or len(keys) != n or not 0 <= base <= top < 10**width:
+            raise ValueError(f"digit keys of width {width} from {base}")
+        return
+    ends = arrays.get("key_ends")
+    if base or keys.dtype != np.uint8 or ends is None or ends.dtype.name not in _OFFSETS or len(ends) != n:
+        raise ValueError("byte keys of another type or length")
+    if n and (int(ends[-1]) != len(keys) or (ends[1:] < ends[:-1]).any()):
+        raise ValueError("key ends out of order")
+    keys.tobytes().decode()  # UnicodeDecodeError is a ValueError
+
+
+def _load_npz(f: Any, limit: int) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, each .npy header read first: no array that claims more bytes than its
+    member holds, nor members over `limit` bytes in all, is allocated (a lying header is a MemoryError)."""
+    import numpy as np
+    from numpy.lib import format as npy
+
+    arrays = {}
+    with zipfile.ZipFile(f) as z:
+        infos = z.infolist()
+        if len(infos) > 8 or sum(i.file_size for i in infos) > limit:
+            raise ValueError(f"{len(infos)} members of {sum(i.file_size for i in infos)} bytes")
+        for info in infos:
+            with z.open(info) as m:
+                major, _ = npy.read_magic(m)
+                shape, _, dtype = (npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0)(m)
+                if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
+                    raise ValueError(f"{info.filename}: {shape} {dtype} in {info.file_size} bytes")
+            with z.open(info) as m:
+                arrays[info.filename.removesuffix(".npy")] = np.lib.format.read_array(m, allow_pickle=False)
+    return arrays
+
+
+_NOT_AN_INDEX = (OSError, ValueError, KeyError, TypeError, EOFError, OverflowError, RecursionError, zipfile.BadZipFile)
+
+
+def read_index(path: str | Path, st: os.stat_result) -> ShardIndex | None:
+    """The index kept beside `path` if it was made from the tar as it is now (same size, mtime and
+    fingerprint as `st` and the tar), else None: missing, unreadable, malformed (check_index_arrays),
+    of another version, or stale (the tar was changed, replaced or rewritten in another order)."""
+    try:
+        with open(index_path(path), "rb") as f:
+            arrays = _load_npz(f, 2 * st.st_size + 65536)  # keys and offsets: less than the tar's headers
+        head = {k: arrays.pop(k) for k in ("version", "tar", "fingerprint")}
+        if head["version"].shape or int(head["version"]) != INDEX_VERSION or head["tar"].tolist() != _stamp(st):
             return None
-        return ShardIndex(str(path), arrays)
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        check_index_arrays(arrays, st.st_size)
+        index = ShardIndex(str(path), arrays)
+        return index if head["fingerprint"].tobytes() == fingerprint(index, st.st_size) else None
+    except _NOT_AN_INDEX:
         return None
 
 
 def read_legacy_index(path: str | Path, st: os.stat_result) -> ShardIndex | None:
     """A version-1 index (`NAME.tar.idx.json`, written before issue 23) converted to arrays, if it
-    matches the tar; the caller keeps the converted one beside the tar. Parsing it makes Python objects
-    per sample for a moment (this shard's only)."""
+    matches the tar and check_index_arrays; the caller keeps the converted one beside the tar. Parsing
+    it makes Python objects per sample for a moment (this shard's only)."""
     try:
         with open(Path(path).with_name(Path(path).name + LEGACY_SUFFIX), "rb") as f:
-            doc = json.loads(f.read())
+            text = f.read(st.st_size + (1 << 20))
+        doc = json.loads(text)
         if doc.get("version") != 1 or doc.get("tar") != {"size": st.st_size, "mtime_ns": st.st_mtime_ns}:
             return None
         members = ({str(e): int(w[0]) for e, w in m.items()} for m in doc["members"])
         if len(doc["keys"]) != len(doc["members"]):
             return None
-        return _from_samples(str(path), zip((str(k) for k in doc["keys"]), members))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        index = _from_samples(str(path), zip((str(k) for k in doc["keys"]), members))
+        check_index_arrays(dict(index.arrays), st.st_size)
+        return index
+    except (*_NOT_AN_INDEX, AttributeError, IndexError):
         return None
 
 
 def write_index(index: ShardIndex, st: os.stat_result) -> bool:
     """Keep `index` beside its tar (atomically), stamped with the tar's size and mtime from `st`, taken
-    before the headers were read; nothing is written if the tar changed meanwhile or the directory is
-    read-only (the loader then scans at each start). True when written."""
+    before the headers were read, and its fingerprint; nothing is written if the tar changed meanwhile
+    or the directory is read-only (the loader then scans at each start). True when written."""
     import numpy as np
 
     try:
         if _stamp(os.stat(index.path)) != _stamp(st):
             return False
+        head = {
+            "version": np.int64(INDEX_VERSION),
+            "tar": np.array(_stamp(st), np.int64),
+            "fingerprint": np.frombuffer(fingerprint(index, st.st_size), np.uint8),
+        }
         with atomic_path(index_path(index.path), mode=None) as tmp, open(tmp, "wb") as f:
-            head = {"version": np.int64(INDEX_VERSION), "tar": np.array(_stamp(st), np.int64)}
             np.savez(f, **head, **index.arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         return True
     except OSError:
@@ -441,9 +448,41 @@ def rank_index(paths: list[Path], rank: int, world_size: int) -> tuple[list[Shar
     return index, sum(known), per_rank
 
 
-def read_member(handle, offset: int) -> bytes:
-    """The data at `offset`; its size from the tar header in the block just before it (tar puts every
-    member's data right after its own header, also after pax or GNU long-name records)."""
+def read_member(handle: Any, offset: int, path: str, key: str, exts: tuple[str, ...]) -> bytes:
+    """The data at `offset`, after checking the tar header just before it (tar puts every member's data
+    right after its own header, also after pax or GNU long-name records): a regular file named
+    KEY.EXT with EXT one of `exts`, its data inside the tar. The index holds no sizes (12 bytes a
+    sample): the header gives it. A mismatch is one line naming the shard and the key: an index that
+    lies (or a tar changed during the run) never pairs one sample's caption with another's image."""
     handle.seek(offset - tarfile.BLOCKSIZE)
-    info = tarfile.TarInfo.frombuf(handle.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
-    return handle.read(info.size)
+    try:
+        info = tarfile.TarInfo.frombuf(handle.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        info = None
+    end = os.fstat(handle.fileno()).st_size
+    want = f"{key}.{exts[0] if len(exts) == 1 else '|'.join(exts)}"
+    if info is None:
+        problem = f"no tar header before offset {offset}"
+    elif not info.isreg() or not _names_match(info.name, key, exts):
+        problem = f"the member at offset {offset} is {info.name[:120]!r}, not {want}"
+    elif offset + info.size > end:
+        problem = f"{info.name[:120]!r} at offset {offset} ({info.size} bytes) runs past the end of the tar ({end})"
+    else:
+        return handle.read(info.size)
+    raise UserError(
+        f"data.shards: {path}: sample {key[:120]!r}: {problem}; allowed: an index that matches its tar "
+        f"(delete {index_path(path).name} to rebuild it) and shards left unchanged during a run"
+    )
+
+
+def _names_match(name: str, key: str, exts: tuple[str, ...]) -> bool:
+    """`name` is KEY.EXT; a name a ustar header cannot hold (over 90 characters, or not ASCII) is in a
+    pax or GNU record before the header, which keeps a cut (pax: ASCII with '?') copy: its ASCII start
+    is compared."""
+    m = _KEY_EXT.match(name)
+    if m and m.group(1) == key and m.group(2).lower() in exts:
+        return True
+    if key.isascii() and len(key) < 90:
+        return False
+    cut = next((i for i, c in enumerate(key) if not c.isascii()), len(key))
+    return name.startswith(key[: min(cut, 90)])
