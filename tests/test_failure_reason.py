@@ -142,6 +142,7 @@ def test_a_user_failure_is_not_retried_whatever_slurm_reports(tmp_path):
         reg.update_job(job.job_id, run_id=name, state=RunState.FAILED, exit_code="9:0")
     _record(tmp_path / "user", 1, "user", "training diverged: loss is nan at step 3", job="774")
     submitted = []
+    import clusterctl.runs.lifecycle as lifecycle_mod
     import clusterctl.runs.submit as submit_mod
 
     def fake_submit_attempt(reg, run, profile, kind, hold=False):
@@ -152,7 +153,7 @@ def test_a_user_failure_is_not_retried_whatever_slurm_reports(tmp_path):
 
     mp = _pytest.MonkeyPatch()
     mp.setattr(submit_mod, "submit_attempt", fake_submit_attempt)
-    mp.setattr(submit_mod, "run_profile", lambda run: None)
+    mp.setattr(lifecycle_mod, "read_back", lambda run, allow_env: None)
     try:
         out = reconcile(reg, reg.list_runs())
     finally:

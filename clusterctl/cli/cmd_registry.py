@@ -55,8 +55,9 @@ def rebuild(
     runs_dir: Optional[list[Path]] = typer.Option(
         None,
         "--runs-dir",
-        help="A directory of run directories to rebuild from (repeatable; default: $CLUSTERCTL_RUNS_DIR or ./runs). "
-        "Run directories the old file still names are always included.",
+        help="A directory of run directories to rebuild from, inside the runs directory (repeatable; default: "
+        "$CLUSTERCTL_RUNS_DIR or ./runs). Run directories the old file still names are always included; only "
+        "directories submit made (mode 700, yours) are read.",
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Write the rebuilt registry to FILE and leave the registry as it is."
@@ -68,15 +69,18 @@ def rebuild(
     from clusterctl.runs.dbfile import default_path
     from clusterctl.runs.repair import rebuild as rebuild_file
 
-    if runs_dir:
-        for d in runs_dir:
-            if not d.is_dir():
-                raise UserError(f"--runs-dir: {printable(str(d))!r} is not a directory; allowed: a directory of runs")
-        roots = list(runs_dir)
-    else:
-        from clusterctl.runs.submit import runs_root
+    from clusterctl.runs.submit import runs_root
 
-        roots = [runs_root()]
+    root = runs_root()
+    for d in runs_dir or []:
+        if not d.is_dir():
+            raise UserError(f"--runs-dir: {printable(str(d))!r} is not a directory; allowed: a directory of runs")
+        if not d.resolve().is_relative_to(root.resolve()):  # a clone's ./runs is not where your runs are
+            raise UserError(
+                f"--runs-dir: {printable(str(d))!r} is outside the runs directory {printable(str(root))!r}; allowed: "
+                "that directory or one in it (set CLUSTERCTL_RUNS_DIR to rebuild from another)"
+            )
+    roots = list(runs_dir or [root])
     done = rebuild_file(default_path(), roots, out)
     if json_:
         from dataclasses import asdict

@@ -52,16 +52,28 @@ def cancel(run: str = RUN) -> None:
     output.console.print(f"cancelled {printable(r.run_id)} (job {printable(job.job_id)})", markup=False)
 
 
-def resume(run: str = RUN, json_: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
-    """Resubmit a stopped run; the trainer continues from the newest complete checkpoint."""
+def resume(
+    run: str = RUN,
+    json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    allow_env: bool = typer.Option(
+        False,
+        "--allow-env",
+        help="Resubmit even if the run directory's profile.json sets environment variables that load code "
+        "(read it first: a run directory can be forged or edited).",
+    ),
+) -> None:
+    """Resubmit a stopped run after submit's checks on its run directory; the trainer continues from the
+    newest complete checkpoint that verifies."""
     from clusterctl.runs.lifecycle import resume as resume_run
 
     reg = Registry()
     r = reg.get_run(run)
     reg.require_writable()
-    job_id, ckpt = resume_run(reg, r)
+    job_id, ckpt, skipped = resume_run(reg, r, allow_env=allow_env)
     if json_:
-        print_json({"run_id": r.run_id, "job_id": job_id, "resume_from": ckpt})
-    else:
-        where = f"from {printable(ckpt)}" if ckpt else "from the start (no complete checkpoint yet)"
-        output.console.print(f"resumed {printable(r.run_id)} as job {printable(job_id)}, {where}", markup=False)
+        print_json({"run_id": r.run_id, "job_id": job_id, "resume_from": ckpt, "skipped_checkpoints": skipped})
+        return
+    where = f"from {printable(ckpt)}" if ckpt else "from the start (no complete checkpoint yet)"
+    output.console.print(f"resumed {printable(r.run_id)} as job {printable(job_id)}, {where}", markup=False)
+    for line in skipped:
+        output.console.print(f"  skipped damaged checkpoint {printable(line)}", markup=False, soft_wrap=True)

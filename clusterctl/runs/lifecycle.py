@@ -8,10 +8,12 @@ processes that noticed (the registry's claim).
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clusterctl.backends import get_backend
 from clusterctl.runs.registry import Registry
@@ -20,6 +22,9 @@ from clusterctl.runs.status import Refresh, refresh
 from clusterctl.specs import ACTIVE_STATES, FAILURE_STATES, JobRecord, RunRecord, RunState
 from vltrain.common.errors import UserError
 from vltrain.rundir import RunDir
+
+if TYPE_CHECKING:
+    from clusterctl.planning.profiles import ClusterProfile
 
 
 def refresh_and_retry(
@@ -33,7 +38,7 @@ def refresh_and_retry(
     fresh = refresh(reg, runs, timeout, now)
     for r in runs:
         r.state = fresh.states[r.run_id]
-    fresh.retried = reconcile(reg, runs)
+    fresh.retried = reconcile(reg, runs, fresh.notes)
     fresh.notes += [retried_note(run_id, job_id) for run_id, job_id in fresh.retried]
     return fresh
 
@@ -42,10 +47,11 @@ def retried_note(run_id: str, job_id: str) -> str:
     return f"{run_id}: retried as job {job_id} after a cluster failure"
 
 
-def reconcile(reg: Registry, runs: list[RunRecord]) -> list[tuple[str, str]]:
+def reconcile(reg: Registry, runs: list[RunRecord], notes: list[str] | None = None) -> list[tuple[str, str]]:
     """Resubmit every run (in its state as refreshed) that `should_retry`; returns [(run_id, new job
     id)] (edge: submits). Never from a read-only registry: what the scheduler says is shown, not saved
-    (status.readonly_note), and a retry could not be recorded."""
+    (status.readonly_note), and a retry could not be recorded. A run whose directory fails submit's
+    checks (read_back) is not retried: the reason goes to `notes`, and the run stays FAILED."""
     failed = [r for r in runs if r.state in FAILURE_STATES]
     if not failed or reg.readonly:
         return []
@@ -59,18 +65,37 @@ def reconcile(reg: Registry, runs: list[RunRecord]) -> list[tuple[str, str]]:
         return []
     # submitting imports planning and the train config: only when there is something to resubmit,
     # so that `status` over a history of failed runs stays as light as over none
-    from clusterctl.runs.submit import run_profile, submit_attempt
+    from clusterctl.runs.submit import submit_attempt
 
     out = []
     for run in todo:
         last = jobs[run.run_id][-1]
+        try:
+            profile = read_back(run, allow_env=False)
+        except UserError as e:
+            if notes is not None:
+                notes.append(f"{run.run_id}: not retried after a cluster failure: {e}")
+            continue
         if not reg.claim_run(run.run_id, run.state, RunState.SUBMITTING):
             continue  # another clusterctl process is retrying it
         reg.add_event(
             run.run_id, "retry", {"failed_job": last.job_id, "state": last.state, "exit_code": last.exit_code}
         )
-        out.append((run.run_id, submit_attempt(reg, run, run_profile(run), "retry")))
+        out.append((run.run_id, submit_attempt(reg, run, profile, "retry")))
     return out
+
+
+def read_back(run: RunRecord, allow_env: bool) -> ClusterProfile:
+    """The profile to resubmit `run` with, after submit's checks on what its run directory holds
+    (runs.readback.check_run_dir: profile.json parsed and matching the registry, its job environment,
+    config.toml and the checks before sbatch): a forged or edited run directory is one line."""
+    from clusterctl.runs.readback import check_run_dir
+
+    allowed = (
+        f"NCCL/GLOO tuning variables, the same profile in your config directory, or `clusterctl resume "
+        f"--allow-env {run.run_id}` once you have read it"
+    )
+    return check_run_dir(Path(run.run_dir), run.profile, run.executor, allow_env, allowed)[0]
 
 
 def current_state(reg: Registry, run: RunRecord) -> str:
@@ -142,18 +167,50 @@ def cancel(reg: Registry, run: RunRecord) -> JobRecord:
     return job
 
 
-def resume(reg: Registry, run: RunRecord) -> tuple[str, str | None]:
-    """Resubmit a stopped run; returns (job id, the checkpoint it resumes from or None)."""
+def resume(reg: Registry, run: RunRecord, allow_env: bool = False) -> tuple[str, str | None, list[str]]:
+    """Resubmit a stopped run after submit's checks on its run directory (read_back); returns (job id,
+    the checkpoint it resumes from or None, the damaged ones the trainer will skip and why)."""
     state = current_state(reg, run)
     if state in ACTIVE_STATES:
         raise UserError(
             f"RUN: {run.run_id} is {state}; allowed: a run that is not pending or running (cancel it first)"
         )
-    from clusterctl.runs.submit import run_profile, submit_attempt
+    from clusterctl.runs.submit import submit_attempt
 
-    ckpts = RunDir(run.run_dir).checkpoint_dirs()
-    job_id = submit_attempt(reg, run, run_profile(run), "resume")
-    return job_id, ckpts[-1].name if ckpts else None
+    profile = read_back(run, allow_env)
+    ckpt, skipped = resume_point(Path(run.run_dir))
+    job_id = submit_attempt(reg, run, profile, "resume")
+    return job_id, ckpt, skipped
+
+
+def resume_point(run_dir: Path) -> tuple[str | None, list[str]]:
+    """The checkpoint the trainer will resume from: the newest complete one whose meta.json matches its
+    COMPLETE marker (vltrain.checkpoint.verify) and whose files have the sizes meta.json records; and
+    the newer ones skipped ("step_0000120: why"). The trainer also checks every file's CRC-32 (reading
+    the whole checkpoint, too slow here) and falls back further if one differs."""
+    from vltrain import checkpoint
+
+    skipped: list[str] = []
+    for _, path in reversed(checkpoint.complete_checkpoints(run_dir)):
+        problem = checkpoint.verify(path, only=lambda rel: False) or _size_problem(path)
+        if problem is None:
+            return path.name, skipped
+        skipped.append(f"{path.name}: {problem}")
+    return None, skipped
+
+
+def _size_problem(path: Path) -> str | None:
+    """The first file of a checkpoint's manifest (meta.json's `files`, verified by then) that is
+    missing or not the size written."""
+    files = json.loads((path / "meta.json").read_bytes()).get("files")
+    for rel, entry in sorted((files if isinstance(files, dict) else {}).items()):
+        try:
+            size = (path / rel).stat().st_size
+        except OSError as e:
+            return f"{rel}: cannot be read ({e.strerror or e})"
+        if isinstance(entry, dict) and size != entry.get("size"):
+            return f"{rel}: {size:,} bytes, {entry.get('size')} written (truncated or overwritten)"
+    return None
 
 
 def log_path(run: RunRecord, job_id: str, rank: int, stderr: bool) -> Path:

@@ -12,9 +12,11 @@ tell are UNKNOWN (active), so the next `status` asks the scheduler; where no sch
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from clusterctl.runs.dbfile import (
     shown,
     writable,
 )
+from clusterctl.planning.profiles import SLURM_NAME
 from clusterctl.runs.registry import SCHEMA_VERSION, migrate
 from clusterctl.specs import FINAL_STATES, JobRecord, RunRecord, RunState
 from vltrain.common.errors import UserError
@@ -224,12 +227,7 @@ def salvage(path: Path) -> Salvage:
 _STAMPED = re.compile(r"^(?P<name>.+)-(?P<stamp>\d{8}-\d{6})-[0-9a-f]{4}$")
 
 
-def _json_file(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None
-
+MAX_STEPS = 10**12  # optimizer steps of one run: far above any real one, far below SQLite's int64
 
 def _job_dirs(run_dir: Path) -> list[tuple[str, float]]:
     """(job id, submission time) of every job submitit made in a run directory, oldest first."""
@@ -258,28 +256,30 @@ def run_from_dir(run_dir: Path, run_id: str | None = None) -> tuple[RunRecord, l
     one job per submitit/<job>/ folder. Job states the files cannot tell are UNKNOWN (active), so
     the next `status` asks the scheduler (Slurm accounting) about them."""
     import pwd
-    import tomllib
 
     from clusterctl.backends import results
+    from clusterctl.runs.readback import read_table, run_dir_plan, run_dir_profile
     from vltrain.rundir import RunDir
 
     rd = RunDir(run_dir)
     run_id = run_id or rd.root.name
-    plan = _json_file(rd.plan)
-    profile = _json_file(rd.profile)
-    if not isinstance(plan, dict) or not isinstance(profile, dict):
-        raise ValueError("no readable plan.json and profile.json: not a run directory of clusterctl")
-    try:
-        config = tomllib.loads(rd.config.read_bytes().decode("utf-8"))
-    except (OSError, ValueError):
+    if not rd.plan.exists() or not rd.profile.exists():
+        raise ValueError("no plan.json and profile.json: not a run directory of clusterctl")
+    plan = run_dir_plan(rd.plan)  # bounded, max_retries in submit's range
+    profile = run_dir_profile(rd.profile)  # submit's parser: world size and executor in range
+    try:  # any config a release of clusterctl wrote: the rows keep it as it is (resume checks it)
+        config = read_table(rd.config, "")
+    except UserError:
         config = {}
-    launch = _json_file(rd.launch)
-    launch = launch if isinstance(launch, dict) else {}
-    nodes, derived = profile.get("nodes"), profile.get("derived")
-    nodes, derived = (nodes if isinstance(nodes, dict) else {}), (derived if isinstance(derived, dict) else {})
-    gpus = derived.get("world_size") or (nodes.get("count") or 1) * (nodes.get("gpus_per_node") or 1)
+    try:
+        launch = read_table(rd.launch, "")
+    except UserError:
+        launch = {}
+    gpus = profile.world_size
     m = _STAMPED.match(run_id)
-    name = launch.get("job_name") or (m.group("name") if m else run_id)
+    job_name = launch.get("job_name")
+    name = job_name if isinstance(job_name, str) and re.fullmatch(SLURM_NAME, job_name) else None
+    name = name or (m.group("name") if m else run_id)
     created = None
     try:
         plan_mtime = rd.plan.stat().st_mtime
@@ -296,9 +296,11 @@ def run_from_dir(run_dir: Path, run_id: str | None = None) -> tuple[RunRecord, l
         user = pwd.getpwuid(rd.root.stat().st_uid).pw_name
     except (KeyError, OSError):
         user = "?"
-    executor = str(launch.get("executor") or profile.get("executor") or "slurm")
+    executor = profile.executor
     backend = _backend(executor)
     total = config.get("steps", plan.get("steps", 0))
+    if not isinstance(total, int) or not 0 <= total <= MAX_STEPS:
+        raise UserError(f"{rd.config}: steps: {str(total)[:40]!r} is out of range; allowed: 0 to {MAX_STEPS:,}")
     jobs: list[JobRecord] = []
     for n, (job_id, submitted) in enumerate(_job_dirs(rd.root), start=1):
         job = JobRecord(job_id, run_id, n, "submit" if n == 1 else "resume", submitted, RunState.UNKNOWN)
@@ -315,13 +317,13 @@ def run_from_dir(run_dir: Path, run_id: str | None = None) -> tuple[RunRecord, l
     run = RunRecord(
         run_id=run_id,
         name=str(name),
-        profile=str(profile.get("name") or "?"),
+        profile=profile.name,
         executor=executor,
         run_dir=str(rd.root),
         created_at=float(created),
         user=user,
         gpus=int(gpus),
-        total_steps=int(total) if isinstance(total, int) else 0,
+        total_steps=total,
         state=state,
         config=config,
         plan=plan,
@@ -355,22 +357,68 @@ class Rebuilt:
     lost: list[str] = field(default_factory=list)  # what of the old file could not be read
 
 
-def find_run_dirs(roots: Iterable[Path]) -> list[Path]:
+def find_run_dirs(roots: Iterable[Path], skipped: list[str] | None = None) -> list[Path]:
     """Run directories under `roots` (each a directory of run directories, or one itself): those
-    with a plan.json."""
+    with a plan.json that clusterctl could have made (`not_made_here` says why not: the others go to
+    `skipped`, one line each)."""
     from vltrain.rundir import RunDir
 
     out = []
     for root in roots:
         root = Path(root)
-        if RunDir(root).plan.is_file():
-            out.append(root)
-            continue
         try:
-            out += sorted(d for d in root.iterdir() if d.is_dir() and RunDir(d).plan.is_file())
+            found = [root] if RunDir(root).plan.is_file() else sorted(root.iterdir())
         except OSError:
             continue
+        for d in found:
+            if not (d.is_dir() and RunDir(d).plan.is_file()):
+                continue
+            why = not_made_here(d)
+            if why is None:
+                out.append(d)
+            elif skipped is not None:
+                skipped.append(f"{shown(str(d))}: {why}")
     return out
+
+
+def not_made_here(d: Path) -> str | None:
+    """Why directory `d` is not one `clusterctl submit` made for this user, or None: submit makes run
+    directories 0700 (whatever the umask) under a UTF-8 name, owned by the user; a directory from a
+    cloned repository or an archive is 0755, a link may point anywhere."""
+    name = d.name
+    if shown(name) != repr(name) or not name.isprintable():
+        return "the name is not printable UTF-8; allowed: the <name>-<date>-<time>-<hex> names submit gives"
+    try:
+        st = d.lstat()
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link; allowed: the run directory itself"
+    if st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not this user; allowed: your own run directories"
+    if st.st_mode & 0o077:
+        return (
+            f"mode {stat.S_IMODE(st.st_mode):o} (submit makes them 700): not made by clusterctl submit, e.g. from a "
+            "cloned repository; allowed: chmod 700 it if you made it and trust its files"
+        )
+    return None
+
+
+def storable(run: RunRecord, jobs: list[JobRecord]) -> str | None:
+    """The first value of the rows a run directory implies that SQLite cannot store, or None: an integer
+    outside int64, a float that is not finite, a string that is not UTF-8."""
+    for where, rec in [(f"run {run.run_id}", run), *((f"job {j.job_id}", j) for j in jobs)]:
+        for k, v in vars(rec).items():
+            if isinstance(v, bool) or v is None or isinstance(v, (dict, list)):
+                continue
+            bad = (
+                (isinstance(v, int) and not -(2**63) <= v < 2**63)
+                or (isinstance(v, float) and not math.isfinite(v))
+                or (isinstance(v, str) and shown(v) != repr(v))
+            )
+            if bad:
+                return f"{where}: {k}: {shown(str(v))[:60]} cannot be stored"
+    return None
 
 
 def rebuild(path: Path, roots: Iterable[Path], out: Path | None = None) -> Rebuilt:
@@ -394,19 +442,22 @@ def rebuild(path: Path, roots: Iterable[Path], out: Path | None = None) -> Rebui
     refuse_foreign(path)
     old = salvage(path)
     dirs: dict[str, Path] = {}
-    skipped = []
+    skipped: list[str] = []
     for run in old.runs.values():
         if Path(run.run_dir).is_dir():
             dirs[run.run_id] = Path(run.run_dir)
-    for d in find_run_dirs(roots):
+    for d in find_run_dirs(roots, skipped):
         dirs.setdefault(d.name, d)
     runs: dict[str, tuple[RunRecord, list[JobRecord]]] = {}
     from_dirs, from_old = [], []
     for run_id, d in sorted(dirs.items()):
         try:
             run, jobs = run_from_dir(d, run_id)
-        except (ValueError, OSError) as e:
-            skipped.append(f"{d}: {e}")
+            if problem := storable(run, jobs):
+                raise ValueError(problem)
+        except (ValueError, OSError, UserError) as e:
+            text = str(e)
+            skipped.append(text if text.startswith(str(d)) else f"{shown(str(d))}: {text}")
             continue
         saved = old.runs.get(run_id)
         saved_jobs = {j.job_id: j for j in old.jobs.get(run_id, [])}
