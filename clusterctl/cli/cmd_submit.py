@@ -46,7 +46,7 @@ def submit(
 ) -> None:
     """Plan a run for a profile (its recipe, or --config) and submit it (Slurm via submitit, or a local process)."""
     from clusterctl.runs.registry import Registry
-    from clusterctl.runs.submit import create, new_run_dir
+    from clusterctl.runs.submit import create, new_run_dir, refuse
     from clusterctl.runs.submit import dry_run as preview
 
     p = flags.prepare(steps, name=name)
@@ -62,6 +62,7 @@ def submit(
 
             print_dry_run(p.profile.name, p.profile_source, p.plan, d, text)
         return
+    refuse(p)  # a refusal is the only line: no warning before it
     for line in p.checks.warnings:
         output.err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
     job_id = create(reg, p, run_id, run_dir, max_retries, hold=hold)

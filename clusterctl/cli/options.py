@@ -141,12 +141,21 @@ class PlanningFlags:
 
     def prepare(self, steps: int | None = None, **kwargs: Any) -> Prepared:
         """runs.submit.prepare of the run these flags describe (`kwargs`: its own: name, check,
-        estimate); an error about a plan field names the flag that set it (fields_as_flags)."""
+        estimate); an error about a plan field names the flag that set it (fields_as_flags). With the
+        checks (submit), also what the trainer refuses on the profile's device (preflight.device) and a
+        warning for each shipped profile or recipe that a file found by name shadows."""
         from clusterctl.runs.submit import prepare
 
         layers = self.layers(steps)
         with fields_as_flags(flag_fields(layers)):
-            return prepare(self.profile, self.config, layers, allow_env=self.allow_env, **kwargs)
+            p = prepare(self.profile, self.config, layers, allow_env=self.allow_env, **kwargs)
+        if kwargs.get("check", True):
+            from clusterctl.planning.recipes import shadowing
+            from clusterctl.runs.preflight import device
+
+            p.checks.problems[:0] = device(p.config, p.profile)
+            p.checks.warnings[:0] = shadowing(self.profile, None if self.config else p.profile.recipe)
+        return p
 
 
 def planning_flags(command: Callable[..., None]) -> Callable[..., None]:

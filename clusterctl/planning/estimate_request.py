@@ -2,7 +2,9 @@
 overrides), how long or how much it trains (a wall time, GPU-hours, or the work: samples of a model
 and/or tokens x parameters), and the figures someone claims, audited against the estimate.
 
-Every figure a flag gave is checked for range first, one line naming the flag. The estimate itself is
+Every figure a flag gave is checked for range first, one line naming the flag: finite, and below bounds
+no run reaches (MAX_HOURS of wall time, MAX_GPU_HOURS, MAX_GPUS), so that no figure the estimate derives
+overflows to inf or nan; a work whose GPU-hours still overflow is refused too. The estimate itself is
 clusterctl.planning.estimates's (pure); the setup planning.site's. The planner (planning.plan, ~40 ms
 to import) is loaded only when samples of a model are counted.
 """
@@ -13,6 +15,12 @@ from math import inf
 from typing import Any, NamedTuple
 
 from vltrain.common.errors import UserError
+
+MAX_HOURS = 1e6  # wall time: 114 years
+MAX_GPU_HOURS = 1e12  # 100 million GPUs for a year is 8.8e11
+MAX_GPUS = 10_000_000
+MAX_MWH = 1e12  # claimed energy: 30 years of the world's electricity
+MAX_CO2_T = 1e12
 
 
 class EstimateRequest(NamedTuple):
@@ -46,9 +54,11 @@ def check_ranges(q: EstimateRequest) -> None:
     """Every number given is finite and in its range (planning.site.number), checked before anything."""
     from clusterctl.planning.site import number
 
+    if q.gpus is not None and not 1 <= q.gpus <= MAX_GPUS:  # an int: 400 digits do not fit a float
+        raise UserError(f"--gpus: {shorten(str(q.gpus))} is not valid; allowed: an integer >= 1 and <= {MAX_GPUS:,}")
     for value, flag, lo, hi, lo_open in (
-        (q.hours, "--hours", 0, inf, True),
-        (q.gpu_hours, "--gpu-hours", 0, inf, True),
+        (q.hours, "--hours", 0, MAX_HOURS, True),
+        (q.gpu_hours, "--gpu-hours", 0, MAX_GPU_HOURS, True),
         (q.epochs, "--epochs", 0, 1e6, True),
         (q.mfu, "--mfu", 0, 1, True),
         (q.peak_tflops, "--peak-tflops", 0, 1e6, True),
@@ -56,17 +66,47 @@ def check_ranges(q: EstimateRequest) -> None:
         (q.node_power_w, "--node-power-w", 0, 1e6, False),
         (q.pue, "--pue", 1, 3, False),
         (q.carbon_intensity, "--carbon-intensity", 0, 2000, False),
-        (q.claimed_gpu_hours, "--claimed-gpu-hours", 0, inf, True),
-        (q.claimed_energy_mwh, "--claimed-energy-mwh", 0, inf, True),
-        (q.claimed_co2_t, "--claimed-co2-t", 0, inf, True),
+        (q.claimed_gpu_hours, "--claimed-gpu-hours", 0, MAX_GPU_HOURS, True),
+        (q.claimed_energy_mwh, "--claimed-energy-mwh", 0, MAX_MWH, True),
+        (q.claimed_co2_t, "--claimed-co2-t", 0, MAX_CO2_T, True),
     ):
         number(value, flag, lo, hi, lo_open=lo_open)
+    for text, flag in ((q.duration, "--duration"), (q.claimed_duration, "--claimed-duration")):
+        if text is not None:
+            duration_hours(text, flag)
+
+
+def shorten(text: str) -> str:
+    """A flag's value in an error line: 400 digits are said as their count."""
+    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def duration_hours(text: str, flag: str = "--duration") -> float:
+    """A wall time flag (parse_duration) in hours, at most MAX_HOURS: 400 digits parse to inf."""
+    from clusterctl.planning.estimates import parse_duration
+
+    hours = parse_duration(text, flag)
+    if not hours <= MAX_HOURS:
+        raise UserError(
+            f"{flag}: {shorten(text)} is {hours:.3g} h; allowed: a wall time > 0 and <= {MAX_HOURS:,.0f} h (114 years)"
+        )
+    return hours
+
+
+def check_outcome(gpu_hours: float, hours: float | None) -> None:
+    """The estimate's GPU-hours and wall time finite and at most their bounds (a vast work at a tiny --mfu
+    overflows): one line, with what to change."""
+    if not gpu_hours <= MAX_GPU_HOURS or (hours is not None and not hours < inf):
+        raise UserError(
+            f"estimate: the work comes to {gpu_hours:.3g} GPU-hours; allowed: at most {MAX_GPU_HOURS:.0e} "
+            "(less work: --samples, --epochs, --tokens; or a higher --mfu)"
+        )
 
 
 def estimate_run(q: EstimateRequest) -> dict[str, Any]:
     """The estimate (time, GPU-hours, energy, CO2) and its findings (the work's two statements, the
     claims) as `estimate --json` prints them."""
-    from clusterctl.planning.estimates import Claims, audit, estimate, parse_duration
+    from clusterctl.planning.estimates import Claims, audit, estimate
     from clusterctl.planning.site import make_setup
 
     check_ranges(q)
@@ -99,9 +139,10 @@ def estimate_run(q: EstimateRequest) -> dict[str, Any]:
     )
     work, agreement = stated_work(q)
     est = estimate(setup, work, q.mfu)
+    check_outcome(est.gpu_hours, est.hours)
     claims = Claims(
         gpu_hours=q.claimed_gpu_hours,
-        hours=parse_duration(q.claimed_duration, "--claimed-duration") if q.claimed_duration else None,
+        hours=duration_hours(q.claimed_duration, "--claimed-duration") if q.claimed_duration else None,
         energy_kwh=q.claimed_energy_mwh * 1000 if q.claimed_energy_mwh is not None else None,
         co2_kg=q.claimed_co2_t * 1000 if q.claimed_co2_t is not None else None,
     )
@@ -115,11 +156,11 @@ def estimate_run(q: EstimateRequest) -> dict[str, Any]:
 def stated_work(q: EstimateRequest) -> tuple[Any, dict[str, Any] | None]:
     """The run's Work from the one time flag given, or from the work (work_flops), and the finding
     that compares the work's two statements (None unless both were given)."""
-    from clusterctl.planning.estimates import Work, count_words, parse_duration
+    from clusterctl.planning.estimates import Work, count_words
     from clusterctl.planning.site import positive
 
     if q.duration is not None:
-        return Work(hours=parse_duration(q.duration), describe=f"{q.duration} wall time"), None
+        return Work(hours=duration_hours(q.duration), describe=f"{q.duration} wall time"), None
     if q.hours is not None:
         return Work(hours=positive(q.hours, "--hours"), describe=f"{q.hours:g} h wall time"), None
     if q.gpu_hours is not None:

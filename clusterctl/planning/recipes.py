@@ -3,6 +3,10 @@
 They live in the repository's configs/ (`clusterctl/configs` is a link to it, a real directory in an
 installed wheel). A profile names its recipe (`recipe = "seed-002"`), so `clusterctl submit
 --profile a100x64` runs the paper's setup; `--config`, `--model` and `--set` override it.
+
+A recipe or profile looked up by name is found first in the working directory (./configs,
+./cluster_profiles): a cloned repository can replace a shipped one. `shadowing` says so, naming both
+files, on every submit and dry-run (a path given on the command line is the user's choice and is not said).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def known_recipes() -> list[str]:
 
 def find_recipe(name_or_path: str, flag: str) -> Path:
     """A recipe's file: a path (contains '/' or ends in .toml) as given, else by name."""
-    if "/" in name_or_path or name_or_path.endswith(".toml"):
+    if not is_name(name_or_path):
         path = Path(name_or_path)
         if not path.is_file():
             raise UserError(
@@ -61,3 +65,34 @@ def recipe_summary(path: Path) -> str:
         if line.strip():
             break
     return ""
+
+
+def is_name(name_or_path: str) -> bool:
+    """Looked up by name in the search dirs (not a path: no '/', no .toml)."""
+    return "/" not in name_or_path and not name_or_path.endswith(".toml")
+
+
+def shadow_line(kind: str, name: str, found: Path, shipped: Path) -> str | None:
+    """One line when `found` (looked up by name) is not the shipped file of that name (pure but for resolve)."""
+    if not shipped.is_file() or found.resolve() == shipped.resolve():
+        return None
+    flag = "--profile" if kind == "profile" else "--config"
+    return (
+        f"{kind} {name}: {found.absolute()} shadows the shipped {shipped} (rename or remove it to run the shipped "
+        f"one; {flag} with its path says it is meant)"
+    )
+
+
+def shadowing(profile: str, recipe: str | None) -> list[str]:
+    """The shadowing lines of a run: its profile (`--profile` as given) and the recipe the profile names
+    (None when --config chose the train config), each when looked up by name and not the shipped file."""
+    from clusterctl.planning import profiles
+
+    out = []
+    if is_name(profile):
+        out.append(
+            shadow_line("profile", profile, profiles.find_profile(profile), profiles.builtin_dir() / f"{profile}.toml")
+        )
+    if recipe and is_name(recipe):
+        out.append(shadow_line("recipe", recipe, find_recipe(recipe, "recipe"), builtin_dir() / f"{recipe}.toml"))
+    return [line for line in out if line]

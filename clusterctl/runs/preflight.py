@@ -5,7 +5,9 @@ traceback in `logs --stderr`. `check` finds that, and everything else the job ca
 data shards and tokenizer readable (at the absolute paths the job will use), the tokenizer's
 vocabulary equal to the model's, the plan fitting in GPU memory and in each node's host memory, the
 checkpoint at the time limit fitting in Slurm's signal delay (a warning), and every part of the config the
-trainer runs today (vltrain.support: ZeRO-3 under DeepSpeed is not). Layouts the model cannot take
+trainer runs today (vltrain.support: ZeRO-3 under DeepSpeed is not), on the profile's device (fp16 under
+DeepSpeed on a CPU without AVX512-FP16 is not), shard specs the trainer reads (local files: no URL or
+`pipe:`, vltrain.data.shard_spec) and shards that start with a tar header. Layouts the model cannot take
 (vltrain.parallel.layout) are refused earlier, by the plan itself. `submit` refuses the first problem in one line, exit 2, before anything is written;
 `submit --dry-run` lists them all and exits 0, since it submits nothing.
 """
@@ -15,15 +17,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vltrain.common.errors import UserError
 from vltrain.config import TrainConfig
+from vltrain.data.shard_spec import empty_tar, tar_problem, url_problem
 from vltrain.presets import resolve_model
+
+if TYPE_CHECKING:
+    from clusterctl.planning.profiles import ClusterProfile
 
 MEMORY_WARNING = 0.90  # of a GPU's memory: above it a run is one allocator hiccup from an OOM
 SIGNAL_DELAY_MAX = 3600  # slurm.signal_delay_s's upper bound (clusterctl.planning.profiles.Slurm)
-REMOTE = ("s3:", "gs:", "http:", "https:", "pipe:")  # streamed: nothing to check from here
+REMOTE = ("s3:", "gs:", "http:", "https:", "pipe:")  # refused (data: url_problem); kept for absolute_data_paths
+FP16_CPU_FLAGS = frozenset({"avx512_fp16", "amx_fp16", "asimdhp"})  # /proc/cpuinfo: what torch's oneDNN runs fp16 on
+TAR_CHECKS = 8  # shards whose first header is read at submit: the first ones, one 512-byte read each
 
 
 @dataclass
@@ -41,6 +49,36 @@ def trainer_support(cfg: TrainConfig) -> list[str]:
     from vltrain.support import not_run_yet
 
     return not_run_yet(cfg)
+
+
+def device(cfg: TrainConfig, profile: ClusterProfile) -> list[str]:
+    """What the trainer refuses at start on the profile's device: fp16 under an engine that runs it on a
+    CPU only with AVX512-FP16 or AMX-FP16 (DeepSpeed's CPU accelerator: check_deepspeed_fp16 in
+    vltrain.engines.deepspeed). A local profile runs here, so this CPU's flags decide; a Slurm profile's
+    nodes are not known from here, so it is refused."""
+    from vltrain.engines import spec
+
+    if cfg.precision != "fp16" or profile.gpu.kind != "cpu" or not spec(cfg.parallel.strategy).fp16_cpu_needs_isa:
+        return []
+    local = profile.executor == "local"
+    if local and cpu_flags() & FP16_CPU_FLAGS:
+        return []
+    why = "this machine's CPU has neither" if local else "the nodes' CPUs are not known from here"
+    return [
+        f"precision: fp16 under parallel.strategy {cfg.parallel.strategy!r} on the CPU profile {profile.name} needs "
+        f"AVX512-FP16 or AMX-FP16, and {why} (the trainer would refuse it at start); allowed: --set precision=bf16 "
+        "or fp32, or --set parallel.strategy=fsdp (torch's loss scaler runs fp16 on any CPU)"
+    ]
+
+
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (x86 `flags`, Arm `Features`), empty where /proc/cpuinfo is not."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return set()
+    return {w for line in text.splitlines() if line.startswith(("flags", "Features")) for w in line.split()[2:]}
 
 
 def memory(plan: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -128,7 +166,7 @@ def data(cfg: TrainConfig) -> list[str]:
                     "vltrain data synth --out DIR makes synthetic ones)"
                 )
             continue
-        if spec.startswith(REMOTE):
+        if url_problem(spec, key):  # refused by trainer_support (vltrain.support), the trainer's own list
             continue
         try:
             shards = resolve_shards(spec, what=key)
@@ -141,6 +179,10 @@ def data(cfg: TrainConfig) -> list[str]:
                 f"{key}: {unreadable[0]} is not readable ({len(unreadable)} of {len(shards)}); "
                 "allowed: shards the job's user can read"
             )
+        elif problem := next(filter(None, (tar_problem(p, key) for p in shards[:TAR_CHECKS])), None):
+            out.append(problem)
+        elif len(shards) <= TAR_CHECKS and all(empty_tar(p) for p in shards):
+            out.append(f"{key}: {spec} holds no samples (every shard an empty tar); allowed: shards with samples")
     if d.tokenizer:
         out += tokenizer(d.tokenizer, resolve_model(cfg.model).vocab_size)
     return out

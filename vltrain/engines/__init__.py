@@ -33,6 +33,7 @@ class EngineSpec:
     zero_stage_rule: str = ""  # why the others are refused, and what is allowed ({stage}: the value given)
     zero_stages_not_run: tuple[int, ...] = ()  # planned, but not run by the trainer yet (vltrain.support)
     hybrid_sharding: bool = False  # runs parallel.sharding "hybrid" (shard within a node, replicate across)
+    fp16_cpu_needs_isa: bool = False  # fp16 on a CPU only with AVX512-FP16/AMX-FP16 (DeepSpeed's CPU accelerator)
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -43,6 +44,7 @@ ENGINES: dict[str, EngineSpec] = {
         model_parallel=False,
         zero_stages=(0, 1, 2, 3),
         zero_stages_not_run=(3,),  # ZeRO-3: rank-0 evaluation would deadlock its gathers (vltrain.support)
+        fp16_cpu_needs_isa=True,  # check_deepspeed_fp16 refuses it at start otherwise
     ),
     "fsdp": EngineSpec(
         "vltrain.engines.fsdp",
