@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vltrain.common.errors import UserError
-from vltrain.common.schema import build, field
+from vltrain.common.schema import build, check_depth, depth_words, field, parse_toml
 from vltrain.engines import ENGINES
 from vltrain.model_config import ModelConfig
 from vltrain.presets import PRESETS
@@ -192,6 +192,7 @@ class TrainConfig:
     stages: list[StageConfig] = field(
         "a curriculum: [[stages]] in order, each with its steps and [loss] overrides (none: one stage, [loss])",
         default_factory=list,
+        max_items=64,  # a curriculum has a few; each costs a validation here and a branch in the trainer
     )
     eval_every: int = field("optimizer steps between evaluations (0 = only at the end)", default=0, min=0, max=10**9)
     max_skipped_steps: int = field(
@@ -250,15 +251,16 @@ def parse_train_config(data: dict[str, Any], where: str) -> TrainConfig:
     return cfg
 
 
+MAX_BASE_CHAIN = 16  # configs in one `base` chain: a recipe's twin is 2
+
+
 def read_config_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file's tables, on top of its `base` file (a path relative to it) when it names one:
-    a recipe's reduced twin is its recipe plus the few figures it changes."""
+    a recipe's reduced twin is its recipe plus the few figures it changes. A chain is at most
+    MAX_BASE_CHAIN files, without loops, and each file nests at most MAX_DEPTH deep."""
     path = Path(path)
     where = str(path)
-    try:
-        data = tomllib.loads(read_text_file(path, "a TOML train config file (e.g. configs/tiny.toml)"))
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{where}: invalid TOML: {e}") from None
+    data = parse_toml(read_text_file(path, "a TOML train config file (e.g. configs/tiny.toml)"), where)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -266,10 +268,26 @@ def read_config_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
         raise UserError(
             f"{where}: base: {base!r} is not valid; allowed: the path of another config, relative to this one"
         )
-    base_path = (path.parent / base).resolve()
-    if base_path in _seen or base_path == path.resolve():
+    here, base_path = _resolve(path, where, base), _resolve(path.parent / base, where, base)
+    if base_path in _seen or base_path == here:
         raise UserError(f"{where}: base: {base!r} includes itself; allowed: a chain of configs without a loop")
-    return merge(read_config_data(base_path, (*_seen, path.resolve())), data)
+    if len(_seen) + 1 >= MAX_BASE_CHAIN:
+        raise UserError(
+            f"{_seen[0] if _seen else where}: base: the chain of configs is longer than {MAX_BASE_CHAIN} "
+            f"(at {where}); allowed: at most {MAX_BASE_CHAIN} configs, each naming the next in `base`"
+        )
+    return merge(read_config_data(base_path, (*_seen, here)), data)
+
+
+def _resolve(path: Path, where: str, base: str) -> Path:
+    """path.resolve(), with a symbolic-link loop as one line (Python 3.11 raises RuntimeError)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:
+        raise UserError(
+            f"{where}: base: {base!r} cannot be resolved ({getattr(e, 'strerror', None) or e}); "
+            "allowed: the path of another config, without a symbolic-link loop"
+        ) from None
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a train config is a few kB; more is not one (and /dev/zero never ends)
@@ -391,9 +409,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 f"per --set (repeat --set for more keys)"
             )
         try:
-            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+            value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw
+            value = raw
+        except RecursionError:  # the parser recurses once per bracket
+            raise UserError(
+                f"--set {key.strip()}: nesting: too deep for the TOML parser; allowed: {depth_words()}"
+            ) from None
+        check_depth(value, f"--set {key.strip()}")
+        out[key.strip()] = value
     return out
 
 

@@ -21,6 +21,16 @@ from clusterctl.planning.job_env import JOB_ENV_ALLOWED as JOB_ENV_ALLOWED
 from clusterctl.planning.job_env import env_refusals
 from clusterctl.planning.nccl_env import HCA_DOC, HCA_NAME
 from clusterctl.planning.nccl_env import comm_env as comm_env  # backends and tests import it from here
+from clusterctl.planning.slurm_fields import (
+    MAX_EXTRA,
+    SAFE_VALUE,
+    SAFE_VALUE_DOC,
+    TIME_FORMATS,
+    check_time,
+    extra_problem,
+    signal_delay_problem,
+)
+from clusterctl.planning.slurm_fields import slurm_time_to_minutes as slurm_time_to_minutes  # tests import it here
 from clusterctl.specs import EXECUTORS
 from vltrain.common.errors import UserError
 from vltrain.common.schema import build, field
@@ -29,48 +39,6 @@ from vltrain.common.schema import build, field
 SLURM_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"
 SLURM_NAME_DOC = "1-64 letters, digits, '_', '.', '-', starting with a letter or digit"
 ENV_NAME = r"[A-Z_][A-Z0-9_]{0,127}"
-# Values of environment variables and sbatch options: no newline, quote, backslash, $ or backtick.
-SAFE_VALUE = r"[A-Za-z0-9_.,:=/@%+\- ]{0,256}"
-SAFE_VALUE_DOC = "up to 256 letters, digits, spaces and _.,:=/@%+- (no quotes, $, ` or newlines)"
-
-_TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
-_TIME_RES = [
-    (re.compile(r"(\d+)"), ("m",)),
-    (re.compile(r"(\d+):(\d{1,2})"), ("m", "s")),
-    (re.compile(r"(\d+):(\d{1,2}):(\d{1,2})"), ("h", "m", "s")),
-    (re.compile(r"(\d+)-(\d{1,2})"), ("d", "h")),
-    (re.compile(r"(\d+)-(\d{1,2}):(\d{1,2})"), ("d", "h", "m")),
-    (re.compile(r"(\d+)-(\d{1,2}):(\d{1,2}):(\d{1,2})"), ("d", "h", "m", "s")),
-]
-
-
-def slurm_time_to_minutes(text: str) -> float:
-    """Slurm's time-limit formats (sbatch --time) to minutes; ValueError when it is none of them."""
-    for rx, units in _TIME_RES:
-        m = rx.fullmatch(text.strip())
-        if m:
-            parts = dict(zip(units, (int(g) for g in m.groups()), strict=True))
-            if any(parts.get(u, 0) >= 60 for u in ("m", "s") if len(units) > 1 and u != units[0]):
-                raise ValueError(text)
-            if "h" in parts and units[0] != "h" and parts["h"] >= 24:
-                raise ValueError(text)
-            return parts.get("d", 0) * 1440 + parts.get("h", 0) * 60 + parts.get("m", 0) + parts.get("s", 0) / 60
-    raise ValueError(text)
-
-
-def _check_time(text: str) -> str | None:
-    try:
-        minutes = slurm_time_to_minutes(text)
-    except ValueError:
-        return f"{text!r} is not a Slurm time limit"
-    if minutes <= 0:
-        return f"{text!r} is zero"
-    if minutes > MAX_TIME_LIMIT_MIN:  # Slurm stores a longer one silently as something else
-        return f"{text!r} is longer than {MAX_TIME_LIMIT_MIN // 1440} days"
-    return None
-
-
-MAX_TIME_LIMIT_MIN = 365 * 1440
 
 
 def _check_country(code: str) -> str | None:
@@ -112,51 +80,6 @@ def check_job_env(profile: ClusterProfile, where: str, source: str, allow_env: b
         f"{where}: interconnect.env: {k} {why}, and this profile comes from {source}{more}; allowed: "
         f"the NCCL/GLOO/UCX/Slurm/trainer variables of docs/reliability.md, the profile in {user_dir()}, or --allow-env"
     )
-
-
-def _check_extra(opts: dict[str, str]) -> str | None:
-    for k, v in opts.items():
-        if not re.fullmatch(r"[a-z][a-z0-9\-]{0,40}", k):
-            return f"{k!r} is not an sbatch long option name"
-        if k in _MANAGED_SBATCH:
-            return f"{k!r} is set by clusterctl from the profile"
-        if not re.fullmatch(SAFE_VALUE, v):
-            return f"{k}={v!r} has characters that are not allowed"
-    return None
-
-
-_MANAGED_SBATCH = {
-    "nodes",
-    "ntasks-per-node",
-    "gpus-per-node",
-    "cpus-per-task",
-    "mem",
-    "time",
-    "partition",
-    "account",
-    "qos",
-    "constraint",
-    "job-name",
-    "output",
-    "error",
-    "signal",
-    "gres",
-    # what clusterctl owns about a job: requeue on preemption, held submission, the environment the
-    # trainer gets, where logs go, one job per run
-    "array",
-    "requeue",
-    "no-requeue",
-    "hold",
-    "export",
-    "export-file",
-    "open-mode",
-    "wckey",
-    "exclusive",
-    "ntasks",
-    "gpus",
-    "wrap",
-    "chdir",
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,9 +183,12 @@ class Slurm:
         pattern=r"[A-Za-z0-9_.&|,\[\]*\-]{1,128}",
         allowed="feature names joined by & | , with [] and *",
     )
-    time_limit: str = field("wall-clock limit per job", check=_check_time, allowed=_TIME_FORMATS)
+    time_limit: str = field("wall-clock limit per job", check=check_time, allowed=TIME_FORMATS)
     signal_delay_s: int = field(
-        "seconds before the limit at which USR2 asks for a checkpoint", default=120, min=10, max=3600
+        "seconds before the limit at which USR2 asks for a checkpoint (at most half the limit less 60 s)",
+        default=120,
+        min=10,
+        max=3600,
     )
     exclusive: bool = field("whole nodes", default=True)
     mem_gib: int | None = field(
@@ -290,7 +216,8 @@ class Slurm:
     extra: dict[str, str] = field(
         "more sbatch long options",
         default_factory=dict,
-        check=_check_extra,
+        check=extra_problem,
+        max_items=MAX_EXTRA,
         allowed=f"option = value with option a lower-case sbatch long option not managed by clusterctl, values of {SAFE_VALUE_DOC}",
     )
 
@@ -395,6 +322,10 @@ def parse_profile(data: dict[str, Any], where: str) -> ClusterProfile:
         raise UserError(
             f"{where}: slurm: missing; allowed: a [slurm] table with at least time_limit (executor = 'slurm')"
         )
+    if profile.slurm is not None and (
+        problem := signal_delay_problem(profile.slurm.time_limit, profile.slurm.signal_delay_s)
+    ):
+        raise UserError(f"{where}: slurm.signal_delay_s: {problem}")
     if profile.executor == "local" and profile.nodes.count != 1:
         raise UserError(
             f"{where}: nodes.count: {profile.nodes.count} is out of range; allowed: 1 with executor = 'local'"

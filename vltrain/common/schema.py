@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import tomllib
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ class Spec:
     pattern: str | None = None
     allowed: str | None = None  # words for the error message when a pattern/check fails
     check: Callable[[Any], str | None] | None = None  # returns a problem, or None when fine
+    max_items: int | None = None  # a list's or table's length, checked before any item is
 
 
 def field(
@@ -44,9 +46,10 @@ def field(
     pattern: str | None = None,
     allowed: str | None = None,
     check: Callable[[Any], str | None] | None = None,
+    max_items: int | None = None,
 ) -> Any:
     """A dataclass field that carries its doc and its constraints."""
-    spec = Spec(doc, min, max, choices, pattern, allowed, check)
+    spec = Spec(doc, min, max, choices, pattern, allowed, check, max_items)
     kw: dict[str, Any] = {"metadata": {"spec": spec}}
     if default is not _MISSING:
         kw["default"] = default
@@ -141,6 +144,7 @@ def _coerce_table(tp: Any, value: Any, spec: Spec, where: str, name: str) -> dic
     """A dict[str, T] field: every value checked as T, then the whole table by spec.check."""
     if not isinstance(value, Mapping):
         raise _fail(where, name, f"{_describe(value)} is not a table", "a table of names to strings")
+    _check_length(value, spec, where, name)
     _, vtp = typing.get_args(tp)
     out = {}
     for k, v in value.items():
@@ -153,9 +157,17 @@ def _coerce_list(tp: Any, value: Any, spec: Spec, where: str, name: str) -> list
     """A list[T] or tuple[T, ...] field from a TOML list; a list of strings checks each item by spec."""
     if not isinstance(value, list):
         raise _fail(where, name, f"{_describe(value)} is not a list", spec.allowed or "a list")
+    _check_length(value, spec, where, name)
     (etp,) = typing.get_args(tp)[:1]
     items = [_coerce(etp, v, spec if etp is str else Spec(), where, f"{name}[{i}]") for i, v in enumerate(value)]
     return tuple(items) if typing.get_origin(tp) is tuple else items
+
+
+def _check_length(value: list[Any] | Mapping[str, Any], spec: Spec, where: str, name: str) -> None:
+    """A list or table longer than spec.max_items is refused before its items cost anything."""
+    if spec.max_items is not None and len(value) > spec.max_items:
+        what = "entries" if isinstance(value, list) else "keys"
+        raise _fail(where, name, f"{len(value):,} {what} are too many", f"at most {spec.max_items:,} {what}")
 
 
 def _coerce_scalar(tp: Any, value: Any, spec: Spec, where: str, name: str) -> Any:
@@ -224,3 +236,39 @@ def build(cls: type, data: Mapping[str, Any], where: str, prefix: str = "") -> A
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain JSON-able data."""
     return dataclasses.asdict(obj)
+
+
+# Tables and lists inside one another, the root table counted: a config needs 4 ([[stages]] -> loss).
+# tomllib recurses once per level (some hundreds of brackets are a RecursionError), and merging a
+# `base` chain or copying overrides recurses over the result.
+MAX_DEPTH = 16
+
+
+def parse_toml(text: str, where: str) -> dict[str, Any]:
+    """tomllib.loads with one-line errors and the nesting bound MAX_DEPTH (pure)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: invalid TOML: {e}") from None
+    except RecursionError:  # before the depth can be counted: the parser itself gave up
+        raise _fail(where, "nesting", "too deep for the TOML parser", depth_words()) from None
+    check_depth(data, where)
+    return data
+
+
+def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> None:
+    """Refuse tables and lists nested deeper than `limit` (the root counts as 1); iterative, so any
+    depth is counted without recursing."""
+    todo = [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if depth > limit:
+            raise _fail(where, "nesting", f"tables and lists nested more than {limit} deep", depth_words(limit))
+        if isinstance(v, Mapping):
+            todo.extend((x, depth + 1) for x in v.values() if isinstance(x, (Mapping, list)))
+        elif isinstance(v, list):
+            todo.extend((x, depth + 1) for x in v if isinstance(x, (Mapping, list)))
+
+
+def depth_words(limit: int = MAX_DEPTH) -> str:
+    return f"tables and lists nested at most {limit} deep (a train config uses 4)"
