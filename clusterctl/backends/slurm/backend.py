@@ -202,13 +202,16 @@ class SlurmBackend(Backend):
         return _make_sbatch_string(command=common.submitit_command(folder, python), folder=folder, **spec.params)
 
     def schedule(self, spec: LaunchSpec, fn: Any) -> str:
-        import submitit
-
         from clusterctl.backends import common
+        from clusterctl.backends.slurm.sbatch import BoundedSlurmExecutor, sbatch_timeout
 
+        timeout = sbatch_timeout()  # sbatch runs under it: a hung controller is one line, not a hang
         try:
-            ex = submitit.SlurmExecutor(
-                folder=str(Path(spec.folder) / "%j"), max_num_timeout=spec.max_num_timeout, python=common.job_python()
+            ex = BoundedSlurmExecutor(
+                folder=str(Path(spec.folder) / "%j"),
+                max_num_timeout=spec.max_num_timeout,
+                python=common.job_python(),
+                sbatch_timeout_s=timeout,
             )
         except RuntimeError as e:
             raise UserError(

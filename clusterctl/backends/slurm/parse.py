@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from clusterctl.specs import RunState as S
+from vltrain.common.errors import UserError
 
 # Slurm's long and compact (squeue %t) names -> ours. Kept explicit: a new Slurm state shows up as
 # UNKNOWN (still polled) instead of silently counting as finished.
@@ -236,3 +237,21 @@ def error_line(stderr: str, tool: str, last: bool = False) -> str:
 def sbatch_error_line(stderr: str) -> str:
     """'sbatch: error: Batch job submission failed: Invalid partition name specified' -> the reason."""
     return error_line(stderr, "sbatch")
+
+
+_SUBMITTED = re.compile(r"^Submitted batch job (\d+)(?: on cluster \S+)?$", re.M)
+
+
+def sbatch_job_id(stdout: str) -> str:
+    """The id in sbatch's 'Submitted batch job N', or a one-line UserError: another output (a wrapper
+    on PATH, --parsable, two ids) is not guessed at: the job may exist, and the error says so."""
+    ids = sorted(set(_SUBMITTED.findall(stdout)))
+    if len(ids) == 1:
+        return ids[0]
+    shown = " ".join(stdout.split())
+    shown = repr(shown[:160] + ("..." if len(shown) > 160 else ""))
+    raise UserError(
+        f"sbatch: printed {'no job id' if not ids else f'{len(ids)} job ids'} ({shown}); it may have queued a "
+        "job: check `squeue --me`; allowed: sbatch's own 'Submitted batch job N' (is `sbatch` on PATH a "
+        "wrapper that prints something else?)"
+    )
