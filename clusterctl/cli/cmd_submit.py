@@ -63,9 +63,9 @@ def submit(
             print_dry_run(p.profile.name, p.profile_source, p.plan, d, text)
         return
     refuse(p)  # a refusal is the only line: no warning before it
-    for line in p.checks.warnings:
-        output.err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
     job_id = create(reg, p, run_id, run_dir, max_retries, hold=hold)
+    for line in p.checks.warnings:  # only once submitted: sbatch's refusal, too, is the only line
+        output.err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
     if json_:
         print_json({"run_id": run_id, "job_id": job_id, "run_dir": str(run_dir), "plan": p.plan})
     else:
