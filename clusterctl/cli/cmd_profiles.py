@@ -50,7 +50,7 @@ def show(name: str = typer.Argument(..., help="Profile name or path."), json_: b
     output.console.print(f"source: {where}", markup=False, highlight=False, soft_wrap=True)
     if risky := code_loading_env(p):
         output.console.print(
-            f"note: interconnect.env sets {', '.join(risky)}, which load code in every rank; "
+            f"note: interconnect.env sets {', '.join(risky)}, outside the allow-list of variables known to load no code; "
             "plan and submit refuse it unless the profile is shipped or yours, or --allow-env",
             markup=False,
             highlight=False,
