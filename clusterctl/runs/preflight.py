@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 MEMORY_WARNING = 0.90  # of a GPU's memory: above it a run is one allocator hiccup from an OOM
 SIGNAL_DELAY_MAX = 3600  # slurm.signal_delay_s's upper bound (clusterctl.planning.profiles.Slurm)
-REMOTE = ("s3:", "gs:", "http:", "https:", "pipe:")  # refused (data: url_problem); kept for absolute_data_paths
 FP16_CPU_FLAGS = frozenset({"avx512_fp16", "amx_fp16", "asimdhp"})  # /proc/cpuinfo: what torch's oneDNN runs fp16 on
 TAR_CHECKS = 8  # shards whose first header is read at submit: the first ones, one 512-byte read each
 

@@ -21,6 +21,7 @@ from clusterctl.runs.preflight import Checks
 from clusterctl.specs import RunRecord, RunState
 from vltrain.common.errors import UserError
 from vltrain.config import TrainConfig, load_train_config
+from vltrain.data.shard_spec import url_scheme
 
 if TYPE_CHECKING:
     from clusterctl.runs.registry import Registry
@@ -127,7 +128,7 @@ def absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
     fixed: dict[str, Any] = {
         k: str(Path(v).absolute())
         for k in ("shards", "eval_shards", "tokenizer")
-        if (v := getattr(d, k)) and not v.startswith(("/", *preflight.REMOTE))
+        if (v := getattr(d, k)) and not v.startswith("/") and not url_scheme(v)  # URLs: refused as such
     }
     return dataclasses.replace(cfg, data=dataclasses.replace(d, **fixed)) if fixed else cfg
 

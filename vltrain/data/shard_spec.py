@@ -9,10 +9,10 @@ local shard whose first header is not a tar header is said before a job is queue
 
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+BLOCK = 512  # tarfile.BLOCKSIZE; tarfile (and what it imports) is loaded only by the check that parses
 LOCAL = "a local directory of .tar shards, a brace pattern like dir/{00000..00003}.tar, or a .tar file"
 
 
@@ -43,18 +43,20 @@ def tar_problem(path: Path, what: str) -> str | None:
     """One line when the file's first 512-byte block is not a tar header (tarfile's own check of the
     checksum and fields): one read per shard, where the trainer would fail after queueing. An empty
     tar (its first block zeros) is a tar: the trainer skips it."""
+    import tarfile
+
     if not path.is_file():  # a FIFO named 0.tar would block the read (and the trainer)
         return f"{what}: {path} is not a regular file; allowed: WebDataset .tar shards"
     try:
         with open(path, "rb") as f:
-            block = f.read(tarfile.BLOCKSIZE)
+            block = f.read(BLOCK)
     except OSError as e:
         return f"{what}: {path} cannot be read ({e.strerror or e}); allowed: shards the job's user can read"
-    if len(block) < tarfile.BLOCKSIZE:
+    if len(block) < BLOCK:
         return (
             f"{what}: {path} is not a tar ({len(block)} bytes, less than one header); allowed: WebDataset .tar shards"
         )
-    if block.count(0) == tarfile.BLOCKSIZE:  # the end-of-archive block first: an empty tar
+    if block.count(0) == BLOCK:  # the end-of-archive block first: an empty tar
         return None
     try:
         tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
@@ -67,6 +69,6 @@ def empty_tar(path: Path) -> bool:
     """The file starts with tar's end-of-archive block: a tar of no members (no samples)."""
     try:
         with open(path, "rb") as f:
-            return f.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+            return f.read(BLOCK) == bytes(BLOCK)
     except OSError:
         return False
