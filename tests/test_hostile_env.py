@@ -174,6 +174,19 @@ def _shadowing_clone(root: Path) -> tuple[Path, Path]:
     return cwd, markers
 
 
+@pytest.mark.parametrize("profile", ["local", "slurm-local", "a100x64"])
+def test_every_job_starts_python_with_a_safe_path_in_its_run_directory(tmp_path, profile):
+    """The fast guard of what the slow test below shows: the command has -P, the script exports
+    PYTHONSAFEPATH=1 (the local controller and what the ranks start) and moves into the run directory."""
+    from clusterctl.backends import common, get_backend
+
+    spec = get_backend(load_profile(profile).executor).launch_spec(load_profile(profile), tmp_path / "r", "n")
+    setup = spec.params["setup"]
+    assert setup[1] == f"cd {tmp_path / 'r'} || exit 1" and "export PYTHONSAFEPATH=1" in setup
+    assert common.submitit_command("/f", "/py").startswith("/py -P -u -m submitit.core._submit ")
+    assert common.job_python() == f"{sys.executable} -P"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "profile",
