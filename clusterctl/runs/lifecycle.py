@@ -91,11 +91,7 @@ def read_back(run: RunRecord, allow_env: bool) -> ClusterProfile:
     config.toml and the checks before sbatch): a forged or edited run directory is one line."""
     from clusterctl.runs.readback import check_run_dir
 
-    allowed = (
-        f"NCCL/GLOO tuning variables, the same profile in your config directory, or `clusterctl resume "
-        f"--allow-env {run.run_id}` once you have read it"
-    )
-    return check_run_dir(Path(run.run_dir), run.profile, run.executor, allow_env, allowed)[0]
+    return check_run_dir(Path(run.run_dir), run.profile, run.executor, allow_env)[0]
 
 
 def current_state(reg: Registry, run: RunRecord) -> str:

@@ -5,12 +5,13 @@ A run directory is not trusted: one can be forged in a cloned repository's ./run
 (clusterctl.runs.lifecycle) and `rebuild` (clusterctl.runs.repair) read profile.json, config.toml
 and plan.json through here: a regular file of bounded size (a FIFO or a link to /dev/zero is refused,
 never waited on), UTF-8, nested at most MAX_DEPTH deep, then validated by the same parsers submit uses
-(`parse_profile`, `parse_train_config`) and the same job-environment check (`code_loading_env`).
+(`parse_profile`, `parse_train_config`) and the same job-environment allow-list (`check_job_env`).
 Each refusal is one line naming the file and the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -18,7 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clusterctl.planning.profiles import builtin_dir, code_loading_env, parse_profile, read_profile, user_dir
+from clusterctl.planning.profiles import builtin_dir, check_job_env, parse_profile, read_profile, user_dir
 from vltrain.common.errors import UserError
 
 if TYPE_CHECKING:
@@ -73,10 +74,10 @@ def read_table(path: Path, allowed: str) -> dict[str, Any]:
         raise UserError(f"{where}: nested deeper than {MAX_DEPTH}; allowed: {allowed}") from None
     except ValueError as e:  # JSONDecodeError, TOMLDecodeError, an integer over Python's digit limit
         raise UserError(f"{where}: cannot be parsed ({e}); allowed: {allowed}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: not a table; allowed: {allowed}")
     if depth(data) > MAX_DEPTH:
         raise UserError(f"{where}: nested deeper than {MAX_DEPTH}; allowed: {allowed}")
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: not a table; allowed: {allowed}")
     return data
 
 
@@ -124,24 +125,18 @@ def trusted_env(name: str) -> dict[str, str]:
     return {}
 
 
-def check_env(profile: ClusterProfile, path: Path, allow_env: bool, allowed: str) -> None:
-    """Submit's job-environment check on a profile read back from a run directory: a variable that can
-    load code (`code_loading_env`, the same list submit uses) is refused unless `allow_env`, or the
-    profile of that name in the user's config directory (or the shipped one) sets it to the same value."""
-    if allow_env:
-        return
+def check_env(profile: ClusterProfile, path: Path, allow_env: bool) -> None:
+    """Submit's job-environment check (`check_job_env`, the same allow-list) on a profile read back
+    from a run directory, where anyone who can write the directory can edit it: a variable outside the
+    allow-list is refused unless `allow_env`, or the profile of that name in the user's config
+    directory (or the shipped one) sets it to the same value (what submit takes without --allow-env)."""
     trusted = trusted_env(profile.name)
-    for k in code_loading_env(profile):
-        if trusted.get(k) != profile.interconnect.env[k]:
-            raise UserError(
-                f"{path}: interconnect.env: {k} can load code in every rank, and a run directory's profile.json "
-                f"is not yours to trust (it is not the same in {user_dir()} nor shipped); allowed: {allowed}"
-            )
+    untrusted = {k: v for k, v in profile.interconnect.env.items() if trusted.get(k) != v}
+    as_read = dataclasses.replace(profile, interconnect=dataclasses.replace(profile.interconnect, env=untrusted))
+    check_job_env(as_read, str(path), "a run directory, which can be forged or edited after submit", allow_env)
 
 
-def check_run_dir(
-    run_dir: Path, profile_name: str, executor: str, allow_env: bool, allowed_env: str
-) -> tuple[ClusterProfile, TrainConfig]:
+def check_run_dir(run_dir: Path, profile_name: str, executor: str, allow_env: bool) -> tuple[ClusterProfile, TrainConfig]:
     """Everything resume and retry read back from a run directory, checked as submit checks it: the
     profile (parsed, the registry's name and executor, the job environment) and the config (parsed,
     then the plan and the checks before sbatch). The first problem is one line naming file and field."""
@@ -157,7 +152,7 @@ def check_run_dir(
                 f"{rd.profile}: {field}: {found!r} differs from the registry's {saved!r} (the file was changed after "
                 f"submit); allowed: {saved!r}, or a new run (clusterctl submit)"
             )
-    check_env(profile, rd.profile, allow_env, allowed_env)
+    check_env(profile, rd.profile, allow_env)
     cfg = run_dir_config(rd.config)
     plan, resolved = plan_for_run(profile, cfg)
     checks = preflight.check(resolved, plan.to_dict() | {"steps": resolved.steps})
