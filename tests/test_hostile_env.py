@@ -45,6 +45,7 @@ REFUSED = [
     ("BASH_ENV", "runs a file in every non-interactive bash"),
     ("NCCL_NET_PLUGIN", "loads a network plugin"),
     ("NCCL_DEBUG_FILE", "writes NCCL's log over any file"),
+    ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "writes the flight recorder's dumps wherever it names"),
     ("CUDA_INJECTION64_PATH", "injection library"),
     ("SLURM_SPANK_PYXIS_IMAGE", "SPANK plugin"),
     ("HOME", "start-up files"),

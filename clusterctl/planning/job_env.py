@@ -99,7 +99,6 @@ JOB_ENV_ALLOWED = frozenset(
         "TORCH_NCCL_BLOCKING_WAIT",
         "TORCH_NCCL_TRACE_BUFFER_SIZE",
         "TORCH_NCCL_DUMP_ON_TIMEOUT",
-        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",  # a prefix: torch appends the rank, so it names no existing file
         "TORCH_NCCL_ENABLE_MONITORING",
         "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC",
         "TORCH_NCCL_AVOID_RECORD_STREAMS",
@@ -162,6 +161,7 @@ CODE_LOADING_ENV = {
     "OMP_TOOL": "turns on the OpenMP tool libraries OMP_TOOL_LIBRARIES names",
     "UCX_MODULE_DIR": "loads UCX modules from its directory",
     "UCX_LOG_FILE": "writes over any file it names",
+    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "writes the flight recorder's dumps wherever it names (clusterctl puts them in the run directory)",
     "CUDA_INJECTION64_PATH": "loads an injection library into the CUDA runtime",
     "TORCH_EXTENSIONS_DIR": "loads the compiled extensions found in it",
     "TRITON_CACHE_DIR": "runs the compiled kernels cached in it",
