@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 
 from clusterctl.specs import RunState
+from vltrain.common import safe_read
 from vltrain.rundir import RunDir
 
 
@@ -59,7 +60,7 @@ def submitit_error(run_dir: str, job_id: str) -> str | None:
     """Why rank 0 of `job_id` failed, as submitit recorded it (the last line of its traceback)."""
     for p in RunDir(run_dir).result_pickles(job_id):
         try:
-            return pickle_error(p.read_bytes()[: 1 << 20])
+            return pickle_error(safe_read.read_head(p, 1 << 20))  # not a FIFO or /dev/zero
         except OSError:
             continue
     return None

@@ -52,7 +52,9 @@ def _report(kind: str, run, profile, user, since, until, by, json_, csv_, plot) 
     # CSV on stdout stays parseable: what did not answer goes to stderr
     out = sys.stderr if csv_ else sys.stdout
     if not json_:
-        out.writelines(f"note: {printable(note)}\n" for note in report.notes)
+        from clusterctl.runs.status import with_skipped
+
+        out.writelines(f"note: {printable(note)}\n" for note in with_skipped(report.notes))  # and --plot's files
     if plot is not None and not json_ and not csv_:
         out.write(f"plot written to {printable(str(plot))}\n")
 
@@ -109,6 +111,7 @@ def loss(
     """Loss per objective (total, contrastive, MLM, captioning) from the run's metrics.jsonl."""
     from clusterctl.runs.registry import Registry
     from clusterctl.runs.reports import loss_report
+    from vltrain.common import safe_read
 
     report = loss_report(Registry(), run, every=json_ or plot is not None)
     if plot is not None:
@@ -119,10 +122,11 @@ def loss(
         from clusterctl.render.output import print_json_stream
 
         steps = ({k: d.get(k) for k in ("step", *report.keys)} for d in report.every)
-        print_json_stream({"run_id": report.run_id}, "steps", steps)
+        print_json_stream({"run_id": report.run_id, "notes": safe_read.skipped()}, "steps", steps)
         return
     from clusterctl.render.report_view import print_loss
 
     print_loss(report.run_id, report.first, report.last, report.keys, report.steps, report.size)
+    sys.stdout.writelines(f"note: {printable(note)}\n" for note in safe_read.skipped())
     if plot is not None:
         sys.stdout.write(f"plot written to {printable(str(plot))}\n")

@@ -77,7 +77,7 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
     from clusterctl.runs.artifacts import EnergyTotals, count_events, eval_summary
     from clusterctl.runs.lifecycle import refresh_and_retry
     from clusterctl.runs.registry import Registry
-    from clusterctl.runs.status import summarize, why_ended
+    from clusterctl.runs.status import summarize, why_ended, with_skipped
 
     reg = Registry()
     runs = [reg.get_run(r) for r in run_ids]
@@ -119,6 +119,7 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
                 v.energy_kwh, v.co2_kg = energy[r.run_id].read()
                 resumes = count_events(dirs[r.run_id].events, "resume")
                 rows.append(summarize(r, jobs[r.run_id], v.last or None, resumes, now, why_ended(r, jobs[r.run_id])))
+            fresh.notes = with_skipped(fresh.notes)  # run files refused (safe_read): said like status says them
             done = all(row["state"] in FINAL_STATES for row in rows)
             if live is not None:
                 width = min(console.width, 100)
@@ -169,7 +170,8 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
     evals = {r.run_id: eval_summary(r.run_dir) for r in runs}
     for line in summary_lines(rows, views, evals):
         print(line, flush=True)
-    if live is not None and fresh is not None and fresh.notes:  # the view is gone: what did not answer stays said
-        for note in fresh.notes:
+    said = set(last_notes) if live is None else set()  # the view is gone: what did not answer stays said
+    for note in with_skipped(fresh.notes if fresh is not None else []):  # and eval.json, read just now
+        if note not in said:
             print(f"note: {printable(note)}", flush=True)
     return 0 if all(row["state"] == RunState.COMPLETED for row in rows) else 1

@@ -9,6 +9,7 @@ renderables or text lines; they do no I/O and are unit-tested.
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from clusterctl.render.safe import cell, printable
 from clusterctl.render.units import ENERGY_UNITS, co2, duration, energy, pick_unit, quantity
 from clusterctl.runs.artifacts import metric_record
 from clusterctl.specs import FINAL_STATES, RunState
+from vltrain.common import safe_read
 
 SPARK = "▁▂▃▄▅▆▇█"
 OBJECTIVES = ("itc", "mlm", "caption")
@@ -45,19 +47,24 @@ class Tail:
         self._partial = b""
 
     def lines(self, max_bytes: int = 1 << 20) -> list[str]:
+        """At most `max_bytes` new bytes as lines; a FIFO or a device in the file's place is not
+        read (safe_read: a note), nor a partial line longer than `max_bytes`."""
         try:
-            size = self.path.stat().st_size
+            f = safe_read.open_regular(self.path)
         except OSError:
             return []
-        if size < self.offset:
-            self.offset, self._partial = 0, b""
-        if size == self.offset:
-            return []
-        skip = size - self.offset > max_bytes  # far behind (a first look at a long run): only the end
-        with self.path.open("rb") as f:
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size < self.offset:
+                self.offset, self._partial = 0, b""
+            if size == self.offset:
+                return []
+            skip = size - self.offset > max_bytes  # far behind (a first look at a long run): only the end
             f.seek(size - max_bytes if skip else self.offset)
             chunk = f.read(size - f.tell())
             self.offset = f.tell()
+        if len(self._partial) > max_bytes:  # a "line" that never ends (a file of zeros): dropped
+            self._partial = b""
         if skip:  # the first piece starts mid-line: drop it
             self._partial, chunk = b"", chunk.split(b"\n", 1)[-1]
         data = self._partial + chunk

@@ -8,6 +8,10 @@ and status (`tail_json`), watch (`render.watch_view.RunView`) and `report loss` 
 take lines through it, so a cut line, random bytes or a `step` that is not a number is skipped the
 same way everywhere. JSON that leaves clusterctl (the registry's columns, `--json` output) goes
 through `dumps_strict`: NaN and Infinity are not JSON, so they are written as null.
+
+Every file is opened through vltrain.common.safe_read: a FIFO, a device (a link to /dev/zero) or a
+directory in a file's place is skipped with a note, and each read has a byte cap (below), so no run
+directory can hang or exhaust status, watch or a report.
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vltrain.common import safe_read
 from vltrain.rundir import RunDir
+
+EVENTS_MAX = 64 << 20  # bytes of events.jsonl read (a few hundred bytes per checkpoint or restart)
+EVAL_MAX = 16 << 20  # bytes of eval.json (a few hundred bytes in practice)
+FAILURE_MAX = 1 << 20  # bytes of one failures/rankNNNNN.json (its reason is cut to MAX_REASON)
+METRICS_MAX = 1 << 30  # bytes of metrics.jsonl read line by line (10 million records)
 
 
 def finite(obj: Any) -> Any:
@@ -83,7 +93,7 @@ def tail_json(path: Path, chunk: int = 8192, max_bytes: int = 1 << 20) -> dict[s
     """The last complete metrics record of a JSONL file (metric_record), read backwards from the
     end in chunks, at most `max_bytes`."""
     try:
-        f = path.open("rb")
+        f = safe_read.open_regular(path)
     except OSError:
         return None
     with f:
@@ -101,19 +111,20 @@ def tail_json(path: Path, chunk: int = 8192, max_bytes: int = 1 << 20) -> dict[s
 
 
 def count_events(path: Path, kind: str) -> int:
-    """How many events of `kind` the trainer wrote (events.jsonl is short: read whole)."""
+    """How many events of `kind` the trainer wrote (the first EVENTS_MAX bytes of events.jsonl)."""
     try:
-        data = path.read_bytes()
+        f = safe_read.open_regular(path)
     except OSError:
         return 0
     n = 0
-    for line in data.splitlines():
-        if kind.encode() in line:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            n += isinstance(ev, dict) and kind in (ev.get("event"), ev.get("kind"), ev.get("type"))
+    with f:
+        for line in safe_read.capped_lines(f, path, EVENTS_MAX):
+            if kind.encode() in line:
+                try:
+                    ev = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                n += isinstance(ev, dict) and kind in (ev.get("event"), ev.get("kind"), ev.get("type"))
     return n
 
 
@@ -133,8 +144,8 @@ def eval_summary(run_dir: str | Path) -> dict[str, float]:
 def read_eval(run_dir: str | Path) -> dict[str, Any]:
     """eval.json as written by vltrain.evaluate; {} when missing or unreadable."""
     try:
-        ev = json.loads(RunDir(run_dir).eval.read_text())
-    except (OSError, ValueError):
+        ev = json.loads(safe_read.read_capped(RunDir(run_dir).eval, EVAL_MAX))
+    except (OSError, ValueError, RecursionError):
         return {}
     return ev if isinstance(ev, dict) else {}
 
@@ -168,13 +179,14 @@ def metric_rows(run_dir: str | Path, fields: tuple[str, ...] | None = None) -> l
     resumed run logs the steps after its checkpoint again), in step order. Lines that are not
     records (metric_record) are skipped. `fields`: keep only `step` and these keys of each record
     (a 100 MB file holds a million records). Read line by line, never the whole file at once."""
+    path = RunDir(run_dir).metrics
     try:
-        f = RunDir(run_dir).metrics.open("rb")
+        f = safe_read.open_regular(path)
     except OSError:
         return []
     by_step: dict[float, dict[str, Any]] = {}
     with f:
-        for line in f:
+        for line in safe_read.capped_lines(f, path, METRICS_MAX):
             if line.strip() and (rec := metric_record(line)) is not None:
                 if fields is not None:
                     rec = {k: rec[k] for k in ("step", *fields) if k in rec}
@@ -208,14 +220,14 @@ def loss_summary(
     the steps are then not counted. None when there is no record."""
     path = RunDir(run_dir).metrics
     try:
-        size = path.stat().st_size
-        f = path.open("rb")
+        f = safe_read.open_regular(path)
+        size = os.fstat(f.fileno()).st_size
     except OSError:
         return None
     first = last = None
     with f:
         if size > full_max:
-            first = _head_json(f)
+            first = _head_json(f, path)
             last = tail_json(path)
             if first is None or last is None:
                 return None
@@ -223,7 +235,7 @@ def loss_summary(
             return LossSummary(first, last, None, [k for k in keys if k in present], size)
         seen: set[float] = set()
         present = set()
-        for line in f:
+        for line in safe_read.capped_lines(f, path, max(full_max, size)):
             if not line.strip() or (rec := metric_record(line)) is None:
                 continue
             step = rec["step"]
@@ -238,15 +250,11 @@ def loss_summary(
     return LossSummary(first, last, len(seen), [k for k in keys if k in present], size)
 
 
-def _head_json(f: Any, max_bytes: int = 1 << 20) -> dict[str, Any] | None:
+def _head_json(f: Any, path: Path, max_bytes: int = 1 << 20) -> dict[str, Any] | None:
     """The first metrics record of an open file, within its first `max_bytes`."""
-    read = 0
-    for line in f:
-        read += len(line)
+    for line in safe_read.capped_lines(f, path, max_bytes, note=False):
         if line.strip() and (rec := metric_record(line)) is not None:
             return rec
-        if read > max_bytes:
-            break
     return None
 
 
@@ -273,7 +281,7 @@ def failure_records(run_dir: str | Path, job_id: str | None) -> list[dict[str, A
     records = []
     for p in RunDir(run_dir).failures.glob("rank*.json"):
         try:
-            rec = json.loads(p.read_bytes())
+            rec = json.loads(safe_read.read_capped(p, FAILURE_MAX))
         except (OSError, ValueError, RecursionError):
             continue
         if isinstance(rec, dict) and isinstance(rec.get("reason"), str) and str(rec.get("job_id")) == str(job_id):

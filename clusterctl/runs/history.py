@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from clusterctl.runs.registry import Registry
-from clusterctl.runs.status import RunStatus, from_summary, refresh
+from clusterctl.runs.status import RunStatus, from_summary, refresh, with_skipped
 from clusterctl.runs.summaries import STATUS_FORMAT, Summary, compute
 from clusterctl.specs import FAILURE_STATES, JobRecord, RunRecord
 
@@ -108,4 +108,4 @@ def collect_all(reg: Registry, timeout: float | None = None) -> AllRuns:
         from clusterctl.runs.lifecycle import reconcile, retried_note
 
         notes += [retried_note(run_id, job_id) for run_id, job_id in reconcile(reg, retry)]
-    return AllRuns(cur.source, notes, fresh, settled, retry)
+    return AllRuns(cur.source, with_skipped(notes), fresh, settled, retry)

@@ -55,6 +55,7 @@ def usage_report(
     the dates are read). `with_runs`: also the runs (for --plot). `table`: by run, the rows as the
     table reads them (usage.run_columns)."""
     from clusterctl.runs.history import current
+    from clusterctl.runs.status import with_skipped
     from clusterctl.runs.usage import from_summary, group, parse_day, rows_of, run_columns
 
     lo = parse_day(since, "--since") if since else None
@@ -74,9 +75,9 @@ def usage_report(
     groups = group([from_summary(r, s) for r, s in cur.rows], by)  # the runs that may still change
     runs = [r for r, _ in reg.index(**filters)] if with_runs else []
     if by_run and table:
-        return UsageReport(run_columns(totals, rows_of(groups)), runs, cur.notes)
+        return UsageReport(run_columns(totals, rows_of(groups)), runs, with_skipped(cur.notes))
     rows = _by_run(totals, groups) if by_run else _by_group(totals, groups)
-    return UsageReport(rows, runs, cur.notes)
+    return UsageReport(rows, runs, with_skipped(cur.notes))
 
 
 def _by_run(totals: list[tuple], groups: dict[str, Any]) -> list[dict[str, Any]]:
@@ -143,9 +144,12 @@ def loss_report(reg: Registry, ref: str, every: bool = False) -> LossReport:
     rows = metric_rows(r.run_dir, fields=OBJECTIVES) if every else []
     summary = None if every else loss_summary(r.run_dir, OBJECTIVES)
     if not rows and summary is None:
-        raise UserError(
-            f"{RunDir(r.run_dir).metrics}: no metrics yet; allowed: a run that has logged at least one step"
-        )
+        from vltrain.common import safe_read
+
+        path = RunDir(r.run_dir).metrics
+        refused = [n for n in safe_read.skipped() if n.startswith(f"{path}: ")]
+        why = refused[0].removesuffix("; skipped") if refused else f"{path}: no metrics yet"
+        raise UserError(f"{why}; allowed: a run that has logged at least one step")
     if summary is not None:
         return LossReport(r.run_id, summary.first, summary.last, summary.keys, summary.steps, summary.size, [])
     keys = [k for k in OBJECTIVES if any(k in d for d in rows)]

@@ -185,7 +185,8 @@ def readonly_note(reg: Registry) -> str:
 
 def collect(runs: list[RunRecord], fresh: Refresh) -> dict[str, Any]:
     """The whole status answer for `runs` after `fresh` (lifecycle.refresh_and_retry) as JSON-able
-    data (edge: reads each run's last metrics record, resume events and why it ended)."""
+    data (edge: reads each run's last metrics record, resume events and why it ended). A file
+    refused by vltrain.common.safe_read (a FIFO, a device, over its cap) is a note."""
     rows = []
     for r in runs:
         r.state = fresh.states[r.run_id]
@@ -194,7 +195,14 @@ def collect(runs: list[RunRecord], fresh: Refresh) -> dict[str, Any]:
         resumes = artifacts.count_events(rd.events, "resume")
         jobs = fresh.jobs[r.run_id]
         rows.append(summarize(r, jobs, metrics, resumes, fresh.now, why_ended(r, jobs)))
-    return {"source": fresh.source, "notes": fresh.notes, "runs": rows}
+    return {"source": fresh.source, "notes": with_skipped(fresh.notes), "runs": rows}
+
+
+def with_skipped(notes: list[str]) -> list[str]:
+    """`notes` and, after them, a note for each run file this process refused to read (safe_read)."""
+    from vltrain.common import safe_read
+
+    return notes + [n for n in safe_read.skipped() if n not in notes]
 
 
 def why_ended(run: RunRecord, jobs: list[JobRecord]) -> str | None:

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vltrain.common import safe_read
 from vltrain.common.errors import UserError
 from vltrain.rundir import RunDir
+
+ENERGY_MAX = 16 << 20  # bytes of one node-attempt's codecarbon CSV (a row per flush)
+TIMELINE_MAX = 64 << 20  # bytes of one node-attempt's energy timeline (a point per interval)
 
 BY = ("run", "profile", "day", "month", "user")
 
@@ -107,8 +111,8 @@ def read_energy(run_dir: Path) -> list[EnergyReading]:
     for p in RunDir(run_dir).energy_files():
         node, _, attempt = p.stem.partition("-")
         try:
-            text = p.read_text(encoding="utf-8", errors="replace")
-        except OSError:
+            text = safe_read.read_capped(p, ENERGY_MAX).decode("utf-8", errors="replace")
+        except OSError:  # gone, or refused by safe_read (a FIFO, a device, too large): a note
             continue
         reading = parse_energy_csv(text, node, attempt)
         if reading is not None:
@@ -524,7 +528,7 @@ def read_timeline(run_dir: str | Path) -> list[tuple[float, float, float]]:
     files = []
     for p in RunDir(run_dir).energy_timelines():
         try:
-            files.append(parse_timeline(p.read_text(encoding="utf-8", errors="replace")))
+            files.append(parse_timeline(safe_read.read_capped(p, TIMELINE_MAX).decode("utf-8", errors="replace")))
         except OSError:
             continue
     return merge_timelines(files)
