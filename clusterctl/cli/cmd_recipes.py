@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+import sys
+from typing import Any, TextIO
 
 import typer
 
 from clusterctl.cli.options import JSON
 from clusterctl.render import output
 from clusterctl.render.output import print_json
+from clusterctl.render.safe import cell, printable
+from vltrain.common.errors import UserError
 
 app = typer.Typer(
     help="List and show the recipes (train configs: one per seed, its twin, the demo).", no_args_is_help=True
@@ -17,24 +21,40 @@ app = typer.Typer(
 
 @app.command("list")
 def list_(json_: bool = JSON) -> None:
-    """Every recipe: what it is and the profiles that run it by default."""
+    """Every recipe: what it is and the profiles that run it by default. A *.toml in ./configs that
+    is no recipe (a directory, a FIFO, a binary file, a name that is not one) is skipped with a note
+    (on stderr with --json, whose rows stay a list), never the end of the listing."""
     from clusterctl.planning.profiles import profile_rows
-    from clusterctl.planning.recipes import find_recipe, known_recipes, recipe_summary
+    from clusterctl.planning.recipes import NAME, find_recipe, known_recipes, recipe_summary, search_dirs
 
     profiles = [r for r in profile_rows() if r["valid"] and not r["shadowed"]]
     rows: list[dict[str, Any]] = []
+    notes: list[str] = []
     for name in known_recipes():
-        path = find_recipe(name, "NAME")
+        try:
+            path = find_recipe(name, "NAME")
+            summary = recipe_summary(path)
+        except UserError:  # found by the glob, not by name: a directory, a FIFO, a device, an odd name
+            what = "not a regular file" if re.fullmatch(NAME, name) else f"not a recipe name ({NAME})"
+            notes.append(f"{name}.toml in {' or '.join(map(str, search_dirs()))}: {what}; skipped")
+            continue
+        except UnicodeDecodeError:
+            notes.append(f"{path}: not UTF-8 text; skipped")
+            continue
+        except OSError as e:  # safe_read.NotReadable: 'PATH: what it is'
+            notes.append(f"{e}; skipped")
+            continue
         rows.append(
             {
                 "name": name,
                 "path": str(path),
-                "summary": recipe_summary(path),
+                "summary": summary,
                 "profiles": [p["name"] for p in profiles if p.get("recipe") == name],
             }
         )
     if json_:
         print_json(rows)
+        _say(notes, sys.stderr)
         return
     from rich.table import Table
 
@@ -42,8 +62,13 @@ def list_(json_: bool = JSON) -> None:
     for col in ("name", "profiles", "what"):
         t.add_column(col, no_wrap=col == "name")
     for r in rows:
-        t.add_row(r["name"], ", ".join(r["profiles"]), r["summary"])
+        t.add_row(cell(r["name"]), cell(", ".join(r["profiles"])), cell(r["summary"]))
     output.console.print(t)
+    _say(notes, sys.stdout)
+
+
+def _say(notes: list[str], out: TextIO) -> None:
+    out.writelines(f"note: {printable(n)}\n" for n in notes)
 
 
 @app.command()

@@ -32,6 +32,7 @@ from clusterctl.planning.slurm_fields import (
 )
 from clusterctl.planning.slurm_fields import slurm_time_to_minutes as slurm_time_to_minutes  # tests import it here
 from clusterctl.specs import EXECUTORS
+from vltrain.common import safe_read
 from vltrain.common.errors import UserError
 from vltrain.common.schema import build, field
 
@@ -333,13 +334,18 @@ def parse_profile(data: dict[str, Any], where: str) -> ClusterProfile:
     return profile
 
 
+PROFILE_MAX = 1 << 20  # bytes of a profile file read (shipped ones are ~2 KB)
+
+
 def read_profile(path: Path) -> ClusterProfile:
     """Read and validate one profile file."""
     where = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = safe_read.read_text_capped(path, PROFILE_MAX)  # a FIFO would block, /dev/zero never end
     except FileNotFoundError:
         raise UserError(f"{where}: no such file") from None
+    except safe_read.NotReadable as e:
+        raise UserError(f"{e}; allowed: a regular file of at most {PROFILE_MAX >> 20} MiB") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{where}: cannot read: {e}") from None
     try:

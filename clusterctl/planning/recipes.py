@@ -58,8 +58,13 @@ def find_recipe(name_or_path: str, flag: str) -> Path:
 
 
 def recipe_summary(path: Path) -> str:
-    """The first comment line of a recipe: what it is."""
-    for line in path.read_text(encoding="utf-8").splitlines():
+    """The first comment line of a recipe: what it is. Only its first 64 KiB are read, and only if it
+    is a regular file (vltrain.common.safe_read: NotReadable, an OSError, for a FIFO or a device);
+    UnicodeDecodeError when a line before the summary is not UTF-8 (a binary file)."""
+    from vltrain.common import safe_read
+
+    for raw in safe_read.read_head(path, 1 << 16).split(b"\n"):
+        line = raw.decode("utf-8")
         if line.startswith("#"):
             return line.lstrip("# ").strip()
         if line.strip():

@@ -148,7 +148,7 @@ def loss_report(reg: Registry, ref: str, every: bool = False) -> LossReport:
 
         path = RunDir(r.run_dir).metrics
         refused = [n for n in safe_read.skipped() if n.startswith(f"{path}: ")]
-        why = refused[0].removesuffix("; skipped") if refused else f"{path}: no metrics yet"
+        why = refused[0].removesuffix("; skipped") if refused else f"{path}: no metrics yet"  # a FIFO, ...
         raise UserError(f"{why}; allowed: a run that has logged at least one step")
     if summary is not None:
         return LossReport(r.run_id, summary.first, summary.last, summary.keys, summary.steps, summary.size, [])

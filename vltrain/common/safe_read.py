@@ -6,8 +6,9 @@ ends, and a 3 GB file of zeros is one line that a line reader holds whole. Every
 file goes through here: `open_regular` refuses anything that is not a regular file *before* it
 could block (stat, then a non-blocking open and fstat of the opened file, so a swap in between is
 caught), and `read_capped` / `capped_lines` bound the bytes read. A refusal is `NotReadable`, an
-OSError, so callers that already skip a missing file skip it the same way; `skipped` collects one
-note per refused path for the command to print ("... skipped"). Torch-free (clusterctl imports it).
+OSError whose text is 'PATH: what it is', so callers that already skip a missing file skip it the
+same way, and callers that must refuse say it in one line; `skipped` collects one note per refused
+path for a command that skips to print ("...; skipped"). Torch-free (clusterctl imports it).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def _kind(mode: int) -> str:
 
 
 def _refuse(path: str | Path, why: str) -> NotReadable:
-    msg = f"{path}: {why}; skipped"
-    _notes.setdefault(str(path), msg)
+    """The error ('PATH: why'), and its note for skipped() ('PATH: why; skipped')."""
+    msg = f"{path}: {why}"
+    _notes.setdefault(str(path), f"{msg}; skipped")
     return NotReadable(msg)
 
 
