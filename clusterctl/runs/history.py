@@ -107,5 +107,5 @@ def collect_all(reg: Registry, timeout: float | None = None) -> AllRuns:
     if retry and not reg.readonly:  # no daemon: retried here (lifecycle imported only when there is one)
         from clusterctl.runs.lifecycle import reconcile, retried_note
 
-        notes += [retried_note(run_id, job_id) for run_id, job_id in reconcile(reg, retry)]
+        notes += [retried_note(run_id, job_id) for run_id, job_id in reconcile(reg, retry, notes)]
     return AllRuns(cur.source, with_skipped(notes), fresh, settled, retry)
