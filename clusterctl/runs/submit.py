@@ -33,8 +33,14 @@ RUNS_DIR_ENV = "CLUSTERCTL_RUNS_DIR"
 
 
 def runs_root() -> Path:
-    """Where new run directories go: $CLUSTERCTL_RUNS_DIR or ./runs (must be on a shared filesystem)."""
-    return Path(os.environ.get(RUNS_DIR_ENV, "runs")).absolute()
+    """Where new run directories go: $CLUSTERCTL_RUNS_DIR or ./runs (must be on a shared filesystem).
+    Not UTF-8 (bytes Python holds as surrogates): one line before anything is made, as the job script,
+    JSON and Slurm carry the path as text."""
+    raw = os.environ.get(RUNS_DIR_ENV, "runs")
+    if not raw.isprintable() and any("\udc80" <= c <= "\udcff" for c in raw):
+        shown = os.fsencode(raw).decode("utf-8", "backslashreplace")
+        raise UserError(f"{RUNS_DIR_ENV}: '{shown}' is not UTF-8; allowed: a directory path that is UTF-8 text")
+    return Path(raw).absolute()
 
 
 @dataclasses.dataclass(frozen=True)
