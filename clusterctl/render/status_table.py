@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from clusterctl.render.safe import printable
-from clusterctl.render.units import duration
+from clusterctl.render.units import duration, step_text
 
 COLUMNS = (
     ("RUN", "<"),
@@ -45,7 +45,7 @@ def table_lines(runs: list[dict[str, Any]], width: int | None = None) -> tuple[l
         columns.insert(5, ("RES", ">"))
     cells = [[h for h, _ in columns]]
     for r in runs:
-        step = "-" if r["step"] is None else f"{r['step']:,.0f}/{r['total_steps']:,}"
+        step = "-" if r["step"] is None else f"{step_text(r['step'], True)}/{step_text(r['total_steps'], True)}"
         cells.append(
             [
                 printable(r["run_id"]),

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+EXACT_MAX = 1e15  # below this, whole numbers are printed digit by digit; above, with an exponent
+
+
+def step_text(v: Any, grouped: bool = False) -> str:
+    """A logged step: a whole number below EXACT_MAX in full (with thousands separators if
+    `grouped`), a larger one as 1.798e+308 (a damaged metrics.jsonl can say step 1e308: one short
+    cell, not 309 digits); '-' when there is none or it is not a finite number."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return "-"
+    if abs(v) < EXACT_MAX:
+        return f"{int(v):,}" if grouped else str(int(v))
+    return f"{v:.4g}"
 
 
 def quantity(v: float | None) -> str:
@@ -15,6 +29,8 @@ def quantity(v: float | None) -> str:
         return "-"
     if v == 0:
         return "0"
+    if abs(v) >= EXACT_MAX:
+        return f"{v:.3g}"
     if abs(v) >= 100:
         return f"{v:,.0f}"
     return f"{v:.3g}" if abs(v) >= 0.001 else f"{v:.1e}"

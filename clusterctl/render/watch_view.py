@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from clusterctl.render.safe import cell, printable
-from clusterctl.render.units import ENERGY_UNITS, co2, duration, energy, pick_unit, quantity
+from clusterctl.render.units import ENERGY_UNITS, co2, duration, energy, pick_unit, quantity, step_text
 from clusterctl.runs.artifacts import metric_record
 from clusterctl.specs import FINAL_STATES, RunState
 from vltrain.common import safe_read
@@ -175,7 +175,7 @@ def run_panel(row: Mapping[str, Any], v: RunView, width: int = 80):
     bar.add_column(no_wrap=True)
     bar.add_row(
         ProgressBar(total=total, completed=min(step, total), width=None),
-        f" {int(step)}/{total} ETA {duration(row.get('eta_s'), 'clock')}"
+        f" {step_text(step)}/{total} ETA {duration(row.get('eta_s'), 'clock')}"
         + (f" | {wait}" if (wait := data_wait(v.last)) else ""),
     )
     spark = Text()
@@ -237,7 +237,7 @@ def runs_table(rows: Sequence[Mapping[str, Any]], views: dict[str, RunView], wid
         t.add_row(
             cell(row["name"]),
             cell(row["state"], style=state_style(row["state"])),
-            f"{int(step) if step is not None else '-'}/{row.get('total_steps')}",
+            f"{step_text(step)}/{row.get('total_steps')}",
             duration(row.get("eta_s"), "clock"),
             loss,
             f"{sps:,.0f}" if _number(sps) else "-",
@@ -258,7 +258,7 @@ def plain_line(row: Mapping[str, Any], v: RunView) -> str:
     loss = f" loss {text}" if (text := _loss(m.get("loss"), ".4f")) else ""
     step = m.get("step", row.get("step"))
     return (
-        f"{printable(row['run_id'])} {printable(row['state'])} step {int(step) if step is not None else '-'}"
+        f"{printable(row['run_id'])} {printable(row['state'])} step {step_text(step)}"
         f"/{row.get('total_steps')}{loss} {counts(row)} | {stats_line(row, v)}"
         + (f" | {wait}" if (wait := data_wait(m)) else "")
         + (f" | {printable(row['reason'])}" if row.get("reason") else "")
@@ -275,7 +275,7 @@ def summary_lines(rows: Sequence[Mapping[str, Any]], views: dict[str, RunView], 
         step = m.get("step", row.get("step"))
         out.append(
             f"{printable(row['run_id'])}: {printable(row['state'])}, "
-            f"step {int(step) if step is not None else '-'}/{row.get('total_steps')}, final loss {loss}, "
+            f"step {step_text(step)}/{row.get('total_steps')}, final loss {loss}, "
             f"requeues {row.get('requeues', 0)}, resumes {row.get('resumes', 0)}, "
             f"elapsed {duration(row.get('elapsed_s'), 'clock')}"
         )
