@@ -264,16 +264,14 @@ def fingerprint(index: ShardIndex, size: int) -> bytes:
     members those offsets point at. Cheap enough for every start; each read checks its own header."""
     import hashlib
 
-    import numpy as np
-
-    n = len(index)
-    picks = np.unique(np.linspace(0, max(n - 1, 0), min(n, FINGERPRINT_SAMPLES)).astype(np.int64))
+    n, k = len(index), FINGERPRINT_SAMPLES
+    picks = sorted({i * (n - 1) // (k - 1) for i in range(k)}) if n else []
     digest = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
     fd = os.open(index.path, os.O_RDONLY)
     try:
         digest.update(os.pread(fd, tarfile.BLOCKSIZE, 0))
         for i in picks:
-            for offset in (index.image(int(i)), index.text(int(i))):
+            for offset in (index.image(i), index.text(i)):
                 digest.update(os.pread(fd, tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE))
     finally:
         os.close(fd)
@@ -327,11 +325,15 @@ def _load_npz(f: Any, limit: int) -> dict[str, np.ndarray]:
         for info in infos:
             with z.open(info) as m:
                 major, _ = npy.read_magic(m)
-                shape, _, dtype = (npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0)(m)
-                if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
+                shape, fortran, dtype = (npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0)(m)
+                size = math.prod(shape) * dtype.itemsize
+                if dtype.hasobject or size > info.file_size:
                     raise ValueError(f"{info.filename}: {shape} {dtype} in {info.file_size} bytes")
-            with z.open(info) as m:
-                arrays[info.filename.removesuffix(".npy")] = np.lib.format.read_array(m, allow_pickle=False)
+                raw = m.read(size)
+            if len(raw) != size:
+                raise ValueError(f"{info.filename}: {len(raw)} of {size} bytes")
+            array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
+            arrays[info.filename.removesuffix(".npy")] = array
     return arrays
 
 
