@@ -158,6 +158,21 @@ def test_every_scheme_webdataset_opens_is_refused_and_paths_are_not():
     assert url_scheme("http://[::1/x.tar") == "http"  # urllib raises on the netloc; still a URL
 
 
+@pytest.mark.parametrize("key", ["shards", "eval_shards"])
+def test_the_trainer_refuses_a_url_spec_itself(key):
+    """vltrain.support.not_run_yet, which the trainer checks at start before it reads a shard (so a
+    `vltrain train` run by hand never hands a pipe: spec to webdataset) and submit refuses from."""
+    import dataclasses
+
+    from vltrain.config import TrainConfig
+    from vltrain.support import not_run_yet
+
+    cfg = TrainConfig()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **({"shards": "/d"} | {key: "pipe:curl x | sh"})))
+    (line,) = not_run_yet(cfg)
+    assert line.startswith(f"data.{key}: 'pipe:curl x | sh' would run a shell command")
+
+
 # --- 7. a shard that is not a tar ---------------------------------------------------------------------
 def _gzip_tar(path: Path) -> None:
     member = path.with_suffix(".txt")
@@ -243,6 +258,22 @@ def test_fp16_under_deepspeed_on_a_cpu_profile_is_refused(env, tmp_path, profile
     if refused:
         r = run_cli("submit", "--profile", profile, *args, env=env, cwd=tmp_path)
         one_line_error(r, f"error: precision: fp16 under parallel.strategy 'deepspeed' on the CPU profile {profile} ")
+
+
+def test_a_cuda_profile_on_the_local_executor_needs_cuda_here(env, tmp_path):
+    """The trainer refuses a CUDA profile where torch sees no CUDA (vltrain.distenv.resolve_device); a local
+    profile runs on this machine, so submit asks torch here."""
+    import torch
+
+    src = (REPO / "cluster_profiles" / "local.toml").read_text()
+    path = tmp_path / "localgpu.toml"
+    path.write_text(src.replace('kind = "cpu"', 'kind = "cuda"').replace('name = "local"', 'name = "localgpu"'))
+    r = run_cli("submit", "--profile", str(path), "--dry-run", "--json", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    said = [p for p in json.loads(r.stdout)["checks"]["problems"] if p.startswith("gpu.kind: cuda")]
+    assert bool(said) == (not torch.cuda.is_available()), said
+    if said:
+        one_line_error(run_cli("submit", "--profile", str(path), env=env, cwd=tmp_path), "error: gpu.kind: cuda, but ")
 
 
 def test_the_cpu_flags_agree_with_deepspeeds_accelerator():

@@ -51,12 +51,19 @@ def trainer_support(cfg: TrainConfig) -> list[str]:
 
 
 def device(cfg: TrainConfig, profile: ClusterProfile) -> list[str]:
-    """What the trainer refuses at start on the profile's device: fp16 under an engine that runs it on a
-    CPU only with AVX512-FP16 or AMX-FP16 (DeepSpeed's CPU accelerator: check_deepspeed_fp16 in
-    vltrain.engines.deepspeed). A local profile runs here, so this CPU's flags decide; a Slurm profile's
-    nodes are not known from here, so it is refused."""
+    """What the trainer refuses at start on the profile's device: a CUDA profile where torch sees no
+    CUDA (vltrain.distenv.resolve_device; only a local profile runs here, where torch can be asked), and
+    fp16 under an engine that runs it on a CPU only with AVX512-FP16 or AMX-FP16 (DeepSpeed's CPU
+    accelerator: check_deepspeed_fp16 in vltrain.engines.deepspeed). A local profile runs here, so this
+    CPU's flags decide; a Slurm profile's nodes are not known from here, so it is refused."""
     from vltrain.engines import spec
 
+    if profile.gpu.kind == "cuda" and profile.executor == "local" and not cuda_here():
+        return [
+            f"gpu.kind: cuda, but profile {profile.name} runs on this machine (executor = 'local') and torch sees "
+            "no CUDA here (the trainer would refuse it at start); allowed: a machine with GPUs and a CUDA build of "
+            "torch, or a profile with gpu.kind = 'cpu' (--profile local)"
+        ]
     if cfg.precision != "fp16" or profile.gpu.kind != "cpu" or not spec(cfg.parallel.strategy).fp16_cpu_needs_isa:
         return []
     local = profile.executor == "local"
@@ -68,6 +75,13 @@ def device(cfg: TrainConfig, profile: ClusterProfile) -> list[str]:
         f"AVX512-FP16 or AMX-FP16, and {why} (the trainer would refuse it at start); allowed: --set precision=bf16 "
         "or fp32, or --set parallel.strategy=fsdp (torch's loss scaler runs fp16 on any CPU)"
     ]
+
+
+def cuda_here() -> bool:
+    """torch.cuda.is_available() on this machine (imports torch: asked only for a local CUDA profile)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def cpu_flags() -> set[str]:
