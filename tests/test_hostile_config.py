@@ -160,6 +160,23 @@ def test_a_signal_delay_that_leaves_no_time_to_train_is_refused_at_load(tmp_path
     assert allowed in r.stderr
 
 
+@pytest.mark.parametrize(
+    "tail, says",
+    [
+        ("x = " + "[" * 3000 + "]" * 3000, "nesting: too deep for the TOML parser"),
+        (
+            "[" + ".".join("abcdefghijklmnopq") + "]\nz = 1",
+            f"nesting: tables and lists nested more than {MAX_DEPTH} deep",
+        ),
+    ],
+    ids=["3000-brackets", "17-tables"],
+)
+def test_a_profile_nested_too_deep_is_one_line(tmp_path, tail, says):
+    path = tmp_path / "slurm-local.toml"
+    path.write_text((REPO / "cluster_profiles" / "slurm-local.toml").read_text() + "\n" + tail + "\n")
+    one_line_error(run_cli("profiles", "validate", str(path)), f"error: {path}: {says}")
+
+
 def test_the_largest_signal_delay_allowed_loads(tmp_path):
     r = run_cli("profiles", "validate", str(_profile(tmp_path, "00:30:00", 840)))
     assert r.returncode == 0, r.stderr

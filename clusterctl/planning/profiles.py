@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from clusterctl.planning.slurm_fields import slurm_time_to_minutes as slurm_time
 from clusterctl.specs import EXECUTORS
 from vltrain.common import safe_read
 from vltrain.common.errors import UserError
-from vltrain.common.schema import build, field
+from vltrain.common.schema import build, field, parse_toml
 
 # Names that reach sbatch lines and shell environments: a conservative subset of what Slurm accepts.
 SLURM_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"
@@ -348,11 +347,7 @@ def read_profile(path: Path) -> ClusterProfile:
         raise UserError(f"{e}; allowed: a regular file of at most {PROFILE_MAX >> 20} MiB") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{where}: cannot read: {e}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{where}: invalid TOML: {e}") from None
-    profile = parse_profile(data, where)
+    profile = parse_profile(parse_toml(text, where), where)  # nesting bounded as in train configs
     if profile.name != path.stem:
         raise UserError(f"{where}: name: {profile.name!r} differs from the file name; allowed: {path.stem!r}")
     return profile

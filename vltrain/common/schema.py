@@ -271,4 +271,4 @@ def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> None:
 
 
 def depth_words(limit: int = MAX_DEPTH) -> str:
-    return f"tables and lists nested at most {limit} deep (a train config uses 4)"
+    return f"tables and lists nested at most {limit} deep (train configs and profiles use 4 at most)"
