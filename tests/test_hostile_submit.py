@@ -200,6 +200,18 @@ def test_a_shard_that_is_not_a_tar_is_refused_before_sbatch(env, tmp_path, case)
     assert not list((tmp_path / "runs").glob("*"))
 
 
+def test_a_default_held_out_shard_that_is_not_a_tar_is_refused(env, tmp_path, data):
+    """Without data.eval_shards the trainer evaluates on <data.shards>/eval (at the first evaluation, hours
+    in): its shards are checked too."""
+    shards = tmp_path / "shards"
+    shutil.copytree(data / "shards", shards)
+    (shards / "eval").mkdir(exist_ok=True)
+    (shards / "eval" / "00000.tar").write_bytes(os.urandom(2048))
+    sets = ("--set", f"data.shards={shards}", "--set", f"data.tokenizer={data / 'tok.model'}")
+    r = run_cli("submit", "--profile", "local", *sets, env=env, cwd=tmp_path)
+    one_line_error(r, f"error: data.eval_shards: {shards / 'eval' / '00000.tar'} is not a tar")
+
+
 def test_the_tar_check_agrees_with_the_trainers_reader(tmp_path):
     """tar_problem refuses exactly the files the trainer's index (vltrain.data.shards) cannot read."""
     from vltrain.common.errors import UserError

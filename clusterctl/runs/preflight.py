@@ -166,12 +166,16 @@ def checkpoint(plan: dict[str, Any]) -> list[str]:
 
 
 def data(cfg: TrainConfig) -> list[str]:
-    """Shards and tokenizer readable where the job will read them; vocabularies equal (edge: reads files)."""
+    """Shards and tokenizer readable where the job will read them; vocabularies equal (edge: reads files).
+    The held-out shards are those the trainer evaluates on: data.eval_shards, else <data.shards>/eval
+    when it holds shards (vltrain.evaluate.default_eval_shards), read at the first evaluation."""
     from vltrain.data.shards import resolve_shards
+    from vltrain.evaluate import default_eval_shards
 
     out = []
     d = cfg.data
-    for key, spec in (("data.shards", d.shards), ("data.eval_shards", d.eval_shards)):
+    held_out = d.eval_shards or (default_eval_shards(cfg) if d.shards and not url_problem(d.shards, "") else "")
+    for key, spec in (("data.shards", d.shards), ("data.eval_shards", held_out)):
         if not spec:
             if key == "data.shards":
                 out.append(
