@@ -137,7 +137,7 @@ def test_the_checks_pass_an_untouched_run_directory_and_allow_env_lets_a_read_pr
     --allow-env (the user read the profile) lets a code-loading variable through, as at submit."""
     from clusterctl.runs.readback import check_run_dir
 
-    _, run_id, run_dir = make_run(tmp_path, data)
+    _, _, run_dir = make_run(tmp_path, data)
     profile, cfg = check_run_dir(run_dir, "local", "local", False)
     assert profile.name == "local" and cfg.data.shards == str(data / "shards")
     set_env("PYTHONPATH")(run_dir)
@@ -155,7 +155,9 @@ def test_the_same_variable_as_the_users_own_profile_needs_no_flag(tmp_path, data
     own = tmp_path / "config" / "clusterctl" / "profiles"
     own.mkdir(parents=True)
     text = (builtin_dir() / "local.toml").read_text()
-    (own / "local.toml").write_text(text.replace("[interconnect]", '[interconnect]\nenv = { LD_PRELOAD = "/opt/a.so" }'))
+    (own / "local.toml").write_text(
+        text.replace("[interconnect]", '[interconnect]\nenv = { LD_PRELOAD = "/opt/a.so" }')
+    )
     set_env("LD_PRELOAD", "/opt/a.so")(run_dir)
     check_run_dir(run_dir, "local", "local", False)
     set_env("LD_PRELOAD", "/tmp/other.so")(run_dir)
@@ -177,7 +179,9 @@ def test_the_automatic_retry_refuses_a_forged_run_directory(tmp_path, data, monk
     reg.update_job("4242", run_id, state=RunState.FAILED, exit_code="137:0")
     reg.set_run_state(run_id, RunState.FAILED)
     submitted: list[str] = []
-    monkeypatch.setattr(submit_mod, "submit_attempt", lambda reg, run, prof, kind, hold=False: submitted.append(kind) or "5")
+    monkeypatch.setattr(
+        submit_mod, "submit_attempt", lambda reg, run, prof, kind, hold=False: submitted.append(kind) or "5"
+    )
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     forge(run_dir)
     notes: list[str] = []
@@ -247,7 +251,7 @@ def test_rebuild_skips_run_directories_it_cannot_trust_or_store(tmp_path, data, 
 
 
 def test_rebuild_skips_a_run_directory_with_a_name_that_is_not_utf8(tmp_path, data):
-    env, good, run_dir = make_run(tmp_path, data, "good")
+    env, _, run_dir = make_run(tmp_path, data, "good")
     odd = Path(os.fsdecode(bytes(tmp_path / "runs") + b"/bad-\xff"))
     os.rename(run_dir, odd)
     os.chmod(odd, 0o700)
@@ -320,8 +324,20 @@ def _ours_plus_foreign(path: Path) -> None:
     _foreign(path)
 
 
-FOREIGN = [("other app", _foreign), ("names only", _names_only), ("versioned", _versioned_foreign), ("mixed", _ours_plus_foreign)]
-COMMANDS = [("status",), ("status", "--all"), ("registry", "check"), ("registry", "rebuild"), ("resume", "x"), ("cancel", "x")]
+FOREIGN = [
+    ("other app", _foreign),
+    ("names only", _names_only),
+    ("versioned", _versioned_foreign),
+    ("mixed", _ours_plus_foreign),
+]
+COMMANDS = [
+    ("status",),
+    ("status", "--all"),
+    ("registry", "check"),
+    ("registry", "rebuild"),
+    ("resume", "x"),
+    ("cancel", "x"),
+]
 
 
 @pytest.mark.parametrize("kind, make", FOREIGN, ids=[f[0] for f in FOREIGN])

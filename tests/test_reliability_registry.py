@@ -174,7 +174,7 @@ def test_registry_check_lists_the_damage_and_fails(tmp_path, how):
     [
         ("directory", "is a directory"),
         ("newer schema", "newer than this clusterctl"),
-        ("not a clusterctl registry", "no such table"),
+        ("not a clusterctl registry", "not clusterctl's"),
         ("parent is a file", "cannot be created"),
     ],
 )

@@ -68,7 +68,6 @@ def rebuild(
     old file that can still be read); swap it in atomically, keeping the old file as a backup."""
     from clusterctl.runs.dbfile import default_path
     from clusterctl.runs.repair import rebuild as rebuild_file
-
     from clusterctl.runs.submit import runs_root
 
     root = runs_root()

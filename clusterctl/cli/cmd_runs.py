@@ -62,8 +62,7 @@ def resume(
         "(read it first: a run directory can be forged or edited).",
     ),
 ) -> None:
-    """Resubmit a stopped run after submit's checks on its run directory; the trainer continues from the
-    newest complete checkpoint that verifies."""
+    """Resubmit a stopped run; the trainer continues from the newest complete checkpoint."""
     from clusterctl.runs.lifecycle import resume as resume_run
 
     reg = Registry()

@@ -213,7 +213,9 @@ def schema_problem(conn: sqlite3.Connection, known: int) -> str | None:
     own = {t for tables in OWN_TABLES.values() for t in tables}
     foreign = sorted(names - own)
     if foreign:
-        listed = ", ".join(shown(n) for n in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        listed = ", ".join(shown(n) for n in foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
         return f"holds tables that are not clusterctl's ({listed}): another application's database"
     if version < 0 or (not names and version > 0):
         return f"schema version {version} with no clusterctl table: not a clusterctl registry"

@@ -74,7 +74,12 @@ def reconcile(reg: Registry, runs: list[RunRecord], notes: list[str] | None = No
             profile = read_back(run, allow_env=False)
         except UserError as e:
             if notes is not None:
-                notes.append(f"{run.run_id}: not retried after a cluster failure: {e}")
+                how = (
+                    f" (`clusterctl resume --allow-env {run.run_id}` once you have read it)"
+                    if "--allow-env" in str(e)
+                    else ""
+                )
+                notes.append(f"{run.run_id}: not retried after a cluster failure: {e}{how}")
             continue
         if not reg.claim_run(run.run_id, run.state, RunState.SUBMITTING):
             continue  # another clusterctl process is retrying it

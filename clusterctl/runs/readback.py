@@ -136,7 +136,9 @@ def check_env(profile: ClusterProfile, path: Path, allow_env: bool) -> None:
     check_job_env(as_read, str(path), "a run directory, which can be forged or edited after submit", allow_env)
 
 
-def check_run_dir(run_dir: Path, profile_name: str, executor: str, allow_env: bool) -> tuple[ClusterProfile, TrainConfig]:
+def check_run_dir(
+    run_dir: Path, profile_name: str, executor: str, allow_env: bool
+) -> tuple[ClusterProfile, TrainConfig]:
     """Everything resume and retry read back from a run directory, checked as submit checks it: the
     profile (parsed, the registry's name and executor, the job environment) and the config (parsed,
     then the plan and the checks before sbatch). The first problem is one line naming file and field."""

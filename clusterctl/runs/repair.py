@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clusterctl.planning.profiles import SLURM_NAME
 from clusterctl.runs.artifacts import dumps_strict
 from clusterctl.runs.dbfile import (
     FOREIGN_HINT,
@@ -39,7 +40,6 @@ from clusterctl.runs.dbfile import (
     shown,
     writable,
 )
-from clusterctl.planning.profiles import SLURM_NAME
 from clusterctl.runs.registry import SCHEMA_VERSION, migrate
 from clusterctl.specs import FINAL_STATES, JobRecord, RunRecord, RunState
 from vltrain.common.errors import UserError
@@ -228,6 +228,7 @@ _STAMPED = re.compile(r"^(?P<name>.+)-(?P<stamp>\d{8}-\d{6})-[0-9a-f]{4}$")
 
 
 MAX_STEPS = 10**12  # optimizer steps of one run: far above any real one, far below SQLite's int64
+
 
 def _job_dirs(run_dir: Path) -> list[tuple[str, float]]:
     """(job id, submission time) of every job submitit made in a run directory, oldest first."""
