@@ -466,3 +466,51 @@ def test_a_pattern_at_the_bound_is_accepted(tmp_path):
 
     assert check_brace_pattern(str(tmp_path / "{1..100000}.tar")) == MAX_BRACE_NAMES
     assert resolve_shards(str(tmp_path / "{00001..00001}.tar")) == [tmp_path / "00001.tar"]
+
+
+# ================================================================ true names the header check must not refuse
+
+
+def _odd_tar(path: Path, fmt: int, keys: list[str], caption: bytes | None = None) -> None:
+    with tarfile.open(path, "w", format=fmt) as t:
+        for k in keys:
+            for ext, body in (("jpg", _jpeg()), ("txt", caption or f"a red disk {k}".encode())):
+                info = tarfile.TarInfo(f"{k}.{ext}")
+                info.size = len(body)
+                t.addfile(info, io.BytesIO(body))
+
+
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "fmt, keys",
+    [
+        (tarfile.PAX_FORMAT, ["a" * 120, "日本語キー", "x" * 95 + "é" * 10, "sub/dir/000001"]),
+        (tarfile.GNU_FORMAT, ["a" * 120, "日本語キー", "x" * 95 + "é" * 10, "é" * 200]),
+        (tarfile.USTAR_FORMAT, ["d" * 80 + "/" + "b" * 90, "sub/000001"]),
+    ],
+    ids=["pax", "gnu", "ustar-prefix"],
+)
+def test_long_and_non_ascii_names_are_read_without_a_false_alarm(data, tmp_path, fmt, keys):
+    """Names a ustar header cannot hold whole live in pax or GNU records before the header; the check
+    reads the cut copy in the header and must not refuse a true index."""
+    tar = tmp_path / "00000.tar"
+    _odd_tar(tar, fmt, keys)
+    ld = loader(data, shards=tar, train=False, batch_size=len(keys))
+    (batch,) = take(iter(ld), 1)
+    assert sorted(batch["keys"]) == sorted(keys)
+    assert all(c == f"a red disk {k}" for k, c in zip(batch["keys"], batch["captions"]))
+
+
+def test_a_caption_that_is_not_utf8_is_one_line(data, tmp_path):
+    tar = tmp_path / "00000.tar"
+    _odd_tar(tar, tarfile.PAX_FORMAT, ["000000001"], caption=b"caf\xe9")
+    with pytest.raises(UserError) as e:
+        take(iter(loader(data, shards=tar, train=False, batch_size=1)), 1)
+    assert one_line(e).startswith(f"data.shards: {tar}: sample '000000001': its caption is not UTF-8")

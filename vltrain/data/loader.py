@@ -150,7 +150,7 @@ class _Batches(torch.utils.data.IterableDataset):
         for epoch, shard, i in items:
             idx = self.index[shard]
             key = idx.key(i)
-            text = self._read(handles, idx.path, idx.text(i), key, ("txt",)).decode("utf-8").strip()
+            text = _caption(self._read(handles, idx.path, idx.text(i), key, ("txt",)), idx.path, key)
             rng = np.random.default_rng([self.plan["seed"], epoch, _AUGMENT, key_digest(key)])
             image, text = self.transform(self._read(handles, idx.path, idx.image(i), key, IMAGE_EXTS), text, rng)
             images.append(image)
@@ -168,6 +168,16 @@ class _Batches(torch.utils.data.IterableDataset):
             seeds = [[self.plan["seed"], epoch, _MLM, key_digest(key)] for (epoch, _, _), key in zip(items, keys)]
             batch["mlm_draws"] = mlm_draws(seeds, attention_mask)
         return batch
+
+
+def _caption(raw: bytes, path: str, key: str) -> str:
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"data.shards: {path}: sample {key[:120]!r}: its caption is not UTF-8 ({e.reason} at byte {e.start}); "
+            "allowed: UTF-8 captions in KEY.txt"
+        ) from None
 
 
 def mlm_draws(seeds: list[list[int]], attention_mask: torch.Tensor) -> torch.Tensor:
