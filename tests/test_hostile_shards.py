@@ -491,7 +491,7 @@ def _jpeg() -> bytes:
 @pytest.mark.parametrize(
     "fmt, keys",
     [
-        (tarfile.PAX_FORMAT, ["a" * 120, "日本語キー", "x" * 95 + "é" * 10, "sub/dir/000001"]),
+        (tarfile.PAX_FORMAT, ["a" * 120, "日本語キー", "x" * 95 + "é" * 10, "é" * 200, "sub/dir/000001"]),
         (tarfile.GNU_FORMAT, ["a" * 120, "日本語キー", "x" * 95 + "é" * 10, "é" * 200]),
         (tarfile.USTAR_FORMAT, ["d" * 80 + "/" + "b" * 90, "sub/000001"]),
     ],
@@ -506,6 +506,11 @@ def test_long_and_non_ascii_names_are_read_without_a_false_alarm(data, tmp_path,
     (batch,) = take(iter(ld), 1)
     assert sorted(batch["keys"]) == sorted(keys)
     assert all(c == f"a red disk {k}" for k, c in zip(batch["keys"], batch["captions"]))
+    index = index_shard(tar)
+    with open(tar, "rb") as handle:  # and each of them refuses the next sample's key
+        for i in range(len(index)):
+            with pytest.raises(UserError, match="the member at offset"):
+                shards.read_member(handle, index.text(i), str(tar), index.key((i + 1) % len(index)), ("txt",))
 
 
 def test_a_caption_that_is_not_utf8_is_one_line(data, tmp_path):

@@ -478,13 +478,17 @@ def read_member(handle: Any, offset: int, path: str, key: str, exts: tuple[str, 
 
 
 def _names_match(name: str, key: str, exts: tuple[str, ...]) -> bool:
-    """`name` is KEY.EXT; a name a ustar header cannot hold (over 90 characters, or not ASCII) is in a
-    pax or GNU record before the header, which keeps a cut (pax: ASCII with '?') copy: its ASCII start
-    is compared."""
+    """`name` is KEY.EXT. A name a ustar header cannot hold (over 90 bytes, or not ASCII) is in a pax or
+    GNU record before the header, which keeps a cut copy (pax: ASCII with '?' for the rest; GNU: the
+    UTF-8 bytes): its first 90 bytes are compared with the key's."""
     m = _KEY_EXT.match(name)
     if m and m.group(1) == key and m.group(2).lower() in exts:
         return True
     if key.isascii() and len(key) < 90:
         return False
-    cut = next((i for i, c in enumerate(key) if not c.isascii()), len(key))
-    return name.startswith(key[: min(cut, 90)])
+    raw = name.encode("utf-8", "surrogateescape")
+    for full in (key.encode(), key.encode("ascii", "replace")):
+        n = min(len(full), 90)
+        if raw[:n] == full[:n]:
+            return True
+    return False
