@@ -385,6 +385,34 @@ def test_registry_check_agrees_with_the_commands_that_read_every_run(tmp_path, c
     one_line_error(r, "runs: row 'bad-20260101-000000-abcd' cannot be read")
 
 
+@pytest.mark.parametrize("levels", (900, 100_000))
+def test_a_deeply_nested_json_column_is_damage_everywhere(tmp_path, levels):
+    """A registry row whose JSON column is not what clusterctl writes (900 nested lists: json parses
+    them, then status called .get on a list and rebuild's writing back recursed; 100,000: json itself
+    recursed): status refuses the file as damaged in one line, check names the row, and rebuild
+    leaves the row out with a line; no traceback."""
+    from tests.test_reliability_registry import record
+
+    env = env_for(tmp_path)
+    path = Path(env["CLUSTERCTL_REGISTRY"])
+    reg = Registry(path)
+    reg.add_run(record("deep-20260101-000000-abcd", tmp_path / "x"))
+    reg.add_run(record("fine-20260101-000000-abcd", tmp_path / "y"))
+    reg.close()
+    c = sqlite3.connect(path)
+    c.execute("UPDATE runs SET config = ? WHERE run_id LIKE 'deep%'", (nested(levels),))
+    c.commit()
+    c.close()
+    one_line_error(run_cli("status", "--all", "--json", env=env), "damaged")
+    why = "nested too deep" if levels > 1000 else "not a JSON object"
+    one_line_error(run_cli("registry", "check", env=env), "deep-20260101-000000-abcd", why)
+    (tmp_path / "runs").mkdir()
+    r = run_cli("registry", "rebuild", "--json", env=env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    done = strict_json(r.stdout)
+    assert done["from_old"] == ["fine-20260101-000000-abcd"] and any("deep-" in x for x in done["lost"]), done
+
+
 # --- resume names the checkpoint it resumes from ------------------------------------------------------
 
 

@@ -116,14 +116,26 @@ def guarded(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_
             raise UserError(
                 f"registry {shown(str(self.path))}: the file is damaged (a JSON column: {e}); {DAMAGED_HINT}"
             ) from None
+        except BadColumn as e:
+            raise UserError(f"registry {shown(str(self.path))}: the file is damaged ({e}); {DAMAGED_HINT}") from None
+        except RecursionError:  # nested deeper than json can parse: clusterctl never writes one
+            raise UserError(
+                f"registry {shown(str(self.path))}: the file is damaged (a JSON column nested too deep); {DAMAGED_HINT}"
+            ) from None
 
     return wrapper
 
 
+class BadColumn(ValueError):
+    """A JSON column that parses but is not what clusterctl writes there (an object)."""
+
+
 def run_from_row(row: Sequence[Any]) -> RunRecord:
     d = dict(zip(RUN_COLS, row))
-    d["config"] = json.loads(d["config"])
-    d["plan"] = json.loads(d["plan"])
+    for k in ("config", "plan"):
+        d[k] = json.loads(d[k])
+        if not isinstance(d[k], dict):
+            raise BadColumn(f"runs.{k} of {shown(str(d['run_id']))} is not a JSON object")
     return RunRecord(**d)
 
 

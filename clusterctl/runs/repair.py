@@ -40,6 +40,7 @@ from clusterctl.runs.dbfile import (
     shown,
     writable,
 )
+from clusterctl.runs.readback import MAX_DEPTH, depth, read_table, run_dir_plan, run_dir_profile
 from clusterctl.runs.registry import SCHEMA_VERSION, migrate
 from clusterctl.specs import FINAL_STATES, JobRecord, RunRecord, RunState
 from vltrain.common.errors import UserError
@@ -146,8 +147,9 @@ def unreadable_rows(conn: sqlite3.Connection, limit: int = 5) -> list[str]:
             for row in cur:
                 try:
                     parse(row)
-                except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-                    found.append(f"{table}: row {shown(str(row[0]))} cannot be read ({e})")
+                except (ValueError, TypeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+                    why = "nested too deep" if isinstance(e, RecursionError) else str(e)
+                    found.append(f"{table}: row {shown(str(row[0]))} cannot be read ({why})")
                     if len(found) >= limit:
                         return found
         except sqlite3.DatabaseError as e:
@@ -203,8 +205,11 @@ def salvage(path: Path) -> Salvage:
         for row in _rows(conn, "runs", ",".join(RUN_COLS), out.lost):
             try:
                 run = run_from_row(row)
-            except (ValueError, TypeError):
-                out.lost.append(f"runs: row {row[0]!r} unreadable")
+            except (ValueError, TypeError, RecursionError):
+                out.lost.append(f"runs: row {shown(str(row[0]))} unreadable")
+                continue
+            if max(depth(run.config), depth(run.plan)) > MAX_DEPTH:  # clusterctl never nests them so deep
+                out.lost.append(f"runs: row {shown(str(row[0]))} nested deeper than {MAX_DEPTH}")
                 continue
             out.runs[run.run_id] = run
         try:
@@ -259,7 +264,6 @@ def run_from_dir(run_dir: Path, run_id: str | None = None) -> tuple[RunRecord, l
     import pwd
 
     from clusterctl.backends import results
-    from clusterctl.runs.readback import read_table, run_dir_plan, run_dir_profile
     from vltrain.rundir import RunDir
 
     rd = RunDir(run_dir)
