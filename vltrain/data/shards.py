@@ -111,7 +111,8 @@ def iter_samples(paths: list[Path], select: Callable[[str], bool] | None = None)
     """
     from webdataset.tariterators import tarfile_samples  # type: ignore[import-untyped]  # no py.typed
 
-    yield from tarfile_samples(({"url": str(p)} for p in paths), select_files=select)
+    # absolute: webdataset opens a URL-like name ("pipe:cmd.tar" globbed from ".") as a URL and runs it
+    yield from tarfile_samples(({"url": str(Path(p).absolute())} for p in paths), select_files=select)
 
 
 _U32 = 2**32
