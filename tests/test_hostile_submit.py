@@ -158,6 +158,22 @@ def test_every_scheme_webdataset_opens_is_refused_and_paths_are_not():
     assert url_scheme("http://[::1/x.tar") == "http"  # urllib raises on the netloc; still a URL
 
 
+def test_a_shard_file_named_like_a_pipe_is_read_as_a_file(tmp_path, monkeypatch):
+    """A clone's file 'pipe:CMD.tar', globbed from '.' (`vltrain tokenizer train --shards .`): webdataset
+    read the bare name as a pipe and ran CMD; the shard readers hand it absolute paths."""
+    from vltrain.data.shards import iter_samples, resolve_shards
+
+    monkeypatch.chdir(tmp_path)
+    trap = tmp_path / "pipe:touch ran; cat x.tar"
+    with tarfile.open(trap, "w") as t:
+        info = tarfile.TarInfo("0.txt")
+        t.addfile(info)
+    (path,) = resolve_shards(".")
+    assert str(path).startswith("pipe:")  # what glob gives: the name webdataset would take for a URL
+    assert [s["__key__"] for s in iter_samples([path])] == ["0"]  # read as the tar it is
+    assert not (tmp_path / "ran").exists()
+
+
 @pytest.mark.parametrize("key", ["shards", "eval_shards"])
 def test_the_trainer_refuses_a_url_spec_itself(key):
     """vltrain.support.not_run_yet, which the trainer checks at start before it reads a shard (so a
