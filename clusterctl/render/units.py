@@ -15,11 +15,17 @@ def step_text(v: Any, grouped: bool = False) -> str:
     """A logged step: a whole number below EXACT_MAX in full (with thousands separators if
     `grouped`), a larger one as 1.798e+308 (a damaged metrics.jsonl can say step 1e308: one short
     cell, not 309 digits); '-' when there is none or it is not a finite number."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
         return "-"
-    if abs(v) < EXACT_MAX:
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond a float's range
+        return "-"
+    if not math.isfinite(f):
+        return "-"
+    if abs(f) < EXACT_MAX:
         return f"{int(v):,}" if grouped else str(int(v))
-    return f"{v:.4g}"
+    return f"{f:.4g}"
 
 
 def quantity(v: float | None) -> str:
