@@ -147,7 +147,11 @@ def _profile(tmp_path: Path, time_limit: str | None = None, delay: int | None = 
 @pytest.mark.parametrize(
     "time_limit, delay, allowed",
     [
-        ("00:30:00", 1800, "allowed: at most 840 s"),  # the whole limit: USR2 at the start, requeue, again
+        (
+            "00:30:00",
+            1800,
+            "allowed: at most 840 s, or a time_limit of at least 62 minutes",
+        ),  # the whole limit: USR2 at the start, requeue, again
         ("00:30:00", 3600, "allowed: at most 840 s"),  # longer than the limit
         ("00:30:00", 900, "allowed: at most 840 s"),  # too close: Slurm may signal 60 s early
         ("2", 10, "allowed: a time_limit of at least 3 minutes"),

@@ -64,11 +64,8 @@ def signal_delay_problem(time_limit: str, delay_s: int) -> str | None:
     most = int(limit_s / 2) - SIGNAL_SLACK_S
     if delay_s <= most:
         return None
-    fix = (
-        f"at most {most} s"
-        if most >= 10
-        else f"a time_limit of at least {2 * (delay_s + SIGNAL_SLACK_S) // 60 + 1} minutes"
-    )
+    minutes = -(-2 * (delay_s + SIGNAL_SLACK_S) // 60)  # the shortest time limit that leaves room
+    fix = (f"at most {most} s, or " if most >= 10 else "") + f"a time_limit of at least {minutes} minutes"
     return (
         f"{delay_s} s leaves too little of time_limit {time_limit!r} ({limit_s:g} s) to train (Slurm may signal "
         f"{SIGNAL_SLACK_S} s early; a job signalled at its start requeues itself in a loop); allowed: {fix} "
