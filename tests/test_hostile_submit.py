@@ -260,6 +260,38 @@ def test_shards_that_hold_no_sample_are_refused(env, tmp_path):
     one_line_error(r, f"error: data.shards: {shards} holds no samples")
 
 
+def _loader_refuses(shards: Path, train: bool, ranks: int) -> bool:
+    """Whether the trainer's loader refuses these shards on any of `ranks` data-parallel ranks."""
+    from vltrain.common.errors import UserError
+    from vltrain.data.loader import ShardLoader
+
+    for rank in range(ranks):
+        try:
+            ShardLoader(str(shards), rank=rank, world_size=ranks, batch_size=1, seed=0, image_size=32,
+                        tokenizer=None, max_len=8, train=train)  # fmt: skip
+        except UserError:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("n, shards, holdout", [(1, 1, 0), (3, 2, 0), (4, 2, 1), (4, 2, 2)])
+def test_a_rank_without_a_sample_is_refused(env, tmp_path, n, shards, holdout):
+    """slurm-local has 2 data-parallel ranks; submit refuses exactly what the loader refuses on one of them
+    (a rank with no sample, at start or at the first evaluation), counting from the writer's stats files."""
+    from vltrain.data.synth import write_synthetic_shards
+
+    data = tmp_path / "d"
+    write_synthetic_shards(data, n=n, shards=shards, seed=0, image_size=32, holdout=holdout)
+    expected = [key for key, path, train in (("data.shards", data, True), ("data.eval_shards", data / "eval", False))
+                if path.is_dir() and any(path.glob("*.tar")) and _loader_refuses(path, train, 2)]  # fmt: skip
+    sets = ("--set", f"data.shards={data}", "--set", "data.tokenizer=")
+    r = run_cli("submit", "--profile", "slurm-local", *sets, "--dry-run", "--json", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    said = [p for p in json.loads(r.stdout)["checks"]["problems"] if "data-parallel ranks would get none" in p]
+    assert [p.split(":")[0] for p in said] == expected, said
+    assert expected or (n, holdout) != (1, 0)  # the cases do include refusals
+
+
 # --- 7. fp16 under DeepSpeed on a CPU profile ----------------------------------------------------------
 def _cpu_runs_deepspeed_fp16() -> bool:
     from clusterctl.runs.preflight import FP16_CPU_FLAGS, cpu_flags

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 MEMORY_WARNING = 0.90  # of a GPU's memory: above it a run is one allocator hiccup from an OOM
 SIGNAL_DELAY_MAX = 3600  # slurm.signal_delay_s's upper bound (clusterctl.planning.profiles.Slurm)
 FP16_CPU_FLAGS = frozenset({"avx512_fp16", "amx_fp16", "asimdhp"})  # /proc/cpuinfo: what torch's oneDNN runs fp16 on
+STATS_CHECKS = 10_000  # shards whose stats files are read at submit to count samples per rank
 TAR_CHECKS = 8  # shards whose first header is read at submit: the first ones, one 512-byte read each
 
 
@@ -165,7 +166,7 @@ def checkpoint(plan: dict[str, Any]) -> list[str]:
     ]
 
 
-def data(cfg: TrainConfig) -> list[str]:
+def data(cfg: TrainConfig, dp: int = 1) -> list[str]:
     """Shards and tokenizer readable where the job will read them; vocabularies equal (edge: reads files).
     The held-out shards are those the trainer evaluates on: data.eval_shards, else <data.shards>/eval
     when it holds shards (vltrain.evaluate.default_eval_shards), read at the first evaluation."""
@@ -200,9 +201,37 @@ def data(cfg: TrainConfig) -> list[str]:
             out.append(problem)
         elif len(shards) <= TAR_CHECKS and all(empty_tar(p) for p in shards):
             out.append(f"{key}: {spec} holds no samples (every shard an empty tar); allowed: shards with samples")
+        elif problem := per_rank(key, spec, shards, dp, train=key == "data.shards"):
+            out.append(problem)
     if d.tokenizer:
         out += tokenizer(d.tokenizer, resolve_model(cfg.model).vocab_size)
     return out
+
+
+def per_rank(key: str, spec: str, shards: list[Path], dp: int, train: bool) -> str | None:
+    """One line when a data-parallel rank would get no sample, which the trainer's loader refuses (at start,
+    or at the first evaluation for held-out shards), counted as the loader counts: from img2dataset's
+    `NNNNN_stats.json` beside each tar (vltrain.data.shards.stats_count; shards split over the ranks when
+    there are at least as many as ranks). None when a shard has no stats file (its index is the trainer's
+    to read) or there are more than STATS_CHECKS shards."""
+    from vltrain.data.shards import stats_count
+
+    counts = [stats_count(p) for p in shards] if len(shards) <= STATS_CHECKS else [None]
+    known = [c for c in counts if c is not None]
+    if len(known) < len(counts):
+        return None
+    total = sum(known)
+    if train and len(shards) >= dp:
+        least = min(sum(known[r::dp]) for r in range(dp))
+    else:
+        least = total // dp if train else len(range(dp - 1, total, dp))
+    if least:
+        return None
+    return (
+        f"{key}: {spec} holds {total:,} samples in {len(shards):,} shards (their stats files), and one of the "
+        f"{dp} data-parallel ranks would get none; allowed: at least one sample for each rank (more data, or "
+        "fewer GPUs)"
+    )
 
 
 def tokenizer(path: str, vocab_size: int) -> list[str]:
@@ -245,7 +274,7 @@ def check(cfg: TrainConfig, plan: dict[str, Any]) -> Checks:
         problems=trainer_support(cfg)
         + problems
         + host_memory(plan)
-        + data(cfg)
+        + data(cfg, plan.get("data_parallel", 1))
         + tokenizer_needed(cfg, plan["world_size"]),
         warnings=warnings + checkpoint(plan),
     )
