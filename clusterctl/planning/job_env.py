@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from vltrain import rundir  # the trainer's variable names are spelled there only
+
 # The job environment a profile may set without --allow-env: an ALLOW-list of names, each known to
 # load no code (no library, plugin, module, script or config file that names one) and to write no
 # file of its choosing. A profile in a cloned repository's ./cluster_profiles would otherwise run
@@ -20,11 +22,11 @@ from collections.abc import Mapping
 JOB_ENV_ALLOWED = frozenset(
     {
         # the trainer's own tuning (vltrain reads these; clusterctl sets the rest of its JobEnv itself)
-        "VLTRAIN_GRAD_REDUCTION",
-        "VLTRAIN_ENERGY_FLUSH_S",
-        "VLTRAIN_DIST_TIMEOUT_S",
-        "VLTRAIN_STEP_DIST_TIMEOUT_S",
-        "VLTRAIN_STALL_TIMEOUT_S",
+        rundir.GRAD_REDUCTION,
+        rundir.ENERGY_FLUSH_S,
+        rundir.DIST_TIMEOUT_S,
+        rundir.STEP_DIST_TIMEOUT_S,
+        rundir.STALL_TIMEOUT_S,
         # Slurm: task placement and binding among Slurm's own choices (srun reads them)
         "SLURM_CPU_BIND",
         "SLURM_MEM_BIND",
