@@ -265,7 +265,9 @@ def test_odd_metrics_numbers_keep_the_status_table_narrow(tmp_path, case, state)
     reg = Registry(tmp_path / "reg.db")
     run_dir = add_run(reg, RUN, tmp_path / "runs", [("9", {"state": state, "elapsed_s": 60.0})], state=state)
     reg.close()
-    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n" + json.dumps(ODD_METRICS[case]) + "\n")
+    (run_dir / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "loss": 3.0}) + "\n" + json.dumps(ODD_METRICS[case]) + "\n"
+    )
     env = env_for(tmp_path)
     for args in (("status",), ("status", "--all"), ("report", "loss", RUN)):
         r = cli(*args, env=env)
