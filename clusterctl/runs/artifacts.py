@@ -235,7 +235,7 @@ def loss_summary(
             return LossSummary(first, last, None, [k for k in keys if k in present], size)
         seen: set[float] = set()
         present = set()
-        for line in safe_read.capped_lines(f, path, max(full_max, size)):
+        for line in safe_read.capped_lines(f, path, METRICS_MAX):
             if not line.strip() or (rec := metric_record(line)) is None:
                 continue
             step = rec["step"]
