@@ -184,12 +184,27 @@ def recipe_model(cfg):
     return resolve_model(cfg.model)
 
 
+def _tar_that_ends_after_one_member(path):
+    """A tar whose first header is sound (submit's cheap check reads only that) and whose next one is
+    garbage: tarfile ends the archive there, so the shard holds a caption and no image, and only the
+    trainer, indexing it, finds that the shards hold no sample."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        ti = tarfile.TarInfo("00000.txt")
+        ti.size = 9
+        tf.addfile(ti, io.BytesIO(b"a caption"))
+    path.write_bytes(buf.getvalue()[:1024] + b"not a tar" * 2000)
+
+
 def test_a_run_that_fails_on_slurm_says_why_in_status(cluster, tmp_path):
-    """Shards that exist but are not tars pass the checks before sbatch and fail on the node: the
+    """Shards that hold no sample (found only by indexing them) pass the checks before sbatch and fail on the node: the
     trainer's one-line reason reaches `status` (a detail line and --json), not only `logs --stderr`."""
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "00000.tar").write_bytes(b"not a tar" * 2000)
+    _tar_that_ends_after_one_member(bad / "00000.tar")
     r = run_cli(
         "submit",
         "--profile",
@@ -214,6 +229,6 @@ def test_a_run_that_fails_on_slurm_says_why_in_status(cluster, tmp_path):
     run_id = json.loads(r.stdout)["run_id"]
     row = _wait(cluster["env"], [run_id], timeout=300)[run_id]
     assert row["state"] == "FAILED"
-    assert row["reason"].startswith(f"data.shards: {bad}/00000.tar is not a readable tar"), row
+    assert row["reason"].startswith(f"data.shards: {bad} holds 0 samples"), row
     text = run_cli("status", run_id, env=cluster["env"], cwd=cluster["root"]).stdout
-    assert f"FAILED {run_id}: data.shards: {bad}/00000.tar is not a readable tar" in text
+    assert f"FAILED {run_id}: data.shards: {bad} holds 0 samples" in text

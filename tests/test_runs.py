@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -93,7 +94,9 @@ def test_dry_run_prints_plan_and_sbatch_and_creates_nothing(tmp_path, env):
     assert r.returncode == 0, r.stderr
     assert "#SBATCH --nodes=8" in r.stdout and "#SBATCH --gpus-per-node=8" in r.stdout
     assert "export NCCL_IB_HCA==mlx5_0,mlx5_1," in r.stdout and "#SBATCH --signal=USR2@" in r.stdout
-    assert "accumulation 8" in r.stdout
+    # the split is the planner's (largest micro batch that fits), shown whole: M x A x 64 = 8192
+    m = re.search(r"global batch 8192 = micro batch (\d+) x accumulation (\d+) x 64 data-parallel", r.stdout)
+    assert m and int(m[1]) * int(m[2]) * 64 == 8192, r.stdout
     assert not (tmp_path / "runs").exists()
     assert Registry(tmp_path / "reg.db").count_runs() == 0
 
