@@ -545,19 +545,26 @@ def checkpoint_names(run: Path) -> list[str]:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_run_whose_optimizer_skips_its_steps_fails_and_is_not_retried(data, tmp_path, precision):
-    """optim.lr = 10: the gradient overflows at step 4 and DeepSpeed skips the step; today's trainer
-    trained on, skipping every step, and ended COMPLETED."""
-    cfg = write_config(tmp_path / "cfg.toml", data, precision=precision, optim={"lr": 10.0})
+    """optim.lr = 10 from the first step (no warm-up): the gradient overflows within a few steps and
+    DeepSpeed skips the step; the trainer once trained on, skipping every step, and ended COMPLETED.
+    Which step overflows first depends on the trajectory; the run must stop at that very step."""
+    import re
+
+    cfg = write_config(tmp_path / "cfg.toml", data, precision=precision, optim={"lr": 10.0, "warmup_steps": 0})
     run = tmp_path / "run"
     r = vltrain("train", "--config", str(cfg), "--run-dir", str(run))
     assert r.returncode == 2, r.stderr[-3000:]  # not 75: clusterctl does not retry it
     line = error_line(r.stderr)
-    assert line.startswith("training diverged: the optimizer skipped step 4 (gradient norm inf, loss ")
+    m = re.match(r"training diverged: the optimizer skipped step (\d+) \(gradient norm inf, loss ", line)
+    assert m, line
+    step = int(m[1])
     assert f"{precision} tolerates 0 skipped in a row, max_skipped_steps); allowed: a lower optim.lr (now 10)" in line
     assert failure_reasons(run) == {0: line}
     last = jsonl(run / "events.jsonl")[-1]
-    assert (last["event"], last["step"], last["kind"], last["message"]) == ("error", 4, "diverged", line)
-    assert max(trajectory(run)) == 4 and checkpoint_names(run) == ["step_0000002"]  # step 4 is not saved
+    assert (last["event"], last["step"], last["kind"], last["message"]) == ("error", step, "diverged", line)
+    assert max(trajectory(run)) == step  # nothing trained after it
+    saved = [int(n.split("_")[1]) for n in checkpoint_names(run)]
+    assert all(s < step for s in saved)  # the skipped step is not saved
 
 
 def test_a_nan_loss_fails_the_run_at_that_step(data, tmp_path):
