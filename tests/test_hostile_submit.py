@@ -100,9 +100,13 @@ def data(tmp_path_factory) -> Path:
 def test_a_shadowing_file_is_said_at_submit(env, tmp_path, data):
     cwd = clone(tmp_path, "profile", "recipe")
     sets = ("--set", f"data.shards={data / 'shards'}", "--set", f"data.tokenizer={data / 'tok.model'}")
-    r = run_cli("submit", "--profile", "local", *sets, "--steps", "1", "--max-retries", "0", env=env, cwd=cwd)
-    assert r.returncode == 0, r.stderr  # the run it started is stopped by the suite's reaper
-    assert len(shadow_lines(r.stderr, cwd, "profile")) == 1 and len(shadow_lines(r.stderr, cwd, "recipe")) == 1
+    args = ("submit", "--profile", "local", *sets, "--steps", "1", "--max-retries", "0", "--name", "shadowed")
+    r = run_cli(*args, env=env, cwd=cwd)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert len(shadow_lines(r.stderr, cwd, "profile")) == 1 and len(shadow_lines(r.stderr, cwd, "recipe")) == 1
+    finally:
+        run_cli("cancel", "shadowed", env=env, cwd=cwd)  # stop the run it started, also when it failed
 
 
 # --- 4, 7. shard specs the trainer cannot read -------------------------------------------------------
