@@ -331,3 +331,18 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("still running when their test or module ended: stopped")
         for who, what in _reaped:
             terminalreporter.write_line(f"{who}: " + "; ".join(what))
+
+
+def tar_that_ends_after_one_member(path):
+    """A tar whose first header is sound (submit's cheap check reads only that) and whose next one is
+    garbage: tarfile ends the archive there, so the shard holds a caption and no image, and only the
+    trainer, indexing it, finds that the shards hold no sample."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        ti = tarfile.TarInfo("00000.txt")
+        ti.size = 9
+        tf.addfile(ti, io.BytesIO(b"a caption"))
+    path.write_bytes(buf.getvalue()[:1024] + b"not a tar" * 2000)

@@ -12,7 +12,7 @@ import pytest
 from clusterctl.runs import artifacts
 from clusterctl.runs.registry import Registry
 from clusterctl.specs import RunRecord, RunState
-from tests.conftest import REPO, run_cli, tiny_data
+from tests.conftest import REPO, run_cli, tar_that_ends_after_one_member, tiny_data
 from vltrain.common.errors import UserError
 from vltrain.failures import record_failure
 from vltrain.rundir import RunDir
@@ -85,28 +85,13 @@ def test_watch_says_why_a_run_ended():
     assert "ValueError: boom" in console.export_text()
 
 
-def _tar_that_ends_after_one_member(path):
-    """A tar whose first header is sound (submit's cheap check reads only that) and whose next one is
-    garbage: tarfile ends the archive there, so the shard holds a caption and no image, and only the
-    trainer, indexing it, finds that the shards hold no sample."""
-    import io
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        ti = tarfile.TarInfo("00000.txt")
-        ti.size = 9
-        tf.addfile(ti, io.BytesIO(b"a caption"))
-    path.write_bytes(buf.getvalue()[:1024] + b"not a tar" * 2000)
-
-
 @pytest.mark.slow
 def test_a_local_run_that_fails_says_why(tmp_path):
     """The same on the local executor: a real trainer fails on shards that hold no sample."""
     _, tok = tiny_data(tmp_path, n=200)
     bad = tmp_path / "bad"
     bad.mkdir()
-    _tar_that_ends_after_one_member(bad / "00000.tar")
+    tar_that_ends_after_one_member(bad / "00000.tar")
     env = {"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs")}
     r = run_cli(
         "submit",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, deadline, run_cli, tiny_data
+from tests.conftest import REPO, deadline, run_cli, tar_that_ends_after_one_member, tiny_data
 from vltrain.config import load_train_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -184,27 +184,12 @@ def recipe_model(cfg):
     return resolve_model(cfg.model)
 
 
-def _tar_that_ends_after_one_member(path):
-    """A tar whose first header is sound (submit's cheap check reads only that) and whose next one is
-    garbage: tarfile ends the archive there, so the shard holds a caption and no image, and only the
-    trainer, indexing it, finds that the shards hold no sample."""
-    import io
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        ti = tarfile.TarInfo("00000.txt")
-        ti.size = 9
-        tf.addfile(ti, io.BytesIO(b"a caption"))
-    path.write_bytes(buf.getvalue()[:1024] + b"not a tar" * 2000)
-
-
 def test_a_run_that_fails_on_slurm_says_why_in_status(cluster, tmp_path):
     """Shards that hold no sample (found only by indexing them) pass the checks before sbatch and fail on the node: the
     trainer's one-line reason reaches `status` (a detail line and --json), not only `logs --stderr`."""
     bad = tmp_path / "bad"
     bad.mkdir()
-    _tar_that_ends_after_one_member(bad / "00000.tar")
+    tar_that_ends_after_one_member(bad / "00000.tar")
     r = run_cli(
         "submit",
         "--profile",
