@@ -346,3 +346,20 @@ def tar_that_ends_after_one_member(path):
         ti.size = 9
         tf.addfile(ti, io.BytesIO(b"a caption"))
     path.write_bytes(buf.getvalue()[:1024] + b"not a tar" * 2000)
+
+
+# --- the CLI in a private registry, runs and config directory (the input-hardening tests) -------------
+# A module's own `env` fixture (tests/test_runs.py, tests/test_recipes.py) takes precedence over this one.
+@pytest.fixture
+def env(tmp_path):
+    return {
+        "CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"),
+        "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "HOME": str(tmp_path / "home"),
+    }
+
+
+def one_line_error(r, starts: str) -> None:
+    assert r.returncode == 2, r.stdout[-500:] + r.stderr[-500:]
+    assert r.stderr.startswith(starts) and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr

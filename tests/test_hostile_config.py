@@ -14,25 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, one_line_error, run_cli
 from vltrain.common.errors import UserError
 from vltrain.common.schema import MAX_DEPTH
 from vltrain.config import MAX_BASE_CHAIN, load_train_config, parse_overrides, parse_train_config
-
-
-@pytest.fixture
-def env(tmp_path):
-    return {
-        "CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"),
-        "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs"),
-        "XDG_CONFIG_HOME": str(tmp_path / "config"),
-        "HOME": str(tmp_path / "home"),
-    }
-
-
-def one_line_error(r, starts: str) -> None:
-    assert r.returncode == 2, r.stdout[-500:] + r.stderr[-500:]
-    assert r.stderr.startswith(starts) and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 
 
 def _stages(n: int, steps: int = 1) -> str:

@@ -16,23 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli, trainer_shards
+from tests.conftest import REPO, one_line_error, run_cli, trainer_shards
 from vltrain.data.shard_spec import empty_tar, tar_problem, url_problem, url_scheme
-
-
-@pytest.fixture
-def env(tmp_path):
-    return {
-        "CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"),
-        "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs"),
-        "XDG_CONFIG_HOME": str(tmp_path / "config"),
-        "HOME": str(tmp_path / "home"),
-    }
-
-
-def one_line_error(r, starts: str) -> None:
-    assert r.returncode == 2, r.stdout[-500:] + r.stderr[-500:]
-    assert r.stderr.startswith(starts) and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 
 
 def clone(tmp_path: Path, *what: str) -> Path:

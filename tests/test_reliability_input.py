@@ -10,22 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, deadline, run_cli
-
-
-@pytest.fixture
-def env(tmp_path):
-    return {
-        "CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"),
-        "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs"),
-        "XDG_CONFIG_HOME": str(tmp_path / "config"),
-        "HOME": str(tmp_path / "home"),
-    }
-
-
-def one_line_error(r, starts: str) -> None:
-    assert r.returncode == 2, r.stdout[-500:] + r.stderr[-500:]
-    assert r.stderr.startswith(starts) and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+from tests.conftest import REPO, deadline, one_line_error, run_cli
 
 
 # --- 1. NaN and infinity pass no check ------------------------------------------------------------------
