@@ -1,5 +1,5 @@
 """A wheel built from this repository, installed into a fresh venv outside it, has something to submit
-to: the seven shipped profiles and the recipes (train configs) come with it."""
+to: the eight shipped profiles and the recipes (train configs) come with it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.conftest import REPO, deadline
 
 pytestmark = pytest.mark.slow
 
-SHIPPED = {"a100x32", "a100x64", "a100x128", "a100x256", "h100x128", "local", "slurm-local"}
+SHIPPED = {"a100x32", "a100x64", "a100x128", "a100x256", "h100x128", "local", "slurm-local", "slurm-local-2x2"}
 
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -80,7 +80,7 @@ def test_installed_package_is_the_wheel_not_the_checkout(installed):
     assert all(Path(w).is_relative_to(site) for w in where), where
 
 
-def test_wheel_lists_the_seven_profiles(installed):
+def test_wheel_lists_the_shipped_profiles(installed):
     py, site, env, tmp = installed
     r = _run([str(py), "-m", "clusterctl", "profiles", "list", "--json"], cwd=tmp, env=env)
     rows = json.loads(r.stdout)

@@ -6,6 +6,7 @@ Each warning is one line naming the figure, the threshold and what to change:
   * expected MFU under MFU_WARNING (15%): the allocation mostly waits on communication;
   * a layout that fits and is FASTER_WARNING (2x) or more faster (the plan's alternatives, which all fit);
   * checkpoint writing above checkpoint.OVERHEAD_WARNING (5%) of the run's time, with a cadence within it.
+  * an ITC pool (micro batch x dp) under contrastive.MIN_POOL (16) candidates per image.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from clusterctl.planning.checkpoint import OVERHEAD_WARNING
+from clusterctl.planning.contrastive import pool_warning
 from clusterctl.planning.memory import NEAR_CAPACITY
 
 if TYPE_CHECKING:
@@ -65,4 +67,6 @@ def plan_warnings(plan: Plan) -> list[str]:
             f"{OVERHEAD_WARNING:.0%}; allowed: checkpoint_every >= {k.cadence_within()} "
             f"(--set checkpoint_every={k.cadence_within()})"
         )
+    if pool := pool_warning(plan.objectives, plan.split):
+        out.append(pool)
     return out
