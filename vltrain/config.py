@@ -251,6 +251,9 @@ def parse_train_config(data: dict[str, Any], where: str) -> TrainConfig:
     return cfg
 
 
+# A recipe's [paper] table: what its paper states that is no setting (duration, what is not reproduced).
+# Read by clusterctl.planning.recipes; a file's is dropped before validation, `--set paper.*` stays unknown.
+PAPER_TABLE = "paper"
 MAX_BASE_CHAIN = 16  # configs in one `base` chain: a recipe's twin is 2
 
 
@@ -368,6 +371,7 @@ def load_train_config(
     `layers` are (flag, {key: value}) applied after them. Each layer is validated on its own, so an
     error names where the bad value came from: the file, `--set KEY` or the flag."""
     data: dict[str, Any] = read_config_data(path) if path else {}
+    data.pop(PAPER_TABLE, None)  # the recipe's [paper] facts are the planner's (clusterctl.planning.recipes)
     where = str(path) if path else "<defaults>"
     cfg = parse_train_config(data, where)
     for source, values in (("--set", overrides or {}), *layers):

@@ -11,8 +11,11 @@ files, on every submit and dry-run (a path given on the command line is the user
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vltrain.common.errors import UserError
 
@@ -101,3 +104,80 @@ def shadowing(profile: str, recipe: str | None) -> list[str]:
     if recipe and is_name(recipe):
         out.append(shadow_line("recipe", recipe, find_recipe(recipe, "recipe"), builtin_dir() / f"{recipe}.toml"))
     return [line for line in out if line]
+
+
+@dataclass(frozen=True)
+class PaperFacts:
+    """What a recipe's paper states that is no setting (its [paper] table): what the recipe does not
+    reproduce, and the size of the paper's run, which the plan sets beside its own estimate."""
+
+    not_reproduced: tuple[tuple[str, str], ...]  # (what the paper states, why it is not reproduced here)
+    duration_h: float | None  # the paper's stated wall-clock training duration, hours (None: not stated)
+    gpus: int | None  # on how many GPUs that duration was stated
+    gpu_hours: float | None  # the paper's stated GPU-hours, if any
+
+
+NO_PAPER = PaperFacts((), None, None, None)
+PAPER_KEYS = ("duration_h", "gpus", "gpu_hours", "not_reproduced")
+MAX_ITEMS = 64  # a paper states a handful; each is a line in the plan
+MAX_TEXT = 400  # characters of one `what` or `why`
+
+
+def paper_facts(path: Path) -> PaperFacts:
+    """The [paper] table of a train config (a twin's comes from its `base`); NO_PAPER without one."""
+    from vltrain.config import PAPER_TABLE, read_config_data
+
+    return parse_paper(read_config_data(path).get(PAPER_TABLE), f"{path}: paper")
+
+
+def parse_paper(table: Any, where: str) -> PaperFacts:
+    """Validate a [paper] table (pure): one-line errors naming the key and what is allowed."""
+    if table is None:
+        return NO_PAPER
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: {table!r:.40} is not a table; allowed: a [paper] table")
+    unknown = [k for k in table if k not in PAPER_KEYS]
+    if unknown:
+        raise UserError(f"{where}.{unknown[0]}: unknown key; allowed: {', '.join(PAPER_KEYS)}")
+    items = table.get("not_reproduced", [])
+    if not isinstance(items, list) or len(items) > MAX_ITEMS:
+        raise UserError(
+            f"{where}.not_reproduced: not a list of at most {MAX_ITEMS}; allowed: [[paper.not_reproduced]] tables"
+        )
+    return PaperFacts(
+        not_reproduced=tuple(_item(it, f"{where}.not_reproduced[{i}]") for i, it in enumerate(items)),
+        duration_h=_number(table.get("duration_h"), f"{where}.duration_h", 1e6),
+        gpus=_gpus(table.get("gpus"), f"{where}.gpus"),
+        gpu_hours=_number(table.get("gpu_hours"), f"{where}.gpu_hours", 1e12),
+    )
+
+
+def _item(item: Any, where: str) -> tuple[str, str]:
+    if not isinstance(item, dict) or set(item) != {"what", "why"}:
+        raise UserError(f'{where}: not a table of `what` and `why`; allowed: what = "...", why = "..."')
+    for key in ("what", "why"):
+        text = item[key]
+        if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT or not text.isprintable():
+            raise UserError(f"{where}.{key}: not valid; allowed: one line of 1 to {MAX_TEXT} printable characters")
+    return item["what"].strip(), item["why"].strip()
+
+
+def _number(value: Any, where: str, high: float) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 < value <= high
+    ):
+        raise UserError(f"{where}: {value!r:.40} is not valid; allowed: a number above 0, at most {high:g}")
+    return float(value)
+
+
+def _gpus(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1_000_000:
+        raise UserError(f"{where}: {value!r:.40} is not valid; allowed: an integer from 1 to 1000000")
+    return value
