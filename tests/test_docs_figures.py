@@ -71,7 +71,9 @@ def _cli(args: list[str], columns: str = "80") -> subprocess.CompletedProcess:
     env.pop("CLUSTERCTL_PROFILES", None)
     work = home / "cwd"
     work.mkdir(exist_ok=True)
-    return subprocess.run([str(BIN / "clusterctl"), *args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(BIN / "clusterctl"), *args], cwd=work, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @functools.cache
@@ -238,15 +240,15 @@ CASES = [(doc, kind, spec, body) for doc in DOCS for kind, spec, body in blocks(
 # --- the tests ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("doc", "kind", "spec", "body"), CASES, ids=[f"{c[0]}:{c[1]}:{c[2][:60]}" for c in CASES]
-)
+@pytest.mark.parametrize(("doc", "kind", "spec", "body"), CASES, ids=[f"{c[0]}:{c[1]}:{c[2][:60]}" for c in CASES])
 def test_a_marked_figure_is_what_the_tool_prints_today(doc, kind, spec, body):
     want = render_fig(spec) if kind == "fig" else render(kind, spec)
     if body != want:
         diff = "\n".join(difflib.unified_diff(body.splitlines(), want.splitlines(), "doc", "tool", lineterm=""))
-        pytest.fail(f"{doc}: <!-- {kind}: {spec} --> differs from the tool's output today; "
-                    f"run `.venv/bin/python -m tests.test_docs_figures --write`\n{diff}")
+        pytest.fail(
+            f"{doc}: <!-- {kind}: {spec} --> differs from the tool's output today; "
+            f"run `.venv/bin/python -m tests.test_docs_figures --write`\n{diff}"
+        )
 
 
 def test_each_doc_has_its_generated_parts():

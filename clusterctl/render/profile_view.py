@@ -68,7 +68,6 @@ def print_profile(p: ClusterProfile, country_name: str) -> None:
         ("GPU power", f"{d['gpu_power_kw']:g} kW"),
         ("GPU memory", f"{d['total_gpu_memory_gib']:g} GiB in total"),
         ("comm backend", d["dist_backend"]),
-        ("comm env", " ".join(f"{k}={v}" for k, v in d["comm_env"].items()) or "-"),
     ]
     if p.slurm:
         s = p.slurm
@@ -83,6 +82,10 @@ def print_profile(p: ClusterProfile, country_name: str) -> None:
     rows.append(("site", site))
     if p.seed:
         rows.append(("seed", p.seed))
+    rows.append(("comm env", "set for every rank, one a line:" if d["comm_env"] else "-"))
     for k, v in rows:
         t.add_row(k, cell(v))  # every value may hold the profile author's text
     output.console.print(t)
+    # One variable a line, whole: in the table's value column a list of HCAs was cut with "…".
+    for k, v in d["comm_env"].items():
+        output.console.print(cell(f"  {k}={v}"), soft_wrap=True)

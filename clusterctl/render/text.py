@@ -64,33 +64,41 @@ def output_text(text: str, wrap: int | None = None) -> None:
 
 
 def table_text(
-    title: str, heads: list[list[str]], columns: list[list[str]], right: list[bool], width: int | None = None
+    title: str,
+    heads: list[list[str]],
+    columns: list[list[str]],
+    right: list[bool],
+    width: int | None = None,
+    gap: int = 3,
 ) -> str:
     """Columns of cells as aligned text: the title, a blank line, headers (bottom-aligned, one list
-    of lines per column), a rule, the rows, a blank line; 3 spaces between columns, 1 before the
-    first. Without any header line, no rule either (a list of names and values). The first column
-    is folded (continued on the next lines) when that makes the table fit `width` (down to 8
-    characters; None: never); a table that cannot fit is left wider, never cut."""
+    of lines per column), a rule, the rows, a blank line; `gap` spaces between columns, 1 before the
+    first. Without any header line, no rule either (a list of names and values). When the table is
+    wider than `width` (None: never) and a narrower first column makes it fit (down to 8
+    characters), a key longer than that column is printed whole on a line of its own and its values
+    on the next line: a key (a run id, a month) is never cut or split; a table that cannot fit is
+    left wider."""
     n = len(heads)
+    sep = " " * gap
     uniq = [set(c) for c in columns]  # the distinct cells: 10,000 rows repeat most values but the keys
     widths = [max(max(map(len, h), default=0), max(map(len, u), default=0)) for h, u in zip(heads, uniq, strict=True)]
     if width is not None:
-        rest = sum(widths[1:]) + 3 * (n - 1) + 2
+        rest = sum(widths[1:]) + gap * (n - 1) + 2
         narrow = max(8, width - rest, *(len(h) for h in heads[0]))
-        if narrow < widths[0] and narrow + rest <= width:  # folding makes it fit; else keys stay whole
+        if narrow < widths[0] and narrow + rest <= width:  # keys on their own line make it fit
             widths[0] = narrow
     depth = max(len(h) for h in heads)
-    fmt = " " + "   ".join(f"{{:{'>' if r else '<'}{w}}}" for w, r in zip(widths, right, strict=True))
+    fmt = " " + sep.join(f"{{:{'>' if r else '<'}{w}}}" for w, r in zip(widths, right, strict=True))
     out = [title, ""]
     for k in range(depth):
         out.append(fmt.format(*(h[k - (depth - len(h))] if k >= depth - len(h) else "" for h in heads)).rstrip())
     if depth:
-        out.append(" " + "\u2500" * (sum(widths) + 3 * (n - 1)))
-    w0, blank = widths[0], [""] * (n - 1)
-    if max(map(len, uniq[0]), default=0) <= w0:  # no key folded: whole columns padded, rows joined
+        out.append(" " + "\u2500" * (sum(widths) + gap * (n - 1)))
+    w0 = widths[0]
+    if max(map(len, uniq[0]), default=0) <= w0:  # every key fits: whole columns padded, rows joined
         cells = [_padded(c, u, w, r) for c, u, w, r in zip(columns, uniq, widths, right, strict=True)]
         cells[0] = list(map(" ".__add__, cells[0]))  # the space before the first column, on the short cell
-        rows = map("   ".join, zip(*cells, strict=True))
+        rows = map(sep.join, zip(*cells, strict=True))
         if not right[-1] or any(not v or v[-1].isspace() for v in uniq[-1]):  # else no row ends in a space
             rows = map(str.rstrip, rows)
         out.extend(rows)
@@ -99,12 +107,10 @@ def table_text(
     line = fmt.format
     for row in zip(*columns, strict=True):
         key = row[0]
-        if len(key) <= w0:
-            out.append(line(*row).rstrip())
-            continue
-        out.append(line(key[:w0], *row[1:]).rstrip())
-        for i in range(w0, len(key), w0):
-            out.append(line(key[i : i + w0], *blank).rstrip())
+        if len(key) > w0:  # whole, alone, then the values under a blank key
+            out.append(" " + key)
+            key = ""
+        out.append(line(key, *row[1:]).rstrip())
     out.append("")
     return "\n".join(out)
 
