@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "logs": ("clusterctl.cli.cmd_runs", "logs", "Print a rank's log of a run's latest job (requeued attempts append to the same file)."),
     "cancel": ("clusterctl.cli.cmd_runs", "cancel", "Cancel a run's active job (scancel on Slurm; SIGTERM to the local job's trainer processes)."),
     "resume": ("clusterctl.cli.cmd_runs", "resume", "Resubmit a stopped run; the trainer continues from the newest complete checkpoint."),
-    "report": ("clusterctl.cli.cmd_report", "app", "Energy, carbon, GPU-hour and loss reports."),
+    "report": ("clusterctl.cli.cmd_report", "app", "Energy, carbon, GPU-hour, loss and evaluation reports."),
     "registry": ("clusterctl.cli.cmd_registry", "app", "Check the run registry, or rebuild it from the run directories."),
 }  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""`clusterctl report energy | gpu-hours | loss`: what runs used and how they learned.
+"""`clusterctl report energy | gpu-hours | loss | eval`: what runs used, how they learned, how they score.
 
 GPU-hours come from Slurm accounting (allocated GPUs x elapsed) when the registry has them, else from
 the registry's start/end times x GPUs; energy and CO2 from the per-node codecarbon files the trainer
@@ -18,7 +18,7 @@ from clusterctl.cli.options import JSON
 from clusterctl.render.safe import printable
 from vltrain.common.errors import UserError
 
-app = typer.Typer(help="Energy, carbon, GPU-hour and loss reports.", no_args_is_help=True)
+app = typer.Typer(help="Energy, carbon, GPU-hour, loss and evaluation reports.", no_args_is_help=True)
 
 
 def _report(kind: str, run, profile, user, since, until, by, json_, csv_, plot) -> None:
@@ -108,25 +108,57 @@ def loss(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the loss curves per objective to FILE.png."),
     json_: bool = _JSON,
 ) -> None:
-    """Loss per objective (total, contrastive, MLM, captioning) from the run's metrics.jsonl."""
+    """Loss per objective (total and each one a stage weights) and stage, from metrics.jsonl and config.toml."""
     from clusterctl.runs.registry import Registry
-    from clusterctl.runs.reports import loss_report
+    from clusterctl.runs.reports import in_stages, loss_report
     from vltrain.common import safe_read
 
+    if plot is not None:
+        from clusterctl.render.plots import check_target
+
+        check_target(plot)
     report = loss_report(Registry(), run, every=json_ or plot is not None)
+    rows = report.every or [report.first, *([report.last] if report.last["step"] != report.first["step"] else [])]
+    parts = in_stages(report.stages, rows)
     if plot is not None:
         from clusterctl.render.plots import loss_plot
 
-        loss_plot(report.run_id, report.every, plot)
+        loss_plot(report.run_id, parts, report.keys, plot)
     if json_:
         from clusterctl.render.output import print_json_stream
 
+        stages = [s._asdict() for s in report.stages]
         steps = ({k: d.get(k) for k in ("step", *report.keys)} for d in report.every)
-        print_json_stream({"run_id": report.run_id, "notes": safe_read.skipped()}, "steps", steps)
+        head = {"run_id": report.run_id, "keys": report.keys, "stages": stages, "notes": safe_read.skipped()}
+        print_json_stream(head, "steps", steps)
         return
     from clusterctl.render.report_view import print_loss
 
-    print_loss(report.run_id, report.first, report.last, report.keys, report.steps, report.size)
+    print_loss(report.run_id, report.first, report.last, report.keys, report.steps, report.size, parts)
     sys.stdout.writelines(f"note: {printable(note)}\n" for note in safe_read.skipped())
     if plot is not None:
         sys.stdout.write(f"plot written to {printable(str(plot))}\n")
+
+
+@app.command("eval")
+def eval_(
+    run: Optional[str] = _RUN,
+    profile: Optional[str] = _PROFILE,
+    user: Optional[str] = _USER,
+    json_: bool = _JSON,
+) -> None:
+    """Held-out Recall@1/5/10 (image->text, text->image) and CIDEr-D of each run's eval.json, across runs."""
+    from clusterctl.runs.registry import Registry
+    from clusterctl.runs.reports import eval_report
+    from vltrain.common import safe_read
+
+    rows, missing = eval_report(Registry(), run, profile, user)
+    if json_:
+        from clusterctl.render.output import print_json_stream
+
+        print_json_stream({"report": "eval", "without_eval": missing, "notes": safe_read.skipped()}, "rows", rows)
+        return
+    from clusterctl.render.report_view import print_eval
+
+    print_eval(rows, missing)
+    sys.stdout.writelines(f"note: {printable(note)}\n" for note in safe_read.skipped())

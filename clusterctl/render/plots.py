@@ -42,7 +42,9 @@ def _save(fig, path: Path) -> None:
 
 
 def energy_plot(series: dict[str, list[tuple[float, float, float]]], path: Path) -> Path:
-    """Cumulative kWh and kg CO2eq over time, one line per run; series[run] = [(hours, kwh, co2_kg)]."""
+    """Cumulative kWh and kg CO2eq over time, one line per run; series[run] = [(hours, kwh, co2_kg)],
+    the run's total at each flush of any node (usage.merge_timelines: monotone). Drawn as steps: the
+    total changes at a flush and holds until the next."""
     check_target(path)
     plt = _pyplot()
     fig, (ax_e, ax_c) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -50,13 +52,14 @@ def energy_plot(series: dict[str, list[tuple[float, float, float]]], path: Path)
         if not pts:
             continue
         h, e, c = zip(*pts)
-        ax_e.plot(h, e, marker=".", label=printable(run))
-        ax_c.plot(h, c, marker=".", label=printable(run))
+        line = ax_e.plot(h, e, marker=".", drawstyle="steps-post", label=printable(run))[0]
+        ax_c.plot(h, c, marker=".", drawstyle="steps-post", color=line.get_color(), label=printable(run))
     ax_e.set_ylabel("energy (kWh, cumulative)")
     ax_c.set_ylabel("emissions (kg CO2eq, cumulative)")
     ax_c.set_xlabel("hours since the run was submitted")
-    ax_e.set_title("energy and emissions per run (codecarbon, one tracker per node, attempts summed)")
-    ax_e.legend(fontsize="small", loc="upper left")
+    ax_e.set_title("energy and emissions per run (all nodes and attempts summed)")
+    if any(series.values()):
+        ax_e.legend(fontsize="small", loc="upper left")
     ax_e.grid(alpha=0.3)
     ax_c.grid(alpha=0.3)
     _save(fig, path)
@@ -64,20 +67,38 @@ def energy_plot(series: dict[str, list[tuple[float, float, float]]], path: Path)
     return path
 
 
-def loss_plot(run: str, rows: list[dict[str, Any]], path: Path, keys=("loss", "itc", "mlm", "caption")) -> Path:
-    """Loss per objective against the optimizer step."""
+def loss_plot(run: str, parts: list[tuple[Any, list[dict[str, Any]]]], keys: list[str], path: Path) -> Path:
+    """Loss per objective against the optimizer step, stage by stage (`parts`: reports.in_stages):
+    each objective only over the stages that weight it (> 0: a stage that does not train it logs 0
+    or a value nothing minimises), the total as one segment per stage (its sum changes at a boundary),
+    a dashed line and the stage's name at each boundary."""
     check_target(path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if _finite(r.get(k)) and _finite(r.get("step"))]
-        if pts:
+    colors: dict[str, Any] = {}
+    staged = len(parts) > 1
+    for stage, rows in parts:
+        for k in keys:
+            if staged and k != "loss" and stage.weights.get(k, 0.0) <= 0:
+                continue
+            pts = [(r["step"], r[k]) for r in rows if _finite(r.get(k)) and _finite(r.get("step"))]
+            if not pts:
+                continue
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, label="total" if k == "loss" else k, linewidth=2 if k == "loss" else 1)
+            label = None if k in colors else ("total" if k == "loss" else k)
+            line = ax.plot(xs, ys, label=label, color=colors.get(k), linewidth=2 if k == "loss" else 1)[0]
+            colors.setdefault(k, line.get_color())
+    if staged:
+        for stage, _ in parts:
+            if stage.first > parts[0][0].first:
+                ax.axvline(stage.first - 0.5, color="0.4", linestyle="--", linewidth=1)
+            ax.text(stage.first - 0.5, 1.01, f" {printable(stage.name)}", transform=ax.get_xaxis_transform(),
+                    va="bottom", ha="left", fontsize="small", color="0.3")  # fmt: skip
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{printable(run)}: loss per objective")
-    ax.legend()
+    ax.set_ylabel("loss (unweighted per objective; total = weighted sum)")
+    ax.set_title(f"{printable(run)}: loss per objective" + (", stage by stage" if staged else ""), pad=16)
+    if colors:
+        ax.legend(loc="best")
     ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)

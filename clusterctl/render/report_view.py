@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -13,6 +14,7 @@ from clusterctl.render.units import CO2_UNITS, ENERGY_UNITS, pick_unit, quantity
 _SHOWN = ("key", "runs", "gpu_hours", "gpu_hours_source", "requeues", "resumes", "energy_kwh", "co2_kg",
           "carbon_intensity_g_per_kwh", "pue", "estimated_kwh", "estimated_co2_kg")  # fmt: skip
 SOURCES = {"sacct": "Slurm accounting", "registry": "start/end x GPUs", "none": "no times recorded"}
+_SHORT_SOURCES = {"registry": "times", "registry+sacct": "both"}  # GPU-h source cells: 5 characters at most
 
 
 def print_report(kind: str, by: str, rows: list[dict] | dict[str, list], width: int | None = None) -> None:
@@ -54,7 +56,8 @@ def print_report(kind: str, by: str, rows: list[dict] | dict[str, list], width: 
         ("carbon_intensity_g_per_kwh", "grid"),
         ("pue", "PUE"),
     ):
-        values = {_fmt(v) for v in _distinct(data, key)}  # the few distinct values, formatted
+        values = {_fmt(v) for v in _distinct(data, key)} - {"-"}  # the few distinct values, formatted
+        # a run with no measurement has no grid or PUE: the others' one value is still said once
         if len(values) == 1 and any(k == key for k, _, _ in cols):
             (v,) = values
             notes.append(
@@ -64,11 +67,14 @@ def print_report(kind: str, by: str, rows: list[dict] | dict[str, list], width: 
             )
             cols = [c for c in cols if c[0] != key]
     columns = [_keys(data["key"])] + [_column(data.get(k, [None] * n), f) for k, _, f in cols]
+    if any(k == "gpu_hours_source" for k, _, _ in cols):  # the column stayed: short values, said below
+        i = 1 + [k for k, _, _ in cols].index("gpu_hours_source")
+        columns[i] = [_SHORT_SOURCES.get(v, v) for v in columns[i]]
+        notes.append("GPU-h source: sacct = Slurm accounting, times = start/end x GPUs, both = some of each")
     heads = [by.split("\n")] + [head.split("\n") for _, head, _ in cols]
     right = [False] + ["source" not in head for _, head, _ in cols]
-    say(table_text(f"{kind} by {by}", heads, columns, right, width or _width()))
-    if any(k == "gpu_hours_source" for k, _, _ in cols):  # the column stayed: say what its values mean
-        notes.append("GPU-h source: sacct = Slurm accounting, registry = start/end x GPUs")
+    # keys (run ids) are never folded or cut: a table wider than the terminal stays wider
+    say(table_text(f"{kind} by {by}", heads, columns, right, None))
     say(" | ".join(notes), wrap=width or _width())
     if kind == "energy":
         say(
@@ -119,14 +125,29 @@ def _fmt(v) -> str:
 
 
 def print_loss(
-    run_id: str, first: dict[str, Any], last: dict[str, Any], keys: list[str], steps: int | None, size: int = 0
+    run_id: str, first: dict[str, Any], last: dict[str, Any], keys: list[str], steps: int | None, size: int = 0,
+    stages: Sequence[tuple[Any, list[dict[str, Any]]]] = (),
 ) -> None:
     """First and last logged value of each objective ('-' where a line has none, 'nan' where the
     trainer logged NaN), from the records of the lowest and highest step (runs.artifacts.loss_summary);
-    `steps`: the distinct steps logged (None: the file was too large to count them, `size` bytes)."""
+    `steps`: the distinct steps logged (None: the file was too large to count them, `size` bytes).
+    `stages`: a run of several stages (reports.in_stages) gets a block per stage, with only the
+    objectives that stage trains: its total is another sum, so one line from the first step to the
+    last would read as a jump."""
     counted = f"{steps} logged steps" if steps is not None else f"{size / 1e6:,.0f} MB of metrics, head and tail read"
     lines = [f"{printable(run_id)}: {counted}, step {_step(first['step'])} -> {_step(last['step'])}"]
-    lines += [f"  {printable(k):8s} {_value(first.get(k))} -> {_value(last.get(k))}" for k in keys]
+    if len(stages) <= 1:
+        lines += [f"  {printable(k):8s} {_value(first.get(k))} -> {_value(last.get(k))}" for k in keys]
+        output_text("\n".join(lines))
+        return
+    for i, (stage, rows) in enumerate(stages, 1):
+        trained = [k for k in keys if k == "loss" or stage.weights.get(k, 0.0) > 0]
+        weights = ", ".join(f"{k} {stage.weights[k]:g}" for k in trained if k != "loss")
+        lines.append(f"stage {i}/{len(stages)} {printable(stage.name)}, steps {stage.first}-{stage.last}: {weights}")
+        if not rows:
+            lines.append("  (no step logged yet)" if steps is not None else "  (between the head and tail read)")
+            continue
+        lines += [f"  {printable(k):8s} {_value(rows[0].get(k))} -> {_value(rows[-1].get(k))}" for k in trained]
     output_text("\n".join(lines))
 
 
@@ -138,3 +159,60 @@ def _value(v: Any) -> str:
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         return "-"
     return f"{v:.4f}" if math.isfinite(v) else str(float(v))
+
+
+_EVAL_COLS = (  # (row key, header, format): recall in percent of the held-out pairs, CIDEr-D as computed
+    ("step", "step", "{:,.0f}"),
+    ("n", "pairs", "{:,.0f}"),
+    ("i2t_r1", "i2t\nR@1 %", "{:.1f}"),
+    ("i2t_r5", "i2t\nR@5 %", "{:.1f}"),
+    ("i2t_r10", "i2t\nR@10 %", "{:.1f}"),
+    ("t2i_r1", "t2i\nR@1 %", "{:.1f}"),
+    ("t2i_r5", "t2i\nR@5 %", "{:.1f}"),
+    ("t2i_r10", "t2i\nR@10 %", "{:.1f}"),
+    ("cider", "CIDEr-D", "{:.3f}"),
+)
+
+
+def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None = None) -> None:
+    """`report eval`: a row per run, run ids whole (never folded). To fit the terminal, a column the
+    same on every row (the held-out pairs, usually) goes under the table, then the R@10 columns
+    (kept in --json); a table that still does not fit is left wider, never cut."""
+    width = width or _width()
+    if not rows:
+        output_text("no run has an eval.json yet: `vltrain eval --run-dir DIR`, or a run that finishes")
+    else:
+        cells = {k: [_eval_cell(r.get(k), f, k) for r in rows] for k, _, f in _EVAL_COLS}
+        cols = list(_EVAL_COLS)
+        notes = []
+        for key, label in (("n", "held-out pairs"), ("step", "step")):
+            values = set(cells[key])
+            if len(values) == 1 and len(rows) > 1:
+                notes.append(f"{label} {values.pop()}")
+                cols = [c for c in cols if c[0] != key]
+        keys = [printable(str(r["run_id"])) for r in rows]
+
+        def wide(cs: list) -> int:
+            own = [max(len(max(h.split("\n"), key=len)), *map(len, cells[k])) for k, h, _ in cs]
+            return 1 + max(map(len, keys + ["run"])) + sum(3 + w for w in own)
+
+        if wide(cols) > width:
+            cols = [c for c in cols if not c[0].endswith("r10")]
+            notes.append("R@10: --json")
+        heads = [["run"]] + [h.split("\n") for _, h, _ in cols]
+        columns = [keys] + [cells[k] for k, _, _ in cols]
+        output_text(table_text("held-out evaluation by run", heads, columns, [False] + [True] * len(cols), None))
+        chance = {r["chance_r1"] for r in rows if isinstance(r.get("chance_r1"), (int, float))}
+        if len(chance) == 1:
+            notes.append(f"chance R@1 {100 * chance.pop():.2g} %")
+        notes.append("recall over every held-out pair, both ways; CIDEr-D of the generated captions")
+        output_text(" | ".join(notes), wrap=width)
+    if missing:
+        more = f" and {len(missing) - 5:,} more" if len(missing) > 5 else ""
+        output_text(f"no eval.json yet: {', '.join(map(printable, missing[:5]))}{more}", wrap=width)
+
+
+def _eval_cell(v: Any, fmt: str, key: str) -> str:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return "-"
+    return fmt.format(100 * v if key.startswith(("i2t", "t2i")) else v)

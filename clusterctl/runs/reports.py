@@ -1,5 +1,6 @@
 """The reports of `clusterctl report`: what runs used (`usage_report`: energy, CO2 and GPU-hours by run,
-profile, day, month or user) and how a run learned (`loss_report`: its loss per objective).
+profile, day, month or user), how a run learned (`loss_report`: its loss per objective and stage)
+and how it evaluates (`eval_report`: Recall@K and CIDEr of each run's eval.json).
 
 A usage report sums in SQL the runs whose registry summary is settled (Registry.settled_totals; by
 run, each run's own figures: settled_runs); the others (active, just ended, never summarised) are
@@ -16,7 +17,7 @@ from clusterctl.runs.registry import Registry
 from clusterctl.specs import RunRecord
 from vltrain.common.errors import UserError
 
-OBJECTIVES = ("loss", "itc", "mlm", "caption")  # what `report loss` shows of each metrics record
+OBJECTIVES = ("loss", "itc", "mlm", "caption", "mim")  # what `report loss` reads of each metrics record
 
 
 class UsageReport(NamedTuple):
@@ -119,10 +120,50 @@ def energy_series(runs: list[RunRecord]) -> dict[str, list[tuple[float, float, f
     return {r.run_id: [((t - r.created_at) / 3600, e, c) for t, e, c in read_timeline(r.run_dir)] for r in runs}
 
 
+class Stage(NamedTuple):
+    """One stage of a run's curriculum as `report loss` shows it: its steps (inclusive) and the loss
+    weights it trains with (vltrain.stages; a run without [[stages]] is one stage over all its steps)."""
+
+    name: str
+    first: int
+    last: int
+    weights: dict[str, float]
+
+
+def run_stages(run_dir: str) -> list[Stage]:
+    """The stages of the run's resolved config.toml (the trainer's own stage_bounds / stage_at, so the
+    report marks the steps the trainer switched at); [] when the file is missing or unreadable."""
+    from vltrain.common.errors import UserError as ConfigError
+    from vltrain.config import load_train_config
+    from vltrain.rundir import RunDir
+    from vltrain.stages import stage_at, stage_bounds, stage_name
+
+    try:
+        cfg = load_train_config(RunDir(run_dir).config)
+    except (ConfigError, OSError, ValueError, RecursionError):
+        return []
+    out = []
+    for i, (first, last) in enumerate(stage_bounds(cfg)):
+        loss = stage_at(cfg, first)[1]
+        name = stage_name(cfg, i) if cfg.stages else "whole run"
+        out.append(Stage(name, first, last, {k: float(getattr(loss, k)) for k in OBJECTIVES[1:]}))
+    return out
+
+
+def trained_keys(stages: list[Stage], logged: list[str]) -> list[str]:
+    """The objectives worth showing: the total and each one weighted > 0 in some stage (an objective
+    weighted 0 throughout is logged as 0 or as an untrained value: noise on the plot). Without the
+    config (`stages` empty), every objective logged."""
+    if not stages:
+        return logged
+    return [k for k in logged if k == "loss" or any(s.weights.get(k, 0.0) > 0 for s in stages)]
+
+
 class LossReport(NamedTuple):
     """A run's loss per objective: the records of its first and last logged step, the objectives
-    they hold, the steps logged (None: the file was too large to count them, `size` bytes), and
-    every step's record (when asked for, else [])."""
+    shown (trained_keys), the steps logged (None: the file was too large to count them, `size`
+    bytes), every step's record (when asked for, or for a run of several stages, else []) and its
+    stages (run_stages)."""
 
     run_id: str
     first: dict[str, Any]
@@ -131,16 +172,26 @@ class LossReport(NamedTuple):
     steps: int | None
     size: int
     every: list[dict[str, Any]]
+    stages: list[Stage]
 
 
 def loss_report(reg: Registry, ref: str, every: bool = False) -> LossReport:
-    """The loss report of run `ref` (edge: reads its metrics.jsonl): with `every`, the whole file,
-    keeping only the objectives; else one pass keeping two records, or the head and tail of a
-    large file (runs.artifacts.loss_summary)."""
-    from clusterctl.runs.artifacts import loss_summary, metric_rows
+    """The loss report of run `ref` (edge: reads its metrics.jsonl and config.toml): with `every`,
+    the whole file, keeping only the objectives; else one pass keeping two records, or the head and
+    tail of a large file (runs.artifacts.loss_summary). A run of several stages is read whole when
+    its file is small enough to be counted (FULL_READ_MAX), so each stage gets its first and last."""
+    import os
+
+    from clusterctl.runs.artifacts import FULL_READ_MAX, loss_summary, metric_rows
     from vltrain.rundir import RunDir
 
     r = reg.get_run(ref)
+    stages = run_stages(r.run_dir)
+    if len(stages) > 1 and not every:
+        try:
+            every = os.stat(RunDir(r.run_dir).metrics).st_size <= FULL_READ_MAX
+        except OSError:
+            pass
     rows = metric_rows(r.run_dir, fields=OBJECTIVES) if every else []
     summary = None if every else loss_summary(r.run_dir, OBJECTIVES)
     if not rows and summary is None:
@@ -151,6 +202,63 @@ def loss_report(reg: Registry, ref: str, every: bool = False) -> LossReport:
         why = refused[0].removesuffix("; skipped") if refused else f"{path}: no metrics yet"  # a FIFO, ...
         raise UserError(f"{why}; allowed: a run that has logged at least one step")
     if summary is not None:
-        return LossReport(r.run_id, summary.first, summary.last, summary.keys, summary.steps, summary.size, [])
-    keys = [k for k in OBJECTIVES if any(k in d for d in rows)]
-    return LossReport(r.run_id, rows[0], rows[-1], keys, len(rows), 0, rows)
+        keys = trained_keys(stages, summary.keys)
+        return LossReport(r.run_id, summary.first, summary.last, keys, summary.steps, summary.size, [], stages)
+    keys = trained_keys(stages, [k for k in OBJECTIVES if any(k in d for d in rows)])
+    return LossReport(r.run_id, rows[0], rows[-1], keys, len(rows), 0, rows, stages)
+
+
+def stage_of(stages: list[Stage], step: float) -> int:
+    """The index of the stage that holds `step` (the last for a step beyond them, as vltrain.stages)."""
+    return next((i for i, s in enumerate(stages) if step <= s.last), len(stages) - 1)
+
+
+def in_stages(stages: list[Stage], rows: list[dict[str, Any]]) -> list[tuple[Stage, list[dict[str, Any]]]]:
+    """Each stage with the records of its steps (rows in step order); one stage holding every row
+    when the stages are not known."""
+    if not stages:
+        return [(Stage("whole run", int(rows[0]["step"]), int(rows[-1]["step"]), {}), rows)] if rows else []
+    out: list[tuple[Stage, list[dict[str, Any]]]] = [(s, []) for s in stages]
+    for row in rows:
+        out[stage_of(stages, row["step"])][1].append(row)
+    return out
+
+
+EVAL_KS = ("R@1", "R@5", "R@10")
+
+
+def eval_row(run: RunRecord, ev: dict[str, Any]) -> dict[str, Any]:
+    """One run's row of `report eval` from its eval.json (vltrain.evaluate.eval_scores, plus the step
+    evaluated): recall at 1, 5, 10 both ways, CIDEr-D, the pairs held out and chance R@1 (1/n)."""
+
+    def number(v: Any) -> int | float | None:
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    row: dict[str, Any] = {"run_id": run.run_id, "name": run.name, "profile": run.profile}
+    row["step"] = number(ev.get("step"))
+    row["n"] = number(ev.get("n"))
+    row["chance_r1"] = number(ev.get("chance_r1"))
+    for side in ("i2t", "t2i"):
+        scores = ev.get(side)
+        scores = scores if isinstance(scores, dict) else {}
+        row |= {f"{side}_{k.replace('@', '').lower()}": number(scores.get(k)) for k in EVAL_KS}
+    row["cider"] = number(ev.get("cider"))
+    return row
+
+
+def eval_report(
+    reg: Registry, run: str | None = None, profile: str | None = None, user: str | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """`report eval`: a row per run that has an eval.json (edge: reads them), oldest first, and the
+    runs matching the filters that have none (named in a note, not silently left out)."""
+    from clusterctl.runs.artifacts import read_eval
+
+    run_id = reg.get_run(run).run_id if run else None
+    rows, missing = [], []
+    for r, _ in reversed(reg.index(run_id=run_id, profile=profile, user=user)):
+        ev = read_eval(r.run_dir)
+        if ev:
+            rows.append(eval_row(r, ev))
+        else:
+            missing.append(r.run_id)
+    return rows, missing

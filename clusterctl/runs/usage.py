@@ -513,13 +513,22 @@ def parse_timeline(text: str) -> list[tuple[float, float, float]]:
 
 def merge_timelines(files: list[list[tuple[float, float, float]]]) -> list[tuple[float, float, float]]:
     """Run totals over time from per-node, per-attempt cumulative series: at each point in time the
-    run's total is the sum over files of each file's latest value so far (attempts add, never overwrite)."""
+    run's total is the sum over files of each file's highest value so far (attempts add, never
+    overwrite). A file is cumulative, so a point below its predecessor (lines out of time order, a
+    tracker's restart appended to the same file) never lowers it: the total is monotone."""
     events = sorted((t, i, e, c) for i, pts in enumerate(files) for t, e, c in pts)
     latest: dict[int, tuple[float, float]] = {}
-    out = []
+    out: list[tuple[float, float, float]] = []
+    energy = co2 = 0.0
     for t, i, e, c in events:
-        latest[i] = (e, c)
-        out.append((t, sum(v[0] for v in latest.values()), sum(v[1] for v in latest.values())))
+        pe, pc = latest.get(i, (0.0, 0.0))
+        ne, nc = max(pe, e), max(pc, c)
+        latest[i] = (ne, nc)
+        energy, co2 = energy + ne - pe, co2 + nc - pc
+        if out and out[-1][0] == t:  # one point per instant: nodes that flushed together
+            out[-1] = (t, energy, co2)
+        else:
+            out.append((t, energy, co2))
     return out
 
 
