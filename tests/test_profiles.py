@@ -123,7 +123,7 @@ MALFORMED = [
         "unknown nested key",
         "count = 2",
         "count = 2\nsockets = 2",
-        "nodes.sockets: unknown key; allowed: count, gpus_per_node, cpus_per_node, memory_gib",
+        "nodes.sockets: unknown key; allowed: count, gpus_per_node, cpus_per_node, memory_gib, non_gpu_power_w",
     ),
     (
         "negative nodes",

@@ -1,15 +1,21 @@
 """Time, GPU-hours, energy and CO2 of a training run before it runs, and audits of published claims (pure).
 
-    GPU-hours  = GPUs x wall hours, or work / (GPUs x peak x MFU) when the work is given
-    energy kWh = GPU-hours x GPU power (kW) x PUE, plus an optional per-node CPU/RAM allowance shown apart
+    GPU-hours  = GPUs x wall hours, or model FLOPs / (peak x MFU) when the work is given
+    energy kWh = (GPU-hours x GPU power + node-hours x the node's power besides its GPUs) x PUE, the two
+                 shown apart; the node figure is the profile's or a default per GPU model, said as such
     CO2 kg     = kWh x grid intensity (g/kWh) / 1000
 The work is either samples of a model (FLOPs per sample from the architecture, clusterctl.planning)
-or tokens with a parameter count (6ND; 8ND with activation recomputation).
+or tokens with a parameter count (6ND). MFU counts model FLOPs (PaLM's definition: no recomputation),
+HFU the hardware FLOPs that run (x 4/3 with activation recomputation: 8ND); audits state both.
+Figures in sentences have one format (count_words: three significant digits, never an exponent,
+never "0%" for what is not zero).
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from vltrain.common.errors import UserError
@@ -61,17 +67,20 @@ class Setup:
     carbon_intensity_g_per_kwh: float
     intensity_source: str
     nodes: int | None = 1
-    node_power_w: float = 0.0  # CPU/RAM allowance per node, reported separately
+    node_power_w: float = 0.0  # per node besides its GPUs (CPUs, memory, NICs), reported separately
+    node_power_source: str = "not counted"  # "profile", "--node-power-w", "default for A100, assumed (...)"
 
 
 @dataclass(frozen=True)
 class Work:
-    """What the run computes; flops is total training FLOPs (None when only time is known)."""
+    """What the run computes: `flops` the hardware FLOPs that run (recomputation included), `model_flops`
+    the model's (none: no recomputation, the same); None when only time is known."""
 
     hours: float | None = None  # wall time
     gpu_hours: float | None = None
     flops: float | None = None
     describe: str = ""
+    model_flops: float | None = None
 
 
 @dataclass
@@ -87,14 +96,23 @@ class Estimate:
     intensity_source: str
     pue: float
     power_w: float
-    mfu: float
-    flops: float | None
+    mfu: float  # model FLOPs utilisation: what the time assumes
+    flops: float | None  # hardware FLOPs (recomputation included)
     work: str
     findings: list[dict] = field(default_factory=list)
+    model_flops: float | None = None
+    hfu: float | None = None  # hardware FLOPs utilisation at that time (None: no work given)
+    nodes: int | None = None
+    node_power_w: float = 0.0
+    node_power_source: str = "not counted"
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+        return {k: (_rounded(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def _rounded(x: float) -> float:
+    """JSON figures: 4 decimals, but 4 significant digits below 1 (0.000139 stays, not 0.0)."""
+    return round(x, 4) if abs(x) >= 1 else float(f"{x:.4g}")
 
 
 def estimate(setup: Setup, work: Work, mfu: float) -> Estimate:
@@ -112,7 +130,7 @@ def estimate(setup: Setup, work: Work, mfu: float) -> Estimate:
             raise UserError(
                 "--peak-tflops: no bf16 peak to turn FLOPs into time; allowed: --profile P or --peak-tflops T"
             )
-        gpu_hours = work.flops / (setup.peak_tflops * 1e12 * mfu) / 3600
+        gpu_hours = _model_flops(work) / (setup.peak_tflops * 1e12 * mfu) / 3600
     else:
         raise UserError(
             "estimate: nothing to estimate; allowed: --duration, --hours, --gpu-hours, --samples with --model, or --tokens with --params"
@@ -120,7 +138,7 @@ def estimate(setup: Setup, work: Work, mfu: float) -> Estimate:
     hours = work.hours if work.hours is not None else (gpu_hours / setup.gpus if setup.gpus else None)
     if setup.node_power_w and (hours is None or not setup.nodes):
         raise UserError(
-            "--node-power-w: a per-node allowance needs the node count and wall time; allowed: --gpus N or --profile P"
+            "--node-power-w: a node's power needs the node count and wall time; allowed: --gpus N or --profile P"
         )
     gpu_kwh = gpu_hours * setup.power_w / 1000 * setup.pue
     node_kwh = (setup.nodes or 0) * (hours or 0.0) * setup.node_power_w / 1000 * setup.pue
@@ -140,11 +158,20 @@ def estimate(setup: Setup, work: Work, mfu: float) -> Estimate:
         mfu=mfu,
         flops=work.flops,
         work=work.describe,
+        model_flops=_model_flops(work) if work.flops is not None else None,
+        hfu=mfu * work.flops / _model_flops(work) if work.flops else None,
+        nodes=setup.nodes,
+        node_power_w=setup.node_power_w,
+        node_power_source=setup.node_power_source,
     )
 
 
+def _model_flops(work: Work) -> float:
+    return work.model_flops if work.model_flops is not None else work.flops or 0.0
+
+
 def token_flops(tokens: float, params: float, activation_checkpointing: bool = False) -> float:
-    """6ND (Kaplan et al. 2020); 8ND with full activation recomputation."""
+    """6ND (Kaplan et al. 2020); 8ND with full activation recomputation (hardware FLOPs)."""
     return (8.0 if activation_checkpointing else 6.0) * tokens * params
 
 
@@ -157,76 +184,104 @@ class Claims:
     co2_kg: float | None = None
 
 
-def _mfu_words(x: float) -> str:
-    """'implies 98% MFU'; a claim that needs the GPUs to run faster than their peak says so plainly."""
-    return f"implies {x:.0%} MFU" if x < 10 else f"needs {x:,.0f}x the GPUs' peak"
+def _mfu_words(mfu: float, hfu: float | None = None) -> str:
+    """'implies 74% MFU (98% HFU with recomputation)'; a claim that needs the GPUs to compute faster
+    than their peak says so plainly."""
+    hfu = mfu if hfu is None else hfu
+    recompute = not math.isclose(hfu, mfu, rel_tol=1e-9)
+    if hfu > 1:
+        return f"needs {times(hfu)} the GPUs' peak" + (f" ({times(mfu)} in model FLOPs alone)" if recompute else "")
+    return f"implies {percent(mfu)} MFU" + (f" ({percent(hfu)} HFU with recomputation)" if recompute else "")
 
 
 def _finding(
     claim: str,
     claimed: float,
-    low: float,
-    high: float,
+    band: tuple[float, float],
     expected: float,
     unit: str,
     why: str,
-    implied_mfu: float | None = None,
+    implied: tuple[float, float] | None = None,
     tolerance: float = TOLERANCE,
+    says: str = "",
 ) -> dict:
-    """A claim against the band [low, high] the setup allows; the verdict names the MFU it implies."""
+    """A claim against the band [low, high] the setup allows; the verdict names the MFU (and HFU) it
+    implies, `implied` = (MFU, HFU), and `says` what else the claim amounts to ('that is ~744 GPUs...')."""
+    low, high = band
     ratio = claimed / expected if expected else float("inf")
     lo, hi = low * (1 - tolerance), high * (1 + tolerance)
     mfu_words = (
-        f"{_mfu_words(implied_mfu)}; plausible MFU {MIN_MFU:.0%}-{MAX_MFU:.0%}"
-        if implied_mfu is not None
+        f"{_mfu_words(*implied)}; plausible MFU {span(MIN_MFU * 100, MAX_MFU * 100, '%')}"
+        if implied is not None
         else "MFU unknown: give the work (--samples with --model, or --tokens) to audit it"
     )
+    mfu_words = f"{says}; {mfu_words}" if says else mfu_words
     factor = claimed / high if claimed > hi else low / claimed if claimed > 0 else float("inf")
     if lo <= claimed <= hi:
         verdict = f"consistent ({mfu_words})"
-    elif implied_mfu is not None:
+    elif implied is not None:
         verdict = (
-            f"implausible: {factor:,.1f}x {'more' if claimed > hi else 'less'} than the setup allows ({mfu_words})"
+            f"implausible: {times(factor)} {'more' if claimed > hi else 'less'} than the setup allows ({mfu_words})"
         )
     else:
-        verdict = f"off by {factor:,.1f}x ({'higher' if claimed > hi else 'lower'} than the setup implies; {mfu_words})"
+        verdict = (
+            f"off by {times(factor)} ({'higher' if claimed > hi else 'lower'} than the setup implies; {mfu_words})"
+        )
     return {
         "claim": claim,
         "claimed": claimed,
-        "expected": round(expected, 4),
-        "low": round(low, 4),
-        "high": round(high, 4),
+        "expected": _rounded(expected),
+        "low": _rounded(low),
+        "high": _rounded(high),
         "unit": unit,
-        "ratio": round(ratio, 4),
-        "implied_mfu": None if implied_mfu is None else round(implied_mfu, 4),
+        "ratio": _rounded(ratio),
+        "implied_mfu": None if implied is None else _rounded(implied[0]),
+        "implied_hfu": None if implied is None else _rounded(implied[1]),
         "verdict": verdict,
         "why": why,
     }
 
 
+def _implied_gpus(claimed_gpu_hours: float, hours: float | None, gpus: int | None) -> str:
+    """'that is ~744 GPUs for 6 weeks, not 32': a GPU-hour claim over the stated (or the setup's) time."""
+    if not hours:
+        return ""
+    n = claimed_gpu_hours / hours
+    stated = f", not {gpus:,}" if gpus and not math.isclose(n, gpus, rel_tol=TOLERANCE) else ""
+    return f"that is ~{count_words(n)} GPUs for {duration_words(hours)}{stated}"
+
+
 def audit(setup: Setup, est: Estimate, claims: Claims) -> list[dict]:
     """Compare claimed figures with what the setup implies; each verdict states the MFU the claim implies.
 
-    With the work known (FLOPs), a claimed time or GPU-hour figure implies an MFU, which must lie in
-    [MIN_MFU, MAX_MFU]; without it, GPU-hours must agree with GPUs x time (within TOLERANCE). Energy
-    lies between a floor and a ceiling, both at the site's PUE: the ceiling is every GPU at full
-    board power for the most GPU-hours the band allows (plus the node allowance); the floor is the
-    larger of BUSY_POWER_FLOOR of board power for the fewest, and the FLOPs at 100% MFU at full
-    power. CO2 follows from the energy band and the grid intensity.
+    With the work known (FLOPs), a claimed time or GPU-hour figure implies an MFU (model FLOPs, no
+    recomputation), which must lie in [MIN_MFU, MAX_MFU], and an HFU (the FLOPs that run), at most 1;
+    without it, GPU-hours must agree with GPUs x time (within TOLERANCE). A GPU-hour claim also says
+    how many GPUs it means over the claimed (else the setup's) wall time. Energy lies between a floor
+    and a ceiling, both at the site's PUE: the ceiling is every GPU at full board power for the most
+    GPU-hours the band allows, plus the nodes' power besides the GPUs for as long; the floor is the
+    larger of BUSY_POWER_FLOOR of board power for the fewest, and the hardware FLOPs at 100% HFU at
+    full power (GPUs only: a paper may count only them). CO2 follows from the energy band.
     """
     out: list[dict] = []
-    kw = setup.power_w / 1000
     peak = setup.peak_tflops * 1e12
-    work_gpu_h = est.flops / peak / 3600 if est.flops else None  # GPU-hours at 100% MFU
+    model_gpu_h = est.model_flops / peak / 3600 if est.model_flops else None  # GPU-hours at 100% MFU
+    hw_gpu_h = est.flops / peak / 3600 if est.flops else None  # at 100% HFU
 
-    def mfu_of(gpu_h: float) -> float | None:
-        return work_gpu_h / gpu_h if work_gpu_h and gpu_h > 0 else None
+    def implied(gpu_h: float) -> tuple[float, float] | None:
+        return (model_gpu_h / gpu_h, (hw_gpu_h or 0.0) / gpu_h) if model_gpu_h and gpu_h > 0 else None
 
-    if work_gpu_h:
-        band = (work_gpu_h / MAX_MFU, work_gpu_h / MIN_MFU)
+    if model_gpu_h and hw_gpu_h:
+        band = (max(model_gpu_h / MAX_MFU, hw_gpu_h), model_gpu_h / MIN_MFU)
+        recompute = (
+            f" ({count_words(hw_gpu_h)} at 100% HFU, recomputation included)"
+            if not math.isclose(hw_gpu_h, model_gpu_h)
+            else ""
+        )
         why = (
-            f"{est.work}: {count_words(work_gpu_h)} GPU-h at 100% MFU; {count_words(band[0])} at {MAX_MFU:.0%}, "
-            f"{count_words(est.gpu_hours)} at {est.mfu:.0%}, {count_words(band[1])} at {MIN_MFU:.0%}"
+            f"{est.work}: {count_words(model_gpu_h)} GPU-h at 100% MFU{recompute}; {count_words(band[0])} at "
+            f"{percent(model_gpu_h / band[0])}, {count_words(est.gpu_hours)} at {percent(est.mfu)}, "
+            f"{count_words(band[1])} at {percent(MIN_MFU)}"
         )
         tolerance = 0.0  # the MFU band is the tolerance
     else:
@@ -238,17 +293,19 @@ def audit(setup: Setup, est: Estimate, claims: Claims) -> list[dict]:
         )
         tolerance = TOLERANCE
     if claims.gpu_hours is not None:
+        over = claims.hours if claims.hours is not None else est.hours
+        says = _implied_gpus(claims.gpu_hours, over, setup.gpus)
         out.append(
             _finding(
                 "gpu_hours",
                 claims.gpu_hours,
-                band[0],
-                band[1],
+                band,
                 est.gpu_hours,
                 "GPU-h",
                 why,
-                mfu_of(claims.gpu_hours),
+                implied(claims.gpu_hours),
                 tolerance,
+                says,
             )
         )
     if claims.hours is not None:
@@ -256,44 +313,58 @@ def audit(setup: Setup, est: Estimate, claims: Claims) -> list[dict]:
             raise UserError(
                 "--claimed-duration: auditing a wall time needs the GPU count; allowed: --gpus N or --profile P"
             )
+        hours_band = (band[0] / setup.gpus, band[1] / setup.gpus)
         out.append(
             _finding(
-                "hours",
-                claims.hours,
-                band[0] / setup.gpus,
-                band[1] / setup.gpus,
-                est.hours,
-                "h",
-                why,
-                mfu_of(claims.hours * setup.gpus),
-                tolerance,
+                "hours", claims.hours, hours_band, est.hours, "h", why, implied(claims.hours * setup.gpus), tolerance
             )
         )
+    out.extend(_energy_findings(setup, est, claims, band, hw_gpu_h, implied, tolerance))
+    return out
+
+
+def _energy_findings(
+    setup: Setup,
+    est: Estimate,
+    claims: Claims,
+    band: tuple[float, float],
+    hw_gpu_h: float | None,
+    implied: Callable[[float], tuple[float, float] | None],
+    tolerance: float,
+) -> list[dict]:
+    """Claimed energy and CO2 against the band's floor and ceiling (audit's docstring)."""
+    out: list[dict] = []
+    kw = setup.power_w / 1000
     hours_hi = band[1] / setup.gpus if setup.gpus else 0.0
     node_kwh_hi = (setup.nodes or 0) * hours_hi * setup.node_power_w / 1000 * setup.pue
     ceiling = band[1] * kw * setup.pue + node_kwh_hi
-    floor = max(BUSY_POWER_FLOOR * band[0], work_gpu_h or 0.0) * kw * setup.pue
+    floor = max(BUSY_POWER_FLOOR * band[0], hw_gpu_h or 0.0) * kw * setup.pue
+    nodes = (
+        f" + {setup.nodes} nodes x {count_words(hours_hi)} h x {count_words(setup.node_power_w)} W besides "
+        f"the GPUs ({setup.node_power_source})"
+        if node_kwh_hi
+        else f" (nodes besides their GPUs {setup.node_power_source})"
+    )
     e_why = (
-        f"ceiling: {count_words(band[1])} GPU-h x {setup.power_w:g} W x PUE {setup.pue:g}; floor: the larger of "
-        f"{BUSY_POWER_FLOOR:.0%} of board power for {count_words(band[0])} GPU-h"
-        + (f" and the FLOPs at 100% MFU ({count_words(work_gpu_h)} GPU-h) at full power" if work_gpu_h else "")
-        + f", also x PUE {setup.pue:g}"
+        f"ceiling: {count_words(band[1])} GPU-h x {setup.power_w:g} W{nodes}, x PUE {setup.pue:g}; floor: the "
+        f"larger of {percent(BUSY_POWER_FLOOR)} of board power for {count_words(band[0])} GPU-h"
+        + (f" and the FLOPs at 100% HFU ({count_words(hw_gpu_h)} GPU-h) at full power" if hw_gpu_h else "")
+        + f", GPUs only, also x PUE {setup.pue:g}"
     )
 
-    def energy_mfu(kwh: float) -> float | None:  # the least MFU that energy allows: every GPU at full power
-        return mfu_of(kwh / (kw * setup.pue)) if kwh > 0 else None
+    def energy_implied(kwh: float) -> tuple[float, float] | None:  # the least MFU that energy allows: all on GPUs
+        return implied(kwh / (kw * setup.pue)) if kwh > 0 else None
 
     if claims.energy_kwh is not None:
         out.append(
             _finding(
                 "energy_kwh",
                 claims.energy_kwh,
-                floor,
-                ceiling,
+                (floor, ceiling),
                 est.energy_kwh,
                 "kWh",
                 e_why,
-                energy_mfu(claims.energy_kwh),
+                energy_implied(claims.energy_kwh),
                 tolerance,
             )
         )
@@ -303,12 +374,11 @@ def audit(setup: Setup, est: Estimate, claims: Claims) -> list[dict]:
             _finding(
                 "co2_kg",
                 claims.co2_kg,
-                floor * g,
-                ceiling * g,
+                (floor * g, ceiling * g),
                 est.co2_kg,
                 "kg CO2eq",
                 f"energy band x {setup.carbon_intensity_g_per_kwh:g} g/kWh ({setup.intensity_source})",
-                energy_mfu(claims.co2_kg / g) if g else None,
+                energy_implied(claims.co2_kg / g) if g else None,
                 tolerance,
             )
         )
@@ -329,7 +399,7 @@ def work_agreement(
         verdict = f"consistent: {per_sample:,.0f} tokens per sample, as {model} sees"
     else:
         verdict = (
-            f"the two disagree by {max(ratio, 1 / ratio):,.1f}x: {count_words(tokens)} tokens over "
+            f"the two disagree by {times(max(ratio, 1 / ratio))}: {count_words(tokens)} tokens over "
             f"{count_words(samples)} samples is {per_sample:,.0f} tokens per sample, while {model} sees "
             f"{tokens_per_sample:,} (image patches + text)"
         )
@@ -344,7 +414,7 @@ def work_agreement(
         "implied_mfu": None,
         "verdict": verdict,
         "why": (
-            f"as FLOPs, 6ND over all parameters counts {token_flops_ / sample_flops:,.1f}x the model's own "
+            f"as FLOPs, 6ND over all parameters counts {times(token_flops_ / sample_flops)} the model's own "
             "count, in which each token passes only its tower; estimates use the model's count"
         ),
         "token_flops": token_flops_,
@@ -353,11 +423,52 @@ def work_agreement(
 
 
 def count_words(x: float | None) -> str:
-    """A count for a sentence: 12,480; 1.8B; 4.2T; never an exponent."""
+    """A figure for a sentence, the one format audits use: three significant digits, thousands
+    separated (12,480), M/B/T above a million (1.8B, 4.2T), trailing zeros dropped (4.98, 32), never
+    an exponent (0.00139)."""
     if x is None:
         return "-"
     for unit, name in ((1e12, "T"), (1e9, "B"), (1e6, "M")):
         if abs(x) >= unit:
-            v = x / unit
-            return (f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}") + name
-    return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.4f}".rstrip("0").rstrip(".")
+            return _significant(x / unit) + name
+    return _significant(x)
+
+
+def _significant(x: float, digits: int = 3) -> str:
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    if abs(x) >= 10 ** (digits - 1):
+        return f"{x:,.0f}"
+    text = f"{x:,.{digits - 1 - math.floor(math.log10(abs(x)))}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def percent(x: float) -> str:
+    """A fraction as a percentage that is never '0%' unless it is 0: 74%, 1.3%, 0.35%, <0.1%."""
+    p = x * 100
+    if p == 0:
+        return "0%"
+    if abs(p) < 0.1:
+        return "<0.1%"
+    return (f"{p:,.0f}" if abs(p) >= 10 else _significant(p, 2)) + "%"
+
+
+def times(x: float) -> str:
+    """A ratio: 23.3x, 724x, 1.51x."""
+    return count_words(x) + "x"
+
+
+def span(low: float, high: float, unit: str = "") -> str:
+    """A band in one format: '4.98-32 h', '10-65%'; one figure when both ends are equal."""
+    sep = "" if unit in ("", "%") else " "
+    if count_words(low) == count_words(high):
+        return f"{count_words(low)}{sep}{unit}"
+    return f"{count_words(low)}-{count_words(high)}{sep}{unit}"
+
+
+def duration_words(hours: float) -> str:
+    """A wall time as people say it: 8.1 h, 5 days, 6 weeks, 2 months (a month: MONTH_DOC)."""
+    for below, size, name in ((72, 1.0, "h"), (24 * 14, 24.0, "days"), (168 * 8, 168.0, "weeks")):
+        if hours < below:
+            return f"{count_words(hours / size)} {name}"
+    return f"{count_words(hours / HOURS['mo'])} months"

@@ -88,6 +88,13 @@ class Nodes:
     gpus_per_node: int = field("GPUs per node = tasks per node", min=1, max=64)
     cpus_per_node: int = field("CPU cores per node", min=1, max=4096)
     memory_gib: int = field("host memory per node (GiB)", min=1, max=65_536)
+    non_gpu_power_w: float | None = field(
+        "power of a node besides its GPUs at full load (CPUs, memory, NICs, fans; W); default from the "
+        "GPU model (NODE_POWER), an assumption",
+        default=None,
+        min=0,
+        max=100_000,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +142,29 @@ USABLE_MEMORY_GIB: tuple[tuple[str, float], ...] = (
     (r"\bV100\b", 15.77),
 )
 USABLE_SHARE = 0.985  # an unlisted CUDA GPU: A100-80GB's 79.15 of 80, rounded down
+
+
+# Power of a node besides its GPUs, per GPU, when the profile states none: the vendor's maximum system
+# power less its GPUs' board power, over the GPUs (both at full load, as GPU energy is counted). An
+# assumption, said wherever it is used; first match wins.
+#   DGX A100: 6.5 kW max, 8 x 400 W GPUs -> (6,500 - 3,200) / 8 = 412.5 W (DGX A100 datasheet)
+#   DGX H100 / H200: 10.2 kW max, 8 x 700 W -> (10,200 - 5,600) / 8 = 575 W (DGX H100/H200 datasheets)
+#   DGX-1 V100: 3.5 kW max, 8 x 300 W -> (3,500 - 2,400) / 8 = 137.5 W (DGX-1 datasheet)
+NODE_POWER: tuple[tuple[str, float], ...] = ((r"\bH[12]00\b", 575.0), (r"\bA100\b", 412.5), (r"\bV100\b", 137.5))
+
+
+def node_power(nodes: Nodes, gpu: Gpu) -> tuple[float, str]:
+    """(W per node besides the GPUs, where the figure comes from): the profile's nodes.non_gpu_power_w,
+    else NODE_POWER's share per GPU x gpus_per_node (an assumption, and the source says so)."""
+    if nodes.non_gpu_power_w is not None:
+        return nodes.non_gpu_power_w, "profile"
+    if gpu.kind != "cuda":
+        return 0.0, f"not counted: gpu.kind = {gpu.kind!r} (the CPU is the device)"
+    name = gpu.model.upper().replace("-", " ").replace("_", " ")
+    for rx, per_gpu in NODE_POWER:
+        if m := re.search(rx, name):
+            return per_gpu * nodes.gpus_per_node, f"default for {m[0]}, assumed"
+    return 0.0, f"not counted: no default for {gpu.model} (set nodes.non_gpu_power_w)"
 
 
 @dataclass(frozen=True, kw_only=True)

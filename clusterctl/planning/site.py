@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from clusterctl.planning.carbon import country_intensity
 from clusterctl.planning.estimates import Setup
-from clusterctl.planning.profiles import ClusterProfile
+from clusterctl.planning.profiles import ClusterProfile, node_power
 from vltrain.common.errors import UserError
 
 GPUS_PER_NODE = 8  # when no profile says otherwise (every seed cluster has 8 per node)
@@ -40,7 +40,7 @@ def make_setup(
     gpus: int | None = None,
     peak_tflops: float | None = None,
     power_w: float | None = None,
-    node_power_w: float = 0.0,
+    node_power_w: float | None = None,
     pue: float | None = None,
     country: str | None = None,
     carbon_intensity: float | None = None,
@@ -56,6 +56,12 @@ def make_setup(
     peak = peak_tflops if peak_tflops is not None else (profile.gpu.peak_bf16_tflops if profile else 0.0)
     pue_v = pue if pue is not None else (profile.site.pue if profile else 1.0)
     per_node = profile.nodes.gpus_per_node if profile else GPUS_PER_NODE
+    if node_power_w is not None:
+        node_w, node_source = node_power_w, "--node-power-w"
+    elif profile is not None:
+        node_w, node_source = node_power(profile.nodes, profile.gpu)  # the profile's, or assumed per GPU model
+    else:
+        node_w, node_source = 0.0, "not counted: no profile (--node-power-w W counts it)"
     return Setup(
         gpus=n,
         peak_tflops=peak,
@@ -64,7 +70,8 @@ def make_setup(
         carbon_intensity_g_per_kwh=intensity,
         intensity_source=source,
         nodes=-(-n // per_node) if n else None,
-        node_power_w=node_power_w,
+        node_power_w=node_w,
+        node_power_source=node_source,
     )
 
 
