@@ -73,15 +73,22 @@ def _say(notes: list[str], out: TextIO) -> None:
 
 @app.command()
 def show(name: str = typer.Argument(..., help="Recipe name or path."), json_: bool = JSON) -> None:
-    """A recipe as the trainer would read it (its base applied), before a profile's plan fills in the batch split."""
-    from clusterctl.planning.recipes import find_recipe
+    """A recipe as the trainer would read it (its base applied), before a profile's plan fills in the batch split,
+    and what its paper states that it does not reproduce, with the reason."""
+    from clusterctl.planning.recipes import find_recipe, paper_facts
     from vltrain.config import load_train_config
 
     path = find_recipe(name, "NAME")
     cfg = load_train_config(path)
+    paper = paper_facts(path).to_dict()
     if json_:
-        print_json({"name": name, "path": str(path), "config": cfg.to_dict()})
+        print_json(
+            {"name": name, "path": str(path), "config": cfg.to_dict(), "paper": paper}
+            | {"not_reproduced": paper["not_reproduced"]}
+        )
         return
     from clusterctl.render.plan_view import print_config
+    from clusterctl.render.recipe_view import print_paper
 
     print_config(cfg.to_dict(), str(path))
+    print_paper(paper)

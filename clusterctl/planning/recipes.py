@@ -61,18 +61,30 @@ def find_recipe(name_or_path: str, flag: str) -> Path:
 
 
 def recipe_summary(path: Path) -> str:
-    """The first comment line of a recipe: what it is. Only its first 64 KiB are read, and only if it
-    is a regular file (vltrain.common.safe_read: NotReadable, an OSError, for a FIFO or a device);
-    UnicodeDecodeError when a line before the summary is not UTF-8 (a binary file)."""
+    """The first sentence of a recipe's opening comment: what it is (whole, though its comment wraps lines).
+    Only its first 64 KiB are read, and only if it is a regular file (vltrain.common.safe_read:
+    NotReadable, an OSError, for a FIFO or a device); UnicodeDecodeError when a line before the summary
+    is not UTF-8 (a binary file)."""
     from vltrain.common import safe_read
 
+    lines: list[str] = []
     for raw in safe_read.read_head(path, 1 << 16).split(b"\n"):
         line = raw.decode("utf-8")
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-        if line.strip():
+        if not line.startswith("#"):
+            if line.strip() or lines:
+                break
+            continue
+        lines.append(line.lstrip("# ").strip())
+        if first_sentence(" ".join(lines)) is not None:
             break
-    return ""
+    text = " ".join(lines).strip()
+    return first_sentence(text) or text
+
+
+def first_sentence(text: str) -> str | None:
+    """The text up to its first full stop (a '.', '!' or '?' before a space or the end), None without one."""
+    m = re.search(r"[.!?](?=\s|$)", text)
+    return text[: m.end()] if m else None
 
 
 def is_name(name_or_path: str) -> bool:
@@ -115,6 +127,18 @@ class PaperFacts:
     duration_h: float | None  # the paper's stated wall-clock training duration, hours (None: not stated)
     gpus: int | None  # on how many GPUs that duration was stated
     gpu_hours: float | None  # the paper's stated GPU-hours, if any
+
+    def items(self) -> list[dict[str, str]]:
+        """not_reproduced as JSON prints it: [{"what": ..., "why": ...}]."""
+        return [{"what": what, "why": why} for what, why in self.not_reproduced]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "duration_h": self.duration_h,
+            "gpus": self.gpus,
+            "gpu_hours": self.gpu_hours,
+            "not_reproduced": self.items(),
+        }
 
 
 NO_PAPER = PaperFacts((), None, None, None)

@@ -56,6 +56,9 @@ def print_plan(d: dict) -> None:
         )
     if "step_time" in d:
         print_scale(d)
+    from clusterctl.render.recipe_view import print_not_reproduced  # the recipe's [paper] (issue 25)
+
+    print_not_reproduced(d.get("not_reproduced", []), (d.get("estimate") or {}).get("recipe"))
     for line in d.get("warnings", []):
         say(f"{styled('warning', 'yellow')}: {printable(line)}")
 

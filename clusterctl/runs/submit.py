@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from clusterctl.planning.plan import Plan, plan_for_run
 from clusterctl.planning.profiles import ClusterProfile, check_job_name, load_profile, profile_origin
-from clusterctl.planning.recipes import find_recipe, known_recipes
+from clusterctl.planning.recipes import find_recipe, known_recipes, paper_facts
 from clusterctl.runs import preflight
 from clusterctl.runs.preflight import Checks
 from clusterctl.specs import RunRecord, RunState
@@ -89,6 +89,7 @@ def prepare(
     cfg = absolute_data_paths(load_train_config(source, None, *layers))
     plan, resolved = plan_for_run(profile, cfg)
     plan_d = plan.to_dict() | {"steps": resolved.steps}
+    plan_d["not_reproduced"] = paper_facts(source).items() if source else []  # the recipe's [paper] (issue 25)
     if estimate:
         plan_d["estimate"] = run_estimate(profile, plan, resolved.steps)
     run_name = check_job_name(name or (cfg.model if isinstance(cfg.model, str) else cfg.model.name))
@@ -153,6 +154,7 @@ def dry_run(p: Prepared, run_dir: Path, hold: bool = False) -> dict[str, Any]:
         "source": p.source,
         "profile_source": p.profile_source,
         "checks": p.checks.to_dict(),
+        "not_reproduced": p.plan["not_reproduced"],  # what the recipe does not reproduce of its paper
         "executor": spec.executor,
         "run_dir": str(run_dir),
         "sbatch": text if backend.renders_script else None,
