@@ -39,8 +39,8 @@ def estimate(
         None, "--peak-tflops", help="bf16 dense peak per GPU (overrides the profile)."
     ),
     power_w: Optional[float] = typer.Option(None, "--power-w", help="Power per GPU in W (overrides the profile)."),
-    node_power_w: float = typer.Option(
-        0.0, "--node-power-w", help="CPU/RAM allowance per node in W, shown separately."
+    node_power_w: Optional[float] = typer.Option(
+        None, "--node-power-w", help="Power per node besides its GPUs in W (default: the profile's, else assumed)."
     ),
     pue: Optional[float] = typer.Option(None, "--pue", help="Data-centre PUE (overrides the profile)."),
     country: Optional[str] = typer.Option(None, "--country", help="ISO 3166 alpha-3 for codecarbon's grid intensity."),

@@ -40,7 +40,7 @@ class EstimateRequest(NamedTuple):
     mfu: float
     peak_tflops: float | None
     power_w: float | None
-    node_power_w: float
+    node_power_w: float | None  # None: the profile's, or the GPU model's default (assumed)
     pue: float | None
     country: str | None
     carbon_intensity: float | None
@@ -194,10 +194,14 @@ def work_flops(q: EstimateRequest) -> tuple[Any, dict[str, Any] | None]:
     ckpt = q.activation_checkpointing
     sample_flops = n * train_flops_per_sample(preset, ckpt) if n is not None and preset is not None else None
     tok_flops = token_flops(t, n_params, ckpt) if t is not None and n_params is not None else None
-    if sample_flops is not None:
-        work = Work(flops=sample_flops, describe=f"{count_words(n)} samples of {q.model}")
+    if sample_flops is not None:  # model FLOPs (MFU's): the same work without recomputation
+        model = n * train_flops_per_sample(preset, False) if n is not None and preset is not None else None
+        work = Work(flops=sample_flops, describe=f"{count_words(n)} samples of {q.model}", model_flops=model)
     else:
-        work = Work(flops=tok_flops, describe=f"{count_words(t)} tokens x {count_words(n_params)} params")
+        model = token_flops(t, n_params) if t is not None and n_params is not None else None
+        work = Work(
+            flops=tok_flops, describe=f"{count_words(t)} tokens x {count_words(n_params)} params", model_flops=model
+        )
     if sample_flops is None or tok_flops is None or preset is None or t is None or n is None or q.model is None:
         return work, None  # one statement of the work (both given: preset, counts and model are all known)
     per_sample = preset.num_patches + 1 + preset.max_text_len

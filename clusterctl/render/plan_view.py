@@ -154,7 +154,7 @@ def _layout(d: dict, a: dict, flags: bool = True) -> str:
 
 def print_estimate(d: dict) -> None:
     """The estimate as a list of figures people read (no exponents), then one line per claim."""
-    from clusterctl.planning.estimates import count_words
+    from clusterctl.planning.estimates import count_words, percent
     from clusterctl.render.units import flops
 
     rows = [("GPUs", f"{d['gpus']:,}" if d["gpus"] else "- (give --gpus or --profile for the wall time)")]
@@ -162,14 +162,19 @@ def print_estimate(d: dict) -> None:
         rows.append(("wall time", f"{d['hours']:,.1f} h ({d['hours'] / 24:,.1f} days)"))
     rows.append(("GPU-hours", f"{d['gpu_hours']:,.0f}"))
     rows.append(("GPU energy", f"{d['gpu_energy_kwh']:,.0f} kWh ({d['power_w']:g} W x PUE {d['pue']:g})"))
-    if d["node_energy_kwh"]:
-        rows.append(("node CPU/RAM allowance", f"{d['node_energy_kwh']:,.0f} kWh"))
+    node = f"{d['nodes']} nodes x {d['node_power_w']:,.0f} W x PUE {d['pue']:g}; " if d.get("node_power_w") else ""
+    rows.append(("node energy", f"{d['node_energy_kwh']:,.0f} kWh besides GPUs ({node}{d['node_power_source']})"))
     rows.append(("energy", f"{d['energy_kwh']:,.0f} kWh = {d['energy_kwh'] / 1000:,.1f} MWh"))
     rows.append(
         ("CO2eq", f"{d['co2_kg']:,.0f} kg at {d['carbon_intensity_g_per_kwh']:g} g/kWh ({d['intensity_source']})")
     )
     if d["flops"]:
-        rows.append(("training FLOPs", f"{flops(d['flops'])} at MFU {d['mfu']:.0%}"))
+        hw = (
+            f"; {flops(d['flops'])} run, {percent(d['hfu'])} HFU"
+            if d["flops"] != d.get("model_flops", d["flops"])
+            else ""
+        )
+        rows.append(("training FLOPs", f"{flops(d.get('model_flops') or d['flops'])} at {percent(d['mfu'])} MFU{hw}"))
     what, value = (list(col) for col in zip(*rows, strict=True))
     say(table_text(f"estimate: {printable(d['work'])}", [[], []], [what, value], [False, True]))
     for f in d["findings"]:
