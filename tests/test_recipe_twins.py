@@ -1,56 +1,32 @@
 """Each seed recipe's reduced twin (configs/seed-00N-tiny.toml) trains on the real local Slurm cluster
 with the recipe's objectives, optimizer, schedule shape and parallelism: seed 001 with FSDP (and its
-masked-image-modelling curriculum), seed 003 with tensor x pipeline parallelism (tp 2 x pp 2 on 2 nodes
-x 2 ranks), seed 004 with masked image modelling; and a run that fails on Slurm says why in `status`."""
+masked-image-modelling curriculum), seed 003 with tensor x pipeline parallelism (tp 2 x pp 2), seed 004 with
+masked image modelling, all on the shipped slurm-local-2x2 profile (2 nodes x 2 ranks) with a contrastive pool
+>= 4; and a run that fails on Slurm says why in `status`."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import pytest
 
+from clusterctl.planning.contrastive import contrastive_pool
+from clusterctl.planning.plan import plan_for_run
+from clusterctl.planning.profiles import load_profile
 from tests.conftest import REPO, deadline, run_cli, tar_that_ends_after_one_member, tiny_data
 from vltrain.config import load_train_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SEEDS = ("000", "001", "002", "003", "004")
-# What a twin changes of its recipe's layout to fit this machine (each documented in the twin): seed 001's
-# tp 4 to tp 1 (one rank per node); seed 003's tp 2 x pp 2 on 2 nodes x 2 ranks.
-NOT_YET: dict[str, dict] = {"001": {"tp": 1}, "003": {"tp": 2}}
-# Ranks per node of each twin's profile: seed 003's tp 2 x pp 2 needs 2 ranks on each of the 2 nodes.
-RANKS_PER_NODE = {"003": 2}
-TWO_BY_TWO = """\
-name = "slurm-local-2x2"
-description = "slurm-local with 2 fake GPUs (2 ranks) on each of its 2 nodes: seed 003's tp 2 x pp 2 twin"
-executor = "slurm"
-recipe = "tiny"
-[nodes]
-count = 2
-gpus_per_node = 2
-cpus_per_node = 2
-memory_gib = 6
-[gpu]
-model = "fake-gpu (CPU)"
-kind = "cpu"
-memory_gib = 8
-peak_bf16_tflops = 0.1
-power_w = 4
-[interconnect]
-intra_node = "none"
-inter_node = "ethernet"
-socket_ifname = "lo"
-[slurm]
-partition = "debug"
-time_limit = "00:30:00"
-signal_delay_s = 30
-exclusive = false
-[site]
-country_iso = "FRA"
-pue = 1.0
-"""
+PROFILE = "slurm-local-2x2"  # shipped: 2 nodes x 2 ranks, what every twin runs on (README, docs/recipes.md)
+RANKS = 4
+# What a twin changes of its recipe's layout to fit this cluster (each documented in the twin): seed 001's
+# tp 4 to tp 1 (4 ranks in a node; the profile has 2); seed 003's tp 2 x pp 2 is kept.
+NOT_YET: dict[str, dict] = {"001": {"tp": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +35,6 @@ def cluster(tmp_path_factory):
         pytest.skip("the local Slurm cluster is not up (scripts/slurm-local.sh up)")
     root = tmp_path_factory.mktemp("twins")
     data, tok = tiny_data(root, n=600)
-    (root / "cluster_profiles").mkdir()
-    (root / "cluster_profiles" / "slurm-local-2x2.toml").write_text(TWO_BY_TWO)
     env = {"CLUSTERCTL_REGISTRY": str(root / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(root / "runs")}
     return {"root": root, "data": data, "tok": tok, "env": env}
 
@@ -94,7 +68,7 @@ def twins(cluster):
         r = run_cli(
             "submit",
             "--profile",
-            "slurm-local-2x2" if RANKS_PER_NODE.get(seed) == 2 else "slurm-local",
+            PROFILE,
             "--config",
             str(REPO / "configs" / f"seed-{seed}-tiny.toml"),
             "--set",
@@ -156,18 +130,24 @@ def test_twin_trains_with_its_recipe(twins, seed):
         recipe.optim.min_lr, abs=1e-12
     )
     # its ranks on two Slurm nodes, each rank with its own log
-    per_node = RANKS_PER_NODE.get(seed, 1)
     start = next(json.loads(line) for line in (rd / "events.jsonl").read_text().splitlines() if '"start"' in line)
-    assert start["world_size"] == 2 * per_node and start["launcher"] == "submitit-slurm"
+    assert start["world_size"] == RANKS and start["launcher"] == "submitit-slurm"
     assert (start["tp"], start["pp"], start["dp"]) == (
         ran.parallel.tp,
         ran.parallel.pp,
-        2 * per_node // (ran.parallel.tp * ran.parallel.pp),
+        RANKS // (ran.parallel.tp * ran.parallel.pp),
     )
     assert start["strategy"] == ran.parallel.strategy
+    # the contrastive pool the plan promised (>= 4), and an ITC loss at its chance level: not the identically-0
+    # loss of a pool of 1, nor the log 2 of a pool of 2 (docs/trainer.md#the-contrastive-pool)
+    plan = plan_for_run(load_profile(PROFILE), load_train_config(REPO / "configs" / f"seed-{seed}-tiny.toml"))[0]
+    pool = start["micro_batch"] * start["dp"]
+    assert pool == contrastive_pool(plan.split) and pool >= 4
+    first = steps[0]["itc"]
+    assert stage_loss(ran, 1).itc > 0 and abs(first - math.log(pool)) < min(abs(first - math.log(2)), first), first
     logs = sorted((rd / "submitit").glob("*/*_log.out"))
     ranks = {int(p.name.split("_")[1]) for p in logs}
-    assert ranks == set(range(2 * per_node)), logs
+    assert ranks == set(range(RANKS)), logs
     assert all(p.stat().st_size > 0 for p in logs)
 
 
