@@ -149,7 +149,7 @@ def test_cli_estimate_samples_with_model_and_human_output():
 @pytest.mark.parametrize(
     "args, msg",
     [
-        (("--profile", "a100x32"), "error: estimate: nothing to estimate"),
+        (("--gpus", "32", "--power-w", "400", "--carbon-intensity", "50"), "error: estimate: nothing to estimate"),
         (("--profile", "a100x32", "--duration", "6x"), "error: --duration: '6x' is not a duration"),
         (
             ("--profile", "a100x32", "--duration", "6w", "--hours", "3"),

@@ -11,11 +11,8 @@ from typing import Optional
 import typer
 
 from clusterctl.cli.options import JSON
+from clusterctl.planning.estimate_request import DEFAULT_MFU  # planning.plan's, copied (light to import)
 from clusterctl.render.output import print_json
-
-# planning.plan.DEFAULT_MFU, copied (tests/test_import_hygiene.py checks they are equal): importing the
-# planner costs ~40 ms, more than the rest of `estimate`.
-DEFAULT_MFU = 0.40
 
 
 def estimate(
@@ -34,7 +31,11 @@ def estimate(
     activation_checkpointing: bool = typer.Option(
         False, "--activation-checkpointing", help="Count recomputation (8ND)."
     ),
-    mfu: float = typer.Option(DEFAULT_MFU, "--mfu", help="Model FLOPs utilisation assumed for work-based estimates."),
+    mfu: Optional[float] = typer.Option(
+        None,
+        "--mfu",
+        help=f"MFU for work-based estimates (default: the plan's expected MFU of --profile's recipe, else {DEFAULT_MFU:.0%}).",
+    ),
     peak_tflops: Optional[float] = typer.Option(
         None, "--peak-tflops", help="bf16 dense peak per GPU (overrides the profile)."
     ),

@@ -18,9 +18,9 @@ def plan(flags: PlanningFlags, json_: bool = JSON) -> None:
     """Split the global batch over the profile's GPUs and check it fits in GPU memory under ZeRO."""
     from clusterctl.runs.preflight import trainer_support
 
-    # data checks are submit's; the estimate of the whole run is `estimate`'s and submit's
-    p = flags.prepare(check=False, estimate=False)
-    d = {k: v for k, v in p.plan.items() if k != "steps"} | {"profile_source": p.profile_source}
+    # data checks are submit's; the whole run (planning.whole_run) is the plan's, submit's and `estimate`'s
+    p = flags.prepare(check=False)
+    d = p.plan | {"profile_source": p.profile_source}
     if json_:
         print_json(d)
     else:

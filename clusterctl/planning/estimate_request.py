@@ -21,6 +21,9 @@ MAX_GPU_HOURS = 1e12  # 100 million GPUs for a year is 8.8e11
 MAX_GPUS = 10_000_000
 MAX_MWH = 1e12  # claimed energy: 30 years of the world's electricity
 MAX_CO2_T = 1e12
+# planning.plan.DEFAULT_MFU, copied (tests/test_import_hygiene.py checks they are equal): importing the
+# planner costs ~40 ms, more than the rest of `estimate`.
+DEFAULT_MFU = 0.40
 
 
 class EstimateRequest(NamedTuple):
@@ -37,7 +40,7 @@ class EstimateRequest(NamedTuple):
     tokens: str | None
     params: str | None
     activation_checkpointing: bool
-    mfu: float
+    mfu: float | None  # None: the plan's expected MFU on --profile (its recipe's model), else DEFAULT_MFU
     peak_tflops: float | None
     power_w: float | None
     node_power_w: float | None  # None: the profile's, or the GPU model's default (assumed)
@@ -137,8 +140,10 @@ def estimate_run(q: EstimateRequest) -> dict[str, Any]:
         country=q.country,
         carbon_intensity=q.carbon_intensity,
     )
-    work, agreement = stated_work(q)
-    est = estimate(setup, work, q.mfu)
+    recipe = recipe_run(q, prof)
+    work, agreement = (recipe.work, None) if recipe else stated_work(q)
+    mfu, mfu_source = run_mfu(q, prof, work, recipe)
+    est = estimate(setup, work, mfu)
     check_outcome(est.gpu_hours, est.hours)
     claims = Claims(
         gpu_hours=q.claimed_gpu_hours,
@@ -147,10 +152,64 @@ def estimate_run(q: EstimateRequest) -> dict[str, Any]:
         co2_kg=q.claimed_co2_t * 1000 if q.claimed_co2_t is not None else None,
     )
     est.findings = ([agreement] if agreement else []) + audit(setup, est, claims)
-    return est.to_dict() | {
-        "profile": q.profile,
-        "country": q.country.upper() if q.country else prof.site.country_iso if prof else None,
-    }
+    return (
+        est.to_dict()
+        | {
+            "profile": q.profile,
+            "country": q.country.upper() if q.country else prof.site.country_iso if prof else None,
+            "mfu_source": mfu_source,
+        }
+        | (recipe.paper(est.to_dict()) if recipe else {})
+    )
+
+
+class RecipeRun(NamedTuple):
+    """`estimate --profile P` with no time or work: the whole run of P's recipe, as `plan` states it."""
+
+    plan: Any  # planning.plan.Plan
+    work: Any  # planning.estimates.Work: steps x global batch x the plan's FLOPs per sample
+    path: Any  # the recipe's file (its [paper] table)
+    steps: int
+
+    def paper(self, est: dict[str, Any]) -> dict[str, Any]:
+        """The paper's run beside the estimate, and the plan's warning when far from it (planning.whole_run)."""
+        from clusterctl.planning.whole_run import paper_run, paper_warnings, recipe_facts
+
+        d = est | {"recipe": self.path.stem, "steps": self.steps}
+        paper = paper_run(recipe_facts(self.path), d)
+        d["paper"] = paper.to_dict() if paper else None
+        return {"recipe": d["recipe"], "steps": self.steps, "paper": d["paper"], "warnings": paper_warnings(d)}
+
+
+def recipe_run(q: EstimateRequest, prof: Any) -> RecipeRun | None:
+    """The profile's recipe as its whole run when --profile is the only statement of the run (no time,
+    no work); None otherwise."""
+    given = (q.duration, q.hours, q.gpu_hours, q.samples, q.tokens)
+    if prof is None or not prof.recipe or any(v is not None for v in given):
+        return None
+    from clusterctl.planning.whole_run import recipe_plan, run_work
+
+    plan, cfg, path = recipe_plan(prof)
+    return RecipeRun(plan, run_work(plan, cfg.steps), path, cfg.steps)
+
+
+def run_mfu(q: EstimateRequest, prof: Any, work: Any, recipe: RecipeRun | None) -> tuple[float, str]:
+    """The MFU the estimate assumes, and where it comes from: --mfu; else, for a work in FLOPs on
+    --profile, the expected MFU of the plan of its recipe (when the work's model is the recipe's:
+    what `plan` states for the whole run); else DEFAULT_MFU."""
+    if q.mfu is not None:
+        return q.mfu, "--mfu"
+    if work.flops is None or prof is None or not prof.recipe:
+        return DEFAULT_MFU, "assumed"
+    if recipe is None:
+        from clusterctl.planning.whole_run import recipe_plan
+
+        plan = recipe_plan(prof)[0]
+        if q.model is not None and q.model != plan.model:
+            return DEFAULT_MFU, f"assumed ({prof.recipe} plans {plan.model}, not {q.model})"
+    else:
+        plan = recipe.plan
+    return plan.model_mfu_expected(), f"the plan's expected MFU for {prof.recipe} on {prof.name}"
 
 
 def stated_work(q: EstimateRequest) -> tuple[Any, dict[str, Any] | None]:
@@ -168,7 +227,8 @@ def stated_work(q: EstimateRequest) -> tuple[Any, dict[str, Any] | None]:
     if q.samples is not None or q.tokens is not None:
         return work_flops(q)
     raise UserError(
-        "estimate: nothing to estimate; allowed: --duration, --hours, --gpu-hours, --samples with --model, or --tokens with --params"
+        "estimate: nothing to estimate; allowed: --duration, --hours, --gpu-hours, --samples with --model, "
+        "--tokens with --params, or --profile P alone (its recipe's whole run)"
     )
 
 

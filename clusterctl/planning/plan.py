@@ -33,7 +33,8 @@ from vltrain.parallel.layout import data_parallel, layout_problems, microbatch_p
 if TYPE_CHECKING:
     from clusterctl.planning import fsdp
 
-DEFAULT_MFU = 0.40  # model FLOPs utilisation of the compute alone; typical of well-tuned A100/H100 runs
+DEFAULT_MFU = 0.40  # FLOPs utilisation of the compute alone; typical of well-tuned A100/H100 runs
+RECOMPUTE = 4.0 / 3.0  # hardware over model FLOPs with full activation recomputation (4 forwards for 3)
 FASTER_BY = 1.05  # another layout is named faster only when it saves 5%: the models are not finer than that
 
 
@@ -122,6 +123,7 @@ class Plan:
     parallel: fsdp.ParallelTime | None = None  # what tp x pp add to the step (strategy "fsdp")
     sharding: str | None = None  # FSDP's parallel.sharding; None under DeepSpeed
     objectives: tuple[str, ...] = ()  # those whose FLOPs count (run_objectives)
+    precision: str = "bf16"  # the run's: what the memory table's labels name
 
     def step_time_s(self, mfu: float = DEFAULT_MFU) -> float:
         """Seconds of compute per optimizer step at `mfu` of the profile's bf16 peak (no communication)."""
@@ -137,8 +139,17 @@ class Plan:
         return self.step_time_s() + self.comm.exposed_s + self.parallel_s()
 
     def mfu_expected(self) -> float:
-        """Model FLOPs over (GPUs x peak x total step time): DEFAULT_MFU lowered by exposed communication."""
+        """FLOPs that run (recomputation included: HFU) over (GPUs x peak x total step time): DEFAULT_MFU
+        lowered by exposed communication. JSON `mfu_expected`, kept as it was for scripts."""
         return DEFAULT_MFU * self.step_time_s() / self.total_step_s()
+
+    def model_flops_per_sample(self) -> float:
+        """The model's FLOPs per sample, recomputation excluded (what MFU counts, PaLM's definition)."""
+        return self.flops_per_sample / (RECOMPUTE if self.activation_checkpointing else 1.0)
+
+    def model_mfu_expected(self) -> float:
+        """Expected MFU in model FLOPs: mfu_expected without the recomputation (3/4 of it with it)."""
+        return self.mfu_expected() * self.model_flops_per_sample() / self.flops_per_sample
 
     def faster_layout(self) -> ZeroAlternative | None:
         """The layout to suggest: among those faster than this one by FASTER_BY, the lowest ZeRO stage
@@ -186,6 +197,9 @@ class Plan:
             },
             "parallel": self.parallel.to_dict() if self.parallel else None,
             "mfu_expected": round(self.mfu_expected(), 4),
+            "model_mfu_expected": round(self.model_mfu_expected(), 4),  # recomputation excluded
+            "model_flops_per_sample": self.model_flops_per_sample(),
+            "precision": self.precision,
             "communication": self.comm.to_dict() | {"fabric": self.fabric.to_dict()},
             "alternatives": [a.to_dict() for a in self.alternatives],
             "faster_layout": faster.to_dict() if faster else None,
@@ -394,6 +408,7 @@ def _deepspeed_plan(
         strategy=cfg.parallel.strategy,
         pp_schedule=cfg.parallel.pp_schedule,
         objectives=objectives,
+        precision=cfg.precision,
     )
 
 
@@ -532,6 +547,7 @@ def _fsdp_plan(
         parallel=ptime,
         sharding=par.sharding,
         objectives=objectives,
+        precision=cfg.precision,
     )
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from clusterctl.planning.plan import Plan, plan_for_run
 from clusterctl.planning.profiles import ClusterProfile, check_job_name, load_profile, profile_origin
 from clusterctl.planning.recipes import find_recipe, known_recipes, paper_facts
+from clusterctl.planning.whole_run import paper_warnings
 from clusterctl.runs import preflight
 from clusterctl.runs.preflight import Checks
 from clusterctl.specs import RunRecord, RunState
@@ -90,8 +91,9 @@ def prepare(
     plan, resolved = plan_for_run(profile, cfg)
     plan_d = plan.to_dict() | {"steps": resolved.steps}
     plan_d["not_reproduced"] = paper_facts(source).items() if source else []  # the recipe's [paper] (issue 25)
-    if estimate:
-        plan_d["estimate"] = run_estimate(profile, plan, resolved.steps)
+    if estimate:  # the whole run, and a warning when it is far from the paper's (planning.whole_run)
+        plan_d["estimate"] = run_estimate(profile, plan, resolved.steps, source)
+        plan_d["warnings"] = plan_d["warnings"] + paper_warnings(plan_d["estimate"])
     run_name = check_job_name(name or (cfg.model if isinstance(cfg.model, str) else cfg.model.name))
     checks = preflight.check(resolved, plan_d) if check else preflight.Checks()
     if check:  # the plan's own warnings (planning.advice) are submit's too, once per subject
@@ -111,22 +113,12 @@ def refuse(p: Prepared) -> None:
         )
 
 
-def run_estimate(profile: ClusterProfile, plan: Plan, steps: int) -> dict[str, Any]:
-    """Time, GPU-hours, kWh and CO2 the plan implies for the whole run, stored beside what gets measured.
-    At the plan's expected MFU: compute at DEFAULT_MFU plus the communication compute does not hide."""
-    from clusterctl.planning.estimates import Work, estimate
-    from clusterctl.planning.site import make_setup
+def run_estimate(profile: ClusterProfile, plan: Plan, steps: int, recipe: Path | None = None) -> dict[str, Any]:
+    """Time, GPU-hours, kWh and CO2 the plan implies for the whole run, stored beside what gets measured,
+    and the paper's run (`recipe`'s [paper]): planning.whole_run, as `plan` and `estimate --profile` say."""
+    from clusterctl.planning.whole_run import whole_run
 
-    flops = steps * plan.split.global_batch * plan.flops_per_sample
-    e = estimate(
-        make_setup(profile),
-        Work(flops=flops, describe=f"{steps} steps x {plan.split.global_batch} samples"),
-        plan.mfu_expected(),
-    )
-    return {
-        k: getattr(e, k)
-        for k in ("hours", "gpu_hours", "energy_kwh", "co2_kg", "mfu", "carbon_intensity_g_per_kwh", "intensity_source")
-    }
+    return whole_run(profile, plan, steps, recipe=recipe)
 
 
 def absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
