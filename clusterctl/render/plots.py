@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from clusterctl.render.safe import printable
 from vltrain.common.errors import UserError
@@ -67,36 +67,57 @@ def energy_plot(series: dict[str, list[tuple[float, float, float]]], path: Path)
     return path
 
 
-def loss_plot(run: str, parts: list[tuple[Any, list[dict[str, Any]]]], keys: list[str], path: Path) -> Path:
-    """Loss per objective against the optimizer step, stage by stage (`parts`: reports.in_stages):
-    each objective only over the stages that weight it (> 0: a stage that does not train it logs 0
-    or a value nothing minimises), the total as one segment per stage (its sum changes at a boundary),
-    a dashed line and the stage's name at each boundary."""
-    check_target(path)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    colors: dict[str, Any] = {}
+class LossLine(NamedTuple):
+    """One drawn segment of `report loss --plot`: an objective ("loss": the total) over one stage."""
+
+    key: str
+    stage: str
+    steps: tuple[float, ...]
+    values: tuple[float, ...]
+
+
+def loss_lines(parts: list[tuple[Any, list[dict[str, Any]]]], keys: list[str]) -> tuple[list[LossLine], list[float]]:
+    """What loss_plot draws (pure): for each stage (`parts`: reports.in_stages) each objective the stage
+    weights (> 0: a stage that does not train one logs 0 or a value nothing minimises) and the total
+    as a segment of its own (the total is another weighted sum in each stage, so one line across a
+    boundary would read as a jump); and the x of each boundary (half a step before a stage's first)."""
     staged = len(parts) > 1
+    lines = []
     for stage, rows in parts:
         for k in keys:
             if staged and k != "loss" and stage.weights.get(k, 0.0) <= 0:
                 continue
             pts = [(r["step"], r[k]) for r in rows if _finite(r.get(k)) and _finite(r.get("step"))]
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            label = None if k in colors else ("total" if k == "loss" else k)
-            line = ax.plot(xs, ys, label=label, color=colors.get(k), linewidth=2 if k == "loss" else 1)[0]
-            colors.setdefault(k, line.get_color())
-    if staged:
-        for stage, _ in parts:
-            if stage.first > parts[0][0].first:
-                ax.axvline(stage.first - 0.5, color="0.4", linestyle="--", linewidth=1)
-            ax.text(stage.first - 0.5, 1.01, f" {printable(stage.name)}", transform=ax.get_xaxis_transform(),
+            if pts:
+                xs, ys = zip(*pts)
+                lines.append(LossLine(k, stage.name, xs, ys))
+    bounds = [stage.first - 0.5 for stage, _ in parts[1:]] if staged else []
+    return lines, bounds
+
+
+def loss_plot(run: str, parts: list[tuple[Any, list[dict[str, Any]]]], keys: list[str], path: Path) -> Path:
+    """Loss per objective against the optimizer step, stage by stage (loss_lines), a dashed line and
+    the stage's name at each boundary."""
+    check_target(path)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors: dict[str, Any] = {}
+    lines, bounds = loss_lines(parts, keys)
+    for ln in lines:
+        label = None if ln.key in colors else ("total" if ln.key == "loss" else ln.key)
+        drawn = ax.plot(
+            ln.steps, ln.values, label=label, color=colors.get(ln.key), linewidth=2 if ln.key == "loss" else 1
+        )
+        colors.setdefault(ln.key, drawn[0].get_color())
+    for x in bounds:
+        ax.axvline(x, color="0.4", linestyle="--", linewidth=1)
+    if bounds:
+        for x, (stage, _) in zip([parts[0][0].first - 0.5, *bounds], parts):
+            ax.text(x, 1.01, f" {printable(stage.name)}", transform=ax.get_xaxis_transform(),
                     va="bottom", ha="left", fontsize="small", color="0.3")  # fmt: skip
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (unweighted per objective; total = weighted sum)")
-    ax.set_title(f"{printable(run)}: loss per objective" + (", stage by stage" if staged else ""), pad=16)
+    ax.set_title(f"{printable(run)}: loss per objective" + (", stage by stage" if bounds else ""), pad=16)
     if colors:
         ax.legend(loc="best")
     ax.grid(alpha=0.3)

@@ -18,9 +18,10 @@ _SHORT_SOURCES = {"registry": "times", "registry+sacct": "both"}  # GPU-h source
 
 
 def print_report(kind: str, by: str, rows: list[dict] | dict[str, list], width: int | None = None) -> None:
-    """A table that fits the terminal (80 columns when output is not one): numbers are never cut,
-    a key too long for its column continues on the next line. Columns whose value is the same on
-    every row (GPU-h source, grid intensity, PUE: usually one per profile) move to the line under it.
+    """A table that fits the terminal (80 columns when output is not one): numbers are never cut, nor
+    keys (one too long goes whole on a line of its own). Columns whose value is the same on every row
+    that has one (GPU-h source, grid intensity, PUE: usually one per profile; a run without energy has
+    no grid) move to the line under it, so that run ids and their figures share a line.
     `rows`: the report's rows, or the same as columns (name -> every row's value: usage.run_columns).
 
     Plain text laid out as rich's SIMPLE_HEAD table was (rich measured every cell: 97 % of a report
@@ -73,8 +74,8 @@ def print_report(kind: str, by: str, rows: list[dict] | dict[str, list], width: 
         notes.append("GPU-h source: sacct = Slurm accounting, times = start/end x GPUs, both = some of each")
     heads = [by.split("\n")] + [head.split("\n") for _, head, _ in cols]
     right = [False] + ["source" not in head for _, head, _ in cols]
-    # keys (run ids) are never folded or cut: a table wider than the terminal stays wider
-    say(table_text(f"{kind} by {by}", heads, columns, right, None))
+    # a key (run id) is never cut: one too long for the narrowed column goes whole on a line of its own
+    say(table_text(f"{kind} by {by}", heads, columns, right, width or _width()))
     say(" | ".join(notes), wrap=width or _width())
     if kind == "energy":
         say(
@@ -125,7 +126,12 @@ def _fmt(v) -> str:
 
 
 def print_loss(
-    run_id: str, first: dict[str, Any], last: dict[str, Any], keys: list[str], steps: int | None, size: int = 0,
+    run_id: str,
+    first: dict[str, Any],
+    last: dict[str, Any],
+    keys: list[str],
+    steps: int | None,
+    size: int = 0,
     stages: Sequence[tuple[Any, list[dict[str, Any]]]] = (),
 ) -> None:
     """First and last logged value of each objective ('-' where a line has none, 'nan' where the
@@ -164,20 +170,20 @@ def _value(v: Any) -> str:
 _EVAL_COLS = (  # (row key, header, format): recall in percent of the held-out pairs, CIDEr-D as computed
     ("step", "step", "{:,.0f}"),
     ("n", "pairs", "{:,.0f}"),
-    ("i2t_r1", "i2t\nR@1 %", "{:.1f}"),
-    ("i2t_r5", "i2t\nR@5 %", "{:.1f}"),
-    ("i2t_r10", "i2t\nR@10 %", "{:.1f}"),
-    ("t2i_r1", "t2i\nR@1 %", "{:.1f}"),
-    ("t2i_r5", "t2i\nR@5 %", "{:.1f}"),
-    ("t2i_r10", "t2i\nR@10 %", "{:.1f}"),
+    ("i2t_r1", "i2t\nR@1", "{:.1f}"),
+    ("i2t_r5", "i2t\nR@5", "{:.1f}"),
+    ("i2t_r10", "i2t\nR@10", "{:.1f}"),
+    ("t2i_r1", "t2i\nR@1", "{:.1f}"),
+    ("t2i_r5", "t2i\nR@5", "{:.1f}"),
+    ("t2i_r10", "t2i\nR@10", "{:.1f}"),
     ("cider", "CIDEr-D", "{:.3f}"),
 )
 
 
 def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None = None) -> None:
-    """`report eval`: a row per run, run ids whole (never folded). To fit the terminal, a column the
-    same on every row (the held-out pairs, usually) goes under the table, then the R@10 columns
-    (kept in --json); a table that still does not fit is left wider, never cut."""
+    """`report eval`: a row per run. To fit the terminal, a column the same on every row (the held-out
+    pairs, usually) goes under the table, then the R@10 columns (kept in --json); a run id is never
+    cut (table_text: one too long goes whole on a line of its own)."""
     width = width or _width()
     if not rows:
         output_text("no run has an eval.json yet: `vltrain eval --run-dir DIR`, or a run that finishes")
@@ -194,18 +200,18 @@ def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None
 
         def wide(cs: list) -> int:
             own = [max(len(max(h.split("\n"), key=len)), *map(len, cells[k])) for k, h, _ in cs]
-            return 1 + max(map(len, keys + ["run"])) + sum(3 + w for w in own)
+            return 1 + max(map(len, [*keys, "run"])) + sum(2 + w for w in own)
 
         if wide(cols) > width:
             cols = [c for c in cols if not c[0].endswith("r10")]
             notes.append("R@10: --json")
         heads = [["run"]] + [h.split("\n") for _, h, _ in cols]
         columns = [keys] + [cells[k] for k, _, _ in cols]
-        output_text(table_text("held-out evaluation by run", heads, columns, [False] + [True] * len(cols), None))
+        output_text(table_text("held-out evaluation by run", heads, columns, [False] + [True] * len(cols), width, gap=2))
         chance = {r["chance_r1"] for r in rows if isinstance(r.get("chance_r1"), (int, float))}
         if len(chance) == 1:
             notes.append(f"chance R@1 {100 * chance.pop():.2g} %")
-        notes.append("recall over every held-out pair, both ways; CIDEr-D of the generated captions")
+        notes.append("recall in % of every held-out pair, both ways; CIDEr-D of the generated captions")
         output_text(" | ".join(notes), wrap=width)
     if missing:
         more = f" and {len(missing) - 5:,} more" if len(missing) > 5 else ""

@@ -180,6 +180,7 @@ def loss_report(reg: Registry, ref: str, every: bool = False) -> LossReport:
     the whole file, keeping only the objectives; else one pass keeping two records, or the head and
     tail of a large file (runs.artifacts.loss_summary). A run of several stages is read whole when
     its file is small enough to be counted (FULL_READ_MAX), so each stage gets its first and last."""
+    import contextlib
     import os
 
     from clusterctl.runs.artifacts import FULL_READ_MAX, loss_summary, metric_rows
@@ -188,10 +189,8 @@ def loss_report(reg: Registry, ref: str, every: bool = False) -> LossReport:
     r = reg.get_run(ref)
     stages = run_stages(r.run_dir)
     if len(stages) > 1 and not every:
-        try:
+        with contextlib.suppress(OSError):
             every = os.stat(RunDir(r.run_dir).metrics).st_size <= FULL_READ_MAX
-        except OSError:
-            pass
     rows = metric_rows(r.run_dir, fields=OBJECTIVES) if every else []
     summary = None if every else loss_summary(r.run_dir, OBJECTIVES)
     if not rows and summary is None:
