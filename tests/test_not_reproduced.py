@@ -369,17 +369,38 @@ SEED_STATEMENTS = [
 ]
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_what_the_seed_text_states_without_a_setting_is_listed(seed):
-    text, facts = _seed_text(seed), paper_facts(recipe(seed))
+def seed_gaps(seed: str, facts: PaperFacts) -> list[str]:
+    """What the seed text states that vltrain has no setting for and the recipe's [paper] does not list."""
     whats = " | ".join(what for what, _ in facts.not_reproduced)
-    missing = [
+    return [
         m.group(0)
         for pattern in SEED_STATEMENTS
-        for m in re.finditer(pattern, text, flags=re.IGNORECASE)
+        for m in re.finditer(pattern, _seed_text(seed), flags=re.IGNORECASE)
         if not re.search(pattern, whats, flags=re.IGNORECASE)
     ]
-    assert missing == [], f"seed {seed} states {missing} and its recipe's [paper] does not list them"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_what_the_seed_text_states_without_a_setting_is_listed(seed):
+    assert seed_gaps(seed, paper_facts(recipe(seed))) == []
+
+
+@pytest.mark.parametrize(
+    ("seed", "phrase", "gap"),
+    [
+        ("004", "audio", "audio"),
+        ("004", "video", "video"),
+        ("003", "peak memory", "peak memory"),
+        ("003", "2.1 MWh", "MWh"),
+        ("001", "PyTorch 2.0", "PyTorch 2.0"),
+        ("000", "fine-tuning", "fine-tuning"),
+    ],
+)
+def test_removing_an_entry_the_seed_text_needs_fails(seed, phrase, gap):
+    facts = paper_facts(recipe(seed))
+    kept = tuple(item for item in facts.not_reproduced if phrase not in item[0])
+    assert len(kept) == len(facts.not_reproduced) - 1, "the phrase names exactly one entry"
+    assert gap in seed_gaps(seed, replace(facts, not_reproduced=kept))
 
 
 def _tag(text: str, tag: str) -> str | None:
@@ -437,9 +458,11 @@ def test_a_bad_paper_table_is_one_line(table, message):
 # ---------------------------------------------------------------- what the commands print
 
 
-@pytest.fixture
-def env(tmp_path):
-    return {"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs")}
+def _quiet(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """conftest's private CLI environment where no Slurm controller answers (the partition check is skipped)."""
+    conf = tmp_path / "no-controller.conf"
+    conf.write_text("ClusterName=none\n")
+    return env | {"SLURM_CONF": str(conf)}
 
 
 def _items(seed: str) -> list[dict[str, str]]:
@@ -457,18 +480,41 @@ def test_recipes_show_lists_what_is_not_reproduced(env):
     assert d["not_reproduced"] == _items("004")
 
 
-@pytest.mark.parametrize(("profile", "seed"), [("a100x32", "000"), ("a100x128", "001")])
-def test_plan_and_dry_run_list_what_is_not_reproduced(env, profile, seed):
+@pytest.mark.parametrize(("profile", "seed"), [("a100x32", "000"), ("a100x128", "001"), ("a100x256", "004")])
+def test_plan_and_dry_run_list_what_is_not_reproduced(env, tmp_path, profile, seed):
+    env = _quiet(env, tmp_path)
     for args in (("plan", "--profile", profile), ("submit", "--profile", profile, "--dry-run")):
         human = run_cli(*args, env=env)
+        assert human.returncode in (0, 2) and "Traceback" not in human.stderr, human.stderr  # 2: would refuse
         flat = " ".join(human.stdout.split())
         assert "not reproduced" in flat, human.stdout + human.stderr
-        for item in _items(seed):
-            assert item["what"] in flat, (args, item)
+        for item in _items(seed):  # one line each, what and why (folded at the terminal's width)
+            assert f"- {item['what']}: {item['why']}" in flat, (args, item)
         d = json.loads(run_cli(*args, "--json", env=env).stdout)
         assert d["not_reproduced"] == _items(seed), args
 
 
-def test_a_config_without_a_paper_table_prints_none(env):
+def test_a_config_without_a_paper_table_prints_none(env, tmp_path):
+    env = _quiet(env, tmp_path)
     d = json.loads(run_cli("plan", "--profile", "slurm-local", "--json", env=env).stdout)
     assert d["not_reproduced"] == []
+    human = run_cli("submit", "--profile", "slurm-local", "--dry-run", env=env)
+    assert "not reproduced" not in human.stdout
+
+
+def test_recipes_list_ends_each_description_at_a_sentence(env):
+    """The first whole sentence of a recipe's opening comment, though the comment wraps lines."""
+    rows = json.loads(run_cli("recipes", "list", "--json", env=env).stdout)
+    assert {r["name"] for r in rows} >= {f"seed-{s}" for s in SEEDS} | {f"seed-{s}-tiny" for s in SEEDS}
+    for r in rows:
+        assert re.search(r"[.!?]$", r["summary"]), r
+
+
+def test_a_summary_spans_the_comment_lines_of_its_sentence(tmp_path):
+    from clusterctl.planning.recipes import recipe_summary
+
+    p = tmp_path / "r.toml"
+    p.write_text("\n# A recipe whose first sentence wraps\n# onto a second line. Then more.\n# Unread.\nsteps = 1\n")
+    assert recipe_summary(p) == "A recipe whose first sentence wraps onto a second line."
+    p.write_text("# No full stop: the comment block whole\n# (configs/x.toml)\nsteps = 1\n# later.\n")
+    assert recipe_summary(p) == "No full stop: the comment block whole (configs/x.toml)"
