@@ -184,7 +184,7 @@ def test_node_power_defaults_per_gpu_model_and_says_assumed(profile, nodes, gpu_
     assert d["node_energy_kwh"] == pytest.approx(nodes * SIX_WEEKS_H * other_w / 1000 * pue, rel=1e-6)
     assert d["energy_kwh"] == pytest.approx(d["gpu_energy_kwh"] + d["node_energy_kwh"], rel=1e-6)
     human = run_cli("estimate", "--profile", profile, "--duration", "6w").stdout
-    (line,) = [x for x in human.splitlines() if "node energy" in x]
+    (line,) = [x for x in human.splitlines() if "non-GPU energy" in x]
     assert f"{d['node_energy_kwh']:,.0f} kWh" in line and "assumed" in line and f"{other_w:,} W" in line
 
 

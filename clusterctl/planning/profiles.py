@@ -159,7 +159,7 @@ def node_power(nodes: Nodes, gpu: Gpu) -> tuple[float, str]:
     if nodes.non_gpu_power_w is not None:
         return nodes.non_gpu_power_w, "profile"
     if gpu.kind != "cuda":
-        return 0.0, f"not counted: gpu.kind = {gpu.kind!r} (the CPU is the device)"
+        return 0.0, "not counted: a CPU profile"
     name = gpu.model.upper().replace("-", " ").replace("_", " ")
     for rx, per_gpu in NODE_POWER:
         if m := re.search(rx, name):

@@ -334,8 +334,8 @@ def print_estimate(d: dict) -> None:
         rows.append(("wall time", f"{d['hours']:,.1f} h ({d['hours'] / 24:,.1f} days)"))
     rows.append(("GPU-hours", f"{d['gpu_hours']:,.0f}"))
     rows.append(("GPU energy", f"{d['gpu_energy_kwh']:,.0f} kWh ({d['power_w']:g} W x PUE {d['pue']:g})"))
-    node = f"{d['nodes']} nodes x {d['node_power_w']:,.0f} W x PUE {d['pue']:g}; " if d.get("node_power_w") else ""
-    rows.append(("node energy", f"{d['node_energy_kwh']:,.0f} kWh besides GPUs ({node}{d['node_power_source']})"))
+    node = f"{d['nodes']} nodes x {d['node_power_w']:,.0f} W; " if d.get("node_power_w") else ""
+    rows.append(("non-GPU energy", f"{d['node_energy_kwh']:,.0f} kWh ({node}{d['node_power_source']})"))
     rows.append(("energy", f"{d['energy_kwh']:,.0f} kWh = {d['energy_kwh'] / 1000:,.1f} MWh"))
     rows.append(
         ("CO2eq", f"{d['co2_kg']:,.0f} kg at {d['carbon_intensity_g_per_kwh']:g} g/kWh ({d['intensity_source']})")
