@@ -82,7 +82,7 @@ def test_table_puts_long_keys_whole_on_their_own_line_and_lists_without_header_h
     keys = ["a-run-name-20261206-0012", "short"]
     text = table_text("t", [["run"], ["GPU-h"]], [keys, ["1", "22"]], [False, True], 20)
     lines = text.splitlines()
-    assert lines[4:] == [" a-run-name-20261206-0012", "                  1", " short           22"], text
+    assert lines[4:] == [" a-run-name-20261206-0012", "                   1", " short            22"], text
     assert max(len(line) for line in lines if keys[0] not in line) <= 20  # only a key longer than the width
     listing = table_text("estimate: 6w", [[], []], [["GPUs", "GPU-hours"], ["32", "32,256"]], [False, True])
     assert listing == "estimate: 6w\n\n GPUs            32\n GPU-hours   32,256\n"

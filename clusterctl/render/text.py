@@ -63,30 +63,51 @@ def output_text(text: str, wrap: int | None = None) -> None:
     sys.stdout.write(text + "\n")
 
 
+TERMINAL = -1  # table_text's default width: the terminal's ($COLUMNS first), none when output is piped
+
+
 def table_text(
     title: str,
     heads: list[list[str]],
     columns: list[list[str]],
     right: list[bool],
-    width: int | None = None,
+    width: int | None = TERMINAL,
     gap: int = 3,
 ) -> str:
     """Columns of cells as aligned text: the title, a blank line, headers (bottom-aligned, one list
     of lines per column), a rule, the rows, a blank line; `gap` spaces between columns, 1 before the
-    first. Without any header line, no rule either (a list of names and values). When the table is
-    wider than `width` (None: never) and a narrower first column makes it fit (down to 8
-    characters), a key longer than that column is printed whole on a line of its own and its values
-    on the next line: a key (a run id, a month) is never cut or split; a table that cannot fit is
-    left wider."""
+    first. Without any header line, no rule either (a list of names and values).
+
+    Made to fit `width` (TERMINAL: the terminal's, or $COLUMNS, none when output goes to a pipe;
+    None: never), never by cutting a cell: when a narrower first column makes the table fit (down
+    to 8 characters), a key longer than it goes whole on a line of its own and its values on the
+    next (a run id, a month is never split); then a last-column value too long for the room left
+    is wrapped at spaces onto the next lines, in its column (a number or a word is never split).
+    A table that cannot fit so is left wider."""
+    if width == TERMINAL:
+        from clusterctl.render.status_table import terminal_width
+
+        width = terminal_width()
     n = len(heads)
     sep = " " * gap
     uniq = [set(c) for c in columns]  # the distinct cells: 10,000 rows repeat most values but the keys
     widths = [max(max(map(len, h), default=0), max(map(len, u), default=0)) for h, u in zip(heads, uniq, strict=True)]
-    if width is not None:
-        rest = sum(widths[1:]) + gap * (n - 1) + 2
-        narrow = max(8, width - rest, *(len(h) for h in heads[0]))
-        if narrow < widths[0] and narrow + rest <= width:  # keys on their own line make it fit
-            widths[0] = narrow
+    pieces: dict[str, list[str]] = {}  # last-column values wrapped onto several lines
+    if width is not None and n > 1 and sum(widths) + gap * (n - 1) + 1 > width:
+        # the room the keys keep if the last column wraps down to 16 characters (or its own width)
+        keys_room = width - 1 - sum(widths[1:-1]) - min(widths[-1], 16) - gap * (n - 1)
+        if keys_room < widths[0]:  # keys move to their own line too
+            widths[0] = min(widths[0], max(8, keys_room, *(len(h) for h in heads[0])))
+        room = width - 1 - sum(widths[:-1]) - gap * (n - 1)
+        if 16 <= room < widths[-1]:
+            import textwrap
+
+            for v in uniq[-1]:
+                if len(v) > room:
+                    pieces[v] = textwrap.wrap(v, room, break_long_words=False, break_on_hyphens=False) or [v]
+            longest = [len(p) for ps in pieces.values() for p in ps]
+            widths[-1] = max(max(longest), max((len(v) for v in uniq[-1] if v not in pieces), default=0))
+            widths[-1] = max(widths[-1], 0, *(len(h) for h in heads[-1]))
     depth = max(len(h) for h in heads)
     fmt = " " + sep.join(f"{{:{'>' if r else '<'}{w}}}" for w, r in zip(widths, right, strict=True))
     out = [title, ""]
@@ -95,7 +116,7 @@ def table_text(
     if depth:
         out.append(" " + "\u2500" * (sum(widths) + gap * (n - 1)))
     w0 = widths[0]
-    if max(map(len, uniq[0]), default=0) <= w0:  # every key fits: whole columns padded, rows joined
+    if not pieces and max(map(len, uniq[0]), default=0) <= w0:  # nothing moved: whole columns padded, rows joined
         cells = [_padded(c, u, w, r) for c, u, w, r in zip(columns, uniq, widths, right, strict=True)]
         cells[0] = list(map(" ".__add__, cells[0]))  # the space before the first column, on the short cell
         rows = map(sep.join, zip(*cells, strict=True))
@@ -104,13 +125,15 @@ def table_text(
         out.extend(rows)
         out.append("")
         return "\n".join(out)
-    line = fmt.format
+    line, blank = fmt.format, [""] * (n - 1)
     for row in zip(*columns, strict=True):
-        key = row[0]
+        key, last = row[0], row[-1]
         if len(key) > w0:  # whole, alone, then the values under a blank key
             out.append(" " + key)
             key = ""
-        out.append(line(key, *row[1:]).rstrip())
+        first, *more = pieces.get(last, [last]) if n > 1 else [last]
+        out.append(line(key, *row[1:-1], first).rstrip() if n > 1 else line(key).rstrip())
+        out.extend(line(*blank, piece).rstrip() for piece in more)
     out.append("")
     return "\n".join(out)
 
