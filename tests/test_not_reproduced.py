@@ -364,6 +364,7 @@ SEED_STATEMENTS = [
     r"sweeps",
     r"custom",
     r"terabytes",
+    r"offset",
     r"(?:million|billion) image-text pairs",
     r"downstream|zero-shot",
 ]
@@ -401,6 +402,15 @@ def test_removing_an_entry_the_seed_text_needs_fails(seed, phrase, gap):
     kept = tuple(item for item in facts.not_reproduced if phrase not in item[0])
     assert len(kept) == len(facts.not_reproduced) - 1, "the phrase names exactly one entry"
     assert gap in seed_gaps(seed, replace(facts, not_reproduced=kept))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_every_figure_of_the_seed_text_is_in_its_recipe(seed):
+    """A number the paper states is set, explained (a `choice:` comment) or listed: the recipe names it."""
+    text = re.sub(r"</?\w+>", "", re.sub(r"<year>.*?</year>", "", _seed_text(seed)))
+    named = [v for v, _ in figures(recipe(seed).read_text(encoding="utf-8"))]
+    missing = [v for v, _ in figures(text) if not any(_same(v, n) for n in named)]
+    assert missing == [], f"seed {seed}'s figures {missing} appear nowhere in its recipe"
 
 
 def _tag(text: str, tag: str) -> str | None:
