@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from clusterctl.planning.recipes import PaperFacts, builtin_dir, paper_facts, parse_paper
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, one_line_error, run_cli
 from vltrain.common.errors import UserError
 from vltrain.config import TrainConfig, load_train_config, stage_loss
 from vltrain.model_math import param_breakdown, param_count
@@ -528,3 +528,11 @@ def test_a_summary_spans_the_comment_lines_of_its_sentence(tmp_path):
     assert recipe_summary(p) == "A recipe whose first sentence wraps onto a second line."
     p.write_text("# No full stop: the comment block whole\n# (configs/x.toml)\nsteps = 1\n# later.\n")
     assert recipe_summary(p) == "No full stop: the comment block whole (configs/x.toml)"
+
+
+def test_a_bad_paper_table_stops_plan_in_one_line(env, tmp_path):
+    bad = tmp_path / "mine.toml"
+    bad.write_text(f'base = "{recipe("000")}"\n[paper]\ngpus = 0\n')
+    one_line_error(
+        run_cli("plan", "--profile", "a100x32", "--config", str(bad), env=env), f"error: {bad}: paper.gpus: 0"
+    )
