@@ -214,7 +214,7 @@ def test_an_unknown_gpu_model_has_no_default_and_says_what_to_set():
     nodes = Nodes(count=2, gpus_per_node=4, cpus_per_node=64, memory_gib=512)
     assert node_power(nodes, Gpu(model="MI300X", memory_gib=192, peak_bf16_tflops=1307, power_w=750)) == (
         0.0,
-        "not counted: no default for MI300X (set nodes.non_gpu_power_w)",
+        "not counted: no default for MI300X; set nodes.non_gpu_power_w",
     )
     w, source = node_power(nodes, Gpu(model="A100-SXM4-40GB", memory_gib=40, peak_bf16_tflops=312, power_w=400))
     assert w == pytest.approx(4 * DGX_A100_OTHER_W / 8) and "assumed" in source  # per GPU, on a 4-GPU node

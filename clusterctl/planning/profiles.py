@@ -164,7 +164,7 @@ def node_power(nodes: Nodes, gpu: Gpu) -> tuple[float, str]:
     for rx, per_gpu in NODE_POWER:
         if m := re.search(rx, name):
             return per_gpu * nodes.gpus_per_node, f"default for {m[0]}, assumed"
-    return 0.0, f"not counted: no default for {gpu.model} (set nodes.non_gpu_power_w)"
+    return 0.0, f"not counted: no default for {gpu.model}; set nodes.non_gpu_power_w"
 
 
 @dataclass(frozen=True, kw_only=True)

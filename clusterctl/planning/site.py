@@ -61,7 +61,7 @@ def make_setup(
     elif profile is not None:
         node_w, node_source = node_power(profile.nodes, profile.gpu)  # the profile's, or assumed per GPU model
     else:
-        node_w, node_source = 0.0, "not counted: no profile (--node-power-w W counts it)"
+        node_w, node_source = 0.0, "not counted: no profile; --node-power-w W counts it"
     return Setup(
         gpus=n,
         peak_tflops=peak,
