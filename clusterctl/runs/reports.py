@@ -133,13 +133,17 @@ class Stage(NamedTuple):
 def run_stages(run_dir: str) -> list[Stage]:
     """The stages of the run's resolved config.toml (the trainer's own stage_bounds / stage_at, so the
     report marks the steps the trainer switched at); [] when the file is missing or unreadable."""
+    from vltrain.rundir import RunDir
+
+    path = RunDir(run_dir).config
+    if not path.is_file():  # before the ~60 ms import of the config's types
+        return []
     from vltrain.common.errors import UserError as ConfigError
     from vltrain.config import load_train_config
-    from vltrain.rundir import RunDir
     from vltrain.stages import stage_at, stage_bounds, stage_name
 
     try:
-        cfg = load_train_config(RunDir(run_dir).config)
+        cfg = load_train_config(path)
     except (ConfigError, OSError, ValueError, RecursionError):
         return []
     out = []
