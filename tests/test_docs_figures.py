@@ -179,7 +179,50 @@ def batch_splits() -> str:
     return "\n".join(rows) + "\n"
 
 
-TABLES: dict[str, Callable[[], str]] = {"seeds-at-scale": seeds_at_scale, "batch-splits": batch_splits}
+def fsdp_seeds() -> str:
+    """docs/planning.md, FSDP section: seeds 001 and 003 under FSDP, term by term."""
+    plans = {
+        f"seed {run_json(f'profiles show {n}')['seed']}, {n}": run_json(f"plan --profile {n}")
+        for n in ("a100x128", "h100x128")
+    }
+    rows = [f"| | {' | '.join(plans)} |", "| --- |" + " --- |" * len(plans)]
+
+    def row(label: str, cell: Callable[[dict[str, Any]], str]) -> None:
+        rows.append(f"| {label} | {' | '.join(cell(p) for p in plans.values())} |")
+
+    row("layout", _layout)
+    row(
+        "gathered weights / grads sharded / unsharded grads / master + Adam / activations (GiB)",
+        lambda p: " / ".join(
+            f"{p['memory'][k]:.2f}"
+            for k in ("params_gib", "grads_gib", "grad_accum_gib", "optimizer_gib", "activations_gib")
+        ),
+    )
+    row(
+        "total per GPU",
+        lambda p: (
+            f"{p['memory']['total_gib']:.1f} of {p['memory']['capacity_gib']:g} GiB ({p['memory']['total_gib'] / p['memory']['capacity_gib']:.0%})"
+        ),
+    )
+    row(
+        "step: compute / dp comm exposed / tp x pp / total",
+        lambda p: (
+            " / ".join(
+                f"{p['step_time'][k] or 0:.2f}"
+                for k in ("compute_s", "exposed_communication_s", "parallel_s", "total_s")
+            )
+            + f" s (MFU {p['mfu_expected']:.0%})"
+        ),
+    )
+    row("faster layout", _faster)
+    return "\n".join(rows) + "\n"
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "seeds-at-scale": seeds_at_scale,
+    "batch-splits": batch_splits,
+    "fsdp-seeds": fsdp_seeds,
+}
 
 
 def gpu_rows(text: str) -> list[dict[str, str]]:
@@ -219,8 +262,12 @@ def render(kind: str, spec: str) -> str:
 
 
 def render_fig(spec: str) -> str:
+    """A figure: FORMAT is Python's format spec, or one ending in M or B for millions or billions
+    (".0fM": 291M)."""
     args, key, fmt = (s.strip() for s in spec.split("|"))
-    return format(key_of(run_json(args), key), fmt)
+    value = key_of(run_json(args), key)
+    scale = {"M": 1e6, "B": 1e9}.get(fmt[-1:])
+    return format(value / scale, fmt[:-1]) + fmt[-1] if scale else format(value, fmt)
 
 
 def regenerate(text: str) -> str:
