@@ -278,9 +278,9 @@ def run_rows(d: dict) -> list[tuple[str, str]]:
     rows.append(("GPU-hours", f"{d['gpu_hours']:,.0f}"))
     rows.append(("GPU energy", f"{d['gpu_energy_kwh']:,.0f} kWh ({d['power_w']:g} W x PUE {d['pue']:g})"))
     if d.get("node_energy_kwh") or d.get("node_power_source"):
-        node = f"{d['nodes']} nodes x {d['node_power_w']:,.0f} W x PUE {d['pue']:g}; " if d.get("node_power_w") else ""
+        node = f"{d['nodes']} nodes x {d['node_power_w']:,.0f} W; " if d.get("node_power_w") else ""
         source = d.get("node_power_source", "")
-        rows.append(("node energy", f"{d['node_energy_kwh']:,.0f} kWh besides GPUs ({node}{source})"))
+        rows.append(("non-GPU energy", f"{d['node_energy_kwh']:,.0f} kWh ({node}{source})"))
     rows.append(("energy", f"{d['energy_kwh']:,.0f} kWh = {d['energy_kwh'] / 1000:,.1f} MWh"))
     rows.append(
         ("CO2eq", f"{d['co2_kg']:,.0f} kg at {d['carbon_intensity_g_per_kwh']:g} g/kWh ({d['intensity_source']})")
@@ -325,38 +325,33 @@ def _layout(d: dict, a: dict, flags: bool = True) -> str:
 
 
 def print_estimate(d: dict) -> None:
-    """The estimate as a list of figures people read (no exponents), then one line per claim."""
+    """The estimate as a list of figures people read (no exponents; the rows the plan's whole run
+    prints), then the paper's run when the profile's recipe is estimated, one line per claim."""
     from clusterctl.planning.estimates import count_words, percent
     from clusterctl.render.units import flops
 
-    rows = [("GPUs", f"{d['gpus']:,}" if d["gpus"] else "- (give --gpus or --profile for the wall time)")]
-    if d["hours"] is not None:
-        rows.append(("wall time", f"{d['hours']:,.1f} h ({d['hours'] / 24:,.1f} days)"))
-    rows.append(("GPU-hours", f"{d['gpu_hours']:,.0f}"))
-    rows.append(("GPU energy", f"{d['gpu_energy_kwh']:,.0f} kWh ({d['power_w']:g} W x PUE {d['pue']:g})"))
-    node = f"{d['nodes']} nodes x {d['node_power_w']:,.0f} W; " if d.get("node_power_w") else ""
-    rows.append(("non-GPU energy", f"{d['node_energy_kwh']:,.0f} kWh ({node}{d['node_power_source']})"))
-    rows.append(("energy", f"{d['energy_kwh']:,.0f} kWh = {d['energy_kwh'] / 1000:,.1f} MWh"))
-    rows.append(
-        ("CO2eq", f"{d['co2_kg']:,.0f} kg at {d['carbon_intensity_g_per_kwh']:g} g/kWh ({d['intensity_source']})")
-    )
+    rows = [] if d["gpus"] else [("GPUs", "- (give --gpus or --profile for the wall time)")]
+    rows += run_rows(d)
     if d["flops"]:
-        hw = (
-            f"; {flops(d['flops'])} run, {percent(d['hfu'])} HFU"
-            if d["flops"] != d.get("model_flops", d["flops"])
-            else ""
-        )
-        rows.append(("training FLOPs", f"{flops(d.get('model_flops') or d['flops'])} at {percent(d['mfu'])} MFU{hw}"))
-    what, value = (list(col) for col in zip(*rows, strict=True))
-    say(table_text(f"estimate: {printable(d['work'])}", [[], []], [what, value], [False, True]))
+        hw = f"; {flops(d['flops'])} run" if d["flops"] != d.get("model_flops", d["flops"]) else ""
+        rows.append(("training FLOPs", f"{flops(d.get('model_flops') or d['flops'])}{hw}"))
+        hfu = f", {percent(d['hfu'])} HFU" if d.get("hfu") and d["hfu"] != d["mfu"] else ""
+        source = f" ({d['mfu_source']})" if d.get("mfu_source") else ""
+        rows.append(("MFU", f"{percent(d['mfu'])}{hfu}{source}"))
+    if d.get("paper"):
+        rows.append(("paper", paper_words(d["paper"])))
+    recipe = f" (recipe {d['recipe']})" if d.get("recipe") else ""
+    say(rows_text(f"estimate: {printable(d['work'])}{recipe}", rows))
     for f in d["findings"]:
         colour = "green" if f["verdict"].startswith("consistent") else "red"
         unit = f" {f['unit']}"
         band = count_words(f["low"]) if f["low"] == f["high"] else f"{count_words(f['low'])}-{count_words(f['high'])}"
-        say(
+        tell(
             f"claim {f['claim']}: {count_words(f['claimed'])}{unit} vs {band}{unit} "
             f"{styled(f['verdict'], colour)} ({f['why']})"
         )
+    for line in d.get("warnings", []):
+        tell(f"{styled('warning', 'yellow')}: {printable(line)}")
 
 
 def print_config(config: dict, source: str) -> None:
