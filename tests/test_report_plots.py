@@ -119,6 +119,8 @@ def test_loss_json_has_every_weighted_objective_and_the_stages(world):
     ]
     assert d["stages"][0]["weights"]["mim"] == 1.0 and d["stages"][1]["weights"]["mim"] == 0.0
     assert [s["step"] for s in d["steps"]] == [1, 2, 3, 4, 5, 6]
+    trained = [sorted(k for k, v in s.items() if v is not None and k != "step") for s in d["steps"]]
+    assert trained == [["itc", "loss", "mim"]] * 3 + [["caption", "loss"]] * 3  # not trained there: null, not 0
 
 
 def test_loss_text_is_stage_by_stage(world):

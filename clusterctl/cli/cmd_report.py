@@ -110,7 +110,7 @@ def loss(
 ) -> None:
     """Loss per objective (total and each one a stage weights) and stage, from metrics.jsonl and config.toml."""
     from clusterctl.runs.registry import Registry
-    from clusterctl.runs.reports import in_stages, loss_report
+    from clusterctl.runs.reports import in_stages, loss_report, step_record
     from vltrain.common import safe_read
 
     if plot is not None:
@@ -128,7 +128,7 @@ def loss(
         from clusterctl.render.output import print_json_stream
 
         stages = [s._asdict() for s in report.stages]
-        steps = ({k: d.get(k) for k in ("step", *report.keys)} for d in report.every)
+        steps = (step_record(d, report.keys, report.stages) for d in report.every)
         head = {"run_id": report.run_id, "keys": report.keys, "stages": stages, "notes": safe_read.skipped()}
         print_json_stream(head, "steps", steps)
         return

@@ -227,6 +227,13 @@ def in_stages(stages: list[Stage], rows: list[dict[str, Any]]) -> list[tuple[Sta
     return out
 
 
+def step_record(row: dict[str, Any], keys: list[str], stages: list[Stage]) -> dict[str, Any]:
+    """A step of `report loss --json`: the step and `keys`, an objective its stage does not weight
+    as None (the trainer logs 0 for what it does not compute: not a loss of 0)."""
+    weights = stages[stage_of(stages, row["step"])].weights if stages else {}
+    return {k: row.get(k) if k in ("step", "loss") or weights.get(k, 1.0) > 0 else None for k in ("step", *keys)}
+
+
 EVAL_KS = ("R@1", "R@5", "R@10")
 
 
