@@ -327,6 +327,18 @@ def test_the_gpu_line_follows_the_gpu_status_table():
     assert "nothing" not in after and f"{rows[0]['part']} (H100 80GB, 2026-12-07, abc1234)" in " ".join(after.split())
 
 
+def test_the_gpu_figures_in_trainer_md_follow_the_gpu_check_row():
+    """docs/trainer.md's "Measured on a GPU" table says "not measured" exactly while the gpu_check row
+    here says no: a figure there with no GPU run behind it, or a GPU run not written there, fails."""
+    row = next(r for r in gpu_rows(GPU_STATUS.read_text()) if "gpu_check" in r["part"])
+    section = (REPO / "docs" / "trainer.md").read_text().split("### Measured on a GPU", 1)[1].split("\n#", 1)[0]
+    cells = [line.strip("|").split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
+    values = [v for v in cells[1:] if v != "---"]  # less the header and its rule
+    assert values, section
+    measured = row["on a GPU"].startswith("yes")
+    assert all((v != "not measured") == measured for v in values), (row, values)
+
+
 def test_a_changed_figure_is_caught():
     """The check compares what is written: a doc whose figure drifted from the tool fails."""
     text = "x <!-- fig: presets show tiny | params | , -->1<!-- /fig --> y\n"
