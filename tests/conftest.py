@@ -360,6 +360,23 @@ def env(tmp_path):
     }
 
 
+def dry_run_exit(r) -> None:
+    """`submit --dry-run` (text or --json) exits 2 when it lists a problem (submit would refuse), else 0."""
+    import json
+
+    out = r.stdout.lstrip()
+    refused = bool(json.loads(out)["checks"]["problems"]) if out.startswith("{") else "submit would refuse" in out
+    assert r.returncode == (2 if refused else 0), r.stdout[-1500:] + r.stderr[-1500:]
+
+
+def no_scheduler(tmp_path: Path) -> dict[str, str]:
+    """An environment where no Slurm controller answers (a slurm.conf that names none: scontrol fails at
+    once), so `submit`'s partition check is skipped whether or not the local cluster is up."""
+    conf = tmp_path / "no-controller.conf"
+    conf.write_text("ClusterName=none\n")
+    return {"SLURM_CONF": str(conf)}
+
+
 def one_line_error(r, starts: str) -> None:
     assert r.returncode == 2, r.stdout[-500:] + r.stderr[-500:]
     assert r.stderr.startswith(starts) and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr

@@ -21,7 +21,7 @@ import pytest
 
 from clusterctl.planning.job_env import JOB_ENV_ALLOWED, NOT_LISTED
 from clusterctl.planning.profiles import check_job_env, load_profile, parse_profile
-from tests.conftest import REPO, deadline, run_cli, tiny_data
+from tests.conftest import REPO, deadline, dry_run_exit, run_cli, tiny_data
 from vltrain.common.errors import UserError
 
 # --- 2. the job environment is an allow-list ------------------------------------------------------
@@ -142,7 +142,7 @@ def test_submit_refuses_it_in_one_line_and_accepts_it_with_allow_env(tmp_path, v
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: {cwd / 'cluster_profiles' / 'a100x64.toml'}: interconnect.env: {var} ")
     r = run_cli("submit", "--profile", "a100x64", "--dry-run", "--json", "--allow-env", env=env, cwd=cwd)
-    assert r.returncode == 0, r.stderr
+    dry_run_exit(r)
     assert json.loads(r.stdout)["env"][var] == "/tmp/payload"
 
 

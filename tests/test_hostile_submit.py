@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, one_line_error, run_cli, trainer_shards
+from tests.conftest import REPO, dry_run_exit, one_line_error, run_cli, trainer_shards
 from vltrain.data.shard_spec import empty_tar, tar_problem, url_problem, url_scheme
 
 
@@ -50,7 +50,7 @@ def shadow_lines(text: str, cwd: Path, kind: str) -> list[str]:
 def test_a_shadowing_file_is_said_in_the_dry_run_naming_both_paths(env, tmp_path, kind):
     cwd = clone(tmp_path, kind)
     r = run_cli("submit", "--profile", "local", "--dry-run", env=env, cwd=cwd)
-    assert r.returncode == 0, r.stderr
+    dry_run_exit(r)
     (shipped,) = shadow_lines(r.stdout, cwd, kind)
     assert Path(shipped).is_file() and Path(shipped).resolve() != (cwd / SHADOW[kind][1]).resolve()
     other = "recipe" if kind == "profile" else "profile"
@@ -60,7 +60,8 @@ def test_a_shadowing_file_is_said_in_the_dry_run_naming_both_paths(env, tmp_path
 @pytest.mark.parametrize("kind", ["profile", "recipe"])
 def test_nothing_is_said_without_a_shadow_or_with_the_path_given(env, tmp_path, kind):
     r = run_cli("submit", "--profile", "local", "--dry-run", env=env, cwd=clone(tmp_path))
-    assert r.returncode == 0 and "shadows the shipped" not in r.stdout, r.stderr
+    dry_run_exit(r)
+    assert "shadows the shipped" not in r.stdout, r.stderr
     cwd = clone(tmp_path, kind)
     given = (
         ("--profile", str(cwd / "cluster_profiles" / "local.toml"))
@@ -68,7 +69,8 @@ def test_nothing_is_said_without_a_shadow_or_with_the_path_given(env, tmp_path, 
         else ("--profile", "local", "--config", str(cwd / "configs" / "tiny.toml"))
     )
     r = run_cli("submit", *given, "--dry-run", env=env, cwd=cwd)
-    assert r.returncode == 0 and "shadows the shipped" not in r.stdout, r.stderr
+    dry_run_exit(r)
+    assert "shadows the shipped" not in r.stdout, r.stderr
 
 
 def test_a_refusal_is_the_only_line_even_with_a_shadow(env, tmp_path):
@@ -275,7 +277,7 @@ def test_a_rank_without_a_sample_is_refused(env, tmp_path, n, shards, holdout):
                 if path.is_dir() and any(path.glob("*.tar")) and _loader_refuses(path, train, 2)]  # fmt: skip
     sets = ("--set", f"data.shards={data}", "--set", "data.tokenizer=")
     r = run_cli("submit", "--profile", "slurm-local", *sets, "--dry-run", "--json", env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    dry_run_exit(r)
     said = [p for p in json.loads(r.stdout)["checks"]["problems"] if "data-parallel ranks would get none" in p]
     assert [p.split(":")[0] for p in said] == expected, said
     assert expected or (n, holdout) != (1, 0)  # the cases do include refusals
@@ -301,7 +303,7 @@ def _cpu_runs_deepspeed_fp16() -> bool:
 def test_fp16_under_deepspeed_on_a_cpu_profile_is_refused(env, tmp_path, profile, sets, refused):
     args = [a for s in sets for a in ("--set", s)]
     r = run_cli("submit", "--profile", profile, *args, "--dry-run", "--json", env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    dry_run_exit(r)
     said = [p for p in json.loads(r.stdout)["checks"]["problems"] if p.startswith("precision: fp16")]
     assert bool(said) == refused, said
     if refused:
@@ -318,7 +320,7 @@ def test_a_cuda_profile_on_the_local_executor_needs_cuda_here(env, tmp_path):
     path = tmp_path / "localgpu.toml"
     path.write_text(src.replace('kind = "cpu"', 'kind = "cuda"').replace('name = "local"', 'name = "localgpu"'))
     r = run_cli("submit", "--profile", str(path), "--dry-run", "--json", env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    dry_run_exit(r)
     said = [p for p in json.loads(r.stdout)["checks"]["problems"] if p.startswith("gpu.kind: cuda")]
     assert bool(said) == (not torch.cuda.is_available()), said
     if said:

@@ -21,7 +21,7 @@ from clusterctl.planning.plan import DEFAULT_MFU, make_plan, plan_for_run
 from clusterctl.planning.profiles import builtin_dir, load_profile, parse_profile
 from clusterctl.runs import preflight
 from clusterctl.runs.submit import run_estimate
-from tests.conftest import run_cli
+from tests.conftest import dry_run_exit, run_cli
 from vltrain.config import ParallelConfig, TrainConfig
 from vltrain.model_math import param_count
 from vltrain.presets import get_preset
@@ -132,7 +132,7 @@ def test_submit_refuses_a_plan_whose_host_memory_does_not_fit(tmp_path):
     assert "GiB of host memory per node" in errors[0] and "a node has 128 GiB" in errors[0]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     r = run_cli(*args, "--dry-run", "--json", env=env)
-    assert r.returncode == 0, r.stderr
+    dry_run_exit(r)
     d = json.loads(r.stdout)
     assert d["plan"]["host_memory"]["fits"] is False
     assert [p for p in d["checks"]["problems"] if p.startswith("nodes.memory_gib:")]

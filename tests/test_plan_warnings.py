@@ -15,7 +15,7 @@ from clusterctl.planning.checkpoint import OVERHEAD_WARNING
 from clusterctl.planning.plan import make_plan, plan_for_run
 from clusterctl.planning.profiles import load_profile
 from clusterctl.planning.stages import rank_shares
-from tests.conftest import run_cli
+from tests.conftest import dry_run_exit, run_cli
 from vltrain.config import LossConfig, ParallelConfig, TrainConfig, load_train_config
 from vltrain.dsconfig import bucket_elements
 from vltrain.model_math import forward_flops_per_sample, param_count
@@ -222,11 +222,12 @@ def test_cli_plan_json_has_warnings_and_submit_dry_run_prints_them(tmp_path, mon
     assert "warning: mfu:" in r.stdout and "checkpoint overhead:" in r.stdout
     assert "alternatives (all fit):" in r.stdout
     r = run_cli("submit", "--profile", "a100x128", "--zero-stage", "3", "--tp", "1", "--dry-run", "--json")
-    assert r.returncode == 0, r.stderr
+    dry_run_exit(r)
     warned = json.loads(r.stdout)["checks"]["warnings"]
     assert any(w.startswith("mfu:") for w in warned) and any(w.startswith("layout:") for w in warned)
     r = run_cli("submit", "--profile", "a100x128", "--zero-stage", "3", "--tp", "1", "--dry-run")
-    assert r.returncode == 0 and r.stdout.count("warning: mfu:") == 1, r.stdout  # printed once, with the checks
+    dry_run_exit(r)
+    assert r.stdout.count("warning: mfu:") == 1, r.stdout  # printed once, with the checks
     r = run_cli("submit", "--profile", "a100x64", "--dry-run", "--json")  # memory said once, by preflight or the plan
-    assert r.returncode == 0, r.stderr
+    dry_run_exit(r)
     assert sum("GiB per GPU" in w for w in json.loads(r.stdout)["checks"]["warnings"]) == 1

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from clusterctl.planning import memory
 from clusterctl.planning.plan import make_plan, plan_for_run, require_fit
 from clusterctl.planning.profiles import load_profile
-from tests.conftest import run_cli
+from tests.conftest import dry_run_exit, run_cli
 from vltrain.batching import split_batch
 from vltrain.common.errors import UserError
 from vltrain.config import TrainConfig
@@ -360,7 +360,7 @@ def test_seed_003_layout_in_submit_dry_run_json(tmp_path):
     strategy the recipe says, fsdp is what takes tp x pp)."""
     env = {"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs")}
     r = run_cli("submit", "--profile", "h100x128", "--set", "parallel.strategy=fsdp", "--dry-run", "--json", env=env)
-    assert r.returncode == 0, r.stderr
+    dry_run_exit(r)
     d = json.loads(r.stdout)
     p, c = d["plan"], d["config"]["parallel"]
     assert (p["tensor_parallel"], p["pipeline_parallel"], p["data_parallel"]) == (c["tp"], c["pp"], 32) == (2, 2, 32)

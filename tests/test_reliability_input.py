@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, deadline, one_line_error, run_cli
+from tests.conftest import REPO, deadline, dry_run_exit, one_line_error, run_cli
 
 
 # --- 1. NaN and infinity pass no check ------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_code_loading_env_from_a_cloned_repo_is_refused(env, tmp_path, var):
     one_line_error(r, f"error: {cwd / 'cluster_profiles' / 'a100x64.toml'}: interconnect.env: {var} ")
     assert "--allow-env" in r.stderr and "the working directory" in r.stderr
     r = run_cli("submit", "--profile", "a100x64", "--dry-run", "--allow-env", env=env, cwd=cwd)
-    assert r.returncode == 0, r.stderr
+    dry_run_exit(r)
 
 
 def test_the_users_own_profiles_may_set_it(env, tmp_path):

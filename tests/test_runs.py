@@ -11,7 +11,7 @@ import pytest
 from clusterctl.runs.registry import Registry
 from clusterctl.runs.retry import cluster_failure, should_retry
 from clusterctl.specs import JobRecord, RunRecord
-from tests.conftest import run_cli
+from tests.conftest import dry_run_exit, run_cli
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_dry_run_prints_plan_and_sbatch_and_creates_nothing(tmp_path, env):
         "--dry-run",
         env=env,
     )
-    assert r.returncode == 0, r.stderr
+    dry_run_exit(r)
     assert "#SBATCH --nodes=8" in r.stdout and "#SBATCH --gpus-per-node=8" in r.stdout
     assert "export NCCL_IB_HCA==mlx5_0,mlx5_1," in r.stdout and "#SBATCH --signal=USR2@" in r.stdout
     # the split is the planner's (largest micro batch that fits), shown whole: M x A x 64 = 8192
@@ -103,7 +103,7 @@ def test_dry_run_prints_plan_and_sbatch_and_creates_nothing(tmp_path, env):
 
 def test_dry_run_json(env):
     r = run_cli("submit", "--profile", "slurm-local", "--dry-run", "--json", "--name", "t1", env=env)
-    assert r.returncode == 0, r.stderr
+    dry_run_exit(r)
     d = json.loads(r.stdout)
     assert d["executor"] == "slurm" and d["plan"]["world_size"] == 2
     assert (

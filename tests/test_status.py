@@ -466,10 +466,11 @@ def test_listing_fits_a_narrow_terminal_by_hiding_the_least_needed_columns():
     assert hidden == [] and full[0].split() == [h for h, _ in status_table.COLUMNS] and len(full[1]) > 100
     narrow, hidden = status_table.table_lines([row], 80)
     assert all(len(line) <= 80 for line in narrow), narrow
-    assert hidden == ["SAMPLES/S", "PROFILE", "ELAPSED", "JOB"]  # least needed first; only as many as it takes
-    assert narrow[0].split() == ["RUN", "STATE", "RQ", "STEP", "LOSS", "ETA", "GPU-H"]
-    assert narrow[1].split()[1:] == ["RUNNING", "2", "123,456/200,000", "2.3456", "17h01m", "6,144"]
-    assert run.run_id.startswith(narrow[1].split()[0].rstrip("…"))  # a cut id is still a usable prefix
+    # the id is never cut (issue 25): it takes a line of its own, the figures under it, fitted without RUN
+    assert hidden == ["SAMPLES/S", "PROFILE"]  # least needed first; only as many as it takes
+    assert narrow[0].split() == ["JOB", "STATE", "RQ", "STEP", "LOSS", "ETA", "ELAPSED", "GPU-H"]
+    assert narrow[1] == run.run_id
+    assert narrow[2].split() == ["12345678", "RUNNING", "2", "123,456/200,000", "2.3456", "17h01m", "1d00h", "6,144"]
 
 
 def test_a_hung_controller_does_not_double_the_wait(monkeypatch):

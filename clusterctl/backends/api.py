@@ -24,12 +24,26 @@ class Poll:
 
     `changes[i]` belongs to the i-th (run, job) pair polled; an empty dict is "nothing new". `source`
     names what was asked ("squeue+sacct"), None when nothing outside the run directory was; `notes`
-    are lines for the user when a source did not answer.
+    are lines for the user when a source did not answer. `waiting` says why a job still waits to start,
+    by job id, for the jobs the scheduler holds back (shown, never stored: it is true only now):
+    {"reason": the scheduler's code, "detail": it in words or None, "expected_start": epoch or None}.
     """
 
     changes: list[dict[str, Any]]
     source: str | None = None
     notes: list[str] = field(default_factory=list)
+    waiting: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class ProfileCheck:
+    """What the scheduler says about a profile's request before anything is submitted: `problems`
+    (submit refuses them), `warnings`, and `skipped`: why the scheduler was not asked (its tools are
+    missing or it did not answer): not an error, the check is only left out."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    skipped: str | None = None
 
 
 class Backend:
@@ -62,6 +76,11 @@ class Backend:
     def poll(self, pairs: list[tuple[RunRecord, JobRecord]], now: float, timeout: float | None) -> Poll:
         """What changed for each job, in as few scheduler calls as possible (one batch for all)."""
         raise NotImplementedError
+
+    def check_profile(self, profile: ClusterProfile) -> ProfileCheck:
+        """Ask the scheduler, when one answers, whether it would take the profile's request (edge);
+        the default: nothing to ask (a local process needs no scheduler)."""
+        return ProfileCheck()
 
     def cancel(self, job_id: str) -> None:
         """Stop a job; the trainer checkpoints on the way out where the scheduler lets it."""

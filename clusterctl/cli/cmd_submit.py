@@ -3,7 +3,8 @@
 What runs is the profile's recipe (or --config), with --model, --set and the planning flags on top;
 the checks before sbatch (clusterctl.runs.preflight) refuse what the job could not get past.
 `--dry-run` stops before the run directory: it prints the plan, the resolved config, what the
-backend would submit (for Slurm, the exact sbatch script) and what the checks found.
+backend would submit (for Slurm, the exact sbatch script) and what the checks found; it exits 2
+when submit would refuse (a problem), 0 when submit would start the run.
 `--wait` and `--watch` follow the run afterwards.
 """
 
@@ -35,7 +36,8 @@ def submit(
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
-        help="Print the plan, the resolved config, the checks and the sbatch script; submit nothing.",
+        help="Print the plan, the resolved config, the checks and the sbatch script; submit nothing "
+        "(exit 2 when submit would refuse).",
     ),
     watch: bool = typer.Option(False, "--watch", help="Follow the run in the live view after submitting."),
     hold: bool = typer.Option(False, "--hold", help="Submit held (sbatch --hold); start it with scontrol release."),
@@ -61,6 +63,10 @@ def submit(
             from clusterctl.render.plan_view import print_dry_run
 
             print_dry_run(p.profile.name, p.profile_source, p.plan, d, text)
+            for line in d["checks_skipped"]:
+                output.console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
+        if p.checks.problems:  # what submit would refuse: the same exit code as submit's refusal
+            raise typer.Exit(2)
         return
     refuse(p)  # a refusal is the only line: no warning before it
     job_id = create(reg, p, run_id, run_dir, max_retries, hold=hold)
@@ -79,15 +85,21 @@ def submit(
 
 
 def _print_submitted(p: Prepared, run_id: str, job_id: str, run_dir: Path) -> None:
+    """What was submitted, and the commands that follow it: each command on a line of its own, never
+    wrapped by rich (soft_wrap), so a terminal of any width can copy it whole."""
     prof = p.profile
     output.console.print(
-        f"submitted [bold]{run_id}[/bold] as job {job_id} on {prof.name} ({prof.world_size} x {prof.gpu.model})"
+        f"submitted [bold]{run_id}[/bold] as job {job_id} on {prof.name} ({prof.world_size} x {prof.gpu.model})",
+        highlight=False,
+        soft_wrap=True,
     )
-    output.console.print(
-        f"  profile  {prof.name} from {p.profile_source}", markup=False, highlight=False, soft_wrap=True
-    )
-    output.console.print(f"  run dir  {run_dir}")
-    output.console.print(f"  follow   clusterctl status {run_id}   |   clusterctl logs {run_id} --follow")
+    for line in (
+        f"  profile  {prof.name} from {p.profile_source}",
+        f"  run dir  {run_dir}",
+        f"  follow   clusterctl status {run_id}",
+        f"           clusterctl logs {run_id} --follow",
+    ):
+        output.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _wait(reg: Registry, run_id: str, run_dir: Path) -> int:

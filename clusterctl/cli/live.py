@@ -118,7 +118,8 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
                     v.feed_log(v.log.lines())
                 v.energy_kwh, v.co2_kg = energy[r.run_id].read()
                 resumes = count_events(dirs[r.run_id].events, "resume")
-                rows.append(summarize(r, jobs[r.run_id], v.last or None, resumes, now, why_ended(r, jobs[r.run_id])))
+                ended, waits = why_ended(r, jobs[r.run_id]), fresh.waiting.get(r.run_id)
+                rows.append(summarize(r, jobs[r.run_id], v.last or None, resumes, now, ended, waits))
             fresh.notes = with_skipped(fresh.notes)  # run files refused (safe_read): said like status says them
             done = all(row["state"] in FINAL_STATES for row in rows)
             if live is not None:

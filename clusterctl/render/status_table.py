@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from clusterctl.render.safe import printable
@@ -38,49 +40,83 @@ def table_lines(runs: list[dict[str, Any]], width: int | None = None) -> tuple[l
     its id: Slurm's count, 0 for local runs), RES is `resumes` (the trainer continued from a
     checkpoint, whatever restarted it), as in --json, watch and reports; RES is left out when no
     listed run has resumed. Every text cell goes through render.safe.printable.
+
+    A run id is never cut (it is what every other command takes): when the columns still do not fit
+    with the least needed ones hidden, each run's id goes on a line of its own, its figures under it
+    (indented, the header naming them), and the columns are fitted again without RUN.
     """
     columns = list(COLUMNS)
     with_res = any(r.get("resumes") for r in runs)
     if with_res:
         columns.insert(5, ("RES", ">"))
-    cells = [[h for h, _ in columns]]
-    for r in runs:
-        step = "-" if r["step"] is None else f"{step_text(r['step'], True)}/{step_text(r['total_steps'], True)}"
-        cells.append(
-            [
-                printable(r["run_id"]),
-                printable(r["job_id"]),
-                printable(r["profile"]),
-                printable(r["state"]),
-                str(r["requeues"]),
-                *([str(r["resumes"])] if with_res else []),
-                step,
-                _fmt(r["loss"], "{:.4f}"),
-                _fmt(r["samples_per_s"], "{:,.1f}"),
-                duration(r["eta_s"]),
-                duration(r["elapsed_s"]),
-                f"{r['gpu_hours']:,.0f}" if r["gpu_hours"] >= 100 else f"{r['gpu_hours']:.2f}",
-            ]
-        )
+    cells = [[h for h, _ in columns]] + [_cells(r, with_res) for r in runs]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    keep = list(range(len(columns)))
-    hidden: list[str] = []
+    keep, hidden = _fit(columns, widths, list(range(len(columns))), width)
+    if width is None or _used(widths, keep) <= width:
+        return [_line(row, columns, widths, keep) for row in cells], hidden
+    keep, hidden = _fit(columns, widths, list(range(1, len(columns))), width - len(INDENT))
+    lines = [INDENT + _line(cells[0], columns, widths, keep)]
+    for row in cells[1:]:
+        lines += [row[0], INDENT + _line(row, columns, widths, keep)]
+    return lines, hidden
 
-    def over() -> int:  # columns beyond `width` with the columns kept (2 spaces between them)
-        return 0 if width is None else sum(widths[i] for i in keep) + 2 * (len(keep) - 1) - width
 
+INDENT = "  "  # a run's figures under its id, when the id has a line of its own
+
+
+def _cells(r: dict[str, Any], with_res: bool) -> list[str]:
+    step = "-" if r["step"] is None else f"{step_text(r['step'], True)}/{step_text(r['total_steps'], True)}"
+    return [
+        printable(r["run_id"]),
+        printable(r["job_id"]),
+        printable(r["profile"]),
+        printable(r["state"]),
+        str(r["requeues"]),
+        *([str(r["resumes"])] if with_res else []),
+        step,
+        _fmt(r["loss"], "{:.4f}"),
+        _fmt(r["samples_per_s"], "{:,.1f}"),
+        duration(r["eta_s"]),
+        duration(r["elapsed_s"]),
+        f"{r['gpu_hours']:,.0f}" if r["gpu_hours"] >= 100 else f"{r['gpu_hours']:.2f}",
+    ]
+
+
+def _used(widths: list[int], keep: list[int]) -> int:
+    """Columns taken by the kept columns, 2 spaces between them."""
+    return sum(widths[i] for i in keep) + 2 * (len(keep) - 1)
+
+
+def _fit(
+    columns: list[tuple[str, str]], widths: list[int], keep: list[int], width: int | None
+) -> tuple[list[int], list[str]]:
+    """`keep` less the columns of DROP_ORDER, in that order, until the rest fit `width` (or none is left to drop)."""
+    keep, hidden = list(keep), []
     for name in DROP_ORDER:
-        if over() <= 0:
+        if width is None or _used(widths, keep) <= width:
             break
         keep.remove(next(i for i, (h, _) in enumerate(columns) if h == name))
         hidden.append(name)
-    if (excess := over()) > 0:  # last resort: cut run ids at the end; the prefix left is what commands accept
-        widths[0] = max(12, widths[0] - excess)
-        for row in cells[1:]:
-            if len(row[0]) > widths[0]:
-                row[0] = row[0][: widths[0] - 1] + "…"
-    lines = ["  ".join(f"{row[i]:{columns[i][1]}{widths[i]}}" for i in keep).rstrip() for row in cells]
-    return lines, hidden
+    return keep, hidden
+
+
+def _line(row: list[str], columns: list[tuple[str, str]], widths: list[int], keep: list[int]) -> str:
+    return "  ".join(f"{row[i]:{columns[i][1]}{widths[i]}}" for i in keep).rstrip()
+
+
+def pending_text(row: Mapping[str, Any], now: float) -> str | None:
+    """Why a run's job waits to start, and when the scheduler expects it to, in one line (None when it
+    does not wait): the scheduler's code, its meaning where known, the expected start as local time."""
+    reason = row.get("pending_reason")
+    if not reason:
+        return None
+    detail = row.get("pending_detail")
+    text = printable(reason) + (f" ({printable(detail)})" if detail else "")
+    start = row.get("expected_start")
+    if not isinstance(start, (int, float)) or isinstance(start, bool) or not math.isfinite(start):
+        return f"{text}; no expected start yet"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start))
+    return f"{text}; expected start {when}" + (f" (in {duration(start - now)})" if start > now else " (due)")
 
 
 def terminal_width() -> int | None:
@@ -107,9 +143,10 @@ def print_status(data: dict[str, Any]) -> None:
             say("\n".join(rows))
         if hidden:
             say(f"({', '.join(hidden)} hidden to fit the terminal; --json shows everything)", style="dim")
-    for row in data["runs"]:  # why each shown run that ended without completing did, one line each
-        if row.get("reason"):
-            say(f"{printable(row['state'])} {printable(row['run_id'])}: {printable(row['reason'])}")
+    now = time.time()
+    for row in data["runs"]:  # why each shown run that ended without completing did, or waits: one line each
+        if why := row.get("reason") or pending_text(row, now):
+            say(f"{printable(row['state'])} {printable(row['run_id'])}: {printable(why)}")
     for note in data["notes"]:
         say(f"note: {printable(note)}")
     if data["runs"] and data["source"] != "registry":

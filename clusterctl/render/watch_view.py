@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from clusterctl.render.safe import cell, printable
+from clusterctl.render.status_table import pending_text
 from clusterctl.render.units import ENERGY_UNITS, co2, duration, energy, pick_unit, quantity, step_text
 from clusterctl.runs.artifacts import metric_record
 from clusterctl.specs import FINAL_STATES, RunState
@@ -152,8 +154,9 @@ def stats_line(row: Mapping[str, Any], v: RunView) -> str:
     )
 
 
-def run_panel(row: Mapping[str, Any], v: RunView, width: int = 80):
-    """One run as a rich Panel sized for an 80x24 terminal (7 lines with borders)."""
+def run_panel(row: Mapping[str, Any], v: RunView, width: int = 80, now: float | None = None):
+    """One run as a rich Panel sized for an 80x24 terminal (7 lines with borders); its last line says why
+    it ended, else why it waits to start (and when it is expected to), else the log's last line."""
     from rich.panel import Panel
     from rich.progress_bar import ProgressBar
     from rich.table import Table
@@ -192,6 +195,8 @@ def run_panel(row: Mapping[str, Any], v: RunView, width: int = 80):
     body.add_row(Text(stats_line(row, v)))
     if row.get("reason"):  # why it ended says more than the log's last line
         body.add_row(Text(printable(row["reason"])[: width - 4], style="red", no_wrap=True, overflow="ellipsis"))
+    elif waits := pending_text(row, now if now is not None else time.time()):  # why it has not started
+        body.add_row(Text(f"pending: {waits}"[: width - 4], style="yellow", no_wrap=True, overflow="ellipsis"))
     else:
         for line in list(v.log_lines)[-1:]:  # escaped when fed (feed_log)
             body.add_row(Text(line[: width - 4], style="dim", no_wrap=True, overflow="ellipsis"))
@@ -252,8 +257,8 @@ def runs_table(rows: Sequence[Mapping[str, Any]], views: dict[str, RunView], wid
     return Group(t, more)
 
 
-def plain_line(row: Mapping[str, Any], v: RunView) -> str:
-    """The non-TTY progress line of a run."""
+def plain_line(row: Mapping[str, Any], v: RunView, now: float | None = None) -> str:
+    """The non-TTY progress line of a run (with why it waits to start, while it does)."""
     m = v.last
     loss = f" loss {text}" if (text := _loss(m.get("loss"), ".4f")) else ""
     step = m.get("step", row.get("step"))
@@ -262,6 +267,7 @@ def plain_line(row: Mapping[str, Any], v: RunView) -> str:
         f"/{row.get('total_steps')}{loss} {counts(row)} | {stats_line(row, v)}"
         + (f" | {wait}" if (wait := data_wait(m)) else "")
         + (f" | {printable(row['reason'])}" if row.get("reason") else "")
+        + (f" | pending: {waits}" if (waits := pending_text(row, now if now is not None else time.time())) else "")
     )
 
 

@@ -24,6 +24,7 @@ class Current:
     source: str = "registry"
     notes: list[str] = field(default_factory=list)
     computed: int = 0  # summaries computed in this call (the rest were stored and settled)
+    waiting: dict[str, dict] = field(default_factory=dict)  # why a run's job waits to start (status.Refresh)
 
 
 def current(reg: Registry, index: list[tuple[RunRecord, Summary | None]], timeout: float | None = None) -> Current:
@@ -55,7 +56,7 @@ def current(reg: Registry, index: list[tuple[RunRecord, Summary | None]], timeou
     if keep and not reg.readonly and reg.has_summaries:
         reg.put_summaries([(new[r], signatures[r]) for r in keep])
     rows = [(full.get(run.run_id, run), cur) for run, s0 in index if (cur := new.get(run.run_id) or s0) is not None]
-    return Current(rows, fresh.source, fresh.notes, len(new))
+    return Current(rows, fresh.source, fresh.notes, len(new), fresh.waiting)
 
 
 _JOB_FIELDS = tuple(JobRecord.__dataclass_fields__)
@@ -100,7 +101,7 @@ def collect_all(reg: Registry, timeout: float | None = None) -> AllRuns:
         stale = reg.index(stale_only=True, status_rows=True)
         settled, retry_ids = reg.settled_status()
     cur = current(reg, stale, timeout)
-    fresh = [from_summary(run, s) for run, s in cur.rows]
+    fresh = [from_summary(run, s, cur.waiting.get(run.run_id)) for run, s in cur.rows]
     retry = [run for run, s in cur.rows if run.state in FAILURE_STATES and s.max_retries > 0]
     retry += reg.runs_by_ids(retry_ids).values()
     notes = list(cur.notes)

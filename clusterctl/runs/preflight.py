@@ -8,8 +8,11 @@ checkpoint at the time limit fitting in Slurm's signal delay (a warning), and ev
 trainer runs today (vltrain.support: ZeRO-3 under DeepSpeed is not), on the profile's device (fp16 under
 DeepSpeed on a CPU without AVX512-FP16 is not), shard specs the trainer reads (local files: no URL or
 `pipe:`, vltrain.data.shard_spec) and shards that start with a tar header. Layouts the model cannot take
-(vltrain.parallel.layout) are refused earlier, by the plan itself. `submit` refuses the first problem in one line, exit 2, before anything is written;
-`submit --dry-run` lists them all and exits 0, since it submits nothing.
+(vltrain.parallel.layout) are refused earlier, by the plan itself. When a scheduler answers, it is asked
+whether it takes the profile's request (for Slurm: slurm.partition exists and holds nodes.count nodes;
+backends.api.Backend.check_profile); when none answers the check is skipped and said so. `submit` refuses
+the first problem in one line, exit 2, before anything is written; `submit --dry-run` lists them all and
+exits 2 as well when there is one (0 when submit would start the run).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ TAR_CHECKS = 8  # shards whose first header is read at submit: the first ones, o
 class Checks:
     problems: list[str] = field(default_factory=list)  # each one would stop the job: submit refuses
     warnings: list[str] = field(default_factory=list)  # worth a line, not a refusal
+    skipped: list[str] = field(default_factory=list)  # checks that could not be made here, and why
 
     def to_dict(self) -> dict[str, Any]:
         return {"problems": self.problems, "warnings": self.warnings}
@@ -268,13 +272,25 @@ def tokenizer_needed(cfg: TrainConfig, world_size: int) -> list[str]:
     ]
 
 
-def check(cfg: TrainConfig, plan: dict[str, Any]) -> Checks:
+def scheduler(profile: ClusterProfile) -> Checks:
+    """What the profile's scheduler says about its request (edge: asks it; backends.api.check_profile)."""
+    from clusterctl.backends import get_backend
+
+    said = get_backend(profile.executor).check_profile(profile)
+    return Checks(said.problems, said.warnings, [said.skipped] if said.skipped else [])
+
+
+def check(cfg: TrainConfig, plan: dict[str, Any], profile: ClusterProfile | None = None) -> Checks:
+    """Every check; the scheduler is asked only when `profile` is given (submit: not `plan`)."""
     problems, warnings = memory(plan)
+    sched = scheduler(profile) if profile is not None else Checks()
     return Checks(
         problems=trainer_support(cfg)
         + problems
         + host_memory(plan)
         + data(cfg, plan.get("data_parallel", 1))
-        + tokenizer_needed(cfg, plan["world_size"]),
-        warnings=warnings + checkpoint(plan),
+        + tokenizer_needed(cfg, plan["world_size"])
+        + sched.problems,
+        warnings=warnings + checkpoint(plan) + sched.warnings,
+        skipped=sched.skipped,
     )

@@ -48,6 +48,9 @@ class RunStatus(TypedDict):
     run_dir: str
     created_at: float
     reason: str | None  # why a run that ended without completing did (the trainer's error line), else None
+    pending_reason: str | None  # why its job waits to start, the scheduler's code (squeue's Reason), else None
+    pending_detail: str | None  # that code in words, where the backend knows it
+    expected_start: float | None  # when the scheduler expects the waiting job to start (epoch), if it says
 
 
 # --- pure ---------------------------------------------------------------------------------------
@@ -71,8 +74,10 @@ def summarize(
     resumes: int,
     now: float,
     reason: str | None = None,
+    waiting: dict[str, Any] | None = None,
 ) -> RunStatus:
-    """One status row from refreshed registry records and the last metrics line."""
+    """One status row from refreshed registry records and the last metrics line; `waiting`: why its
+    latest job waits to start (Refresh.waiting), as the scheduler said in this refresh."""
     from clusterctl.runs.summaries import last_metrics
     from clusterctl.runs.usage import job_time
 
@@ -108,6 +113,9 @@ def summarize(
         run_dir=run.run_dir,
         created_at=run.created_at,
         reason=reason,
+        pending_reason=(waiting or {}).get("reason"),
+        pending_detail=(waiting or {}).get("detail"),
+        expected_start=(waiting or {}).get("expected_start"),
     )
 
 
@@ -140,6 +148,7 @@ class Refresh:
     notes: list[str] = field(default_factory=list)
     now: float = 0.0  # when the backends were asked
     retried: list[tuple[str, str]] = field(default_factory=list)  # (run id, new job id): lifecycle.refresh_and_retry
+    waiting: dict[str, dict[str, Any]] = field(default_factory=dict)  # run id -> why its latest job waits (api.Poll)
 
 
 def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, now: float | None = None) -> Refresh:
@@ -153,12 +162,15 @@ def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, 
         backend = get_backend(r.executor)
         by_backend.setdefault(r.executor, []).extend((r, j) for j in jobs[r.run_id] if backend.needs_poll(r, j, now))
     updates, sources, notes = [], [], []
+    waiting: dict[str, dict[str, Any]] = {}
     for executor, pairs in by_backend.items():
         poll = get_backend(executor).poll(pairs, now, timeout)
         if poll.source:
             sources.append(poll.source)
         notes += poll.notes
         for (run, job), change in zip(pairs, poll.changes, strict=True):
+            if job.job_id in poll.waiting and job is jobs[run.run_id][-1]:  # the run's latest job only
+                waiting[run.run_id] = poll.waiting[job.job_id]
             if change:
                 updates.append((job.job_id, run.run_id, change, job.state))
                 for k, v in change.items():
@@ -170,7 +182,7 @@ def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, 
     else:
         reg.update_jobs(updates)
         reg.set_run_states(changed, if_states={r.run_id: r.state for r in runs if r.run_id in changed})
-    return Refresh(states, jobs, "+".join(sources) or "registry", notes, now)
+    return Refresh(states, jobs, "+".join(sources) or "registry", notes, now, waiting=waiting)
 
 
 def readonly_note(reg: Registry) -> str:
@@ -194,7 +206,7 @@ def collect(runs: list[RunRecord], fresh: Refresh) -> dict[str, Any]:
         metrics = artifacts.tail_json(rd.metrics)
         resumes = artifacts.count_events(rd.events, "resume")
         jobs = fresh.jobs[r.run_id]
-        rows.append(summarize(r, jobs, metrics, resumes, fresh.now, why_ended(r, jobs)))
+        rows.append(summarize(r, jobs, metrics, resumes, fresh.now, why_ended(r, jobs), fresh.waiting.get(r.run_id)))
     return {"source": fresh.source, "notes": with_skipped(fresh.notes), "runs": rows}
 
 
@@ -212,9 +224,9 @@ def why_ended(run: RunRecord, jobs: list[JobRecord]) -> str | None:
     return artifacts.failure_reason(run.run_dir, jobs[-1].job_id)
 
 
-def from_summary(run: RunRecord, s: Any) -> RunStatus:
+def from_summary(run: RunRecord, s: Any, waiting: dict[str, Any] | None = None) -> RunStatus:
     """The status row of a run from its summary (runs.summaries): the same figures as `summarize`
-    (usage.job_time, the last metrics record, why_ended), read from the registry."""
+    (usage.job_time, the last metrics record, why_ended), read from the registry; `waiting` as there."""
     return RunStatus(
         run_id=run.run_id,
         name=run.name,
@@ -238,6 +250,9 @@ def from_summary(run: RunRecord, s: Any) -> RunStatus:
         run_dir=run.run_dir,
         created_at=run.created_at,
         reason=s.reason,
+        pending_reason=(waiting or {}).get("reason"),
+        pending_detail=(waiting or {}).get("detail"),
+        expected_start=(waiting or {}).get("expected_start"),
     )
 
 

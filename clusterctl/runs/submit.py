@@ -95,7 +95,7 @@ def prepare(
         plan_d["estimate"] = run_estimate(profile, plan, resolved.steps, source)
         plan_d["warnings"] = plan_d["warnings"] + paper_warnings(plan_d["estimate"])
     run_name = check_job_name(name or (cfg.model if isinstance(cfg.model, str) else cfg.model.name))
-    checks = preflight.check(resolved, plan_d) if check else preflight.Checks()
+    checks = preflight.check(resolved, plan_d, profile) if check else preflight.Checks()
     if check:  # the plan's own warnings (planning.advice) are submit's too, once per subject
         said = {w.split(":")[0] for w in checks.warnings} | ({"memory"} if preflight.memory(plan_d)[1] else set())
         checks.warnings.extend(w for w in plan_d.get("warnings", []) if w.split(":")[0] not in said)
@@ -147,6 +147,7 @@ def dry_run(p: Prepared, run_dir: Path, hold: bool = False) -> dict[str, Any]:
         "profile_source": p.profile_source,
         "checks": p.checks.to_dict(),
         "not_reproduced": p.plan["not_reproduced"],  # what the recipe does not reproduce of its paper
+        "checks_skipped": p.checks.skipped,  # e.g. the partition, when no scheduler answers here
         "executor": spec.executor,
         "run_dir": str(run_dir),
         "sbatch": text if backend.renders_script else None,

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clusterctl.backends import results
-from clusterctl.backends.api import Backend, Poll
+from clusterctl.backends.api import Backend, Poll, ProfileCheck
 from clusterctl.backends.slurm import commands as slurm
-from clusterctl.backends.slurm.parse import AcctRow, QueueRow
+from clusterctl.backends.slurm.parse import AcctRow, Partition, QueueRow, pending_words
 from clusterctl.specs import FINAL_STATES, JobRecord, LaunchSpec, RunRecord, RunState
 from vltrain.common.errors import ServiceUnavailable, UserError
 
@@ -74,6 +74,15 @@ def job_changes(
     nodes = (q.node_list if q else None) or (a.node_list if a else None)
     new |= {"alloc_gpus": gpus, "node_list": nodes}
     return {k: v for k, v in new.items() if v is not None and getattr(job, k) != v}
+
+
+def waiting(q: QueueRow | None) -> dict[str, Any] | None:
+    """Why a job the controller holds back has not started, and when squeue expects it to (its StartTime
+    for a pending job: the backfill scheduler's estimate, also what `squeue --start` prints); None for a
+    job that is not waiting."""
+    if q is None or q.state not in (RunState.PENDING, RunState.REQUEUED) or q.reason in ("", "None"):
+        return None
+    return {"reason": q.reason, "detail": pending_words(q.reason, q.job_id), "expected_start": q.start}
 
 
 def accounting_needed(job: JobRecord, q: QueueRow | None) -> bool:
@@ -134,6 +143,39 @@ def query_slurm(jobs: list[JobRecord], timeout: float, since: float | None = Non
         + (["registry"] if errors else [])
     )
     return view
+
+
+def partition_check(profile: ClusterProfile, parts: dict[str, Partition]) -> ProfileCheck:
+    """The profile's slurm.partition (none: the cluster's default) against the cluster's partitions
+    (pure): a name that does not exist is refused (sbatch would refuse it later); so are more nodes than
+    the partition holds or allows per job (Slurm would accept the job and leave it pending for ever:
+    PartitionNodeLimit); a partition that is not UP is a warning (the job waits)."""
+    check = ProfileCheck()
+    name = profile.slurm.partition if profile.slurm else None
+    default = next((p.name for p in parts.values() if p.default), None)
+    exist = ", ".join(sorted(parts)) or "none: the cluster has no partition"
+    if name and name not in parts:
+        check.problems.append(
+            f"slurm.partition: {name!r} is not a partition of this cluster (scontrol show partition); "
+            f"allowed: {exist}" + (f" (or no slurm.partition: the cluster's default, {default})" if default else "")
+        )
+        return check
+    name = name or default
+    if name is None:
+        check.problems.append(f"slurm.partition: not set and the cluster has no default partition; allowed: {exist}")
+        return check
+    part = parts[name]
+    if part.node_limit is not None and profile.nodes.count > part.node_limit:
+        check.problems.append(
+            f"nodes.count: {profile.nodes.count} nodes, but partition {name} takes at most {part.node_limit} per "
+            "job (its nodes, or MaxNodes: Slurm would leave the job pending for ever, PartitionNodeLimit); "
+            f"allowed: at most {part.node_limit} nodes, or another partition"
+        )
+    if part.state != "UP":
+        check.warnings.append(
+            f"slurm.partition: {name!r} is {part.state}: the job waits until the partition is UP again"
+        )
+    return check
 
 
 def mem_request(profile: ClusterProfile) -> str:
@@ -236,6 +278,7 @@ class SlurmBackend(Backend):
         view = query_slurm(jobs, slurm.slurm_timeout() if timeout is None else timeout, since)
         answered = view.queue is not None or view.acct is not None  # (sacct may not have been asked)
         changes = []
+        held: dict[str, dict[str, Any]] = {}
         for run, job in pairs:
             q = view.queue.get(job.job_id) if view.queue is not None else None
             a = view.acct.get(job.job_id) if view.acct is not None else None
@@ -243,7 +286,21 @@ class SlurmBackend(Backend):
                 results.submitit_outcome(run.run_dir, job.job_id)[0] if answered and q is None and a is None else None
             )
             changes.append(job_changes(job, q, a, now, outcome) if answered else {})
-        return Poll(changes, view.source if jobs else None, view.notes)
+            if (w := waiting(q)) is not None:
+                held[job.job_id] = w
+        return Poll(changes, view.source if jobs else None, view.notes, held)
+
+    def check_profile(self, profile: ClusterProfile) -> ProfileCheck:
+        """The partition check (partition_check) against the cluster's own list, one scontrol call
+        within $CLUSTERCTL_SLURM_TIMEOUT; a controller that does not answer, or no Slurm tools here,
+        skips it (a dry run works anywhere; sbatch itself is the last word)."""
+        try:
+            parts = slurm.partitions(slurm.configured_timeout())
+        except ServiceUnavailable as e:
+            return ProfileCheck(skipped=f"slurm.partition not checked with the scheduler ({e.reason})")
+        except OSError as e:  # no permission to run it, odd bytes
+            return ProfileCheck(skipped=f"slurm.partition not checked with the scheduler ({e})")
+        return partition_check(profile, parts)
 
     def cancel(self, job_id: str) -> None:
         slurm.scancel(job_id)

@@ -32,8 +32,10 @@ from clusterctl.backends.slurm.parse import (
     SACCT_FIELDS,
     SQUEUE_FIELDS,
     AcctRow,
+    Partition,
     QueueRow,
     error_line,
+    parse_partitions,
     parse_sacct,
     parse_squeue,
 )
@@ -212,6 +214,20 @@ def sacct(job_ids: list[str], timeout: float = 10, since: float | None = None) -
     if r.returncode != 0:
         raise AccountingUnavailable(f"sacct: {error_line(r.stderr, 'sacct', last=True)}")
     return parse_sacct(r.stdout)
+
+
+def partitions(timeout: float) -> dict[str, Partition]:
+    """The cluster's partitions (`scontrol show partition -o`, hidden ones included: -a), in one call.
+    SlurmUnavailable when the client tools are missing or the controller does not answer in `timeout`."""
+    try:
+        r = run(["scontrol", "-a", "-o", "show", "partition"], timeout)
+    except FileNotFoundError:
+        raise SlurmUnavailable("scontrol: not found on PATH", hint=CLIENT_TOOLS) from None
+    except TimeoutError:
+        raise SlurmUnavailable(f"scontrol: slurmctld did not answer within {timeout:g} s") from None
+    if r.returncode != 0:
+        raise SlurmUnavailable(f"scontrol: {error_line(r.stderr, 'scontrol', last=True)}")
+    return parse_partitions(r.stdout)
 
 
 def scancel(job_id: str, signal: str | None = None, timeout: float = 30) -> None:

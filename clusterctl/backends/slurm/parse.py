@@ -221,6 +221,71 @@ def parse_sacct(text: str) -> dict[str, AcctRow]:
     return rows
 
 
+@dataclass(frozen=True)
+class Partition:
+    """One partition as `scontrol show partition -o` prints it: what a job's request is checked against."""
+
+    name: str
+    state: str  # UP, DOWN, DRAIN, INACTIVE
+    total_nodes: int | None
+    max_nodes: int | None  # None: UNLIMITED
+    default: bool
+
+    @property
+    def node_limit(self) -> int | None:
+        """The most nodes one job may get here (its nodes, or MaxNodes when lower); None: not known."""
+        known = [n for n in (self.total_nodes, self.max_nodes) if n is not None]
+        return min(known) if known else None
+
+
+def parse_partitions(text: str) -> dict[str, Partition]:
+    """`scontrol show partition -o` (one `Key=Value ...` line per partition; 'No partitions in the
+    system' when there are none) -> partitions by name. A line without PartitionName is not guessed at."""
+    out: dict[str, Partition] = {}
+    for line in text.splitlines():
+        kv = {k: v for k, sep, v in (part.partition("=") for part in line.split()) if sep}
+        name = kv.get("PartitionName")
+        if not name:
+            continue
+        max_nodes = kv.get("MaxNodes", "UNLIMITED")
+        out[name] = Partition(
+            name=name,
+            state=kv.get("State", "UNKNOWN"),
+            total_nodes=_int(kv.get("TotalNodes", "")),
+            max_nodes=None if max_nodes == "UNLIMITED" else _int(max_nodes),
+            default=kv.get("Default") == "YES",
+        )
+    return out
+
+
+# squeue's pending Reasons users meet most, in words (`man squeue`, JOB REASON CODES); others are shown as
+# Slurm prints them. {job} is the job id.
+PENDING_REASONS = {
+    "Priority": "jobs of higher priority are ahead of it",
+    "Resources": "waiting for nodes to become free",
+    "JobHeldUser": "held by its user: scontrol release {job}",
+    "JobHeldAdmin": "held by an administrator",
+    "BeginTime": "not before its begin time",
+    "Dependency": "waiting for a job it depends on",
+    "DependencyNeverSatisfied": "a job it depends on failed: it will never start (scancel {job})",
+    "PartitionNodeLimit": "asks for more nodes than the partition allows: it will not start (scancel {job})",
+    "PartitionTimeLimit": "asks for more time than the partition allows: it will not start (scancel {job})",
+    "PartitionDown": "the partition is down",
+    "PartitionInactive": "the partition is inactive",
+    "ReqNodeNotAvail": "a node it needs is unavailable (down, drained or reserved)",
+    "QOSMaxJobsPerUserLimit": "the QOS's limit of running jobs per user is reached",
+    "AssocGrpGRES": "the account's GPU limit is reached",
+    "Reservation": "waiting for its reservation to start",
+    "launch failed requeued held": "its launch failed; requeued and held: scontrol release {job}",
+}
+
+
+def pending_words(reason: str, job_id: str) -> str | None:
+    """What squeue's pending Reason means, in words (None for a code not in PENDING_REASONS)."""
+    words = PENDING_REASONS.get(reason) or PENDING_REASONS.get(reason.split(",")[0])
+    return words.format(job=job_id) if words else None
+
+
 def error_line(stderr: str, tool: str, last: bool = False) -> str:
     """Slurm's own error as one clean line: 'sbatch: error: X' lines, prefixes dropped, joined
     (or only the `last`, the most specific one when a client retries a connection)."""
