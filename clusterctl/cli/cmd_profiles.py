@@ -53,8 +53,7 @@ def show(name: str = typer.Argument(..., help="Profile name or path."), json_: b
             f"note: interconnect.env sets {', '.join(risky)}, outside the allow-list of variables known to load no code; "
             "plan and submit refuse it unless the profile is shipped or yours, or --allow-env",
             markup=False,
-            highlight=False,
-            soft_wrap=True,
+            highlight=False,  # wrapped at spaces: a variable name or --allow-env is never split
         )
 
 
