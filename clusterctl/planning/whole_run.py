@@ -93,7 +93,12 @@ def paper_run(facts: Any, run: dict[str, Any]) -> PaperRun | None:
 
 
 def duration_words(hours: float) -> str:
-    """'12.2 h', '276 h (11.5 days)', '1,008 h (6.0 weeks)': hours, then the unit a person reads."""
+    """'12.2 h', '276 h (11.5 days)', '1,008 h (6.0 weeks)': hours, then the unit a person reads; a
+    twin's seconds or minutes as such ('4.2 s', '12 min')."""
+    if hours < 1 / 60:
+        return f"{hours * 3600:.2g} s"
+    if hours < 1:
+        return f"{hours * 60:.2g} min"
     h = f"{hours:,.1f} h" if hours < 100 else f"{hours:,.0f} h"
     if hours >= 24 * 7 * 3:
         return f"{h} ({hours / 168:,.1f} weeks)"

@@ -241,7 +241,7 @@ def print_whole_run(e: dict) -> None:
 
 
 def paper_words(p: dict) -> str:
-    """'1,008 h (6.0 weeks) on 32 GPUs: 83x this run's GPU-hours'."""
+    """'1,008 h (6.0 weeks) on 32 GPUs: this run is 83x shorter' (in GPU-hours)."""
     from clusterctl.planning.estimates import count_words
     from clusterctl.planning.whole_run import duration_words
 
@@ -249,9 +249,10 @@ def paper_words(p: dict) -> str:
         stated = f"{duration_words(p['duration_h'])} on {p['gpus']} GPUs"
     else:
         stated = f"{count_words(p['gpu_hours'])} GPU-hours"
-    r = p["ratio"]
-    times = f"{r:,.0f}x" if r >= 10 else f"{r:.2g}x"
-    return f"{stated}: {times} this run's GPU-hours"
+    r = p["ratio"]  # the paper's GPU-hours over this run's
+    times = max(r, 1 / r) if r > 0 else float("inf")
+    words = f"{times:,.0f}x" if times >= 10 else f"{times:.2g}x"
+    return f"{stated}: this run is {words} {'shorter' if r >= 1 else 'longer'}"
 
 
 def rows_text(title: str, rows: list[tuple[str, str]]) -> str:
@@ -269,22 +270,33 @@ def rows_text(title: str, rows: list[tuple[str, str]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def amount(x: float) -> str:
+    """A figure in a row: whole with separators from 100 (35,371), else three significant digits
+    (12.2, 0.0123: a twin's GPU-hours are not 0)."""
+    from clusterctl.planning.estimates import count_words
+
+    return f"{x:,.0f}" if abs(x) >= 100 else count_words(x)
+
+
 def run_rows(d: dict) -> list[tuple[str, str]]:
     """Wall time, GPU-hours, energy and CO2 of an estimate (planning.estimates' dict): the rows `estimate`
     and the plan's whole run share, so that the two read alike."""
+    from clusterctl.planning.whole_run import duration_words
+
     rows = []
     if d.get("hours") is not None:
-        rows.append(("wall time", f"{d['hours']:,.1f} h ({d['hours'] / 24:,.1f} days) on {d['gpus']:,} GPUs"))
-    rows.append(("GPU-hours", f"{d['gpu_hours']:,.0f}"))
-    rows.append(("GPU energy", f"{d['gpu_energy_kwh']:,.0f} kWh ({d['power_w']:g} W x PUE {d['pue']:g})"))
+        gpus = f"{d['gpus']:,} GPU" + ("s" if d["gpus"] != 1 else "")
+        rows.append(("wall time", f"{duration_words(d['hours'])} on {gpus}"))
+    rows.append(("GPU-hours", amount(d["gpu_hours"])))
+    rows.append(("GPU energy", f"{amount(d['gpu_energy_kwh'])} kWh ({d['power_w']:g} W x PUE {d['pue']:g})"))
     if d.get("node_energy_kwh") or d.get("node_power_source"):
         node = f"{d['nodes']} nodes x {d['node_power_w']:,.0f} W; " if d.get("node_power_w") else ""
         source = d.get("node_power_source", "")
-        rows.append(("non-GPU energy", f"{d['node_energy_kwh']:,.0f} kWh ({node}{source})"))
-    rows.append(("energy", f"{d['energy_kwh']:,.0f} kWh = {d['energy_kwh'] / 1000:,.1f} MWh"))
-    rows.append(
-        ("CO2eq", f"{d['co2_kg']:,.0f} kg at {d['carbon_intensity_g_per_kwh']:g} g/kWh ({d['intensity_source']})")
-    )
+        rows.append(("non-GPU energy", f"{amount(d['node_energy_kwh'])} kWh ({node}{source})"))
+    mwh = f" = {d['energy_kwh'] / 1000:,.1f} MWh" if d["energy_kwh"] >= 1000 else ""
+    rows.append(("energy", f"{amount(d['energy_kwh'])} kWh{mwh}"))
+    intensity = f"{d['carbon_intensity_g_per_kwh']:g} g/kWh ({d['intensity_source']})"
+    rows.append(("CO2eq", f"{amount(d['co2_kg'])} kg at {intensity}"))
     return rows
 
 
@@ -360,7 +372,9 @@ def print_config(config: dict, source: str) -> None:
 
     from vltrain.common.atomic import drop_none
 
-    say(f"{styled('resolved config', 'bold')} (from {printable(source)}; written to the run directory as config.toml):")
+    tell(
+        f"{styled('resolved config', 'bold')} (from {printable(source)}; written to the run directory as config.toml):"
+    )
     say(tomli_w.dumps(drop_none(config)).rstrip())
 
 
