@@ -101,6 +101,10 @@ def _make_world(root: Path) -> dict:
     data = ["--set", f"data.shards={root / 'data'}", "--set", f"data.tokenizer={root / 'tok.model'}"]
     data += ["--set", "model.vocab_size=1000"]  # the 1,000-piece tokenizer: a 64k one is minutes to train
     w = {"root": root, "env": env, "cwd": root, "data": data, "runs": {}, "submit": {}}
+    mine = (REPO / "cluster_profiles" / "a100x64.toml").read_text().replace('name = "a100x64"', 'name = "mybox"')
+    mine = mine.replace("[interconnect]\n", '[interconnect]\nenv = { NCCL_NET_PLUGIN = "/opt/nccl/plugin.so" }\n')
+    (root / "cluster_profiles").mkdir()
+    (root / "cluster_profiles" / "mybox.toml").write_text(mine)  # a profile of the user's, with a note to show
     for profile in SEEDS:
         out = _run(w, ["submit", "--profile", profile, *data])
         assert out.returncode == 0, out.stdout + out.stderr
@@ -340,6 +344,7 @@ def commands(w: dict) -> list[tuple[str, list[str], bool]]:
         ("profiles list", ["profiles", "list"], True),
         ("presets list", ["presets", "list"], True),
         ("recipes list", ["recipes", "list"], True),
+        ("profiles show (a note)", ["profiles", "show", "mybox"], True),
         ("status", ["status"], False),
         ("status --all", ["status", "--all"], False),
         ("watch (plain)", ["watch", *done, "--interval", "0.2"], False),
