@@ -218,7 +218,25 @@ def fsdp_seeds() -> str:
     return "\n".join(rows) + "\n"
 
 
+def twins() -> str:
+    """docs/recipes.md, "Reduced twins": what each twin's resolved config runs ("planned": the
+    accumulation `plan` chooses, 0 in the config)."""
+    rows = [
+        "| twin | precision | steps (warm-up) | global batch | accumulation | strategy | tp x pp |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n in range(5):
+        c = run_json(f"recipes show seed-00{n}-tiny")["config"]
+        par = c["parallel"]
+        rows.append(
+            f"| `seed-00{n}-tiny` | {c['precision']} | {c['steps']} ({c['optim']['warmup_steps']}) | {c['global_batch']} "
+            f"| {c['accumulation'] or 'planned'} | {par['strategy']} | {par['tp']} x {par['pp']} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "twins": twins,
     "seeds-at-scale": seeds_at_scale,
     "batch-splits": batch_splits,
     "fsdp-seeds": fsdp_seeds,
