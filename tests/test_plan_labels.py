@@ -65,3 +65,17 @@ def test_twins_print_their_parameter_count_and_their_fp32():
             assert "fp32 sharded parameters + Adam m, v" in table
         else:  # DeepSpeed's memory model is mixed precision's: said in the title
             assert "fp32 + AdamW (counted as bf16 mixed precision)" in table, table
+
+
+def test_long_lines_fold_at_spaces_keeping_flag_groups_and_quoted_commands_whole(monkeypatch):
+    from clusterctl.render.fold import fold
+
+    monkeypatch.setenv("COLUMNS", "40")
+    text = "faster: ZeRO-0, micro batch 64 x accumulation 1 (--zero-stage 0 --micro-batch 64 --accum 1); see `clusterctl estimate --claimed-energy-mwh 2.1` too"
+    lines = fold(text).split("\n")
+    assert " ".join(x.strip() for x in lines) == text  # nothing lost, cut only at spaces
+    assert "  (--zero-stage 0 --micro-batch 64 --accum 1);" in lines  # longer than 40: whole on its own line
+    assert "  `clusterctl estimate --claimed-energy-mwh 2.1`" in lines
+    assert all(len(x) <= 40 for x in lines if "--" not in x)
+    monkeypatch.delenv("COLUMNS")
+    assert fold(text) == text  # piped, no COLUMNS: a line per fact

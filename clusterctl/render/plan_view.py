@@ -3,50 +3,9 @@ rich, so that `plan` and `estimate` do not pay ~25 ms to import it)."""
 
 from __future__ import annotations
 
+from clusterctl.render.fold import fold, tell, width
 from clusterctl.render.safe import printable
 from clusterctl.render.text import say, styled, table_text
-
-
-def width() -> int | None:
-    """The columns to fold long lines to: COLUMNS, else the terminal's; None when neither says (a pipe
-    gets a line per fact, whole for grep)."""
-    import os
-    import shutil
-    import sys
-
-    cols = os.environ.get("COLUMNS", "")
-    if cols.isdigit() and int(cols) >= 20:
-        return int(cols)
-    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
-
-
-def fold(text: str, indent: str = "  ") -> str:
-    """A line folded at spaces to width(), the next lines indented: the terminal never cuts a number.
-    A flag group "(--a 1 --b 2)" stays on one line, so it can be copied whole."""
-    cols = width()
-    if cols is None or len(text) <= cols:
-        return text
-    words: list[str] = []
-    group = False
-    for w in text.split(" "):
-        if group:
-            words[-1] += " " + w
-        else:
-            words.append(w)
-        group = (group or w.startswith("(--")) and not w.endswith(")")
-    lines, line = [], ""
-    for w in words:
-        if line and len(line) + 1 + len(w) > cols:
-            lines.append(line)
-            line = indent + w
-        else:
-            line = f"{line} {w}" if line else w
-    return "\n".join([*lines, line])
-
-
-def tell(text: str) -> None:
-    """say() a line folded to the terminal's width."""
-    say(fold(text))
 
 
 def params_words(n: float) -> str:
