@@ -71,7 +71,7 @@ def submit(
     refuse(p)  # a refusal is the only line: no warning before it
     job_id = create(reg, p, run_id, run_dir, max_retries, hold=hold)
     for line in p.checks.warnings:  # only once submitted: sbatch's refusal, too, is the only line
-        output.err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+        output.err_console.print(f"warning: {line}", markup=False, highlight=False)  # folded between words
     if json_:
         print_json({"run_id": run_id, "job_id": job_id, "run_dir": str(run_dir), "plan": p.plan})
     else:
@@ -88,13 +88,9 @@ def _print_submitted(p: Prepared, run_id: str, job_id: str, run_dir: Path) -> No
     """What was submitted, and the commands that follow it: each command on a line of its own, never
     wrapped by rich (soft_wrap), so a terminal of any width can copy it whole."""
     prof = p.profile
-    output.console.print(
-        f"submitted [bold]{run_id}[/bold] as job {job_id} on {prof.name} ({prof.world_size} x {prof.gpu.model})",
-        highlight=False,
-        soft_wrap=True,
-    )
+    output.console.print(f"submitted [bold]{run_id}[/bold] as job {job_id}", highlight=False, soft_wrap=True)
     for line in (
-        f"  profile  {prof.name} from {p.profile_source}",
+        f"  profile  {prof.name} ({prof.world_size} x {prof.gpu.model}) from {p.profile_source}",
         f"  run dir  {run_dir}",
         f"  follow   clusterctl status {run_id}",
         f"           clusterctl logs {run_id} --follow",
