@@ -79,3 +79,23 @@ def test_long_lines_fold_at_spaces_keeping_flag_groups_and_quoted_commands_whole
     assert all(len(x) <= 40 for x in lines if "--" not in x)
     monkeypatch.delenv("COLUMNS")
     assert fold(text) == text  # piped, no COLUMNS: a line per fact
+
+
+def test_the_mfu_warning_counts_model_flops_and_says_the_hfu_beside():
+    from clusterctl.planning.advice import MFU_WARNING, plan_warnings
+    from clusterctl.planning.plan import make_plan
+    from clusterctl.planning.profiles import load_profile
+    from vltrain.presets import get_preset
+
+    p = make_plan(
+        load_profile("a100x128"),
+        get_preset("vl-30b"),
+        2048,
+        accumulation=8,
+        zero_stage=3,
+        activation_checkpointing=True,
+    )
+    hfu = 0.40 * p.step_time_s() / p.total_step_s()  # the FLOPs that run (4 forwards) at 40% of peak
+    mfu = hfu * 3 / 4  # the model's FLOPs: 3 of the 4 forwards
+    (line,) = [w for w in plan_warnings(p) if w.startswith("mfu:")]
+    assert mfu < MFU_WARNING and line.startswith(f"mfu: expected MFU {mfu:.1%} ({hfu:.1%} HFU with recomputation)")

@@ -3,7 +3,7 @@ printed by `plan` and `submit`.
 
 Each warning is one line naming the figure, the threshold and what to change:
   * memory at NEAR_CAPACITY (95%) or more of what PyTorch can allocate (clusterctl.planning.memory);
-  * expected MFU under MFU_WARNING (15%): the allocation mostly waits on communication;
+  * expected MFU (model FLOPs) under MFU_WARNING (15%): the allocation mostly waits on communication;
   * a layout that fits and is FASTER_WARNING (2x) or more faster (the plan's alternatives, which all fit);
   * checkpoint writing above checkpoint.OVERHEAD_WARNING (5%) of the run's time, with a cadence within it.
   * an ITC pool (micro batch x dp) under contrastive.MIN_POOL (16) candidates per image.
@@ -47,11 +47,12 @@ def plan_warnings(plan: Plan) -> list[str]:
             f"{NEAR_CAPACITY:.0%} of what PyTorch can allocate; allowed: a smaller --micro-batch, "
             "--activation-checkpointing or a higher --zero-stage"
         )
-    mfu = plan.mfu_expected()
+    mfu, hfu = plan.model_mfu_expected(), plan.mfu_expected()  # MFU in model FLOPs, as `plan` prints it
     if mfu < MFU_WARNING:
+        recompute = f" ({hfu:.1%} HFU with recomputation)" if plan.activation_checkpointing else ""
         out.append(
-            f"mfu: expected MFU {mfu:.1%} is under {MFU_WARNING:.0%} ({plan.total_step_s():.2f} s per step, "
-            f"{plan.step_time_s():.2f} s of it compute); see faster_layout and alternatives"
+            f"mfu: expected MFU {mfu:.1%}{recompute} is under {MFU_WARNING:.0%} ({plan.total_step_s():.2f} s per "
+            f"step, {plan.step_time_s():.2f} s of it compute); see faster_layout and alternatives"
         )
     fastest = max(plan.alternatives, key=lambda a: a.speedup, default=None)
     if fastest is not None and fastest.speedup >= FASTER_WARNING:

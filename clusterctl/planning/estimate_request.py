@@ -202,11 +202,12 @@ def run_mfu(q: EstimateRequest, prof: Any, work: Any, recipe: RecipeRun | None) 
     if work.flops is None or prof is None or not prof.recipe:
         return DEFAULT_MFU, "assumed"
     if recipe is None:
-        from clusterctl.planning.whole_run import recipe_plan
+        from clusterctl.planning.whole_run import recipe_config, recipe_model, recipe_plan
 
-        plan = recipe_plan(prof)[0]
-        if q.model is not None and q.model != plan.model:
-            return DEFAULT_MFU, f"assumed ({prof.recipe} plans {plan.model}, not {q.model})"
+        cfg, _ = recipe_config(prof)
+        if q.model is not None and q.model != recipe_model(cfg):  # no plan of it: the planner is not loaded
+            return DEFAULT_MFU, f"assumed ({prof.recipe} trains {recipe_model(cfg)}, not {q.model})"
+        plan = recipe_plan(prof, cfg)[0]
     else:
         plan = recipe.plan
     return plan.model_mfu_expected(), f"the plan's expected MFU for {prof.recipe} on {prof.name}"

@@ -145,9 +145,8 @@ def recipe_facts(path: Path | None) -> Any:
     return paper_facts(path)
 
 
-def recipe_plan(profile: ClusterProfile) -> tuple[Plan, TrainConfig, Path]:
-    """The plan of the recipe the profile names, as `plan --profile` makes it (no flags on top)."""
-    from clusterctl.planning.plan import plan_for_run
+def recipe_config(profile: ClusterProfile) -> tuple[TrainConfig, Path]:
+    """The train config of the recipe the profile names, as `plan --profile` reads it (no flags on top)."""
     from clusterctl.planning.recipes import find_recipe
     from vltrain.common.errors import UserError
     from vltrain.config import load_train_config
@@ -155,5 +154,18 @@ def recipe_plan(profile: ClusterProfile) -> tuple[Plan, TrainConfig, Path]:
     if not profile.recipe:
         raise UserError(f"--profile: {profile.name} names no recipe; allowed: a profile with recipe = NAME")
     path = find_recipe(profile.recipe, f"profile {profile.name}: recipe")
-    plan, cfg = plan_for_run(profile, load_train_config(path, None))
-    return plan, cfg, path
+    return load_train_config(path, None), path
+
+
+def recipe_model(cfg: TrainConfig) -> str:
+    """The name of the model a config trains (a preset's name, or its table's)."""
+    return cfg.model if isinstance(cfg.model, str) else cfg.model.name
+
+
+def recipe_plan(profile: ClusterProfile, cfg: TrainConfig | None = None) -> tuple[Plan, TrainConfig, Path]:
+    """The plan of the recipe the profile names (`cfg`: its config, already read), as `plan --profile`."""
+    from clusterctl.planning.plan import plan_for_run
+
+    cfg2, path = recipe_config(profile)
+    plan, resolved = plan_for_run(profile, cfg or cfg2)
+    return plan, resolved, path
