@@ -15,7 +15,7 @@ TITLE = "not reproduced"
 def print_not_reproduced(items: list[dict[str, str]], recipe: str | None = None) -> None:
     """One line per item, 'what: why' (folded with an indent at the terminal's width); nothing without items.
     `recipe`: the recipe's name, when known."""
-    from clusterctl.render.plan_view import fold, tell
+    from clusterctl.render.fold import fold, tell
 
     if not items:
         return
@@ -27,7 +27,7 @@ def print_not_reproduced(items: list[dict[str, str]], recipe: str | None = None)
 
 def print_paper(paper: dict[str, Any]) -> None:
     """`recipes show`: the paper's run as the recipe states it, then what the recipe does not reproduce."""
-    from clusterctl.render.plan_view import tell
+    from clusterctl.render.fold import tell
 
     stated = []
     if paper["duration_h"] is not None:
