@@ -107,7 +107,7 @@ def _startup(h: dict, fsdp: bool = False) -> str:
     """What a rank puts on the host while its engine is built (clusterctl.planning.host_memory)."""
     if fsdp:  # FSDP2 flattens nothing: rank 0 builds the whole model in fp32 on the CPU, once
         built = h.get("startup_shared_gib") or h["startup_model_gib"]
-        return f"rank 0 builds the model on the CPU: {built:.2f} GiB once" if built else "the processes"
+        return f"rank 0 builds the model on the CPU: {amount(built)} GiB once" if built else "the processes"
     if h["deepspeed_staged_gib"]:
         return f"{h['deepspeed_staged_gib']:.1f} GiB a rank: DeepSpeed flattens parameter groups on the host"
     if h["startup_model_gib"]:
