@@ -207,7 +207,9 @@ def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None
             notes.append("R@10: --json")
         heads = [["run"]] + [h.split("\n") for _, h, _ in cols]
         columns = [keys] + [cells[k] for k, _, _ in cols]
-        output_text(table_text("held-out evaluation by run", heads, columns, [False] + [True] * len(cols), width, gap=2))
+        output_text(
+            table_text("held-out evaluation by run", heads, columns, [False] + [True] * len(cols), width, gap=2)
+        )
         chance = {r["chance_r1"] for r in rows if isinstance(r.get("chance_r1"), (int, float))}
         if len(chance) == 1:
             notes.append(f"chance R@1 {100 * chance.pop():.2g} %")
