@@ -41,6 +41,7 @@ SHADOW = {  # kind -> (the line's start, the shadowing file under the clone, the
 
 def shadow_lines(text: str, cwd: Path, kind: str) -> list[str]:
     start, mine, shipped = SHADOW[kind]
+    text = text.replace("\n  ", " ")  # a warning longer than COLUMNS is folded at spaces, next lines indented
     pattern = rf"{re.escape(start + str(cwd / mine))} shadows the shipped (\S+{re.escape(shipped)}) "
     return [m.group(1) for line in text.splitlines() if (m := re.match(pattern, line))]
 

@@ -17,6 +17,7 @@ import typer
 
 from clusterctl.cli.options import PlanningFlags, planning_flags
 from clusterctl.render import output
+from clusterctl.render.fold import fold
 from clusterctl.render.output import print_json
 from clusterctl.specs import ACTIVE_STATES, RunState
 
@@ -71,7 +72,8 @@ def submit(
     refuse(p)  # a refusal is the only line: no warning before it
     job_id = create(reg, p, run_id, run_dir, max_retries, hold=hold)
     for line in p.checks.warnings:  # only once submitted: sbatch's refusal, too, is the only line
-        output.err_console.print(f"warning: {line}", markup=False, highlight=False)  # folded between words
+        # folded at spaces by render.fold, not by rich, which cuts a path longer than the terminal mid-word
+        output.err_console.print(fold(f"warning: {line}"), markup=False, highlight=False, soft_wrap=True)
     if json_:
         print_json({"run_id": run_id, "job_id": job_id, "run_dir": str(run_dir), "plan": p.plan})
     else:
