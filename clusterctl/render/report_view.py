@@ -87,7 +87,7 @@ def print_report(kind: str, by: str, rows: list[dict] | dict[str, list], width: 
 
 def _width() -> int:
     """The terminal's columns ($COLUMNS first); 80 when output is not a terminal (as rich did)."""
-    from clusterctl.render.status_table import terminal_width
+    from clusterctl.render.text import terminal_width
 
     return terminal_width() or 80
 

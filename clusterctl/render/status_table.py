@@ -4,7 +4,6 @@ asking the terminal its width)."""
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -119,20 +118,10 @@ def pending_text(row: Mapping[str, Any], now: float) -> str | None:
     return f"{text}; expected start {when}" + (f" (in {duration(start - now)})" if start > now else " (due)")
 
 
-def terminal_width() -> int | None:
-    """Columns to fit: the terminal's, or $COLUMNS; None when output goes to a pipe or file (keep all)."""
-    if os.environ.get("COLUMNS", "").isdigit():
-        return int(os.environ["COLUMNS"])
-    try:
-        return os.get_terminal_size(1).columns if os.isatty(1) else None
-    except OSError:
-        return None
-
-
 def print_status(data: dict[str, Any]) -> None:
     """The status answer (clusterctl.runs.status.collect) as a table, its notes and its source
     (plain text: render.text)."""
-    from clusterctl.render.text import say
+    from clusterctl.render.text import say, terminal_width
 
     if not data["runs"]:
         say("no runs yet: clusterctl submit --profile local")

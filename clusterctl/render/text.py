@@ -66,6 +66,16 @@ def output_text(text: str, wrap: int | None = None) -> None:
 TERMINAL = -1  # table_text's default width: the terminal's ($COLUMNS first), none when output is piped
 
 
+def terminal_width() -> int | None:
+    """Columns to fit: the terminal's, or $COLUMNS; None when output goes to a pipe or file (keep all)."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    try:
+        return os.get_terminal_size(1).columns if os.isatty(1) else None
+    except OSError:
+        return None
+
+
 def table_text(
     title: str,
     heads: list[list[str]],
@@ -85,8 +95,6 @@ def table_text(
     is wrapped at spaces onto the next lines, in its column (a number or a word is never split).
     A table that cannot fit so is left wider."""
     if width == TERMINAL:
-        from clusterctl.render.status_table import terminal_width
-
         width = terminal_width()
     n = len(heads)
     sep = " " * gap
