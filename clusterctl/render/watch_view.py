@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from clusterctl.render.fold import fold
 from clusterctl.render.safe import cell, printable
 from clusterctl.render.status_table import pending_text
 from clusterctl.render.units import ENERGY_UNITS, co2, duration, energy, pick_unit, quantity, step_text
@@ -279,11 +280,13 @@ def summary_lines(rows: Sequence[Mapping[str, Any]], views: dict[str, RunView], 
         m = v.last
         loss = _loss(m.get("loss"), ".4f") or "-"
         step = m.get("step", row.get("step"))
-        out.append(
-            f"{printable(row['run_id'])}: {printable(row['state'])}, "
-            f"step {step_text(step)}/{row.get('total_steps')}, final loss {loss}, "
-            f"requeues {row.get('requeues', 0)}, resumes {row.get('resumes', 0)}, "
-            f"elapsed {duration(row.get('elapsed_s'), 'clock')}"
+        out.append(  # folded at spaces to the terminal: a long run id must not push a figure over the edge
+            fold(
+                f"{printable(row['run_id'])}: {printable(row['state'])}, "
+                f"step {step_text(step)}/{row.get('total_steps')}, final loss {loss}, "
+                f"requeues {row.get('requeues', 0)}, resumes {row.get('resumes', 0)}, "
+                f"elapsed {duration(row.get('elapsed_s'), 'clock')}"
+            )
         )
         out.append(f"  {quantity(row.get('gpu_hours', 0.0))} GPU-h, {energy(v.energy_kwh)}, {co2(v.co2_kg)}")
         if row.get("reason"):
