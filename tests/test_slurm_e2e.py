@@ -197,7 +197,9 @@ def test_cancel_and_bad_partition(world, tmp_path):
         .replace('partition = "debug"', 'partition = "nope"')
     )
     r = run_cli("submit", "--profile", str(prof), "--config", str(world["cfg"]), env=world["env"])
-    assert r.returncode == 2 and r.stderr.startswith("error: sbatch: ") and "partition" in r.stderr.lower(), r.stderr
+    # refused before sbatch: preflight asks the scheduler which partitions exist (issue 25 point 5)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "slurm.partition" in r.stderr, r.stderr
+    assert "nope" in r.stderr and "debug" in r.stderr, r.stderr  # what was given and what is allowed
     assert r.stderr.strip().count("\n") == 0
 
 
