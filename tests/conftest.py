@@ -230,6 +230,26 @@ def stop_owned(owner: str) -> list[str]:
     return [f"{pid} {p['cmd']}" + (" (STILL RUNNING)" if pid in left else "") for pid, p in sorted(seen.items())]
 
 
+def slurm_up() -> bool:
+    """Whether the local Slurm cluster answers (scripts/slurm-local.sh up): the slurm tests skip without it."""
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=deadline(5)).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def sbatch_job(*args: str) -> str:
+    """A plain job on the local cluster, its id; the caller cancels it."""
+    r = subprocess.run(
+        ["sbatch", "--parsable", "-o", "/dev/null", "-e", "/dev/null", *args],
+        capture_output=True,
+        text=True,
+        timeout=deadline(30),
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
 def cancel_slurm_jobs_under(root: Path) -> list[str]:
     """scancel the Slurm jobs whose batch script lies under `root` (a pending job has no process yet)."""
     if shutil.which("squeue") is None:

@@ -6,7 +6,6 @@ instead of sbatch's refusal later (or a job pending for ever: PartitionNodeLimit
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from clusterctl.backends.slurm.backend import partition_check
 from clusterctl.backends.slurm.parse import Partition, parse_partitions
 from clusterctl.planning.profiles import load_profile
 from clusterctl.runs.registry import Registry
-from tests.conftest import REPO, deadline, dry_run_exit, no_scheduler, one_line_error, run_cli, trainer_shards
+from tests.conftest import REPO, dry_run_exit, no_scheduler, one_line_error, run_cli, slurm_up, trainer_shards
 
 # `scontrol -a -o show partition` on the local cluster (scripts/slurm-local.sh, Slurm 22.05)
 RECORDED = (
@@ -138,11 +137,6 @@ def test_an_unreachable_scheduler_skips_the_partition_check_with_a_note(env, tmp
 
 
 # --- against the real local cluster (scripts/slurm-local.sh) --------------------------------------------
-def _slurm_up() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=deadline(5)).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 @pytest.mark.slurm
@@ -150,7 +144,7 @@ def test_the_real_schedulers_partitions_decide(env, tmp_path):
     """A partition the cluster does not have: the dry run lists it (exit 2), submit refuses it in one line
     before anything is written; more nodes than `debug` holds: refused too (sbatch would queue the job for
     ever, PartitionNodeLimit); the shipped slurm-local profile passes the check."""
-    if not _slurm_up():
+    if not slurm_up():
         pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
     d = trainer_shards(tmp_path / "d")
     data = ("--set", f"data.shards={d / 'shards'}", "--set", f"data.tokenizer={d / 'tok.model'}")

@@ -21,7 +21,7 @@ import pytest
 
 from clusterctl.planning.job_env import JOB_ENV_ALLOWED, NOT_LISTED
 from clusterctl.planning.profiles import check_job_env, load_profile, parse_profile
-from tests.conftest import REPO, deadline, dry_run_exit, run_cli, tiny_data
+from tests.conftest import REPO, deadline, dry_run_exit, run_cli, slurm_up, tiny_data
 from vltrain.common.errors import UserError
 
 # --- 2. the job environment is an allow-list ------------------------------------------------------
@@ -194,7 +194,7 @@ def test_every_job_starts_python_with_a_safe_path_in_its_run_directory(tmp_path,
     ["local", pytest.param("slurm-local", marks=pytest.mark.slurm)],
 )
 def test_a_module_in_the_submitting_directory_is_never_imported_by_the_job(tmp_path, profile):
-    if profile == "slurm-local" and not _slurm_up():
+    if profile == "slurm-local" and not slurm_up():
         pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
     data, tok = tiny_data(tmp_path, n=200)
     cwd, markers = _shadowing_clone(tmp_path)
@@ -217,10 +217,3 @@ def test_a_module_in_the_submitting_directory_is_never_imported_by_the_job(tmp_p
     assert len(logs) >= ranks, logs  # every rank ran (and imported the real sentencepiece: it trained)
     imported = sorted(p.read_text() for p in markers.iterdir())
     assert not imported, f"the job imported {cwd / 'sentencepiece.py'}: {imported}"
-
-
-def _slurm_up() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=deadline(5)).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False

@@ -23,7 +23,7 @@ from clusterctl.render.watch_view import RunView, Tail, plain_line, run_panel
 from clusterctl.runs import status
 from clusterctl.runs.registry import Registry
 from clusterctl.specs import JobRecord, RunRecord
-from tests.conftest import BIN, deadline, run_cli, trainer_shards, wait_until
+from tests.conftest import BIN, deadline, run_cli, sbatch_job, slurm_up, trainer_shards, wait_until
 
 FIX = Path(__file__).parent / "fixtures" / "slurm"
 NOW = time.time()
@@ -108,34 +108,18 @@ def test_at_80_columns_each_run_id_stays_whole_on_a_line_of_its_own_when_the_col
 
 
 # --- against the real local cluster (scripts/slurm-local.sh) ------------------------------------------
-def _slurm_up() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=deadline(5)).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _sbatch(*args: str) -> str:
-    r = subprocess.run(
-        ["sbatch", "--parsable", "-o", "/dev/null", "-e", "/dev/null", "-t", "1", *args],
-        capture_output=True,
-        text=True,
-        timeout=deadline(30),
-    )
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip().split(";")[0]
 
 
 @pytest.mark.slurm
 def test_status_shows_the_real_pending_reasons_and_expected_start(tmp_path):
     """Three real jobs that cannot start: held, not before a begin time, more nodes than `debug` has."""
-    if not _slurm_up():
+    if not slurm_up():
         pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
     jobs: list[str] = []
     try:
-        jobs.append(_sbatch("--hold", "--wrap", "true"))
-        jobs.append(_sbatch("--begin=now+1hour", "--wrap", "true"))
-        jobs.append(_sbatch("-N", "3", "--wrap", "true"))
+        jobs.append(sbatch_job("-t", "1", "--hold", "--wrap", "true"))
+        jobs.append(sbatch_job("-t", "1", "--begin=now+1hour", "--wrap", "true"))
+        jobs.append(sbatch_job("-t", "1", "-N", "3", "--wrap", "true"))
         reg = Registry(tmp_path / "r.db")
         for name, jid in zip(("held", "later", "toobig"), jobs, strict=True):
             reg.add_run(
@@ -176,7 +160,7 @@ def test_status_shows_the_real_pending_reasons_and_expected_start(tmp_path):
 def test_submit_hold_then_status_and_watch_say_it_is_held_and_the_follow_hint_is_whole(env, tmp_path):
     """A real run submitted held on slurm-local: the follow hint's commands are each one line at 80 columns
     (was: rich folded `clusterctl logs RUN --follow` across two), status and watch say JobHeldUser."""
-    if not _slurm_up():
+    if not slurm_up():
         pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
     d = trainer_shards(tmp_path / "d")
     data = ("--set", f"data.shards={d / 'shards'}", "--set", f"data.tokenizer={d / 'tok.model'}")

@@ -27,7 +27,7 @@ import pytest
 
 from clusterctl.runs.registry import Registry
 from clusterctl.specs import RunRecord
-from tests.conftest import BIN, REPO, deadline, run_cli
+from tests.conftest import BIN, REPO, deadline, run_cli, slurm_up
 from tests.test_status import shim
 
 OLD = time.time() - 3 * 3600
@@ -446,18 +446,11 @@ def test_rebuild_bad_flags_are_one_line(tmp_path, args, needle):
     one_line_error(run_cli("registry", "rebuild", *args, env=env_for(tmp_path)), needle)
 
 
-def _slurm_up() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=deadline(5)).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.mark.slurm
 def test_delete_the_registry_of_real_slurm_runs_then_rebuild(tmp_path):
     """Runs submitted to the real local cluster (held, then cancelled: nothing trains), the registry
     file deleted, `registry rebuild`: `status --all` shows every run again, as Slurm says it ended."""
-    if not _slurm_up():
+    if not slurm_up():
         pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
     from tests.conftest import tiny_data
 

@@ -13,21 +13,14 @@ from pathlib import Path
 import pytest
 
 from clusterctl.runs.registry import Registry
-from tests.conftest import REPO, deadline, run_cli, tiny_data
+from tests.conftest import REPO, deadline, run_cli, slurm_up, tiny_data
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-def _slurm_up() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=deadline(5)).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    if not _slurm_up():
+    if not slurm_up():
         pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
     root = tmp_path_factory.mktemp("e2e")
     data, tok = tiny_data(root)

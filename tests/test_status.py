@@ -25,7 +25,7 @@ from clusterctl.render import status_table
 from clusterctl.runs import artifacts, status
 from clusterctl.runs.registry import Registry
 from clusterctl.specs import JobRecord, RunRecord
-from tests.conftest import REPO, deadline, run_cli
+from tests.conftest import REPO, deadline, run_cli, sbatch_job, slurm_up
 
 FIX = Path(__file__).parent / "fixtures" / "slurm"
 OLD = time.time() - 3600  # submitted an hour ago: past any accounting lag
@@ -357,35 +357,17 @@ def test_unknown_run_is_one_line_error(tmp_path):
 # --- against the real local cluster (scripts/slurm-local.sh) ------------------------------------
 
 
-def _slurm_up() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=deadline(5)).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _sbatch(*args: str) -> str:
-    r = subprocess.run(
-        ["sbatch", "--parsable", "-o", "/dev/null", "-e", "/dev/null", *args],
-        capture_output=True,
-        text=True,
-        timeout=deadline(30),
-    )
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip().split(";")[0]
-
-
 @pytest.mark.slurm
 def test_status_against_real_slurm(tmp_path):
     """Real jobs (completed, failed, cancelled, running) on the local cluster; wrappers around the
     real squeue/sacct log each call: at most one of each per status invocation (sacct only while
     some job needs accounting), states as Slurm says."""
-    if not _slurm_up():
+    if not slurm_up():
         pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
-    ok = _sbatch("--wrap", "sleep 1")
-    bad = _sbatch("--wrap", "exit 3")
-    gone = _sbatch("--begin=now+1hour", "--wrap", "true")
-    live = _sbatch(
+    ok = sbatch_job("--wrap", "sleep 1")
+    bad = sbatch_job("--wrap", "exit 3")
+    gone = sbatch_job("--begin=now+1hour", "--wrap", "true")
+    live = sbatch_job(
         "--wrap", f"sleep {int(deadline(90)) + 120}"
     )  # running through the whole wait below (scancelled after)
     subprocess.run(["scancel", gone], check=True, timeout=deadline(30))
