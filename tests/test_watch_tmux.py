@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import BIN, deadline, run_cli, tiny_data
+from tests.conftest import BIN, OWNER_VAR, deadline, owned_processes, run_cli, tiny_data, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
 
@@ -36,6 +36,14 @@ def _submit(world, name):
     )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["run_id"]
+
+
+def _cancel_and_wait(world, run_id):
+    """Cancel a local run and wait until what this test started is gone: the trainer checkpoints and
+    exits on SIGTERM in its own time, and a test must not end with its run still going."""
+    run_cli("cancel", run_id, env=world["env"])
+    owner = os.environ[OWNER_VAR]
+    wait_until(lambda: not owned_processes(owner), 60, f"run {run_id} to stop after cancel")
 
 
 class Tmux:
@@ -116,7 +124,7 @@ def test_q_quits_cleanly_and_leaves_the_run_going(world):
         t.kill()
     r = run_cli("status", run_id, "--json", env=world["env"])
     assert json.loads(r.stdout)["runs"][0]["state"] in ("RUNNING", "COMPLETED")
-    run_cli("cancel", run_id, env=world["env"])
+    _cancel_and_wait(world, run_id)
 
 
 def test_submit_watch_then_ctrl_c_leaves_the_terminal_sane_and_the_run_going(world):
@@ -144,7 +152,7 @@ def test_submit_watch_then_ctrl_c_leaves_the_terminal_sane_and_the_run_going(wor
         first = row["step"] or 0 if first is None else first
         assert time.monotonic() < end, row
         time.sleep(1)
-    run_cli("cancel", row["run_id"], env=world["env"])
+    _cancel_and_wait(world, row["run_id"])
 
 
 def test_ctrl_c_during_submit_wait_stops_waiting_not_the_run(world):
@@ -196,4 +204,4 @@ def test_ctrl_c_during_submit_wait_stops_waiting_not_the_run(world):
             break
         assert time.monotonic() < end, row
         time.sleep(1)
-    run_cli("cancel", "waiter", env=world["env"])
+    _cancel_and_wait(world, "waiter")

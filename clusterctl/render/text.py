@@ -89,7 +89,7 @@ def table_text(
     first. Without any header line, no rule either (a list of names and values).
 
     Made to fit `width` (TERMINAL: the terminal's, or $COLUMNS, none when output goes to a pipe;
-    None: never), never by cutting a cell: when a narrower first column makes the table fit (down
+    None: never), never by cutting a cell: first by a gap of 2; when a narrower first column makes the table fit (down
     to 8 characters), a key longer than it goes whole on a line of its own and its values on the
     next (a run id, a month is never split); then a last-column value too long for the room left
     is wrapped at spaces onto the next lines, in its column (a number or a word is never split).
@@ -101,6 +101,8 @@ def table_text(
     uniq = [set(c) for c in columns]  # the distinct cells: 10,000 rows repeat most values but the keys
     widths = [max(max(map(len, h), default=0), max(map(len, u), default=0)) for h, u in zip(heads, uniq, strict=True)]
     pieces: dict[str, list[str]] = {}  # last-column values wrapped onto several lines
+    if width is not None and n > 1 and gap > 2 and sum(widths) + gap * (n - 1) + 1 > width >= sum(widths) + 2 * n - 1:
+        gap, sep = 2, "  "  # two spaces still part columns: better than a key on a line of its own
     if width is not None and n > 1 and sum(widths) + gap * (n - 1) + 1 > width:
         # the room the keys keep if the last column wraps down to 16 characters (or its own width)
         keys_room = width - 1 - sum(widths[1:-1]) - min(widths[-1], 16) - gap * (n - 1)

@@ -524,7 +524,7 @@ def merge_timelines(files: list[list[tuple[float, float, float]]]) -> list[tuple
         pe, pc = latest.get(i, (0.0, 0.0))
         ne, nc = max(pe, e), max(pc, c)
         latest[i] = (ne, nc)
-        energy, co2 = energy + ne - pe, co2 + nc - pc
+        energy, co2 = energy + (ne - pe), co2 + (nc - pc)  # a non-negative step: rounding never lowers the sum
         if out and out[-1][0] == t:  # one point per instant: nodes that flushed together
             out[-1] = (t, energy, co2)
         else:
