@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -92,6 +93,26 @@ def data_synth(
         f"wrote {s['samples']} samples in {len(s['shards'])} shards to {s['out']}"
         + (f", {s['eval_samples']} held out in {s['eval_out']}" if s["eval_samples"] else "")
     )
+
+
+@data_app.command("digits")
+def data_digits(
+    out: Path = typer.Option(..., "--out", help="Output directory (new or empty)."),
+    holdout: int = typer.Option(300, "--holdout", help="Held-out digits written to OUT/eval (class-stratified)."),
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", help="Image side in pixels (default: the digits recipe's)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Split and caption seed: the same seed writes byte-identical shards."),
+) -> None:
+    """scikit-learn's 1,797 real handwritten digits as shards, classes.json and a train config (OUT/train.toml)."""
+    from vltrain.data.digits import write_digits
+
+    s = write_digits(out, holdout=holdout, image_size=image_size, seed=seed)
+    typer.echo(
+        f"wrote {s['samples']} digits in {len(s['shards'])} shards to {s['out']}, {s['eval_samples']} held out "
+        f"in {s['eval_out']} ({s['image_size']} px, {s['classes']} classes)"
+    )
+    typer.echo(f"train: vltrain train --config {s['config']} --run-dir RUN")
 
 
 @data_app.command("dedup")
