@@ -131,6 +131,35 @@ def data_dedup(
         typer.echo(f"kept {s['kept']} of {s['samples']} samples; removed {s['removed']} exact duplicates -> {out}")
 
 
+@data_app.command("import")
+def data_import(
+    out: Path = typer.Option(..., "--out", help="Output directory (new or empty)."),
+    folder: Path = typer.Option(None, "--folder", help="Image-folder tree ROOT/<class>/*.jpg (labelled by folder)."),
+    table: Path = typer.Option(None, "--table", help="CSV/TSV/JSONL/Parquet table: image path, caption."),
+    holdout: int = typer.Option(0, "--holdout", help="Samples held out in OUT/eval (0 = none)."),
+    image_size: str = typer.Option("none", "--image-size", help="'none' copies images; S re-encodes larger ones."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
+    template: list[str] = typer.Option([], "--caption-template", help="Template, {} = class; repeatable."),
+    image_column: str = typer.Option(None, "--image-column", help="Table column of image paths [image]."),
+    caption_column: str = typer.Option(None, "--caption-column", help="Table column of captions [caption]."),
+    label_column: str = typer.Option(None, "--label-column", help="Table column of class labels (optional)."),
+    max_chars: int = typer.Option(1000, "--max-caption-chars", help="Longer captions are skipped."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample order, held-out draw and templates."),
+    json_: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Users' images and captions as shards; bad samples skipped and listed in OUT/import_report.json."""
+    from vltrain.data import importer as imp
+
+    size, templates = imp.parse_image_size(image_size), tuple(template) or (imp.DEFAULT_TEMPLATE,)
+    opts = imp.ImportOptions(holdout, size, shard_size, templates, max_chars, seed)
+    cols = {"image_column": image_column, "caption_column": caption_column, "label_column": label_column}
+    s = imp.import_data(out, folder, table, opts, **cols)
+    stdout, stderr = imp.summary_lines(s)
+    typer.echo(json.dumps(s, indent=2) if json_ else "\n".join(stdout))
+    for line in stderr:
+        typer.echo(line, err=True)
+
+
 @tok_app.command("train")
 def tokenizer_train(
     shards: Path = typer.Option(..., "--shards", help="Shards whose captions (KEY.txt) to train on."),
