@@ -30,6 +30,11 @@ class DataConfig:
     shards: str = field("WebDataset shards: a directory or a brace pattern", default="")
     eval_shards: str = field("held-out shards for evaluation", default="")
     tokenizer: str = field("SentencePiece model file", default="")
+    classes: str = field(
+        "classes.json for zero-shot classification (empty: the one beside the held-out shards, else beside "
+        "data.shards)",
+        default="",
+    )
     workers: int = field(
         "dataloader workers per rank (-1: from the CPUs per task on GPU runs, none on CPU runs)",
         default=-1,

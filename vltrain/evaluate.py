@@ -1,4 +1,5 @@
-"""Held-out evaluation: image-text retrieval Recall@1/5/10 both ways, and CIDEr-D of greedy captions.
+"""Held-out evaluation: image-text retrieval Recall@1/5/10 both ways, CIDEr-D of greedy captions, and
+zero-shot classification top-1/top-5 when the held-out shards have classes (vltrain.zero_shot).
 
 CIDEr-D is hand-written (a transcription of coco-caption's `cider_scorer.py`, Vedantam et al. 2015,
 including its quirks) because its maintained home, pycocoevalcap, is a 104 MB wheel (Java jars for
@@ -125,6 +126,7 @@ class HeldOutPass:
     references: list[str]  # their true captions
     keys: list[str]  # their sample keys
     positions: list[int] = field(default_factory=list)
+    pair_keys: list[str] = field(default_factory=list)  # the key of every row of image_emb / text_emb
 
 
 def evaluate(
@@ -138,8 +140,11 @@ def evaluate(
     batch_size: int = 128,
     max_caption_samples: int = 1000,
     share: EvalShare = ONE_PROCESS,
+    classes: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Recall@K (i2t, t2i) over all held-out pairs and CIDEr-D over the first `max_caption_samples`.
+    """Recall@K (i2t, t2i) over all held-out pairs, CIDEr-D over the first `max_caption_samples`, and
+    zero-shot top-1/top-5 over the pairs with a class when there are classes (`classes`: a classes.json,
+    else vltrain.zero_shot.find_classes).
 
     Every rank of `share` calls it with its own model (the engine's, sharded or not) and evaluates its
     slice of the pairs; the scores, the same on every rank, combine all slices (embeddings gathered for
@@ -149,8 +154,10 @@ def evaluate(
     import torch
 
     from vltrain.presets import resolve_model
+    from vltrain.zero_shot import zero_shot_task
 
     mcfg = resolve_model(cfg.model)
+    task = zero_shot_task(cfg, shards, classes)  # read first: a bad classes.json fails before the pass
     loader = _held_out_loader(
         cfg, tokenizer, shards, batch_size, image_size=mcfg.image_size, max_len=mcfg.max_text_len, share=share
     )
@@ -168,7 +175,10 @@ def evaluate(
         max_len=mcfg.max_text_len,
         share=share,
     )
-    return {**eval_scores(out, share, device), "shards": shards, "eval_time_s": time.perf_counter() - t0}
+    result = {**eval_scores(out, share, device), "shards": shards}
+    if task is not None:
+        result["zero_shot"] = zero_shot_eval(model, tokenizer, task, out, share, device, mcfg.max_text_len, batch_size)
+    return result | {"eval_time_s": time.perf_counter() - t0}
 
 
 def _held_out_loader(cfg, tokenizer, shards: str, batch_size: int, *, image_size: int, max_len: int, share: EvalShare):
@@ -243,6 +253,7 @@ def held_out_pass(
                 continue
             img.append(i)
             txt.append(t)
+            out.pair_keys += got["keys"]
             if caps is not None and room > 0:
                 out.captions += [tokenizer.decode(row) for row in caps.cpu()]
                 out.references += got["captions"][:room]
@@ -318,6 +329,27 @@ def eval_scores(out: HeldOutPass, share: EvalShare = ONE_PROCESS, device=None) -
     }
 
 
+def zero_shot_eval(model, tokenizer, task, out: HeldOutPass, share: EvalShare, device, max_len: int, batch_size: int):
+    """eval.json's "zero_shot": the class embeddings (every rank makes the same encode_text calls), this
+    rank's labelled images against them, hits and counts summed over the ranks."""
+    from vltrain import zero_shot as zs
+
+    classes, labels = task
+    prompts = zs.encode_prompts(
+        model, tokenizer, classes.prompts(), device=device, max_len=max_len, batch_size=batch_size
+    )
+    class_emb = zs.class_embeddings(prompts, len(classes.classes))
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        if share.size == 1:
+            return t
+        from vltrain.collectives import group_all_reduce
+
+        return group_all_reduce(t, share.group, device)
+
+    return zs.zero_shot_scores(classes, class_emb, out.image_emb, out.pair_keys, labels, all_reduce)
+
+
 def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:
     """eval.json in the run directory (atomic), the latest evaluation of the run."""
     from vltrain.common.atomic import atomic_write
@@ -347,8 +379,9 @@ def newest_sound_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
-    """`vltrain eval --run-dir DIR`: the newest complete checkpoint on the held-out shards, on one process."""
+def evaluate_run(run_dir: str | Path, classes: str | Path | None = None) -> dict[str, Any]:
+    """`vltrain eval --run-dir DIR [--classes FILE]`: the newest complete checkpoint on the held-out shards,
+    on one process."""
     import torch
 
     from vltrain import checkpoint
@@ -372,7 +405,13 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     tok_path = cfg.data.tokenizer or str(RunDir(run_dir).tokenizer)
     meta = checkpoint.read_meta(path)
     result = evaluate(
-        model.float(), cfg, Tokenizer.load(tok_path), shards, device=torch.device("cpu"), dtype=torch.float32
+        model.float(),
+        cfg,
+        Tokenizer.load(tok_path),
+        shards,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        classes=classes,
     )
     result |= {"step": meta["step"], "samples": meta["samples"], "checkpoint": path.name, "time": time.time()}
     write_eval(run_dir, result)
@@ -381,10 +420,13 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
 
 def eval_line(step: int, result: dict[str, Any]) -> str:
     """The line an evaluation prints."""
+    from vltrain.zero_shot import zero_shot_line
+
     i2t, t2i = result["i2t"], result["t2i"]
-    return (
+    line = (
         f"eval step {step}: i2t R@1 {i2t['R@1']:.3f} R@5 {i2t['R@5']:.3f} "
         f"R@10 {i2t['R@10']:.3f} | t2i R@1 {t2i['R@1']:.3f} R@5 {t2i['R@5']:.3f} "
         f"R@10 {t2i['R@10']:.3f} | CIDEr-D {result['cider']:.3f} | "
         f"{result['n']} pairs (chance R@1 {result['chance_r1']:.4f})"
     )
+    return line + (f" | {zero_shot_line(result['zero_shot'])}" if "zero_shot" in result else "")
