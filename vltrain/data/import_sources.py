@@ -147,7 +147,7 @@ def table_records(path: Path, image_col: str, caption_col: str, label_col: str |
     records, skipped = [], []
     for row, (image, caption, label) in enumerate(zip(images, captions, labels)):
         source = f"{path.name} row {row}"
-        if isinstance(image, str) and image.strip():
+        if isinstance(image, str) and image.strip() and "://" not in image:  # a URL is reported as one
             image = str(path.parent / image.strip())  # an absolute path stays itself
         if label_col is not None and label is None:
             skipped.append((row, f"label: empty cell in column {label_col!r}"))

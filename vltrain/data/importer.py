@@ -289,7 +289,7 @@ def _finish(
     first = f" (first: {res.bad[0]['source']}: {res.bad[0]['reason']})" if res.bad else ""
     if n_eval + n_train == 0:
         raise UserError(
-            f"{source}: no usable sample among {len(listing.records)}{first}; allowed: images with captions"
+            f"{flag}: {source} has no usable sample among {len(listing.records)}{first}; allowed: images with captions"
         )
     if n_eval < opts.holdout or n_train == 0:
         good = n_eval + n_train
