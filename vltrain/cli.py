@@ -64,15 +64,24 @@ def train(
 
 
 @app.command("eval")
-def eval_(run_dir: Path = typer.Option(..., "--run-dir", help="Run directory with a complete checkpoint.")) -> None:
-    """Recall@1/5/10 (image->text, text->image) and CIDEr-D on the held-out shards; writes eval.json."""
+def eval_(
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run directory with a complete checkpoint."),
+    classes: Path = typer.Option(
+        None, "--classes", help="classes.json for zero-shot (default: beside the held-out shards)."
+    ),
+) -> None:
+    """Recall@1/5/10 (image->text, text->image), CIDEr-D and zero-shot top-1/5 (held-out shards with
+    classes) on the held-out shards; writes eval.json."""
     from vltrain.evaluate import evaluate_run
+    from vltrain.zero_shot import zero_shot_line
 
-    r = evaluate_run(run_dir)
+    r = evaluate_run(run_dir, classes)
     typer.echo(f"step {r['step']} ({r['checkpoint']}), {r['n']} held-out pairs, chance R@1 {r['chance_r1']:.4f}")
     for way in ("i2t", "t2i"):
         typer.echo(f"  {way}  " + "  ".join(f"{k} {v:.3f}" for k, v in r[way].items()))
     typer.echo(f"  CIDEr-D {r['cider']:.3f} on {r['caption_samples']} generated captions")
+    if "zero_shot" in r:
+        typer.echo(f"  {zero_shot_line(r['zero_shot'])} on {r['zero_shot']['n']} labelled images")
     typer.echo(f"wrote {RunDir(run_dir).eval}")
 
 
