@@ -393,3 +393,48 @@ def test_a_collapsed_model_whose_classes_all_look_alike_scores_nothing():
 
     same = torch.ones(10, 4)
     assert topk_hits(torch.randn(8, 4), torch.arange(8), same).tolist() == [0, 0]
+
+
+# --- the trainer's evaluation and `vltrain eval --classes` ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_writes_zero_shot_and_vltrain_eval_takes_another_classes_file(data, tmp_path):
+    """2 steps on the labelled shards: the final evaluation prints the zero-shot line and writes it in
+    eval.json; `vltrain eval --classes FILE` evaluates again with that file's templates."""
+    import dataclasses
+
+    import tomli_w
+
+    from tests.conftest import run_cli
+    from vltrain.presets import get_preset
+
+    cfg = {
+        "model": {**dataclasses.asdict(get_preset("tiny")), "vocab_size": VOCAB},
+        "global_batch": 8,
+        "steps": 2,
+        "precision": "fp32",
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "data": {"shards": str(data / "shards"), "tokenizer": str(data / "tok.model"), "shuffle_buffer": 8},
+    }
+    (tmp_path / "train.toml").write_text(tomli_w.dumps(cfg))
+    run = tmp_path / "run"
+    env = {"OMP_NUM_THREADS": "1"}
+    r = run_cli("train", "--config", str(tmp_path / "train.toml"), "--run-dir", str(run), prog="vltrain", env=env)
+    assert r.returncode == 0, r.stderr
+    zs = json.loads((run / "eval.json").read_text())["zero_shot"]
+    assert (zs["classes"], zs["n"], zs["templates"]) == (4, HOLDOUT - len(UNLABELLED), 3)
+    assert f"zero-shot top-1 {zs['top1']:.3f} top-5 1.000 (4 classes, chance 0.250)" in r.stdout + r.stderr
+    one = tmp_path / "one-template.json"
+    one.write_text(json.dumps({"classes": NAMES, "templates": ["a {} block."]}))
+    r = run_cli("eval", "--run-dir", str(run), "--classes", str(one), prog="vltrain", env=env)
+    assert r.returncode == 0, r.stderr
+    again = json.loads((run / "eval.json").read_text())["zero_shot"]
+    assert again["templates"] == 1 and again["n"] == zs["n"]
+    assert (
+        f"zero-shot top-1 {again['top1']:.3f} top-5 1.000 (4 classes, chance 0.250) on 11 labelled images" in r.stdout
+    )
+    r = run_cli("eval", "--run-dir", str(run), "--classes", str(tmp_path / "nope.json"), prog="vltrain", env=env)
+    assert r.returncode == 2 and r.stderr.strip().endswith("does not exist; allowed: a classes.json file")
+    assert len(r.stderr.strip().splitlines()) == 1
