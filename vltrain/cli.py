@@ -124,6 +124,24 @@ def data_digits(
     typer.echo(f"train: vltrain train --config {s['config']} --run-dir RUN")
 
 
+@data_app.command("photos")
+def data_photos(
+    out: Path = typer.Option(..., "--out", help="Output directory (new or empty)."),
+    image_size: int = typer.Option(32, "--image-size", help="Crop side in pixels."),
+    crops: int = typer.Option(32, "--crops", help="Random training crops per photo."),
+    seed: int = typer.Option(0, "--seed", help="Crop and caption seed: the same seed writes byte-identical shards."),
+) -> None:
+    """scikit-image's photos with hand-written captions: random training crops, a held-out centre crop each."""
+    from vltrain.data.photos import write_photos
+
+    s = write_photos(out, image_size=image_size, crops=crops, seed=seed)
+    typer.echo(
+        f"wrote {s['samples']} crops of {len(s['photos'])} photos to {s['out']}, {s['eval_samples']} held out "
+        f"in {s['eval_out']} ({s['image_size']} px)" + (f"; skipped {', '.join(s['skipped'])}" if s["skipped"] else "")
+    )
+    typer.echo(f"train: vltrain train --config {s['config']} --run-dir RUN")
+
+
 @data_app.command("dedup")
 def data_dedup(
     in_: Path = typer.Option(..., "--in", help="Input shards (directory, brace pattern or tar)."),

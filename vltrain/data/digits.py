@@ -157,12 +157,13 @@ def write_classes(dirs: list[Path], classes: list[str], templates: list[str]) ->
         (d / "classes.json").write_text(text)
 
 
-def write_config(path: Path, cfg: dict[str, Any]) -> None:
+def write_config(path: Path, cfg: dict[str, Any], by: str = "vltrain data digits") -> None:
+    """A train config with absolute data paths: `vltrain train --config` runs it from any directory."""
     import tomli_w
 
     from vltrain.common.atomic import drop_none
 
-    head = "# Written by `vltrain data digits` (vltrain.data.digits_recipe); paths are absolute.\n"
+    head = f"# Written by `{by}`; the data paths are absolute (move the data: write it again).\n"
     path.write_text(head + tomli_w.dumps(drop_none(cfg)))
 
 
