@@ -62,8 +62,10 @@ def folder_records(root: Path) -> Listing:
             skipped.append((len(records), "image: not in a class folder (ROOT/<class>/...)"))
             records.append(Record(str(root / name), name))
             continue
+        seen: set[str] = set()  # real paths walked: a link back up the tree is walked once, not forever
         for d, dirs, files in os.walk(root / name, followlinks=True):
-            dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+            seen.add(os.path.realpath(d))
+            dirs[:] = sorted(x for x in dirs if not x.startswith(".") and os.path.realpath(Path(d) / x) not in seen)
             for f in sorted(x for x in files if not x.startswith(".")):
                 path = Path(d) / f
                 records.append(Record(str(path), path.relative_to(root).as_posix(), label=class_name(name)))
