@@ -229,12 +229,12 @@ BATCH = 5
 VOCAB = 60  # the model's vocabulary is the small tokenizer's: captions decode
 
 
-def _setup(data: Path, **data_cfg):
+def _setup(data: Path, top: dict | None = None, **data_cfg):
     from vltrain.config import load_train_config
     from vltrain.tokenizer import Tokenizer
 
     overrides = {"model": "tiny", "model.vocab_size": VOCAB, "precision": "fp32", "data.shards": str(data / "shards")}
-    overrides |= {f"data.{k}": v for k, v in data_cfg.items()}
+    overrides |= {f"data.{k}": v for k, v in data_cfg.items()} | (top or {})
     return load_train_config(None, overrides), Tokenizer.load(str(data / "tok.model")), str(data / "shards" / "eval")
 
 
@@ -338,29 +338,38 @@ def test_a_bad_classes_json_fails_before_the_held_out_pass(data, tmp_path, monke
 # --- 2 ranks -------------------------------------------------------------------------------------------
 
 
-def _rank(rank: int, world: int, data: Path, lockstep: bool) -> dict:
+def _rank(rank: int, world: int, data: Path, mode: str) -> dict:
+    """One rank: a plain model over its slice ("plain", "lockstep"), or the FSDP engine's sharded model
+    ("fsdp": every forward collective, so the ranks must make the same encode_text calls)."""
     import torch.distributed as dist
 
     from vltrain.evaluate import EvalShare
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg, tok, shards = _setup(data)
-    return _evaluate(cfg, tok, shards, EvalShare(rank, world, None, lockstep=lockstep))["zero_shot"]
+    if mode != "fsdp":
+        cfg, tok, shards = _setup(data)
+        return _evaluate(cfg, tok, shards, EvalShare(rank, world, None, lockstep=mode == "lockstep"))["zero_shot"]
+    from vltrain.engines.common import RankLayout
+    from vltrain.engines.fsdp import FSDPEngine
+    from vltrain.evaluate import evaluate
+
+    cfg, tok, shards = _setup(data, {"parallel.strategy": "fsdp"})
+    model, share = FSDPEngine(cfg, 1, 1, RankLayout.of(rank, world), torch.device("cpu")).eval_model(None)
+    assert share.lockstep
+    return evaluate(model, cfg, tok, shards, batch_size=BATCH, max_caption_samples=3, share=share)["zero_shot"]
 
 
-def _child(rank: int, world: int, port: int, data: Path, lockstep: bool, out) -> None:
+def _child(rank: int, world: int, port: int, data: Path, mode: str, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
-        out.put((rank, True, pickle.dumps(_rank(rank, world, data, lockstep))))
+        out.put((rank, True, pickle.dumps(_rank(rank, world, data, mode))))
     except BaseException:
         out.put((rank, False, traceback.format_exc()))
 
 
-@pytest.mark.parametrize("lockstep", [False, True], ids=["plain", "lockstep"])
-def test_two_ranks_give_the_one_process_zero_shot(data, one_process, lockstep):
-    """13 held-out pairs in batches of 5: 7 on rank 0 and 6 on rank 1 (uneven), the labelled ones split
-    unevenly too; hits and counts summed over the ranks give the one process's scores on each."""
+def two_ranks(data: Path, mode: str) -> list[dict]:
+    """_rank on 2 spawned processes; they are killed when the test fails or a rank hangs."""
     import torch.multiprocessing as mp
 
     from vltrain.distenv import free_port
@@ -368,7 +377,7 @@ def test_two_ranks_give_the_one_process_zero_shot(data, one_process, lockstep):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, 2, port, data, lockstep, out), daemon=True) for r in range(2)]
+    procs = [ctx.Process(target=_child, args=(r, 2, port, data, mode, out), daemon=True) for r in range(2)]
     results: dict[int, dict] = {}
     try:
         for p in procs:
@@ -385,14 +394,23 @@ def test_two_ranks_give_the_one_process_zero_shot(data, one_process, lockstep):
             if p.is_alive():
                 p.kill()
             p.join(timeout=10)
-    assert results[0] == results[1] == one_process["zero_shot"]
+    return [results[0], results[1]]
 
 
-def test_a_collapsed_model_whose_classes_all_look_alike_scores_nothing():
-    from vltrain.zero_shot import topk_hits
+@pytest.mark.parametrize("mode", ["plain", pytest.param("lockstep", marks=pytest.mark.slow)])
+def test_two_ranks_give_the_one_process_zero_shot(data, one_process, mode):
+    """13 held-out pairs in batches of 5: 7 on rank 0 and 6 on rank 1 (uneven), the labelled ones split
+    unevenly too; hits and counts summed over the ranks give the one process's scores on each."""
+    first, second = two_ranks(data, mode)
+    assert first == second == one_process["zero_shot"]
 
-    same = torch.ones(10, 4)
-    assert topk_hits(torch.randn(8, 4), torch.arange(8), same).tolist() == [0, 0]
+
+@pytest.mark.slow
+def test_fsdp_ranks_make_the_same_prompt_calls_and_get_the_one_process_zero_shot(data, one_process):
+    """The engine's FSDP model (fp32, build_model's seeded init), sharded over 2 ranks: every encode_text
+    is collective, so a rank that made other calls would hang or fail; the scores are one process's."""
+    first, second = two_ranks(data, "fsdp")
+    assert first == second == one_process["zero_shot"]
 
 
 # --- the trainer's evaluation and `vltrain eval --classes` ----------------------------------------------
