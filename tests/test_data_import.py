@@ -160,6 +160,7 @@ def test_bad_files_are_skipped_and_reported_with_their_keys(folder, imported):
     written = set(all_samples(out)) | set(all_samples(out / "eval"))
     bad_keys = {b["key"] for b in report["bad"]}
     assert not bad_keys & written and len(bad_keys) == len(BAD_FILES)
+    assert [b["key"] for b in report["bad"]] == sorted(bad_keys)  # listed in source order
     assert report["samples"] == 18 + len(BAD_FILES) and report["skipped"] == len(BAD_FILES)
     assert sum(report["skipped_by_reason"].values()) == len(BAD_FILES)
 

@@ -286,6 +286,7 @@ def _finish(
 ) -> dict[str, Any]:
     """Refuse an import with nothing to train on; write classes.json and the report into staging; the summary."""
     n_eval, n_train = res.eval.count, res.train.count
+    res.bad.sort(key=lambda b: b["key"])  # in source order (they were met in the shuffled order)
     first = f" (first: {res.bad[0]['source']}: {res.bad[0]['reason']})" if res.bad else ""
     if n_eval + n_train == 0:
         raise UserError(
