@@ -39,7 +39,13 @@ def digits_recipe(shards: str, eval_shards: str, image_size: int = DEFAULT_IMAGE
 
     from vltrain.presets import get_preset
 
-    model = {**dataclasses.asdict(get_preset("tiny")), "name": "tiny-digits", "image_size": image_size}
+    # vocab_size: the captions hold ~30 distinct words; SentencePiece fits at most ~270 pieces on them
+    model = {
+        **dataclasses.asdict(get_preset("tiny")),
+        "name": "tiny-digits",
+        "image_size": image_size,
+        "vocab_size": 120,
+    }
     return {
         "model": model,
         "global_batch": 64,
