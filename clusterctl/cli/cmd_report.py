@@ -147,7 +147,7 @@ def eval_(
     user: Optional[str] = _USER,
     json_: bool = _JSON,
 ) -> None:
-    """Held-out Recall@1/5/10 (image->text, text->image) and CIDEr-D of each run's eval.json, across runs."""
+    """Held-out Recall@1/5/10 (image->text, text->image), CIDEr-D and zero-shot top-1/5 of each run's eval.json."""
     from clusterctl.runs.registry import Registry
     from clusterctl.runs.reports import eval_report
     from vltrain.common import safe_read

@@ -113,16 +113,21 @@ def _wait(reg: Registry, run_id: str, run_dir: Path) -> int:
 
 
 def _print_outcome(run_id: str, run_dir: Path, state: str) -> None:
-    """One line for the end of a run, with its evaluation when the trainer wrote one."""
-    from clusterctl.runs.artifacts import eval_summary, read_eval
+    """One line for the end of a run, with its evaluation when the trainer wrote one: zero-shot top-1
+    first when the held-out shards have classes, then Recall@K and CIDEr-D, and their chance levels."""
+    from clusterctl.runs.artifacts import eval_summary, read_eval, zero_shot
 
     colour = "green" if state == RunState.COMPLETED else "red"
     output.console.print(f"run {run_id}: [{colour}]{state}[/{colour}]")
     ev = eval_summary(run_dir)
     if ev:
-        chance = read_eval(run_dir).get("chance_r1")
+        full = read_eval(run_dir)
+        chances = [("top-1", (zero_shot(full) or {}).get("chance_top1"), 3), ("R@1", full.get("chance_r1"), 4)]
+        said = [f"{k} {c:.{d}f}" for k, c, d in chances if isinstance(c, (int, float)) and not isinstance(c, bool)]
         output.console.print(
             "held-out eval: "
             + "  ".join(f"{k} {v:.3f}" for k, v in ev.items())
-            + (f"  (chance R@1 {chance:.4f})" if isinstance(chance, (int, float)) else "")
+            + (f"  (chance {', '.join(said)})" if said else ""),
+            markup=False,
+            highlight=False,
         )

@@ -74,7 +74,7 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
         runs_table,
         summary_lines,
     )
-    from clusterctl.runs.artifacts import EnergyTotals, count_events, eval_summary
+    from clusterctl.runs.artifacts import EnergyTotals, LatestEval, count_events, eval_summary
     from clusterctl.runs.lifecycle import refresh_and_retry
     from clusterctl.runs.registry import Registry
     from clusterctl.runs.status import summarize, why_ended, with_skipped
@@ -84,6 +84,7 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
     dirs = {r.run_id: RunDir(r.run_dir) for r in runs}
     views = {r.run_id: RunView(Tail(dirs[r.run_id].metrics), Tail(Path("/nonexistent"))) for r in runs}
     energy = {r.run_id: EnergyTotals(r.run_dir) for r in runs}
+    latest_eval = {r.run_id: LatestEval(r.run_dir) for r in runs}
     tty = sys.stdout.isatty()
     keys = Keys() if tty else None
     last_plain: dict[str, tuple] = {}
@@ -117,6 +118,7 @@ def watch_runs(run_ids: list[str], interval: float = 2.0) -> int:
                         v.log = Tail(log)
                     v.feed_log(v.log.lines())
                 v.energy_kwh, v.co2_kg = energy[r.run_id].read()
+                v.eval = latest_eval[r.run_id].read()
                 resumes = count_events(dirs[r.run_id].events, "resume")
                 ended, waits = why_ended(r, jobs[r.run_id]), fresh.waiting.get(r.run_id)
                 rows.append(summarize(r, jobs[r.run_id], v.last or None, resumes, now, ended, waits))

@@ -178,18 +178,24 @@ _EVAL_COLS = (  # (row key, header, format): recall in percent of the held-out p
     ("t2i_r10", "t2i\nR@10", "{:.1f}"),
     ("cider", "CIDEr-D", "{:.3f}"),
 )
+_ZERO_SHOT_COLS = (  # shown when a run's eval.json has zero-shot figures: in % of its labelled held-out images
+    ("zero_shot_top1", "0-shot\ntop-1", "{:.1f}"),
+    ("zero_shot_top5", "0-shot\ntop-5", "{:.1f}"),
+)
 
 
 def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None = None) -> None:
-    """`report eval`: a row per run. To fit the terminal, a column the same on every row (the held-out
-    pairs, usually) goes under the table, then the R@10 columns (kept in --json); a run id is never
-    cut (table_text: one too long goes whole on a line of its own)."""
+    """`report eval`: a row per run, with zero-shot top-1/top-5 after the pairs when a run has them. To
+    fit the terminal, a column the same on every row (the held-out pairs, usually) goes under the table,
+    then the R@10 columns (kept in --json); a run id is never cut (table_text: one too long goes whole
+    on a line of its own)."""
     width = width or _width()
     if not rows:
         output_text("no run has an eval.json yet: `vltrain eval --run-dir DIR`, or a run that finishes")
     else:
-        cells = {k: [_eval_cell(r.get(k), f, k) for r in rows] for k, _, f in _EVAL_COLS}
-        cols = list(_EVAL_COLS)
+        zero_shot = any(isinstance(r.get("zero_shot_top1"), (int, float)) for r in rows)
+        cols = list(_EVAL_COLS[:2]) + (list(_ZERO_SHOT_COLS) if zero_shot else []) + list(_EVAL_COLS[2:])
+        cells = {k: [_eval_cell(r.get(k), f, k) for r in rows] for k, _, f in cols}
         notes = []
         for key, label in (("n", "held-out pairs"), ("step", "step")):
             values = set(cells[key])
@@ -213,6 +219,8 @@ def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None
         chance = {r["chance_r1"] for r in rows if isinstance(r.get("chance_r1"), (int, float))}
         if len(chance) == 1:
             notes.append(f"chance R@1 {100 * chance.pop():.2g} %")
+        if zero_shot:
+            notes.append(_zero_shot_note(rows))
         notes.append("recall in % of every held-out pair, both ways; CIDEr-D of the generated captions")
         output_text(" | ".join(notes), wrap=width)
     if missing:
@@ -220,7 +228,16 @@ def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None
         output_text(f"no eval.json yet: {', '.join(map(printable, missing[:5]))}{more}", wrap=width)
 
 
+def _zero_shot_note(rows: list[dict[str, Any]]) -> str:
+    """What the 0-shot columns count: the classes (and chance top-1) when every run has the same."""
+    classes = {r["zero_shot_classes"] for r in rows if isinstance(r.get("zero_shot_classes"), (int, float))}
+    chance = {r["chance_top1"] for r in rows if isinstance(r.get("chance_top1"), (int, float))}
+    about = f" over {classes.pop():,.0f} classes" if len(classes) == 1 else ""
+    odds = f", chance top-1 {100 * chance.pop():.3g} %" if len(chance) == 1 else ""
+    return f"0-shot: % of the labelled held-out images{about}{odds}"
+
+
 def _eval_cell(v: Any, fmt: str, key: str) -> str:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
         return "-"
-    return fmt.format(100 * v if key.startswith(("i2t", "t2i")) else v)
+    return fmt.format(100 * v if key.startswith(("i2t", "t2i", "zero_shot_top")) else v)

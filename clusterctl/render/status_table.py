@@ -26,12 +26,15 @@ COLUMNS = (
 )
 
 
-DROP_ORDER = ("SAMPLES/S", "PROFILE", "ELAPSED", "JOB")  # hidden first when the terminal is narrow
+DROP_ORDER = ("SAMPLES/S", "PROFILE", "ELAPSED", "JOB", "EVAL")  # hidden first when the terminal is narrow
 
 
 def table_lines(runs: list[dict[str, Any]], width: int | None = None) -> tuple[list[str], list[str]]:
     """The status listing as aligned text lines (header first), and the columns left out to fit
     `width` (None: all columns). RUN, STATE, RQ, RES, STEP, LOSS, ETA and GPU-H are always kept.
+    EVAL (when a listed run has an eval.json: the row's "eval", runs.artifacts.eval_headline) is the
+    latest held-out evaluation: zero-shot top-1 ("top-1 0.812") when the held-out shards have
+    classes, else image-to-text Recall@1 ("R@1 0.152").
 
     Formatted by hand, not with rich's Table: rich measures every cell through its renderable
     protocol (~40 ms for 50 rows, a sixth of what the whole command may cost), and a fixed set
@@ -48,7 +51,10 @@ def table_lines(runs: list[dict[str, Any]], width: int | None = None) -> tuple[l
     with_res = any(r.get("resumes") for r in runs)
     if with_res:
         columns.insert(5, ("RES", ">"))
-    cells = [[h for h, _ in columns]] + [_cells(r, with_res) for r in runs]
+    with_eval = any(r.get("eval") for r in runs)
+    if with_eval:
+        columns.insert(columns.index(("LOSS", ">")) + 1, ("EVAL", ">"))
+    cells = [[h for h, _ in columns]] + [_cells(r, with_res, with_eval) for r in runs]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     keep, hidden = _fit(columns, widths, list(range(len(columns))), width)
     if width is None or _used(widths, keep) <= width:
@@ -63,7 +69,23 @@ def table_lines(runs: list[dict[str, Any]], width: int | None = None) -> tuple[l
 INDENT = "  "  # a run's figures under its id, when the id has a line of its own
 
 
-def _cells(r: dict[str, Any], with_res: bool) -> list[str]:
+def eval_words(headline: Mapping[str, Any]) -> str:
+    """A run's latest evaluation as words: 'eval step 300: zero-shot top-1 0.812 (chance 0.100)'."""
+    at = f" step {step_text(headline['step'])}" if isinstance(headline.get("step"), (int, float)) else ""
+    name, digits = ("zero-shot top-1", 3) if headline["metric"] == "top-1" else ("i2t R@1", 4)
+    chance = headline.get("chance")
+    odds = f" (chance {chance:.{digits}f})" if isinstance(chance, (int, float)) else ""
+    return f"eval{at}: {name} {_fmt(headline['value'], '{:.3f}')}{odds}"
+
+
+def eval_cell(headline: Mapping[str, Any] | None) -> str:
+    """A run's latest evaluation in a few characters: 'top-1 0.812' (zero-shot) or 'R@1 0.152'; '-' if none."""
+    if not headline:
+        return "-"
+    return f"{printable(headline['metric'])} {_fmt(headline['value'], '{:.3f}')}"
+
+
+def _cells(r: dict[str, Any], with_res: bool, with_eval: bool = False) -> list[str]:
     step = "-" if r["step"] is None else f"{step_text(r['step'], True)}/{step_text(r['total_steps'], True)}"
     return [
         printable(r["run_id"]),
@@ -74,6 +96,7 @@ def _cells(r: dict[str, Any], with_res: bool) -> list[str]:
         *([str(r["resumes"])] if with_res else []),
         step,
         _fmt(r["loss"], "{:.4f}"),
+        *([eval_cell(r.get("eval"))] if with_eval else []),
         _fmt(r["samples_per_s"], "{:,.1f}"),
         duration(r["eta_s"]),
         duration(r["elapsed_s"]),
@@ -94,7 +117,10 @@ def _fit(
     for name in DROP_ORDER:
         if width is None or _used(widths, keep) <= width:
             break
-        keep.remove(next(i for i, (h, _) in enumerate(columns) if h == name))
+        at = next((i for i, (h, _) in enumerate(columns) if h == name), None)
+        if at is None or at not in keep:  # a column not shown (EVAL: no run has an evaluation)
+            continue
+        keep.remove(at)
         hidden.append(name)
     return keep, hidden
 
@@ -120,7 +146,8 @@ def pending_text(row: Mapping[str, Any], now: float) -> str | None:
 
 def print_status(data: dict[str, Any]) -> None:
     """The status answer (clusterctl.runs.status.collect) as a table, its notes and its source
-    (plain text: render.text)."""
+    (plain text: render.text). A terminal too narrow for the EVAL column gets a line per evaluated run."""
+    from clusterctl.render.fold import fold
     from clusterctl.render.text import say, terminal_width
 
     if not data["runs"]:
@@ -130,6 +157,11 @@ def print_status(data: dict[str, Any]) -> None:
         say(header, style="bold")
         if rows:
             say("\n".join(rows))
+        if "EVAL" in hidden:  # too narrow for the column: a line for each run's latest evaluation instead
+            hidden.remove("EVAL")
+            for row in data["runs"]:
+                if row.get("eval"):
+                    say(fold(f"{printable(row['run_id'])} {eval_words(row['eval'])}"))
         if hidden:
             say(f"({', '.join(hidden)} hidden to fit the terminal; --json shows everything)", style="dim")
     now = time.time()

@@ -21,7 +21,7 @@ from clusterctl.render.fold import fold
 from clusterctl.render.safe import cell, printable
 from clusterctl.render.status_table import pending_text
 from clusterctl.render.units import ENERGY_UNITS, co2, duration, energy, pick_unit, quantity, step_text
-from clusterctl.runs.artifacts import metric_record
+from clusterctl.runs.artifacts import eval_headline, metric_record, zero_shot
 from clusterctl.specs import FINAL_STATES, RunState
 from vltrain.common import safe_read
 
@@ -86,6 +86,7 @@ class RunView:
     log_lines: deque = field(default_factory=lambda: deque(maxlen=3))
     energy_kwh: float = 0.0
     co2_kg: float = 0.0
+    eval: dict[str, Any] = field(default_factory=dict)  # the latest eval.json (runs.artifacts.LatestEval)
 
     def feed_metrics(self, lines: list[str]) -> None:
         """New metrics.jsonl lines, read like status and reports read them (runs.artifacts.metric_record)."""
@@ -155,9 +156,33 @@ def stats_line(row: Mapping[str, Any], v: RunView) -> str:
     )
 
 
+def eval_text(ev: Mapping[str, Any], short: bool = False, width: int = 76) -> str | None:
+    """The latest evaluation in one line: zero-shot top-1 and top-5 with chance when the held-out shards
+    have classes, and i2t R@1 where `width` leaves room (`short`: only the headline figure,
+    runs.artifacts.eval_headline); None without one."""
+    head = eval_headline(dict(ev))
+    if head is None:
+        return None
+    at = f" step {step_text(head['step'])}" if head["step"] is not None else ""
+    if short:
+        return f"eval{at} {'zero-shot top-1' if head['metric'] == 'top-1' else 'i2t R@1'} {head['value']:.3f}"
+    zs = zero_shot(dict(ev))
+    if zs is None:
+        return f"eval{at}: i2t R@1 {head['value']:.3f}" + (
+            f" (chance {head['chance']:.4f})" if head["chance"] is not None else ""
+        )
+    top5 = f" top-5 {zs['top5']:.3f}" if _number(zs.get("top5")) and math.isfinite(zs["top5"]) else ""
+    chance = f" (chance {head['chance']:.3f})" if head["chance"] is not None else ""
+    text = f"eval{at}: zero-shot top-1 {zs['top1']:.3f}{top5}{chance}"
+    r1 = ev.get("i2t", {}).get("R@1") if isinstance(ev.get("i2t"), dict) else None
+    recall = f" | i2t R@1 {r1:.3f}" if _number(r1) and math.isfinite(r1) else ""
+    return text + recall if len(text + recall) <= width else text
+
+
 def run_panel(row: Mapping[str, Any], v: RunView, width: int = 80, now: float | None = None):
-    """One run as a rich Panel sized for an 80x24 terminal (7 lines with borders); its last line says why
-    it ended, else why it waits to start (and when it is expected to), else the log's last line."""
+    """One run as a rich Panel sized for an 80x24 terminal (7 lines with borders, 8 once the run has an
+    evaluation: its latest, zero-shot top-1 when the held-out shards have classes); its last line says
+    why it ended, else why it waits to start (and when it is expected to), else the log's last line."""
     from rich.panel import Panel
     from rich.progress_bar import ProgressBar
     from rich.table import Table
@@ -194,6 +219,8 @@ def run_panel(row: Mapping[str, Any], v: RunView, width: int = 80, now: float | 
     body.add_row(bar)
     body.add_row(spark if spark.plain else Text("waiting for the first logged step", style="dim"))
     body.add_row(Text(stats_line(row, v)))
+    if ev := eval_text(v.eval, width=width - 4):
+        body.add_row(Text(ev[: width - 4], style="cyan", no_wrap=True, overflow="ellipsis"))
     if row.get("reason"):  # why it ended says more than the log's last line
         body.add_row(Text(printable(row["reason"])[: width - 4], style="red", no_wrap=True, overflow="ellipsis"))
     elif waits := pending_text(row, now if now is not None else time.time()):  # why it has not started
@@ -204,7 +231,7 @@ def run_panel(row: Mapping[str, Any], v: RunView, width: int = 80, now: float | 
     return Panel(body, title=cell(row["run_id"]), title_align="left", padding=(0, 1), width=width)
 
 
-PANEL_LINES = 8  # a run_panel's height with borders and the log line
+PANEL_LINES = 8  # a run_panel's height with borders, the evaluation line and the log line
 
 
 def fits_panels(n_runs: int, height: int) -> bool:
@@ -267,6 +294,7 @@ def plain_line(row: Mapping[str, Any], v: RunView, now: float | None = None) -> 
         f"{printable(row['run_id'])} {printable(row['state'])} step {step_text(step)}"
         f"/{row.get('total_steps')}{loss} {counts(row)} | {stats_line(row, v)}"
         + (f" | {wait}" if (wait := data_wait(m)) else "")
+        + (f" | {ev}" if (ev := eval_text(v.eval, short=True)) else "")
         + (f" | {printable(row['reason'])}" if row.get("reason") else "")
         + (f" | pending: {waits}" if (waits := pending_text(row, now if now is not None else time.time())) else "")
     )

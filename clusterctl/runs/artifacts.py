@@ -128,10 +128,63 @@ def count_events(path: Path, kind: str) -> int:
     return n
 
 
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def zero_shot(ev: dict[str, Any]) -> dict[str, Any] | None:
+    """eval.json's "zero_shot" (vltrain.zero_shot: top1, top5, classes, n, templates, chance_top1) when its
+    top-1 is a number; None when the held-out shards had no classes."""
+    zs = ev.get("zero_shot")
+    return zs if isinstance(zs, dict) and _num(zs.get("top1")) else None
+
+
+def eval_headline(ev: dict[str, Any]) -> dict[str, Any] | None:
+    """The one figure status and watch show for a run's latest evaluation: zero-shot top-1 when it has
+    one, else image-to-text R@1; with its chance level and the step evaluated. None without either."""
+    zs = zero_shot(ev)
+    step = ev.get("step") if _num(ev.get("step")) else None
+    if zs is not None:
+        chance = zs.get("chance_top1")
+        return {"metric": "top-1", "value": zs["top1"], "chance": chance if _num(chance) else None, "step": step}
+    r1 = ev.get("i2t", {}).get("R@1") if isinstance(ev.get("i2t"), dict) else None
+    if not _num(r1):
+        return None
+    return {
+        "metric": "R@1",
+        "value": r1,
+        "chance": ev["chance_r1"] if _num(ev.get("chance_r1")) else None,
+        "step": step,
+    }
+
+
+class LatestEval:
+    """A run's eval.json for watch's refreshes: re-read only when the file changed (size, mtime)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = RunDir(run_dir).eval
+        self._key: tuple[int, int] | None = None
+        self.value: dict[str, Any] = {}
+
+    def read(self) -> dict[str, Any]:
+        try:
+            st = self.path.stat()
+        except OSError:
+            self._key, self.value = None, {}
+            return self.value
+        key = (st.st_size, st.st_mtime_ns)
+        if key != self._key:
+            self._key, self.value = key, read_eval(self.path.parent)
+        return self.value
+
+
 def eval_summary(run_dir: str | Path) -> dict[str, float]:
-    """The run's latest held-out evaluation as flat figures ('i2t R@1', ..., 'CIDEr'); {} if none."""
+    """The run's latest held-out evaluation as flat figures ('zero-shot top-1' when the held-out shards
+    have classes, 'i2t R@1', ..., 'CIDEr'); {} if none."""
     ev = read_eval(run_dir)
     flat = {}
+    if (zs := zero_shot(ev)) is not None:
+        flat["zero-shot top-1"] = zs["top1"]
     for side in ("i2t", "t2i"):
         for k in ("R@1", "R@5"):
             if isinstance(ev.get(side), dict) and isinstance(ev[side].get(k), (int, float)):

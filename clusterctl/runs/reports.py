@@ -239,7 +239,9 @@ EVAL_KS = ("R@1", "R@5", "R@10")
 
 def eval_row(run: RunRecord, ev: dict[str, Any]) -> dict[str, Any]:
     """One run's row of `report eval` from its eval.json (vltrain.evaluate.eval_scores, plus the step
-    evaluated): recall at 1, 5, 10 both ways, CIDEr-D, the pairs held out and chance R@1 (1/n)."""
+    evaluated): recall at 1, 5, 10 both ways, CIDEr-D, the pairs held out and chance R@1 (1/n), and
+    zero-shot top-1/top-5 over the labelled held-out images with its classes, prompt templates and
+    chance top-1 (1/classes); None where the run's eval.json has no zero-shot."""
 
     def number(v: Any) -> int | float | None:
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
@@ -253,6 +255,10 @@ def eval_row(run: RunRecord, ev: dict[str, Any]) -> dict[str, Any]:
         scores = scores if isinstance(scores, dict) else {}
         row |= {f"{side}_{k.replace('@', '').lower()}": number(scores.get(k)) for k in EVAL_KS}
     row["cider"] = number(ev.get("cider"))
+    zs = ev.get("zero_shot")  # vltrain.zero_shot: absent when the held-out shards have no classes
+    zs = zs if isinstance(zs, dict) else {}
+    row |= {f"zero_shot_{k}": number(zs.get(k)) for k in ("top1", "top5", "classes", "n", "templates")}
+    row["chance_top1"] = number(zs.get("chance_top1"))
     return row
 
 

@@ -126,7 +126,7 @@ def absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
     d = cfg.data
     fixed: dict[str, Any] = {
         k: str(Path(v).absolute())
-        for k in ("shards", "eval_shards", "tokenizer")
+        for k in ("shards", "eval_shards", "tokenizer", "classes")
         if (v := getattr(d, k)) and not v.startswith("/") and not url_scheme(v)  # URLs: refused as such
     }
     return dataclasses.replace(cfg, data=dataclasses.replace(d, **fixed)) if fixed else cfg
