@@ -156,16 +156,14 @@ def stats_line(row: Mapping[str, Any], v: RunView) -> str:
     )
 
 
-def eval_text(ev: Mapping[str, Any], short: bool = False, width: int = 76) -> str | None:
-    """The latest evaluation in one line: zero-shot top-1 and top-5 with chance when the held-out shards
-    have classes, and i2t R@1 where `width` leaves room (`short`: only the headline figure,
+def eval_text(ev: Mapping[str, Any], width: int = 76) -> str | None:
+    """The latest evaluation in one line for the run panel: zero-shot top-1 and top-5 with chance when
+    the held-out shards have classes, and i2t R@1 where `width` leaves room (else i2t R@1 alone,
     runs.artifacts.eval_headline); None without one."""
     head = eval_headline(dict(ev))
     if head is None:
         return None
     at = f" step {step_text(head['step'])}" if head["step"] is not None else ""
-    if short:
-        return f"eval{at} {'zero-shot top-1' if head['metric'] == 'top-1' else 'i2t R@1'} {head['value']:.3f}"
     zs = zero_shot(dict(ev))
     if zs is None:
         return f"eval{at}: i2t R@1 {head['value']:.3f}" + (
@@ -294,7 +292,6 @@ def plain_line(row: Mapping[str, Any], v: RunView, now: float | None = None) -> 
         f"{printable(row['run_id'])} {printable(row['state'])} step {step_text(step)}"
         f"/{row.get('total_steps')}{loss} {counts(row)} | {stats_line(row, v)}"
         + (f" | {wait}" if (wait := data_wait(m)) else "")
-        + (f" | {ev}" if (ev := eval_text(v.eval, short=True)) else "")
         + (f" | {printable(row['reason'])}" if row.get("reason") else "")
         + (f" | pending: {waits}" if (waits := pending_text(row, now if now is not None else time.time())) else "")
     )
