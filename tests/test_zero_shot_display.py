@@ -219,3 +219,13 @@ def test_the_end_of_submit_wait_names_zero_shot_beside_recall(world, capsys):
     assert "held-out eval: i2t R@1 0.152" in out and "zero-shot" not in out and out.endswith("(chance R@1 0.0033)")
     _print_outcome(BARE, runs / BARE, "COMPLETED")
     assert "eval" not in capsys.readouterr().out
+
+
+def test_submit_makes_a_relative_data_classes_absolute_like_the_other_data_paths(tmp_path, monkeypatch):
+    """The job starts in another directory: data.classes must not stay relative to the submitter's."""
+    from clusterctl.runs.submit import absolute_data_paths
+    from vltrain.config import load_train_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_train_config(None, {"data.shards": "d", "data.classes": "d/eval/classes.json"})
+    assert absolute_data_paths(cfg).data.classes == str(tmp_path / "d" / "eval" / "classes.json")
