@@ -229,3 +229,23 @@ def test_submit_makes_a_relative_data_classes_absolute_like_the_other_data_paths
     monkeypatch.chdir(tmp_path)
     cfg = load_train_config(None, {"data.shards": "d", "data.classes": "d/eval/classes.json"})
     assert absolute_data_paths(cfg).data.classes == str(tmp_path / "d" / "eval" / "classes.json")
+
+
+def test_submit_refuses_a_bad_classes_json_before_training(tmp_path):
+    """preflight.data (what submit checks before sbatch) reads the classes.json the evaluator would: a
+    bad one is a one-line problem now, not an error after the whole run has trained."""
+    from clusterctl.runs.preflight import data
+    from tests.test_zero_shot import write_labelled
+    from vltrain.config import load_train_config
+
+    write_labelled(tmp_path / "d", 4, 0)
+    write_labelled(tmp_path / "d" / "eval", 4, 100)
+    cfg = load_train_config(None, {"data.shards": str(tmp_path / "d")})
+    assert data(cfg) == []
+    (tmp_path / "d" / "eval" / "classes.json").write_text('{"classes": ["a", "a"], "templates": ["{}"]}')
+    assert data(cfg) == [f"{tmp_path}/d/eval/classes.json: classes: 'a' appears twice; allowed: {ALLOWED}"]
+    missing = load_train_config(None, {"data.shards": str(tmp_path / "d"), "data.classes": str(tmp_path / "no")})
+    assert data(missing) == [f"data.classes: {tmp_path}/no does not exist; allowed: a classes.json file"]
+
+
+ALLOWED = "a non-empty list of distinct strings (the class names, in label order)"

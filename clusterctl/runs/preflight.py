@@ -207,6 +207,13 @@ def data(cfg: TrainConfig, dp: int = 1) -> list[str]:
             out.append(f"{key}: {spec} holds no samples (every shard an empty tar); allowed: shards with samples")
         elif problem := per_rank(key, spec, shards, dp, train=key == "data.shards"):
             out.append(problem)
+    if held_out and not url_problem(held_out, ""):  # a bad classes.json now, not after training (zero-shot)
+        from vltrain.zero_shot import find_classes
+
+        try:
+            find_classes(cfg, held_out)
+        except UserError as e:
+            out.append(str(e))
     if d.tokenizer:
         out += tokenizer(d.tokenizer, resolve_model(cfg.model).vocab_size)
     return out
