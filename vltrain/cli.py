@@ -1,4 +1,4 @@
-"""The vltrain command line: train, eval, data (synth, dedup), tokenizer (train).
+"""The vltrain command line: train, eval, data (synth, digits, photos, import, dedup), tokenizer (train).
 
 `vltrain train` runs on every rank under torchrun, srun or a plain `python`; clusterctl instead
 submits `vltrain.loop.TrainJob`, the same loop. A `UserError` becomes one line `error: ...` on stderr
@@ -25,7 +25,10 @@ app = typer.Typer(
     add_completion=False,
     help="vltrain: vision-language pre-training on DeepSpeed ZeRO (CPU or CUDA).",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Image-text shards: synthetic data, deduplication.")
+data_app = typer.Typer(
+    no_args_is_help=True,
+    help="Image-text shards: synthetic data, the bundled real digits and photos, imports, deduplication.",
+)
 tok_app = typer.Typer(no_args_is_help=True, help="SentencePiece tokenizer.")
 app.add_typer(data_app, name="data")
 app.add_typer(tok_app, name="tokenizer")
