@@ -11,8 +11,10 @@ Printed: each seed's figures, then mean, standard deviation and spread (min-max)
 Times are wall clock of the training command (start-up, training, evaluation) and the trainer's own
 ms per step; they scale with the machine's load, which is printed beside them (1-minute load average
 before and after): the demo's budget is ~5 minutes on 2 idle cores, so scale a loaded machine's
-times by its load before comparing. The top-1 figures do not depend on the load (same seed, same
-numbers: the trainer is deterministic on the CPU).
+times by its load before comparing. The top-1 figures do not depend on the load (same seed and thread
+count, same numbers: the trainer is deterministic on the CPU); torch's thread count moves them a little
+(seed 0: 0.967 at OMP_NUM_THREADS=1 here, 0.963 at 2 threads in `make demo`). Figures: docs/data.md,
+"Learning on the digits".
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_learning.py [--seeds 0 1 2] [--set steps=300 ...] [--json out.json]
 
