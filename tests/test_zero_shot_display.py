@@ -80,8 +80,11 @@ def _line(out: str, run_id: str) -> str:
 
 
 def test_status_shows_zero_shot_top1_else_r1_in_its_eval_column(world):
-    out = cli(world, "status", "--all")  # --all reads only the registry: no eval column
-    assert "EVAL" not in out and "top-1" not in out
+    out = cli(world, "status", "--all")  # --all from the registry's summaries: the same headline
+    assert "top-1 0.812" in _line(out, DIGITS) and "R@1 0.152" in _line(out, SYNTH)
+    assert json.loads(cli(world, "status", "--all", "--json"))["runs"] == [
+        json.loads(cli(world, "status", r, "--json"))["runs"][0] for r in (DIGITS, SYNTH, BARE)
+    ]
     out = cli(world, "status", DIGITS)
     assert out.splitlines()[0].split()[:8] == ["RUN", "JOB", "PROFILE", "STATE", "RQ", "STEP", "LOSS", "EVAL"]
     assert "top-1 0.812" in _line(out, DIGITS)

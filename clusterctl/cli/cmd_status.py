@@ -24,7 +24,6 @@ def status(
 
     runs = select_runs(reg, run, all_)
     data = collect(runs, refresh_and_retry(reg, runs))  # no daemon: cluster failures are retried here
-    with_evals(data["runs"])
     if json_:
         from clusterctl.render.output import print_json
 
@@ -33,16 +32,6 @@ def status(
     from clusterctl.render.status_table import print_status
 
     print_status(data)
-
-
-def with_evals(rows: list) -> None:
-    """Each row's latest held-out evaluation as "eval" (runs.artifacts.eval_headline: zero-shot top-1
-    when the held-out shards have classes, else i2t R@1; None without an eval.json). Not for --all,
-    which reads only the registry's summaries, whatever the number of runs."""
-    from clusterctl.runs.artifacts import eval_headline, read_eval
-
-    for row in rows:
-        row["eval"] = eval_headline(read_eval(row["run_dir"]))
 
 
 def _all(reg: Registry, json_: bool) -> None:

@@ -51,6 +51,7 @@ class RunStatus(TypedDict):
     pending_reason: str | None  # why its job waits to start, the scheduler's code (squeue's Reason), else None
     pending_detail: str | None  # that code in words, where the backend knows it
     expected_start: float | None  # when the scheduler expects the waiting job to start (epoch), if it says
+    eval: dict[str, Any] | None  # the latest held-out evaluation's headline (artifacts.eval_headline), else None
 
 
 # --- pure ---------------------------------------------------------------------------------------
@@ -75,9 +76,11 @@ def summarize(
     now: float,
     reason: str | None = None,
     waiting: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> RunStatus:
     """One status row from refreshed registry records and the last metrics line; `waiting`: why its
-    latest job waits to start (Refresh.waiting), as the scheduler said in this refresh."""
+    latest job waits to start (Refresh.waiting), as the scheduler said in this refresh; `evaluation`:
+    its eval.json's headline (artifacts.eval_headline)."""
     from clusterctl.runs.summaries import last_metrics
     from clusterctl.runs.usage import job_time
 
@@ -116,6 +119,7 @@ def summarize(
         pending_reason=(waiting or {}).get("reason"),
         pending_detail=(waiting or {}).get("detail"),
         expected_start=(waiting or {}).get("expected_start"),
+        eval=evaluation,
     )
 
 
@@ -206,7 +210,10 @@ def collect(runs: list[RunRecord], fresh: Refresh) -> dict[str, Any]:
         metrics = artifacts.tail_json(rd.metrics)
         resumes = artifacts.count_events(rd.events, "resume")
         jobs = fresh.jobs[r.run_id]
-        rows.append(summarize(r, jobs, metrics, resumes, fresh.now, why_ended(r, jobs), fresh.waiting.get(r.run_id)))
+        headline = artifacts.eval_headline(artifacts.read_eval(r.run_dir))
+        rows.append(
+            summarize(r, jobs, metrics, resumes, fresh.now, why_ended(r, jobs), fresh.waiting.get(r.run_id), headline)
+        )
     return {"source": fresh.source, "notes": with_skipped(fresh.notes), "runs": rows}
 
 
@@ -226,7 +233,8 @@ def why_ended(run: RunRecord, jobs: list[JobRecord]) -> str | None:
 
 def from_summary(run: RunRecord, s: Any, waiting: dict[str, Any] | None = None) -> RunStatus:
     """The status row of a run from its summary (runs.summaries): the same figures as `summarize`
-    (usage.job_time, the last metrics record, why_ended), read from the registry; `waiting` as there."""
+    (usage.job_time, the last metrics record, why_ended), read from the registry; `waiting` as there.
+    Reads the run's eval.json (edge): made for a run not yet settled, and once when it settles (kept)."""
     return RunStatus(
         run_id=run.run_id,
         name=run.name,
@@ -253,6 +261,7 @@ def from_summary(run: RunRecord, s: Any, waiting: dict[str, Any] | None = None) 
         pending_reason=(waiting or {}).get("reason"),
         pending_detail=(waiting or {}).get("detail"),
         expected_start=(waiting or {}).get("expected_start"),
+        eval=artifacts.eval_headline(artifacts.read_eval(run.run_dir)),
     )
 
 
