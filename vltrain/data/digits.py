@@ -83,21 +83,13 @@ def digit_caption(label: int, rng: np.random.Generator) -> str:
 def digit_sample(index: int, ink: np.ndarray, label: int, seed: int, image_size: int) -> dict[str, Any]:
     """One shard sample (webdataset's dict): a pure function of (seed, index, scan, size)."""
     from vltrain.data.digits_recipe import CLASS_NAMES
+    from vltrain.data.shards import img2dataset_meta
 
     key = f"{index:09d}"
     text = digit_caption(label, np.random.default_rng([seed, index]))
-    meta = {
-        "key": key,
-        "caption": text,
-        "status": "success",
-        "width": image_size,
-        "height": image_size,
-        "original_width": 8,
-        "original_height": 8,
-        "label": label,
-        "class": CLASS_NAMES[label],
-        "source": f"sklearn.datasets.load_digits()[{index}]",
-    }
+    source = f"sklearn.datasets.load_digits()[{index}]"
+    side = (image_size, image_size)
+    meta = img2dataset_meta(key, text, side, (8, 8), label=label, **{"class": CLASS_NAMES[label]}, source=source)
     return {
         "__key__": key,
         "png": glyph_png(ink, image_size),

@@ -88,19 +88,10 @@ def crop_png(img: Any, box: Box, image_size: int) -> bytes:
 
 
 def photo_sample(key: int, name: str, img: Any, box: Box, text: str, image_size: int, split: str) -> dict[str, Any]:
-    meta = {
-        "key": f"{key:09d}",
-        "caption": text,
-        "status": "success",
-        "width": image_size,
-        "height": image_size,
-        "original_width": img.width,
-        "original_height": img.height,
-        "photo": name,
-        "box": list(box),
-        "split": split,
-        "source": f"skimage.data.{name}()",
-    }
+    from vltrain.data.shards import img2dataset_meta
+
+    side, source = (image_size, image_size), f"skimage.data.{name}()"
+    meta = img2dataset_meta(f"{key:09d}", text, side, img.size, photo=name, box=list(box), split=split, source=source)
     png = crop_png(img, box, image_size)
     return {"__key__": meta["key"], "png": png, "txt": text.encode(), "json": json.dumps(meta).encode()}
 

@@ -70,6 +70,23 @@ def _resolve(text: str, what: str, allowed: str) -> list[Path]:
     return paths
 
 
+def img2dataset_meta(
+    key: str, caption: str, size: tuple[int, int], original: tuple[int, int], **extra: Any
+) -> dict[str, Any]:
+    """A sample's KEY.json with the fields img2dataset writes (what readers of its output expect:
+    key, caption, status, the image's size and its source's), then `extra`, ours."""
+    return {
+        "key": key,
+        "caption": caption,
+        "status": "success",
+        "width": size[0],
+        "height": size[1],
+        "original_width": original[0],
+        "original_height": original[1],
+        **extra,
+    }
+
+
 class ShardWriter:
     """Write one shard with webdataset's TarWriter under a temporary name, renamed when complete.
 

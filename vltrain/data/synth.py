@@ -336,7 +336,7 @@ def _split_counts(n: int, shards: int) -> list[int]:
 
 
 def _write_split(out: Path, n: int, shards: int, seed: int, split: int, first_key: int, image_size: int) -> list[str]:
-    from vltrain.data.shards import ShardWriter
+    from vltrain.data.shards import ShardWriter, img2dataset_meta
 
     paths, index = [], 0
     for k, count in enumerate(_split_counts(n, shards)):
@@ -344,16 +344,8 @@ def _write_split(out: Path, n: int, shards: int, seed: int, split: int, first_ke
             for _ in range(count):
                 key = f"{first_key + index:09d}"
                 jpg, text, scene = make_sample(seed, split, index, image_size)
-                meta = {
-                    "key": key,
-                    "caption": text,
-                    "status": "success",
-                    "width": image_size,
-                    "height": image_size,
-                    "original_width": image_size,
-                    "original_height": image_size,
-                    "scene": scene,
-                }
+                side = (image_size, image_size)
+                meta = img2dataset_meta(key, text, side, side, scene=scene)
                 writer.write({"__key__": key, "jpg": jpg, "txt": text.encode(), "json": json.dumps(meta).encode()})
                 index += 1
         paths.append(str(writer.path))
