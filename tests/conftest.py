@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -96,6 +96,64 @@ def run_cli(
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def _rank_child(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, out: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import pickle
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        out.put((rank, True, pickle.dumps(fn(rank, world, *args))))
+    except BaseException:
+        out.put((rank, False, traceback.format_exc()))
+
+
+def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+    """fn(rank, world, *args) on `world` spawned processes (fn at a module's top level, so spawn can
+    import it; MASTER_ADDR/PORT set for torch.distributed), their results in rank order; the processes
+    are killed when the test fails or a rank hangs."""
+    import pickle
+    import queue
+
+    import torch.multiprocessing as mp
+
+    from vltrain.distenv import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_child, args=(fn, r, world, port, args, out), daemon=True) for r in range(world)]
+    results: dict[int, Any] = {}
+    try:
+        for p in procs:
+            p.start()
+        limit = deadline(300)
+        while len(results) < world:
+            try:
+                rank, ok, value = out.get(timeout=limit)
+            except queue.Empty:
+                raise AssertionError(f"ranks {sorted(set(range(world)) - results.keys())} gave no result") from None
+            assert ok, f"rank {rank} failed:\n{value}"
+            results[rank] = pickle.loads(value)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+    return [results[r] for r in range(world)]
+
+
+def run_without(module: str, tmp_path: Path, *args: str, prog: str = "vltrain") -> subprocess.CompletedProcess:
+    """The CLI run with `module` failing to import (a shim of that name first on PYTHONPATH): what a
+    user without the optional extra sees."""
+    shim = tmp_path / "shim" / module
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text(f"raise ImportError('No module named {module}')\n")
+    return run_cli(*args, prog=prog, env={"PYTHONPATH": str(shim.parent)})
 
 
 def tiny_data(root: Path, n: int = 1200, vocab: int = 1000) -> tuple[Path, Path]:

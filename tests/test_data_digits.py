@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_without
 from vltrain.common.errors import UserError
 from vltrain.data import digits
 from vltrain.data.digits_recipe import CAPTION_TEMPLATES, CLASS_NAMES, DEFAULT_IMAGE_SIZE, PROMPT_TEMPLATES
@@ -128,11 +128,8 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_missing_scikit_learn_names_the_extra(tmp_path):
-    shim = tmp_path / "shim" / "sklearn"
-    shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text("raise ImportError('No module named sklearn')\n")
     out = tmp_path / "d"
-    r = run_cli("data", "digits", "--out", str(out), prog="vltrain", env={"PYTHONPATH": str(shim.parent)})
+    r = run_without("sklearn", tmp_path, "data", "digits", "--out", str(out))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         "error: vltrain data digits: needs sklearn, which is not installed; pip install '.[realdata]'"

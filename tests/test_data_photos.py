@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_without
 from vltrain.data import photos
 from vltrain.data.shards import iter_samples, resolve_shards
 
@@ -110,11 +110,8 @@ def test_bad_flags_are_one_line_and_write_nothing(tmp_path, args, said):
 
 
 def test_missing_scikit_image_names_the_extra(tmp_path):
-    shim = tmp_path / "shim" / "skimage"
-    shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text("raise ImportError('No module named skimage')\n")
     out = tmp_path / "p"
-    r = run_cli("data", "photos", "--out", str(out), prog="vltrain", env={"PYTHONPATH": str(shim.parent)})
+    r = run_without("skimage", tmp_path, "data", "photos", "--out", str(out))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         "error: vltrain data photos: needs skimage, which is not installed; pip install '.[realdata]'"

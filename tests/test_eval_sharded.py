@@ -7,16 +7,12 @@ also when the test fails."""
 from __future__ import annotations
 
 import os
-import pickle
-import queue
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.conftest import deadline, trainer_shards
+from tests.conftest import spawn_ranks, trainer_shards
 from tests.test_trainer_run import write_config
 
 HOLDOUT, BATCH, CAPTIONS = 21, 5, 9  # captions: the first 9 pairs (5 on rank 0, 4 on rank 1)
@@ -94,41 +90,9 @@ def watch_gathered_blocks(model) -> list[int]:
     return counts
 
 
-def _child(rank: int, world: int, port: int, data: Path, mode: str, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    try:
-        out.put((rank, True, pickle.dumps(_rank(rank, world, data, mode))))
-    except BaseException:
-        out.put((rank, False, traceback.format_exc()))
-
-
 def two_ranks(data: Path, mode: str, world: int = 2) -> list[dict]:
-    """_rank on `world` spawned processes; they are killed when the test fails or a rank hangs."""
-    from vltrain.distenv import free_port
-
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world, port, data, mode, out), daemon=True) for r in range(world)]
-    results: dict[int, dict] = {}
-    try:
-        for p in procs:
-            p.start()
-        limit = deadline(300)
-        while len(results) < world:
-            try:
-                rank, ok, value = out.get(timeout=limit)
-            except queue.Empty:
-                raise AssertionError(f"ranks {sorted(set(range(world)) - results.keys())} gave no result") from None
-            assert ok, f"rank {rank} failed:\n{value}"
-            results[rank] = pickle.loads(value)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=10)
-    return [results[r] for r in range(world)]
+    """_rank on world spawned processes (conftest.spawn_ranks)."""
+    return spawn_ranks(_rank, world, data, mode)
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import pickle
-import queue
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import deadline
+from tests.conftest import spawn_ranks
 from vltrain.common.errors import UserError
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
@@ -359,42 +355,9 @@ def _rank(rank: int, world: int, data: Path, mode: str) -> dict:
     return evaluate(model, cfg, tok, shards, batch_size=BATCH, max_caption_samples=3, share=share)["zero_shot"]
 
 
-def _child(rank: int, world: int, port: int, data: Path, mode: str, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    try:
-        out.put((rank, True, pickle.dumps(_rank(rank, world, data, mode))))
-    except BaseException:
-        out.put((rank, False, traceback.format_exc()))
-
-
 def two_ranks(data: Path, mode: str) -> list[dict]:
-    """_rank on 2 spawned processes; they are killed when the test fails or a rank hangs."""
-    import torch.multiprocessing as mp
-
-    from vltrain.distenv import free_port
-
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, 2, port, data, mode, out), daemon=True) for r in range(2)]
-    results: dict[int, dict] = {}
-    try:
-        for p in procs:
-            p.start()
-        while len(results) < 2:
-            try:
-                rank, ok, value = out.get(timeout=deadline(300))
-            except queue.Empty:
-                raise AssertionError(f"ranks {sorted({0, 1} - results.keys())} gave no result") from None
-            assert ok, f"rank {rank} failed:\n{value}"
-            results[rank] = pickle.loads(value)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=10)
-    return [results[0], results[1]]
+    """_rank on 2 spawned processes (conftest.spawn_ranks)."""
+    return spawn_ranks(_rank, 2, data, mode)
 
 
 @pytest.mark.parametrize("mode", ["plain", pytest.param("lockstep", marks=pytest.mark.slow)])
