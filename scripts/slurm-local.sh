@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start, stop or check a REAL Slurm cluster on this machine (Debian's Slurm 22.05): munged, mariadbd,
-# slurmdbd, slurmctld and two slurmd (nodes a1 a2 on 127.0.0.1, 16 CPUs and 8 fake GPUs each,
-# partition `debug`). It exists so that tests and users without a cluster exercise the real
+# slurmdbd, slurmctld and three slurmd (nodes a1 a2 a3 on 127.0.0.1, 16 CPUs and 8 fake GPUs each,
+# partition `debug`; the third lets a 2-node run be retried away from a failed node). It exists so that tests and users without a cluster exercise the real
 # sbatch/squeue/sacct path, accounting included, instead of mocks.
 #
 #   scripts/slurm-local.sh up       install (apt, once) and start; idempotent; waits until usable
@@ -22,7 +22,7 @@ ETC="$DIR/etc" RUN="$DIR/run" LOG="$DIR/log" SPOOL="$DIR/spool" DB="$DIR/db" GPU
 SYS_ETC=/etc/slurm
 MARK="# managed-by: clusterctl scripts/slurm-local.sh"
 CLUSTER=local
-NODES=(a1 a2)
+NODES=(a1 a2 a3)
 CTLD_PORT=16817 DBD_PORT=16819 DB_PORT=13307   # off the defaults (6817/6819/3306) to avoid clashes
 PACKAGES=(slurm-wlm munge slurmdbd mariadb-server)
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -297,7 +297,7 @@ cmd_down() {
     fi
     # Waves in dependency order: nodes and controller, then accounting, then its database and munge.
     stop_wave "$RUN/slurmd-a1.pid slurmd slurmd-a1" "$RUN/slurmd-a2.pid slurmd slurmd-a2" \
-              "$RUN/slurmctld.pid slurmctld slurmctld"
+              "$RUN/slurmd-a3.pid slurmd slurmd-a3" "$RUN/slurmctld.pid slurmctld slurmctld"
     stop_wave "$RUN/slurmdbd.pid slurmdbd slurmdbd"
     stop_wave "$RUN/mysql/mariadbd.pid mariadbd mariadb" "$DIR/munge/munged.pid munged munge"
     say "down in $(since "$t0")s (state kept in $DIR; remove it for a clean cluster)"
@@ -308,7 +308,8 @@ cmd_status() {
     local row pf comm label
     for row in "$DIR/munge/munged.pid munged munge" "$RUN/mysql/mariadbd.pid mariadbd mariadb" \
                "$RUN/slurmdbd.pid slurmdbd slurmdbd" "$RUN/slurmctld.pid slurmctld slurmctld" \
-               "$RUN/slurmd-a1.pid slurmd slurmd-a1" "$RUN/slurmd-a2.pid slurmd slurmd-a2"; do
+               "$RUN/slurmd-a1.pid slurmd slurmd-a1" "$RUN/slurmd-a2.pid slurmd slurmd-a2" \
+               "$RUN/slurmd-a3.pid slurmd slurmd-a3"; do
         read -r pf comm label <<<"$row"
         if { [ -d "${pf%/*}" ] && [ ! -x "${pf%/*}" ]; } || { [ -e "$pf" ] && [ ! -r "$pf" ]; }; then printf '  %-10s unknown (cannot read %s)\n' "$label" "$pf"
         elif pid_alive "$pf" "$comm"; then printf '  %-10s running (pid %s)\n' "$label" "$(cat "$pf")"

@@ -157,8 +157,8 @@ def test_the_real_schedulers_partitions_decide(env, tmp_path):
     one_line_error(r, "error: slurm.partition: 'nosuch' is not a partition of this cluster")
     assert "allowed: debug" in r.stderr
     assert not (tmp_path / "runs").exists() and Registry(tmp_path / "reg.db").count_runs() == 0
-    big = profile_file(tmp_path, "threenodes", "debug", nodes=3)
-    r = run_cli("submit", "--profile", str(big), *data, "--set", "global_batch=63", "--dry-run", "--json", env=env)
+    big = profile_file(tmp_path, "fournodes", "debug", nodes=4)  # the local cluster has 3
+    r = run_cli("submit", "--profile", str(big), *data, "--set", "global_batch=64", "--dry-run", "--json", env=env)
     problems = json.loads(r.stdout)["checks"]["problems"]
     assert r.returncode == 2 and [p.split(":")[0] for p in problems] == ["nodes.count"], problems
     r = run_cli("submit", "--profile", "slurm-local", *data, "--dry-run", "--json", env=env)

@@ -119,7 +119,7 @@ def test_status_shows_the_real_pending_reasons_and_expected_start(tmp_path):
     try:
         jobs.append(sbatch_job("-t", "1", "--hold", "--wrap", "true"))
         jobs.append(sbatch_job("-t", "1", "--begin=now+1hour", "--wrap", "true"))
-        jobs.append(sbatch_job("-t", "1", "-N", "3", "--wrap", "true"))
+        jobs.append(sbatch_job("-t", "1", "-N", "4", "--wrap", "true"))  # the cluster has 3 nodes
         reg = Registry(tmp_path / "r.db")
         for name, jid in zip(("held", "later", "toobig"), jobs, strict=True):
             reg.add_run(
@@ -135,7 +135,7 @@ def test_status_shows_the_real_pending_reasons_and_expected_start(tmp_path):
             by = {row["run_id"]: row for row in json.loads(r.stdout)["runs"]}
             return by if by["toobig"]["pending_reason"] == "PartitionNodeLimit" else None  # once scheduled
 
-        by = wait_until(reasons, 30, "squeue's Reason for the 3-node job")
+        by = wait_until(reasons, 30, "squeue's Reason for the 4-node job")
         assert by["held"]["pending_reason"] == "JobHeldUser" and by["held"]["expected_start"] is None
         assert by["held"]["pending_detail"] == f"held by its user: scontrol release {jobs[0]}"
         assert by["later"]["pending_reason"] == "BeginTime"

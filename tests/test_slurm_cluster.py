@@ -17,7 +17,7 @@ from tests.conftest import REPO, deadline
 SCRIPT = REPO / "scripts" / "slurm-local.sh"
 STATE = Path(os.environ.get("SLURM_LOCAL_DIR", "/var/tmp/clusterctl-slurm"))
 MARK = "# managed-by: clusterctl scripts/slurm-local.sh"
-NODES = {"a1", "a2"}
+NODES = {"a1", "a2", "a3"}
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -69,7 +69,7 @@ def two_node_job(client_env, tmp_path_factory) -> tuple[str, Path]:
 
 
 @pytest.mark.slurm
-def test_sinfo_shows_both_nodes_in_default_debug_partition(client_env):
+def test_sinfo_shows_every_node_in_default_debug_partition(client_env):
     r = run("sinfo", "-h", "-N", "-o", "%N|%P|%T|%c|%m|%G", env=client_env, timeout=10)
     assert r.returncode == 0, r.stderr
     rows = {line.split("|")[0]: line.split("|")[1:] for line in r.stdout.split()}
@@ -85,7 +85,7 @@ def test_sinfo_shows_both_nodes_in_default_debug_partition(client_env):
 def test_two_node_job_runs_one_task_per_node_with_a_gpu(two_node_job):
     _, out = two_node_job
     rows = [line.split() for line in out.read_text().splitlines() if line.strip()]
-    assert sorted(r[0] for r in rows) == sorted(NODES), rows
+    assert len({r[0] for r in rows}) == 2 and {r[0] for r in rows} <= NODES, rows  # two distinct nodes
     assert sorted(r[1] for r in rows) == ["0", "1"], rows
     for node, _, cuda, gpus_on_node in rows:
         assert cuda.isdigit() and 0 <= int(cuda) < 8, (node, cuda)  # one fake device index
@@ -151,7 +151,7 @@ def test_launcher_variables_of_the_submitting_shell_do_not_reach_a_slurm_job(cli
 
 
 def _pids() -> dict[str, str]:
-    files = [STATE / "run" / f for f in ("slurmctld.pid", "slurmdbd.pid", "slurmd-a1.pid", "slurmd-a2.pid")]
+    files = [STATE / "run" / f for f in ("slurmctld.pid", "slurmdbd.pid", "slurmd-a1.pid", "slurmd-a2.pid", "slurmd-a3.pid")]
     return {f.name: f.read_text().strip() for f in files}
 
 
@@ -184,4 +184,4 @@ def test_up_without_root_refuses_with_exit_3():
 def test_status_of_an_empty_state_dir_is_not_usable(tmp_path):
     r = run(str(SCRIPT), "status", env={"SLURM_LOCAL_DIR": str(tmp_path)}, timeout=60)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert r.stdout.count(" stopped") == 6 and "not usable" in r.stdout, r.stdout
+    assert r.stdout.count(" stopped") == 7 and "not usable" in r.stdout, r.stdout
