@@ -45,6 +45,7 @@ class RunDir:
     EVAL = "eval.json"
     TOKENIZER = "tokenizer.model"
     FAILURES = "failures"
+    SIDE = "side"  # jobs beside the attempts (clusterctl's follow-up and evaluation jobs): side/<kind>/<job id>/
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -58,6 +59,7 @@ class RunDir:
     config = property(lambda self: self.root / self.CONFIG)
     plan = property(lambda self: self.root / self.PLAN)
     profile = property(lambda self: self.root / self.PROFILE)
+    side = property(lambda self: self.root / self.SIDE)
     ds_config = property(lambda self: self.root / self.DS_CONFIG)
     launch = property(lambda self: self.root / self.LAUNCH)
     submitit = property(lambda self: self.root / self.SUBMITIT)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from clusterctl.specs import FINAL_STATES, JobRecord, LaunchSpec, RunRecord, RunState
+from vltrain.common.errors import UserError
 
 if TYPE_CHECKING:  # launching needs the profile; polling (status) does not import planning
     from clusterctl.planning.profiles import ClusterProfile
@@ -54,9 +55,32 @@ class Backend:
     has_accounting: ClassVar[bool]  # elapsed times come from the scheduler (else from the clock)
     renders_script: ClassVar[bool] = False  # dryrun() is the job script the scheduler gets (sbatch)
 
-    def launch_spec(self, profile: ClusterProfile, run_dir: Path, job_name: str, hold: bool = False) -> LaunchSpec:
-        """Everything needed to start one attempt of the run (pure)."""
+    def launch_spec(
+        self,
+        profile: ClusterProfile,
+        run_dir: Path,
+        job_name: str,
+        hold: bool = False,
+        exclude: tuple[str, ...] = (),
+        dependency: str | None = None,
+    ) -> LaunchSpec:
+        """Everything needed to start one attempt of the run (pure). `exclude`: nodes the attempt must not
+        run on (a retry avoids the nodes that failed); `dependency`: the scheduler's condition on other
+        jobs (Slurm's --dependency syntax, e.g. "afterok:123"), None to start when resources allow."""
         raise NotImplementedError
+
+    def side_spec(
+        self, profile: ClusterProfile, run_dir: Path, job_name: str, kind: str, dependency: str, gpus: int = 0
+    ) -> LaunchSpec:
+        """A small job beside the run's attempts (one task; `gpus` of them on one node), started by the
+        scheduler once `dependency` holds: the follow-up that retries a failed run with no clusterctl
+        process running, an evaluation queued after training. Its submitit folder is
+        `<run_dir>/side/<kind>/`, apart from the attempts' (runs.repair counts those as the run's jobs).
+        The default: no scheduler to hold a job back (a local process), one line."""
+        raise UserError(
+            f"--profile: executor {self.name!r} has no scheduler to queue a {kind} job after another; "
+            "allowed: a Slurm profile"
+        )
 
     def dryrun(self, spec: LaunchSpec) -> str:
         """What `schedule` would submit, as text a user can read and diff (pure)."""

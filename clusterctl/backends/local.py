@@ -94,10 +94,24 @@ class LocalBackend(Backend):
     initial_state = RunState.RUNNING
     has_accounting = False
 
-    def launch_spec(self, profile: ClusterProfile, run_dir: Path, job_name: str, hold: bool = False) -> LaunchSpec:
+    def launch_spec(
+        self,
+        profile: ClusterProfile,
+        run_dir: Path,
+        job_name: str,
+        hold: bool = False,
+        exclude: tuple[str, ...] = (),
+        dependency: str | None = None,
+    ) -> LaunchSpec:
+        """One process per rank on this machine; `exclude` has no nodes to name here (ignored)."""
         from clusterctl.backends import common
 
         common.check_job_name(job_name)
+        if dependency:
+            raise UserError(
+                f"--after: the {profile.name!r} profile runs a local process, with no scheduler to hold it "
+                "until another job ends; allowed: --after with a Slurm profile"
+            )
         if hold:
             raise UserError(
                 f"--hold: the {profile.name!r} profile runs a local process; allowed: --hold with a Slurm profile"

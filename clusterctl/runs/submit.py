@@ -234,15 +234,24 @@ def run_profile(run: RunRecord) -> ClusterProfile:
     return parse_profile(data, str(path))
 
 
-def submit_attempt(reg: Registry, run: RunRecord, profile: ClusterProfile, kind: str, hold: bool = False) -> str:
-    """Submit one attempt of `run` (first submission, resume or retry); returns the job id."""
+def submit_attempt(
+    reg: Registry,
+    run: RunRecord,
+    profile: ClusterProfile,
+    kind: str,
+    hold: bool = False,
+    exclude: tuple[str, ...] = (),
+    dependency: str | None = None,
+) -> str:
+    """Submit one attempt of `run` (first submission, resume or retry); returns the job id. `exclude`:
+    nodes it must not run on; `dependency`: the scheduler's condition on other jobs (Backend.launch_spec)."""
     from clusterctl.backends import get_backend
     from vltrain.common.atomic import write_json
     from vltrain.loop import TrainJob
     from vltrain.rundir import RunDir
 
     backend = get_backend(profile.executor)
-    spec = backend.launch_spec(profile, Path(run.run_dir), run.name, hold=hold)
+    spec = backend.launch_spec(profile, Path(run.run_dir), run.name, hold=hold, exclude=exclude, dependency=dependency)
     write_json(RunDir(run.run_dir).launch, dataclasses.asdict(spec))
     job_id = backend.submit(spec, TrainJob(run.run_dir))
     reg.add_job(run.run_id, job_id, kind)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # launching needs the profile; polling (status) does not impo
     from clusterctl.planning.profiles import ClusterProfile
 
 SACCT_LAG_S = 120  # a job this young may not be in accounting yet: keep its state
+SIDE_TIME_MIN = 15  # a side job without GPUs (the follow-up that retries a run) does little: minutes
 LIVE = (RunState.PENDING, RunState.RUNNING, RunState.COMPLETING, RunState.SUSPENDED)  # squeue says all
 
 
@@ -178,6 +179,18 @@ def partition_check(profile: ClusterProfile, parts: dict[str, Partition]) -> Pro
     return check
 
 
+def placement(exclude: tuple[str, ...], dependency: str | None) -> dict[str, Any]:
+    """sbatch's --exclude and --dependency for an attempt (pure). A dependency that can never hold (the
+    job it waits for ended the other way) cancels the job (--kill-on-invalid-dep) instead of leaving it
+    pending for ever with reason DependencyNeverSatisfied."""
+    out: dict[str, Any] = {}
+    if exclude:
+        out["exclude"] = ",".join(exclude)
+    if dependency:
+        out |= {"dependency": dependency, "kill_on_invalid_dep": "yes"}
+    return out
+
+
 def mem_request(profile: ClusterProfile) -> str:
     """sbatch --mem: slurm.mem_gib when the profile states it; else, with whole nodes, 0 (all of each
     node's memory: a node whose RealMemory is a little under nodes.memory_gib still schedules, where
@@ -199,7 +212,15 @@ class SlurmBackend(Backend):
     has_accounting = True
     renders_script = True
 
-    def launch_spec(self, profile: ClusterProfile, run_dir: Path, job_name: str, hold: bool = False) -> LaunchSpec:
+    def launch_spec(
+        self,
+        profile: ClusterProfile,
+        run_dir: Path,
+        job_name: str,
+        hold: bool = False,
+        exclude: tuple[str, ...] = (),
+        dependency: str | None = None,
+    ) -> LaunchSpec:
         """The sbatch parameters (as submitit's SlurmExecutor takes them) for one attempt (pure)."""
         from clusterctl.backends import common
         from clusterctl.planning.nccl_env import flight_recorder_env
@@ -221,7 +242,10 @@ class SlurmBackend(Backend):
             "setup": common.setup_lines(env, run_dir),
             # one rank that dies takes the step down with it: the others would wait for NCCL's timeout
             "srun_args": ["--kill-on-bad-exit=1"],
-            "additional_parameters": {"requeue": True} | ({"hold": True} if hold else {}) | dict(s.extra),
+            "additional_parameters": {"requeue": True}
+            | ({"hold": True} if hold else {})
+            | placement(exclude, dependency)
+            | dict(s.extra),
         }
         for key in ("partition", "account", "qos", "constraint"):
             if getattr(s, key):
@@ -229,6 +253,39 @@ class SlurmBackend(Backend):
         if s.exclusive:
             params["exclusive"] = True
         return LaunchSpec(self.name, common.submitit_folder(run_dir), job_name, params, env)
+
+    def side_spec(
+        self, profile: ClusterProfile, run_dir: Path, job_name: str, kind: str, dependency: str, gpus: int = 0
+    ) -> LaunchSpec:
+        """One task on one node, in the run's partition/account/qos, started once `dependency` holds
+        (Slurm cancels it when the dependency can never hold: --kill-on-invalid-dep). (pure)"""
+        from clusterctl.backends import common
+        from vltrain.rundir import RunDir
+
+        common.check_job_name(job_name)
+        s = profile.slurm
+        if s is None:
+            raise UserError(f"--profile: {profile.name!r} has no [slurm] table; allowed: a profile with one")
+        env = common.trainer_env(profile, run_dir)
+        params: dict[str, Any] = {
+            "job_name": job_name,
+            "nodes": 1,
+            "ntasks_per_node": 1,
+            "cpus_per_task": common.cpus_per_task(profile),
+            "mem": f"{max(1, min(profile.nodes.memory_gib, 4 if gpus == 0 else profile.nodes.memory_gib))}GB",
+            "time": SIDE_TIME_MIN if gpus == 0 else max(1, int(profile.time_limit_min or 1)),
+            "setup": common.setup_lines(env, run_dir),
+            "additional_parameters": placement((), dependency),
+        }
+        if gpus:
+            params["gpus_per_node"] = gpus
+        for key in ("partition", "account", "qos"):
+            if getattr(s, key):
+                params[key] = getattr(s, key)
+        folder = str(RunDir(run_dir).side / kind)
+        if "%" in folder:
+            common.submitit_folder(run_dir)  # the same one-line refusal as the attempts'
+        return LaunchSpec(self.name, folder, job_name, params, env)
 
     def dryrun(self, spec: LaunchSpec, python: str | None = None) -> str:
         """The exact sbatch script submitit submits for `spec`, rendered by submitit itself (pure).
