@@ -243,12 +243,49 @@ class Slurm:
         min=60,
         max=86400,
     )
+    max_excluded_nodes: int = field(
+        "nodes a run's retries may exclude in all (the nodes its failed jobs died on; oldest dropped first; "
+        "0: never exclude)",
+        default=8,
+        min=0,
+        max=4096,
+    )
     extra: dict[str, str] = field(
         "more sbatch long options",
         default_factory=dict,
         check=extra_problem,
         max_items=MAX_EXTRA,
         allowed=f"option = value with option a lower-case sbatch long option not managed by clusterctl, values of {SAFE_VALUE_DOC}",
+    )
+
+
+CONTAINER_IMAGE = r"[A-Za-z0-9_./:@+#\-]{1,512}"
+CONTAINER_MOUNT = r"/[A-Za-z0-9_./+@\-]{0,511}(:/[A-Za-z0-9_./+@\-]{0,511}(:(ro|rw))?)?"
+SETUP_LINE = r"[^\x00-\x1f\x7f]{1,1000}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Container:
+    """The image every rank runs in: pyxis (srun --container-image, enroot) or Apptainer (apptainer exec)."""
+
+    runtime: str = field("how the image runs", choices=("pyxis", "apptainer"))
+    image: str = field(
+        "the image: for pyxis a registry reference or a .sqsh file, for apptainer a .sif file or a docker:// URI",
+        pattern=CONTAINER_IMAGE,
+        allowed="1-512 characters of letters, digits and _ . / : @ + # -",
+    )
+    mounts: tuple[str, ...] = field(
+        "host paths made visible in the container (SRC[:DST[:ro|rw]]; the run directory is added)",
+        default=(),
+        pattern=CONTAINER_MOUNT,
+        allowed="absolute paths SRC[:DST[:ro|rw]] of letters, digits and _ . / + @ -",
+        max_items=64,
+    )
+    workdir: str | None = field(
+        "working directory inside the container (none: the run directory)",
+        default=None,
+        pattern=r"/[A-Za-z0-9_./+@\-]{0,511}",
+        allowed="an absolute path of letters, digits and _ . / + @ -",
     )
 
 
@@ -295,6 +332,14 @@ class ClusterProfile:
     slurm: Slurm | None = field("Slurm settings (required with executor = 'slurm')", default=None)
     storage: Storage = field(
         "the checkpoint filesystem (optional; defaults in docs/planning.md)", default_factory=Storage
+    )
+    container: Container | None = field("the container every rank runs in (optional)", default=None)
+    setup: tuple[str, ...] = field(
+        "shell lines the job script runs before the trainer, e.g. 'module load cuda/12.4' (Slurm profiles)",
+        default=(),
+        pattern=SETUP_LINE,
+        allowed="lines of 1-1000 characters without control characters",
+        max_items=64,
     )
     seed: str | None = field(
         "the seed setup this profile reproduces", default=None, pattern=r"[0-9]{3}", allowed="a three-digit seed number"
