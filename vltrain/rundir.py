@@ -45,6 +45,11 @@ class RunDir:
     EVAL = "eval.json"
     TOKENIZER = "tokenizer.model"
     FAILURES = "failures"
+    PROVENANCE = "provenance.json"  # what was submitted: git commit, versions, where each attempt ran
+    SOURCE_DIFF = "source.diff"  # the working tree's uncommitted changes at submission
+    PIP_FREEZE = "pip-freeze.txt"
+    CODE = "code"  # submit --snapshot: the submitted source, what every attempt imports
+    NOTIFY_LOG = "notify.log"  # notifications that could not be delivered
     SIDE = "side"  # jobs beside the attempts (clusterctl's follow-up and evaluation jobs): side/<kind>/<job id>/
 
     def __init__(self, root: str | Path) -> None:
@@ -60,6 +65,11 @@ class RunDir:
     plan = property(lambda self: self.root / self.PLAN)
     profile = property(lambda self: self.root / self.PROFILE)
     side = property(lambda self: self.root / self.SIDE)
+    provenance = property(lambda self: self.root / self.PROVENANCE)
+    source_diff = property(lambda self: self.root / self.SOURCE_DIFF)
+    pip_freeze = property(lambda self: self.root / self.PIP_FREEZE)
+    code = property(lambda self: self.root / self.CODE)
+    notify_log = property(lambda self: self.root / self.NOTIFY_LOG)
     ds_config = property(lambda self: self.root / self.DS_CONFIG)
     launch = property(lambda self: self.root / self.LAUNCH)
     submitit = property(lambda self: self.root / self.SUBMITIT)

@@ -246,14 +246,14 @@ def submit_attempt(
     """Submit one attempt of `run` (first submission, resume or retry); returns the job id. `exclude`:
     nodes it must not run on; `dependency`: the scheduler's condition on other jobs (Backend.launch_spec)."""
     from clusterctl.backends import get_backend
+    from clusterctl.runs.attempt import Attempt
     from vltrain.common.atomic import write_json
-    from vltrain.loop import TrainJob
     from vltrain.rundir import RunDir
 
     backend = get_backend(profile.executor)
     spec = backend.launch_spec(profile, Path(run.run_dir), run.name, hold=hold, exclude=exclude, dependency=dependency)
     write_json(RunDir(run.run_dir).launch, dataclasses.asdict(spec))
-    job_id = backend.submit(spec, TrainJob(run.run_dir))
+    job_id = backend.submit(spec, Attempt(run.run_dir, run.run_id, str(Path(reg.path).absolute())))
     reg.add_job(run.run_id, job_id, kind)
     reg.set_run_state(run.run_id, backend.initial_state)
     reg.add_event(run.run_id, kind, {"job_id": job_id})
