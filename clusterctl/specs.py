@@ -111,3 +111,6 @@ class LaunchSpec:
     params: dict[str, Any]  # submitit executor parameters
     env: dict[str, str] = field(default_factory=dict)
     max_num_timeout: int = 1000  # requeues on time-out/preemption before submitit gives up
+    # the command that starts Python for each task (submitit's `python`): None, this machine's interpreter;
+    # in a container, the image's (pyxis) or `apptainer exec ... IMAGE python` (backends.container)
+    python: str | None = None

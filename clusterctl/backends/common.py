@@ -76,16 +76,27 @@ def cpus_per_task(profile: ClusterProfile) -> int:
 LAUNCHER_VARS = ("GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
 
-def setup_lines(env: dict[str, str], run_dir: Path) -> list[str]:
+def setup_lines(env: dict[str, str], run_dir: Path, user: tuple[str, ...] | list[str] = ()) -> list[str]:
     """The job script's set-up: unset the launcher variables a submitting shell may leak (LAUNCHER_VARS),
     move into the run directory (a directory clusterctl made, not the one `submit` ran from: a cloned
-    repository's files must not be the job's working directory), then the `export` lines for `env`,
-    sorted (golden files compare them)."""
+    repository's files must not be the job's working directory), the profile's own `setup` lines
+    (`user`: `module load ...`, `source env.sh`; the user's code in the user's job, as written), then
+    the `export` lines for `env`, sorted (golden files compare them). The exports come last so that
+    clusterctl's NCCL, thread and trainer settings win over what a module or a sourced file sets."""
     return [
         f"unset {' '.join(LAUNCHER_VARS)}",
         f"cd {shlex.quote(str(Path(run_dir).absolute()))} || exit 1",
+        *user,
         *(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())),
     ]
+
+
+def grouped(lines: tuple[str, ...] | list[str]) -> list[str]:
+    """Set-up lines as one item for submitit's local executor, which joins its set-up items with ' && '
+    into one `sh -c` line: a comment would swallow the rest and a failing line would stop the job. One
+    brace group, a line each and ':' last, runs them as a batch script does (each on its own line, a
+    failure not stopping the next unless the line says `|| exit 1`)."""
+    return ["{\n" + "\n".join([*lines, ":"]) + "\n}"] if lines else []
 
 
 def submitit_folder(run_dir: Path) -> str:

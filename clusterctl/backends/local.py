@@ -123,7 +123,8 @@ class LocalBackend(Backend):
             "gpus_per_node": n.gpus_per_node if profile.gpu.kind == "cuda" else 0,
             "timeout_min": 24 * 60,
             "signal_delay_s": 30,
-            "setup": common.setup_lines(env, run_dir),
+            # the profile's set-up lines too, as one group (common.grouped: submitit joins items with &&)
+            "setup": common.setup_lines(env, run_dir, common.grouped(profile.setup)),
         }
         return LaunchSpec(self.name, common.submitit_folder(run_dir), job_name, params, env)
 

@@ -287,6 +287,13 @@ class Container:
         pattern=r"/[A-Za-z0-9_./+@\-]{0,511}",
         allowed="an absolute path of letters, digits and _ . / + @ -",
     )
+    python: str = field(
+        "the interpreter inside the image that runs each rank (a name on the image's PATH, or a path); "
+        "the image holds clusterctl, vltrain and submitit",
+        default="python",
+        pattern=r"[A-Za-z0-9_./+\-]{1,256}",
+        allowed="a command name or path of letters, digits and _ . / + -",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -401,6 +408,11 @@ def parse_profile(data: dict[str, Any], where: str) -> ClusterProfile:
         problem := signal_delay_problem(profile.slurm.time_limit, profile.slurm.signal_delay_s)
     ):
         raise UserError(f"{where}: slurm.signal_delay_s: {problem}")
+    if profile.executor == "local" and profile.container is not None:
+        raise UserError(
+            f"{where}: container: the local executor starts the ranks as processes of this machine, through "
+            "no srun for pyxis or apptainer to wrap; allowed: [container] with executor = 'slurm'"
+        )
     if profile.executor == "local" and profile.nodes.count != 1:
         raise UserError(
             f"{where}: nodes.count: {profile.nodes.count} is out of range; allowed: 1 with executor = 'local'"

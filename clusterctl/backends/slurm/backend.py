@@ -222,11 +222,12 @@ class SlurmBackend(Backend):
         dependency: str | None = None,
     ) -> LaunchSpec:
         """The sbatch parameters (as submitit's SlurmExecutor takes them) for one attempt (pure)."""
-        from clusterctl.backends import common
+        from clusterctl.backends import common, container
         from clusterctl.planning.nccl_env import flight_recorder_env
 
         common.check_job_name(job_name)
         env = common.trainer_env(profile, run_dir) | flight_recorder_env(profile, run_dir)
+        in_container, python = container.launch(profile, run_dir, env)
         n, s = profile.nodes, profile.slurm
         if s is None:  # parse_profile refuses a Slurm profile without its [slurm] table
             raise UserError(f"--profile: {profile.name!r} has no [slurm] table; allowed: a profile with one")
@@ -239,9 +240,9 @@ class SlurmBackend(Backend):
             "mem": mem_request(profile),
             "time": max(1, int(profile.time_limit_min or 1)),
             "signal_delay_s": s.signal_delay_s,
-            "setup": common.setup_lines(env, run_dir),
+            "setup": common.setup_lines(env, run_dir, profile.setup),
             # one rank that dies takes the step down with it: the others would wait for NCCL's timeout
-            "srun_args": ["--kill-on-bad-exit=1"],
+            "srun_args": ["--kill-on-bad-exit=1", *in_container],
             "additional_parameters": {"requeue": True}
             | ({"hold": True} if hold else {})
             | placement(exclude, dependency)
@@ -252,14 +253,15 @@ class SlurmBackend(Backend):
                 params[key] = getattr(s, key)
         if s.exclusive:
             params["exclusive"] = True
-        return LaunchSpec(self.name, common.submitit_folder(run_dir), job_name, params, env)
+        return LaunchSpec(self.name, common.submitit_folder(run_dir), job_name, params, env, python=python)
 
     def side_spec(
         self, profile: ClusterProfile, run_dir: Path, job_name: str, kind: str, dependency: str, gpus: int = 0
     ) -> LaunchSpec:
         """One task on one node, in the run's partition/account/qos, started once `dependency` holds
-        (Slurm cancels it when the dependency can never hold: --kill-on-invalid-dep). (pure)"""
-        from clusterctl.backends import common
+        (Slurm cancels it when the dependency can never hold: --kill-on-invalid-dep), after the profile's
+        set-up lines; in the profile's container unless it runs clusterctl (container.HOST_SIDE_KINDS). (pure)"""
+        from clusterctl.backends import common, container
         from vltrain.rundir import RunDir
 
         common.check_job_name(job_name)
@@ -267,6 +269,8 @@ class SlurmBackend(Backend):
         if s is None:
             raise UserError(f"--profile: {profile.name!r} has no [slurm] table; allowed: a profile with one")
         env = common.trainer_env(profile, run_dir)
+        on_host = kind in container.HOST_SIDE_KINDS  # it calls sbatch, squeue and sacct: not from an image
+        in_container, python = ([], None) if on_host else container.launch(profile, run_dir, env)
         params: dict[str, Any] = {
             "job_name": job_name,
             "nodes": 1,
@@ -274,9 +278,11 @@ class SlurmBackend(Backend):
             "cpus_per_task": common.cpus_per_task(profile),
             "mem": f"{max(1, min(profile.nodes.memory_gib, 4 if gpus == 0 else profile.nodes.memory_gib))}GB",
             "time": SIDE_TIME_MIN if gpus == 0 else max(1, int(profile.time_limit_min or 1)),
-            "setup": common.setup_lines(env, run_dir),
+            "setup": common.setup_lines(env, run_dir, profile.setup),
             "additional_parameters": placement((), dependency),
         }
+        if in_container:
+            params["srun_args"] = in_container
         if gpus:
             params["gpus_per_node"] = gpus
         for key in ("partition", "account", "qos"):
@@ -285,7 +291,7 @@ class SlurmBackend(Backend):
         folder = str(RunDir(run_dir).side / kind)
         if "%" in folder:
             common.submitit_folder(run_dir)  # the same one-line refusal as the attempts'
-        return LaunchSpec(self.name, folder, job_name, params, env)
+        return LaunchSpec(self.name, folder, job_name, params, env, python=python)
 
     def dryrun(self, spec: LaunchSpec, python: str | None = None) -> str:
         """The exact sbatch script submitit submits for `spec`, rendered by submitit itself (pure).
@@ -298,6 +304,7 @@ class SlurmBackend(Backend):
         from clusterctl.backends import common
 
         folder = str(Path(spec.folder) / "%j")
+        python = spec.python or python  # a container's interpreter is the image's, whatever runs here
         return _make_sbatch_string(command=common.submitit_command(folder, python), folder=folder, **spec.params)
 
     def schedule(self, spec: LaunchSpec, fn: Any) -> str:
@@ -309,7 +316,7 @@ class SlurmBackend(Backend):
             ex = BoundedSlurmExecutor(
                 folder=str(Path(spec.folder) / "%j"),
                 max_num_timeout=spec.max_num_timeout,
-                python=common.job_python(),
+                python=common.job_python(spec.python),
                 sbatch_timeout_s=timeout,
             )
         except RuntimeError as e:
