@@ -200,6 +200,12 @@ class TrainConfig:
         max_items=64,  # a curriculum has a few; each costs a validation here and a branch in the trainer
     )
     eval_every: int = field("optimizer steps between evaluations (0 = only at the end)", default=0, min=0, max=10**9)
+    eval_after: str = field(
+        "where the final evaluation runs: 'train' in the training job's allocation, 'job' as its own small "
+        "job queued after the training job (a Slurm profile; clusterctl.runs.evaljob)",
+        default="train",
+        choices=("train", "job"),
+    )
     max_skipped_steps: int = field(
         "optimizer steps in a row the optimizer may skip (a gradient that is not finite) before the run fails "
         f"as diverged (-1: {FP16_SKIP_TOLERANCE} under fp16, whose loss scaler skips while it settles from "
@@ -217,6 +223,11 @@ class TrainConfig:
         """Whether masked image modelling runs in any stage: the model then has its MIM decoder from
         the start, so that a checkpoint resumes across a stage boundary that turns MIM on or off."""
         return self.loss.mim > 0 or any(stage_loss(self.loss, s.loss, i).mim > 0 for i, s in enumerate(self.stages))
+
+    def final_eval_in_training(self) -> bool:
+        """Does the training job evaluate at its end? Not when eval_after = 'job' queued that evaluation as
+        its own job (periodic eval_every evaluations run in training either way)."""
+        return self.eval_after == "train"
 
     def skip_tolerance(self) -> int:
         """Skipped optimizer steps in a row that are not divergence (max_skipped_steps, -1 resolved)."""

@@ -385,7 +385,7 @@ class Session:
                 self.save("stop_after")
                 return {"step": self.step, "samples": self.samples, "finished": False}
         self.save("final")
-        result = self.evaluate()
+        result = self.evaluate() if cfg.final_eval_in_training() else None
         self.events.emit(
             "finish", self.step, samples=self.samples, recall_i2t_r1=result["i2t"]["R@1"] if result else None
         )

@@ -82,6 +82,11 @@ class Backend:
             "allowed: a Slurm profile"
         )
 
+    def set_dependency(self, job_id: str, dependency: str) -> None:
+        """Change what a pending job waits for (Slurm's --dependency syntax): a run queued after another
+        follows that run's retry to its new job. The default: no scheduler holds jobs back, one line."""
+        raise UserError(f"--after: executor {self.name!r} has no scheduler to hold a job; allowed: a Slurm profile")
+
     def dryrun(self, spec: LaunchSpec) -> str:
         """What `schedule` would submit, as text a user can read and diff (pure)."""
         raise NotImplementedError

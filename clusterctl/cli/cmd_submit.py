@@ -46,6 +46,12 @@ def submit(
         False, "--wait", help="Stream rank 0's log until the run ends; exit 0 only if it completed."
     ),
     json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    after: list[str] = typer.Option(
+        None,
+        "--after",
+        metavar="RUN[:ok|any]",
+        help="Start once run RUN completed (:ok, the default) or ended however (:any); repeatable (all must hold).",
+    ),
 ) -> None:
     """Plan a run for a profile (its recipe, or --config) and submit it (Slurm via submitit, or a local process)."""
     from clusterctl.runs.registry import Registry
@@ -70,7 +76,8 @@ def submit(
             raise typer.Exit(2)
         return
     refuse(p)  # a refusal is the only line: no warning before it
-    job_id = create(reg, p, run_id, run_dir, max_retries, hold=hold)
+    waits = _after(reg, after, p.profile.executor) if after else None
+    job_id = create(reg, p, run_id, run_dir, max_retries, hold=hold, after=waits)
     for line in p.checks.warnings:  # only once submitted: sbatch's refusal, too, is the only line
         # folded at spaces by render.fold, not by rich, which cuts a path longer than the terminal mid-word
         output.err_console.print(fold(f"warning: {line}"), markup=False, highlight=False, soft_wrap=True)
@@ -84,6 +91,14 @@ def submit(
         raise typer.Exit(watch_runs([run_id]))
     if wait and (code := _wait(reg, run_id, run_dir)):
         raise typer.Exit(code)
+
+
+def _after(reg: Registry, after: list[str], executor: str) -> list[dict]:
+    """--after's runs, each refreshed (and retried if its last job failed for a cluster reason)."""
+    from clusterctl.runs.dependencies import resolve_after
+    from clusterctl.runs.lifecycle import current_state
+
+    return resolve_after(reg, after, executor, current_state)
 
 
 def _print_submitted(p: Prepared, run_id: str, job_id: str, run_dir: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clusterctl.backends import get_backend
+from clusterctl.runs.dependencies import settle
 from clusterctl.runs.registry import Registry
 from clusterctl.runs.retry import should_retry
 from clusterctl.runs.status import Refresh, refresh
@@ -40,6 +41,7 @@ def refresh_and_retry(
         r.state = fresh.states[r.run_id]
     fresh.retried = reconcile(reg, runs, fresh.notes)
     fresh.notes += [retried_note(run_id, job_id) for run_id, job_id in fresh.retried]
+    fresh.notes += settle(reg, runs, fresh)  # runs waiting for one that failed for good (submit --after)
     return fresh
 
 

@@ -17,7 +17,7 @@ from clusterctl.planning.plan import Plan, plan_for_run
 from clusterctl.planning.profiles import ClusterProfile, check_job_name, load_profile, profile_origin
 from clusterctl.planning.recipes import find_recipe, known_recipes, paper_facts
 from clusterctl.planning.whole_run import paper_warnings
-from clusterctl.runs import preflight
+from clusterctl.runs import dependencies, evaljob, preflight
 from clusterctl.runs.preflight import Checks
 from clusterctl.specs import RunRecord, RunState
 from vltrain.common.errors import UserError
@@ -99,6 +99,7 @@ def prepare(
     if check:  # the plan's own warnings (planning.advice) are submit's too, once per subject
         said = {w.split(":")[0] for w in checks.warnings} | ({"memory"} if preflight.memory(plan_d)[1] else set())
         checks.warnings.extend(w for w in plan_d.get("warnings", []) if w.split(":")[0] not in said)
+        checks.problems.extend(evaljob.problems(profile, resolved.to_dict()))  # eval_after = 'job' needs a scheduler
     return Prepared(
         profile, resolved, plan_d, run_name, str(source or "<defaults>"), checks, profile_origin(profile_name)
     )
@@ -161,9 +162,18 @@ def new_run_dir(reg: Registry, name: str) -> tuple[str, Path]:
     return run_id, runs_root() / run_id
 
 
-def create(reg: Registry, p: Prepared, run_id: str, run_dir: Path, max_retries: int, hold: bool = False) -> str:
+def create(
+    reg: Registry,
+    p: Prepared,
+    run_id: str,
+    run_dir: Path,
+    max_retries: int,
+    hold: bool = False,
+    after: list[dict[str, Any]] | None = None,
+) -> str:
     """Write the run directory and registry row, then submit the first job; returns its id.
-    Nothing is left behind when any step fails: no directory, no registry row."""
+    Nothing is left behind when any step fails: no directory, no registry row. `after`: the runs it
+    waits for (runs.dependencies.resolve_after: submit --after), kept in its plan."""
     import getpass
     import shutil
     import time
@@ -187,7 +197,7 @@ def create(reg: Registry, p: Prepared, run_id: str, run_dir: Path, max_retries: 
         total_steps=cfg.steps,
         state=RunState.SUBMITTING,
         config=cfg.to_dict(),
-        plan=p.plan | {"max_retries": max_retries},
+        plan=p.plan | {"max_retries": max_retries} | ({"after": after} if after else {}),
     )
     try:
         write_toml(rd.config, cfg.to_dict())
@@ -195,7 +205,7 @@ def create(reg: Registry, p: Prepared, run_id: str, run_dir: Path, max_retries: 
         write_json(rd.profile, prof.to_dict())
         write_json(rd.ds_config, ds_config(cfg, prof))
         reg.add_run(run)
-        return submit_attempt(reg, run, prof, "submit", hold=hold)
+        return submit_attempt(reg, run, prof, "submit", hold=hold, dependency=dependencies.dependency(after or []))
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         reg.delete_run(run_id)
@@ -257,4 +267,5 @@ def submit_attempt(
     reg.add_job(run.run_id, job_id, kind)
     reg.set_run_state(run.run_id, backend.initial_state)
     reg.add_event(run.run_id, kind, {"job_id": job_id})
+    dependencies.on_new_attempt(reg, run, profile, job_id)  # its evaluation job, the runs waiting for it
     return job_id

@@ -179,15 +179,17 @@ def partition_check(profile: ClusterProfile, parts: dict[str, Partition]) -> Pro
     return check
 
 
-def placement(exclude: tuple[str, ...], dependency: str | None) -> dict[str, Any]:
+def placement(exclude: tuple[str, ...], dependency: str | None, kill_invalid: bool = True) -> dict[str, Any]:
     """sbatch's --exclude and --dependency for an attempt (pure). A dependency that can never hold (the
     job it waits for ended the other way) cancels the job (--kill-on-invalid-dep) instead of leaving it
-    pending for ever with reason DependencyNeverSatisfied."""
+    pending for ever with reason DependencyNeverSatisfied; not for a run queued after another
+    (`kill_invalid=False`, submit --after), which follows that run's retries to their new job ids and is
+    cancelled by clusterctl once that run has failed for good (runs.dependencies)."""
     out: dict[str, Any] = {}
     if exclude:
         out["exclude"] = ",".join(exclude)
     if dependency:
-        out |= {"dependency": dependency, "kill_on_invalid_dep": "yes"}
+        out |= {"dependency": dependency, "kill_on_invalid_dep": "yes" if kill_invalid else "no"}
     return out
 
 
@@ -245,7 +247,7 @@ class SlurmBackend(Backend):
             "srun_args": ["--kill-on-bad-exit=1", *in_container],
             "additional_parameters": {"requeue": True}
             | ({"hold": True} if hold else {})
-            | placement(exclude, dependency)
+            | placement(exclude, dependency, kill_invalid=False)
             | dict(s.extra),
         }
         for key in ("partition", "account", "qos", "constraint"):
@@ -368,6 +370,9 @@ class SlurmBackend(Backend):
 
     def cancel(self, job_id: str) -> None:
         slurm.scancel(job_id)
+
+    def set_dependency(self, job_id: str, dependency: str) -> None:
+        slurm.set_dependency(job_id, dependency)
 
 
 BACKEND = SlurmBackend()

@@ -248,3 +248,19 @@ def scancel(job_id: str, signal: str | None = None, timeout: float = 30) -> None
         ) from None
     if r.returncode != 0:
         raise UserError(f"scancel {jid}: {error_line(r.stderr, 'scancel')}")
+
+
+def set_dependency(job_id: str, dependency: str, timeout: float = 30) -> None:
+    """Point a pending job's --dependency elsewhere (`scontrol update JobId=.. Dependency=..`): a run
+    waiting for another (submit --after) follows that run's retry to its new job id."""
+    (jid,) = _check_ids([job_id])
+    if not re.fullmatch(r"after(ok|any|notok):\d+(,after(ok|any|notok):\d+)*", dependency):
+        raise UserError(f"dependency: {dependency!r} is not one; allowed: afterok:ID, afterany:ID, comma-separated")
+    try:
+        r = run(["scontrol", "update", f"JobId={jid}", f"Dependency={dependency}"], timeout)
+    except FileNotFoundError:
+        raise UserError(f"scontrol: not found on PATH; {CLIENT_TOOLS}") from None
+    except TimeoutError:
+        raise UserError(f"scontrol: slurmctld did not answer within {timeout:g} s") from None
+    if r.returncode != 0:
+        raise UserError(f"scontrol update {jid}: {error_line(r.stderr, 'scontrol')}")
