@@ -19,6 +19,9 @@ or one of these variables, so the two sides cannot drift apart.
               eval.json            the latest held-out evaluation
               tokenizer.model      the tokenizer, when data.tokenizer does not name one
               failures/rankNNNNN.json   why that rank's last failing attempt failed (`status` shows it)
+              provenance.json, source.diff, pip-freeze.txt   what was submitted (clusterctl.runs.provenance)
+              hosts/nodeNNN-<attempt>.json   where each node of each attempt ran, its CUDA/NCCL versions
+              code/                the submitted source, with submit --snapshot (what every attempt imports)
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class RunDir:
     CODE = "code"  # submit --snapshot: the submitted source, what every attempt imports
     NOTIFY_LOG = "notify.log"  # notifications that could not be delivered
     SIDE = "side"  # jobs beside the attempts (clusterctl's follow-up and evaluation jobs): side/<kind>/<job id>/
+    HOSTS = "hosts"  # where each attempt ran: hosts/node<NNN>-<attempt>.json, one per node (clusterctl.runs.provenance)
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -96,6 +100,13 @@ class RunDir:
     def energy_file(self, node_rank: int, attempt: str) -> Path:
         """One node's codecarbon file for one attempt; its timeline sits beside it (.timeline.jsonl)."""
         return self.energy / f"node{node_rank:03d}-{attempt}.csv"
+
+    def host_file(self, node_rank: int, attempt: str) -> Path:
+        """Where one node of one attempt ran (hostnames, CUDA/NCCL versions), written by its local rank 0."""
+        return self.root / self.HOSTS / f"node{node_rank:03d}-{attempt}.json"
+
+    def host_files(self) -> list[Path]:
+        return sorted((self.root / self.HOSTS).glob("node*-*.json"))
 
     def energy_files(self) -> list[Path]:
         return sorted(self.energy.glob("node*-*.csv"))

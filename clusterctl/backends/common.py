@@ -46,6 +46,8 @@ def trainer_env(profile: ClusterProfile, run_dir: Path) -> dict[str, str]:
     # DeepSpeed's accelerator from the profile, never from the submitting shell (sbatch exports it);
     # OpenMP threads = the CPUs of the task, not the node's (torch would start one per core of the node).
     env |= {"DS_ACCELERATOR": profile.gpu.kind, "OMP_NUM_THREADS": str(cpus)}
+    if (code := RunDir(run_dir).code).is_dir():  # submit --snapshot: every attempt imports the submitted
+        env["PYTHONPATH"] = str(Path(code).absolute())  # source, not the work tree's (runs.snapshot)
     if profile.executor == "slurm" and profile.slurm is not None:
         # Slurm 22.05-23.02 do not pass sbatch's --cpus-per-task on to srun: without this, each task
         # of the step gets one CPU (and its data-loader workers share it).

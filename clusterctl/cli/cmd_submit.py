@@ -46,6 +46,11 @@ def submit(
         False, "--wait", help="Stream rank 0's log until the run ends; exit 0 only if it completed."
     ),
     json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    snapshot: bool = typer.Option(
+        False,
+        "--snapshot",
+        help="Copy the source into the run directory (code/): every attempt, requeued or retried, imports it.",
+    ),
     after: list[str] = typer.Option(
         None,
         "--after",
@@ -59,6 +64,10 @@ def submit(
     from clusterctl.runs.submit import dry_run as preview
 
     p = flags.prepare(steps, name=name)
+    if snapshot:
+        import dataclasses
+
+        p = dataclasses.replace(p, snapshot=True)
     reg = Registry()
     run_id, run_dir = new_run_dir(reg, p.name)
     if dry_run:
@@ -82,7 +91,9 @@ def submit(
         # folded at spaces by render.fold, not by rich, which cuts a path longer than the terminal mid-word
         output.err_console.print(fold(f"warning: {line}"), markup=False, highlight=False, soft_wrap=True)
     if json_:
-        print_json({"run_id": run_id, "job_id": job_id, "run_dir": str(run_dir), "plan": p.plan})
+        print_json(
+            {"run_id": run_id, "job_id": job_id, "run_dir": str(run_dir), "plan": p.plan} | _snapshot(p, run_dir)
+        )
     else:
         _print_submitted(p, run_id, job_id, run_dir)
     if watch:
@@ -104,15 +115,25 @@ def _after(reg: Registry, after: list[str], executor: str) -> list[dict]:
 def _print_submitted(p: Prepared, run_id: str, job_id: str, run_dir: Path) -> None:
     """What was submitted, and the commands that follow it: each command on a line of its own, never
     wrapped by rich (soft_wrap), so a terminal of any width can copy it whole."""
+    from clusterctl.runs.snapshot import summary_line
+
     prof = p.profile
     output.console.print(f"submitted [bold]{run_id}[/bold] as job {job_id}", highlight=False, soft_wrap=True)
     for line in (
         f"  profile  {prof.name} ({prof.world_size} x {prof.gpu.model}) from {p.profile_source}",
         f"  run dir  {run_dir}",
+        *(f"  snapshot {summary_line(s)} in {run_dir}/code" for s in _snapshot(p, run_dir).values() if s),
         f"  follow   clusterctl status {run_id}",
         f"           clusterctl logs {run_id} --follow",
     ):
         output.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _snapshot(p: Prepared, run_dir: Path) -> dict:
+    """{"snapshot": what --snapshot copied (runs.snapshot.take, kept in provenance.json)}, {} without it."""
+    from clusterctl.runs.provenance import read
+
+    return {"snapshot": (read(run_dir) or {}).get("snapshot")} if p.snapshot else {}
 
 
 def _wait(reg: Registry, run_id: str, run_dir: Path) -> int:

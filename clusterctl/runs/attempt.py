@@ -14,6 +14,7 @@ from typing import Any
 
 import submitit
 
+from clusterctl.runs.provenance import record_attempt
 from vltrain.loop import TrainJob
 
 
@@ -26,6 +27,7 @@ class Attempt(submitit.helpers.Checkpointable):
         self.registry = str(registry)
 
     def __call__(self) -> dict[str, Any]:
+        record_attempt(self.run_dir)  # where it runs: hosts/nodeNNN-<attempt>.json, by each node's local rank 0
         return TrainJob(self.run_dir)()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

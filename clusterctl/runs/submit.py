@@ -56,6 +56,7 @@ class Prepared:
     source: str
     checks: Checks
     profile_source: str = ""  # where the profile file came from (shipped, your config, the working directory...)
+    snapshot: bool = False  # submit --snapshot: copy the source into the run directory (runs.snapshot)
 
 
 def config_source(profile: ClusterProfile, config: Path | None, model_given: bool = False) -> Path | None:
@@ -204,6 +205,9 @@ def create(
         write_json(rd.plan, run.plan)
         write_json(rd.profile, prof.to_dict())
         write_json(rd.ds_config, ds_config(cfg, prof))
+        from clusterctl.runs import provenance, snapshot  # what is submitted, before the first attempt
+
+        provenance.write(run_dir, snapshot.take(run_dir) if p.snapshot else None)
         reg.add_run(run)
         return submit_attempt(reg, run, prof, "submit", hold=hold, dependency=dependencies.dependency(after or []))
     except BaseException:
