@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import pytest
 
-from clusterctl.runs.registry import Registry
+from clusterctl.runs.registry import SCHEMA_VERSION, Registry
 from clusterctl.specs import JobRecord, RunRecord
 from tests.conftest import run_cli
 
@@ -244,7 +244,7 @@ def test_old_registry_gains_summaries_and_a_readonly_one_is_read(tmp_path):
     env = {"CLUSTERCTL_REGISTRY": str(path), "PATH": "/nonexistent"}
     row = json.loads(run_cli("report", "gpu-hours", "--json", env=env).stdout)["rows"][0]
     assert row["gpu_hours"] == pytest.approx(8.0) and row["estimated_kwh"] == 1.5
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_status_row_keys_are_those_of_the_stored_format():

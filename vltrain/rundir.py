@@ -53,6 +53,7 @@ class RunDir:
     PIP_FREEZE = "pip-freeze.txt"
     CODE = "code"  # submit --snapshot: the submitted source, what every attempt imports
     NOTIFY_LOG = "notify.log"  # notifications that could not be delivered
+    NOTIFY = "notify.json"  # the [notify] settings the run was submitted with (webhook URLs: secrets, 0600)
     SIDE = "side"  # jobs beside the attempts (clusterctl's follow-up and evaluation jobs): side/<kind>/<job id>/
     HOSTS = "hosts"  # where each attempt ran: hosts/node<NNN>-<attempt>.json, one per node (clusterctl.runs.provenance)
 
@@ -74,6 +75,7 @@ class RunDir:
     pip_freeze = property(lambda self: self.root / self.PIP_FREEZE)
     code = property(lambda self: self.root / self.CODE)
     notify_log = property(lambda self: self.root / self.NOTIFY_LOG)
+    notify = property(lambda self: self.root / self.NOTIFY)
     ds_config = property(lambda self: self.root / self.DS_CONFIG)
     launch = property(lambda self: self.root / self.LAUNCH)
     submitit = property(lambda self: self.root / self.SUBMITIT)

@@ -202,7 +202,7 @@ def integrity_problems(conn: sqlite3.Connection, pragma: str) -> list[str]:
 
 
 # The tables clusterctl's migrations make (runs.registry._MIGRATIONS), by the schema version that adds them.
-OWN_TABLES = {1: ("runs", "jobs", "events"), 3: ("summaries", "status_rows")}
+OWN_TABLES = {1: ("runs", "jobs", "events"), 3: ("summaries", "status_rows"), 4: ("notifications",)}
 
 
 def schema_problem(conn: sqlite3.Connection, known: int) -> str | None:

@@ -107,6 +107,14 @@ _MIGRATIONS: dict[int, str] = {
     CREATE TRIGGER summaries_job_deleted AFTER DELETE ON jobs BEGIN
         DELETE FROM summaries WHERE run_id = OLD.run_id; DELETE FROM status_rows WHERE run_id = OLD.run_id; END;
     """,
+    # 4: the notifications of each run (runs.notify), one row per run and key: an observer claims one by
+    #    inserting its row before it calls the webhooks (the inserter sends, every other observer skips),
+    #    then records the outcome (sent_at, ok, error). A rebuilt registry starts with none (docs/reliability.md).
+    4: """
+    CREATE TABLE notifications (
+        run_id TEXT NOT NULL, key TEXT NOT NULL, event TEXT NOT NULL, created_at REAL NOT NULL,
+        sent_at REAL, ok INTEGER, error TEXT, PRIMARY KEY (run_id, key));
+    """,
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -192,7 +200,8 @@ class Registry(SummaryTables):
             if problem := schema_problem(self._conn, SCHEMA_VERSION):
                 raise UserError(f"registry {shown(str(p))}: {problem}; {FOREIGN_HINT}")
             self.has_summaries = version >= 3
-            if version != SCHEMA_VERSION and version != 2:  # 2: readable, summaries computed, not kept
+            self.has_notifications = version >= 4  # older: nothing was sent (and nothing is from read-only)
+            if version not in (2, 3, SCHEMA_VERSION):  # 2: readable, summaries computed, not kept
                 migrate_hint = (
                     "allowed: make it writable once (clusterctl upgrades it in place)"
                     if version < SCHEMA_VERSION
@@ -213,7 +222,7 @@ class Registry(SummaryTables):
             ) from None
         self._conn = connect(p, known=SCHEMA_VERSION)
         migrate(self._conn)
-        self.has_summaries = True
+        self.has_summaries = self.has_notifications = True
 
     def close(self) -> None:
         self._conn.close()
@@ -309,6 +318,8 @@ class Registry(SummaryTables):
         """Remove a run that never got submitted (submit's clean-up after a failure)."""
         with self._write() as c:
             c.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
+            if self.has_notifications:
+                c.execute("DELETE FROM notifications WHERE run_id = ?", (run_id,))
             c.execute("DELETE FROM jobs WHERE run_id = ?", (run_id,))
             c.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
 
@@ -497,3 +508,54 @@ class Registry(SummaryTables):
             "SELECT ts, kind, data FROM events WHERE run_id = ? ORDER BY id", (run_id,)
         ).fetchall()
         return [{"ts": ts, "kind": kind, "data": json.loads(data)} for ts, kind, data in rows]
+
+    # --- notifications (runs.notify) ----------------------------------------------------------
+
+    @guarded
+    def claim_notification(self, run_id: str, key: str, event: str) -> bool:
+        """Insert the row of notification `key` of `run_id`; True if this call did (it sends it), False
+        when another observer claimed it first (or the registry is read-only: nothing is sent then)."""
+        if self.readonly:
+            return False
+        with self._write() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO notifications (run_id, key, event, created_at) VALUES (?, ?, ?, ?)",
+                (run_id, key, event, time.time()),
+            )
+            return cur.rowcount == 1
+
+    @guarded
+    def record_notification(self, run_id: str, key: str, ok: bool, error: str | None = None) -> None:
+        """The outcome of a claimed notification: delivered to every webhook (ok) or not (the error)."""
+        with self._write() as c:
+            c.execute(
+                "UPDATE notifications SET sent_at = ?, ok = ?, error = ? WHERE run_id = ? AND key = ?",
+                (time.time(), int(ok), error, run_id, key),
+            )
+
+    @guarded
+    def notified_keys(self, run_ids: Iterable[str]) -> dict[str, set[str]]:
+        """The notification keys claimed for each of these runs, in one query (status over many runs)."""
+        ids = list(run_ids)
+        out: dict[str, set[str]] = {r: set() for r in ids}
+        if not ids or not self.has_notifications:
+            return out
+        rows = self._conn.execute(
+            "SELECT run_id, key FROM notifications WHERE run_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ids),),
+        ).fetchall()
+        for run_id, key in rows:
+            out[run_id].add(key)
+        return out
+
+    @guarded
+    def notifications(self, run_id: str) -> list[dict[str, Any]]:
+        """The notifications of one run, oldest first (tests, `status` of one run)."""
+        if not self.has_notifications:
+            return []
+        rows = self._conn.execute(
+            "SELECT key, event, created_at, sent_at, ok, error FROM notifications WHERE run_id = ? ORDER BY created_at",
+            (run_id,),
+        ).fetchall()
+        cols = ("key", "event", "created_at", "sent_at", "ok", "error")
+        return [dict(zip(cols, r)) for r in rows]
