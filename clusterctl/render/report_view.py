@@ -8,6 +8,7 @@ from operator import itemgetter
 from typing import Any
 
 from clusterctl.render.safe import printable
+from clusterctl.render.status_table import commit_text
 from clusterctl.render.text import output_text, table_text
 from clusterctl.render.units import CO2_UNITS, ENERGY_UNITS, pick_unit, quantity
 
@@ -178,6 +179,7 @@ _EVAL_COLS = (  # (row key, header, format): recall in percent of the held-out p
     ("t2i_r10", "t2i\nR@10", "{:.1f}"),
     ("cider", "CIDEr-D", "{:.3f}"),
 )
+_COMMIT_COL = ("commit", "commit", "")  # render.status_table.commit_text; under the table when all share one
 _ZERO_SHOT_COLS = (  # shown when a run's eval.json has zero-shot figures: in % of its labelled held-out images
     ("zero_shot_top1", "0-shot\ntop-1", "{:.1f}"),
     ("zero_shot_top5", "0-shot\ntop-5", "{:.1f}"),
@@ -196,8 +198,13 @@ def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None
         zero_shot = any(isinstance(r.get("zero_shot_top1"), (int, float)) for r in rows)
         cols = list(_EVAL_COLS[:2]) + (list(_ZERO_SHOT_COLS) if zero_shot else []) + list(_EVAL_COLS[2:])
         cells = {k: [_eval_cell(r.get(k), f, k) for r in rows] for k, _, f in cols}
+        cells["commit"] = [commit_text(r.get("commit"), r.get("dirty")) or "-" for r in rows]
+        if any(c != "-" for c in cells["commit"]):
+            cols.append(_COMMIT_COL)  # the code each run was submitted from (provenance.json)
         notes = []
-        for key, label in (("n", "held-out pairs"), ("step", "step")):
+        for key, label in (("n", "held-out pairs"), ("step", "step"), ("commit", "commit")):
+            if all(c[0] != key for c in cols):  # commit: no run has one (submitted before provenance)
+                continue
             values = set(cells[key])
             if len(values) == 1 and len(rows) > 1:
                 notes.append(f"{label} {values.pop()}")
@@ -211,11 +218,13 @@ def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None
         if wide(cols) > width:
             cols = [c for c in cols if not c[0].endswith("r10")]
             notes.append("R@10: --json")
+        if wide(cols) > width and _COMMIT_COL in cols:
+            cols.remove(_COMMIT_COL)
+            notes.append("commit: --json")
         heads = [["run"]] + [h.split("\n") for _, h, _ in cols]
         columns = [keys] + [cells[k] for k, _, _ in cols]
-        output_text(
-            table_text("held-out evaluation by run", heads, columns, [False] + [True] * len(cols), width, gap=2)
-        )
+        right = [False] + [c != _COMMIT_COL for c in cols]
+        output_text(table_text("held-out evaluation by run", heads, columns, right, width, gap=2))
         chance = {r["chance_r1"] for r in rows if isinstance(r.get("chance_r1"), (int, float))}
         if len(chance) == 1:
             notes.append(f"chance R@1 {100 * chance.pop():.2g} %")

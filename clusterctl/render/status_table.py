@@ -168,10 +168,31 @@ def print_status(data: dict[str, Any]) -> None:
     for row in data["runs"]:  # why each shown run that ended without completing did, or waits: one line each
         if why := row.get("reason") or pending_text(row, now):
             say(f"{printable(row['state'])} {printable(row['run_id'])}: {printable(why)}")
+    for line in provenance_lines(data["runs"]):
+        say(fold(line))
     for note in data["notes"]:
         say(f"note: {printable(note)}")
     if data["runs"] and data["source"] != "registry":
         say(f"source: {data['source']}", style="dim")
+
+
+def commit_text(commit: Any, dirty: Any) -> str | None:
+    """A commit as people quote it: its first 10 hex digits, '+dirty' when the tree had changes."""
+    if not isinstance(commit, str) or not commit:
+        return None
+    return printable(commit[:10]) + ("+dirty" if dirty is True else "")
+
+
+def provenance_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """Under the table: the nodes each run's retries exclude (runs that have some), and, for one run
+    (`status RUN`), the commit it was submitted from."""
+    lines = []
+    for row in runs:
+        if nodes := row.get("excluded_nodes"):
+            lines.append(f"{printable(row['run_id'])}: retries exclude {printable(', '.join(map(str, nodes)))}")
+    if len(runs) == 1 and (commit := commit_text(runs[0].get("commit"), runs[0].get("dirty"))):
+        lines.append(f"{printable(runs[0]['run_id'])}: submitted from commit {commit}")
+    return lines
 
 
 def _fmt(v: float | None, spec: str) -> str:

@@ -25,6 +25,7 @@ class Current:
     notes: list[str] = field(default_factory=list)
     computed: int = 0  # summaries computed in this call (the rest were stored and settled)
     waiting: dict[str, dict] = field(default_factory=dict)  # why a run's job waits to start (status.Refresh)
+    excluded: dict[str, list[str]] = field(default_factory=dict)  # nodes a run's retries exclude (status.Refresh)
 
 
 def current(reg: Registry, index: list[tuple[RunRecord, Summary | None]], timeout: float | None = None) -> Current:
@@ -47,7 +48,8 @@ def current(reg: Registry, index: list[tuple[RunRecord, Summary | None]], timeou
         jobs = fresh.jobs[run_id]
         s = new[run_id] = compute(run, jobs, now, old.get(run_id))
         if s.settled:  # its status row no longer changes: kept as text, written as it is by status --all --json
-            s.status_format, s.status_json = STATUS_FORMAT, dumps_strict(from_summary(run, s), default=str)
+            row = from_summary(run, s, excluded=fresh.excluded.get(run_id))
+            s.status_format, s.status_json = STATUS_FORMAT, dumps_strict(row, default=str)
         signatures[run_id] = (run.state, [tuple(getattr(j, c) for c in _JOB_FIELDS) for j in jobs])
     # Stored: settled summaries, and the others whose files changed (for the next call, a stored
     # unsettled summary only serves its file figures; the rest is made again anyway): no write at all
@@ -56,7 +58,7 @@ def current(reg: Registry, index: list[tuple[RunRecord, Summary | None]], timeou
     if keep and not reg.readonly and reg.has_summaries:
         reg.put_summaries([(new[r], signatures[r]) for r in keep])
     rows = [(full.get(run.run_id, run), cur) for run, s0 in index if (cur := new.get(run.run_id) or s0) is not None]
-    return Current(rows, fresh.source, fresh.notes, len(new), fresh.waiting)
+    return Current(rows, fresh.source, fresh.notes, len(new), fresh.waiting, fresh.excluded)
 
 
 _JOB_FIELDS = tuple(JobRecord.__dataclass_fields__)
@@ -101,7 +103,7 @@ def collect_all(reg: Registry, timeout: float | None = None) -> AllRuns:
         stale = reg.index(stale_only=True, status_rows=True)
         settled, retry_ids = reg.settled_status()
     cur = current(reg, stale, timeout)
-    fresh = [from_summary(run, s, cur.waiting.get(run.run_id)) for run, s in cur.rows]
+    fresh = [from_summary(run, s, cur.waiting.get(run.run_id), cur.excluded.get(run.run_id)) for run, s in cur.rows]
     retry = [run for run, s in cur.rows if run.state in FAILURE_STATES and s.max_retries > 0]
     retry += reg.runs_by_ids(retry_ids).values()
     notes = list(cur.notes)

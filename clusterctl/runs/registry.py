@@ -509,6 +509,16 @@ class Registry(SummaryTables):
         ).fetchall()
         return [{"ts": ts, "kind": kind, "data": json.loads(data)} for ts, kind, data in rows]
 
+    @guarded
+    def latest_events(self, run_ids: Iterable[str], kind: str) -> dict[str, dict[str, Any]]:
+        """The data of each run's newest event of `kind`, for the runs that have one (one query; status
+        shows the newest retry's excluded nodes)."""
+        rows = self._conn.execute(
+            "SELECT run_id, data FROM events WHERE kind = ? AND run_id IN (SELECT value FROM json_each(?)) ORDER BY id",
+            (kind, json.dumps(list(run_ids))),
+        ).fetchall()
+        return {run_id: json.loads(data) for run_id, data in rows}  # the newest last: it wins
+
     # --- notifications (runs.notify) ----------------------------------------------------------
 
     @guarded

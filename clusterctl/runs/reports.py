@@ -237,11 +237,14 @@ def step_record(row: dict[str, Any], keys: list[str], stages: list[Stage]) -> di
 EVAL_KS = ("R@1", "R@5", "R@10")
 
 
-def eval_row(run: RunRecord, ev: dict[str, Any]) -> dict[str, Any]:
+def eval_row(
+    run: RunRecord, ev: dict[str, Any], commit: tuple[str | None, bool | None] = (None, None)
+) -> dict[str, Any]:
     """One run's row of `report eval` from its eval.json (vltrain.evaluate.eval_scores, plus the step
     evaluated): recall at 1, 5, 10 both ways, CIDEr-D, the pairs held out and chance R@1 (1/n), and
     zero-shot top-1/top-5 over the labelled held-out images with its classes, prompt templates and
-    chance top-1 (1/classes); None where the run's eval.json has no zero-shot."""
+    chance top-1 (1/classes); None where the run's eval.json has no zero-shot. `commit`: (commit,
+    dirty) the run was submitted from (provenance.commit_of), what tells two runs' code apart."""
 
     def number(v: Any) -> int | float | None:
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
@@ -259,6 +262,7 @@ def eval_row(run: RunRecord, ev: dict[str, Any]) -> dict[str, Any]:
     zs = zs if isinstance(zs, dict) else {}
     row |= {f"zero_shot_{k}": number(zs.get(k)) for k in ("top1", "top5", "classes", "n", "templates")}
     row["chance_top1"] = number(zs.get("chance_top1"))
+    row["commit"], row["dirty"] = commit
     return row
 
 
@@ -268,13 +272,14 @@ def eval_report(
     """`report eval`: a row per run that has an eval.json (edge: reads them), oldest first, and the
     runs matching the filters that have none (named in a note, not silently left out)."""
     from clusterctl.runs.artifacts import read_eval
+    from clusterctl.runs.provenance import commit_of
 
     run_id = reg.get_run(run).run_id if run else None
     rows, missing = [], []
     for r, _ in reversed(reg.index(run_id=run_id, profile=profile, user=user)):
         ev = read_eval(r.run_dir)
         if ev:
-            rows.append(eval_row(r, ev))
+            rows.append(eval_row(r, ev, commit_of(r.run_dir)))
         else:
             missing.append(r.run_id)
     return rows, missing

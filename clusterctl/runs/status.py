@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 from clusterctl.backends import get_backend
-from clusterctl.runs import artifacts
+from clusterctl.runs import artifacts, provenance
 from clusterctl.runs.registry import Registry
 from clusterctl.specs import FINAL_STATES, JobRecord, RunRecord, RunState
 from vltrain.rundir import RunDir
@@ -52,6 +52,9 @@ class RunStatus(TypedDict):
     pending_detail: str | None  # that code in words, where the backend knows it
     expected_start: float | None  # when the scheduler expects the waiting job to start (epoch), if it says
     eval: dict[str, Any] | None  # the latest held-out evaluation's headline (artifacts.eval_headline), else None
+    commit: str | None  # the git commit it was submitted from (provenance.json), None when not known
+    dirty: bool | None  # that work tree had uncommitted changes (source.diff holds them); None when not known
+    excluded_nodes: list[str]  # the nodes its retries keep it off (the newest retry event's), [] when none
 
 
 # --- pure ---------------------------------------------------------------------------------------
@@ -77,10 +80,13 @@ def summarize(
     reason: str | None = None,
     waiting: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
+    commit: tuple[str | None, bool | None] = (None, None),
+    excluded: list[str] | None = None,
 ) -> RunStatus:
     """One status row from refreshed registry records and the last metrics line; `waiting`: why its
     latest job waits to start (Refresh.waiting), as the scheduler said in this refresh; `evaluation`:
-    its eval.json's headline (artifacts.eval_headline)."""
+    its eval.json's headline (artifacts.eval_headline); `commit`: (commit, dirty) it was submitted
+    from (provenance.commit_of); `excluded`: the nodes its retries exclude (Refresh.excluded)."""
     from clusterctl.runs.summaries import last_metrics
     from clusterctl.runs.usage import job_time
 
@@ -120,6 +126,9 @@ def summarize(
         pending_detail=(waiting or {}).get("detail"),
         expected_start=(waiting or {}).get("expected_start"),
         eval=evaluation,
+        commit=commit[0],
+        dirty=commit[1],
+        excluded_nodes=list(excluded or []),
     )
 
 
@@ -153,6 +162,7 @@ class Refresh:
     now: float = 0.0  # when the backends were asked
     retried: list[tuple[str, str]] = field(default_factory=list)  # (run id, new job id): lifecycle.refresh_and_retry
     waiting: dict[str, dict[str, Any]] = field(default_factory=dict)  # run id -> why its latest job waits (api.Poll)
+    excluded: dict[str, list[str]] = field(default_factory=dict)  # run id -> nodes its retries exclude (excluded_nodes)
 
 
 def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, now: float | None = None) -> Refresh:
@@ -186,7 +196,16 @@ def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, 
     else:
         reg.update_jobs(updates)
         reg.set_run_states(changed, if_states={r.run_id: r.state for r in runs if r.run_id in changed})
-    return Refresh(states, jobs, "+".join(sources) or "registry", notes, now, waiting=waiting)
+    fresh = Refresh(states, jobs, "+".join(sources) or "registry", notes, now, waiting=waiting)
+    fresh.excluded = excluded_nodes(reg, runs)
+    return fresh
+
+
+def excluded_nodes(reg: Registry, runs: list[RunRecord]) -> dict[str, list[str]]:
+    """The nodes each run's retries keep it off: the "excluded" of its newest registry event of kind
+    "retry" (runs.retry writes it: the whole set after that retry), for the runs that have one."""
+    latest = reg.latest_events((r.run_id for r in runs), "retry")
+    return {k: [str(n) for n in v] for k, d in latest.items() if isinstance(v := d.get("excluded"), list)}
 
 
 def readonly_note(reg: Registry) -> str:
@@ -211,9 +230,9 @@ def collect(runs: list[RunRecord], fresh: Refresh) -> dict[str, Any]:
         resumes = artifacts.count_events(rd.events, "resume")
         jobs = fresh.jobs[r.run_id]
         headline = artifacts.eval_headline(artifacts.read_eval(r.run_dir))
-        rows.append(
-            summarize(r, jobs, metrics, resumes, fresh.now, why_ended(r, jobs), fresh.waiting.get(r.run_id), headline)
-        )
+        why, waiting = why_ended(r, jobs), fresh.waiting.get(r.run_id)
+        commit, excluded = provenance.commit_of(r.run_dir), fresh.excluded.get(r.run_id)
+        rows.append(summarize(r, jobs, metrics, resumes, fresh.now, why, waiting, headline, commit, excluded))
     return {"source": fresh.source, "notes": with_skipped(fresh.notes), "runs": rows}
 
 
@@ -231,10 +250,14 @@ def why_ended(run: RunRecord, jobs: list[JobRecord]) -> str | None:
     return artifacts.failure_reason(run.run_dir, jobs[-1].job_id)
 
 
-def from_summary(run: RunRecord, s: Any, waiting: dict[str, Any] | None = None) -> RunStatus:
+def from_summary(
+    run: RunRecord, s: Any, waiting: dict[str, Any] | None = None, excluded: list[str] | None = None
+) -> RunStatus:
     """The status row of a run from its summary (runs.summaries): the same figures as `summarize`
-    (usage.job_time, the last metrics record, why_ended), read from the registry; `waiting` as there.
-    Reads the run's eval.json (edge): made for a run not yet settled, and once when it settles (kept)."""
+    (usage.job_time, the last metrics record, why_ended), read from the registry; `waiting` and
+    `excluded` as there. Reads the run's eval.json and provenance.json (edge): made for a run not yet
+    settled, and once when it settles (kept)."""
+    commit, dirty = provenance.commit_of(run.run_dir)
     return RunStatus(
         run_id=run.run_id,
         name=run.name,
@@ -262,6 +285,9 @@ def from_summary(run: RunRecord, s: Any, waiting: dict[str, Any] | None = None) 
         pending_detail=(waiting or {}).get("detail"),
         expected_start=(waiting or {}).get("expected_start"),
         eval=artifacts.eval_headline(artifacts.read_eval(run.run_dir)),
+        commit=commit,
+        dirty=dirty,
+        excluded_nodes=list(excluded or []),
     )
 
 
