@@ -116,6 +116,11 @@ class LocalBackend(Backend):
             raise UserError(
                 f"--hold: the {profile.name!r} profile runs a local process; allowed: --hold with a Slurm profile"
             )
+        if profile.container is not None:
+            raise UserError(
+                f"container: the {profile.name!r} profile runs its ranks as processes of this machine, with no "
+                "srun for pyxis or apptainer to wrap; allowed: [container] with a Slurm profile"
+            )
         env = common.trainer_env(profile, run_dir)
         n = profile.nodes
         params: dict[str, Any] = {

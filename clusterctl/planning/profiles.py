@@ -288,8 +288,7 @@ class Container:
         allowed="an absolute path of letters, digits and _ . / + @ -",
     )
     python: str = field(
-        "the interpreter inside the image that runs each rank (a name on the image's PATH, or a path); "
-        "the image holds clusterctl, vltrain and submitit",
+        "the interpreter in the image (on its PATH, or a path); the image holds clusterctl, vltrain, submitit",
         default="python",
         pattern=r"[A-Za-z0-9_./+\-]{1,256}",
         allowed="a command name or path of letters, digits and _ . / + -",
@@ -342,7 +341,7 @@ class ClusterProfile:
     )
     container: Container | None = field("the container every rank runs in (optional)", default=None)
     setup: tuple[str, ...] = field(
-        "shell lines the job script runs before the trainer, e.g. 'module load cuda/12.4' (Slurm profiles)",
+        "shell lines the job runs on the host before the trainer and clusterctl's exports, e.g. 'module load cuda/12.4'",
         default=(),
         pattern=SETUP_LINE,
         allowed="lines of 1-1000 characters without control characters",
@@ -408,11 +407,6 @@ def parse_profile(data: dict[str, Any], where: str) -> ClusterProfile:
         problem := signal_delay_problem(profile.slurm.time_limit, profile.slurm.signal_delay_s)
     ):
         raise UserError(f"{where}: slurm.signal_delay_s: {problem}")
-    if profile.executor == "local" and profile.container is not None:
-        raise UserError(
-            f"{where}: container: the local executor starts the ranks as processes of this machine, through "
-            "no srun for pyxis or apptainer to wrap; allowed: [container] with executor = 'slurm'"
-        )
     if profile.executor == "local" and profile.nodes.count != 1:
         raise UserError(
             f"{where}: nodes.count: {profile.nodes.count} is out of range; allowed: 1 with executor = 'local'"
