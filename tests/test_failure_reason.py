@@ -145,7 +145,7 @@ def test_a_user_failure_is_not_retried_whatever_slurm_reports(tmp_path):
     import clusterctl.runs.lifecycle as lifecycle_mod
     import clusterctl.runs.submit as submit_mod
 
-    def fake_submit_attempt(reg, run, profile, kind, hold=False):
+    def fake_submit_attempt(reg, run, profile, kind, hold=False, **placement):
         submitted.append(run.run_id)
         return "999"
 

@@ -180,7 +180,7 @@ def test_the_automatic_retry_refuses_a_forged_run_directory(tmp_path, data, monk
     reg.set_run_state(run_id, RunState.FAILED)
     submitted: list[str] = []
     monkeypatch.setattr(
-        submit_mod, "submit_attempt", lambda reg, run, prof, kind, hold=False: submitted.append(kind) or "5"
+        submit_mod, "submit_attempt", lambda reg, run, prof, kind, hold=False, **kw: submitted.append(kind) or "5"
     )
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     forge(run_dir)
@@ -443,7 +443,7 @@ def test_resume_names_the_checkpoint_it_resumes_from_not_the_damaged_one(tmp_pat
     env, run_id, run_dir = make_run(tmp_path, data)
     checkpoint(run_dir, 10)
     checkpoint(run_dir, 20, damage)
-    monkeypatch.setattr(submit_mod, "submit_attempt", lambda reg, run, prof, kind, hold=False: "77")
+    monkeypatch.setattr(submit_mod, "submit_attempt", lambda reg, run, prof, kind, hold=False, **kw: "77")
     monkeypatch.setattr(lifecycle, "current_state", lambda reg, run: "COMPLETED")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     reg = Registry(Path(env["CLUSTERCTL_REGISTRY"]))

@@ -54,6 +54,7 @@ class Backend:
     initial_state: ClassVar[RunState]  # a run's state right after the backend accepted its job
     has_accounting: ClassVar[bool]  # elapsed times come from the scheduler (else from the clock)
     renders_script: ClassVar[bool] = False  # dryrun() is the job script the scheduler gets (sbatch)
+    has_scheduler: ClassVar[bool] = False  # jobs can wait for others (side_spec): a follow-up retries
 
     def launch_spec(
         self,
@@ -110,6 +111,16 @@ class Backend:
         """Ask the scheduler, when one answers, whether it would take the profile's request (edge);
         the default: nothing to ask (a local process needs no scheduler)."""
         return ProfileCheck()
+
+    def failed_nodes(self, run_dir: Path, job: JobRecord) -> tuple[list[str], str]:
+        """The node(s) a failed job's failure came from, and how that is known (edge: its logs, the
+        scheduler); ([], why none) when nothing tells. The default: a local process has no nodes to avoid."""
+        return [], "no scheduler's nodes to tell apart"
+
+    def exclusion_room(self, profile: ClusterProfile) -> int | None:
+        """How many nodes an attempt of `profile` may exclude and still fit where it runs (edge); None
+        when the scheduler does not say. The default: none (a local process runs here)."""
+        return 0
 
     def cancel(self, job_id: str) -> None:
         """Stop a job; the trainer checkpoints on the way out where the scheduler lets it."""

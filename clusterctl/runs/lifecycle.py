@@ -8,17 +8,18 @@ processes that noticed (the registry's claim).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clusterctl.backends import get_backend
 from clusterctl.runs.dependencies import settle
 from clusterctl.runs.registry import Registry
-from clusterctl.runs.retry import should_retry
+from clusterctl.runs.retry import exclusion, failure_words, should_retry
 from clusterctl.runs.status import Refresh, refresh
 from clusterctl.specs import ACTIVE_STATES, FAILURE_STATES, JobRecord, RunRecord, RunState
 from vltrain.common.errors import UserError
@@ -83,13 +84,52 @@ def reconcile(reg: Registry, runs: list[RunRecord], notes: list[str] | None = No
                 )
                 notes.append(f"{run.run_id}: not retried after a cluster failure: {e}{how}")
             continue
+        # where the failure came from and what to exclude: read before the claim, which is then
+        # followed at once by its event (another observer that got past a stale refresh sees it)
+        event = retry_event(reg, run, profile, last)
         if not reg.claim_run(run.run_id, run.state, RunState.SUBMITTING):
-            continue  # another clusterctl process is retrying it
-        reg.add_event(
-            run.run_id, "retry", {"failed_job": last.job_id, "state": last.state, "exit_code": last.exit_code}
-        )
-        out.append((run.run_id, submit_attempt(reg, run, profile, "retry")))
+            continue  # another clusterctl process (or the follow-up job) is retrying it
+        claims = [e["data"] for e in reg.events(run.run_id) if e["kind"] == "claim"]
+        if any(c.get("failed_job") == last.job_id for c in claims[-1:]) and not claims[-1].get("released"):
+            continue  # claimed already: this claim came from a refresh that read the run mid-retry
+        reg.add_event(run.run_id, "claim", {"failed_job": last.job_id})
+        try:
+            job_id = submit_attempt(reg, run, profile, "retry", exclude=tuple(event["excluded"]), event=event)
+        except UserError as e:  # sbatch refused: the run is FAILED again, for the next observer to retry
+            reg.add_event(run.run_id, "claim", {"failed_job": last.job_id, "released": str(e)})
+            reg.claim_run(run.run_id, RunState.SUBMITTING, run.state)
+            if notes is not None:
+                notes.append(f"{run.run_id}: retry after a cluster failure not submitted: {e}")
+            continue
+        out.append((run.run_id, job_id))
+        from clusterctl.runs.notify import notify
+
+        said = {k: event[k] for k in ("reason", "failed_job", "excluded")} | {"job_id": job_id}
+        notify(reg, run, "retried", said, key=f"retried:{job_id}")
     return out
+
+
+def retry_event(reg: Registry, run: RunRecord, profile: ClusterProfile, last: JobRecord) -> dict[str, Any]:
+    """The registry's "retry" event of a retry after `last` failed (edge: its logs, the scheduler):
+    why, the node(s) that failed, and the nodes the retry excludes: those the run's earlier retries
+    excluded plus the failed ones, under the profile's cap and the partition's room (retry.exclusion)."""
+    backend = get_backend(run.executor)
+    failed, how = backend.failed_nodes(Path(run.run_dir), last)
+    retries = [e["data"] for e in reg.events(run.run_id) if e["kind"] == "retry" and "excluded" in e["data"]]
+    previous: list[str] = list(retries[-1]["excluded"]) if retries else []
+    slurm = getattr(profile, "slurm", None)
+    cap = slurm.max_excluded_nodes if slurm else 0
+    room = backend.exclusion_room(profile) if failed or previous else 0
+    excluded, left_out = exclusion(previous, failed, cap, room)
+    return {
+        "failed_job": last.job_id,
+        "state": last.state,
+        "exit_code": last.exit_code,
+        "reason": failure_words(last),
+        "failed_nodes": failed,
+        "excluded": excluded,
+        "nodes_how": "; ".join(w for w in (how, left_out) if w),
+    }
 
 
 def read_back(run: RunRecord, allow_env: bool) -> ClusterProfile:
@@ -163,7 +203,14 @@ def _stdout(chunk: bytes) -> None:
 def cancel(reg: Registry, run: RunRecord) -> JobRecord:
     """Cancel a run's latest job through its backend; the registry says CANCELLED at once."""
     job = latest_job(reg, run)
-    get_backend(run.executor).cancel(job.job_id)
+    backend = get_backend(run.executor)
+    # its pending follow-up first: a cancelled attempt is "not ok", and would start it (runs.followup)
+    from clusterctl.runs.followup import pending_followups
+
+    for fid in pending_followups(reg.events(run.run_id))[:1]:
+        with contextlib.suppress(UserError):  # ended already (Slurm cancelled it, or it ran)
+            backend.cancel(fid)
+    backend.cancel(job.job_id)
     reg.update_job(job.job_id, state=RunState.CANCELLED, ended_at=time.time())
     reg.set_run_state(run.run_id, RunState.CANCELLED)
     reg.add_event(run.run_id, "cancel", {"job_id": job.job_id})

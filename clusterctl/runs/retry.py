@@ -50,3 +50,41 @@ def should_retry(run: RunRecord, jobs: list[JobRecord]) -> bool:
         return False
     max_retries = int((run.plan or {}).get("max_retries", 0))
     return cluster_failure(jobs[-1]) and retries_used(jobs) < max_retries
+
+
+def failure_words(job: JobRecord) -> str:
+    """Why the job failed, in words for the retry event and the notification (one line)."""
+    if job.state == RunState.NODE_FAIL:
+        return "NODE_FAIL: a node of the job failed"
+    code, _, sig = (job.exit_code or "").partition(":")
+    names = {6: "SIGABRT (NCCL's watchdog?)", 9: "SIGKILL", 15: "SIGTERM"}
+    if code == str(EXIT_COMM_ERROR):
+        return f"exit {code}: the trainer lost a peer or stalled"
+    for n in (code, sig):
+        if n.isdigit() and int(n) in names:
+            return f"killed by signal {n} ({names[int(n)]})"
+        if n.isdigit() and int(n) - 128 in names:
+            return f"exit {n}: killed by signal {int(n) - 128} ({names[int(n) - 128]})"
+    return f"{job.state} {job.exit_code or ''}".strip()
+
+
+def exclusion(previous: list[str], failed: list[str], cap: int, room: int | None) -> tuple[list[str], str]:
+    """The nodes the next attempt excludes: those excluded before plus the newly failed ones, oldest
+    first (a node that fails again moves to the end), at most `cap` (profile slurm.max_excluded_nodes)
+    and at most `room` (the partition's nodes less the nodes the job needs: more and it could never
+    start; None: not known, so nothing is excluded). The oldest are dropped first. Returns the list
+    and a note saying what was left out and why ("" when nothing was)."""
+    want = [n for n in previous if n not in failed] + list(dict.fromkeys(failed))
+    limit = min(cap, room if room is not None else 0)
+    kept = want[len(want) - limit :] if limit > 0 else []
+    if len(kept) == len(want):
+        return kept, ""
+    dropped = ",".join(n for n in want if n not in kept)
+    why = (
+        "the partition's size is not known (scontrol did not answer)"
+        if room is None
+        else f"the profile's slurm.max_excluded_nodes is {cap}"
+        if cap <= (room or 0)
+        else f"the partition has room for {max(room, 0)} excluded node(s) beside the job's"
+    )
+    return kept, f"not excluded: {dropped} ({why})"

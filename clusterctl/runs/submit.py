@@ -256,10 +256,13 @@ def submit_attempt(
     hold: bool = False,
     exclude: tuple[str, ...] = (),
     dependency: str | None = None,
+    event: dict[str, Any] | None = None,
 ) -> str:
     """Submit one attempt of `run` (first submission, resume or retry); returns the job id. `exclude`:
-    nodes it must not run on; `dependency`: the scheduler's condition on other jobs (Backend.launch_spec)."""
+    nodes it must not run on; `dependency`: the scheduler's condition on other jobs (Backend.launch_spec);
+    `event`: more of the attempt's registry event (a retry's why and excluded nodes: lifecycle.retry_event)."""
     from clusterctl.backends import get_backend
+    from clusterctl.runs import followup
     from clusterctl.runs.attempt import Attempt
     from vltrain.common.atomic import write_json
     from vltrain.rundir import RunDir
@@ -270,6 +273,7 @@ def submit_attempt(
     job_id = backend.submit(spec, Attempt(run.run_dir, run.run_id, str(Path(reg.path).absolute())))
     reg.add_job(run.run_id, job_id, kind)
     reg.set_run_state(run.run_id, backend.initial_state)
-    reg.add_event(run.run_id, kind, {"job_id": job_id})
+    reg.add_event(run.run_id, kind, (event or {}) | {"job_id": job_id})
+    followup.arm(reg, run, profile, job_id)  # retries it if it fails, with no clusterctl process running
     dependencies.on_new_attempt(reg, run, profile, job_id)  # its evaluation job, the runs waiting for it
     return job_id

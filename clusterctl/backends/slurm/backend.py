@@ -213,6 +213,7 @@ class SlurmBackend(Backend):
     initial_state = RunState.PENDING
     has_accounting = True
     renders_script = True
+    has_scheduler = True
 
     def launch_spec(
         self,
@@ -370,6 +371,36 @@ class SlurmBackend(Backend):
 
     def cancel(self, job_id: str) -> None:
         slurm.scancel(job_id)
+
+    def failed_nodes(self, run_dir: Path, job: JobRecord) -> tuple[list[str], str]:
+        """srun's first culprit in the job's log (failed_nodes.culprit), else for NODE_FAIL its nodes
+        that sinfo says are sick."""
+        from clusterctl.backends.slurm import failed_nodes
+        from vltrain.rundir import RunDir
+
+        node, words = failed_nodes.culprit(failed_nodes.read_tail(RunDir(run_dir).task_log(job.job_id, 0, True)))
+        if node:
+            return [node], f"srun: {node}: {words}"
+        if job.state == RunState.NODE_FAIL and job.node_list:
+            try:
+                sick = failed_nodes.sick_nodes(slurm.node_states(job.node_list, slurm.configured_timeout()))
+            except (ServiceUnavailable, OSError) as e:
+                return [], f"srun named no node and sinfo did not answer ({e})"
+            if sick:
+                return sick, f"NODE_FAIL; sinfo: {','.join(sick)} down, drained or failing"
+        return [], "srun's log names no failed node"
+
+    def exclusion_room(self, profile: ClusterProfile) -> int | None:
+        """The partition's nodes less the nodes the job needs (scontrol show partition); None when unknown."""
+        try:
+            parts = slurm.partitions(slurm.configured_timeout())
+        except (ServiceUnavailable, OSError):
+            return None
+        name = profile.slurm.partition if profile.slurm else None
+        part = parts.get(name) if name else next((p for p in parts.values() if p.default), None)
+        if part is None or part.total_nodes is None:
+            return None
+        return part.total_nodes - profile.nodes.count
 
     def set_dependency(self, job_id: str, dependency: str) -> None:
         slurm.set_dependency(job_id, dependency)

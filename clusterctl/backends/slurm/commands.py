@@ -230,6 +230,20 @@ def partitions(timeout: float) -> dict[str, Partition]:
     return parse_partitions(r.stdout)
 
 
+def node_states(nodes: str, timeout: float) -> str:
+    """`sinfo -h -N -n NODES -o '%N|%T'`: one 'node|state' line per node of a hostlist ('a[1-2]'),
+    parsed by failed_nodes.sick_nodes. SlurmUnavailable when sinfo is missing or does not answer."""
+    try:
+        r = run(["sinfo", "-h", "-N", "-n", nodes, "-o", "%N|%T"], timeout)
+    except FileNotFoundError:
+        raise SlurmUnavailable("sinfo: not found on PATH", hint=CLIENT_TOOLS) from None
+    except TimeoutError:
+        raise SlurmUnavailable(f"sinfo: slurmctld did not answer within {timeout:g} s") from None
+    if r.returncode != 0:
+        raise SlurmUnavailable(f"sinfo: {error_line(r.stderr, 'sinfo', last=True)}")
+    return r.stdout
+
+
 def scancel(job_id: str, signal: str | None = None, timeout: float = 30) -> None:
     """Cancel a job, or only send it `signal` (e.g. USR2 to make submitit checkpoint and requeue)."""
     (jid,) = _check_ids([job_id])
