@@ -179,7 +179,7 @@ _EVAL_COLS = (  # (row key, header, format): recall in percent of the held-out p
     ("t2i_r10", "t2i\nR@10", "{:.1f}"),
     ("cider", "CIDEr-D", "{:.3f}"),
 )
-_COMMIT_COL = ("commit", "commit", "")  # render.status_table.commit_text; under the table when all share one
+_COMMIT_COL = ("commit", "commit", "")  # never dropped for width (table_text puts long run ids on a line of their own)
 _ZERO_SHOT_COLS = (  # shown when a run's eval.json has zero-shot figures: in % of its labelled held-out images
     ("zero_shot_top1", "0-shot\ntop-1", "{:.1f}"),
     ("zero_shot_top5", "0-shot\ntop-5", "{:.1f}"),
@@ -198,7 +198,7 @@ def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None
         zero_shot = any(isinstance(r.get("zero_shot_top1"), (int, float)) for r in rows)
         cols = list(_EVAL_COLS[:2]) + (list(_ZERO_SHOT_COLS) if zero_shot else []) + list(_EVAL_COLS[2:])
         cells = {k: [_eval_cell(r.get(k), f, k) for r in rows] for k, _, f in cols}
-        cells["commit"] = [commit_text(r.get("commit"), r.get("dirty")) or "-" for r in rows]
+        cells["commit"] = [(commit_text(r.get("commit"), r.get("dirty")) or "-").replace("+dirty", "+") for r in rows]
         if any(c != "-" for c in cells["commit"]):
             cols.append(_COMMIT_COL)  # the code each run was submitted from (provenance.json)
         notes = []
@@ -206,7 +206,7 @@ def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None
             if all(c[0] != key for c in cols):  # commit: no run has one (submitted before provenance)
                 continue
             values = set(cells[key])
-            if len(values) == 1 and len(rows) > 1:
+            if len(values) == 1 and (len(rows) > 1 or key == "commit"):
                 notes.append(f"{label} {values.pop()}")
                 cols = [c for c in cols if c[0] != key]
         keys = [printable(str(r["run_id"])) for r in rows]
@@ -218,9 +218,6 @@ def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None
         if wide(cols) > width:
             cols = [c for c in cols if not c[0].endswith("r10")]
             notes.append("R@10: --json")
-        if wide(cols) > width and _COMMIT_COL in cols:
-            cols.remove(_COMMIT_COL)
-            notes.append("commit: --json")
         heads = [["run"]] + [h.split("\n") for _, h, _ in cols]
         columns = [keys] + [cells[k] for k, _, _ in cols]
         right = [False] + [c != _COMMIT_COL for c in cols]
@@ -231,6 +228,8 @@ def print_eval(rows: list[dict[str, Any]], missing: list[str], width: int | None
         if zero_shot:
             notes.append(_zero_shot_note(rows))
         notes.append("recall in % of every held-out pair, both ways; CIDEr-D of the generated captions")
+        if any(r.get("dirty") is True for r in rows):
+            notes.append("commit+: with uncommitted changes (source.diff)")
         output_text(" | ".join(notes), wrap=width)
     if missing:
         more = f" and {len(missing) - 5:,} more" if len(missing) > 5 else ""

@@ -163,7 +163,7 @@ def print_status(data: dict[str, Any]) -> None:
                 if row.get("eval"):
                     say(fold(f"{printable(row['run_id'])} {eval_words(row['eval'])}"))
         if hidden:
-            say(f"({', '.join(hidden)} hidden to fit the terminal; --json shows everything)", style="dim")
+            say(fold(f"({', '.join(hidden)} hidden to fit the terminal; --json shows everything)"), style="dim")
     now = time.time()
     for row in data["runs"]:  # why each shown run that ended without completing did, or waits: one line each
         if why := row.get("reason") or pending_text(row, now):
@@ -177,10 +177,10 @@ def print_status(data: dict[str, Any]) -> None:
 
 
 def commit_text(commit: Any, dirty: Any) -> str | None:
-    """A commit as people quote it: its first 10 hex digits, '+dirty' when the tree had changes."""
+    """A commit as people quote it: its first 8 hex digits, "+dirty" when the tree had changes."""
     if not isinstance(commit, str) or not commit:
         return None
-    return printable(commit[:10]) + ("+dirty" if dirty is True else "")
+    return printable(commit[:8]) + ("+dirty" if dirty is True else "")
 
 
 def provenance_lines(runs: list[dict[str, Any]]) -> list[str]:

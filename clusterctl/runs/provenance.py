@@ -17,8 +17,6 @@ a missing or failing git is a note, never an error: provenance must not stop a s
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -103,6 +101,8 @@ def source_root() -> Path:
 def run_git(root: Path, *args: str, notes: list[str]) -> str | None:
     """One git command in `root`: its stdout, or None (and a note) when git is missing, fails or times out.
     GIT_* variables of the submitting shell (a hook's GIT_DIR) would point git at another repository."""
+    import subprocess  # here, not at the top: `status` reads provenance and runs no git
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | {"LC_ALL": "C"}
     try:
         r = subprocess.run(
@@ -196,6 +196,7 @@ def _version(dist: str) -> str | None:
 def collect(root: Path | None = None) -> tuple[dict[str, Any], str, str]:
     """(provenance.json's record, source.diff's text, pip-freeze.txt's text) of this process."""
     import getpass
+    import socket
 
     root = source_root() if root is None else root
     state, diff = git_state(root)
@@ -246,6 +247,8 @@ def _driver() -> str | None:
 def attempt_record(env: Mapping[str, str]) -> dict[str, Any]:
     """Where this process of the job runs: the node (Slurm's name and the kernel's), the attempt, the
     code it imported, and the CUDA / NCCL / driver versions it sees (None on CPU)."""
+    import socket
+
     import torch
 
     from vltrain.distenv import detect

@@ -82,11 +82,17 @@ def _entry(parent: Path, rel: str) -> tuple[str, int, bool] | None:
         return None
 
 
-def take(run_dir: Path) -> dict[str, Any]:
-    """Copy the imported packages' source into <run_dir>/code/ (a temporary name, renamed when whole);
-    returns what was copied: files, bytes, where from, what was left out."""
+def package_parents() -> dict[str, Path]:
+    """Each package a job imports -> the directory it was imported from is in (this process's)."""
     from importlib import import_module
 
+    return {name: Path(import_module(name).__file__ or "").resolve().parent.parent for name in PACKAGES}
+
+
+def take(run_dir: Path, parents: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Copy the packages' source (`parents`: package -> the directory holding it; default: where this
+    process imported them from) into <run_dir>/code/ (a temporary name, renamed when whole); returns
+    what was copied: files, bytes, where from, what was left out."""
     code = RunDir(run_dir).code
     tmp = code.with_name(f".{code.name}.tmp")
     notes: list[str] = []
@@ -94,8 +100,7 @@ def take(run_dir: Path) -> dict[str, Any]:
     skipped: list[str] = []
     sources = {}
     try:
-        for package in PACKAGES:
-            parent = Path(import_module(package).__file__ or "").resolve().parent.parent
+        for package, parent in (parents or package_parents()).items():
             sources[package] = str(parent / package)
             entries = [e for rel in _listed(parent, package, notes) if (e := _entry(parent, rel))]
             keep, skip = choose(entries)
