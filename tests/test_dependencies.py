@@ -323,7 +323,8 @@ def test_eval_after_job_evaluates_in_its_own_job_with_vltrain_evals_figures(data
     ev_path = run_dir / "eval.json"
     wait_until(ev_path.exists, 300, "the evaluation job's eval.json")
     job_eval = json.loads(ev_path.read_text())
-    assert list((run_dir / "side" / "eval").glob(f"{queued['job_id']}_*"))  # its log, beside the attempts
+    (log,) = (run_dir / "side" / "eval" / queued["job_id"]).glob("*_log.out")  # beside the attempts, not in them
+    assert "eval step 6: " in log.read_text()
     assert _status(env, sub["run_id"])["eval"]["step"] == 6  # status shows it
     r = run_cli("eval", "--run-dir", str(run_dir), prog="vltrain", timeout=300)
     assert r.returncode == 0, r.stderr
