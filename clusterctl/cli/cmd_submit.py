@@ -81,6 +81,8 @@ def submit(
             print_dry_run(p.profile.name, p.profile_source, p.plan, d, text)
             for line in d["checks_skipped"]:
                 output.console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
+            if d["notify"]:  # the webhooks submit copies into the run directory, masked
+                output.console.print(f"notify: {d['notify']}", markup=False, highlight=False, soft_wrap=True)
         if p.checks.problems:  # what submit would refuse: the same exit code as submit's refusal
             raise typer.Exit(2)
         return

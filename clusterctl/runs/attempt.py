@@ -10,10 +10,13 @@ machine, where $CLUSTERCTL_REGISTRY and the user's data directory may differ).
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import submitit
 
+from clusterctl.runs import notify
 from clusterctl.runs.provenance import record_attempt
 from vltrain.loop import TrainJob
 
@@ -28,9 +31,32 @@ class Attempt(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         record_attempt(self.run_dir)  # where it runs: hosts/nodeNNN-<attempt>.json, by each node's local rank 0
-        return TrainJob(self.run_dir)()
+        job_id, nodes, rank0 = _job()
+        start = time.time()
+        if rank0:  # "started" once per run: a requeue or a retry is its own event
+            notify.from_job(self.registry, self.run_dir, self.run_id, "started", {"job_id": job_id, "nodes": nodes})
+        result = TrainJob(self.run_dir)()
+        if rank0 and result.get("finished"):  # not a slice of the run (stop_after)
+            notify.from_job(self.registry, self.run_dir, self.run_id, "completed", {"job_id": job_id}, started=start)
+        return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """submitit's requeue (time-out, preemption): the same attempt again; the trainer wrote its
-        checkpoint at the step boundary before submitit's handler ran."""
+        checkpoint at the step boundary before submitit's handler ran. Only rank 0 gets here (submitit
+        requeues from rank 0): the requeue is notified, keyed by the job and its requeue count (the
+        count sacct's RestartCnt will show, so a status refresh that sees it first uses the same key)."""
+        job_id, _, _ = _job()
+        count = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) + 1
+        data = {"job_id": job_id, "count": count, "reason": notify.requeue_reason(self.run_dir)}
+        notify.from_job(self.registry, self.run_dir, self.run_id, "requeued", data, key=f"requeued:{job_id}:{count}")
         return submitit.helpers.DelayedSubmission(Attempt(self.run_dir, self.run_id, self.registry))
+
+
+def _job() -> tuple[str | None, str | None, bool]:
+    """(job id, its nodes, is this global rank 0) from submitit's job environment; outside a submitit
+    job (a test calling the attempt), no id and rank 0 unless $RANK says otherwise."""
+    try:
+        env = submitit.JobEnvironment()
+        return str(env.job_id), ",".join(env.hostnames), env.global_rank == 0
+    except Exception:  # submitit raises when no job environment is set
+        return None, None, os.environ.get("RANK", "0") == "0"

@@ -144,3 +144,152 @@ def notify(reg: Registry, run: RunRecord, event: str, data: Mapping[str, Any], k
             log_miss(run.run_dir, key, event, errors)
     except Exception as e:  # a notification must never change what happens to the run
         log_miss(run.run_dir, key, event, [f"{type(e).__name__}: {e}"])
+
+
+# --- what observers pass ------------------------------------------------------------------------
+
+EVAL_FIGURES = ("zero-shot top-1", "i2t R@1", "t2i R@1")  # of artifacts.eval_summary, when present
+
+
+def completed_data(run: RunRecord, jobs: list[Any], now: float, accounting: bool = False) -> dict[str, Any]:
+    """A completed run's facts (edge: reads its last metrics line and eval.json): the last job, step,
+    final loss, the eval figures and GPU-hours (usage.gpu_hours; `accounting`: the scheduler's times)."""
+    from clusterctl.runs import artifacts
+    from clusterctl.runs.summaries import last_metrics
+    from clusterctl.runs.usage import gpu_hours
+
+    step, loss, _ = last_metrics(artifacts.tail_json(RunDir(run.run_dir).metrics))
+    figures = artifacts.eval_summary(run.run_dir)
+    return {
+        "job_id": jobs[-1].job_id if jobs else None,
+        "step": int(step) if step is not None else None,
+        "loss": loss,
+        "eval": {k: figures[k] for k in EVAL_FIGURES if k in figures},
+        "gpu_hours": gpu_hours(run.gpus, jobs, now, accounting)[0],
+    }
+
+
+def from_job(
+    registry: str,
+    run_dir: str,
+    run_id: str,
+    event: str,
+    data: dict[str, Any],
+    key: str | None = None,
+    started: float | None = None,
+) -> None:
+    """The job's own observation (runs.attempt, rank 0): the registry the run was submitted to (never
+    created here: a path this node cannot see means nothing is sent, and the next observer sends),
+    the run's record, then notify. For "completed", its facts are read here, the job's own time from
+    `started` (the registry knows no start of it until a command asked the scheduler). Never raises."""
+    if not RunDir(run_dir).notify.exists():
+        return  # no [notify] when it was submitted: nothing to open
+    try:
+        from clusterctl.runs.registry import Registry
+
+        if not Path(registry).is_file():
+            raise FileNotFoundError(f"registry {registry} not on this node")
+        reg = Registry(Path(registry))
+        try:
+            run = reg.get_run(run_id)
+            if event == "completed":
+                now = time.time()
+                jobs = reg.jobs(run_id)
+                if jobs and started is not None and jobs[-1].started_at is None:
+                    jobs[-1].started_at = started
+                data = completed_data(run, jobs, now) | {k: v for k, v in data.items() if v is not None}
+            notify(reg, run, event, data, key)
+        finally:
+            reg.close()
+    except Exception as e:  # the registry cannot be opened or read here: logged, the run goes on
+        log_miss(run_dir, key or event, event, [f"{type(e).__name__}: {e}"])
+
+
+def save_settings(run_dir: str | Path) -> NotifySettings | None:
+    """Copy the user's [notify] (planning.user_config) into the run directory, 0600 (the URLs are
+    secrets), so every observer uses what the run was submitted with; submit calls it. A bad config
+    is the caller's one-line error; no config writes nothing."""
+    from clusterctl.planning.user_config import read_notify
+    from vltrain.common.atomic import atomic_write
+
+    conf = read_notify()
+    if conf is not None:
+        atomic_write(RunDir(run_dir).notify, json.dumps(conf.to_json(), indent=1) + "\n", mode=0o600)
+    return conf
+
+
+def observed(
+    reg: Registry,
+    runs: list[RunRecord],
+    jobs: Mapping[str, list[Any]],
+    changed: Mapping[str, str],
+    requeued: list[tuple[str, str, int]],
+    now: float,
+) -> None:
+    """What a status refresh saw change, notified (runs.status.refresh calls it when something did):
+    a run newly RUNNING (started), COMPLETED, FAILED for good (the retry policy will not resubmit it;
+    a retry is lifecycle's to notify), and each new requeue (run id, job id, its requeue count). The
+    keys are those the job and lifecycle use. One query for what was sent already; a run's settings
+    are read only for what is left."""
+    from clusterctl.specs import FAILURE_STATES, RunState
+
+    by_id = {r.run_id: r for r in runs}
+    todo: list[tuple[RunRecord, str, str]] = []  # (run, event, key)
+    for run_id, state in changed.items():
+        run, last = by_id[run_id], (jobs[run_id] or [None])[-1]
+        if state == RunState.RUNNING:
+            todo.append((run, "started", "started"))
+        elif state == RunState.COMPLETED:
+            todo.append((run, "completed", "completed"))
+        elif state in FAILURE_STATES and last is not None and not _will_retry(run, jobs[run_id]):
+            todo.append((run, "failed", f"failed:{last.job_id}"))
+    todo += [(by_id[r], "requeued", f"requeued:{j}:{n}") for r, j, n in requeued]
+    if not todo or reg.readonly:
+        return
+    sent = reg.notified_keys({run.run_id for run, _, _ in todo})
+    for run, event, key in todo:
+        if key in sent[run.run_id] or not RunDir(run.run_dir).notify.exists():
+            continue
+        try:
+            data = _data(run, event, jobs[run.run_id], key, now)
+        except Exception:  # a file that cannot be read: the event is still told, with fewer facts
+            data = {}
+        notify(reg, run, event, data, key)
+
+
+def _will_retry(run: RunRecord, jobs: list[Any]) -> bool:
+    """Will lifecycle.reconcile resubmit this failed run (a cluster failure, retries left, not the user's)?"""
+    from clusterctl.runs.artifacts import user_failure
+    from clusterctl.runs.retry import should_retry
+
+    return should_retry(run, jobs) and not user_failure(run.run_dir, jobs[-1].job_id)
+
+
+def _data(run: RunRecord, event: str, jobs: list[Any], key: str, now: float) -> dict[str, Any]:
+    from clusterctl.backends import get_backend
+
+    last = jobs[-1] if jobs else None
+    job_id = last.job_id if last else None
+    if event == "started":
+        return {"job_id": job_id, "nodes": last.node_list if last else None}
+    if event == "completed":
+        return completed_data(run, jobs, now, get_backend(run.executor).has_accounting)
+    if event == "failed":
+        from clusterctl.runs.artifacts import failure_reason
+
+        why = (
+            failure_reason(run.run_dir, job_id)
+            or f"{last.state if last else 'FAILED'} {last.exit_code if last else ''}"
+        )
+        return {"job_id": job_id, "reason": why}
+    _, job, count = key.split(":")
+    return {"job_id": job, "count": int(count), "reason": requeue_reason(run.run_dir)}
+
+
+def requeue_reason(run_dir: str | Path) -> str:
+    """Why the run was requeued, from the trainer's last event (it writes "timeout" or "preempt" before
+    submitit requeues); "time-out or preemption" when that is not the last one any more."""
+    from clusterctl.runs.artifacts import tail_json
+
+    last = (tail_json(RunDir(run_dir).events) or {}).get("event")
+    return {"timeout": "time-out", "preempt": "preemption"}.get(str(last), "time-out or preemption")

@@ -177,6 +177,7 @@ def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, 
         by_backend.setdefault(r.executor, []).extend((r, j) for j in jobs[r.run_id] if backend.needs_poll(r, j, now))
     updates, sources, notes = [], [], []
     waiting: dict[str, dict[str, Any]] = {}
+    requeued: list[tuple[str, str, int]] = []
     for executor, pairs in by_backend.items():
         poll = get_backend(executor).poll(pairs, now, timeout)
         if poll.source:
@@ -186,6 +187,8 @@ def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, 
             if job.job_id in poll.waiting and job is jobs[run.run_id][-1]:  # the run's latest job only
                 waiting[run.run_id] = poll.waiting[job.job_id]
             if change:
+                if change.get("requeues", 0) > job.requeues:  # a new requeue: notified (runs.notify)
+                    requeued.append((run.run_id, job.job_id, int(change["requeues"])))
                 updates.append((job.job_id, run.run_id, change, job.state))
                 for k, v in change.items():
                     setattr(job, k, v)
@@ -196,6 +199,10 @@ def refresh(reg: Registry, runs: list[RunRecord], timeout: float | None = None, 
     else:
         reg.update_jobs(updates)
         reg.set_run_states(changed, if_states={r.run_id: r.state for r in runs if r.run_id in changed})
+        if changed or requeued:  # the webhooks of what this refresh saw happen, once each (runs.notify)
+            from clusterctl.runs.notify import observed
+
+            observed(reg, runs, jobs, changed, requeued, now)
     fresh = Refresh(states, jobs, "+".join(sources) or "registry", notes, now, waiting=waiting)
     fresh.excluded = excluded_nodes(reg, runs)
     return fresh

@@ -154,8 +154,17 @@ def dry_run(p: Prepared, run_dir: Path, hold: bool = False) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "sbatch": text if backend.renders_script else None,
         "env": spec.env,
+        "notify": notify_line(),  # the user's [notify], webhooks masked (their URLs are secrets); None without
         "text": text,
     }
+
+
+def notify_line() -> str | None:
+    """What submit would copy of the user's [notify] (runs.notify.save_settings), in one masked line."""
+    from clusterctl.planning.user_config import read_notify
+
+    conf = read_notify()
+    return conf.describe() if conf is not None else None
 
 
 def new_run_dir(reg: Registry, name: str) -> tuple[str, Path]:
@@ -205,9 +214,10 @@ def create(
         write_json(rd.plan, run.plan)
         write_json(rd.profile, prof.to_dict())
         write_json(rd.ds_config, ds_config(cfg, prof))
-        from clusterctl.runs import provenance, snapshot  # what is submitted, before the first attempt
+        from clusterctl.runs import notify, provenance, snapshot  # what is submitted, before the first attempt
 
         provenance.write(run_dir, snapshot.take(run_dir) if p.snapshot else None)
+        notify.save_settings(run_dir)  # the user's [notify], what every observer of the run uses (0600)
         reg.add_run(run)
         return submit_attempt(reg, run, prof, "submit", hold=hold, dependency=dependencies.dependency(after or []))
     except BaseException:
