@@ -157,7 +157,12 @@ def test_a_run_that_will_be_retried_keeps_its_dependents(tmp_path, fake_slurm):
     b = _run(reg, tmp_path, "b", RunState.PENDING, RunState.PENDING, "200", after=[_after(a, "ok")])
     a = reg.get_run(a.run_id)
     assert settle(reg, [a, b], Refresh(states={}, jobs={})) == []
+    reg.update_job("100", exit_code="")  # FAILED, and accounting has no exit code yet: wait for it
+    assert settle(reg, [a, b], Refresh(states={}, jobs={})) == []
     assert fake_slurm() == [] and reg.get_run(b.run_id).state == RunState.PENDING
+    reg.update_job("100", exit_code="1:0")  # the code's failure, not the cluster's: no retry comes
+    assert settle(reg, [b], Refresh(states={}, jobs={}))[0].startswith(f"{b.run_id}: cancelled: run {a.run_id}")
+    assert fake_slurm() == ["scancel 200"] and reg.get_run(b.run_id).state == RunState.CANCELLED
 
 
 def _after(run: RunRecord, cond: str) -> dict:

@@ -144,13 +144,16 @@ def current_job(reg: Registry, run_id: str) -> str | None:
 
 
 def failed_for_good(reg: Registry, run: RunRecord) -> bool:
-    """Has `run` ended other than COMPLETED, with no retry to come (retry policy, the user's failure)?"""
+    """Has `run` ended other than COMPLETED, with no retry to come (retry policy, the user's failure)?
+    Not while its last job FAILED with no exit code yet (accounting lags): the code decides the retry."""
     from clusterctl.runs.artifacts import user_failure
     from clusterctl.runs.retry import should_retry
 
     if run.state not in FINAL_STATES or run.state == RunState.COMPLETED:
         return False
     jobs = reg.jobs(run.run_id)
+    if jobs and jobs[-1].state == RunState.FAILED and not jobs[-1].exit_code:
+        return False
     return not should_retry(run, jobs) or user_failure(run.run_dir, jobs[-1].job_id)
 
 
@@ -167,15 +170,18 @@ def settle(reg: Registry, runs: list[RunRecord], fresh: Refresh) -> list[str]:
             w["detail"] = waiting_words(after)
     if reg.readonly:
         return notes
+    seen = {r.run_id: r for r in runs}
     doomed: dict[str, RunRecord] = {}  # dependent run id -> the run it waited for in vain
-    for r in runs:
-        if r.run_id not in retried and failed_for_good(reg, r):
-            doomed |= {d.run_id: r for d in dependents(reg, r.run_id, ("ok",))}
-        for a in r.plan.get("after") or []:  # seen from the dependent's side: what it waits for
-            if r.state not in FINAL_STATES and a.get("condition") == "ok":
-                other = reg.get_run(a["run_id"])
-                if failed_for_good(reg, other):
-                    doomed[r.run_id] = other
+    for d in reg.list_runs(include_finished=False):  # the active runs: few, and most wait for none
+        for a in d.plan.get("after") or []:
+            if a.get("condition") != "ok" or a["run_id"] in retried or not {d.run_id, a["run_id"]} & seen.keys():
+                continue
+            try:
+                other = seen.get(a["run_id"]) or reg.get_run(a["run_id"])
+            except UserError:  # no longer in the registry: nothing says it failed
+                continue
+            if failed_for_good(reg, other):
+                doomed[d.run_id] = other
     for dep_id, other in doomed.items():
         notes.append(cancel_dependent(reg, reg.get_run(dep_id), other))
     return notes
@@ -197,5 +203,9 @@ def cancel_dependent(reg: Registry, dep: RunRecord, other: RunRecord) -> str:
             return f"{dep.run_id}: not cancelled ({e}); {reason}"
         reg.update_job(jobs[-1].job_id, state=RunState.CANCELLED, ended_at=time.time())
     reg.set_run_state(dep.run_id, RunState.CANCELLED)
-    reg.add_event(dep.run_id, "cancel", {"job_id": jobs[-1].job_id if jobs else None, "reason": reason})
+    job_id = jobs[-1].job_id if jobs else None
+    reg.add_event(dep.run_id, "cancel", {"job_id": job_id, "reason": reason})
+    from clusterctl.runs.notify import notify
+
+    notify(reg, dep, "failed", {"reason": reason, "job_id": job_id}, key=f"failed:{job_id}")
     return f"{dep.run_id}: cancelled: {reason}"

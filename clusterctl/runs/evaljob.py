@@ -101,6 +101,9 @@ def arm(reg: Registry, run: RunRecord, profile: ClusterProfile, train_job: str) 
         with contextlib.suppress(UserError):  # it ended already (Slurm cancelled it with its attempt)
             backend.cancel(str(before["job_id"]))
     spec = backend.side_spec(profile, Path(run.run_dir), job_name(run.name), KIND, f"afterok:{train_job}", gpus=1)
-    job_id = backend.submit(spec, EvalJob(run.run_dir))
+    import submitit
+
+    with submitit.helpers.clean_env():  # from inside a job (the follow-up's retry): not its SLURM_*
+        job_id = backend.submit(spec, EvalJob(run.run_dir))
     reg.add_event(run.run_id, EVENT, {"job_id": job_id, "after": train_job})
     return job_id
