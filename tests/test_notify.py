@@ -268,7 +268,7 @@ def test_status_refresh_notifies_what_it_sees_with_the_jobs_keys(tmp_path, monke
     assert len(hooks.texts("/a")) == 2
     j.exit_code = "1:0"  # the user's: not retried, so failed
     notify.observed(reg, [run], {"r1": [j]}, {"r1": RunState.FAILED}, [], time.time())
-    assert "failed: job 77; FAILED 1:0" in hooks.texts("/a")[-1]
+    assert hooks.texts("/a")[-1].startswith("clusterctl: run r1 (tiny, profile local) failed: job 77; FAILED 1:0")
     assert {n["key"] for n in reg.notifications("r1")} == {"requeued:77:1", "started", "failed:77"}
 
 

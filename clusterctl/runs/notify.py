@@ -17,6 +17,7 @@ raises: a notification never changes what happens to the run.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -248,7 +249,7 @@ def observed(
         return
     sent = reg.notified_keys({run.run_id for run, _, _ in todo})
     for run, event, key in todo:
-        if key in sent[run.run_id] or not RunDir(run.run_dir).notify.exists():
+        if key in sent[run.run_id] or not os.path.exists(os.path.join(run.run_dir, RunDir.NOTIFY)):  # no pathlib: cheap
             continue
         try:
             data = _data(run, event, jobs[run.run_id], key, now)
@@ -274,14 +275,11 @@ def _data(run: RunRecord, event: str, jobs: list[Any], key: str, now: float) -> 
         return {"job_id": job_id, "nodes": last.node_list if last else None}
     if event == "completed":
         return completed_data(run, jobs, now, get_backend(run.executor).has_accounting)
-    if event == "failed":
+    if event == "failed" and last is not None:  # the words lifecycle and the follow-up job use
         from clusterctl.runs.artifacts import failure_reason
+        from clusterctl.runs.retry import failure_words
 
-        why = (
-            failure_reason(run.run_dir, job_id)
-            or f"{last.state if last else 'FAILED'} {last.exit_code if last else ''}"
-        )
-        return {"job_id": job_id, "reason": why}
+        return {"job_id": job_id, "reason": failure_reason(run.run_dir, job_id) or failure_words(last)}
     _, job, count = key.split(":")
     return {"job_id": job, "count": int(count), "reason": requeue_reason(run.run_dir)}
 
