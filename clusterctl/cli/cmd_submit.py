@@ -98,6 +98,9 @@ def submit(
         )
     else:
         _print_submitted(p, run_id, job_id, run_dir)
+        for w in [w for w in waits or [] if w["job_id"]]:  # what the scheduler holds it for (runs.dependencies)
+            said = f"{w['run_id']} to {'complete' if w['condition'] == 'ok' else 'end'} (job {w['job_id']})"
+            output.console.print(f"  waits    for {said}", markup=False, highlight=False, soft_wrap=True)
     if watch:
         from clusterctl.cli.live import watch_runs
 
