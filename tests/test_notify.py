@@ -325,3 +325,47 @@ def test_a_local_run_is_announced_once_and_a_dead_webhook_does_not_touch_it(tmp_
     assert log.count("not delivered") == 2 and log.count("HTTP 500") == 2 and "refused" in log.lower()
     assert SECRET not in log and RunDir(run_dir).notify.stat().st_mode & 0o777 == 0o600
     assert os.environ.get("CLUSTERCTL_CONFIG") is None  # the test's config was the child's only
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_two_node_slurm_run_preempted_is_announced_once_per_event(tmp_path, hooks):
+    """On the local Slurm cluster (2 nodes x 1 rank): started once (rank 0 only, not once per rank),
+    a preemption (USR2) requeued once, keyed by the job and its requeue count, whether the job (submitit's
+    checkpoint) or a status refresh (sacct's RestartCnt) saw it first, and completed once."""
+    from tests.conftest import cancel_slurm_jobs_under, deadline, slurm_up, wait_until
+
+    if not slurm_up():
+        pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
+    data, tok = tiny_data(tmp_path, n=400)
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(
+        f'model = "tiny"\nglobal_batch = 16\nsteps = 12\nprecision = "fp32"\nlog_every = 2\ncheckpoint_every = 2\n'
+        f'[data]\nshards = "{data}"\ntokenizer = "{tok}"\n'
+    )
+    env = {"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs")}
+    env["CLUSTERCTL_CONFIG"] = str(write_config(tmp_path / "config.toml", [(f"{hooks.url}/a", None)]))
+    try:
+        r = run_cli("submit", "--profile", "slurm-local", "--config", str(cfg), "--name", "hk2", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        sub = json.loads(r.stdout)
+        run_dir = Path(sub["run_dir"])
+        wait_until(lambda: list((run_dir / "checkpoints").glob("step_*")), 240, "a first checkpoint")
+        subprocess.run(["scancel", "--signal=USR2", sub["job_id"]], check=True, timeout=deadline(30))
+
+        def ended() -> bool:
+            row = json.loads(run_cli("status", sub["run_id"], "--json", env=env).stdout)["runs"][0]
+            assert row["state"] not in ("FAILED", "CANCELLED", "NODE_FAIL"), row
+            return row["state"] == "COMPLETED"
+
+        wait_until(ended, 400, "the run to complete", every=2)
+    finally:
+        cancel_slurm_jobs_under(tmp_path)
+    kinds = [t.split(") ")[1].split(":")[0] for t in hooks.texts("/a")]
+    assert kinds == ["started", "requeued", "completed"], hooks.texts("/a")
+    started, requeued, completed = hooks.texts("/a")
+    assert f"started: job {sub['job_id']}; on a" in started  # the job's nodes
+    assert f"job {sub['job_id']}; requeue #1" in requeued and "preemption" in requeued
+    assert "step 12" in completed
+    keys = {n["key"] for n in Registry(tmp_path / "reg.db").notifications(sub["run_id"])}
+    assert keys == {"started", f"requeued:{sub['job_id']}:1", "completed"}
