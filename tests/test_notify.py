@@ -269,7 +269,11 @@ def test_status_refresh_notifies_what_it_sees_with_the_jobs_keys(tmp_path, monke
     j.exit_code = "1:0"  # the user's: not retried, so failed
     notify.observed(reg, [run], {"r1": [j]}, {"r1": RunState.FAILED}, [], time.time())
     assert hooks.texts("/a")[-1].startswith("clusterctl: run r1 (tiny, profile local) failed: job 77; FAILED 1:0")
-    assert {n["key"] for n in reg.notifications("r1")} == {"requeued:77:1", "started", "failed:77"}
+    j2 = JobRecord("78", "r1", 2, "submit", 0.0, RunState.TIMEOUT)  # a time-out not requeued: the run is over
+    notify.observed(reg, [run], {"r1": [j, j2]}, {"r1": RunState.TIMEOUT}, [], time.time())
+    assert "failed: job 78" in hooks.texts("/a")[-1]
+    keys = {n["key"] for n in reg.notifications("r1")}
+    assert keys == {"requeued:77:1", "started", "failed:77", "failed:78"}
 
 
 def test_read_only_registry_and_runs_without_settings_send_nothing(tmp_path, monkeypatch, hooks):

@@ -228,12 +228,13 @@ def observed(
     now: float,
 ) -> None:
     """What a status refresh saw change, notified (runs.status.refresh calls it when something did):
-    a run newly RUNNING (started), COMPLETED, FAILED for good (the retry policy will not resubmit it;
-    a retry is lifecycle's to notify), and each new requeue (run id, job id, its requeue count). The
+    a run newly RUNNING (started), COMPLETED, ended otherwise for good (FAILED or NODE_FAIL the retry
+    policy will not resubmit: a retry is lifecycle's to notify; TIMEOUT or PREEMPTED not requeued), and each new requeue (run id, job id, its requeue count). The
     keys are those the job and lifecycle use. One query for what was sent already; a run's settings
     are read only for what is left."""
     from clusterctl.specs import FAILURE_STATES, RunState
 
+    ended_badly = FAILURE_STATES | {RunState.TIMEOUT, RunState.PREEMPTED}  # not requeued: the run is over
     by_id = {r.run_id: r for r in runs}
     todo: list[tuple[RunRecord, str, str]] = []  # (run, event, key)
     for run_id, state in changed.items():
@@ -242,7 +243,7 @@ def observed(
             todo.append((run, "started", "started"))
         elif state == RunState.COMPLETED:
             todo.append((run, "completed", "completed"))
-        elif state in FAILURE_STATES and last is not None and not _will_retry(run, jobs[run_id]):
+        elif state in ended_badly and last is not None and not _will_retry(run, jobs[run_id]):
             todo.append((run, "failed", f"failed:{last.job_id}"))
     todo += [(by_id[r], "requeued", f"requeued:{j}:{n}") for r, j, n in requeued]
     if not todo or reg.readonly:
