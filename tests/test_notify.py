@@ -276,6 +276,21 @@ def test_status_refresh_notifies_what_it_sees_with_the_jobs_keys(tmp_path, monke
     assert keys == {"requeued:77:1", "started", "failed:77", "failed:78"}
 
 
+def test_requeue_number_on_slurm_and_under_the_local_executor(tmp_path, monkeypatch):
+    from clusterctl.runs.attempt import requeue_number
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    assert requeue_number(str(tmp_path)) == 1  # Slurm sets no count before the first requeue
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert requeue_number(str(tmp_path)) == 3
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    events = [{"event": e, "step": 0} for e in ("start", "checkpoint", "preempt", "resume", "timeout")]
+    RunDir(tmp_path).events.write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert requeue_number(str(tmp_path)) == 2  # the second attempt is being requeued
+
+
 def test_read_only_registry_and_runs_without_settings_send_nothing(tmp_path, monkeypatch, hooks):
     reg, run = a_run(tmp_path, [(f"{hooks.url}/a", None)], monkeypatch)
     reg.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import submitit
@@ -46,10 +47,21 @@ class Attempt(submitit.helpers.Checkpointable):
         requeues from rank 0): the requeue is notified, keyed by the job and its requeue count (the
         count sacct's RestartCnt will show, so a status refresh that sees it first uses the same key)."""
         job_id, _, _ = _job()
-        count = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) + 1
+        count = requeue_number(self.run_dir)
         data = {"job_id": job_id, "count": count, "reason": notify.requeue_reason(self.run_dir)}
         notify.from_job(self.registry, self.run_dir, self.run_id, "requeued", data, key=f"requeued:{job_id}:{count}")
         return submitit.helpers.DelayedSubmission(Attempt(self.run_dir, self.run_id, self.registry))
+
+
+def requeue_number(run_dir: str) -> int:
+    """Which requeue of this job the one under way is (1 for the first): on Slurm the job's restart count
+    plus one (what sacct's RestartCnt says after it); under the local executor, which has no count, the
+    attempts the trainer logged (start and resume events, this one's included)."""
+    if "SLURM_JOB_ID" in os.environ:
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1
+    from vltrain.metrics import attempt_number
+
+    return max(1, attempt_number(Path(run_dir)))
 
 
 def _job() -> tuple[str | None, str | None, bool]:
