@@ -186,6 +186,15 @@ def test_each_nodes_local_rank_zero_records_where_it_runs(tmp_path):
     assert [a["attempt"] for a in provenance.read(tmp_path)["attempts"]] == ["job42-r1"]
 
 
+def test_a_local_job_records_its_one_node(tmp_path):
+    local = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": "2"}
+    for rank in ("0", "1"):
+        provenance.record_attempt(tmp_path, local | {"SUBMITIT_LOCAL_LOCALID": rank, "SUBMITIT_LOCAL_GLOBALID": rank})
+    (path,) = RunDir(tmp_path).host_files()
+    rec = json.loads(path.read_text())
+    assert path.name == "node000-job4242-r0.json" and (rec["node"], rec["job_id"]) == (None, "4242")
+
+
 def test_a_failing_record_does_not_fail_the_attempt(tmp_path, capsys):
     blocked = tmp_path / "run"
     blocked.write_text("a file where the run directory should be")
