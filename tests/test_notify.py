@@ -276,6 +276,26 @@ def test_status_refresh_notifies_what_it_sees_with_the_jobs_keys(tmp_path, monke
     assert keys == {"requeued:77:1", "started", "failed:77", "failed:78"}
 
 
+def test_registry_migration_4_and_a_read_only_registry_of_schema_3(tmp_path):
+    """An older registry gains the notifications table when opened read-write; one that is read-only at
+    schema 3 (the previous release's) is still read, and has nothing sent."""
+    from clusterctl.runs.dbfile import connect
+    from clusterctl.runs.registry import SCHEMA_VERSION, migrate
+
+    conn = connect(tmp_path / "old.db")
+    migrate(conn, target=3)
+    conn.close()
+    ro = Registry(tmp_path / "old.db", readonly=True)
+    assert ro.notified_keys(["x"]) == {"x": set()} and ro.notifications("x") == []
+    assert ro.claim_notification("x", "started", "started") is False
+    ro.close()
+    reg = Registry(tmp_path / "old.db")
+    assert reg._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    reg.add_run(RunRecord("x", "x", "local", "local", str(tmp_path), 0.0, "u", 1, 1, "RUNNING"))
+    assert reg.claim_notification("x", "started", "started") and not reg.claim_notification("x", "started", "started")
+    assert reg.notified_keys(["x", "y"]) == {"x": {"started"}, "y": set()}
+
+
 def test_requeue_number_on_slurm_and_under_the_local_executor(tmp_path, monkeypatch):
     from clusterctl.runs.attempt import requeue_number
 
