@@ -154,3 +154,33 @@ def test_a_killed_rank_is_retried_with_no_one_watching_away_from_its_node(tmp_pa
         assert _final_loss(run_dir) == _final_loss(Path(ref["run_dir"]))
     finally:
         cancel_slurm_jobs_under(tmp_path)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_cancel_stops_the_pending_followup_before_the_attempt(tmp_path):
+    """A cancelled attempt is "not ok" to Slurm: were the follow-up still queued it would start (and
+    find nothing to retry). `clusterctl cancel` scancels it first, so it never runs."""
+    if not slurm_up():
+        pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
+    data, tok = tiny_data(tmp_path, n=320)
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(f'model = "tiny"\nsteps = 4\n[data]\nshards = "{data}"\ntokenizer = "{tok}"\n')
+    db = tmp_path / "reg.db"
+    env = {"CLUSTERCTL_REGISTRY": str(db), "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs")}
+    try:
+        r = run_cli("submit", "--profile", "slurm-local", "--config", str(cfg), "--hold", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        sub = json.loads(r.stdout)
+        rows = _registry_rows(db, "SELECT data FROM events WHERE run_id = ? AND kind = 'followup'", sub["run_id"])
+        (fu,) = [json.loads(d) for (d,) in rows]
+        assert fu["after"] == sub["job_id"] and _queued([fu["job_id"]]), fu
+        r = run_cli("cancel", sub["run_id"], env=env)
+        assert r.returncode == 0, r.stderr
+        jobs = [sub["job_id"], fu["job_id"]]
+        wait_until(lambda: not _queued(jobs), 60, lambda: f"still queued: {_queued(jobs)}")
+        wait_until(lambda: _acct(fu["job_id"])[0] == "CANCELLED", 60, "the follow-up cancelled, never run")
+        fid = fu["job_id"]
+        assert not (Path(sub["run_dir"]) / "side" / "followup" / fid / f"{fid}_0_log.out").exists()  # never ran
+    finally:
+        cancel_slurm_jobs_under(tmp_path)
