@@ -226,5 +226,7 @@ def test_sixteen_concurrent_cli_processes(world):
             jobs = reg.jobs(run.run_id)
             assert [j.job_id for j in jobs] == [s["job_id"]]
             assert Path(run.run_dir, "config.toml").exists()
-    finally:
+    finally:  # the follow-ups first: a cancelled attempt would start its follow-up (afternotok)
+        followups = [e["data"]["job_id"] for s in subs for e in reg.events(s["run_id"]) if e["kind"] == "followup"]
+        subprocess.run(["scancel", *followups], timeout=deadline(30))
         subprocess.run(["scancel", *[s["job_id"] for s in subs]], timeout=deadline(30))
