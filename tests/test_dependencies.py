@@ -299,22 +299,12 @@ def test_a_dependent_waits_follows_a_retry_and_is_cancelled_when_its_run_fails_f
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_a_dependent_starts_only_after_its_run_completed(data, slurm_env):
-    env = slurm_env
-    a = _submit(data, env, "oka")
-    b = _submit(data, env, "okb", "--after", a["run_id"])
-    assert _ended(env, a["run_id"])["state"] == "COMPLETED"
-    row = _ended(env, b["run_id"])
-    assert row["state"] == "COMPLETED", row
-    jobs = {j.run_id: j for r in (a, b) for j in Registry(Path(env["CLUSTERCTL_REGISTRY"])).jobs(r["run_id"])}
-    assert jobs[b["run_id"]].started_at >= jobs[a["run_id"]].ended_at  # sacct's times: B after A
-
-
-@pytest.mark.slow
-@pytest.mark.slurm
-def test_eval_after_job_evaluates_in_its_own_job_with_vltrain_evals_figures(data, slurm_env):
+def test_eval_after_job_evaluates_in_its_own_job_and_a_dependent_starts_after_it_completed(data, slurm_env):
+    """A with eval_after = "job": its training job evaluates nothing, its evaluation job writes the
+    figures `vltrain eval` gives for the same checkpoint. B --after A starts only once A COMPLETED."""
     env = slurm_env
     sub = _submit(data, env, "evj", "--set", "eval_after=job")
+    b = _submit(data, env, "okb", "--after", sub["run_id"])
     run_dir = Path(sub["run_dir"])
     reg = Registry(Path(env["CLUSTERCTL_REGISTRY"]))
     (queued,) = [e["data"] for e in reg.events(sub["run_id"]) if e["kind"] == "eval_job"]
@@ -336,3 +326,6 @@ def test_eval_after_job_evaluates_in_its_own_job_with_vltrain_evals_figures(data
     again = json.loads(ev_path.read_text())
     same = ("n", "i2t", "t2i", "cider", "step", "samples", "checkpoint")
     assert {k: job_eval[k] for k in same} == {k: again[k] for k in same}
+    assert _ended(env, b["run_id"])["state"] == "COMPLETED"
+    jobs = {j.run_id: j for r in (sub, b) for j in reg.jobs(r["run_id"])}
+    assert jobs[b["run_id"]].started_at >= jobs[sub["run_id"]].ended_at  # sacct's times: B after A
