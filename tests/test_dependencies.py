@@ -17,7 +17,15 @@ import pytest
 
 from clusterctl.runs.registry import Registry
 from clusterctl.specs import RunRecord, RunState
-from tests.conftest import cancel_slurm_jobs_under, deadline, run_cli, slurm_up, tiny_data, wait_until
+from tests.conftest import (
+    cancel_slurm_jobs_under,
+    deadline,
+    run_cli,
+    slurm_up,
+    tar_that_ends_after_one_member,
+    tiny_data,
+    wait_until,
+)
 from vltrain.common.errors import UserError
 
 # --- pure ---------------------------------------------------------------------------------------
@@ -182,7 +190,10 @@ def data(tmp_path_factory):
         f'checkpoint_every = 3\nkeep_checkpoints = 2\n[data]\nshards = "{shards}"\ntokenizer = "{tok}"\n'
         f"[optim]\nlr = 1e-3\nwarmup_steps = 2\n"
     )
-    return {"root": root, "cfg": cfg}
+    bad = root / "bad"  # shards only the trainer finds empty: a run that fails on the user's account
+    bad.mkdir()
+    tar_that_ends_after_one_member(bad / "00000.tar")
+    return {"root": root, "cfg": cfg, "bad": bad}
 
 
 def _refused(r: subprocess.CompletedProcess, env: dict, *words: str) -> None:
@@ -260,10 +271,10 @@ def _ended(env, run_id, seconds=300) -> dict:
 @pytest.mark.slurm
 def test_a_dependent_waits_follows_a_retry_and_is_cancelled_when_its_run_fails_for_good(data, slurm_env):
     """A held: B --after A waits (reason Dependency, status names A), follows A's new attempt (the
-    sbatch of a retry, submitted held, no training) and is cancelled once A is cancelled; C --after
-    A:any starts then and completes."""
+    sbatch of a retry, submitted held) and is cancelled once A failed for good (its shards hold no
+    sample: the user's failure, not retried); C --after A:any starts then and completes."""
     env = slurm_env
-    a = _submit(data, env, "depa", "--hold")
+    a = _submit(data, env, "depa", "--hold", "--set", f"data.shards={data['bad']}")
     b = _submit(data, env, "depb", "--after", a["run_id"])
     c = _submit(data, env, "depc", "--after", f"{a['run_id']}:any")
     assert f"Dependency=afterok:{a['job_id']}" in _scontrol_job(b["job_id"])
@@ -287,12 +298,13 @@ def test_a_dependent_waits_follows_a_retry_and_is_cancelled_when_its_run_fails_f
     assert f"Dependency=afterok:{new}" in _scontrol_job(b["job_id"])  # B follows A's new job
     assert f"Dependency=afterany:{new}" in _scontrol_job(c["job_id"])
 
-    r = run_cli("cancel", a["run_id"], env=env)  # A ends for good: B can never start, C can
-    assert r.returncode == 0, r.stderr
-    # whoever refreshes A or B next cancels B: this status, or A's follow-up job (runs.followup)
+    subprocess.run(["scontrol", "release", new], check=True, timeout=deadline(30))  # A runs, and fails
+    assert _ended(env, a["run_id"])["state"] == "FAILED"
+    # whoever refreshes A or B next cancels B: a status, or A's follow-up job (runs.followup)
     wait_until(lambda: _status(env, b["run_id"])["state"] == "CANCELLED", 120, "B cancelled")
     (why,) = [e["data"]["reason"] for e in reg.events(b["run_id"]) if e["kind"] == "cancel"]
-    assert why.startswith(f"run {a['run_id']} ended CANCELLED and will not be retried"), why
+    assert why.startswith(f"run {a['run_id']} ended FAILED and will not be retried"), why
+    assert len(reg.jobs(a["run_id"])) == 2  # not retried: the user's failure
     assert not [e for e in reg.events(c["run_id"]) if e["kind"] == "cancel"]
     assert _ended(env, c["run_id"])["state"] == "COMPLETED"
 
