@@ -12,11 +12,21 @@ import re
 import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cancel_slurm_jobs_under, deadline, run_cli, slurm_up, tiny_data, wait_until
+from tests.conftest import (
+    REPO,
+    cancel_slurm_jobs_under,
+    deadline,
+    run_cli,
+    sbatch_job,
+    slurm_up,
+    tiny_data,
+    wait_until,
+)
 
 DOC = REPO / "docs" / "reliability.md"
 TIMELINE = "## When a node dies at 3 am: the recovery timeline"
@@ -184,3 +194,26 @@ def test_cancel_stops_the_pending_followup_before_the_attempt(tmp_path):
         assert not (Path(sub["run_dir"]) / "side" / "followup" / fid / f"{fid}_0_log.out").exists()  # never ran
     finally:
         cancel_slurm_jobs_under(tmp_path)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_requeued_attempt_does_not_start_its_followup():
+    """What the follow-up relies on (Slurm 22.05.8): a job requeued while it runs (submitit's requeue on
+    time-out or preemption is `scontrol requeue`) has not ended, so an afternotok job stays pending."""
+    if not slurm_up():
+        pytest.skip("the local Slurm cluster is not running (scripts/slurm-local.sh up)")
+    attempt = sbatch_job("--requeue", "-p", "debug", "--wrap", "sleep 300")
+    follow = sbatch_job(
+        "-p", "debug", f"--dependency=afternotok:{attempt}", "--kill-on-invalid-dep=yes", "--wrap", "true"
+    )
+    try:
+        wait_until(lambda: f"{attempt}|RUNNING" in _queued([attempt]), 60, "the attempt running")
+        subprocess.run(["scontrol", "requeue", attempt], check=True, timeout=deadline(30))
+        wait_until(lambda: f"{attempt}|PENDING" in _queued([attempt]), 60, "the attempt pending again")
+        for _ in range(3):  # a few scheduling passes later: still waiting on its dependency
+            assert _queued([follow]) == [f"{follow}|PENDING"], _queued([follow])
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", follow], timeout=deadline(30))
+        subprocess.run(["scancel", attempt], timeout=deadline(30))
