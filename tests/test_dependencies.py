@@ -341,3 +341,53 @@ def test_eval_after_job_evaluates_in_its_own_job_and_a_dependent_starts_after_it
     assert _ended(env, b["run_id"])["state"] == "COMPLETED"
     jobs = {j.run_id: j for r in (sub, b) for j in reg.jobs(r["run_id"])}
     assert jobs[b["run_id"]].started_at >= jobs[sub["run_id"]].ended_at  # sacct's times: B after A
+
+
+class _FakeBackend:
+    """What evaljob.arm asks of a backend, recorded: side jobs submitted and jobs cancelled."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.submitted: list[tuple[str, str, int]] = []
+        self.cancelled: list[str] = []
+        self.fail = fail
+
+    def side_spec(self, profile, run_dir, job_name, kind, dependency, gpus=0):
+        return (job_name, kind, dependency, gpus, str(run_dir))
+
+    def submit(self, spec, fn):
+        if self.fail:
+            raise RuntimeError("sbatch: error: Batch job submission failed")
+        name, kind, dependency, gpus, run_dir = spec
+        assert kind == "eval" and fn.run_dir == run_dir and name.endswith("-eval")
+        self.submitted.append((name, dependency, gpus))
+        return f"e{len(self.submitted)}"
+
+    def cancel(self, job_id):
+        self.cancelled.append(job_id)
+
+
+def test_the_evaluation_job_is_queued_after_each_new_attempt_once(tmp_path, monkeypatch):
+    import clusterctl.backends as backends
+    from clusterctl.runs import evaljob
+    from clusterctl.runs.dependencies import on_new_attempt
+
+    fake = _FakeBackend()
+    monkeypatch.setattr(backends, "get_backend", lambda name: fake)
+    reg = Registry(tmp_path / "reg.db")
+    run = _run(reg, tmp_path, "a", RunState.PENDING, RunState.PENDING, "10")
+    run.config = {"eval_after": "job"}
+    assert evaljob.arm(reg, run, None, "10") == "e1"  # type: ignore[arg-type]
+    assert fake.submitted == [("a-eval", "afterok:10", 1)] and evaljob.latest(reg, run.run_id) == {
+        "job_id": "e1",
+        "after": "10",
+    }
+    assert evaljob.arm(reg, run, None, "10") is None  # a requeue keeps the job id: the evaluation stays
+    assert evaljob.arm(reg, run, None, "11") == "e2"  # a retry: after the new job, the old one cancelled
+    assert fake.submitted[-1] == ("a-eval", "afterok:11", 1) and fake.cancelled == ["e1"]
+    run.config = {"eval_after": "train"}
+    assert evaljob.arm(reg, run, None, "12") is None and len(fake.submitted) == 2
+    fake.fail, run.config = True, {"eval_after": "job"}
+    on_new_attempt(reg, run, None, "13")  # type: ignore[arg-type]  (the attempt stands; the miss is recorded)
+    assert "Batch job submission failed" in evaljob.latest(reg, run.run_id)["error"]
+    fake.fail = False
+    assert evaljob.arm(reg, run, None, "13") == "e3" and fake.cancelled[-1] == "e2"  # the last one queued

@@ -79,10 +79,13 @@ class EvalJob:
         return result
 
 
-def latest(reg: Registry, run_id: str) -> dict[str, Any] | None:
-    """The newest evaluation job queued for the run (its "eval_job" event's data), None if none."""
-    found = [e for e in reg.events(run_id) if e.get("kind") == EVENT]
-    return found[-1].get("data") if found else None
+def latest(reg: Registry, run_id: str, queued: bool = False) -> dict[str, Any] | None:
+    """The run's newest "eval_job" event's data (`queued`: the newest that queued a job, not a miss),
+    None if none."""
+    found = [
+        e["data"] for e in reg.events(run_id) if e.get("kind") == EVENT and (e["data"].get("job_id") or not queued)
+    ]
+    return found[-1] if found else None
 
 
 def arm(reg: Registry, run: RunRecord, profile: ClusterProfile, train_job: str) -> str | None:
@@ -93,11 +96,11 @@ def arm(reg: Registry, run: RunRecord, profile: ClusterProfile, train_job: str) 
 
     if not wanted(run.config):
         return None
-    before = latest(reg, run.run_id)
-    if before and before.get("after") == train_job and before.get("job_id"):
+    before = latest(reg, run.run_id, queued=True)
+    if before and before.get("after") == train_job:
         return None
     backend = get_backend(run.executor)
-    if before and before.get("job_id"):
+    if before:
         with contextlib.suppress(UserError):  # it ended already (Slurm cancelled it with its attempt)
             backend.cancel(str(before["job_id"]))
     spec = backend.side_spec(profile, Path(run.run_dir), job_name(run.name), KIND, f"afterok:{train_job}", gpus=1)
