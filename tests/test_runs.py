@@ -153,7 +153,7 @@ def test_ds_config_is_the_one_deepspeed_runs_on_the_profiles_device(tmp_path, mo
     from vltrain.presets import resolve_model
     from vltrain.rundir import RunDir
 
-    monkeypatch.setattr(submit, "submit_attempt", lambda reg, run, prof, kind, hold=False: "1")
+    monkeypatch.setattr(submit, "submit_attempt", lambda reg, run, prof, kind, hold=False, **_: "1")
     reg = Registry(tmp_path / "reg.db")
     p = submit.prepare(profile, None, [], check=False)
     run_id = reg.new_run_id(p.name)

@@ -151,7 +151,9 @@ def test_launcher_variables_of_the_submitting_shell_do_not_reach_a_slurm_job(cli
 
 
 def _pids() -> dict[str, str]:
-    files = [STATE / "run" / f for f in ("slurmctld.pid", "slurmdbd.pid", "slurmd-a1.pid", "slurmd-a2.pid", "slurmd-a3.pid")]
+    files = [
+        STATE / "run" / f for f in ("slurmctld.pid", "slurmdbd.pid", "slurmd-a1.pid", "slurmd-a2.pid", "slurmd-a3.pid")
+    ]
     return {f.name: f.read_text().strip() for f in files}
 
 
