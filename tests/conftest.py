@@ -308,8 +308,8 @@ def sbatch_job(*args: str) -> str:
     return r.stdout.strip().split(";")[0]
 
 
-def cancel_slurm_jobs_under(root: Path) -> list[str]:
-    """scancel the Slurm jobs whose batch script lies under `root` (a pending job has no process yet)."""
+def slurm_jobs_under(root: Path) -> list[tuple[str, str]]:
+    """(job id, batch script) of the Slurm jobs whose batch script lies under `root`, not yet ending."""
     if shutil.which("squeue") is None:
         return []
     try:
@@ -319,7 +319,12 @@ def cancel_slurm_jobs_under(root: Path) -> list[str]:
     prefix = f"{root}/"
     jobs = [line.split("|", 2) for line in r.stdout.splitlines() if line.count("|") >= 2]
     # CG: ended, Slurm is cleaning up (a job that `sbatch --wait` has just returned from)
-    ours = [(job, cmd) for job, state, cmd in jobs if state != "CG" and cmd.startswith(prefix)]
+    return [(job, cmd) for job, state, cmd in jobs if state != "CG" and cmd.startswith(prefix)]
+
+
+def cancel_slurm_jobs_under(root: Path) -> list[str]:
+    """scancel the Slurm jobs whose batch script lies under `root` (a pending job has no process yet)."""
+    ours = slurm_jobs_under(root)
     if ours:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run(["scancel", *[j for j, _ in ours]], capture_output=True, timeout=deadline(30))

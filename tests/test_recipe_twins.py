@@ -16,7 +16,15 @@ import pytest
 from clusterctl.planning.contrastive import contrastive_pool
 from clusterctl.planning.plan import plan_for_run
 from clusterctl.planning.profiles import load_profile
-from tests.conftest import REPO, deadline, run_cli, tar_that_ends_after_one_member, tiny_data
+from tests.conftest import (
+    REPO,
+    deadline,
+    run_cli,
+    slurm_jobs_under,
+    tar_that_ends_after_one_member,
+    tiny_data,
+    wait_until,
+)
 from vltrain.config import load_train_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -197,3 +205,9 @@ def test_a_run_that_fails_on_slurm_says_why_in_status(cluster, tmp_path):
     assert row["reason"].startswith(f"data.shards: {bad} holds 0 samples"), row
     text = run_cli("status", run_id, env=cluster["env"], cwd=cluster["root"]).stdout
     assert f"FAILED {run_id}: data.shards: {bad} holds 0 samples" in text
+    # the failed attempt started its follow-up job (issue 27): a user's failure is not retried, and the
+    # follow-up ends by itself once accounting has the exit code (nothing left queued or running)
+    run_dir = Path(json.loads(r.stdout)["run_dir"])
+    wait_until(lambda: not slurm_jobs_under(run_dir), 240, "the failed run's follow-up job to end")
+    after = _wait(cluster["env"], [run_id], timeout=60)[run_id]
+    assert after["state"] == "FAILED" and after["job_id"] == row["job_id"], after  # not retried
