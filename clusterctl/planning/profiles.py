@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clusterctl.planning.container_fields import Container as Container  # re-exported: its own module
+from clusterctl.planning.cost import Cost
 from clusterctl.planning.job_env import CODE_LOADING_ENV as CODE_LOADING_ENV  # re-exported
 from clusterctl.planning.job_env import JOB_ENV_ALLOWED as JOB_ENV_ALLOWED
 from clusterctl.planning.job_env import env_refusals
@@ -259,40 +261,7 @@ class Slurm:
     )
 
 
-CONTAINER_IMAGE = r"[A-Za-z0-9_./:@+#\-]{1,512}"
-CONTAINER_MOUNT = r"/[A-Za-z0-9_./+@\-]{0,511}(:/[A-Za-z0-9_./+@\-]{0,511}(:(ro|rw))?)?"
 SETUP_LINE = r"[^\x00-\x1f\x7f]{1,1000}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Container:
-    """The image every rank runs in: pyxis (srun --container-image, enroot) or Apptainer (apptainer exec)."""
-
-    runtime: str = field("how the image runs", choices=("pyxis", "apptainer"))
-    image: str = field(
-        "the image: for pyxis a registry reference or a .sqsh file, for apptainer a .sif file or a docker:// URI",
-        pattern=CONTAINER_IMAGE,
-        allowed="1-512 characters of letters, digits and _ . / : @ + # -",
-    )
-    mounts: tuple[str, ...] = field(
-        "host paths made visible in the container (SRC[:DST[:ro|rw]]; the run directory is added)",
-        default=(),
-        pattern=CONTAINER_MOUNT,
-        allowed="absolute paths SRC[:DST[:ro|rw]] of letters, digits and _ . / + @ -",
-        max_items=64,
-    )
-    workdir: str | None = field(
-        "working directory inside the container (none: the run directory)",
-        default=None,
-        pattern=r"/[A-Za-z0-9_./+@\-]{0,511}",
-        allowed="an absolute path of letters, digits and _ . / + @ -",
-    )
-    python: str = field(
-        "the interpreter in the image (on its PATH, or a path); the image holds clusterctl, vltrain, submitit",
-        default="python",
-        pattern=r"[A-Za-z0-9_./+\-]{1,256}",
-        allowed="a command name or path of letters, digits and _ . / + -",
-    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -340,6 +309,9 @@ class ClusterProfile:
         "the checkpoint filesystem (optional; defaults in docs/planning.md)", default_factory=Storage
     )
     container: Container | None = field("the container every rank runs in (optional)", default=None)
+    cost: Cost | None = field(
+        "prices that turn GPU-hours and energy into money (optional; none: no money shown)", default=None
+    )
     setup: tuple[str, ...] = field(
         "shell lines the job runs on the host before the trainer and clusterctl's exports, e.g. 'module load cuda/12.4'",
         default=(),
@@ -407,6 +379,8 @@ def parse_profile(data: dict[str, Any], where: str) -> ClusterProfile:
         problem := signal_delay_problem(profile.slurm.time_limit, profile.slurm.signal_delay_s)
     ):
         raise UserError(f"{where}: slurm.signal_delay_s: {problem}")
+    if profile.cost is not None and (problem := profile.cost.problem()):
+        raise UserError(f"{where}: cost: {problem}")
     if profile.executor == "local" and profile.nodes.count != 1:
         raise UserError(
             f"{where}: nodes.count: {profile.nodes.count} is out of range; allowed: 1 with executor = 'local'"

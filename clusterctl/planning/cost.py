@@ -1,0 +1,88 @@
+"""Cost in money: a profile's optional `[cost]` prices, and what GPU-hours and energy cost at them (pure).
+
+A price is the user's statement about their cluster (a cloud's list price, a centre's internal
+rate, an electricity tariff), so nothing here has a default price: with no `[cost]` table, or no
+price in it, `money` returns None and every view leaves money out (never a made-up "$0").
+`gpu_hour` prices the run's GPU-hours; `kwh` prices its energy as `estimate` counts it (GPUs and,
+where known, the rest of the nodes, times the site's PUE): a centre that pays the power bill
+itself may set either or both. One function for plan, estimate, submit --budget, report and
+compare, so that they agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from clusterctl.planning.iso4217 import CODES
+from vltrain.common.schema import field
+
+SIGNIFICANT = 6  # digits kept in JSON: a cent of a 10,000 run, a millionth of a CPU demo's cost
+
+
+def _check_currency(code: str) -> str | None:
+    return None if code in CODES else f"{code!r} is not an ISO 4217 currency code"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cost:
+    """Prices the planner turns GPU-hours and energy into money with (docs/planning.md, Cost)."""
+
+    currency: str = field(
+        "ISO 4217 code of the prices' currency",
+        default="USD",
+        check=_check_currency,
+        allowed="an ISO 4217 code such as USD, EUR, JPY",
+    )
+    gpu_hour: float | None = field("price of one GPU-hour (none: GPU time is not priced)", default=None, min=0, max=1e5)
+    kwh: float | None = field(
+        "price of one kWh of the run's energy, PUE included (none: energy is not priced)", default=None, min=0, max=1e3
+    )
+
+    def problem(self) -> str | None:
+        """What is wrong with the table as a whole (each field is checked on its own by the schema)."""
+        if self.gpu_hour is None and self.kwh is None:
+            return "no price; allowed: gpu_hour = PRICE and/or kwh = PRICE (or no [cost] table)"
+        return None
+
+
+def prices_of(prices: Any) -> Cost | None:
+    """The Cost in `prices`: a Cost, a profile (its .cost), a profile's dict or a [cost] dict, or None."""
+    if prices is None or isinstance(prices, Cost):
+        return prices
+    if isinstance(prices, dict):
+        table = prices.get("cost", prices)
+        if not isinstance(table, dict) or not ({"gpu_hour", "kwh"} & table.keys()):
+            return None
+        return Cost(currency=table.get("currency") or "USD", gpu_hour=table.get("gpu_hour"), kwh=table.get("kwh"))
+    cost = getattr(prices, "cost", None)
+    return cost if isinstance(cost, Cost) else None
+
+
+def _rounded(x: float) -> float:
+    return float(f"{x:.{SIGNIFICANT}g}")
+
+
+def money(gpu_hours: float | None, kwh: float | None, prices: Any) -> dict[str, Any] | None:
+    """What `gpu_hours` and `kwh` (energy incl. PUE) cost at `prices` (a Cost, a profile, a profile's
+    dict or None): {"currency", "gpu", "energy", "total"}, a part None when its price or its
+    quantity is unknown; None when no price is set or nothing could be priced."""
+    cost = prices_of(prices)
+    if cost is None:
+        return None
+    gpu = gpu_hours * cost.gpu_hour if gpu_hours is not None and cost.gpu_hour is not None else None
+    energy = kwh * cost.kwh if kwh is not None and cost.kwh is not None else None
+    if gpu is None and energy is None:
+        return None
+    total = (gpu or 0.0) + (energy or 0.0)
+    return {
+        "currency": cost.currency,
+        "gpu": None if gpu is None else _rounded(gpu),
+        "energy": None if energy is None else _rounded(energy),
+        "total": _rounded(total),
+    }
+
+
+def over_budget(budget: float, m: dict[str, Any] | None) -> bool:
+    """True when the priced estimate `m` (money's dict) costs more than `budget`."""
+    return m is not None and m["total"] > budget
