@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "cancel": ("clusterctl.cli.cmd_runs", "cancel", "Cancel a run's active job (scancel on Slurm; SIGTERM to the local job's trainer processes)."),
     "resume": ("clusterctl.cli.cmd_runs", "resume", "Resubmit a stopped run; the trainer continues from the newest complete checkpoint."),
     "report": ("clusterctl.cli.cmd_report", "app", "Energy, carbon, GPU-hour, loss and evaluation reports."),
+    "compare": ("clusterctl.cli.cmd_compare", "compare", "Compare runs: config differences, final and best figures, loss curves (--plot PNG)."),
     "registry": ("clusterctl.cli.cmd_registry", "app", "Check the run registry, or rebuild it from the run directories."),
 }  # fmt: skip
 
