@@ -88,6 +88,23 @@ def eval_(
     typer.echo(f"wrote {RunDir(run_dir).eval}")
 
 
+@app.command("export")
+def export_(
+    run_dir: Path = typer.Argument(..., help="Run directory with a complete checkpoint."),
+    out: Path = typer.Option(
+        None, "--out", help="Output .safetensors (default: RUN_DIR/export_stepN[_PART].safetensors)."
+    ),
+    part: str = typer.Option("", "--part", help="One model part (vision, text, embed, decoder, ...; default: all)."),
+    step: int = typer.Option(None, "--step", help="The checkpoint at this step (default: the newest)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
+) -> None:
+    """Model weights of a checkpoint as safetensors (loadable by [init_from] and other tools)."""
+    from vltrain.export import export
+
+    r = export(run_dir, out, part, step, dtype)
+    typer.echo(f"wrote {r['out']}: {r['tensors']} tensors, {r['params']:,} parameters ({r['dtype']}, step {r['step']})")
+
+
 @data_app.command("synth")
 def data_synth(
     out: Path = typer.Option(..., "--out", help="Output directory (new or empty)."),

@@ -171,6 +171,20 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class InitFromConfig:
+    """Weights a fresh run starts from (step 0 only; a resume loads its own checkpoint): vltrain.init_from."""
+
+    path: str = field(
+        "a vltrain checkpoint (step directory or run directory: its newest) or a .safetensors file ('' = none)",
+        default="",
+    )
+    part: str = field("the model part to load (vision, text, embed, decoder, ...; '' = the whole model)", default="")
+    prefix: str = field(
+        "key prefix of the part's tensors in the source ('' = 'PART.' when the source has it, else none)", default=""
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """A whole run. `global_batch` is split by the planner into micro batch x accumulation x DP."""
 
@@ -184,6 +198,7 @@ class TrainConfig:
     steps: int = field("optimizer steps in the run", default=100, min=1, max=10**10)
     zero_stage: int = field("DeepSpeed ZeRO stage", default=2, min=0, max=3)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    init_from: InitFromConfig = field(default_factory=InitFromConfig)
     precision: str = field(
         "training precision (fp16: dynamic loss scaling)", default="bf16", choices=("bf16", "fp16", "fp32")
     )

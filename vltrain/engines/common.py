@@ -122,7 +122,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool = False):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
+def build_model(cfg: TrainConfig, device: torch.device | str = "cpu", *, initialise: bool = False) -> nn.Module:
     """The VLModel of the run, initialised from cfg.seed (identical on every rank), created directly
     on `device`: on a GPU no copy of the weights passes through host memory (a 30.5B model is 114 GiB
     in fp32, x 8 ranks per node), and on the meta device nothing is allocated at all (the planner's
@@ -140,6 +140,10 @@ def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> nn.Modu
             resolve_model(cfg.model), cfg.loss, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, mask_id=MASK_ID
         )
     model.set_activation_checkpointing(cfg.activation_checkpointing)
+    if initialise:  # a fresh run: [init_from] weights before any engine wraps the model
+        from vltrain.init_from import apply
+
+        apply(model, cfg.init_from)
     return model
 
 

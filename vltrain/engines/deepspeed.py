@@ -109,7 +109,7 @@ class DeepSpeedEngine(TrainEngine):
         initialise: bool = True,
     ) -> DeepSpeedEngine:
         reduction = os.environ.get(GRAD_REDUCTION)  # read once: the DeepSpeed config and the engine both follow it
-        engine, _ = build_engine(cfg, micro_batch, accumulation, layout.world, device, reduction)
+        engine, _ = build_engine(cfg, micro_batch, accumulation, layout.world, device, reduction, initialise)
         return cls(engine, layout, compute_dtype(cfg), cfg, reduction)
 
     @property
@@ -269,6 +269,7 @@ def build_engine(
     world_size: int,
     device: torch.device | str = "cpu",
     reduction: str | None = None,
+    initialise: bool = False,
 ):
     """-> (DeepSpeed engine, ds_config) for an initialised process group; the engine owns model, AdamW and
     schedule. `reduction`: VLTRAIN_GRAD_REDUCTION's value (grad_reduction), None for the trainer's choice."""
@@ -289,7 +290,7 @@ def build_engine(
         reduction=reduction,
     )
     fused = ds_config.pop("vltrain")["optimizer"]["fused"]  # ours, not DeepSpeed's (it refuses unknown keys)
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, initialise=initialise)  # a resume overwrites the weights: no [init_from]
     optimizer, lr_scheduler = build_optimizer(cfg, model, fused)
     lr_scheduler = split_param_groups(optimizer, lr_scheduler, FLAT_GROUP_BYTES // compute_dtype(cfg).itemsize)
     engine, _, _, _ = deepspeed.initialize(

@@ -149,7 +149,7 @@ class FSDPEngine(TrainEngine):
 
             schedule = virtual_stages(cfg.parallel.pp_schedule)
             parts = split_stages(parts[0][1], layout.pp_rank, layout.pp, schedule, tp=layout.tp)
-        full = build_model(self.cfg, "cpu").state_dict() if initialise and dist.get_rank() == 0 else {}
+        full = build_model(self.cfg, "cpu", initialise=True).state_dict() if initialise and dist.get_rank() == 0 else {}
         for _, model in parts:
             if layout.tp > 1:  # first: FSDP then shards the TP shards over "dp" (2-D DTensors)
                 from vltrain.parallel.tensor_parallel import apply_tensor_parallel
