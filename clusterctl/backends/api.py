@@ -88,6 +88,13 @@ class Backend:
         follows that run's retry to its new job. The default: no scheduler holds jobs back, one line."""
         raise UserError(f"--after: executor {self.name!r} has no scheduler to hold a job; allowed: a Slurm profile")
 
+    def submit_array(
+        self, specs: list[LaunchSpec], fns: list[Any], sweep_dir: Path, max_parallel: int, release: bool = True
+    ) -> list[str]:
+        """Start one attempt per spec as ONE job array (a sweep's points, each its own run), at most
+        `max_parallel` at once; returns each task's job id. The default: no scheduler, one line."""
+        raise UserError(f"--sweep: executor {self.name!r} has no job arrays; allowed: a Slurm profile")
+
     def dryrun(self, spec: LaunchSpec) -> str:
         """What `schedule` would submit, as text a user can read and diff (pure)."""
         raise NotImplementedError

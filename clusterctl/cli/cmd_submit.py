@@ -57,13 +57,38 @@ def submit(
         metavar="RUN[:ok|any]",
         help="Start once run RUN completed (:ok, the default) or ended however (:any); repeatable (all must hold).",
     ),
+    budget: float = typer.Option(
+        None,
+        "--budget",
+        metavar="AMOUNT",
+        help="Refuse the run if its estimate costs more (in the profile's [cost] currency).",
+    ),
+    sweep: list[str] = typer.Option(
+        None,
+        "--sweep",
+        metavar="KEY=V1,V2",
+        help="One run per value (repeatable: the grid of all keys); one Slurm job array, or one after another locally.",
+    ),
+    sweep_file: Path = typer.Option(
+        None, "--sweep-file", help="A sweep's points: a JSON list of objects or TOML [[point]] tables."
+    ),
+    max_parallel: int = typer.Option(
+        4, "--max-parallel", min=1, max=1000, help="A sweep's runs at once (the job array's %N)."
+    ),
 ) -> None:
     """Plan a run for a profile (its recipe, or --config) and submit it (Slurm via submitit, or a local process)."""
     from clusterctl.runs.registry import Registry
     from clusterctl.runs.submit import create, new_run_dir, refuse
     from clusterctl.runs.submit import dry_run as preview
 
+    if sweep or sweep_file is not None:
+        others = (after, watch, wait, snapshot, budget is not None)
+        raise typer.Exit(
+            _sweep(flags, steps, name, sweep or [], sweep_file, max_parallel, max_retries, dry_run, hold, json_, others)
+        )
     p = flags.prepare(steps, name=name)
+    if budget is not None:  # planning.cost: over budget is a problem (dry-run lists it, submit refuses)
+        _budget(p, budget)
     if snapshot:
         import dataclasses
 
@@ -107,6 +132,39 @@ def submit(
         raise typer.Exit(watch_runs([run_id]))
     if wait and (code := _wait(reg, run_id, run_dir)):
         raise typer.Exit(code)
+
+
+def _budget(p: Prepared, budget: float) -> None:
+    """--budget against the whole run's estimate priced at the profile's [cost]: a problem when over."""
+    from clusterctl.planning.cost import budget_problem
+
+    where = f"profile {p.profile.name!r}"
+    if problem := budget_problem(budget, p.plan.get("estimate") or {}, p.profile, where):
+        p.checks.problems.insert(0, problem)
+
+
+def _sweep(flags, steps, name, items, sweep_file, max_parallel, max_retries, dry_run, hold, json_, others) -> int:
+    """submit --sweep/--sweep-file (cli.sweep_submit); --after, --watch, --wait, --snapshot, --budget: a single run's."""
+    from clusterctl.cli.sweep_submit import sweep
+    from vltrain.common.errors import UserError
+
+    for flag, given in zip(("--after", "--watch", "--wait", "--snapshot", "--budget"), others):
+        if given:
+            raise UserError(
+                f"{flag}: not with --sweep; allowed: --sweep with --dry-run, --hold, --json, --max-parallel"
+            )
+    return sweep(
+        flags,
+        steps,
+        name,
+        items,
+        sweep_file,
+        max_parallel=max_parallel,
+        max_retries=max_retries,
+        dry_run=dry_run,
+        hold=hold,
+        json_=json_,
+    )
 
 
 def _after(reg: Registry, after: list[str], executor: str) -> list[dict]:

@@ -139,14 +139,15 @@ class PlanningFlags:
             steps=steps,
         )
 
-    def prepare(self, steps: int | None = None, **kwargs: Any) -> Prepared:
+    def prepare(self, steps: int | None = None, extra: list | None = None, **kwargs: Any) -> Prepared:
         """runs.submit.prepare of the run these flags describe (`kwargs`: its own: name, check,
         estimate); an error about a plan field names the flag that set it (fields_as_flags). With the
         checks (submit), also what the trainer refuses on the profile's device (preflight.device) and a
-        warning for each shipped profile or recipe that a file found by name shadows."""
+        warning for each shipped profile or recipe that a file found by name shadows. `extra`: layers
+        after the flags' (a sweep's point: runs.sweep)."""
         from clusterctl.runs.submit import prepare
 
-        layers = self.layers(steps)
+        layers = self.layers(steps) + (extra or [])
         with fields_as_flags(flag_fields(layers)):
             p = prepare(self.profile, self.config, layers, allow_env=self.allow_env, **kwargs)
         if kwargs.get("check", True):

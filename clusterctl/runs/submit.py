@@ -180,10 +180,12 @@ def create(
     max_retries: int,
     hold: bool = False,
     after: list[dict[str, Any]] | None = None,
+    defer: bool = False,
 ) -> str:
     """Write the run directory and registry row, then submit the first job; returns its id.
     Nothing is left behind when any step fails: no directory, no registry row. `after`: the runs it
-    waits for (runs.dependencies.resolve_after: submit --after), kept in its plan."""
+    waits for (runs.dependencies.resolve_after: submit --after), kept in its plan. `defer`: submit
+    nothing, return "" (a sweep's points go as one job array: runs.sweep)."""
     import getpass
     import shutil
     import time
@@ -219,6 +221,8 @@ def create(
         provenance.write(run_dir, snapshot.take(run_dir) if p.snapshot else None)
         notify.save_settings(run_dir)  # the user's [notify], what every observer of the run uses (0600)
         reg.add_run(run)
+        if defer:
+            return ""
         return submit_attempt(reg, run, prof, "submit", hold=hold, dependency=dependencies.dependency(after or []))
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -272,7 +276,6 @@ def submit_attempt(
     nodes it must not run on; `dependency`: the scheduler's condition on other jobs (Backend.launch_spec);
     `event`: more of the attempt's registry event (a retry's why and excluded nodes: lifecycle.retry_event)."""
     from clusterctl.backends import get_backend
-    from clusterctl.runs import followup
     from clusterctl.runs.attempt import Attempt
     from vltrain.common.atomic import write_json
     from vltrain.rundir import RunDir
@@ -281,9 +284,21 @@ def submit_attempt(
     spec = backend.launch_spec(profile, Path(run.run_dir), run.name, hold=hold, exclude=exclude, dependency=dependency)
     write_json(RunDir(run.run_dir).launch, dataclasses.asdict(spec))
     job_id = backend.submit(spec, Attempt(run.run_dir, run.run_id, str(Path(reg.path).absolute())))
+    attempt_submitted(reg, run, profile, job_id, kind, event)
+    return job_id
+
+
+def attempt_submitted(
+    reg: Registry, run: RunRecord, profile: ClusterProfile, job_id: str, kind: str, event: dict[str, Any] | None = None
+) -> None:
+    """What follows an accepted attempt (also each task of a sweep's array): its registry job, state
+    and event, its follow-up, its evaluation job and dependents."""
+    from clusterctl.backends import get_backend
+    from clusterctl.runs import followup
+
+    backend = get_backend(profile.executor)
     reg.add_job(run.run_id, job_id, kind)
     reg.set_run_state(run.run_id, backend.initial_state)
     reg.add_event(run.run_id, kind, (event or {}) | {"job_id": job_id})
     followup.arm(reg, run, profile, job_id)  # retries it if it fails, with no clusterctl process running
     dependencies.on_new_attempt(reg, run, profile, job_id)  # its evaluation job, the runs waiting for it
-    return job_id

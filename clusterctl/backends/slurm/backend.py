@@ -296,6 +296,16 @@ class SlurmBackend(Backend):
             common.submitit_folder(run_dir)  # the same one-line refusal as the attempts'
         return LaunchSpec(self.name, folder, job_name, params, env, python=python)
 
+    def submit_array(
+        self, specs: list[LaunchSpec], fns: list[Any], sweep_dir: Path, max_parallel: int, release: bool = True
+    ) -> list[str]:
+        """submitit's array submission, each task in its own run directory (backends.slurm.array)."""
+        from clusterctl.backends.slurm import array
+        from vltrain.rundir import JobEnv
+
+        array.link_tasks(sweep_dir, [Path(s.env[JobEnv.RUN_DIR]) for s in specs])
+        return array.submit_array(array.array_spec(specs, sweep_dir, max_parallel), fns, release)
+
     def dryrun(self, spec: LaunchSpec, python: str | None = None) -> str:
         """The exact sbatch script submitit submits for `spec`, rendered by submitit itself (pure).
 
