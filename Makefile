@@ -17,7 +17,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,realdata]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,realdata,tracking]'
 	touch $@
 
 # The main job: scikit-learn's real handwritten digits as shards (made once; again when the writer or

@@ -87,6 +87,40 @@ class LossConfig:
     init_temperature: float = field("initial contrastive temperature", default=0.07, min=0.001, max=1.0)
 
 
+# [tracking] sink -> the package that must be importable for it (the `tracking` extra installs all three).
+TRACKING_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    """Dashboards fed the records of metrics.jsonl on rank 0, one tracker run per clusterctl run (vltrain.tracking)."""
+
+    tensorboard: bool = field("TensorBoard event files in the run directory's tb/", default=False)
+    wandb: bool = field("Weights & Biases, run id = the clusterctl run id (resumed by every attempt)", default=False)
+    wandb_project: str = field("W&B project ('' = vltrain)", default="")
+    wandb_entity: str = field("W&B entity ('' = the account's default)", default="")
+    wandb_mode: str = field(
+        "W&B mode (offline: `wandb sync` uploads later)", default="offline", choices=("offline", "online")
+    )
+    mlflow: bool = field("MLflow, one run tagged with the clusterctl run id", default=False)
+    mlflow_tracking_uri: str = field("MLflow tracking URI ('' = MLFLOW_TRACKING_URI, else ./mlruns)", default="")
+    mlflow_experiment: str = field("MLflow experiment ('' = vltrain)", default="")
+
+    def __post_init__(self) -> None:
+        import importlib.util  # a look on disk, no import: clusterctl checks configs on its fast path
+
+        for sink in self.sinks():
+            if importlib.util.find_spec(TRACKING_PACKAGES[sink]) is None:
+                raise UserError(
+                    f"tracking.{sink}: true but the {TRACKING_PACKAGES[sink]} package is not installed; allowed: "
+                    f"false, or install the extra (pip install -c constraints.txt -e '.[tracking]')"
+                )
+
+    def sinks(self) -> list[str]:
+        """The sinks turned on, in the order they are fed."""
+        return [s for s in TRACKING_PACKAGES if getattr(self, s)]
+
+
 # What a stage may change: the loss weights and the MIM mask ratio. The rest of a run (optimizer, LR
 # schedule, data) spans all its stages: one schedule from the first step to the last.
 STAGE_LOSS_KEYS = ("itc", "mlm", "caption", "mim", "mim_mask_ratio")
@@ -198,6 +232,7 @@ class TrainConfig:
     steps: int = field("optimizer steps in the run", default=100, min=1, max=10**10)
     zero_stage: int = field("DeepSpeed ZeRO stage", default=2, min=0, max=3)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     init_from: InitFromConfig = field(default_factory=InitFromConfig)
     precision: str = field(
         "training precision (fp16: dynamic loss scaling)", default="bf16", choices=("bf16", "fp16", "fp32")

@@ -256,12 +256,12 @@ class Session:
         )
 
     def _make_sinks(self) -> None:
-        """metrics.jsonl (rank 0), the GPU's peak for MFU, the FLOPs a sample costs."""
+        """metrics.jsonl and [tracking] (rank 0), the GPU's peak for MFU, the FLOPs a sample costs."""
         import torch
 
-        from vltrain.metrics import JsonlSink, peak_tflops
+        from vltrain.metrics import MetricsLog, peak_tflops
 
-        self.metrics = JsonlSink(RunDir(self.run_dir).metrics, self.dist.is_main)
+        self.metrics = MetricsLog(self.run_dir, self.dist.is_main, self.cfg.tracking)
         dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         self.peak = peak_tflops(dev_name)
         self.params = self.engine.num_params()

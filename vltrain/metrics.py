@@ -26,9 +26,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vltrain.rundir import JobEnv, RunDir
+
+if TYPE_CHECKING:
+    from vltrain.config import TrackingConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by CUDA device name, from the vendors' data sheets (SXM
 # parts where both exist). Override with VLTRAIN_PEAK_TFLOPS (clusterctl sets it from the profile).
@@ -85,6 +88,24 @@ class JsonlSink:
             with contextlib.suppress(OSError):  # the lines still waiting for room on a full disk
                 self._f.close()
             self._f = None
+
+
+class MetricsLog(JsonlSink):
+    """metrics.jsonl first (the source of truth), then the same record to the [tracking] sinks."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tracking: TrackingConfig) -> None:
+        from vltrain.tracking import Trackers
+
+        super().__init__(RunDir(run_dir).metrics, enabled)
+        self.trackers = Trackers(run_dir, tracking if enabled else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        super().write(record)
+        self.trackers.write(record)
+
+    def close(self) -> None:
+        super().close()
+        self.trackers.close()
 
 
 class EventLog(JsonlSink):

@@ -22,6 +22,7 @@ or one of these variables, so the two sides cannot drift apart.
               provenance.json, source.diff, pip-freeze.txt   what was submitted (clusterctl.runs.provenance)
               hosts/nodeNNN-<attempt>.json   where each node of each attempt ran, its CUDA/NCCL versions
               code/                the submitted source, with submit --snapshot (what every attempt imports)
+              tb/                  TensorBoard event files, with [tracking] tensorboard (vltrain.tracking)
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class RunDir:
     NOTIFY_LOG = "notify.log"  # notifications that could not be delivered
     NOTIFY = "notify.json"  # the [notify] settings the run was submitted with (webhook URLs: secrets, 0600)
     SIDE = "side"  # jobs beside the attempts (clusterctl's follow-up and evaluation jobs): side/<kind>/<job id>/
+    TENSORBOARD = "tb"  # [tracking] tensorboard: event files of every attempt (vltrain.tracking)
     HOSTS = "hosts"  # where each attempt ran: hosts/node<NNN>-<attempt>.json, one per node (clusterctl.runs.provenance)
 
     def __init__(self, root: str | Path) -> None:
@@ -86,6 +88,7 @@ class RunDir:
     eval = property(lambda self: self.root / self.EVAL)
     tokenizer = property(lambda self: self.root / self.TOKENIZER)
     failures = property(lambda self: self.root / self.FAILURES)
+    tensorboard = property(lambda self: self.root / self.TENSORBOARD)
 
     def failure_file(self, rank: int) -> Path:
         """Why this rank's last attempt failed (one JSON object, replaced by each failing attempt)."""
