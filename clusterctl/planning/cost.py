@@ -86,3 +86,41 @@ def money(gpu_hours: float | None, kwh: float | None, prices: Any) -> dict[str, 
 def over_budget(budget: float, m: dict[str, Any] | None) -> bool:
     """True when the priced estimate `m` (money's dict) costs more than `budget`."""
     return m is not None and m["total"] > budget
+
+
+def amount_text(x: float, currency: str) -> str:
+    """'12,480 USD', '0.18 EUR', '5.8e-05 EUR': render.units.quantity's 3 significant digits, written
+    here because planning sits below render (its messages are built here, not in a view)."""
+    if x == 0 or abs(x) >= 100:
+        return f"{x:,.0f} {currency}"
+    return f"{x:.3g} {currency}"
+
+
+def budget_problem(budget: float, estimate: dict[str, Any], prices: Any, where: str) -> str | None:
+    """Why `submit --budget` refuses the run whose whole-run estimate (planning.whole_run's dict) is
+    `estimate`, priced at `prices` (a profile, a Cost...); None when it fits. A budget with no price
+    to compare it with is a usage error (UserError), not a problem of the run."""
+    from vltrain.common.errors import UserError
+
+    if not budget > 0 or budget == float("inf"):
+        raise UserError(f"--budget: {budget:g} is not valid; allowed: a positive amount in the profile's currency")
+    cost = prices_of(prices)
+    m = money(estimate.get("gpu_hours"), estimate.get("energy_kwh"), cost)
+    if cost is None or m is None:
+        raise UserError(
+            f"--budget: {where} sets no price; allowed: a [cost] table with gpu_hour = PRICE and/or kwh = PRICE "
+            "in the profile (docs/planning.md, Cost)"
+        )
+    if not over_budget(budget, m):
+        return None
+    parts = []
+    if m["gpu"] is not None:
+        parts.append(
+            f"{estimate['gpu_hours']:.3g} GPU-hours x {amount_text(cost.gpu_hour or 0, cost.currency)}/GPU-hour"
+        )
+    if m["energy"] is not None:
+        parts.append(f"{estimate['energy_kwh']:.3g} kWh x {amount_text(cost.kwh or 0, cost.currency)}/kWh")
+    return (
+        f"--budget: the run's estimate {amount_text(m['total'], m['currency'])} ({' + '.join(parts)}) exceeds "
+        f"{amount_text(budget, m['currency'])}; allowed: a budget of at least that, or fewer --steps"
+    )

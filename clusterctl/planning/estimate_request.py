@@ -151,6 +151,8 @@ def estimate_run(q: EstimateRequest) -> dict[str, Any]:
         energy_kwh=q.claimed_energy_mwh * 1000 if q.claimed_energy_mwh is not None else None,
         co2_kg=q.claimed_co2_t * 1000 if q.claimed_co2_t is not None else None,
     )
+    from clusterctl.planning.cost import money
+
     est.findings = ([agreement] if agreement else []) + audit(setup, est, claims)
     return (
         est.to_dict()
@@ -158,6 +160,7 @@ def estimate_run(q: EstimateRequest) -> dict[str, Any]:
             "profile": q.profile,
             "country": q.country.upper() if q.country else prof.site.country_iso if prof else None,
             "mfu_source": mfu_source,
+            "money": money(est.gpu_hours, est.energy_kwh, prof),  # planning.cost: None without a price
         }
         | (recipe.paper(est.to_dict()) if recipe else {})
     )

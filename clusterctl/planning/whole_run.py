@@ -49,11 +49,13 @@ def whole_run(
     """Time, GPU-hours, kWh and CO2 of `steps` optimizer steps at the plan's expected MFU, on the
     profile's setup (planning.site.make_setup) unless `setup` is given (estimate's overrides); with
     the `recipe` file, the paper's run beside it ("paper", see paper_run) and the recipe's name."""
+    from clusterctl.planning.cost import money
     from clusterctl.planning.site import make_setup
 
     e = estimate(setup or make_setup(profile), run_work(plan, steps), plan.model_mfu_expected())
     d = {k: v for k, v in e.to_dict().items() if k != "findings"}
     d |= {"steps": steps, "samples": steps * plan.split.global_batch, "recipe": recipe.stem if recipe else None}
+    d["money"] = money(d["gpu_hours"], d["energy_kwh"], profile)  # None without a [cost] price
     # a CPU profile's hours are no GPU-hours: the paper's run is set beside GPU runs only
     paper = paper_run(recipe_facts(recipe), d) if profile.gpu.kind == "cuda" else None
     return d | {"paper": paper.to_dict() if paper else None}

@@ -237,6 +237,21 @@ def amount(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else count_words(x)
 
 
+def money_text(x: float, currency: str) -> str:
+    """An amount of money: three significant digits, separators from 100 ('12,480 USD', '0.0123 EUR')."""
+    from clusterctl.render.units import quantity
+
+    return f"{quantity(x)} {currency}"
+
+
+def money_words(m: dict) -> str:
+    """planning.cost.money's dict as a row: the total, and its parts when both are priced."""
+    total = money_text(m["total"], m["currency"])
+    if m.get("gpu") is not None and m.get("energy") is not None:
+        return f"{total} ({money_text(m['gpu'], m['currency'])} GPU-hours + {money_text(m['energy'], m['currency'])} energy)"
+    return f"{total} ({'GPU-hours' if m.get('gpu') is not None else 'energy'})"
+
+
 def run_rows(d: dict) -> list[tuple[str, str]]:
     """Wall time, GPU-hours, energy and CO2 of an estimate (planning.estimates' dict): the rows `estimate`
     and the plan's whole run share, so that the two read alike."""
@@ -247,6 +262,8 @@ def run_rows(d: dict) -> list[tuple[str, str]]:
         gpus = f"{d['gpus']:,} GPU" + ("s" if d["gpus"] != 1 else "")
         rows.append(("wall time", f"{duration_words(d['hours'])} on {gpus}"))
     rows.append(("GPU-hours", amount(d["gpu_hours"])))
+    if d.get("money"):  # planning.cost: only where the profile sets a price (never a made-up 0)
+        rows.append(("cost", money_words(d["money"])))
     rows.append(("GPU energy", f"{amount(d['gpu_energy_kwh'])} kWh ({d['power_w']:g} W x PUE {d['pue']:g})"))
     if d.get("node_energy_kwh") or d.get("node_power_source"):
         node = f"{d['nodes']} nodes x {d['node_power_w']:,.0f} W; " if d.get("node_power_w") else ""
