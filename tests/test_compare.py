@@ -162,6 +162,9 @@ def test_table_at_80_columns_with_sparklines(world):
     assert any(ch in spark["A"] for ch in "▁▂▃▄▅▆▇█") and any(ch in spark["B"] for ch in "▁▂▃▄▅▆▇█")
     assert "no metrics yet" in spark["C"]
     assert "cost" in out and "2.5 EUR" in out
+    ev = json.loads((world["runs"]["lr-low"][1] / "eval.json").read_text())
+    r1 = next(line for line in lines if line.startswith(" t2i R@1 %"))
+    assert r1.split()[4] == f"{100 * ev['t2i']['R@1']:.1f}"  # run B's column, in percent as report eval
     assert f"from {world['runs']['lr-high'][0]}@2 (weights only)" in out
 
 

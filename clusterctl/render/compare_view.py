@@ -20,13 +20,13 @@ from clusterctl.runs.compare import ABSENT, Figures
 
 SPARK_WIDTH = 40
 EVAL_ROWS = (
-    ("i2t R@1", "i2t_r1"),
-    ("i2t R@5", "i2t_r5"),
-    ("i2t R@10", "i2t_r10"),
-    ("t2i R@1", "t2i_r1"),
-    ("t2i R@5", "t2i_r5"),
-    ("t2i R@10", "t2i_r10"),
-    ("zero-shot top-1", "zero_shot_top1"),
+    ("i2t R@1 %", "i2t_r1"),
+    ("i2t R@5 %", "i2t_r5"),
+    ("i2t R@10 %", "i2t_r10"),
+    ("t2i R@1 %", "t2i_r1"),
+    ("t2i R@5 %", "t2i_r5"),
+    ("t2i R@10 %", "t2i_r10"),
+    ("zero-shot top-1 %", "zero_shot_top1"),
 )
 
 
@@ -48,6 +48,10 @@ def number(v: Any) -> str:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # nan, inf: a diverged run must look diverged
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def percent(v: Any) -> str:
+    return f"{100 * v:.1f}" if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "-"
 
 
 def value_text(v: Any) -> str:
@@ -83,8 +87,8 @@ def figure_rows(figs: list[Figures]) -> list[tuple[str, list[str]]]:
             b = f.losses.get(k)
             best.append("-" if not b or b["best"] is None else f"{number(b['best'])} @{number(b['best_step'])}")
         rows.append((f"{name} best", best))
-    for label, key in EVAL_ROWS:
-        cells = [number((f.eval or {}).get(key)) for f in figs]
+    for label, key in EVAL_ROWS:  # in percent, as `report eval` shows them
+        cells = [percent((f.eval or {}).get(key)) for f in figs]
         if any(c != "-" for c in cells):
             rows.append((label, cells))
     rows.append(("GPU-hours", [f"{f.usage['gpu_hours']:.3g}" for f in figs]))
