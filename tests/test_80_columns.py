@@ -353,6 +353,7 @@ def commands(w: dict) -> list[tuple[str, list[str], bool]]:
         ("report gpu-hours --by profile", ["report", "gpu-hours", "--by", "profile"], False),
         ("report loss", ["report", "loss", runs["a100x128"]], False),
         ("report eval", ["report", "eval"], False),
+        ("compare", ["compare", *done], False),
         ("logs", ["logs", runs["a100x32"]], False),
     ]
     for profile, (recipe, preset) in SEEDS.items():

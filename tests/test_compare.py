@@ -250,3 +250,22 @@ def test_thin_keeps_ends():
     t = thin(pts, 50)
     assert len(t) == 50 and t[0] == pts[0] and t[-1] == pts[-1]
     assert thin(pts[:10], 50) == pts[:10]
+
+
+def test_long_config_values_get_lines_of_their_own_folded_not_cut():
+    from clusterctl.render.compare_view import differences
+
+    stages = [
+        [{"name": f"stage-{i}", "steps": 1000 * (i + 1), "loss": {"itc": 1.0, "mim": 0.5}} for i in range(n)]
+        for n in (3, 4)
+    ]
+    diffs = {"optim.lr": [1e-3, 2e-3], "stages": stages}
+    lines = differences(diffs, ["A", "B"], 80)
+    assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    assert next(line for line in lines if line.startswith(" optim.lr")).split() == ["optim.lr", "0.001", "0.002"]
+    i = lines.index(" stages")
+    b = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("    B "))
+    a_text = " ".join(line.strip() for line in lines[i + 1 : b]).removeprefix("A").strip()
+    assert json.loads(a_text) == stages[0]  # every run's value whole, folded at its spaces
+    b_text = " ".join(line.strip() for line in lines[b:] if line).removeprefix("B").strip()
+    assert json.loads(b_text) == stages[1]

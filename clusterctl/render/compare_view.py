@@ -19,6 +19,7 @@ from clusterctl.render.watch_view import SPARK
 from clusterctl.runs.compare import ABSENT, Figures
 
 SPARK_WIDTH = 40
+LONG_VALUE = 24  # characters of a config value the differences grid holds; longer ones get lines of their own
 EVAL_ROWS = (
     ("i2t R@1 %", "i2t_r1"),
     ("i2t R@5 %", "i2t_r5"),
@@ -61,7 +62,7 @@ def value_text(v: Any) -> str:
     if isinstance(v, (list, dict)):
         import json
 
-        return printable(json.dumps(v, separators=(",", ":"), default=str))
+        return printable(json.dumps(v, default=str))  # ", " and ": ": a long one folds at its spaces
     return number(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else printable(v)
 
 
@@ -157,14 +158,36 @@ def run_lines(figs: list[Figures]) -> list[str]:
     return out
 
 
+def differences(diffs: dict[str, list[Any]], heads: list[str], width: int | None) -> list[str]:
+    """The keys that differ: a grid of those whose values are short; after it, each key with a long
+    value (a stage list, a path) on a line of its own and every run's value under it, folded at its
+    spaces to `width` (a value is never cut)."""
+    import textwrap
+
+    cells = {k: [value_text(v) for v in vals] for k, vals in diffs.items()}
+    short = [(printable(k), c) for k, c in cells.items() if max(map(len, c)) <= LONG_VALUE]
+    out = grid("key", short, heads, width) if short else []
+    for k, c in cells.items():
+        if max(map(len, c)) <= LONG_VALUE:
+            continue
+        out.append(f" {printable(k)}")
+        pad = " " * (6 + max(map(len, heads)))
+        for head, text in zip(heads, c, strict=True):
+            lines = textwrap.wrap(text, max(20, (width or 10**6) - len(pad)), break_long_words=False,
+                                  break_on_hyphens=False) or [text]  # fmt: skip
+            out.append(f"    {head:<{len(pad) - 6}}  {lines[0]}")
+            out += [pad + line for line in lines[1:]]
+        out.append("")
+    return out
+
+
 def compare_text(figs: list[Figures], diffs: dict[str, list[Any]], width: int | None) -> str:
     """The whole human output (no notes)."""
     heads = [letter(i) for i in range(len(figs))]
     out = [f"compare: {len(figs)} run{'s' * (len(figs) != 1)}", *run_lines(figs), ""]
     if diffs:
-        rows = [(printable(k), [value_text(v) for v in vals]) for k, vals in diffs.items()]
         out.append(f"config: {len(diffs)} key{'s differ' if len(diffs) != 1 else ' differs'}")
-        out += grid("key", rows, heads, width)
+        out += differences(diffs, heads, width)
     else:
         out += ["config: no key differs", ""]
     out += grid("figure", figure_rows(figs), heads, width)
@@ -175,7 +198,8 @@ def compare_text(figs: list[Figures], diffs: dict[str, list[Any]], width: int | 
             continue
         first, last = f.curve[0], f.curve[-1]
         ends = f"{number(first[1])} -> {number(last[1])}, steps {number(first[0])}-{number(last[0])}"
-        out.append(f" {heads[i]:>2}  {sparkline(f.curve)}  {ends}")
+        room = SPARK_WIDTH if width is None else max(8, min(SPARK_WIDTH, width - 7 - len(heads[i]) - len(ends)))
+        out.append(f" {heads[i]:>2}  {sparkline(f.curve, room)}  {ends}")
     return "\n".join(out) + "\n"
 
 
