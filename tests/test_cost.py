@@ -152,3 +152,52 @@ def test_budget_that_covers_the_run_passes_and_the_stored_estimate_is_priced(tmp
     d = _json("submit", "--profile", str(path), *data_flags, "--dry-run", "--budget", f"{total * 1.01}", env=env)
     assert not d["checks"]["problems"]
     assert d["plan"]["estimate"]["money"] == {"currency": "USD", "gpu": total, "energy": None, "total": total}
+
+
+def _usage_world(tmp_path: Path) -> dict[str, str]:
+    """Three ended runs (8 GPUs x 1 h each by the registry's start/end): two on the priced profile
+    'priced' (CLUSTERCTL_PROFILES), one on a100x32 (no price)."""
+    from clusterctl.runs.registry import Registry
+    from clusterctl.specs import JobRecord, RunRecord
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    priced(profiles)
+    items = []
+    for i, prof in enumerate(("priced", "priced", "a100x32")):
+        t = 1_780_000_000.0 + i * 7200
+        run = RunRecord(f"r{i}", "n", prof, "slurm", str(tmp_path / f"r{i}"), t, "ann", 8, 100, "COMPLETED")
+        job = JobRecord(str(100 + i), run.run_id, 1, "submit", t, "COMPLETED", started_at=t)
+        job.ended_at, job.exit_code = t + 3600, "0:0"
+        items.append((run, [job]))
+    reg = Registry(tmp_path / "reg.db")
+    reg.insert_runs(items)
+    reg.close()
+    return {
+        "CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"),
+        "CLUSTERCTL_PROFILES": str(profiles),
+        "PATH": "/nonexistent",
+    }
+
+
+def test_report_prices_runs_and_profiles_that_have_a_price(tmp_path):
+    env = _usage_world(tmp_path)
+    rows = {r["key"]: r for r in _json("report", "gpu-hours", "--by", "run", env=env)["rows"]}
+    assert rows["r0"]["gpu_hours"] == 8.0 and rows["r0"]["cost"] == 20.0  # 8 GPU-hours x 2.5 EUR
+    assert rows["r0"]["currency"] == "EUR" and rows["r1"]["cost"] == 20.0
+    assert rows["r2"]["cost"] is None and rows["r2"]["currency"] is None  # a100x32 sets no price: no 0
+    by_profile = {r["key"]: r for r in _json("report", "gpu-hours", "--by", "profile", env=env)["rows"]}
+    assert by_profile["priced"]["cost"] == 40.0 and by_profile["a100x32"]["cost"] is None
+    text = run_cli("report", "gpu-hours", "--by", "run", env=env).stdout
+    assert "cost" in text and "EUR" in text
+    r0 = next(line for line in text.splitlines() if line.split()[:1] == ["r0"])
+    assert r0.split()[-1] == "20", text
+    r2 = next(line for line in text.splitlines() if line.split()[:1] == ["r2"])
+    assert r2.split()[-1] == "-", text
+
+
+def test_report_without_any_price_has_no_cost(tmp_path):
+    env = _usage_world(tmp_path) | {"CLUSTERCTL_PROFILES": str(tmp_path / "none")}
+    rows = _json("report", "energy", "--by", "run", env=env)["rows"]
+    assert rows and all("cost" not in r for r in rows)
+    assert "cost" not in run_cli("report", "energy", "--by", "run", env=env).stdout

@@ -13,7 +13,7 @@ from clusterctl.render.text import output_text, table_text
 from clusterctl.render.units import CO2_UNITS, ENERGY_UNITS, pick_unit, quantity
 
 _SHOWN = ("key", "runs", "gpu_hours", "gpu_hours_source", "requeues", "resumes", "energy_kwh", "co2_kg",
-          "carbon_intensity_g_per_kwh", "pue", "estimated_kwh", "estimated_co2_kg")  # fmt: skip
+          "carbon_intensity_g_per_kwh", "pue", "estimated_kwh", "estimated_co2_kg", "cost", "currency")  # fmt: skip
 SOURCES = {"sacct": "Slurm accounting", "registry": "start/end x GPUs", "none": "no times recorded"}
 _SHORT_SOURCES = {"registry": "times", "registry+sacct": "both"}  # GPU-h source cells: 5 characters at most
 
@@ -38,6 +38,7 @@ def print_report(kind: str, by: str, rows: list[dict] | dict[str, list], width: 
         return
     cols: list[tuple[str, str, float]] = [("runs", "runs", 1.0)] if by != "run" else []
     cols += [("gpu_hours", "GPU-h", 1.0), ("gpu_hours_source", "GPU-h\nsource", 1.0)]
+    cols += _cost_columns(data)  # money beside GPU-hours, only where a profile sets a price (runs.reports.priced)
     cols += [("requeues", "re-\nqueues", 1.0), ("resumes", "re-\nsumes", 1.0)]  # as status and watch count them
     if kind == "energy":
         ef, eu = pick_unit(_distinct(data, "energy_kwh", "estimated_kwh"), ENERGY_UNITS)
@@ -84,6 +85,16 @@ def print_report(kind: str, by: str, rows: list[dict] | dict[str, list], width: 
             "plan = the estimate made at submit",
             wrap=width or _width(),
         )
+
+
+def _cost_columns(data: dict[str, list]) -> list[tuple[str, str, float]]:
+    """The cost column, headed by its currency (one currency), or with a currency column beside it."""
+    currencies = _distinct(data, "currency") - {None}
+    if not currencies:
+        return []
+    if len(currencies) == 1:
+        return [("cost", f"cost\n{next(iter(currencies))}", 1.0)]
+    return [("cost", "cost", 1.0), ("currency", "cur-\nrency", 1.0)]
 
 
 def _width() -> int:

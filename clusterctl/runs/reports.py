@@ -76,9 +76,54 @@ def usage_report(
     groups = group([from_summary(r, s) for r, s in cur.rows], by)  # the runs that may still change
     runs = [r for r, _ in reg.index(**filters)] if with_runs else []
     if by_run and table:
-        return UsageReport(run_columns(totals, rows_of(groups)), runs, with_skipped(cur.notes))
+        cols = run_columns(totals, rows_of(groups))
+        return UsageReport(priced(cols, by, reg, filters), runs, with_skipped(cur.notes))
     rows = _by_run(totals, groups) if by_run else _by_group(totals, groups)
-    return UsageReport(rows, runs, with_skipped(cur.notes))
+    return UsageReport(priced(rows, by, reg, filters), runs, with_skipped(cur.notes))
+
+
+def profile_prices() -> dict[str, Any]:
+    """The [cost] of every profile found (planning.profiles.discover, first of a name wins) that sets a
+    price, by name; {} when none does (the usual case: a report then reads nothing more)."""
+    from clusterctl.planning.profiles import discover, read_profile
+
+    prices: dict[str, Any] = {}
+    for path, shadowed in discover():
+        try:
+            p = read_profile(path)
+        except UserError:  # profiles list names the broken file; a report goes on without its price
+            continue
+        if not shadowed and p.cost is not None:
+            prices.setdefault(p.name, p.cost)
+    return prices
+
+
+def priced(rows: Any, by: str, reg: Registry, filters: dict[str, Any]) -> Any:
+    """`rows` (a list of row dicts, or columns by name: usage.run_columns) with "cost" and "currency"
+    (planning.cost.money of the row's GPU-hours and measured energy at its profile's current prices)
+    when some profile sets a price; by run and by profile only (a day's or a user's runs may mix
+    profiles and currencies). Unchanged, with no such keys, when nothing is priced."""
+    from clusterctl.planning.cost import money
+
+    prices = profile_prices() if by in ("run", "profile") else {}
+    if not prices:
+        return rows
+    of: dict[str, str] = {}
+    if by == "run":  # the run's profile: one query, only now that some profile has a price
+        of = {r.run_id: r.profile for r, _ in reg.index(**filters)}
+    columns = isinstance(rows, dict)
+    keys = rows["key"] if columns else [r["key"] for r in rows]
+    hours = rows["gpu_hours"] if columns else [r["gpu_hours"] for r in rows]
+    kwh = rows["energy_kwh"] if columns else [r.get("energy_kwh") for r in rows]
+    costs = []
+    for k, h, e in zip(keys, hours, kwh):
+        m = money(h, e or None, prices.get(of.get(k, "") if by == "run" else k))
+        costs.append((m["total"], m["currency"]) if m else (None, None))
+    if all(c is None for c, _ in costs):
+        return rows
+    if columns:
+        return rows | {"cost": [c for c, _ in costs], "currency": [u for _, u in costs]}
+    return [r | {"cost": c, "currency": u} for r, (c, u) in zip(rows, costs)]
 
 
 def _by_run(totals: list[tuple], groups: dict[str, Any]) -> list[dict[str, Any]]:
