@@ -184,3 +184,33 @@ def test_wandb_mode_is_validated(tmp_path):
     path.write_text('[tracking]\nwandb_mode = "cloud"\n')
     with pytest.raises(UserError, match="tracking.wandb_mode"):
         load_train_config(path)
+
+
+def test_other_ranks_open_no_sink(tmp_path):
+    from vltrain.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, False, TrackingConfig(tensorboard=True))
+    log.write({"step": 1, "loss": 1.0})
+    log.close()
+    assert log.trackers.wanted == [] and not RunDir(tmp_path).tensorboard.exists()
+    assert not RunDir(tmp_path).metrics.exists()
+
+
+def test_wandb_skips_the_steps_it_has_seen():
+    """After a rollback W&B gets only steps above those it holds (its resumed run.step, then its own)."""
+    from vltrain.tracking import WandbSink
+
+    class Run:
+        step = 5  # a resumed online run: steps 1..4 are on the server
+
+        def __init__(self) -> None:
+            self.logged: list[int] = []
+
+        def log(self, values, step):
+            self.logged.append(step)
+
+    sink = object.__new__(WandbSink)
+    sink.run, sink.seen = Run(), -1
+    for step in (3, 4, 5, 6, 6):
+        sink.write(step, {"loss": 1.0}, None)
+    assert sink.run.logged == [5, 6]
