@@ -44,12 +44,30 @@ def logs(
 def cancel(run: str = RUN) -> None:
     """Cancel a run's active job (scancel on Slurm; SIGTERM to the local job's trainer processes)."""
     from clusterctl.runs.lifecycle import cancel as cancel_run
+    from clusterctl.runs.sweep import runs_of
 
     reg = Registry()
+    if members := runs_of(reg, run):  # a sweep id: each of its runs still active
+        _cancel_sweep(reg, run, members)
+        return
     r = reg.get_run(run)
     reg.require_writable()  # a cancel the registry cannot record would leave it saying the run goes on
     job = cancel_run(reg, r)
     output.console.print(f"cancelled {printable(r.run_id)} (job {printable(job.job_id)})", markup=False)
+
+
+def _cancel_sweep(reg: Registry, sweep_id: str, runs: list) -> None:
+    """cancel SWEEP: each run of the sweep that is still pending or running (lifecycle.cancel)."""
+    from clusterctl.runs.lifecycle import cancel as cancel_run
+    from clusterctl.specs import ACTIVE_STATES
+
+    reg.require_writable()
+    active = [r for r in runs if r.state in ACTIVE_STATES]
+    for r in active:
+        job = cancel_run(reg, r)
+        output.console.print(f"cancelled {printable(r.run_id)} (job {printable(job.job_id)})", markup=False)
+    if not active:
+        output.console.print(f"sweep {printable(sweep_id)}: no run still pending or running", markup=False)
 
 
 def resume(

@@ -9,7 +9,7 @@ from clusterctl.runs.registry import Registry
 
 def status(
     run: str = typer.Argument(
-        None, help="Run id, unique id prefix or name (default: active runs and the newest finished)."
+        None, help="Run id, unique id prefix, name or sweep id (default: active runs and the newest finished)."
     ),
     all_: bool = typer.Option(False, "--all", help="Show every run in the registry."),
     json_: bool = typer.Option(False, "--json", help="Print JSON for scripts (with 'source' and 'notes')."),
@@ -21,8 +21,9 @@ def status(
         return
     from clusterctl.runs.lifecycle import refresh_and_retry
     from clusterctl.runs.status import collect, select_runs
+    from clusterctl.runs.sweep import runs_of
 
-    runs = select_runs(reg, run, all_)
+    runs = (runs_of(reg, run) if run else []) or select_runs(reg, run, all_)  # a sweep id: its runs
     data = collect(runs, refresh_and_retry(reg, runs))  # no daemon: cluster failures are retried here
     if json_:
         from clusterctl.render.output import print_json

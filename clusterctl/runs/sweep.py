@@ -108,7 +108,7 @@ def file_points(data: Any, where: str) -> list[dict[str, Any]]:
     items = data.get("point") if isinstance(data, dict) and set(data) == {"point"} else data
     if not isinstance(items, list) or not items or not all(isinstance(p, dict) and p for p in items):
         raise UserError(
-            f"{FILE_FLAG}: {where} holds no list of points; allowed: a JSON list of objects "
+            f"{FILE_FLAG}: {where}: holds no list of points; allowed: a JSON list of objects "
             '([{"optim.lr": 1e-4}, ...]) or TOML [[point]] tables'
         )
     return [flatten(p) for p in items]

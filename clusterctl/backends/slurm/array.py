@@ -119,6 +119,15 @@ def _array_executor() -> type:
 
     from clusterctl.backends.slurm.sbatch import BoundedSlurmExecutor
 
+    class FirstTask(BoundedSlurmExecutor):
+        """sbatch's answer read as task 0's id: submitit files the array's script under the job it
+        returns, and a folder with %a has no place for a bare array id (<A>_submission.sh goes to
+        task 0's folder)."""
+
+        @staticmethod
+        def _get_job_id_from_submission_command(string: bytes | str) -> str:
+            return BoundedSlurmExecutor._get_job_id_from_submission_command(string) + "_0"
+
     class ArrayExecutor(BoundedSlurmExecutor):
         def _internal_process_submissions(self, delayed: list[Any]) -> list[Any]:
             folder = utils.JobPaths.get_first_id_independent_folder(self.folder)
@@ -129,15 +138,16 @@ def _array_executor() -> type:
                 d.set_timeout(self.parameters.get("time", 5), self.max_num_timeout)
                 d.dump(path)
                 pickles.append(path)
-            ex = BoundedSlurmExecutor(
+            ex = FirstTask(
                 self.folder, self.max_num_timeout, python=self.python, sbatch_timeout_s=self.sbatch_timeout_s
             )
             ex.update_parameters(**self.parameters)
             ex.parameters["map_count"] = len(delayed)
             first = ex._submit_command(ex._submitit_command_str)
+            array_id = str(first.job_id).split("_")[0]
             tasks = list(range(first.num_tasks))
             jobs: list[Any] = [
-                SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{a}", tasks=tasks) for a in range(len(delayed))
+                SlurmJob(folder=self.folder, job_id=f"{array_id}_{a}", tasks=tasks) for a in range(len(delayed))
             ]
             for job, path in zip(jobs, pickles):
                 job.paths.move_temporary_file(path, "submitted_pickle")
