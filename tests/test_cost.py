@@ -130,6 +130,13 @@ def test_budget_without_a_price_or_not_positive_is_a_usage_error(tmp_path, env):
         assert r.returncode != 0 and r.stderr.startswith(expected) and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_amounts_read_as_the_other_figures():
+    from clusterctl.render.plan_view import money_text
+
+    for x, text in ((12480.4, "12,480"), (262.0, "262"), (0.18, "0.18"), (0.0123456, "0.0123"), (5.8e-05, "5.8e-05")):
+        assert amount_text(x, "EUR") == money_text(x, "EUR") == f"{text} EUR"
+
+
 def test_budget_pure_check():
     est = {"gpu_hours": 10.0, "energy_kwh": 4.0}
     prices = Cost(currency="JPY", gpu_hour=300.0)

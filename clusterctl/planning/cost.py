@@ -89,11 +89,11 @@ def over_budget(budget: float, m: dict[str, Any] | None) -> bool:
 
 
 def amount_text(x: float, currency: str) -> str:
-    """'12,480 USD', '0.18 EUR', '5.8e-05 EUR': render.units.quantity's 3 significant digits, written
-    here because planning sits below render (its messages are built here, not in a view)."""
+    """'12,480 USD', '0.18 EUR', '5.8e-05 EUR': render.units.quantity's rule (3 significant digits),
+    repeated here because planning sits below render and builds --budget's message."""
     if x == 0 or abs(x) >= 100:
         return f"{x:,.0f} {currency}"
-    return f"{x:.3g} {currency}"
+    return f"{x:.3g} {currency}" if abs(x) >= 0.001 else f"{x:.1e} {currency}"
 
 
 def budget_problem(budget: float, estimate: dict[str, Any], prices: Any, where: str) -> str | None:
