@@ -17,6 +17,7 @@ import pytest
 import tomli_w
 
 from clusterctl.runs.registry import Registry
+from clusterctl.runs.sweep import membership
 from clusterctl.specs import RunRecord, RunState
 from tests.conftest import run_cli, trainer_shards
 
@@ -55,7 +56,7 @@ def world(tmp_path_factory):
             timeout=300,
         )  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
-        plan = {"sweep": {"id": sweep, "index": i, "point": {"optim.lr": lr}}}
+        plan = {"sweep": membership(sweep, i, {"optim.lr": lr})}  # as submit --sweep records it
         if i == 1:
             plan["lineage"] = {"from_run": runs["lr-high"][0], "from_step": 2, "weights_only": True}
         reg.add_run(
@@ -76,7 +77,7 @@ def world(tmp_path_factory):
     text = (high_dir / "config.toml").read_text()
     assert "steps = 5\n" in text
     (run_dir / "config.toml").write_text(text.replace("steps = 5\n", "steps = 9\n"))
-    plan = {"sweep": {"id": other, "index": 0, "point": {}}}
+    plan = {"sweep": membership(other, 0, {})}
     reg.add_run(
         RunRecord(run_id, "waiting", "local", "local", str(run_dir), time.time(), "ann", 1, 9, "PENDING", plan=plan)
     )
