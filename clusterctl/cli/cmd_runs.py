@@ -79,6 +79,9 @@ def resume(
         help="Resubmit even if the run directory's profile.json sets environment variables that load code "
         "(read it first: a run directory can be forged or edited).",
     ),
+    steps: int = typer.Option(
+        None, "--steps", min=1, help="Extend the run to N optimizer steps (the cosine decay is re-planned over N)."
+    ),
 ) -> None:
     """Resubmit a stopped run; the trainer continues from the newest complete checkpoint."""
     from clusterctl.runs.lifecycle import resume as resume_run
@@ -86,7 +89,7 @@ def resume(
     reg = Registry()
     r = reg.get_run(run)
     reg.require_writable()
-    job_id, ckpt, skipped = resume_run(reg, r, allow_env=allow_env)
+    job_id, ckpt, skipped = resume_run(reg, r, allow_env=allow_env, steps=steps)
     if json_:
         print_json({"run_id": r.run_id, "job_id": job_id, "resume_from": ckpt, "skipped_checkpoints": skipped})
         return

@@ -22,6 +22,7 @@ from clusterctl.render.output import print_json
 from clusterctl.specs import ACTIVE_STATES, RunState
 
 if TYPE_CHECKING:
+    from clusterctl.runs.fork import Source
     from clusterctl.runs.registry import Registry
     from clusterctl.runs.submit import Prepared
 
@@ -75,18 +76,34 @@ def submit(
     max_parallel: int = typer.Option(
         4, "--max-parallel", min=1, max=1000, help="A sweep's runs at once (the job array's %N)."
     ),
+    from_: str = typer.Option(
+        None,
+        "--from",
+        metavar="RUN[@STEP]",
+        help="Start from RUN's newest checkpoint (or its newest at or under STEP): weights, optimizer and step; "
+        "RUN's config is the base (--config, --set on top).",
+    ),
+    weights_only: bool = typer.Option(
+        False, "--weights-only", help="With --from: load the weights only, at step 0 with a fresh optimizer."
+    ),
 ) -> None:
     """Plan a run for a profile (its recipe, or --config) and submit it (Slurm via submitit, or a local process)."""
     from clusterctl.runs.registry import Registry
     from clusterctl.runs.submit import create, new_run_dir, refuse
     from clusterctl.runs.submit import dry_run as preview
 
+    src = _fork(flags, from_, weights_only, bool(sweep or sweep_file is not None))
     if sweep or sweep_file is not None:
         others = (after, watch, wait, snapshot, budget is not None)
         raise typer.Exit(
             _sweep(flags, steps, name, sweep or [], sweep_file, max_parallel, max_retries, dry_run, hold, json_, others)
         )
-    p = flags.prepare(steps, name=name)
+    p = flags.prepare(steps, name=name, extra=src.layers() if src else None)
+    if src:  # runs.fork: refused before anything is written; the lineage goes into the plan
+        from clusterctl.runs.fork import check
+
+        check(src, p.config, p.profile)
+        p.plan["lineage"] = src.lineage()
     if budget is not None:  # planning.cost: over budget is a problem (dry-run lists it, submit refuses)
         _budget(p, budget)
     if snapshot:
@@ -113,7 +130,12 @@ def submit(
         return
     refuse(p)  # a refusal is the only line: no warning before it
     waits = _after(reg, after, p.profile.executor) if after else None
-    job_id = create(reg, p, run_id, run_dir, max_retries, hold=hold, after=waits)
+    if src:
+        from clusterctl.runs.fork import submit as submit_fork
+
+        job_id = submit_fork(reg, src, p, run_id, run_dir, max_retries, hold, waits)
+    else:
+        job_id = create(reg, p, run_id, run_dir, max_retries, hold=hold, after=waits)
     for line in p.checks.warnings:  # only once submitted: sbatch's refusal, too, is the only line
         # folded at spaces by render.fold, not by rich, which cuts a path longer than the terminal mid-word
         output.err_console.print(fold(f"warning: {line}"), markup=False, highlight=False, soft_wrap=True)
@@ -141,6 +163,26 @@ def _budget(p: Prepared, budget: float) -> None:
     where = f"profile {p.profile.name!r}"
     if problem := budget_problem(budget, p.plan.get("estimate") or {}, p.profile, where):
         p.checks.problems.insert(0, problem)
+
+
+def _fork(flags: PlanningFlags, from_: str | None, weights_only: bool, sweep: bool) -> Source | None:
+    """--from's checkpoint (runs.fork), its run's config the base unless --config names one."""
+    from vltrain.common.errors import UserError
+
+    if from_ is None:
+        if weights_only:
+            raise UserError("--weights-only: only with --from; allowed: --from RUN[@STEP] --weights-only")
+        return None
+    if sweep:
+        raise UserError("--from: not with --sweep; allowed: --from for a single run")
+    from clusterctl.runs.fork import resolve
+    from clusterctl.runs.registry import Registry
+    from vltrain.rundir import RunDir
+
+    src = resolve(Registry(), from_, weights_only)
+    if flags.config is None:
+        flags.config = RunDir(src.run.run_dir).config
+    return src
 
 
 def _sweep(flags, steps, name, items, sweep_file, max_parallel, max_retries, dry_run, hold, json_, others) -> int:

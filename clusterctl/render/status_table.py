@@ -192,6 +192,10 @@ def provenance_lines(runs: list[dict[str, Any]]) -> list[str]:
             lines.append(f"{printable(row['run_id'])}: retries exclude {printable(', '.join(map(str, nodes)))}")
     if len(runs) == 1 and (commit := commit_text(runs[0].get("commit"), runs[0].get("dirty"))):
         lines.append(f"{printable(runs[0]['run_id'])}: submitted from commit {commit}")
+    if len(runs) == 1 and isinstance(lin := runs[0].get("lineage"), dict):  # submit --from (runs.fork)
+        how = "weights only, from step 0" if lin.get("weights_only") else "weights and optimizer"
+        said = f"forked from {printable(str(lin.get('from_run')))} at step {lin.get('from_step')} ({how})"
+        lines.append(f"{printable(runs[0]['run_id'])}: {said}")
     return lines
 
 

@@ -217,9 +217,12 @@ def cancel(reg: Registry, run: RunRecord) -> JobRecord:
     return job
 
 
-def resume(reg: Registry, run: RunRecord, allow_env: bool = False) -> tuple[str, str | None, list[str]]:
+def resume(
+    reg: Registry, run: RunRecord, allow_env: bool = False, steps: int | None = None
+) -> tuple[str, str | None, list[str]]:
     """Resubmit a stopped run after submit's checks on its run directory (read_back); returns (job id,
-    the checkpoint it resumes from or None, the damaged ones the trainer will skip and why)."""
+    the checkpoint it resumes from or None, the damaged ones the trainer will skip and why). `steps`:
+    extend the run to that many optimizer steps first (`extend`)."""
     state = current_state(reg, run)
     if state in ACTIVE_STATES:
         raise UserError(
@@ -229,8 +232,32 @@ def resume(reg: Registry, run: RunRecord, allow_env: bool = False) -> tuple[str,
 
     profile = read_back(run, allow_env)
     ckpt, skipped = resume_point(Path(run.run_dir))
+    if steps is not None:
+        extend(reg, run, steps)
     job_id = submit_attempt(reg, run, profile, "resume")
     return job_id, ckpt, skipped
+
+
+def extend(reg: Registry, run: RunRecord, steps: int) -> int:
+    """Raise the run's `steps` (config.toml and the registry) and record an "extend" event; returns the
+    old count. The LR schedule is a function of the step and the total (vltrain.schedule.lr_at, not
+    saved in the checkpoint), so the remaining cosine decay is re-planned over the new total: the LR at
+    the resumed step rises to lr_at(step, new total) and decays to min_lr at the new last step. steps
+    is not in the config hash: the run's own checkpoints still resume."""
+    from vltrain.config import load_train_config, write_resolved_config
+    from vltrain.rundir import RunDir
+
+    path = RunDir(run.run_dir).config
+    cfg = load_train_config(path)
+    if steps <= cfg.steps:
+        raise UserError(
+            f"--steps: {steps} does not extend {run.run_id} ({cfg.steps} steps); allowed: more than {cfg.steps}"
+        )
+    new = load_train_config(path, {"steps": steps})  # validated: a curriculum's stages must still fit
+    write_resolved_config(path, new)
+    reg.set_run_steps(run.run_id, new.to_dict(), steps)
+    reg.add_event(run.run_id, "extend", {"from_steps": cfg.steps, "to_steps": steps})
+    return cfg.steps
 
 
 def resume_point(run_dir: Path) -> tuple[str | None, list[str]]:

@@ -288,6 +288,14 @@ class Registry(SummaryTables):
                     f"registry: run id {run.run_id!r} exists already; allowed: a new id (Registry.new_run_id)"
                 ) from None
 
+    def set_run_steps(self, run_id: str, config: dict[str, Any], total_steps: int) -> None:
+        """A run's config and total steps after `resume --steps` extended it (runs.lifecycle.extend)."""
+        with self._write() as c:
+            c.execute(
+                "UPDATE runs SET config = ?, total_steps = ? WHERE run_id = ?",
+                (dumps_strict(config, sort_keys=True, default=str), total_steps, run_id),
+            )
+
     def set_run_state(self, run_id: str, state: str) -> None:
         self.set_run_states({run_id: state})
 

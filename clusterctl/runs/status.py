@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from clusterctl.backends import get_backend
 from clusterctl.runs import artifacts, provenance
@@ -55,6 +55,7 @@ class RunStatus(TypedDict):
     commit: str | None  # the git commit it was submitted from (provenance.json), None when not known
     dirty: bool | None  # that work tree had uncommitted changes (source.diff holds them); None when not known
     excluded_nodes: list[str]  # the nodes its retries keep it off (the newest retry event's), [] when none
+    lineage: NotRequired[dict[str, Any]]  # submit --from: from_run, from_step, weights_only (runs.fork)
 
 
 # --- pure ---------------------------------------------------------------------------------------
@@ -240,6 +241,8 @@ def collect(runs: list[RunRecord], fresh: Refresh) -> dict[str, Any]:
         why, waiting = why_ended(r, jobs), fresh.waiting.get(r.run_id)
         commit, excluded = provenance.commit_of(r.run_dir), fresh.excluded.get(r.run_id)
         rows.append(summarize(r, jobs, metrics, resumes, fresh.now, why, waiting, headline, commit, excluded))
+        if lineage := r.plan.get("lineage"):  # a fork's origin (runs.fork)
+            rows[-1]["lineage"] = lineage
     return {"source": fresh.source, "notes": with_skipped(fresh.notes), "runs": rows}
 
 

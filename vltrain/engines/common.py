@@ -122,6 +122,20 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool = False):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
+def retarget_lr(scheduler: Any, peak: float) -> None:
+    """After loading a checkpoint written with another peak LR (a fork: `clusterctl submit --from RUN
+    --set optim.lr=...`): LambdaLR's state holds the old base LRs, so set this config's, and each
+    group's LR at the loaded step from it. The schedule's shape (warm-up, min_lr, total) is this
+    config's already (its lambdas are not saved). The same peak touches nothing: an exact resume."""
+    if all(base == peak for base in scheduler.base_lrs):
+        return
+    scheduler.base_lrs = [peak] * len(scheduler.base_lrs)
+    for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = peak, peak * fn(scheduler.last_epoch)
+    # what get_last_lr says until the next step
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
 def build_model(cfg: TrainConfig, device: torch.device | str = "cpu", *, initialise: bool = False) -> nn.Module:
     """The VLModel of the run, initialised from cfg.seed (identical on every rank), created directly
     on `device`: on a GPU no copy of the weights passes through host memory (a 30.5B model is 114 GiB

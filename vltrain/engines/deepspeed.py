@@ -32,6 +32,7 @@ from vltrain.engines.common import (
     build_optimizer,
     compute_dtype,
     model_inputs,
+    retarget_lr,
 )
 from vltrain.engines.process_group import init_torch_process_group, start_timeout
 from vltrain.evaluate import EvalShare
@@ -162,6 +163,7 @@ class DeepSpeedEngine(TrainEngine):
             raise UserError(
                 f"{directory}: DeepSpeed found no checkpoint under {TAG}/; allowed: a directory written by vltrain"
             )
+        retarget_lr(self.ds.lr_scheduler, self.cfg.optim.lr)  # a fork with another LR (clusterctl submit --from)
 
     def checkpoint_bytes(self) -> int:
         """The model in its dtype plus ZeRO's fp32 master weights and Adam's two moments (12 bytes a parameter)."""

@@ -62,6 +62,7 @@ from vltrain.engines.common import (
     compute_dtype,
     default_dtype,
     model_inputs,
+    retarget_lr,
 )
 from vltrain.presets import resolve_model
 
@@ -372,6 +373,7 @@ class FSDPEngine(TrainEngine):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         for scheduler in self.schedulers:
             scheduler.load_state_dict(state["scheduler"])
+            retarget_lr(scheduler, self.cfg.optim.lr)  # a fork with another LR (clusterctl submit --from)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.skipped, self.global_steps = int(state["skipped_steps"]), int(state["global_steps"])
