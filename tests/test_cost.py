@@ -208,3 +208,11 @@ def test_report_without_any_price_has_no_cost(tmp_path):
     rows = _json("report", "energy", "--by", "run", env=env)["rows"]
     assert rows and all("cost" not in r for r in rows)
     assert "cost" not in run_cli("report", "energy", "--by", "run", env=env).stdout
+
+
+def test_profiles_show_states_the_prices(tmp_path):
+    path = priced(tmp_path)
+    text = run_cli("profiles", "show", str(path)).stdout
+    assert "2.5 EUR per GPU-hour, 0.3 EUR per kWh" in " ".join(text.split())
+    assert _json("profiles", "show", str(path))["cost"] == {"currency": "EUR", "gpu_hour": 2.5, "kwh": 0.3}
+    assert "cost" not in run_cli("profiles", "show", "a100x32").stdout

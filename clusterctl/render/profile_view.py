@@ -80,6 +80,12 @@ def print_profile(p: ClusterProfile, country_name: str) -> None:
     if p.site.carbon_intensity_g_per_kwh is not None:
         site += f", grid {p.site.carbon_intensity_g_per_kwh:g} gCO2eq/kWh"
     rows.append(("site", site))
+    if p.cost:  # planning.cost: the prices plan, estimate, report and submit --budget use
+        c = p.cost
+        prices = [
+            f"{v:g} {c.currency} per {unit}" for v, unit in ((c.gpu_hour, "GPU-hour"), (c.kwh, "kWh")) if v is not None
+        ]
+        rows.append(("cost", ", ".join(prices)))
     if p.seed:
         rows.append(("seed", p.seed))
     rows.append(("comm env", "set for every rank, one a line:" if d["comm_env"] else "-"))
