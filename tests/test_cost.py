@@ -45,6 +45,8 @@ def test_no_price_is_no_money_never_zero():
     assert money(100.0, 40.0, {"cost": None}) is None
     assert money(100.0, 40.0, read_profile(builtin_dir() / "a100x32.toml")) is None
     assert money(None, 40.0, Cost(gpu_hour=2.0)) is None  # nothing that is priced is known
+    for bad in ({"gpu_hour": "2.5"}, {"gpu_hour": -1}, {"kwh": True}, {"gpu_hour": 1, "currency": "usd"}):
+        assert money(1.0, 1.0, {"cost": bad}) is None, bad  # a hand-edited profile.json prices nothing
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in builtin_dir().glob("*.toml")))

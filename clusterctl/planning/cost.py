@@ -54,9 +54,18 @@ def prices_of(prices: Any) -> Cost | None:
         table = prices.get("cost", prices)
         if not isinstance(table, dict) or not ({"gpu_hour", "kwh"} & table.keys()):
             return None
-        return Cost(currency=table.get("currency") or "USD", gpu_hour=table.get("gpu_hour"), kwh=table.get("kwh"))
+        # a stored profile.json read back: a hand-edited price that is no number prices nothing
+        gpu_hour, kwh, currency = table.get("gpu_hour"), table.get("kwh"), table.get("currency") or "USD"
+        if not all(_price(v) for v in (gpu_hour, kwh)) or currency not in CODES:
+            return None
+        return Cost(currency=currency, gpu_hour=gpu_hour, kwh=kwh)
     cost = getattr(prices, "cost", None)
     return cost if isinstance(cost, Cost) else None
+
+
+def _price(v: Any) -> bool:
+    """None, or a finite number >= 0 (not a bool)."""
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"))
 
 
 def _rounded(x: float) -> float:
