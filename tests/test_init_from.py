@@ -80,3 +80,8 @@ def test_export_then_init_from_round_trip_and_a_shape_mismatch_stops_training(tm
     )  # fmt: skip
     assert r.returncode == 2 and "tensor patch_embed.weight has shape [1, 2, 3]" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = vltrain(  # FSDP loads it on rank 0, before broadcasting and sharding: the same refusal
+        "train", "--config", str(cfg_path), "--run-dir", str(tmp_path / "bad-fsdp"), "--set", "parallel.strategy=fsdp",
+        "--set", f"init_from.path={tmp_path / 'bad.safetensors'}", "--set", "init_from.part=vision",
+    )  # fmt: skip
+    assert r.returncode == 2 and "tensor patch_embed.weight has shape [1, 2, 3]" in r.stderr, r.stderr
