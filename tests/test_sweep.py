@@ -117,6 +117,29 @@ def test_the_array_spec_runs_each_tasks_own_setup_in_one_script(tmp_path):
         array_spec([specs[0], other], tmp_path / "runs" / "sweep", max_parallel=2)
 
 
+def test_a_sweep_id_finds_its_runs_in_point_order_and_filters_reports(tmp_path):
+    from clusterctl.runs.registry import Registry
+    from clusterctl.specs import RunRecord
+
+    reg = Registry(tmp_path / "r.db")
+    sid = "m-sweep-20260101-000000-abcd"
+    for run_id, created, plan in (
+        ("b", 1.0, {"sweep": sw.membership(sid, 1, {"seed": 2})}),
+        ("a", 2.0, {"sweep": sw.membership(sid, 0, {"seed": 1})}),
+        ("c", 3.0, {"sweep": sw.membership("other-sweep-x", 0, {})}),
+        ("d", 4.0, {}),
+    ):
+        reg.add_run(
+            RunRecord(run_id, run_id, "p", "slurm", str(tmp_path / run_id), created, "u", 1, 4, "PENDING", plan=plan)
+        )
+    reg._conn.execute("UPDATE runs SET plan = 'not json' WHERE run_id = 'd'")  # a damaged plan is no sweep's
+    assert [r.run_id for r in sw.runs_of(reg, sid)] == ["a", "b"]  # point order, not submission order
+    assert sw.runs_of(reg, "a") == [] and sw.expand(reg, [sid, "d"]) == ["a", "b", "d"]
+    assert sw.run_filter(reg, sid) == {"run_id": None, "sweep": sid}
+    assert sw.run_filter(reg, "c") == {"run_id": "c"} and sw.run_filter(reg, None) == {"run_id": None}
+    assert sorted(r.run_id for r, _ in reg.index(sweep=sid)) == ["a", "b"]
+
+
 # --- the CLI -------------------------------------------------------------------------------------
 
 
@@ -159,6 +182,34 @@ def test_an_unknown_key_is_refused_as_set_refuses_it_naming_sweep(tmp_path, env)
     r = run_cli("submit", "--profile", "slurm-local", "--sweep-file", str(bad), "--dry-run", env=env)
     one_line_error(r, f"error: --sweep-file: {bad}: holds no list of points")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_on_the_local_executor_the_points_run_one_after_another(tmp_path, env):
+    """No scheduler: submit runs point 1 once point 0 has ended, each a normal local run (2 x ~25 s)."""
+    d = trainer_shards(tmp_path / "data")
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(
+        f'model = "tiny"\nglobal_batch = 16\nsteps = 2\nprecision = "fp32"\nlog_every = 1\n[data]\n'
+        f'shards = "{d / "shards"}"\ntokenizer = "{d / "tok.model"}"\n'
+    )
+    r = run_cli(
+        "submit", "--profile", "local", "--config", str(cfg), "--sweep", "seed=1,2", "--json", env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert [x["state"] for x in out["runs"]] == ["COMPLETED", "COMPLETED"], out
+    assert "one after another" in r.stderr  # progress on stderr: stdout stays one JSON document
+    from clusterctl.runs.registry import Registry
+
+    reg = Registry(Path(env["CLUSTERCTL_REGISTRY"]))
+    runs = sw.runs_of(reg, out["sweep_id"])
+    assert [r.run_id for r in runs] == [x["run_id"] for x in out["runs"]]
+    first_ended = (Path(runs[0].run_dir) / "metrics.jsonl").stat().st_mtime
+    assert runs[1].created_at >= first_ended, "point 1 was submitted before point 0 had ended"
+    for run, seed in zip(runs, (1, 2)):
+        assert f"seed = {seed}" in (Path(run.run_dir) / "config.toml").read_text()
+        assert run.plan["sweep"]["point"] == {"seed": seed}
 
 
 # --- on the local Slurm cluster ------------------------------------------------------------------
@@ -246,6 +297,9 @@ def test_a_sweep_is_one_job_array_and_a_killed_point_is_retried_alone(world):
             log = run_cli("logs", runs[i]["run_id"], "--job", f"{array}_{i}", env=world["env"])
             assert log.returncode == 0 and "step" in log.stdout.lower(), log.stderr
             assert (d / "submitit" / f"{array}_{i}" / f"{array}_{i}_0_log.out").is_file()
+        r = run_cli("report", "gpu-hours", "--run", sweep_id, "--json", env=world["env"])  # the sweep's runs
+        assert r.returncode == 0, r.stderr
+        assert sorted(row["key"] for row in json.loads(r.stdout)["rows"]) == sorted(x["run_id"] for x in runs)
     finally:
         run_cli("cancel", sweep_id, env=world["env"])
 

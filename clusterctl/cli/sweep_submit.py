@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from clusterctl.cli.options import PlanningFlags
 
 
-def _line(text: str) -> None:
-    output.console.print(text, markup=False, highlight=False, soft_wrap=True)
+def _line(text: str, err: bool = False) -> None:
+    (output.err_console if err else output.console).print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def sweep(
@@ -68,14 +68,14 @@ def sweep(
         return 0
     if hold:
         raise UserError(f"--hold: executor {executor!r} has no scheduler to hold a job; allowed: a Slurm profile")
-    _line(f"sweep {sweep_id}: {len(points)} points, one after another (executor {executor})")
+    _line(f"sweep {sweep_id}: {len(points)} points, one after another (executor {executor})", err=json_)
     finals = sw.submit_local(
         reg,
         prepared,
         points,
         sweep_id,
         max_retries,
-        lambda i, run_id, job_id, run_dir: _line(f"  {i}  {run_id}  job {job_id}  {sw.describe(diffs[i])}"),
+        lambda i, run_id, job_id, run_dir: _line(f"  {i}  {run_id}  job {job_id}  {sw.describe(diffs[i])}", json_),
     )
     rows = [{"index": i, "state": s} for i, s in enumerate(finals)]
     if json_:

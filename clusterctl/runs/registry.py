@@ -47,7 +47,7 @@ from clusterctl.runs.dbfile import (
     sql_list,
     writable,
 )
-from clusterctl.runs.summary_tables import SummaryTables
+from clusterctl.runs.summary_tables import SummaryTables, plan_sweep
 from clusterctl.specs import ACTIVE_STATES, JOB_KINDS, JobRecord, RunRecord, RunState
 from vltrain.common.errors import UserError
 
@@ -373,6 +373,16 @@ class Registry(SummaryTables):
         lim = "" if limit is None else f"LIMIT {int(limit)}"
         rows = self._conn.execute(
             f"SELECT {','.join(RUN_COLS)} FROM runs {where} ORDER BY created_at DESC {lim}"
+        ).fetchall()
+        return [run_from_row(r) for r in rows]
+
+    @guarded
+    def sweep_runs(self, sweep_id: str) -> list[RunRecord]:
+        """The runs of sweep `sweep_id` (plan["sweep"]["id"]: runs.sweep) in point order, read from
+        the stored plans by SQLite's JSON functions: no run's JSON is decoded here to find them."""
+        rows = self._conn.execute(
+            f"SELECT {','.join(RUN_COLS)} FROM runs WHERE {plan_sweep('id')} = ? ORDER BY {plan_sweep('index')}",
+            (sweep_id,),
         ).fetchall()
         return [run_from_row(r) for r in rows]
 

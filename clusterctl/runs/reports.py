@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from clusterctl.runs.registry import Registry
+from clusterctl.runs.sweep import run_filter
 from clusterctl.specs import RunRecord
 from vltrain.common.errors import UserError
 
@@ -64,7 +65,7 @@ def usage_report(
     if lo is not None and hi is not None and hi <= lo:
         raise UserError(f"--until: {until} is not after --since {since}; allowed: a later date")
     reg = Registry() if reg is None else reg
-    filters: dict[str, Any] = {"run_id": reg.get_run(run).run_id if run else None, "profile": profile, "user": user}
+    filters: dict[str, Any] = run_filter(reg, run) | {"profile": profile, "user": user}
     filters |= {"since": lo, "until": hi}
     if not run:
         reg.verify()  # every run is read: a damaged page must not pass as a complete report
@@ -319,9 +320,8 @@ def eval_report(
     from clusterctl.runs.artifacts import read_eval
     from clusterctl.runs.provenance import commit_of
 
-    run_id = reg.get_run(run).run_id if run else None
     rows, missing = [], []
-    for r, _ in reversed(reg.index(run_id=run_id, profile=profile, user=user)):
+    for r, _ in reversed(reg.index(**run_filter(reg, run), profile=profile, user=user)):
         ev = read_eval(r.run_dir)
         if ev:
             rows.append(eval_row(r, ev, commit_of(r.run_dir)))

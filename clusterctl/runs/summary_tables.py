@@ -20,6 +20,12 @@ from clusterctl.runs.dbfile import JOB_COLS, RUN_COLS, guarded, sql_list
 from clusterctl.specs import FAILURE_STATES, RunRecord
 
 
+def plan_sweep(field: str, table: str = "") -> str:
+    """SQL for plan["sweep"][field] of a run row (runs.sweep); NULL where the plan is not JSON."""
+    p = f"{table}plan"
+    return f"CASE WHEN json_valid({p}) THEN json_extract({p}, '$.sweep.{field}') END"
+
+
 class SummaryTables:
     """The summaries' queries of runs.registry.Registry (its base: they share one connection)."""
 
@@ -35,7 +41,7 @@ class SummaryTables:
     def _filters(**given: Any) -> tuple[str, list[Any]]:
         """A WHERE clause over `runs r` for the filters given (None: not filtered)."""
         ops = {"run_id": "r.run_id =", "profile": "r.profile =", "user": "r.user =", "since": "r.created_at >=",
-               "until": "r.created_at <"}  # fmt: skip
+               "until": "r.created_at <", "sweep": f"{plan_sweep('id', 'r.')} ="}  # fmt: skip
         conds = [(f"{ops[k]} ?", v) for k, v in given.items() if v is not None]
         return (f"WHERE {' AND '.join(c for c, _ in conds)}" if conds else "", [v for _, v in conds])
 
@@ -56,6 +62,7 @@ class SummaryTables:
         user: str | None = None,
         since: float | None = None,
         until: float | None = None,
+        sweep: str | None = None,
         stale_only: bool = False,
         status_rows: bool = False,
     ) -> list[tuple[RunRecord, Any]]:
@@ -66,7 +73,7 @@ class SummaryTables:
         decoded), unless it failed and its plan allows retries."""
         from clusterctl.runs.summaries import COLUMNS, from_row
 
-        where, args = self._filters(run_id=run_id, profile=profile, user=user, since=since, until=until)
+        where, args = self._filters(run_id=run_id, profile=profile, user=user, since=since, until=until, sweep=sweep)
         light = [f"r.{c}" for c in RUN_COLS if c not in ("config", "plan")]
         if self.has_summaries:
             settled = _settled(status_rows)
@@ -103,6 +110,7 @@ class SummaryTables:
         user: str | None = None,
         since: float | None = None,
         until: float | None = None,
+        sweep: str | None = None,
     ) -> list[tuple]:
         """Report totals of the runs with a settled summary, grouped in SQL by `by` (usage.BY): one
         row per group, (key, *what usage.Totals.add_sql takes). [] without stored summaries."""
@@ -115,7 +123,7 @@ class SummaryTables:
             "day": "strftime('%Y-%m-%d', CAST(r.created_at AS INTEGER), 'unixepoch')",  # whole seconds: as
             "month": "strftime('%Y-%m', CAST(r.created_at AS INTEGER), 'unixepoch')",  # Python's day
         }[by]
-        where, args = self._filters(run_id=run_id, profile=profile, user=user, since=since, until=until)
+        where, args = self._filters(run_id=run_id, profile=profile, user=user, since=since, until=until, sweep=sweep)
         where = f"{where} AND {_settled()}" if where else f"WHERE {_settled()}"  # status rows not needed
         if by == "run":  # a group per run: its own figures, no GROUP BY
             return self._conn.execute(
@@ -142,6 +150,7 @@ class SummaryTables:
         user: str | None = None,
         since: float | None = None,
         until: float | None = None,
+        sweep: str | None = None,
     ) -> list[tuple]:
         """Report figures of each run with a settled summary (`report --by run`), by run id: (run_id,
         gpu_hours, gpu_hours_source, energy_kwh, co2_kg, pue, estimated_kwh, estimated_co2_kg,
@@ -150,7 +159,7 @@ class SummaryTables:
         stored summaries."""
         if not self.has_summaries:
             return []
-        where, args = self._filters(run_id=run_id, profile=profile, user=user, since=since, until=until)
+        where, args = self._filters(run_id=run_id, profile=profile, user=user, since=since, until=until, sweep=sweep)
         # the filters are on runs; without any, the summaries alone (every summary has its run: a
         # trigger deletes it with the run) and no lookup of 10,000 runs
         source = "runs r JOIN summaries s ON s.run_id = r.run_id" if where else "summaries s"

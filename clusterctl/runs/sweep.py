@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 FLAG = "--sweep"
 FILE_FLAG = "--sweep-file"
+SWEEP_WORD = "-sweep-"  # in every sweep id (new_id): only such a reference is looked up as one
 MAX_POINTS = 1000  # Slurm's default MaxArraySize is 1001: a bigger grid is a typo more often than a plan
 SHAPE = 'allowed: --sweep key=v1,v2,... (values as --set takes them: 3e-4, true, "x", [1, 2]), e.g. --sweep optim.lr=1e-4,3e-4'
 
@@ -146,7 +147,7 @@ def membership(sweep_id: str, index: int, point: dict[str, Any]) -> dict[str, An
 
 def new_id(name: str) -> str:
     """`<name>-sweep-YYYYMMDD-HHMMSS-<4 hex>`, made as run ids are."""
-    return f"{name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+    return f"{name}{SWEEP_WORD}{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
 def sweep_of(run: RunRecord) -> dict[str, Any] | None:
@@ -172,9 +173,16 @@ def read_points(path: Path) -> list[dict[str, Any]]:
 
 
 def runs_of(reg: Registry, ref: str) -> list[RunRecord]:
-    """The runs of sweep `ref` in point order; [] when `ref` is no sweep's id."""
-    runs = [r for r in reg.list_runs() if (s := sweep_of(r)) and s.get("id") == ref]
-    return sorted(runs, key=lambda r: (sweep_of(r) or {}).get("index", 0))
+    """The runs of sweep `ref` in point order (Registry.sweep_runs); [] when `ref` is no sweep's id."""
+    return reg.sweep_runs(ref) if SWEEP_WORD in ref else []
+
+
+def run_filter(reg: Registry, ref: str | None) -> dict[str, Any]:
+    """A report's --run as the registry's filters: a sweep id stands for its runs, anything else
+    names one run (Registry.get_run: id, unique prefix or name)."""
+    if ref and runs_of(reg, ref):
+        return {"run_id": None, "sweep": ref}
+    return {"run_id": reg.get_run(ref).run_id if ref else None}
 
 
 def expand(reg: Registry, refs: list[str]) -> list[str]:
@@ -247,14 +255,18 @@ def submit_local(
     ended; returns each run's final state. Ctrl-C stops waiting: the points not yet submitted are not."""
     from clusterctl.runs.lifecycle import current_state
     from clusterctl.runs.submit import create, new_run_dir
-    from clusterctl.specs import ACTIVE_STATES
+    from clusterctl.specs import ACTIVE_STATES, RunState
 
     finals = []
     for i, p in enumerate(prepared):
         run_id, run_dir = new_run_dir(reg, p.name)
         job_id = create(reg, _member(p, sweep_id, i, points[i]), run_id, run_dir, max_retries)
         on_submitted(i, run_id, job_id, run_dir)
-        while (state := current_state(reg, reg.get_run(run_id))) in ACTIVE_STATES:
+        state: str = RunState.RUNNING
+        while state in ACTIVE_STATES:
+            # a wait first: polled within a millisecond of its start, the job's pid may still be the
+            # fork of this process, not yet submitit's controller (backends.local.pid_alive: FAILED)
             time.sleep(poll_s)
+            state = current_state(reg, reg.get_run(run_id))
         finals.append(state)
     return finals

@@ -14,6 +14,7 @@ before its folder existed could not open its log (Slurm would fail it with nothi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,7 @@ def _array_executor() -> type:
     from submitit.core import utils
     from submitit.slurm.slurm import SlurmJob
 
+    from clusterctl.backends.slurm import commands as slurm
     from clusterctl.backends.slurm.sbatch import BoundedSlurmExecutor
 
     class FirstTask(BoundedSlurmExecutor):
@@ -149,8 +151,13 @@ def _array_executor() -> type:
             jobs: list[Any] = [
                 SlurmJob(folder=self.folder, job_id=f"{array_id}_{a}", tasks=tasks) for a in range(len(delayed))
             ]
-            for job, path in zip(jobs, pickles):
-                job.paths.move_temporary_file(path, "submitted_pickle")
+            try:
+                for job, path in zip(jobs, pickles):
+                    job.paths.move_temporary_file(path, "submitted_pickle")
+            except BaseException:  # the array is held: nothing ran; leave nothing queued either
+                with contextlib.suppress(UserError, OSError):
+                    slurm.scancel(array_id)
+                raise
             return jobs
 
     return ArrayExecutor
