@@ -97,3 +97,35 @@ def test_fork_with_a_lower_lr_weights_only_and_extend(tmp_path, env):
     assert max(after) == 8 and status(base_id, env)["total_steps"] == 8
     lr8 = steps_and(base_dir, "lr")
     assert lr8[8] == pytest.approx(1e-4, rel=1e-6)  # the decay re-planned: min_lr at the new last step
+
+
+def test_a_full_fork_is_refused_across_rank_count_engine_model_and_zero_stage(tmp_path):
+    """The trainer's own rules (vltrain.checkpoint.check_compatible), checked at submit: a DeepSpeed
+    checkpoint of 2 ranks does not resume on 1; another engine or model or ZeRO stage is one line."""
+    from types import SimpleNamespace
+
+    from clusterctl.runs.fork import Source, check
+    from vltrain.config import load_train_config, write_resolved_config
+
+    cfg = load_train_config(None, {"steps": 10})
+    write_resolved_config(tmp_path / "config.toml", cfg)
+    ckpt = tmp_path / "checkpoints" / "step_0000004"
+    ckpt.mkdir(parents=True)
+    meta = {"schema": 1, "step": 4, "world_size": 2, "format": "ds", "config_hash": cfg.config_hash()}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    run = SimpleNamespace(run_id="base-1", run_dir=str(tmp_path))
+    full, weights = Source(run, 4, ckpt, False), Source(run, 4, ckpt, True)  # type: ignore[arg-type]
+    two, one = SimpleNamespace(world_size=2), SimpleNamespace(world_size=1)
+    check(full, load_train_config(None, {"steps": 10, "optim.lr": 1e-4}), two)  # a lower LR: fine
+    cases = [
+        (full, {}, one, r"written by 2 ranks but this run has 1"),
+        (full, {"parallel.strategy": "fsdp"}, two, r"written under parallel.strategy 'deepspeed'"),
+        (full, {"zero_stage": 1}, two, r"^--from: zero_stage 1 differs from base-1's 2; allowed: "),
+        (weights, {"model.text_layers": 2}, one, r"^--from: base-1 trained another model; allowed: "),
+        (full, {"steps": 4}, two, r"^--steps: 4 ends at or before step 4; allowed: more than 4$"),
+    ]
+    for src, change, prof, words in cases:
+        with pytest.raises(UserError, match=words) as e:
+            check(src, load_train_config(None, {"steps": 10} | change), prof)  # type: ignore[arg-type]
+        assert "\n" not in str(e.value)
+    check(weights, load_train_config(None, {"steps": 2, "zero_stage": 1}), one)  # type: ignore[arg-type]
