@@ -25,6 +25,15 @@ def test_from_is_run_or_run_at_step():
             parse_from(bad)
 
 
+def test_from_an_unknown_run_and_weights_only_alone_are_one_line(env):
+    for args, words in (
+        (("--from", "nope"), "error: --from: no run matches 'nope'; allowed: "),
+        (("--weights-only",), "error: --weights-only: only with --from; allowed: "),
+    ):
+        r = run_cli("submit", "--profile", "local", *args, "--dry-run", env=env)
+        assert r.returncode == 2 and r.stderr.startswith(words) and len(r.stderr.splitlines()) == 1, r.stderr
+
+
 def test_a_step_before_every_checkpoint_is_one_line(tmp_path):
     from clusterctl.runs.fork import pick
 

@@ -69,7 +69,10 @@ def pick(run_dir: Path, step: int | None, what: str) -> tuple[int, Path]:
 
 def resolve(reg: Registry, value: str, weights_only: bool) -> Source:
     ref, step = parse_from(value)
-    run = reg.get_run(ref)
+    try:
+        run = reg.get_run(ref)
+    except UserError as e:  # it names RUN, the argument of the commands that take one
+        raise UserError(f"--from: {str(e).removeprefix('RUN: ')}") from None
     s, path = pick(Path(run.run_dir), step, value)
     return Source(run, s, path, weights_only)
 
