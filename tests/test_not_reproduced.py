@@ -121,7 +121,7 @@ NUMBER = r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:e-?\d+)?"
 # (phrase, when it holds). Checked in order, each match then blanked: the longer and negated forms come first.
 # _never: vltrain has no setting for it, so a recipe whose paper states it lists it as not reproduced.
 TERMS: list[tuple[str, Callable[[TrainConfig, re.Match], bool]]] = [
-    (r"pre-trained", _never),  # vltrain initialises every weight; it loads no pre-trained encoder
+    (r"pre-trained", lambda c, m: bool(c.init_from.path)),  # [init_from] loads one (vltrain ships none)
     (r"fine-tuning", _never),  # a recipe is a pre-training run
     (r"instruction dataset", _never),  # the trainer reads one dataset of image-text pairs per run
     (r"audio|video|\d+ ?kHz", _never),  # image-text pairs only
