@@ -117,6 +117,14 @@ def test_the_array_spec_runs_each_tasks_own_setup_in_one_script(tmp_path):
         array_spec([specs[0], other], tmp_path / "runs" / "sweep", max_parallel=2)
 
 
+def test_an_array_tasks_job_id_is_the_one_squeue_and_the_registry_use():
+    from vltrain.rundir import scheduler_job_id
+
+    assert scheduler_job_id({"SLURM_JOB_ID": "844", "SLURM_ARRAY_JOB_ID": "841", "SLURM_ARRAY_TASK_ID": "3"}) == "841_3"
+    assert scheduler_job_id({"SLURM_JOB_ID": "844"}) == "844"
+    assert scheduler_job_id({"SUBMITIT_LOCAL_JOB_ID": "123"}) == "123" and scheduler_job_id({}) is None
+
+
 def test_a_sweep_id_finds_its_runs_in_point_order_and_filters_reports(tmp_path):
     from clusterctl.runs.registry import Registry
     from clusterctl.specs import RunRecord
@@ -297,6 +305,12 @@ def test_a_sweep_is_one_job_array_and_a_killed_point_is_retried_alone(world):
             log = run_cli("logs", runs[i]["run_id"], "--job", f"{array}_{i}", env=world["env"])
             assert log.returncode == 0 and "step" in log.stdout.lower(), log.stderr
             assert (d / "submitit" / f"{array}_{i}" / f"{array}_{i}_0_log.out").is_file()
+            # the trainer's and provenance's job id is the task's as squeue/sacct/the registry name it
+            start = json.loads((d / "events.jsonl").read_text().splitlines()[0])
+            assert start["event"] == "start" and start["job_id"] == f"{array}_{i}", start
+            assert {json.loads(h.read_text())["job_id"] for h in (d / "hosts").glob(f"*job{array}_{i}-r0*")} == {
+                f"{array}_{i}"
+            }
         r = run_cli("report", "gpu-hours", "--run", sweep_id, "--json", env=world["env"])  # the sweep's runs
         assert r.returncode == 0, r.stderr
         assert sorted(row["key"] for row in json.loads(r.stdout)["rows"]) == sorted(x["run_id"] for x in runs)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from vltrain.common.errors import UserError
-from vltrain.rundir import RunDir
+from vltrain.rundir import RunDir, scheduler_job_id
 
 COMM_ERROR_WORDS = (
     "connection closed by peer",
@@ -50,7 +50,7 @@ def record_failure(run_dir: str | Path, exc: BaseException, kind: str, rank: int
             "reason": reason[:500],
             "rank": rank,
             "time": time.time(),
-            "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
+            "job_id": scheduler_job_id(os.environ),
             "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
         }
         atomic_write(RunDir(run_dir).failure_file(rank), json.dumps(record) + "\n", mode=None)

@@ -33,7 +33,7 @@ from vltrain.divergence import TrainingDiverged, non_finite_loss, remedies, skip
 from vltrain.engines.common import RankLayout
 from vltrain.failures import is_comm_error, record_failure
 from vltrain.presets import resolve_model
-from vltrain.rundir import ENERGY_FLUSH_S, EXIT_COMM_ERROR, STALL_TIMEOUT_S, JobEnv, RunDir
+from vltrain.rundir import ENERGY_FLUSH_S, EXIT_COMM_ERROR, STALL_TIMEOUT_S, JobEnv, RunDir, scheduler_job_id
 from vltrain.signals import CONTINUE, StopRequests, has_timed_out, preempt_signal, run_original_handler
 from vltrain.stepstats import LOSSES, Interval, StepNumbers, flops_per_sample
 from vltrain.teardown import NativeTeardown
@@ -285,7 +285,7 @@ class Session:
             "launcher": d.source,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
+            "job_id": scheduler_job_id(os.environ),
         }
         info |= self.engine.describe()
         if moved_aside:

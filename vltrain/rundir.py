@@ -188,3 +188,12 @@ def _positive(raw: str) -> float | None:
     except ValueError:
         return None
     return value if value > 0 else None
+
+
+def scheduler_job_id(env: Mapping[str, str]) -> str | None:
+    """This job's id as squeue, sacct and the registry name it: a job array's task is <array>_<task>
+    (its own SLURM_JOB_ID is another number: a sweep's point, clusterctl.runs.sweep), else
+    SLURM_JOB_ID, else the local executor's controller pid; None outside a job."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID")

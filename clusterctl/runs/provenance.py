@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from vltrain.rundir import RunDir
+from vltrain.rundir import RunDir, scheduler_job_id
 
 FORMAT = 1
 PACKAGES = ("vltrain", "clusterctl")  # what a job imports of this project
@@ -77,7 +77,7 @@ def binary_paths(numstat: str) -> list[str]:
 
 def attempt_tag(env: Mapping[str, str]) -> str:
     """This attempt's name: the job id (Slurm's, or the local controller's pid) and Slurm's restart count."""
-    job = env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or f"pid{os.getpid()}"
+    job = scheduler_job_id(env) or f"pid{os.getpid()}"
     return f"job{job}-r{env.get('SLURM_RESTART_COUNT', '0') or '0'}"
 
 
@@ -259,7 +259,7 @@ def attempt_record(env: Mapping[str, str]) -> dict[str, Any]:
     nccl = torch.cuda.nccl.version() if cuda else None
     return {
         "attempt": attempt_tag(env),
-        "job_id": env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID"),
+        "job_id": scheduler_job_id(env),
         "restart": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
         "node_rank": dist.node_rank,
         "node": env.get("SLURMD_NODENAME"),
