@@ -85,3 +85,34 @@ def test_export_then_init_from_round_trip_and_a_shape_mismatch_stops_training(tm
         "--set", f"init_from.path={tmp_path / 'bad.safetensors'}", "--set", "init_from.part=vision",
     )  # fmt: skip
     assert r.returncode == 2 and "tensor patch_embed.weight has shape [1, 2, 3]" in r.stderr, r.stderr
+
+
+def _vision_after_build(rank: int, world: int, cfg) -> dict:
+    from tests.dist_harness import build_engine, full_state
+
+    engine = build_engine(rank, world, cfg, 1, 1)
+    return {k: v for k, v in full_state(engine).items() if k.startswith("vision.")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ("fsdp", "deepspeed"))
+def test_both_engines_start_two_ranks_from_the_file(tmp_path, strategy):
+    """FSDP loads on rank 0 and shards; DeepSpeed loads on every rank: either way every rank's model
+    holds the file's encoder (another seed's, so it differs from this run's own init)."""
+    from safetensors.torch import save_file
+
+    from tests.dist_harness import run_ranks
+    from vltrain.config import parse_train_config
+    from vltrain.engines.common import build_model
+
+    other = build_model(load_train_config(None, {"seed": 7, "precision": "fp32"}))
+    part = {k[7:]: v.contiguous() for k, v in other.state_dict().items() if k.startswith("vision.")}
+    save_file(part, str(tmp_path / "enc.safetensors"))
+    data = {
+        "model": "tiny", "global_batch": 2, "accumulation": 1, "steps": 2, "precision": "fp32", "seed": 0,
+        "parallel": {"strategy": strategy}, "zero_stage": 2,
+        "init_from": {"path": str(tmp_path / "enc.safetensors"), "part": "vision"},
+    }  # fmt: skip
+    for state in run_ranks(_vision_after_build, 2, parse_train_config(data, "test.toml")):
+        assert state.keys() == {"vision." + k for k in part}
+        assert all(torch.equal(state["vision." + k], v.float()) for k, v in part.items())
