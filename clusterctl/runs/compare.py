@@ -79,21 +79,6 @@ def thin(points: list[tuple[float, float]], n: int = CURVE_POINTS) -> list[tuple
     return [points[i] for i in idx]
 
 
-def sweep_runs(reg: Registry, sweep_id: str) -> list[RunRecord]:
-    """The runs of a sweep (plan["sweep"]["id"], written by runs.sweep), in their sweep order. One
-    query on the plan's JSON (SQLite's json_extract) rather than decoding every run's plan."""
-    rows = reg._conn.execute(
-        "SELECT run_id FROM runs WHERE json_valid(plan) AND json_extract(plan, '$.sweep.id') = ?", (sweep_id,)
-    ).fetchall()
-    runs = list(reg.runs_by_ids(r[0] for r in rows).values())
-
-    def order(r: RunRecord) -> tuple[Any, ...]:
-        i = (r.plan.get("sweep") or {}).get("index")
-        return (0, i, r.created_at) if _finite(i) else (1, 0, r.created_at)
-
-    return sorted(runs, key=order)
-
-
 def resolve(reg: Registry, refs: list[str]) -> list[RunRecord]:
     """Each reference as its run (id, unique prefix, name) or, failing that, its sweep's runs; a run
     named twice is compared once. An unknown reference is one line naming it."""
@@ -102,7 +87,7 @@ def resolve(reg: Registry, refs: list[str]) -> list[RunRecord]:
         try:
             found = [reg.get_run(ref)]
         except UserError as e:
-            found = sweep_runs(reg, ref)
+            found = reg.sweep_runs(ref)  # plan["sweep"]["id"] (runs.sweep), in point order
             if not found and "no run matches" not in str(e):
                 raise  # several runs share the prefix, or not UTF-8: get_run's own line
             if not found:
