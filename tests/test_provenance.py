@@ -236,7 +236,7 @@ def test_status_json_and_text_show_commit_and_excluded_nodes(run_with_provenance
     assert (row["commit"], row["dirty"], row["excluded_nodes"]) == (commit, True, ["a1", "a3"])
     r = run_cli("status", "--all", "--json", env=env)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["runs"] == [row]  # the same row from the summaries (STATUS_FORMAT 4)
+    assert json.loads(r.stdout)["runs"] == [row]  # the same row from the summaries (stored at STATUS_FORMAT)
     r = run_cli("status", run_id, env=env | {"COLUMNS": "80"})
     assert r.returncode == 0, r.stderr
     assert f"{run_id}: submitted from commit {commit[:8]}+dirty" in r.stdout
