@@ -314,6 +314,7 @@ def test_resume_maps_the_module_file_instead_of_reading_it_per_rank(tmp_path, mo
 
     class Engine:
         checkpoint_engine = CheckpointEngine()
+        lr_scheduler = None  # a DeepSpeedEngine's attribute (None when built without a scheduler)
 
         def load_checkpoint(self, path, **kw):
             return self.checkpoint_engine.load(str(f)), {}

@@ -163,7 +163,8 @@ class DeepSpeedEngine(TrainEngine):
             raise UserError(
                 f"{directory}: DeepSpeed found no checkpoint under {TAG}/; allowed: a directory written by vltrain"
             )
-        retarget_lr(self.ds.lr_scheduler, self.cfg.optim.lr)  # a fork with another LR (clusterctl submit --from)
+        if self.ds.lr_scheduler is not None:  # None: DeepSpeed built without one
+            retarget_lr(self.ds.lr_scheduler, self.cfg.optim.lr)  # a fork with another LR (clusterctl submit --from)
 
     def checkpoint_bytes(self) -> int:
         """The model in its dtype plus ZeRO's fp32 master weights and Adam's two moments (12 bytes a parameter)."""
