@@ -308,6 +308,29 @@ def sbatch_job(*args: str) -> str:
     return r.stdout.strip().split(";")[0]
 
 
+def slurm_rank_processes(rank: int, **match: str) -> list[tuple[int, dict[str, str]]]:
+    """(pid, environment) of the processes of Slurm rank `rank` on this machine (the local cluster's nodes
+    are all here) whose environment has every `match` (e.g. SLURM_JOB_ID="12"): the trainer's ranks, which
+    submitit starts (tests kill one to fake a node failure)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            raw = (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        env = dict(kv.split("=", 1) for kv in raw if "=" in kv)
+        if (
+            env.get("SLURM_PROCID") == str(rank)
+            and b"submitit" in cmd
+            and all(env.get(k) == v for k, v in match.items())
+        ):
+            found.append((int(proc.name), env))
+    return found
+
+
 def slurm_jobs_under(root: Path) -> list[tuple[str, str]]:
     """(job id, batch script) of the Slurm jobs whose batch script lies under `root`, not yet ending."""
     if shutil.which("squeue") is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from clusterctl.runs.registry import Registry
-from tests.conftest import REPO, deadline, run_cli, slurm_up, tiny_data
+from tests.conftest import REPO, deadline, run_cli, slurm_rank_processes, slurm_up, tiny_data
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -127,22 +127,7 @@ def test_preemption_requeues_and_resumes_exactly(world, completed):
 
 def _rank_pids(job_id: str, rank: int) -> list[int]:
     """The processes of one rank of a Slurm job on this machine (the local cluster's nodes are here)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = dict(
-                kv.split("=", 1)
-                for kv in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
-                if "=" in kv
-            )
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) and b"submitit" in cmd:
-            pids.append(int(proc.name))
-    return pids
+    return [pid for pid, _ in slurm_rank_processes(rank, SLURM_JOB_ID=job_id)]
 
 
 def test_sigkill_of_one_rank_is_retried_and_ends_with_the_same_loss(world, completed):

@@ -21,6 +21,7 @@ from tests.conftest import (
     no_scheduler,
     one_line_error,
     run_cli,
+    slurm_rank_processes,
     slurm_up,
     tiny_data,
     trainer_shards,
@@ -255,20 +256,8 @@ def _status(world, ref):
 
 def _task_rank(array_id: str, task: int, rank: int) -> list[int]:
     """The processes of one rank of one array task on this machine (its SLURM_JOB_ID is the task's own)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            raw = (proc / "environ").read_bytes().decode(errors="replace").split("\0")
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        e = dict(kv.split("=", 1) for kv in raw if "=" in kv)
-        ours = e.get("SLURM_ARRAY_JOB_ID") == array_id and e.get("SLURM_ARRAY_TASK_ID") == str(task)
-        if ours and e.get("SLURM_PROCID") == str(rank) and b"submitit" in cmd:
-            pids.append(int(proc.name))
-    return pids
+    found = slurm_rank_processes(rank, SLURM_ARRAY_JOB_ID=array_id, SLURM_ARRAY_TASK_ID=str(task))
+    return [pid for pid, _ in found]
 
 
 @pytest.mark.slurm

@@ -23,6 +23,7 @@ from tests.conftest import (
     deadline,
     run_cli,
     sbatch_job,
+    slurm_rank_processes,
     slurm_up,
     tiny_data,
     wait_until,
@@ -57,20 +58,10 @@ def _registry_rows(db: Path, sql: str, *args: object) -> list[tuple]:
 
 def _rank(job_id: str, rank: int) -> tuple[list[int], str | None]:
     """The processes of one rank of a Slurm job on this machine, and the node Slurm ran it on."""
-    pids, node = [], None
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            raw = (proc / "environ").read_bytes().decode(errors="replace").split("\0")
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        env = dict(kv.split("=", 1) for kv in raw if "=" in kv)
-        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) and b"submitit" in cmd:
-            pids.append(int(proc.name))
-            node = env.get("SLURMD_NODENAME", node)
-    return pids, node
+    found = slurm_rank_processes(rank, SLURM_JOB_ID=job_id)
+    return [pid for pid, _ in found], next(
+        (env["SLURMD_NODENAME"] for _, env in found if "SLURMD_NODENAME" in env), None
+    )
 
 
 def _acct(job_id: str) -> tuple[str, str]:
