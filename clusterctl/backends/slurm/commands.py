@@ -216,32 +216,31 @@ def sacct(job_ids: list[str], timeout: float = 10, since: float | None = None) -
     return parse_sacct(r.stdout)
 
 
+def _ask(argv: list[str], timeout: float) -> str:
+    """The stdout of a read-only Slurm query (scontrol show, sinfo); SlurmUnavailable, one line, when the
+    tool is missing, the controller does not answer in `timeout`, or the tool fails."""
+    tool = argv[0]
+    try:
+        r = run(argv, timeout)
+    except FileNotFoundError:
+        raise SlurmUnavailable(f"{tool}: not found on PATH", hint=CLIENT_TOOLS) from None
+    except TimeoutError:
+        raise SlurmUnavailable(f"{tool}: slurmctld did not answer within {timeout:g} s") from None
+    if r.returncode != 0:
+        raise SlurmUnavailable(f"{tool}: {error_line(r.stderr, tool, last=True)}")
+    return r.stdout
+
+
 def partitions(timeout: float) -> dict[str, Partition]:
     """The cluster's partitions (`scontrol show partition -o`, hidden ones included: -a), in one call.
     SlurmUnavailable when the client tools are missing or the controller does not answer in `timeout`."""
-    try:
-        r = run(["scontrol", "-a", "-o", "show", "partition"], timeout)
-    except FileNotFoundError:
-        raise SlurmUnavailable("scontrol: not found on PATH", hint=CLIENT_TOOLS) from None
-    except TimeoutError:
-        raise SlurmUnavailable(f"scontrol: slurmctld did not answer within {timeout:g} s") from None
-    if r.returncode != 0:
-        raise SlurmUnavailable(f"scontrol: {error_line(r.stderr, 'scontrol', last=True)}")
-    return parse_partitions(r.stdout)
+    return parse_partitions(_ask(["scontrol", "-a", "-o", "show", "partition"], timeout))
 
 
 def node_states(nodes: str, timeout: float) -> str:
     """`sinfo -h -N -n NODES -o '%N|%T'`: one 'node|state' line per node of a hostlist ('a[1-2]'),
     parsed by failed_nodes.sick_nodes. SlurmUnavailable when sinfo is missing or does not answer."""
-    try:
-        r = run(["sinfo", "-h", "-N", "-n", nodes, "-o", "%N|%T"], timeout)
-    except FileNotFoundError:
-        raise SlurmUnavailable("sinfo: not found on PATH", hint=CLIENT_TOOLS) from None
-    except TimeoutError:
-        raise SlurmUnavailable(f"sinfo: slurmctld did not answer within {timeout:g} s") from None
-    if r.returncode != 0:
-        raise SlurmUnavailable(f"sinfo: {error_line(r.stderr, 'sinfo', last=True)}")
-    return r.stdout
+    return _ask(["sinfo", "-h", "-N", "-n", nodes, "-o", "%N|%T"], timeout)
 
 
 def scancel(job_id: str, signal: str | None = None, timeout: float = 30) -> None:
