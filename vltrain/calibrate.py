@@ -1,0 +1,166 @@
+"""What one rank of a CPU cluster measures for the planner's [calibration] table (issue 29).
+
+`clusterctl profiles calibrate NAME` runs a Slurm job laid out as a run of the profile; every rank calls
+`measure_rank` at once (so the rates are those of ranks sharing the machine, as in training) and the job
+keeps the median of each figure over the ranks, the all-reduce figures of rank 0.
+clusterctl.planning.cpu_predict turns the figures into a step time and a peak resident set.
+
+Each figure is timed for a fixed budget of wall time (not a fixed count) so ranks of unequal speed stay
+in step, between barriers; the whole call takes ~10 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+MATMUL_SIZES = (64, 128, 256, 512, 1024)
+_BUDGET_S = 0.6  # per timed figure
+
+
+def rss_mib() -> float:
+    """This process's resident set now (MiB), from /proc (Linux), else the peak resident set."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _timed(fn: Callable[[], Any], budget_s: float = _BUDGET_S, min_runs: int = 3) -> float:
+    """Median seconds of one call of `fn`, over as many calls as fit in `budget_s` (one warm-up first)."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_gflops(sizes: Sequence[int] = MATMUL_SIZES) -> dict[str, float]:
+    """fp32 GFLOP/s of a square N x N @ N x N product (2 N^3 FLOPs) for each N."""
+    import torch
+
+    out: dict[str, float] = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        c = torch.empty(n, n)
+        t = _timed(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), budget_s=_BUDGET_S / 2)
+        out[str(n)] = 2 * n**3 / t / 1e9
+    return out
+
+
+def op_overhead_us(chain: int = 200) -> float:
+    """Dispatch cost of one small op, forward and its backward (autograd), per op (microseconds): a
+    chain of `chain` element-wise ops on an 8-element tensor, where the arithmetic itself is nothing."""
+    import torch
+
+    x = torch.ones(8, requires_grad=True)
+
+    def run() -> None:
+        y = x
+        for _ in range(chain):
+            y = y * 1.0001
+        y.sum().backward()
+
+    return _timed(run) / chain * 1e6
+
+
+def memory_gb_s(mib: int = 64) -> float:
+    """Copy bandwidth (GB/s): bytes read plus bytes written by `dst.copy_(src)` of `mib` MiB, larger than
+    the caches, per second."""
+    import torch
+
+    src = torch.ones(mib * 2**18)  # fp32: 4 bytes each
+    dst = torch.empty_like(src)
+    t = _timed(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / t / 1e9
+
+
+def allreduce(world: int, mib: int = 16) -> tuple[float, float]:
+    """(bus GB/s of a `mib` MiB fp32 all-reduce, microseconds of a 4-byte one) over the default group.
+
+    Bus bandwidth is NCCL-tests' figure, bytes x 2 (n - 1) / n per second, what a ring moves per rank and
+    the planner's comm model divides by; with one rank (nothing crosses) it is bytes per second."""
+    import torch
+    import torch.distributed as dist
+
+    big, small = torch.ones(mib * 2**18), torch.ones(1)
+    dist.barrier()
+    t_big = _timed(lambda: dist.all_reduce(big), budget_s=_BUDGET_S * 2)
+    dist.barrier()
+    t_small = _timed(lambda: dist.all_reduce(small), budget_s=_BUDGET_S)
+    factor = 2 * (world - 1) / world if world > 1 else 1.0
+    return big.numel() * 4 * factor / t_big / 1e9, t_small * 1e6
+
+
+def _import_trainer() -> None:
+    """Import what a training rank imports before it builds a model, so base_rss_mib is that rank's."""
+    import deepspeed  # noqa: F401
+    import torch  # noqa: F401
+
+    import vltrain.engines.deepspeed
+    import vltrain.engines.fsdp
+    import vltrain.loop  # noqa: F401
+
+
+def _own_group() -> Callable[[], None]:
+    """A one-rank gloo group when none is initialised (world size 1); returns how to end it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return lambda: None
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return dist.destroy_process_group
+
+
+def measure_rank(sizes: Sequence[int] = MATMUL_SIZES) -> dict[str, Any]:
+    """Measure this rank: call it in every rank at once, after torch.distributed was initialised with
+    gloo over all of them (with none initialised it makes a one-rank group, ended before returning).
+
+    Returns the [calibration] keys one rank measures (the caller adds measured_at, slurm_job, ranks):
+      threads_per_rank      torch.get_num_threads()
+      matmul_gflops         {"N": fp32 GFLOP/s of an N x N @ N x N product} for N in `sizes`
+      op_overhead_us        one small op's forward + backward dispatch, per op
+      memory_gb_s           copy bandwidth (read + write bytes per second)
+      allreduce_gb_s        gloo all-reduce bus bandwidth, 16 MiB messages
+      allreduce_latency_us  one 4-byte gloo all-reduce
+      base_rss_mib          resident set after importing torch, deepspeed and the trainer and joining
+                            the group, before any tensor of the measurement was made
+    """
+    import torch
+
+    _import_trainer()
+    end = _own_group()
+    try:
+        import torch.distributed as dist
+
+        dist.barrier()
+        base = rss_mib()
+        out: dict[str, Any] = {"threads_per_rank": torch.get_num_threads(), "base_rss_mib": base}
+        dist.barrier()
+        out["matmul_gflops"] = matmul_gflops(sizes)
+        dist.barrier()
+        out["op_overhead_us"] = op_overhead_us()
+        dist.barrier()
+        out["memory_gb_s"] = memory_gb_s()
+        out["allreduce_gb_s"], out["allreduce_latency_us"] = allreduce(dist.get_world_size())
+        dist.barrier()
+        return out
+    finally:
+        end()
+
+
+if __name__ == "__main__":  # a quick look on this machine: python -m vltrain.calibrate
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    print(measure_rank())
