@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clusterctl.planning.calibration import Calibration
 from clusterctl.planning.container_fields import Container as Container  # re-exported: its own module
 from clusterctl.planning.cost import Cost
 from clusterctl.planning.job_env import CODE_LOADING_ENV as CODE_LOADING_ENV  # re-exported
@@ -328,6 +329,7 @@ class ClusterProfile:
         pattern=r"[A-Za-z0-9_.\-/]{1,200}",
         allowed="a recipe name such as seed-002 (clusterctl recipes lists them) or a path to a .toml file",
     )
+    calibration: Calibration | None = field("measured rates (`clusterctl profiles calibrate`)", default=None)
 
     # Derived figures -----------------------------------------------------------------------
     @property
