@@ -19,7 +19,6 @@ import submitit
 
 from clusterctl.runs import notify
 from clusterctl.runs.provenance import record_attempt
-from vltrain.loop import TrainJob
 
 
 class Attempt(submitit.helpers.Checkpointable):
@@ -36,6 +35,8 @@ class Attempt(submitit.helpers.Checkpointable):
         start = time.time()
         if rank0:  # "started" once per run: a requeue or a retry is its own event
             notify.from_job(self.registry, self.run_dir, self.run_id, "started", {"job_id": job_id, "nodes": nodes})
+        from vltrain.loop import TrainJob  # here: submit pickles this class and must not import torch
+
         result = TrainJob(self.run_dir)()
         if rank0 and result.get("finished"):  # not a slice of the run (stop_after)
             notify.from_job(self.registry, self.run_dir, self.run_id, "completed", {"job_id": job_id}, started=start)
