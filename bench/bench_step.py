@@ -45,17 +45,34 @@ def make_data(tmp: Path, n: int, image_size: int) -> tuple[str, str]:
     return str(tmp / "shards"), str(tmp / "tok.model")
 
 
-def bare_step_fn(cfg, batches):
-    """The textbook loop: forward, backward (loss / accumulation), clip, AdamW step, LR schedule."""
+def bare_step_fn(cfg, batches, wrap: str = "none"):
+    """The textbook loop: forward, backward (loss / accumulation), clip, AdamW step, LR schedule; -> a
+    step() returning the step's mean loss. `wrap`: "none" (one rank), "ddp" (DistributedDataParallel,
+    no_sync() on every micro step but the last) or "fsdp" (FSDP2's fully_shard per Block and at the
+    root, as vltrain.parallel.fsdp wraps, gradient sync off on every micro step but the last): what a
+    user would write instead of vltrain on several ranks (bench/step_ranks.py)."""
+    import contextlib
+
     import torch
 
     from vltrain.dsconfig import warmup_steps
     from vltrain.engines.common import build_model, param_groups
     from vltrain.schedule import lr_factor
 
-    model = build_model(cfg)
+    model = build_model(cfg)  # seeded from cfg.seed: the same weights on every rank and as vltrain's
+    if wrap == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    elif wrap == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        from vltrain.model.layers import Block
+
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
+            fully_shard(block, reshard_after_forward=False)  # zero_stage 2: gathered from forward to backward
+        fully_shard(model, reshard_after_forward=False)
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    groups = param_groups(model.module if wrap == "ddp" else model, o.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, functools.partial(lr_factor, peak=o.lr, min_lr=o.min_lr, warmup=warmup_steps(cfg), total=cfg.steps)
     )
@@ -63,16 +80,22 @@ def bare_step_fn(cfg, batches):
     accumulation = cfg.accumulation
 
     def step():
-        for _ in range(accumulation):
+        total = 0.0
+        for micro in range(accumulation):
             b = next(batches)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                out = model(b["images"], b["input_ids"], b["attention_mask"])
-            (out["loss"] / accumulation).backward()
+            last = micro == accumulation - 1
+            if wrap == "fsdp":
+                model.set_requires_gradient_sync(last)
+            with model.no_sync() if wrap == "ddp" and not last else contextlib.nullcontext():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    out = model(b["images"], b["input_ids"], b["attention_mask"], b.get("mlm_draws"))
+                (out["loss"] / accumulation).backward()
+            total = total + out["loss"].detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        return out["loss"].item()
+        return float(total / accumulation)
 
     return step
 
@@ -94,7 +117,7 @@ def make_session(cfg, tmp: Path, name: str, reduction: str = "auto"):
     from vltrain.metrics import EventLog
     from vltrain.rundir import GRAD_REDUCTION
 
-    (tmp / name).mkdir()
+    (tmp / name).mkdir(exist_ok=True)  # several ranks: one run directory
     stops = StopRequests()
     saved = os.environ.get(GRAD_REDUCTION)
     os.environ[GRAD_REDUCTION] = reduction
@@ -178,6 +201,58 @@ def rows(rounds: int = 5, accum: tuple[int, ...] = (1, 4, 8, 16), steps: int = 1
     return out
 
 
+def rank_rows(rounds: int = 5, steps: int = 3, config: str | None = None):
+    """Issue 29's multi-rank rows for bench/run_all.py: 2 and 4 gloo ranks x DeepSpeed ZeRO-2 / FSDP2 x
+    accumulation 1, 8, 16, each beside the bare DDP / FSDP2 loop (bench/step_ranks.py); one spawn per
+    (ranks, strategy) times its three accumulations."""
+    import step_ranks
+
+    base, tmp = setup(config or str(REPO / "configs" / "tiny.toml"), [])
+    out = []
+    for world in (2, 4):
+        for strategy in ("deepspeed", "fsdp"):
+            cfg = dataclasses.replace(base, parallel=dataclasses.replace(base.parallel, strategy=strategy))
+            for r in step_ranks.run(world, cfg, tmp, step_ranks.ACCUMULATIONS, rounds, steps):
+                other = "DDP, no_sync()" if strategy == "deepspeed" else "FSDP2, sync skipped"
+                out.append(
+                    {
+                        "name": f"trainer step vs bare {other}, {world} ranks, {strategy}, accumulation {r['accumulation']}",
+                        "ratio": r["ratio"],
+                        "spread": r["spread"],
+                        "goal": f"<= {GOAL:g}x",
+                        "ok": r["ratio"] <= GOAL,
+                        "detail": f"bare {r['ms']['bare']:.0f} ms/step, vltrain {r['ms']['vltrain']:.0f} ms/step "
+                        f"({r['words']}; {step_ranks.threads_per_rank(world)} threads/rank)",
+                    }
+                )
+    return out
+
+
+def main_ranks(cfg, tmp: Path, args) -> None:
+    """--ranks N: the table of bench/step_ranks.py's rows, then one line `ratio vltrain/bare: X` (the last row)."""
+    import step_ranks
+
+    fixed = any(s.split("=", 1)[0].strip() == "accumulation" for s in args.set)
+    accums = [cfg.accumulation] if fixed else (args.accum if args.accum != [1, 4, 8, 16] else step_ranks.ACCUMULATIONS)
+    wrap = "DistributedDataParallel, no_sync()" if cfg.parallel.strategy == "deepspeed" else "FSDP2, sync skipped"
+    threads = step_ranks.threads_per_rank(args.ranks)
+    print(
+        f"{cfg.model} preset, global batch {cfg.global_batch} over {args.ranks} gloo ranks ({threads} threads each), "
+        f"{cfg.precision}, {cfg.parallel.strategy} zero_stage {cfg.zero_stage} vs bare {wrap}; ms/step are rank "
+        f"0's medians of {args.rounds} x {args.steps} steps, the two timed one step each in turn",
+        flush=True,
+    )
+    rows = step_ranks.run(args.ranks, cfg, tmp, accums, args.rounds, args.steps, profile=args.profile)
+    print(f"{'accumulation':>12} {'micro':>5} {'bare ms':>8} {'vltrain ms':>10}  vltrain/bare (min-max of the rounds)")
+    for r in rows:
+        micro = cfg.global_batch // (args.ranks * r["accumulation"])
+        print(
+            f"{r['accumulation']:>12} {micro:>5} {r['ms']['bare']:8.1f} {r['ms']['vltrain']:10.1f}  {r['ratio']:.3f} "
+            f"({r['spread'][0]:.3f}-{r['spread'][1]:.3f})  {r['words']}   (goal <= {GOAL:g})"
+        )
+    print(f"ratio vltrain/bare: {rows[-1]['ratio']:.3f}")
+
+
 def setup(config: str, overrides: list[str]):
     """The bench's config (no checkpoints, no eval) on synthetic shards made in a temp dir."""
     from vltrain.cli import parse_overrides
@@ -202,9 +277,12 @@ def main() -> None:
     ap.add_argument("--accum", type=int, nargs="+", default=[1, 4, 8, 16], help="accumulation steps, one row each")
     ap.add_argument("--profile", action="store_true", help="cProfile vltrain's step at the last --accum")
     ap.add_argument("--set", action="append", default=[], help="config override key=value (as vltrain train)")
+    ap.add_argument("--ranks", type=int, default=1, help="gloo ranks on this machine (2, 4: vs bare DDP / FSDP2)")
     args = ap.parse_args()
 
     cfg, tmp = setup(args.config, args.set)
+    if args.ranks > 1:
+        return main_ranks(cfg, tmp, args)
     print(
         f"{cfg.model} preset, global batch {cfg.global_batch} on one rank, {cfg.precision}, ZeRO stage "
         f"{cfg.zero_stage}, threads {os.environ.get('OMP_NUM_THREADS', 'default')}; ms/step are medians of "

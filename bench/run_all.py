@@ -35,16 +35,18 @@ SECTIONS = {
     "data": "bench_data",
     "start": "bench_start",
     "index": "bench_index",
+    "ranks": "bench_step:rank_rows",  # 2 and 4 gloo ranks vs bare DDP / FSDP2 loops (issue 29)
 }
 
 
 def section(module: str, rounds: int) -> list[dict[str, Any]]:
-    """`module.rows(rounds)` in a fresh interpreter; its rows come back as JSON through a file."""
+    """`module.rows(rounds)` (or `module:function`) in a fresh interpreter; its rows come back as JSON through a file."""
+    module, _, function = module.partition(":")
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     code = (
         f"import json, sys; sys.path.insert(0, {str(BENCH)!r}); import {module} as m; "
-        f"rows = m.rows({rounds}); open({str(out)!r}, 'w').write(json.dumps(rows))"
+        f"rows = m.{function or 'rows'}({rounds}); open({str(out)!r}, 'w').write(json.dumps(rows))"
     )
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))} | dict(os.environ)
     try:
