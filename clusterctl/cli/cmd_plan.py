@@ -16,11 +16,12 @@ from clusterctl.render.output import print_json
 @planning_flags
 def plan(flags: PlanningFlags, json_: bool = JSON) -> None:
     """Split the global batch over the profile's GPUs and check it fits in GPU memory under ZeRO."""
+    from clusterctl.planning.cpu_predict import plan_entry
     from clusterctl.runs.preflight import trainer_support
 
     # data checks are submit's; the whole run (planning.whole_run) is the plan's, submit's and `estimate`'s
     p = flags.prepare(check=False)
-    d = p.plan | {"profile_source": p.profile_source}
+    d = p.plan | {"profile_source": p.profile_source} | plan_entry(p.profile, p.config.model, p.plan)  # CPU: issue 29
     if json_:
         print_json(d)
     else:

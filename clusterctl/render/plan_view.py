@@ -3,6 +3,7 @@ rich, so that `plan` and `estimate` do not pay ~25 ms to import it)."""
 
 from __future__ import annotations
 
+from clusterctl.render.cpu_view import print_cpu_prediction
 from clusterctl.render.fold import fold, tell, width
 from clusterctl.render.safe import printable
 from clusterctl.render.text import say, styled, table_text
@@ -90,6 +91,7 @@ def print_plan(d: dict) -> None:
         )
     if "step_time" in d:
         print_scale(d)
+    print_cpu_prediction(d)  # a CPU profile: what its [calibration] predicts (render.cpu_view)
     if d.get("estimate"):
         print_whole_run(d["estimate"])
     from clusterctl.render.recipe_view import print_not_reproduced  # the recipe's [paper] (issue 25)
