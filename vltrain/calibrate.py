@@ -98,9 +98,11 @@ def allreduce(world: int, mib: int = 16) -> tuple[float, float]:
 
     big, small = torch.ones(mib * 2**18), torch.ones(1)
     dist.barrier()
-    t_big = _timed(lambda: dist.all_reduce(big), budget_s=_BUDGET_S * 2)
+    # a fixed count, not a time budget: every rank must make as many calls (with a budget of its own,
+    # one rank could wait for ever in a call the others never made: a Slurm job hung so)
+    t_big = _timed(lambda: dist.all_reduce(big), budget_s=0.0, min_runs=8)
     dist.barrier()
-    t_small = _timed(lambda: dist.all_reduce(small), budget_s=_BUDGET_S)
+    t_small = _timed(lambda: dist.all_reduce(small), budget_s=0.0, min_runs=50)
     factor = 2 * (world - 1) / world if world > 1 else 1.0
     return big.numel() * 4 * factor / t_big / 1e9, t_small * 1e6
 
