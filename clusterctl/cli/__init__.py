@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # first paragraph of its help, which `clusterctl --help` lists without importing any command
 # (tests/test_import_hygiene.py checks each against the command's own). Help order.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "profiles": ("clusterctl.cli.cmd_profiles", "app", "List, show and validate cluster profiles."),
+    "profiles": ("clusterctl.cli.cmd_profiles", "app", "List, show, validate and calibrate cluster profiles."),
     "presets": ("clusterctl.cli.cmd_presets", "app", "List and show the model presets (named sizes, tiny to the seeds' 30B)."),
     "recipes": ("clusterctl.cli.cmd_recipes", "app", "List and show the recipes (train configs: one per seed, its twin, the demo)."),
     "plan": ("clusterctl.cli.cmd_plan", "plan", "Split the global batch over the profile's GPUs and check it fits in GPU memory under ZeRO."),
