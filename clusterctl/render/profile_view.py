@@ -88,6 +88,7 @@ def print_profile(p: ClusterProfile, country_name: str) -> None:
         rows.append(("cost", ", ".join(prices)))
     if p.seed:
         rows.append(("seed", p.seed))
+    rows += calibration_rows(p)
     rows.append(("comm env", "set for every rank, one a line:" if d["comm_env"] else "-"))
     for k, v in rows:
         t.add_row(k, cell(v))  # every value may hold the profile author's text
@@ -95,3 +96,20 @@ def print_profile(p: ClusterProfile, country_name: str) -> None:
     # One variable a line, whole: in the table's value column a list of HCAs was cut with "…".
     for k, v in d["comm_env"].items():
         output.console.print(cell(f"  {k}={v}"), soft_wrap=True)
+
+
+def calibration_rows(p: ClusterProfile) -> list[tuple[str, str]]:
+    """The [calibration] figures (`profiles calibrate`), four rows; none when the profile has none."""
+    c = p.calibration
+    if c is None:
+        return []
+    sizes = sorted(c.matmul_gflops, key=int)
+    return [
+        (
+            "calibration",
+            f"measured {c.measured_at} by job {c.slurm_job}, {c.ranks} ranks x {c.threads_per_rank} threads",
+        ),
+        ("  matmul fp32", ", ".join(f"{n}: {c.matmul_gflops[n]:g}" for n in sizes) + " GFLOP/s per rank"),
+        ("  per rank", f"copy {c.memory_gb_s:g} GB/s, op {c.op_overhead_us:g} us, base RSS {c.base_rss_mib:g} MiB"),
+        ("  all-reduce", f"{c.allreduce_gb_s:g} GB/s bus, {c.allreduce_latency_us:g} us latency (gloo, between nodes)"),
+    ]

@@ -205,6 +205,7 @@ def wait(
     job = JobRecord(job_id, run.run_id, 1, "submit", time.time(), str(backend.initial_state))
     try:
         while True:
+            time.sleep(POLL_S)  # first: a local job's process is not yet itself right after the fork
             result = read_result(spec, job_id)
             if result is not None and result[0] == "success":
                 return dict(result[1])
@@ -222,7 +223,6 @@ def wait(
                     f"cancelled it; its log: {task_paths(spec, job_id, 0).stderr}"
                 )
             progress(f"calibration job {job_id}: {job.state.lower()}, {elapsed:.0f} s")
-            time.sleep(POLL_S)
     except BaseException:
         cancel(backend, job_id)
         raise
