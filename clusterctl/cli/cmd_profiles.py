@@ -115,18 +115,10 @@ def calibrate(
 
 @contextlib.contextmanager
 def _progress(tty: bool) -> Iterator[Callable[[str], None]]:
-    """A progress line while the job runs: rich's status spinner on a terminal, else each new state
-    once on stderr (a log or a pipe gets no redraws)."""
-    if tty:
-        with output.err_console.status("calibration: submitting") as status:
-            yield lambda line: status.update(line)
+    """A progress line while the job runs: rich's status spinner on a terminal; nothing on a pipe or in
+    a log (stderr then holds only the one-line error, if any)."""
+    if not tty:
+        yield lambda _line: None
         return
-    last: list[str] = []
-
-    def say(line: str) -> None:
-        state = line.rsplit(",", 1)[0]  # "calibration job 12: running, 14 s": a new line per state only
-        if last != [state]:
-            last[:] = [state]
-            print(state, file=sys.stderr, flush=True)
-
-    yield say
+    with output.err_console.status("calibration: submitting") as status:
+        yield lambda line: status.update(line)

@@ -134,7 +134,11 @@ def check_profile(profile: ClusterProfile) -> Backend:
     backend = get_backend(profile.executor)
     check = backend.check_profile(profile)
     if check.skipped:
-        raise UserError(f"Slurm unreachable, nothing submitted: {check.skipped}")
+        why = check.skipped.partition(" (")[2].removesuffix(")") or check.skipped  # "... (REASON)"
+        raise UserError(
+            f"Slurm unreachable ({why}): nothing submitted; allowed: a machine where the profile's "
+            "scheduler answers (sinfo; SLURM_CONF)"
+        )
     if check.problems:
         raise UserError(check.problems[0])
     return backend
