@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from clusterctl.planning.profiles import builtin_dir, read_profile
 from clusterctl.runs import calibration_file
 from clusterctl.runs.calibrate import aggregate
 from tests.conftest import (
+    REPO,
     cancel_slurm_jobs_under,
     deadline,
     no_scheduler,
@@ -129,6 +131,68 @@ def test_aggregate_takes_medians_and_rank_0s_all_reduce():
         "allreduce_gb_s": 0.5,
     }
     assert list(out)[:3] == ["measured_at", "slurm_job", "ranks"]
+
+
+class FakeBackend:
+    """A scheduler that says `state` for every poll and records what was cancelled."""
+
+    initial_state = "PENDING"
+
+    def __init__(self, state: str) -> None:
+        self.state, self.cancelled = state, []
+
+    def poll(self, pairs, now, timeout):
+        from clusterctl.backends.api import Poll
+
+        return Poll([{"state": self.state}], waiting={pairs[0][1].job_id: {"reason": "Resources"}})
+
+    def cancel(self, job_id):
+        self.cancelled.append(job_id)
+
+
+def fake_wait(tmp_path, monkeypatch, state, timeout_s=60.0, progress=lambda _: None):
+    from clusterctl.planning.profiles import load_profile
+    from clusterctl.runs import calibrate
+    from clusterctl.specs import LaunchSpec
+
+    monkeypatch.setattr(calibrate, "POLL_S", 0.0)
+    monkeypatch.setattr(calibrate, "RESULT_LAG_S", 0.0)
+    backend = FakeBackend(state)
+    spec = LaunchSpec("slurm", str(tmp_path / "submitit"), "calibrate-x", {})
+    try:
+        calibrate.wait(backend, spec, "42", load_profile("slurm-local"), timeout_s, progress)  # type: ignore[arg-type]
+    finally:
+        assert backend.cancelled == ["42"]  # whatever ended the wait
+
+
+def test_wait_cancels_on_failure_timeout_and_ctrl_c(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match=r"job 42 ended COMPLETED without figures; its log: .*42_0_log.err$"):
+        fake_wait(tmp_path, monkeypatch, "COMPLETED")
+    with pytest.raises(UserError, match=r"^--timeout: calibration job 42 did not finish in 0 s \(PENDING\)"):
+        fake_wait(tmp_path, monkeypatch, "PENDING", timeout_s=0.0)
+    lines = []
+
+    def interrupt(line):
+        lines.append(line)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fake_wait(tmp_path, monkeypatch, "PENDING", progress=interrupt)
+    assert lines == ["calibration job 42: pending (Resources), 0 s"]
+
+
+def test_calibrate_help_imports_no_torch():
+    from tests.test_import_hygiene import PROBE, STARTUP_HEAVY
+
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, "profiles", "calibrate", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=deadline(60),
+    )
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result == {"exit": 0, "heavy": []}, (STARTUP_HEAVY, r.stderr[-500:])
 
 
 # --- the command ----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 RANK0_KEYS = ("allreduce_gb_s", "allreduce_latency_us")  # between the nodes: what rank 0's group saw
 POLL_S = 2.0  # seconds between two questions to the scheduler (squeue answers in a few ms)
 TIMEOUT_S = 900.0  # the default --timeout: queueing and a ~10-30 s measurement on a busy machine
+RESULT_LAG_S = 15.0  # how long rank 0's result file may lag a COMPLETED job (submitit waits as long)
 DIGITS = 4  # significant digits kept of each figure: run-to-run noise is larger than the 4th
 
 
@@ -207,15 +208,20 @@ def wait(
         "", profile.world_size, 0, RunState.RUNNING,
     )  # fmt: skip
     job = JobRecord(job_id, run.run_id, 1, "submit", time.time(), str(backend.initial_state))
+    ended: float | None = None  # when the scheduler first said COMPLETED
     try:
         while True:
             time.sleep(POLL_S)  # first: a local job's process is not yet itself right after the fork
             result = read_result(spec, job_id)
             if result is not None and result[0] == "success":
                 return dict(result[1])
-            changes = backend.poll([(run, job)], time.time(), None).changes[0]
-            for k, v in changes.items():
+            poll = backend.poll([(run, job)], time.time(), None)
+            for k, v in poll.changes[0].items():
                 setattr(job, k, v)
+            if result is None and job.state == RunState.COMPLETED:  # rank 0's file may lag (NFS caches)
+                ended = ended or time.monotonic()
+                if time.monotonic() - ended < RESULT_LAG_S:
+                    continue
             if result is not None or job.state in FINAL_STATES:
                 if job.state not in FINAL_STATES:  # rank 0 failed first: the others still run
                     job.state = RunState.FAILED
@@ -226,7 +232,8 @@ def wait(
                     f"--timeout: calibration job {job_id} did not finish in {timeout_s:g} s ({job.state}); "
                     f"cancelled it; its log: {task_paths(spec, job_id, 0).stderr}"
                 )
-            progress(f"calibration job {job_id}: {job.state.lower()}, {elapsed:.0f} s")
+            why = poll.waiting.get(job_id, {}).get("reason")  # the scheduler's, while it holds the job back
+            progress(f"calibration job {job_id}: {job.state.lower()}{f' ({why})' if why else ''}, {elapsed:.0f} s")
     except BaseException:
         cancel(backend, job_id)
         raise
