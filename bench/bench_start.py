@@ -11,7 +11,14 @@ data, model, engine and the first step). The floor is a fresh `python -c "import
 timed in the same rounds (interleaved), so each row is also a ratio to what any PyTorch + DeepSpeed
 process pays before doing anything.
 
-    .venv/bin/python bench/bench_start.py [--rounds 5] [--only demo,slurm]
+    .venv/bin/python bench/bench_start.py [--rounds 5] [--only demo,slurm] [--detail]
+
+--detail also prints where each launcher's time goes, phase by phase (medians over the rounds): submit's
+share (the CLI's start, the plan and checks, writing the run and sbatch; measured as `clusterctl --help`
+and `submit --dry-run` beside each submit), the launcher's (from sbatch's return to the rank-0 process's
+creation: Slurm's scheduling, the batch script, srun), and the trainer's `startup` event
+(vltrain.startup: Python and unpickling the job, imports, the rendezvous, tokenizer, engine, loader,
+energy tracker, the first step).
 
 The slurm row needs the local cluster (`make slurm-up`; SLURM_CONF as scripts/slurm-local.sh says);
 without it the row says so.
@@ -86,15 +93,22 @@ def start_event(path: Path) -> float | None:
     return None
 
 
-def time_to_first_step(profile: str, data: Path, work: Path, env: dict[str, str]) -> tuple[float, float]:
-    """(seconds from launching submit to the first metrics line, of which before the trainer's start)."""
-    work.mkdir(parents=True, exist_ok=True)
-    env = env | {"CLUSTERCTL_REGISTRY": str(work / "registry.db")}
+def submit_command(profile: str, data: Path) -> list[str]:
     cmd = [str(BIN / "clusterctl"), "submit", "--profile", profile, "--steps", "2", "--json"]
     cmd += ["--set", "log_every=1", "--set", "eval_every=0", "--set", "checkpoint_every=0"]
-    cmd += ["--set", f"data.shards={data}", "--set", f"data.tokenizer={data / 'tok.model'}"]
+    return [*cmd, "--set", f"data.shards={data}", "--set", f"data.tokenizer={data / 'tok.model'}"]
+
+
+def time_to_first_step(
+    profile: str, data: Path, work: Path, env: dict[str, str], detail: dict[str, float] | None = None
+) -> tuple[float, float]:
+    """(seconds from launching submit to the first metrics line, of which before the trainer's start).
+    `detail`: filled with the phases (seconds) of `phase_split`."""
+    work.mkdir(parents=True, exist_ok=True)
+    env = env | {"CLUSTERCTL_REGISTRY": str(work / "registry.db")}
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(submit_command(profile, data), cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    t_submit = time.time()
     if r.returncode != 0:
         raise RuntimeError(f"submit --profile {profile} failed: {r.stderr.strip()[-400:]}")
     run_dir = Path(json.loads(r.stdout)["run_dir"])
@@ -103,7 +117,53 @@ def time_to_first_step(profile: str, data: Path, work: Path, env: dict[str, str]
         raise RuntimeError(f"{profile}: no first step within 600 s ({run_dir})")
     started = start_event(run_dir / "events.jsonl") or first["time"]
     wait_until_ended(run_dir)
+    if detail is not None:
+        detail |= phase_split(run_dir, t0, t_submit, first["time"])
     return first["time"] - t0, started - t0
+
+
+def phase_split(run_dir: Path, t0: float, t_submit: float, first_metrics: float) -> dict[str, float]:
+    """Where one run's time to first step went (seconds by phase, in order): submit until its job was
+    handed over (the submitted pickle's ctime: submitit moves it into the job's folder once sbatch, or
+    the local executor, returned), the launcher until the rank-0 process existed, the trainer's own
+    `startup` phases (rank 0), and writing the first metrics line. Submit's own end overlaps the job."""
+    pickles = sorted(run_dir.glob("submitit/*/*_submitted.pkl"))
+    handed = pickles[0].stat().st_ctime if pickles else None
+    startup = next((e for e in events(run_dir) if e.get("event") == "startup"), None)
+    out: dict[str, float] = {}
+    if handed is not None:
+        out["submit: until the job is handed over"] = handed - t0
+    if startup is not None and startup.get("process_started") and handed is not None:
+        out["launcher: to the rank-0 process's creation"] = startup["process_started"] - handed
+    if startup is not None:
+        out |= {f"rank 0: {k}": v for k, v in startup["phases"].items()}
+        out["metrics line after the first step"] = first_metrics - startup["time"]
+    out["(submit's whole run, overlapping the job)"] = t_submit - t0
+    return out
+
+
+def events(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in (run_dir / "events.jsonl").read_text(encoding="utf-8").splitlines()]
+    except (OSError, ValueError):
+        return []
+
+
+def cli_shares(profile: str, data: Path, work: Path, env: dict[str, str]) -> dict[str, float]:
+    """submit's start and plan, timed beside the real submit: `clusterctl --help` (Python, typer, the
+    CLI's modules) and `submit --dry-run` (that, the profile, config, plan and checks, and rendering the
+    job without writing or submitting it)."""
+    work.mkdir(parents=True, exist_ok=True)
+    env = env | {"CLUSTERCTL_REGISTRY": str(work / "registry.db")}
+    out = {}
+    for name, cmd in (
+        ("submit: CLI start (`clusterctl --help`)", [str(BIN / "clusterctl"), "--help"]),
+        ("submit: + plan and checks (`submit --dry-run`)", [*submit_command(profile, data), "--dry-run"]),
+    ):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=work, env=env, capture_output=True, check=True, timeout=300)
+        out[name] = time.perf_counter() - t0
+    return out
 
 
 def wait_until_ended(run_dir: Path) -> None:
@@ -133,9 +193,12 @@ def import_floor() -> float:
     return time.perf_counter() - t0
 
 
-def rows(rounds: int = 5, only: tuple[str, ...] = ("demo", "slurm")) -> list[dict[str, Any]]:
+def rows(
+    rounds: int = 5, only: tuple[str, ...] = ("demo", "slurm"), details: dict[str, list[dict[str, float]]] | None = None
+) -> list[dict[str, Any]]:
     """One row per launcher: time to first step as a ratio to the import floor (median of the
-    per-round ratios, min-max spread), with the seconds and the split at the trainer's start."""
+    per-round ratios, min-max spread), with the seconds and the split at the trainer's start.
+    `details`: filled per launcher with each round's phases (time_to_first_step's `detail`, cli_shares)."""
     root = Path(tempfile.mkdtemp(prefix="bench-start-"))
     try:
         data = make_data(root)
@@ -151,8 +214,15 @@ def rows(rounds: int = 5, only: tuple[str, ...] = ("demo", "slurm")) -> list[dic
             for name, (profile, env) in launchers.items():
                 floor = import_floor()
                 built = extension_builds()
-                total, before = time_to_first_step(profile, data, root / f"{name}-{i}", env)
+                detail: dict[str, float] | None = (
+                    {"floor: `import torch, deepspeed`": floor} if details is not None else None
+                )
+                total, before = time_to_first_step(profile, data, root / f"{name}-{i}", env, detail)
                 got[name].append((total / floor, total, before))
+                if details is not None and detail is not None:
+                    detail["time to first step"] = total
+                    detail |= cli_shares(profile, data, root / f"{name}-{i}-cli", env)
+                    details.setdefault(name, []).append(detail)
                 if built:  # the first start of a fresh environment builds it: that one is allowed
                     starts += 1
                     rebuilds += extension_builds() != built
@@ -203,8 +273,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", default="demo,slurm")
+    ap.add_argument("--detail", action="store_true", help="also print each launcher's phases (medians)")
     args = ap.parse_args()
-    for r in rows(args.rounds, tuple(args.only.split(","))):
+    details: dict[str, list[dict[str, float]]] | None = {} if args.detail else None
+    for r in rows(args.rounds, tuple(args.only.split(",")), details):
         if r["ratio"] is None or r["spread"] is None:
             print(f"{r['name']}: {r['note']}")
             continue
@@ -213,6 +285,17 @@ def main() -> None:
             f"{r['name']}: {r['ratio']:.1f}x ({lo:.1f}-{hi:.1f}) = {r['seconds']:.1f} s, of which "
             f"{r['before_start_s']:.1f} s before the trainer's start event"
         )
+
+    for name, samples in (details or {}).items():
+        print(f"\n{name}: where the time to first step goes (median of {len(samples)} rounds, seconds)")
+        for line in detail_table(samples):
+            print(line)
+
+
+def detail_table(samples: list[dict[str, float]]) -> list[str]:
+    """The phases in the order first seen, each as the median over the rounds that have it."""
+    names = list(dict.fromkeys(k for s in samples for k in s))
+    return [f"  {k:<52} {statistics.median(s[k] for s in samples if k in s):6.2f}" for k in names]
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ from vltrain.divergence import TrainingDiverged, non_finite_loss, remedies, skip
 from vltrain.engines.common import RankLayout
 from vltrain.failures import is_comm_error, record_failure
 from vltrain.presets import resolve_model
-from vltrain.rundir import ENERGY_FLUSH_S, EXIT_COMM_ERROR, STALL_TIMEOUT_S, JobEnv, RunDir, scheduler_job_id
+from vltrain.rundir import EXIT_COMM_ERROR, STALL_TIMEOUT_S, JobEnv, RunDir, scheduler_job_id
 from vltrain.signals import CONTINUE, StopRequests, has_timed_out, preempt_signal, run_original_handler
+from vltrain.startup import finish, log_line, mark
 from vltrain.stepstats import LOSSES, Interval, StepNumbers, flops_per_sample
 from vltrain.teardown import NativeTeardown
 from vltrain.watchdog import Watchdog
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from vltrain.batching import BatchSplit
     from vltrain.data.loader import ShardLoader
     from vltrain.distenv import DistEnv
-    from vltrain.energy import NodeEnergy
+    from vltrain.energy import StartingEnergy
     from vltrain.metrics import EventLog
     from vltrain.tokenizer import Tokenizer
 
@@ -104,6 +105,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
     from vltrain import distenv
     from vltrain.metrics import EventLog, attempt_number
 
+    mark("imports")  # the trainer's modules (torch...): vltrain.startup
     NativeTeardown.install()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,13 +167,13 @@ class Session:
         self.cfg, self.run_dir, self.dist, self.events, self.stops = cfg, run_dir, dist_env, events, stops
         self.step = self.samples = 0
         self.saved_step = -1
-        self.energy: NodeEnergy | None = None
+        self.energy: StartingEnergy | None = None
         self.watchdog: Watchdog | None = None
         self.stage_index: int | None = None  # the curriculum stage in force ([[stages]])
         self.stage_loss = cfg.loss  # the stage's [loss]: what the FLOPs of MFU and HFU count
         self.mcfg = resolve_model(cfg.model)
         self.engine_class = engine_class(cfg.parallel.strategy)
-        self.layout, self.split, self.device_kind = self._check_inputs()
+        self.layout, self.split, self.device_kind = mark("checks", self._check_inputs())
         self.config_hash = cfg.config_hash()
         if dist_env.is_main:
             write_resolved_config(
@@ -180,19 +182,20 @@ class Session:
             )
         # before the slow start: a checkpoint this run cannot resume from is refused now
         checkpoint.check_newest(run_dir, self.config_hash, dist_env.world_size, self.engine_class.checkpoint_format)
-        rank_device = self.engine_class.init_process_group(dist_env, self.device_kind)
+        rank_device = mark("process_group", self.engine_class.init_process_group(dist_env, self.device_kind))
         self.comm = Collectives(comm_device(backend(self.device_kind), dist_env.local_rank), dist_env.world_size)
-        ckpt, moved_aside = self._select_checkpoint()
-        self.tokenizer = self._tokenizer()
+        ckpt, moved_aside = mark("checkpoint", self._select_checkpoint())
+        self.tokenizer = mark("tokenizer", self._tokenizer())
         self.engine = self.engine_class.build(
             cfg, self.split.micro_batch, self.split.accumulation, self.layout, rank_device, initialise=ckpt is None
         )
-        self.device, self.dtype = self.engine.device, self.engine.dtype
-        self.loader = self._make_loader()
+        self.device, self.dtype = mark("engine", (self.engine.device, self.engine.dtype))
+        self.loader = mark("loader", self._make_loader())
         seed_rank(cfg.seed, self.layout.dp_rank)  # TP / PP peers mask their (same) samples alike
         self._make_sinks()
         self._resume_or_start(ckpt, moved_aside)
-        self.energy = self._start_energy()
+        mark("start")
+        self.energy = mark("energy", self._start_energy())
 
     # ---------------------------------------------------------------- set-up
     def _check_inputs(self) -> tuple[RankLayout, BatchSplit, str]:
@@ -315,26 +318,11 @@ class Session:
             f"{'resuming from ' + ckpt.name if ckpt else 'starting'} at step {self.step}/{cfg.steps}"
         )
 
-    def _start_energy(self) -> NodeEnergy | None:
-        """One codecarbon tracker per node when clusterctl set the site's country (vltrain.energy)."""
-        from vltrain.energy import NodeEnergy, visible_gpu_ids
+    def _start_energy(self) -> StartingEnergy | None:
+        """One codecarbon tracker per node when clusterctl set the site's country, set up on a thread (vltrain.energy)."""
+        from vltrain.energy import start_node_energy
 
-        job_env = JobEnv.from_env()
-        if not job_env.country:
-            return None
-        d = self.dist
-        energy = NodeEnergy(
-            self.run_dir,
-            local_rank=d.local_rank,
-            node_rank=d.node_rank,
-            country=job_env.country,
-            pue=job_env.pue,
-            gpu_ids=visible_gpu_ids(),
-            rank=d.rank,
-            flush_every_s=float(os.environ.get(ENERGY_FLUSH_S, "60") or 60),
-        )
-        energy.start()
-        return energy
+        return start_node_energy(self.run_dir, self.dist, JobEnv.from_env())
 
     def _alive(self) -> None:
         """A checkpoint or an evaluation finished: not a stall, though no step did."""
@@ -370,6 +358,8 @@ class Session:
             self.watchdog.progress()
             if self.step == first_step + 1:
                 shorten_timeout()
+                self.events.emit("startup", self.step, **(startup := finish("first_step")))  # vltrain.startup
+                self._say(log_line(startup))
             self.samples += cfg.global_batch
             interval.add(summed)
             self._log_or_stop_diverged(summed, interval, lr)

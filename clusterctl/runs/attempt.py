@@ -19,6 +19,7 @@ import submitit
 
 from clusterctl.runs import notify
 from clusterctl.runs.provenance import record_attempt
+from vltrain.startup import mark
 
 
 class Attempt(submitit.helpers.Checkpointable):
@@ -30,11 +31,13 @@ class Attempt(submitit.helpers.Checkpointable):
         self.registry = str(registry)
 
     def __call__(self) -> dict[str, Any]:
+        mark("launch")  # Python, submitit and unpickling this class (vltrain.startup: the startup event)
         record_attempt(self.run_dir)  # where it runs: hosts/nodeNNN-<attempt>.json, by each node's local rank 0
         job_id, nodes, rank0 = _job()
         start = time.time()
         if rank0:  # "started" once per run: a requeue or a retry is its own event
             notify.from_job(self.registry, self.run_dir, self.run_id, "started", {"job_id": job_id, "nodes": nodes})
+        mark("attempt")
         from vltrain.loop import TrainJob  # here: submit pickles this class and must not import torch
 
         result = TrainJob(self.run_dir)()
