@@ -193,3 +193,15 @@ def test_a_submitted_run_writes_its_startup_event(tmp_path):
     log = "".join(p.read_text() for p in run_dir.glob("submitit/*/*_0_log.out"))
     assert log.count("vltrain: first step ") == 1 and "after the process started (" in log
     assert list((run_dir / "energy").glob("node000-*.csv")), "the energy tracker, set up on a thread, wrote nothing"
+
+
+def test_the_freeze_reads_each_distributions_name_and_version_as_its_metadata_says():
+    """submit's pip-freeze.txt reads only the metadata headers (runs.provenance.name_version): the same
+    Name and Version as the full parse, for every distribution installed here."""
+    from importlib import metadata
+
+    from clusterctl.runs.provenance import name_version
+
+    dists = list(metadata.distributions())
+    assert len(dists) > 10
+    assert [name_version(d) for d in dists] == [(d.metadata["Name"] or "", d.version) for d in dists]

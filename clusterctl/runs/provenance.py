@@ -168,8 +168,21 @@ def pip_freeze() -> str:
         except ValueError:
             return None
 
-    dists = ((d.metadata["Name"] or "", d.version, direct(d)) for d in metadata.distributions())
+    dists = ((*name_version(d), direct(d)) for d in metadata.distributions())
     return "\n".join(freeze_lines(dists)) + "\n"
+
+
+def name_version(d: Any) -> tuple[str, str]:
+    """A distribution's Name and Version from its metadata's headers alone (they end at the first blank
+    line): `d.metadata` runs the email parser over the whole file, the long description included,
+    0.18 s of a 0.5 s submit for this environment's 140 distributions."""
+    text = d.read_text("METADATA") or d.read_text("PKG-INFO") or ""
+    found: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key in ("Name", "Version"):
+            found.setdefault(key, value.strip())
+    return found.get("Name", ""), found.get("Version", "")
 
 
 def packages() -> dict[str, Any]:
