@@ -201,8 +201,8 @@ def packages() -> dict[str, Any]:
 def _version(dist: str) -> str | None:
     from importlib import metadata
 
-    try:
-        return metadata.version(dist)
+    try:  # the headers alone (name_version): metadata.version parses torch's whole METADATA
+        return name_version(metadata.distribution(dist))[1] or None
     except metadata.PackageNotFoundError:
         return None
 
