@@ -242,13 +242,19 @@ def main_ranks(cfg, tmp: Path, args) -> None:
         f"0's medians of {args.rounds} x {args.steps} steps, the two timed one step each in turn",
         flush=True,
     )
-    rows = step_ranks.run(args.ranks, cfg, tmp, accums, args.rounds, args.steps, profile=args.profile)
+    compare = () if args.chosen_only or cfg.zero_stage != 2 else ("coalesced",)
+    rows = step_ranks.run(args.ranks, cfg, tmp, accums, args.rounds, args.steps, args.profile, compare)
     print(f"{'accumulation':>12} {'micro':>5} {'bare ms':>8} {'vltrain ms':>10}  vltrain/bare (min-max of the rounds)")
     for r in rows:
         micro = cfg.global_batch // (args.ranks * r["accumulation"])
         print(
             f"{r['accumulation']:>12} {micro:>5} {r['ms']['bare']:8.1f} {r['ms']['vltrain']:10.1f}  {r['ratio']:.3f} "
             f"({r['spread'][0]:.3f}-{r['spread'][1]:.3f})  {r['words']}   (goal <= {GOAL:g})"
+            + "".join(
+                f";  {k} {v[0]:.3f} ({v[1]:.3f}-{v[2]:.3f})" for k, v in r["ratios"].items() if k.startswith("ZeRO")
+            )
+            + "; rank 0's CPU time / bare's: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in r["cpu"].items() if k != "bare")
         )
     print(f"ratio vltrain/bare: {rows[-1]['ratio']:.3f}")
 
@@ -278,6 +284,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile vltrain's step at the last --accum")
     ap.add_argument("--set", action="append", default=[], help="config override key=value (as vltrain train)")
     ap.add_argument("--ranks", type=int, default=1, help="gloo ranks on this machine (2, 4: vs bare DDP / FSDP2)")
+    ap.add_argument(
+        "--chosen-only", action="store_true", help="--ranks: time only the trainer's choice (not ZeRO-2's hooks)"
+    )
     args = ap.parse_args()
 
     cfg, tmp = setup(args.config, args.set)

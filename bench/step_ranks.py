@@ -14,6 +14,7 @@ every rank in lockstep (a barrier, untimed, before each step); rank 0's times ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -61,44 +62,59 @@ def engine_words(engine) -> str:
     """How vltrain's side reduces gradients, in words for the rows."""
     if engine.strategy == "fsdp":
         return f"FSDP2 zero_stage {engine.cfg.zero_stage}, gradient sync on the last micro step"
+    if engine.stage == 1 and engine.cfg.zero_stage == 2:
+        return "ZeRO-2 as stage 1, no gradient hooks, one reduction per step"
     return f"ZeRO-{engine.stage}, {engine.reduction.replace('_', ' ')} reduction"
 
 
-def pair(cfg, tmp: Path, name: str):
-    """-> (vltrain's session, its StopRequests, {"bare": step, "vltrain": step}) on this rank's cached batches."""
+def pair(cfg, tmp: Path, name: str, compare: tuple[str, ...] = ()):
+    """-> (vltrain's session, its StopRequests, {"bare": step, "vltrain": step, ...}) on this rank's cached
+    batches; `compare`: VLTRAIN_GRAD_REDUCTION values whose sessions (ZeRO-2 with its gradient hooks,
+    the trainer's choice before vltrain.dsconfig.hookless_zero) are timed beside them, as "ZeRO-2 <value>"."""
     from bench_step import bare_step_fn, make_session
 
     session, stops = make_session(cfg, tmp, name)
     cached = list(itertools.islice(iter(session.loader), 4 * session.split.accumulation))
     mine = itertools.cycle(cached)
     bare = bare_step_fn(cfg, itertools.cycle(cached), WRAP[cfg.parallel.strategy])
-    return session, stops, {"bare": bare, "vltrain": lambda: session.train_step(mine)}
+    sides = {"bare": bare, "vltrain": lambda: session.train_step(mine)}
+    for reduction in compare:
+        other, other_stops = make_session(cfg, tmp, f"{name}-{reduction}", reduction)
+        other_stops.restore()
+        sides[f"ZeRO-2 {reduction}"] = functools.partial(other.train_step, itertools.cycle(cached))
+    return session, stops, sides
 
 
 def side_by_side(sides: dict[str, Any], rounds: int, steps: int) -> dict[str, list[list[float]]]:
-    """Seconds per step of each side, per round; one step each in turn, a barrier (untimed) before each."""
+    """Seconds per step of each side, per round; one step each in turn, a barrier (untimed) before each;
+    and "cpu <side>": this rank's CPU seconds per step, all rounds as one."""
     import time
 
     import torch.distributed as dist
 
-    def one(fn) -> float:
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
+
+    def one(k: str, fn) -> float:
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
+        cpu[k].append(time.process_time() - c0)  # this rank's CPU seconds: less moved by others' load
         return time.perf_counter() - t0
 
-    for fn in sides.values():  # warm-up: allocator, first-call paths, DeepSpeed's first step
+    for k, fn in sides.items():  # warm-up: allocator, first-call paths, DeepSpeed's first step
         for _ in range(2):
-            one(fn)
+            one(k, fn)
     out: dict[str, list[list[float]]] = {k: [] for k in sides}
+    for v in cpu.values():
+        v.clear()
     for _ in range(rounds):
         this: dict[str, list[float]] = {k: [] for k in sides}
         for _ in range(steps):
             for k, fn in sides.items():
-                this[k].append(one(fn))
+                this[k].append(one(k, fn))
         for k, t in this.items():
             out[k].append(t)
-    return out
+    return out | {f"cpu {k}": [v] for k, v in cpu.items()}
 
 
 def worker(rank: int, world: int, threads: int, port: int, cfg, tmp: Path, plan: dict[str, Any], result: Path) -> None:
@@ -107,7 +123,8 @@ def worker(rank: int, world: int, threads: int, port: int, cfg, tmp: Path, plan:
     join(rank, world, port, threads)
     rows = []
     for a in plan["accumulations"]:
-        session, stops, sides = pair(rank_config(cfg, world, a), tmp, f"ranks{world}-a{a}")
+        compare = tuple(plan.get("compare", ())) if cfg.parallel.strategy == "deepspeed" else ()
+        session, stops, sides = pair(rank_config(cfg, world, a), tmp, f"ranks{world}-a{a}", compare)
         times = side_by_side(sides, plan["rounds"], plan["steps"])
         rows.append({"accumulation": a, "times": times, "words": engine_words(session.engine)})
         if plan.get("profile") and a == plan["accumulations"][-1]:
@@ -132,9 +149,12 @@ def profile_ranks(session, rank: int, steps: int) -> None:
     timed(lambda: session.train_step(batches), steps)
 
 
-def run(world: int, cfg, tmp: Path, accumulations, rounds: int, steps: int, profile: bool = False) -> list[dict]:
+def run(
+    world: int, cfg, tmp: Path, accumulations, rounds: int, steps: int, profile: bool = False, compare=()
+) -> list[dict]:
     """The bench on `world` spawned ranks (threads per rank: this machine's cores // world, at least 1);
-    -> one row per accumulation: medians (ms), per-round ratios, words."""
+    -> one row per accumulation: medians (ms) of each side, the ratio and spread of vltrain's (and of
+    each `compare` session: "ratios"), words."""
     import torch.multiprocessing as mp
 
     from vltrain.distenv import free_port
@@ -142,14 +162,20 @@ def run(world: int, cfg, tmp: Path, accumulations, rounds: int, steps: int, prof
     threads = threads_per_rank(world)
     result = tmp / f"ranks{world}-{cfg.parallel.strategy}.json"
     plan = {"accumulations": list(accumulations), "rounds": rounds, "steps": steps, "profile": profile}
+    plan["compare"] = list(compare)
     args = (world, threads, free_port(), cfg, tmp, plan, result)
     mp.start_processes(worker, args=args, nprocs=world, join=True, start_method="spawn")
     out = []
     for row in json.loads(result.read_text()):
         t = row["times"]
         ms = {k: statistics.median(x for r in v for x in r) * 1000 for k, v in t.items()}
-        per_round = [statistics.median(v) / statistics.median(b) for v, b in zip(t["vltrain"], t["bare"], strict=True)]
-        out.append(row | {"ms": ms, "ratio": ms["vltrain"] / ms["bare"], "spread": (min(per_round), max(per_round))})
+        ratios = {}
+        for k in [k for k in t if not k.startswith("cpu ")]:
+            per_round = [statistics.median(v) / statistics.median(b) for v, b in zip(t[k], t["bare"], strict=True)]
+            ratios[k] = (ms[k] / ms["bare"], min(per_round), max(per_round))
+        cpu = {k.removeprefix("cpu "): ms[k] / ms["cpu bare"] for k in ms if k.startswith("cpu ")}
+        vl = ratios["vltrain"]
+        out.append(row | {"ms": ms, "ratio": vl[0], "spread": vl[1:], "ratios": ratios, "cpu": cpu})
     return out
 
 

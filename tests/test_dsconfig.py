@@ -130,12 +130,12 @@ def test_zero_0_keeps_deepspeeds_bf16_accumulation():
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_one_fp32_rank_runs_zero_as_stage_1_without_gradient_hooks(device):
-    """One data-parallel rank in fp32: stage 1 with neither contiguous gradients nor overlap_comm (each
-    makes DeepSpeed hook every gradient), a config DeepSpeed's own parser reads as such; at two ranks, under
-    bf16 (DeepSpeed would switch optimizer: BF16_Optimizer at stage 1) and with an explicit
-    VLTRAIN_GRAD_REDUCTION, ZeRO-2 as asked."""
-    from vltrain.dsconfig import one_rank_zero
+def test_one_fp32_rank_or_cpu_ranks_run_zero_as_stage_1_without_gradient_hooks(device):
+    """One data-parallel rank in fp32, or several CPU ones: stage 1 with neither contiguous gradients nor
+    overlap_comm (each makes DeepSpeed hook every gradient), a config DeepSpeed's own parser reads as such;
+    on several GPUs, under bf16 (DeepSpeed would switch optimizer: BF16_Optimizer at stage 1) and with an
+    explicit VLTRAIN_GRAD_REDUCTION, ZeRO-2 as asked."""
+    from vltrain.dsconfig import hookless_zero
 
     def ds(world, reduction=None, **kw):
         cfg = TrainConfig(**({"model": "tiny", "precision": "fp32", "zero_stage": 2} | kw))
@@ -147,9 +147,11 @@ def test_one_fp32_rank_runs_zero_as_stage_1_without_gradient_hooks(device):
     assert ds(1) == (1, False, False)
     assert ds(1, zero_stage=1) == (1, False, False)
     assert ds(1, "auto") == (1, False, False)
-    assert ds(2) == (2, True, device == "cuda")
+    assert ds(2) == ((2, True, True) if device == "cuda" else (1, False, False))
+    assert ds(2, "coalesced") == (2, True, device == "cuda")
+    assert ds(2, precision="bf16") == (2, True, device == "cuda")
     assert ds(1, precision="bf16") == (2, True, device == "cuda")
     assert ds(1, zero_stage=0)[0] == 0
     assert ds(1, "per_micro_step") == ds(1, "coalesced") == (2, True, device == "cuda")
-    assert one_rank_zero(TrainConfig(model="tiny", precision="fp32"), 1)
-    assert not one_rank_zero(TrainConfig(model="tiny", precision="fp32", zero_stage=3), 1)
+    assert hookless_zero(TrainConfig(model="tiny", precision="fp32"), 1, device=device)
+    assert not hookless_zero(TrainConfig(model="tiny", precision="fp32", zero_stage=3), 1, device=device)

@@ -282,7 +282,7 @@ def start_event(run_dir: Path) -> dict:
 
 def test_one_fp32_rank_runs_zero2_without_gradient_hooks_bit_identically(data, tmp_path, monkeypatch):
     """ZeRO-2, fp32, one rank, accumulation 4: what the trainer chooses (auto: DeepSpeed's stage 1 without
-    gradient hooks, vltrain.dsconfig.one_rank_zero) against ZeRO-2's own hooks, reducing per micro step
+    gradient hooks, vltrain.dsconfig.hookless_zero) against ZeRO-2's own hooks, reducing per micro step
     and coalesced (VLTRAIN_GRAD_REDUCTION forces them): every logged value and every weight bit-identical
     (one rank: the same sums in the same order). A lost micro step, a missing 1/accumulation or a
     reduction left out differs by >= 1e-3."""
@@ -307,7 +307,7 @@ def test_one_fp32_rank_runs_zero2_without_gradient_hooks_bit_identically(data, t
 
 def test_a_one_rank_zero2_checkpoint_resumes_without_gradient_hooks(data, tmp_path, monkeypatch):
     """A run of one fp32 rank checkpointed under ZeRO-2's hooks (as every such run was before
-    one_rank_zero, or forced by VLTRAIN_GRAD_REDUCTION) resumes under the hookless stage 1, and the
+    hookless_zero, or forced by VLTRAIN_GRAD_REDUCTION) resumes under the hookless stage 1, and the
     reverse, each with the trajectory and weights of an uninterrupted run: the checkpoint files hold the
     same single partition either way."""
     cfg = write_config(tmp_path / "cfg.toml", data, accumulation=4, precision="fp32", steps=4, checkpoint_every=2)
@@ -330,24 +330,33 @@ def test_a_one_rank_zero2_checkpoint_resumes_without_gradient_hooks(data, tmp_pa
 
 
 def test_coalesced_gradient_reduction_trains_as_the_per_micro_step_one(data, tmp_path, monkeypatch):
-    """ZeRO-2, fp32, accumulation 4, two ranks: the reduction the trainer chooses on CPU (coalesced: each
-    rank sums its micro steps, one reduction) against DeepSpeed's per-micro-step one (a reduction per
-    micro step, summed into the partition). The rank sums are added in another order, so every logged
-    value within 1e-6 relative (measured 1.6e-7 over 4 steps) and every weight within 1e-5, as FSDP vs
-    DeepSpeed (tests/test_fsdp_engine.py; measured <= 3.0e-6 on the attention k biases, whose exact
-    gradient is zero so Adam normalises rounding noise, <= 8e-7 elsewhere). A lost micro step, a missing
-    1/accumulation or a reduction left out differs by >= 1e-3. (One rank: the test above.)"""
+    """ZeRO-2, fp32, accumulation 4, two CPU ranks: the trainer's choice (auto: DeepSpeed's stage 1
+    without gradient hooks, vltrain.dsconfig.hookless_zero: autograd sums each rank's micro steps, one
+    reduction) and ZeRO-2's coalesced reduction (the choice before it; forced by VLTRAIN_GRAD_REDUCTION)
+    are bit-identical; against DeepSpeed's per-micro-step reduction (a reduction per micro step, summed
+    into the partition) the rank sums are added in another order, so every logged value within 1e-6
+    relative (measured 1.6e-7 over 4 steps) and every weight within 1e-5, as FSDP vs DeepSpeed
+    (tests/test_fsdp_engine.py; measured <= 3.0e-6 on the attention k biases, whose exact gradient is zero
+    so Adam normalises rounding noise, <= 8e-7 elsewhere). A lost micro step, a missing 1/accumulation or
+    a reduction left out differs by >= 1e-3. A ZeRO-2 checkpoint (coalesced) resumes under the trainer's
+    stage 1 with the uninterrupted run's trajectory. (One rank: the tests above.)"""
     import torch
 
     runs = {}
-    for reduction in ("per_micro_step", "auto"):
+    for reduction in ("per_micro_step", "coalesced", "auto"):
         monkeypatch.setenv("VLTRAIN_GRAD_REDUCTION", reduction)
-        cfg = write_config(tmp_path / f"{reduction}.toml", data, accumulation=4, precision="fp32", steps=4)
+        cfg = write_config(tmp_path / "cfg.toml", data, accumulation=4, precision="fp32", steps=4, checkpoint_every=2)
         r = torchrun(2, "train", "--config", str(cfg), "--run-dir", str(tmp_path / reduction))
         assert r.returncode == 0, r.stderr[-3000:]
         runs[reduction] = tmp_path / reduction
-    assert start_event(runs["auto"])["grad_reduction"] == "coalesced"
-    assert start_event(runs["auto"])["zero_stage_run"] == 2
+    ran = {k: (start_event(v)["zero_stage_run"], start_event(v)["grad_reduction"]) for k, v in runs.items()}
+    assert ran == {
+        "auto": (1, "per_micro_step"),
+        "coalesced": (2, "coalesced"),
+        "per_micro_step": (2, "per_micro_step"),
+    }
+    assert trajectory(runs["auto"]) == trajectory(runs["coalesced"])
+    assert_same_weights(final_weights(runs["auto"]), final_weights(runs["coalesced"]))
     a, b = trajectory(runs["auto"]), trajectory(runs["per_micro_step"])
     wa, wb = final_weights(runs["auto"]), final_weights(runs["per_micro_step"])
     assert a.keys() == b.keys() == {1, 2, 3, 4}
@@ -357,6 +366,17 @@ def test_coalesced_gradient_reduction_trains_as_the_per_micro_step_one(data, tmp
     print(f"coalesced vs per micro step, 2 ranks: worst relative logged value {worst:.2e}, weights {far}")
     assert worst <= 1e-6 and far[-1][0] <= 1e-5, (worst, far, a, b)
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # the two paths ran (else the switch is dead)
+    resumed = tmp_path / "coalesced-then-auto"
+    monkeypatch.setenv("VLTRAIN_GRAD_REDUCTION", "coalesced")
+    r = torchrun(2, "train", "--config", str(cfg), "--run-dir", str(resumed), "--stop-after", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.setenv("VLTRAIN_GRAD_REDUCTION", "auto")
+    r = torchrun(2, "train", "--config", str(cfg), "--run-dir", str(resumed))
+    assert r.returncode == 0, r.stderr[-3000:]
+    stages = [e["zero_stage_run"] for e in jsonl(resumed / "events.jsonl") if e["event"] in ("start", "resume")]
+    assert stages == [2, 1] and ("resume", 2) in events(resumed)
+    assert trajectory(resumed) == trajectory(runs["auto"])
+    assert_same_weights(final_weights(resumed), final_weights(runs["auto"]))
 
 
 def test_the_loader_worker_count_does_not_change_training(data, tmp_path):

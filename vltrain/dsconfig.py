@@ -50,20 +50,27 @@ def warmup_steps(cfg: TrainConfig) -> int:
     return round(cfg.optim.warmup_fraction * cfg.steps)
 
 
-def one_rank_zero(cfg: TrainConfig, world_size: int, reduction: str | None = None) -> bool:
-    """Whether ZeRO 1-2 runs as DeepSpeed's stage 1 without gradient hooks: one rank, fp32; pure.
+def hookless_zero(cfg: TrainConfig, world_size: int, reduction: str | None = None, device: str = "cpu") -> bool:
+    """Whether ZeRO 1-2 runs as DeepSpeed's stage 1 without gradient hooks: fp32 on one rank (any device)
+    or on CPU ranks (gloo); pure.
 
-    One data-parallel rank partitions nothing and reduces with no one, yet ZeRO-2 (and stage 1 with
-    contiguous gradients or overlap_comm) hooks every parameter's gradient: copy into a bucket, count the
-    parameters taking part in backward, reduce when a bucket fills. On the tiny model that is 117 hooks
-    and ~2 ms of Python per micro step, 1.13x a bare PyTorch loop at accumulation 16 against 1.05x
-    without (bench/bench_step.py, one run side by side). Stage 1 without them keeps DeepSpeed's ZeRO
-    optimizer, its single fp32 partition (one rank: the whole model), AdamW and checkpoint files (only
-    the stage recorded in them differs, and a ZeRO-2 checkpoint of one rank resumes into it), and trains
-    bit-identically (tests/test_trainer_run.py). fp32 only: under bf16 DeepSpeed runs stage 1 through
-    another optimizer (BF16_Optimizer) with another checkpoint layout. An explicit reduction
+    ZeRO-2 (and stage 1 with contiguous gradients or overlap_comm) hooks every parameter's gradient:
+    copy into a bucket, walk the autograd graph to count the parameters taking part in backward, reduce
+    when a bucket fills. One rank partitions nothing and reduces with no one: 117 hooks and ~2 ms of
+    Python per micro step on the tiny model, 1.13x a bare PyTorch loop at accumulation 16 against 1.05x
+    without (bench/bench_step.py). On CPU ranks in fp32 ZeRO-2 already lets autograd sum the micro steps
+    in full-size param.grad and reduces once (vltrain.engines.deepspeed.grad_reduction, coalesced), which
+    is what stage 1 does without hooks: the same reduction (DeepSpeed's reduce_independent_p_g_buckets_
+    and_remove_grads over every parameter at the boundary) minus the hooks' counting walk at every micro
+    step (~45 ms a step of 750 at accumulation 16 on 2 ranks: 1.12x a bare DDP loop; bench/bench_step.py
+    --ranks 2 --profile). Stage 1 keeps DeepSpeed's ZeRO optimizer, its fp32 partitions, AdamW and
+    checkpoint files (only the stage recorded in them differs, and ZeRO-2 checkpoints resume into it),
+    and trains bit-identically (tests/test_trainer_run.py). fp32 only: under bf16 DeepSpeed runs stage 1
+    through another optimizer (BF16_Optimizer) with another checkpoint layout. Not on several GPUs:
+    there overlap_comm hides ZeRO-2's per-bucket reductions behind backward. An explicit reduction
     (VLTRAIN_GRAD_REDUCTION coalesced or per_micro_step) keeps ZeRO-2's hooks, to compare them."""
-    return world_size == 1 and cfg.precision == "fp32" and cfg.zero_stage in (1, 2) and reduction in (None, "", "auto")
+    where = world_size == 1 or device == "cpu"
+    return where and cfg.precision == "fp32" and cfg.zero_stage in (1, 2) and reduction in (None, "", "auto")
 
 
 def deepspeed_config(
@@ -82,7 +89,7 @@ def deepspeed_config(
     accumulated and reduced in fp32 under bf16 and fp16: bf16 keeps 8 bits of mantissa, and summing the
     seeds' 8-16 micro steps in it errs by 0.4-0.5% of the gradient, 2.6-3.7x what fp32 accumulation of
     the same bf16 gradients does, growing with the steps (tests/test_dsconfig.py measures it). One fp32
-    rank runs ZeRO 1-2 as stage 1 without gradient hooks (one_rank_zero). torch's AdamW is in
+    rank and fp32 CPU ranks run ZeRO 1-2 as stage 1 without gradient hooks (hookless_zero). torch's AdamW is in
     DeepSpeed's list of ZeRO-supported optimizers, so no "untested optimizer" flag is needed.
     """
     return {
@@ -113,10 +120,10 @@ def precision_section(cfg: TrainConfig) -> dict[str, Any]:
 def zero_section(
     cfg: TrainConfig, world_size: int, *, device: str, params: int | None, reduction: str | None
 ) -> dict[str, Any]:
-    """The "zero_optimization" section: the stage (1 for one hook-less fp32 rank, one_rank_zero), and
+    """The "zero_optimization" section: the stage (1 without gradient hooks: hookless_zero), and
     from stage 1 on the buckets (bucket_elements) and whether their reduction overlaps backward (CUDA)."""
     bucket = bucket_elements(params)
-    hookless = one_rank_zero(cfg, world_size, reduction)
+    hookless = hookless_zero(cfg, world_size, reduction, device)
     zero: dict[str, Any] = {"stage": 1 if hookless else cfg.zero_stage}
     if cfg.zero_stage >= 1:
         zero.update(

@@ -46,7 +46,7 @@ REDUCTIONS = ("auto", "coalesced", "per_micro_step")
 
 def grad_reduction(cfg: TrainConfig, device: str, override: str | None = None, *, stage: int | None = None) -> str:
     """How ZeRO-2 reduces the accumulation's gradients: "coalesced" or "per_micro_step"; pure. `stage`:
-    the one DeepSpeed runs (vltrain.dsconfig.one_rank_zero: stage 1 on one fp32 rank), cfg.zero_stage if None.
+    the one DeepSpeed runs (vltrain.dsconfig.hookless_zero: stage 1 without hooks), cfg.zero_stage if None.
 
     DeepSpeed's ZeRO-2 reduces every micro step's gradients (copies into buckets, a reduction, a sum
     into the rank's partition: at accumulation 4 ~1.2x a bare loop's step on CPU, bench/bench_step.py).
@@ -81,7 +81,7 @@ class DeepSpeedEngine(TrainEngine):
     ) -> None:
         self.ds, self.layout, self.dtype, self.cfg = ds, layout, dtype, cfg
         self.device, self.module = ds.device, ds.module
-        self.stage = int(ds.zero_optimization_stage())  # the one DeepSpeed runs (dsconfig.one_rank_zero)
+        self.stage = int(ds.zero_optimization_stage())  # the one DeepSpeed runs (dsconfig.hookless_zero)
         self.reduction = grad_reduction(cfg, self.device.type, reduction, stage=self.stage)
 
     @classmethod
