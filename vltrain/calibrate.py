@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,15 +36,18 @@ def rss_mib() -> float:
 
 
 def _timed(fn: Callable[[], Any], budget_s: float = _BUDGET_S, min_runs: int = 3) -> float:
-    """Median seconds of one call of `fn`, over as many calls as fit in `budget_s` (one warm-up first)."""
+    """Mean seconds of one call of `fn` over as many calls as fit in `budget_s` (one warm-up first).
+
+    The mean of the whole window, not the median of the calls: a call shorter than the scheduler's time
+    slice is rarely preempted, so on a shared machine the median tells the speed of a core held alone while
+    a training step, seconds long, gets the core's share; the mean over the window gets the share too."""
     fn()
-    times: list[float] = []
+    runs = 0
     start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
+    while runs < min_runs or time.perf_counter() - start < budget_s:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        runs += 1
+    return (time.perf_counter() - start) / runs
 
 
 def matmul_gflops(sizes: Sequence[int] = MATMUL_SIZES) -> dict[str, float]:
@@ -58,6 +60,42 @@ def matmul_gflops(sizes: Sequence[int] = MATMUL_SIZES) -> dict[str, float]:
         c = torch.empty(n, n)
         t = _timed(functools.partial(torch.mm, a, b, out=c), budget_s=_BUDGET_S / 2)
         out[str(n)] = 2 * n**3 / t / 1e9
+    return out
+
+
+BLOCK_WIDTHS = (64, 128, 256, 512)
+BLOCK_TOKENS = (64, 512)  # tokens per micro batch (micro batch x sequence): one sequence, and eight
+BLOCK_SEQ = 64  # tokens per sequence (attention's length)
+
+
+def block_flops(width: int, tokens: int, seq: int = BLOCK_SEQ) -> float:
+    """Matmul FLOPs of one self-attention Block's forward (vltrain.model_math's count: qkv, scores,
+    output projection, an MLP of ratio 4) over `tokens` tokens in sequences of `seq`."""
+    return (
+        2 * tokens * width * 3 * width + 4 * tokens * seq * width + 2 * tokens * width * width + 16 * tokens * width**2
+    )
+
+
+def block_gflops(widths: Sequence[int] = BLOCK_WIDTHS, tokens: Sequence[int] = BLOCK_TOKENS) -> dict[str, float]:
+    """{"WIDTHxTOKENS": GFLOP/s}: the trainer's own pre-norm Block (vltrain.model.layers: LayerNorm, SDPA,
+    GELU MLP), forward + backward in fp32, its matmul FLOPs (x3) per second. What a model part of that
+    width sustains with its norms, softmax, GELU and dispatch, which a bare matmul leaves out."""
+    import torch
+
+    from vltrain.model.layers import Block
+
+    out: dict[str, float] = {}
+    torch.manual_seed(0)
+    for w in widths:
+        block = Block(w, max(1, w // 64), 4 * w, "layernorm")
+        for t in tokens:
+            x = torch.randn(t // BLOCK_SEQ, BLOCK_SEQ, w, requires_grad=True)
+
+            def run(block: Any = block, x: Any = x) -> None:
+                block(x).sum().backward()
+
+            secs = _timed(run, budget_s=_BUDGET_S / 2, min_runs=2)
+            out[f"{w}x{t}"] = 3 * block_flops(w, t) / secs / 1e9
     return out
 
 
@@ -86,6 +124,17 @@ def memory_gb_s(mib: int = 64) -> float:
     dst = torch.empty_like(src)
     t = _timed(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / t / 1e9
+
+
+def alloc_gb_s(mib: int = 64) -> float:
+    """Fresh-memory bandwidth (GB/s): bytes of a new zero-filled `mib` MiB tensor per second. Large
+    tensors come from the kernel (mmap) and go back when freed, so each first touch faults a page in: on
+    a shared VM ~10x slower than copying between buffers that exist. A step's large new tensors (the
+    embedding's dense gradient, the vocabulary logits, gradients after zero_grad) pay this rate."""
+    import torch
+
+    n = mib * 2**18
+    return n * 4 / _timed(lambda: torch.zeros(n)) / 1e9
 
 
 def allreduce(world: int, mib: int = 16) -> tuple[float, float]:
@@ -134,12 +183,17 @@ def measure_rank(sizes: Sequence[int] = MATMUL_SIZES) -> dict[str, Any]:
     Returns the [calibration] keys one rank measures (the caller adds measured_at, slurm_job, ranks):
       threads_per_rank      torch.get_num_threads()
       matmul_gflops         {"N": fp32 GFLOP/s of an N x N @ N x N product} for N in `sizes`
+      block_gflops          (added) {"WIDTHxTOKENS": GFLOP/s} of the trainer's transformer Block, forward
+                            + backward, at widths BLOCK_WIDTHS over BLOCK_TOKENS tokens (block_gflops)
       op_overhead_us        one small op's forward + backward dispatch, per op
       memory_gb_s           copy bandwidth (read + write bytes per second)
+      alloc_gb_s            (added) fresh zero-filled memory per second (alloc_gb_s: page faults)
       allreduce_gb_s        gloo all-reduce bus bandwidth, 16 MiB messages
       allreduce_latency_us  one 4-byte gloo all-reduce
       base_rss_mib          resident set after importing torch, deepspeed and the trainer and joining
                             the group, before any tensor of the measurement was made
+      fsdp_imports_mib      (added to the contract) what importing FSDP2's stack (device mesh, DTensor,
+                            fully_shard) adds to it: an FSDP rank has it, a DeepSpeed rank has not
     """
     import torch
 
@@ -151,12 +205,19 @@ def measure_rank(sizes: Sequence[int] = MATMUL_SIZES) -> dict[str, Any]:
         dist.barrier()
         base = rss_mib()
         out: dict[str, Any] = {"threads_per_rank": torch.get_num_threads(), "base_rss_mib": base}
+        import vltrain.parallel.fsdp
+        import vltrain.parallel.mesh  # noqa: F401  (DeviceMesh, DTensor, fully_shard: what an FSDP rank adds)
+
+        out["fsdp_imports_mib"] = max(0.0, rss_mib() - base)
         dist.barrier()
         out["matmul_gflops"] = matmul_gflops(sizes)
+        dist.barrier()
+        out["block_gflops"] = block_gflops()
         dist.barrier()
         out["op_overhead_us"] = op_overhead_us()
         dist.barrier()
         out["memory_gb_s"] = memory_gb_s()
+        out["alloc_gb_s"] = alloc_gb_s()
         out["allreduce_gb_s"], out["allreduce_latency_us"] = allreduce(dist.get_world_size())
         dist.barrier()
         return out

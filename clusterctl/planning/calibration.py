@@ -20,16 +20,19 @@ ISO_UTC = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z"
 ISO_UTC_DOC = "a UTC time in ISO 8601, e.g. 2026-12-07T09:12:00Z"
 JOB_ID = r"local|\d{1,12}(_\d{1,9})?"
 JOB_ID_DOC = "a Slurm job id (digits) or 'local'"
+BLOCKS_DOC = 'a table of 1-64 "WIDTHxTOKENS" keys (each 1 .. 16384) to GFLOP/s > 0, e.g. {"256x512" = 19.3}'
 SIZES_DOC = 'a table of 1-16 square matrix sizes ("64" .. "16384") to GFLOP/s > 0, e.g. {"256" = 20.1}'
 
 
-def _sizes_problem(table: Mapping[str, float]) -> str | None:
-    """The matmul table: 1-16 sizes, each a whole number 1..16384, each rate a finite number > 0."""
-    if not 1 <= len(table) <= 16:
+def _sizes_problem(table: Mapping[str, float], pair: bool = False) -> str | None:
+    """A table of rates: 1-16 (pair: 1-64) sizes, each a whole number 1..16384 (pair: two joined by 'x'),
+    each rate a finite number > 0."""
+    if not 1 <= len(table) <= (64 if pair else 16):
         return f"{len(table)} sizes"
+    one = r"[1-9]\d{0,4}"
     for key, rate in table.items():
-        if not re.fullmatch(r"[1-9]\d{0,4}", key) or int(key) > 16384:
-            return f"{key!r} is not a matrix size"
+        if not re.fullmatch(f"{one}x{one}" if pair else one, key) or max(map(int, key.split("x"))) > 16384:
+            return f"{key!r} is not a {'WIDTHxTOKENS pair' if pair else 'matrix size'}"
         if not (math.isfinite(rate) and rate > 0):
             return f"{key!r} = {rate} is not a rate"
     return None
@@ -51,14 +54,47 @@ class Calibration:
     allreduce_gb_s: float = field("gloo all-reduce bus bandwidth, large messages (GB/s)", min=0.001, max=10_000)
     allreduce_latency_us: float = field("one 4-byte gloo all-reduce (us)", min=0.1, max=10_000_000)
     base_rss_mib: float = field("a rank's resident set before building a model (MiB)", min=1, max=10_000_000)
+    block_gflops: dict[str, float] | None = field(
+        "fp32 GFLOP/s of the trainer's transformer block, forward + backward, by WIDTHxTOKENS (None: not measured)",
+        default=None,
+        check=lambda t: _sizes_problem(t, pair=True),
+        allowed=BLOCKS_DOC,
+    )
+    alloc_gb_s: float | None = field(
+        "fresh zero-filled memory per second, page faults included (GB/s; None: not measured)",
+        default=None,
+        min=0.001,
+        max=10_000,
+    )
+    fsdp_imports_mib: float = field(
+        "what FSDP2's imports (device mesh, DTensor) add to a rank's resident set (MiB; 0 if not measured)",
+        default=0.0,
+        min=0,
+        max=100_000,
+    )
 
     def matmul_rate(self, n: float) -> float:
         """GFLOP/s at an effective size `n`: linear in log N between the measured sizes, the end value past them."""
-        points = sorted((int(k), v) for k, v in self.matmul_gflops.items())
-        if n <= points[0][0]:
-            return points[0][1]
-        for (n0, r0), (n1, r1) in zip(points, points[1:], strict=False):
-            if n <= n1:
-                w = math.log(n / n0) / math.log(n1 / n0)
-                return r0 + w * (r1 - r0)
-        return points[-1][1]
+        return _interp(sorted((int(k), v) for k, v in self.matmul_gflops.items()), n)
+
+    def block_rate(self, width: float, tokens: float) -> float | None:
+        """Block GFLOP/s at `width` over `tokens`: linear in log width and log tokens between the measured
+        points (the nearest measured tokens at each width, the end values past them); None if unmeasured."""
+        if not self.block_gflops:
+            return None
+        grid: dict[int, dict[int, float]] = {}
+        for key, rate in self.block_gflops.items():
+            w, t = map(int, key.split("x"))
+            grid.setdefault(w, {})[t] = rate
+        by_width = {w: _interp(sorted(ts.items()), tokens) for w, ts in grid.items()}
+        return _interp(sorted(by_width.items()), width)
+
+
+def _interp(points: list[tuple[int, float]], x: float) -> float:
+    """Linear in log x between sorted (x, y) points, the end values past them."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x <= x1:
+            return y0 + math.log(x / x0) / math.log(x1 / x0) * (y1 - y0)
+    return points[-1][1]

@@ -5,14 +5,16 @@ by `clusterctl profiles calibrate`) gets a prediction built from its measured ra
 so that `plan` shows the breakdown:
 
 step time (one optimizer step of one rank: the ranks wait for each other at every reduction)
-  matmul       the model's matmul FLOPs (vltrain.model_math, x3 for forward + backward) at the calibrated
-               fp32 GFLOP/s of each part's GEMM size (cube root of m*k*n of its linear layers)
-  dispatch     the ops the forward runs (counted per block type on the real model, OPS_*) times the
-               calibrated per-op cost of a forward + backward dispatch, per micro step
-  elementwise  activations written in forward and read in backward (model_math's fp32 working set)
-               at the calibrated copy bandwidth, per micro step
-  optimizer    AdamW, gradient clipping and the engine's copies over the rank's bytes, at the copy
-               bandwidth, plus per-tensor dispatch where the optimizer loops over tensors (FSDP)
+  blocks       the transformer blocks' matmul FLOPs (vltrain.model_math, x3 for forward + backward) at the
+               calibrated GFLOP/s of the trainer's own Block at the part's width over the micro batch's
+               tokens (block_gflops: norms, SDPA, GELU and their dispatch included), per micro step
+  heads        the two vocabulary heads: a GEMM at the calibrated matmul rate of its size, and the new
+               memory of each micro step (logits, log-probabilities, their gradients, the embedding's
+               dense gradients) at the calibrated fresh-memory rate (alloc_gb_s: page faults)
+  dispatch     the other ops of a forward (embeddings, losses: OPS_REST) at the per-op dispatch cost
+  optimizer    AdamW, gradient clipping and the engine's copies over the rank's bytes at the copy
+               bandwidth, the gradients made anew after zero_grad at the fresh-memory rate, and FSDP's
+               per-tensor AdamW loop at the dispatch cost
   communication  DeepSpeed ZeRO-2 on CPU fp32: the micro steps are coalesced, the gradients reduced
                once per step (reduce-scatter) and the updated partitions all-gathered; FSDP2 (zero_stage
                2): every block gathered once per micro step (kept from forward to backward), gradients
@@ -48,7 +50,8 @@ MIB = 2**20
 # cross-attention block (fusion, decoder), and the rest (embeddings, heads, the three losses).
 OPS_VISION, OPS_TEXT, OPS_CROSS, OPS_REST = 39, 42, 70, 125
 OPS_ADAMW_PER_TENSOR = 12  # torch AdamW's single-tensor loop on CPU (no foreach on CPU tensors)
-ACTIVATION_PASSES = 2  # activation bytes written in forward, read in backward
+LOGITS_ARRAYS = 3  # new fp32 arrays per vocabulary head and micro step: logits, log-probabilities, their gradient
+EMBEDDING_GRADS = 2  # dense vocabulary x width gradients per micro step (the embedding's two look-ups)
 ADAMW_BYTES = 7 * 4  # per parameter: read p, g, m, v; write p, m, v (fp32)
 CLIP_BYTES = 3 * 4  # the gradient's norm (read) and its scaling (read + write)
 
@@ -71,6 +74,7 @@ class CpuPrediction:
     step_terms: dict[str, float]  # seconds per optimizer step, by term
     memory_terms: dict[str, float]  # MiB per rank, by term
     unpredicted: tuple[str, ...]
+    peak_phase: str = "backward"  # when the peak resident set is reached (memory_phases)
 
     @property
     def step_time_s(self) -> float:
@@ -87,6 +91,7 @@ class CpuPrediction:
             "peak_rss_gib": round(self.peak_rss_gib, 4),
             "step_terms_s": {k: round(v, 5) for k, v in self.step_terms.items()},
             "memory_terms_mib": {k: round(v, 1) for k, v in self.memory_terms.items()},
+            "peak_phase": self.peak_phase,
             "not_predicted": list(self.unpredicted),
         }
 
@@ -98,23 +103,34 @@ UNPREDICTED = (
 
 
 # ------------------------------------------------------------------ step time
-def _gemm_parts(cfg: ModelConfig, micro: int) -> list[tuple[float, float]]:
-    """(forward FLOPs of one micro batch, effective GEMM size) per part: the ViT, the text towers, the
-    two vocabulary heads. The size is the cube root of m*k*n of the part's MLP input linear."""
+def _parts(cfg: ModelConfig, micro: int) -> list[tuple[float, int, int]]:
+    """(forward matmul FLOPs of one micro batch, width, tokens) of the parts that run as transformer
+    blocks: the ViT (its patch embedding with it) and the text towers (unimodal twice, fusion, decoder)."""
     parts = model_math.forward_flops_breakdown(cfg)
-    t, sv = cfg.max_text_len, cfg.num_patches + 1
-    logits = 2 * t * cfg.text_width * cfg.vocab_size  # each head, model_math's count
-    text = parts["itc"] + parts["mlm"] + parts["caption"] - 2 * logits
-    hv, ht = model_math.mlp_hidden(cfg, cfg.vision_width), model_math.mlp_hidden(cfg, cfg.text_width)
-
-    def size(m: int, k: int, n: int) -> float:
-        return float(m * k * n) ** (1 / 3)
-
+    text = parts["itc"] + parts["mlm"] + parts["caption"] - 2 * _logits_flops(cfg)
     return [
-        (parts["vision"] * micro, size(micro * sv, cfg.vision_width, hv)),
-        (text * micro, size(micro * t, cfg.text_width, ht)),
-        (2 * logits * micro, size(micro * t, cfg.text_width, cfg.vocab_size)),
+        (parts["vision"] * micro, cfg.vision_width, micro * (cfg.num_patches + 1)),
+        (text * micro, cfg.text_width, micro * cfg.max_text_len),
     ]
+
+
+def _logits_flops(cfg: ModelConfig) -> float:
+    """One vocabulary head's forward FLOPs per sample (the MLM and the LM heads: two per forward)."""
+    return 2.0 * cfg.max_text_len * cfg.text_width * cfg.vocab_size
+
+
+def _heads_s(cal: Calibration, cfg: ModelConfig, micro: int) -> float:
+    """The two vocabulary heads: a plain GEMM (tokens x width @ width x vocab) at the calibrated matmul rate
+    of its size (the cube root of m*k*n), and their cross-entropy's fp32 logits at the copy bandwidth."""
+    m, k, n = micro * cfg.max_text_len, cfg.text_width, cfg.vocab_size
+    gemm = 3 * 2 * _logits_flops(cfg) * micro / (cal.matmul_rate(float(m * k * n) ** (1 / 3)) * 1e9)
+    fresh = LOGITS_ARRAYS * 2 * m * n * 4 + EMBEDDING_GRADS * n * k * 4  # new tensors of each micro step
+    return gemm + fresh / (_alloc_rate(cal) * 1e9)
+
+
+def _alloc_rate(cal: Calibration) -> float:
+    """GB/s of fresh memory: the calibrated figure, else the copy bandwidth (a table without it)."""
+    return cal.alloc_gb_s or cal.memory_gb_s
 
 
 def forward_ops(cfg: ModelConfig) -> int:
@@ -159,56 +175,96 @@ def _comm(cal: Calibration, run: Run) -> float:
 def step_terms(cal: Calibration, run: Run) -> dict[str, float]:
     cfg, micro, acc = run.model, run.micro_batch, run.accumulation
     recompute = 4 / 3 if run.checkpointing else 1.0
-    matmul = sum(3 * f / (cal.matmul_rate(n) * 1e9) for f, n in _gemm_parts(cfg, micro)) * recompute
-    act = model_math.activation_bytes_per_sample(cfg, run.checkpointing, 4) * micro
+    blocks = 0.0
+    for flops, width, tokens in _parts(cfg, micro):
+        rate = cal.block_rate(width, tokens) or cal.matmul_rate(float(tokens * width * 4 * width) ** (1 / 3))
+        blocks += 3 * flops / (rate * 1e9)
     shard = run.params / run.ranks
     opt_bytes = (ADAMW_BYTES + CLIP_BYTES) * shard
-    opt_ops = 0.0
+    opt_ops = 4 * run.params / (_alloc_rate(cal) * 1e9)  # the gradients, new after every zero_grad
     if run.strategy == "deepspeed":
         opt_bytes += 3 * 4 * run.params  # gradients into the flat bucket; partitions back into the weights
     else:
-        opt_ops = _param_tensors(cfg) * OPS_ADAMW_PER_TENSOR * cal.op_overhead_us * 1e-6
+        opt_ops += _param_tensors(cfg) * OPS_ADAMW_PER_TENSOR * cal.op_overhead_us * 1e-6
     return {
-        "matmul": acc * matmul,
-        "dispatch": acc * forward_ops(cfg) * recompute * cal.op_overhead_us * 1e-6,
-        "elementwise": acc * ACTIVATION_PASSES * act / (cal.memory_gb_s * 1e9),
+        "blocks": acc * blocks * recompute,
+        "heads": acc * _heads_s(cal, cfg, micro),
+        "dispatch": acc * OPS_REST * cal.op_overhead_us * 1e-6,
         "optimizer": opt_bytes / (cal.memory_gb_s * 1e9) + opt_ops,
         "communication": _comm(cal, run),
     }
 
 
 # ------------------------------------------------------------------ memory
-def memory_terms(cal: Calibration, run: Run) -> dict[str, float]:
-    """MiB per rank at the peak (the end of a micro step's backward, the optimizer's states alive).
+def activation_bytes(cfg: ModelConfig, checkpointing: bool) -> float:
+    """fp32 bytes one sample's forward keeps for backward on CPU: model_math's working set (Korthikanti et
+    al.'s counts at 4 bytes) less what this model does not keep there: dropout masks (it has no dropout),
+    the s x s attention scores (SDPA's fused CPU kernel keeps none) and one of the two fp32 copies it counts
+    per logit (the cross-entropy keeps one). Traced on slurm-local (docs/planning.md)."""
+    t, sv = cfg.max_text_len, cfg.num_patches + 1
+    wv, wt = cfg.vision_width, cfg.text_width
+    hv, ht = cfg.vision_heads, cfg.text_heads
+    unkept = (  # elements, in the paper's 2-byte units: x 2 at fp32
+        cfg.vision_layers * (2 * sv * wv + 5 * hv * sv * sv)
+        + 2 * cfg.text_layers * (2 * t * wt + 5 * ht * t * t)
+        + (cfg.fusion_layers + cfg.decoder_layers) * (3 * t * wt + 5 * ht * t * t + 5 * ht * t * sv)
+    )
+    if checkpointing:  # only the recomputed block's working set was counted: leave the kept inputs
+        unkept = 0
+    logits_copy = 2 * t * cfg.vocab_size * 4
+    return model_math.activation_bytes_per_sample(cfg, checkpointing, 4) - 2 * unkept - logits_copy
 
-    DeepSpeed ZeRO-2 (fp32): the module's full weights, its full gradients (autograd sums the coalesced
-    micro steps in them), the reduce bucket, the rank's fp32 partition (a copy), its gradient and AdamW's
-    two moments. FSDP2 (zero_stage 2): the rank's shards of weights and gradients, every block gathered
-    from forward to backward (the full weights), the unsharded fp32 gradients of the accumulation, and
-    AdamW's moments of the shard."""
+
+# What a training rank holds besides its model, engine and activations that the calibration's base does not:
+# the data loader and tokenizer, the first batches, the loss and logging buffers, the engine's set-up
+# leftovers in the heap. Not measured by `calibrate` (it needs the run's data): read off slurm-local runs'
+# resident set just before the engine is built (tiny and small, DeepSpeed and FSDP: 55-87 MiB).
+RUNTIME_MIB = 70.0
+
+
+def memory_phases(cal: Calibration, run: Run) -> dict[str, dict[str, float]]:
+    """MiB per rank, by term, at the two moments that can hold the peak: the end of a forward (backward
+    starts: activations kept, the optimizer's states alive from the first step) and the optimizer step.
+
+    DeepSpeed ZeRO-2 (fp32): the module's weights and DeepSpeed's flat copy of them (the module's own
+    tensors, freed, stay in the heap: +1 copy measured at deepspeed.initialize), the full gradients
+    (autograd sums the coalesced micro steps in them) and the reduce bucket (bucket_elements), the rank's
+    fp32 partition, its gradient and AdamW's two moments, and at the step AdamW's temporary (its
+    denominator, a partition's size). FSDP2 (zero_stage 2): the rank's shards, every block gathered from
+    forward to backward (a full copy), the unsharded fp32 gradients of the accumulation, the sharded
+    gradients and AdamW's moments of the shard, and its temporaries (a shard's size); with accumulation, the
+    unsharded sum kept between micro steps and the micro step's own gradient before it is added (+2 copies,
+    measured: small at accumulation 8 peaks 2.4 copies above accumulation 1 at one eighth the micro batch).
+    DeepSpeed's bucket is allocated whole (bucket_elements, 20M elements at least) even for a smaller model."""
     from vltrain.dsconfig import bucket_elements
 
     p, n = float(run.params), run.ranks
+    act = activation_bytes(run.model, run.checkpointing) * run.micro_batch
     if run.strategy == "deepspeed":
-        weights = 4 * p
-        grads = 4 * p + 4 * min(bucket_elements(run.params), p) + 4 * p / n
-        optim = 4 * p / n + 8 * p / n
+        imports, weights, grads = 0.0, 2 * 4 * p, 4 * p + 4 * float(bucket_elements(run.params))
+        states, step_grads = (4 + 8) * p / n, 4 * p / n
     else:
-        weights = 4 * p / n + 4 * p
-        grads = 4 * p + 4 * p / n
-        optim = 8 * p / n
-    act = model_math.activation_bytes_per_sample(run.model, run.checkpointing, 4) * run.micro_batch
+        accumulating = 2 * 4 * p if run.accumulation > 1 else 0.0  # the sum so far + this micro step's
+        imports, weights, grads = cal.fsdp_imports_mib, 4 * p / n + 4 * p, 4 * p + 4 * p / n + accumulating
+        states, step_grads = 8 * p / n, 0.0
+    fixed = {"base": cal.base_rss_mib, "imports": imports, "runtime": RUNTIME_MIB, "weights": weights / MIB}
     return {
-        "base": cal.base_rss_mib,
-        "weights": weights / MIB,
-        "gradients": grads / MIB,
-        "optimizer": optim / MIB,
-        "activations": act / MIB,
+        "backward": fixed | {"gradients": grads / MIB, "optimizer": states / MIB, "activations": act / MIB},
+        "optimizer step": fixed
+        | {"gradients": (grads + step_grads) / MIB, "optimizer": (states + 4 * p / n) / MIB, "activations": 0.0},
     }
 
 
+def memory_terms(cal: Calibration, run: Run) -> tuple[str, dict[str, float]]:
+    """The phase that holds the peak and its terms (MiB per rank)."""
+    phases = memory_phases(cal, run)
+    peak = max(phases, key=lambda k: sum(phases[k].values()))
+    return peak, phases[peak]
+
+
 def predict(cal: Calibration, run: Run) -> CpuPrediction:
-    return CpuPrediction(step_terms(cal, run), memory_terms(cal, run), UNPREDICTED)
+    phase, memory = memory_terms(cal, run)
+    return CpuPrediction(step_terms(cal, run), memory, UNPREDICTED, phase)
 
 
 # ------------------------------------------------------------------ plan
