@@ -112,6 +112,11 @@ def calibrated_profile(root: Path, env: dict[str, str]) -> Path:
     path = root / "slurm-local-cal.toml"
     text = (REPO / "cluster_profiles" / "slurm-local.toml").read_text()
     path.write_text(text.replace('name = "slurm-local"', 'name = "slurm-local-cal"', 1))
+    return calibrate(path, env)
+
+
+def calibrate(path: Path, env: dict[str, str]) -> Path:
+    """(Re)write the profile's [calibration] table with one Slurm job on its nodes."""
     r = cli(env, "profiles", "calibrate", str(path))
     if r.returncode != 0:
         raise SystemExit(f"calibrate failed: {r.stderr.strip() or r.stdout.strip()}")
@@ -161,6 +166,13 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, help="a calibrated profile file (default: calibrate a copy of slurm-local)")
     ap.add_argument("--only", default="", help="rows to run, comma-separated (default: all 8)")
     ap.add_argument("--keep", type=Path, help="work in this directory and keep it (default: a temporary one)")
+    ap.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="calibrate again before every row: on a shared machine the row and its calibration then see the "
+        "same load (the calibration and the run are the two sides of each row, interleaved); --profile is then "
+        "not used: a fresh copy of slurm-local is calibrated",
+    )
     args = ap.parse_args()
     if shutil.which("sinfo") is None:
         raise SystemExit("bench_planner: needs the local Slurm cluster (make slurm-up)")
@@ -168,7 +180,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     env = env_for(root)
     try:
-        profile = args.profile or calibrated_profile(root, env)
+        profile = calibrated_profile(root, env) if args.profile is None or args.recalibrate else args.profile
+        calibrated_rows = 0
         data = make_data(root)
         configs = {m: write_config(root, m, data, gb, steps) for m, gb, steps in MODELS}
         wanted = set(filter(None, args.only.split(",")))
@@ -178,6 +191,9 @@ def main() -> None:
             if wanted and row not in wanted:
                 continue
             sets = overrides(strategy, acc)
+            if args.recalibrate and calibrated_rows:
+                calibrate(profile, env)  # the bench's own copy (calibrated_profile)
+            calibrated_rows += 1
             pred = predicted(env, profile, configs[model], sets)
             meas = measured(env, profile, configs[model], sets, f"bench-{row}")
             et, em = error(pred["step_time_s"], meas["step_time_s"]), error(pred["peak_rss_gib"], meas["mem_gib"])
