@@ -105,7 +105,7 @@ def test_bad_slurm_times(text):
         slurm_time_to_minutes(text)
 
 
-ALLOWED_TOP = "allowed: name, description, executor, nodes, gpu, interconnect, site, slurm, storage, container, cost, setup, seed, recipe"
+ALLOWED_TOP = "allowed: name, description, executor, nodes, gpu, interconnect, site, slurm, storage, container, cost, setup, seed, recipe, calibration"
 MALFORMED = [
     (
         "unknown site key",
