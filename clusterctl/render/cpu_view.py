@@ -22,7 +22,7 @@ def print_cpu_prediction(d: dict) -> None:
     steps, mem = c["step_terms_s"], c["memory_terms_mib"]
     tell(
         f"predicted on this calibrated CPU cluster: {c['step_time_s']:.3f} s per optimizer step, "
-        f"{c['peak_rss_gib']:.2f} GiB peak resident set per rank"
+        f"{c['peak_rss_gib']:.2f} GiB peak resident set per rank (at the {c.get('peak_phase', 'backward')})"
     )
     step_rows = [*steps, "total"], [f"{v:.3f}" for v in steps.values()] + [f"{c['step_time_s']:.3f}"]
     mem_rows = [*mem, "total"], [f"{v:.0f}" for v in mem.values()] + [f"{c['peak_rss_gib'] * 1024:.0f}"]
