@@ -7,11 +7,13 @@ and gradient clipping at 1.0. vltrain's side is the trainer's own `train_step` o
 timed in alternating steps (ABAB..., one step each in turn) so that load from other processes hits both alike; the ratio
 of the medians is printed, one row per accumulation (the global batch split into micro batch x
 accumulation on one rank); under DeepSpeed ZeRO-2 the trainer's choice (one fp32 rank: stage 1 without gradient
-hooks, vltrain.dsconfig.one_rank_zero) and ZeRO-2 with its hooks under both reductions (vltrain.engines.deepspeed.grad_reduction:
+hooks, vltrain.dsconfig.hookless_zero) and ZeRO-2 with its hooks under both reductions (vltrain.engines.deepspeed.grad_reduction:
 coalesced, per micro step) are timed in the same rounds.
---profile adds a cProfile of vltrain's step by where the time goes.
+--profile adds a cProfile of vltrain's step by where the time goes. --ranks N (2, 4): the same on N gloo
+ranks beside a bare DDP / FSDP2 loop (bench/step_ranks.py; rank_rows gives bench/run_all.py its rows).
 
     OMP_NUM_THREADS=2 python bench/bench_step.py [--config configs/tiny.toml] [--accum 1 4 8 16] [--rounds 5]
+    OMP_NUM_THREADS=2 python bench/bench_step.py --ranks 2 [--set parallel.strategy=fsdp] [--set accumulation=8]
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def describe(eng) -> str:
 def measure(cfg, tmp: Path, accumulation: int, args) -> tuple[dict[str, Any], list]:
     """Median ms/step of the bare loop and of vltrain's step, timed one step each in turn (bare, vltrain,
     ..., bare, ...). Under DeepSpeed ZeRO-2 (unless args.chosen_only) also ZeRO-2's two reductions with its
-    gradient hooks kept (the trainer's choice before vltrain.dsconfig.one_rank_zero), as sessions apart."""
+    gradient hooks kept (the trainer's choice before vltrain.dsconfig.hookless_zero), as sessions apart."""
     from vltrain.loop import batch_split
 
     cfg = dataclasses.replace(cfg, micro_batch=cfg.global_batch // accumulation, accumulation=accumulation)
@@ -222,7 +224,8 @@ def rank_rows(rounds: int = 5, steps: int = 3, config: str | None = None):
                         "goal": f"<= {GOAL:g}x",
                         "ok": r["ratio"] <= GOAL,
                         "detail": f"bare {r['ms']['bare']:.0f} ms/step, vltrain {r['ms']['vltrain']:.0f} ms/step "
-                        f"({r['words']}; {step_ranks.threads_per_rank(world)} threads/rank)",
+                        f"({r['words']}; {step_ranks.threads_per_rank(world)} threads/rank; rank 0's CPU time "
+                        f"{r['cpu']['vltrain']:.3f}x)",
                     }
                 )
     return out
@@ -235,6 +238,8 @@ def main_ranks(cfg, tmp: Path, args) -> None:
     fixed = any(s.split("=", 1)[0].strip() == "accumulation" for s in args.set)
     accums = [cfg.accumulation] if fixed else (args.accum if args.accum != [1, 4, 8, 16] else step_ranks.ACCUMULATIONS)
     wrap = "DistributedDataParallel, no_sync()" if cfg.parallel.strategy == "deepspeed" else "FSDP2, sync skipped"
+    for a in accums:  # a batch that does not split: one line and exit 1 here, not a traceback in each rank
+        step_ranks.rank_config(cfg, args.ranks, a)
     threads = step_ranks.threads_per_rank(args.ranks)
     print(
         f"{cfg.model} preset, global batch {cfg.global_batch} over {args.ranks} gloo ranks ({threads} threads each), "
