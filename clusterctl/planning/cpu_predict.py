@@ -15,8 +15,9 @@ step time (one optimizer step of one rank: the ranks wait for each other at ever
   optimizer    AdamW, gradient clipping and the engine's copies over the rank's bytes at the copy
                bandwidth, the gradients made anew after zero_grad at the fresh-memory rate, and FSDP's
                per-tensor AdamW loop at the dispatch cost
-  communication  DeepSpeed ZeRO-2 on CPU fp32: the micro steps are coalesced, the gradients reduced
-               once per step (reduce-scatter) and the updated partitions all-gathered; FSDP2 (zero_stage
+  communication  DeepSpeed ZeRO-2 on CPU fp32 (run as stage 1 without hooks, dsconfig.hookless_zero): the
+               micro steps summed in place, the gradients reduced once per step (reduce-scatter) and the
+               updated partitions all-gathered; FSDP2 (zero_stage
                2): every block gathered once per micro step (kept from forward to backward), gradients
                reduce-scattered at the last; both at the calibrated gloo bus bandwidth + latency per call
 peak resident set (what the trainer reports as mem_gib on CPU: ru_maxrss)
@@ -228,14 +229,18 @@ def memory_phases(cal: Calibration, run: Run) -> dict[str, dict[str, float]]:
 
     DeepSpeed ZeRO-2 (fp32): the module's weights and DeepSpeed's flat copy of them (the module's own
     tensors, freed, stay in the heap: +1 copy measured at deepspeed.initialize), the full gradients
-    (autograd sums the coalesced micro steps in them) and the reduce bucket (bucket_elements), the rank's
+    (autograd sums the coalesced micro steps in them) and a reduce bucket (below), the rank's
     fp32 partition, its gradient and AdamW's two moments, and at the step AdamW's temporary (its
     denominator, a partition's size). FSDP2 (zero_stage 2): the rank's shards, every block gathered from
     forward to backward (a full copy), the unsharded fp32 gradients of the accumulation, the sharded
     gradients and AdamW's moments of the shard, and its temporaries (a shard's size); with accumulation, the
     unsharded sum kept between micro steps and the micro step's own gradient before it is added (+2 copies,
     measured: small at accumulation 8 peaks 2.4 copies above accumulation 1 at one eighth the micro batch).
-    DeepSpeed's bucket is allocated whole (bucket_elements, 20M elements at least) even for a smaller model."""
+    DeepSpeed's bucket term is the config's reduce_bucket_size (bucket_elements, 20M elements at least) in
+    fp32 whatever the model's size: on CPU ranks DeepSpeed now runs stage 1 without hooks (vltrain.dsconfig.
+    hookless_zero), which flattens the gradients bucket by bucket, only 3 MB on tiny; the term stands for
+    what DeepSpeed ranks were measured to hold above FSDP ranks at equal activations (70-110 MiB on tiny,
+    with and without the hooks), whose source the traces did not single out."""
     from vltrain.dsconfig import bucket_elements
 
     p, n = float(run.params), run.ranks
