@@ -10,7 +10,7 @@ steps after the first (metrics.jsonl, rank 0: the ranks wait for each other ever
 the peak resident set of rank 0 (ru_maxrss, what the trainer reports on CPU; the ranks hold the same).
 Prints predicted vs measured per row and ends with one line `max error: step time X%, peak memory Y%`.
 
-    .venv/bin/python bench/bench_planner.py [--profile FILE] [--only tiny-ds-1,...] [--keep DIR]
+    .venv/bin/python bench/bench_planner.py [--recalibrate] [--profile FILE] [--only tiny-ds-1,...] [--keep DIR]
 
 --profile: a calibrated profile to use as it is (else a fresh copy of slurm-local is calibrated).
 Needs the local Slurm cluster (`make slurm-up`; SLURM_CONF as scripts/slurm-local.sh says).

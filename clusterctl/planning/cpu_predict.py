@@ -45,8 +45,8 @@ if TYPE_CHECKING:
     from vltrain.model_config import ModelConfig
 
 MIB = 2**20
-# Ops a forward dispatches (each with its backward), counted with a TorchDispatchMode on the tiny and the
-# small presets and on tiny with one more layer of each kind (bench/bench_planner.py's notes): per
+# Ops a forward dispatches (each with its backward), counted once with a TorchDispatchMode on the tiny and
+# the small presets and on tiny with one more layer of each kind (385, 1038; +39, +42, +70): per
 # self-attention block of the ViT, per unimodal text layer (it runs twice: clean and masked text), per
 # cross-attention block (fusion, decoder), and the rest (embeddings, heads, the three losses).
 OPS_VISION, OPS_TEXT, OPS_CROSS, OPS_REST = 39, 42, 70, 125
