@@ -45,11 +45,10 @@ if TYPE_CHECKING:
     from vltrain.model_config import ModelConfig
 
 MIB = 2**20
-# Ops a forward dispatches (each with its backward), counted once with a TorchDispatchMode on the tiny and
-# the small presets and on tiny with one more layer of each kind (385, 1038; +39, +42, +70): per
-# self-attention block of the ViT, per unimodal text layer (it runs twice: clean and masked text), per
-# cross-attention block (fusion, decoder), and the rest (embeddings, heads, the three losses).
-OPS_VISION, OPS_TEXT, OPS_CROSS, OPS_REST = 39, 42, 70, 125
+# Ops a forward dispatches outside its transformer blocks (embeddings, heads, the three losses), each with
+# its backward: counted once with a TorchDispatchMode (tiny: 385 ops, small: 1038; one more ViT, text or
+# cross-attention layer adds 39, 42, 70: those are inside the calibrated block rates).
+OPS_REST = 125
 OPS_ADAMW_PER_TENSOR = 12  # torch AdamW's single-tensor loop on CPU (no foreach on CPU tensors)
 LOGITS_ARRAYS = 3  # new fp32 arrays per vocabulary head and micro step: logits, log-probabilities, their gradient
 EMBEDDING_GRADS = 2  # dense vocabulary x width gradients per micro step (the embedding's two look-ups)
@@ -132,16 +131,6 @@ def _heads_s(cal: Calibration, cfg: ModelConfig, micro: int) -> float:
 def _alloc_rate(cal: Calibration) -> float:
     """GB/s of fresh memory: the calibrated figure, else the copy bandwidth (a table without it)."""
     return cal.alloc_gb_s or cal.memory_gb_s
-
-
-def forward_ops(cfg: ModelConfig) -> int:
-    """Ops one forward dispatches (see OPS_*)."""
-    return (
-        OPS_REST
-        + OPS_VISION * cfg.vision_layers
-        + OPS_TEXT * cfg.text_layers
-        + OPS_CROSS * (cfg.fusion_layers + cfg.decoder_layers)
-    )
 
 
 def _param_tensors(cfg: ModelConfig) -> int:
