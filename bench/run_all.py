@@ -12,7 +12,8 @@ step (bench_step.py: trainer step vs a bare loop at accumulation 1/4/8/16), data
 loader alone vs the trainer, 0/1/2 workers; start-up with vs without the shard index), start
 (bench_start.py: time to first step, local and 2-node slurm-local; comm-op rebuilds), index
 (bench_index.py: one rank's shard-index bytes per sample, rank 0 of 64 at 10M samples: a count, not a
-ratio). Read the ratios, not the times: the machine's load moves both sides of a ratio alike. Figures:
+ratio), ranks (bench_step.rank_rows: the trainer step on 2 and 4 gloo ranks vs bare DDP / FSDP2
+loops). Read the ratios, not the times: the machine's load moves both sides of a ratio alike. Figures:
 docs/performance.md.
 """
 
