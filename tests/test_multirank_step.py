@@ -6,6 +6,7 @@ gradients, clipping, AdamW and schedule. It also pins that the trainer's speed c
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,7 +24,10 @@ def bench(tmp_path_factory):
     import step_ranks
 
     cfg, tmp = bench_step.setup(str(BENCH.parent / "configs" / "tiny.toml"), ["global_batch=8"])
-    return step_ranks, cfg, tmp
+    try:
+        yield step_ranks, cfg, tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the bench's own temp directory (shards, run dirs)
 
 
 @pytest.mark.slow
