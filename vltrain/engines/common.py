@@ -107,14 +107,17 @@ def stage_losses(cfg: TrainConfig) -> list[LossConfig]:
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, fused: bool = False):
     """-> (torch AdamW over param_groups, LambdaLR over vltrain.schedule): the same for both strategies."""
+    from vltrain.engines.unused_imports import optimizer_without_dynamo
+
     o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay, stage_losses(cfg)),
-        lr=o.lr,
-        betas=(o.betas[0], o.betas[1]),
-        eps=o.eps,
-        fused=fused or None,
-    )
+    with optimizer_without_dynamo():  # torch._dynamo's import: 0.9 s of a rank's start-up
+        optimizer = torch.optim.AdamW(
+            param_groups(model, o.weight_decay, stage_losses(cfg)),
+            lr=o.lr,
+            betas=(o.betas[0], o.betas[1]),
+            eps=o.eps,
+            fused=fused or None,
+        )
     # each step decays what the model's loss weights use now (set_loss_config sets them at stage switches)
     if isinstance(getattr(model, "loss_cfg", None), LossConfig):
         optimizer.register_step_pre_hook(lambda opt, *_: set_stage_weight_decay(opt.param_groups, model.loss_cfg))  # type: ignore[arg-type]  # checked above

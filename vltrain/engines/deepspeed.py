@@ -278,6 +278,7 @@ def build_engine(
     schedule. `reduction`: VLTRAIN_GRAD_REDUCTION's value (grad_reduction), None for the trainer's choice."""
     import deepspeed
 
+    from vltrain.engines.unused_imports import import_muon_lazily
     from vltrain.model_math import param_count
 
     device = torch.device(device)
@@ -296,6 +297,7 @@ def build_engine(
     model = build_model(cfg, device, initialise=initialise)  # a resume overwrites the weights: no [init_from]
     optimizer, lr_scheduler = build_optimizer(cfg, model, fused)
     lr_scheduler = split_param_groups(optimizer, lr_scheduler, FLAT_GROUP_BYTES // compute_dtype(cfg).itemsize)
+    import_muon_lazily()  # ZeRO imports DeepSpeed's Muon whatever the optimizer: 0.8 s of torch.compile's imports
     engine, _, _, _ = deepspeed.initialize(
         args=SimpleNamespace(device_rank=device.index or 0),  # the trainer's GPU, not the raw LOCAL_RANK
         model=model,
