@@ -13,6 +13,7 @@ Known ways trackers get this wrong, and what this module does about each:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -20,7 +21,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,7 +88,8 @@ class NodeEnergy:
 
     def start(self) -> None:
         if self._tracker is not None:
-            self._tracker.start()
+            with cpu_brand_from_proc():
+                self._tracker.start()
             self._last_flush = time.monotonic() - max(0.0, self._flush_every_s - self.FIRST_FLUSH_S)
 
     def maybe_flush(self, force: bool = False) -> None:
@@ -179,6 +181,43 @@ class StartingEnergy:
 def _join_before_fork(energy: StartingEnergy | None) -> None:
     if energy is not None and threading.current_thread() is not energy._thread:
         energy._thread.join()
+
+
+def proc_cpu_brand(cpuinfo_text: str) -> str | None:
+    """The CPU's brand string as the kernel read it from CPUID (/proc/cpuinfo's "model name"); None where the
+    file has none (ARM)."""
+    for line in cpuinfo_text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    return None
+
+
+@contextlib.contextmanager
+def cpu_brand_from_proc(path: Path = Path("/proc/cpuinfo")) -> Iterator[None]:
+    """codecarbon asks py-cpuinfo for the CPU's brand (to look up its TDP), and py-cpuinfo finds it by
+    probing the CPU in a child Python for ~1 s of a full core (CPUID, a clock measurement): on a node whose
+    cores all train, that second is taken from the first steps (1.3 s of a 2-node slurm-local run's time
+    to first step, issue 29). The brand is the string the kernel already shows in /proc/cpuinfo, so it is
+    read there while the tracker starts; without one, py-cpuinfo asks as before. Written by hand because
+    neither library lets the caller pass the CPU model."""
+    try:
+        brand = proc_cpu_brand(path.read_text())
+    except OSError:
+        brand = None
+    try:
+        import cpuinfo  # type: ignore[import-untyped]
+    except ImportError:
+        brand = None
+    if brand is None:
+        yield
+        return
+    probe = cpuinfo.get_cpu_info
+    cpuinfo.get_cpu_info = lambda: {"brand_raw": brand}
+    try:
+        yield
+    finally:
+        cpuinfo.get_cpu_info = probe
 
 
 def start_node_energy(run_dir: Path, dist: DistEnv, job_env: JobEnv) -> StartingEnergy | None:
