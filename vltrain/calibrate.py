@@ -64,8 +64,10 @@ def matmul_gflops(sizes: Sequence[int] = MATMUL_SIZES) -> dict[str, float]:
 
 
 BLOCK_WIDTHS = (64, 128, 256, 512)
-BLOCK_TOKENS = (64, 512)  # tokens per micro batch (micro batch x sequence): one sequence, and eight
-BLOCK_SEQ = 64  # tokens per sequence (attention's length)
+# tokens per micro batch (micro batch x sequence): one short sequence (a ViT's 17 tokens at micro batch 1,
+# where dispatch outweighs the matmuls: 1.7-2.9x slower than at 64 tokens, measured), one, eight sequences
+BLOCK_TOKENS = (16, 64, 512)
+BLOCK_SEQ = 64  # tokens per sequence (attention's length), fewer if the micro batch has fewer
 
 
 def block_flops(width: int, tokens: int, seq: int = BLOCK_SEQ) -> float:
@@ -89,13 +91,14 @@ def block_gflops(widths: Sequence[int] = BLOCK_WIDTHS, tokens: Sequence[int] = B
     for w in widths:
         block = Block(w, max(1, w // 64), 4 * w, "layernorm")
         for t in tokens:
-            x = torch.randn(t // BLOCK_SEQ, BLOCK_SEQ, w, requires_grad=True)
+            seq = min(t, BLOCK_SEQ)
+            x = torch.randn(t // seq, seq, w, requires_grad=True)
 
             def run(block: Any = block, x: Any = x) -> None:
                 block(x).sum().backward()
 
             secs = _timed(run, budget_s=_BUDGET_S / 2, min_runs=2)
-            out[f"{w}x{t}"] = 3 * block_flops(w, t) / secs / 1e9
+            out[f"{w}x{t}"] = 3 * block_flops(w, t, seq) / secs / 1e9
     return out
 
 
@@ -156,6 +159,89 @@ def allreduce(world: int, mib: int = 16) -> tuple[float, float]:
     return big.numel() * 4 * factor / t_big / 1e9, t_small * 1e6
 
 
+def gather_us(width: int = 128, tokens: int = 64) -> float:
+    """What one differentiable all-gather between computing ranks costs (microseconds): the trainer's Block
+    (forward + backward at `width` over `tokens`) with vltrain.collectives.all_gather_rows of its first
+    token's rows inside (the ITC loss's gather: forward, and its reduce in backward), less the Block alone.
+    Each is a point where a rank waits for the other (their compute drifts apart between such points): on 2
+    ranks of this machine 3-4 ms, ~15x a back-to-back all-reduce's latency. Collective (a fixed count)."""
+    import torch
+
+    from vltrain.collectives import all_gather_rows
+    from vltrain.model.layers import Block
+
+    torch.manual_seed(0)
+    block = Block(width, max(1, width // 64), 4 * width, "layernorm")
+    x = torch.randn(tokens // BLOCK_SEQ, BLOCK_SEQ, width)
+
+    def plain() -> None:
+        block(x).sum().backward()
+
+    def gathered() -> None:
+        y = block(x)
+        (y.sum() + all_gather_rows(y[:, 0]).sum()).backward()
+
+    t_plain = _timed(plain, budget_s=0.0, min_runs=30)
+    t_gathered = _timed(gathered, budget_s=0.0, min_runs=30)
+    t_plain = min(t_plain, _timed(plain, budget_s=0.0, min_runs=30))  # both sides of the load
+    return max(0.0, t_gathered - t_plain) * 1e6
+
+
+FSDP_UNITS = ((64, 4), (256, 2))  # (width, Blocks): a unit whose bytes add little, and one whose bytes show
+FSDP_TOKENS = 64
+
+
+def _fsdp_unit_s(world: int, width: int, units: int) -> float:
+    """Seconds one fully_shard-ed Block adds to a micro step at `width`: `units` of the trainer's Blocks,
+    each wrapped as vltrain.parallel.fsdp does (zero_stage 2: kept gathered from forward to backward,
+    resharded after it; gradient sync off, as between accumulation micro steps), forward + backward, less
+    the same Blocks unwrapped, per Block. Collective: every rank calls it (a fixed count, as allreduce)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from vltrain.model.layers import Block
+
+    torch.manual_seed(0)
+
+    def stack() -> Any:
+        return torch.nn.Sequential(*[Block(width, max(1, width // 64), 4 * width, "layernorm") for _ in range(units)])
+
+    x = torch.randn(FSDP_TOKENS // BLOCK_SEQ, BLOCK_SEQ, width)
+    bare, sharded = stack(), stack()
+    mesh = init_device_mesh("cpu", (world,))
+    for block in sharded:
+        fully_shard(block, mesh=mesh, reshard_after_forward=False)
+    fully_shard(sharded, mesh=mesh, reshard_after_forward=False)
+    sharded.set_requires_gradient_sync(False)  # type: ignore[operator]
+
+    def run(model: Any) -> Callable[[], None]:
+        return lambda: model(x).sum().backward()
+
+    t_bare = _timed(run(bare), budget_s=0.0, min_runs=15)
+    t_sharded = _timed(run(sharded), budget_s=0.0, min_runs=15)  # a fixed count: it holds collectives
+    t_bare = min(t_bare, _timed(run(bare), budget_s=0.0, min_runs=15))  # both sides of the load
+    return max(0.0, (t_sharded - t_bare) / units)
+
+
+def fsdp_unit(world: int) -> tuple[float, float]:
+    """(microseconds, GB/s): what one FSDP2 unit adds to each micro step, as a fixed cost plus its fp32
+    parameters' bytes at a rate, from two widths (FSDP_UNITS). It holds FSDP2's pre/post forward and
+    backward hooks, the all-gather's copy-in and copy-out, the gloo all-gather (bytes and call) and the
+    gathered tensors' memory; on 2 ranks of this machine 2-4 ms per unit at width 64-96 whatever the tokens
+    (64-1024), 12 ms at width 384 (7 MB): ~10x an all-reduce's latency, and ~0.8 GB/s."""
+    from vltrain.model.layers import Block
+
+    (w0, n0), (w1, n1) = FSDP_UNITS
+    t0, t1 = _fsdp_unit_s(world, w0, n0), _fsdp_unit_s(world, w1, n1)
+
+    def nbytes(w: int) -> int:
+        return 4 * sum(p.numel() for p in Block(w, max(1, w // 64), 4 * w, "layernorm").parameters())
+
+    per_byte = max(1e-12, (t1 - t0) / (nbytes(w1) - nbytes(w0)))
+    return max(0.0, t0 - per_byte * nbytes(w0)) * 1e6, 1 / per_byte / 1e9
+
+
 def _import_trainer() -> None:
     """Import what a training rank imports before it builds a model, so base_rss_mib is that rank's."""
     import deepspeed  # noqa: F401
@@ -192,6 +278,9 @@ def measure_rank(sizes: Sequence[int] = MATMUL_SIZES) -> dict[str, Any]:
       allreduce_latency_us  one 4-byte gloo all-reduce
       base_rss_mib          resident set after importing torch, deepspeed and the trainer and joining
                             the group, before any tensor of the measurement was made
+      gather_us             (added) one differentiable all-gather between computing ranks (gather_us)
+      fsdp_unit_us          (added) what one FSDP2 unit adds to a micro step, fixed (hooks, calls)
+      fsdp_unit_gb_s        (added) ... and per byte of its fp32 parameters (gather, copies) (fsdp_unit)
       fsdp_imports_mib      (added to the contract) what importing FSDP2's stack (device mesh, DTensor,
                             fully_shard) adds to it: an FSDP rank has it, a DeepSpeed rank has not
     """
@@ -219,6 +308,9 @@ def measure_rank(sizes: Sequence[int] = MATMUL_SIZES) -> dict[str, Any]:
         out["memory_gb_s"] = memory_gb_s()
         out["alloc_gb_s"] = alloc_gb_s()
         out["allreduce_gb_s"], out["allreduce_latency_us"] = allreduce(dist.get_world_size())
+        dist.barrier()
+        out["fsdp_unit_us"], out["fsdp_unit_gb_s"] = fsdp_unit(dist.get_world_size())
+        out["gather_us"] = gather_us()
         dist.barrier()
         return out
     finally:

@@ -66,6 +66,24 @@ class Calibration:
         min=0.001,
         max=10_000,
     )
+    gather_us: float | None = field(
+        "one differentiable all-gather between computing ranks, forward + backward (us; None: not measured)",
+        default=None,
+        min=0,
+        max=10_000_000,
+    )
+    fsdp_unit_us: float | None = field(
+        "what one FSDP2 unit adds to a micro step: hooks, all-gather copies and call (us; None: not measured)",
+        default=None,
+        min=0,
+        max=10_000_000,
+    )
+    fsdp_unit_gb_s: float | None = field(
+        "one FSDP2 unit's parameter bytes per second per micro step: gather, copies (GB/s; None: not measured)",
+        default=None,
+        min=0.001,
+        max=10_000,
+    )
     fsdp_imports_mib: float = field(
         "what FSDP2's imports (device mesh, DTensor) add to a rank's resident set (MiB; 0 if not measured)",
         default=0.0,

@@ -18,8 +18,11 @@ step time (one optimizer step of one rank: the ranks wait for each other at ever
   communication  DeepSpeed ZeRO-2 on CPU fp32 (run as stage 1 without hooks, dsconfig.hookless_zero): the
                micro steps summed in place, the gradients reduced once per step (reduce-scatter) and the
                updated partitions all-gathered; FSDP2 (zero_stage
-               2): every block gathered once per micro step (kept from forward to backward), gradients
-               reduce-scattered at the last; both at the calibrated gloo bus bandwidth + latency per call
+               2): every block gathered once per micro step (kept from forward to backward), each unit's
+               calibrated per-micro-step cost (fsdp_unit_us + bytes at fsdp_unit_gb_s: hooks, the
+               gather, copies), gradients reduce-scattered at the last; bytes at the calibrated gloo bus
+               bandwidth, + latency per call; both engines: the ITC loss's two gathers per micro step
+               (gather_us: a wait for the other rank each)
 peak resident set (what the trainer reports as mem_gib on CPU: ru_maxrss)
   base         the calibrated resident set of a rank before it builds a model
   weights, gradients, optimizer  fp32 model states as each engine holds them (below)
@@ -53,6 +56,7 @@ OPS_ADAMW_PER_TENSOR = 12  # torch AdamW's single-tensor loop on CPU (no foreach
 LOGITS_ARRAYS = 3  # new fp32 arrays per vocabulary head and micro step: logits, log-probabilities, their gradient
 EMBEDDING_GRADS = 2  # dense vocabulary x width gradients per micro step (the embedding's two look-ups)
 ADAMW_BYTES = 7 * 4  # per parameter: read p, g, m, v; write p, m, v (fp32)
+ITC_GATHERS = 2  # differentiable all-gathers per forward: the ITC loss's image and text features (losses.py)
 CLIP_BYTES = 3 * 4  # the gradient's norm (read) and its scaling (read + write)
 
 
@@ -153,13 +157,29 @@ def _comm(cal: Calibration, run: Run) -> float:
     half = full * (n - 1) / n / (cal.allreduce_gb_s * 1e9)  # one reduce-scatter or all-gather of the model
     lat = cal.allreduce_latency_us * 1e-6
     small_calls = 3  # the gradient norm, the loss for the log, the step's found-inf check
+    # the ITC loss's two differentiable gathers (image and text features) of every micro step: each a point
+    # where the ranks wait for each other (calibrated gather_us), else the bare latency
+    itc = run.accumulation * ITC_GATHERS * (lat if cal.gather_us is None else cal.gather_us * 1e-6)
     if run.strategy == "fsdp":
         units = run.model.vision_layers + run.model.text_layers + run.model.fusion_layers + run.model.decoder_layers + 1
-        return run.accumulation * (half + units * lat) + half + units * lat + small_calls * lat
+        return itc + run.accumulation * _fsdp_micro(cal, run, units) + half + units * lat + small_calls * lat
     from vltrain.dsconfig import bucket_elements
 
     buckets = math.ceil(run.params / bucket_elements(run.params))
-    return 2 * half + (2 * buckets * n + small_calls) * lat
+    return itc + 2 * half + (2 * buckets * n + small_calls) * lat
+
+
+def _fsdp_micro(cal: Calibration, run: Run, units: int) -> float:
+    """Seconds FSDP2 adds to each micro step (every block gathered in forward, resharded after backward):
+    each unit's calibrated fixed cost and the model's fp32 bytes at the calibrated per-byte rate
+    (fsdp_unit_us, fsdp_unit_gb_s: hooks, the gather's call and bytes, copy-in and copy-out, measured on
+    the trainer's Blocks wrapped as the engine wraps them); without them, the gather's bytes at the bus
+    bandwidth and the all-reduce latency per unit."""
+    n = run.ranks
+    gather = run.params * 4.0 * (n - 1) / n / (cal.allreduce_gb_s * 1e9)
+    if cal.fsdp_unit_us is None or cal.fsdp_unit_gb_s is None:
+        return gather + units * cal.allreduce_latency_us * 1e-6
+    return units * cal.fsdp_unit_us * 1e-6 + run.params * 4.0 / (cal.fsdp_unit_gb_s * 1e9)
 
 
 def step_terms(cal: Calibration, run: Run) -> dict[str, float]:
