@@ -36,6 +36,7 @@ TABLE = {
     "fsdp_unit_us": 3000.0,
     "fsdp_unit_gb_s": 0.8,
     "gather_us": 3000.0,
+    "fsdp_adamw_us": 300.0,
 }
 
 
@@ -161,6 +162,17 @@ def test_fsdp_pays_each_units_calibrated_cost_every_micro_step():
     assert next(ds) == next(ds)
     old = {k: v for k, v in TABLE.items() if k != "fsdp_unit_us"}  # a table from before the figure: still parses
     assert parse_profile(slurm_local(old), "p.toml").calibration.fsdp_unit_us is None
+
+
+def test_fsdps_optimizer_pays_the_calibrated_cost_per_dtensor():
+    """fsdp_adamw_us per sharded tensor in FSDP's optimizer term, whatever the accumulation; not DeepSpeed's."""
+    cheap, dear = calibration(fsdp_adamw_us=100.0), calibration(fsdp_adamw_us=600.0)
+    for acc in (1, 8):
+        a, b = (predict(c, run("tiny", "fsdp", 4, acc)).step_terms["optimizer"] for c in (cheap, dear))
+        assert b > a + 500e-6 * 50  # tiny has more than 50 parameter tensors
+        assert b - a == pytest.approx(predict(dear, run("tiny", "fsdp", 4, 1)).step_terms["optimizer"] - a)
+    ds = [predict(c, run("tiny", "deepspeed", 4, 8)).step_terms["optimizer"] for c in (cheap, dear)]
+    assert ds[0] == ds[1]
 
 
 def test_the_prediction_lists_what_it_cannot_predict():

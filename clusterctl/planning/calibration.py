@@ -66,6 +66,12 @@ class Calibration:
         min=0.001,
         max=10_000,
     )
+    fsdp_adamw_us: float | None = field(
+        "FSDP's clip + AdamW + zero_grad per sharded parameter tensor (us; None: not measured)",
+        default=None,
+        min=0,
+        max=10_000_000,
+    )
     gather_us: float | None = field(
         "one differentiable all-gather between computing ranks, forward + backward (us; None: not measured)",
         default=None,

@@ -14,7 +14,7 @@ step time (one optimizer step of one rank: the ranks wait for each other at ever
   dispatch     the other ops of a forward (embeddings, losses: OPS_REST) at the per-op dispatch cost
   optimizer    AdamW, gradient clipping and the engine's copies over the rank's bytes at the copy
                bandwidth, the gradients made anew after zero_grad at the fresh-memory rate, and FSDP's
-               per-tensor AdamW loop at the dispatch cost
+               per-tensor clip + AdamW loop over DTensors (calibrated: fsdp_adamw_us)
   communication  DeepSpeed ZeRO-2 on CPU fp32 (run as stage 1 without hooks, dsconfig.hookless_zero): the
                micro steps summed in place, the gradients reduced once per step (reduce-scatter) and the
                updated partitions all-gathered; FSDP2 (zero_stage
@@ -195,7 +195,9 @@ def step_terms(cal: Calibration, run: Run) -> dict[str, float]:
     if run.strategy == "deepspeed":
         opt_bytes += 3 * 4 * run.params  # gradients into the flat bucket; partitions back into the weights
     else:
-        opt_ops += _param_tensors(cfg) * OPS_ADAMW_PER_TENSOR * cal.op_overhead_us * 1e-6
+        # DTensors: every op dispatches through DTensor (calibrated per tensor: fsdp_adamw_us), else plain ops
+        per_tensor = OPS_ADAMW_PER_TENSOR * cal.op_overhead_us if cal.fsdp_adamw_us is None else cal.fsdp_adamw_us
+        opt_ops += _param_tensors(cfg) * per_tensor * 1e-6
     return {
         "blocks": acc * blocks * recompute,
         "heads": acc * _heads_s(cal, cfg, micro),
