@@ -45,6 +45,8 @@ def test_no_trainer_module_calls_a_collective_but_through_the_helper():
     for path in (REPO / "vltrain").rglob("*.py"):
         if path.name == "collectives.py" or path.parent.name == "parallel":  # model parallelism: guarded below
             continue
+        if path.name == "calibrate.py":  # times gloo's own collectives on CPU ranks (a CPU profile's calibration job)
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
                 owner = ast.unparse(node.func.value)
