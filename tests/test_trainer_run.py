@@ -146,7 +146,14 @@ def test_uninterrupted_run_writes_metrics_events_checkpoints_and_eval(full_run):
     assert all(0 <= m["data_wait_s"] <= m["step_time_s"] for m in lines)  # blocked on the loader, within the step
     assert lines[-1]["samples"] == 16 * STEPS_1P
     assert lines[0]["lr"] == pytest.approx(1e-3) and lines[1]["lr"] == pytest.approx(2e-3)  # warm-up of 2 steps
-    assert events(full_run) == [("start", 0), ("checkpoint", 2), ("checkpoint", 4), ("checkpoint", 6), ("finish", 6)]
+    assert events(full_run) == [
+        ("start", 0),
+        ("startup", 1),  # where the start-up went, after the first step (vltrain.startup)
+        ("checkpoint", 2),
+        ("checkpoint", 4),
+        ("checkpoint", 6),
+        ("finish", 6),
+    ]
     assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]  # keep 2
     ev = json.loads((full_run / "eval.json").read_text())
     assert ev["n"] == 48 and ev["chance_r1"] == pytest.approx(1 / 48) and ev["step"] == STEPS_1P

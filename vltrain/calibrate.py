@@ -269,12 +269,12 @@ def fsdp_adamw_us(world: int, tensors: int = 32, numel: int = 256) -> float:
 
 def _import_trainer() -> None:
     """Import what a training rank imports before it builds a model, so base_rss_mib is that rank's."""
-    import deepspeed  # noqa: F401
     import torch  # noqa: F401
 
-    import vltrain.engines.deepspeed
-    import vltrain.engines.fsdp
     import vltrain.loop  # noqa: F401
+    from vltrain.engines import import_libraries
+
+    import_libraries()  # DeepSpeed and the engines: only vltrain.engines imports engine libraries
 
 
 def _own_group() -> Callable[[], None]:

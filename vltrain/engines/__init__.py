@@ -80,3 +80,11 @@ def engine_class(strategy: str) -> type[TrainEngine]:
 def engine_for_format(fmt: str) -> type[TrainEngine]:
     """The engine class that reads checkpoints of format `fmt` (meta.json's "format")."""
     return engine_class(strategy_of_format(fmt))
+
+
+def import_libraries() -> None:
+    """Load what a training rank has loaded before it builds a model: every engine's module and the
+    library the DeepSpeed engine imports on use (vltrain.calibrate's base resident set is that rank's)."""
+    importlib.import_module("deepspeed")
+    for spec in ENGINES.values():
+        importlib.import_module(spec.module)
