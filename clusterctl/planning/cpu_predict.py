@@ -40,6 +40,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from clusterctl.planning.comm import ring_factor
 from vltrain import model_math
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ def _comm(cal: Calibration, run: Run) -> float:
     if n <= 1:
         return 0.0
     full = run.params * 4.0
-    half = full * (n - 1) / n / (cal.allreduce_gb_s * 1e9)  # one reduce-scatter or all-gather of the model
+    half = full * ring_factor("all_gather", n) / (cal.allreduce_gb_s * 1e9)  # one reduce-scatter or all-gather
     lat = cal.allreduce_latency_us * 1e-6
     small_calls = 3  # the gradient norm, the loss for the log, the step's found-inf check
     # the ITC loss's two differentiable gathers (image and text features) of every micro step: each a point
@@ -176,7 +177,7 @@ def _fsdp_micro(cal: Calibration, run: Run, units: int) -> float:
     the trainer's Blocks wrapped as the engine wraps them); without them, the gather's bytes at the bus
     bandwidth and the all-reduce latency per unit."""
     n = run.ranks
-    gather = run.params * 4.0 * (n - 1) / n / (cal.allreduce_gb_s * 1e9)
+    gather = run.params * 4.0 * ring_factor("all_gather", n) / (cal.allreduce_gb_s * 1e9)
     if cal.fsdp_unit_us is None or cal.fsdp_unit_gb_s is None:
         return gather + units * cal.allreduce_latency_us * 1e-6
     return units * cal.fsdp_unit_us * 1e-6 + run.params * 4.0 / (cal.fsdp_unit_gb_s * 1e9)
