@@ -135,8 +135,8 @@ class NodeEnergy:
 class StartingEnergy:
     """A NodeEnergy made and started on a thread, so that codecarbon's set-up overlaps the trainer's start
     instead of delaying its first step: importing it (pandas) and probing the hardware, mostly waiting
-    for subprocesses (nvidia-smi, rocm-smi, lscpu, a Python running py-cpuinfo): 1.3-2.2 s measured on
-    slurm-local's rank 0, 0.4 s of it this process's CPU. Flushes before it is ready are skipped; `stop`
+    for subprocesses (nvidia-smi, rocm-smi, lscpu; py-cpuinfo's probe is skipped: cpu_brand_from_proc):
+    1.3-2.2 s measured on slurm-local's rank 0 before that skip. Flushes before it is ready are skipped; `stop`
     waits for it. An error in the set-up is raised where the tracker is next used, as before. A fork
     (the data loader's workers) waits for the set-up first: a child must not inherit an import
     half-done by this thread (its module lock would never be released there)."""
