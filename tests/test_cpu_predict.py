@@ -37,6 +37,8 @@ TABLE = {
     "fsdp_unit_gb_s": 0.8,
     "gather_us": 3000.0,
     "fsdp_adamw_us": 300.0,
+    "adamw_ns": 5.0,
+    "grad_accumulate_ns": 1.5,
 }
 
 
@@ -173,6 +175,39 @@ def test_fsdps_optimizer_pays_the_calibrated_cost_per_dtensor():
         assert b - a == pytest.approx(predict(dear, run("tiny", "fsdp", 4, 1)).step_terms["optimizer"] - a)
     ds = [predict(c, run("tiny", "deepspeed", 4, 8)).step_terms["optimizer"] for c in (cheap, dear)]
     assert ds[0] == ds[1]
+
+
+def test_adamw_costs_its_calibrated_time_per_parameter_of_the_ranks_shard():
+    """adamw_ns per parameter of the rank's share (DeepSpeed's partition, FSDP's shard) in both engines'
+    optimizer term, whatever the accumulation; a table from before the figure still parses and prices
+    AdamW's reads and writes at the copy bandwidth instead."""
+    cheap, dear = calibration(adamw_ns=2.0), calibration(adamw_ns=12.0)
+    for strategy in ("deepspeed", "fsdp"):
+        for ranks, acc in ((2, 1), (4, 8)):
+            r = run("small", strategy, 4, acc, ranks)
+            a, b = (predict(c, r).step_terms["optimizer"] for c in (cheap, dear))
+            assert b - a == pytest.approx(10e-9 * r.params / ranks)
+    old = {k: v for k, v in TABLE.items() if k != "adamw_ns"}
+    before = parse_profile(slurm_local(old), "p.toml").calibration
+    assert before.adamw_ns is None
+    r = run("small", "deepspeed", 4, 1, 2)
+    at_copy_rate = 28 * r.params / 2 / (TABLE["memory_gb_s"] * 1e9)
+    no_adamw = predict(calibration(adamw_ns=0.001), r).step_terms["optimizer"]
+    assert predict(before, r).step_terms["optimizer"] == pytest.approx(no_adamw + at_copy_rate, rel=1e-3)
+
+
+def test_each_micro_step_after_the_first_sums_its_gradients_at_the_calibrated_cost():
+    """grad_accumulate_ns per parameter for every micro step but the first (that one's gradients are
+    new: the optimizer term's), in both engines (autograd sums into the full-size param.grad under
+    DeepSpeed's stage 1 and FSDP2 with sync off); 0 at accumulation 1 and in a table without the figure."""
+    cal = calibration(grad_accumulate_ns=2.0)
+    for strategy in ("deepspeed", "fsdp"):
+        terms = {a: predict(cal, run("small", strategy, 1, a)).step_terms["accumulation"] for a in (1, 2, 8)}
+        params = run("small").params
+        assert terms == pytest.approx({1: 0.0, 2: 2e-9 * params, 8: 7 * 2e-9 * params})
+    old = {k: v for k, v in TABLE.items() if k != "grad_accumulate_ns"}
+    before = parse_profile(slurm_local(old), "p.toml").calibration
+    assert predict(before, run("small", "deepspeed", 1, 8)).step_terms["accumulation"] == 0.0
 
 
 def test_the_prediction_lists_what_it_cannot_predict():

@@ -242,6 +242,42 @@ def fsdp_unit(world: int) -> tuple[float, float]:
     return max(0.0, t0 - per_byte * nbytes(w0)) * 1e6, 1 / per_byte / 1e9
 
 
+def adamw_ns(numel: int = 8 * 2**20) -> float:
+    """Nanoseconds per parameter of torch's AdamW as the trainer builds it on CPU (weight decay, no fused or
+    foreach kernel: the single-tensor loop) over one fp32 tensor larger than the caches: DeepSpeed's
+    flat partition. Its element-wise ops and the temporaries they allocate (the denominator) cost ~150
+    bytes of copy bandwidth a parameter here, not the 28 its reads and writes of p, g, m and v add up to."""
+    import torch
+
+    param = torch.nn.Parameter(torch.randn(numel))
+    param.grad = torch.randn(numel)
+    optimizer = torch.optim.AdamW([param], lr=1e-4, weight_decay=0.01)
+    return _timed(optimizer.step) / numel * 1e9
+
+
+def grad_accumulate_ns(numel: int = 8 * 2**20) -> float:
+    """Nanoseconds per parameter that a micro step after the first adds to backward: autograd sums its
+    gradient into the existing param.grad (read both, write one, free the new one) where the first
+    micro step after zero_grad keeps the new tensor as it is. Timed as the difference of the same
+    backward into an existing gradient and into none, over one fp32 tensor larger than the caches (1.5
+    ns a parameter here for the small preset's model, ~75 ms a micro step at 50M parameters)."""
+    import torch
+
+    param, x = torch.nn.Parameter(torch.randn(numel)), torch.randn(numel)
+
+    def first() -> None:
+        param.grad = None
+        (param * x).sum().backward()
+
+    def again() -> None:
+        (param * x).sum().backward()
+
+    t_first = _timed(first)
+    t_again = _timed(again)
+    t_first = min(t_first, _timed(first))  # both sides of the load
+    return max(0.0, t_again - t_first) / numel * 1e9
+
+
 def fsdp_adamw_us(world: int, tensors: int = 32, numel: int = 256) -> float:
     """What FSDP's optimizer step costs per sharded parameter tensor (microseconds): vltrain's
     clip_grad_norm_ and torch AdamW (the trainer's: single-tensor on CPU) and zero_grad over `tensors`
@@ -299,6 +335,8 @@ def measure_rank(sizes: Sequence[int] = MATMUL_SIZES) -> dict[str, Any]:
       op_overhead_us        one small op's forward + backward dispatch, per op
       memory_gb_s           copy bandwidth (read + write bytes per second)
       alloc_gb_s            (added) fresh zero-filled memory per second (alloc_gb_s: page faults)
+      adamw_ns              (added) torch AdamW per parameter of one large tensor (adamw_ns)
+      grad_accumulate_ns    (added) a micro step's gradient summed into param.grad, per parameter
       allreduce_gb_s        gloo all-reduce bus bandwidth, 16 MiB messages
       allreduce_latency_us  one 4-byte gloo all-reduce
       base_rss_mib          resident set after importing torch, deepspeed and the trainer and joining
@@ -333,6 +371,8 @@ def measure_rank(sizes: Sequence[int] = MATMUL_SIZES) -> dict[str, Any]:
         dist.barrier()
         out["memory_gb_s"] = memory_gb_s()
         out["alloc_gb_s"] = alloc_gb_s()
+        out["adamw_ns"] = adamw_ns()
+        out["grad_accumulate_ns"] = grad_accumulate_ns()
         out["allreduce_gb_s"], out["allreduce_latency_us"] = allreduce(dist.get_world_size())
         dist.barrier()
         out["fsdp_unit_us"], out["fsdp_unit_gb_s"] = fsdp_unit(dist.get_world_size())

@@ -66,6 +66,18 @@ class Calibration:
         min=0.001,
         max=10_000,
     )
+    adamw_ns: float | None = field(
+        "torch AdamW per parameter of one fp32 tensor larger than the caches (ns; None: not measured)",
+        default=None,
+        min=0.001,
+        max=1_000_000,
+    )
+    grad_accumulate_ns: float | None = field(
+        "what summing a micro step's gradient into param.grad adds, per parameter (ns; None: not measured)",
+        default=None,
+        min=0,
+        max=1_000_000,
+    )
     fsdp_adamw_us: float | None = field(
         "FSDP's clip + AdamW + zero_grad per sharded parameter tensor (us; None: not measured)",
         default=None,

@@ -12,9 +12,13 @@ step time (one optimizer step of one rank: the ranks wait for each other at ever
                memory of each micro step (logits, log-probabilities, their gradients, the embedding's
                dense gradients) at the calibrated fresh-memory rate (alloc_gb_s: page faults)
   dispatch     the other ops of a forward (embeddings, losses: OPS_REST) at the per-op dispatch cost
-  optimizer    AdamW, gradient clipping and the engine's copies over the rank's bytes at the copy
-               bandwidth, the gradients made anew after zero_grad at the fresh-memory rate, and FSDP's
-               per-tensor clip + AdamW loop over DTensors (calibrated: fsdp_adamw_us)
+  accumulation every micro step after the first summing its gradients into the full-size param.grad
+               (both engines: DeepSpeed's stage 1 and FSDP2 with sync off leave it to autograd) at the
+               calibrated cost per parameter (grad_accumulate_ns; 0 in a table without it)
+  optimizer    AdamW over the rank's parameters at its calibrated cost per parameter (adamw_ns: its
+               temporaries included), gradient clipping and the engine's copies over the rank's bytes at
+               the copy bandwidth, the gradients made anew after zero_grad at the fresh-memory rate, and
+               FSDP's per-tensor clip + AdamW loop over DTensors (calibrated: fsdp_adamw_us)
   communication  DeepSpeed ZeRO-2 on CPU fp32 (run as stage 1 without hooks, dsconfig.hookless_zero): the
                micro steps summed in place, the gradients reduced once per step (reduce-scatter) and the
                updated partitions all-gathered; FSDP2 (zero_stage
@@ -191,8 +195,12 @@ def step_terms(cal: Calibration, run: Run) -> dict[str, float]:
         rate = cal.block_rate(width, tokens) or cal.matmul_rate(float(tokens * width * 4 * width) ** (1 / 3))
         blocks += 3 * flops / (rate * 1e9)
     shard = run.params / run.ranks
-    opt_bytes = (ADAMW_BYTES + CLIP_BYTES) * shard
+    opt_bytes = CLIP_BYTES * shard
     opt_ops = 4 * run.params / (_alloc_rate(cal) * 1e9)  # the gradients, new after every zero_grad
+    if cal.adamw_ns is None:  # a table from before the figure: AdamW's reads and writes at the copy bandwidth
+        opt_bytes += ADAMW_BYTES * shard
+    else:
+        opt_ops += shard * cal.adamw_ns * 1e-9
     if run.strategy == "deepspeed":
         opt_bytes += 3 * 4 * run.params  # gradients into the flat bucket; partitions back into the weights
     else:
@@ -203,6 +211,7 @@ def step_terms(cal: Calibration, run: Run) -> dict[str, float]:
         "blocks": acc * blocks * recompute,
         "heads": acc * _heads_s(cal, cfg, micro),
         "dispatch": acc * OPS_REST * cal.op_overhead_us * 1e-6,
+        "accumulation": (acc - 1) * run.params * (cal.grad_accumulate_ns or 0.0) * 1e-9,
         "optimizer": opt_bytes / (cal.memory_gb_s * 1e9) + opt_ops,
         "communication": _comm(cal, run),
     }
