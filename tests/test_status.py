@@ -291,6 +291,25 @@ def test_job_changes_and_run_state():
     assert status.run_state(run, []) == "RUNNING"
 
 
+def test_a_job_whose_accounting_row_still_runs_is_asked_about_again_for_its_exit_code():
+    """The race the real-Slurm test met under load: squeue says FAILED (no end time: it ran 0 s) while
+    slurmdbd's row still says RUNNING. The first poll must mark when the end was seen, so that the job
+    is asked about again for SACCT_LAG_S; with the lag counted from its submission (an hour ago) it
+    was never asked again and its exit code, which retries need, stayed unknown."""
+    now = time.time()
+    run = RunRecord("r", "r", "p", "slurm", "/x", 0.0, "u", 2, 10, "RUNNING")
+    job = JobRecord("7", "r", 1, "submit", OLD, "RUNNING", started_at=now - 1)
+    q = parse.QueueRow("7", "FAILED", "FAILED", 0.0, now - 1, "a1", None, 0, "NonZeroExitCode")
+    a = parse.AcctRow("7", "RUNNING", "RUNNING", 0.0, now - 1, None, None, "a1", "0:0", 1, 0)
+    ch = slurm_backend.job_changes(job, q, a, now)
+    assert ch["state"] == "FAILED" and ch["ended_at"] == now and "exit_code" not in ch
+    job.__dict__.update(ch)
+    assert get_backend("slurm").needs_poll(dataclasses.replace(run, state="FAILED"), job, now + 10)
+    ended = dataclasses.replace(a, state="FAILED", end=now - 0.5, exit_code="3:0")
+    later = slurm_backend.job_changes(job, q, ended, now + 10)
+    assert later["exit_code"] == "3:0" and later["ended_at"] == now - 0.5  # accounting's end replaces it
+
+
 def test_an_ended_job_is_asked_about_until_accounting_has_its_exit_code():
     """squeue reports the end before slurmdbd has the record: keep asking (briefly) for the exit code."""
     now = time.time()

@@ -62,10 +62,12 @@ def job_changes(
         if a.state in FINAL_STATES:  # a running job's row says 0:0; the exit code is known only at the end
             new["exit_code"] = a.exit_code
     if q is not None:
-        if a is None and q.state in FINAL_STATES and job.ended_at is None:
-            # ended as far as the controller says, not yet in accounting: when it was first seen ended
-            # (accounting's own end replaces it). needs_poll counts the accounting lag from here, so
-            # a job that ran for hours still gets its exit code (was: from its submission, hours ago).
+        lagging = a is None or a.state not in FINAL_STATES or a.end is None
+        if lagging and q.state in FINAL_STATES and job.ended_at is None and new.get("ended_at") is None:
+            # ended as far as the controller says, not yet in accounting (no row, or a row still
+            # running: slurmdbd has the start, not the end): when it was first seen ended (accounting's
+            # own end replaces it). needs_poll counts the accounting lag from here, so a job that ran
+            # for hours still gets its exit code (was: from its submission, hours ago).
             new["ended_at"] = now
         if q.start is not None and q.state != RunState.PENDING:
             new["started_at"] = q.start
