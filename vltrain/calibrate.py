@@ -259,8 +259,9 @@ def grad_accumulate_ns(numel: int = 8 * 2**20) -> float:
     """Nanoseconds per parameter that a micro step after the first adds to backward: autograd sums its
     gradient into the existing param.grad (read both, write one, free the new one) where the first
     micro step after zero_grad keeps the new tensor as it is. Timed as the difference of the same
-    backward into an existing gradient and into none, over one fp32 tensor larger than the caches (1.5
-    ns a parameter here for the small preset's model, ~75 ms a micro step at 50M parameters)."""
+    backward into an existing gradient and into none, over one fp32 tensor larger than the caches:
+    0.3-0.6 ns a parameter here. A lower bound: in the small preset's model a later micro step costs
+    1.07 ns a parameter more than the first (54 ms at 50M parameters; docs/planning.md)."""
     import torch
 
     param, x = torch.nn.Parameter(torch.randn(numel)), torch.randn(numel)
