@@ -29,6 +29,14 @@ sys.path.insert(0, str(REPO / "bench"))
 
 ACCUMULATIONS = (1, 8, 16)  # issue 29's rows
 WRAP = {"deepspeed": "ddp", "fsdp": "fsdp"}  # the bare loop that stands beside each strategy
+MICRO_STEPS_A_ROUND = 10  # timed micro steps a round at least: see steps_for
+
+
+def steps_for(steps: int, accumulation: int) -> int:
+    """Timed steps a round for one row: `steps`, and at accumulation 1 enough to make MICRO_STEPS_A_ROUND
+    micro steps. There a step is ~0.2 s, and 4 ranks sharing 2 cores move single steps by +-10%: 3 a
+    round (run_all's) left the row's median 1.02-1.06x between idle runs of the same code."""
+    return max(steps, -(-MICRO_STEPS_A_ROUND // accumulation))
 
 
 def rank_config(cfg, world: int, accumulation: int):
@@ -125,7 +133,7 @@ def worker(rank: int, world: int, threads: int, port: int, cfg, tmp: Path, plan:
     for a in plan["accumulations"]:
         compare = tuple(plan.get("compare", ())) if cfg.parallel.strategy == "deepspeed" else ()
         session, stops, sides = pair(rank_config(cfg, world, a), tmp, f"ranks{world}-a{a}", compare)
-        times = side_by_side(sides, plan["rounds"], plan["steps"])
+        times = side_by_side(sides, plan["rounds"], steps_for(plan["steps"], a))
         rows.append({"accumulation": a, "times": times, "words": engine_words(session.engine)})
         if plan.get("profile") and a == plan["accumulations"][-1]:
             profile_ranks(session, rank, plan["steps"])

@@ -24,6 +24,7 @@ from vltrain.common.errors import UserError
 from vltrain.config import LossConfig, TrainConfig
 from vltrain.distenv import DistEnv, backend
 from vltrain.dsconfig import deepspeed_config
+from vltrain.engines import zero_collectives
 from vltrain.engines.api import TrainEngine
 from vltrain.engines.common import (
     LossScaleAtMinimum,
@@ -84,6 +85,7 @@ class DeepSpeedEngine(TrainEngine):
         self.stage = int(ds.zero_optimization_stage())  # the one DeepSpeed runs (dsconfig.hookless_zero)
         self.reduction = grad_reduction(cfg, self.device.type, reduction, stage=self.stage)
         self.direct_micro_steps = direct_micro_steps(ds)
+        self.pipelined = zero_collectives.applies(ds)  # the step's per-group collectives waited on together
 
     @classmethod
     def init_process_group(cls, dist: DistEnv, device: str) -> torch.device:
@@ -147,7 +149,8 @@ class DeepSpeedEngine(TrainEngine):
             for _ in batches[1:]:  # the micro steps' count, as above (step() is refused inside the block)
                 eng.step()
         try:
-            eng.step()  # the accumulation boundary: clip, AdamW, schedule
+            with zero_collectives.pipelined_step(eng.optimizer) if self.pipelined else contextlib.nullcontext():
+                eng.step()  # the accumulation boundary: clip, AdamW, schedule
         except Exception as e:  # fp16: DeepSpeed gives up when the loss scale cannot go lower
             if "loss scale already at minimum" not in str(e):
                 raise
