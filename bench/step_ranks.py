@@ -29,14 +29,15 @@ sys.path.insert(0, str(REPO / "bench"))
 
 ACCUMULATIONS = (1, 8, 16)  # issue 29's rows
 WRAP = {"deepspeed": "ddp", "fsdp": "fsdp"}  # the bare loop that stands beside each strategy
-MICRO_STEPS_A_ROUND = 10  # timed micro steps a round at least: see steps_for
+MICRO_STEPS_A_ROUND = 40  # timed micro steps a round at least, in at most 10 steps: see steps_for
 
 
 def steps_for(steps: int, accumulation: int) -> int:
-    """Timed steps a round for one row: `steps`, and at accumulation 1 enough to make MICRO_STEPS_A_ROUND
-    micro steps. There a step is ~0.2 s, and 4 ranks sharing 2 cores move single steps by +-10%: 3 a
-    round (run_all's) left the row's median 1.02-1.06x between idle runs of the same code."""
-    return max(steps, -(-MICRO_STEPS_A_ROUND // accumulation))
+    """Timed steps a round for one row: `steps`, and more where a step is short, up to
+    MICRO_STEPS_A_ROUND micro steps in at most 10 steps (accumulation 1: 10, 8: 5, 16: 3). 4 ranks
+    sharing 2 cores move single steps by +-10%: 3 steps a round (run_all's) left a row's median
+    1.02-1.06x between idle runs of the same code at accumulation 1, 1.00-1.05x at 8."""
+    return max(steps, min(10, -(-MICRO_STEPS_A_ROUND // accumulation)))
 
 
 def rank_config(cfg, world: int, accumulation: int):
