@@ -47,6 +47,8 @@ def test_no_trainer_module_calls_a_collective_but_through_the_helper():
             continue
         if path.name == "calibrate.py":  # times gloo's own collectives on CPU ranks (a CPU profile's calibration job)
             continue
+        if path.name == "zero_collectives.py":  # DeepSpeed's own step collectives (deepspeed.comm, on the tensors
+            continue  # DeepSpeed placed), issued together on gloo only: test_zero_collectives checks NCCL is refused
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
                 owner = ast.unparse(node.func.value)

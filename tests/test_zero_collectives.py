@@ -51,6 +51,20 @@ def _record_collectives(log: list[tuple[str, bool]]) -> None:
         setattr(dist, name, wrapper)
 
 
+def _applies_under(ds, backend: str) -> bool:
+    """zero_collectives.applies(ds) were its process groups `backend`'s."""
+    import torch.distributed as dist
+
+    from vltrain.engines import zero_collectives
+
+    real = dist.get_backend
+    dist.get_backend = lambda group=None: backend
+    try:
+        return zero_collectives.applies(ds)
+    finally:
+        dist.get_backend = real
+
+
 def _train(rank: int, world: int, pipelined: bool, acc: int, steps: int, zero_stage: int = 2) -> dict:
     """`steps` optimizer steps with the per-group collectives together or as DeepSpeed issues them;
     everything a step leaves behind, the collectives of the last step, and whether DeepSpeed's own
@@ -62,6 +76,7 @@ def _train(rank: int, world: int, pipelined: bool, acc: int, steps: int, zero_st
     engine = build_engine(rank, world, cfg, 2, acc)
     chosen = engine.pipelined
     engine.pipelined = pipelined and chosen
+    under_nccl = _applies_under(engine.ds, "nccl")
     log: list[tuple[str, bool]] = []
     initial, losses, norms = full_state(engine), [], []
     for step in range(steps):
@@ -78,6 +93,7 @@ def _train(rank: int, world: int, pipelined: bool, acc: int, steps: int, zero_st
     final = full_state(engine)
     return {
         "chosen": chosen,
+        "under_nccl": under_nccl,
         "groups": len(inner.param_groups),
         "losses": torch.stack(losses),
         "norms": norms,
@@ -114,11 +130,13 @@ def test_group_collectives_in_flight_together_train_bit_identically():
     norms, weights and AdamW moments bit for bit. In the pipelined step every group's norm all-reduce and
     every group's all-gather is issued before one of them is waited on (DeepSpeed's: one, then its
     wait); the module's all_gather_dp_groups and the optimizer's scaled_global_norm are DeepSpeed's again
-    after each step. Mutation: a norm summed over the wrong group's gradients changes the clipped update."""
+    after each step; were the groups NCCL's, it would not be chosen (only gloo was measured, and the
+    trainer's collective guard in test_scale_guards leaves this module to it). Mutation: a norm summed over the wrong group's gradients changes the clipped update."""
     together = run_ranks(_train, 2, True, 2, 3)
     own = run_ranks(_train, 2, False, 2, 3)
     for t, o in zip(together, own, strict=True):
         assert t["chosen"] and t["groups"] >= 2 and t["restored"] and o["restored"]
+        assert not t["under_nccl"]  # NCCL keeps DeepSpeed's step (only gloo was measured)
         _assert_identical(t, o)
         assert t["moved"] >= len(t["weights"]) // 2  # the steps trained (else identical proves nothing)
         for name in ("all_reduce", "all_gather_into_tensor"):
