@@ -111,3 +111,19 @@ def full_state(engine) -> dict[str, torch.Tensor]:
         n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu().clone()
         for n, p in module.named_parameters()
     }
+
+
+def optimizer_moments(ds) -> dict[str, torch.Tensor]:
+    """Every tensor of the AdamW state under a DeepSpeed engine (its ZeRO optimizer's inner one; stage 0's
+    is torch's own), by "group-entry.key"."""
+    inner = getattr(ds.optimizer, "optimizer", ds.optimizer)
+    return {
+        f"{i}.{k}": v.clone() for i, s in enumerate(inner.state.values()) for k, v in s.items() if torch.is_tensor(v)
+    }
+
+
+def assert_same_weights_and_moments(a: dict, b: dict) -> None:
+    """Two runs' "weights" and "moments" (full_state, optimizer_moments) equal bit for bit."""
+    assert a["weights"].keys() == b["weights"].keys() and a["moments"].keys() == b["moments"].keys()
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    assert all(torch.equal(a["moments"][k], b["moments"][k]) for k in a["moments"])

@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist_harness import batches, build_engine, full_state, run_ranks
+from tests.dist_harness import (
+    assert_same_weights_and_moments,
+    batches,
+    build_engine,
+    full_state,
+    optimizer_moments,
+    run_ranks,
+)
 from vltrain.config import parse_train_config
 
 KEYS = ("itc", "mlm", "caption", "mim")
@@ -43,12 +50,7 @@ def _train(rank: int, world: int, direct: bool, acc: int, steps: int, precision:
         loss, lr = engine.train_step(batches(cfg, rank, step, acc, 2), KEYS)
         losses.append(loss)
         lrs.append(lr)
-    moments = {
-        f"{i}.{k}": v.clone()
-        for i, s in enumerate(ds.optimizer.optimizer.state.values())
-        for k, v in s.items()
-        if torch.is_tensor(v)
-    }
+    moments = optimizer_moments(ds)
     final = full_state(engine)
     counters = {k: int(getattr(ds, k)) for k in ("micro_steps", "global_steps", "global_samples", "skipped_steps")}
     return {
@@ -67,9 +69,7 @@ def _train(rank: int, world: int, direct: bool, acc: int, steps: int, precision:
 def _assert_identical(a: dict, b: dict) -> None:
     assert torch.equal(a["losses"], b["losses"])
     assert a["lrs"] == b["lrs"] and a["counters"] == b["counters"] and a["grad_norm"] == b["grad_norm"]
-    assert a["weights"].keys() == b["weights"].keys() and a["moments"].keys() == b["moments"].keys()
-    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
-    assert all(torch.equal(a["moments"][k], b["moments"][k]) for k in a["moments"])
+    assert_same_weights_and_moments(a, b)
 
 
 @pytest.mark.slow

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from tests.dist_harness import batches, build_engine, full_state, run_ranks
+from tests.dist_harness import (
+    assert_same_weights_and_moments,
+    batches,
+    build_engine,
+    full_state,
+    optimizer_moments,
+    run_ranks,
+)
 from vltrain.config import parse_train_config
 
 KEYS = ("itc", "mlm", "caption", "mim")
@@ -86,15 +93,12 @@ def _train(rank: int, world: int, pipelined: bool, acc: int, steps: int, zero_st
         losses.append(loss)
         norms.append(engine.get_global_grad_norm())
     opt = engine.ds.optimizer
-    inner = getattr(opt, "optimizer", opt)  # ZeRO wraps torch's AdamW; stage 0 runs it as it is
-    moments = {
-        f"{i}.{k}": v.clone() for i, s in enumerate(inner.state.values()) for k, v in s.items() if torch.is_tensor(v)
-    }
+    moments = optimizer_moments(engine.ds)
     final = full_state(engine)
     return {
         "chosen": chosen,
         "under_nccl": under_nccl,
-        "groups": len(inner.param_groups),
+        "groups": len(getattr(opt, "optimizer", opt).param_groups),  # AdamW's (ZeRO wraps it; stage 0 not)
         "losses": torch.stack(losses),
         "norms": norms,
         "weights": final,
@@ -108,9 +112,7 @@ def _train(rank: int, world: int, pipelined: bool, acc: int, steps: int, zero_st
 
 def _assert_identical(a: dict, b: dict) -> None:
     assert torch.equal(a["losses"], b["losses"]) and a["norms"] == b["norms"]
-    assert a["weights"].keys() == b["weights"].keys() and a["moments"].keys() == b["moments"].keys()
-    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
-    assert all(torch.equal(a["moments"][k], b["moments"][k]) for k in a["moments"])
+    assert_same_weights_and_moments(a, b)
 
 
 def _issued_before_first_wait(log: list[tuple[str, bool]], name: str) -> int:
