@@ -54,6 +54,50 @@ def test_rows_come_back_and_print(run_all, tmp_path, monkeypatch):
     assert "2.500x" in text and "1.400-1.900" in text and "<= 3x" in text and text.split()[-2] == "ok"
 
 
+def test_several_runs_are_judged_on_the_median_of_their_ratios(run_all):
+    """--runs N: one row per name, its ratio the median of the runs' (not the last run's, not the mean),
+    the spread their min-max; the goal judged on that median, so one run over the goal does not fail the
+    row and a row over it in most runs does; a run whose section failed stays a NOT MET row of its own."""
+
+    def row(name, ratio, goal="<= 1.05x"):
+        return {
+            "name": name,
+            "ratio": ratio,
+            "spread": [ratio, ratio],
+            "goal": goal,
+            "ok": ratio <= 1.05,
+            "detail": "d",
+        }
+
+    runs = [
+        [row("a", 1.02), row("b", 1.06), row("c", 2.0, "measured")],
+        [row("a", 1.07), row("b", 1.04), row("c", 4.0, "measured")],
+        [row("a", 1.00), row("b", 1.08), row("c", 3.0, "measured")],
+        [{"name": "bench_x: failed", "ratio": None, "spread": None, "goal": None, "ok": False, "detail": "boom"}],
+    ]
+    a, b, c, failed = run_all.combine(runs)
+    assert (a["name"], a["ratio"], a["spread"], a["ok"], a["runs"]) == ("a", 1.02, [1.0, 1.07], True, [1.02, 1.07, 1.0])
+    assert (b["ratio"], b["spread"], b["ok"]) == (1.06, [1.04, 1.08], False)
+    assert (c["ratio"], c["ok"]) == (3.0, False)  # no "<=/>=" goal: the row's own verdict (the last run's)
+    assert "median of 3 runs (1.020 1.070 1.000)" in a["detail"]
+    assert failed["ok"] is False and "NOT MET" in run_all.line(failed)
+    at_least = run_all.combine([[row("d", 2.0, ">= 3x")], [row("d", 3.5, ">= 3x")], [row("d", 3.2, ">= 3x")]])
+    assert at_least[0]["ratio"] == 3.2 and at_least[0]["ok"] is True
+    (one,) = run_all.combine([[row("a", 1.07)]])  # one run: the row as the section gave it
+    assert one == row("a", 1.07)
+
+
+def test_runs_below_one_is_a_one_line_error():
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "run_all.py"), "--only", "cli", "--runs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=deadline(60),
+    )
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == ["--runs: 0; allowed: 1 or more"]
+
+
 def test_unknown_section_is_a_one_line_error():
     r = subprocess.run(
         [sys.executable, str(BENCH / "run_all.py"), "--only", "cli,nope"],
