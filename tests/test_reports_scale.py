@@ -257,9 +257,9 @@ def test_status_row_keys_are_those_of_the_stored_format():
         *("run_id", "name", "profile", "executor", "state", "job_id", "job_ids", "requeues", "resumes", "step"),
         *("total_steps", "loss", "samples_per_s", "eta_s", "elapsed_s", "gpu_hours", "alloc_gpus", "node_list"),
         *("exit_code", "run_dir", "created_at", "reason", "pending_reason", "pending_detail", "expected_start"),
-        *("eval", "commit", "dirty", "excluded_nodes", "lineage"),
+        *("eval", "commit", "dirty", "excluded_nodes", "startup", "lineage"),
     ]
-    assert (STATUS_FORMAT, list(RunStatus.__annotations__)) == (5, keys)
+    assert (STATUS_FORMAT, list(RunStatus.__annotations__)) == (6, keys)
 
 
 def test_sql_rows_equal_python_rows():

@@ -169,10 +169,41 @@ JOB_PHASES += ["loader", "start", "energy", "first_step"]
 
 
 @pytest.mark.slow
+def test_status_reads_the_latest_attempts_startup_and_nothing_it_cannot_trust(tmp_path):
+    """artifacts.startup_headline: the newest `startup` event (a requeued run's second attempt, not its
+    first); phases that are not finite numbers left out; an event without a total or with phases that
+    are not a mapping is no start-up (None), not a traceback in status."""
+    from clusterctl.render.status_table import startup_text
+    from clusterctl.runs import artifacts
+
+    events = tmp_path / "events.jsonl"
+    lines = [
+        {"event": "start", "step": 0, "attempt": 0},
+        {"event": "startup", "step": 1, "attempt": 0, "total_s": 9.5, "phases": {"imports": 4.0}},
+        {"event": "resume", "step": 4, "attempt": 1},
+        {
+            "event": "startup",
+            "step": 5,
+            "attempt": 1,
+            "total_s": 6.25,
+            "phases": {"imports": 3.0, "x": "NaN", "y": 0.05},
+        },
+    ]
+    events.write_text("\n".join(map(json.dumps, lines)) + "\nnot json startup\n")
+    got = artifacts.startup_headline(artifacts.events_of(events, "resume", "startup"))
+    assert got == {"attempt": 1, "step": 5, "total_s": 6.25, "phases": {"imports": 3.0, "y": 0.05}}
+    assert startup_text(got) == "first step 6.2 s after the process started (attempt 1): imports 3.0"
+    assert artifacts.count_events(events, "resume") == 1
+    for bad in ({"total_s": float("nan"), "phases": {}}, {"total_s": 1.0, "phases": [1]}, {"phases": {"a": 1.0}}):
+        assert artifacts.startup_headline([{"event": "startup", **bad}]) is None, bad
+    assert artifacts.startup_headline(artifacts.events_of(tmp_path / "missing.jsonl", "startup")) is None
+    assert startup_text(None) is None
+
+
 def test_a_submitted_run_writes_its_startup_event(tmp_path):
     """`submit --profile local` (submitit's local executor, the clusterctl wrapper around the trainer, the
     site's energy tracker): rank 0 writes one `startup` event after its first step, with every phase from
-    the process's creation, and says it in the job's log."""
+    the process's creation, and says it in the job's log; `status` shows it (--json and text)."""
     data, tok = trainer_shards(tmp_path / "data") / "shards", tmp_path / "data" / "tok.model"
     env = {"CLUSTERCTL_REGISTRY": str(tmp_path / "reg.db"), "CLUSTERCTL_RUNS_DIR": str(tmp_path / "runs")}
     env["XDG_CONFIG_HOME"] = str(tmp_path / "config")  # not HOME: the comm op's build cache is under it
@@ -193,6 +224,14 @@ def test_a_submitted_run_writes_its_startup_event(tmp_path):
     log = "".join(p.read_text() for p in run_dir.glob("submitit/*/*_0_log.out"))
     assert log.count("vltrain: first step ") == 1 and "after the process started (" in log
     assert list((run_dir / "energy").glob("node000-*.csv")), "the energy tracker, set up on a thread, wrote nothing"
+    # `status --json` carries it (the run's own row and, from the registry's summaries, --all's), the text one line
+    want = {"attempt": got["attempt"], "step": 1, "total_s": got["total_s"], "phases": got["phases"]}
+    (row,) = json.loads(run_cli("status", "startup", "--json", env=env).stdout)["runs"]
+    assert row["startup"] == want
+    assert json.loads(run_cli("status", "--all", "--json", env=env).stdout)["runs"][0]["startup"] == want
+    text = run_cli("status", "startup", env=env | {"COLUMNS": "200"}).stdout
+    assert f"first step {got['total_s']:.1f} s after the process started: " in text, text
+    assert f"imports {got['phases']['imports']:.1f}" in text or got["phases"]["imports"] < 0.1, text
 
 
 def test_the_freeze_reads_each_distributions_name_and_version_as_its_metadata_says():

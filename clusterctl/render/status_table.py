@@ -185,7 +185,8 @@ def commit_text(commit: Any, dirty: Any) -> str | None:
 
 def provenance_lines(runs: list[dict[str, Any]]) -> list[str]:
     """Under the table: the nodes each run's retries exclude (runs that have some), and, for one run
-    (`status RUN`), the commit it was submitted from."""
+    (`status RUN`), the commit it was submitted from, its fork's origin and its latest attempt's time to
+    first step."""
     lines = []
     for row in runs:
         if nodes := row.get("excluded_nodes"):
@@ -196,7 +197,21 @@ def provenance_lines(runs: list[dict[str, Any]]) -> list[str]:
         how = "weights only, from step 0" if lin.get("weights_only") else "weights and optimizer"
         said = f"forked from {printable(str(lin.get('from_run')))} at step {lin.get('from_step')} ({how})"
         lines.append(f"{printable(runs[0]['run_id'])}: {said}")
+    if len(runs) == 1 and (start := startup_text(runs[0].get("startup"))):
+        lines.append(f"{printable(runs[0]['run_id'])}: {start}")
     return lines
+
+
+def startup_text(startup: Any) -> str | None:
+    """A start-up (runs.artifacts.startup_headline) as the job log says it (vltrain.startup.log_line):
+    the first step's time after the process started and the phases of 0.1 s or more, in order."""
+    if not isinstance(startup, dict) or not isinstance(startup.get("total_s"), (int, float)):
+        return None
+    phases = startup.get("phases")
+    steps = phases.items() if isinstance(phases, dict) else ()
+    big = ", ".join(f"{printable(str(k))} {v:.1f}" for k, v in steps if isinstance(v, (int, float)) and v >= 0.1)
+    attempt = f" (attempt {startup['attempt']})" if startup.get("attempt") else ""
+    return f"first step {startup['total_s']:.1f} s after the process started{attempt}: {big or 'no phase over 0.1 s'}"
 
 
 def _fmt(v: float | None, spec: str) -> str:

@@ -112,20 +112,49 @@ def tail_json(path: Path, chunk: int = 8192, max_bytes: int = 1 << 20) -> dict[s
 
 def count_events(path: Path, kind: str) -> int:
     """How many events of `kind` the trainer wrote (the first EVENTS_MAX bytes of events.jsonl)."""
+    return len(events_of(path, kind))
+
+
+def events_of(path: Path, *kinds: str) -> list[dict[str, Any]]:
+    """The trainer's events of the given kinds, in the order written (the first EVENTS_MAX bytes of
+    events.jsonl, one pass); a line that is not a JSON object is skipped."""
     try:
         f = safe_read.open_regular(path)
     except OSError:
-        return 0
-    n = 0
+        return []
+    out = []
     with f:
         for line in safe_read.capped_lines(f, path, EVENTS_MAX):
-            if kind.encode() in line:
+            if any(k.encode() in line for k in kinds):
                 try:
                     ev = json.loads(line)
                 except (ValueError, RecursionError):
                     continue
-                n += isinstance(ev, dict) and kind in (ev.get("event"), ev.get("kind"), ev.get("type"))
-    return n
+                if isinstance(ev, dict) and any(is_kind(ev, k) for k in kinds):
+                    out.append(ev)
+    return out
+
+
+def is_kind(ev: dict[str, Any], kind: str) -> bool:
+    """Whether event `ev` is of `kind` (the trainer's "event" key; "kind" and "type" as older writers)."""
+    return kind in (ev.get("event"), ev.get("kind"), ev.get("type"))
+
+
+def startup_headline(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The latest attempt's time to its first step by phase (vltrain.startup's `startup` event, rank
+    0's): attempt, step, total_s and phases (name -> seconds, in order), the numbers only where they
+    are finite numbers; None before a first step or when the newest such event is not one."""
+    ev = next((e for e in reversed(events) if is_kind(e, "startup")), None)
+    if ev is None or not _num(ev.get("total_s")) or not isinstance(ev.get("phases"), dict):
+        return None
+    phases = {str(k): v for k, v in ev["phases"].items() if _num(v)}
+    attempt, step = ev.get("attempt"), ev.get("step")
+    return {
+        "attempt": attempt if _num(attempt) else None,
+        "step": step if _num(step) else None,
+        "total_s": ev["total_s"],
+        "phases": phases,
+    }
 
 
 def _num(v: Any) -> bool:

@@ -55,6 +55,7 @@ class RunStatus(TypedDict):
     commit: str | None  # the git commit it was submitted from (provenance.json), None when not known
     dirty: bool | None  # that work tree had uncommitted changes (source.diff holds them); None when not known
     excluded_nodes: list[str]  # the nodes its retries keep it off (the newest retry event's), [] when none
+    startup: dict[str, Any] | None  # the latest attempt's time to first step by phase (artifacts.startup_headline)
     lineage: NotRequired[dict[str, Any]]  # submit --from: from_run, from_step, weights_only (runs.fork)
 
 
@@ -83,11 +84,13 @@ def summarize(
     evaluation: dict[str, Any] | None = None,
     commit: tuple[str | None, bool | None] = (None, None),
     excluded: list[str] | None = None,
+    startup: dict[str, Any] | None = None,
 ) -> RunStatus:
     """One status row from refreshed registry records and the last metrics line; `waiting`: why its
     latest job waits to start (Refresh.waiting), as the scheduler said in this refresh; `evaluation`:
     its eval.json's headline (artifacts.eval_headline); `commit`: (commit, dirty) it was submitted
-    from (provenance.commit_of); `excluded`: the nodes its retries exclude (Refresh.excluded)."""
+    from (provenance.commit_of); `excluded`: the nodes its retries exclude (Refresh.excluded);
+    `startup`: its latest attempt's start-up (artifacts.startup_headline)."""
     from clusterctl.runs.summaries import last_metrics
     from clusterctl.runs.usage import job_time
 
@@ -130,6 +133,7 @@ def summarize(
         commit=commit[0],
         dirty=commit[1],
         excluded_nodes=list(excluded or []),
+        startup=startup,
     )
 
 
@@ -235,12 +239,14 @@ def collect(runs: list[RunRecord], fresh: Refresh) -> dict[str, Any]:
         r.state = fresh.states[r.run_id]
         rd = RunDir(r.run_dir)
         metrics = artifacts.tail_json(rd.metrics)
-        resumes = artifacts.count_events(rd.events, "resume")
+        events = artifacts.events_of(rd.events, "resume", "startup")  # one pass over events.jsonl
+        resumes = sum(artifacts.is_kind(e, "resume") for e in events)
+        startup = artifacts.startup_headline(events)
         jobs = fresh.jobs[r.run_id]
         headline = artifacts.eval_headline(artifacts.read_eval(r.run_dir))
         why, waiting = why_ended(r, jobs), fresh.waiting.get(r.run_id)
         commit, excluded = provenance.commit_of(r.run_dir), fresh.excluded.get(r.run_id)
-        rows.append(summarize(r, jobs, metrics, resumes, fresh.now, why, waiting, headline, commit, excluded))
+        rows.append(summarize(r, jobs, metrics, resumes, fresh.now, why, waiting, headline, commit, excluded, startup))
         if lineage := r.plan.get("lineage"):  # a fork's origin (runs.fork)
             rows[-1]["lineage"] = lineage
     return {"source": fresh.source, "notes": with_skipped(fresh.notes), "runs": rows}
@@ -266,7 +272,8 @@ def from_summary(
     """The status row of a run from its summary (runs.summaries): the same figures as `summarize`
     (usage.job_time, the last metrics record, why_ended), read from the registry; `waiting` and
     `excluded` as there. Reads the run's eval.json and provenance.json (edge): made for a run not yet
-    settled, and once when it settles (kept)."""
+    settled, and once when it settles (kept); and its events.jsonl for the start-up (the summary
+    counts the resumes only)."""
     commit, dirty = provenance.commit_of(run.run_dir)
     return RunStatus(
         run_id=run.run_id,
@@ -298,6 +305,7 @@ def from_summary(
         commit=commit,
         dirty=dirty,
         excluded_nodes=list(excluded or []),
+        startup=artifacts.startup_headline(artifacts.events_of(RunDir(run.run_dir).events, "startup")),
     )
 
 

@@ -30,8 +30,8 @@ from vltrain.rundir import RunDir
 
 # The version of the `status --json` row kept in status_json: bump it whenever runs.status.RunStatus
 # changes (tests/test_reports_scale.py holds its keys), and stored rows of another version are made again.
-STATUS_FORMAT = 5  # 2: pending_reason, pending_detail, expected_start (issue 25); 3: eval (issue 26);
-# 4: commit, dirty, excluded_nodes (issue 27); 5: lineage (issue 28, submit --from)
+STATUS_FORMAT = 6  # 2: pending_reason, pending_detail, expected_start (issue 25); 3: eval (issue 26);
+# 4: commit, dirty, excluded_nodes (issue 27); 5: lineage (issue 28, submit --from); 6: startup (issue 29)
 SETTLE_S = 300.0  # a run final for this long has stopped writing files (SACCT_LAG_S is 120)
 
 
